@@ -1,0 +1,302 @@
+"""Decode speed: KV-cached vs uncached, against HF PyTorch `generate`, the memory roofline,
+and speculative decoding's speed-up. Run by hand; prints a markdown table.
+
+    python benchmarks/decode_speed.py                          # GPT ~36M and T5 ~70M, batch 1, 16
+    python benchmarks/decode_speed.py --models=gpt --batch_sizes=1 --new_tokens=64 --skip_hf
+
+Models: GPT-2-style, d_model 512, 6 layers, 8 heads, d_ff 2048, vocab 32128 (35.6M params, tied
+head); T5 v1.1-style, d_model 512, 6+6 layers, 8 heads, d_ff 1024, vocab 32128 (~70M, untied).
+Weights are random (HF's own init), built as HF PyTorch models and converted with
+t5x_lite.hf_interop, so both sides run the very same float32 weights. Prompts: random ids,
+--prompt_len tokens. Greedy; rows do not stop early (EOS is suppressed in HF with
+min_new_tokens; ours counts the steps it actually ran).
+
+Columns:
+  cached    t5x_lite generate: one jitted lax.while_loop, prefill + one token per step.
+  uncached  re-running the full forward pass for every new token with no cache, for a
+            sequence growing from prompt_len to prompt_len + new_tokens: timed at the average
+            length (prompt_len + new_tokens / 2; jitted, fixed shape) and multiplied by
+            new_tokens (the cost of a step is ~linear in length at these sizes). T5 re-runs the
+            encoder as well.
+  HF        transformers `generate(do_sample=False, use_cache=True)` on the same weights, the
+            better of 1 and all torch threads.
+  roofline  batch 1: float32 weight bytes read per token (+ KV cache at the average length)
+            divided by the memory bandwidth measured in the same run: a jitted in-place copy of
+            a 512 MiB array, (read + write bytes) / time. (A jitted sum over it, the read-only
+            rate, is printed too; XLA's CPU reduction is compute-bound, so it reads lower.)
+Speculative: greedy, draft = the target's first --draft_layers layers sharing its embeddings
+and head ("self-speculative"), num_draft tokens per target pass; outputs are checked equal to
+plain greedy. Targets: the 36M GPT, whose tied 16.4M-parameter head dominates (so any draft
+with the same vocabulary costs half a target step), and a deeper GPT of the same width
+(--deep_layers, random GPT-2 init) where a 1-layer draft is cheap. Random GPT-2-init weights
+leave the residual stream dominated by the embeddings, so shallow drafts agree often; a trained
+model's acceptance is what decides the real gain.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from t5x_lite import hf_interop
+from t5x_lite.decoding import generate as gen
+from t5x_lite.models import build_model
+
+_MODELS = flags.DEFINE_list("models", ["gpt", "t5"], "gpt and/or t5")
+_BATCHES = flags.DEFINE_list("batch_sizes", ["1", "16"], "Batch sizes.")
+_NEW = flags.DEFINE_integer("new_tokens", 256, "Tokens generated per row.")
+_PROMPT = flags.DEFINE_integer("prompt_len", 16, "Prompt tokens per row.")
+_SKIP_HF = flags.DEFINE_bool("skip_hf", False, "Skip the HF PyTorch comparison.")
+_SPEC = flags.DEFINE_bool("speculative", True, "Measure speculative decoding (GPT).")
+_DRAFT_LAYERS = flags.DEFINE_integer("draft_layers", 1, "Target layers used as the draft.")
+_NUM_DRAFT = flags.DEFINE_integer("num_draft", 4, "Draft tokens per target pass.")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs (best is reported).")
+_DEEP = flags.DEFINE_integer("deep_layers", 24, "Layers of the deeper speculative target.")
+
+V = 32128
+
+
+def _best_time(fn, repeats):
+    fn()  # compile / warm up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def _loaded(hf_model):
+    tensors = {k: v.detach().numpy().copy() for k, v in hf_model.state_dict().items()}
+    cfg = hf_interop.model_config_from_hf(hf_model.config.to_dict(), tensors)
+    cfg = dataclasses.replace(cfg, dropout_rate=0.0)
+    params = jax.device_put(hf_interop.params_from_hf(cfg, tensors))
+    return types.SimpleNamespace(model=build_model(cfg), params=params, vocab=None,
+                                 run_config=None)
+
+
+def build(kind: str):
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    if kind == "gpt":
+        cfg = transformers.GPT2Config(vocab_size=V, n_embd=512, n_layer=6, n_head=8, n_inner=2048,
+                                      n_positions=1024, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
+                                      bos_token_id=1, eos_token_id=1, pad_token_id=0)
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        cfg = transformers.T5Config(vocab_size=V, d_model=512, d_kv=64, d_ff=1024, num_layers=6,
+                                    num_decoder_layers=6, num_heads=8, dropout_rate=0.0,
+                                    feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+        model = transformers.T5ForConditionalGeneration(cfg)
+        g = torch.Generator().manual_seed(1)  # transformers 5 ties T5 heads: untie (v1.1)
+        model.lm_head.weight = torch.nn.Parameter(torch.randn(V, 512, generator=g) * 512**-0.5)
+    return model.eval(), _loaded(model)
+
+
+def _prompts(batch, length, seed=0):
+    return np.random.default_rng(seed).integers(2, V, (batch, length)).astype(np.int32)
+
+
+def time_cached(loaded, prompts, n):
+    cfg = loaded.model.config
+    tokens, lengths = gen.pack_prompts(cfg, prompts.tolist(), len(prompts))
+    opts = gen.DecodeOptions(max_new_tokens=n, batch_size=len(prompts))
+    out = {}
+
+    def run():
+        out["r"] = gen.decode_batch(loaded, tokens, lengths, opts)
+        jax.block_until_ready(out["r"])
+
+    t = _best_time(run, _REPEATS.value)
+    steps = int(np.max(np.asarray(out["r"].lengths_B)))
+    return t, steps
+
+
+def time_uncached(loaded, prompts, n):
+    cfg, model = loaded.model.config, loaded.model
+    b, p = prompts.shape
+    length = p + n // 2
+    buf = np.random.default_rng(1).integers(2, V, (b, length)).astype(np.int32)
+    if cfg.family == "gpt":
+        batch = {"decoder_input_tokens": buf}
+    else:
+        dec = np.random.default_rng(2).integers(2, V, (b, 1 + n // 2)).astype(np.int32)
+        batch = {"encoder_input_tokens": prompts, "decoder_input_tokens": dec}
+
+    @jax.jit
+    def step(params, batch):  # the full forward, then the greedy pick at the last position
+        return jnp.argmax(model.logits(params, batch)[:, -1], -1)
+
+    return _best_time(lambda: step(loaded.params, batch).block_until_ready(), 2) * n
+
+
+def time_hf(hf_model, prompts, n):
+    """Best over torch thread counts: on a busy machine, torch's OpenMP threads can be several
+    times slower with 2 threads than with 1, which would flatter the comparison."""
+    import torch
+    ids = torch.tensor(prompts, dtype=torch.long)
+    kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
+              pad_token_id=0)
+    default_threads, best = torch.get_num_threads(), float("inf")
+    for threads in sorted({1, default_threads}):
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            hf_model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm up
+            t = time.perf_counter()
+            hf_model.generate(ids, **kw)
+            best = min(best, time.perf_counter() - t)
+    torch.set_num_threads(default_threads)
+    return best
+
+
+def memory_bandwidth():
+    """Bytes/s of (a) reading a 512 MiB array (a jitted sum: what decoding does with weights)
+    and (b) copying it in place (donated: no fresh pages to fault in), read + write bytes."""
+    x = jnp.ones((128 * 2**20,), jnp.float32)
+    read = jax.jit(jnp.sum)
+    t_read = _best_time(lambda: read(x).block_until_ready(), 5)
+    copy = jax.jit(lambda x: x * 1.0001, donate_argnums=0)
+    state = {"x": x}
+
+    def run():
+        state["x"] = copy(state["x"])
+        state["x"].block_until_ready()
+
+    t_copy = _best_time(run, 5)
+    return x.nbytes / t_read, 2 * x.nbytes / t_copy
+
+
+def bytes_per_token(loaded, avg_len):
+    """float32 bytes a batch-1 decode step reads: weights it touches + KV cache."""
+    cfg = loaded.model.config
+    params = loaded.params
+    size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+    if cfg.family == "gpt":
+        touched = size(params) - size(params["position_embedder"])  # one row of it is read
+        layers = cfg.num_layers
+    else:
+        head = "token_embedder" if cfg.tie_embeddings else "lm_head"
+        touched = sum(size(params[k]) for k in ("decoder", "decoder_norm", "decoder_relpos",
+                                                head))
+        layers = cfg.decoder_layers
+    kv = 2 * layers * avg_len * cfg.num_heads * cfg.head_dim
+    if cfg.family == "t5":
+        kv += 2 * layers * _PROMPT.value * cfg.num_heads * cfg.head_dim  # cross-attention K/V
+    return 4 * (touched + kv)
+
+
+def first_layers_draft(target, layers: int):
+    """A draft made of the target's first `layers` layers, sharing its embeddings and head."""
+    cfg = target.model.config
+    dcfg = dataclasses.replace(cfg, num_layers=layers)
+    dparams = {k: v for k, v in target.params.items() if k != "decoder"}
+    if cfg.scan_layers:
+        block = target.params["decoder"]["layers"]["block"]
+        dparams["decoder"] = {"layers": {"block": jax.tree.map(lambda x: x[:layers], block)}}
+    else:
+        dparams["decoder"] = {f"layers_{i}": target.params["decoder"][f"layers_{i}"]
+                              for i in range(layers)}
+    return types.SimpleNamespace(model=build_model(dcfg), params=dparams, vocab=None,
+                                 run_config=None)
+
+
+def deep_gpt(layers: int):
+    """A deeper GPT of the same width (scanned to keep compiling fast), GPT-2's init."""
+    from t5x_lite import config as config_lib
+    from t5x_lite.models import abstract_variables
+    import flax.linen as nn
+    cfg = config_lib.gpt2(vocab_size=V, d_model=512, num_heads=8, head_dim=64, d_ff=2048,
+                          num_layers=layers, max_len=1024, scan_layers=True)
+    abstract = nn.meta.unbox(abstract_variables(build_model(cfg)))["params"]
+    rng = np.random.default_rng(0)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name == "scale":
+            return np.ones(leaf.shape, np.float32)
+        if name.endswith("bias"):
+            return np.zeros(leaf.shape, np.float32)
+        # GPT-2 scales the residual output projections by 1/sqrt(2 * layers).
+        std = 0.02 / np.sqrt(2 * layers) if name in ("out", "wo") else 0.02
+        return (std * rng.standard_normal(leaf.shape)).astype(np.float32)
+
+    params = jax.device_put(jax.tree_util.tree_map_with_path(draw, abstract))
+    return types.SimpleNamespace(model=build_model(cfg), params=params, vocab=None,
+                                 run_config=None)
+
+
+def speculative(target, draft, n):
+    cfg = target.model.config
+    prompts = _prompts(1, _PROMPT.value)
+    tokens, lengths = gen.pack_prompts(cfg, prompts.tolist(), 1)
+    opts = gen.DecodeOptions(max_new_tokens=n, batch_size=1, num_draft=_NUM_DRAFT.value)
+    res = {}
+
+    def plain():
+        res["plain"] = gen.decode_batch(target, tokens, lengths, opts)
+        jax.block_until_ready(res["plain"])
+
+    def spec():
+        res["spec"] = gen.decode_batch(target, tokens, lengths, opts, draft=draft)
+        jax.block_until_ready(res["spec"])
+
+    t_plain, t_spec = _best_time(plain, _REPEATS.value), _best_time(spec, _REPEATS.value)
+    out, stats = res["spec"]
+    same = np.array_equal(np.asarray(out.tokens_BxN), np.asarray(res["plain"].tokens_BxN))
+    return t_plain, t_spec, float(stats["accepted_per_iteration"]), same
+
+
+def main(argv):
+    del argv
+    n = _NEW.value
+    print(f"devices: {jax.devices()}; cpu cores: {os.cpu_count()}; "
+          f"load average: {os.getloadavg()[0]:.1f}")
+    bw, bw_copy = memory_bandwidth()
+    print(f"measured memory bandwidth: read {bw / 1e9:.1f} GB/s (jitted sum of 512 MiB), "
+          f"copy {bw_copy / 1e9:.1f} GB/s (in place, read + write)\n")
+    print("| model | batch | cached tok/s | uncached tok/s | cached/uncached | HF tok/s | "
+          "ours/HF | roofline tok/s (b=1) | % of roofline |")
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
+    built = {}
+    for kind in _MODELS.value:
+        hf_model, loaded = built[kind] = build(kind)
+        for b in map(int, _BATCHES.value):
+            prompts = _prompts(b, _PROMPT.value)
+            t_cached, steps = time_cached(loaded, prompts, n)
+            t_uncached = time_uncached(loaded, prompts, n)
+            t_hf = None if _SKIP_HF.value else time_hf(hf_model, prompts, n)
+            tps = b * steps / t_cached
+            unc = b * n / t_uncached
+            hf = "-" if t_hf is None else f"{b * n / t_hf:.1f}"
+            ratio = "-" if t_hf is None else f"{tps / (b * n / t_hf):.2f}x"
+            roof = frac = "-"
+            if b == 1:
+                r = bw_copy / bytes_per_token(loaded, _PROMPT.value + n // 2)
+                roof, frac = f"{r:.1f}", f"{100 * tps / r:.0f}%"
+            print(f"| {kind} | {b} | {tps:.1f} | {unc:.2f} | {tps / unc:.0f}x | {hf} | {ratio} | "
+                  f"{roof} | {frac} |", flush=True)
+    if _SPEC.value and "gpt" in built:
+        d = _DRAFT_LAYERS.value
+        print(f"\nspeculative (greedy, draft = the target's first {d} layer(s) with its "
+              f"embeddings and head, num_draft {_NUM_DRAFT.value}, batch 1, {n} tokens):")
+        print("| target | plain tok/s | speculative tok/s | speed-up | accepted drafts/pass | "
+              "same output |")
+        print("|---|---|---|---|---|---|")
+        targets = [("GPT 36M, 6 layers", built["gpt"][1])]
+        targets.append((f"GPT, {_DEEP.value} layers (scanned)", deep_gpt(_DEEP.value)))
+        for name, target in targets:
+            t_plain, t_spec, acc, same = speculative(target, first_layers_draft(target, d), n)
+            print(f"| {name} | {n / t_plain:.1f} | {n / t_spec:.1f} | {t_plain / t_spec:.2f}x | "
+                  f"{acc:.2f} | {same} |", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,205 @@
+#!/usr/bin/env bash
+# Create a Cloud TPU VM (one host or a pod slice), put this repo on every worker, install it,
+# run `python -m t5x_lite.train` on all workers at once, follow the logs, stop, delete.
+#
+#   launch/tpu_vm.sh create  --name=t5 --zone=us-central2-b --accelerator_type=v4-32 [--spot]
+#   launch/tpu_vm.sh setup   --name=t5 --zone=us-central2-b          # copy (or --repo clone) + pip install
+#   launch/tpu_vm.sh train   --name=t5 --zone=us-central2-b -- --config=configs/t5_1_1_base.py \
+#                            --workdir=gs://BUCKET/t5_base
+#   launch/tpu_vm.sh logs | stop | delete | ssh   --name=t5 --zone=us-central2-b
+#   launch/tpu_vm.sh up  ... -- TRAIN_ARGS        # create + setup + train
+#
+# --dry_run prints every command instead of running it. Run with --help for all options.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: launch/tpu_vm.sh ACTION [options] [-- TRAIN_ARGS...]
+
+Actions:
+  create   gcloud compute tpus tpu-vm create (accelerator type, runtime version, spot/preemptible)
+  setup    copy this checkout to every worker (or git clone --repo), then `pip install -e .` there
+  train    start `python3 -m t5x_lite.train TRAIN_ARGS` on all workers at once (--worker=all),
+           in the background with a log file and pid file per worker (--foreground to stream)
+  logs     follow the training log of one worker (--log_worker, default 0)
+  stop     stop the training processes on all workers (by their pid files)
+  delete   delete the TPU VM
+  ssh      run --command=CMD on the workers (--worker, default all)
+  up       create + setup + train
+
+Options:
+  --name=NAME               TPU VM name (required)
+  --zone=ZONE               zone, e.g. us-central2-b (required)
+  --project=PROJECT         gcloud project (default: gcloud's configured project)
+  --accelerator_type=TYPE   e.g. v4-8, v4-32, v5litepod-16, v5p-64, v6e-8 (default v4-8)
+  --version=VERSION         TPU runtime (default picked from the accelerator type)
+  --spot | --preemptible    cheaper, may be preempted (re-running `train` resumes from the workdir)
+  --repo=URL [--branch=B]   git clone on the workers instead of copying this checkout
+  --remote_dir=DIR          code directory on the workers (default t5x_lite, relative to ~)
+  --foreground              `train`: stream all workers' output instead of running in background
+  --log_worker=N            `logs`: which worker to follow (default 0)
+  --worker=W                `ssh`: worker index or 'all' (default all)
+  --command=CMD             `ssh`: the command to run
+  --dry_run                 print the commands instead of running them
+  -h, --help                this help
+EOF
+}
+
+die() { echo "tpu_vm.sh: $*" >&2; exit 2; }
+
+action=""
+name=""
+zone=""
+project=""
+accelerator_type="v4-8"
+version=""
+capacity=""
+repo=""
+branch=""
+remote_dir="t5x_lite"
+foreground=0
+log_worker=0
+worker="all"
+command_arg=""
+dry_run=0
+train_args=()
+
+[[ $# -gt 0 ]] || { usage; exit 2; }
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --name=*) name="${1#*=}" ;;
+    --zone=*) zone="${1#*=}" ;;
+    --project=*) project="${1#*=}" ;;
+    --accelerator_type=*|--accelerator-type=*) accelerator_type="${1#*=}" ;;
+    --version=*) version="${1#*=}" ;;
+    --spot) capacity="--spot" ;;
+    --preemptible) capacity="--preemptible" ;;
+    --repo=*) repo="${1#*=}" ;;
+    --branch=*) branch="${1#*=}" ;;
+    --remote_dir=*) remote_dir="${1#*=}" ;;
+    --foreground) foreground=1 ;;
+    --log_worker=*) log_worker="${1#*=}" ;;
+    --worker=*) worker="${1#*=}" ;;
+    --command=*) command_arg="${1#*=}" ;;
+    --dry_run|--dry-run) dry_run=1 ;;
+    --) shift; train_args=("$@"); break ;;
+    -*) die "unknown option $1 (see --help)" ;;
+    *) [[ -z "$action" ]] || die "unexpected argument $1 (train arguments go after --)"
+       action="$1" ;;
+  esac
+  shift
+done
+
+case "$action" in
+  create|setup|train|logs|stop|delete|ssh|up) ;;
+  "") die "no action given (see --help)" ;;
+  *) die "unknown action '$action' (see --help)" ;;
+esac
+[[ -n "$name" ]] || die "--name is required"
+[[ -n "$zone" ]] || die "--zone is required"
+[[ "$remote_dir" != /* && "$remote_dir" != *" "* ]] || die "--remote_dir must be relative to ~ and without spaces"
+
+if [[ -z "$version" ]]; then
+  case "$accelerator_type" in
+    v4-*) version="tpu-ubuntu2204-base" ;;
+    v5litepod-*|v5e-*) version="v2-alpha-tpuv5-lite" ;;
+    v5p-*) version="v2-alpha-tpuv5" ;;
+    v6e-*) version="v2-alpha-tpuv6e" ;;
+    *) die "no default --version for accelerator type '$accelerator_type'; pass --version" ;;
+  esac
+fi
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+log_file="\$HOME/${name}_train.log"
+pid_file="\$HOME/${name}_train.pid"
+
+# Prints a command the way a shell would read it back: plain words bare, others single-quoted.
+show() {
+  local out="" arg
+  for arg in "$@"; do
+    if [[ "$arg" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
+      out+="$arg "
+    elif [[ "$arg" =~ ^(--[A-Za-z0-9_-]+=)(.*)$ ]]; then
+      out+="${BASH_REMATCH[1]}'${BASH_REMATCH[2]//\'/\'\\\'\'}' "
+    else
+      out+="'${arg//\'/\'\\\'\'}' "
+    fi
+  done
+  echo "${out% }"
+}
+
+run() {
+  if (( dry_run )); then
+    show "$@"
+  else
+    echo "+ $(show "$@")" >&2
+    "$@"
+  fi
+}
+
+gcloud_tpu=(gcloud compute tpus tpu-vm)
+location=(--zone="$zone")
+[[ -z "$project" ]] || location+=(--project="$project")
+
+# ssh WORKER COMMAND: run COMMAND on one worker or on all of them at once.
+tpu_ssh() {
+  run "${gcloud_tpu[@]}" ssh "$name" --worker="$1" --command="$2" "${location[@]}"
+}
+
+quote_args() {
+  local out="" arg
+  for arg in "$@"; do out+="$(printf '%q' "$arg") "; done
+  echo "${out% }"
+}
+
+do_create() {
+  local cmd=("${gcloud_tpu[@]}" create "$name" "${location[0]}" --accelerator-type="$accelerator_type"
+             --version="$version")
+  [[ -z "$project" ]] || cmd+=("${location[1]}")
+  [[ -z "$capacity" ]] || cmd+=("$capacity")
+  run "${cmd[@]}"
+}
+
+do_setup() {
+  if [[ -n "$repo" ]]; then
+    local clone="git clone --depth=1"
+    [[ -z "$branch" ]] || clone+=" --branch=$(printf '%q' "$branch")"
+    tpu_ssh all "if [ -d ~/$remote_dir/.git ]; then git -C ~/$remote_dir pull --ff-only; else $clone $(printf '%q' "$repo") ~/$remote_dir; fi"
+  else
+    # Copy the working tree (not .git or build outputs) as one tarball to every worker.
+    local tarball="/tmp/${name}_t5x_lite.tar.gz"
+    run tar -czf "$tarball" -C "$repo_root" --exclude=.git --exclude=.venv --exclude=venv \
+      --exclude=__pycache__ --exclude='*.egg-info' --exclude=.pytest_cache .
+    run "${gcloud_tpu[@]}" scp "$tarball" "$name:t5x_lite.tar.gz" --worker=all "${location[@]}"
+    tpu_ssh all "mkdir -p ~/$remote_dir && tar -xzf ~/t5x_lite.tar.gz -C ~/$remote_dir"
+  fi
+  # The README's install line (`pip install -e .`) plus libtpu, resolved together so jax matches.
+  tpu_ssh all "cd ~/$remote_dir && python3 -m pip install -q -e . \"jax[tpu]>=0.10\""
+}
+
+do_train() {
+  (( ${#train_args[@]} )) || die "train needs arguments after --, e.g. -- --config=configs/t5_small.py --workdir=gs://BUCKET/run"
+  # T5X_LITE_DISTRIBUTED=on: every worker calls jax.distributed.initialize(), which finds the
+  # other workers of the slice from the TPU metadata server.
+  local train env="T5X_LITE_DISTRIBUTED=on"
+  train="python3 -m t5x_lite.train $(quote_args "${train_args[@]}")"
+  if (( foreground )); then
+    tpu_ssh all "cd ~/$remote_dir && $env $train"
+  else
+    # setsid: the run survives the ssh session and `stop` can signal its whole process group.
+    tpu_ssh all "cd ~/$remote_dir && ($env setsid nohup $train > $log_file 2>&1 < /dev/null & echo \$! > $pid_file) && echo started on \$(hostname), log $log_file"
+  fi
+}
+
+case "$action" in
+  create) do_create ;;
+  setup) do_setup ;;
+  train) do_train ;;
+  up) do_create; do_setup; do_train ;;
+  logs) tpu_ssh "$log_worker" "tail -n 200 -F $log_file" ;;
+  stop) tpu_ssh all "if [ -f $pid_file ]; then kill -- -\$(cat $pid_file) && rm -f $pid_file && echo stopped on \$(hostname); else echo no training process on \$(hostname); fi" ;;
+  delete) run "${gcloud_tpu[@]}" delete "$name" "${location[@]}" --quiet ;;
+  ssh) [[ -n "$command_arg" ]] || die "ssh needs --command=CMD"
+       tpu_ssh "$worker" "$command_arg" ;;
+esac

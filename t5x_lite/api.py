@@ -1,0 +1,272 @@
+"""`t5x_lite.load`: a t5x_lite checkpoint or a Hugging Face directory as a ready model.
+
+    import t5x_lite
+    m = t5x_lite.load("/tmp/t5_base")   # workdir, its checkpoints/ or checkpoints/<step>, or an
+                                        # HF T5 / GPT-2 directory (converted in memory, no torch)
+    m.logits([[37, 5, 1]], decoder_input_ids=[[0, 12, 9]])   # np.float32 [B, T, V]
+    m.score(["question: ..."], ["answer"])                    # np.float32 [B]: sum of log p
+    m.generate(...)                                           # see t5x_lite.decoding
+
+Token inputs are int arrays (every entry counts; for T5 id 0 is padding as always), lists of
+lists (ragged rows are right-padded with 0), or, when the model has a sentencepiece vocabulary,
+strings. Text conventions follow T5/seqio: T5 encoder inputs and targets end with EOS;
+decoder-only prompts and continuations get none, and a GPT trained by t5x_lite gets its
+decoder start id 0 before a text prompt (`uses_start_token`). Given ids are used as they are.
+
+Shape legend: B batch, S encoder length, T decoder length, V vocab.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+
+from t5x_lite import checkpoints, hf_interop, lora, partitioning, quantization
+from t5x_lite.config import ModelConfig
+from t5x_lite.models import BaseModel, LossConfig, abstract_variables, build_model
+
+
+class LoadedModel:
+    """A model, its params placed on a mesh, and jit-compiled logits / scoring.
+
+    Attributes:
+      config: the ModelConfig. run_config: the full run ConfigDict. model: the BaseModel
+      wrapper. params: the params tree (jax arrays on `mesh`). vocab: a Vocabulary or None.
+      mesh, rules: where the params live and the logical axis rules used for them.
+    """
+
+    def __init__(self, config: ModelConfig, run_config: ml_collections.ConfigDict,
+                 model: BaseModel, params, vocab, mesh, rules):
+        self.config, self.run_config, self.model = config, run_config, model
+        self.params, self.vocab, self.mesh, self.rules = params, vocab, mesh, rules
+        self._jitted: dict[str, Any] = {}
+
+    def __repr__(self):
+        c = self.config
+        return (f"LoadedModel({c.family}, d_model={c.d_model}, layers={c.num_layers}, "
+                f"vocab={c.vocab_size}, dtype={c.dtype}, devices={self.mesh.size})")
+
+    # ------------------------------------------------------------------ text
+    @property
+    def uses_start_token(self) -> bool:
+        """Whether text prompts of this decoder-only model begin with the decoder start id 0.
+
+        t5x_lite's LM objectives feed `[0] + targets[:-1]`, so a GPT trained here (one with a
+        sentencepiece vocabulary) saw id 0 first; converted GPT-2 weights never did.
+        """
+        return self.config.family == "gpt" and self.vocab is not None
+
+    def tokenize(self, texts: str | Sequence[str], *, add_eos: bool) -> list[list[int]]:
+        if self.vocab is None:
+            raise ValueError("This model has no sentencepiece vocabulary (vocab.model / "
+                             "spiece.model); pass token ids instead of text")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return [ids + [self.vocab.eos_id] if add_eos else ids
+                for ids in (self.vocab.encode(t) for t in texts)]
+
+    def detokenize(self, ids) -> list[str]:
+        """Text of each row of ids (stops at EOS, drops padding)."""
+        if self.vocab is None:
+            raise ValueError("This model has no sentencepiece vocabulary to detokenize with")
+        return [self.vocab.decode(row) for row in _rows(ids)]
+
+    def _ids(self, x, *, add_eos: bool = False, start: bool = False):
+        """(right-padded int32 ids [B, T], lengths [B]) from ids or text."""
+        if isinstance(x, str) or (isinstance(x, (list, tuple)) and x and
+                                  all(isinstance(t, str) for t in x)):
+            rows = self.tokenize(x, add_eos=add_eos)
+            rows = [[0] + r for r in rows] if start else rows  # decoder start id
+        else:
+            rows = _rows(x)
+        if not rows or max(len(r) for r in rows) == 0:
+            raise ValueError("Empty input: give at least one token")
+        lengths = np.array([len(r) for r in rows])
+        ids = np.zeros((len(rows), lengths.max()), np.int32)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = r
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise ValueError(f"Token ids must be in [0, {self.config.vocab_size}), got "
+                             f"[{ids.min()}, {ids.max()}]")
+        return ids, lengths
+
+    # ------------------------------------------------------------------ compute
+    def logits(self, input_ids, decoder_input_ids=None) -> np.ndarray:
+        """float32 logits [B, T, V] (T: decoder length for T5, input length otherwise).
+
+        Args:
+          input_ids: encoder inputs (T5), tokens (GPT) or masked tokens (BERT).
+          decoder_input_ids: T5 only, required: targets shifted right, starting with id 0
+            (text is tokenized and prefixed with 0).
+        Positions past a row's length (padding) hold meaningless values.
+        """
+        if self.config.is_encoder_decoder:
+            if decoder_input_ids is None:
+                raise ValueError("This is an encoder-decoder (T5) model: pass decoder_input_ids "
+                                 "(targets shifted right, starting with 0)")
+            enc, _ = self._ids(input_ids, add_eos=True)
+            dec, _ = self._ids(decoder_input_ids, start=True)
+            _same_batch(enc, dec)
+            batch = {"encoder_input_tokens": enc, "decoder_input_tokens": dec}
+        else:
+            if decoder_input_ids is not None:
+                raise ValueError(f"A {self.config.family} model takes only input_ids")
+            ids, _ = self._ids(input_ids, start=self.uses_start_token)
+            self._check_length(ids)
+            key = "decoder_input_tokens" if self.config.family == "gpt" else "encoder_input_tokens"
+            batch = {key: ids}
+        return self._run("logits", batch)
+
+    def score(self, input_ids, target_ids) -> np.ndarray:
+        """Per-example sum of target log-probs, float32 [B].
+
+        T5: log p(targets | inputs), the decoder fed the targets shifted right (start id 0).
+        GPT: log p(target continuation | prompt), prompt = input_ids (at least one token).
+        """
+        cfg = self.config
+        if cfg.is_encoder_decoder:
+            enc, _ = self._ids(input_ids, add_eos=True)
+            tgt, tlen = self._ids(target_ids, add_eos=True)
+            _same_batch(enc, tgt)
+            inputs = np.concatenate([np.zeros_like(tgt[:, :1]), tgt[:, :-1]], axis=1)
+            valid = (np.arange(tgt.shape[1]) < tlen[:, None]) & (tgt > 0)
+            batch = {"encoder_input_tokens": enc, "decoder_input_tokens": inputs}
+        elif cfg.family == "gpt":
+            prompt, plen = self._ids(input_ids, start=self.uses_start_token)
+            cont, clen = self._ids(target_ids)
+            _same_batch(prompt, cont)
+            if plen.min() == 0:
+                raise ValueError("Decoder-only scoring needs at least one prompt token per row")
+            seq, slen = self._ids([list(p[:m]) + list(c[:n]) for p, m, c, n in
+                                   zip(prompt, plen, cont, clen)])
+            inputs, tgt = seq[:, :-1], seq[:, 1:]
+            self._check_length(inputs)
+            pos = np.arange(tgt.shape[1])
+            valid = (pos >= plen[:, None] - 1) & (pos < slen[:, None] - 1)
+            batch = {"decoder_input_tokens": inputs}
+        else:
+            raise ValueError("score() needs a T5 or GPT model; this one is encoder-only (MLM)")
+        batch.update(decoder_target_tokens=tgt, decoder_loss_weights=valid.astype(np.float32))
+        return self._run("score", batch)
+
+    def generate(self, **kwargs):
+        """Decoding (greedy, sampling, beam search); see `t5x_lite.decoding.generate`."""
+        # Imported on use: decoding is a separate part that plain scoring does not need.
+        return importlib.import_module("t5x_lite.decoding.generate").generate(self, **kwargs)
+
+    def _check_length(self, ids):
+        cfg = self.config
+        if cfg.position == "learned" and ids.shape[1] > cfg.max_len:
+            raise ValueError(f"{ids.shape[1]} tokens exceed this model's {cfg.max_len} learned "
+                             "positions")
+
+    def _run(self, name: str, batch: dict[str, np.ndarray]) -> np.ndarray:
+        if name not in self._jitted:
+            self._jitted[name] = _compiled(self.config, self.model.loss, name)
+        b = next(iter(batch.values())).shape[0]
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        pad = -b % shards  # pad rows so the batch splits over the data-parallel devices
+        sharding = partitioning.data_sharding(self.mesh)
+        placed = {k: jax.device_put(np.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1)), sharding)
+                  for k, v in batch.items()}
+        with partitioning.activate(self.mesh, self.rules):
+            out = self._jitted[name](self.params, placed)
+        return np.asarray(out, np.float32)[:b]
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(config: ModelConfig, loss: LossConfig, name: str):
+    """One jitted function per (config, loss, kind), shared by instances loading the same
+    architecture, so re-loading a model (another step, a converted copy) does not recompile."""
+    model = build_model(config, loss)
+    return jax.jit(model.logits if name == "logits" else model.score_batch)
+
+
+def _rows(x) -> list[list[int]]:
+    if isinstance(x, (np.ndarray, jax.Array)):
+        a = np.asarray(x)
+        if a.ndim not in (1, 2) or not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"Token ids must be a 1-D or 2-D int array, got {a.dtype}{a.shape}")
+        return [list(r) for r in np.atleast_2d(a)]
+    x = list(x)
+    if all(isinstance(t, (int, np.integer)) for t in x):
+        return [[int(t) for t in x]] if x else []
+    return [[int(t) for t in r] for r in x]
+
+
+def _same_batch(a, b):
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"Batch sizes differ: {a.shape[0]} inputs vs {b.shape[0]} targets")
+
+
+def load(path, *, dtype=None, mesh=None, step: int | None = None,
+         quantize: str | None = None) -> LoadedModel:
+    """Loads a model for inference.
+
+    Args:
+      path: a t5x_lite workdir (latest step), its `checkpoints` dir, one `checkpoints/<step>`
+        dir, or an HF T5 / GPT-2 directory (config.json + safetensors; converted in memory).
+      dtype: compute dtype override ('float32', 'bfloat16', ...); params stay float32.
+      mesh: a `partitioning.make_mesh(...)` mesh; default: all devices, data-parallel (params
+        replicated).
+      step: checkpoint step of a workdir (default: the one `path` names, else the latest).
+      quantize: 'int8' = per-channel int8 weights, dequantized inside jit (README.md).
+
+    Raises:
+      CheckpointError (InteropError for HF directories): missing or unusable files, a
+      vocabulary larger than the checkpoint's embedding.
+    """
+    path = epath.Path(path)
+    mesh = partitioning.make_mesh() if mesh is None else mesh
+    if hf_interop.is_hf_dir(path):
+        cfg, numpy_params, _, vocab_path = hf_interop.from_hf(path)
+        run = hf_interop.run_config_for(cfg)
+    else:
+        workdir, found = checkpoints.resolve(path)
+        step = found if step is None else step
+        if step not in checkpoints.all_steps(workdir):
+            raise checkpoints.CheckpointError(f"No checkpoint for step {step} in {workdir}; "
+                                              f"available: {checkpoints.all_steps(workdir)}")
+        run = checkpoints.read_config(workdir)
+        cfg = ModelConfig.from_dict(run.model)
+        vocab_path = workdir / checkpoints.VOCAB_FILE
+        numpy_params = None
+    if dtype is not None:
+        cfg = dataclasses.replace(cfg, dtype=jnp.dtype(dtype).name)
+        run.model.dtype = cfg.dtype
+    vocab = _vocabulary(vocab_path, cfg, run)
+    rules = partitioning.rules_from_config(run.get("mesh", {}).get("rules"))
+    model = build_model(cfg, LossConfig(run.train.z_loss, run.train.label_smoothing))
+    boxed = abstract_variables(model)["params"]
+    shardings = partitioning.shardings(boxed, mesh, rules)
+    if numpy_params is None:
+        abstract = checkpoints.abstract_with_shardings(nn.meta.unbox(boxed), shardings)
+        # LoRA workdirs hold adapters: merged into their base here (README.md).
+        params = lora.restore_params(workdir, step, run, abstract)
+    else:
+        params = jax.device_put(numpy_params, shardings)
+    params = quantization.quantize_loaded(params, boxed, shardings, quantize)
+    return LoadedModel(cfg, run, model, params, vocab, mesh, rules)
+
+
+def _vocabulary(path, cfg: ModelConfig, run):
+    if path is None or not epath.Path(path).exists():
+        return None
+    try:
+        from t5x_lite.vocab import Vocabulary
+    except ImportError:  # the vocabulary module is optional for id-only use
+        return None
+    extra_ids = run.get("data", {}).get("extra_ids", 100)
+    vocab = Vocabulary(path, extra_ids=extra_ids)
+    if vocab.vocab_size > cfg.vocab_size:
+        raise checkpoints.CheckpointError(
+            f"Vocabulary {path} has {vocab.vocab_size} ids ({vocab.sp_size} pieces + {extra_ids} "
+            f"extra ids) but the checkpoint's embedding has only {cfg.vocab_size} rows")
+    return vocab

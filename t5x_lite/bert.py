@@ -1,0 +1,52 @@
+"""Encoder-only masked language model (BERT-style) built from the shared parts.
+
+Shape legend: B batch, T length, D d_model, V vocab. Token id 0 is padding.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from t5x_lite.config import ModelConfig
+from t5x_lite.gpt import LearnedPositions
+from t5x_lite.layers import Embed, attention_bias, constrain, dense_init, param
+from t5x_lite.transformer import Stack, make_norm, segment_mask
+
+
+class Bert(nn.Module):
+    """Bidirectional encoder + MLM head (dense, GELU, norm, tied output + bias)."""
+
+    config: ModelConfig
+    decode: bool = False  # accepted for a uniform constructor; an encoder never decodes
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, encoder_input_tokens, encoder_positions=None, encoder_segment_ids=None):
+        cfg = self.config
+        dtype = cfg.compute_dtype
+        tokens_BxT = encoder_input_tokens
+        b, t = tokens_BxT.shape
+        if encoder_positions is None:
+            encoder_positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        embedder = Embed(cfg.vocab_size, cfg.d_model, dtype, stddev=0.02, name="token_embedder")
+        x = embedder(tokens_BxT)
+        if cfg.position == "learned":
+            x = x + LearnedPositions(cfg.max_len, cfg.d_model, name="position_embedder")(
+                encoder_positions).astype(dtype)
+        x = make_norm(cfg, "embedding_norm")(x)
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic)
+        x = constrain(x, ("batch", "length", "embed"))
+        mask = jnp.broadcast_to((tokens_BxT > 0)[:, None, :], (b, t, t))
+        if encoder_segment_ids is not None:
+            mask = mask & segment_mask(encoder_segment_ids, encoder_segment_ids)
+        x = Stack(cfg, cfg.num_layers, deterministic=self.deterministic, name="encoder")(
+            x, attention_bias(mask), positions=encoder_positions)
+        x = make_norm(cfg, "encoder_norm")(x)
+        w = param(self, "mlm_dense", dense_init(cfg.d_model), (cfg.d_model, cfg.d_model),
+                  ("embed", "mlp"))
+        h = jax.nn.gelu(jnp.einsum("btd,de->bte", x, w.astype(dtype)), approximate=True)
+        h = make_norm(cfg, "mlm_norm")(h)
+        logits = embedder.attend(h) + param(self, "mlm_bias", nn.initializers.zeros,
+                                            (cfg.vocab_size,), ("vocab",))
+        return constrain(logits, ("batch", "length", "vocab"))

@@ -1,0 +1,196 @@
+"""Workdir layout and orbax checkpoint I/O shared by train, convert, evaluate, infer and `load`.
+
+    WORKDIR/config.json                 the full run config (model, train, data, ...)
+    WORKDIR/vocab.model                 sentencepiece model, when the run has one
+    WORKDIR/checkpoints/<step>/params   orbax item: the float32 params tree
+    WORKDIR/checkpoints/<step>/opt_state, .../data, .../config
+                                        (training only: optimizer state, grain iterator state,
+                                         the run config as JSON)
+
+A checkpoint path given by a user may be the workdir (latest step), `WORKDIR/checkpoints`, or
+one step directory `WORKDIR/checkpoints/<step>`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+
+CONFIG_FILE = "config.json"
+VOCAB_FILE = "vocab.model"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path or content that cannot be used."""
+
+
+def write_config(workdir, config: ml_collections.ConfigDict | dict) -> None:
+    """Writes config.json atomically (temp file + rename); only call from process 0."""
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    tmp = workdir / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(d, indent=2, sort_keys=True, default=_json_default))
+    tmp.replace(workdir / CONFIG_FILE)  # epath rename refuses to overwrite (re-runs resume)
+
+
+def _json_default(x):
+    if isinstance(x, tuple):
+        return list(x)
+    raise TypeError(f"Cannot write {type(x).__name__} to config.json")
+
+
+def read_config(workdir) -> ml_collections.ConfigDict:
+    path = epath.Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        raise CheckpointError(f"No {CONFIG_FILE} in {workdir}: not a t5x_lite workdir")
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+
+
+TRAIN_ITEMS = ("params", "opt_state", "data", "config")
+
+
+def make_manager(workdir, *, keep: int | None = None, async_save: bool = False,
+                 item_names=("params", "opt_state", "data")) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True,
+        enable_async_checkpointing=async_save)
+    return ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINT_DIR, options=options,
+                                 item_names=item_names)
+
+
+def resolve(path) -> tuple[epath.Path, int]:
+    """A user-given checkpoint path -> (workdir, step). Raises CheckpointError."""
+    path = epath.Path(path)
+    if not path.exists():
+        raise CheckpointError(f"Checkpoint path {path} does not exist")
+    if path.name.isdigit() and path.parent.name == CHECKPOINT_DIR:
+        return path.parent.parent, int(path.name)
+    workdir = path.parent if path.name == CHECKPOINT_DIR else path
+    steps = all_steps(workdir)
+    if not steps:
+        raise CheckpointError(f"No checkpoint found in {workdir}")
+    return workdir, steps[-1]
+
+
+def all_steps(workdir) -> list[int]:
+    """Steps of complete checkpoints (orbax writes to a temp dir and renames when finished)."""
+    ckpt_dir = epath.Path(workdir) / CHECKPOINT_DIR
+    if not ckpt_dir.exists():
+        return []
+    return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()
+                  and (p / "params").exists())
+
+
+def save_params(workdir, params, step: int = 0) -> None:
+    """Writes a params-only checkpoint (e.g. from `convert`) and waits for it."""
+    with make_manager(workdir, item_names=("params",)) as mngr:
+        mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
+        mngr.wait_until_finished()
+
+
+def restore_params(workdir, step: int, abstract_params) -> Any:
+    """Restores only the params item, placed per the shardings in `abstract_params`.
+
+    Args:
+      abstract_params: tree of jax.ShapeDtypeStruct (with .sharding) the checkpoint must match.
+    """
+    check_params_match(workdir, step, abstract_params)
+    with make_manager(workdir, item_names=("params",)) as mngr:
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params)))
+    return restored.params
+
+
+def params_shapes(workdir, step: int) -> dict:
+    """{'path/to/param': shape} as stored in a checkpoint, read from its metadata only."""
+    path = epath.Path(workdir) / CHECKPOINT_DIR / str(step) / "params"
+    tree = ocp.StandardCheckpointHandler().metadata(path).tree
+    return {jax.tree_util.keystr(k): tuple(v.shape)
+            for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_params_match(workdir, step: int, abstract_params) -> None:
+    """Raises CheckpointError naming the first differences between checkpoint and model."""
+    stored = params_shapes(workdir, step)
+    wanted = {jax.tree_util.keystr(k): tuple(v.shape)
+              for k, v in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+    problems = [f"missing {k}" for k in sorted(set(wanted) - set(stored))]
+    problems += [f"unexpected {k}" for k in sorted(set(stored) - set(wanted))]
+    problems += [f"{k}: checkpoint {stored[k]} vs model {wanted[k]}"
+                 for k in sorted(set(stored) & set(wanted)) if stored[k] != wanted[k]]
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"Checkpoint {workdir}/{CHECKPOINT_DIR}/{step} does not match the "
+                              f"model: {'; '.join(problems[:3])}{more}")
+
+
+def abstract_with_shardings(shapes, shardings):
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, shardings)
+
+
+# --- Training checkpoints: params + optimizer state + data iterator + config. -------------------
+
+
+def make_train_manager(workdir, *, keep: int | None = None, async_save: bool = True
+                       ) -> ocp.CheckpointManager:
+    """Manager for full training checkpoints; incomplete (killed) saves are never listed."""
+    return make_manager(workdir, keep=keep or None, async_save=async_save, item_names=TRAIN_ITEMS)
+
+
+def save_train_state(mngr: ocp.CheckpointManager, step: int, params, opt_state, *,
+                     data_iterator=None, config=None, force: bool = False) -> bool:
+    """Starts an (async) save of one training checkpoint; returns whether one was started.
+
+    Device arrays are copied to host before this returns, so the caller may donate or update
+    them right away. The grain iterator's state is taken now, at `step`.
+    """
+    items = {"params": ocp.args.StandardSave(params),
+             "opt_state": ocp.args.StandardSave(opt_state)}
+    if data_iterator is not None:
+        import grain  # local: only training needs it
+        items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    if config is not None:
+        d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        items["config"] = ocp.args.JsonSave(json.loads(json.dumps(d, default=_json_default)))
+    return mngr.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def restore_train_state(mngr: ocp.CheckpointManager, step: int, abstract_params,
+                        abstract_opt_state, *, data_iterator=None):
+    """Restores params and optimizer state onto the shardings in the abstract trees (which may
+    describe a different mesh than the one that saved them), and the iterator's position.
+
+    Returns:
+      (params, opt_state); `data_iterator` is restored in place.
+    """
+    check_params_match(mngr.directory.parent, step, abstract_params)
+    items = {"params": ocp.args.StandardRestore(abstract_params),
+             "opt_state": ocp.args.StandardRestore(abstract_opt_state)}
+    if data_iterator is not None:
+        import grain
+        if not (mngr.directory / str(step) / "data").exists():
+            raise CheckpointError(f"Checkpoint {mngr.directory}/{step} has no data iterator state "
+                                  "(a params-only checkpoint? use train.init_from for those)")
+        own_state = (mngr.directory / str(step) / "data" /
+                     f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+        if own_state.exists():
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        else:
+            # The iterator position is per process: with another process count there is no
+            # state for this process. Params and optimizer state still restore exactly.
+            logging.warning("Checkpoint %s/%s was written by a different number of processes: "
+                            "its data iterator positions do not apply; data restarts from the "
+                            "beginning of the seeded order.", mngr.directory, step)
+    restored = mngr.restore(step, args=ocp.args.Composite(**items))
+    return restored.params, restored.opt_state

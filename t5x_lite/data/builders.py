@@ -1,0 +1,275 @@
+"""tfds builders (array_record, no TensorFlow) that turn local files into a prepared dataset.
+
+`prepare_local_files(...)` builds a `LocalFiles` dataset into `data_dir` once and reuses it
+afterwards. The builder config name is a hash of everything the records depend on (file paths,
+sizes, mtimes, format and options, builder version), so changing any input gives a new config
+directory instead of a stale cache:
+
+    {data_dir}/t5x_lite_local_files/{format}-{hash}/1.0.0/*.array_record-*
+
+Splits: explicit `train_paths` / `validation_paths`, or a deterministic holdout: a record goes
+to "validation" when sha1(record) / 2**160 < validation_fraction (content-based, so the split does
+not depend on file order; duplicate texts land in the same split). If that leaves validation
+empty (tiny corpora) the record with the smallest hash is moved there, and vice versa for
+train. Counts of skipped records are kept in the dataset's `metadata.json`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import tensorflow_datasets as tfds
+from absl import logging
+from etils import epath
+
+from t5x_lite.data import local_files
+from t5x_lite.vocab import expand_globs
+
+DEFAULT_DATA_DIR = "~/.cache/t5x_lite/data"
+BUILDER_VERSION = "1.0.0"  # bump whenever the records produced from the same inputs change
+TRAIN, VALIDATION = "train", "validation"
+
+
+class EmptyCorpusError(ValueError):
+    """No documents were found where some were expected."""
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> epath.Path:
+    """`data_dir`, else $T5X_LITE_DATA_DIR, else ~/.cache/t5x_lite/data (user dirs expanded)."""
+    data_dir = str(data_dir or os.environ.get("T5X_LITE_DATA_DIR") or DEFAULT_DATA_DIR)
+    return epath.Path(os.path.expanduser(data_dir) if data_dir.startswith("~") else data_dir)
+
+
+def record_hash(record: dict[str, str]) -> float:
+    """Deterministic uniform value in [0, 1) of a record's content."""
+    digest = hashlib.sha1(json.dumps(record, sort_keys=True).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def holdout_overrides(hashes: Sequence[float], fraction: float
+                      ) -> tuple[float | None, float | None]:
+    """Hashes to force into validation / train so neither split is empty (see module doc)."""
+    if fraction <= 0 or len(hashes) < 2:
+        return None, None
+    num_val = sum(h < fraction for h in hashes)
+    if num_val == 0:
+        return min(hashes), None
+    if num_val == len(hashes):
+        return None, max(hashes)
+    return None, None
+
+
+def in_validation(h: float, fraction: float, overrides: tuple[float | None, float | None]) -> bool:
+    force_val, force_train = overrides
+    if h == force_val:
+        return True
+    if h == force_train:
+        return False
+    return h < fraction
+
+
+class DocumentsBuilder(tfds.core.GeneratorBasedBuilder):
+    """Base: records {"text"} or {"inputs", "targets"} in train (+ validation) splits.
+
+    Subclasses implement `_plan()` -> (kind, {split: callable returning (key, record) pairs},
+    metadata dict). The plan is made before any file is written, so an empty corpus fails
+    without leaving partial output.
+    """
+
+    VERSION = tfds.core.Version(BUILDER_VERSION)
+    # tfds derives code_path via importlib_resources, which may not be installed; the path is
+    # only used to look for a checksums file next to the code, and we download nothing.
+    code_path = epath.Path(__file__)
+
+    def _kind(self) -> str:
+        return self.builder_config.kind
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        names = ("text",) if self._kind() == "text" else ("inputs", "targets")
+        return tfds.core.DatasetInfo(
+            builder=self, description=self.builder_config.description,
+            features=tfds.features.FeaturesDict({n: tfds.features.Text() for n in names}),
+            metadata=tfds.core.MetadataDict(),
+            disable_shuffling=True)  # record i = i-th document, in input order (int keys)
+
+    def _plan(self) -> tuple[dict[str, Callable[[], Iterable]], dict]:
+        raise NotImplementedError
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        generators, metadata = self._plan()
+        self.info.metadata.update(metadata)
+        return {split: self._generate_examples(fn) for split, fn in generators.items()}
+
+    def _generate_examples(self, records_fn):
+        yield from records_fn()
+
+
+@dataclasses.dataclass
+class LocalFilesConfig(tfds.core.BuilderConfig):
+    """What a `LocalFiles` dataset is made of. `split_files` maps split -> file list;
+    a single "all" entry means the holdout split by `validation_fraction`."""
+
+    fmt: str = "text"
+    kind: str = "text"
+    split_files: dict = dataclasses.field(default_factory=dict)
+    validation_fraction: float = 0.05
+    document_per: str = "file"
+    text_key: str = "text"
+    inputs_key: str = "inputs"
+    targets_key: str = "targets"
+    strict_utf8: bool = False
+
+    def __repr__(self):  # tfds logs the config; keep the file list out of the logs
+        return f"LocalFilesConfig({self.name}: {self.description})"
+
+
+class LocalFiles(DocumentsBuilder):
+    """Text / JSONL / TSV files as a tfds dataset (see `prepare_local_files`)."""
+
+    name = "t5x_lite_local_files"
+
+    def _read(self, paths, what, counts=None) -> Iterator[tuple[str, dict]]:
+        c = self.builder_config
+        return local_files.read_files(
+            [epath.Path(p) for p in paths], c.fmt, kind=c.kind, document_per=c.document_per,
+            text_key=c.text_key, inputs_key=c.inputs_key, targets_key=c.targets_key,
+            strict_utf8=c.strict_utf8, counts=counts, what=what)
+
+    def _plan(self):
+        c = self.builder_config
+        counts = local_files.ReadCounts()
+        if "all" in c.split_files:
+            paths = c.split_files["all"]
+            hashes = [record_hash(r) for _, r in self._read(paths, "the input files", counts)]
+            if not hashes:
+                raise EmptyCorpusError(_empty_message(paths, counts))
+            overrides = holdout_overrides(hashes, c.validation_fraction)
+
+            def split_fn(want_val):
+                return lambda: ((k, r) for k, r in self._read(paths, "")
+                                if in_validation(record_hash(r), c.validation_fraction,
+                                                 overrides) == want_val)
+
+            generators = {TRAIN: split_fn(False)}
+            if any(in_validation(h, c.validation_fraction, overrides) for h in hashes):
+                generators[VALIDATION] = split_fn(True)
+            sizes = {s: sum(in_validation(h, c.validation_fraction, overrides) == (s == VALIDATION)
+                            for h in hashes) for s in generators}
+        else:
+            generators, sizes = {}, {}
+            for split, paths in c.split_files.items():
+                split_counts = local_files.ReadCounts()
+                sizes[split] = sum(1 for _ in self._read(paths, f"the {split} files", split_counts))
+                counts.merge(split_counts)
+                if not sizes[split]:
+                    raise EmptyCorpusError(_empty_message(paths, split_counts, split))
+                generators[split] = (lambda p=paths: self._read(p, ""))
+        metadata = {"kind": c.kind, "split_sizes": sizes,
+                    "skipped_non_utf8": counts.skipped_non_utf8,
+                    "skipped_blank": counts.skipped_blank}
+        return generators, metadata
+
+
+def _empty_message(paths, counts: local_files.ReadCounts, split: str = "") -> str:
+    where = f"{len(paths)} {split + ' ' if split else ''}file(s) (first: {paths[0]})"
+    return (f"empty corpus: no documents in {where}; skipped {counts.skipped_non_utf8} non-UTF-8 "
+            f"and {counts.skipped_blank} blank")
+
+
+def _fingerprint(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_signature(paths: Sequence[epath.Path]) -> list:
+    out = []
+    for p in paths:
+        st = p.stat()
+        out.append([str(p), st.length, st.mtime])
+    return out
+
+
+def local_files_config(fmt: str, *, paths: Sequence[str] = (), train_paths: Sequence[str] = (),
+                       validation_paths: Sequence[str] = (), validation_fraction: float = 0.05,
+                       document_per: str = "file", text_key: str = "text",
+                       inputs_key: str = "inputs", targets_key: str = "targets",
+                       strict_utf8: bool = False) -> LocalFilesConfig:
+    """Resolves globs and fingerprints the inputs into a `LocalFilesConfig`.
+
+    Either `paths` (train/validation by hash holdout) or `train_paths` (+ optional
+    `validation_paths`). Raises FileNotFoundError for missing paths / unmatched globs.
+    """
+    if fmt not in local_files.FORMATS:
+        raise ValueError(f"unknown local file format {fmt!r}; known: {local_files.FORMATS}")
+    if document_per not in local_files.DOCUMENT_PER:
+        raise ValueError(f"document_per must be one of {local_files.DOCUMENT_PER}")
+    if bool(paths) == bool(train_paths):
+        raise ValueError("give either data.paths (hash holdout) or data.train_paths "
+                         "(+ data.validation_paths), not both / neither")
+    if paths:
+        split_files = {"all": expand_globs(paths)}
+    else:
+        split_files = {TRAIN: expand_globs(train_paths)}
+        if validation_paths:
+            split_files[VALIDATION] = expand_globs(validation_paths)
+    if fmt == "jsonl":
+        first = next(iter(split_files.values()))[0]
+        kind = local_files.detect_jsonl_kind(first, text_key, inputs_key, targets_key)
+    else:
+        kind = "pairs" if fmt == "tsv" else "text"
+    options = dict(fmt=fmt, kind=kind, validation_fraction=validation_fraction if paths else 0.0,
+                   document_per=document_per if fmt == "text" else "line", text_key=text_key,
+                   inputs_key=inputs_key, targets_key=targets_key, strict_utf8=strict_utf8)
+    signature = {s: _file_signature(f) for s, f in split_files.items()}
+    name = f"{fmt}-{_fingerprint([signature, options, BUILDER_VERSION])}"
+    description = "; ".join(f"{s}: {len(f)} file(s) from {f[0]}" for s, f in split_files.items())
+    return LocalFilesConfig(name=name, description=description,
+                            split_files={s: tuple(map(str, f)) for s, f in split_files.items()},
+                            **options)
+
+
+def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
+    """download_and_prepare once; with several JAX processes, process 0 first, others reuse."""
+    import jax  # local: keep `builders` importable without initialising JAX
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if jax.process_index() == 0:
+            _prepare_quietly(builder)
+        multihost_utils.sync_global_devices(f"t5x_lite prepared {builder.data_dir}")
+    _prepare_quietly(builder)
+    return builder
+
+
+def _prepare_quietly(builder):
+    if builder.is_prepared():
+        return
+    logging.info("preparing %s", builder.data_dir)
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    was_active = getattr(tqdm_utils, "_active", True)
+    tfds.display_progress_bar(False)  # tqdm bars for a few MB of text are noise in train logs
+    try:
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    finally:
+        tfds.display_progress_bar(was_active)
+
+
+def prepare_local_files(config: LocalFilesConfig, data_dir=None) -> LocalFiles:
+    """Builds (or reuses) the prepared `LocalFiles` dataset for `config` under `data_dir`."""
+    builder = LocalFiles(config=config, data_dir=str(resolve_data_dir(data_dir)),
+                         file_format="array_record")
+    return prepare(builder)
+
+
+def skipped_summary(builder: tfds.core.DatasetBuilder) -> str:
+    """One line about what preparation skipped ("" if nothing)."""
+    md = builder.info.metadata or {}
+    parts = [f"{md[k]} {k.removeprefix('skipped_').replace('_', '-')}" for k in
+             ("skipped_non_utf8", "skipped_blank") if md.get(k)]
+    return f"{builder.data_dir}: preparation skipped " + ", ".join(parts) if parts else ""

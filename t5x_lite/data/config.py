@@ -1,0 +1,122 @@
+"""The data configuration: one frozen dataclass, built from a config's `data` ConfigDict.
+
+This is the only place the `data` section becomes typed; unknown keys are an error so that a
+typo (`data.noise_densty`) cannot silently fall back to a default. See README.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from t5x_lite.data import local_files
+from t5x_lite.data import objectives
+
+SOURCES = ("default", "text", "jsonl", "tsv", "tfds")
+
+
+class DataConfigError(ValueError):
+    """A `data` config that cannot describe a valid input pipeline."""
+
+
+def _paths(value) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(p.strip() for p in value.split(",") if p.strip())
+    return tuple(str(p) for p in value or ())
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Input pipeline settings (the `data` section of a config).
+
+    Sources: "default" (stdlib docstrings), "text" / "jsonl" / "tsv" (local or gs:// files,
+    via `paths` with a hash holdout of `validation_fraction`, or `train_paths` +
+    `validation_paths`), "tfds" (a prepared array_record tfds dataset `tfds_name` in
+    `data_dir`, e.g. "c4/en:3.1.0"). Lengths: `inputs_length` / `targets_length` for
+    encoder-decoder and MLM (encoder length = inputs_length), `seq_len` for decoder-only.
+    """
+
+    source: str = "default"
+    paths: tuple[str, ...] = ()
+    train_paths: tuple[str, ...] = ()
+    validation_paths: tuple[str, ...] = ()
+    validation_fraction: float = 0.05
+    document_per: str = "file"  # text files: "file" | "paragraph" | "line"
+    tfds_name: str = ""
+    data_dir: str = ""  # "" -> $T5X_LITE_DATA_DIR or ~/.cache/t5x_lite/data (tfds: its default)
+    train_split: str = "train"
+    eval_split: str = "validation"
+    text_key: str = "text"
+    inputs_key: str = "inputs"
+    targets_key: str = "targets"
+    strict_utf8: bool = False
+    objective: str = "span_corruption"
+    inputs_length: int = 512
+    targets_length: int = 114
+    seq_len: int = 512
+    noise_density: float = 0.15
+    mean_noise_span_length: float = 3.0
+    mask_rate: float = 0.15
+    pack: bool = True
+    pack_method: str = "first_fit"  # or "concat" (causal_lm only, GPT-style)
+    packing_bins: int = 64  # rows first-fit fills at once (more: less padding, more memory)
+    vocab_path: str = ""  # "" -> default vocab trained on the default corpus
+    vocab_size: int = 8000  # pieces of that default vocab
+    extra_ids: int = 100
+    num_workers: int = 0  # grain worker processes (mp_prefetch); 0 = in-process
+    read_threads: int = 2  # grain ReadOptions.num_threads (tokenization runs in them)
+    prefetch_buffer_size: int = 64
+    worker_buffer_size: int = 2
+
+    def __post_init__(self):
+        for name in ("paths", "train_paths", "validation_paths"):
+            object.__setattr__(self, name, _paths(getattr(self, name)))
+        checks = [
+            (self.source in SOURCES, f"source must be one of {SOURCES}, got {self.source!r}"),
+            (self.objective in objectives.OBJECTIVES,
+             f"objective must be one of {objectives.OBJECTIVES}, got {self.objective!r}"),
+            (self.document_per in local_files.DOCUMENT_PER,
+             f"document_per must be one of {local_files.DOCUMENT_PER}"),
+            (self.pack_method in ("first_fit", "concat"),
+             f"pack_method must be 'first_fit' or 'concat', got {self.pack_method!r}"),
+            (self.pack_method == "first_fit" or (self.objective == "causal_lm" and self.pack),
+             "pack_method='concat' needs objective='causal_lm' and pack=True"),
+            (self.source != "tfds" or bool(self.tfds_name), "source='tfds' needs data.tfds_name"),
+            (self.source not in ("text", "jsonl", "tsv") or bool(self.paths or self.train_paths),
+             f"source={self.source!r} needs data.paths or data.train_paths"),
+            (not (self.paths and (self.train_paths or self.validation_paths)),
+             "give data.paths (hash holdout) or data.train_paths/validation_paths, not both"),
+            (0.0 <= self.validation_fraction < 1.0, "validation_fraction must be in [0, 1)"),
+            (0.0 < self.noise_density < 1.0, "noise_density must be in (0, 1)"),
+            (self.mean_noise_span_length >= 1.0, "mean_noise_span_length must be >= 1"),
+            (0.0 < self.mask_rate < 1.0, "mask_rate must be in (0, 1)"),
+            (min(self.inputs_length, self.targets_length, self.seq_len) >= 2,
+             "inputs_length, targets_length and seq_len must be >= 2"),
+            (self.num_workers >= 0 and self.read_threads >= 0, "worker/thread counts must be >= 0"),
+            (self.packing_bins >= 1, "packing_bins must be >= 1"),
+            (self.extra_ids >= 0, "extra_ids must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise DataConfigError(f"Invalid data config: {message}")
+
+    @property
+    def family(self) -> str:
+        """"encoder_decoder", "decoder_only" or "encoder_only"."""
+        if self.objective in objectives.ENCODER_DECODER:
+            return "encoder_decoder"
+        return "decoder_only" if self.objective in objectives.DECODER_ONLY else "encoder_only"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | "DataConfig") -> "DataConfig":
+        """From a dict / ConfigDict (or passes a DataConfig through); unknown keys are an error."""
+        if isinstance(d, DataConfig):
+            return d
+        d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise DataConfigError(f"Unknown data config keys {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

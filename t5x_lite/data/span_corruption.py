@@ -1,0 +1,166 @@
+"""T5 span corruption in numpy, exactly as `t5.data.preprocessors.span_corruption`.
+
+`random_spans_noise_mask` follows T5's function step by step (including float32 rounding and
+round-half-to-even), `span_corrupt` replaces every noise span by one sentinel in the inputs and
+every non-noise span by one sentinel in the targets, sentinels counting down from the top of the
+vocabulary (`<extra_id_0>` = vocab_size - 1 first), then appends EOS to both. Unlike T5, running
+out of sentinels is an error instead of silently reusing ordinary vocabulary ids.
+
+Shape legend: L raw (uncorrupted) tokens, I input tokens, T target tokens.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from t5x_lite.vocab import EOS_ID
+
+
+class SpanCorruptionError(ValueError):
+    """A span corruption setting that cannot be realised (e.g. too few sentinels)."""
+
+
+def random_spans_helper(inputs_length: int = 512, noise_density: float = 0.15,
+                        mean_noise_span_length: float = 3.0) -> tuple[int, int]:
+    """Raw tokens per example and target length so corrupted inputs fit `inputs_length`.
+
+    Same search as T5's `random_spans_helper` (one sentinel per span, one EOS each side):
+    the largest raw length whose corrupted inputs (with EOS) fit in `inputs_length`.
+
+    Returns:
+        (tokens_length, targets_length), e.g. (568, 114) for inputs_length 512.
+    """
+    if inputs_length < 2:
+        raise SpanCorruptionError(f"inputs_length must be >= 2, got {inputs_length}")
+
+    def lengths(tokens_length):
+        num_noise = int(round(tokens_length * noise_density))
+        num_spans = int(round(num_noise / mean_noise_span_length))
+        return (tokens_length - num_noise + num_spans + 1, num_noise + num_spans + 1)
+
+    tokens_length = inputs_length - 1
+    while lengths(tokens_length + 1)[0] <= inputs_length:
+        tokens_length += 1
+    inputs_out, targets_length = lengths(tokens_length)
+    # T5's hack: with density 0.5 make targets no longer than the (round) inputs length.
+    if noise_density == 0.5 and targets_length > inputs_out:
+        tokens_length -= 1
+        targets_length -= 1
+    return tokens_length, targets_length
+
+
+def num_noise_spans(length: int, noise_density: float = 0.15,
+                    mean_noise_span_length: float = 3.0) -> int:
+    """Number of noise spans (= sentinels used) T5 draws for a sequence of `length` tokens."""
+    length = max(length, 2)
+    num_noise = int(np.round(np.float32(length) * np.float32(noise_density)))
+    num_noise = min(max(num_noise, 1), length - 1)
+    return max(int(np.round(np.float32(num_noise) / np.float32(mean_noise_span_length))), 1)
+
+
+def _random_segmentation(num_items: int, num_segments: int, rng: np.random.Generator):
+    """Lengths of a uniformly random partition of `num_items` into `num_segments` non-empty runs."""
+    first_in_segment = np.zeros(num_items, np.int32)
+    first_in_segment[1:] = rng.permutation(np.arange(num_items - 1) < num_segments - 1)
+    segment_id = np.cumsum(first_in_segment)
+    return np.bincount(segment_id, minlength=num_segments)
+
+
+def random_spans_noise_mask(length: int, rng: np.random.Generator, noise_density: float = 0.15,
+                            mean_noise_span_length: float = 3.0) -> np.ndarray:
+    """Boolean noise mask of `length` tokens: alternating non-noise / noise spans, noise last.
+
+    Returns:
+        mask_L, True on noise tokens. round(length * density) of them (at least 1, at most
+        length - 1), in max(round(num_noise / mean_span), 1) spans; the mask starts non-noise.
+    """
+    orig_length = length
+    length = max(length, 2)  # as T5: avoid degeneracy for 1-token sequences
+    num_noise = int(np.round(np.float32(length) * np.float32(noise_density)))
+    num_noise = min(max(num_noise, 1), length - 1)
+    num_spans = num_noise_spans(length, noise_density, mean_noise_span_length)
+    num_nonnoise = length - num_noise
+    if num_spans > num_nonnoise:
+        raise SpanCorruptionError(
+            f"{length} tokens at noise_density={noise_density} need {num_spans} noise spans but "
+            f"only {num_nonnoise} non-noise tokens separate them; lower noise_density")
+    noise_lengths = _random_segmentation(num_noise, num_spans, rng)
+    nonnoise_lengths = _random_segmentation(num_nonnoise, num_spans, rng)
+    interleaved = np.stack([nonnoise_lengths, noise_lengths], axis=1).reshape(-1)
+    span_starts = np.cumsum(interleaved)[:-1]
+    span_start_indicator = np.zeros(length, np.int32)
+    span_start_indicator[span_starts] = 1
+    is_noise = np.cumsum(span_start_indicator) % 2 == 1
+    return is_noise[:orig_length]
+
+
+def _spans_to_sentinels(tokens_L: np.ndarray, mask_L: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Replaces each run of masked tokens by one sentinel, sentinels counting down from the top."""
+    prev_masked = np.concatenate([[False], mask_L[:-1]])
+    first = mask_L & ~prev_masked
+    sentinels = vocab_size - np.cumsum(first)
+    out = np.where(first, sentinels, tokens_L)
+    return out[~(mask_L & prev_masked)]
+
+
+def span_corrupt(tokens: np.ndarray, *, seed=None, rng: np.random.Generator | None = None,
+                 vocab_size: int, extra_ids: int = 100, noise_density: float = 0.15,
+                 mean_noise_span_length: float = 3.0) -> dict[str, np.ndarray]:
+    """T5 span corruption of one raw token sequence (no EOS in it).
+
+    Args:
+        tokens: 1-D int array of raw tokens (one chunk of `random_spans_helper` length).
+        seed: anything `np.random.default_rng` accepts, e.g. (global_seed, example_index);
+            or pass `rng` directly. Same seed -> same corruption.
+        vocab_size: sp pieces + extra_ids; `<extra_id_0>` = vocab_size - 1.
+        extra_ids: sentinels available; more spans than this raises SpanCorruptionError.
+
+    Returns:
+        {"inputs": int32[I], "targets": int32[T]}, both ending in EOS. Merging them (each
+        sentinel in inputs replaced by the target tokens following that sentinel) gives back
+        `tokens`.
+    """
+    if rng is None:
+        if seed is None:
+            raise ValueError("span_corrupt needs a seed or an rng")
+        rng = np.random.default_rng(seed)
+    tokens_L = np.asarray(tokens, np.int32)
+    if tokens_L.ndim != 1 or tokens_L.size == 0:
+        raise SpanCorruptionError(f"span_corrupt needs a non-empty 1-D array, got {tokens_L.shape}")
+    spans = num_noise_spans(tokens_L.size, noise_density, mean_noise_span_length)
+    if spans > extra_ids:
+        raise SpanCorruptionError(
+            f"{tokens_L.size} tokens need {spans} sentinels but the vocabulary has only "
+            f"extra_ids={extra_ids}; use a larger extra_ids or shorter inputs")
+    mask_L = random_spans_noise_mask(tokens_L.size, rng, noise_density, mean_noise_span_length)
+    eos = np.array([EOS_ID], np.int32)
+    inputs_I = _spans_to_sentinels(tokens_L, mask_L, vocab_size).astype(np.int32)
+    targets_T = _spans_to_sentinels(tokens_L, ~mask_L, vocab_size).astype(np.int32)
+    return {"inputs": np.concatenate([inputs_I, eos]), "targets": np.concatenate([targets_T, eos])}
+
+
+def merge_inputs_and_targets(inputs: np.ndarray, targets: np.ndarray,
+                             sentinel_floor: int) -> np.ndarray:
+    """Inverse of `span_corrupt` (for tests and debugging): the original raw tokens.
+
+    Args:
+        sentinel_floor: smallest sentinel id (= sp_size); ids >= it are sentinels.
+    """
+    def strip_eos(x):
+        x = np.asarray(x)
+        return x[:-1] if x.size and x[-1] == EOS_ID else x
+
+    inputs, targets = strip_eos(inputs), strip_eos(targets)
+    # targets = [s0, span0..., s1, span1, ...]: map each sentinel to the span that follows it.
+    spans: dict[int, list[int]] = {}
+    current = None
+    for t in targets.tolist():
+        if t >= sentinel_floor:
+            current = spans.setdefault(t, [])
+        elif current is None:
+            raise ValueError("targets must start with a sentinel")
+        else:
+            current.append(t)
+    out: list[int] = []
+    for t in inputs.tolist():
+        out += spans[t] if t >= sentinel_floor else [t]
+    return np.asarray(out, np.int32)

@@ -1,0 +1,145 @@
+"""Beam search with T5's length penalty, as one `lax.while_loop` over a KV-cached step.
+
+The algorithm is T5X's: each step expands the W alive beams by every token, keeps the 2W best
+candidates by summed log-prob; the best W of them that do not end in EOS stay alive, and the ones
+that do end in EOS compete with the finished set, scored by
+
+    score = sum log p / ((5 + length) / 6) ** alpha       (length counts EOS; alpha 0 = log-prob)
+
+The search stops at the length budget or when no alive beam can still beat the worst finished
+one (for alpha >= 0 the alive bound uses the largest penalty, at the budget: exact, not a
+heuristic). A batch element with fewer than W finished beams at the end is filled with its best
+alive beams (unfinished, scored at their length); finished beams always rank first.
+
+Difference from HF's beam search: HF lets only the top-W ranked of the 2W candidates finish;
+here every EOS candidate among the 2W may (T5X's rule). Both agree whenever no EOS candidate
+ranked W..2W-1 would enter the final top beams.
+
+Shape legend: B batch, W beams, N max new tokens, V vocab.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from t5x_lite.decoding.sampling import EOS_ID, PAD_ID, StepFn
+
+NEG = -1.0e9  # "impossible" score; finite so arithmetic on it stays NaN-free
+
+
+def length_penalty(length, alpha: float):
+    """T5's brevity penalty ((5 + length) / 6) ** alpha."""
+    return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+
+
+class BeamOutput(NamedTuple):
+    tokens_BxWxN: jax.Array  # int32, best beam first; pad (0) after EOS / after the length
+    scores_BxW: jax.Array  # float32, length-penalised
+    logprob_BxW: jax.Array  # float32, plain sum of log-probs
+    lengths_BxW: jax.Array  # int32, generated tokens including EOS
+    finished_BxW: jax.Array  # bool, ended with EOS
+
+
+class _State(NamedTuple):
+    step: jax.Array  # tokens generated so far by every alive beam
+    alive_seq: jax.Array  # [B, W, N]
+    alive_logp: jax.Array  # [B, W]
+    fin_seq: jax.Array  # [B, W, N]
+    fin_score: jax.Array
+    fin_logp: jax.Array
+    fin_len: jax.Array
+    fin_flag: jax.Array
+    cache: Any
+
+
+def _gather(x_BxCx, idx_BxW):
+    """x[b, idx[b, w], ...] for every b, w."""
+    idx = idx_BxW.reshape(idx_BxW.shape + (1,) * (x_BxCx.ndim - 2))
+    return jnp.take_along_axis(x_BxCx, idx, axis=1)
+
+
+def beam_search(tokens_to_logits: StepFn, cache, first_logits_BWxV, *, num_beams: int,
+                max_new_tokens: int, alpha: float,
+                reorder_cache: Callable[[Any, jax.Array], Any], eos_id: int = EOS_ID
+                ) -> BeamOutput:
+    """Beam search over B*W cache rows (row b*W + w is beam w of element b).
+
+    Args:
+      tokens_to_logits: `(ids [B*W, 1], cache) -> (logits [B*W, 1, V], cache)`.
+      cache: the prefilled cache, already repeated to B*W rows (all beams of an element equal).
+      first_logits_BWxV: logits predicting the first token, repeated likewise.
+      reorder_cache: `(cache, rows [B*W]) -> cache` taking those rows (see cache.take_rows).
+    """
+    w, n = num_beams, max_new_tokens
+    bw, v = first_logits_BWxV.shape
+    b = bw // w
+    row_base_Bx1 = (jnp.arange(b) * w)[:, None]
+
+    def expand(s: _State, logits_BWxV):
+        """One beam step from the alive beams' next-token logits; returns the new state."""
+        i = s.step
+        logp_BxWxV = jax.nn.log_softmax(logits_BWxV.astype(jnp.float32), -1).reshape(b, w, v)
+        cand_BxWV = (s.alive_logp[:, :, None] + logp_BxWxV).reshape(b, w * v)
+        top_logp_Bx2W, top_idx = jax.lax.top_k(cand_BxWV, 2 * w)
+        top_beam, top_tok = top_idx // v, (top_idx % v).astype(jnp.int32)
+        top_seq = _gather(s.alive_seq, top_beam)
+        top_seq = jax.lax.dynamic_update_slice(top_seq, top_tok[:, :, None], (0, 0, i))
+        # Candidates of placeholder beams (score ~NEG) appear only when V is tiny: never finish.
+        is_eos = (top_tok == eos_id) & (top_logp_Bx2W > NEG / 2)
+
+        # Alive: the best W candidates that did not end (at most W of the 2W end in EOS).
+        alive_logp, keep = jax.lax.top_k(jnp.where(is_eos, NEG, top_logp_Bx2W), w)
+        alive_seq = _gather(top_seq, keep)
+        parent_rows = (row_base_Bx1 + jnp.take_along_axis(top_beam, keep, 1)).reshape(-1)
+
+        # Finished: merge the new EOS candidates into the best W finished so far.
+        new_score = jnp.where(is_eos, top_logp_Bx2W / length_penalty(i + 1, alpha), NEG)
+        pool_score = jnp.concatenate([s.fin_score, new_score], 1)
+        fin_score, pick = jax.lax.top_k(pool_score, w)
+        fin_seq = _gather(jnp.concatenate([s.fin_seq, top_seq], 1), pick)
+        fin_logp = _gather(jnp.concatenate([s.fin_logp, top_logp_Bx2W], 1), pick)
+        fin_len = _gather(jnp.concatenate([s.fin_len, jnp.full_like(top_tok, i + 1)], 1), pick)
+        fin_flag = _gather(jnp.concatenate([s.fin_flag, is_eos], 1), pick)
+        return _State(i + 1, alive_seq, alive_logp, fin_seq, fin_score, fin_logp, fin_len,
+                      fin_flag, reorder_cache(s.cache, parent_rows))
+
+    zeros_seq = jnp.zeros((b, w, n), jnp.int32)
+    init_logp = jnp.tile(jnp.array([0.0] + [NEG] * (w - 1), jnp.float32), (b, 1))
+    state = _State(jnp.int32(0), zeros_seq, init_logp, zeros_seq, jnp.full((b, w), NEG),
+                   jnp.zeros((b, w), jnp.float32), jnp.zeros((b, w), jnp.int32),
+                   jnp.zeros((b, w), jnp.bool_), cache)
+    state = expand(state, first_logits_BWxV)
+    best_possible_bound = length_penalty(n, alpha) if alpha >= 0 else length_penalty(1, alpha)
+
+    def cond(s: _State):
+        best_alive_B = s.alive_logp[:, 0] / best_possible_bound
+        worst_fin_B = jnp.where(jnp.all(s.fin_flag, 1), jnp.min(s.fin_score, 1), NEG)
+        return (s.step < n) & ~jnp.all(worst_fin_B > best_alive_B)
+
+    def body(s: _State):
+        last_BW = jax.lax.dynamic_index_in_dim(s.alive_seq, s.step - 1, 2, False).reshape(-1)
+        logits_BWx1xV, cache = tokens_to_logits(last_BW[:, None], s.cache)
+        return expand(s._replace(cache=cache), logits_BWx1xV[:, 0])
+
+    s = jax.lax.while_loop(cond, body, state)
+    return _finalize(s, w, alpha)
+
+
+def _finalize(s: _State, w: int, alpha: float) -> BeamOutput:
+    """Best W of finished (first) and alive (filling in) beams, best first."""
+    alive_len = jnp.broadcast_to(s.step, s.alive_logp.shape).astype(jnp.int32)
+    alive_score = s.alive_logp / length_penalty(alive_len, alpha)
+    cat = lambda a, c: jnp.concatenate([a, c], 1)
+    score, flag = cat(s.fin_score, alive_score), cat(s.fin_flag, jnp.zeros_like(s.fin_flag))
+    # Lexicographic (finished first, then score): two stable sorts, no score offsets that
+    # would cost float32 precision. Empty finished slots (score NEG) sort after alive beams.
+    by_score = jnp.argsort(-score, axis=1, stable=True)
+    pick = _gather(by_score, jnp.argsort(~_gather(flag, by_score), axis=1, stable=True))[:, :w]
+    length = _gather(cat(s.fin_len, alive_len), pick)
+    positions_N = jnp.arange(s.alive_seq.shape[-1])
+    seq = _gather(cat(s.fin_seq, s.alive_seq), pick)
+    seq = jnp.where(positions_N < length[..., None], seq, PAD_ID)
+    return BeamOutput(seq, _gather(score, pick), _gather(cat(s.fin_logp, s.alive_logp), pick),
+                      length, _gather(flag, pick))

@@ -1,0 +1,57 @@
+"""KV-cache tree helpers: row gathers (beam search, repeats), the shared cursor, valid-key counts.
+
+The 'cache' collection of a decode-mode module holds `cursor/{index [], key_valid [B, L]}` and,
+per attention layer, `cached_key` / `cached_value` [B, L|S, H, K] -- with a leading layer axis
+[N_layers, B, ...] under a scanned stack (`.../layers/block/...`). The cursor index is one scalar
+for all rows: every row writes the same slot.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Cache = dict
+
+
+def _keys(path) -> tuple[str, ...]:
+    return tuple(getattr(p, "key", getattr(p, "name", None)) for p in path)
+
+
+def _batch_axis(path, leaf) -> int | None:
+    """Which axis of a cache leaf holds rows (None for the scalar cursor index)."""
+    if leaf.ndim == 0:
+        return None
+    return 1 if "layers" in _keys(path) else 0  # scanned stacks stack layers first
+
+
+def take_rows(cache: Cache, rows_R) -> Cache:
+    """The cache of rows `rows_R` (int [R]): reorders beams, or repeats rows (R may exceed B)."""
+    def take(path, leaf):
+        axis = _batch_axis(path, leaf)
+        return leaf if axis is None else jnp.take(leaf, rows_R, axis=axis)
+    return jax.tree_util.tree_map_with_path(take, cache)
+
+
+def get_index(cache: Cache):
+    return cache["cursor"]["index"]
+
+
+def set_index(cache: Cache, index) -> Cache:
+    """Moves the shared cursor (a rollback: slots at and after `index` become invisible to later
+    queries by slot causality, and are overwritten by the next writes)."""
+    cursor = dict(cache["cursor"], index=jnp.asarray(index, jnp.int32))
+    return dict(cache, cursor=cursor)
+
+
+def valid_before_cursor(cache: Cache):
+    """Per row, how many real (non-padding) tokens the slots before the cursor hold: int32 [B].
+
+    For a left-padded decoder-only prompt this is the position id of the next token.
+    """
+    key_valid_BxL = cache["cursor"]["key_valid"]
+    before_L = jnp.arange(key_valid_BxL.shape[1]) < get_index(cache)
+    return jnp.sum(key_valid_BxL & before_L, axis=1).astype(jnp.int32)
+
+
+def zeros_like_abstract(abstract_cache) -> Cache:
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_cache)

@@ -1,0 +1,350 @@
+"""High-level decoding: prompts in, one result per input out.
+
+    from t5x_lite.decoding.generate import generate
+    results = generate(loaded, inputs=["translate: hello"], method="beam", num_beams=4)
+
+`loaded` is anything with `.model` (a `models.BaseModel`), `.params` and optionally `.vocab`
+and `.run_config` (what `t5x_lite.load(path)` returns). Options left as None come from
+`loaded.run_config.decode` (the checkpoint's config.json), then from `defaults.base_config`.
+
+Batches of `batch_size` prompts are padded to a bucketed length (a power of two, >= 8) and a
+bucketed row count, and each (method, shapes, options) combination compiles once.
+
+Shape legend: B rows, P prompt length, N max new tokens, W beams, V vocab.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t5x_lite import quantization
+from t5x_lite.config import ModelConfig
+from t5x_lite.decoding import cache as cache_lib
+from t5x_lite.decoding import steps
+from t5x_lite.decoding.beam_search import beam_search
+from t5x_lite.decoding.filtering import SamplingConfig
+from t5x_lite.decoding.sampling import EOS_ID, sample_decode
+from t5x_lite.decoding.speculative import speculative_decode
+
+METHODS = ("greedy", "sample", "beam")
+MIN_BUCKET = 8
+
+
+class DecodeError(ValueError):
+    """Decode options or prompts that cannot be decoded (one-line, user-facing message)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+    """What to decode and how; field names are those of the config's `decode` section."""
+
+    method: str = "greedy"
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_beams: int = 4
+    alpha: float = 0.6
+    num_samples: int = 1
+    seed: int = 0
+    batch_size: int = 16
+    num_draft: int = 4  # speculative decoding: draft tokens proposed per target pass
+
+    def __post_init__(self):
+        checks = [
+            (self.method in METHODS,
+             f"unknown decode method {self.method!r}; choose one of {', '.join(METHODS)}"),
+            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
+            (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}"),
+            (self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.num_draft >= 1, f"num_draft must be >= 1, got {self.num_draft}"),
+            (self.num_samples == 1 or self.method == "sample",
+             f"num_samples={self.num_samples} needs method='sample' (got {self.method!r})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise DecodeError(message)
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        if self.method == "sample" and self.temperature > 0:
+            return SamplingConfig(self.temperature, self.top_k, self.top_p)
+        return SamplingConfig(temperature=0.0)
+
+    @property
+    def rows_per_prompt(self) -> int:
+        return self.num_beams if self.method == "beam" else self.num_samples
+
+
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(DecodeOptions)}
+
+
+def _coerce(name: str, value):
+    kind = {"str": str, "int": int, "float": float}[_FIELD_TYPES[name]]
+    try:
+        out = kind(value)
+    except (TypeError, ValueError):
+        raise DecodeError(f"decode.{name} must be a {kind.__name__}, got {value!r}") from None
+    if kind is int and out != value:
+        raise DecodeError(f"decode.{name} must be an integer, got {value!r}")
+    return out
+
+
+def default_decode_config():
+    """The `decode` ConfigDict of `defaults.base_config` (the library's defaults)."""
+    from t5x_lite.defaults import base_config  # light, but keeps import cycles impossible
+    return base_config(ModelConfig(), objective="causal_lm").decode
+
+
+def decode_options(loaded=None, **overrides) -> DecodeOptions:
+    """Defaults <- `loaded.run_config.decode` (known keys) <- overrides that are not None."""
+    values = dict(default_decode_config().to_dict())
+    run_config = getattr(loaded, "run_config", None)
+    if run_config is not None and "decode" in run_config:
+        section = run_config["decode"]
+        values.update(section.to_dict() if hasattr(section, "to_dict") else dict(section))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(overrides) - set(_FIELD_TYPES))
+    if unknown:
+        raise DecodeError(f"unknown decode option(s) {unknown}; known: {sorted(_FIELD_TYPES)}")
+    return DecodeOptions(**{k: _coerce(k, v) for k, v in values.items() if k in _FIELD_TYPES})
+
+
+# ----------------------------------------------------------------------------------- prompts
+def model_config(loaded) -> ModelConfig:
+    cfg = loaded.model.config
+    if cfg.family not in ("t5", "gpt"):
+        raise DecodeError(f"decoding needs a 't5' or 'gpt' model, this one is {cfg.family!r}")
+    return cfg
+
+
+def encode_prompts(loaded, *, inputs=None, input_ids=None) -> list[list[int]]:
+    """Token ids per prompt. Text is encoded with `loaded.vocab`; T5 inputs get EOS appended
+    (T5's convention for encoder inputs), GPT prompts do not; a GPT trained by t5x_lite gets its
+    decoder start id 0 first (`LoadedModel.uses_start_token`). Given ids are used as they are."""
+    if (inputs is None) == (input_ids is None):
+        raise DecodeError("give exactly one of inputs (text) or input_ids")
+    if input_ids is not None:
+        if len(input_ids) and np.ndim(input_ids[0]) == 0:
+            input_ids = [input_ids]  # one prompt
+        return [[int(i) for i in np.asarray(ids).ravel()] for ids in input_ids]
+    vocab = getattr(loaded, "vocab", None)
+    if vocab is None:
+        raise DecodeError("text inputs need a vocabulary; this model has none (give input_ids)")
+    texts = [inputs] if isinstance(inputs, str) else list(inputs)
+    eos = [EOS_ID] if model_config(loaded).family == "t5" else []
+    start = [0] if getattr(loaded, "uses_start_token", False) else []  # see LoadedModel
+    return [start + list(vocab.encode(t)) + eos for t in texts]
+
+
+def check_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], options: DecodeOptions,
+                  draft_cfg: ModelConfig | None = None, first_index: int = 0,
+                  labels: Sequence[str] | None = None) -> None:
+    """Raises DecodeError naming (by `labels`, default "input <index>") the first prompt that
+    cannot be decoded."""
+    for n, ids in enumerate(prompts):
+        i = labels[n] if labels is not None else f"input {first_index + n}"
+        if not ids:
+            raise DecodeError(f"{i}: empty prompt")
+        bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise DecodeError(f"{i}: token id {bad[0]} outside [0, {cfg.vocab_size})")
+        if len(ids) > cfg.max_len:
+            raise DecodeError(f"{i}: prompt of {len(ids)} tokens is longer than the "
+                              f"model's max length {cfg.max_len}")
+        for c in [cfg] + ([draft_cfg] if draft_cfg is not None else []):
+            if c.family == "gpt" and len(ids) + options.max_new_tokens > c.max_len:
+                raise DecodeError(
+                    f"{i}: prompt of {len(ids)} tokens + max_new_tokens "
+                    f"{options.max_new_tokens} exceeds the model's max length {c.max_len}")
+
+
+def check_draft(cfg: ModelConfig, draft_cfg: ModelConfig, options: DecodeOptions):
+    if cfg.family != "gpt" or draft_cfg.family != "gpt":
+        raise DecodeError("speculative decoding (draft=...) needs decoder-only (gpt) models")
+    if options.method == "beam":
+        raise DecodeError("speculative decoding works with method 'greedy' or 'sample', not beam")
+    if draft_cfg.vocab_size != cfg.vocab_size:
+        raise DecodeError(f"draft vocab_size {draft_cfg.vocab_size} != target vocab_size "
+                          f"{cfg.vocab_size}")
+
+
+def bucket(n: int) -> int:
+    """Smallest power of two >= max(n, MIN_BUCKET): bounds the number of compiled shapes."""
+    return max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length())
+
+
+def pack_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], rows: int):
+    """int32 [rows, P] (GPT: left-padded, T5: right-padded) and lengths [rows]; missing rows
+    repeat the last prompt (their results are dropped)."""
+    prompts = list(prompts) + [prompts[-1]] * (rows - len(prompts))
+    p = bucket(max(len(x) for x in prompts))
+    tokens = np.zeros((rows, p), np.int32)
+    for r, ids in enumerate(prompts):
+        if cfg.family == "gpt":
+            tokens[r, p - len(ids):] = ids
+        else:
+            tokens[r, :len(ids)] = ids
+    return tokens, np.array([len(x) for x in prompts], np.int32)
+
+
+# ----------------------------------------------------------------------------------- jitted
+def _row_keys(seed, example_B, samples: int):
+    base = jax.random.key(seed)
+    example_R = jnp.repeat(example_B, samples)
+    sample_R = jnp.tile(jnp.arange(samples), example_B.shape[0])
+    return jax.vmap(lambda e, s: jax.random.fold_in(jax.random.fold_in(base, e), s))(
+        example_R, sample_R)
+
+
+def _expand_rows(b: int, per: int):
+    return None if per == 1 else jnp.repeat(jnp.arange(b), per)
+
+
+def _cache_len(cfg: ModelConfig, p: int, n: int, k: int = 0) -> int:
+    return (p if cfg.family == "gpt" else 0) + n + k
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "n", "sampling", "samples"))
+def _sample_jit(params, tokens_BxP, lengths_B, seed, example_B, *, cfg, n, sampling, samples):
+    b, p = tokens_BxP.shape
+    logits, cache, step = steps.prefill(cfg, params, tokens_BxP, lengths_B, _cache_len(cfg, p, n),
+                                        _expand_rows(b, samples))
+    return sample_decode(step, cache, logits, _row_keys(seed, example_B, samples),
+                         max_new_tokens=n, sampling=sampling)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "n", "beams", "alpha"))
+def _beam_jit(params, tokens_BxP, lengths_B, *, cfg, n, beams, alpha):
+    b, p = tokens_BxP.shape
+    logits, cache, step = steps.prefill(cfg, params, tokens_BxP, lengths_B, _cache_len(cfg, p, n),
+                                        jnp.repeat(jnp.arange(b), beams))
+    return beam_search(step, cache, logits, num_beams=beams, max_new_tokens=n, alpha=alpha,
+                       reorder_cache=cache_lib.take_rows)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "n", "k", "sampling", "samples"))
+def _speculative_jit(params, draft_params, tokens_BxP, lengths_B, seed, example_B, *, cfg,
+                     draft_cfg, n, k, sampling, samples):
+    b, p = tokens_BxP.shape
+    rows = _expand_rows(b, samples)
+    length = _cache_len(cfg, p, n, k)
+    logits, tcache, tstep = steps.prefill(cfg, params, tokens_BxP, lengths_B, length, rows)
+    _, dcache, dstep = steps.prefill(draft_cfg, draft_params, tokens_BxP, lengths_B, length, rows)
+    last_R = tokens_BxP[:, -1] if rows is None else tokens_BxP[rows, -1]  # left-padded
+    return speculative_decode(tstep, dstep, tcache, dcache, logits, last_R,
+                              _row_keys(seed, example_B, samples), max_new_tokens=n,
+                              num_draft=k, sampling=sampling)
+
+
+def decode_batch(loaded, tokens_BxP, lengths_B, options: DecodeOptions, example_B=None,
+                 draft=None):
+    """Runs one packed batch; returns device arrays (DecodeOutput | BeamOutput, or for
+    speculative decoding (DecodeOutput, stats)). Rows are prompt-major: b * per + j."""
+    cfg = model_config(loaded)
+    params = quantization.unbox_float(loaded.params)  # keeps int8 weights int8 (compression)
+    example_B = np.arange(len(tokens_BxP)) if example_B is None else example_B
+    n = options.max_new_tokens
+    if options.method == "beam":
+        return _beam_jit(params, tokens_BxP, lengths_B, cfg=cfg, n=n, beams=options.num_beams,
+                         alpha=float(options.alpha))
+    seed = np.uint32(options.seed % 2**32)
+    if draft is not None:
+        draft_params = quantization.unbox_float(draft.params)
+        return _speculative_jit(params, draft_params, tokens_BxP, lengths_B, seed,
+                                example_B, cfg=cfg, draft_cfg=model_config(draft), n=n,
+                                k=options.num_draft, sampling=options.sampling,
+                                samples=options.num_samples)
+    return _sample_jit(params, tokens_BxP, lengths_B, seed, example_B, cfg=cfg, n=n,
+                       sampling=options.sampling, samples=options.num_samples)
+
+
+# ----------------------------------------------------------------------------------- results
+def _result(vocab, ids_N, length, logprob, finished, penalised=None) -> dict[str, Any]:
+    ids = [int(t) for t in ids_N[:int(length)]]
+    out = {"ids": ids, "score": float(logprob), "finished": bool(finished)}
+    if penalised is not None:
+        out["penalised_score"] = float(penalised)
+    if vocab is not None:
+        out["text"] = vocab.decode(ids)
+    return out
+
+
+def _unpack(out, options: DecodeOptions, count: int, vocab) -> list:
+    per = options.rows_per_prompt
+    if options.method == "beam":
+        arrays = [np.asarray(x) for x in (out.tokens_BxWxN, out.lengths_BxW, out.logprob_BxW,
+                                          out.finished_BxW, out.scores_BxW)]
+    else:
+        arrays = [np.asarray(x).reshape((-1, per) + np.shape(x)[1:]) for x in
+                  (out.tokens_BxN, out.lengths_B, out.logprob_B, out.finished_B)]
+    results = []
+    for b in range(count):
+        items = [_result(vocab, *(a[b, j] for a in arrays)) for j in range(per)]
+        results.append(items if per > 1 else items[0])
+    return results
+
+
+def iter_generate(loaded, prompts: Sequence[Sequence[int]], options: DecodeOptions, *,
+                  draft=None, first_index: int = 0) -> Iterator[list]:
+    """Yields the results of each batch of `options.batch_size` prompts, in order.
+
+    `first_index` is the global index of prompts[0]: samples are keyed by (seed, global index,
+    sample number), so resuming a run halfway reproduces the uninterrupted run's samples.
+    """
+    cfg = model_config(loaded)
+    if draft is not None:
+        check_draft(cfg, model_config(draft), options)
+    check_prompts(cfg, prompts, options, None if draft is None else model_config(draft),
+                  first_index)
+    vocab = getattr(loaded, "vocab", None)
+    bs = options.batch_size
+    for start in range(0, len(prompts), bs):
+        chunk = prompts[start:start + bs]
+        rows = bs if len(chunk) == bs else min(bs, 1 << (len(chunk) - 1).bit_length())
+        tokens, lengths = pack_prompts(cfg, chunk, rows)
+        example = np.arange(rows, dtype=np.int32) + first_index + start
+        out = decode_batch(loaded, tokens, lengths, options, example, draft)
+        if draft is not None:
+            out = out[0]
+        yield _unpack(out, options, len(chunk), vocab)
+
+
+def generate(loaded, *, input_ids=None, inputs=None, method=None, max_new_tokens=None,
+             temperature=None, top_k=None, top_p=None, num_beams=None, alpha=None,
+             num_samples=None, seed=None, batch_size=None, draft=None, num_draft=None) -> list:
+    """Decodes every input; returns one entry per input, in order.
+
+    Args:
+      loaded: a loaded model (see module docstring); `draft`: a smaller loaded GPT for
+        speculative decoding (greedy or sample), proposing `num_draft` tokens per target pass.
+      input_ids / inputs: token id lists, or texts (needs loaded.vocab; T5 appends EOS).
+      method: 'greedy' | 'sample' (temperature -> top_k -> top_p; temperature 0 = greedy) |
+        'beam' (num_beams, length penalty ((5 + len) / 6) ** alpha).
+      Other options: see `DecodeOptions`; None = the checkpoint's / library default.
+
+    Returns:
+      Per input a dict -- or, for num_samples > 1 or beam search with num_beams > 1, a list of
+      dicts (beams best first) -- with `ids` (generated ids without prompt and padding, ending
+      with EOS (1) when `finished`), `score` (sum of log-probs of `ids` under the unfiltered
+      model), `finished`, `text` (when there is a vocabulary) and, for beam search,
+      `penalised_score` (score / length penalty, what beams are ranked by).
+    """
+    options = decode_options(
+        loaded, method=method, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, num_beams=num_beams, alpha=alpha, num_samples=num_samples,
+        seed=seed, batch_size=batch_size, num_draft=num_draft)
+    prompts = encode_prompts(loaded, inputs=inputs, input_ids=input_ids)
+    results: list = []
+    for batch in iter_generate(loaded, prompts, options, draft=draft):
+        results.extend(batch)
+    return results

@@ -1,0 +1,78 @@
+"""Greedy and sampled decoding as one `lax.while_loop` over a KV-cached step function.
+
+The step is `tokens_to_logits(ids_BxT, cache) -> (logits_BxTxV, cache)`: it writes the chunk at
+the cache cursor and returns float logits. The caller has already run the prompt (prefill) and
+passes the logits of its last position; from there the loop picks one token, feeds it, and
+repeats, so `max_new_tokens` tokens cost `max_new_tokens - 1` steps. Rows stop independently at
+EOS (later slots hold pad 0); the loop ends when every row is done or the budget is spent.
+
+Shape legend: B rows, N max new tokens, V vocab.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from t5x_lite.decoding.filtering import SamplingConfig, row_keys, select_tokens, token_log_probs
+
+StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
+EOS_ID = 1
+PAD_ID = 0
+
+
+class DecodeOutput(NamedTuple):
+    tokens_BxN: jax.Array  # int32; EOS kept, pad (0) after it
+    lengths_B: jax.Array  # int32; generated tokens including EOS
+    logprob_B: jax.Array  # float32; sum of log p(token) under the unfiltered model
+    finished_B: jax.Array  # bool; the row produced EOS
+
+
+class _State(NamedTuple):
+    step: jax.Array
+    last_B: jax.Array
+    cache: Any
+    out: DecodeOutput
+
+
+def sample_decode(tokens_to_logits: StepFn, cache, first_logits_BxV, keys_B, *,
+                  max_new_tokens: int, sampling: SamplingConfig, eos_id: int = EOS_ID
+                  ) -> DecodeOutput:
+    """Greedy (sampling.temperature == 0) or sampled decoding.
+
+    Args:
+      tokens_to_logits: the cached step function (see module docstring).
+      cache: the cache after prefill, with room for `max_new_tokens - 1` more tokens.
+      first_logits_BxV: logits predicting the first new token.
+      keys_B: one PRNG key per row; step i uses fold_in(key, i), so a row's samples do not
+        depend on the other rows in its batch.
+    """
+    b = first_logits_BxV.shape[0]
+    n = max_new_tokens
+    empty = DecodeOutput(jnp.zeros((b, n), jnp.int32), jnp.zeros((b,), jnp.int32),
+                         jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.bool_))
+
+    def record(out: DecodeOutput, step, logits_BxV):
+        tok_B = select_tokens(row_keys(keys_B, step), logits_BxV, sampling)
+        done_B = out.finished_B
+        tok_B = jnp.where(done_B, PAD_ID, tok_B)
+        logp_B = jnp.where(done_B, 0.0, token_log_probs(logits_BxV, tok_B))
+        return tok_B, DecodeOutput(
+            tokens_BxN=jax.lax.dynamic_update_slice(out.tokens_BxN, tok_B[:, None], (0, step)),
+            lengths_B=out.lengths_B + (~done_B).astype(jnp.int32),
+            logprob_B=out.logprob_B + logp_B,
+            finished_B=done_B | (tok_B == eos_id))
+
+    last_B, out = record(empty, 0, first_logits_BxV)
+    state = _State(jnp.int32(1), last_B, cache, out)
+
+    def cond(s: _State):
+        return (s.step < n) & ~jnp.all(s.out.finished_B)
+
+    def body(s: _State):
+        logits_Bx1xV, cache = tokens_to_logits(s.last_B[:, None], s.cache)
+        last_B, out = record(s.out, s.step, logits_Bx1xV[:, 0])
+        return _State(s.step + 1, last_B, cache, out)
+
+    return jax.lax.while_loop(cond, body, state).out

@@ -1,0 +1,157 @@
+"""Speculative decoding for decoder-only models: a draft proposes k tokens, the target checks them.
+
+Per iteration (one `lax.while_loop` step):
+  1. the draft proposes d_1..d_k autoregressively in k steps. Its first step feeds TWO tokens,
+     [prev, last], one slot before the target's cursor: `prev` (the committed token before
+     `last`) is either already in the draft cache (rewritten with identical K/V) or, after a
+     fully accepted iteration, the last draft d_k that the draft never fed. So the draft cache
+     stays in step with no extra pass;
+  2. the target feeds [last, d_1..d_k] in ONE pass and gets the logits for k+1 positions;
+  3. each row accepts a prefix of the proposals: greedy -- d_j equals the target's argmax;
+     sampling -- the standard rule (Leviathan et al. 2023): accept d_j with probability
+     min(1, p(d_j) / q(d_j)), on the first rejection sample from norm(max(0, p - q)), and if all k
+     are accepted take a bonus token from p. p and q are the target's and the draft's
+     distributions after the same temperature / top-k / top-p, so outputs follow the target's
+     filtered distribution exactly;
+  4. the cache cursor is ONE scalar shared by all rows, so every row advances by m + 1 tokens
+     where m is the minimum accepted count over the unfinished rows. A row that accepted more
+     keeps its own accepted token at position m + 1 (a valid target sample) and drops the rest;
+     rows that are done do not hold the others back. Both cursors are then set back to
+     `old + 1 + m`; the stale slots after it are invisible by slot causality and overwritten next.
+
+With greedy selection the output is token for token the target's greedy output (for any batch
+size). Larger batches accept less per iteration (the minimum over rows): batch 1 gains most.
+
+Shape legend: B rows, N max new tokens, k draft length, V vocab.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from t5x_lite.decoding import cache as cache_lib
+from t5x_lite.decoding.filtering import SamplingConfig, filter_logits, row_keys, select_tokens
+from t5x_lite.decoding.sampling import EOS_ID, PAD_ID, DecodeOutput, StepFn
+
+
+class _State(NamedTuple):
+    count: jax.Array  # tokens emitted so far (same for every row)
+    prev_B: jax.Array  # the committed token before last_B
+    last_B: jax.Array  # last emitted token, not yet fed to either model
+    target_cache: Any
+    draft_cache: Any
+    tokens: jax.Array  # [B, N + k + 1]
+    logprob_B: jax.Array
+    length_B: jax.Array
+    done_B: jax.Array
+    iterations: jax.Array
+    accepted: jax.Array  # sum over iterations of m (draft tokens kept)
+
+
+def _probs(logits_BxKxV, sampling: SamplingConfig):
+    b, k, v = logits_BxKxV.shape
+    filtered = filter_logits(logits_BxKxV.reshape(b * k, v), sampling)
+    return jax.nn.softmax(filtered, -1).reshape(b, k, v)
+
+
+def speculative_decode(target_step: StepFn, draft_step: StepFn, target_cache, draft_cache,
+                       first_logits_BxV, prompt_last_B, keys_B, *, max_new_tokens: int,
+                       num_draft: int, sampling: SamplingConfig, eos_id: int = EOS_ID):
+    """Returns (DecodeOutput, stats) -- stats: iterations and mean accepted draft tokens.
+
+    Both caches must hold the prompt (cursor at the same slot) with room for
+    `max_new_tokens + num_draft` more slots; `first_logits_BxV` are the target's prefill logits
+    and `prompt_last_B` the last prompt token of each row.
+    """
+    b, n, k = first_logits_BxV.shape[0], max_new_tokens, num_draft
+    greedy = sampling.greedy
+    tok0_B = select_tokens(row_keys(keys_B, 0), first_logits_BxV, sampling)
+    logp0_B = jax.nn.log_softmax(first_logits_BxV.astype(jnp.float32), -1)
+    logp0_B = jnp.take_along_axis(logp0_B, tok0_B[:, None], -1)[:, 0]
+    tokens = jnp.zeros((b, n + k + 1), jnp.int32).at[:, 0].set(tok0_B)
+    state = _State(jnp.int32(1), prompt_last_B.astype(jnp.int32), tok0_B, target_cache,
+                   draft_cache, tokens, logp0_B, jnp.ones((b,), jnp.int32), tok0_B == eos_id,
+                   jnp.int32(0), jnp.int32(0))
+
+    def cond(s: _State):
+        return (s.count < n) & ~jnp.all(s.done_B)
+
+    def body(s: _State):
+        it_keys = row_keys(keys_B, s.iterations + 1)  # distinct from the first-token key (0)
+        start = cache_lib.get_index(s.target_cache)
+
+        dcache = cache_lib.set_index(s.draft_cache, start - 1)
+        q_Bx2xV, dcache = draft_step(jnp.stack([s.prev_B, s.last_B], 1), dcache)
+        d_B = select_tokens(row_keys(it_keys, 0), q_Bx2xV[:, 1], sampling)
+        drafts_BxK, qlogits_BxKxV = d_B[:, None], q_Bx2xV[:, 1:]
+        if k > 1:
+            def draft_one(carry, j):
+                x_B, dcache = carry
+                logits_Bx1xV, dcache = draft_step(x_B[:, None], dcache)
+                d_B = select_tokens(row_keys(it_keys, j), logits_Bx1xV[:, 0], sampling)
+                return (d_B, dcache), (d_B, logits_Bx1xV[:, 0])
+
+            (_, dcache), (rest_JxB, rest_JxBxV) = jax.lax.scan(
+                draft_one, (d_B, dcache), jnp.arange(1, k))
+            drafts_BxK = jnp.concatenate([drafts_BxK, rest_JxB.T], 1)
+            qlogits_BxKxV = jnp.concatenate([qlogits_BxKxV, jnp.swapaxes(rest_JxBxV, 0, 1)], 1)
+        fed_Bx1K = jnp.concatenate([s.last_B[:, None], drafts_BxK], 1)
+        plogits_BxK1xV, tcache = target_step(fed_Bx1K, s.target_cache)
+
+        if greedy:
+            target_tok_BxK1 = jnp.argmax(plogits_BxK1xV, -1).astype(jnp.int32)
+            ok_BxK = target_tok_BxK1[:, :k] == drafts_BxK
+        else:
+            p_BxK1xV = _probs(plogits_BxK1xV, sampling)
+            q_BxKxV = _probs(qlogits_BxKxV, sampling)
+            p_d = jnp.take_along_axis(p_BxK1xV[:, :k], drafts_BxK[..., None], -1)[..., 0]
+            q_d = jnp.take_along_axis(q_BxKxV, drafts_BxK[..., None], -1)[..., 0]
+            uniform = lambda key: jax.random.uniform(key, (k,))
+            u_BxK = jax.vmap(uniform)(row_keys(it_keys, k + 1))
+            ok_BxK = u_BxK * q_d < p_d
+        n_acc_B = jnp.sum(jnp.cumprod(ok_BxK.astype(jnp.int32), 1), 1)
+        m = jnp.min(jnp.where(s.done_B, k, n_acc_B))
+
+        # Token at position m: the row's own accepted draft, or the correction / bonus token.
+        if greedy:
+            fix_B = jax.lax.dynamic_index_in_dim(target_tok_BxK1, m, 1, False)
+        else:
+            p_m = jax.lax.dynamic_index_in_dim(p_BxK1xV, m, 1, False)
+            q_m = jax.lax.dynamic_index_in_dim(
+                jnp.concatenate([q_BxKxV, jnp.zeros_like(q_BxKxV[:, :1])], 1), m, 1, False)
+            resid = jnp.maximum(p_m - q_m, 0.0)  # q is 0 at the bonus position (m == k)
+            resid = jnp.where(jnp.sum(resid, -1, keepdims=True) > 0, resid, p_m)
+            fix_B = jax.vmap(jax.random.categorical)(row_keys(it_keys, k + 2), jnp.log(resid))
+            own_B = jax.lax.dynamic_index_in_dim(
+                jnp.concatenate([drafts_BxK, drafts_BxK[:, :1]], 1), m, 1, False)
+            fix_B = jnp.where(n_acc_B > m, own_B, fix_B).astype(jnp.int32)
+        j_K1 = jnp.arange(k + 1)
+        new_BxK1 = jnp.where(j_K1 < m, jnp.concatenate([drafts_BxK, drafts_BxK[:, :1]], 1),
+                             fix_B[:, None])
+
+        # Keep tokens up to each row's first EOS and within the budget; score them.
+        is_eos = (new_BxK1 == eos_id) & (j_K1 <= m)
+        before_eos = jnp.cumsum(is_eos, 1) - is_eos == 0
+        keep_BxK1 = (j_K1 <= m) & before_eos & (s.count + j_K1 < n) & ~s.done_B[:, None]
+        logp_BxK1 = jnp.take_along_axis(
+            jax.nn.log_softmax(plogits_BxK1xV.astype(jnp.float32), -1), new_BxK1[..., None], -1)
+        logprob_B = s.logprob_B + jnp.sum(jnp.where(keep_BxK1, logp_BxK1[..., 0], 0.0), 1)
+        tokens = jax.lax.dynamic_update_slice(
+            s.tokens, jnp.where(keep_BxK1, new_BxK1, PAD_ID), (0, s.count))
+        done_B = s.done_B | jnp.any(is_eos & keep_BxK1, 1)
+
+        rollback = start + 1 + m
+        prev_B = jax.lax.dynamic_index_in_dim(
+            jnp.concatenate([s.last_B[:, None], drafts_BxK], 1), m, 1, False)
+        return _State(s.count + m + 1, prev_B, fix_B, cache_lib.set_index(tcache, rollback),
+                      dcache, tokens, logprob_B,
+                      s.length_B + jnp.sum(keep_BxK1, 1).astype(jnp.int32), done_B,
+                      s.iterations + 1, s.accepted + m)
+
+    s = jax.lax.while_loop(cond, body, state)
+    out = DecodeOutput(s.tokens[:, :n], s.length_B, s.logprob_B, s.done_B)
+    stats = {"iterations": s.iterations, "accepted_per_iteration":
+             s.accepted / jnp.maximum(s.iterations, 1)}
+    return out, stats

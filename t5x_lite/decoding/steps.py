@@ -1,0 +1,128 @@
+"""Model-specific halves of decoding: prefill the prompt, and the cached `tokens_to_logits` step.
+
+Decoder-only (GPT): prompts are LEFT-padded to a common length P so every row's last prompt
+token sits in the same slot; `token_valid` masks the padding keys and each row gets its own
+position ids (0 at its first real token). The prefill writes the whole prompt in one pass. Later
+steps derive each row's next position from the cache itself (the number of valid keys before the
+cursor), so the step needs no per-row state and stays correct after a speculative rollback.
+
+Encoder-decoder (T5): prompts are RIGHT-padded encoder inputs (0 = pad). The encoder runs once;
+the prefill feeds the decoder start token 0 with the encoder output, which makes the decode
+module project and cache the cross-attention K/V; later steps pass `encoded=None` and only the
+(expanded) encoder padding mask.
+
+All functions here are traced inside the jitted decode functions of `generate.py`.
+
+Shape legend: B rows, P prompt length, S encoder length, L cache length, T chunk length, V vocab.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from t5x_lite.config import ModelConfig
+from t5x_lite.decoding import cache as cache_lib
+from t5x_lite.gpt import GPT
+from t5x_lite.t5 import T5
+
+
+def _zero_cache(init_fn):
+    abstract = jax.eval_shape(init_fn)["cache"]
+    return cache_lib.zeros_like_abstract(abstract)
+
+
+def left_pad_valid(lengths_B, p: int):
+    """[B, P] True on the last `length` slots of each row (left padding)."""
+    return jnp.arange(p)[None, :] >= (p - lengths_B)[:, None]
+
+
+# ------------------------------------------------------------------------------------- GPT
+def gpt_step_fn(cfg: ModelConfig, params):
+    """`tokens_to_logits(ids_BxT, cache, positions_BxT=None, token_valid_BxT=None)`."""
+    module = GPT(cfg, decode=True)
+    max_pos = cfg.max_len - 1 if cfg.position == "learned" else None
+
+    def tokens_to_logits(ids_BxT, cache, positions_BxT=None, token_valid_BxT=None):
+        if positions_BxT is None:
+            positions_BxT = (cache_lib.valid_before_cursor(cache)[:, None]
+                             + jnp.arange(ids_BxT.shape[1]))
+        # Padding slots have no position (clip the -1s); a speculative draft may look past the
+        # last learned position, for tokens beyond the budget that are thrown away anyway.
+        positions_BxT = jnp.clip(positions_BxT, 0, max_pos)
+        logits, mutated = module.apply(
+            {"params": params, "cache": cache}, ids_BxT, decoder_positions=positions_BxT,
+            token_valid=token_valid_BxT, mutable=["cache"])
+        return logits, mutated["cache"]
+
+    return tokens_to_logits
+
+
+def gpt_prefill(cfg: ModelConfig, params, prompt_BxP, lengths_B, cache_len: int):
+    """Runs left-padded prompts through a fresh cache of `cache_len` slots.
+
+    Returns:
+      (logits of the last prompt position [B, V], cache, step function).
+    """
+    b, p = prompt_BxP.shape
+    module = GPT(cfg, decode=True)
+    cache = _zero_cache(lambda: module.init(jax.random.key(0),
+                                            jnp.zeros((b, cache_len), jnp.int32)))
+    step = gpt_step_fn(cfg, params)
+    valid_BxP = left_pad_valid(lengths_B, p)
+    positions_BxP = jnp.cumsum(valid_BxP, axis=1) - 1
+    logits_BxPxV, cache = step(prompt_BxP, cache, positions_BxP, valid_BxP)
+    return logits_BxPxV[:, -1], cache, step
+
+
+# ------------------------------------------------------------------------------------- T5
+def t5_step_fn(cfg: ModelConfig, params, encoder_mask_BxS):
+    module = T5(cfg, decode=True)
+
+    def tokens_to_logits(ids_BxT, cache):
+        logits, mutated = module.apply(
+            {"params": params, "cache": cache}, ids_BxT, None, encoder_mask_BxS,
+            method=T5.decode_logits, mutable=["cache"])
+        return logits, mutated["cache"]
+
+    return tokens_to_logits
+
+
+def t5_prefill(cfg: ModelConfig, params, encoder_BxS, cache_len: int):
+    """Encodes right-padded inputs once and feeds the start token.
+
+    Returns:
+      (logits for the first target token [B, V], cache incl. cross-attention K/V,
+       encoder mask [B, S]).
+    """
+    b = encoder_BxS.shape[0]
+    encoded_BxSxD = T5(cfg).apply({"params": params}, encoder_BxS, method=T5.encode)
+    mask_BxS = encoder_BxS > 0
+    module = T5(cfg, decode=True)
+    cache = _zero_cache(lambda: module.init(
+        jax.random.key(0), jnp.zeros((b, cache_len), jnp.int32), encoded_BxSxD, mask_BxS,
+        method=T5.decode_logits))
+    logits, mutated = module.apply(
+        {"params": params, "cache": cache}, jnp.zeros((b, 1), jnp.int32), encoded_BxSxD,
+        mask_BxS, method=T5.decode_logits, mutable=["cache"])
+    return logits[:, -1], mutated["cache"], mask_BxS
+
+
+# ------------------------------------------------------------------------------------- both
+def prefill(cfg: ModelConfig, params, prompt_BxP, lengths_B, cache_len: int, rows_R=None):
+    """Family-independent prefill; `rows_R` repeats/reorders rows after it (beams, samples).
+
+    Returns:
+      (first logits [R, V], cache with R rows, `tokens_to_logits(ids, cache)` for R rows).
+    """
+    if cfg.family == "gpt":
+        logits_BxV, cache, step = gpt_prefill(cfg, params, prompt_BxP, lengths_B, cache_len)
+        if rows_R is not None:
+            logits_BxV, cache = logits_BxV[rows_R], cache_lib.take_rows(cache, rows_R)
+        return logits_BxV, cache, step
+    if cfg.family == "t5":
+        logits_BxV, cache, mask_BxS = t5_prefill(cfg, params, prompt_BxP, cache_len)
+        if rows_R is not None:
+            logits_BxV, cache = logits_BxV[rows_R], cache_lib.take_rows(cache, rows_R)
+            mask_BxS = mask_BxS[rows_R]
+        return logits_BxV, cache, t5_step_fn(cfg, params, mask_BxS)
+    raise ValueError(f"Decoding needs a 't5' or 'gpt' model, not family {cfg.family!r}")

@@ -1,0 +1,79 @@
+"""The full run configuration every `configs/*.py` starts from.
+
+`configs/<preset>.py:get_config()` calls `base_config(model_config, ...)` and overrides what it
+needs; command-line flags (`--config.train.num_steps=...`) override the rest.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from t5x_lite.config import ModelConfig
+
+
+def base_config(model: ModelConfig, *, objective: str, seq_len: int = 512,
+                targets_length: int = 114) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = ml_collections.ConfigDict(model.to_dict())
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 1000
+    c.train.batch_size = 32  # global, across all processes
+    c.train.microbatches = 1  # gradient accumulation steps per batch
+    c.train.log_every = 10
+    c.train.eval_every = 0  # 0 = no in-loop eval
+    c.train.eval_batches = 8
+    c.train.z_loss = 1e-4
+    c.train.label_smoothing = 0.0
+    c.train.loss_normalizer = "tokens"  # 'tokens' or a number (T5X loss_normalizing_factor)
+    c.train.init_from = ""  # params-only init from a checkpoint (fine-tuning)
+    c.train.peak_flops = 0.0  # per device; 0 = look up the device kind
+    c.train.debug = False
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adafactor"  # 'adafactor' (T5 defaults) or 'adamw'
+    c.optimizer.learning_rate = 0.01  # adafactor: used only with schedule='constant'
+    c.optimizer.schedule = "rsqrt"  # adafactor: 1/sqrt(max(step, warmup)); adamw: cosine|linear|constant
+    c.optimizer.warmup_steps = 10000
+    c.optimizer.decay_steps = 0  # 0 = train.num_steps
+    c.optimizer.end_lr_fraction = 0.1
+    c.optimizer.weight_decay = 0.0  # never on norms / biases; embeddings: next key
+    c.optimizer.weight_decay_embeddings = False
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.95
+    c.optimizer.eps = 1e-8
+    c.optimizer.grad_clip = 1.0  # global norm; 0 = off
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.save_every = 500
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.rules = ml_collections.config_dict.placeholder(tuple)  # None = partitioning defaults
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "default"
+    c.data.objective = objective
+    c.data.inputs_length = seq_len
+    c.data.targets_length = targets_length
+    c.data.seq_len = seq_len
+    c.data.pack = True
+    c.data.data_dir = ""
+    c.data.vocab_path = ""
+
+    c.decode = ml_collections.ConfigDict()
+    c.decode.method = "greedy"
+    c.decode.max_new_tokens = 64
+    c.decode.temperature = 1.0
+    c.decode.top_k = 0
+    c.decode.top_p = 1.0
+    c.decode.num_beams = 4
+    c.decode.alpha = 0.6
+    c.decode.num_samples = 1
+    c.decode.seed = 0
+    c.decode.batch_size = 16
+    return c

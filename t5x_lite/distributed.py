@@ -1,0 +1,168 @@
+"""Multi-process start-up: `maybe_initialize()` before any JAX computation, plus barriers.
+
+One JAX process per host (TPU VM worker, GPU node) or several local CPU processes
+(`launch/cpu_local.sh`, gloo collectives over loopback). Settings come from, in order: the
+arguments of `maybe_initialize`, the entry point's absl flags of the same name when it defines
+them (`t5x_lite.train` does), environment variables:
+
+    distributed          T5X_LITE_DISTRIBUTED          auto (default) | on (1) | off (0)
+    coordinator_address  T5X_LITE_COORDINATOR          host:port of process 0
+    num_processes        T5X_LITE_NUM_PROCESSES
+    process_id           T5X_LITE_PROCESS_ID
+    initialization_timeout  T5X_LITE_INIT_TIMEOUT      seconds to wait for all (jax: 300)
+    heartbeat_timeout    T5X_LITE_HEARTBEAT_TIMEOUT    seconds of silence = dead (jax: 100)
+
+`auto` initializes when all three of address / count / id are given, or when a cluster
+environment is visible (multi-worker TPU slice, Slurm, Open MPI); `on` always initializes and
+lets JAX detect the cluster (what `launch/tpu_vm.sh` uses on TPU VMs); `off` never does.
+
+A process that dies takes the job down: the coordination service stops hearing its heartbeats
+and, after the heartbeat timeout, terminates the others with "the JAX distributed service
+detected fatal errors ... another task died" instead of letting them wait in a collective.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+
+import jax
+from absl import flags, logging
+
+MODES = ("auto", "on", "off")
+
+# Environment variables that mean "this process is one of several" (so `auto` initializes).
+_CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS",
+                "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+_barrier_counter = itertools.count()
+
+
+class DistributedError(RuntimeError):
+    """Multi-process settings that cannot work, or a peer that did not show up in time."""
+
+
+def _flag(name: str):
+    """The value of absl flag `name` if an entry point defined it and it was set, else None."""
+    if name in flags.FLAGS and flags.FLAGS.is_parsed():
+        value = flags.FLAGS[name].value
+        if name == "distributed" and isinstance(value, bool):  # train.py: --distributed bool
+            return "on" if value else None
+        return value
+    return None
+
+
+def _setting(arg, flag_name: str | None, env: str, cast=str):
+    if arg is not None:
+        return arg
+    if flag_name is not None and _flag(flag_name) is not None:
+        return _flag(flag_name)
+    value = os.environ.get(env, "").strip()
+    if not value:
+        return None
+    try:
+        return cast(value)
+    except ValueError:
+        raise DistributedError(f"${env}={value!r} is not a valid {cast.__name__}") from None
+
+
+def _cluster_visible() -> bool:
+    for name in _CLUSTER_ENV:
+        value = os.environ.get(name, "")
+        if name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+            if value.isdigit() and int(value) > 1:
+                return True
+        elif name.startswith("TPU_") and "," in value:
+            return True
+        elif name.startswith("MEGASCALE") and value:
+            return True
+    return False
+
+
+def maybe_initialize(*, mode: str | None = None, coordinator_address: str | None = None,
+                     num_processes: int | None = None, process_id: int | None = None,
+                     initialization_timeout: int | None = None,
+                     heartbeat_timeout: int | None = None) -> bool:
+    """Calls `jax.distributed.initialize` when this run is multi-process; safe to call twice.
+
+    Must run before anything touches a JAX device (jax.devices(), an array, a jit call).
+
+    Returns:
+      True if the distributed system is initialized (now or by an earlier call).
+    Raises:
+      DistributedError: partial or inconsistent settings, or JAX already started single-process.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    mode = str(_setting(mode, "distributed", "T5X_LITE_DISTRIBUTED") or "auto").lower()
+    mode = {"1": "on", "true": "on", "0": "off", "false": "off"}.get(mode, mode)
+    if mode not in MODES:
+        raise DistributedError(f"distributed mode must be one of {MODES}, got {mode!r}")
+    address = _setting(coordinator_address, "coordinator_address", "T5X_LITE_COORDINATOR")
+    count = _setting(num_processes, "num_processes", "T5X_LITE_NUM_PROCESSES", int)
+    index = _setting(process_id, "process_id", "T5X_LITE_PROCESS_ID", int)
+    timeouts = {}
+    init_timeout = _setting(initialization_timeout, None, "T5X_LITE_INIT_TIMEOUT", int)
+    beat_timeout = _setting(heartbeat_timeout, None, "T5X_LITE_HEARTBEAT_TIMEOUT", int)
+    if init_timeout is not None:
+        timeouts["initialization_timeout"] = init_timeout
+    if beat_timeout is not None:
+        timeouts["heartbeat_timeout_seconds"] = beat_timeout
+        # A survivor waits this long at exit for the others; keep it in the same range.
+        timeouts["shutdown_timeout_seconds"] = max(beat_timeout, 10)
+
+    given = {"coordinator_address": address, "num_processes": count, "process_id": index}
+    explicit = all(v is not None for v in given.values())
+    if mode == "off":
+        return False
+    if any(v is not None for v in given.values()) and not explicit:
+        missing = sorted(k for k, v in given.items() if v is None)
+        raise DistributedError(f"Multi-process run needs coordinator_address, num_processes and "
+                               f"process_id together; missing {missing}")
+    if explicit:
+        if count < 1 or not 0 <= index < count:
+            raise DistributedError(f"process_id must be in [0, {count}), got {index}")
+        if count == 1 and mode == "auto":
+            return False
+    elif mode == "auto" and not _cluster_visible():
+        return False
+
+    if _backends_started():
+        raise DistributedError("maybe_initialize() must run before any JAX computation (this "
+                               "process already created its devices); call it first in main()")
+    # Collectives between CPU processes need gloo; the setting does nothing to TPU/GPU backends.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**(given if explicit else {}), **timeouts)
+    logging.info("JAX distributed: process %d of %d, %d local / %d global devices",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count())
+    return True
+
+
+def _backends_started() -> bool:
+    from jax._src import xla_bridge  # no public "are devices created yet?" query
+
+    return xla_bridge.backends_are_initialized()
+
+
+def is_coordinator() -> bool:
+    """True on the process that writes logs, summaries and config files (process 0)."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str, timeout_s: float = 600.0) -> None:
+    """Blocks until every process reaches the barrier; DistributedError after `timeout_s`.
+
+    All processes must call barriers in the same order (the id gets a running counter).
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed  # the client has no public accessor
+
+    client = jax_distributed.global_state.client
+    barrier_id = f"t5x_lite/{name}/{next(_barrier_counter)}"
+    try:
+        client.wait_at_barrier(barrier_id, int(timeout_s * 1000))
+    except Exception as e:  # the client raises XlaRuntimeError (DEADLINE_EXCEEDED, ...)
+        raise DistributedError(f"Barrier {name!r} failed on process {jax.process_index()} after "
+                               f"waiting up to {timeout_s:g}s (a process may have died or hung): "
+                               f"{str(e).splitlines()[0]}") from None

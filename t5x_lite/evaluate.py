@@ -1,0 +1,122 @@
+r"""Evaluate checkpoints: teacher-forced loss / perplexity / token accuracy over the eval split,
+decoded predictions scored by exact match, BLEU, ROUGE (and accuracy), or few-shot prompting.
+
+    python -m t5x_lite.evaluate --workdir=/tmp/ft [--config=configs/finetune_t5_seq2seq.py:...] \
+        [--checkpoint=latest|all|STEP|PATH] [--follow --follow_timeout=600] \
+        [--predict=auto|true|false] [--metrics=auto|exact_match,bleu,rouge,accuracy] \
+        [--config.decode.method=beam --config.decode.num_beams=4]
+    # in-context learning (decoder-only): 3-shot multiple choice over the labels of the pool
+    python -m t5x_lite.evaluate --workdir=/tmp/gpt --few_shot_k=3 --few_shot_scoring=choice \
+        --few_shot_queries=dev.jsonl --few_shot_pool=train.jsonl --name=3shot
+
+Writes WORKDIR/eval[/NAME]/<step>/{metrics.json,predictions.jsonl} (atomically: temp file +
+rename) and TensorBoard scalars under WORKDIR/eval[/NAME]/events. --config defaults to the
+workdir's config.json. Multi-process: `launch/cpu_local.sh --module=t5x_lite.evaluate -- ...`
+or a TPU VM pod (see t5x_lite/distributed.py). See README.md. Bad input stops with one
+error line, exit 1.
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/*.py file (default: the "
+                                          "workdir's config.json).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints and eval/ outputs.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "latest | all | STEP | PATH.")
+_FOLLOW = flags.DEFINE_bool("follow", False, "Keep evaluating new checkpoints as they land.")
+_FOLLOW_TIMEOUT = flags.DEFINE_float("follow_timeout", 600.0,
+                                     "--follow: stop after this many seconds without a new one.")
+_POLL = flags.DEFINE_float("poll_interval", 10.0, "--follow: seconds between directory scans.")
+_PREDICT = flags.DEFINE_enum("predict", "auto", ["auto", "true", "false"],
+                             "Decode the split and score the text (auto: seq2seq and "
+                             "prompt_completion data).")
+_METRICS = flags.DEFINE_string("metrics", "auto", "auto or exact_match,bleu,rouge,accuracy.")
+_BATCH = flags.DEFINE_integer("batch_size", 0, "Teacher-forced global batch (0: "
+                              "config.train.batch_size).")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 0, "Decode length (0: T5 targets_length, GPT "
+                                "config.decode.max_new_tokens).")
+_NAME = flags.DEFINE_string("name", "", "Write to WORKDIR/eval/NAME/<step> (e.g. test, 3shot).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Re-evaluate checkpoints already done.")
+_K = flags.DEFINE_integer("few_shot_k", -1, "Shots per prompt; >= 0 turns on few-shot eval.")
+_SCORING = flags.DEFINE_enum("few_shot_scoring", "generate", ["generate", "choice"],
+                             "Few-shot scoring: generation + text metrics, or multiple choice.")
+_TEMPLATE = flags.DEFINE_string("few_shot_template", "Q: {inputs} A: {targets}",
+                                "One solved example; the query is cut before {targets}.")
+_SEPARATOR = flags.DEFINE_string("few_shot_separator", "\n", "Between prefix, shots and query.")
+_PREFIX = flags.DEFINE_string("few_shot_prefix", "", "Instructions before the shots.")
+_SEED = flags.DEFINE_integer("few_shot_seed", None, "Shot sampling seed (default config.seed).")
+_QUERIES = flags.DEFINE_string("few_shot_queries", "", "JSONL {inputs, targets[, choices]} "
+                               "(default: the eval split).")
+_QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8"],
+                              "int8: evaluate per-channel int8 weights (use with --name).")
+_POOL = flags.DEFINE_string("few_shot_pool", "", "JSONL to draw shots from (default: the train "
+                            "split).")
+
+
+def _settings(config):
+    from t5x_lite.evaluation import few_shot
+    from t5x_lite.evaluation.runner import EvalSettings
+
+    opts = None
+    if _K.value >= 0:
+        seed = _SEED.value if _SEED.value is not None else int(config.get("seed", 0))
+        opts = few_shot.FewShotOptions(
+            k=_K.value, scoring=_SCORING.value, seed=seed, metrics=_METRICS.value,
+            max_new_tokens=_MAX_NEW.value or few_shot.FewShotOptions.max_new_tokens,
+            template=few_shot.FewShotTemplate(_TEMPLATE.value, _SEPARATOR.value, _PREFIX.value))
+    return EvalSettings(
+        checkpoint=_CHECKPOINT.value, predict=_PREDICT.value, metrics=_METRICS.value,
+        batch_size=_BATCH.value, max_new_tokens=_MAX_NEW.value, name=_NAME.value,
+        overwrite=_OVERWRITE.value, follow=_FOLLOW.value, follow_timeout=_FOLLOW_TIMEOUT.value,
+        poll_interval=_POLL.value, few_shot=opts, few_shot_queries=_QUERIES.value,
+        few_shot_pool=_POOL.value, quantize=_QUANTIZE.value)
+
+
+class _OnlyOurInfo:
+    """Console filter: INFO lines from t5x_lite only (tfds, orbax and jax log a page per
+    dataset and checkpoint they open); warnings and errors from everywhere."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= 30 or "t5x_lite" in record.pathname  # 30: std WARNING
+
+
+def main(argv):
+    if len(argv) > 1:
+        sys.exit(f"evaluate: error: unexpected arguments {argv[1:]}")
+    if not _WORKDIR.value:
+        sys.exit("evaluate: error: --workdir is required")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.INFO)
+        logging.get_absl_handler().addFilter(_OnlyOurInfo())
+    from t5x_lite import distributed  # before any device is touched
+
+    # Multi-process (launch/cpu_local.sh --module=t5x_lite.evaluate, TPU VM pods): T5X_LITE_*
+    # environment / cluster auto-detection, as for training. Only process 0 writes.
+    try:
+        distributed.maybe_initialize()
+    except distributed.DistributedError as e:
+        sys.exit(f"evaluate: error: {e}")
+    from t5x_lite import checkpoints
+    from t5x_lite.evaluation.runner import USER_ERRORS, run
+
+    try:
+        config = _CONFIG.value if _CONFIG.value is not None else checkpoints.read_config(
+            _WORKDIR.value)
+        results = run(config, _WORKDIR.value, _settings(config))
+    except USER_ERRORS as e:
+        lines = str(e).strip().splitlines()
+        sys.exit(f"evaluate: error: {lines[0] if lines else type(e).__name__}")
+    if not results:
+        print("evaluate: nothing to do (every selected checkpoint is already evaluated; "
+              "--overwrite redoes them)")
+    for m in results:
+        keys = [k for k in ("loss", "perplexity", "token_accuracy", "exact_match", "bleu",
+                            "rougeL", "accuracy", "accuracy_norm") if k in m]
+        print(f"evaluate: step {m['step']}: " + "  ".join(f"{k}={m[k]:.4g}" for k in keys))
+
+
+if __name__ == "__main__":
+    app.run(main)

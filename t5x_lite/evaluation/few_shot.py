@@ -1,0 +1,249 @@
+r"""In-context learning evaluation: zero-, one- and few-shot prompts, scored by generation or by
+the log-likelihood of candidate answers (multiple choice).
+
+    template = FewShotTemplate("Q: {inputs} A: {targets}", separator="\n")
+    prompts, shots = build_prompts(queries, pool, k=3, template=template, seed=0)
+    metrics, records = evaluate_choice(loaded, queries, pool, FewShotOptions(k=3))
+
+A prompt is `prefix`, then k solved examples ("shots"), then the query, joined by `separator`:
+
+    [prefix SEP] shot_1 SEP ... shot_k SEP query       shot  = template with inputs and targets
+                                                       query = template cut before {targets},
+                                                               trailing whitespace removed
+The k shots of query i are drawn without replacement from the pool (a train split) by
+`numpy.random.default_rng([seed, i])`: reproducible, independent of batch order and of the
+other queries. When the pool is the query split itself, query i is never its own shot.
+
+Scoring:
+- "generate": greedy decoding of the answer, cut at the first stop string (the separator when it
+  is not blank, and the template's text before {inputs}, e.g. "Q:" -- where the model would
+  start a next example), then the text metrics (exact match, ...).
+- "choice": every candidate answer is scored by log p(candidate | prompt) (GPT: the candidate's
+  tokens; T5: candidate + EOS); the prediction is the highest sum ("accuracy") and the highest
+  mean per token ("accuracy_norm"). Candidates: the example's own `choices`, else the distinct
+  targets of the pool (classification labels).
+t5x_lite GPTs get the decoder start id 0 before the prompt (see predictions.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Sequence
+
+import numpy as np
+from etils import epath
+
+from t5x_lite.evaluation import likelihood, predictions, text_metrics
+from t5x_lite.evaluation.predictions import Example
+from t5x_lite.vocab import EOS_ID
+
+SCORING = ("generate", "choice")
+
+
+class FewShotError(ValueError):
+    """Bad few-shot settings or data (one line)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FewShotTemplate:
+    template: str = "Q: {inputs} A: {targets}"
+    separator: str = "\n"
+    prefix: str = ""
+
+    def __post_init__(self):
+        t = self.template
+        if t.count("{inputs}") != 1 or t.count("{targets}") != 1 or (
+                t.index("{inputs}") > t.index("{targets}")):
+            raise FewShotError(f"template must hold {{inputs}} then {{targets}}, once each; got "
+                               f"{t!r}")
+
+    def _parts(self):
+        pre, rest = self.template.split("{inputs}")
+        mid, post = rest.split("{targets}")
+        return pre, mid, post
+
+    def shot(self, inputs: str, targets: str) -> str:
+        pre, mid, post = self._parts()
+        return pre + inputs + mid + targets + post
+
+    def query(self, inputs: str) -> str:
+        pre, mid, _ = self._parts()
+        return (pre + inputs + mid).rstrip()
+
+    def build(self, shots: Sequence[Example], inputs: str) -> str:
+        parts = ([self.prefix] if self.prefix else []) + [
+            self.shot(s.inputs, s.targets) for s in shots] + [self.query(inputs)]
+        return self.separator.join(parts)
+
+    def stop_strings(self) -> list[str]:
+        stops = [self.separator.strip(), self._parts()[0].strip()]
+        return [s for s in dict.fromkeys(stops) if s]
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """`text` up to the earliest stop string, stripped."""
+    end = min([i for i in (text.find(s) for s in stops) if i >= 0], default=len(text))
+    return text[:end].strip()
+
+
+@dataclasses.dataclass(frozen=True)
+class FewShotOptions:
+    """How to evaluate; `k = 0` is zero-shot."""
+
+    k: int = 0
+    scoring: str = "generate"
+    template: FewShotTemplate = FewShotTemplate()
+    seed: int = 0
+    max_new_tokens: int = 32
+    batch_size: int = 32  # rows per scoring batch ("choice")
+    metrics: str = "auto"  # text metrics of "generate"
+
+    def __post_init__(self):
+        if self.k < 0:
+            raise FewShotError(f"k must be >= 0, got {self.k}")
+        if self.scoring not in SCORING:
+            raise FewShotError(f"scoring must be one of {SCORING}, got {self.scoring!r}")
+
+
+def draw_shots(pool_size: int, k: int, seed: int, query_index: int,
+               exclude: int | None = None) -> list[int]:
+    """k distinct pool indices for one query (never `exclude`), seeded by (seed, query)."""
+    candidates = np.array([i for i in range(pool_size) if i != exclude], np.int64)
+    if k > candidates.size:
+        raise FewShotError(f"{k} shots requested but the pool has only {candidates.size} "
+                           "examples to draw from")
+    rng = np.random.default_rng([seed, query_index])
+    return [int(i) for i in rng.choice(candidates, size=k, replace=False)] if k else []
+
+
+def build_prompts(queries: Sequence[Example], pool: Sequence[Example], *, k: int,
+                  template: FewShotTemplate, seed: int, same_split: bool = False
+                  ) -> tuple[list[str], list[list[int]]]:
+    """(prompt text per query, pool indices of its shots)."""
+    prompts, shots = [], []
+    for i, q in enumerate(queries):
+        idx = draw_shots(len(pool), k, seed, i, exclude=i if same_split else None)
+        prompts.append(template.build([pool[j] for j in idx], q.inputs))
+        shots.append(idx)
+    return prompts, shots
+
+
+def read_jsonl(path) -> list[dict[str, Any]]:
+    """Few-shot records: {"inputs": str, "targets": str, optional "choices": [str, ...]}."""
+    path = epath.Path(path)
+    if not path.exists():
+        raise FewShotError(f"{path} does not exist")
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FewShotError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+        ok = (isinstance(rec, dict) and isinstance(rec.get("inputs"), str)
+              and isinstance(rec.get("targets"), str))
+        choices = rec.get("choices") if isinstance(rec, dict) else None
+        if not ok or (choices is not None and not (
+                isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices)
+                and rec["targets"] in choices)):
+            raise FewShotError(f"{path}:{n}: expected {{\"inputs\": str, \"targets\": str}} and "
+                               "optionally \"choices\": a list of strings holding the target")
+        out.append({"inputs": rec["inputs"], "targets": rec["targets"], "choices": choices})
+    if not out:
+        raise FewShotError(f"{path} has no records")
+    return out
+
+
+def _prompt_ids(loaded, text: str, max_new_tokens: int) -> list[int]:
+    cfg = loaded.model.config
+    ids = list(loaded.vocab.encode(text))
+    if cfg.family == "gpt":
+        start = [predictions.DECODER_START_ID] if predictions.uses_start_token(loaded) else []
+        room = cfg.max_len - max_new_tokens - len(start)
+        if room < 1:
+            raise FewShotError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
+                               f"the model's max length {cfg.max_len}")
+        return start + ids[max(len(ids) - room, 0):]  # over-long: keep the end (the query)
+    return ids
+
+
+def _check(loaded, queries):
+    if not queries:
+        raise FewShotError("no queries to evaluate")
+    if getattr(loaded, "vocab", None) is None:
+        raise FewShotError("few-shot prompts are text: the model needs a vocabulary")
+
+
+def evaluate_generation(loaded, queries: Sequence[Example], pool: Sequence[Example],
+                        options: FewShotOptions, *, same_split: bool = False,
+                        **decode_overrides) -> tuple[dict[str, float], list[dict]]:
+    """Greedy answers cut at the stop strings, scored with the text metrics."""
+    _check(loaded, queries)
+    from t5x_lite.decoding import generate as gen
+
+    prompts, shots = build_prompts(queries, pool, k=options.k, template=options.template,
+                                   seed=options.seed, same_split=same_split)
+    n = options.max_new_tokens
+    eos = [] if loaded.model.config.family == "gpt" else [EOS_ID]  # T5 encoder inputs end in EOS
+    ids = [_prompt_ids(loaded, p, n) + eos for p in prompts]
+    decode_overrides.setdefault("method", "greedy")
+    try:
+        results = gen.generate(loaded, input_ids=ids, max_new_tokens=n, **decode_overrides)
+    except gen.DecodeError as e:
+        raise FewShotError(str(e)) from None
+    stops = options.template.stop_strings()
+    records = []
+    for q, p, s, res in zip(queries, prompts, shots, results):
+        best = predictions.first(res)
+        records.append({"index": q.index, "inputs": q.inputs, "targets": q.targets,
+                        "prompt": p, "shots": s, "raw_prediction": best["text"],
+                        "prediction": cut_at_stop(best["text"], stops)})
+    metrics = text_metrics.compute([r["prediction"] for r in records],
+                                   [r["targets"] for r in records], options.metrics)
+    return metrics, records
+
+
+def evaluate_choice(loaded, queries: Sequence[Example], pool: Sequence[Example],
+                    options: FewShotOptions, *, choices: Sequence[Sequence[str]] | None = None,
+                    same_split: bool = False) -> tuple[dict[str, float], list[dict]]:
+    """Multiple choice by log-likelihood; `choices[i]` are query i's candidates (default: the
+    pool's distinct targets). Returns accuracy / accuracy_norm (%) and per-query records."""
+    _check(loaded, queries)
+    if choices is None:
+        labels = sorted({ex.targets for ex in pool} | {q.targets for q in queries})
+        choices = [labels] * len(queries)
+    if len(choices) != len(queries):
+        raise FewShotError(f"{len(choices)} choice lists for {len(queries)} queries")
+    for q, c in zip(queries, choices):
+        if q.targets not in c:
+            raise FewShotError(f"query {q.index}: target {q.targets!r} is not among its choices")
+    prompts, shots = build_prompts(queries, pool, k=options.k, template=options.template,
+                                   seed=options.seed, same_split=same_split)
+    rows_p, rows_c = [], []
+    for p, cands in zip(prompts, choices):
+        longest = max(len(loaded.vocab.encode(c)) for c in cands)
+        pid = _prompt_ids(loaded, p, longest)
+        for c in cands:
+            rows_p.append(pid)
+            rows_c.append(list(loaded.vocab.encode(c)))
+    try:
+        ll = likelihood.log_likelihoods(loaded, rows_p, rows_c, batch_size=options.batch_size)
+    except likelihood.LikelihoodError as e:
+        raise FewShotError(str(e)) from None
+    extra = 0 if loaded.model.config.family == "gpt" else 1  # T5 scores the EOS too
+    records, pos = [], 0
+    for q, p, s, cands in zip(queries, prompts, shots, choices):
+        scores = ll[pos:pos + len(cands)]
+        lengths = np.array([len(rows_c[pos + j]) + extra for j in range(len(cands))])
+        pos += len(cands)
+        best, best_norm = int(np.argmax(scores)), int(np.argmax(scores / lengths))
+        records.append({"index": q.index, "inputs": q.inputs, "targets": q.targets,
+                        "prompt": p, "shots": s, "choices": list(cands),
+                        "log_likelihoods": [float(x) for x in scores],
+                        "prediction": cands[best], "prediction_norm": cands[best_norm]})
+    n = len(records)
+    metrics = {"accuracy": 100.0 * sum(r["prediction"] == r["targets"] for r in records) / n,
+               "accuracy_norm": 100.0 * sum(r["prediction_norm"] == r["targets"]
+                                            for r in records) / n}
+    return metrics, records

@@ -1,0 +1,108 @@
+"""Eval outputs: `metrics.json` and `predictions.jsonl` per checkpoint, written atomically, and
+the same metrics as TensorBoard scalars.
+
+    OUT/<step>/predictions.jsonl     one JSON object per example (written first)
+    OUT/<step>/metrics.json          {"step", ..., metric: value}; its presence marks the step done
+    OUT/events/events.out.tfevents.* scalars "<tag_prefix><metric>" at the checkpoint's step
+
+OUT is `WORKDIR/eval` (or `WORKDIR/eval/<name>`). Each file is written to `<file>.tmp` and
+renamed, so a reader (or a killed evaluator) never sees half a file; a stale predictions file
+of an earlier evaluation is removed when the new one has none.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Iterable, Mapping
+
+from etils import epath
+
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.jsonl"
+EVENTS_DIR = "events"
+
+
+def step_dir(out_root, step: int) -> epath.Path:
+    return epath.Path(out_root) / str(step)
+
+
+def is_done(out_root, step: int) -> bool:
+    return (step_dir(out_root, step) / METRICS_FILE).exists()
+
+
+def done_steps(out_root) -> list[int]:
+    root = epath.Path(out_root)
+    if not root.exists():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and is_done(root, int(
+        p.name)))
+
+
+def _atomic_write(path: epath.Path, text: str) -> None:
+    tmp = path.parent / (path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)  # epath's rename refuses to overwrite; re-evaluation must
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _json_value(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None  # JSON has no NaN / inf
+    return v
+
+
+def write_step(out_root, step: int, metrics: Mapping[str, Any],
+               predictions: Iterable[Mapping[str, Any]] | None) -> epath.Path:
+    """Writes one checkpoint's outputs (predictions first, metrics.json last); returns the dir."""
+    d = step_dir(out_root, step)
+    d.mkdir(parents=True, exist_ok=True)
+    pred_path = d / PREDICTIONS_FILE
+    if predictions is not None:
+        _atomic_write(pred_path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                         for r in predictions))
+    elif pred_path.exists():
+        pred_path.unlink()
+    _atomic_write(d / METRICS_FILE, json.dumps({k: _json_value(v) for k, v in metrics.items()},
+                                               indent=2, ensure_ascii=False) + "\n")
+    return d
+
+
+def read_metrics(out_root, step: int) -> dict[str, Any]:
+    return json.loads((step_dir(out_root, step) / METRICS_FILE).read_text())
+
+
+def read_predictions(out_root, step: int) -> list[dict[str, Any]]:
+    text = (step_dir(out_root, step) / PREDICTIONS_FILE).read_text()
+    return [json.loads(line) for line in text.splitlines() if line]
+
+
+def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The finite numeric entries (what TensorBoard gets)."""
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
+            and math.isfinite(float(v))}
+
+
+class EventsWriter:
+    """Lazily opened TensorBoard event file under OUT/events (the trainer's writer format)."""
+
+    def __init__(self, out_root, tag_prefix: str):
+        self._dir = epath.Path(out_root) / EVENTS_DIR
+        self._prefix = tag_prefix
+        self._writer = None
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        from t5x_lite.training.metrics_writer import EventFileWriter
+
+        if self._writer is None:
+            self._writer = EventFileWriter(self._dir)
+        self._writer.scalars(step, {self._prefix + k: v for k, v in
+                                    scalar_metrics(metrics).items()})
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

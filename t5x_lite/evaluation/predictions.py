@@ -1,0 +1,113 @@
+"""Decode an eval split of inputs/targets pairs and collect predictions.
+
+    examples = read_examples(config.data, split="validation")
+    records = predict(loaded, examples, data_cfg=config.data, max_new_tokens=32)
+    # [{"index", "inputs", "targets", "prediction", "score", "finished"}, ...]
+
+Prompts are built the way the training objective saw the inputs:
+- T5 (seq2seq): inputs + EOS, truncated to `data.inputs_length` (EOS kept).
+- GPT (prompt_completion / prefix_lm / causal_lm pairs): `[0] + inputs`. Our data pipeline
+  feeds every decoder-only row the decoder start id 0 before its first token, so a t5x_lite
+  GPT expects it; a GPT without a t5x_lite vocabulary (an HF GPT-2, where 0 is a real token)
+  gets the prompt as is. Over-long prompts keep their end (next to the answer).
+Every process decodes the whole split (identical inputs give identical outputs); only process
+0 writes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+from t5x_lite.data import DataConfig
+from t5x_lite.decoding import generate as gen
+from t5x_lite.vocab import EOS_ID
+
+DECODER_START_ID = 0
+
+
+class PredictionError(ValueError):
+    """A split or options that cannot be decoded (one line)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    index: int
+    inputs: str
+    targets: str
+
+
+def read_examples(data_cfg, split: str) -> list[Example]:
+    """The split's inputs/targets pairs in order (the order `shuffle=False` batches use)."""
+    from t5x_lite.data import sources  # tfds import: only when a split is actually read
+
+    source = sources.make_source(DataConfig.from_dict(data_cfg), split)
+    if source.kind != "pairs":
+        raise PredictionError(f"{source.description} holds text documents, not inputs/targets "
+                              "pairs: there is nothing to decode and compare (use --predict=false)")
+    return [Example(i, rec["inputs"], rec["targets"])
+            for i, rec in ((i, source.decoder.map(source.data_source[i]))
+                           for i in range(len(source)))]
+
+
+def uses_start_token(loaded) -> bool:
+    """Whether GPT prompts start with the decoder start id 0 (see module docstring)."""
+    return bool(getattr(loaded, "uses_start_token", False))
+
+
+def prompt_ids(loaded, text: str, *, data_cfg, max_new_tokens: int,
+               start_token: bool | None = None) -> list[int]:
+    """Token ids of one prompt, truncated as described in the module docstring."""
+    cfg = loaded.model.config
+    data = DataConfig.from_dict(data_cfg)
+    ids = list(loaded.vocab.encode(text))
+    if cfg.family == "t5":
+        return ids[:max(data.inputs_length - 1, 1)] + [EOS_ID]
+    if cfg.family != "gpt":
+        raise PredictionError(f"decoding needs a t5 or gpt model, not {cfg.family!r}")
+    start = [DECODER_START_ID] if (uses_start_token(loaded) if start_token is None
+                                   else start_token) else []
+    room = cfg.max_len - max_new_tokens - len(start)
+    if room < 1:
+        raise PredictionError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
+                              f"the model's max length {cfg.max_len}")
+    return start + ids[max(len(ids) - room, 0):]
+
+
+def default_max_new_tokens(loaded, data_cfg, run_config=None) -> int:
+    """T5: data.targets_length (what the decoder was trained on); GPT: config.decode's value."""
+    if loaded.model.config.family == "t5":
+        return DataConfig.from_dict(data_cfg).targets_length
+    return int(gen.decode_options(loaded).max_new_tokens)
+
+
+def first(result) -> dict[str, Any]:
+    """The best beam / first sample of a generate() result."""
+    return result[0] if isinstance(result, list) else result
+
+
+def predict(loaded, examples: Sequence[Example], *, data_cfg, max_new_tokens: int | None = None,
+            start_token: bool | None = None, **decode_overrides) -> list[dict[str, Any]]:
+    """Decodes every example; one record per example, in order.
+
+    Args:
+      loaded: a `t5x_lite.api.LoadedModel` (needs a vocabulary).
+      decode_overrides: method, num_beams, temperature, ... (None = the run config's `decode`).
+    """
+    if not examples:
+        raise PredictionError("no examples to decode (empty split)")
+    if getattr(loaded, "vocab", None) is None:
+        raise PredictionError("decoding text needs the model's vocabulary (vocab.model)")
+    n = max_new_tokens or default_max_new_tokens(loaded, data_cfg)
+    prompts = [prompt_ids(loaded, ex.inputs, data_cfg=data_cfg, max_new_tokens=n,
+                          start_token=start_token) for ex in examples]
+    try:
+        results = gen.generate(loaded, input_ids=prompts, max_new_tokens=n, **decode_overrides)
+    except gen.DecodeError as e:
+        raise PredictionError(str(e)) from None
+    out = []
+    for ex, res in zip(examples, results):
+        best = first(res)
+        out.append({"index": ex.index, "inputs": ex.inputs, "targets": ex.targets,
+                    "prediction": best["text"], "score": best["score"],
+                    "finished": best["finished"]})
+    return out

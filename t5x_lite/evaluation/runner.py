@@ -1,0 +1,299 @@
+"""What `python -m t5x_lite.evaluate` runs: pick checkpoints, evaluate each, write the outputs.
+
+    results = run(config, workdir, EvalSettings(checkpoint="all"))
+
+Checkpoint selection (`EvalSettings.checkpoint`):
+  latest   the newest complete checkpoint in WORKDIR/checkpoints
+  all      every checkpoint there not evaluated yet (each exactly once; --overwrite redoes them)
+  STEP     that step (an integer)
+  PATH     a checkpoint elsewhere: a workdir, its checkpoints/ dir or checkpoints/<step>
+`follow=True` keeps polling WORKDIR/checkpoints and evaluates every checkpoint that is not done
+yet, oldest first, until the run's final step (config.train.num_steps) is done or nothing new
+has landed for `follow_timeout` seconds. A checkpoint the trainer deletes (checkpoint.keep)
+before it is read is skipped with a warning.
+
+Per checkpoint: teacher-forced loss / perplexity / token accuracy over the whole eval split,
+then (for seq2seq / prompt_completion data, or predict="true") greedy/beam decoding of the split
+per `config.decode` and the text metrics -- or, with `few_shot` set, in-context-learning
+evaluation instead of plain decoding. Outputs: see outputs.py. Multi-process runs agree on
+what to evaluate through process 0; only process 0 writes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+
+from t5x_lite import checkpoints, lora, partitioning, quantization
+from t5x_lite.api import LoadedModel
+from t5x_lite.config import ConfigError, ModelConfig
+from t5x_lite.data import DataConfig, DataConfigError, SpanCorruptionError, load_vocab
+from t5x_lite.data.builders import EmptyCorpusError
+from t5x_lite.data.local_files import DataFormatError
+from t5x_lite.decoding.generate import DecodeError
+from t5x_lite.evaluation import few_shot, likelihood, outputs, predictions, text_metrics
+from t5x_lite.evaluation.teacher_forced import EvalDataError, TeacherForcedScorer
+from t5x_lite.models import abstract_variables, build_model
+from t5x_lite.vocab import VocabularyError
+
+PREDICT_OBJECTIVES = ("seq2seq", "prompt_completion")
+
+
+class EvalError(ValueError):
+    """Bad evaluation settings or workdir (one line)."""
+
+
+# What the CLI reports as one error line (everything else is a bug and keeps its traceback).
+USER_ERRORS = (EvalError, EvalDataError, checkpoints.CheckpointError, ConfigError,
+               DataConfigError, EmptyCorpusError, DataFormatError, SpanCorruptionError,
+               VocabularyError, partitioning.MeshError, DecodeError, text_metrics.MetricsError,
+               predictions.PredictionError, few_shot.FewShotError, likelihood.LikelihoodError,
+               FileNotFoundError)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    checkpoint: str = "latest"
+    predict: str = "auto"  # auto | true | false
+    metrics: str = "auto"  # comma-separated text_metrics names, or auto
+    batch_size: int = 0  # teacher-forced global batch; 0 = config.train.batch_size
+    max_new_tokens: int = 0  # 0 = T5: data.targets_length, GPT: config.decode.max_new_tokens
+    name: str = ""  # outputs in WORKDIR/eval/<name>/<step>, TensorBoard tags eval_<name>/...
+    overwrite: bool = False
+    follow: bool = False
+    follow_timeout: float = 600.0  # follow: stop after this long without a new checkpoint
+    poll_interval: float = 10.0
+    quantize: str = "none"  # none | int8: weights quantized after loading (compression)
+    few_shot: few_shot.FewShotOptions | None = None
+    few_shot_queries: str = ""  # JSONL; "" = the eval split's pairs
+    few_shot_pool: str = ""  # JSONL; "" = the train split's pairs
+
+    def __post_init__(self):
+        if self.predict not in ("auto", "true", "false"):
+            raise EvalError(f"predict must be auto, true or false, got {self.predict!r}")
+        if self.name and not self.name.replace("_", "").replace("-", "").isalnum():
+            raise EvalError(f"name must be letters, digits, '-' or '_', got {self.name!r}")
+        if self.name.isdigit():
+            raise EvalError("name must not be a number (step directories are numbers)")
+
+
+def _agree(value: int) -> int:
+    """Process 0's value on every process (file listings may differ between hosts)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+
+
+class Evaluator:
+    """Model, mesh and compiled functions for one config, reused across checkpoints."""
+
+    def __init__(self, config: ml_collections.ConfigDict, settings: EvalSettings):
+        self.config, self.settings = config, settings
+        self.data = DataConfig.from_dict(config.data)
+        self.model_cfg = ModelConfig.from_dict(config.model)
+        self.mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+        self.rules = partitioning.rules_from_config(config.mesh.get("rules"))
+        self.model = build_model(self.model_cfg)
+        boxed = abstract_variables(self.model)["params"]
+        self.param_shardings = partitioning.shardings(boxed, self.mesh, self.rules)
+        self.abstract = checkpoints.abstract_with_shardings(nn.meta.unbox(boxed),
+                                                            self.param_shardings)
+        self.boxed = boxed
+        self.scorer = TeacherForcedScorer(self.model_cfg, self.mesh, self.rules,
+                                          quantize=settings.quantize)
+        self.batch_size = int(settings.batch_size or config.train.batch_size)
+        self._vocab = None
+        self._examples = None
+
+    def vocab(self, ckpt_workdir):
+        if self._vocab is None:
+            in_workdir = epath.Path(ckpt_workdir) / checkpoints.VOCAB_FILE
+            if not self.data.vocab_path and in_workdir.exists():
+                from t5x_lite.vocab import Vocabulary
+
+                self._vocab = Vocabulary(in_workdir, extra_ids=self.data.extra_ids)
+            else:
+                self._vocab = load_vocab(self.data)
+            if self._vocab.vocab_size > self.model_cfg.vocab_size:
+                raise EvalError(f"the vocabulary has {self._vocab.vocab_size} ids but the model "
+                                f"only {self.model_cfg.vocab_size} embedding rows")
+        return self._vocab
+
+    def load(self, ckpt_workdir, step: int) -> LoadedModel:
+        # Compression hooks: a LoRA run's adapters are merged into its base; --quantize=int8.
+        params = lora.restore_params(ckpt_workdir, step, self.config, self.abstract)
+        params = quantization.quantize_loaded(params, self.boxed, self.param_shardings,
+                                              self.settings.quantize)
+        return LoadedModel(self.model_cfg, self.config, self.model, params,
+                           self.vocab(ckpt_workdir), self.mesh, self.rules)
+
+    def wants_predictions(self) -> bool:
+        s = self.settings
+        return s.few_shot is not None or s.predict == "true" or (
+            s.predict == "auto" and self.data.objective in PREDICT_OBJECTIVES)
+
+    def examples(self):
+        if self._examples is None:
+            self._examples = predictions.read_examples(self.data, self.data.eval_split)
+        return self._examples
+
+    def evaluate(self, ckpt_workdir, step: int) -> tuple[dict[str, Any], list | None]:
+        t0 = time.time()
+        loaded = self.load(ckpt_workdir, step)
+        metrics: dict[str, Any] = {"step": step, "checkpoint": f"{ckpt_workdir}/"
+                                   f"{checkpoints.CHECKPOINT_DIR}/{step}",
+                                   "split": self.data.eval_split}
+        records = None
+        if self.settings.few_shot is None:
+            metrics.update(self.scorer.evaluate(loaded.params, self.data, loaded.vocab,
+                                                batch_size=self.batch_size,
+                                                seed=int(self.config.seed)))
+        if self.wants_predictions():
+            scores, records = (self._few_shot(loaded) if self.settings.few_shot is not None
+                               else self._decode(loaded))
+            metrics.update(scores)
+            metrics["num_predictions"] = len(records)
+        metrics["time_s"] = round(time.time() - t0, 3)
+        return metrics, records
+
+    def _decode(self, loaded):
+        records = predictions.predict(loaded, self.examples(), data_cfg=self.data,
+                                      max_new_tokens=self.settings.max_new_tokens or None)
+        scores = text_metrics.compute([r["prediction"] for r in records],
+                                      [r["targets"] for r in records], self.settings.metrics)
+        return scores, records
+
+    def _few_shot(self, loaded):
+        s, opts = self.settings, self.settings.few_shot
+        if s.few_shot_queries:
+            recs = few_shot.read_jsonl(s.few_shot_queries)
+            queries = [predictions.Example(i, r["inputs"], r["targets"])
+                       for i, r in enumerate(recs)]
+            choices = [r["choices"] for r in recs]
+            choices = choices if all(c is not None for c in choices) else None
+        else:
+            queries, choices = self.examples(), None
+        if s.few_shot_pool:
+            pool = [predictions.Example(i, r["inputs"], r["targets"])
+                    for i, r in enumerate(few_shot.read_jsonl(s.few_shot_pool))]
+            same = epath.Path(s.few_shot_pool) == epath.Path(s.few_shot_queries or "/nonexistent")
+        else:
+            pool = predictions.read_examples(self.data, self.data.train_split) if opts.k else []
+            same = False
+        if opts.scoring == "choice":
+            return few_shot.evaluate_choice(loaded, queries, pool, opts, choices=choices,
+                                            same_split=same)
+        return few_shot.evaluate_generation(loaded, queries, pool, opts, same_split=same)
+
+
+def _selection(workdir: epath.Path, spec: str) -> tuple[epath.Path, list[int]]:
+    """(checkpoint workdir, steps) for latest / all / STEP / PATH."""
+    if spec in ("latest", "all") or spec.isdigit():
+        steps = checkpoints.all_steps(workdir)
+        if not steps:
+            raise EvalError(f"No checkpoint in {workdir}/{checkpoints.CHECKPOINT_DIR} (train "
+                            "first, or pass --checkpoint=PATH)")
+        if spec == "latest":
+            return workdir, steps[-1:]
+        if spec == "all":
+            return workdir, steps
+        if int(spec) not in steps:
+            raise EvalError(f"No checkpoint for step {spec} in {workdir}; available: {steps}")
+        return workdir, [int(spec)]
+    try:
+        ckpt_workdir, step = checkpoints.resolve(spec)
+    except checkpoints.CheckpointError as e:
+        raise EvalError(f"--checkpoint={spec}: {e}") from None
+    return ckpt_workdir, [step]
+
+
+def run(config: ml_collections.ConfigDict | None, workdir, settings: EvalSettings = EvalSettings()
+        ) -> list[dict[str, Any]]:
+    """Evaluates the selected checkpoints; returns the metrics of each evaluated step in order.
+
+    Args:
+      config: the run config (model, data, decode, mesh, train.batch_size); None = the
+        workdir's config.json.
+      workdir: where the checkpoints are and where eval/ outputs go.
+
+    Raises:
+      EvalError, CheckpointError, DataConfigError, ... (all ValueErrors with a one-line
+      message): see `evaluate.py` for the ones the CLI turns into an error line.
+    """
+    workdir = epath.Path(workdir)
+    if config is None:
+        config = checkpoints.read_config(workdir)
+    out_root = workdir / "eval" / settings.name if settings.name else workdir / "eval"
+    tag_prefix = f"eval_{settings.name}/" if settings.name else "eval/"
+    is_main = jax.process_index() == 0
+    if settings.follow:
+        if settings.checkpoint not in ("latest", "all"):
+            raise EvalError("--follow evaluates the workdir's checkpoints as they land; use it "
+                            f"with --checkpoint=latest or all, not {settings.checkpoint!r}")
+        ckpt_workdir, steps = workdir, []
+    else:
+        ckpt_workdir, steps = _selection(workdir, settings.checkpoint)
+        if settings.checkpoint == "all" and not settings.overwrite:
+            steps = [s for s in steps if _agree(int(outputs.is_done(out_root, s))) == 0]
+    evaluator = Evaluator(config, settings)
+    events = outputs.EventsWriter(out_root, tag_prefix) if is_main else None
+    results: list[dict[str, Any]] = []
+
+    def evaluate(step: int) -> None:
+        metrics, records = evaluator.evaluate(ckpt_workdir, step)
+        if is_main:
+            outputs.write_step(out_root, step, metrics, records)
+            events.write(step, metrics)
+        logging.info("eval step %d: %s", step, "  ".join(
+            f"{k}={v:.4g}" for k, v in outputs.scalar_metrics(metrics).items()))
+        results.append(metrics)
+
+    try:
+        if settings.follow:
+            _follow(workdir, out_root, int(config.train.num_steps), settings, evaluate)
+        else:
+            for step in steps:
+                evaluate(step)
+    finally:
+        if events is not None:
+            events.close()
+    return results
+
+
+def _follow(workdir, out_root, final_step: int, settings: EvalSettings, evaluate) -> None:
+    attempted: set[int] = set()
+    last_new = time.time()
+    while True:
+        step = -1
+        if jax.process_index() == 0:
+            pending = [s for s in checkpoints.all_steps(workdir) if s not in attempted and (
+                settings.overwrite or not outputs.is_done(out_root, s))]
+            step = pending[0] if pending else -1
+        step = _agree(step)
+        if step >= 0:
+            attempted.add(step)
+            try:
+                evaluate(step)
+            except (OSError, ValueError) as e:
+                if (epath.Path(workdir) / checkpoints.CHECKPOINT_DIR / str(step)).exists():
+                    raise
+                logging.warning("checkpoint %d was deleted before it could be evaluated (%s); "
+                                "skipped", step, str(e).splitlines()[0][:200])
+            last_new = time.time()
+            continue
+        finished = outputs.is_done(out_root, final_step) or final_step in attempted
+        idle = time.time() - last_new
+        if _agree(int(finished or idle >= settings.follow_timeout)):
+            logging.info("follow: %s", "final step %d evaluated" % final_step if finished
+                         else f"no new checkpoint for {idle:.0f}s; stopping")
+            return
+        time.sleep(settings.poll_interval)

@@ -1,0 +1,123 @@
+"""Run configs for fine-tuning recipes (used by configs/finetune_*.py).
+
+    --config=configs/finetune_t5_seq2seq.py:init_from=/tmp/t5_base,train=/d/a.tsv,validation=/d/b.tsv
+
+The argument string is `key=value` pairs joined by commas (big_vision style; use globs rather
+than commas for several files). With `init_from` (a t5x_lite workdir, its checkpoints/ dir or
+one checkpoints/<step> dir -- ours, or one written by `t5x_lite.convert --from_hf`), the model
+section, vocabulary and `data.extra_ids` are taken from that run's config.json / vocab.model, so
+the shapes match by construction, and `train.init_from` restores its params only (fresh
+optimizer, step 0). Without it, the family's tiny preset trains from scratch (smoke tests).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from t5x_lite import checkpoints
+from t5x_lite import config as model_config
+from t5x_lite.defaults import base_config
+
+ARGS = {
+    "init_from": "",  # checkpoint to start from (params only)
+    "train": "",  # TSV / JSONL glob(s) of the train split
+    "validation": "",  # same for the eval split; "" = a 5% content-hash holdout of `train`
+    "format": "",  # tsv | jsonl; "" = from the file extension
+    "steps": 2000,
+    "batch": 32,
+    "lr": 0.0,  # 0 = the recipe's default
+    "inputs_length": 0,  # 0 = the recipe's default (T5 encoder / GPT row length)
+    "targets_length": 0,  # T5 only
+    "save_every": 500,
+}
+
+
+class FinetuneConfigError(ValueError):
+    """A bad config argument string (one line)."""
+
+
+def parse_arg(arg: str, **recipe_defaults) -> dict[str, Any]:
+    """`k=v,k=v` -> dict typed like ARGS (plus recipe defaults); unknown keys are an error."""
+    defaults = {**ARGS, **recipe_defaults}
+    out = dict(defaults)
+    for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in defaults:
+            raise FinetuneConfigError(f"bad config argument {item!r}; known keys: "
+                                      f"{', '.join(sorted(defaults))}")
+        kind = type(defaults[key])
+        try:
+            out[key] = kind(value)
+        except ValueError:
+            raise FinetuneConfigError(f"config argument {key} must be {kind.__name__}, got "
+                                      f"{value!r}") from None
+    return out
+
+
+def _source_run(init_from: str) -> tuple[str, ml_collections.ConfigDict]:
+    workdir, _ = checkpoints.resolve(init_from)
+    return str(workdir), checkpoints.read_config(workdir)
+
+
+def build(arg: str, *, family: str, objective: str, inputs_length: int, targets_length: int = 0,
+          lr: float, optimizer: str) -> ml_collections.ConfigDict:
+    """The full run config of one recipe. See the module docstring for `arg`."""
+    a = parse_arg(arg)
+    inputs_length = a["inputs_length"] or inputs_length
+    targets_length = a["targets_length"] or targets_length or inputs_length
+    if a["init_from"]:
+        src_workdir, src = _source_run(a["init_from"])
+        model = model_config.ModelConfig.from_dict(src.model)
+        if model.family != family:
+            raise FinetuneConfigError(f"init_from={a['init_from']} is a {model.family!r} model; "
+                                      f"this recipe fine-tunes {family!r} models")
+    else:
+        src_workdir, src = "", None
+        tiny = dict(vocab_size=8192, d_model=128, num_heads=4, head_dim=32, num_layers=2,
+                    dtype="float32")
+        model = (model_config.t5_1_1(d_ff=256, num_decoder_layers=2, **tiny) if family == "t5"
+                 else model_config.gpt2(d_ff=512, max_len=max(256, inputs_length), **tiny))
+    if family == "gpt" and model.position == "learned" and inputs_length > model.max_len:
+        inputs_length = model.max_len  # rows cannot be longer than the learned positions
+    c = base_config(model, objective=objective, seq_len=inputs_length,
+                    targets_length=targets_length)
+    if src is not None:
+        c.model = ml_collections.ConfigDict(src.model.to_dict())  # exactly the saved shapes
+        c.data.extra_ids = int(src.get("data", {}).get("extra_ids", 100))
+        c.data.data_dir = src.get("data", {}).get("data_dir", "")
+        vocab = checkpoints.resolve(a["init_from"])[0] / checkpoints.VOCAB_FILE
+        c.data.vocab_path = str(vocab) if vocab.exists() else src.get("data", {}).get(
+            "vocab_path", "")
+        if src.get("mesh", {}).get("rules") is not None:
+            c.mesh.rules = src.mesh.rules
+    c.train.init_from = a["init_from"]
+    c.train.num_steps = a["steps"]
+    c.train.batch_size = a["batch"]
+    c.train.log_every = 50
+    c.train.eval_every = 0  # continuous eval: `python -m t5x_lite.evaluate --follow`
+    c.checkpoint.save_every = a["save_every"]
+    c.checkpoint.keep = 0  # keep all: `evaluate --checkpoint=all` picks the best afterwards
+    c.optimizer.name = optimizer
+    c.optimizer.learning_rate = a["lr"] or lr
+    if optimizer == "adafactor":  # T5 fine-tuning: constant 1e-3, no warmup
+        c.optimizer.schedule = "constant"
+    else:
+        c.optimizer.schedule = "cosine"
+        c.optimizer.warmup_steps = min(100, max(a["steps"] // 10, 1))
+        c.optimizer.weight_decay = 0.01
+    # Every data key the recipes use exists, so `--config.data.x=...` works with locked configs.
+    c.data.paths, c.data.train_paths, c.data.validation_paths = (), (), ()
+    c.data.extra_ids = c.data.get("extra_ids", 100)
+    if a["train"]:
+        fmt = a["format"] or ("jsonl" if a["train"].endswith(".jsonl") else "tsv")
+        c.data.source = fmt
+        if a["validation"]:
+            c.data.train_paths = (a["train"],)
+            c.data.validation_paths = (a["validation"],)
+        else:
+            c.data.paths = (a["train"],)
+    c.data.objective = objective
+    c.decode.method = "greedy"
+    c.decode.max_new_tokens = targets_length if family == "t5" else 64
+    return c

@@ -1,0 +1,178 @@
+r"""Fine-tuning formats: prompt + completion examples (loss on the completion only) and the
+instruction template (instruction / input / response) for supervised instruction tuning.
+
+`PromptCompletion` is the grain transform behind `data.objective="prompt_completion"`
+(wired in `t5x_lite/data/objectives.py`): an inputs/targets pair becomes one decoder-only row
+
+    decoder_target_tokens  = prompt + completion + EOS
+    decoder_loss_weights   = 0 ... 0  1 ...      1       (loss on the completion and its EOS)
+    decoder_input_tokens   = 0 (decoder start) + targets[:-1]   (added by the pipeline)
+
+so a fine-tuned GPT is prompted at decode time with `[0] + prompt` (see
+`evaluation.predictions.prompt_ids`) and generates the completion up to EOS.
+
+Instruction data (JSONL records with `instruction`, optional `input`, `output`) is turned into
+inputs/targets pairs once, with the template below, by
+
+    python -m t5x_lite.finetune_templates --input=alpaca.jsonl --output=/data/sft/train.jsonl
+
+and then trained with `configs/finetune_gpt_instruction.py` (source=jsonl,
+objective=prompt_completion). Evaluation and generation format prompts with the same
+`InstructionTemplate.prompt`, so training and inference see identical text.
+
+Shape legend: L row length.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import grain
+import numpy as np
+from etils import epath
+
+from t5x_lite.vocab import EOS_ID
+
+
+class TemplateError(ValueError):
+    """Instruction data that cannot be formatted (one line naming file:line and the field)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InstructionTemplate:
+    """Alpaca-style prompt: a header, the instruction, the optional input, the response cue.
+
+    The sentencepiece vocabularies of t5x_lite normalise newlines to spaces, so the section
+    markers ("### Instruction:") carry the structure, not the line breaks.
+    """
+
+    header: str = ("Below is an instruction that describes a task. Write a response that "
+                   "appropriately completes the request.")
+    header_with_input: str = ("Below is an instruction that describes a task, paired with an "
+                              "input that provides further context. Write a response that "
+                              "appropriately completes the request.")
+    instruction_marker: str = "### Instruction:"
+    input_marker: str = "### Input:"
+    response_marker: str = "### Response:"
+
+    def prompt(self, instruction: str, input: str = "") -> str:  # noqa: A002 (the field name)
+        """The text the model sees before its response (ends with the response marker)."""
+        if not instruction.strip():
+            raise TemplateError("empty instruction")
+        parts = [self.header_with_input if input.strip() else self.header, "",
+                 self.instruction_marker, instruction.strip(), ""]
+        if input.strip():
+            parts += [self.input_marker, input.strip(), ""]
+        parts.append(self.response_marker)
+        return "\n".join(parts)
+
+    def pair(self, instruction: str, input: str, response: str) -> dict[str, str]:  # noqa: A002
+        """{"inputs": prompt, "targets": response} for the prompt_completion objective."""
+        if not response.strip():
+            raise TemplateError("empty response")
+        return {"inputs": self.prompt(instruction, input), "targets": response.strip()}
+
+
+def convert_instruction_jsonl(src, dst, template: InstructionTemplate = InstructionTemplate(),
+                              *, instruction_key: str = "instruction", input_key: str = "input",
+                              response_key: str = "output") -> int:
+    """Writes `dst` (JSONL of {"inputs", "targets"}) from instruction records in `src`.
+
+    Written to a temp file and renamed, so `dst` is complete or absent. Returns the number of
+    records. Raises TemplateError naming file:line for bad JSON, missing / non-string fields,
+    empty instructions or responses, or an input without records.
+    """
+    src, dst = epath.Path(src), epath.Path(dst)
+    if not src.exists():
+        raise TemplateError(f"{src} does not exist")
+    out = []
+    for n, line in enumerate(src.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{src}:{n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TemplateError(f"{where}: invalid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise TemplateError(f"{where}: expected a JSON object")
+        for key, required in ((instruction_key, True), (input_key, False), (response_key, True)):
+            if (required and key not in rec) or not isinstance(rec.get(key, ""), str):
+                raise TemplateError(f"{where}: field {key!r} must be a string "
+                                    f"(keys: {sorted(rec)[:8]})")
+        try:
+            pair = template.pair(rec[instruction_key], rec.get(input_key, ""), rec[response_key])
+        except TemplateError as e:
+            raise TemplateError(f"{where}: {e}") from None
+        out.append(json.dumps(pair, ensure_ascii=False))
+    if not out:
+        raise TemplateError(f"{src} has no records")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / (dst.name + ".tmp")
+    tmp.write_text("\n".join(out) + "\n")
+    tmp.replace(dst)  # epath's rename refuses to overwrite an earlier conversion
+    return len(out)
+
+
+class PromptCompletion(grain.transforms.Map):
+    """Tokenized pair -> decoder-only example with the loss on completion + EOS only.
+
+    Too long: the completion (+ EOS, kept) gets at least `length - min(len(prompt),
+    length // 2)` tokens and the prompt keeps its *end* (the part next to the completion,
+    e.g. the response marker or the query of a few-shot prompt); truncations are counted.
+    """
+
+    def __init__(self, length: int):
+        self._length = length
+        self.truncated = 0
+
+    def map(self, example):
+        prompt, completion = example["inputs"], example["targets"]
+        n = self._length
+        room = n - min(prompt.size, n // 2)
+        if completion.size + 1 > room:
+            self._count()
+            completion = completion[:room - 1]
+        completion_L = np.concatenate([completion, [EOS_ID]]).astype(np.int32)
+        keep = n - completion_L.size
+        if prompt.size > keep:
+            self._count()
+            prompt = prompt[prompt.size - keep:]
+        tokens_L = np.concatenate([prompt, completion_L]).astype(np.int32)
+        weights_L = np.concatenate([np.zeros(prompt.size, np.int32),
+                                    np.ones(completion_L.size, np.int32)])
+        return {"decoder_target_tokens": tokens_L, "decoder_loss_weights": weights_L}
+
+    def _count(self):
+        from absl import logging
+
+        self.truncated += 1
+        if len(str(self.truncated)) > len(str(self.truncated - 1)) or self.truncated == 1:
+            logging.warning("prompt_completion pairs longer than %d tokens were truncated (%d so "
+                            "far in this process)", self._length, self.truncated)
+
+
+def main(argv):
+    from absl import flags
+
+    del argv
+    f = flags.FLAGS
+    try:
+        n = convert_instruction_jsonl(f.input, f.output, instruction_key=f.instruction_key,
+                                      input_key=f.input_key, response_key=f.response_key)
+    except TemplateError as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {n} prompt/completion pairs to {f.output}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("input", None, "JSONL of instruction records.", required=True)
+    flags.DEFINE_string("output", None, "JSONL of {inputs, targets} pairs to write.",
+                        required=True)
+    flags.DEFINE_string("instruction_key", "instruction", "Field holding the instruction.")
+    flags.DEFINE_string("input_key", "input", "Field holding the optional input (context).")
+    flags.DEFINE_string("response_key", "output", "Field holding the response.")
+    app.run(main)

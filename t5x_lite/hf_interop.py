@@ -1,0 +1,406 @@
+"""Hugging Face <-> t5x_lite weights and configs for T5 (v1.0, v1.1) and GPT-2, without torch.
+
+An HF model directory holds `config.json` and `model.safetensors` (or a sharded
+`model.safetensors.index.json` with its shards), optionally `spiece.model`. Tensors are numpy
+arrays throughout: `t5x_lite.load` uses the results in memory, `t5x_lite.convert` writes them
+as a workdir (and holds the reverse config mapping and the HF directory writer).
+
+Shape legend: V vocab, D d_model, H heads, K head dim, F MLP width, R relative-position buckets.
+HF torch `Linear` weights are [out, in] (T5); GPT-2's `Conv1D` weights are [in, out].
+
+The mapping is one table per family (`_spec`), read in both directions, on the unscanned
+layout (`layers_i`); scanned models (`layers/block` with a leading layer axis) are stacked from /
+unstacked to it, so both layouts share every name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import ml_dtypes
+import numpy as np
+from etils import epath
+from flax import traverse_util
+
+from t5x_lite.checkpoints import CheckpointError
+from t5x_lite.config import ModelConfig, gpt2, t5_1_0
+from t5x_lite.models import abstract_variables, build_model
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+HF_CONFIG = "config.json"
+HF_VOCAB = "spiece.model"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+SUPPORTED = ("t5 (T5ForConditionalGeneration)", "gpt2 (GPT2LMHeadModel)")
+
+
+class InteropError(CheckpointError):
+    """An HF directory, config or tensor set that cannot be converted (one-line message)."""
+
+
+# ----------------------------------------------------------------------------------- safetensors
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+              "BOOL": np.bool_}
+_ST_FLOATS = ("F64", "F32", "F16", "BF16")
+
+
+def load_safetensors(data: bytes, name: str = "<bytes>") -> dict[str, np.ndarray]:
+    """Tensors of one safetensors file; floating tensors come back as float32.
+
+    Parsed here (the format is an 8-byte length, a JSON header, raw little-endian data) because
+    `safetensors.numpy` cannot represent bfloat16, the dtype of most recent HF checkpoints.
+    """
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + n])
+    except (struct.error, ValueError):
+        raise InteropError(f"{name} is not a safetensors file") from None
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if info["dtype"] not in _ST_DTYPES:
+            raise InteropError(f"{name}: tensor {key} has unsupported dtype {info['dtype']}")
+        dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+        start, end = info["data_offsets"]
+        arr = np.frombuffer(data, dtype, (end - start) // dtype.itemsize, 8 + n + start)
+        arr = arr.reshape(info["shape"])
+        out[key] = arr.astype(np.float32) if info["dtype"] in _ST_FLOATS else arr.copy()
+    return out
+
+
+def is_hf_dir(path) -> bool:
+    """True when `path` looks like an HF model directory rather than a t5x_lite workdir."""
+    path = epath.Path(path)
+    if not path.is_dir():
+        return False
+    if (path / SAFETENSORS).exists() or (path / SAFETENSORS_INDEX).exists():
+        return True
+    if any(p.name.endswith(PICKLE_SUFFIXES) for p in path.iterdir()):
+        return True
+    try:
+        return "model_type" in json.loads((path / HF_CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def read_hf_dir(path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(config.json as a dict, {tensor name: array}) of an HF directory. Raises InteropError."""
+    path = epath.Path(path)
+    if not path.exists():
+        raise InteropError(f"HF model directory {path} does not exist")
+    if not path.is_dir():
+        if path.name.endswith(PICKLE_SUFFIXES):
+            raise InteropError(_pickle_message(path, [path.name]))
+        raise InteropError(f"{path} is a file; pass the HF model directory that holds it")
+    cfg_path = path / HF_CONFIG
+    if not cfg_path.exists():
+        raise InteropError(f"No {HF_CONFIG} in {path}: not a Hugging Face model directory")
+    try:
+        hf_cfg = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise InteropError(f"{cfg_path} is not valid JSON: {e}") from None
+    return hf_cfg, _read_tensors(path)
+
+
+def _pickle_message(path, names) -> str:
+    return (f"{path} holds only pickle checkpoint(s) ({', '.join(sorted(names)[:3])}), which "
+            "t5x_lite never loads (unpickling can run code); re-save it as safetensors: "
+            "AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
+
+
+def _read_tensors(path: epath.Path) -> dict[str, np.ndarray]:
+    if (path / SAFETENSORS).exists():
+        return load_safetensors((path / SAFETENSORS).read_bytes(), str(path / SAFETENSORS))
+    if (path / SAFETENSORS_INDEX).exists():
+        try:
+            weight_map = json.loads((path / SAFETENSORS_INDEX).read_text())["weight_map"]
+        except (ValueError, KeyError):
+            raise InteropError(f"{path / SAFETENSORS_INDEX} has no valid weight_map") from None
+        tensors = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (path / shard).exists():
+                raise InteropError(f"{SAFETENSORS_INDEX} in {path} names shard {shard}, which "
+                                   "is missing")
+            tensors.update(load_safetensors((path / shard).read_bytes(), str(path / shard)))
+        absent = sorted(set(weight_map) - set(tensors))
+        if absent:
+            raise InteropError(f"Shards in {path} lack {len(absent)} tensor(s) the index lists, "
+                               f"e.g. {absent[0]}")
+        return tensors
+    pickles = [p.name for p in path.iterdir() if p.name.endswith(PICKLE_SUFFIXES)
+               or p.name.startswith("pytorch_model")]
+    if pickles:
+        raise InteropError(_pickle_message(path, pickles))
+    raise InteropError(f"No {SAFETENSORS} or {SAFETENSORS_INDEX} in {path}")
+
+
+# ----------------------------------------------------------------------------------- configs
+_T5_MLPS = {"relu": "relu", "gated-gelu": "gated-gelu", "gated-gelu_new": "gated-gelu",
+            "gelu_new": "gelu", "gated-silu": "gated-silu"}  # HF's gated-gelu is tanh GELU
+_GPT2_ACTS = ("gelu_new", "gelu_pytorch_tanh")
+
+
+def model_config_from_hf(hf: Mapping[str, Any], tensors: Mapping[str, np.ndarray] | None = None,
+                         *, scan_layers: bool = False) -> ModelConfig:
+    """The ModelConfig of an HF config.json (and its tensors, to tell tied from untied heads).
+
+    T5: `scale_decoder_outputs` (transformers >= 5) or else `tie_word_embeddings` (4.x) decides
+    the d_model**-0.5 logit scaling; the head is untied when the config says so or when the
+    checkpoint's `lm_head.weight` differs from the embedding (5.x always writes
+    tie_word_embeddings=true, even for v1.1).
+    """
+    model_type = hf.get("model_type")
+    if model_type == "t5":
+        ff = hf.get("feed_forward_proj", "relu")
+        if ff not in _T5_MLPS:
+            raise InteropError(f"T5 feed_forward_proj={ff!r} is not supported; supported: "
+                               f"{sorted(_T5_MLPS)}")
+        scale = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True))
+        n = hf.get("num_layers", 6)
+        return t5_1_0(
+            vocab_size=hf.get("vocab_size", 32128), d_model=hf.get("d_model", 512),
+            num_heads=hf.get("num_heads", 8), head_dim=hf.get("d_kv", 64),
+            d_ff=hf.get("d_ff", 2048), num_layers=n,
+            num_decoder_layers=hf.get("num_decoder_layers") or n, mlp=_T5_MLPS[ff],
+            norm_eps=hf.get("layer_norm_epsilon", 1e-6),
+            relative_buckets=hf.get("relative_attention_num_buckets", 32),
+            relative_max_distance=hf.get("relative_attention_max_distance", 128),
+            tie_embeddings=not _untied(hf, tensors, _t5_embedding(tensors or {})),
+            scale_logits=bool(scale), dropout_rate=hf.get("dropout_rate", 0.1),
+            scan_layers=scan_layers)
+    if model_type == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        problems = [(act not in _GPT2_ACTS, f"activation_function={act!r} (supported: "
+                                            f"{list(_GPT2_ACTS)})"),
+                    (hf.get("scale_attn_by_inverse_layer_idx"), "scale_attn_by_inverse_layer_idx"),
+                    (hf.get("add_cross_attention"), "add_cross_attention")]
+        for bad, what in problems:
+            if bad:
+                raise InteropError(f"GPT-2 config with {what} is not supported")
+        d, h = hf.get("n_embd", 768), hf.get("n_head", 12)
+        if d % h:
+            raise InteropError(f"GPT-2 n_embd={d} is not a multiple of n_head={h}")
+        gpt_tensors = _strip_gpt2_prefix(tensors or {})
+        return gpt2(
+            vocab_size=hf.get("vocab_size", 50257), d_model=d, num_heads=h, head_dim=d // h,
+            d_ff=hf.get("n_inner") or 4 * d, num_layers=hf.get("n_layer", 12),
+            max_len=hf.get("n_positions", 1024), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            attention_scale=hf.get("scale_attn_weights", True),
+            tie_embeddings=not _untied(hf, gpt_tensors, gpt_tensors.get("wte.weight")),
+            dropout_rate=hf.get("resid_pdrop", 0.1), scan_layers=scan_layers)
+    raise InteropError(f"Unsupported HF model_type {model_type!r} in config.json; t5x_lite "
+                       f"converts {', '.join(SUPPORTED)}")
+
+
+def _untied(hf, tensors, embedding) -> bool:
+    lm = (tensors or {}).get("lm_head.weight")
+    if hf.get("tie_word_embeddings", True) is False:
+        return True
+    return lm is not None and embedding is not None and not np.array_equal(lm, embedding)
+
+
+# ----------------------------------------------------------------------------------- params
+Transform = tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
+_SAME: Transform = (lambda w: w, lambda p: p)
+_LINEAR: Transform = (lambda w: w.T, lambda p: p.T)  # torch Linear [out, in] <-> ours [in, out]
+
+
+def _reshape(hf_shape, ours_shape) -> Transform:
+    return (lambda w: w.reshape(ours_shape), lambda p: p.reshape(hf_shape))
+
+
+def _spec(cfg: ModelConfig) -> list[tuple[tuple[str, ...], str, Transform]]:
+    """(our param path in the unscanned layout, HF tensor name, transform) for every param."""
+    d, h, k = cfg.d_model, cfg.num_heads, cfg.head_dim
+    if cfg.family == "t5":
+        heads_in = (lambda w: w.T.reshape(d, h, k), lambda p: p.reshape(d, h * k).T)
+        heads_out = (lambda w: w.T.reshape(h, k, d), lambda p: p.reshape(h * k, d).T)
+        rel = "block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        spec = [(("token_embedder", "embedding"), "shared.weight", _SAME),
+                (("encoder_relpos", "rel_embedding"), f"encoder.{rel}", _LINEAR),
+                (("decoder_relpos", "rel_embedding"), f"decoder.{rel}", _LINEAR),
+                (("encoder_norm", "scale"), "encoder.final_layer_norm.weight", _SAME),
+                (("decoder_norm", "scale"), "decoder.final_layer_norm.weight", _SAME)]
+        wi = ["wi"] if cfg.mlp in ("relu", "gelu") else ["wi_0", "wi_1"]
+        for stack, n in (("encoder", cfg.num_layers), ("decoder", cfg.decoder_layers)):
+            for i in range(n):
+                o, hf = (stack, f"layers_{i}"), f"{stack}.block.{i}.layer"
+                subs = [("self_attention", "SelfAttention", "pre_attention_norm")]
+                if stack == "decoder":
+                    subs.append(("cross_attention", "EncDecAttention", "pre_cross_attention_norm"))
+                for j, (ours, theirs, norm) in enumerate(subs):
+                    spec.append(((*o, norm, "scale"), f"{hf}.{j}.layer_norm.weight", _SAME))
+                    spec += [((*o, ours, name), f"{hf}.{j}.{theirs}.{t}.weight", heads_in)
+                             for name, t in (("query", "q"), ("key", "k"), ("value", "v"))]
+                    spec.append(((*o, ours, "out"), f"{hf}.{j}.{theirs}.o.weight", heads_out))
+                m = len(subs)
+                spec.append(((*o, "pre_mlp_norm", "scale"), f"{hf}.{m}.layer_norm.weight", _SAME))
+                spec += [((*o, "mlp", w), f"{hf}.{m}.DenseReluDense.{w}.weight", _LINEAR)
+                         for w in (*wi, "wo")]
+    else:
+        spec = [(("token_embedder", "embedding"), "wte.weight", _SAME),
+                (("position_embedder", "embedding"), "wpe.weight", _SAME),
+                (("decoder_norm", "scale"), "ln_f.weight", _SAME),
+                (("decoder_norm", "bias"), "ln_f.bias", _SAME)]
+        for i in range(cfg.num_layers):
+            o, hf = ("decoder", f"layers_{i}"), f"h.{i}"
+            for norm, ln in (("pre_attention_norm", "ln_1"), ("pre_mlp_norm", "ln_2")):
+                spec += [((*o, norm, "scale"), f"{hf}.{ln}.weight", _SAME),
+                         ((*o, norm, "bias"), f"{hf}.{ln}.bias", _SAME)]
+            for name in ("query", "key", "value"):  # c_attn is split by _split_c_attn
+                spec += [((*o, "self_attention", name), f"{hf}.attn.c_attn.{name}.weight",
+                          _reshape((d, h * k), (d, h, k))),
+                         ((*o, "self_attention", f"{name}_bias"), f"{hf}.attn.c_attn.{name}.bias",
+                          _reshape((h * k,), (h, k)))]
+            spec += [((*o, "self_attention", "out"), f"{hf}.attn.c_proj.weight",
+                      _reshape((h * k, d), (h, k, d))),
+                     ((*o, "self_attention", "out_bias"), f"{hf}.attn.c_proj.bias", _SAME)]
+            spec += [((*o, "mlp", ours), f"{hf}.mlp.{theirs}", _SAME) for ours, theirs in (
+                ("wi", "c_fc.weight"), ("wi_bias", "c_fc.bias"), ("wo", "c_proj.weight"),
+                ("wo_bias", "c_proj.bias"))]
+    if not cfg.tie_embeddings:
+        spec.append((("lm_head",), "lm_head.weight", _LINEAR))
+    return spec
+
+
+def _t5_embedding(tensors):
+    for name in ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+        if name in tensors:
+            return tensors[name]
+    return None
+
+
+def _strip_gpt2_prefix(tensors):
+    return {k.removeprefix("transformer."): v for k, v in tensors.items()}
+
+
+def _canonical(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """HF tensors under the names `_spec` uses, without the ones HF itself ignores or ties."""
+    if cfg.family == "t5":
+        out = dict(tensors)
+        emb = _t5_embedding(out)
+        if emb is not None:
+            out["shared.weight"] = emb
+        out.pop("encoder.embed_tokens.weight", None)
+        out.pop("decoder.embed_tokens.weight", None)
+        out.pop("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight", None)
+    else:
+        out = {k: v for k, v in _strip_gpt2_prefix(tensors).items()
+               if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # causal-mask buffers
+        d = cfg.d_model
+        for i in range(cfg.num_layers):
+            for part in ("weight", "bias"):
+                fused = out.pop(f"h.{i}.attn.c_attn.{part}", None)
+                if fused is not None:
+                    if fused.shape[-1] != 3 * d:
+                        raise InteropError(f"h.{i}.attn.c_attn.{part} has shape {fused.shape}; "
+                                           f"n_embd={d} needs a last dimension of {3 * d}")
+                    for name, piece in zip(("query", "key", "value"),
+                                           np.split(fused, 3, axis=-1)):
+                        out[f"h.{i}.attn.c_attn.{name}.{part}"] = piece
+    if cfg.tie_embeddings:
+        out.pop("lm_head.weight", None)  # equal to the embedding (checked by _untied)
+    return out
+
+
+def params_from_hf(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict:
+    """HF tensors -> our float32 numpy params tree (scanned when cfg.scan_layers).
+
+    Raises InteropError naming missing, unexpected or mis-shaped tensors.
+    """
+    tensors = _canonical(cfg, tensors)
+    spec = _spec(cfg)
+    missing = [name for _, name, _ in spec if name not in tensors]
+    if missing:
+        raise InteropError(f"The HF checkpoint lacks {len(missing)} tensor(s) its config.json "
+                           f"needs, e.g. {', '.join(missing[:3])}")
+    unexpected = sorted(set(tensors) - {name for _, name, _ in spec})
+    if unexpected:
+        raise InteropError(f"The HF checkpoint has {len(unexpected)} tensor(s) its config.json "
+                           f"does not describe, e.g. {', '.join(unexpected[:3])}")
+    wanted = expected_shapes(dataclasses.replace(cfg, scan_layers=False))
+    flat = {}
+    for path, name, (to_ours, _) in spec:
+        w = tensors[name]
+        try:
+            p = to_ours(w)
+        except ValueError:
+            p = None
+        if p is None or p.shape != wanted[path]:
+            raise InteropError(f"HF tensor {name} has shape {tuple(w.shape)}, which does not fit "
+                               f"{'/'.join(path)} {wanted[path]} of the config in config.json")
+        flat[path] = np.ascontiguousarray(p, np.float32)
+    params = traverse_util.unflatten_dict(flat)
+    return stack_layers(params) if cfg.scan_layers else params
+
+
+def params_to_hf(cfg: ModelConfig, params) -> dict[str, np.ndarray]:
+    """Our params (scanned or not) -> HF tensor names and layouts, float32 numpy."""
+    flat = traverse_util.flatten_dict(unstack_layers(params) if cfg.scan_layers else params)
+    out = {name: np.asarray(from_ours(np.asarray(flat[path], np.float32)))
+           for path, name, (_, from_ours) in _spec(cfg)}
+    if cfg.family == "gpt":
+        for i in range(cfg.num_layers):
+            for part in ("weight", "bias"):
+                pieces = [out.pop(f"h.{i}.attn.c_attn.{n}.{part}")
+                          for n in ("query", "key", "value")]
+                out[f"h.{i}.attn.c_attn.{part}"] = np.concatenate(pieces, axis=-1)
+        out = {(k if k == "lm_head.weight" else f"transformer.{k}"): v for k, v in out.items()}
+    return out
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """{param path: shape} of the model `cfg` builds (abstractly; nothing is allocated)."""
+    tree = nn.meta.unbox(abstract_variables(build_model(cfg)))["params"]
+    return {tuple(k.key for k in path): tuple(x.shape)
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+# ----------------------------------------------------------------------------------- layouts
+_STACKS = ("encoder", "decoder")
+
+
+def stack_layers(params: dict) -> dict:
+    """`<stack>/layers_i/...` -> `<stack>/layers/block/...` with a leading layer axis."""
+    out = dict(params)
+    for stack in (s for s in _STACKS if s in params):
+        layers = [params[stack][f"layers_{i}"] for i in range(len(params[stack]))]
+        out[stack] = {"layers": {"block": jax.tree.map(lambda *xs: np.stack(xs), *layers)}}
+    return out
+
+
+def unstack_layers(params) -> dict:
+    """Inverse of `stack_layers`."""
+    out = dict(params)
+    for stack in (s for s in _STACKS if s in params):
+        block = params[stack]["layers"]["block"]
+        out[stack] = {f"layers_{i}": jax.tree.map(lambda x, i=i: np.asarray(x[i]), block)
+                      for i in range(jax.tree.leaves(block)[0].shape[0])}
+    return out
+
+
+# ----------------------------------------------------------------------------------- one call
+def run_config_for(cfg: ModelConfig):
+    """The full run config of a converted model (span corruption for T5, causal LM for GPT)."""
+    from t5x_lite.defaults import base_config
+    if cfg.is_encoder_decoder:
+        return base_config(cfg, objective="span_corruption")
+    return base_config(cfg, objective="causal_lm", seq_len=min(cfg.max_len, 1024))
+
+
+def from_hf(path, *, scan_layers: bool = False):
+    """Reads an HF directory.
+
+    Returns:
+      (ModelConfig, numpy params tree, config.json dict, path of spiece.model or None).
+    """
+    hf_cfg, tensors = read_hf_dir(path)
+    cfg = model_config_from_hf(hf_cfg, tensors, scan_layers=scan_layers)
+    vocab = epath.Path(path) / HF_VOCAB
+    return cfg, params_from_hf(cfg, tensors), hf_cfg, (vocab if vocab.exists() else None)

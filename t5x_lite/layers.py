@@ -1,0 +1,251 @@
+"""Shared transformer parts: embedding, norms, attention (with KV cache), positions, MLP.
+
+Shape legend: B batch, T query length, S key length, D d_model, H heads, K head dim,
+F MLP width, V vocab, R relative-position buckets.
+
+Params are float32 and carry one logical axis name per dimension; compute runs in
+`config.dtype`; norms, softmax and logits run in float32.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t5x_lite.config import MLP_ACTIVATIONS, ModelConfig
+
+NEG_INF = -1e10  # additive mask value; finite so fully-masked rows stay NaN-free
+
+ACTIVATIONS: dict[str, Callable] = {
+    "relu": jax.nn.relu,
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+    "linear": lambda x: x,
+}
+
+
+def param(module: nn.Module, name: str, init, shape, axes):
+    """A float32 parameter annotated with one logical axis name per dimension."""
+    assert len(shape) == len(axes), (name, shape, axes)
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+def constrain(x, axes):
+    return nn.with_logical_constraint(x, axes)
+
+
+def dense_init(fan_in: int, scale: float = 1.0):
+    return nn.initializers.normal(stddev=scale / math.sqrt(fan_in))
+
+
+class Embed(nn.Module):
+    """Token embedding; `attend` gives tied logits in float32."""
+
+    num_embeddings: int
+    features: int
+    dtype: jnp.dtype = jnp.float32
+    stddev: float = 1.0
+
+    def setup(self):
+        self.embedding = param(self, "embedding", nn.initializers.normal(stddev=self.stddev),
+                               (self.num_embeddings, self.features), ("vocab", "embed"))
+
+    def __call__(self, ids_BxT):
+        return jnp.take(self.embedding, ids_BxT, axis=0).astype(self.dtype)
+
+    def attend(self, x_BxTxD):
+        emb = self.embedding.astype(self.dtype)
+        return jnp.einsum("btd,vd->btv", x_BxTxD, emb, preferred_element_type=jnp.float32)
+
+
+class Norm(nn.Module):
+    """RMSNorm (T5: no mean, no bias) or LayerNorm (mean, bias), computed in float32."""
+
+    kind: str = "rms"
+    eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        x32 = x.astype(jnp.float32)
+        scale = param(self, "scale", nn.initializers.ones, (d,), ("embed",))
+        if self.kind == "rms":
+            y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
+            return (y * scale).astype(self.dtype)
+        bias = param(self, "bias", nn.initializers.zeros, (d,), ("embed",))
+        mean = jnp.mean(x32, -1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), -1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale + bias).astype(self.dtype)
+
+
+def relative_position_bucket(relative_position, bidirectional: bool, num_buckets: int,
+                             max_distance: int):
+    """T5's bucketing of (key - query) distances: exact for small, log-spaced up to max_distance."""
+    ret = 0
+    n = -relative_position
+    if bidirectional:
+        num_buckets //= 2
+        ret += (n < 0).astype(jnp.int32) * num_buckets
+        n = jnp.abs(n)
+    else:
+        n = jnp.maximum(n, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    val_if_large = max_exact + (
+        jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact)
+        / math.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(jnp.int32)
+    val_if_large = jnp.minimum(val_if_large, num_buckets - 1)
+    return ret + jnp.where(is_small, n, val_if_large)
+
+
+class RelativePositionBias(nn.Module):
+    """T5 relative position bias [1, H, T, S], computed once per stack and shared by its layers."""
+
+    num_buckets: int
+    max_distance: int
+    num_heads: int
+    bidirectional: bool
+
+    @nn.compact
+    def __call__(self, q_pos_T, k_pos_S):
+        rel_TxS = k_pos_S[None, :] - q_pos_T[:, None]
+        buckets_TxS = relative_position_bucket(rel_TxS, self.bidirectional, self.num_buckets,
+                                               self.max_distance)
+        table_HxR = param(self, "rel_embedding", nn.initializers.normal(stddev=1.0),
+                          (self.num_heads, self.num_buckets), ("heads", "relpos_buckets"))
+        # One-hot matmul instead of a gather: shards cleanly and is cheap for R=32.
+        onehot_TxSxR = jax.nn.one_hot(buckets_TxS, self.num_buckets, dtype=jnp.float32)
+        bias_HxTxS = jnp.einsum("hr,tsr->hts", table_HxR, onehot_TxSxR,
+                                precision=jax.lax.Precision.HIGHEST)
+        return bias_HxTxS[None]
+
+
+def rope(x_BxTxHxK, positions_BxT, theta: float):
+    """Rotary embedding in the rotate-half layout (first/second half of K are the pair)."""
+    k = x_BxTxHxK.shape[-1]
+    inv_freq = 1.0 / (theta ** (np.arange(0, k, 2, dtype=np.float32) / k))
+    angles_BxTxK2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq
+    sin, cos = jnp.sin(angles_BxTxK2)[:, :, None], jnp.cos(angles_BxTxK2)[:, :, None]
+    x = x_BxTxHxK.astype(jnp.float32)
+    x1, x2 = x[..., : k // 2], x[..., k // 2:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxHxK.dtype)
+
+
+def attention_bias(mask_BxTxS, extra_bias=None):
+    """Boolean mask [B, T, S] (+ optional additive [1|B, H, T, S]) -> float32 bias [B, 1|H, T, S]."""
+    bias = jnp.where(mask_BxTxS[:, None], 0.0, NEG_INF).astype(jnp.float32)
+    return bias if extra_bias is None else bias + extra_bias
+
+
+def dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, bias, scale: float, impl: str,
+                          dropout: Callable | None = None):
+    """softmax(scale * q.k + bias) v with float32 scores and softmax."""
+    if impl == "dot_product_attention" and dropout is None:
+        b, h, t, s = jnp.broadcast_shapes(bias.shape, (1, q_BxTxHxK.shape[2], 1, 1))
+        bias = jnp.broadcast_to(bias, (b, h, q_BxTxHxK.shape[1], k_BxSxHxK.shape[1]))
+        return jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK,
+                                            bias=bias.astype(q_BxTxHxK.dtype), scale=scale)
+    scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK,
+                                preferred_element_type=jnp.float32) * scale + bias
+    probs = jax.nn.softmax(scores_BxHxTxS, axis=-1)
+    if dropout is not None:
+        probs = dropout(probs)
+    return jnp.einsum("bhts,bshk->bthk", probs.astype(v_BxSxHxK.dtype), v_BxSxHxK)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate q/k/v kernels [D, H, K] and out kernel [H, K, D].
+
+    Self-attention in decode mode keeps `cached_key`/`cached_value` [B, L, H, K] in the 'cache'
+    collection and writes the new chunk at `decode_index`. Cross-attention in decode mode stores
+    the projected encoder K/V once (when `inputs_kv` is given) and reuses them afterwards.
+    """
+
+    config: ModelConfig
+    is_cross: bool = False
+
+    def _proj(self, name, x, d_in, features, axes, bias_axes, dtype, fan_in):
+        cfg = self.config
+        kernel = param(self, name, dense_init(fan_in), (d_in, *features), axes)
+        y = jnp.einsum("btd,d...->bt...", x, kernel.astype(dtype))
+        if cfg.use_bias:
+            y = y + param(self, f"{name}_bias", nn.initializers.zeros, features, bias_axes).astype(dtype)
+        return y
+
+    @nn.compact
+    def __call__(self, inputs_q, inputs_kv, bias, *, positions_q=None, positions_kv=None,
+                 decode: bool = False, decode_index=None, deterministic: bool = True):
+        cfg = self.config
+        dtype = cfg.compute_dtype
+        d, h, k = inputs_q.shape[-1], cfg.num_heads, cfg.head_dim
+        proj = lambda name, x: self._proj(name, x, d, (h, k), ("embed", "heads", "kv"),
+                                          ("heads", "kv"), dtype, d)
+        q = proj("query", inputs_q)
+        use_cross_cache = self.is_cross and decode
+        if use_cross_cache and inputs_kv is None:
+            key = self.variable("cache", "cached_key", lambda: None).value
+            value = self.variable("cache", "cached_value", lambda: None).value
+        else:
+            key, value = proj("key", inputs_kv), proj("value", inputs_kv)
+            if use_cross_cache:
+                self.variable("cache", "cached_key", lambda: key).value = key
+                self.variable("cache", "cached_value", lambda: value).value = value
+        if cfg.position == "rope" and not self.is_cross:
+            q = rope(q, positions_q, cfg.rope_theta)
+            key = rope(key, positions_kv, cfg.rope_theta)
+        if decode and not self.is_cross:
+            initialized = self.has_variable("cache", "cached_key")
+            ck = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+            cv = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+            if initialized:
+                start = (0, decode_index, 0, 0)
+                ck.value = jax.lax.dynamic_update_slice(ck.value, key.astype(ck.value.dtype), start)
+                cv.value = jax.lax.dynamic_update_slice(cv.value, value.astype(cv.value.dtype), start)
+                key, value = ck.value.astype(dtype), cv.value.astype(dtype)
+        q = constrain(q, ("batch", "length", "heads", "kv"))
+        dropout = None
+        if cfg.dropout_rate > 0 and not deterministic:
+            dropout = nn.Dropout(cfg.dropout_rate, deterministic=False)
+        scale = 1.0 / math.sqrt(k) if cfg.attention_scale else 1.0
+        out_BxTxHxK = dot_product_attention(q, key, value, bias, scale, cfg.attention_impl, dropout)
+        wo = param(self, "out", dense_init(h * k), (h, k, d), ("heads", "kv", "embed"))
+        out = jnp.einsum("bthk,hkd->btd", out_BxTxHxK, wo.astype(dtype))
+        if cfg.use_bias:
+            out = out + param(self, "out_bias", nn.initializers.zeros, (d,), ("embed",)).astype(dtype)
+        return out
+
+
+class Mlp(nn.Module):
+    """Position-wise MLP; gated variants multiply the activated branches (T5 v1.1, SwiGLU)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD, deterministic: bool = True):
+        cfg = self.config
+        dtype = cfg.compute_dtype
+        d, f = x_BxTxD.shape[-1], cfg.d_ff
+        acts = MLP_ACTIVATIONS[cfg.mlp]
+        hidden = None
+        for i, act in enumerate(acts):
+            name = "wi" if len(acts) == 1 else f"wi_{i}"
+            w = param(self, name, dense_init(d), (d, f), ("embed", "mlp"))
+            y = jnp.einsum("btd,df->btf", x_BxTxD, w.astype(dtype))
+            if cfg.use_bias:
+                y = y + param(self, f"{name}_bias", nn.initializers.zeros, (f,), ("mlp",)).astype(dtype)
+            y = ACTIVATIONS[act](y)
+            hidden = y if hidden is None else hidden * y
+        hidden = constrain(hidden, ("batch", "length", "mlp"))
+        hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=deterministic)
+        wo = param(self, "wo", dense_init(f), (f, d), ("mlp", "embed"))
+        out = jnp.einsum("btf,fd->btd", hidden, wo.astype(dtype))
+        if cfg.use_bias:
+            out = out + param(self, "wo_bias", nn.initializers.zeros, (d,), ("embed",)).astype(dtype)
+        return out

@@ -1,0 +1,99 @@
+"""Device mesh, logical->mesh axis rules and shardings.
+
+One mesh with axes (data, fsdp, tensor). Data parallelism, FSDP (ZeRO-3-like: params and
+optimizer state sharded on `fsdp`) and tensor parallelism are the same code with different mesh
+shapes. We use the classic Auto axis type on purpose: flax linen's logical partitioning
+(`with_logical_partitioning`, `with_logical_constraint`) is built on it, and XLA's propagation
+then fills in every intermediate sharding.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Priority order matters: a mesh axis used by an earlier rule is skipped by later ones, so
+# activations [batch, length, embed] put fsdp on batch, while params [embed, ...] use it for embed.
+DEFAULT_RULES: tuple[tuple[str, object], ...] = (
+    ("batch", BATCH_AXES),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("embed", "fsdp"),
+    ("kv", None),
+    ("length", None),
+    ("relpos_buckets", None),
+    ("max_len", None),
+    ("layers", None),
+)
+
+
+class MeshError(ValueError):
+    """A mesh shape that does not fit the devices."""
+
+
+def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
+    """Resolves one -1 entry to fill the devices; checks the product."""
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise MeshError(f"At most one mesh axis may be -1, got (data, fsdp, tensor)={tuple(sizes)}")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise MeshError(f"Mesh sizes must be positive or -1, got {tuple(sizes)}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise MeshError(f"Cannot fill mesh {tuple(sizes)} on {num_devices} devices")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise MeshError(f"Mesh (data, fsdp, tensor)={tuple(sizes)} needs {math.prod(sizes)} "
+                        f"devices but {num_devices} are available")
+    return tuple(sizes)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(data, fsdp, tensor, len(devices))
+    if devices == list(jax.devices()):
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def rules_from_config(rules) -> tuple[tuple[str, object], ...]:
+    """Config rules (list of [name, axis|[axes]|None]) -> hashable tuple; None -> defaults."""
+    if rules is None:
+        return DEFAULT_RULES
+    return tuple((name, tuple(ax) if isinstance(ax, (list, tuple)) else ax) for name, ax in rules)
+
+
+def logical_specs(boxed_tree):
+    """PartitionSpecs of logical axis names for a tree of nn.Partitioned leaves."""
+    return nn.get_partition_spec(boxed_tree)
+
+
+def shardings(boxed_tree, mesh: Mesh, rules=DEFAULT_RULES):
+    """NamedShardings for a (possibly abstract) tree of nn.Partitioned leaves."""
+    return nn.logical_to_mesh_sharding(logical_specs(boxed_tree), mesh, rules)
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules=DEFAULT_RULES):
+    """Mesh and axis rules in force while tracing, so activation constraints resolve."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield

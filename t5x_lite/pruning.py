@@ -1,0 +1,305 @@
+"""Magnitude pruning: unstructured or by attention head / MLP unit, one-shot or on a schedule.
+
+    python -m t5x_lite.train --config=configs/prune_tiny_t5.py --workdir=/tmp/pruned \\
+        --config.train.init_from=/tmp/tiny_t5 --config.prune.sparsity=0.5
+
+`prune_optimizer(tx, cfg, axes)` wraps any optax optimizer; its state holds the boolean masks
+(so they are in every checkpoint, sharded like their params) and its update makes pruned weights
+exactly zero after every step (update = -w there) and keeps their gradients out of the inner
+optimizer. Masks are computed from the params at `init` (one-shot: the target sparsity, e.g. of
+a checkpoint loaded with train.init_from) and, with the polynomial schedule, again every
+`frequency` steps from `begin_step` to `end_step`, at sparsity
+    s(t) = s_final + (s_initial - s_final) * (1 - (t - begin) / (end - begin)) ** power
+(Zhu & Gupta, 2017); weights pruned earlier stay pruned.
+
+What is pruned (`structure`):
+- unstructured: individual weights of the kernels matching `targets` (default: attention and
+  MLP kernels; embeddings are left alone), smallest |w| first;
+- heads: whole attention heads (the head's slices of query/key/value/out and per-head biases),
+  smallest L2 norm of those slices first;
+- mlp_units: whole MLP hidden units (a column of every wi*, a row of wo, the unit's biases).
+`scope`: 'global' ranks everything together; 'layer' prunes the same fraction of every kernel
+(unstructured) or every attention / MLP block (structured), per layer also in scanned stacks.
+Exactly round(s * n) of the n candidates of each ranking are pruned (ties broken by position).
+
+Shape legend: L layers (scanned stacks only), U units of a ranking (weights, heads or MLP units).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from t5x_lite import compression
+
+STRUCTURES = ("unstructured", "heads", "mlp_units")
+SCOPES = ("global", "layer")
+SCHEDULES = ("one_shot", "polynomial")
+DEFAULT_TARGETS = r"(^|/)(query|key|value|out|wi|wi_\d+|wo)$"
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig:
+    """The run config's `prune` section."""
+
+    sparsity: float = 0.5  # final fraction of the candidates (weights / heads / units) pruned
+    structure: str = "unstructured"
+    scope: str = "global"
+    schedule: str = "one_shot"
+    initial_sparsity: float = 0.0  # polynomial schedule only
+    begin_step: int = 0
+    end_step: int = 0  # 0 = train.num_steps
+    frequency: int = 100
+    power: float = 3.0
+    targets: str = DEFAULT_TARGETS  # unstructured only
+
+    def __post_init__(self):
+        checks = [
+            (0.0 <= self.sparsity < 1.0, f"prune.sparsity must be in [0, 1), got {self.sparsity}"),
+            (0.0 <= self.initial_sparsity <= self.sparsity,
+             "prune.initial_sparsity must be in [0, prune.sparsity]"),
+            (self.structure in STRUCTURES, f"prune.structure must be one of {STRUCTURES}"),
+            (self.scope in SCOPES, f"prune.scope must be one of {SCOPES}"),
+            (self.schedule in SCHEDULES, f"prune.schedule must be one of {SCHEDULES}"),
+            (self.frequency > 0, "prune.frequency must be positive"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise compression.CompressionError(msg)
+
+    @classmethod
+    def from_dict(cls, d) -> "PruneConfig":
+        return compression.section_config(cls, d, "prune")
+
+
+def sparsity_at(step, cfg: PruneConfig, num_steps: int):
+    """Target sparsity after `step` optimizer steps (float32; constant for one-shot; 0 before
+    begin_step)."""
+    if cfg.schedule == "one_shot":
+        return jnp.float32(cfg.sparsity)
+    end = cfg.end_step or num_steps
+    frac = jnp.clip((step - cfg.begin_step) / max(end - cfg.begin_step, 1), 0.0, 1.0)
+    s = cfg.sparsity + (cfg.initial_sparsity - cfg.sparsity) * (1.0 - frac) ** cfg.power
+    return jnp.where(step < cfg.begin_step, 0.0, s).astype(jnp.float32)  # dense before begin
+
+
+def is_mask_step(step, cfg: PruneConfig, num_steps: int):
+    end = cfg.end_step or num_steps
+    on_grid = ((step - cfg.begin_step) % cfg.frequency == 0) | (step == end)
+    return (cfg.schedule == "polynomial") & (step >= cfg.begin_step) & (step <= end) & on_grid
+
+
+# --------------------------------------------------------------------------- rankings
+
+
+class Member(NamedTuple):
+    path: str
+    unit_dim: int | None  # structured: the head / unit dim; None: every weight is a unit
+    scored: bool  # kernels are scored; biases only follow their unit's mask
+
+
+class Ranking(NamedTuple):
+    """Candidates ranked together (per layer when `layered` and scope == 'layer')."""
+
+    members: tuple[Member, ...]
+    layered: bool  # leading `layers` dim (scanned stack)
+
+
+def rankings(axes, cfg: PruneConfig) -> list[Ranking]:
+    """The groups of prunable params and how they are scored, from their paths and axes."""
+    by_path = compression.axes_by_path(axes)
+    out = []
+    if cfg.structure == "unstructured":
+        for path, names in sorted(by_path.items()):
+            if len(names) >= 2 and re.search(cfg.targets, path):
+                out.append(Ranking((Member(path, None, True),), names[0] == "layers"))
+        if not out:
+            raise compression.CompressionError(f"prune.targets={cfg.targets!r} matches no kernel")
+        return out
+    unit_axis, module_re, kernel_re = (
+        ("heads", r"(self|cross)_attention$", r"^(query|key|value|out)$")
+        if cfg.structure == "heads"
+        else ("mlp", r"(^|/)mlp$", r"^(wi|wi_\d+|wo)$"))
+    modules: dict[str, list[Member]] = {}
+    for path, names in sorted(by_path.items()):
+        module, _, name = path.rpartition("/")
+        if re.search(module_re, module) and unit_axis in names:
+            is_kernel = bool(re.match(kernel_re, name))
+            if is_kernel or name.endswith("_bias"):
+                modules.setdefault(module, []).append(Member(path, names.index(unit_axis),
+                                                             is_kernel))
+    if not modules:
+        raise compression.CompressionError(f"prune.structure={cfg.structure!r}: the model has no "
+                                           "such blocks")
+    for module, members in sorted(modules.items()):
+        names = by_path[members[0].path]
+        out.append(Ranking(tuple(members), names[0] == "layers"))
+    return out
+
+
+def _scores(params_flat, ranking: Ranking, layer_dim: bool):
+    """Scores [L, U] (layered) or [U]: |w|, or the L2 norm of each head's / unit's weights."""
+    first = ranking.members[0]
+    if first.unit_dim is None:
+        w = jnp.abs(params_flat[first.path].astype(jnp.float32))
+        return w.reshape((w.shape[0], -1) if layer_dim else (-1,))
+    total = 0.0
+    for m in ranking.members:
+        if m.scored:
+            w = params_flat[m.path].astype(jnp.float32)
+            keep = {m.unit_dim} | ({0} if layer_dim else set())
+            total = total + jnp.sum(jnp.square(w), axis=tuple(d for d in range(w.ndim)
+                                                               if d not in keep))
+    return jnp.sqrt(total)
+
+
+def _prune_smallest(scores_U, sparsity):
+    """Keep mask with exactly round(sparsity * U) False at the smallest scores."""
+    n = scores_U.shape[0]
+    k = jnp.round(sparsity * n).astype(jnp.int32)
+    order = jnp.argsort(scores_U, stable=True)
+    rank = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+    return rank >= k
+
+
+def _member_mask(unit_mask, member: Member, shape, layer_dim: bool):
+    """Broadcasts a unit mask [L?, U] onto a member param of `shape`."""
+    if member.unit_dim is None:
+        return unit_mask.reshape(shape)
+    kept = ((0,) if layer_dim else ()) + (member.unit_dim,)
+    expand = [d for d in range(len(shape)) if d not in kept]
+    return jnp.broadcast_to(jnp.expand_dims(unit_mask, expand), shape)
+
+
+def _unit_mask_of(masks_flat, member: Member, layer_dim: bool):
+    """The unit mask [L?, U] a member's existing weight mask encodes (inverse of _member_mask)."""
+    m = masks_flat[member.path]
+    if member.unit_dim is None:
+        return m.reshape((m.shape[0], -1) if layer_dim else (-1,))
+    kept = ((0,) if layer_dim else ()) + (member.unit_dim,)
+    return jnp.all(m, axis=tuple(d for d in range(m.ndim) if d not in kept))
+
+
+def compute_masks(params, axes, cfg: PruneConfig, sparsity, old_masks=None):
+    """Boolean keep-masks {path...: mask} for every prunable param (nested like params).
+
+    Args:
+      sparsity: fraction to prune (may be a traced scalar).
+      old_masks: previous masks; what they pruned is ranked first, so it stays pruned.
+    """
+    params_flat = compression.flat(params)
+    old_flat = compression.flat(old_masks) if old_masks is not None else None
+    groups = rankings(axes, cfg)
+    per_layer = cfg.scope == "layer"
+    scores = []
+    for g in groups:
+        s = _scores(params_flat, g, g.layered)  # units are per layer: [L, U] when layered
+        if old_flat is not None:
+            scored = next(m for m in g.members if m.scored)
+            s = jnp.where(_unit_mask_of(old_flat, scored, g.layered), s, -1.0)
+        scores.append(s)
+    if per_layer:
+        unit_masks = [jax.vmap(_prune_smallest, (0, None))(s, sparsity) if g.layered
+                      else _prune_smallest(s, sparsity) for g, s in zip(groups, scores)]
+    else:
+        keep = _prune_smallest(jnp.concatenate([s.ravel() for s in scores]), sparsity)
+        sizes = [s.size for s in scores]
+        splits = jnp.split(keep, [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)])
+        unit_masks = [m.reshape(s.shape) for m, s in zip(splits, scores)]
+    masks = {}
+    for g, um in zip(groups, unit_masks):
+        for m in g.members:
+            masks[m.path] = _member_mask(um, m, params_flat[m.path].shape, g.layered)
+    return compression.nested(masks)
+
+
+def apply_masks(params, masks):
+    """`params` (or a grads tree) with the masked-out entries set to zero."""
+    flat = compression.flat(params)
+    new = {p: jnp.where(m, flat[p], jnp.zeros_like(flat[p]))
+           for p, m in compression.flat(masks).items()}
+    return compression.replace_leaves(params, new)
+
+
+def prune_params(params, axes, cfg: PruneConfig, sparsity: float | None = None):
+    """One-shot: (pruned params, masks) at `sparsity` (default cfg.sparsity)."""
+    s = cfg.sparsity if sparsity is None else sparsity
+    masks = jax.jit(lambda p: compute_masks(p, axes, cfg, s))(params)
+    return jax.jit(apply_masks)(params, masks), masks
+
+
+def sparsity_report(params, axes, cfg: PruneConfig) -> dict[str, Any]:
+    """Zero fraction of the prunable params, and whole heads / units that are zero."""
+    params_flat = compression.flat(params)
+    groups = rankings(axes, cfg)
+    zeros = total = 0
+    units_zero = units = 0
+    for g in groups:
+        for m in g.members:
+            w = params_flat[m.path]
+            zeros += int(jnp.sum(w == 0))
+            total += w.size
+        if g.members[0].unit_dim is not None:
+            norms = _scores(params_flat, g, g.layered)
+            units_zero += int(jnp.sum(norms == 0))
+            units += norms.size
+    out = {"sparsity": zeros / total, "prunable_params": total}
+    if units:
+        out.update(zero_units=units_zero, units=units, unit_sparsity=units_zero / units)
+    return out
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+class PruneState(NamedTuple):
+    count: jax.Array  # optimizer steps taken
+    masks: Any  # bool, nested like the prunable params
+    inner: Any
+
+
+def prune_optimizer(tx: optax.GradientTransformation, cfg: PruneConfig, axes, num_steps: int
+                    ) -> optax.GradientTransformation:
+    """`tx` with pruning masks in its state, applied after every update (see module docstring)."""
+    rankings(axes, cfg)  # fail early on a config that prunes nothing
+
+    def init(params):
+        masks = compute_masks(params, axes, cfg, sparsity_at(0, cfg, num_steps))
+        return PruneState(jnp.zeros((), jnp.int32), masks, tx.init(params))
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise compression.CompressionError("pruning needs the params in optimizer.update")
+        grads = apply_masks(grads, state.masks)  # pruned weights do not steer the optimizer
+        updates, inner = tx.update(grads, state.inner, params)
+        count = state.count + 1
+        masks = state.masks
+        if cfg.schedule == "polynomial":
+            new_params = optax.apply_updates(params, updates)
+            masks = jax.lax.cond(
+                is_mask_step(count, cfg, num_steps),
+                lambda: compute_masks(new_params, axes, cfg, sparsity_at(count, cfg, num_steps),
+                                      old_masks=state.masks),
+                lambda: state.masks)
+        p_flat, u_flat = compression.flat(params), compression.flat(updates)
+        # w + (-w) == 0 exactly: pruned weights are zero after the step whatever they were.
+        new = {p: jnp.where(m, u_flat[p], -p_flat[p]) for p, m in compression.flat(masks).items()}
+        return compression.replace_leaves(updates, new), PruneState(count, masks, inner)
+
+    return optax.GradientTransformation(init, update)
+
+
+class PruningPlugin(compression.Plugin):
+    """Trainer plugin: the model is unchanged; the optimizer prunes."""
+
+    def __init__(self, cfg: PruneConfig, num_steps: int):
+        self.cfg, self.num_steps = cfg, num_steps
+
+    def wrap(self, model, tx):
+        boxed = jax.eval_shape(lambda: model.init(jax.random.key(0)))["params"]
+        axes = compression.logical_axes(boxed)
+        return model, prune_optimizer(tx, self.cfg, axes, self.num_steps)

@@ -1,0 +1,63 @@
+"""Train or fine-tune a model; re-running the same command resumes from the latest checkpoint.
+
+    python -m t5x_lite.train --config=configs/tiny_t5.py --workdir=/tmp/tiny_t5 \\
+        [--config.train.num_steps=1000 --config.mesh.fsdp=4 ...]
+
+Multi-process (TPU VM pods, or N local CPU processes): pass --distributed (or set
+T5X_LITE_DISTRIBUTED=1) on every process; coordinator / process ids come from the flags below or
+jax's cluster auto-detection. See README.md.
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local or gs://).", required=True)
+_OVERRIDE = flags.DEFINE_bool("override_config", False,
+                              "Replace a workdir's saved config even if the model shape differs.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "Call jax.distributed.initialize() (multi-process runs).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process' index.")
+
+
+class _QuietLibraries:
+    """Console filter: INFO lines only from t5x_lite (orbax, tfds and jax log every save and
+    file they touch); warnings and errors from everywhere."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= 30 or "t5x_lite" in record.pathname
+
+
+def main(argv):
+    del argv
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    from t5x_lite import distributed  # after absl parsed flags, before any device is touched
+
+    # Reads --distributed / --coordinator_address / --num_processes / --process_id above, else
+    # T5X_LITE_* env (launch/cpu_local.sh, launch/tpu_vm.sh); gloo for CPU processes; timeouts.
+    try:
+        distributed.maybe_initialize()
+    except distributed.DistributedError as e:
+        sys.exit(f"error: {e}")
+    if _CONFIG.value is None:
+        sys.exit("error: --config is required (e.g. --config=configs/tiny_t5.py)")
+    from t5x_lite.checkpoints import CheckpointError
+    from t5x_lite.config import ConfigError
+    from t5x_lite.training import TrainingError, train
+
+    try:
+        result = train(_CONFIG.value, _WORKDIR.value, override_config=_OVERRIDE.value)
+    except (TrainingError, CheckpointError, ConfigError) as e:
+        logging.error("%s", e)
+        sys.exit(f"error: {e}")
+    logging.info("Done at step %d%s", result.step, " (preempted)" if result.preempted else "")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,103 @@
+"""Guards around the training loop: workdir/config compatibility, divergence, preemption, and
+the per-window metric summary.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import threading
+
+import jax
+from absl import logging
+from etils import epath
+
+from t5x_lite import checkpoints
+from t5x_lite.config import ModelConfig
+
+
+class ConfigMismatchError(ValueError):
+    """A workdir whose saved config describes a differently shaped model."""
+
+
+class DivergenceError(ValueError):
+    """A non-finite loss."""
+
+
+def check_workdir_config(workdir, config, override: bool) -> None:
+    """Refuses to continue a workdir trained with another model shape unless `override`."""
+    path = epath.Path(workdir) / checkpoints.CONFIG_FILE
+    if not path.exists():
+        return
+    saved = checkpoints.read_config(workdir)
+    old = ModelConfig.from_dict(saved.model).shape_signature()
+    new = ModelConfig.from_dict(config.model).shape_signature()
+    diffs = [f"{k}: {old[k]} -> {new[k]}" for k in sorted(new) if old.get(k) != new[k]]
+    if diffs and not override:
+        raise ConfigMismatchError(
+            f"{path} was written for a model of another shape ({'; '.join(diffs)}); use a new "
+            "--workdir, or pass --override_config to replace the saved config")
+    if diffs:
+        logging.warning("Overriding the saved config's model shape: %s", "; ".join(diffs))
+
+
+def check_finite(fetched, *, latest_good: int | None, workdir) -> None:
+    """Raises DivergenceError naming the first step whose loss is NaN / inf."""
+    for step, m in fetched:
+        loss = float(m["loss"])
+        if not math.isfinite(loss):
+            keep = (f"the last good checkpoint is {workdir}/checkpoints/{latest_good}"
+                    if latest_good is not None else "no checkpoint was saved yet")
+            raise DivergenceError(
+                f"Training diverged: loss is {loss} at step {step} (grad norm "
+                f"{float(m['grad_norm'])}); stopped without saving, {keep}. Lower the learning "
+                "rate, or set train.debug=True to find the first NaN")
+
+
+def window_metrics(window, step_time: float | None, tokens_per_step: int, step_flops: float,
+                   peak_flops_total: float | None) -> dict[str, float]:
+    """Summary of the steps since the last log: mean loss, token accuracy over all weighted
+    tokens, mean grad norm, the last learning rate, and speed (step_time excludes compilation)."""
+    ms = [m for _, m in window]
+    weights = sum(float(m["weight_sum"]) for m in ms)
+    out = {
+        "loss": sum(float(m["loss"]) for m in ms) / len(ms),
+        "accuracy": sum(float(m["correct_sum"]) for m in ms) / max(weights, 1.0),
+        "z_loss": sum(float(m["z_loss_sum"]) for m in ms) / max(weights, 1.0),
+        "grad_norm": sum(float(m["grad_norm"]) for m in ms) / len(ms),
+        "learning_rate": float(ms[-1]["learning_rate"]),
+        "target_tokens": weights / len(ms),
+    }
+    if step_time:
+        out["step_time"] = step_time
+        out["tokens_per_s"] = tokens_per_step / step_time
+        if peak_flops_total:
+            out["mfu"] = step_flops / step_time / peak_flops_total
+    return out
+
+
+class PreemptionFlag:
+    """SIGTERM -> save and stop. One process: our own handler. Several: jax's preemption sync
+    point, which has every process agree on the same step (the coordination service listens
+    for the signal)."""
+
+    def __init__(self):
+        self._event = threading.Event()
+        self._multi = jax.process_count() > 1
+        self._previous = None
+        if not self._multi and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
+
+    def check(self, step: int) -> bool:
+        if self._multi:
+            from jax.experimental import multihost_utils
+            if multihost_utils.reached_preemption_sync_point(step):
+                self._event.set()
+        return self._event.is_set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None

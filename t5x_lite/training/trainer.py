@@ -1,0 +1,244 @@
+"""The training loop: `train(config, workdir)`; re-running it on the same workdir resumes.
+
+One run = mesh + sharded train state (fresh, resumed, or params from `train.init_from`) + grain
+iterator, then `num_steps` calls of one jitted `train_step`. Device metrics are kept as arrays
+and fetched only at log / save steps, so the host never waits on the device in between. A
+checkpoint (params, optimizer state, iterator state, config) lands every `save_every` steps
+(async) and at the end; the loop stops on a non-finite loss before it could save bad state,
+and on SIGTERM saves and returns.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+from etils import epath
+
+from t5x_lite import checkpoints, compression, partitioning
+from t5x_lite.config import ModelConfig
+from t5x_lite.data import (DataConfig, load_vocab, make_dataset, make_global_batch,
+                           zeros_like_batch)
+from t5x_lite.models import LossConfig, build_model
+from t5x_lite.training import flops as flops_lib
+from t5x_lite.training import optimizers, train_state, train_step
+from t5x_lite.training.metrics_writer import MetricsWriter
+from t5x_lite.training.run_checks import (ConfigMismatchError, DivergenceError, PreemptionFlag,
+                                          check_finite, check_workdir_config, window_metrics)
+
+
+class TrainingError(ValueError):
+    """A run that cannot start or continue (bad settings, incompatible workdir, divergence)."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int  # steps completed
+    last_metrics: dict  # the last logged metrics (host floats)
+    preempted: bool = False
+
+
+def _lengths(model_cfg: ModelConfig, data: DataConfig) -> tuple[int, int | None]:
+    if model_cfg.family == "t5":
+        return data.inputs_length, data.targets_length
+    if model_cfg.family == "bert":
+        return data.inputs_length, None
+    return data.seq_len, None
+
+
+def _tokens_per_batch(model_cfg: ModelConfig, batch_size: int, data: DataConfig) -> int:
+    length, targets = _lengths(model_cfg, data)
+    return batch_size * (length + (targets or 0))
+
+
+def _copy_vocab(vocab, workdir: epath.Path) -> None:
+    src = getattr(vocab, "path", None)
+    dst = workdir / checkpoints.VOCAB_FILE
+    if src is not None and not dst.exists():
+        tmp = workdir / (checkpoints.VOCAB_FILE + ".tmp")
+        tmp.write_bytes(epath.Path(src).read_bytes())
+        tmp.replace(dst)
+
+
+def evaluate(eval_fn, params, config, vocab, mesh, per_process_batch: int) -> dict[str, float]:
+    """Loss / accuracy over the first `train.eval_batches` batches of the eval split (all of it
+    when 0, single-process only). A process whose shard runs out early feeds all-padding
+    batches, so every process runs the same number of steps."""
+    data = DataConfig.from_dict(config.data)
+    it = make_dataset(config.data, vocab, split=data.eval_split, batch_size=per_process_batch,
+                      seed=config.seed, shuffle=False, repeat=False)
+    limit = int(config.train.eval_batches)
+    if limit <= 0 and jax.process_count() > 1:
+        raise TrainingError("train.eval_batches must be > 0 with several processes")
+    totals, last = None, None
+    for i in itertools.count():
+        if limit and i >= limit:
+            break
+        batch = next(it, None)
+        if batch is None:
+            if not limit or last is None:
+                break
+            batch = zeros_like_batch(last)  # contributes nothing to the sums
+        last = batch
+        sums = eval_fn(params, make_global_batch(batch, mesh))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    if totals is None:
+        return {}
+    t = jax.device_get(totals)
+    w = max(float(t["weight_sum"]), 1.0)
+    return {"loss": (float(t["loss_sum"]) - float(t["z_loss_sum"])) / w,
+            "accuracy": float(t["correct_sum"]) / w}
+
+
+def train(config: ml_collections.ConfigDict, workdir, *, override_config: bool = False
+          ) -> TrainResult:
+    """Trains (or resumes) per `config` in `workdir`. Raises TrainingError / CheckpointError."""
+    workdir = epath.Path(workdir)
+    is_main = jax.process_index() == 0
+    tc = config.train
+    log_every = 1 if tc.debug else max(int(tc.log_every), 1)
+    num_steps = int(tc.num_steps)
+    model_cfg = ModelConfig.from_dict(config.model)
+    data_cfg = DataConfig.from_dict(config.data)
+    try:
+        check_workdir_config(workdir, config, override_config)
+    except ConfigMismatchError as e:
+        raise TrainingError(str(e)) from None
+
+    mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    rules = partitioning.rules_from_config(config.mesh.get("rules"))
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    global_batch = int(tc.batch_size)
+    if global_batch % batch_shards or global_batch % jax.process_count():
+        raise TrainingError(f"train.batch_size={global_batch} must be divisible by the batch "
+                            f"shards data*fsdp={batch_shards} and the process count "
+                            f"{jax.process_count()}")
+    if global_batch % max(int(tc.microbatches), 1):
+        raise TrainingError(f"train.batch_size={global_batch} is not divisible by "
+                            f"train.microbatches={tc.microbatches}")
+    per_process_batch = global_batch // jax.process_count()
+
+    model = build_model(model_cfg, LossConfig(z_loss=float(tc.z_loss),
+                                              label_smoothing=float(tc.label_smoothing)))
+    tx, schedule = optimizers.make_optimizer(config.optimizer, num_steps)
+    # Compression hook (README.md): the `lora` / `distill` / `prune` config sections
+    # change the params tree, the optimizer and what checkpoints hold; identity without them.
+    plugin = compression.from_config(config, mesh, rules)
+    model, tx = plugin.wrap(model, tx)
+    vocab = load_vocab(config.data)
+    if vocab.vocab_size > model_cfg.vocab_size:
+        raise TrainingError(f"The vocabulary has {vocab.vocab_size} ids but model.vocab_size is "
+                            f"{model_cfg.vocab_size}; set model.vocab_size >= "
+                            f"{vocab.padded_vocab_size}")
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        checkpoints.write_config(workdir, config)
+        _copy_vocab(vocab, workdir)
+
+    train_iter = make_dataset(config.data, vocab, split=data_cfg.train_split,
+                              batch_size=per_process_batch, seed=int(config.seed))
+    abstract, shardings = train_state.state_shardings(model, tx, mesh, rules)
+    init_rng, dropout_rng = jax.random.split(jax.random.key(int(config.seed)))
+    mngr = checkpoints.make_train_manager(workdir, keep=int(config.checkpoint.keep),
+                                          async_save=bool(config.checkpoint.async_save))
+    start = mngr.latest_step()
+    if start is not None:
+        logging.info("Resuming from %s/checkpoints/%d", workdir, start)
+        params, opt_state = checkpoints.restore_train_state(
+            mngr, start,
+            plugin.checkpointed(checkpoints.abstract_with_shardings(abstract.params,
+                                                                    shardings.params)),
+            checkpoints.abstract_with_shardings(abstract.opt_state, shardings.opt_state),
+            data_iterator=train_iter)
+        params = plugin.full_params(params, init_rng)  # compression hook
+        state = train_state.TrainState(
+            step=jax.device_put(jnp.int32(start), shardings.step), params=params,
+            opt_state=opt_state)
+    else:
+        start, params = 0, None
+        if tc.init_from:
+            src, src_step = checkpoints.resolve(tc.init_from)
+            logging.info("Initialising params from %s/checkpoints/%d", src, src_step)
+            params = checkpoints.restore_params(
+                src, src_step, plugin.checkpointed(checkpoints.abstract_with_shardings(
+                    abstract.params, shardings.params)))
+        params = plugin.full_params(params, init_rng)  # compression hook
+        state, _ = train_state.create_train_state(model, tx, mesh, rules, init_rng, params=params)
+
+    step_fn = train_step.jit_train_step(
+        train_step.make_train_step(model, tx, schedule, microbatches=int(tc.microbatches),
+                                   loss_normalizer=tc.loss_normalizer),
+        shardings, mesh, rules)
+    eval_fn = train_step.jit_eval_step(train_step.make_eval_step(model), shardings.params, mesh,
+                                       rules)
+    length, targets = _lengths(model_cfg, data_cfg)
+    step_flops = flops_lib.train_step_flops(model_cfg, global_batch, length, targets)
+    peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind, float(tc.peak_flops))
+    tokens_per_step = _tokens_per_batch(model_cfg, global_batch, data_cfg)
+    writer = MetricsWriter(workdir, is_main=is_main, start_step=start, total_steps=num_steps)
+    logging.info("Training %s (%.2fM params) on mesh %s from step %d to %d; %.3g model "
+                 "FLOPs/step", model_cfg.family, flops_lib.param_count(abstract.params) / 1e6,
+                 dict(mesh.shape), start, num_steps, step_flops)
+
+    def save(step: int, force: bool = False):
+        checkpoints.save_train_state(mngr, step, plugin.checkpointed(state.params),
+                                     state.opt_state,
+                                     data_iterator=train_iter, config=config, force=force)
+
+    preemption = PreemptionFlag()
+    debug_nans_before = jax.config.jax_debug_nans
+    if tc.debug:  # re-runs a step op by op at the first NaN and names the op that made it
+        jax.config.update("jax_debug_nans", True)
+    pending, window, last = [], [], {}
+    t_mark, step_mark = time.time(), start
+    step = start
+    try:
+        while step < num_steps:
+            batch = make_global_batch(next(train_iter), mesh)
+            state, metrics = step_fn(state, batch, dropout_rng)
+            pending.append((step + 1, metrics))
+            step += 1
+            if step == start + 1:
+                # Compilation happens in the first step: keep it out of step times.
+                jax.block_until_ready(metrics)
+                t_mark, step_mark = time.time(), step
+            preempted = preemption.check(step)
+            is_log = step % log_every == 0 or step == num_steps
+            is_save = (step % int(config.checkpoint.save_every) == 0 or step == num_steps
+                       or preempted)
+            if is_log or is_save:
+                fetched = jax.device_get(pending)
+                pending = []
+                check_finite(fetched, latest_good=mngr.latest_step(), workdir=workdir)
+                window.extend(fetched)
+            if is_log:
+                now = time.time()
+                dt_step = (now - t_mark) / (step - step_mark) if step > step_mark else None
+                last = window_metrics(window, dt_step, tokens_per_step, step_flops,
+                                      peak * jax.device_count() if peak else None)
+                writer.write(step, last)
+                window, t_mark, step_mark = [], now, step
+            if tc.eval_every and (step % int(tc.eval_every) == 0 or step == num_steps):
+                writer.write(step, evaluate(eval_fn, state.params, config, vocab, mesh,
+                                            per_process_batch), prefix="eval/")
+                t_mark = time.time()  # eval time is not training time
+            if is_save:
+                save(step, force=preempted or step == num_steps)
+            if preempted:
+                logging.warning("SIGTERM received: saved checkpoint %d, exiting", step)
+                break
+    except DivergenceError as e:
+        raise TrainingError(str(e)) from None
+    except FloatingPointError as e:  # train.debug: jax_debug_nans found the first NaN
+        raise TrainingError(f"NaN in step {step + 1} (train.debug): {e}") from None
+    finally:
+        jax.config.update("jax_debug_nans", debug_nans_before)
+        mngr.wait_until_finished()
+        mngr.close()
+        writer.close()
+        preemption.restore()
+    return TrainResult(step=step, last_metrics=last, preempted=preemption.is_set())

@@ -1,0 +1,336 @@
+"""SentencePiece vocabulary with T5 sentinels, and a CLI to train one.
+
+Id conventions (T5 / seqio): pad 0, eos 1, unk 2, no bos; decoder start id = pad = 0. The
+sentencepiece model holds `sp_size` pieces; `extra_ids` sentinel ids are appended on top of it,
+counting *down* from the top: `<extra_id_0>` is `vocab_size - 1`, `<extra_id_i>` is
+`vocab_size - 1 - i`. Embedding tables use `padded_vocab_size` rows (a multiple of 128) so the
+`vocab` dimension shards evenly; ids in [vocab_size, padded_vocab_size) are never produced.
+
+Train a vocabulary (T5 conventions: unigram, byte fallback, character coverage 1.0):
+
+    python -m t5x_lite.vocab --input='/data/*.txt' --model_prefix=/tmp/spm --vocab_size=32000
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Union
+
+import numpy as np
+import sentencepiece as spm
+from etils import epath
+
+PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+DEFAULT_EXTRA_IDS = 100
+PAD_MULTIPLE = 128
+_SENTINEL_RE = re.compile(r"<extra_id_(\d+)>")
+_SP_MAX_SENTENCE_BYTES = 1 << 16
+
+PathLike = Union[str, os.PathLike]
+
+
+class VocabularyError(ValueError):
+    """A one-line, user-facing problem with a vocabulary file or its training."""
+
+
+class Vocabulary:
+    """A sentencepiece model plus `extra_ids` T5 sentinel ids on top of it.
+
+    Picklable (the model bytes travel with it), so it can be used inside grain worker processes.
+    """
+
+    def __init__(self, model_path: PathLike, extra_ids: int = DEFAULT_EXTRA_IDS):
+        path = epath.Path(model_path)
+        if not path.exists():
+            raise VocabularyError(f"vocabulary file not found: {path}")
+        if path.is_dir():
+            raise VocabularyError(f"vocabulary path is a directory, not a .model file: {path}")
+        self._init_from_proto(path.read_bytes(), extra_ids, source=str(path))
+        self.path = path
+
+    @classmethod
+    def from_proto(cls, model_proto: bytes, extra_ids: int = DEFAULT_EXTRA_IDS) -> "Vocabulary":
+        """Builds a vocabulary from serialized sentencepiece model bytes."""
+        vocab = cls.__new__(cls)
+        vocab._init_from_proto(model_proto, extra_ids, source="<bytes>")
+        vocab.path = None
+        return vocab
+
+    def _init_from_proto(self, proto: bytes, extra_ids: int, source: str):
+        if extra_ids < 0:
+            raise VocabularyError(f"extra_ids must be >= 0, got {extra_ids}")
+        if not proto:
+            raise VocabularyError(f"vocabulary file is empty: {source}")
+        try:
+            sp = spm.SentencePieceProcessor(model_proto=proto)
+        except RuntimeError:
+            raise VocabularyError(f"not a sentencepiece model: {source}") from None
+        ids = (sp.pad_id(), sp.eos_id(), sp.unk_id())
+        if ids != (PAD_ID, EOS_ID, UNK_ID):
+            raise VocabularyError(
+                f"{source}: expected T5 ids pad/eos/unk = 0/1/2, got {ids}; "
+                "train one with `python -m t5x_lite.vocab`")
+        self._proto = proto
+        self._sp = sp
+        self._extra_ids = int(extra_ids)
+
+    def __getstate__(self):
+        return {"proto": self._proto, "extra_ids": self._extra_ids,
+                "path": None if self.path is None else str(self.path)}
+
+    def __setstate__(self, state):
+        self._init_from_proto(state["proto"], state["extra_ids"], "<pickle>")
+        self.path = None if state["path"] is None else epath.Path(state["path"])
+
+    def __repr__(self):
+        return f"Vocabulary(path={self.path}, sp_size={self.sp_size}, extra_ids={self.extra_ids})"
+
+    @property
+    def pad_id(self) -> int:
+        return PAD_ID
+
+    @property
+    def eos_id(self) -> int:
+        return EOS_ID
+
+    @property
+    def unk_id(self) -> int:
+        return UNK_ID
+
+    @property
+    def sp_size(self) -> int:
+        """Number of sentencepiece pieces; ids below this are ordinary tokens."""
+        return self._sp.get_piece_size()
+
+    @property
+    def extra_ids(self) -> int:
+        return self._extra_ids
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp_size + self._extra_ids
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // PAD_MULTIPLE) * PAD_MULTIPLE
+
+    @property
+    def model_proto(self) -> bytes:
+        return self._proto
+
+    def sentinel_id(self, i: int) -> int:
+        """Id of `<extra_id_{i}>`; raises VocabularyError if there are too few sentinels."""
+        if not 0 <= i < self._extra_ids:
+            raise VocabularyError(
+                f"<extra_id_{i}> needs at least {i + 1} extra_ids; this vocabulary has "
+                f"{self._extra_ids}")
+        return self.vocab_size - 1 - i
+
+    def is_sentinel(self, token_id: int) -> bool:
+        return self.sp_size <= token_id < self.vocab_size
+
+    def piece(self, token_id: int) -> str:
+        """The sentencepiece piece (or `<extra_id_N>`) of one id."""
+        if self.is_sentinel(token_id):
+            return f"<extra_id_{self.vocab_size - 1 - token_id}>"
+        return self._sp.id_to_piece(int(token_id))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without EOS. Literal `<extra_id_N>` strings become sentinels."""
+        if "<extra_id_" not in text:
+            return self._sp.encode(text)
+        ids: list[int] = []
+        pos = 0
+        for m in _SENTINEL_RE.finditer(text):
+            ids += self._sp.encode(text[pos:m.start()])
+            ids.append(self.sentinel_id(int(m.group(1))))
+            pos = m.end()
+        return ids + self._sp.encode(text[pos:])
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
+        """Encodes many texts (plain ones through sentencepiece's multi-threaded C++ path)."""
+        texts = list(texts)
+        if any("<extra_id_" in t for t in texts):
+            return [self.encode(t) for t in texts]
+        return self._sp.encode(texts, num_threads=num_threads)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`: stops at the first EOS, drops pad, renders sentinels as `<extra_id_N>`."""
+        ids_L = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), np.int64).ravel()
+        eos = np.flatnonzero(ids_L == EOS_ID)
+        if eos.size:
+            ids_L = ids_L[:eos[0]]
+        ids_L = ids_L[(ids_L != PAD_ID) & (ids_L < self.vocab_size)]
+        out: list[str] = []
+        run: list[int] = []
+
+        def flush():
+            if run:
+                text = self._sp.decode(run)
+                # sentencepiece strips the leading "▁" of a run; keep the space after a sentinel.
+                if out and self._sp.id_to_piece(run[0]).startswith("\u2581"):
+                    text = " " + text
+                out.append(text)
+                run.clear()
+
+        for i in ids_L.tolist():
+            if i >= self.sp_size:
+                flush()
+                out.append((" " if out else "") + self.piece(i))
+            else:
+                run.append(i)
+        flush()
+        return "".join(out)
+
+    def decode_batch(self, ids_batch: Iterable[Iterable[int]]) -> list[str]:
+        return [self.decode(ids) for ids in ids_batch]
+
+    def copy_to(self, workdir: PathLike) -> epath.Path:
+        """Writes `vocab.model` into `workdir` so a checkpoint directory is self-contained.
+
+        Returns:
+            The written path (load it back with `Vocabulary(path, extra_ids)`).
+        """
+        workdir = epath.Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        dst = workdir / "vocab.model"
+        dst.write_bytes(self._proto)
+        return dst
+
+
+def expand_globs(patterns: PathLike | Sequence[PathLike]) -> list[epath.Path]:
+    """Files matching glob patterns (comma-separated str or a list; gs:// works), sorted.
+
+    A directory means every file under it. Raises FileNotFoundError naming the first pattern
+    that matches nothing.
+    """
+    if isinstance(patterns, (str, os.PathLike)):
+        patterns = [p for p in str(patterns).split(",") if p.strip()]
+    if not patterns:
+        raise FileNotFoundError("no input paths given")
+    files: list[epath.Path] = []
+    for pattern in map(str, patterns):
+        pattern = pattern.strip()
+        if not any(c in pattern for c in "*?["):
+            path = epath.Path(pattern)
+            if not path.exists():
+                raise FileNotFoundError(f"no such file or directory: {pattern}")
+            files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            continue
+        parts = pattern.split("/")
+        first = next(i for i, p in enumerate(parts) if any(c in p for c in "*?["))
+        root = epath.Path("/".join(parts[:first]) or ("/" if pattern.startswith("/") else "."))
+        matched = sorted(p for p in root.glob("/".join(parts[first:])) if p.is_file())
+        if not matched:
+            raise FileNotFoundError(f"no files match {pattern}")
+        files += matched
+    return files
+
+
+def _iter_lines(files_or_texts) -> Iterator[str]:
+    if isinstance(files_or_texts, str):
+        files_or_texts = expand_globs(files_or_texts)
+    for item in files_or_texts:
+        if isinstance(item, os.PathLike):
+            text = epath.Path(item).read_bytes().decode("utf-8", errors="replace")
+        else:
+            text = item
+        for line in text.splitlines():
+            line = line.strip()
+            if line:
+                yield line[:_SP_MAX_SENTENCE_BYTES // 4]  # utf-8 is at most 4 bytes a char
+
+
+def train_vocab(files_or_texts, model_prefix: PathLike, vocab_size: int, *,
+                model_type: str = "unigram", input_sentence_size: int = 2_000_000,
+                num_threads: int | None = None) -> epath.Path:
+    """Trains a T5-convention sentencepiece model and writes `{model_prefix}.model`.
+
+    Args:
+        files_or_texts: a str of comma-separated glob patterns, or an iterable whose
+            `os.PathLike` items are files and whose `str` items are texts. Each non-empty line
+            is one training sentence.
+        model_prefix: output prefix (local or gs://).
+        vocab_size: sentencepiece pieces, without sentinels. Byte fallback needs 256 + 3 +
+            the corpus' distinct characters at least.
+
+    Returns:
+        Path of the written `.model` file.
+
+    Raises:
+        VocabularyError: empty input, or a vocab_size the corpus cannot support.
+        FileNotFoundError: a glob matched nothing.
+    """
+    lines = _iter_lines(files_or_texts)
+    first = next(lines, None)
+    if first is None:
+        raise VocabularyError("no text to train a vocabulary on (empty input)")
+
+    def sentences():
+        yield first
+        yield from lines
+
+    model = io.BytesIO()
+    spm.set_random_generator_seed(0)  # same input -> same model on every host
+    try:
+        with open(os.devnull, "w") as quiet:  # sentencepiece logs a page per training to stderr
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=sentences(), model_writer=model, logstream=quiet,
+                vocab_size=vocab_size, model_type=model_type, character_coverage=1.0,
+                byte_fallback=True, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
+                input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
+                max_sentence_length=_SP_MAX_SENTENCE_BYTES,
+                num_threads=num_threads or os.cpu_count() or 1)
+    except RuntimeError as e:
+        raise VocabularyError(_explain_training_error(str(e), vocab_size)) from None
+    out = epath.Path(str(model_prefix) + ".model")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(model.getvalue())
+    return out
+
+
+def _explain_training_error(msg: str, vocab_size: int) -> str:
+    m = re.search(r"Vocabulary size (?:is )?too high \((\d+)\)\D*<= (\d+)", msg)
+    if m:
+        return (f"vocab_size={vocab_size} is too large for this corpus: sentencepiece can build "
+                f"at most {m.group(2)} pieces; lower --vocab_size or give more text")
+    m = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", msg)
+    if m:
+        return (f"vocab_size={vocab_size} is too small: this corpus needs at least "
+                f"{m.group(2)} pieces (its characters, 256 bytes and pad/eos/unk)")
+    return "sentencepiece training failed: " + (msg.strip().splitlines() or ["?"])[-1]
+
+
+def main(argv):
+    from absl import app, flags  # only the CLI defines flags, so importing this module is free
+
+    del argv
+    f = flags.FLAGS
+    try:
+        path = train_vocab(f.input, f.model_prefix, f.vocab_size, model_type=f.model_type,
+                           input_sentence_size=f.input_sentence_size)
+    except (VocabularyError, FileNotFoundError) as e:
+        raise app.UsageError(str(e)) from None
+    vocab = Vocabulary(path)
+    print(f"wrote {path}: {vocab.sp_size} pieces + {vocab.extra_ids} sentinels = vocab_size "
+          f"{vocab.vocab_size} (embedding rows {vocab.padded_vocab_size})")
+
+
+def _define_flags():
+    from absl import flags
+
+    flags.DEFINE_string("input", None, "Comma-separated glob(s) of UTF-8 text files.")
+    flags.DEFINE_string("model_prefix", None, "Output prefix; writes PREFIX.model (gs:// ok).")
+    flags.DEFINE_integer("vocab_size", 32000, "Sentencepiece pieces, without the 100 sentinels.")
+    flags.DEFINE_enum("model_type", "unigram", ["unigram", "bpe"], "Sentencepiece model type.")
+    flags.DEFINE_integer("input_sentence_size", 2_000_000, "Lines sampled for training.")
+    flags.mark_flags_as_required(["input", "model_prefix"])
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,188 @@
+"""`t5x_lite.load`: HF directories and workdirs, logits / score parity with HF, clear errors."""
+import shutil
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import hf_reference as ref
+import t5x_lite
+from t5x_lite import checkpoints, convert, hf_interop, partitioning
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    models = ref.build_all(tmp_path_factory, kinds=("t5_v1_1", "gpt2"))
+    ref.train_spm(models["t5_v1_1"][1] / "spiece.model", 80)  # 80 pieces + 100 extra ids <= 203
+    return models
+
+
+@pytest.fixture(scope="module")
+def loaded(hf_models):
+    return {kind: t5x_lite.load(path) for kind, (_, path) in hf_models.items()}
+
+
+def test_package_exports():
+    assert t5x_lite.load is t5x_lite.api.load and t5x_lite.__version__ == "0.1.0"
+
+
+@pytest.mark.parametrize("kind", ["t5_v1_1", "gpt2"])
+def test_logits_equal_hf(hf_models, loaded, kind):
+    inputs, mask, want = ref.hf_logits(kind, hf_models[kind][0])
+    lm = loaded[kind]
+    if kind == "gpt2":  # ragged lists of lists, right-padded by load's model
+        got = lm.logits([list(r[m > 0]) for r, m in zip(inputs["input_ids"], mask)])
+    else:  # padded int arrays: encoder id 0 is padding
+        got = lm.logits(inputs["input_ids"], decoder_input_ids=inputs["decoder_input_ids"])
+    assert got.dtype == np.float32 and got.shape == want.shape
+    delta = ref.masked_max_abs_diff(got, want, mask)
+    print(f"\nload({kind}).logits: max |delta| vs HF = {delta:.2e}")
+    assert delta <= TOL
+    assert lm.config.vocab_size == lm.params["token_embedder"]["embedding"].shape[0] == ref.VOCAB
+
+
+def _log_softmax(logits):
+    return torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), -1).numpy()
+
+
+def test_t5_score_of_text_equals_hand_computation(hf_models, loaded):
+    lm, model = loaded["t5_v1_1"], hf_models["t5_v1_1"][0]
+    sources = ["the lazy fox watches", "a much longer input that needs quite a few more tokens"]
+    targets = ["cat naps", "warm milk and fish for dinner"]
+    got = lm.score(sources, targets)
+    enc_rows, tgt_rows = lm.tokenize(sources, add_eos=True), lm.tokenize(targets, add_eos=True)
+    assert all(r[-1] == 1 for r in enc_rows + tgt_rows) and max(map(len, enc_rows)) > 20
+    np.testing.assert_array_equal(lm.score(enc_rows, tgt_rows), got)  # text == its token ids
+    enc = _pad(enc_rows)
+    tgt = _pad(tgt_rows)
+    logp = _log_softmax(ref.t5_logits(model, enc, enc > 0, ref.shift_right(tgt), tgt > 0))
+    hand = [sum(logp[i, j, t] for j, t in enumerate(row)) for i, row in enumerate(tgt_rows)]
+    print(f"\nT5 score {got} vs hand {hand}")
+    np.testing.assert_allclose(got, hand, rtol=1e-5, atol=TOL)
+    assert lm.detokenize(tgt_rows) == targets
+
+
+def test_gpt2_score_equals_hand_computation(hf_models, loaded):
+    lm, model = loaded["gpt2"], hf_models["gpt2"][0]
+    rng = np.random.default_rng(3)
+    prompts = [list(rng.integers(0, ref.VOCAB, n)) for n in (5, 1, 12)]  # id 0 is a real token
+    conts = [list(rng.integers(0, ref.VOCAB, n)) for n in (9, 20, 2)]
+    got = lm.score(prompts, conts)
+    hand = []
+    for p, c in zip(prompts, conts):  # one unpadded row at a time
+        seq = np.array([p + c])
+        logp = _log_softmax(ref.gpt2_logits(model, seq, np.ones_like(seq)))[0]
+        hand.append(sum(logp[len(p) - 1 + j, t] for j, t in enumerate(c)))
+    print(f"\nGPT-2 score {got} vs hand {hand}")
+    np.testing.assert_allclose(got, hand, rtol=1e-5, atol=TOL)
+
+
+def _pad(rows):
+    out = np.zeros((len(rows), max(map(len, rows))), np.int64)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+def test_workdir_checkpoints_and_step_dirs_load_the_same(hf_models, loaded, tmp_path):
+    workdir = tmp_path / "workdir"
+    convert.hf_to_workdir(hf_models["gpt2"][1], workdir, scan_layers=True)
+    ids = [[5, 0, 17, 200, 3], [9, 9]]
+    want = loaded["gpt2"].logits(ids)
+    for path in (workdir, workdir / "checkpoints", workdir / "checkpoints" / "0"):
+        lm = t5x_lite.load(path)
+        assert lm.config.scan_layers and lm.vocab is None
+        assert ref.masked_max_abs_diff(lm.logits(ids), want, [[1] * 5, [1, 1, 0, 0, 0]]) <= 5e-5
+    with pytest.raises(checkpoints.CheckpointError, match="No checkpoint for step 3"):
+        t5x_lite.load(workdir, step=3)
+
+
+def test_sharded_mesh_and_dtype(hf_models, loaded):
+    ids = [[5, 0, 17, 200, 3], [9, 9]]
+    want = loaded["gpt2"].logits(ids)
+    mesh = partitioning.make_mesh(data=4, fsdp=2, tensor=1)
+    lm = t5x_lite.load(hf_models["gpt2"][1], mesh=mesh)
+    emb = lm.params["token_embedder"]["embedding"]
+    assert emb.sharding.mesh.shape["fsdp"] == 2 and not emb.sharding.is_fully_replicated
+    np.testing.assert_allclose(lm.logits(ids), want, atol=1e-5)
+    half = t5x_lite.load(hf_models["gpt2"][1], dtype="bfloat16")
+    assert half.config.dtype == "bfloat16"
+    assert half.params["token_embedder"]["embedding"].dtype == np.float32  # params stay fp32
+    got = half.logits(ids)
+    assert 0 < np.max(np.abs(got - want)[0]) < 0.05 * np.abs(want).max()
+
+
+def test_bad_inputs(hf_models, loaded, tmp_path):
+    t5, gpt = loaded["t5_v1_1"], loaded["gpt2"]
+    with pytest.raises(ValueError, match="encoder-decoder.*pass decoder_input_ids"):
+        t5.logits([[5, 6, 1]])
+    with pytest.raises(ValueError, match="takes only input_ids"):
+        gpt.logits([[5]], decoder_input_ids=[[0]])
+    with pytest.raises(ValueError, match="no sentencepiece vocabulary"):
+        gpt.score("a prompt", "a continuation")
+    with pytest.raises(ValueError, match=r"Token ids must be in \[0, 203\)"):
+        gpt.logits([[5, 203]])
+    with pytest.raises(ValueError, match="exceed this model's 40 learned positions"):
+        gpt.logits([list(range(41))])
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        gpt.score([[3], []], [[4], [5]])
+    with pytest.raises(ValueError, match="Batch sizes differ"):
+        t5.score([[3, 1]], [[4, 1], [5, 1]])
+
+
+def test_bad_paths(hf_models, tmp_path):
+    with pytest.raises(checkpoints.CheckpointError, match="does not exist"):
+        t5x_lite.load(tmp_path / "nope")
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"never unpickled")
+    (tmp_path / "pickled" / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(hf_interop.InteropError, match="re-save it as safetensors"):
+        t5x_lite.load(tmp_path / "pickled")
+    big_vocab = shutil.copytree(hf_models["t5_v1_1"][1], tmp_path / "big_vocab")
+    ref.train_spm(big_vocab / "spiece.model", 150)
+    with pytest.raises(checkpoints.CheckpointError,
+                       match="has 250 ids .* embedding has only 203 rows"):
+        t5x_lite.load(big_vocab)
+
+
+def test_generate_delegates_to_decoding(loaded, monkeypatch):
+    fake = types.ModuleType("t5x_lite.decoding.generate")
+    fake.generate = lambda model, **kw: (model, kw)
+    monkeypatch.setitem(sys.modules, "t5x_lite.decoding.generate", fake)
+    lm = loaded["gpt2"]
+    assert lm.generate(input_ids=[[3, 4]], max_new_tokens=2) == (
+        lm, {"input_ids": [[3, 4]], "max_new_tokens": 2})
+
+
+def test_gpt_trained_here_gets_the_start_token_before_text(tmp_path):
+    """A GPT with a t5x_lite vocabulary saw `[0] + targets[:-1]` in training, so text prompts
+    are prefixed with id 0; given ids are used as they are."""
+    import flax.linen as nn
+    import jax
+    from t5x_lite import config as mc
+    from t5x_lite.data import testing as data_testing
+    from t5x_lite.defaults import base_config
+    from t5x_lite.models import build_model
+
+    vocab = data_testing.tiny_vocab()
+    cfg = mc.gpt2(vocab_size=vocab.padded_vocab_size, d_model=16, num_heads=2, head_dim=8,
+                  d_ff=32, num_layers=1, max_len=64)
+    params = nn.meta.unbox(build_model(cfg).init(jax.random.key(1)))["params"]
+    checkpoints.write_config(tmp_path, base_config(cfg, objective="causal_lm"))
+    checkpoints.save_params(tmp_path, params, 0)
+    vocab.copy_to(tmp_path)
+    lm = t5x_lite.load(tmp_path)
+    assert lm.uses_start_token and lm.vocab is not None
+    prompt, cont = "the cat sat", " on the mat"
+    p_ids, c_ids = lm.vocab.encode(prompt), lm.vocab.encode(cont)
+    np.testing.assert_allclose(lm.score([prompt], [cont]), lm.score([[0] + p_ids], [c_ids]),
+                               rtol=1e-6)
+    assert abs(lm.score([prompt], [cont])[0] - lm.score([p_ids], [c_ids])[0]) > 1e-4
+    np.testing.assert_allclose(lm.logits([prompt]), lm.logits([[0] + p_ids]), atol=1e-6)
+    by_text = lm.generate(inputs=[prompt], max_new_tokens=5)
+    by_ids = lm.generate(input_ids=[[0] + p_ids], max_new_tokens=5)
+    assert by_text[0]["ids"] == by_ids[0]["ids"]

@@ -1,0 +1,121 @@
+"""checkpoints: config I/O, path resolution, params-only and full training checkpoints (params,
+optimizer state, grain iterator), restore onto other meshes, incomplete saves ignored."""
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from t5x_lite import checkpoints, partitioning
+from t5x_lite.training import train_state
+
+
+def _params():
+    rng = np.random.default_rng(0)
+    return {"dense": {"kernel": rng.normal(size=(16, 8)).astype(np.float32)},
+            "norm": {"scale": rng.normal(size=(8,)).astype(np.float32)}}
+
+
+def _specs():
+    return {"dense": {"kernel": P("fsdp", "tensor")}, "norm": {"scale": P("tensor")}}
+
+
+def _placed(tree, mesh, specs):
+    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, specs)
+
+
+def _abstract(tree, mesh, specs):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                          sharding=NamedSharding(mesh, s)),
+                        tree, specs)
+
+
+def test_config_roundtrip_and_overwrite(tmp_path):
+    checkpoints.write_config(tmp_path, {"model": {"d_model": 8}, "mesh": {"rules": (("a", None),)}})
+    checkpoints.write_config(tmp_path, {"model": {"d_model": 16}})  # a resumed run rewrites it
+    assert checkpoints.read_config(tmp_path).model.d_model == 16
+    with pytest.raises(checkpoints.CheckpointError, match="not a t5x_lite workdir"):
+        checkpoints.read_config(tmp_path / "nope")
+
+
+def test_params_checkpoint_resolve_and_mismatch(tmp_path):
+    params = _params()
+    checkpoints.save_params(tmp_path, params, step=7)
+    assert checkpoints.all_steps(tmp_path) == [7]
+    for path in (tmp_path, tmp_path / "checkpoints", tmp_path / "checkpoints" / "7"):
+        assert checkpoints.resolve(path) == (tmp_path, 7)
+    mesh = partitioning.make_mesh(1, 4, 2)
+    got = checkpoints.restore_params(tmp_path, 7, _abstract(params, mesh, _specs()))
+    np.testing.assert_array_equal(got["dense"]["kernel"], params["dense"]["kernel"])
+    assert got["dense"]["kernel"].sharding.spec == P("fsdp", "tensor")
+    wrong = {"dense": {"kernel": np.zeros((16, 4), np.float32)}, "norm": params["norm"]}
+    with pytest.raises(checkpoints.CheckpointError, match=r"kernel'\]: checkpoint \(16, 8\) vs"):
+        checkpoints.restore_params(tmp_path, 7, _abstract(wrong, mesh, _specs()))
+
+
+def _iterator():
+    return iter(grain.MapDataset.range(1000).shuffle(seed=3).batch(4).to_iter_dataset())
+
+
+@pytest.mark.parametrize("restore_mesh", [(1, 1, 1), (2, 2, 2)])
+def test_train_checkpoint_restores_onto_another_mesh(tmp_path, restore_mesh):
+    tx = optax.adamw(1e-2)
+    mesh8 = partitioning.make_mesh(1, 4, 2)
+    params = _placed(_params(), mesh8, _specs())
+    abstract_opt = jax.eval_shape(tx.init, params)
+    opt_sh = train_state.opt_state_shardings(abstract_opt, params, jax.tree.map(
+        lambda x: x.sharding, params), mesh8)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    _, opt_state = tx.update(grads, opt_state, params)  # non-trivial moments
+    it = _iterator()
+    for _ in range(5):
+        next(it)
+    with checkpoints.make_train_manager(tmp_path, keep=2) as mngr:
+        assert checkpoints.save_train_state(mngr, 5, params, opt_state, data_iterator=it,
+                                            config={"seed": 1})
+        want_next = next(it)  # the iterator moves on while the async save completes
+        mngr.wait_until_finished()
+    # Restore with fewer / differently arranged devices.
+    n = int(np.prod(restore_mesh))
+    mesh = partitioning.make_mesh(*restore_mesh, devices=jax.devices()[:n])
+    abstract_p = _abstract(_params(), mesh, _specs())
+    param_sh = jax.tree.map(lambda x: x.sharding, abstract_p)
+    abs_opt = checkpoints.abstract_with_shardings(
+        abstract_opt, train_state.opt_state_shardings(abstract_opt, abstract_p, param_sh, mesh))
+    it2 = _iterator()
+    with checkpoints.make_train_manager(tmp_path) as mngr:
+        assert mngr.latest_step() == 5
+        got_p, got_opt = checkpoints.restore_train_state(mngr, 5, abstract_p, abs_opt,
+                                                         data_iterator=it2)
+    np.testing.assert_array_equal(next(it2), want_next)
+    for a, b in zip(jax.tree.leaves(got_p) + jax.tree.leaves(got_opt),
+                    jax.tree.leaves(params) + jax.tree.leaves(opt_state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert len(a.sharding.device_set) <= n
+    assert got_opt[0].mu["dense"]["kernel"].sharding.spec == P("fsdp", "tensor")
+    stored = (tmp_path / "checkpoints" / "5" / "config").glob("*")
+    assert any(p.is_file() for p in stored)
+
+
+def test_incomplete_save_is_ignored(tmp_path):
+    checkpoints.save_params(tmp_path, _params(), step=10)
+    # What a kill -9 in the middle of a save leaves behind: orbax's temporary step directory.
+    partial = tmp_path / "checkpoints" / "20.orbax-checkpoint-tmp"
+    (partial / "params").mkdir(parents=True)
+    (partial / "params" / "garbage").write_bytes(b"\0" * 10)
+    assert checkpoints.all_steps(tmp_path) == [10]
+    assert checkpoints.resolve(tmp_path) == (tmp_path, 10)
+    with checkpoints.make_train_manager(tmp_path) as mngr:
+        assert mngr.latest_step() == 10
+
+
+def test_params_only_checkpoint_has_no_iterator_state(tmp_path):
+    checkpoints.save_params(tmp_path, _params(), step=3)
+    mesh = partitioning.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    abstract_p = _abstract(_params(), mesh, _specs())
+    with checkpoints.make_train_manager(tmp_path) as mngr:
+        with pytest.raises(checkpoints.CheckpointError, match="init_from"):
+            checkpoints.restore_train_state(mngr, 3, abstract_p, {}, data_iterator=_iterator())

@@ -1,0 +1,129 @@
+"""`python -m t5x_lite.convert`: HF -> workdir -> HF round trips that transformers loads."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+import transformers
+
+import hf_reference as ref
+from t5x_lite import checkpoints, convert, hf_interop
+from t5x_lite.config import ModelConfig, gpt_modern
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    models = ref.build_all(tmp_path_factory)
+    # Conversion copies a T5 vocabulary byte for byte; its content does not matter here.
+    (models["t5_v1_0"][1] / "spiece.model").write_bytes(b"sentencepiece bytes")
+    return models
+
+
+def _from_pretrained(kind, path):
+    cls = (transformers.GPT2LMHeadModel if kind == "gpt2"
+           else transformers.T5ForConditionalGeneration)
+    return cls.from_pretrained(path, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("kind, scan", [("t5_v1_0", False), ("t5_v1_1", True), ("gpt2", False)])
+def test_round_trip_loads_in_transformers_with_same_logits(hf_models, tmp_path, kind, scan):
+    model, src = hf_models[kind]
+    workdir, out = tmp_path / "workdir", tmp_path / "hf"
+    cfg = convert.hf_to_workdir(src, workdir, scan_layers=scan)
+    run = checkpoints.read_config(workdir)
+    assert ModelConfig.from_dict(run.model) == cfg and cfg.scan_layers == scan
+    assert run.data.objective == ("causal_lm" if kind == "gpt2" else "span_corruption")
+    assert checkpoints.all_steps(workdir) == [0]
+
+    convert.workdir_to_hf(workdir, out)
+    original = safetensors.numpy.load_file(src / "model.safetensors")
+    written = safetensors.numpy.load_file(out / "model.safetensors")
+    assert written.keys() == original.keys()
+    for name in original:
+        np.testing.assert_array_equal(written[name], original[name], err_msg=name)
+
+    back = _from_pretrained(kind, out)
+    inputs, mask, want = ref.hf_logits(kind, model)
+    delta = ref.masked_max_abs_diff(ref.hf_forward(kind, back, inputs), want, mask)
+    print(f"\n{kind}: HF -> t5x_lite -> HF max |logits delta| = {delta:.1e}")
+    assert delta == 0.0
+    if kind == "t5_v1_1":  # the reloaded head must stay untied and unscaled
+        assert not torch.equal(back.lm_head.weight, back.shared.weight)
+        assert back.config.scale_decoder_outputs is False
+    if kind == "t5_v1_0":
+        assert (workdir / "vocab.model").read_bytes() == b"sentencepiece bytes"
+        assert (out / "spiece.model").read_bytes() == b"sentencepiece bytes"
+    if kind == "gpt2":  # the source config's extras (token ids) come back
+        assert json.loads((out / "config.json").read_text())["bos_token_id"] == 5
+
+
+def test_to_hf_accepts_step_and_checkpoints_dirs(hf_models, tmp_path):
+    workdir = tmp_path / "workdir"
+    convert.hf_to_workdir(hf_models["gpt2"][1], workdir)
+    for path in (workdir / "checkpoints", workdir / "checkpoints" / "0"):
+        convert.workdir_to_hf(path, tmp_path / path.name)
+        assert (tmp_path / path.name / "model.safetensors").exists()
+    with pytest.raises(checkpoints.CheckpointError, match="No checkpoint for step 7"):
+        convert.workdir_to_hf(workdir, tmp_path / "x", step=7)
+    with pytest.raises(hf_interop.InteropError, match="already holds checkpoints"):
+        convert.hf_to_workdir(hf_models["gpt2"][1], workdir)
+
+
+def _cli(*args):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "t5x_lite.convert", *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_converts_both_ways(hf_models, tmp_path):
+    src = hf_models["gpt2"][1]
+    r = _cli(f"--from_hf={src}", f"--workdir={tmp_path / 'w'}", "--scan_layers")
+    assert r.returncode == 0, r.stderr
+    r = _cli("--to_hf", f"--workdir={tmp_path / 'w'}", f"--out={tmp_path / 'hf'}")
+    assert r.returncode == 0, r.stderr
+    assert "wrote HF directory" in r.stdout
+    back = _from_pretrained("gpt2", tmp_path / "hf")
+    inputs, mask, want = ref.hf_logits("gpt2", hf_models["gpt2"][0])
+    assert ref.masked_max_abs_diff(ref.hf_forward("gpt2", back, inputs), want, mask) == 0.0
+
+
+def _pickle_dir(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "t5"}')
+    (tmp_path / "pytorch_model.bin").write_bytes(b"never unpickled")
+    return tmp_path
+
+
+def _unknown_type_dir(tmp_path, hf_models):
+    src = hf_models["gpt2"][1]
+    (tmp_path / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    (tmp_path / "config.json").write_text('{"model_type": "mamba"}')
+    return tmp_path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "does not exist"),
+    ("pickle", "re-save it as safetensors"),
+    ("unknown_type", "Unsupported HF model_type 'mamba'"),
+    ("to_hf_missing", "does not exist"),
+])
+def test_cli_errors_are_one_line(hf_models, tmp_path, case, message):
+    args = {
+        "missing": lambda: [f"--from_hf={tmp_path / 'nope'}"],
+        "pickle": lambda: [f"--from_hf={_pickle_dir(tmp_path)}"],
+        "unknown_type": lambda: [f"--from_hf={_unknown_type_dir(tmp_path, hf_models)}"],
+        "to_hf_missing": lambda: ["--to_hf", f"--out={tmp_path / 'out'}"],
+    }[case]()
+    r = _cli(*args, f"--workdir={tmp_path / 'w'}")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("convert: error:") and message in lines[0], lines[0]
+
+
+def test_models_without_hf_equivalent_are_refused():
+    with pytest.raises(hf_interop.InteropError, match="No HF equivalent"):
+        convert.hf_config_from_model(gpt_modern(vocab_size=64, d_model=32, num_heads=2,
+                                                head_dim=16, d_ff=64, num_layers=1))

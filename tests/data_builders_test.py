@@ -1,0 +1,141 @@
+"""Tests for the local-file tfds builders: formats, splits, caching, bad input."""
+import json
+import os
+
+import pytest
+
+from t5x_lite.data import builders
+from t5x_lite.data import local_files
+from t5x_lite.data import testing
+
+
+def _read_all(builder, split):
+    src = builder.as_data_source(split)
+    return [{k: v.decode("utf-8") for k, v in src[i].items()} for i in range(len(src))]
+
+
+def _prepare(tmp_path, fmt, **kwargs):
+    config = builders.local_files_config(fmt, **kwargs)
+    return builders.prepare_local_files(config, tmp_path / "data_dir")
+
+
+def test_text_one_document_per_file_with_holdout(tmp_path):
+    docs = testing.documents(60)
+    for i, d in enumerate(docs):
+        (tmp_path / f"doc{i:03d}.txt").write_text(d + "\n")
+    b = _prepare(tmp_path, "text", paths=[str(tmp_path / "doc*.txt")], validation_fraction=0.2)
+    train, val = _read_all(b, "train"), _read_all(b, "validation")
+    assert sorted(r["text"] for r in train + val) == sorted(docs)
+    assert 3 <= len(val) <= 25
+    assert {r["text"] for r in val} == {d for d in docs
+                                        if builders.record_hash({"text": d}) < 0.2}
+    assert b.info.metadata["split_sizes"] == {"train": len(train), "validation": len(val)}
+
+
+def test_text_paragraphs_and_lines(tmp_path):
+    (tmp_path / "a.txt").write_text("First para\nstill first.\n\n\nSecond para.\n  \nThird.\n")
+    b = _prepare(tmp_path, "text", train_paths=[str(tmp_path / "a.txt")],
+                 document_per="paragraph")
+    assert [r["text"] for r in _read_all(b, "train")] == [
+        "First para\nstill first.", "Second para.", "Third."]
+    b = _prepare(tmp_path, "text", train_paths=[str(tmp_path / "a.txt")], document_per="line")
+    assert [r["text"] for r in _read_all(b, "train")] == [
+        "First para", "still first.", "Second para.", "Third."]
+    assert b.info.metadata["skipped_blank"] == 3
+
+
+def test_jsonl_text_and_pairs_and_tsv_with_explicit_splits(tmp_path):
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps({"body": f"text {i}", "x": i})
+                                                for i in range(5)) + "\n")
+    b = _prepare(tmp_path, "jsonl", train_paths=[str(tmp_path / "t.jsonl")], text_key="body")
+    assert [r["text"] for r in _read_all(b, "train")] == [f"text {i}" for i in range(5)]
+    assert b.info.metadata["kind"] == "text"
+
+    (tmp_path / "p.jsonl").write_text(json.dumps({"inputs": "q1", "targets": "a1"}) + "\n" +
+                                      json.dumps({"inputs": "q2", "targets": "a2"}) + "\n")
+    (tmp_path / "v.tsv").write_text("vq\tva\n")
+    b = _prepare(tmp_path, "jsonl", train_paths=[str(tmp_path / "p.jsonl")])
+    assert _read_all(b, "train") == [{"inputs": "q1", "targets": "a1"},
+                                     {"inputs": "q2", "targets": "a2"}]
+    b = _prepare(tmp_path, "tsv", train_paths=[str(tmp_path / "v.tsv")],
+                 validation_paths=[str(tmp_path / "v.tsv")])
+    assert _read_all(b, "validation") == [{"inputs": "vq", "targets": "va"}]
+    assert b.info.metadata["kind"] == "pairs"
+
+
+def test_prepared_data_is_reused_and_rebuilt_when_inputs_change(tmp_path, monkeypatch):
+    path = tmp_path / "c.txt"
+    path.write_text("one\n\ntwo\n")
+    kwargs = dict(train_paths=[str(path)], document_per="paragraph")
+    b1 = _prepare(tmp_path, "text", **kwargs)
+    calls = []
+    original = builders.LocalFiles._plan
+    monkeypatch.setattr(builders.LocalFiles, "_plan",
+                        lambda self: calls.append(1) or original(self))
+    b2 = _prepare(tmp_path, "text", **kwargs)
+    assert b2.data_dir == b1.data_dir and calls == []  # cached: nothing re-read
+
+    path.write_text("one\n\ntwo\n\nthree\n")
+    os.utime(path, (1, 1))  # mtime and size change -> new config
+    b3 = _prepare(tmp_path, "text", **kwargs)
+    assert b3.data_dir != b1.data_dir and calls == [1]
+    assert [r["text"] for r in _read_all(b3, "train")] == ["one", "two", "three"]
+    b4 = _prepare(tmp_path, "text", **{**kwargs, "document_per": "line"})  # options matter too
+    assert b4.data_dir not in (b1.data_dir, b3.data_dir)
+
+
+def test_non_utf8_is_skipped_and_counted_or_fails_when_strict(tmp_path):
+    (tmp_path / "good.txt").write_text("fine text")
+    (tmp_path / "bad.txt").write_bytes(b"latin-1 caf\xe9")
+    b = _prepare(tmp_path, "text", train_paths=[str(tmp_path / "*.txt")])
+    assert [r["text"] for r in _read_all(b, "train")] == ["fine text"]
+    assert b.info.metadata["skipped_non_utf8"] == 1
+    assert "1 non-utf8" in builders.skipped_summary(b)
+
+    (tmp_path / "lines.tsv").write_bytes(b"a\tb\nc\xff\td\ne\tf\n")
+    b = _prepare(tmp_path, "tsv", train_paths=[str(tmp_path / "lines.tsv")])
+    assert _read_all(b, "train") == [{"inputs": "a", "targets": "b"},
+                                     {"inputs": "e", "targets": "f"}]
+    assert b.info.metadata["skipped_non_utf8"] == 1
+    with pytest.raises(local_files.DataFormatError, match=r"lines.tsv:2: not valid UTF-8"):
+        _prepare(tmp_path, "tsv", train_paths=[str(tmp_path / "lines.tsv")], strict_utf8=True)
+
+
+def test_bad_input_errors_are_one_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        builders.local_files_config("text", paths=[str(tmp_path / "missing.txt")])
+    with pytest.raises(FileNotFoundError, match="no files match"):
+        builders.local_files_config("text", paths=[str(tmp_path / "*.none")])
+    (tmp_path / "blank.txt").write_text("  \n\n")
+    with pytest.raises(builders.EmptyCorpusError, match="empty corpus") as e:
+        _prepare(tmp_path, "text", paths=[str(tmp_path / "blank.txt")])
+    assert "\n" not in str(e.value)
+    assert not list((tmp_path / "data_dir").rglob("*.array_record*"))  # nothing half-written
+    (tmp_path / "x.tsv").write_text("a\tb\nno tab here\n")
+    with pytest.raises(local_files.DataFormatError, match=r"x.tsv:2: expected 'inputs<TAB>"):
+        _prepare(tmp_path, "tsv", train_paths=[str(tmp_path / "x.tsv")])
+    (tmp_path / "x.jsonl").write_text('{"text": "a"}\n{"text": 3}\n')
+    with pytest.raises(local_files.DataFormatError, match=r"x.jsonl:2: fields"):
+        _prepare(tmp_path, "jsonl", train_paths=[str(tmp_path / "x.jsonl")])
+    (tmp_path / "y.jsonl").write_text('{"body": "a"}\n')
+    with pytest.raises(local_files.DataFormatError, match="neither 'text'"):
+        _prepare(tmp_path, "jsonl", train_paths=[str(tmp_path / "y.jsonl")])
+    with pytest.raises(ValueError, match="either data.paths"):
+        builders.local_files_config("text")
+
+
+def test_tiny_corpus_holdout_keeps_both_splits_nonempty(tmp_path):
+    (tmp_path / "two.txt").write_text("alpha\n\nbeta\n")
+    b = _prepare(tmp_path, "text", paths=[str(tmp_path / "two.txt")], document_per="paragraph",
+                 validation_fraction=0.01)
+    assert len(_read_all(b, "train")) == 1 and len(_read_all(b, "validation")) == 1
+    (tmp_path / "one.txt").write_text("alone\n")
+    b = _prepare(tmp_path, "text", paths=[str(tmp_path / "one.txt")], validation_fraction=0.5)
+    assert len(_read_all(b, "train")) == 1 and "validation" not in b.info.splits
+
+
+def test_holdout_overrides():
+    assert builders.holdout_overrides([0.5, 0.7], 0.1) == (0.5, None)
+    assert builders.holdout_overrides([0.05, 0.07], 0.1) == (None, 0.07)
+    assert builders.holdout_overrides([0.05, 0.7], 0.1) == (None, None)
+    assert builders.holdout_overrides([0.7], 0.1) == (None, None)

@@ -1,0 +1,86 @@
+"""Tests for sources: any prepared tfds dataset by name, local builders, record decoding."""
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from t5x_lite.data import sources
+from t5x_lite.data.config import DataConfig, DataConfigError
+
+
+class T5xLiteTestArticles(tfds.core.GeneratorBasedBuilder):
+    """A stand-in for a catalog dataset such as c4: several features, text under "body"."""
+
+    VERSION = tfds.core.Version("1.2.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "body": tfds.features.Text(), "title": tfds.features.Text(),
+            "year": tfds.features.Scalar(dtype=np.int32)}), disable_shuffling=True)
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(10), "validation": self._generate_examples(3)}
+
+    def _generate_examples(self, n):
+        for i in range(n):
+            yield i, {"body": f"body number {i} é", "title": f"t{i}", "year": 2000 + i}
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("tfds")
+    T5xLiteTestArticles(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    return str(data_dir)
+
+
+def test_tfds_source_by_name_with_text_key(tfds_dir):
+    cfg = DataConfig(source="tfds", tfds_name="t5x_lite_test_articles:1.2.0", data_dir=tfds_dir,
+                     text_key="body")
+    src = sources.make_source(cfg, "train")
+    assert len(src) == 10 and src.kind == "text"
+    assert src.decoder.map(src.data_source[3]) == {"text": "body number 3 é"}
+    val = sources.make_source(cfg, "validation[:2]")
+    assert len(val) == 2
+    title = sources.make_source(DataConfig(**{**cfg.to_dict(), "text_key": "title"}), "train")
+    assert title.decoder.map(title.data_source[0]) == {"text": "t0"}
+
+
+def test_tfds_source_errors_are_one_line(tfds_dir):
+    with pytest.raises(DataConfigError, match="not found in data_dir") as e:
+        sources.make_source(DataConfig(source="tfds", tfds_name="no_such_dataset_xyz",
+                                       data_dir=tfds_dir), "train")
+    assert "\n" not in str(e.value)
+    with pytest.raises(DataConfigError, match=r"no feature 'text'.*\['body', 'title', 'year'\]"):
+        sources.make_source(DataConfig(source="tfds", tfds_name="t5x_lite_test_articles",
+                                       data_dir=tfds_dir), "train")
+    with pytest.raises(DataConfigError, match="test"):
+        sources.make_source(DataConfig(source="tfds", tfds_name="t5x_lite_test_articles",
+                                       data_dir=tfds_dir, text_key="body"), "test")
+
+
+def test_record_decoder_utf8_policy():
+    dec = sources.RecordDecoder("text")
+    assert dec.map({"text": b"caf\xc3\xa9"}) == {"text": "café"}
+    assert dec.map({"text": b"caf\xe9"}) == {"text": "caf\ufffd"}  # replaced, counted
+    assert dec.counter.count == 1
+    with pytest.raises(DataConfigError, match="not valid UTF-8"):
+        sources.RecordDecoder("text", strict_utf8=True).map({"text": b"\xff"})
+    pairs = sources.RecordDecoder("pairs", inputs_key="q", targets_key="a")
+    assert pairs.map({"q": b"x", "a": b"y", "other": b"z"}) == {"inputs": "x", "targets": "y"}
+
+
+def test_local_source_split_names_and_missing_validation(tmp_path):
+    (tmp_path / "a.tsv").write_text("q1\ta1\nq2\ta2\n")
+    cfg = DataConfig(source="tsv", train_paths=str(tmp_path / "a.tsv"),
+                     data_dir=str(tmp_path / "dd"), objective="seq2seq", eval_split="dev")
+    src = sources.make_source(cfg, "train")
+    assert src.kind == "pairs" and len(src) == 2
+    assert src.decoder.map(src.data_source[1]) == {"inputs": "q2", "targets": "a2"}
+    with pytest.raises(DataConfigError, match="no split 'validation'.*validation_paths"):
+        sources.make_source(cfg, "dev")  # eval_split maps to the builder's validation split
+
+
+def test_missing_local_path_is_a_config_error(tmp_path):
+    cfg = DataConfig(source="text", paths=str(tmp_path / "nope" / "*.txt"),
+                     data_dir=str(tmp_path / "dd"))
+    with pytest.raises(DataConfigError, match="no files match"):
+        sources.make_source(cfg, "train")

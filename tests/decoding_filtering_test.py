@@ -1,0 +1,85 @@
+"""Temperature / top-k / top-p equal HF's logits warpers; sampling follows the filtered law."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from transformers.generation import logits_process as hf
+
+from t5x_lite.decoding.filtering import (SamplingConfig, filter_logits, select_tokens,
+                                         token_log_probs)
+
+
+def _hf_filter(logits, cfg: SamplingConfig):
+    scores = torch.tensor(np.asarray(logits))
+    warpers = []
+    if cfg.temperature not in (0.0, 1.0):
+        warpers.append(hf.TemperatureLogitsWarper(cfg.temperature))
+    if cfg.top_k:
+        warpers.append(hf.TopKLogitsWarper(cfg.top_k))
+    if cfg.top_p < 1.0:
+        warpers.append(hf.TopPLogitsWarper(cfg.top_p))
+    ids = torch.zeros((scores.shape[0], 1), dtype=torch.long)
+    for w in warpers:  # HF's order: temperature, top-k, top-p
+        scores = w(ids, scores)
+    return scores.numpy()
+
+
+@pytest.mark.parametrize("cfg", [
+    SamplingConfig(top_k=5), SamplingConfig(top_p=0.9), SamplingConfig(top_p=0.3),
+    SamplingConfig(temperature=0.7, top_k=20, top_p=0.8),
+    SamplingConfig(temperature=1.8, top_p=0.95),
+    SamplingConfig(temperature=0.5, top_k=1), SamplingConfig(top_p=1e-6),
+])
+def test_masks_equal_hf_warpers(cfg):
+    logits = np.random.default_rng(0).normal(0, 3, (6, 97)).astype(np.float32)
+    ours, theirs = np.asarray(filter_logits(jnp.asarray(logits), cfg)), _hf_filter(logits, cfg)
+    np.testing.assert_array_equal(np.isinf(ours), np.isinf(theirs))
+    kept = ~np.isinf(theirs)
+    np.testing.assert_allclose(ours[kept], theirs[kept], rtol=1e-6)
+    assert kept.sum(1).min() >= 1
+
+
+def test_bad_sampling_config():
+    for kw in (dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1), dict(temperature=-1.0)):
+        with pytest.raises(ValueError):
+            SamplingConfig(**kw)
+
+
+def test_sample_frequencies_follow_filtered_distribution():
+    cfg = SamplingConfig(temperature=0.8, top_k=12, top_p=0.9)
+    logits_V = np.random.default_rng(1).normal(0, 1.5, 40).astype(np.float32)
+    n = 40000
+    keys = jax.random.split(jax.random.key(1234), n)
+    draw = jax.jit(lambda keys, l: select_tokens(keys, jnp.broadcast_to(l, (n, 40)), cfg))
+    counts = np.bincount(np.asarray(draw(keys, logits_V)), minlength=40)
+    probs = np.asarray(jax.nn.softmax(filter_logits(jnp.asarray(logits_V[None]), cfg)))[0]
+    support = probs > 0
+    assert counts[~support].sum() == 0  # never a filtered-out token
+    p = probs[support].astype(np.float64)
+    _, pvalue = scipy.stats.chisquare(counts[support], n * p / p.sum())
+    assert pvalue > 1e-3, pvalue
+    assert counts[support].min() > 0  # and every kept token does occur
+    # The check has power: the same counts reject the law without the temperature.
+    wrong = np.asarray(jax.nn.softmax(filter_logits(jnp.asarray(logits_V[None]),
+                                                    SamplingConfig(top_k=12, top_p=0.9))))[0]
+    outside = counts[wrong == 0].sum()
+    if not outside:
+        w = wrong[wrong > 0].astype(np.float64)
+        _, p_wrong = scipy.stats.chisquare(counts[wrong > 0], n * w / w.sum())
+        assert p_wrong < 1e-6
+
+
+def test_seeds_and_greedy():
+    logits = jnp.asarray(np.random.default_rng(2).normal(0, 1, (8, 30)), jnp.float32)
+    cfg = SamplingConfig()
+    a = select_tokens(jax.random.split(jax.random.key(0), 8), logits, cfg)
+    b = select_tokens(jax.random.split(jax.random.key(0), 8), logits, cfg)
+    c = select_tokens(jax.random.split(jax.random.key(1), 8), logits, cfg)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    greedy = select_tokens(jax.random.split(jax.random.key(1), 8), logits, SamplingConfig(0.0))
+    np.testing.assert_array_equal(greedy, np.argmax(logits, -1))
+    lp = token_log_probs(logits, greedy)
+    np.testing.assert_allclose(lp, np.max(jax.nn.log_softmax(logits), -1), rtol=1e-6)

@@ -1,0 +1,206 @@
+"""generate(): greedy and beam search equal HF `generate` on converted random T5 v1.1 / GPT-2
+weights; the API's options, errors, seeds and batching.
+
+The HF models are tiny, random, built offline (eager attention) and then biased so that EOS
+(id 1) becomes likely and every beam ends within the budget: GPT-2 gets a component added to the
+position embeddings from position 8 on that the (tied) EOS embedding reads out, so outputs end
+after a prompt-dependent number of tokens; T5 gets that component on the input embeddings of a
+third of the vocabulary ("terminators"), read out by its untied lm_head's EOS row, so EOS follows
+those tokens.
+"""
+import re
+import types
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import decoding_testlib
+from t5x_lite import config as config_lib
+from t5x_lite import hf_interop
+from t5x_lite.decoding.generate import DecodeError, generate
+
+V, N = 96, 20
+PROMPT_LENGTHS = [3, 7, 5, 1, 6, 2]
+
+
+def _randomize(model, seed, embed_std):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if name.endswith("bias") and "relative" not in name:
+                p.copy_(0.1 * noise)
+            elif "norm" in name or ".ln_" in name:
+                p.copy_(1.0 + 0.2 * noise)
+            elif name.endswith(("wte.weight", "wpe.weight")):
+                p.copy_(embed_std * noise)
+
+
+def _eos_readout(u, gain, strength):
+    """A row that gives EOS a logit of about `strength` where the normed hidden state is ~u."""
+    ug = u * gain
+    return strength * ug / (ug @ ug) / np.sqrt(len(u))
+
+
+def _to_loaded(model):
+    tensors = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    cfg = hf_interop.model_config_from_hf(model.config.to_dict(), tensors)
+    return decoding_testlib.loaded(cfg, hf_interop.params_from_hf(cfg, tensors))
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        vocab_size=V, n_embd=32, n_head=2, n_layer=2, n_positions=64, n_inner=64, resid_pdrop=0,
+        embd_pdrop=0, attn_pdrop=0, bos_token_id=1, eos_token_id=1, pad_token_id=0,
+        attn_implementation="eager")
+    model = transformers.GPT2LMHeadModel(cfg)
+    _randomize(model, 1, 0.15)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        u = torch.randn(32, generator=g)
+        u = (u - u.mean()) / (u - u.mean()).norm()  # LayerNorm keeps a zero-mean direction
+        model.transformer.wpe.weight[8:] += 6.0 * u
+        model.transformer.wte.weight[1] = _eos_readout(u, model.transformer.ln_f.weight, 12.0)
+    model.eval()
+    return model, _to_loaded(model)
+
+
+@pytest.fixture(scope="module")
+def t5():
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(
+        vocab_size=V, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
+        num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+        dropout_rate=0.0, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, attn_implementation="eager")
+    model = transformers.T5ForConditionalGeneration(cfg)
+    g = torch.Generator().manual_seed(7)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(V, 32, generator=g))  # truly untied
+    _randomize(model, 1, 0.3)
+    with torch.no_grad():
+        u = torch.randn(32, generator=g)
+        u /= u.norm()
+        model.shared.weight[V - 30:] += 30.0 * u
+        model.lm_head.weight[1] = _eos_readout(u, model.decoder.final_layer_norm.weight, 40.0)
+    model.eval()
+    loaded = _to_loaded(model)
+    assert not loaded.model.config.tie_embeddings
+    return model, loaded
+
+
+def _prompts():
+    rng = np.random.default_rng(0)
+    return [rng.integers(2, V, n).tolist() for n in PROMPT_LENGTHS]
+
+
+def _hf_generate(model, prompts, left_pad, **kw):
+    p = max(map(len, prompts))
+    ids, mask = np.zeros((len(prompts), p), np.int64), np.zeros((len(prompts), p), np.int64)
+    for i, x in enumerate(prompts):
+        sl = slice(p - len(x), p) if left_pad else slice(0, len(x))
+        ids[i, sl], mask[i, sl] = x, 1
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                             max_new_tokens=N, pad_token_id=0, eos_token_id=1, do_sample=False,
+                             return_dict_in_generate=True, output_scores=True, **kw)
+    seqs = out.sequences[:, p if left_pad else 1:].numpy()  # T5 output starts with the start id
+    cut = lambda s: s[:list(s).index(1) + 1].tolist() if 1 in s else s.tolist()
+    return [cut(s) for s in seqs], getattr(out, "sequences_scores", None)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+def test_greedy_equals_hf(family, request):
+    model, loaded = request.getfixturevalue(family)
+    prompts = _prompts()
+    theirs, _ = _hf_generate(model, prompts, left_pad=family == "gpt2")
+    ours = generate(loaded, input_ids=prompts, max_new_tokens=N, batch_size=8)
+    assert [r["ids"] for r in ours] == theirs
+    lengths = [len(r["ids"]) for r in ours]
+    assert len(set(lengths)) >= 3 and all(r["finished"] for r in ours)  # EOS per row
+    assert all(np.isfinite(r["score"]) and r["score"] < 0 for r in ours)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+def test_beam_alpha0_equals_hf(family, request):
+    model, loaded = request.getfixturevalue(family)
+    prompts, w = _prompts(), 3
+    theirs, hf_scores = _hf_generate(model, prompts, left_pad=family == "gpt2", num_beams=w,
+                                     num_return_sequences=w, length_penalty=0.0,
+                                     early_stopping="never")
+    hf_scores = hf_scores.numpy().reshape(-1, w)
+    ours = generate(loaded, input_ids=prompts, method="beam", num_beams=w, alpha=0.0,
+                    max_new_tokens=N, batch_size=8)
+    for i, beams in enumerate(ours):
+        assert all(seq[-1] == 1 for seq in theirs[i * w:(i + 1) * w])  # all HF beams ended
+        assert all(b["finished"] for b in beams)
+        assert beams[0]["ids"] == theirs[i * w]  # the best beam
+        np.testing.assert_allclose(beams[0]["score"], hf_scores[i, 0], atol=2e-4)
+        np.testing.assert_allclose([b["penalised_score"] for b in beams],
+                                   [b["score"] for b in beams])  # alpha 0: no penalty
+        # HF lets only the top-W ranked candidates finish; every EOS candidate may finish
+        # here, so each rank can only be as good or better.
+        assert np.all(np.array([b["score"] for b in beams]) >= hf_scores[i] - 2e-4)
+
+
+# ---------------------------------------------------------------------------------- API
+@pytest.fixture(scope="module")
+def tiny_gpt():
+    cfg = config_lib.gpt2(vocab_size=64, d_model=32, num_heads=2, head_dim=16, d_ff=48,
+                          num_layers=1, max_len=40)
+    return decoding_testlib.loaded(cfg, seed=3)
+
+
+def test_sampling_seeds_samples_and_batching(tiny_gpt):
+    prompts = [[5, 6, 7], [9], [10, 11, 12, 13, 14], [3, 3]]
+    kw = dict(input_ids=prompts, method="sample", max_new_tokens=6, num_samples=2,
+              temperature=1.5, top_p=0.95)
+    a = generate(tiny_gpt, seed=7, batch_size=4, **kw)
+    assert len(a) == 4 and all(len(x) == 2 for x in a)
+    assert a == generate(tiny_gpt, seed=7, batch_size=4, **kw)
+    assert a != generate(tiny_gpt, seed=8, batch_size=4, **kw)
+    assert any(x[0]["ids"] != x[1]["ids"] for x in a)  # samples of one prompt differ
+    # Samples are keyed by (seed, input index, sample): batching does not change them.
+    b = generate(tiny_gpt, seed=7, batch_size=2, **kw)
+    assert [[s["ids"] for s in x] for x in a] == [[s["ids"] for s in x] for x in b]
+    np.testing.assert_allclose([s["score"] for x in a for s in x],
+                               [s["score"] for x in b for s in x], rtol=1e-5)
+    greedy = generate(tiny_gpt, input_ids=prompts, max_new_tokens=6, batch_size=4)
+    t0 = generate(tiny_gpt, input_ids=prompts, max_new_tokens=6, batch_size=4, method="sample",
+                  temperature=0.0, seed=3)
+    assert [g["ids"] for g in greedy] == [t["ids"] for t in t0]  # temperature 0 = greedy
+
+
+def test_text_in_text_out_and_checkpoint_defaults(tiny_gpt):
+    vocab = types.SimpleNamespace(encode=lambda s: [2 + ord(c) % 60 for c in s],
+                                  decode=lambda ids: "".join(chr(65 + i % 26) for i in ids))
+    run_config = {"decode": {"method": "greedy", "max_new_tokens": 3, "batch_size": 4}}
+    loaded = types.SimpleNamespace(**{**vars(tiny_gpt), "vocab": vocab, "run_config": run_config})
+    out = generate(loaded, inputs=["abc", "hello"])
+    assert all(len(r["ids"]) <= 3 for r in out)  # the checkpoint's max_new_tokens
+    assert out[0]["text"] == vocab.decode(out[0]["ids"])
+    plain = generate(tiny_gpt, input_ids=[vocab.encode("abc"), vocab.encode("hello")],
+                     max_new_tokens=3, batch_size=4)
+    assert [r["ids"] for r in out] == [r["ids"] for r in plain] and "text" not in plain[0]
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(method="topk"), "unknown decode method"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(num_beams=0, method="beam"), "num_beams"),
+    (dict(num_samples=2), "needs method='sample'"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(input_ids=[[]]), "empty prompt"),
+    (dict(input_ids=[[3] * 38]), "exceeds the model's max length"),
+    (dict(input_ids=[[3, 99]]), "outside [0, 64)"),
+    (dict(input_ids=None, inputs=["x"]), "need a vocabulary"),
+    (dict(temperature="hot"), "must be a float"),
+])
+def test_bad_options(tiny_gpt, kw, message):
+    kw = {"input_ids": [[3, 4]], "max_new_tokens": 4, **kw}
+    with pytest.raises(DecodeError, match=re.escape(message)):
+        generate(tiny_gpt, **kw)

@@ -1,0 +1,89 @@
+"""Speculative decoding: greedy equals the target's greedy output; sampled outputs follow the
+target's filtered distribution (accept/reject path and the all-accepted bonus path)."""
+import jax
+import numpy as np
+import scipy.stats
+
+import decoding_testlib
+from t5x_lite import config as config_lib
+from t5x_lite.decoding import generate as gen
+from t5x_lite.decoding.filtering import filter_logits
+from t5x_lite.models import build_model
+
+
+def _gpt(seed, layers, vocab=64, **kw):
+    cfg = config_lib.gpt2(vocab_size=vocab, d_model=32, num_heads=2, head_dim=16, d_ff=48,
+                          num_layers=layers, max_len=48, **kw)
+    return decoding_testlib.loaded(cfg, seed=seed)
+
+
+def test_speculative_greedy_equals_greedy():
+    target = _gpt(0, 2)
+    target.params["token_embedder"]["embedding"][1] *= 4.0  # EOS sometimes wins: rows end apart
+    draft = _gpt(1, 1)  # a different random model: many proposals are rejected
+    prompts = [[5, 6, 7], [9], [10, 11, 12, 13, 14, 15, 16, 17, 18], [3, 3], [40, 41]]
+    plain = gen.generate(target, input_ids=prompts, max_new_tokens=20, batch_size=8)
+    for d in (draft, target):  # rejections and rollbacks; every proposal accepted (bonus path)
+        spec = gen.generate(target, input_ids=prompts, max_new_tokens=20, batch_size=8,
+                            draft=d, num_draft=3)
+        assert [r["ids"] for r in spec] == [r["ids"] for r in plain]
+        np.testing.assert_allclose([r["score"] for r in spec], [r["score"] for r in plain],
+                                   rtol=1e-4)
+    assert len({len(r["ids"]) for r in plain}) > 1  # rows end at different steps
+
+
+def _target_probs(target, prompt, prefixes, cfg):
+    """Filtered target next-token distributions after prompt + each prefix (full forward)."""
+    seqs = np.array([prompt + list(p) for p in prefixes], np.int32)
+    logits = jax.jit(build_model(target.model.config).logits)(
+        target.params, {"decoder_input_tokens": seqs})[:, -1]
+    return np.asarray(jax.nn.softmax(filter_logits(logits, cfg)), np.float64)
+
+
+def _sampled(draft_is_target, k, n_new, rows=4096):
+    """`rows` samples of `n_new` tokens after one prompt, from a vocabulary of 8 (EOS = 1
+    included: rows that sample it stop early)."""
+    v = 8
+    target = _gpt(0, 2, vocab=v)
+    draft = target if draft_is_target else _gpt(5, 1, vocab=v)
+    prompt = [3, 5, 2]
+    opts = gen.DecodeOptions(method="sample", max_new_tokens=n_new, num_draft=k,
+                             temperature=1.3, top_k=6, seed=11)
+    tokens, lengths = gen.pack_prompts(target.model.config, [prompt] * rows, rows)
+    out, _ = gen.decode_batch(target, tokens, lengths, opts, draft=draft)
+    return target, prompt, opts.sampling, np.asarray(out.tokens_BxN), np.asarray(out.lengths_B)
+
+
+def _chi2_pvalue(counts, probs):
+    keep = probs > 0
+    assert counts[~keep].sum() == 0
+    return scipy.stats.chisquare(counts[keep], counts.sum() * probs[keep] / probs[keep].sum())[1]
+
+
+def test_speculative_sampling_joint_law_with_rejections():
+    target, prompt, cfg, toks, lengths = _sampled(draft_is_target=False, k=2, n_new=2)
+    v, rows = 8, len(toks)
+    keep = (lengths == 2)  # rows whose first token was EOS stop early
+    p0 = _target_probs(target, prompt, [()], cfg)[0]
+    p1 = _target_probs(target, prompt, [(t,) for t in range(v)], cfg)
+    joint = p0[:, None] * p1
+    joint[1] = 0  # after EOS nothing follows; those rows are counted separately
+    counts = np.zeros((v, v))
+    np.add.at(counts, (toks[keep, 0], toks[keep, 1]), 1)
+    assert abs((~keep).mean() - p0[1]) < 4 * np.sqrt(p0[1] * (1 - p0[1]) / rows) + 1e-9
+    assert _chi2_pvalue(counts.ravel(), joint.ravel()) > 1e-3
+
+
+def test_speculative_sampling_bonus_token_law():
+    # Draft == target: every proposal is accepted and the 3rd token is the bonus sample.
+    target, prompt, cfg, toks, lengths = _sampled(draft_is_target=True, k=1, n_new=3)
+    v = 8
+    keep = lengths == 3
+    pairs = [(a, b) for a in range(v) for b in range(v) if a != 1 and b != 1]
+    p0 = _target_probs(target, prompt, [()], cfg)[0]
+    p1 = _target_probs(target, prompt, [(a,) for a in range(v)], cfg)
+    p2 = _target_probs(target, prompt, pairs, cfg)
+    weights = np.array([p0[a] * p1[a, b] for a, b in pairs])
+    marginal = (weights[:, None] * p2).sum(0)  # law of the 3rd token given no early EOS
+    counts = np.bincount(toks[keep, 2], minlength=v).astype(float)
+    assert _chi2_pvalue(counts, marginal) > 1e-3

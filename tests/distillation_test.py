@@ -1,0 +1,137 @@
+"""Distillation: the KL term, kl_weight 0 == plain training, a student learning a frozen
+teacher in the trainer's step, and a distillation (+ pruning) run through the trainer."""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import t5x_lite
+from t5x_lite import checkpoints, compression, distillation, partitioning, pruning
+from t5x_lite import config as model_config
+from t5x_lite.models import build_model
+from t5x_lite.training import testing, train, train_state, train_step
+
+V = 128
+
+
+def _gpt(d=32, layers=1):
+    return model_config.gpt2(vocab_size=V, d_model=d, num_heads=2, head_dim=d // 2, d_ff=2 * d,
+                             num_layers=layers, max_len=16, dtype="float32")
+
+
+def _batch(n=8, t=12, seed=0):
+    rng = np.random.default_rng(seed)
+    seq = rng.integers(3, V, size=(n, t + 1)).astype(np.int32)
+    return {"decoder_input_tokens": seq[:, :-1], "decoder_target_tokens": seq[:, 1:]}
+
+
+def _params(cfg, seed):
+    return nn.meta.unbox(jax.jit(build_model(cfg).init)(jax.random.key(seed))["params"])
+
+
+def test_kl_sum_matches_reference_and_vanishes_on_equal_logits():
+    s = jax.random.normal(jax.random.key(0), (2, 3, 7))
+    t = 3.0 * jax.random.normal(jax.random.key(1), (2, 3, 7))
+    w = jnp.array([[1.0, 1.0, 0.0], [1.0, 0.5, 1.0]])
+    temp = 2.0
+    ps, pt = jax.nn.softmax(s / temp), jax.nn.softmax(t / temp)
+    want = np.sum(np.sum(pt * (np.log(pt) - np.log(ps)), -1) * w)
+    np.testing.assert_allclose(distillation.kl_sum(s, t, w, temp), want, rtol=1e-5)
+    assert abs(float(distillation.kl_sum(t, t, w, temp))) < 1e-6
+
+
+def test_kl_weight_zero_equals_plain_training():
+    student = build_model(_gpt())
+    teacher = build_model(_gpt(d=64))
+    model = distillation.DistillModel(student, teacher, distillation.DistillConfig(
+        teacher="unused", kl_weight=0.0, label_weight=1.0))
+    params = {"student": _params(_gpt(), 0), "teacher": _params(_gpt(d=64), 1)}
+    batch = _batch()
+    (loss_d, sums_d), g_d = jax.jit(jax.value_and_grad(model.loss_fn, has_aux=True))(params, batch)
+    (loss_p, sums_p), g_p = jax.jit(jax.value_and_grad(student.loss_fn, has_aux=True))(
+        params["student"], batch)
+    np.testing.assert_allclose(loss_d, loss_p, rtol=1e-6)
+    for k in sums_p:
+        np.testing.assert_allclose(sums_d[k], sums_p[k], rtol=1e-6)
+    for path, g in compression.flat(g_p).items():
+        np.testing.assert_allclose(compression.flat(g_d["student"])[path], g, rtol=1e-5,
+                                   atol=1e-7, err_msg=path)
+    assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(g_d["teacher"]))  # frozen
+
+
+def test_student_learns_teacher_outputs_in_train_step():
+    """kl_weight 1, no labels: the student's KL to the teacher on held-out inputs falls; the
+    teacher (a bigger, random model) stays bit-identical; optimizer state only for the student."""
+    t_cfg, s_cfg = _gpt(d=64, layers=2), _gpt()
+    model = distillation.DistillModel(build_model(s_cfg), build_model(t_cfg),
+                                      distillation.DistillConfig(teacher="unused", kl_weight=1.0,
+                                                                 label_weight=0.0,
+                                                                 temperature=1.0))
+    mesh = partitioning.make_mesh(4, 2, 1)
+    rules = partitioning.DEFAULT_RULES
+    tx = compression.freeze_optimizer(optax.adam(3e-3), "student")
+    params = {"student": _params(s_cfg, 0), "teacher": _params(t_cfg, 1)}
+    state, shardings = train_state.create_train_state(model, tx, mesh, rules, None, params=params)
+    assert compression.param_count(state.opt_state) <= 2 * compression.param_count(
+        state.params["student"]) + 8
+    teacher_before = jax.tree.map(np.asarray, state.params["teacher"])
+    step = train_step.jit_train_step(train_step.make_train_step(model, tx, lambda s: 3e-3),
+                                     shardings, mesh, rules)
+    held_out = _batch(8, 12, seed=99)
+
+    def kl_to_teacher(p):
+        s = model.logits(p, held_out)
+        t = model.teacher.logits(p["teacher"], held_out)
+        return float(distillation.kl_sum(s, t, jnp.ones(s.shape[:2]), 1.0)) / (s.size / s.shape[2])
+
+    before = kl_to_teacher(state.params)
+    for i in range(25):
+        batch = jax.device_put(_batch(16, 12, seed=i), partitioning.data_sharding(mesh))
+        state, _ = step(state, batch, jax.random.key(0))
+    after = kl_to_teacher(state.params)
+    assert after < 0.7 * before, (before, after)
+    for path, x in compression.flat(teacher_before).items():
+        assert np.array_equal(x, np.asarray(compression.flat(state.params["teacher"])[path]))
+
+
+def test_teacher_must_match_student(tmp_path):
+    run = testing.tiny_config("t5")
+    checkpoints.write_config(tmp_path, run)
+    checkpoints.save_params(tmp_path, _params(model_config.ModelConfig.from_dict(run.model), 0))
+    with pytest.raises(compression.CompressionError, match="t5 model but the student is gpt"):
+        distillation.teacher_model(tmp_path, _gpt())
+    cfg = model_config.ModelConfig.from_dict(run.model)
+    import dataclasses
+    with pytest.raises(compression.CompressionError, match="vocab_size"):
+        distillation.teacher_model(tmp_path, dataclasses.replace(cfg, vocab_size=256))
+
+
+def test_distill_and_prune_run_through_trainer_and_load(tmp_path):
+    """The train command with `distill` + `prune` sections: the checkpoint holds only the
+    (pruned) student, which t5x_lite.load reads like any model."""
+    teacher_run = testing.tiny_config("gpt", d_model=64, d_ff=128, num_heads=4)
+    teacher_dir = tmp_path / "teacher"
+    checkpoints.write_config(teacher_dir, teacher_run)
+    checkpoints.save_params(
+        teacher_dir, _params(model_config.ModelConfig.from_dict(teacher_run.model), 5))
+    run = testing.tiny_config("gpt")
+    run.train.num_steps = 4
+    run.checkpoint.save_every = 4
+    run.distill = dict(teacher=str(teacher_dir), temperature=2.0, kl_weight=0.5,
+                       label_weight=0.5)
+    run.prune = dict(sparsity=0.5, structure="mlp_units")
+    workdir = tmp_path / "student"
+    result = train(run, workdir)
+    assert result.step == 4 and math.isfinite(result.last_metrics["loss"])
+    student = t5x_lite.load(workdir)
+    assert student.config.d_model == 32  # the student, not the teacher
+    assert not any("teacher" in k for k in checkpoints.params_shapes(workdir, 4))
+    axes = compression.logical_axes(build_model(student.config).init(jax.random.key(0))["params"])
+    report = pruning.sparsity_report(jax.device_get(student.params), axes,
+                                     pruning.PruneConfig.from_dict(run.prune))
+    assert report["unit_sparsity"] == 0.5 and report["sparsity"] == 0.5
+    assert np.all(np.isfinite(student.logits([[5, 6, 7]])))

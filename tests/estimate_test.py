@@ -1,0 +1,255 @@
+"""The estimator: exact parameter counts, hand-counted FLOPs, and memory vs XLA's own analysis.
+
+The XLA checks compile the trainer's real train step (abstract inputs, nothing allocated) and
+compare `memory_analysis()` with the estimate. XLA:CPU computes bf16 in f32, so bf16 configs are
+checked as their float32 variant (the estimator sizes both sides the same way). The small
+configs (t5_small, gpt2_small, gpt_1b) take ~20-50 s each to compile on 2 cores: they run when
+T5X_LITE_SLOW_TESTS=1 (README.md lists their measured ratios).
+"""
+import glob
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import pytest
+
+from t5x_lite import estimate, estimate_flops as ef, estimate_memory as em, estimate_xla
+from t5x_lite import partitioning
+from t5x_lite.config import ModelConfig
+from t5x_lite.models import build_model
+from t5x_lite.partitioning import MeshError
+from t5x_lite.training import flops as trainer_flops
+from t5x_lite.training import optimizers
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+CONFIG_FILES = sorted(glob.glob(str(REPO / "configs" / "*.py")))
+SLOW = pytest.mark.skipif(not os.environ.get("T5X_LITE_SLOW_TESTS"),
+                          reason="compiles a small config (20-50 s); set T5X_LITE_SLOW_TESTS=1")
+TOLERANCE = 0.10
+
+
+def load_config(name_or_path: str):
+    path = (name_or_path if name_or_path.endswith(".py")
+            else str(REPO / "configs" / f"{name_or_path}.py"))
+    spec = importlib.util.spec_from_file_location("cfg", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def with_(config, **dotted):
+    """A copy with `section.key=value` overrides (`model.dtype`, `train.batch_size`, ...)."""
+    import ml_collections
+    c = ml_collections.ConfigDict(config.to_dict())
+    for key, value in dotted.items():
+        section, name = key.split("__")
+        c[section][name] = value
+    return c
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_param_count_formula_equals_the_real_tree(path):
+    cfg = ModelConfig.from_dict(load_config(path).model)
+    exact = ef.count_params(build_model(cfg))
+    assert ef.param_count_formula(cfg) == exact
+    assert sum(ef.param_count_by_part(cfg).values()) == exact
+
+
+def test_abstract_count_equals_materialized_params():
+    cfg = ModelConfig.from_dict(load_config("tiny_t5").model)
+    model = build_model(cfg)
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0)))["params"]
+    assert sum(x.size for x in jax.tree.leaves(params)) == ef.count_params(model) == 2_885_376
+
+
+def test_flops_equal_a_hand_count_for_tiny_gpt():
+    # tiny_gpt: V=8192, D=128, H*K=4*32=128, F=512, L=2, gelu (1 input projection), B=16, S=128.
+    cfg = ModelConfig.from_dict(load_config("tiny_gpt").model)
+    f = ef.step_flops(cfg, batch=16, length=128)
+    tokens = 16 * 128
+    per_token_layer = 2 * (4 * 128 * 128 + 2 * 128 * 512)  # q, k, v, o + wi, wo
+    assert f.dense == 2 * tokens * per_token_layer
+    assert f.attention == 2 * 16 * 4 * 128 * 128 * 128  # L * B * (q.k + p.v) = 4*T*T*d_attn
+    assert f.head == 2 * tokens * 128 * 8192
+    assert f.train == 3 * (f.dense + f.attention + f.head) == 18_522_046_464
+    # The per-token form of the issue: 6 * N_mm + 12 * L * T * d_attn.
+    n_mm = 2 * (4 * 128 * 128 + 2 * 128 * 512) + 128 * 8192
+    assert ef.matmul_params(cfg) == n_mm
+    assert f.per_token == 6 * n_mm + 12 * 2 * 128 * 128
+    assert f.tokens == tokens and f.recompute == 0
+
+
+def test_flops_equal_a_hand_count_for_tiny_t5():
+    # Encoder: S=128 tokens through 2 layers; decoder: T=32 tokens through 2 layers with
+    # cross-attention whose k, v projections run over the S encoder outputs.
+    cfg = ModelConfig.from_dict(load_config("tiny_t5").model)  # D=H*K=128, F=256, gated
+    b, s, t, d, f_, v = 16, 128, 32, 128, 256, 8192
+    enc = 2 * b * s * (4 * d * d + 3 * d * f_) * 2 + 2 * 4 * b * s * s * d
+    dec = 2 * 2 * (b * t * (4 * d * d + 3 * d * f_ + 2 * d * d) + b * s * 2 * d * d)
+    dec += 2 * 4 * b * (t * t + t * s) * d
+    head = 2 * b * t * d * v
+    f = ef.step_flops(cfg, b, s, t)
+    assert f.forward == enc + dec + head
+    assert f.tokens == b * (s + t)
+
+
+@pytest.mark.parametrize("name", ["tiny_t5", "tiny_gpt", "gpt_1b", "t5_1_1_base"])
+def test_flops_agree_with_the_trainers_mfu_count(name):
+    c = load_config(name)
+    cfg = ModelConfig.from_dict(c.model)
+    s, t = estimate_xla.sequence_lengths(c)
+    ours = ef.step_flops(cfg, c.train.batch_size, s, t).train
+    assert ours == pytest.approx(trainer_flops.train_step_flops(cfg, c.train.batch_size, s, t))
+
+
+def test_remat_adds_hardware_flops_only():
+    c = load_config("gpt_1b")  # remat=dots_no_batch: attention matmuls are recomputed
+    cfg = ModelConfig.from_dict(c.model)
+    f = ef.step_flops(cfg, 8, 2048)
+    assert f.recompute == f.attention and f.hardware == f.train + f.attention
+    full = ef.step_flops(ModelConfig.from_dict({**c.model.to_dict(), "remat": "full"}), 8, 2048)
+    assert full.hardware == pytest.approx(full.train + full.dense + full.attention)
+
+
+def test_peak_flops_table_matches_the_trainers():
+    kinds = {"tpu_v4": "TPU v4", "tpu_v5e": "TPU v5 lite", "tpu_v5p": "TPU v5p",
+             "tpu_v6e": "TPU v6e", "a100": "NVIDIA A100-SXM4-80GB", "h100": "NVIDIA H100 80GB HBM3",
+             "h200": "NVIDIA H200"}
+    for name, acc in ef.ACCELERATORS.items():
+        assert trainer_flops.peak_flops_per_device(kinds[name]) == acc.peak_bf16_flops, name
+
+
+def test_step_time_and_chinchilla_arithmetic():
+    c = load_config("tiny_gpt")
+    r = estimate.estimate(c, mesh=(8, 1, 1), mfu=0.5, accelerators=["h100"])
+    f = r["flops"]
+    step = f["train_step"] / (8 * 989e12 * 0.5)
+    assert r["accelerators"]["h100"]["step_seconds"] == pytest.approx(step)
+    n = r["model"]["params"]
+    assert r["compute_optimal"]["tokens"] == 20 * n
+    steps = 20 * n / (c.train.batch_size * 128)
+    assert r["compute_optimal"]["steps"] == pytest.approx(steps)
+    assert r["accelerators"]["h100"]["compute_optimal_days"] == pytest.approx(steps * step / 86400)
+    assert r["weights_bytes"] == {"fp32": 4 * n, "bf16": 2 * n, "int8": n}
+
+
+@pytest.mark.parametrize("name", ["tiny_t5", "tiny_gpt"])  # adafactor, adamw
+def test_optimizer_state_bytes_equal_the_real_optimizer_state(name):
+    c = load_config(name)
+    params = nn.meta.unbox(ef_abstract_params(c))
+    tx, _ = optimizers.make_optimizer(c.optimizer, c.train.num_steps)
+    real = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(tx.init, params)))
+    state = em.state_bytes(c, em.MeshSizes(1, 1, 1))
+    assert state["optimizer"] == real
+    n = sum(x.size for x in jax.tree.leaves(params))
+    assert state["params"] == 4 * n
+    if c.optimizer.name == "adamw":
+        assert 8 * n <= real <= 8 * n + 64  # two fp32 moments (+ step counters)
+    else:
+        assert real < 2 * n  # factored second moments: far below Adam's 8 B/param
+
+
+def ef_abstract_params(c):
+    from t5x_lite.models import abstract_variables
+    return abstract_variables(build_model(ModelConfig.from_dict(c.model)))["params"]
+
+
+def test_fsdp_and_tensor_sharding_divide_the_state():
+    c = load_config("gpt_1b")
+    one = em.state_bytes(c, em.MeshSizes(1, 1, 1))
+    fsdp = em.state_bytes(c, em.MeshSizes(1, 16, 1))
+    # Everything with an `embed` dimension is split 16 ways; only norm scales are replicated.
+    assert one["params"] / 16 <= fsdp["params"] < one["params"] / 15
+    assert one["optimizer"] / 16 <= fsdp["optimizer"] < one["optimizer"] / 15
+    data = em.state_bytes(c, em.MeshSizes(16, 1, 1))
+    assert data["params"] == one["params"]  # data parallelism replicates
+
+
+def test_bad_mesh_and_inputs_fail_with_one_clear_line():
+    c = load_config("tiny_gpt")  # 4 heads
+    with pytest.raises(MeshError, match="does not divide it"):
+        estimate.estimate(c, mesh=(1, 1, 8))
+    with pytest.raises(MeshError, match="needs 6 devices but 8"):
+        estimate.estimate(c, mesh=(2, 3, 1), num_devices=8)
+    with pytest.raises(estimate.EstimateError, match="has a -1"):
+        estimate.estimate(c, mesh=(-1, 1, 1))
+    with pytest.raises(estimate.EstimateError, match="not divisible by data"):
+        estimate.estimate(c, mesh=(32, 1, 1))
+    with pytest.raises(estimate.EstimateError, match="mfu"):
+        estimate.estimate(c, mfu=1.5)
+    with pytest.raises(estimate.EstimateError, match="Unknown accelerators"):
+        estimate.estimate(c, accelerators=["tpu_v9"])
+    with pytest.raises(estimate.EstimateError, match="three integers"):
+        estimate.parse_mesh("8,1")
+
+
+def test_rule_of_thumb_is_shown_beside_the_real_figure():
+    r = estimate.estimate(load_config("gpt_1b"), mesh=(1, -1, 1), num_devices=64)
+    n = r["model"]["params"]
+    assert r["rule_of_thumb"] == {"store": 4 * n, "train_adam": 16 * n, "train_mixed": 24 * n}
+    text = estimate.format_report(r, "configs/gpt_1b.py")
+    assert "rule of thumb: 4 B/param" in text and "Why the total differs" in text
+    # gpt_1b on 64 v4 chips: activations dominate, far beyond the 16 B/param guess per device.
+    mem = r["memory_per_device"]
+    assert mem["activations"] > 10 * (mem["params"] + mem["gradients"] + mem["optimizer"])
+
+
+def _check_memory(config, mesh=(1, 1, 1)):
+    checked = estimate_xla.with_overrides(config, dtype="float32")
+    sizes = em.MeshSizes(*mesh)
+    devices = jax.devices()[:sizes.num_devices]
+    xla = estimate_xla.xla_stats(checked, partitioning.make_mesh(*mesh, devices=devices))
+    est = em.estimate_memory(checked, sizes)
+    ratio = est.total / xla.peak
+    assert abs(ratio - 1) <= TOLERANCE, (f"estimate {est.total / 2**20:.1f} MiB vs XLA "
+                                         f"{xla.peak / 2**20:.1f} MiB (ratio {ratio:.3f})")
+    return xla, checked
+
+
+@pytest.mark.parametrize("name", ["tiny_t5", "tiny_gpt", "tiny_bert"])
+def test_memory_estimate_matches_xla_for_tiny_configs(name):
+    xla, checked = _check_memory(load_config(name))
+    # XLA's own FLOP count (elementwise included) is within a few % of the matmul count.
+    cfg = ModelConfig.from_dict(checked.model)
+    model_flops = ef.step_flops(cfg, checked.train.batch_size,
+                                *estimate_xla.sequence_lengths(checked)).train
+    assert 1.0 <= xla.flops / model_flops < 1.05
+
+
+def test_memory_estimate_matches_xla_sharded_scanned_remat():
+    # FSDP over 8 devices, scanned layers, dots_no_batch remat: gpt_1b's recipe on tiny_gpt.
+    c = with_(load_config("tiny_gpt"), model__scan_layers=True, model__remat="dots_no_batch",
+              mesh__data=1, mesh__fsdp=8)
+    _check_memory(c, mesh=(1, 8, 1))
+
+
+@SLOW
+@pytest.mark.parametrize("name,overrides,mesh", [
+    ("t5_small", {}, (1, 1, 1)),
+    ("gpt2_small", {"train__batch_size": 8}, (1, 1, 1)),
+    ("t5_1_1_base", {"train__batch_size": 32}, (1, 1, 1)),
+    ("gpt_1b", {"train__batch_size": 16}, (1, 8, 1)),
+    ("tiny_t5", {}, (2, 1, 4)),
+])
+def test_memory_estimate_matches_xla_for_small_configs(name, overrides, mesh):
+    _check_memory(with_(load_config(name), **overrides), mesh=mesh)
+
+
+def test_cli_json_and_text(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-m", "t5x_lite.estimate", "--config=configs/tiny_t5.py",
+                          "--mesh=2,1,1", "--json", "--accelerators=tpu_v5e"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout)
+    assert r["model"]["params"] == 2_885_376 and r["run"]["rows_per_device"] == 8
+    assert set(r["accelerators"]) == {"tpu_v5e"}
+    bad = subprocess.run([sys.executable, "-m", "t5x_lite.estimate", "--config=configs/tiny_t5.py",
+                          "--mesh=1,1,3"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("error: ")

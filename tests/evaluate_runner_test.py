@@ -1,0 +1,201 @@
+"""Checkpoint selection (latest / all / STEP / PATH), --follow beside a "training job" that
+lands checkpoints over time, atomic outputs, the CLI, and one-line errors for bad input."""
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import flax.linen as nn
+import jax
+import pytest
+
+from t5x_lite import checkpoints
+from t5x_lite.data import DataConfigError
+from t5x_lite.data.builders import EmptyCorpusError
+from t5x_lite.evaluation import EvalError, EvalSettings, outputs, run, testing
+from t5x_lite.evaluation.few_shot import FewShotError, FewShotOptions
+from t5x_lite.models import build_model
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    d = tmp_path_factory.mktemp("runner")
+    paths = testing.write_sort_task(d / "data", num_train=200, num_validation=24)
+    config = testing.sort_task_config(paths, steps=3, data_dir=str(d / "tfds"))
+    config.train.batch_size = 8
+    # A pool of checkpoints (random params, different seeds) to place into workdirs.
+    model = build_model(testing.tiny_t5())
+    pool = d / "pool"
+    for step in (1, 2, 3):
+        params = nn.meta.unbox(model.init(jax.random.key(step))["params"])
+        checkpoints.save_params(pool, params, step)
+    return d, config, pool
+
+
+def _workdir(task, name, steps=()):
+    d, config, pool = task
+    wd = d / name
+    checkpoints.write_config(wd, config)
+    shutil.copy(config.data.vocab_path, wd / checkpoints.VOCAB_FILE)
+    for s in steps:
+        _land(pool, wd, s)
+    return wd
+
+
+def _land(pool, wd, step):
+    """Copies a checkpoint in and renames it into place, as orbax finalises a save."""
+    (wd / "checkpoints").mkdir(parents=True, exist_ok=True)
+    tmp = wd / "checkpoints" / f"{step}.orbax-checkpoint-tmp-1"
+    shutil.copytree(pool / "checkpoints" / str(step), tmp)
+    tmp.rename(wd / "checkpoints" / str(step))
+
+
+FAST = dict(predict="false")
+
+
+def test_latest_step_and_path(task):
+    wd = _workdir(task, "select", steps=(1, 2))
+    assert [r["step"] for r in run(None, wd, EvalSettings(**FAST))] == [2]
+    assert [r["step"] for r in run(None, wd, EvalSettings(**FAST))] == [2]  # overwrites
+    assert [r["step"] for r in run(None, wd, EvalSettings(checkpoint="1", **FAST))] == [1]
+    other = _workdir(task, "other", steps=(3,))
+    (r,) = run(None, wd, EvalSettings(checkpoint=str(other / "checkpoints" / "3"), **FAST))
+    assert r["step"] == 3 and r["checkpoint"].startswith(str(other))
+    assert outputs.done_steps(wd / "eval") == [1, 2, 3] and not (other / "eval").exists()
+    # Explicit steps are re-evaluated (and overwrite atomically); `all` skips done ones.
+    assert run(None, wd, EvalSettings(checkpoint="all", **FAST)) == []
+    named = run(None, wd, EvalSettings(checkpoint="all", name="again", **FAST))
+    assert [r["step"] for r in named] == [1, 2]
+    assert outputs.done_steps(wd / "eval" / "again") == [1, 2]
+    metrics = outputs.read_metrics(wd / "eval", 2)
+    assert metrics["examples"] == 24 and metrics["split"] == "validation"
+    assert not list(wd.rglob("*.tmp"))
+
+
+def test_follow_evaluates_each_new_checkpoint_once(task):
+    _, config, pool = task
+    wd = _workdir(task, "follow", steps=(1,))
+
+    def trainer():
+        for step in (2, 3):
+            time.sleep(1.0)
+            _land(pool, wd, step)
+
+    job = threading.Thread(target=trainer)
+    job.start()
+    try:
+        results = run(None, wd, EvalSettings(follow=True, poll_interval=0.1,
+                                             follow_timeout=60, **FAST))
+    finally:
+        job.join()
+    # Stopped by itself after the final step (train.num_steps = 3), not by the timeout.
+    assert [r["step"] for r in results] == [1, 2, 3]
+    assert outputs.done_steps(wd / "eval") == [1, 2, 3]
+    t0 = time.time()
+    assert run(None, wd, EvalSettings(follow=True, poll_interval=0.1, **FAST)) == []
+    assert time.time() - t0 < 30
+    events = b"".join(p.read_bytes() for p in (wd / "eval" / "events").iterdir())
+    assert events.count(b"eval/loss") == 3
+
+
+def test_follow_stops_after_idle_timeout(task):
+    wd = _workdir(task, "idle", steps=(1,))
+    t0 = time.time()
+    results = run(None, wd, EvalSettings(follow=True, poll_interval=0.1, follow_timeout=1.0,
+                                         **FAST))
+    assert [r["step"] for r in results] == [1] and time.time() - t0 < 60
+
+
+def _nothing_written(wd):
+    return not (wd / "eval").exists() or not any((wd / "eval").iterdir())
+
+
+def test_bad_inputs_give_one_line_and_write_nothing(task):
+    d, config, pool = task
+    empty = _workdir(task, "empty")
+    with pytest.raises(EvalError, match="No checkpoint in .*empty/checkpoints") as e:
+        run(None, empty, EvalSettings())
+    assert "\n" not in str(e.value) and _nothing_written(empty)
+
+    wd = _workdir(task, "bad", steps=(1,))
+    with pytest.raises(EvalError, match=r"No checkpoint for step 7 .* available: \[1\]"):
+        run(None, wd, EvalSettings(checkpoint="7"))
+    with pytest.raises(EvalError, match="does not exist"):
+        run(None, wd, EvalSettings(checkpoint=str(d / "nowhere")))
+    other_shape = config.copy_and_resolve_references()
+    other_shape.model.d_model = 32
+    with pytest.raises(checkpoints.CheckpointError, match="does not match the model"):
+        run(other_shape, wd, EvalSettings(**FAST))
+    missing_split = config.copy_and_resolve_references()
+    missing_split.data.validation_paths = ()  # train files only: no validation split
+    with pytest.raises(DataConfigError, match="no split 'validation'"):
+        run(missing_split, wd, EvalSettings(**FAST))
+    (d / "empty.jsonl").write_text("")
+    with pytest.raises(FewShotError, match="empty.jsonl has no records"):
+        run(None, wd, EvalSettings(few_shot=FewShotOptions(k=0), few_shot_queries=str(
+            d / "empty.jsonl")))
+    (d / "data" / "empty.tsv").write_text("")
+    no_examples = config.copy_and_resolve_references()
+    no_examples.data.validation_paths = (str(d / "data" / "empty.tsv"),)
+    with pytest.raises(EmptyCorpusError, match="no documents in 1 validation file"):
+        run(no_examples, wd, EvalSettings())
+    with pytest.raises(EvalError, match="--follow .* not '1'"):
+        run(None, wd, EvalSettings(checkpoint="1", follow=True))
+    assert _nothing_written(wd)
+
+
+def test_outputs_are_atomic(tmp_path):
+    outputs.write_step(tmp_path, 5, {"step": 5, "loss": 2.0}, [{"prediction": "b"}])
+    outputs.write_step(tmp_path, 5, {"step": 5, "loss": 1.0}, [{"prediction": "a"}])  # redo
+    assert outputs.read_predictions(tmp_path, 5) == [{"prediction": "a"}]
+    with pytest.raises(TypeError):
+        outputs.write_step(tmp_path, 5, {"step": 5, "bad": object()}, None)
+    # The failed rewrite left the previous metrics intact and no temp files.
+    assert outputs.read_metrics(tmp_path, 5) == {"step": 5, "loss": 1.0}
+    assert sorted(p.name for p in (tmp_path / "5").iterdir()) == ["metrics.json"]
+    outputs.write_step(tmp_path, 6, {"step": 6, "perplexity": float("inf")}, [])
+    assert outputs.read_metrics(tmp_path, 6)["perplexity"] is None
+    assert outputs.done_steps(tmp_path) == [5, 6]
+
+
+def _cli(*args):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    return subprocess.run([sys.executable, "-m", "t5x_lite.evaluate", *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli(task):
+    wd = _workdir(task, "cli", steps=(2,))
+    out = _cli(f"--workdir={wd}", "--checkpoint=latest", "--batch_size=8", "--predict=false")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "evaluate: step 2: loss=" in out.stdout and "perplexity=" in out.stdout
+    assert outputs.read_metrics(wd / "eval", 2)["examples"] == 24
+    bad = _cli(f"--workdir={task[0] / 'nothing_here'}")
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines()[-1].startswith("evaluate: error: No config.json in")
+
+
+def test_two_processes_give_the_single_process_metrics(task):
+    """2 processes x 4 devices, packed eval batches (their counts may differ per process):
+    the same exact sums as 1 process."""
+    _, config, _ = task
+    packed = config.copy_and_resolve_references()
+    packed.data.pack = True
+    wd = _workdir(task, "multi", steps=(2,))
+    checkpoints.write_config(wd, packed)
+    (want,) = run(None, wd, EvalSettings(predict="false", name="single"))
+    script = os.path.join(os.path.dirname(__file__), "..", "launch", "cpu_local.sh")
+    out = subprocess.run(
+        ["bash", script, "--num_processes=2", "--devices_per_process=4",
+         "--module=t5x_lite.evaluate", "--timeout=240", "--", f"--workdir={wd}",
+         "--predict=false"], capture_output=True, text=True, timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    got = outputs.read_metrics(wd / "eval", 2)
+    for k in ("tokens", "examples"):
+        assert got[k] == want[k]
+    for k in ("loss", "perplexity", "token_accuracy"):
+        assert got[k] == pytest.approx(want[k], rel=1e-6)
+    assert out.stdout.count("evaluate: step 2: loss=") == 2  # both processes finished

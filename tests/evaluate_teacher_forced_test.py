@@ -1,0 +1,100 @@
+"""Teacher-forced metrics are exact over the whole split: they equal a per-example computation
+with LoadedModel.score / logits, with a short last batch, packed or not, T5 or GPT."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from t5x_lite.data import DataConfig
+from t5x_lite.evaluation import predictions, testing
+from t5x_lite.evaluation.teacher_forced import EvalDataError, TeacherForcedScorer
+from t5x_lite.vocab import Vocabulary
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sort")
+    paths = testing.write_sort_task(d / "data", num_train=200, num_validation=61)
+    return paths, Vocabulary(paths["vocab"], extra_ids=0), str(d / "tfds")
+
+
+def _data(task, objective, **kw):
+    paths, _, data_dir = task
+    return DataConfig(source="tsv", train_paths=(paths["train"],),
+                      validation_paths=(paths["validation"],), objective=objective,
+                      inputs_length=12, targets_length=12, seq_len=24, vocab_path=paths["vocab"],
+                      extra_ids=0, data_dir=data_dir, **kw)
+
+
+@pytest.fixture(scope="module")
+def t5(task):
+    return testing.random_loaded(testing.tiny_t5(), task[1], scale=3.0)
+
+
+@pytest.fixture(scope="module")
+def gpt(task):
+    return testing.random_loaded(testing.tiny_gpt(max_len=32), task[1], scale=3.0)
+
+
+def _scorer(lm):
+    return TeacherForcedScorer(lm.config, lm.mesh, lm.rules)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_t5_metrics_equal_per_example_scores(task, t5, pack):
+    data = _data(task, "seq2seq", pack=pack)
+    examples = predictions.read_examples(data, "validation")
+    assert len(examples) == 61  # 61 = 7 full batches of 8 + a short one
+    got = _scorer(t5).evaluate(t5.params, data, t5.vocab, batch_size=8)
+    scores = t5.score([e.inputs for e in examples], [e.targets for e in examples])
+    tokens = sum(len(t5.vocab.encode(e.targets)) + 1 for e in examples)  # + EOS
+    assert got["examples"] == 61 and got["tokens"] == tokens
+    assert got["loss"] == pytest.approx(-scores.sum() / tokens, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(np.exp(got["loss"]))
+    # Token accuracy by hand: one right-padded batch (padding is masked / causally after).
+    tgts = [t5.vocab.encode(e.targets) + [1] for e in examples]
+    logits = t5.logits([t5.vocab.encode(e.inputs) + [1] for e in examples],
+                       decoder_input_ids=[[0] + t[:-1] for t in tgts])
+    correct = sum(int(np.sum(np.argmax(lg[:len(t)], -1) == t)) for lg, t in zip(logits, tgts))
+    assert got["token_accuracy"] == pytest.approx(100 * correct / tokens)
+    if not pack:
+        assert got["batches"] == 8
+
+
+def test_gpt_prompt_completion_metrics_equal_completion_scores(task, gpt):
+    data = _data(task, "prompt_completion", pack=False)
+    examples = predictions.read_examples(data, "validation")
+    got = _scorer(gpt).evaluate(gpt.params, data, gpt.vocab, batch_size=16)
+    prompts = [[0] + gpt.vocab.encode(e.inputs) for e in examples]  # decoder start id first
+    completions = [gpt.vocab.encode(e.targets) + [1] for e in examples]
+    scores = gpt.score(prompts, completions)
+    tokens = sum(map(len, completions))
+    assert got["examples"] == 61 and got["tokens"] == tokens
+    assert got["loss"] == pytest.approx(-scores.sum() / tokens, rel=1e-5)
+
+
+def test_family_and_batch_errors(task, t5):
+    with pytest.raises(EvalDataError, match="decoder_only batches but the model is a 't5'"):
+        _scorer(t5).evaluate(t5.params, _data(task, "prompt_completion"), t5.vocab, batch_size=8)
+    with pytest.raises(EvalDataError, match="divisible by data\\*fsdp=8"):
+        _scorer(t5).evaluate(t5.params, _data(task, "seq2seq"), t5.vocab, batch_size=12)
+    assert dataclasses.is_dataclass(t5.config)
+
+
+def test_host_batches_pads_a_process_that_runs_out_first(monkeypatch):
+    """Simulated 2-process run: this process has 2 batches, the other 4; this one keeps
+    stepping with all-zero batches until both are done (the step is a collective)."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    from t5x_lite.evaluation import teacher_forced
+
+    other_left = iter([1, 1, 1, 1, 0])
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda alive: np.array([int(alive), next(other_left)]))
+    mine = [{"decoder_loss_weights": np.ones((2, 3), np.int32)}] * 2
+    out = list(teacher_forced.host_batches(iter(mine)))
+    assert len(out) == 4
+    assert [int(b["decoder_loss_weights"].sum()) for b in out] == [6, 6, 0, 0]
+    assert out[3]["decoder_loss_weights"].shape == (2, 3)

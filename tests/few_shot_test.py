@@ -1,0 +1,150 @@
+"""Few-shot prompts (template, seeded shots), generation scoring, multiple choice by
+log-likelihood checked against LoadedModel.score, and the batched likelihood itself."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from t5x_lite.data import testing as data_testing
+from t5x_lite.evaluation import few_shot, likelihood, predictions
+from t5x_lite.evaluation import testing as eval_testing
+from t5x_lite.evaluation.predictions import Example
+
+POOL = [Example(i, f"the value {w}", w) for i, w in
+        enumerate(["one", "two", "three", "four", "five", "six"])]
+QUERIES = [Example(i, f"the file {w}", w) for i, w in enumerate(["two", "five", "one"])]
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    return data_testing.tiny_vocab(400)
+
+
+def _loaded(family, vocab):
+    cfg = (eval_testing.tiny_gpt(max_len=128) if family == "gpt" else eval_testing.tiny_t5())
+    cfg = dataclasses.replace(cfg, vocab_size=vocab.padded_vocab_size)
+    # Larger weights than the init: peaked distributions make the argmax tests meaningful.
+    return eval_testing.random_loaded(cfg, vocab, scale=4.0)
+
+
+@pytest.fixture(scope="module")
+def gpt(vocab):
+    return _loaded("gpt", vocab)
+
+
+@pytest.fixture(scope="module")
+def t5(vocab):
+    return _loaded("t5", vocab)
+
+
+def test_prompt_layout_zero_one_few_shot():
+    t = few_shot.FewShotTemplate("Q: {inputs} A: {targets}", separator=" | ", prefix="Answer.")
+    assert t.build([], "x") == "Answer. | Q: x A:"
+    assert t.build(POOL[:1], "x") == "Answer. | Q: the value one A: one | Q: x A:"
+    assert t.build(POOL[2:4], "x") == ("Answer. | Q: the value three A: three | "
+                                       "Q: the value four A: four | Q: x A:")
+    assert few_shot.FewShotTemplate("{inputs} = {targets}.").query("2+2") == "2+2 ="
+    assert t.stop_strings() == ["|", "Q:"]
+
+
+def test_shots_are_seeded_per_query_distinct_and_never_the_query_itself():
+    prompts, shots = few_shot.build_prompts(QUERIES, POOL, k=3, template=few_shot.FewShotTemplate(),
+                                            seed=7)
+    again = few_shot.build_prompts(QUERIES, POOL, k=3, template=few_shot.FewShotTemplate(), seed=7)
+    assert (prompts, shots) == again
+    assert shots[:2] == few_shot.build_prompts(QUERIES[:2], POOL, k=3,
+                                               template=few_shot.FewShotTemplate(), seed=7)[1]
+    assert all(len(set(s)) == 3 for s in shots) and len({tuple(s) for s in shots}) > 1
+    assert shots != few_shot.build_prompts(QUERIES, POOL, k=3,
+                                           template=few_shot.FewShotTemplate(), seed=8)[1]
+    for i, (p, s) in enumerate(zip(prompts, shots)):
+        assert s == few_shot.draw_shots(len(POOL), 3, 7, i)
+        assert p == "\n".join([f"Q: {POOL[j].inputs} A: {POOL[j].targets}" for j in s]
+                              + [f"Q: {QUERIES[i].inputs} A:"])
+    # Pool == queries: a query never sees itself as a shot.
+    for i in range(len(POOL)):
+        assert i not in few_shot.draw_shots(len(POOL), 5, 0, i, exclude=i)
+    with pytest.raises(few_shot.FewShotError, match="only 5 examples"):
+        few_shot.draw_shots(len(POOL), 6, 0, 0, exclude=0)
+
+
+def test_cut_at_stop():
+    assert few_shot.cut_at_stop(" four Q: the value", ["Q:", "|"]) == "four"
+    assert few_shot.cut_at_stop("a | b Q:", ["Q:", "|"]) == "a"
+    assert few_shot.cut_at_stop("plain", ["Q:"]) == "plain"
+
+
+@pytest.mark.parametrize("family", ["gpt", "t5"])
+def test_batched_likelihood_equals_loaded_score(family, gpt, t5, vocab):
+    lm = gpt if family == "gpt" else t5
+    rng = np.random.default_rng(0)
+    prompts = [[0] + list(rng.integers(3, 300, n)) for n in (3, 17, 1, 30, 9)]
+    conts = [list(rng.integers(3, 300, n)) for n in (2, 5, 1, 11, 3)]
+    if family == "t5":
+        prompts = [p[1:] or [5] for p in prompts]
+    got = likelihood.log_likelihoods(lm, prompts, conts, batch_size=8)
+    eos = [1] if family == "t5" else []
+    want = lm.score([p + eos for p in prompts], [c + eos for c in conts]) if family == "t5" \
+        else lm.score(prompts, conts)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    assert np.ptp(got) > 1.0  # different rows really score differently
+
+
+def test_multiple_choice_picks_highest_loglik_of_loaded_score(gpt, vocab):
+    queries = [Example(0, "the value two", "two"), Example(1, "the value six", "six"),
+               Example(2, "the value one", "one")]
+    metrics, records = few_shot.evaluate_choice(gpt, queries, POOL, few_shot.FewShotOptions(k=2))
+    labels = sorted({e.targets for e in POOL})
+    assert set(metrics) == {"accuracy", "accuracy_norm"}
+    for q, r in zip(queries, records):
+        assert r["choices"] == labels and len(r["shots"]) == 2
+        ids = [0] + vocab.encode(r["prompt"])  # t5x_lite GPT: decoder start id first
+        want = gpt.score([ids] * len(labels), [vocab.encode(c) for c in labels])
+        np.testing.assert_allclose(r["log_likelihoods"], want, rtol=1e-5, atol=1e-4)
+        assert r["prediction"] == labels[int(np.argmax(want))]
+        lengths = np.array([len(vocab.encode(c)) for c in labels])
+        assert r["prediction_norm"] == labels[int(np.argmax(want / lengths))]
+    assert metrics["accuracy"] == pytest.approx(
+        100 * np.mean([r["prediction"] == r["targets"] for r in records]))
+    # Own choices per query; a target missing from them is an error.
+    _, records = few_shot.evaluate_choice(gpt, queries[:1], POOL, few_shot.FewShotOptions(k=0),
+                                          choices=[["two", "nine"]])
+    assert records[0]["choices"] == ["two", "nine"]
+    assert records[0]["prompt"] == "Q: the value two A:"
+    with pytest.raises(few_shot.FewShotError, match="not among its choices"):
+        few_shot.evaluate_choice(gpt, queries[:1], POOL, few_shot.FewShotOptions(),
+                                 choices=[["one"]])
+
+
+def test_generation_prompts_and_cuts_at_stop_strings(gpt, monkeypatch):
+    seen = {}
+    from t5x_lite.decoding import generate as gen
+    real = gen.generate
+
+    def spy(loaded, **kw):
+        seen.update(kw)
+        return real(loaded, **kw)
+
+    monkeypatch.setattr(gen, "generate", spy)
+    opts = few_shot.FewShotOptions(k=1, max_new_tokens=8, metrics="exact_match")
+    metrics, records = few_shot.evaluate_generation(gpt, QUERIES, POOL, opts)
+    assert seen["method"] == "greedy" and seen["max_new_tokens"] == 8
+    for ids, r in zip(seen["input_ids"], records):
+        assert ids == [0] + gpt.vocab.encode(r["prompt"])
+        assert r["prediction"] == few_shot.cut_at_stop(r["raw_prediction"], ["Q:"])
+    assert set(metrics) == {"exact_match"}
+
+
+def test_bad_inputs(tmp_path, gpt):
+    with pytest.raises(few_shot.FewShotError, match="must hold"):
+        few_shot.FewShotTemplate("Q: {targets} A: {inputs}")
+    with pytest.raises(few_shot.FewShotError, match="k must be >= 0"):
+        few_shot.FewShotOptions(k=-1)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"inputs": "a", "targets": "b"}\n{"inputs": "a", "targets": "b", '
+                   '"choices": ["c"]}\n')
+    with pytest.raises(few_shot.FewShotError, match="bad.jsonl:2"):
+        few_shot.read_jsonl(bad)
+    with pytest.raises(few_shot.FewShotError, match="no queries"):
+        few_shot.evaluate_generation(gpt, [], POOL, few_shot.FewShotOptions())
+    assert predictions.uses_start_token(gpt)

@@ -1,0 +1,81 @@
+"""Fine-tuning recipes: every configs/finetune_*.py builds a valid run config and model; the
+argument string; init_from takes the model, vocabulary and extra_ids from the source run."""
+import importlib.util
+import pathlib
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from t5x_lite import checkpoints, finetune_config
+from t5x_lite.config import ModelConfig
+from t5x_lite.data import DataConfig
+from t5x_lite.data import testing as data_testing
+from t5x_lite.defaults import base_config
+from t5x_lite.evaluation import testing
+from t5x_lite.models import abstract_variables, build_model
+
+CONFIGS = sorted(pathlib.Path(__file__).parent.parent.glob("configs/finetune_*.py"))
+
+
+def _get_config(path, arg=""):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def gpt_workdir(tmp_path_factory):
+    """A params-only GPT checkpoint with a vocabulary, as `convert --from_hf` would write."""
+    wd = tmp_path_factory.mktemp("gpt_src")
+    model = testing.tiny_gpt(max_len=64)
+    config = base_config(model, objective="causal_lm", seq_len=64)
+    config.data.extra_ids = 7
+    checkpoints.write_config(wd, config)
+    data_testing.tiny_vocab(400).copy_to(wd)
+    shapes = nn.meta.unbox(abstract_variables(build_model(model))["params"])
+    checkpoints.save_params(wd, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes), 0)
+    return wd
+
+
+def test_there_are_three_recipes():
+    assert [p.stem for p in CONFIGS] == ["finetune_gpt_instruction",
+                                         "finetune_gpt_prompt_completion", "finetune_t5_seq2seq"]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_recipe_builds_valid_config_and_model(path, tmp_path):
+    c = _get_config(path, f"train={tmp_path}/a.tsv,validation={tmp_path}/b.tsv,steps=7")
+    data = DataConfig.from_dict(c.data)  # unknown keys would raise
+    assert data.source == "tsv" and data.train_paths == (f"{tmp_path}/a.tsv",)
+    assert data.objective == ("seq2seq" if "t5" in path.stem else "prompt_completion")
+    assert c.train.num_steps == 7 and c.train.init_from == "" and c.checkpoint.keep == 0
+    model = ModelConfig.from_dict(c.model)
+    assert {"t5": "encoder_decoder", "gpt": "decoder_only"}[model.family] == data.family
+    shapes = abstract_variables(build_model(model))["params"]
+    assert jax.tree.leaves(shapes)
+    holdout = _get_config(path, "train=/data/all.jsonl")
+    assert holdout.data.source == "jsonl" and tuple(holdout.data.paths) == ("/data/all.jsonl",)
+
+
+def test_init_from_takes_model_vocab_and_extra_ids(gpt_workdir):
+    for path in CONFIGS[:2]:
+        c = _get_config(path, f"init_from={gpt_workdir},train=/d/t.jsonl,inputs_length=512")
+        assert c.model.to_dict() == checkpoints.read_config(gpt_workdir).model.to_dict()
+        assert c.data.vocab_path == str(gpt_workdir / "vocab.model")
+        assert c.data.extra_ids == 7 and c.train.init_from == str(gpt_workdir)
+        assert c.data.seq_len == 64  # capped at the model's 64 learned positions
+    with pytest.raises(finetune_config.FinetuneConfigError, match="is a 'gpt' model"):
+        _get_config(CONFIGS[2], f"init_from={gpt_workdir}")
+    with pytest.raises(checkpoints.CheckpointError, match="does not exist"):
+        _get_config(CONFIGS[2], f"init_from={gpt_workdir}/missing")
+
+
+def test_bad_arguments():
+    with pytest.raises(finetune_config.FinetuneConfigError, match="bad config argument 'stps=3'"):
+        finetune_config.parse_arg("stps=3")
+    with pytest.raises(finetune_config.FinetuneConfigError, match="steps must be int"):
+        finetune_config.parse_arg("steps=many")
+    assert finetune_config.parse_arg("lr=3e-4, batch=8")["lr"] == 3e-4

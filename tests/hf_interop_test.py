@@ -1,0 +1,210 @@
+"""HF <-> t5x_lite conversion: logits parity with HF PyTorch, exact round trips, clear errors."""
+import functools
+import json
+
+import jax
+import numpy as np
+import pytest
+import safetensors.numpy
+import safetensors.torch
+import torch
+
+import hf_reference as ref
+from t5x_lite import hf_interop
+from t5x_lite.models import build_model
+
+TOL = 1e-4  # max |logit difference| on real (unpadded) positions, fp32
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    return ref.build_all(tmp_path_factory)
+
+
+def _batch_and_hf_logits(kind, model):
+    """Our batch for a right-padded batch, the mask of real positions, and HF's logits."""
+    inputs, mask, want = ref.hf_logits(kind, model)
+    if kind == "gpt2":
+        batch = {"decoder_input_tokens": inputs["input_ids"]}
+    else:
+        batch = {"encoder_input_tokens": inputs["input_ids"],
+                 "decoder_input_tokens": inputs["decoder_input_ids"]}
+    return {k: v.astype(np.int32) for k, v in batch.items()}, mask, want
+
+
+def _flatten(tree, prefix=""):
+    for k, v in tree.items():
+        yield from (_flatten(v, f"{prefix}{k}/") if isinstance(v, dict) else [(prefix + k, v)])
+
+
+@functools.lru_cache
+def _jitted_logits(cfg):  # one compile per config and shape across the tests here
+    return jax.jit(build_model(cfg).logits)
+
+
+def _our_logits(cfg, params, batch):
+    return np.asarray(_jitted_logits(cfg)(params, batch))
+
+
+@pytest.mark.parametrize("kind", ref.KINDS)
+def test_logits_match_hf_pytorch(hf_models, kind):
+    model, path = hf_models[kind]
+    cfg, params, _, _ = hf_interop.from_hf(path)
+    batch, mask, want = _batch_and_hf_logits(kind, model)
+    delta = ref.masked_max_abs_diff(_our_logits(cfg, params, batch), want, mask)
+    print(f"\n{kind}: max |logits - HF| = {delta:.2e} (logit scale {np.abs(want).max():.1f})")
+    assert delta <= TOL
+    expect = {"t5_v1_0": (True, True, "relu"), "t5_v1_1": (False, False, "gated-gelu"),
+              "gpt2": (True, False, "gelu")}[kind]
+    assert (cfg.tie_embeddings, cfg.scale_logits, cfg.mlp) == expect
+    assert cfg.vocab_size == ref.VOCAB  # HF's vocab size is kept, not padded
+
+
+def test_v1_1_checkpoint_is_really_untied(hf_models):
+    tensors = safetensors.numpy.load_file(hf_models["t5_v1_1"][1] / "model.safetensors")
+    assert not np.allclose(tensors["lm_head.weight"], tensors["shared.weight"])
+    cfg, params, _, _ = hf_interop.from_hf(hf_models["t5_v1_1"][1])
+    np.testing.assert_array_equal(params["lm_head"], tensors["lm_head.weight"].T)
+
+
+@pytest.mark.parametrize("kind", ["t5_v1_1", "gpt2"])
+def test_scan_layers_conversion_gives_same_logits(hf_models, kind):
+    model, path = hf_models[kind]
+    cfg, params, _, _ = hf_interop.from_hf(path)
+    scfg, sparams, _, _ = hf_interop.from_hf(path, scan_layers=True)
+    assert scfg.scan_layers and "layers_0" not in sparams["decoder"]
+    flat = lambda tree: {k: np.asarray(v) for k, v in _flatten(tree)}
+    unstacked, plain = flat(hf_interop.unstack_layers(sparams)), flat(params)
+    assert unstacked.keys() == plain.keys()
+    for k in plain:
+        np.testing.assert_array_equal(unstacked[k], plain[k], err_msg=k)
+    batch, mask, want = _batch_and_hf_logits(kind, model)
+    scanned = _our_logits(scfg, sparams, batch)
+    # Same params; the scanned program rounds differently only at float32 precision.
+    assert ref.masked_max_abs_diff(scanned, _our_logits(cfg, params, batch), mask) <= 5e-5
+    assert ref.masked_max_abs_diff(scanned, want, mask) <= TOL
+
+
+@pytest.mark.parametrize("kind", ref.KINDS)
+@pytest.mark.parametrize("scan", [False, True])
+def test_params_round_trip_bitwise(hf_models, kind, scan):
+    tensors = safetensors.numpy.load_file(hf_models[kind][1] / "model.safetensors")
+    cfg = hf_interop.model_config_from_hf(
+        json.loads((hf_models[kind][1] / "config.json").read_text()), tensors, scan_layers=scan)
+    back = hf_interop.params_to_hf(cfg, hf_interop.params_from_hf(cfg, tensors))
+    assert sorted(back) == sorted(tensors)
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(back[name], value, err_msg=name)
+
+
+def test_aliases_and_tensors_hf_ignores(hf_models):
+    """Older exports: T5 embedding stored as embed_tokens, an unused cross-attention bias
+    (t5-small has one), GPT-2 without the `transformer.` prefix and with mask buffers."""
+    for kind, edit in [
+        ("t5_v1_0", lambda t: {**{k: v for k, v in t.items() if k != "shared.weight"},
+                               "encoder.embed_tokens.weight": t["shared.weight"],
+                               "decoder.embed_tokens.weight": t["shared.weight"],
+                               "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias"
+                               ".weight": np.zeros((16, 5), np.float32)}),
+        ("gpt2", lambda t: {**{k.removeprefix("transformer."): v for k, v in t.items()},
+                            "h.0.attn.bias": np.ones((1, 1, 40, 40), np.float32)}),
+    ]:
+        tensors = safetensors.numpy.load_file(hf_models[kind][1] / "model.safetensors")
+        hf_cfg = json.loads((hf_models[kind][1] / "config.json").read_text())
+        cfg = hf_interop.model_config_from_hf(hf_cfg, tensors)
+        want = dict(_flatten(hf_interop.params_from_hf(cfg, tensors)))
+        got = dict(_flatten(hf_interop.params_from_hf(cfg, edit(tensors))))
+        assert got.keys() == want.keys()
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_t5_config_variants():
+    base = dict(model_type="t5", d_model=40, d_kv=12, num_heads=5, d_ff=72, num_layers=3)
+    emb, other = np.zeros((3, 2)), np.ones((3, 2))
+    tensors = {"shared.weight": emb, "lm_head.weight": other}
+    # transformers 4.x v1.1 config: tie_word_embeddings=false decides tying and scaling.
+    v11_4x = hf_interop.model_config_from_hf({**base, "tie_word_embeddings": False,
+                                              "feed_forward_proj": "gated-gelu"})
+    assert (v11_4x.tie_embeddings, v11_4x.scale_logits, v11_4x.mlp) == (False, False, "gated-gelu")
+    # transformers 5.x always writes tie_word_embeddings=true; scale_decoder_outputs and a
+    # differing lm_head.weight tell v1.1.
+    v11_5x = hf_interop.model_config_from_hf(
+        {**base, "tie_word_embeddings": True, "scale_decoder_outputs": False}, tensors)
+    assert (v11_5x.tie_embeddings, v11_5x.scale_logits) == (False, False)
+    v10 = hf_interop.model_config_from_hf(base, {"shared.weight": emb, "lm_head.weight": emb})
+    assert (v10.tie_embeddings, v10.scale_logits, v10.num_decoder_layers) == (True, True, 3)
+
+
+def test_sharded_index_and_bfloat16(hf_models, tmp_path):
+    src = hf_models["gpt2"][1]
+    tensors = safetensors.torch.load_file(src / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"a.safetensors": names[::2], "b.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        safetensors.torch.save_file({k: tensors[k].to(torch.bfloat16) for k in keys},
+                                    tmp_path / shard, metadata={"format": "pt"})
+    index = {"weight_map": {k: s for s, keys in shards.items() for k in keys}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "config.json").write_text((src / "config.json").read_text())
+    cfg, params, _, _ = hf_interop.from_hf(tmp_path)
+    _, want, _, _ = hf_interop.from_hf(src)
+    got_wte, want_wte = params["token_embedder"]["embedding"], want["token_embedder"]["embedding"]
+    assert got_wte.dtype == np.float32 and not np.array_equal(got_wte, want_wte)  # was bf16
+    np.testing.assert_allclose(got_wte, want_wte, rtol=1e-2, atol=1e-2)
+    (tmp_path / "b.safetensors").unlink()
+    with pytest.raises(hf_interop.InteropError, match="shard b.safetensors, which is missing"):
+        hf_interop.read_hf_dir(tmp_path)
+
+
+def _copy_hf_dir(src, dst, *, config=None, tensors=None):
+    dst.mkdir(exist_ok=True)
+    cfg = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, **(config or {})}))
+    data = safetensors.numpy.load_file(src / "model.safetensors")
+    if tensors is not None:
+        data = tensors(data)
+    safetensors.numpy.save_file(data, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_bad_directories(tmp_path):
+    with pytest.raises(hf_interop.InteropError, match="does not exist"):
+        hf_interop.from_hf(tmp_path / "nope")
+    with pytest.raises(hf_interop.InteropError, match="No config.json"):
+        hf_interop.from_hf(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "t5"}')
+    with pytest.raises(hf_interop.InteropError, match="No model.safetensors"):
+        hf_interop.from_hf(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"never unpickled")
+    with pytest.raises(hf_interop.InteropError, match="pickle.*re-save it as safetensors"):
+        hf_interop.from_hf(tmp_path)
+    (tmp_path / "model.ckpt").write_bytes(b"never unpickled")
+    with pytest.raises(hf_interop.InteropError, match="pickle.*re-save"):
+        hf_interop.from_hf(tmp_path / "model.ckpt")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(hf_interop.InteropError, match="not valid JSON"):
+        hf_interop.read_hf_dir(tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(config={"model_type": "llama"}), "Unsupported HF model_type 'llama'"),
+    (dict(config={"feed_forward_proj": "gelu"}), "feed_forward_proj='gelu' is not supported"),
+    (dict(config={"d_model": 48}), "does not fit token_embedder/embedding"),
+    (dict(tensors=lambda t: {k: v for k, v in t.items() if "encoder.block.1.layer.0.S" not in k}),
+     "lacks 4 tensor.*encoder.block.1.layer.0.SelfAttention.q"),
+    (dict(tensors=lambda t: {**t, "encoder.adapter.weight": t["shared.weight"]}),
+     "does not describe, e.g. encoder.adapter.weight"),
+])
+def test_bad_t5_checkpoints(hf_models, tmp_path, change, message):
+    path = _copy_hf_dir(hf_models["t5_v1_0"][1], tmp_path / "m", **change)
+    with pytest.raises(hf_interop.InteropError, match=message):
+        hf_interop.from_hf(path)
+
+
+def test_gpt2_unsupported_options(hf_models, tmp_path):
+    for option, message in [({"activation_function": "gelu"}, "activation_function='gelu'"),
+                            ({"scale_attn_by_inverse_layer_idx": True}, "inverse_layer_idx")]:
+        path = _copy_hf_dir(hf_models["gpt2"][1], tmp_path / "m", config=option)
+        with pytest.raises(hf_interop.InteropError, match=message):
+            hf_interop.from_hf(path)

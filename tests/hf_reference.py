@@ -1,0 +1,152 @@
+"""Tiny random Hugging Face PyTorch models (T5 v1.0, T5 v1.1, GPT-2) for parity tests.
+
+Built offline from configs nobody tuned for: odd widths, head_dim != d_model / heads, more
+encoder than decoder layers, few relative-position buckets with a short max_distance (so the
+log-spaced and clamped buckets are reached by ~30 tokens), odd epsilons. Every parameter is
+re-randomized after construction, norm scales and biases included (HF starts them at 1 and 0),
+so a tensor mapped to the wrong place, transposed or reshaped in the wrong order cannot hide.
+
+Only the tests import this module (and torch / transformers).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers
+
+VOCAB = 203
+T5_SIZES = dict(vocab_size=VOCAB, d_model=40, d_kv=12, d_ff=72, num_layers=3,
+                num_decoder_layers=2, num_heads=5, relative_attention_num_buckets=16,
+                relative_attention_max_distance=20, layer_norm_epsilon=3.7e-6, dropout_rate=0.0,
+                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+GPT2_SIZES = dict(vocab_size=VOCAB, n_embd=48, n_head=3, n_layer=3, n_positions=40, n_inner=88,
+                  layer_norm_epsilon=2.3e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                  bos_token_id=5, eos_token_id=1)
+KINDS = ("t5_v1_0", "t5_v1_1", "gpt2")
+
+
+def build(kind: str, out_dir=None, seed: int = 0):
+    """A random fp32 HF model in eval mode; saved with safetensors to `out_dir` when given.
+
+    t5_v1_1 is truly untied: a fresh random `lm_head.weight` is assigned after construction
+    (transformers 5.x ties T5 heads by default) and the config says tie_word_embeddings=False.
+    """
+    torch.manual_seed(seed)
+    if kind == "gpt2":
+        model = transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(**GPT2_SIZES, attn_implementation="eager"))
+    elif kind in ("t5_v1_0", "t5_v1_1"):
+        v11 = kind == "t5_v1_1"
+        config = transformers.T5Config(
+            **T5_SIZES, feed_forward_proj="gated-gelu" if v11 else "relu",
+            tie_word_embeddings=not v11, attn_implementation="eager")
+        model = transformers.T5ForConditionalGeneration(config)
+        if v11:
+            model.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, T5_SIZES["d_model"]))
+    else:
+        raise ValueError(kind)
+    _randomize(model, seed)
+    model.eval()
+    if out_dir is not None:
+        model.save_pretrained(out_dir, safe_serialization=True)
+    return model
+
+
+def _randomize(model, seed: int):
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if name.endswith("bias") and "relative_attention_bias" not in name:
+                p.copy_(0.1 * noise)
+            elif "norm" in name or ".ln_" in name:
+                p.copy_(1.0 + 0.2 * noise)
+            elif "relative_attention_bias" in name or name.endswith(("wte.weight", "wpe.weight")):
+                p.copy_(0.5 * noise)  # HF's 0.02 for GPT-2 would give logits too small to test
+
+
+def padded_batch(rng: np.random.Generator, lengths, vocab: int = VOCAB):
+    """Right-padded random ids in [2, vocab) (0 = pad) and the matching 0/1 mask, int64."""
+    t = max(lengths)
+    ids = np.zeros((len(lengths), t), np.int64)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = rng.integers(2, vocab, n)
+    return ids, (ids > 0).astype(np.int64)
+
+
+def t5_logits(model, enc_ids, enc_mask, dec_ids, dec_mask) -> np.ndarray:
+    t = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.long)
+    with torch.no_grad():
+        out = model(input_ids=t(enc_ids), attention_mask=t(enc_mask),
+                    decoder_input_ids=t(dec_ids), decoder_attention_mask=t(dec_mask))
+    return out.logits.float().numpy()
+
+
+def gpt2_logits(model, ids, mask) -> np.ndarray:
+    t = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.long)
+    with torch.no_grad():
+        return model(input_ids=t(ids), attention_mask=t(mask)).logits.float().numpy()
+
+
+def masked_max_abs_diff(a, b, mask) -> float:
+    """max |a - b| over the positions where mask [B, T] is set (logits [B, T, V])."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b) * np.asarray(mask, bool)[..., None]))
+
+
+def shift_right(ids):
+    """T5 decoder inputs: targets shifted right with the start id 0 (padding stays 0)."""
+    ids = np.asarray(ids)
+    return np.concatenate([np.zeros_like(ids[:, :1]), ids[:, :-1]], axis=1)
+
+
+def build_all(tmp_path_factory, kinds=KINDS) -> dict:
+    """{kind: (torch model, saved directory)}, e.g. for a module-scoped fixture."""
+    out = {}
+    for kind in kinds:
+        path = tmp_path_factory.mktemp(kind)
+        out[kind] = (build(kind, path), path)
+    return out
+
+
+def hf_logits(kind: str, model, seed: int = 1):
+    """(numpy inputs, mask of real output positions [B, T], HF logits) for a padded batch.
+
+    Encoder rows of 31/22/6 tokens and decoder rows of 27/12/3 (GPT-2: 40/23/9) reach the
+    log-spaced and clamped relative-position buckets (16 buckets, max_distance 20).
+    """
+    rng = np.random.default_rng(seed)
+    if kind == "gpt2":
+        ids, mask = padded_batch(rng, [40, 23, 9])
+        return {"input_ids": ids}, mask, gpt2_logits(model, ids, mask)
+    enc, enc_mask = padded_batch(rng, [31, 22, 6])
+    tgt, tgt_mask = padded_batch(rng, [27, 12, 3])
+    dec = shift_right(tgt)
+    inputs = {"input_ids": enc, "decoder_input_ids": dec, "targets": tgt}
+    return inputs, tgt_mask, t5_logits(model, enc, enc_mask, dec, tgt_mask)
+
+
+def hf_forward(kind: str, model, inputs) -> np.ndarray:
+    """HF logits for inputs made by `hf_logits` (e.g. for a reloaded model)."""
+    if kind == "gpt2":
+        return gpt2_logits(model, inputs["input_ids"], inputs["input_ids"] > 0)
+    return t5_logits(model, inputs["input_ids"], inputs["input_ids"] > 0,
+                     inputs["decoder_input_ids"], inputs["targets"] > 0)
+
+
+def train_spm(path, pieces: int) -> str:
+    """A tiny T5-convention sentencepiece model (pad 0, eos 1, unk 2) written to `path`."""
+    import io
+
+    import sentencepiece as spm
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghijklmnoprstuw"), rng.integers(2, 8)))
+             for _ in range(400)]
+    sentences = [" ".join(rng.choice(words, 10)) for _ in range(300)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, vocab_size=pieces,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    with open(path, "wb") as f:
+        f.write(model.getvalue())
+    return str(path)

@@ -1,0 +1,217 @@
+"""LoRA: adapter count and sharding, merge math per kernel layout, training only the adapters
+(base bit-identical, loss falls), and the train / evaluate / load / merge path end to end
+(evaluate also with --quantize=int8)."""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import t5x_lite
+from t5x_lite import checkpoints, compression, lora, partitioning
+from t5x_lite import config as model_config
+from t5x_lite.models import build_model
+from t5x_lite.training import testing, train, train_state, train_step
+
+D, H, K, F, V = 32, 2, 16, 64, 128
+
+
+def _t5(scan=False, **kw):
+    return model_config.t5_1_1(vocab_size=V, d_model=D, num_heads=H, head_dim=K, d_ff=F,
+                               num_layers=1, num_decoder_layers=1, dtype="float32",
+                               scan_layers=scan, **kw)
+
+
+def _boxed(cfg):
+    """Abstract boxed params: shapes and logical axes, nothing computed."""
+    return jax.eval_shape(lambda: build_model(cfg).init(jax.random.key(0)))["params"]
+
+
+def _random(boxed, seed=0):
+    """Random values for an abstract (boxed) tree: what merge needs, without a model init."""
+    rng = np.random.default_rng(seed)  # numpy: no compile per shape
+    return jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32),
+                        nn.meta.unbox(boxed))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_trainable_count_equals_hand_count_and_axes(scan):
+    cfg = lora.LoraConfig(base="unused", targets="query|value|wo", rank=4)
+    adapters = jax.eval_shape(lambda: lora.init_adapters(jax.random.key(1), _boxed(_t5(scan)),
+                                                         cfg))
+    r = cfg.rank
+    # 3 attention modules (enc self, dec self, dec cross) x {query, value}: A [D, r], B [r, H, K];
+    # 2 MLPs x wo [F, D]: A [F, r], B [r, D].
+    hand = 3 * 2 * (D * r + r * H * K) + 2 * (F * r + r * D)
+    assert compression.param_count(nn.meta.unbox(adapters)) == hand
+    axes = compression.axes_by_path(compression.logical_axes(adapters))
+    lead = ("layers",) if scan else ()
+    q = "decoder/layers/block/cross_attention/query" if scan else \
+        "decoder/layers_0/cross_attention/query"
+    assert axes[f"{q}/lora_a"] == lead + ("embed", None)
+    assert axes[f"{q}/lora_b"] == lead + (None, "heads", "kv")
+    wo = q.replace("cross_attention/query", "mlp/wo")
+    assert axes[f"{wo}/lora_a"] == lead + ("mlp", None)
+    assert axes[f"{wo}/lora_b"] == lead + (None, "embed")
+    # B starts at zero: the adapted model starts as the base model.
+    real = lora.init_adapters(jax.random.key(1), _boxed(_t5(scan)), cfg)
+    assert all(not np.any(np.asarray(x)) for p, x in compression.flat(
+        nn.meta.unbox(real)).items() if p.endswith("lora_b"))
+
+
+def test_merge_equals_unmerged_low_rank_path():
+    """For every kernel layout, x @ merged == x @ W + (alpha/r) (x @ A) @ B, computed apart."""
+    cfg = lora.LoraConfig(base="unused", targets="query|out|wi_0|wo", rank=3, alpha=5.0)
+    boxed = _boxed(_t5(scan=True))
+    base = _random(boxed)
+    adapters = _random(jax.eval_shape(lambda: lora.init_adapters(jax.random.key(1), boxed, cfg)),
+                       seed=1)  # nonzero B
+    merged = compression.flat(lora.merge(base, adapters, cfg))
+    w, ad = compression.flat(base), compression.flat(adapters)
+    block = "encoder/layers/block"
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 5, D)).astype(np.float32)  # [L=1, T, D]
+    h = rng.standard_normal((1, 5, H, K)).astype(np.float32)
+    f = rng.standard_normal((1, 5, F)).astype(np.float32)
+    s = cfg.scale
+    cases = [  # (path, activations, kernel equation, x@A equation, (xA)@B equation)
+        ("self_attention/query", x, "ltd,ldhk->lthk", "ltd,ldr->ltr", "ltr,lrhk->lthk"),
+        ("self_attention/out", h, "lthk,lhkd->ltd", "lthk,lhkr->ltr", "ltr,lrd->ltd"),
+        ("mlp/wi_0", x, "ltd,ldf->ltf", "ltd,ldr->ltr", "ltr,lrf->ltf"),
+        ("mlp/wo", f, "ltf,lfd->ltd", "ltf,lfr->ltr", "ltr,lrd->ltd"),
+    ]
+    for name, act, eq, eq_a, eq_b in cases:
+        p = f"{block}/{name}"
+        got = jnp.einsum(eq, act, merged[p])
+        low_rank = jnp.einsum(eq_b, jnp.einsum(eq_a, act, ad[f"{p}/lora_a"]), ad[f"{p}/lora_b"])
+        want = jnp.einsum(eq, act, w[p]) + s * low_rank
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=p)
+    untouched = f"{block}/self_attention/key"
+    assert np.array_equal(merged[untouched], w[untouched])
+
+
+def _copy_batch(n=16, t=8, seed=0):
+    """T5 'copy the input' fine-tuning task."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(3, V, size=(n, t)).astype(np.int32)
+    x[:, -1] = 1
+    return {"encoder_input_tokens": x, "decoder_target_tokens": x,
+            "decoder_input_tokens": np.concatenate([np.zeros_like(x[:, :1]), x[:, :-1]], 1)}
+
+
+def test_train_step_trains_only_adapters_sharded():
+    """On an 8-device (data 2, fsdp 2, tensor 2) mesh with the trainer's own step: loss falls,
+    the base stays bit-identical, optimizer state exists only for the adapters."""
+    cfg = lora.LoraConfig(base="unused", targets="query|value|wi_0|wi_1|wo", rank=4, alpha=8.0)
+    model = lora.LoraModel(build_model(_t5()), cfg)
+    mesh = partitioning.make_mesh(2, 2, 2)
+    rules = partitioning.DEFAULT_RULES
+    tx = compression.freeze_optimizer(optax.adam(1e-2), "lora")
+    state, shardings = train_state.create_train_state(model, tx, mesh, rules, jax.random.key(0))
+    base_before = jax.tree.map(np.asarray, state.params["base"])
+    opt_leaves = compression.param_count(state.opt_state)
+    n_lora = compression.param_count(state.params["lora"])
+    assert opt_leaves <= 2 * n_lora + 8  # adam mu + nu (+ counts) for the adapters only
+    assert (shardings.params["lora"]["encoder"]["layers_0"]["self_attention"]["query"]
+            ["lora_a"].spec == jax.sharding.PartitionSpec("fsdp", None))
+    step = train_step.jit_train_step(
+        train_step.make_train_step(model, tx, lambda s: 1e-2), shardings, mesh, rules)
+    batch = jax.device_put(_copy_batch(), partitioning.data_sharding(mesh))
+    losses = []
+    for _ in range(30):
+        state, metrics = step(state, batch, jax.random.key(1))
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.7 * losses[0], losses
+    for path, before in compression.flat(base_before).items():
+        after = np.asarray(compression.flat(state.params["base"])[path])
+        assert np.array_equal(before, after), path
+    assert np.any(np.asarray(state.params["lora"]["encoder"]["layers_0"]["mlp"]["wo"]["lora_b"]))
+
+
+def test_dropout_masks_adapter_input_rows():
+    cfg = lora.LoraConfig(base="unused", targets="query", rank=2, dropout=0.5)
+    boxed = _boxed(_t5())
+    base = _random(boxed)
+    adapters = jax.tree.map(jnp.ones_like, nn.meta.unbox(jax.eval_shape(
+        lambda: lora.init_adapters(jax.random.key(1), boxed, cfg))))
+    p = "encoder/layers_0/self_attention/query"
+    delta = compression.flat(lora.merge(base, adapters, cfg, dropout_rng=jax.random.key(0)))[p] \
+        - compression.flat(base)[p]
+    rows = np.asarray(jnp.abs(delta).sum(axis=(1, 2)))  # one value per input feature
+    assert 0 < np.sum(rows == 0) < D  # some input features dropped, not all
+    kept = np.asarray(delta)[rows > 0]
+    np.testing.assert_allclose(kept, cfg.scale * cfg.rank / 0.5, rtol=1e-5)  # 1/(1-p) rescale
+
+
+def test_bad_config_errors():
+    with pytest.raises(compression.CompressionError, match="matches no kernel"):
+        lora.init_adapters(jax.random.key(0), _boxed(_t5()),
+                           lora.LoraConfig(base="x", targets="nothing_like_this"))
+    with pytest.raises(compression.CompressionError, match="rank"):
+        lora.LoraConfig(rank=0)
+    with pytest.raises(compression.CompressionError, match="Unknown lora option"):
+        lora.LoraConfig.from_dict({"base": "x", "rnak": 4})
+
+
+def _save_base(workdir, cfg_run):
+    model = build_model(model_config.ModelConfig.from_dict(cfg_run.model))
+    params = nn.meta.unbox(model.init(jax.random.key(7))["params"])
+    checkpoints.write_config(workdir, cfg_run)
+    checkpoints.save_params(workdir, params, 0)
+    return params
+
+
+def test_lora_run_through_trainer_resume_load_and_merge(tmp_path):
+    run = testing.tiny_config("t5")
+    base_dir = tmp_path / "base"
+    _save_base(base_dir, run)
+    run.train.num_steps = 4
+    run.checkpoint.save_every = 2
+    run.lora = dict(base=str(base_dir), targets="query|value", rank=4, alpha=8.0, dropout=0.0)
+    workdir = tmp_path / "lora"
+    result = train(run, workdir)
+    assert result.step == 4 and math.isfinite(result.last_metrics["loss"])
+
+    # The checkpoint holds only the adapters: (1+1+1) attention modules x {query, value}.
+    shapes = checkpoints.params_shapes(workdir, 4)
+    assert len(shapes) == 12 and all(k.endswith(("['lora_a']", "['lora_b']")) for k in shapes)
+
+    # Resuming continues from the adapters (and re-attaches the base).
+    run.train.num_steps = 6
+    assert train(run, workdir).step == 6
+
+    # load() merges adapters into the base; equal to the adapter model on the same adapters.
+    loaded = t5x_lite.load(workdir)
+    lora_cfg = lora.LoraConfig.from_dict(run.lora)
+    model = lora.LoraModel(loaded.model, lora_cfg)
+    boxed = model.init(jax.random.key(0))["params"]
+    base_params = checkpoints.restore_params(base_dir, 0, nn.meta.unbox(boxed["base"]))
+    adapters = checkpoints.restore_params(workdir, 6, nn.meta.unbox(boxed["lora"]))
+    batch = _copy_batch(4, 8, seed=3)
+    batch = {k: np.minimum(v, loaded.config.vocab_size - 1) for k, v in batch.items()}
+    want = model.logits({"base": base_params, "lora": adapters}, batch)
+    got = loaded.logits(batch["encoder_input_tokens"],
+                        decoder_input_ids=batch["decoder_input_tokens"])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(
+        want, loaded.model.logits(base_params, batch), atol=1e-6)  # adapters changed something
+
+    # The evaluate command on the LoRA workdir (merged on load), float and int8 weights.
+    from t5x_lite.evaluation import EvalSettings, run as evaluate
+    ev = {q: evaluate(None, workdir, EvalSettings(name=q, quantize=q, batch_size=8))[0]
+          for q in ("none", "int8")}
+    assert math.isfinite(ev["none"]["loss"])
+    assert abs(ev["int8"]["loss"] - ev["none"]["loss"]) < 0.05
+
+    # merge writes a plain checkpoint that loads to the same logits.
+    step = lora.merge_workdir(workdir, tmp_path / "merged")
+    assert step == 6
+    merged = t5x_lite.load(tmp_path / "merged")
+    assert "lora" not in merged.run_config
+    np.testing.assert_allclose(
+        merged.logits(batch["encoder_input_tokens"],
+                      decoder_input_ids=batch["decoder_input_tokens"]),
+        got, rtol=1e-5, atol=1e-5)

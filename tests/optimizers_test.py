@@ -1,0 +1,91 @@
+"""Optimizers: T5 Adafactor defaults and schedule, AdamW warmup/decay, weight-decay mask, clipping."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from t5x_lite.config import t5_1_1
+from t5x_lite.defaults import base_config
+from t5x_lite.training import optimizers
+
+
+def _opt(**kw):
+    c = base_config(t5_1_1(), objective="span_corruption").optimizer
+    c.update(kw)
+    return c
+
+
+def test_rsqrt_schedule_is_t5_default():
+    schedule = optimizers.make_schedule(_opt(), num_steps=100_000)
+    for step, want in [(0, 0.01), (5000, 0.01), (10_000, 0.01), (40_000, 0.005)]:
+        np.testing.assert_allclose(schedule(jnp.int32(step)), want, rtol=1e-6)
+
+
+def test_adamw_warmup_then_cosine_and_linear():
+    cos = optimizers.make_schedule(_opt(name="adamw", schedule="cosine", learning_rate=1.0,
+                                        warmup_steps=10, end_lr_fraction=0.1), num_steps=110)
+    np.testing.assert_allclose([cos(0), cos(5), cos(10), cos(60), cos(110)],
+                               [0.0, 0.5, 1.0, 0.55, 0.1], atol=1e-6)
+    lin = optimizers.make_schedule(_opt(name="adamw", schedule="linear", learning_rate=1.0,
+                                        warmup_steps=10, end_lr_fraction=0.0), num_steps=110)
+    np.testing.assert_allclose([lin(10), lin(60), lin(110)], [1.0, 0.5, 0.0], atol=1e-6)
+
+
+def test_decay_mask_skips_norms_biases_and_embeddings():
+    params = {"token_embedder": {"embedding": 0}, "decoder_relpos": {"rel_embedding": 0},
+              "decoder": {"layers": {"block": {  # scanned: matrices carry a layer axis
+                  "pre_attention_norm": {"scale": 0, "bias": 0},
+                  "self_attention": {"query": 0, "query_bias": 0},
+                  "mlp": {"wi": 0, "wo_bias": 0}}}},
+              "lm_head": 0}
+    mask = optimizers.decay_mask(params)
+    block = mask["decoder"]["layers"]["block"]
+    assert block["self_attention"] == {"query": True, "query_bias": False}
+    assert block["mlp"] == {"wi": True, "wo_bias": False}
+    assert block["pre_attention_norm"] == {"scale": False, "bias": False}
+    assert mask["lm_head"] and not mask["token_embedder"]["embedding"]
+    assert not mask["decoder_relpos"]["rel_embedding"]
+    assert optimizers.decay_mask(params, decay_embeddings=True)["token_embedder"]["embedding"]
+
+
+def test_adamw_weight_decay_follows_mask():
+    tx, _ = optimizers.make_optimizer(_opt(name="adamw", schedule="constant", learning_rate=0.1,
+                                           weight_decay=0.5, grad_clip=0.0), 10)
+    params = {"w": jnp.ones((2, 2)), "norm": {"scale": jnp.ones((2,))}}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)
+    np.testing.assert_allclose(updates["norm"]["scale"], 0.0)
+
+
+def test_adafactor_state_is_factored_without_momentum():
+    tx, _ = optimizers.make_optimizer(_opt(), 10)
+    state = tx.init({"w": jnp.ones((256, 128)), "b": jnp.ones((128,))})
+    factored = state[1][0]  # chain(clip, adafactor(...)): the factored second-moment state
+    # optax: v_row drops the largest dim, v_col the second largest.
+    assert factored.v_row["w"].shape == (128,) and factored.v_col["w"].shape == (256,)
+    assert factored.v["w"].shape == (1,) and factored.v["b"].shape == (128,)
+    leaves = jax.tree.leaves(state)
+    # No first-moment (momentum) buffer: only the factored stats, placeholders and counters.
+    assert sum(x.size for x in leaves) < 256 * 128
+
+
+def test_global_norm_clipping():
+    tx, _ = optimizers.make_optimizer(_opt(name="adamw", schedule="constant", learning_rate=1.0,
+                                           grad_clip=1.0, weight_decay=0.0), 10)
+    clip = optax.clip_by_global_norm(1.0)
+    g = {"w": jnp.full((4,), 10.0)}
+    clipped, _ = clip.update(g, clip.init(g))
+    np.testing.assert_allclose(optax.global_norm(clipped), 1.0, rtol=1e-6)
+    assert isinstance(tx.init({"w": jnp.ones((4,))})[0], optax.EmptyState)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(name="sgd"), "optimizer.name"),
+    (dict(name="adamw", schedule="rsqrt"), "rsqrt"),
+    (dict(name="adamw", schedule="exp"), "optimizer.schedule"),
+])
+def test_bad_settings_raise(kw, match):
+    with pytest.raises(optimizers.OptimizerError, match=match):
+        optimizers.make_optimizer(_opt(**kw), 10)

@@ -1,0 +1,109 @@
+"""Logical axis names -> PartitionSpecs on a (data=2, fsdp=2, tensor=2) mesh, and sharded == 1 device."""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from t5x_lite import config as mc
+from t5x_lite import partitioning as part
+from t5x_lite.models import abstract_variables, build_model
+
+SMALL = dict(vocab_size=128, d_model=32, num_heads=4, head_dim=8, d_ff=64, num_layers=2)
+
+# What we intend under DEFAULT_RULES: embed -> fsdp (FSDP), heads/mlp/vocab -> tensor (TP),
+# head_dim, relative-position buckets and the position table's length replicated.
+INTENDED = {
+    "embedding": P("tensor", "fsdp"),  # token table [vocab, embed]
+    "position_embedding": P(None, "fsdp"),  # [max_len, embed]
+    "query": P("fsdp", "tensor", None), "key": P("fsdp", "tensor", None),
+    "value": P("fsdp", "tensor", None), "out": P("tensor", None, "fsdp"),
+    "query_bias": P("tensor", None), "key_bias": P("tensor", None),
+    "value_bias": P("tensor", None), "out_bias": P("fsdp"),
+    "wi": P("fsdp", "tensor"), "wi_0": P("fsdp", "tensor"), "wi_1": P("fsdp", "tensor"),
+    "wo": P("tensor", "fsdp"), "wi_bias": P("tensor"), "wo_bias": P("fsdp"),
+    "scale": P("fsdp"), "bias": P("fsdp"),  # norms
+    "rel_embedding": P("tensor", None),  # [heads, buckets]
+    "lm_head": P("fsdp", "tensor"), "mlm_dense": P("fsdp", "tensor"), "mlm_bias": P("tensor"),
+}
+
+
+def intended_spec(path, scanned):
+    names = [getattr(k, "key", str(k)) for k in path]
+    leaf = names[-1]
+    if leaf == "embedding" and "position_embedder" in names:
+        leaf = "position_embedding"
+    spec = INTENDED[leaf]
+    if scanned and "layers" in names:
+        spec = P(None, *spec)
+    return spec
+
+
+@pytest.mark.parametrize("cfg", [
+    mc.t5_1_1(**SMALL), mc.t5_1_0(**SMALL), mc.gpt2(**SMALL, max_len=16),
+    mc.gpt_modern(**SMALL, scan_layers=True), mc.bert(**SMALL, max_len=16),
+], ids=["t5_1_1", "t5_1_0", "gpt2", "gpt_modern_scan", "bert"])
+def test_every_param_gets_the_intended_partition_spec(cfg):
+    mesh = part.make_mesh(2, 2, 2)
+    model = build_model(cfg)
+    boxed = abstract_variables(model)
+    shardings = part.shardings(boxed, mesh)
+    flat = jax.tree_util.tree_flatten_with_path(
+        shardings, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))[0]
+    assert flat
+    for path, sharding in flat:
+        assert sharding.spec == intended_spec(path, cfg.scan_layers), jax.tree_util.keystr(path)
+    # Each logical name is one per dimension: the boxes' names match the array ranks.
+    for box in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
+        assert len(box.names) == len(box.value.shape)
+    # Creating the state sharded puts every param where the spec says.
+    with part.activate(mesh):
+        params = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.key(0))),
+                         out_shardings=shardings)()
+    for (path, want), got in zip(flat, jax.tree.leaves(params)):
+        assert got.sharding.spec == want.spec, jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 4, 2), (2, 1, 4)])
+@pytest.mark.parametrize("family", ["t5", "gpt"])
+def test_sharded_loss_and_grads_equal_one_device(shape, family):
+    cfg = mc.t5_1_1(**SMALL) if family == "t5" else mc.gpt2(**SMALL, max_len=16)
+    model = build_model(cfg)
+    rng = np.random.default_rng(0)
+    batch = {"decoder_input_tokens": rng.integers(3, 128, (8, 8)).astype(np.int32),
+             "decoder_target_tokens": rng.integers(3, 128, (8, 8)).astype(np.int32)}
+    if family == "t5":
+        batch["encoder_input_tokens"] = rng.integers(0, 128, (8, 12)).astype(np.int32)
+    params = nn.meta.unbox(model.init(jax.random.key(0)))["params"]
+    grad_fn = jax.value_and_grad(lambda p, b: model.loss_fn(p, b)[0])
+    ref_loss, ref_grads = jax.jit(grad_fn)(params, batch)
+
+    mesh = part.make_mesh(*shape)
+    shardings = part.shardings(abstract_variables(model), mesh)["params"]
+    with part.activate(mesh):
+        sharded_params = jax.device_put(params, shardings)
+        sharded_batch = jax.device_put(batch, part.data_sharding(mesh))
+        loss, grads = jax.jit(grad_fn)(sharded_params, sharded_batch)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_mesh_shape_fills_and_rejects():
+    assert part.mesh_shape(-1, 2, 2, 8) == (2, 2, 2)
+    assert part.mesh_shape(1, -1, 1, 8) == (1, 8, 1)
+    with pytest.raises(part.MeshError, match="needs 12 devices"):
+        part.mesh_shape(3, 2, 2, 8)
+    with pytest.raises(part.MeshError, match="At most one"):
+        part.mesh_shape(-1, -1, 2, 8)
+    with pytest.raises(part.MeshError, match="Cannot fill"):
+        part.mesh_shape(-1, 3, 1, 8)
+
+
+def test_rules_from_config_round_trips_lists():
+    rules = part.rules_from_config([["batch", ["data", "fsdp"]], ["embed", None]])
+    assert rules == (("batch", ("data", "fsdp")), ("embed", None))
+    assert part.rules_from_config(None) == part.DEFAULT_RULES

@@ -1,0 +1,198 @@
+"""Magnitude pruning: exact sparsity, whole heads / MLP units, masks that keep pruned weights at
+zero through training, the polynomial schedule, and a pruning run through the trainer."""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from t5x_lite import checkpoints, compression, partitioning, pruning
+from t5x_lite import config as model_config
+from t5x_lite.models import build_model
+from t5x_lite.training import testing, train, train_state, train_step
+
+V, D, H, K, F = 128, 32, 4, 8, 64
+
+
+def _t5(scan=False):
+    return model_config.t5_1_1(vocab_size=V, d_model=D, num_heads=H, head_dim=K, d_ff=F,
+                               num_layers=2, num_decoder_layers=1, dtype="float32",
+                               scan_layers=scan)
+
+
+def _init(cfg, seed=0):
+    """(random params, logical axes): magnitude pruning needs values, not a trained init, and
+    numpy values cost no model init / compile."""
+    boxed = jax.eval_shape(lambda: build_model(cfg).init(jax.random.key(0)))["params"]
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(lambda x: (0.05 * rng.standard_normal(x.shape)).astype(np.float32),
+                          nn.meta.unbox(boxed))
+    return params, compression.logical_axes(boxed)
+
+
+def _zero_fraction(params, pattern=pruning.DEFAULT_TARGETS):
+    leaves = compression.select(params, pattern).values()
+    return sum(int(jnp.sum(x == 0)) for x in leaves) / sum(x.size for x in leaves)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("scope", pruning.SCOPES)
+def test_unstructured_sparsity_equals_target(scan, scope):
+    params, axes = _init(_t5(scan))
+    cfg = pruning.PruneConfig(sparsity=0.3, scope=scope)
+    pruned, masks = pruning.prune_params(params, axes, cfg)
+    # Exactly round(0.3 n) of the n weights of each ranking: all kernels together (global), or
+    # each kernel alone -- each layer of a scanned kernel alone (layer).
+    groups = [x.size for x in compression.select(params, pruning.DEFAULT_TARGETS).values()]
+    if scope == "layer" and scan:
+        groups = [n // 2 if p.startswith("encoder/layers/") else n for p, n in zip(
+            compression.select(params, pruning.DEFAULT_TARGETS), groups)
+            for _ in range(2 if p.startswith("encoder/layers/") else 1)]
+    if scope == "global":
+        groups = [sum(groups)]
+    assert _zero_fraction(pruned) == sum(round(0.3 * n) for n in groups) / sum(groups)
+    if scope == "layer":
+        for path, m in compression.flat(masks).items():
+            layers = 2 if scan and path.startswith("encoder/") else 1
+            rows = np.asarray(m).reshape((layers, -1))
+            np.testing.assert_array_equal((~rows).sum(1), round(0.3 * rows.shape[1]), err_msg=path)
+    # The smallest magnitudes went: every pruned |w| <= every kept |w| (global ranking).
+    if scope == "global":
+        w = np.concatenate([np.abs(np.asarray(x)).ravel() for x in
+                            compression.select(params, pruning.DEFAULT_TARGETS).values()])
+        m = np.concatenate([np.asarray(x).ravel() for x in
+                            compression.select(masks, pruning.DEFAULT_TARGETS).values()])
+        assert w[~m].max() <= w[m].min()
+    untouched = "token_embedder/embedding"
+    assert np.array_equal(compression.flat(pruned)[untouched], compression.flat(params)[untouched])
+
+
+@pytest.mark.parametrize("structure,scope", [("heads", "global"), ("heads", "layer"),
+                                             ("mlp_units", "layer")])
+def test_structured_pruning_removes_whole_heads_and_units(structure, scope):
+    params, axes = _init(_t5(scan=True))
+    cfg = pruning.PruneConfig(sparsity=0.5, structure=structure, scope=scope)
+    pruned, _ = pruning.prune_params(params, axes, cfg)
+    flat = compression.flat(pruned)
+    if structure == "heads":
+        # Attention modules: encoder self (2 scanned layers), decoder self and cross (1 each).
+        modules = ["encoder/layers/block/self_attention", "decoder/layers/block/self_attention",
+                   "decoder/layers/block/cross_attention"]
+        zero_heads = 0
+        for mod in modules:
+            q, k, v, o = (np.asarray(flat[f"{mod}/{n}"]) for n in ("query", "key", "value", "out"))
+            dead_q = ~np.any(q, axis=(1, 3))  # [L, H]: heads whose query slice is all zero
+            for x, axis in ((k, (1, 3)), (v, (1, 3)), (o, (2, 3))):
+                np.testing.assert_array_equal(~np.any(x, axis=axis), dead_q)  # whole heads
+            if scope == "layer":
+                np.testing.assert_array_equal(dead_q.sum(1), H // 2)  # half of each layer's
+            zero_heads += dead_q.sum()
+        assert zero_heads == (2 + 1 + 1) * H // 2
+    else:
+        for mod in ("encoder/layers/block/mlp", "decoder/layers/block/mlp"):
+            wi0, wi1, wo = (np.asarray(flat[f"{mod}/{n}"]) for n in ("wi_0", "wi_1", "wo"))
+            dead = ~np.any(wi0, axis=1)  # [L, F]
+            np.testing.assert_array_equal(~np.any(wi1, axis=1), dead)
+            np.testing.assert_array_equal(~np.any(wo, axis=2), dead)
+            np.testing.assert_array_equal(dead.sum(1), F // 2)
+    report = pruning.sparsity_report(pruned, axes, cfg)
+    assert report["unit_sparsity"] == 0.5
+
+
+def _lm_batch(seed, n=8):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(3, V, size=(n, 8)).astype(np.int32)
+    return {"encoder_input_tokens": x, "decoder_target_tokens": x,
+            "decoder_input_tokens": np.concatenate([np.zeros_like(x[:, :1]), x[:, :-1]], 1)}
+
+
+def test_masked_weights_stay_zero_through_training_sharded():
+    """The trainer's step with AdamW (weight decay moves every weight) on a (2, 2, 2) mesh: the
+    pruned weights are exactly zero after every step, the masks sit in the optimizer state with
+    their params' shardings, and the loss still falls."""
+    cfg = _t5()
+    model = build_model(cfg)
+    _, axes = _init(cfg)
+    pc = pruning.PruneConfig(sparsity=0.5, structure="unstructured", scope="layer")
+    tx = pruning.prune_optimizer(optax.adamw(1e-2, weight_decay=0.1), pc, axes, 20)
+    mesh = partitioning.make_mesh(2, 2, 2)
+    rules = partitioning.DEFAULT_RULES
+    # The model's init and the masks (tx.init) both run inside the trainer's jitted init.
+    state, shardings = train_state.create_train_state(model, tx, mesh, rules, jax.random.key(0))
+    mask_sh = shardings.opt_state.masks["encoder"]["layers_0"]["mlp"]["wi_0"]
+    assert mask_sh.spec == shardings.params["encoder"]["layers_0"]["mlp"]["wi_0"].spec
+    masks = jax.tree.map(np.asarray, state.opt_state.masks)
+    step = train_step.jit_train_step(train_step.make_train_step(model, tx, lambda s: 1e-2),
+                                     shardings, mesh, rules)
+    losses = []
+    for i in range(12):
+        batch = jax.device_put(_lm_batch(0), partitioning.data_sharding(mesh))
+        state, metrics = step(state, batch, jax.random.key(0))
+        losses.append(float(metrics["loss"]))
+        for path, m in compression.flat(masks).items():
+            w = np.asarray(compression.flat(state.params)[path])
+            assert not np.any(w[~m]), (i, path)
+    assert _zero_fraction(jax.device_get(state.params)) == pytest.approx(0.5, abs=1e-3)
+    assert losses[-1] < losses[0]
+
+
+def test_polynomial_schedule_grows_sparsity_and_keeps_pruned_weights_pruned():
+    cfg = _t5()
+    model = build_model(cfg)
+    params, axes = _init(cfg)
+    pc = pruning.PruneConfig(sparsity=0.8, schedule="polynomial", initial_sparsity=0.2,
+                             begin_step=2, end_step=8, frequency=2)
+    expect = {t: 0.8 + (0.2 - 0.8) * (1 - (t - 2) / 6) ** 3 for t in (2, 4, 6, 8)}
+    tx = pruning.prune_optimizer(optax.sgd(1e-2), pc, axes, 10)
+    state = tx.init(params)
+    assert _zero_fraction(pruning.apply_masks(params, state.masks)) == 0.0  # s(0) before begin
+    grad_fn = jax.jit(jax.grad(lambda p: model.loss_fn(p, _lm_batch(1))[0]))
+    update = jax.jit(tx.update)
+    seen, prev_mask = {}, None
+    for t in range(1, 11):
+        u, state = update(grad_fn(params), state, params)
+        params = optax.apply_updates(params, u)
+        seen[t] = _zero_fraction(params)
+        m = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(state.masks)])
+        if prev_mask is not None:
+            assert not np.any(m & ~prev_mask)  # nothing pruned comes back
+        prev_mask = m
+    for t, s in expect.items():
+        assert seen[t] == pytest.approx(s, abs=1e-3), (t, seen)
+    assert seen[3] == seen[2] and seen[10] == seen[8] == pytest.approx(0.8, abs=1e-3)
+
+
+def test_bad_config_errors():
+    with pytest.raises(compression.CompressionError, match="sparsity"):
+        pruning.PruneConfig(sparsity=1.0)
+    with pytest.raises(compression.CompressionError, match="structure"):
+        pruning.PruneConfig(structure="channels")
+    _, axes = _init(_t5())
+    with pytest.raises(compression.CompressionError, match="matches no kernel"):
+        pruning.rankings(axes, pruning.PruneConfig(targets="nope$"))
+
+
+def test_one_shot_pruning_run_through_trainer(tmp_path):
+    """train.init_from + a `prune` section: the checkpoint is pruned exactly to the target and
+    its optimizer state holds the masks; resuming keeps them."""
+    run = testing.tiny_config("t5")
+    src = tmp_path / "dense"
+    checkpoints.write_config(src, run)
+    dense = nn.meta.unbox(build_model(model_config.ModelConfig.from_dict(run.model)).init(
+        jax.random.key(1))["params"])
+    checkpoints.save_params(src, dense, 0)
+    run.train.init_from = str(src)
+    run.train.num_steps = 2
+    run.checkpoint.save_every = 2
+    run.prune = dict(sparsity=0.4, structure="unstructured", scope="global")
+    workdir = tmp_path / "pruned"
+    assert math.isfinite(train(run, workdir).last_metrics["loss"])
+    run.train.num_steps = 4
+    assert train(run, workdir).step == 4
+    restored = checkpoints.restore_params(workdir, 4, jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), dense))
+    assert _zero_fraction(restored) == pytest.approx(0.4, abs=1e-4)
+    assert (workdir / "checkpoints" / "4" / "opt_state").exists()  # where the masks live

@@ -1,0 +1,59 @@
+"""Text metrics: definitions, equality with sacrebleu / rouge-score run directly, errors."""
+import numpy as np
+import pytest
+import sacrebleu
+from rouge_score import rouge_scorer
+
+from t5x_lite.evaluation import text_metrics as tm
+
+PREDS = ["the cat sat on the mat", "a quick brown fox", "hello  world ", "completely wrong"]
+TARGETS = ["the cat sat on the mat", "the quick brown fox jumps", "hello world", "right answer"]
+
+
+def test_exact_match_normalizes_whitespace_only():
+    assert tm.exact_match(PREDS, TARGETS) == 50.0  # 1st, and 3rd after whitespace collapse
+    assert tm.exact_match(["Hello"], ["hello"]) == 0.0  # case matters
+
+
+def test_bleu_equals_sacrebleu():
+    want = sacrebleu.corpus_bleu(PREDS, [TARGETS]).score
+    assert tm.compute(PREDS, TARGETS, "bleu") == {"bleu": pytest.approx(want, abs=1e-12)}
+    assert 0 < want < 100
+
+
+def test_rouge_is_mean_fmeasure_of_rouge_score():
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    per = [scorer.score(t, p) for p, t in zip(PREDS, TARGETS)]
+    got = tm.compute(PREDS, TARGETS, ["rouge"])
+    for name in ("rouge1", "rouge2", "rougeL"):
+        assert got[name] == pytest.approx(100 * np.mean([s[name].fmeasure for s in per]))
+    assert got["rouge1"] > got["rouge2"]
+
+
+def test_accuracy_and_invalid_predictions_for_labels():
+    targets = ["positive", "negative"] * 4
+    preds = ["positive", "negative", "positive", "positive", "maybe", "negative", "positive",
+             "negative"]
+    got = tm.compute(preds, targets, "auto")
+    assert set(got) == {"exact_match", "bleu", "rouge1", "rouge2", "rougeL", "accuracy",
+                        "invalid_prediction_rate"}
+    assert got["accuracy"] == 75.0 and got["invalid_prediction_rate"] == 12.5
+    assert "accuracy" not in tm.compute(PREDS, TARGETS, "auto")  # free text: no accuracy
+
+
+def test_perfect_predictions_score_100():
+    targets = ["a b c d e", "f g h i j k"]
+    got = tm.compute(targets, targets, "exact_match,bleu,rouge")
+    assert all(v == pytest.approx(100.0) for v in got.values()), got
+
+
+@pytest.mark.parametrize("preds, targets, metrics, message", [
+    ([], [], "auto", "no predictions to score"),
+    (["a"], ["a", "b"], "auto", "1 predictions for 2 targets"),
+    (["a"], ["a"], "bleu,meteor", "unknown metric 'meteor'"),
+    ([None], ["a"], "exact_match", "not a string"),
+])
+def test_errors_are_one_line(preds, targets, metrics, message):
+    with pytest.raises(tm.MetricsError, match=message) as e:
+        tm.compute(preds, targets, metrics)
+    assert "\n" not in str(e.value)

@@ -1,0 +1,98 @@
+"""metrics_writer: TFRecord/Event encoding (decoded with protobuf, independent of our encoder),
+metrics.jsonl and its truncation on resume."""
+import json
+import struct
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+from t5x_lite.training import metrics_writer as mw
+
+
+def _event_class():
+    """tensorflow.Event's fields we write, declared with protobuf's own descriptors."""
+    f = descriptor_pb2.FileDescriptorProto(name="t5x_lite_test_event.proto", package="tft")
+    T = descriptor_pb2.FieldDescriptorProto
+
+    def msg(name, fields):
+        m = f.message_type.add(name=name)
+        for fname, num, typ, label, type_name in fields:
+            fld = m.field.add(name=fname, number=num, type=typ, label=label)
+            if type_name:
+                fld.type_name = type_name
+    opt, rep = T.LABEL_OPTIONAL, T.LABEL_REPEATED
+    msg("Value", [("tag", 1, T.TYPE_STRING, opt, None), ("simple_value", 2, T.TYPE_FLOAT, opt, None)])
+    msg("Summary", [("value", 1, T.TYPE_MESSAGE, rep, ".tft.Value")])
+    msg("SessionLog", [("status", 1, T.TYPE_INT32, opt, None)])
+    msg("Event", [("wall_time", 1, T.TYPE_DOUBLE, opt, None), ("step", 2, T.TYPE_INT64, opt, None),
+                  ("file_version", 3, T.TYPE_STRING, opt, None),
+                  ("summary", 5, T.TYPE_MESSAGE, opt, ".tft.Summary"),
+                  ("session_log", 6, T.TYPE_MESSAGE, opt, ".tft.SessionLog")])
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(f)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("tft.Event"))
+
+
+def _records(path):
+    data = path.read_bytes()
+    out, pos = [], 0
+    while pos < len(data):
+        (n,) = struct.unpack("<Q", data[pos:pos + 8])
+        assert struct.unpack("<I", data[pos + 8:pos + 12])[0] == mw._masked_crc(data[pos:pos + 8])
+        payload = data[pos + 12:pos + 12 + n]
+        assert struct.unpack("<I", data[pos + 12 + n:pos + 16 + n])[0] == mw._masked_crc(payload)
+        out.append(payload)
+        pos += 16 + n
+    return out
+
+
+def test_crc32c_known_value():
+    assert mw.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+
+
+def test_event_file_decodes(tmp_path):
+    writer = mw.MetricsWriter(tmp_path, start_step=0, total_steps=10)
+    writer.write(5, {"loss": 2.5, "learning_rate": 0.01})
+    writer.write(10, {"loss": 1.25, "accuracy": 0.5}, prefix="eval/")
+    writer.close()
+    Event = _event_class()
+    files = list((tmp_path / mw.EVENTS_DIR).iterdir())
+    assert len(files) == 1 and files[0].name.startswith("events.out.tfevents.")
+    events = [Event.FromString(r) for r in _records(files[0])]
+    assert events[0].file_version == "brain.Event:2"
+    got = {(e.step, v.tag): v.simple_value for e in events[1:] for v in e.summary.value}
+    assert got == {(5, "loss"): 2.5, (5, "learning_rate"): 0.009999999776482582,
+                   (10, "eval/loss"): 1.25, (10, "eval/accuracy"): 0.5}
+    lines = [json.loads(x) for x in (tmp_path / mw.METRICS_FILE).read_text().splitlines()]
+    assert lines == [{"step": 5, "loss": 2.5, "learning_rate": 0.01},
+                     {"step": 10, "eval/loss": 1.25, "eval/accuracy": 0.5}]
+
+
+def test_resume_truncates_jsonl_and_marks_session_start(tmp_path):
+    w = mw.MetricsWriter(tmp_path)
+    for step in (10, 20, 30):
+        w.write(step, {"loss": float(step)})
+    w.close()
+    with open(tmp_path / mw.METRICS_FILE, "a") as f:
+        f.write('{"step": 40, "lo')  # a line cut short by kill -9
+    w = mw.MetricsWriter(tmp_path, start_step=20)  # resumed from checkpoint 20
+    w.write(30, {"loss": 3.0})
+    w.close()
+    assert [(r["step"], r["loss"]) for r in mw.read_jsonl(tmp_path / mw.METRICS_FILE)] == [
+        (10, 10.0), (20, 20.0), (30, 3.0)]
+    Event = _event_class()
+    newest = max((tmp_path / mw.EVENTS_DIR).iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    starts = [Event.FromString(r) for r in _records(newest)]
+    assert any(e.session_log.status == 1 and e.step == 20 for e in starts)
+
+
+def test_non_main_process_writes_nothing(tmp_path):
+    w = mw.MetricsWriter(tmp_path / "x", is_main=False)
+    w.write(1, {"loss": float("nan")})
+    w.close()
+    assert not (tmp_path / "x").exists()
+
+
+def test_console_line_has_eta():
+    w = mw.MetricsWriter("/unused", is_main=False, start_step=0, total_steps=100)
+    line = w.console_line(50, {"loss": 1.5, "tokens_per_s": 1234.0})
+    assert line.startswith("step 50/100  loss=1.5  tokens_per_s=1234  eta ")

@@ -1,0 +1,162 @@
+"""The training loop end to end on the default corpus (8 fake CPU devices): learning, exact
+resume after kill -9, SIGTERM, divergence, config mismatch, resume on another mesh."""
+import math
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import pytest
+
+from t5x_lite import checkpoints
+from t5x_lite.training import TrainingError, testing, train
+from t5x_lite.training.metrics_writer import METRICS_FILE, read_jsonl
+from t5x_lite.training.run_checks import check_workdir_config
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Runs here compile the same programs several times (reference, killed, resumed): a
+    persistent compilation cache, shared with the subprocesses, pays for each once."""
+    cache = str(tmp_path_factory.mktemp("jax_cache"))
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    before = {k: getattr(jax.config, k) for k in keys}
+    for k, v in zip(keys, (cache, 0.0, 0)):
+        jax.config.update(k, v)
+    yield cache
+    for k, v in before.items():
+        jax.config.update(k, v)
+
+
+def _losses(workdir):
+    return [(r["step"], r["loss"]) for r in read_jsonl(pathlib.Path(workdir) / METRICS_FILE)
+            if "loss" in r]
+
+
+def _config_file(tmp_path, family="gpt"):
+    path = tmp_path / f"tiny_{family}_test_config.py"
+    path.write_text("from t5x_lite.training import testing\n\n\n"
+                    f"def get_config():\n    return testing.tiny_config({family!r})\n")
+    return path
+
+
+def test_kill9_then_resume_equals_uninterrupted_run(tmp_path, compilation_cache):
+    cfg = testing.tiny_config("gpt")
+    cfg.train.num_steps = 30
+    ref = train(cfg, tmp_path / "ref")
+    assert ref.step == 30
+    # Same run as a subprocess (the real entry point), killed once its first checkpoint landed.
+    env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest",
+               JAX_COMPILATION_CACHE_DIR=compilation_cache,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "t5x_lite.train", f"--config={_config_file(tmp_path)}",
+         f"--workdir={workdir}", "--config.train.num_steps=30"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not (workdir / "checkpoints" / "10").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.01)
+    proc.kill()  # SIGKILL: no handler, no cleanup
+    proc.wait()
+    killed_at = checkpoints.all_steps(workdir)[-1]
+    assert killed_at < 30, "the run finished before it could be killed"
+    resumed = train(cfg, workdir)
+    assert resumed.step == 30
+    assert _losses(workdir) == _losses(tmp_path / "ref")  # exactly: same batches, same math
+    assert len(_losses(workdir)) == 15
+
+
+def test_sigterm_saves_then_resumes_on_another_mesh(tmp_path):
+    cfg = testing.tiny_config("gpt")
+    cfg.train.num_steps = 100_000
+    cfg.checkpoint.save_every = 10_000
+    workdir = tmp_path / "run"
+
+    def send_sigterm_after_first_log():
+        while not (workdir / METRICS_FILE).exists() or not _losses(workdir):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=send_sigterm_after_first_log, daemon=True).start()
+    result = train(cfg, workdir)
+    assert result.preempted and 2 <= result.step < 1000
+    assert checkpoints.all_steps(workdir) == [result.step]
+    # Resume the preempted run on a (2, 2, 2) mesh for two more steps.
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
+    cfg.train.num_steps = result.step + 2
+    more = train(cfg, workdir)
+    assert more.step == result.step + 2 and not more.preempted
+    assert checkpoints.all_steps(workdir)[-1] == result.step + 2
+    assert math.isfinite(more.last_metrics["loss"])
+    # Fine-tuning: params-only init from that run, in a new workdir, from step 0.
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1
+    cfg.train.init_from = str(workdir)
+    cfg.train.num_steps = 1
+    cfg.train.log_every = 1
+    tuned = train(cfg, tmp_path / "finetune")
+    first_loss_from_scratch = _losses(workdir)[0][1]
+    assert tuned.step == 1
+    assert _losses(tmp_path / "finetune")[0][1] < first_loss_from_scratch - 0.2
+
+
+def test_divergence_names_the_step_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = testing.tiny_config("gpt")
+    cfg.optimizer.learning_rate = 1e30  # step 1 is fine, its update wrecks the params
+    cfg.train.num_steps = 6
+    cfg.checkpoint.save_every = 1
+    cfg.checkpoint.async_save = False
+    with pytest.raises(TrainingError, match=r"loss is (nan|inf) at step 2 .*checkpoints/1\b"):
+        train(cfg, tmp_path)
+    assert checkpoints.all_steps(tmp_path) == [1]
+
+
+def test_model_shape_mismatch_is_a_clear_error(tmp_path):
+    cfg = testing.tiny_config("gpt")
+    checkpoints.write_config(tmp_path, cfg)
+    bigger = testing.tiny_config("gpt", d_model=64)
+    with pytest.raises(TrainingError, match=r"d_model: 32 -> 64.*--override_config"):
+        train(bigger, tmp_path)
+    check_workdir_config(tmp_path, bigger, override=True)  # allowed when asked for
+    other_lr = testing.tiny_config("gpt")
+    other_lr.optimizer.learning_rate = 0.5
+    check_workdir_config(tmp_path, other_lr, override=False)  # not a shape change
+
+
+@pytest.mark.parametrize("name", ["tiny_t5", "tiny_gpt"])
+def test_tiny_configs_learn_on_default_corpus(tmp_path, name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config()
+    # The preset's model and optimizer; shorter rows and batches keep the test fast.
+    cfg.data.inputs_length = cfg.data.seq_len = 64
+    cfg.data.targets_length = 16
+    cfg.train.batch_size = 8
+    cfg.train.num_steps = 30
+    cfg.train.log_every = 15
+    cfg.train.eval_every = 30
+    cfg.train.eval_batches = 2
+    cfg.checkpoint.save_every = 30
+    result = train(cfg, tmp_path)
+    losses = [loss for _, loss in _losses(tmp_path)]
+    start = math.log(cfg.model.vocab_size)  # a uniform prediction's loss
+    assert losses[1] < losses[0] < start
+    assert losses[1] < 0.8 * start, losses
+    evals = [r for r in read_jsonl(tmp_path / METRICS_FILE) if "eval/loss" in r]
+    assert evals and evals[-1]["eval/loss"] < start - 1.0
+    assert result.last_metrics["tokens_per_s"] > 0 and "mfu" not in result.last_metrics
+    assert checkpoints.all_steps(tmp_path) == [30]
+    assert (tmp_path / checkpoints.VOCAB_FILE).exists()
+    assert list((tmp_path / "events").iterdir())

@@ -1,0 +1,140 @@
+"""Tests for t5x_lite.vocab: ids, sentinels, round trips, copy/pickle, training and errors."""
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from t5x_lite import vocab as vocab_lib
+from t5x_lite.data import testing
+from t5x_lite.vocab import Vocabulary, VocabularyError
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    return testing.tiny_vocab(400)
+
+
+def test_special_ids_and_sizes(vocab):
+    assert (vocab.pad_id, vocab.eos_id, vocab.unk_id) == (0, 1, 2)
+    assert vocab.sp_size == 400
+    assert vocab.vocab_size == 500
+    assert vocab.padded_vocab_size == 512
+    assert vocab.padded_vocab_size % 128 == 0
+    # The sentencepiece model itself agrees with the T5 convention.
+    sp = spm.SentencePieceProcessor(model_proto=vocab.model_proto)
+    assert (sp.pad_id(), sp.eos_id(), sp.unk_id(), sp.bos_id()) == (0, 1, 2, -1)
+
+
+@pytest.mark.parametrize("sp_size_extra,padded", [((400, 100), 512), ((400, 112), 512),
+                                                  ((400, 113), 640), ((400, 0), 512)])
+def test_padded_vocab_size_rounds_up(vocab, sp_size_extra, padded):
+    v = Vocabulary.from_proto(vocab.model_proto, extra_ids=sp_size_extra[1])
+    assert v.vocab_size == sum(sp_size_extra)
+    assert v.padded_vocab_size == padded
+
+
+def test_sentinels_count_down_from_the_top(vocab):
+    assert vocab.sentinel_id(0) == vocab.vocab_size - 1 == 499
+    assert vocab.sentinel_id(1) == 498
+    assert vocab.sentinel_id(99) == vocab.sp_size == 400
+    assert vocab.is_sentinel(400) and vocab.is_sentinel(499)
+    assert not vocab.is_sentinel(399) and not vocab.is_sentinel(500)
+    with pytest.raises(VocabularyError, match="extra_ids"):
+        vocab.sentinel_id(100)
+    assert vocab.decode([499, 498, 400]) == "<extra_id_0> <extra_id_1> <extra_id_99>"
+
+
+def test_encode_decode_round_trip(vocab):
+    for text in testing.documents(20, seed=3):
+        ids = vocab.encode(text)
+        assert all(3 <= i < vocab.sp_size for i in ids)
+        assert vocab.decode(ids) == text
+    # Unknown characters survive through byte fallback.
+    assert vocab.decode(vocab.encode("naïve café Ω")) == "naïve café Ω"
+
+
+def test_decode_stops_at_eos_and_drops_pad(vocab):
+    ids = vocab.encode("the first time")
+    tail = vocab.encode("never shown")
+    assert vocab.decode([0] + ids + [0, 1] + tail) == "the first time"
+    assert vocab.decode(np.array(ids + [1, 0, 0], np.int32)) == "the first time"
+    assert vocab.decode([]) == ""
+
+
+def test_sentinel_strings_encode_and_render(vocab):
+    text = "The <extra_id_0> walk in <extra_id_1> park"
+    ids = vocab.encode(text)
+    assert vocab.sentinel_id(0) in ids and vocab.sentinel_id(1) in ids
+    assert vocab.decode(ids) == text
+    with pytest.raises(VocabularyError):
+        vocab.encode("<extra_id_100>")
+
+
+def test_batched_equals_single(vocab):
+    texts = testing.sentences(10, seed=5) + ["with <extra_id_3> sentinel"]
+    assert vocab.encode_batch(texts) == [vocab.encode(t) for t in texts]
+    assert vocab.encode_batch(texts[:5]) == [vocab.encode(t) for t in texts[:5]]
+    ids = [vocab.encode(t) + [1] for t in texts]
+    assert vocab.decode_batch(ids) == texts
+
+
+def test_copy_to_and_pickle(vocab, tmp_path):
+    path = vocab.copy_to(tmp_path / "workdir")
+    assert path == tmp_path / "workdir" / "vocab.model"
+    again = Vocabulary(path, extra_ids=100)
+    text = "made after the state"
+    assert again.encode(text) == vocab.encode(text)
+    restored = pickle.loads(pickle.dumps(vocab))
+    assert restored.encode(text) == vocab.encode(text)
+    assert restored.vocab_size == vocab.vocab_size
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(VocabularyError, match="not found"):
+        Vocabulary(tmp_path / "missing.model")
+    (tmp_path / "empty.model").write_bytes(b"")
+    with pytest.raises(VocabularyError, match="empty"):
+        Vocabulary(tmp_path / "empty.model")
+    (tmp_path / "junk.model").write_bytes(b"this is not a protobuf \xff\xfe")
+    with pytest.raises(VocabularyError, match="not a sentencepiece model"):
+        Vocabulary(tmp_path / "junk.model")
+
+
+def test_rejects_model_with_other_special_ids(tmp_path):
+    spm.SentencePieceTrainer.train(  # sentencepiece defaults: unk 0, bos 1, eos 2
+        sentence_iterator=iter(testing.sentences(500)), model_prefix=str(tmp_path / "other"),
+        vocab_size=100, minloglevel=2)
+    with pytest.raises(VocabularyError, match="pad/eos/unk"):
+        Vocabulary(tmp_path / "other.model")
+
+
+def test_train_errors_are_one_line(tmp_path):
+    with pytest.raises(VocabularyError, match="empty input"):
+        vocab_lib.train_vocab(["", "  \n"], tmp_path / "x", 300)
+    with pytest.raises(VocabularyError, match=r"too large for this corpus.*at most \d+") as e:
+        vocab_lib.train_vocab(testing.sentences(50), tmp_path / "x", 5000)
+    assert "\n" not in str(e.value)
+    with pytest.raises(VocabularyError, match="too small"):
+        vocab_lib.train_vocab(testing.sentences(50), tmp_path / "x", 50)
+    with pytest.raises(FileNotFoundError, match="no files match"):
+        vocab_lib.train_vocab(str(tmp_path / "nothing*.txt"), tmp_path / "x", 300)
+
+
+def test_train_from_files_and_cli(tmp_path):
+    for i in range(3):
+        (tmp_path / f"part{i}.txt").write_text("\n".join(testing.sentences(400, seed=i)))
+    path = vocab_lib.train_vocab(str(tmp_path / "part*.txt"), tmp_path / "lib", 350)
+    assert Vocabulary(path).sp_size == 350
+    result = subprocess.run(
+        [sys.executable, "-m", "t5x_lite.vocab", f"--input={tmp_path}/part*.txt",
+         f"--model_prefix={tmp_path}/cli", "--vocab_size=320"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert Vocabulary(tmp_path / "cli.model").sp_size == 320
+    bad = subprocess.run(
+        [sys.executable, "-m", "t5x_lite.vocab", f"--input={tmp_path}/none*.txt",
+         f"--model_prefix={tmp_path}/cli2"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "no files match" in bad.stderr
