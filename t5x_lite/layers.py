@@ -145,27 +145,33 @@ def attention_bias(mask_BxTxS, extra_bias=None):
 
 
 def dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, bias, scale: float, impl: str,
-                          dropout: Callable | None = None):
-    """softmax(scale * q.k + bias) v with float32 scores and softmax."""
-    if impl == "dot_product_attention" and dropout is None:
+                          dropout: Callable | None = None, kv_heads_major: bool = False):
+    """softmax(scale * q.k + bias) v with float32 scores and softmax.
+
+    `kv_heads_major`: k and v are [B, H, S, K] (the decode cache's layout), so the batched
+    matmuls read them in place instead of transposing the whole cache at every step.
+    """
+    if impl == "dot_product_attention" and dropout is None and not kv_heads_major:
         b, h, t, s = jnp.broadcast_shapes(bias.shape, (1, q_BxTxHxK.shape[2], 1, 1))
         bias = jnp.broadcast_to(bias, (b, h, q_BxTxHxK.shape[1], k_BxSxHxK.shape[1]))
         return jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK,
                                             bias=bias.astype(q_BxTxHxK.dtype), scale=scale)
-    scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK,
+    kv = "bhsk" if kv_heads_major else "bshk"
+    scores_BxHxTxS = jnp.einsum(f"bthk,{kv}->bhts", q_BxTxHxK, k_BxSxHxK,
                                 preferred_element_type=jnp.float32) * scale + bias
     probs = jax.nn.softmax(scores_BxHxTxS, axis=-1)
     if dropout is not None:
         probs = dropout(probs)
-    return jnp.einsum("bhts,bshk->bthk", probs.astype(v_BxSxHxK.dtype), v_BxSxHxK)
+    return jnp.einsum(f"bhts,{kv}->bthk", probs.astype(v_BxSxHxK.dtype), v_BxSxHxK)
 
 
 class Attention(nn.Module):
     """Multi-head attention with separate q/k/v kernels [D, H, K] and out kernel [H, K, D].
 
-    Self-attention in decode mode keeps `cached_key`/`cached_value` [B, L, H, K] in the 'cache'
-    collection and writes the new chunk at `decode_index`. Cross-attention in decode mode stores
-    the projected encoder K/V once (when `inputs_kv` is given) and reuses them afterwards.
+    Self-attention in decode mode keeps `cached_key`/`cached_value` [B, H, L, K] (heads-major,
+    so a step's attention reads them without a transpose) in the 'cache' collection and writes
+    the new chunk at `decode_index`. Cross-attention in decode mode stores the projected encoder
+    K/V [B, H, S, K] once (when `inputs_kv` is given) and reuses them afterwards.
     """
 
     config: ModelConfig
@@ -194,18 +200,21 @@ class Attention(nn.Module):
             value = self.variable("cache", "cached_value", lambda: None).value
         else:
             key, value = proj("key", inputs_kv), proj("value", inputs_kv)
+            if cfg.position == "rope" and not self.is_cross:
+                key = rope(key, positions_kv, cfg.rope_theta)
+            if decode:  # [B, S, H, K] -> the cache's [B, H, S, K]
+                key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)
             if use_cross_cache:
                 self.variable("cache", "cached_key", lambda: key).value = key
                 self.variable("cache", "cached_value", lambda: value).value = value
         if cfg.position == "rope" and not self.is_cross:
             q = rope(q, positions_q, cfg.rope_theta)
-            key = rope(key, positions_kv, cfg.rope_theta)
         if decode and not self.is_cross:
             initialized = self.has_variable("cache", "cached_key")
             ck = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
             cv = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
             if initialized:
-                start = (0, decode_index, 0, 0)
+                start = (0, 0, decode_index, 0)
                 ck.value = jax.lax.dynamic_update_slice(ck.value, key.astype(ck.value.dtype), start)
                 cv.value = jax.lax.dynamic_update_slice(cv.value, value.astype(cv.value.dtype), start)
                 key, value = ck.value.astype(dtype), cv.value.astype(dtype)
@@ -214,7 +223,8 @@ class Attention(nn.Module):
         if cfg.dropout_rate > 0 and not deterministic:
             dropout = nn.Dropout(cfg.dropout_rate, deterministic=False)
         scale = 1.0 / math.sqrt(k) if cfg.attention_scale else 1.0
-        out_BxTxHxK = dot_product_attention(q, key, value, bias, scale, cfg.attention_impl, dropout)
+        out_BxTxHxK = dot_product_attention(q, key, value, bias, scale, cfg.attention_impl, dropout,
+                                            kv_heads_major=decode)
         wo = param(self, "out", dense_init(h * k), (h, k, d), ("heads", "kv", "embed"))
         out = jnp.einsum("bthk,hkd->btd", out_BxTxHxK, wo.astype(dtype))
         if cfg.use_bias:

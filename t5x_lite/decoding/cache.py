@@ -1,7 +1,7 @@
 """KV-cache tree helpers: row gathers (beam search, repeats), the shared cursor, valid-key counts.
 
 The 'cache' collection of a decode-mode module holds `cursor/{index [], key_valid [B, L]}` and,
-per attention layer, `cached_key` / `cached_value` [B, L|S, H, K] -- with a leading layer axis
+per attention layer, `cached_key` / `cached_value` [B, H, L|S, K] -- with a leading layer axis
 [N_layers, B, ...] under a scanned stack (`.../layers/block/...`). The cursor index is one scalar
 for all rows: every row writes the same slot.
 """
