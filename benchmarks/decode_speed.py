@@ -12,6 +12,9 @@ t5x_lite.hf_interop, so both sides run the very same float32 weights. Prompts: r
 min_new_tokens; ours counts the steps it actually ran).
 
 Columns:
+  prefill   the jitted prompt pass alone (GPT: the prompt into a fresh cache; T5: the encoder
+            plus the decoder start token), best of runs.
+  ms/token  (cached time - prefill) / (tokens - 1): the latency of one cached decode step.
   cached    t5x_lite generate: one jitted lax.while_loop, prefill + one token per step.
   uncached  re-running the full forward pass for every new token with no cache, for a
             sequence growing from prompt_len to prompt_len + new_tokens: timed at the average
@@ -46,6 +49,7 @@ from absl import app, flags
 
 from t5x_lite import hf_interop
 from t5x_lite.decoding import generate as gen
+from t5x_lite.decoding import steps as dec_steps
 from t5x_lite.models import build_model
 
 _MODELS = flags.DEFINE_list("models", ["gpt", "t5"], "gpt and/or t5")
@@ -118,6 +122,15 @@ def time_cached(loaded, prompts, n):
     t = _best_time(run, _REPEATS.value)
     steps = int(np.max(np.asarray(out["r"].lengths_B)))
     return t, steps
+
+
+def time_prefill(loaded, prompts, n):
+    """The prompt pass alone (T5: the encoder + the start token), with the same cache length."""
+    cfg = loaded.model.config
+    tokens, lengths = gen.pack_prompts(cfg, prompts.tolist(), len(prompts))
+    cache_len = (tokens.shape[1] if cfg.family == "gpt" else 0) + n
+    run = jax.jit(lambda params: dec_steps.prefill(cfg, params, tokens, lengths, cache_len)[:2])
+    return _best_time(lambda: jax.block_until_ready(run(loaded.params)), _REPEATS.value + 1)
 
 
 def time_uncached(loaded, prompts, n):
@@ -262,15 +275,17 @@ def main(argv):
     bw, bw_copy = memory_bandwidth()
     print(f"measured memory bandwidth: read {bw / 1e9:.1f} GB/s (jitted sum of 512 MiB), "
           f"copy {bw_copy / 1e9:.1f} GB/s (in place, read + write)\n")
-    print("| model | batch | cached tok/s | uncached tok/s | cached/uncached | HF tok/s | "
-          "ours/HF | roofline tok/s (b=1) | % of roofline |")
-    print("|---|---|---|---|---|---|---|---|---|", flush=True)
+    print("| model | batch | prefill ms | ms/token | cached tok/s | uncached tok/s | "
+          "cached/uncached | HF tok/s | ours/HF | roofline tok/s (b=1) | % of roofline |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     built = {}
     for kind in _MODELS.value:
         hf_model, loaded = built[kind] = build(kind)
         for b in map(int, _BATCHES.value):
             prompts = _prompts(b, _PROMPT.value)
             t_cached, steps = time_cached(loaded, prompts, n)
+            t_prefill = time_prefill(loaded, prompts, n)
+            per_token = (t_cached - t_prefill) / max(steps - 1, 1)
             t_uncached = time_uncached(loaded, prompts, n)
             t_hf = None if _SKIP_HF.value else time_hf(hf_model, prompts, n)
             tps = b * steps / t_cached
@@ -281,8 +296,8 @@ def main(argv):
             if b == 1:
                 r = bw_copy / bytes_per_token(loaded, _PROMPT.value + n // 2)
                 roof, frac = f"{r:.1f}", f"{100 * tps / r:.0f}%"
-            print(f"| {kind} | {b} | {tps:.1f} | {unc:.2f} | {tps / unc:.0f}x | {hf} | {ratio} | "
-                  f"{roof} | {frac} |", flush=True)
+            print(f"| {kind} | {b} | {1e3 * t_prefill:.1f} | {1e3 * per_token:.2f} | {tps:.1f} | "
+                  f"{unc:.2f} | {tps / unc:.0f}x | {hf} | {ratio} | {roof} | {frac} |", flush=True)
     if _SPEC.value and "gpt" in built:
         d = _DRAFT_LAYERS.value
         print(f"\nspeculative (greedy, draft = the target's first {d} layer(s) with its "
