@@ -128,7 +128,7 @@ def time_prefill(loaded, prompts, n):
     """The prompt pass alone (T5: the encoder + the start token), with the same cache length."""
     cfg = loaded.model.config
     tokens, lengths = gen.pack_prompts(cfg, prompts.tolist(), len(prompts))
-    cache_len = (tokens.shape[1] if cfg.family == "gpt" else 0) + n
+    cache_len = gen.cache_len(cfg, tokens.shape[1], n)
     run = jax.jit(lambda params: dec_steps.prefill(cfg, params, tokens, lengths, cache_len)[:2])
     return _best_time(lambda: jax.block_until_ready(run(loaded.params)), _REPEATS.value + 1)
 

@@ -49,6 +49,7 @@ import numpy as np
 from absl import app, flags
 
 from t5x_lite import config as model_config
+from t5x_lite import convert
 from t5x_lite import partitioning
 from t5x_lite.defaults import base_config
 from t5x_lite.models import LossConfig, build_model
@@ -218,27 +219,19 @@ def torch_matmul_peak(n: int = MATMUL_N, reps: int = MATMUL_REPS) -> tuple[float
 
 
 def hf_model(cfg: model_config.ModelConfig):
-    """The transformers model of the same architecture and size (fp32, random, sdpa)."""
+    """The transformers model of the same architecture and size (fp32, random, sdpa), from the
+    HF config our exporter writes for `cfg` (t5x_lite.convert.hf_config_from_model)."""
     import torch
     import transformers
     torch.manual_seed(0)
-    common = dict(vocab_size=cfg.vocab_size, attn_implementation="sdpa", bos_token_id=1,
-                  eos_token_id=1, pad_token_id=0)
-    if cfg.family == "gpt":
-        assert cfg.d_model == cfg.num_heads * cfg.head_dim, "GPT-2 needs head_dim = d_model/heads"
-        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            n_embd=cfg.d_model, n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.d_ff,
-            n_positions=cfg.max_len, layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0,
-            embd_pdrop=0.0, attn_pdrop=0.0, **common))
-    model = transformers.T5ForConditionalGeneration(transformers.T5Config(
-        d_model=cfg.d_model, d_kv=cfg.head_dim, d_ff=cfg.d_ff, num_layers=cfg.num_layers,
-        num_decoder_layers=cfg.decoder_layers, num_heads=cfg.num_heads,
-        relative_attention_num_buckets=cfg.relative_buckets,
-        relative_attention_max_distance=cfg.relative_max_distance,
-        layer_norm_epsilon=cfg.norm_eps, feed_forward_proj="gated-gelu", dropout_rate=0.0,
-        tie_word_embeddings=False, decoder_start_token_id=0, **common))
-    # transformers 5.x ties T5's lm_head to the embedding whatever the config says: untie.
-    model.lm_head.weight = torch.nn.Parameter(torch.randn(cfg.vocab_size, cfg.d_model))
+    hf_cfg = convert.hf_config_from_model(cfg)
+    config = transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg)
+    auto = (transformers.AutoModelForCausalLM if cfg.family == "gpt"
+            else transformers.AutoModelForSeq2SeqLM)
+    model = auto.from_config(config, attn_implementation="sdpa")
+    if cfg.family == "t5" and not cfg.tie_embeddings:
+        # transformers 5.x ties T5's lm_head to the embedding whatever the config says: untie.
+        model.lm_head.weight = torch.nn.Parameter(torch.randn(cfg.vocab_size, cfg.d_model))
     return model
 
 

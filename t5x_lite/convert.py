@@ -144,13 +144,19 @@ def workdir_to_hf(path, out_dir, *, step: int | None = None) -> ModelConfig:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("from_hf", None, "HF model directory to convert into --workdir.")
-flags.DEFINE_bool("to_hf", False, "Convert --workdir into an HF directory at --out.")
-flags.DEFINE_string("workdir", None, "t5x_lite workdir: output of --from_hf, input of --to_hf "
-                    "(also a checkpoints/ or checkpoints/<step> directory).")
-flags.DEFINE_string("out", None, "Output HF directory for --to_hf.")
-flags.DEFINE_bool("scan_layers", False, "--from_hf: store layers scanned (layers/block/...).")
-flags.DEFINE_integer("step", None, "--to_hf: checkpoint step (default: latest).")
+
+
+def _define_flags():
+    """The CLI's flags, defined only when run as a program, so that importing this module (for
+    `hf_config_from_model` etc.) leaves the importer's absl flags alone."""
+    flags.DEFINE_string("from_hf", None, "HF model directory to convert into --workdir.")
+    flags.DEFINE_bool("to_hf", False, "Convert --workdir into an HF directory at --out.")
+    flags.DEFINE_string("workdir", None, "t5x_lite workdir: output of --from_hf, input of "
+                        "--to_hf (also a checkpoints/ or checkpoints/<step> directory).")
+    flags.DEFINE_string("out", None, "Output HF directory for --to_hf.")
+    flags.DEFINE_bool("scan_layers", False, "--from_hf: store layers scanned (layers/block/...).")
+    flags.DEFINE_integer("step", None, "--to_hf: checkpoint step (default: latest).")
+
 
 USER_ERRORS = (checkpoints.CheckpointError, ConfigError, OSError)
 
@@ -180,4 +186,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

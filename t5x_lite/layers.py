@@ -194,20 +194,21 @@ class Attention(nn.Module):
         proj = lambda name, x: self._proj(name, x, d, (h, k), ("embed", "heads", "kv"),
                                           ("heads", "kv"), dtype, d)
         q = proj("query", inputs_q)
+        use_rope = cfg.position == "rope" and not self.is_cross
         use_cross_cache = self.is_cross and decode
         if use_cross_cache and inputs_kv is None:
             key = self.variable("cache", "cached_key", lambda: None).value
             value = self.variable("cache", "cached_value", lambda: None).value
         else:
             key, value = proj("key", inputs_kv), proj("value", inputs_kv)
-            if cfg.position == "rope" and not self.is_cross:
+            if use_rope:
                 key = rope(key, positions_kv, cfg.rope_theta)
             if decode:  # [B, S, H, K] -> the cache's [B, H, S, K]
                 key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)
             if use_cross_cache:
                 self.variable("cache", "cached_key", lambda: key).value = key
                 self.variable("cache", "cached_value", lambda: value).value = value
-        if cfg.position == "rope" and not self.is_cross:
+        if use_rope:
             q = rope(q, positions_q, cfg.rope_theta)
         if decode and not self.is_cross:
             initialized = self.has_variable("cache", "cached_key")

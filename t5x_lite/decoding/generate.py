@@ -210,14 +210,16 @@ def _expand_rows(b: int, per: int):
     return None if per == 1 else jnp.repeat(jnp.arange(b), per)
 
 
-def _cache_len(cfg: ModelConfig, p: int, n: int, k: int = 0) -> int:
+def cache_len(cfg: ModelConfig, p: int, n: int, k: int = 0) -> int:
+    """Cache slots for prompts of length p (a GPT keeps them in its cache), n new tokens and k
+    speculative lookahead slots."""
     return (p if cfg.family == "gpt" else 0) + n + k
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n", "sampling", "samples"))
 def _sample_jit(params, tokens_BxP, lengths_B, seed, example_B, *, cfg, n, sampling, samples):
     b, p = tokens_BxP.shape
-    logits, cache, step = steps.prefill(cfg, params, tokens_BxP, lengths_B, _cache_len(cfg, p, n),
+    logits, cache, step = steps.prefill(cfg, params, tokens_BxP, lengths_B, cache_len(cfg, p, n),
                                         _expand_rows(b, samples))
     return sample_decode(step, cache, logits, _row_keys(seed, example_B, samples),
                          max_new_tokens=n, sampling=sampling)
@@ -226,7 +228,7 @@ def _sample_jit(params, tokens_BxP, lengths_B, seed, example_B, *, cfg, n, sampl
 @functools.partial(jax.jit, static_argnames=("cfg", "n", "beams", "alpha"))
 def _beam_jit(params, tokens_BxP, lengths_B, *, cfg, n, beams, alpha):
     b, p = tokens_BxP.shape
-    logits, cache, step = steps.prefill(cfg, params, tokens_BxP, lengths_B, _cache_len(cfg, p, n),
+    logits, cache, step = steps.prefill(cfg, params, tokens_BxP, lengths_B, cache_len(cfg, p, n),
                                         jnp.repeat(jnp.arange(b), beams))
     return beam_search(step, cache, logits, num_beams=beams, max_new_tokens=n, alpha=alpha,
                        reorder_cache=cache_lib.take_rows)
@@ -237,7 +239,7 @@ def _speculative_jit(params, draft_params, tokens_BxP, lengths_B, seed, example_
                      draft_cfg, n, k, sampling, samples):
     b, p = tokens_BxP.shape
     rows = _expand_rows(b, samples)
-    length = _cache_len(cfg, p, n, k)
+    length = cache_len(cfg, p, n, k)
     logits, tcache, tstep = steps.prefill(cfg, params, tokens_BxP, lengths_B, length, rows)
     _, dcache, dstep = steps.prefill(draft_cfg, draft_params, tokens_BxP, lengths_B, length, rows)
     last_R = tokens_BxP[:, -1] if rows is None else tokens_BxP[rows, -1]  # left-padded
