@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from t5x_lite.config import ModelConfig
-from t5x_lite.layers import Embed, attention_bias, constrain, dense_init, param
+from t5x_lite.layers import Embed, attention_bias, constrain, dense_init, param, vocab_logits
 from t5x_lite.transformer import (DecodeCursor, Stack, causal_mask, make_norm, prefix_lm_mask,
                                   segment_mask)
 
@@ -30,8 +30,7 @@ def lm_logits(module: nn.Module, cfg: ModelConfig, embedder: Embed, y_BxTxD):
         return embedder.attend(y_BxTxD)
     w = param(module, "lm_head", dense_init(cfg.d_model), (cfg.d_model, cfg.vocab_size),
               ("embed", "vocab"))
-    return jnp.einsum("btd,dv->btv", y_BxTxD, w.astype(cfg.compute_dtype),
-                      preferred_element_type=jnp.float32)
+    return vocab_logits(y_BxTxD, w.astype(cfg.compute_dtype), "dv")
 
 
 class GPT(nn.Module):

@@ -9,7 +9,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from t5x_lite.config import ModelConfig
-from t5x_lite.layers import Embed, RelativePositionBias, attention_bias, constrain, dense_init, param
+from t5x_lite.layers import (Embed, RelativePositionBias, attention_bias, constrain, dense_init,
+                             param, vocab_logits)
 from t5x_lite.transformer import DecodeCursor, Stack, causal_mask, make_norm, segment_mask
 
 
@@ -51,8 +52,7 @@ class T5(nn.Module):
             y_BxTxD = y_BxTxD * (cfg.d_model ** -0.5)
         if cfg.tie_embeddings:
             return self.token_embedder.attend(y_BxTxD)
-        return jnp.einsum("btd,dv->btv", y_BxTxD, self.lm_head.astype(cfg.compute_dtype),
-                          preferred_element_type=jnp.float32)
+        return vocab_logits(y_BxTxD, self.lm_head.astype(cfg.compute_dtype), "dv")
 
     def encode(self, encoder_input_tokens, encoder_segment_ids=None, encoder_positions=None):
         """Returns encoded [B, S, D] in the compute dtype."""
