@@ -34,7 +34,7 @@ import optax
 from absl import app, flags, logging
 
 import t5x_lite
-from t5x_lite import checkpoints, compression, lora, partitioning, pruning, quantization
+from t5x_lite import checkpoints, compression, host_memory, lora, partitioning, pruning, quantization
 from t5x_lite.data import DataConfig, load_vocab, make_dataset
 from t5x_lite.decoding import generate as gen
 from t5x_lite.models import LossConfig, build_model
@@ -255,4 +255,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_huge_pages()
     app.run(main)

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from t5x_lite import hf_interop
+from t5x_lite import hf_interop, host_memory
 from t5x_lite.decoding import generate as gen
 from t5x_lite.decoding import steps as dec_steps
 from t5x_lite.models import build_model
@@ -271,7 +271,7 @@ def main(argv):
     del argv
     n = _NEW.value
     print(f"devices: {jax.devices()}; cpu cores: {os.cpu_count()}; "
-          f"load average: {os.getloadavg()[0]:.1f}")
+          f"load average: {os.getloadavg()[0]:.1f}; {host_memory.status()}")
     bw, bw_copy = memory_bandwidth()
     print(f"measured memory bandwidth: read {bw / 1e9:.1f} GB/s (jitted sum of 512 MiB), "
           f"copy {bw_copy / 1e9:.1f} GB/s (in place, read + write)\n")
@@ -314,4 +314,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_huge_pages()
     app.run(main)

@@ -50,7 +50,7 @@ from absl import app, flags
 
 from t5x_lite import config as model_config
 from t5x_lite import convert
-from t5x_lite import partitioning
+from t5x_lite import host_memory, partitioning
 from t5x_lite.defaults import base_config
 from t5x_lite.models import LossConfig, build_model
 from t5x_lite.training import flops, optimizers, train_state, train_step
@@ -293,7 +293,8 @@ def main(argv):
     header = [f"device: {kind} x{jax.device_count()}; jax {jax.__version__}; dtype {_DTYPE.value}, "
               f"optimizer {optimizer_name()}, remat {_REMAT.value}, scan {_SCAN.value}, "
               f"{_STEPS.value} timed steps (median)",
-              f"jax peak: {peak / 1e9:.1f} GFLOP/s per device ({source}{cpu_note})"]
+              f"jax peak: {peak / 1e9:.1f} GFLOP/s per device ({source}{cpu_note})",
+              host_memory.status()]
     if _HF.value:
         import torch
         import transformers
@@ -355,4 +356,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_huge_pages()
     app.run(main)
