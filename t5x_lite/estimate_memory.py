@@ -19,10 +19,11 @@ Without remat, unscanned layers let XLA fuse elementwise chains across forward a
 store every residual the jaxpr names. The counts below were measured with XLA's
 `memory_analysis()` on CPU for each case (see README.md); the remat rows follow the policy
 definitions (`full`: layer input only; `dots`: matmul outputs; `dots_no_batch`: weight-matmul
-outputs). On top of the saved tensors the peak holds the loss's working set: about three float32
-[b, T, V] buffers (logits, the fused softmax-minus-targets gradient of the custom-VJP loss, a
-transposed copy for the head's weight gradient; two for BERT's MLM head), or, with remat, one
-layer's recomputed activations if that is larger.
+outputs). Causal self-attention computed in query blocks (`causal_blocks`) keeps only the
+blocks' scores, (n + 1) / 2n of the square. On top of the saved tensors the peak holds the loss's
+working set: two float32 [b, T, V] buffers (logits and the fused softmax-minus-targets gradient
+of the custom-VJP loss; the 2-D vocab projection needs no transposed copy of it), or, with
+remat, one layer's recomputed activations if that is larger.
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ _CROSS_COUNTS = {
 _RELPOS_EXTRA_A = 0.5  # unscanned T5 self-attention: the per-head position bias joins the scores
 _STACK_EDGE_X = 3  # per stack: embedding output, final norm input / output
 _DROPOUT_BYTES = 6  # per dropped element, unscanned (measured: mask + random bits)
-_LOSS_BUFFERS = {"t5": 3, "gpt": 3, "bert": 2}
+_LOSS_BUFFERS = {"t5": 2, "gpt": 2, "bert": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +183,15 @@ def _layer_counts(mlp: str, policy: str, scanned: bool) -> tuple[float, float, f
     return x, q, a, f
 
 
+def causal_score_fraction(cfg: ModelConfig, q_len: int) -> float:
+    """Share of the T x T score square causal self-attention computes (layers.dot_product_attention
+    with `causal_blocks` n: (n + 1) / 2n when n divides T, else the whole square)."""
+    n = cfg.causal_blocks
+    if n <= 1 or q_len % n or cfg.attention_impl != "xla":
+        return 1.0
+    return (n + 1) / (2 * n)
+
+
 def _act_bytes(cfg: ModelConfig) -> int:
     return np.dtype(cfg.dtype).itemsize
 
@@ -200,6 +210,8 @@ def activation_bytes(config: ml_collections.ConfigDict, mesh: MeshSizes) -> dict
 
     def layer(q_len, k_len, cross_len, policy, scanned):
         cx, cq, ca, cf = _layer_counts(cfg.mlp, policy, scanned)
+        # Causal self-attention in query blocks keeps only the blocks' lower-triangle scores.
+        ca *= causal_score_fraction(cfg, q_len) if causal(cross_len) else 1.0
         if cfg.position == "relative" and (policy, scanned) == ("none", False):
             ca += _RELPOS_EXTRA_A
         n = (cx * b * q_len * d + cq * b * q_len * h * kd + cf * b * q_len * f) * a
@@ -217,6 +229,8 @@ def activation_bytes(config: ml_collections.ConfigDict, mesh: MeshSizes) -> dict
             n += b * h * q_len * cross_len + b * q_len * d
         return n
 
+    # The GPT stack and the T5 decoder (the one with cross-attention) are causal.
+    causal = lambda cross_len: cfg.family == "gpt" or bool(cross_len)
     if cfg.family == "t5":
         stacks = [(cfg.num_layers, s, s, 0), (cfg.decoder_layers, t, t, s)]
         out_len = t

@@ -76,8 +76,9 @@ class GPT(nn.Module):
                 mask = mask | prefix_lm_mask(decoder_causal_attention)
             if decoder_segment_ids is not None:
                 mask = mask & segment_mask(decoder_segment_ids, decoder_segment_ids)
+        # Prefix-LM rows see later prefix keys, so only a plain causal mask may skip them.
         x = Stack(cfg, cfg.num_layers, decode=self.decode, deterministic=self.deterministic,
-                  name="decoder")(x, attention_bias(mask), positions=decoder_positions,
+                  causal=decoder_causal_attention is None, name="decoder")(x, attention_bias(mask), positions=decoder_positions,
                                   decode_index=decode_index)
         x = make_norm(cfg, "decoder_norm")(x)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic)

@@ -157,11 +157,16 @@ def attention_bias(mask_BxTxS, extra_bias=None):
 
 
 def dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, bias, scale: float, impl: str,
-                          dropout: Callable | None = None, kv_heads_major: bool = False):
+                          dropout: Callable | None = None, kv_heads_major: bool = False,
+                          causal_blocks: int = 1):
     """softmax(scale * q.k + bias) v with float32 scores and softmax.
 
     `kv_heads_major`: k and v are [B, H, S, K] (the decode cache's layout), so the batched
     matmuls read them in place instead of transposing the whole cache at every step.
+    `causal_blocks` > 1 promises that `bias` masks every key after its query (S == T, causal
+    self-attention): the queries are split into that many blocks and block i attends only to
+    keys [0, (i + 1) T / n), skipping the masked upper triangle, (n + 1) / 2n of the full
+    square's work (5/8 at n = 4) with the same result.
     """
     if impl == "dot_product_attention" and dropout is None and not kv_heads_major:
         b, h, t, s = jnp.broadcast_shapes(bias.shape, (1, q_BxTxHxK.shape[2], 1, 1))
@@ -169,12 +174,27 @@ def dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, bias, scale: float, i
         return jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK,
                                             bias=bias.astype(q_BxTxHxK.dtype), scale=scale)
     kv = "bhsk" if kv_heads_major else "bshk"
-    scores_BxHxTxS = jnp.einsum(f"bthk,{kv}->bhts", q_BxTxHxK, k_BxSxHxK,
-                                preferred_element_type=jnp.float32) * scale + bias
-    probs = jax.nn.softmax(scores_BxHxTxS, axis=-1)
-    if dropout is not None:
-        probs = dropout(probs)
-    return jnp.einsum(f"bhts,{kv}->bthk", probs.astype(v_BxSxHxK.dtype), v_BxSxHxK)
+
+    def attend(q, k, v, bias):
+        scores_BxHxTxS = jnp.einsum(f"bthk,{kv}->bhts", q, k,
+                                    preferred_element_type=jnp.float32) * scale + bias
+        probs = jax.nn.softmax(scores_BxHxTxS, axis=-1)
+        if dropout is not None:
+            probs = dropout(probs)
+        return jnp.einsum(f"bhts,{kv}->bthk", probs.astype(v.dtype), v)
+
+    t = q_BxTxHxK.shape[1]
+    if causal_blocks <= 1 or kv_heads_major or t % causal_blocks:
+        return attend(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, bias)
+    assert k_BxSxHxK.shape[1] == t, "causal_blocks needs self-attention (S == T)"
+    c = t // causal_blocks
+    # Broadcast (size-1) bias dims are kept; only real T / S dims are sliced.
+    rows = lambda x, i: x if x.shape[2] == 1 else x[:, :, i * c:(i + 1) * c]
+    keys = lambda x, n, axis: x if x.shape[axis] == 1 else jax.lax.slice_in_dim(x, 0, n, axis=axis)
+    outs = [attend(q_BxTxHxK[:, i * c:(i + 1) * c], k_BxSxHxK[:, :(i + 1) * c],
+                   v_BxSxHxK[:, :(i + 1) * c], keys(rows(bias, i), (i + 1) * c, 3))
+            for i in range(causal_blocks)]
+    return jnp.concatenate(outs, axis=1)
 
 
 class Attention(nn.Module):
@@ -188,6 +208,7 @@ class Attention(nn.Module):
 
     config: ModelConfig
     is_cross: bool = False
+    causal: bool = False  # the bias masks every later key (lets attention skip that triangle)
 
     def _proj(self, name, x, d_in, features, axes, bias_axes, dtype, fan_in):
         cfg = self.config
@@ -236,8 +257,9 @@ class Attention(nn.Module):
         if cfg.dropout_rate > 0 and not deterministic:
             dropout = nn.Dropout(cfg.dropout_rate, deterministic=False)
         scale = 1.0 / math.sqrt(k) if cfg.attention_scale else 1.0
-        out_BxTxHxK = dot_product_attention(q, key, value, bias, scale, cfg.attention_impl, dropout,
-                                            kv_heads_major=decode)
+        out_BxTxHxK = dot_product_attention(
+            q, key, value, bias, scale, cfg.attention_impl, dropout, kv_heads_major=decode,
+            causal_blocks=cfg.causal_blocks if self.causal and not decode else 1)
         wo = param(self, "out", dense_init(h * k), (h, k, d), ("heads", "kv", "embed"))
         out = jnp.einsum("bthk,hkd->btd", out_BxTxHxK, wo.astype(dtype))
         if cfg.use_bias:

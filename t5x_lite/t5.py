@@ -36,7 +36,7 @@ class T5(nn.Module):
             cfg.relative_buckets, cfg.relative_max_distance, cfg.num_heads, bidirectional=False)
         self.encoder = Stack(cfg, cfg.num_layers, deterministic=self.deterministic)
         self.decoder = Stack(cfg, cfg.decoder_layers, cross=True, decode=self.decode,
-                             deterministic=self.deterministic)
+                             deterministic=self.deterministic, causal=True)
         self.encoder_norm = make_norm(cfg)
         self.decoder_norm = make_norm(cfg)
         self.dropout = nn.Dropout(cfg.dropout_rate)

@@ -29,13 +29,14 @@ class Block(nn.Module):
     cross: bool = False
     decode: bool = False
     deterministic: bool = True
+    causal: bool = False  # self-attention's bias is causal (see layers.dot_product_attention)
 
     @nn.compact
     def __call__(self, x_BxTxD, bias, encoded_BxSxD, cross_bias, positions_BxT, decode_index):
         cfg = self.config
         drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
         h = make_norm(cfg, "pre_attention_norm")(x_BxTxD)
-        h = Attention(cfg, name="self_attention")(
+        h = Attention(cfg, causal=self.causal, name="self_attention")(
             h, h, bias, positions_q=positions_BxT, positions_kv=positions_BxT, decode=self.decode,
             decode_index=decode_index, deterministic=self.deterministic)
         x_BxTxD = x_BxTxD + drop(h)
@@ -62,11 +63,12 @@ class _ScanBody(nn.Module):
     cross: bool = False
     decode: bool = False
     deterministic: bool = True
+    causal: bool = False
 
     @nn.compact
     def __call__(self, x, *args):
         block = _block_class(self.config, scanned=True)(
-            self.config, self.cross, self.decode, self.deterministic, name="block")
+            self.config, self.cross, self.decode, self.deterministic, self.causal, name="block")
         return block(x, *args), None
 
 
@@ -78,6 +80,7 @@ class Stack(nn.Module):
     cross: bool = False
     decode: bool = False
     deterministic: bool = True
+    causal: bool = False
 
     @nn.compact
     def __call__(self, x, bias, encoded=None, cross_bias=None, positions=None, decode_index=None):
@@ -88,11 +91,13 @@ class Stack(nn.Module):
                 _ScanBody, variable_axes={"params": 0, "cache": 0},
                 split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * len(args),
                 length=self.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = scan(cfg, self.cross, self.decode, self.deterministic, name="layers")(x, *args)
+            x, _ = scan(cfg, self.cross, self.decode, self.deterministic, self.causal,
+                        name="layers")(x, *args)
             return x
         block_cls = _block_class(cfg, scanned=False)
         for i in range(self.num_layers):
-            x = block_cls(cfg, self.cross, self.decode, self.deterministic, name=f"layers_{i}")(x, *args)
+            x = block_cls(cfg, self.cross, self.decode, self.deterministic, self.causal,
+                          name=f"layers_{i}")(x, *args)
         return x
 
 

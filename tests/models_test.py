@@ -38,7 +38,8 @@ def test_future_tokens_get_zero_gradient(name):
     model = build_model(cfg)
     params = init_params(cfg)
     rng = np.random.default_rng(0)
-    t, probe = 10, 4
+    t, probe = 12, 4  # 12 = 4 causal blocks of 3: the block-skipping path is the one tested
+    assert cfg.causal_blocks == 4
     batch = {"decoder_input_tokens": random_tokens(rng, (1, t))}
     if cfg.family == "t5":
         batch["encoder_input_tokens"] = random_tokens(rng, (1, 7))
@@ -181,6 +182,36 @@ def test_scan_and_remat_match_unrolled(name):
     sg = {k: (stack(v) if k in ("encoder", "decoder") else v) for k, v in ref_grad.items()}
     for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(sg)):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["t5_1_1", "gpt2", "gpt_modern"])
+@pytest.mark.parametrize("blocks", [2, 3, 4, 6])
+def test_causal_blocks_equal_the_full_square(name, blocks):
+    """Skipping the masked triangle changes no number: loss and every gradient, with packed
+    segments and padding (T5: in the decoder; the encoder is bidirectional)."""
+    cfg = dataclasses.replace(FAMILY_CONFIGS[name], causal_blocks=1)
+    params = init_params(cfg)
+    rng = np.random.default_rng(5)
+    seg = jnp.asarray([[1] * 5 + [2] * 4 + [3] * 2 + [0], [1] * 12], jnp.int32)
+    batch = {"decoder_input_tokens": random_tokens(rng, (2, 12)),
+             "decoder_target_tokens": random_tokens(rng, (2, 12)),
+             "decoder_loss_weights": (seg > 0).astype(jnp.float32),
+             "decoder_segment_ids": seg,
+             "decoder_positions": jnp.asarray([list(range(5)) + list(range(4)) + [0, 1, 0],
+                                               list(range(12))], jnp.int32)}
+    if cfg.family == "t5":
+        batch["encoder_input_tokens"] = random_tokens(rng, (2, 7))
+    grads, dots = {}, {}
+    for n in (1, blocks):
+        model = build_model(dataclasses.replace(cfg, causal_blocks=n))
+        grads[n] = jax.value_and_grad(lambda p: model.loss_fn(p, batch)[0])(params)
+        dots[n] = str(jax.make_jaxpr(lambda p: model.loss_fn(p, batch)[0])(params)).count(
+            "dot_general")
+    # Each causal self-attention's 2 matmuls became 2 per block (the path under test ran).
+    assert dots[blocks] - dots[1] == 2 * (blocks - 1) * cfg.decoder_layers, dots
+    np.testing.assert_allclose(grads[blocks][0], grads[1][0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads[blocks][1]), jax.tree.leaves(grads[1][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
