@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from t5x_lite.config import ModelConfig
 from t5x_lite.gpt import LearnedPositions
-from t5x_lite.layers import Embed, attention_bias, constrain, dense_init, param
+from t5x_lite.layers import Embed, attention_bias, constrain, dense, dense_init, param
 from t5x_lite.transformer import Stack, make_norm, segment_mask
 
 
@@ -45,7 +45,7 @@ class Bert(nn.Module):
         x = make_norm(cfg, "encoder_norm")(x)
         w = param(self, "mlm_dense", dense_init(cfg.d_model), (cfg.d_model, cfg.d_model),
                   ("embed", "mlp"))
-        h = jax.nn.gelu(jnp.einsum("btd,de->bte", x, w.astype(dtype)), approximate=True)
+        h = jax.nn.gelu(dense(x, w.astype(dtype)), approximate=True)
         h = make_norm(cfg, "mlm_norm")(h)
         logits = embedder.attend(h) + param(self, "mlm_bias", nn.initializers.zeros,
                                             (cfg.vocab_size,), ("vocab",))
