@@ -12,6 +12,7 @@ import math
 from typing import Callable
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +33,14 @@ def param(module: nn.Module, name: str, init, shape, axes):
     """A float32 parameter annotated with one logical axis name per dimension."""
     assert len(shape) == len(axes), (name, shape, axes)
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+def kernel_param(module: nn.Module, name: str, init, shape, axes):
+    """A projection kernel: `param`, or the `<name>_blocks` that decoding on CPU passes instead
+    (`Blocks`, see decoding.steps.split_weights)."""
+    if module.has_variable("params", f"{name}_blocks"):
+        return module.get_variable("params", f"{name}_blocks")
+    return param(module, name, init, shape, axes)
 
 
 def constrain(x, axes):
@@ -58,7 +67,27 @@ class Embed(nn.Module):
         return jnp.take(self.embedding, ids_BxT, axis=0).astype(self.dtype)
 
     def attend(self, x_BxTxD):
+        if self.has_variable("params", "embedding_blocks"):  # decoding on CPU (see Blocks)
+            return vocab_logits(x_BxTxD, self.get_variable("params", "embedding_blocks")
+                                .astype(self.dtype), "vd")
         return vocab_logits(x_BxTxD, self.embedding.astype(self.dtype), "vd")
+
+
+@flax.struct.dataclass
+class Blocks:
+    """A weight held as independent blocks, for decoding on CPU (decoding.steps.split_weights).
+
+    Kernels [*in, *out]: `blocks` are column blocks of the 2-D form [prod(in), prod(out)] and
+    `shape` is *out. Tied embeddings [V, D]: row blocks, `shape` is (V,). Each block is its own
+    matmul; XLA:CPU runs a decode step's matrix-vector products on one core, but independent
+    ones concurrently, so two blocks use both cores' memory bandwidth.
+    """
+
+    blocks: tuple
+    shape: tuple = flax.struct.field(pytree_node=False)
+
+    def astype(self, dtype):
+        return self.replace(blocks=tuple(b.astype(dtype) for b in self.blocks))
 
 
 def dense(x, w, n_in: int = 1):
@@ -66,9 +95,14 @@ def dense(x, w, n_in: int = 1):
 
     XLA:CPU feeds the weight gradient of a 3-D einsum ("btd,df->btf") a transposed copy of the
     whole activation gradient; the 2-D form needs none (T5-26M step on 2 cores: ~3.7 -> ~3.0 s).
+    `w` may be `Blocks` (column blocks), whose products are concatenated.
     """
-    in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
     lead = x.shape[:x.ndim - n_in]
+    if isinstance(w, Blocks):
+        x2 = x.reshape(-1, w.blocks[0].shape[0])
+        y = jnp.concatenate([x2 @ b for b in w.blocks], axis=-1)
+        return y.reshape(*lead, *w.shape)
+    in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
     y = x.reshape(-1, math.prod(in_shape)) @ w.reshape(math.prod(in_shape), -1)
     return y.reshape(*lead, *out_shape)
 
@@ -80,8 +114,12 @@ def vocab_logits(x_BxTxD, w, w_axes: str):
     transposed copy of the whole [V, B*T] logits gradient (0.7-0.9 s of a 14 s GPT-36M step).
     """
     b, t, d = x_BxTxD.shape
-    logits_NxV = jnp.einsum(f"nd,{w_axes}->nv", x_BxTxD.reshape(b * t, d), w,
-                            preferred_element_type=jnp.float32)
+    x_NxD = x_BxTxD.reshape(b * t, d)
+    if isinstance(w, Blocks):  # "vd": row blocks of the table; "dv": column blocks
+        parts = [jnp.einsum(f"nd,{w_axes}->nv", x_NxD, blk, preferred_element_type=jnp.float32)
+                 for blk in w.blocks]
+        return jnp.concatenate(parts, axis=-1).reshape(b, t, -1)
+    logits_NxV = jnp.einsum(f"nd,{w_axes}->nv", x_NxD, w, preferred_element_type=jnp.float32)
     return logits_NxV.reshape(b, t, -1)
 
 
@@ -222,7 +260,7 @@ class Attention(nn.Module):
 
     def _proj(self, name, x, d_in, features, axes, bias_axes, dtype, fan_in):
         cfg = self.config
-        kernel = param(self, name, dense_init(fan_in), (d_in, *features), axes)
+        kernel = kernel_param(self, name, dense_init(fan_in), (d_in, *features), axes)
         y = dense(x, kernel.astype(dtype))
         if cfg.use_bias:
             y = y + param(self, f"{name}_bias", nn.initializers.zeros, features, bias_axes).astype(dtype)
@@ -270,7 +308,7 @@ class Attention(nn.Module):
         out_BxTxHxK = dot_product_attention(
             q, key, value, bias, scale, cfg.attention_impl, dropout, kv_heads_major=decode,
             causal_blocks=cfg.causal_blocks if self.causal and not decode else 1)
-        wo = param(self, "out", dense_init(h * k), (h, k, d), ("heads", "kv", "embed"))
+        wo = kernel_param(self, "out", dense_init(h * k), (h, k, d), ("heads", "kv", "embed"))
         out = dense(out_BxTxHxK, wo.astype(dtype), n_in=2)
         if cfg.use_bias:
             out = out + param(self, "out_bias", nn.initializers.zeros, (d,), ("embed",)).astype(dtype)
@@ -291,7 +329,7 @@ class Mlp(nn.Module):
         hidden = None
         for i, act in enumerate(acts):
             name = "wi" if len(acts) == 1 else f"wi_{i}"
-            w = param(self, name, dense_init(d), (d, f), ("embed", "mlp"))
+            w = kernel_param(self, name, dense_init(d), (d, f), ("embed", "mlp"))
             y = dense(x_BxTxD, w.astype(dtype))
             if cfg.use_bias:
                 y = y + param(self, f"{name}_bias", nn.initializers.zeros, (f,), ("mlp",)).astype(dtype)
@@ -299,7 +337,7 @@ class Mlp(nn.Module):
             hidden = y if hidden is None else hidden * y
         hidden = constrain(hidden, ("batch", "length", "mlp"))
         hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=deterministic)
-        wo = param(self, "wo", dense_init(f), (f, d), ("mlp", "embed"))
+        wo = kernel_param(self, "wo", dense_init(f), (f, d), ("mlp", "embed"))
         out = dense(hidden, wo.astype(dtype))
         if cfg.use_bias:
             out = out + param(self, "wo_bias", nn.initializers.zeros, (d,), ("embed",)).astype(dtype)

@@ -95,3 +95,41 @@ def test_take_rows_and_rollback_helpers():
     np.testing.assert_array_equal(key[:, 0], orig[:, 1])
     rolled = cache_lib.set_index(cache, 3)  # slot 3 no longer counts
     np.testing.assert_array_equal(cache_lib.valid_before_cursor(rolled), [1, 3])
+
+
+@pytest.mark.parametrize("preset,scan", [("gpt2", False), ("gpt_modern", True), ("t5_1_1", False),
+                                         ("t5_1_0", True)])
+def test_split_weights_blocks_every_kernel_and_keeps_the_logits(preset, scan):
+    """Decoding on CPU reads every projection kernel (and a tied head) as 2 column blocks."""
+    from t5x_lite.layers import Blocks
+    cfg = config_lib.from_preset(preset, **TINY, **({"max_len": 32} if preset.startswith("gpt")
+                                                     else {}), scan_layers=scan)
+    params = _params(cfg)
+    split = steps.split_weights(cfg, params)
+    flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(
+        split, is_leaf=lambda x: isinstance(x, Blocks))[0]}
+    kernels = [k for k in flat if k.split("'")[-2].endswith("_blocks")]
+    names = {k.split("'")[-2] for k in kernels}
+    gated = cfg.mlp in ("gated-gelu", "swiglu")
+    expected = {"query_blocks", "key_blocks", "value_blocks", "out_blocks", "wo_blocks",
+                "embedding_blocks" if cfg.tie_embeddings else "lm_head_blocks",
+                *(("wi_0_blocks", "wi_1_blocks") if gated else ("wi_blocks",))}
+    assert names == expected, names
+    assert all(isinstance(flat[k], Blocks) and len(flat[k].blocks) == 2 for k in kernels)
+    assert not any(k.split("'")[-2] in ("query", "wo", "lm_head") for k in flat)
+    rng = np.random.default_rng(1)
+    prompt = jnp.asarray(rng.integers(2, 128, (2, 6)), jnp.int32)
+    if cfg.family == "gpt":
+        lengths = jnp.asarray([6, 3])
+        run = lambda p: steps.gpt_prefill(cfg, p, prompt, lengths, 10)[:2]
+    else:
+        run = lambda p: steps.t5_prefill(cfg, p, prompt, 10)
+    (a, cache_a, *rest_a), (b, cache_b, *_) = jax.jit(run)(params), jax.jit(run)(split)
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    if cfg.family == "gpt":
+        step_a, step_b = steps.gpt_step_fn(cfg, params), steps.gpt_step_fn(cfg, split)
+    else:
+        step_a, step_b = (steps.t5_step_fn(cfg, p, rest_a[0]) for p in (params, split))
+    tok = jnp.argmax(a, -1)[:, None].astype(jnp.int32)
+    np.testing.assert_allclose(jax.jit(step_a)(tok, cache_a)[0], jax.jit(step_b)(tok, cache_b)[0],
+                               atol=1e-5, rtol=1e-5)
