@@ -100,12 +100,12 @@ def test_take_rows_and_rollback_helpers():
 @pytest.mark.parametrize("preset,scan", [("gpt2", False), ("gpt_modern", True), ("t5_1_1", False),
                                          ("t5_1_0", True)])
 def test_split_weights_blocks_every_kernel_and_keeps_the_logits(preset, scan):
-    """Decoding on CPU reads every projection kernel (and a tied head) as 2 column blocks."""
+    """Decoding on CPU reads every projection kernel (and a tied head) as transposed row blocks."""
     from t5x_lite.layers import Blocks
     cfg = config_lib.from_preset(preset, **TINY, **({"max_len": 32} if preset.startswith("gpt")
                                                      else {}), scan_layers=scan)
     params = _params(cfg)
-    split = steps.split_weights(cfg, params)
+    split = steps.split_weights(cfg, params, kernel_parts=2, head_parts=2)
     flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(
         split, is_leaf=lambda x: isinstance(x, Blocks))[0]}
     kernels = [k for k in flat if k.split("'")[-2].endswith("_blocks")]
@@ -116,6 +116,8 @@ def test_split_weights_blocks_every_kernel_and_keeps_the_logits(preset, scan):
                 *(("wi_0_blocks", "wi_1_blocks") if gated else ("wi_blocks",))}
     assert names == expected, names
     assert all(isinstance(flat[k], Blocks) and len(flat[k].blocks) == 2 for k in kernels)
+    q = flat[next(k for k in kernels if k.split("'")[-2] == "query_blocks")]
+    assert q.blocks[0].shape[-2:] == (cfg.num_heads * cfg.head_dim // 2, cfg.d_model)  # [out, in]
     assert not any(k.split("'")[-2] in ("query", "wo", "lm_head") for k in flat)
     rng = np.random.default_rng(1)
     prompt = jnp.asarray(rng.integers(2, 128, (2, 6)), jnp.int32)

@@ -115,17 +115,22 @@ def t5_prefill(cfg: ModelConfig, params, encoder_BxS, cache_len: int):
 # Kernel name -> (input dims, dims when unscanned); a scanned stack adds a leading layer dim.
 _KERNELS = {"query": (1, 3), "key": (1, 3), "value": (1, 3), "out": (2, 3), "wi": (1, 2),
             "wo": (1, 2), "lm_head": (1, 2)}
-CPU_WEIGHT_BLOCKS = 2  # the development CPU's cores; see split_weights
+CPU_KERNEL_BLOCKS = 1  # measured best on the 2-core dev CPU; see split_weights
+CPU_HEAD_BLOCKS = 2
 
 
-def split_weights(cfg: ModelConfig, params, parts: int = CPU_WEIGHT_BLOCKS):
-    """Every float projection kernel, and the tied head, as `layers.Blocks` of `parts` blocks.
+def split_weights(cfg: ModelConfig, params, kernel_parts: int = CPU_KERNEL_BLOCKS,
+                  head_parts: int = CPU_HEAD_BLOCKS):
+    """Every float projection kernel, and a tied head, as `layers.Blocks`: transposed to
+    [out, in] and split into row blocks (`kernel_parts` for layer kernels and an untied head,
+    `head_parts` for the tied embedding's head).
 
     Decoding on CPU only (`prefill` calls it when the backend is the CPU): a decode step is a
-    chain of matrix-vector products, which XLA:CPU runs on one core each, and independent ones
-    concurrently; as two column blocks each product reads its weights from both cores (a loop of
-    [1, 512] x [512, 32128] steps: 2.6 -> 1.2 ms per step on the 2-core dev CPU). The blocks are
-    copied once per decode call, before its loop; int8 kernels are left as they are.
+    chain of small matmuls, which XLA:CPU runs on one core each, and independent ones
+    concurrently, so blocks read the weights from both cores (a loop of [1, 512] x [512, 32128]
+    head steps: 2.6 -> 1.2 ms); and a few rows times an [out, in] weight run about twice as fast
+    as times [in, out] (16 rows through GPT-36M's six MLPs: ~20 -> ~10 ms). The blocks are copied
+    once per decode call, before its loop; int8 kernels are left as they are.
     """
     def kernel(name, w):
         kind = "wi" if name.startswith("wi_") and name[3:].isdigit() else name  # wi_0, wi_1
@@ -134,11 +139,13 @@ def split_weights(cfg: ModelConfig, params, parts: int = CPU_WEIGHT_BLOCKS):
         n_in, ndim = _KERNELS[kind]
         lead = w.ndim - ndim
         in_shape, out_shape = w.shape[lead:lead + n_in], w.shape[lead + n_in:]
-        cols = math.prod(out_shape)
-        if cols % parts:
+        parts = head_parts if kind == "lm_head" else kernel_parts
+        rows = math.prod(out_shape)
+        if rows % parts:
             return w
-        w2 = w.reshape(*w.shape[:lead], math.prod(in_shape), cols)
-        return Blocks(tuple(jnp.split(w2, parts, axis=-1)), tuple(out_shape))
+        w2 = w.reshape(*w.shape[:lead], math.prod(in_shape), rows)
+        return Blocks(tuple(jnp.split(jnp.swapaxes(w2, -1, -2), parts, axis=-2)),
+                      tuple(out_shape))
 
     def walk(tree):
         out = {}
@@ -155,10 +162,10 @@ def split_weights(cfg: ModelConfig, params, parts: int = CPU_WEIGHT_BLOCKS):
     out = walk(params)
     table = params["token_embedder"]["embedding"]
     if cfg.tie_embeddings and isinstance(table, (jax.Array, np.ndarray)) \
-            and table.shape[0] % parts == 0:
+            and table.shape[0] % head_parts == 0:
         # The lookup keeps the table; `Embed.attend` reads these row blocks instead.
         out["token_embedder"] = {**out["token_embedder"], "embedding_blocks": Blocks(
-            tuple(jnp.split(table, parts, axis=0)), (table.shape[0],))}
+            tuple(jnp.split(table, head_parts, axis=0)), (table.shape[0],))}
     return out
 
 
