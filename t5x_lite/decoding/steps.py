@@ -122,8 +122,8 @@ CPU_HEAD_BLOCKS = 2
 def split_weights(cfg: ModelConfig, params, kernel_parts: int = CPU_KERNEL_BLOCKS,
                   head_parts: int = CPU_HEAD_BLOCKS):
     """Every float projection kernel, and a tied head, as `layers.Blocks`: transposed to
-    [out, in] and split into row blocks (`kernel_parts` for layer kernels and an untied head,
-    `head_parts` for the tied embedding's head).
+    [out, in] and split into row blocks (`kernel_parts` for the layer kernels, `head_parts` for
+    the head: an untied `lm_head` or the tied embedding's row blocks).
 
     Decoding on CPU only (`prefill` calls it when the backend is the CPU): a decode step is a
     chain of small matmuls, which XLA:CPU runs on one core each, and independent ones
