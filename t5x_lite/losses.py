@@ -9,6 +9,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from t5x_lite.argmax import argmax
+
 
 def _smoothing(v: int, label_smoothing: float):
     """(confidence, low, normalizer): the smoothed target distribution and its entropy."""
@@ -74,7 +76,7 @@ def cross_entropy_sums(logits_BxTxV, targets_BxT, weights_BxT, *, z_loss: float 
     logits = logits_BxTxV.astype(jnp.float32)
     w = weights_BxT.astype(jnp.float32)
     total_BxT, z_BxT = _token_losses(logits, targets_BxT, float(z_loss), float(label_smoothing))
-    correct = (jnp.argmax(jax.lax.stop_gradient(logits), axis=-1) == targets_BxT)
+    correct = argmax(jax.lax.stop_gradient(logits)) == targets_BxT
     return {
         "loss_sum": jnp.sum(total_BxT * w),
         "z_loss_sum": jnp.sum(z_BxT * w),

@@ -14,6 +14,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from t5x_lite.argmax import argmax
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
@@ -80,7 +82,7 @@ def select_tokens(keys_B, logits_BxV, cfg: SamplingConfig):
       int32 [B].
     """
     if cfg.greedy:
-        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+        return argmax(logits_BxV)
     filtered_BxV = filter_logits(logits_BxV, cfg)
     return jax.vmap(jax.random.categorical)(keys_B, filtered_BxV).astype(jnp.int32)
 

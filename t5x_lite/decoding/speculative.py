@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from t5x_lite.argmax import argmax
 from t5x_lite.decoding import cache as cache_lib
 from t5x_lite.decoding.filtering import SamplingConfig, filter_logits, row_keys, select_tokens
 from t5x_lite.decoding.sampling import EOS_ID, PAD_ID, DecodeOutput, StepFn
@@ -101,7 +102,7 @@ def speculative_decode(target_step: StepFn, draft_step: StepFn, target_cache, dr
         plogits_BxK1xV, tcache = target_step(fed_Bx1K, s.target_cache)
 
         if greedy:
-            target_tok_BxK1 = jnp.argmax(plogits_BxK1xV, -1).astype(jnp.int32)
+            target_tok_BxK1 = argmax(plogits_BxK1xV)
             ok_BxK = target_tok_BxK1[:, :k] == drafts_BxK
         else:
             p_BxK1xV = _probs(plogits_BxK1xV, sampling)
