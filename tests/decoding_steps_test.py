@@ -91,8 +91,11 @@ def test_take_rows_and_rollback_helpers():
     np.testing.assert_array_equal(cache_lib.valid_before_cursor(swapped), [4, 2, 4])
     key = swapped["decoder"]["layers"]["block"]["self_attention"]["cached_key"]
     orig = cache["decoder"]["layers"]["block"]["self_attention"]["cached_key"]
-    assert key.shape[1] == 3  # batch axis after the scanned layer axis
-    np.testing.assert_array_equal(key[:, 0], orig[:, 1])
+    h = cfg.num_heads
+    assert key.shape[1] == 3 * h  # rows x heads, after the scanned layer axis
+    np.testing.assert_array_equal(key[:, :h], orig[:, h:2 * h])  # new row 0 = old row 1
+    np.testing.assert_array_equal(key[:, 2 * h:], orig[:, h:2 * h])
+    np.testing.assert_array_equal(key[:, h:2 * h], orig[:, :h])
     rolled = cache_lib.set_index(cache, 3)  # slot 3 no longer counts
     np.testing.assert_array_equal(cache_lib.valid_before_cursor(rolled), [1, 3])
 
@@ -135,3 +138,17 @@ def test_split_weights_blocks_every_kernel_and_keeps_the_logits(preset, scan):
     tok = jnp.argmax(a, -1)[:, None].astype(jnp.int32)
     np.testing.assert_allclose(jax.jit(step_a)(tok, cache_a)[0], jax.jit(step_b)(tok, cache_b)[0],
                                atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_weights_keep_layer_kernels_for_single_row_steps():
+    """One row per step: layer kernels stay [in, out] (XLA:CPU's own GEMV); more rows: [out, in]."""
+    from t5x_lite.layers import Blocks
+    cfg = config_lib.from_preset("gpt2", **TINY, max_len=32)
+    params = _params(cfg)
+    names = lambda tree: {jax.tree_util.keystr(k).split("'")[-2] for k, _ in
+                          jax.tree_util.tree_flatten_with_path(
+                              tree, is_leaf=lambda x: isinstance(x, Blocks))[0]}
+    one, many = names(steps.cpu_weights(cfg, params, 1)), names(steps.cpu_weights(cfg, params, 2))
+    assert {"query", "wi", "wo", "embedding_blocks"} <= one and "query_blocks" not in one
+    assert {"query_blocks", "wi_blocks", "wo_blocks", "embedding_blocks"} <= many
+    assert "query" not in many

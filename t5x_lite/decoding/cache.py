@@ -1,9 +1,10 @@
 """KV-cache tree helpers: row gathers (beam search, repeats), the shared cursor, valid-key counts.
 
 The 'cache' collection of a decode-mode module holds `cursor/{index [], key_valid [B, L]}` and,
-per attention layer, `cached_key` / `cached_value` [B, H, L|S, K] -- with a leading layer axis
-[N_layers, B, ...] under a scanned stack (`.../layers/block/...`). The cursor index is one scalar
-for all rows: every row writes the same slot.
+per attention layer, `cached_key` / `cached_value` [B*H, L|S, K] (row b's heads are entries
+b*H ... b*H + H - 1; see layers.Attention) -- with a leading layer axis [N_layers, B*H, ...] under
+a scanned stack (`.../layers/block/...`). The cursor index is one scalar for all rows: every row
+writes the same slot.
 """
 from __future__ import annotations
 
@@ -26,9 +27,15 @@ def _batch_axis(path, leaf) -> int | None:
 
 def take_rows(cache: Cache, rows_R) -> Cache:
     """The cache of rows `rows_R` (int [R]): reorders beams, or repeats rows (R may exceed B)."""
+    b = cache["cursor"]["key_valid"].shape[0] if "cursor" in cache else None
+
     def take(path, leaf):
         axis = _batch_axis(path, leaf)
-        return leaf if axis is None else jnp.take(leaf, rows_R, axis=axis)
+        if axis is None:
+            return leaf
+        per_row = leaf.shape[axis] // b if b else 1  # H for the K/V caches, 1 for the cursor
+        entries = (rows_R[:, None] * per_row + jnp.arange(per_row)).reshape(-1)
+        return jnp.take(leaf, entries, axis=axis)
     return jax.tree_util.tree_map_with_path(take, cache)
 
 
