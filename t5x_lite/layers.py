@@ -302,6 +302,22 @@ class Attention(nn.Module):
             y = y + param(self, f"{name}_bias", nn.initializers.zeros, features, bias_axes).astype(dtype)
         return y
 
+    def _fused_qkv(self, x, dtype):
+        """(q, k, v) from a fused `qkv` kernel [D, 3, H, K] (decoding on CPU, see
+        decoding.steps.fuse_qkv), or None when the module has separate kernels."""
+        if self.is_cross or not any(self.has_variable("params", n) for n in ("qkv", "qkv_blocks")):
+            return None
+        w = self.get_variable("params", "qkv_blocks" if self.has_variable("params", "qkv_blocks")
+                              else "qkv")
+        y = dense(x, w.astype(dtype))
+        out = []
+        for i, name in enumerate(("query", "key", "value")):
+            part = y[..., i, :, :]
+            if self.config.use_bias:
+                part = part + self.get_variable("params", f"{name}_bias").astype(dtype)
+            out.append(part)
+        return out
+
     @nn.compact
     def __call__(self, inputs_q, inputs_kv, bias, *, positions_q=None, positions_kv=None,
                  decode: bool = False, decode_index=None, deterministic: bool = True):
@@ -310,14 +326,16 @@ class Attention(nn.Module):
         d, h, k = inputs_q.shape[-1], cfg.num_heads, cfg.head_dim
         proj = lambda name, x: self._proj(name, x, d, (h, k), ("embed", "heads", "kv"),
                                           ("heads", "kv"), dtype, d)
-        q = proj("query", inputs_q)
+        fused = self._fused_qkv(inputs_q, dtype)
+        q = proj("query", inputs_q) if fused is None else fused[0]
         use_rope = cfg.position == "rope" and not self.is_cross
         use_cross_cache = self.is_cross and decode
         if use_cross_cache and inputs_kv is None:
             key = self.variable("cache", "cached_key", lambda: None).value
             value = self.variable("cache", "cached_value", lambda: None).value
         else:
-            key, value = proj("key", inputs_kv), proj("value", inputs_kv)
+            key, value = ((proj("key", inputs_kv), proj("value", inputs_kv)) if fused is None
+                          else fused[1:])
             if use_rope:
                 key = rope(key, positions_kv, cfg.rope_theta)
             if decode:  # [B, S, H, K] -> the cache's [B*H, S, K]

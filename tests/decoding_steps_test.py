@@ -140,15 +140,36 @@ def test_split_weights_blocks_every_kernel_and_keeps_the_logits(preset, scan):
                                atol=1e-5, rtol=1e-5)
 
 
-def test_cpu_weights_keep_layer_kernels_for_single_row_steps():
-    """One row per step: layer kernels stay [in, out] (XLA:CPU's own GEMV); more rows: [out, in]."""
+@pytest.mark.parametrize("preset,scan", [("gpt2", False), ("gpt_modern", True), ("t5_1_1", True)])
+def test_cpu_weights_fuse_qkv_keep_kernels_for_single_rows_and_keep_the_logits(preset, scan):
+    """One row per step: layer kernels stay [in, out] (XLA's own GEMV); more rows: [out, in]
+    blocks. Self-attention q/k/v become one `qkv` kernel either way; the logits do not change."""
     from t5x_lite.layers import Blocks
-    cfg = config_lib.from_preset("gpt2", **TINY, max_len=32)
+    cfg = config_lib.from_preset(preset, **TINY, **({"max_len": 32} if preset.startswith("gpt")
+                                                     else {}), scan_layers=scan)
     params = _params(cfg)
-    names = lambda tree: {jax.tree_util.keystr(k).split("'")[-2] for k, _ in
-                          jax.tree_util.tree_flatten_with_path(
-                              tree, is_leaf=lambda x: isinstance(x, Blocks))[0]}
-    one, many = names(steps.cpu_weights(cfg, params, 1)), names(steps.cpu_weights(cfg, params, 2))
-    assert {"query", "wi", "wo", "embedding_blocks"} <= one and "query_blocks" not in one
-    assert {"query_blocks", "wi_blocks", "wo_blocks", "embedding_blocks"} <= many
-    assert "query" not in many
+    leaves = lambda tree: {jax.tree_util.keystr(k): v for k, v in
+                           jax.tree_util.tree_flatten_with_path(
+                               tree, is_leaf=lambda x: isinstance(x, Blocks))[0]}
+    one, many = steps.cpu_weights(cfg, params, 1), steps.cpu_weights(cfg, params, 2)
+    names = lambda tree: {k.split("'")[-2] for k in leaves(tree) if "cross_attention" not in k}
+    assert "qkv" in names(one) and "qkv_blocks" in names(many)
+    assert not names(one) & {"query", "query_blocks", "wi_blocks", "wo_blocks"}
+    assert not names(many) & {"query", "qkv", "wo"}
+    if cfg.family == "t5":  # cross-attention keeps its separate kernels (q from the decoder)
+        assert any("cross_attention']['query" in k for k in leaves(one))
+    rng = np.random.default_rng(2)
+    prompt = jnp.asarray(rng.integers(2, 128, (2, 5)), jnp.int32)
+    for split in (one, many):
+        if cfg.family == "gpt":
+            lengths = jnp.asarray([5, 2])
+            run = lambda p: steps.gpt_prefill(cfg, p, prompt, lengths, 8)[:2]
+            step = lambda p: steps.gpt_step_fn(cfg, p)
+        else:
+            run = lambda p: steps.t5_prefill(cfg, p, prompt, 8)
+            step = lambda p: steps.t5_step_fn(cfg, p, prompt > 0)
+        (a, cache_a, *_), (b, cache_b, *_) = jax.jit(run)(params), jax.jit(run)(split)
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+        tok = jnp.argmax(a, -1)[:, None].astype(jnp.int32)
+        np.testing.assert_allclose(jax.jit(step(params))(tok, cache_a)[0],
+                                   jax.jit(step(split))(tok, cache_b)[0], atol=1e-5, rtol=1e-5)
