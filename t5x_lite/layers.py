@@ -80,8 +80,9 @@ class Blocks:
     `blocks` are row blocks of the transposed 2-D kernel, each [out_i, prod(in)] (a tied
     embedding [V, D] is already in that layout), and `shape` is the kernel's *out dims. Each
     block is its own product x @ block.T: XLA:CPU runs a decode step's small matmuls on one core
-    each but independent ones concurrently, and multiplies a few rows by an [out, in] weight
-    about twice as fast as by [in, out] (GPT-36M's MLP kernels at 16 rows).
+    each, but independent library products of a few rows concurrently, and multiplies a few rows
+    by an [out, in] weight about twice as fast as by [in, out] (GPT-36M's MLP kernels at 16
+    rows).
     """
 
     blocks: tuple
