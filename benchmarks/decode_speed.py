@@ -26,7 +26,8 @@ Columns:
   roofline  batch 1: float32 weight bytes read per token (+ KV cache at the average length)
             divided by the memory bandwidth measured in the same run: a jitted in-place copy of
             a 512 MiB array, (read + write bytes) / time. (A jitted sum over it, the read-only
-            rate, is printed too; XLA's CPU reduction is compute-bound, so it reads lower.)
+            rate, is printed too: lower, ~27-29 GB/s against ~39-52 on the 2-core Xeon VM. Both
+            use two cores; a batch-1 decode step runs on one, ~14 GB/s there.)
 Speculative: greedy, draft = the target's first --draft_layers layers sharing its embeddings
 and head ("self-speculative"), num_draft tokens per target pass; outputs are checked equal to
 plain greedy. Targets: the 36M GPT, whose tied 16.4M-parameter head dominates (so any draft
