@@ -125,6 +125,21 @@ def test_greedy_equals_hf(family, request):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "t5"])
+def test_greedy_in_cache_phases_equals_hf(family, request, monkeypatch):
+    """Short phases (a few slots each): the cache grows several times mid-decode."""
+    from t5x_lite.decoding import generate as gen
+    monkeypatch.setattr(gen, "MIN_PHASE", 2)
+    monkeypatch.setattr(gen, "CACHE_PHASES", 6)
+    cfg = request.getfixturevalue(family)[1].model.config
+    assert len(gen.cache_phases(cfg, 7, N)) >= 4
+    model, loaded = request.getfixturevalue(family)
+    prompts = _prompts()
+    theirs, _ = _hf_generate(model, prompts, left_pad=family == "gpt2")
+    ours = generate(loaded, input_ids=prompts, max_new_tokens=N, batch_size=8)
+    assert [r["ids"] for r in ours] == theirs
+
+
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
 def test_beam_alpha0_equals_hf(family, request):
     model, loaded = request.getfixturevalue(family)
     prompts, w = _prompts(), 3

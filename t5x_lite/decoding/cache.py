@@ -39,6 +39,24 @@ def take_rows(cache: Cache, rows_R) -> Cache:
     return jax.tree_util.tree_map_with_path(take, cache)
 
 
+def grow(cache: Cache, length: int) -> Cache:
+    """The cache with `length` slots: empty slots appended to every self-attention K/V and to
+    the cursor's `key_valid` (invisible: not valid, after the cursor); the cross-attention K/V
+    over the encoder stay as they are."""
+    def pad(path, leaf):
+        keys = _keys(path)
+        if keys[-1] == "key_valid":
+            axis = 1
+        elif keys[-1] in ("cached_key", "cached_value") and "self_attention" in keys:
+            axis = leaf.ndim - 2  # [(layers,) B*H, L, K]
+        else:
+            return leaf
+        widths = [(0, 0)] * leaf.ndim
+        widths[axis] = (0, length - leaf.shape[axis])
+        return jnp.pad(leaf, widths)
+    return jax.tree_util.tree_map_with_path(pad, cache)
+
+
 def get_index(cache: Cache):
     return cache["cursor"]["index"]
 

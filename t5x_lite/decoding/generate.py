@@ -216,13 +216,33 @@ def cache_len(cfg: ModelConfig, p: int, n: int, k: int = 0) -> int:
     return (p if cfg.family == "gpt" else 0) + n + k
 
 
+CACHE_PHASES = 4  # greedy / sampled decoding grows its cache in up to this many phases
+MIN_PHASE = 64  # slots; a shorter decode keeps one cache
+
+
+def cache_phases(cfg: ModelConfig, p: int, n: int) -> list[int]:
+    """The cache lengths of a greedy / sampled decode's phases (see `sample_decode`).
+
+    Each step's attention reads the whole cache, so one cache of the final length reads ~2x the
+    slots that hold tokens, on average. Phases of equal length ending at the final length cut
+    that to ~(phases + 1) / (2 phases), at the cost of one loop body per phase to compile
+    (GPT-36M, batch 16, 256 new tokens: 4 phases of 64 slots).
+    """
+    total = cache_len(cfg, p, n)
+    start = p if cfg.family == "gpt" else 1  # slots the prefill fills: prompt or start token
+    size = max(MIN_PHASE, -(-(total - start) // CACHE_PHASES))
+    return [*range(start + size, total, size), total]
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "n", "sampling", "samples"))
 def _sample_jit(params, tokens_BxP, lengths_B, seed, example_B, *, cfg, n, sampling, samples):
     b, p = tokens_BxP.shape
-    logits, cache, step = steps.prefill(cfg, params, tokens_BxP, lengths_B, cache_len(cfg, p, n),
+    lengths = cache_phases(cfg, p, n)
+    logits, cache, step = steps.prefill(cfg, params, tokens_BxP, lengths_B, lengths[0],
                                         _expand_rows(b, samples))
     return sample_decode(step, cache, logits, _row_keys(seed, example_B, samples),
-                         max_new_tokens=n, sampling=sampling)
+                         max_new_tokens=n, sampling=sampling, grow_to=tuple(lengths[1:]),
+                         grow=cache_lib.grow)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n", "beams", "alpha"))

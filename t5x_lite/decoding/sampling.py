@@ -15,6 +15,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from t5x_lite.decoding.cache import get_index
 from t5x_lite.decoding.filtering import SamplingConfig, row_keys, select_tokens, token_log_probs
 
 StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
@@ -37,16 +38,21 @@ class _State(NamedTuple):
 
 
 def sample_decode(tokens_to_logits: StepFn, cache, first_logits_BxV, keys_B, *,
-                  max_new_tokens: int, sampling: SamplingConfig, eos_id: int = EOS_ID
-                  ) -> DecodeOutput:
+                  max_new_tokens: int, sampling: SamplingConfig, eos_id: int = EOS_ID,
+                  grow_to: tuple[int, ...] = (), grow: Callable | None = None) -> DecodeOutput:
     """Greedy (sampling.temperature == 0) or sampled decoding.
 
     Args:
       tokens_to_logits: the cached step function (see module docstring).
-      cache: the cache after prefill, with room for `max_new_tokens - 1` more tokens.
+      cache: the cache after prefill, with room for `max_new_tokens - 1` more tokens (or, with
+        `grow_to`, for the first phase).
       first_logits_BxV: logits predicting the first new token.
       keys_B: one PRNG key per row; step i uses fold_in(key, i), so a row's samples do not
         depend on the other rows in its batch.
+      grow_to, grow: decode in phases over a growing cache. A step's attention reads every slot
+        the cache has, so the loop runs while the cache has room, then `grow(cache, length)`
+        gives it the next of the `grow_to` lengths, and so on: one loop per phase, the last
+        with room for the whole budget. The output is the same as with one cache.
     """
     b = first_logits_BxV.shape[0]
     n = max_new_tokens
@@ -67,12 +73,19 @@ def sample_decode(tokens_to_logits: StepFn, cache, first_logits_BxV, keys_B, *,
     last_B, out = record(empty, 0, first_logits_BxV)
     state = _State(jnp.int32(1), last_B, cache, out)
 
-    def cond(s: _State):
-        return (s.step < n) & ~jnp.all(s.out.finished_B)
-
     def body(s: _State):
         logits_Bx1xV, cache = tokens_to_logits(s.last_B[:, None], s.cache)
         last_B, out = record(s.out, s.step, logits_Bx1xV[:, 0])
         return _State(s.step + 1, last_B, cache, out)
 
-    return jax.lax.while_loop(cond, body, state).out
+    for length in (*grow_to, None):
+        room = None if length is None else state.cache["cursor"]["key_valid"].shape[1]
+
+        def cond(s: _State, room=room, last=length is None):
+            going = (s.step < n) & ~jnp.all(s.out.finished_B)
+            return going if last else going & (get_index(s.cache) < room)
+
+        state = jax.lax.while_loop(cond, body, state)
+        if length is not None:
+            state = state._replace(cache=grow(state.cache, length))
+    return state.out
