@@ -8,6 +8,7 @@ Params are float32 and carry one logical axis name per dimension; compute runs i
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -211,7 +212,35 @@ def rope(x_BxTxHxK, positions_BxT, theta: float):
 def attention_bias(mask_BxTxS, extra_bias=None):
     """Boolean mask [B, T, S] (+ optional additive [1|B, H, T, S]) -> float32 bias [B, 1|H, T, S]."""
     bias = jnp.where(mask_BxTxS[:, None], 0.0, NEG_INF).astype(jnp.float32)
-    return bias if extra_bias is None else bias + extra_bias
+    if extra_bias is None:
+        return bias
+    if extra_bias.shape[0] == 1 < bias.shape[0]:
+        extra_bias = broadcast_rows(extra_bias, bias.shape[0])
+    return bias + extra_bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def broadcast_rows(x_1xN, rows: int):
+    """[1, ...] -> [rows, ...], as `jnp.broadcast_to`; its gradient sums the rows as a
+    matrix-vector product with ones.
+
+    Autodiff's gradient of a broadcast is a reduce over the broadcast dim, which XLA:CPU fuses
+    with the adds before it into one slow reduction. For T5's relative-position bias (shared by
+    every layer, broadcast over the batch) that sum of [B, H, T, S] cotangents took ~46 ms at
+    8 x 4 x 512 x 512 over four layers against ~17 ms as a product with ones.
+    """
+    return jnp.broadcast_to(x_1xN, (rows,) + x_1xN.shape[1:])
+
+
+def _broadcast_rows_fwd(x_1xN, rows):
+    return broadcast_rows(x_1xN, rows), None
+
+
+def _broadcast_rows_bwd(rows, _, g):
+    return (jnp.einsum("b...,b->...", g, jnp.ones((rows,), g.dtype))[None],)
+
+
+broadcast_rows.defvjp(_broadcast_rows_fwd, _broadcast_rows_bwd)
 
 
 def dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, bias, scale: float, impl: str,
