@@ -410,11 +410,18 @@ class Mlp(nn.Module):
         dtype = cfg.compute_dtype
         d, f = x_BxTxD.shape[-1], cfg.d_ff
         acts = MLP_ACTIVATIONS[cfg.mlp]
+        fused = None  # gated input kernels as one [D, 2, F] (decoding on CPU, see
+        for name in ("wi_fused_blocks", "wi_fused"):  # decoding.steps.fuse_gated_mlp)
+            if fused is None and self.has_variable("params", name):
+                fused = dense(x_BxTxD, self.get_variable("params", name).astype(dtype))
         hidden = None
         for i, act in enumerate(acts):
             name = "wi" if len(acts) == 1 else f"wi_{i}"
-            w = kernel_param(self, name, dense_init(d), (d, f), ("embed", "mlp"))
-            y = dense(x_BxTxD, w.astype(dtype))
+            if fused is not None:
+                y = fused[..., i, :]
+            else:
+                w = kernel_param(self, name, dense_init(d), (d, f), ("embed", "mlp"))
+                y = dense(x_BxTxD, w.astype(dtype))
             if cfg.use_bias:
                 y = y + param(self, f"{name}_bias", nn.initializers.zeros, (f,), ("mlp",)).astype(dtype)
             y = ACTIVATIONS[act](y)

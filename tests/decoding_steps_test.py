@@ -141,9 +141,10 @@ def test_split_weights_blocks_every_kernel_and_keeps_the_logits(preset, scan):
 
 
 @pytest.mark.parametrize("preset,scan", [("gpt2", False), ("gpt_modern", True), ("t5_1_1", True)])
-def test_cpu_weights_fuse_qkv_keep_kernels_for_single_rows_and_keep_the_logits(preset, scan):
+def test_cpu_weights_fuse_inputs_keep_kernels_for_single_rows_and_keep_the_logits(preset, scan):
     """One row per step: layer kernels stay [in, out] (XLA's own GEMV); more rows: [out, in]
-    blocks. Self-attention q/k/v become one `qkv` kernel either way; the logits do not change."""
+    blocks. Self-attention q/k/v become one `qkv` kernel and a gated MLP's wi_0/wi_1 one
+    `wi_fused` either way; the logits do not change."""
     from t5x_lite.layers import Blocks
     cfg = config_lib.from_preset(preset, **TINY, **({"max_len": 32} if preset.startswith("gpt")
                                                      else {}), scan_layers=scan)
@@ -154,6 +155,9 @@ def test_cpu_weights_fuse_qkv_keep_kernels_for_single_rows_and_keep_the_logits(p
     one, many = steps.cpu_weights(cfg, params, 1), steps.cpu_weights(cfg, params, 2)
     names = lambda tree: {k.split("'")[-2] for k in leaves(tree) if "cross_attention" not in k}
     assert "qkv" in names(one) and "qkv_blocks" in names(many)
+    if cfg.mlp in ("gated-gelu", "swiglu"):
+        assert "wi_fused" in names(one) and "wi_fused_blocks" in names(many)
+        assert not (names(one) | names(many)) & {"wi_0", "wi_1", "wi_0_blocks", "wi_1_blocks"}
     assert not names(one) & {"query", "query_blocks", "wi_blocks", "wo_blocks"}
     assert not names(many) & {"query", "qkv", "wo"}
     if cfg.family == "t5":  # cross-attention keeps its separate kernels (q from the decoder)

@@ -114,7 +114,7 @@ def t5_prefill(cfg: ModelConfig, params, encoder_BxS, cache_len: int):
 # ------------------------------------------------------------------------------------- both
 # Kernel name -> (input dims, dims when unscanned); a scanned stack adds a leading layer dim.
 _KERNELS = {"query": (1, 3), "key": (1, 3), "value": (1, 3), "qkv": (1, 4), "out": (2, 3),
-            "wi": (1, 2), "wo": (1, 2), "lm_head": (1, 2)}
+            "wi": (1, 2), "wi_fused": (1, 3), "wo": (1, 2), "lm_head": (1, 2)}
 CPU_KERNEL_BLOCKS = 1  # measured best on the 2-core dev CPUs; see split_weights and cpu_weights
 CPU_HEAD_BLOCKS = 2
 
@@ -171,22 +171,33 @@ def split_weights(cfg: ModelConfig, params, kernel_parts: int = CPU_KERNEL_BLOCK
     return out
 
 
-def fuse_qkv(params):
-    """Each self-attention's query, key and value kernels [D, H, K] as one `qkv` [D, 3, H, K]
-    (`layers.Attention` reads it instead): one matmul per step instead of three. Int8 kernels
-    are left as they are.
-    """
+def _stack_kernels(params, parent: str, names: tuple, fused: str, ndim: int):
+    """In every `parent` dict that holds float kernels `names` (each `ndim` dims after any
+    scanned layer dim), those kernels stacked as one `fused` kernel along a new dim after the
+    input dim. Int8 kernels are left as they are."""
     def walk(tree, name=None):
         out = {k: walk(v, k) if isinstance(v, dict) else v for k, v in tree.items()}
-        parts = [out.get(n) for n in ("query", "key", "value")]
-        if name == "self_attention" and all(isinstance(w, (jax.Array, np.ndarray)) for w in parts):
-            lead = parts[0].ndim - 3  # a scanned stack's layer dim
-            out["qkv"] = jnp.stack(parts, axis=lead + 1)
-            for n in ("query", "key", "value"):
+        parts = [out.get(n) for n in names]
+        if name == parent and all(isinstance(w, (jax.Array, np.ndarray)) for w in parts):
+            lead = parts[0].ndim - ndim  # a scanned stack's layer dim
+            out[fused] = jnp.stack(parts, axis=lead + 1)
+            for n in names:
                 del out[n]
         return out
 
     return walk(params)
+
+
+def fuse_qkv(params):
+    """Each self-attention's query, key and value kernels [D, H, K] as one `qkv` [D, 3, H, K]
+    (`layers.Attention` reads it instead): one matmul per step instead of three."""
+    return _stack_kernels(params, "self_attention", ("query", "key", "value"), "qkv", 3)
+
+
+def fuse_gated_mlp(params):
+    """Each gated MLP's input kernels wi_0, wi_1 [D, F] as one `wi_fused` [D, 2, F]
+    (`layers.Mlp` reads it instead): one matmul per step instead of two."""
+    return _stack_kernels(params, "mlp", ("wi_0", "wi_1"), "wi_fused", 2)
 
 
 def cpu_weights(cfg: ModelConfig, params, rows: int):
@@ -198,11 +209,12 @@ def cpu_weights(cfg: ModelConfig, params, rows: int):
     token; equal on the 2-core EPYC), so single-row decoding keeps the layer kernels as they are.
     From two rows on, the matmuls go to the library (YNNPACK), where [out, in] is as fast or
     faster (batch 16: 17.6 -> 16.4 ms here, 59.6 -> 49.5 ms on the EPYC). Self-attention's
-    three input projections are fused into one (`fuse_qkv`): a small matmul costs a fixed
-    ~30 us on top of its bytes here, so one [512, 3*512] beats three [512, 512] (GPT-36M batch 1:
-    6.5 -> 6.1 ms per token, A/B min of 3; batch 16 equal).
+    three input projections are fused into one (`fuse_qkv`), and so are a gated MLP's two
+    (`fuse_gated_mlp`): a small matmul costs a fixed ~30-60 us on top of its bytes here, so one
+    [512, 3*512] beats three [512, 512] (GPT-36M batch 1: 6.5 -> 6.1 ms per token, A/B min of
+    3) and one [512, 2*1024] two [512, 1024] (T5 ~70M batch 1: 7.47 -> 6.18 ms); batch 16 equal.
     """
-    return split_weights(cfg, fuse_qkv(params),
+    return split_weights(cfg, fuse_gated_mlp(fuse_qkv(params)),
                          kernel_parts=CPU_KERNEL_BLOCKS if rows > 1 else 0)
 
 
