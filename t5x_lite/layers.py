@@ -44,6 +44,15 @@ def kernel_param(module: nn.Module, name: str, init, shape, axes):
     return param(module, name, init, shape, axes)
 
 
+def fused_kernel(module: nn.Module, name: str):
+    """A kernel that exists only when decoding on CPU fused several (decoding.steps.fuse_qkv,
+    fuse_gated_mlp): `<name>_blocks`, `<name>`, or None when the module has separate kernels."""
+    for n in (f"{name}_blocks", name):
+        if module.has_variable("params", n):
+            return module.get_variable("params", n)
+    return None
+
+
 def constrain(x, axes):
     return nn.with_logical_constraint(x, axes)
 
@@ -335,10 +344,9 @@ class Attention(nn.Module):
     def _fused_qkv(self, x, dtype):
         """(q, k, v) from a fused `qkv` kernel [D, 3, H, K] (decoding on CPU, see
         decoding.steps.fuse_qkv), or None when the module has separate kernels."""
-        if self.is_cross or not any(self.has_variable("params", n) for n in ("qkv", "qkv_blocks")):
+        w = None if self.is_cross else fused_kernel(self, "qkv")
+        if w is None:
             return None
-        w = self.get_variable("params", "qkv_blocks" if self.has_variable("params", "qkv_blocks")
-                              else "qkv")
         y = dense(x, w.astype(dtype))
         out = []
         for i, name in enumerate(("query", "key", "value")):
@@ -410,10 +418,8 @@ class Mlp(nn.Module):
         dtype = cfg.compute_dtype
         d, f = x_BxTxD.shape[-1], cfg.d_ff
         acts = MLP_ACTIVATIONS[cfg.mlp]
-        fused = None  # gated input kernels as one [D, 2, F] (decoding on CPU, see
-        for name in ("wi_fused_blocks", "wi_fused"):  # decoding.steps.fuse_gated_mlp)
-            if fused is None and self.has_variable("params", name):
-                fused = dense(x_BxTxD, self.get_variable("params", name).astype(dtype))
+        w_fused = fused_kernel(self, "wi_fused")  # gated input kernels as one [D, 2, F]
+        fused = None if w_fused is None else dense(x_BxTxD, w_fused.astype(dtype))
         hidden = None
         for i, act in enumerate(acts):
             name = "wi" if len(acts) == 1 else f"wi_{i}"

@@ -155,7 +155,7 @@ def test_cpu_weights_fuse_inputs_keep_kernels_for_single_rows_and_keep_the_logit
     one, many = steps.cpu_weights(cfg, params, 1), steps.cpu_weights(cfg, params, 2)
     names = lambda tree: {k.split("'")[-2] for k in leaves(tree) if "cross_attention" not in k}
     assert "qkv" in names(one) and "qkv_blocks" in names(many)
-    if cfg.mlp in ("gated-gelu", "swiglu"):
+    if len(config_lib.MLP_ACTIVATIONS[cfg.mlp]) > 1:  # gated
         assert "wi_fused" in names(one) and "wi_fused_blocks" in names(many)
         assert not (names(one) | names(many)) & {"wi_0", "wi_1", "wi_0_blocks", "wi_1_blocks"}
     assert not names(one) & {"query", "query_blocks", "wi_blocks", "wo_blocks"}

@@ -74,15 +74,13 @@ def test_gradients_match_hf_pytorch(hf_models, kind):
     ours = jax.grad(lambda p: (logits_fn(p, batch) * weights).sum())(params)
     ours = hf_interop.params_to_hf(cfg, ours)
 
-    t = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.long)
     model.zero_grad()
     if kind == "gpt2":
-        out = model(input_ids=t(batch["decoder_input_tokens"]), attention_mask=t(mask))
+        logits = ref.gpt2_forward(model, batch["decoder_input_tokens"], mask)
     else:
         enc = batch["encoder_input_tokens"]
-        out = model(input_ids=t(enc), attention_mask=t(enc > 0),
-                    decoder_input_ids=t(batch["decoder_input_tokens"]), decoder_attention_mask=t(mask))
-    (out.logits * torch.as_tensor(weights)).sum().backward()
+        logits = ref.t5_forward(model, enc, enc > 0, batch["decoder_input_tokens"], mask)
+    (logits * torch.as_tensor(weights)).sum().backward()
     checked = 0
     for name, p in model.named_parameters():
         if name not in ours:

@@ -74,18 +74,28 @@ def padded_batch(rng: np.random.Generator, lengths, vocab: int = VOCAB):
     return ids, (ids > 0).astype(np.int64)
 
 
+def _long(x):
+    return torch.as_tensor(np.asarray(x), dtype=torch.long)
+
+
+def t5_forward(model, enc_ids, enc_mask, dec_ids, dec_mask) -> torch.Tensor:
+    """HF T5 logits as a torch tensor (with autograd, unless called under no_grad)."""
+    return model(input_ids=_long(enc_ids), attention_mask=_long(enc_mask),
+                 decoder_input_ids=_long(dec_ids), decoder_attention_mask=_long(dec_mask)).logits
+
+
+def gpt2_forward(model, ids, mask) -> torch.Tensor:
+    return model(input_ids=_long(ids), attention_mask=_long(mask)).logits
+
+
 def t5_logits(model, enc_ids, enc_mask, dec_ids, dec_mask) -> np.ndarray:
-    t = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.long)
     with torch.no_grad():
-        out = model(input_ids=t(enc_ids), attention_mask=t(enc_mask),
-                    decoder_input_ids=t(dec_ids), decoder_attention_mask=t(dec_mask))
-    return out.logits.float().numpy()
+        return t5_forward(model, enc_ids, enc_mask, dec_ids, dec_mask).float().numpy()
 
 
 def gpt2_logits(model, ids, mask) -> np.ndarray:
-    t = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.long)
     with torch.no_grad():
-        return model(input_ids=t(ids), attention_mask=t(mask)).logits.float().numpy()
+        return gpt2_forward(model, ids, mask).float().numpy()
 
 
 def masked_max_abs_diff(a, b, mask) -> float:

@@ -61,6 +61,11 @@ def get_index(cache: Cache):
     return cache["cursor"]["index"]
 
 
+def capacity(cache: Cache) -> int:
+    """Slots the self-attention caches hold (static)."""
+    return cache["cursor"]["key_valid"].shape[1]
+
+
 def set_index(cache: Cache, index) -> Cache:
     """Moves the shared cursor (a rollback: slots at and after `index` become invisible to later
     queries by slot causality, and are overwritten by the next writes)."""

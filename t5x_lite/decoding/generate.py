@@ -241,8 +241,7 @@ def _sample_jit(params, tokens_BxP, lengths_B, seed, example_B, *, cfg, n, sampl
     logits, cache, step = steps.prefill(cfg, params, tokens_BxP, lengths_B, lengths[0],
                                         _expand_rows(b, samples))
     return sample_decode(step, cache, logits, _row_keys(seed, example_B, samples),
-                         max_new_tokens=n, sampling=sampling, grow_to=tuple(lengths[1:]),
-                         grow=cache_lib.grow)
+                         max_new_tokens=n, sampling=sampling, grow_to=tuple(lengths[1:]))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n", "beams", "alpha"))

@@ -15,7 +15,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from t5x_lite.decoding.cache import get_index
+from t5x_lite.decoding.cache import capacity, get_index, grow
 from t5x_lite.decoding.filtering import SamplingConfig, row_keys, select_tokens, token_log_probs
 
 StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
@@ -39,7 +39,7 @@ class _State(NamedTuple):
 
 def sample_decode(tokens_to_logits: StepFn, cache, first_logits_BxV, keys_B, *,
                   max_new_tokens: int, sampling: SamplingConfig, eos_id: int = EOS_ID,
-                  grow_to: tuple[int, ...] = (), grow: Callable | None = None) -> DecodeOutput:
+                  grow_to: tuple[int, ...] = ()) -> DecodeOutput:
     """Greedy (sampling.temperature == 0) or sampled decoding.
 
     Args:
@@ -49,10 +49,11 @@ def sample_decode(tokens_to_logits: StepFn, cache, first_logits_BxV, keys_B, *,
       first_logits_BxV: logits predicting the first new token.
       keys_B: one PRNG key per row; step i uses fold_in(key, i), so a row's samples do not
         depend on the other rows in its batch.
-      grow_to, grow: decode in phases over a growing cache. A step's attention reads every slot
-        the cache has, so the loop runs while the cache has room, then `grow(cache, length)`
-        gives it the next of the `grow_to` lengths, and so on: one loop per phase, the last
-        with room for the whole budget. The output is the same as with one cache.
+      grow_to: decode in phases over a growing cache (a decode-mode model's cache, see
+        decoding.cache). A step's attention reads every slot the cache has, so the loop runs
+        while the cache has room, then `cache.grow` gives it the next of the `grow_to` lengths,
+        and so on: one loop per phase, the last with room for the whole budget. The output is
+        the same as with one cache.
     """
     b = first_logits_BxV.shape[0]
     n = max_new_tokens
@@ -79,7 +80,7 @@ def sample_decode(tokens_to_logits: StepFn, cache, first_logits_BxV, keys_B, *,
         return _State(s.step + 1, last_B, cache, out)
 
     for length in (*grow_to, None):
-        room = None if length is None else state.cache["cursor"]["key_valid"].shape[1]
+        room = None if length is None else capacity(state.cache)
 
         def cond(s: _State, room=room, last=length is None):
             going = (s.step < n) & ~jnp.all(s.out.finished_B)
