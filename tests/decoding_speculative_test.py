@@ -2,6 +2,7 @@
 target's filtered distribution (accept/reject path and the all-accepted bonus path)."""
 import jax
 import numpy as np
+import pytest
 import scipy.stats
 
 import decoding_testlib
@@ -17,8 +18,13 @@ def _gpt(seed, layers, vocab=64, **kw):
     return decoding_testlib.loaded(cfg, seed=seed)
 
 
-def test_speculative_greedy_equals_greedy():
+@pytest.mark.parametrize("phases", [False, True])
+def test_speculative_greedy_equals_greedy(phases, monkeypatch):
+    if phases:  # short phases: both caches grow several times mid-decode
+        monkeypatch.setattr(gen, "MIN_PHASE", 2)
+        monkeypatch.setattr(gen, "CACHE_PHASES", 6)
     target = _gpt(0, 2)
+    assert len(gen.cache_phases(target.model.config, 9, 20, 3)) >= (4 if phases else 1)
     target.params["token_embedder"]["embedding"][1] *= 4.0  # EOS sometimes wins: rows end apart
     draft = _gpt(1, 1)  # a different random model: many proposals are rejected
     prompts = [[5, 6, 7], [9], [10, 11, 12, 13, 14, 15, 16, 17, 18], [3, 3], [40, 41]]

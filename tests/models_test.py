@@ -204,7 +204,7 @@ def test_causal_blocks_equal_the_full_square(name, blocks):
     grads, dots = {}, {}
     for n in (1, blocks):
         model = build_model(dataclasses.replace(cfg, causal_blocks=n))
-        grads[n] = jax.value_and_grad(lambda p: model.loss_fn(p, batch)[0])(params)
+        grads[n] = jax.jit(jax.value_and_grad(lambda p: model.loss_fn(p, batch)[0]))(params)
         dots[n] = str(jax.make_jaxpr(lambda p: model.loss_fn(p, batch)[0])(params)).count(
             "dot_general")
     # Each causal self-attention's 2 matmuls became 2 per block (the path under test ran).

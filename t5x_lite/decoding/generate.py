@@ -220,17 +220,18 @@ CACHE_PHASES = 4  # greedy / sampled decoding grows its cache in up to this many
 MIN_PHASE = 64  # slots; a shorter decode keeps one cache
 
 
-def cache_phases(cfg: ModelConfig, p: int, n: int) -> list[int]:
-    """The cache lengths of a greedy / sampled decode's phases (see `sample_decode`).
+def cache_phases(cfg: ModelConfig, p: int, n: int, k: int = 0) -> list[int]:
+    """The cache lengths of a greedy / sampled decode's phases (see `sample_decode`), or of a
+    speculative decode's with k draft tokens (each phase has room for an iteration's k + 1).
 
     Each step's attention reads the whole cache, so one cache of the final length reads ~2x the
     slots that hold tokens, on average. Phases of equal length ending at the final length cut
     that to ~(phases + 1) / (2 phases), at the cost of one loop body per phase to compile
     (GPT-36M, batch 16, 256 new tokens: 4 phases of 64 slots).
     """
-    total = cache_len(cfg, p, n)
+    total = cache_len(cfg, p, n, k)
     start = p if cfg.family == "gpt" else 1  # slots the prefill fills: prompt or start token
-    size = max(MIN_PHASE, -(-(total - start) // CACHE_PHASES))
+    size = max(MIN_PHASE, k + 1, -(-(total - start) // CACHE_PHASES))
     return [*range(start + size, total, size), total]
 
 
@@ -258,13 +259,15 @@ def _speculative_jit(params, draft_params, tokens_BxP, lengths_B, seed, example_
                      draft_cfg, n, k, sampling, samples):
     b, p = tokens_BxP.shape
     rows = _expand_rows(b, samples)
-    length = cache_len(cfg, p, n, k)
-    logits, tcache, tstep = steps.prefill(cfg, params, tokens_BxP, lengths_B, length, rows)
-    _, dcache, dstep = steps.prefill(draft_cfg, draft_params, tokens_BxP, lengths_B, length, rows)
+    lengths = cache_phases(cfg, p, n, k)
+    logits, tcache, tstep = steps.prefill(cfg, params, tokens_BxP, lengths_B, lengths[0], rows,
+                                          step_tokens=k + 1)
+    _, dcache, dstep = steps.prefill(draft_cfg, draft_params, tokens_BxP, lengths_B, lengths[0],
+                                     rows)
     last_R = tokens_BxP[:, -1] if rows is None else tokens_BxP[rows, -1]  # left-padded
     return speculative_decode(tstep, dstep, tcache, dcache, logits, last_R,
                               _row_keys(seed, example_B, samples), max_new_tokens=n,
-                              num_draft=k, sampling=sampling)
+                              num_draft=k, sampling=sampling, grow_to=tuple(lengths[1:]))
 
 
 def decode_batch(loaded, tokens_BxP, lengths_B, options: DecodeOptions, example_B=None,

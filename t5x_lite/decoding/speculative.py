@@ -59,12 +59,15 @@ def _probs(logits_BxKxV, sampling: SamplingConfig):
 
 def speculative_decode(target_step: StepFn, draft_step: StepFn, target_cache, draft_cache,
                        first_logits_BxV, prompt_last_B, keys_B, *, max_new_tokens: int,
-                       num_draft: int, sampling: SamplingConfig, eos_id: int = EOS_ID):
+                       num_draft: int, sampling: SamplingConfig, eos_id: int = EOS_ID,
+                       grow_to: tuple[int, ...] = ()):
     """Returns (DecodeOutput, stats) -- stats: iterations and mean accepted draft tokens.
 
     Both caches must hold the prompt (cursor at the same slot) with room for
-    `max_new_tokens + num_draft` more slots; `first_logits_BxV` are the target's prefill logits
-    and `prompt_last_B` the last prompt token of each row.
+    `max_new_tokens + num_draft` more slots, or with `grow_to` (as in `sample_decode`: lengths
+    both caches grow to, the last with that room) for the first phase; an iteration runs in a
+    phase while the target's k + 1 writes fit. `first_logits_BxV` are the target's prefill
+    logits and `prompt_last_B` the last prompt token of each row.
     """
     b, n, k = first_logits_BxV.shape[0], max_new_tokens, num_draft
     greedy = sampling.greedy
@@ -76,8 +79,6 @@ def speculative_decode(target_step: StepFn, draft_step: StepFn, target_cache, dr
                    draft_cache, tokens, logp0_B, jnp.ones((b,), jnp.int32), tok0_B == eos_id,
                    jnp.int32(0), jnp.int32(0))
 
-    def cond(s: _State):
-        return (s.count < n) & ~jnp.all(s.done_B)
 
     def body(s: _State):
         it_keys = row_keys(keys_B, s.iterations + 1)  # distinct from the first-token key (0)
@@ -151,7 +152,20 @@ def speculative_decode(target_step: StepFn, draft_step: StepFn, target_cache, dr
                       s.length_B + jnp.sum(keep_BxK1, 1).astype(jnp.int32), done_B,
                       s.iterations + 1, s.accepted + m)
 
-    s = jax.lax.while_loop(cond, body, state)
+    s = state
+    for length in (*grow_to, None):
+        room = None if length is None else cache_lib.capacity(s.target_cache)
+
+        def cond(s: _State, room=room):
+            going = (s.count < n) & ~jnp.all(s.done_B)
+            if room is None:
+                return going
+            return going & (cache_lib.get_index(s.target_cache) + k + 1 <= room)
+
+        s = jax.lax.while_loop(cond, body, s)
+        if length is not None:
+            s = s._replace(target_cache=cache_lib.grow(s.target_cache, length),
+                           draft_cache=cache_lib.grow(s.draft_cache, length))
     out = DecodeOutput(s.tokens[:, :n], s.length_B, s.logprob_B, s.done_B)
     stats = {"iterations": s.iterations, "accepted_per_iteration":
              s.accepted / jnp.maximum(s.iterations, 1)}

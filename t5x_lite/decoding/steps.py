@@ -218,15 +218,18 @@ def cpu_weights(cfg: ModelConfig, params, rows: int):
                          kernel_parts=CPU_KERNEL_BLOCKS if rows > 1 else 0)
 
 
-def prefill(cfg: ModelConfig, params, prompt_BxP, lengths_B, cache_len: int, rows_R=None):
-    """Family-independent prefill; `rows_R` repeats/reorders rows after it (beams, samples).
+def prefill(cfg: ModelConfig, params, prompt_BxP, lengths_B, cache_len: int, rows_R=None,
+            step_tokens: int = 1):
+    """Family-independent prefill; `rows_R` repeats/reorders rows after it (beams, samples);
+    `step_tokens`: the tokens per row that each later step feeds (k + 1 for the target of
+    speculative decoding), which sets the CPU weight layout (`cpu_weights`).
 
     Returns:
       (first logits [R, V], cache with R rows, `tokens_to_logits(ids, cache)` for R rows).
     """
     if jax.default_backend() == "cpu":
         rows = prompt_BxP.shape[0] if rows_R is None else rows_R.shape[0]
-        params = cpu_weights(cfg, params, rows)
+        params = cpu_weights(cfg, params, rows * step_tokens)
     if cfg.family == "gpt":
         logits_BxV, cache, step = gpt_prefill(cfg, params, prompt_BxP, lengths_B, cache_len)
         if rows_R is not None:
