@@ -71,7 +71,7 @@ def test_gradients_match_hf_pytorch(hf_models, kind):
     weights = np.random.default_rng(7).standard_normal(want.shape).astype(np.float32)
     weights *= mask[..., None]
     logits_fn = build_model(cfg).logits
-    ours = jax.grad(lambda p: (logits_fn(p, batch) * weights).sum())(params)
+    ours = jax.jit(jax.grad(lambda p: (logits_fn(p, batch) * weights).sum()))(params)
     ours = hf_interop.params_to_hf(cfg, ours)
 
     model.zero_grad()

@@ -63,7 +63,7 @@ def test_future_tokens_get_zero_gradient(name):
             logits = module.apply({"params": p}, **batch)
         return logits[0, probe].sum()
 
-    grad = jax.grad(out_at_probe)(jnp.zeros((1, t, cfg.d_model)))
+    grad = jax.jit(jax.grad(out_at_probe))(jnp.zeros((1, t, cfg.d_model)))
     per_position = np.abs(np.asarray(grad)).sum(-1)[0]
     assert np.all(per_position[probe + 1:] == 0), per_position
     assert np.all(per_position[: probe + 1] > 0), per_position
@@ -72,18 +72,19 @@ def test_future_tokens_get_zero_gradient(name):
 def test_encoder_is_bidirectional_and_ignores_padding():
     cfg = FAMILY_CONFIGS["t5_1_1"]
     model = build_model(cfg)
+    logits = jax.jit(model.logits)  # one compile per shape, not one per op
     params = init_params(cfg)
     rng = np.random.default_rng(1)
     enc = np.asarray(random_tokens(rng, (1, 8)))
     dec = random_tokens(rng, (1, 5))
-    base = model.logits(params, {"encoder_input_tokens": enc, "decoder_input_tokens": dec})
+    base = logits(params, {"encoder_input_tokens": enc, "decoder_input_tokens": dec})
     # Appending padding must not change anything; changing the last real token must.
     padded = np.concatenate([enc, np.zeros((1, 4), np.int32)], axis=1)
-    with_pad = model.logits(params, {"encoder_input_tokens": padded, "decoder_input_tokens": dec})
+    with_pad = logits(params, {"encoder_input_tokens": padded, "decoder_input_tokens": dec})
     np.testing.assert_allclose(base, with_pad, atol=1e-5)
     changed = enc.copy()
     changed[0, -1] = (changed[0, -1] + 1) % 90 + 3
-    other = model.logits(params, {"encoder_input_tokens": changed, "decoder_input_tokens": dec})
+    other = logits(params, {"encoder_input_tokens": changed, "decoder_input_tokens": dec})
     assert np.abs(np.asarray(other) - np.asarray(base)).max() > 1e-4
 
 
@@ -104,6 +105,7 @@ def _pack(seqs, length):
 def test_packed_forward_equals_unpacked_per_segment(name):
     cfg = FAMILY_CONFIGS[name]
     model = build_model(cfg)
+    logits = jax.jit(model.logits)  # one compile per shape, not one per op
     params = init_params(cfg)
     rng = np.random.default_rng(2)
     lengths, dec_lengths = [5, 7, 3], [4, 2, 6]
@@ -111,25 +113,25 @@ def test_packed_forward_equals_unpacked_per_segment(name):
     dec_seqs = [np.asarray(random_tokens(rng, (n,))) for n in dec_lengths]
     tok, seg, pos = _pack(seqs, 18)
     if cfg.family == "gpt":
-        packed = model.logits(params, {"decoder_input_tokens": tok, "decoder_segment_ids": seg,
-                                       "decoder_positions": pos})
+        packed = logits(params, {"decoder_input_tokens": tok, "decoder_segment_ids": seg,
+                                 "decoder_positions": pos})
         for s_id, s in enumerate(seqs, start=1):
-            alone = model.logits(params, {"decoder_input_tokens": s[None]})
+            alone = logits(params, {"decoder_input_tokens": s[None]})
             np.testing.assert_allclose(packed[0][seg[0] == s_id], alone[0], atol=2e-5)
     elif cfg.family == "bert":
-        packed = model.logits(params, {"encoder_input_tokens": tok, "encoder_segment_ids": seg,
-                                       "encoder_positions": pos})
+        packed = logits(params, {"encoder_input_tokens": tok, "encoder_segment_ids": seg,
+                                 "encoder_positions": pos})
         for s_id, s in enumerate(seqs, start=1):
-            alone = model.logits(params, {"encoder_input_tokens": s[None]})
+            alone = logits(params, {"encoder_input_tokens": s[None]})
             np.testing.assert_allclose(packed[0][seg[0] == s_id], alone[0], atol=2e-5)
     else:
         dtok, dseg, dpos = _pack(dec_seqs, 14)
-        packed = model.logits(params, {
+        packed = logits(params, {
             "encoder_input_tokens": tok, "encoder_segment_ids": seg, "encoder_positions": pos,
             "decoder_input_tokens": dtok, "decoder_segment_ids": dseg, "decoder_positions": dpos})
         for s_id, (s, d) in enumerate(zip(seqs, dec_seqs), start=1):
-            alone = model.logits(params, {"encoder_input_tokens": s[None],
-                                          "decoder_input_tokens": d[None]})
+            alone = logits(params, {"encoder_input_tokens": s[None],
+                                    "decoder_input_tokens": d[None]})
             np.testing.assert_allclose(packed[0][dseg[0] == s_id], alone[0], atol=2e-5)
 
 
@@ -163,7 +165,8 @@ def test_scan_and_remat_match_unrolled(name):
              "decoder_target_tokens": random_tokens(rng, (2, 6))}
     if cfg.family == "t5":
         batch["encoder_input_tokens"] = random_tokens(rng, (2, 9))
-    ref_loss, ref_grad = jax.value_and_grad(lambda p: model.loss_fn(p, batch)[0])(params)
+    loss_and_grad = jax.jit(jax.value_and_grad(lambda p: model.loss_fn(p, batch)[0]))
+    ref_loss, ref_grad = loss_and_grad(params)
     scanned_cfg = dataclasses.replace(cfg, scan_layers=True, remat="full")
     scanned = build_model(scanned_cfg)
 
@@ -177,7 +180,7 @@ def test_scan_and_remat_match_unrolled(name):
     sp = {k: (stack(v) if k in ("encoder", "decoder") else v) for k, v in params.items()}
     assert jax.tree.map(jnp.shape, sp) == jax.tree.map(
         jnp.shape, nn.meta.unbox(abstract_variables(scanned))["params"])
-    loss, grad = jax.value_and_grad(lambda p: scanned.loss_fn(p, batch)[0])(sp)
+    loss, grad = jax.jit(jax.value_and_grad(lambda p: scanned.loss_fn(p, batch)[0]))(sp)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     sg = {k: (stack(v) if k in ("encoder", "decoder") else v) for k, v in ref_grad.items()}
     for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(sg)):
@@ -222,9 +225,9 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     rng = np.random.default_rng(5)
     batch = {"encoder_input_tokens": random_tokens(rng, (2, 9)),
              "decoder_input_tokens": random_tokens(rng, (2, 6))}
-    logits = model.logits(params, batch)
+    logits = jax.jit(model.logits)(params, batch)
     assert logits.dtype == jnp.float32
-    ref = build_model(dataclasses.replace(cfg, dtype="float32")).logits(params, batch)
+    ref = jax.jit(build_model(dataclasses.replace(cfg, dtype="float32")).logits)(params, batch)
     # bf16 keeps ~3 significant digits per op; a few layers stay within a few % of the scale.
     assert np.abs(np.asarray(logits) - np.asarray(ref)).max() < 0.08 * np.abs(np.asarray(ref)).max()
     jaxpr = str(jax.make_jaxpr(lambda p: model.logits(p, batch))(params))

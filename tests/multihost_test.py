@@ -247,23 +247,7 @@ def test_barrier_times_out_with_a_clear_error(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-    """A persistent compilation cache shared by this process and every subprocess: later runs
-    (the probe, the killed run) reuse what the first 2-process run compiled."""
-    cache = str(tmp_path_factory.mktemp("jax_cache"))
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    before = {k: getattr(jax.config, k) for k in keys}
-    for k, v in zip(keys, (cache, 0.0, 0)):
-        jax.config.update(k, v)
-    yield {"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    for k, v in before.items():
-        jax.config.update(k, v)
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, compilation_cache):
+def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multihost")
     text = tmp / "corpus.txt"  # one-sentence documents, none longer than a row (no splitting)
     text.write_text("\n".join(data_testing.sentences(600, seed=3, min_words=2, max_words=4)))
@@ -279,17 +263,17 @@ def runs(tmp_path_factory, compilation_cache):
 
     # 2 processes x 4 devices in the background while this process trains 1 x 8 devices.
     two = _cpu_local(tmp, ["--", f"--config={tmp / 'cfg.py'}", f"--workdir={tmp / 'two'}"],
-                     timeout=300, log_dir=tmp / "logs", wait=False, **compilation_cache)
+                     timeout=300, log_dir=tmp / "logs", wait=False)
     one = train(cfg.get_config(), tmp / "one")
     assert one.step == STEPS
     out, err = two.communicate(timeout=330)
     logs = {i: (tmp / "logs" / f"process_{i}.log").read_text() for i in (0, 1)}
     assert two.returncode == 0, err[-2000:] + logs[0][-3000:] + logs[1][-3000:]
-    return tmp, cfg.get_config(), logs, compilation_cache
+    return tmp, cfg.get_config(), logs
 
 
 def test_two_processes_train_to_the_losses_of_one(runs):
-    tmp, _, logs, _ = runs
+    tmp, _, logs = runs
     one, two = _losses(tmp / "one"), _losses(tmp / "two")
     assert [s for s, _ in two] == list(range(1, STEPS + 1))
     assert [s for s, _ in one] == [s for s, _ in two]
@@ -300,7 +284,7 @@ def test_two_processes_train_to_the_losses_of_one(runs):
 
 
 def test_only_process_0_writes_metrics_events_and_config(runs):
-    tmp, _, logs, _ = runs
+    tmp, _, logs = runs
     two = tmp / "two"
     assert len(read_jsonl(two / METRICS_FILE)) == len(read_jsonl(tmp / "one" / METRICS_FILE))
     assert len(list((two / "events").iterdir())) == 1
@@ -310,7 +294,7 @@ def test_only_process_0_writes_metrics_events_and_config(runs):
 
 
 def test_both_processes_write_their_checkpoint_shards(runs):
-    tmp, _, _, _ = runs
+    tmp, _, _ = runs
     step_dir = tmp / "two" / "checkpoints" / str(STEPS)
     for i in (0, 1):
         shard = step_dir / "params" / f"ocdbt.process_{i}"
@@ -319,10 +303,10 @@ def test_both_processes_write_their_checkpoint_shards(runs):
 
 
 def test_disjoint_data_shards_and_cross_process_restores(runs):
-    tmp, config, _, cache_env = runs
+    tmp, config, _ = runs
     (tmp / "probe.py").write_text(PROBE)
     r = _cpu_local(tmp, ["--module=probe", "--", str(tmp), "one", "two"], timeout=240,
-                   log_dir=tmp / "probe_logs", **cache_env)
+                   log_dir=tmp / "probe_logs")
     assert r.returncode == 0, (tmp / "probe_logs" / "process_0.log").read_text()[-3000:]
     probes = [json.loads((tmp / f"probe_{i}.json").read_text()) for i in (0, 1)]
 
@@ -363,7 +347,7 @@ def test_two_process_run_resumes_in_one_process(runs, caplog):
     """Params and optimizer state carry over; the per-process data positions cannot, which is
     logged, and training goes on from the checkpointed step."""
     import shutil
-    tmp, config, _, _ = runs
+    tmp, config, _ = runs
     workdir = tmp / "two_resumed_in_one"
     shutil.copytree(tmp / "two", workdir)
     config.train.num_steps = STEPS + 2

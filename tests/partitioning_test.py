@@ -1,5 +1,6 @@
 """Logical axis names -> PartitionSpecs on a (data=2, fsdp=2, tensor=2) mesh, and sharded == 1 device."""
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -67,9 +68,9 @@ def test_every_param_gets_the_intended_partition_spec(cfg):
         assert got.sharding.spec == want.spec, jax.tree_util.keystr(path)
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 4, 2), (2, 1, 4)])
-@pytest.mark.parametrize("family", ["t5", "gpt"])
-def test_sharded_loss_and_grads_equal_one_device(shape, family):
+@functools.lru_cache(maxsize=None)
+def _one_device_reference(family):
+    """(model, params, batch, loss_and_grad, (loss, grads) on one device) -- once per family."""
     cfg = mc.t5_1_1(**SMALL) if family == "t5" else mc.gpt2(**SMALL, max_len=16)
     model = build_model(cfg)
     rng = np.random.default_rng(0)
@@ -77,10 +78,15 @@ def test_sharded_loss_and_grads_equal_one_device(shape, family):
              "decoder_target_tokens": rng.integers(3, 128, (8, 8)).astype(np.int32)}
     if family == "t5":
         batch["encoder_input_tokens"] = rng.integers(0, 128, (8, 12)).astype(np.int32)
-    params = nn.meta.unbox(model.init(jax.random.key(0)))["params"]
+    params = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.key(0)))["params"])()
     grad_fn = jax.value_and_grad(lambda p, b: model.loss_fn(p, b)[0])
-    ref_loss, ref_grads = jax.jit(grad_fn)(params, batch)
+    return model, params, batch, grad_fn, jax.jit(grad_fn)(params, batch)
 
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 4, 2), (2, 1, 4)])
+@pytest.mark.parametrize("family", ["t5", "gpt"])
+def test_sharded_loss_and_grads_equal_one_device(shape, family):
+    model, params, batch, grad_fn, (ref_loss, ref_grads) = _one_device_reference(family)
     mesh = part.make_mesh(*shape)
     shardings = part.shardings(abstract_variables(model), mesh)["params"]
     with part.activate(mesh):

@@ -9,7 +9,6 @@ import sys
 import threading
 import time
 
-import jax
 import pytest
 
 from t5x_lite import checkpoints
@@ -18,21 +17,6 @@ from t5x_lite.training.metrics_writer import METRICS_FILE, read_jsonl
 from t5x_lite.training.run_checks import check_workdir_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Runs here compile the same programs several times (reference, killed, resumed): a
-    persistent compilation cache, shared with the subprocesses, pays for each once."""
-    cache = str(tmp_path_factory.mktemp("jax_cache"))
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    before = {k: getattr(jax.config, k) for k in keys}
-    for k, v in zip(keys, (cache, 0.0, 0)):
-        jax.config.update(k, v)
-    yield cache
-    for k, v in before.items():
-        jax.config.update(k, v)
 
 
 def _losses(workdir):
@@ -47,16 +31,13 @@ def _config_file(tmp_path, family="gpt"):
     return path
 
 
-def test_kill9_then_resume_equals_uninterrupted_run(tmp_path, compilation_cache):
+def test_kill9_then_resume_equals_uninterrupted_run(tmp_path):
     cfg = testing.tiny_config("gpt")
     cfg.train.num_steps = 30
     ref = train(cfg, tmp_path / "ref")
     assert ref.step == 30
     # Same run as a subprocess (the real entry point), killed once its first checkpoint landed.
-    env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest",
-               JAX_COMPILATION_CACHE_DIR=compilation_cache,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest")  # + conftest's cache
     workdir = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, "-m", "t5x_lite.train", f"--config={_config_file(tmp_path)}",

@@ -130,9 +130,10 @@ def split_weights(cfg: ModelConfig, params, kernel_parts: int = CPU_KERNEL_BLOCK
     chain of small matmuls, which XLA:CPU runs on one core each, and head blocks can read the
     head from both cores: a loop of [1, 512] x [512, 32128] head products alone, 2.6 -> 1.2 ms;
     inside a batch-16 step the two library (YNNPACK) products run concurrently, inside a batch-1
-    step (XLA's own matrix-vector loops) one after the other. A few rows times an [out, in] weight run about twice as fast as times
-    [in, out] (16 rows through GPT-36M's six MLPs: ~20 -> ~10 ms). The blocks are copied
-    once per decode call, before its loop; int8 kernels are left as they are.
+    step (XLA's own matrix-vector loops) one after the other. A few rows times an [out, in]
+    weight run about twice as fast as times [in, out] (16 rows through GPT-36M's six MLPs:
+    ~20 -> ~10 ms). The blocks are copied once per decode call, before its loop; int8 kernels
+    are left as they are.
     """
     def kernel(name, w):
         kind = "wi" if name.startswith("wi_") and name[3:].isdigit() else name  # wi_0, wi_1
