@@ -79,7 +79,6 @@ def speculative_decode(target_step: StepFn, draft_step: StepFn, target_cache, dr
                    draft_cache, tokens, logp0_B, jnp.ones((b,), jnp.int32), tok0_B == eos_id,
                    jnp.int32(0), jnp.int32(0))
 
-
     def body(s: _State):
         it_keys = row_keys(keys_B, s.iterations + 1)  # distinct from the first-token key (0)
         start = cache_lib.get_index(s.target_cache)
