@@ -1,4 +1,5 @@
-"""KV-cache tree helpers: row gathers (beam search, repeats), the shared cursor, valid-key counts.
+"""KV-cache tree helpers: row gathers (beam search, repeats), the shared cursor, valid-key counts,
+and decode loops over a cache grown in phases.
 
 The 'cache' collection of a decode-mode module holds `cursor/{index [], key_valid [B, L]}` and,
 per attention layer, `cached_key` / `cached_value` [B*H, L|S, K] (row b's heads are entries
@@ -85,3 +86,28 @@ def valid_before_cursor(cache: Cache):
 
 def zeros_like_abstract(abstract_cache) -> Cache:
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_cache)
+
+
+def while_in_phases(going, body, state, grow_to: tuple[int, ...], *, cache_of, grow_caches,
+                    writes: int = 1):
+    """`lax.while_loop(going, body, state)` over a cache that grows in phases.
+
+    A step's attention reads every slot the cache has, so decoding can start on a short cache:
+    the loop runs while a step's `writes` slots still fit (`cache_of(state)`: the cache whose
+    cursor and capacity decide), then `grow_caches(state, length)` gives the state's caches
+    the next of the `grow_to` lengths, and so on; the last loop runs until `going` is false.
+    One loop body per phase to compile; the result is the same as with one cache of the last
+    length.
+    """
+    for length in (*grow_to, None):
+        room = None if length is None else capacity(cache_of(state))
+
+        def cond(s, room=room):
+            if room is None:
+                return going(s)
+            return going(s) & (get_index(cache_of(s)) + writes <= room)
+
+        state = jax.lax.while_loop(cond, body, state)
+        if length is not None:
+            state = grow_caches(state, length)
+    return state

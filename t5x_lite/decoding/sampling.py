@@ -15,7 +15,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from t5x_lite.decoding.cache import capacity, get_index, grow
+from t5x_lite.decoding.cache import grow, while_in_phases
 from t5x_lite.decoding.filtering import SamplingConfig, row_keys, select_tokens, token_log_probs
 
 StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
@@ -79,14 +79,8 @@ def sample_decode(tokens_to_logits: StepFn, cache, first_logits_BxV, keys_B, *,
         last_B, out = record(s.out, s.step, logits_Bx1xV[:, 0])
         return _State(s.step + 1, last_B, cache, out)
 
-    for length in (*grow_to, None):
-        room = None if length is None else capacity(state.cache)
-
-        def cond(s: _State, room=room, last=length is None):
-            going = (s.step < n) & ~jnp.all(s.out.finished_B)
-            return going if last else going & (get_index(s.cache) < room)
-
-        state = jax.lax.while_loop(cond, body, state)
-        if length is not None:
-            state = state._replace(cache=grow(state.cache, length))
+    state = while_in_phases(
+        lambda s: (s.step < n) & ~jnp.all(s.out.finished_B), body, state, grow_to,
+        cache_of=lambda s: s.cache,
+        grow_caches=lambda s, length: s._replace(cache=grow(s.cache, length)))
     return state.out

@@ -151,20 +151,12 @@ def speculative_decode(target_step: StepFn, draft_step: StepFn, target_cache, dr
                       s.length_B + jnp.sum(keep_BxK1, 1).astype(jnp.int32), done_B,
                       s.iterations + 1, s.accepted + m)
 
-    s = state
-    for length in (*grow_to, None):
-        room = None if length is None else cache_lib.capacity(s.target_cache)
-
-        def cond(s: _State, room=room):
-            going = (s.count < n) & ~jnp.all(s.done_B)
-            if room is None:
-                return going
-            return going & (cache_lib.get_index(s.target_cache) + k + 1 <= room)
-
-        s = jax.lax.while_loop(cond, body, s)
-        if length is not None:
-            s = s._replace(target_cache=cache_lib.grow(s.target_cache, length),
-                           draft_cache=cache_lib.grow(s.draft_cache, length))
+    s = cache_lib.while_in_phases(  # the draft writes below the target's k + 1 slots
+        lambda s: (s.count < n) & ~jnp.all(s.done_B), body, state, grow_to,
+        cache_of=lambda s: s.target_cache, writes=k + 1,
+        grow_caches=lambda s, length: s._replace(
+            target_cache=cache_lib.grow(s.target_cache, length),
+            draft_cache=cache_lib.grow(s.draft_cache, length)))
     out = DecodeOutput(s.tokens[:, :n], s.length_B, s.logprob_B, s.done_B)
     stats = {"iterations": s.iterations, "accepted_per_iteration":
              s.accepted / jnp.maximum(s.iterations, 1)}
