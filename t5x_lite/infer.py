@@ -15,6 +15,9 @@ r"""Decode a file of prompts with a checkpoint, writing one JSON line per input.
   `t5x_lite.defaults.base_config`.
 --draft: a smaller GPT checkpoint for speculative decoding (greedy / sample).
 --quantize=int8: per-channel int8 weights, dequantized inside jit (README.md).
+--mesh=data,fsdp,tensor: the device mesh (default -1,1,1: every device, data-parallel). Each
+  batch's prompts are split over data x fsdp; params are sharded as in training (FSDP on fsdp,
+  tensor parallelism on tensor), for models too large for one device.
 
 The output is flushed after every batch. Re-running the same command resumes: the complete lines
 already in --output are kept (a trailing partial line is dropped) and decoding continues with the
@@ -42,6 +45,9 @@ _OUTPUT = flags.DEFINE_string("output", None, "Output JSONL (resumed when it exi
 _DRAFT = flags.DEFINE_string("draft", None, "Draft GPT checkpoint for speculative decoding.")
 _QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8"],
                               "int8: per-channel int8 weights (README.md).")
+_MESH = flags.DEFINE_string("mesh", "-1,1,1",
+                            "data,fsdp,tensor mesh sizes (-1 fills the devices): prompts are "
+                            "split over data x fsdp, params sharded as in training.")
 
 
 def _decode_defaults():
@@ -149,14 +155,29 @@ def _record(prompt: Prompt, result) -> dict:
     return {"inputs": prompt.inputs, **fields}
 
 
-def run(checkpoint, input_path, output_path, decode_overrides: dict | None = None,
-        draft_path=None, log=sys.stderr, quantize: str | None = None) -> int:
-    """Decodes every input not yet in `output_path`; returns how many lines it wrote."""
-    from t5x_lite import api  # the loader pulls in orbax; keep `--help` fast
+def parse_mesh(text: str) -> tuple[int, int, int]:
+    """'data,fsdp,tensor' -> three ints (checked against the devices by make_mesh)."""
+    parts = text.split(",")
+    try:
+        sizes = tuple(int(x) for x in parts)
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3:
+        raise InferError(f"--mesh must be three integers data,fsdp,tensor (-1 fills), got "
+                         f"{text!r}")
+    return sizes
 
+
+def run(checkpoint, input_path, output_path, decode_overrides: dict | None = None,
+        draft_path=None, log=sys.stderr, quantize: str | None = None,
+        mesh: str = "-1,1,1") -> int:
+    """Decodes every input not yet in `output_path`; returns how many lines it wrote."""
+    from t5x_lite import api, partitioning  # the loader pulls in orbax; keep `--help` fast
+
+    device_mesh = partitioning.make_mesh(*parse_mesh(mesh))
     prompts = read_prompts(input_path)
-    loaded = api.load(checkpoint, quantize=quantize)
-    draft = api.load(draft_path) if draft_path else None
+    loaded = api.load(checkpoint, quantize=quantize, mesh=device_mesh)
+    draft = api.load(draft_path, mesh=device_mesh) if draft_path else None
     options = gen.decode_options(loaded, **(decode_overrides or {}))
     ids = [p.ids if p.ids is not None else gen.encode_prompts(loaded, inputs=[p.inputs])[0]
            for p in prompts]
@@ -200,13 +221,14 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # orbax logs a page per restore at INFO
     from t5x_lite.checkpoints import CheckpointError
     from t5x_lite.config import ConfigError
+    from t5x_lite.partitioning import MeshError
     from t5x_lite.vocab import VocabularyError
     overrides = config_flags.get_override_values(flags.FLAGS["decode"])
     try:
         run(_CHECKPOINT.value, _INPUT.value, _OUTPUT.value, overrides, _DRAFT.value,
-            quantize=_QUANTIZE.value)
+            quantize=_QUANTIZE.value, mesh=_MESH.value)
     except (InferError, gen.DecodeError, CheckpointError, ConfigError, VocabularyError,
-            OSError) as e:
+            MeshError, OSError) as e:
         sys.exit(f"infer: error: {e}")
 
 

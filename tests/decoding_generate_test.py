@@ -19,6 +19,7 @@ import transformers
 import decoding_testlib
 from t5x_lite import config as config_lib
 from t5x_lite import hf_interop
+from t5x_lite.decoding import generate as gen
 from t5x_lite.decoding.generate import DecodeError, generate
 
 V, N = 96, 20
@@ -127,7 +128,6 @@ def test_greedy_equals_hf(family, request):
 @pytest.mark.parametrize("family", ["gpt2", "t5"])
 def test_greedy_in_cache_phases_equals_hf(family, request, monkeypatch):
     """Short phases (a few slots each): the cache grows several times mid-decode."""
-    from t5x_lite.decoding import generate as gen
     monkeypatch.setattr(gen, "MIN_PHASE", 2)
     monkeypatch.setattr(gen, "CACHE_PHASES", 6)
     cfg = request.getfixturevalue(family)[1].model.config
@@ -159,6 +159,42 @@ def test_beam_alpha0_equals_hf(family, request):
         # HF lets only the top-W ranked candidates finish; every EOS candidate may finish
         # here, so each rank can only be as good or better.
         assert np.all(np.array([b["score"] for b in beams]) >= hf_scores[i] - 2e-4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+def test_decoding_on_meshes_equals_hf_and_splits_the_rows(family, request):
+    """Params sharded as `t5x_lite.load(path, mesh=...)` places them (FSDP, tensor parallel);
+    the prompts split over data x fsdp, padded to a multiple of it (batch_size 4 on 8-way data
+    parallelism); beam search equals its one-device result."""
+    model, loaded = request.getfixturevalue(family)
+    prompts = _prompts()
+    theirs, _ = _hf_generate(model, prompts, left_pad=family == "gpt2")
+    for shape, batch in (((2, 2, 2), 8), ((8, 1, 1), 4)):
+        ours = generate(decoding_testlib.on_mesh(loaded, shape), input_ids=prompts,
+                        max_new_tokens=N, batch_size=batch)
+        assert [r["ids"] for r in ours] == theirs, shape
+    beam = dict(input_ids=prompts, method="beam", num_beams=3, max_new_tokens=N, batch_size=8)
+    want = generate(loaded, **beam)
+    got = generate(decoding_testlib.on_mesh(loaded, (2, 2, 2)), **beam)
+    assert [[b["ids"] for b in r] for r in got] == [[b["ids"] for b in r] for r in want]
+    np.testing.assert_allclose([[b["score"] for b in r] for r in got],
+                               [[b["score"] for b in r] for r in want], atol=1e-4)
+
+    # Each device decodes its own rows: per-device FLOPs of the compiled decode on 8-way data
+    # parallelism are ~1/8 of one device's (every device decoding every row would give ~1).
+    def device_flops(model_on_mesh):
+        cfg = model_on_mesh.model.config
+        tokens, lengths = gen.pack_prompts(cfg, prompts + prompts[:2], 8)
+        (tokens, lengths, example), context = gen.shard_rows(
+            model_on_mesh, tokens, lengths, np.arange(8, dtype=np.int32))
+        with context:
+            return gen._sample_jit.lower(
+                model_on_mesh.params, tokens, lengths, np.uint32(0), example, cfg=cfg, n=N,
+                sampling=gen.SamplingConfig(0.0), samples=1).compile().cost_analysis()["flops"]
+
+    ratio = (device_flops(decoding_testlib.on_mesh(loaded, (8, 1, 1)))
+             / device_flops(decoding_testlib.on_mesh(loaded, (1, 1, 1))))
+    assert 0.1 < ratio < 0.2, ratio
 
 
 # ---------------------------------------------------------------------------------- API

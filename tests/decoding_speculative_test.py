@@ -38,6 +38,21 @@ def test_speculative_greedy_equals_greedy(phases, monkeypatch):
     assert len({len(r["ids"]) for r in plain}) > 1  # rows end at different steps
 
 
+def test_speculative_on_a_mesh_equals_greedy():
+    """Target and draft sharded on a (2, 2, 2) mesh (FSDP, tensor parallel, rows split over
+    data x fsdp) give the one-device greedy output; a draft on other devices is refused."""
+    target, draft = _gpt(0, 2), _gpt(1, 1)
+    prompts = [[5, 6, 7], [9], [10, 11, 12, 13], [3, 3], [40, 41]]
+    plain = gen.generate(target, input_ids=prompts, max_new_tokens=12, batch_size=8)
+    on_mesh = decoding_testlib.on_mesh(target, (2, 2, 2))
+    spec = gen.generate(on_mesh, input_ids=prompts, max_new_tokens=12, batch_size=8,
+                        draft=decoding_testlib.on_mesh(draft, (2, 2, 2)), num_draft=3)
+    assert [r["ids"] for r in spec] == [r["ids"] for r in plain]
+    with pytest.raises(gen.DecodeError, match="other devices than the target"):
+        gen.generate(on_mesh, input_ids=prompts, max_new_tokens=12,
+                     draft=decoding_testlib.on_mesh(draft, (4, 1, 1)))
+
+
 def _target_probs(target, prompt, prefixes, cfg):
     """Filtered target next-token distributions after prompt + each prefix (full forward)."""
     seqs = np.array([prompt + list(p) for p in prefixes], np.int32)

@@ -3,12 +3,14 @@
 `model.init` compiles slowly on CPU (~10 s even for tiny models), so the decoding tests draw
 params with numpy from the abstract shapes instead.
 """
+import math
 import types
 
 import flax.linen as nn
 import jax
 import numpy as np
 
+from t5x_lite import partitioning
 from t5x_lite.models import abstract_variables, build_model
 
 
@@ -39,6 +41,16 @@ def loaded(cfg, params=None, seed: int = 0, vocab=None, run_config=None):
     params = random_params(cfg, seed) if params is None else params
     return types.SimpleNamespace(model=build_model(cfg), params=params, vocab=vocab,
                                  run_config=run_config, config=cfg)
+
+
+def on_mesh(loaded_model, shape):
+    """`loaded_model` with its params sharded on a (data, fsdp, tensor) mesh of the first
+    prod(shape) devices by the default rules, as `t5x_lite.load(path, mesh=...)` places them."""
+    mesh = partitioning.make_mesh(*shape, devices=jax.devices()[:math.prod(shape)])
+    boxed = abstract_variables(loaded_model.model)["params"]
+    params = jax.device_put(loaded_model.params, partitioning.shardings(boxed, mesh))
+    return types.SimpleNamespace(**{**vars(loaded_model), "params": params, "mesh": mesh,
+                                    "rules": partitioning.DEFAULT_RULES})
 
 
 class HashChain:

@@ -179,23 +179,28 @@ def test_cli(task):
 
 def test_two_processes_give_the_single_process_metrics(task):
     """2 processes x 4 devices, packed eval batches (their counts may differ per process):
-    the same exact sums as 1 process."""
+    the same exact sums as 1 process; the decoded predictions, whose rows are split over both
+    processes' devices, equal the single process's."""
     _, config, _ = task
     packed = config.copy_and_resolve_references()
     packed.data.pack = True
     wd = _workdir(task, "multi", steps=(2,))
     checkpoints.write_config(wd, packed)
-    (want,) = run(None, wd, EvalSettings(predict="false", name="single"))
+    (want,) = run(None, wd, EvalSettings(predict="true", name="single", max_new_tokens=6))
     script = os.path.join(os.path.dirname(__file__), "..", "launch", "cpu_local.sh")
     out = subprocess.run(
         ["bash", script, "--num_processes=2", "--devices_per_process=4",
          "--module=t5x_lite.evaluate", "--timeout=240", "--", f"--workdir={wd}",
-         "--predict=false"], capture_output=True, text=True, timeout=300,
+         "--predict=true", "--max_new_tokens=6"], capture_output=True, text=True, timeout=300,
         env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     got = outputs.read_metrics(wd / "eval", 2)
-    for k in ("tokens", "examples"):
+    for k in ("tokens", "examples", "num_predictions"):
         assert got[k] == want[k]
     for k in ("loss", "perplexity", "token_accuracy"):
         assert got[k] == pytest.approx(want[k], rel=1e-6)
+    single = outputs.read_predictions(wd / "eval" / "single", 2)
+    multi = outputs.read_predictions(wd / "eval", 2)
+    assert len(multi) == 24 and [r["prediction"] for r in multi] == \
+        [r["prediction"] for r in single]
     assert out.stdout.count("evaluate: step 2: loss=") == 2  # both processes finished

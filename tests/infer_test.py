@@ -116,6 +116,25 @@ def test_output_of_other_inputs_is_not_resumed(workdir, prompts_txt, tmp_path):
         infer.run(workdir, prompts_txt, out, {}, log=open(os.devnull, "w"))
 
 
+def test_mesh_flag(workdir, prompts_txt, tmp_path):
+    """--mesh: FSDP x tensor parallelism decodes what the default (8-way data parallel) does;
+    a bad mesh is one clear error before --output is touched."""
+    outs = []
+    for mesh in ("-1,1,1", "2,2,2"):
+        outs.append(tmp_path / f"{mesh}.jsonl")
+        infer.run(workdir, prompts_txt, outs[-1], {"method": "beam", "num_beams": 2},
+                  log=open(os.devnull, "w"), mesh=mesh)
+    a, b = _lines(outs[0]), _lines(outs[1])
+    assert [x["output_ids"] for x in a] == [x["output_ids"] for x in b]
+    np.testing.assert_allclose([x["score"] for x in a], [x["score"] for x in b], atol=1e-4)
+    out = tmp_path / "bad.jsonl"
+    for mesh, message in (("2,2", "three integers"), ("a,1,1", "three integers"),
+                          ("3,1,1", r"needs 3 devices but 8 are available")):
+        with pytest.raises(ValueError, match=message):
+            infer.run(workdir, prompts_txt, out, {}, log=open(os.devnull, "w"), mesh=mesh)
+    assert not out.exists()
+
+
 def _cli(*args):
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")  # one device is enough here
     return subprocess.run([sys.executable, "-m", "t5x_lite.infer", *args], env=env,
@@ -136,3 +155,8 @@ def test_command_line(workdir, prompts_txt, tmp_path):
     assert bad.stderr.strip().splitlines()[-1] == "infer: error: top_p must be in (0, 1], got 1.5"
     assert not (tmp_path / "b").exists()
     np.testing.assert_equal(len(bad.stderr.strip().splitlines()), 1)
+    bad_mesh = _cli(f"--checkpoint={workdir}", f"--input={prompts_txt}",
+                    f"--output={tmp_path / 'b'}", "--mesh=2,1,1")
+    assert bad_mesh.returncode != 0 and not (tmp_path / "b").exists()
+    assert bad_mesh.stderr.strip().splitlines() == [
+        "infer: error: Mesh (data, fsdp, tensor)=(2, 1, 1) needs 2 devices but 1 are available"]

@@ -14,6 +14,7 @@ Shape legend: B rows, P prompt length, N max new tokens, W beams, V vocab.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Iterator, Sequence
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5x_lite import quantization
+from t5x_lite import partitioning, quantization
 from t5x_lite.config import ModelConfig
 from t5x_lite.decoding import cache as cache_lib
 from t5x_lite.decoding import steps
@@ -270,26 +271,66 @@ def _speculative_jit(params, draft_params, tokens_BxP, lengths_B, seed, example_
                               num_draft=k, sampling=sampling, grow_to=tuple(lengths[1:]))
 
 
+def shard_rows(loaded, *arrays_B):
+    """The row arrays (tokens, lengths, example ids) placed for a decode on `loaded.mesh`.
+
+    `t5x_lite.load` puts every model on a mesh (default: all devices, data-parallel). Its
+    params' shardings alone would make each device decode every row; here the rows are padded
+    to a multiple of the data-parallel devices (data x fsdp; the last row is repeated) and split
+    over them, so each device decodes its own rows, with its params sharded as loaded (FSDP,
+    tensor parallelism). Without a mesh (a plain namespace), the arrays are returned as they are.
+
+    Returns:
+      (the placed arrays, the context to trace the decode in).
+    """
+    mesh = getattr(loaded, "mesh", None)
+    if mesh is None:
+        return arrays_B, contextlib.nullcontext()
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    pad = -len(arrays_B[0]) % shards
+    sharding = partitioning.data_sharding(mesh)
+    placed = tuple(jax.device_put(np.concatenate([x, np.repeat(x[-1:], pad, 0)]), sharding)
+                   for x in map(np.asarray, arrays_B))
+    return placed, partitioning.activate(mesh, getattr(loaded, "rules", None)
+                                         or partitioning.DEFAULT_RULES)
+
+
+def _check_same_devices(loaded, draft):
+    meshes = [getattr(x, "mesh", None) for x in (loaded, draft)]
+    if None not in meshes and list(meshes[0].devices.flat) != list(meshes[1].devices.flat):
+        raise DecodeError("the draft model is on other devices than the target; load it on the "
+                          "target's mesh: t5x_lite.load(path, mesh=target.mesh)")
+
+
 def decode_batch(loaded, tokens_BxP, lengths_B, options: DecodeOptions, example_B=None,
                  draft=None):
     """Runs one packed batch; returns device arrays (DecodeOutput | BeamOutput, or for
-    speculative decoding (DecodeOutput, stats)). Rows are prompt-major: b * per + j."""
+    speculative decoding (DecodeOutput, stats)) with rows for (at least) the B prompts, prompt-
+    major: b * per + j. On a multi-device mesh, rows may be padded (`shard_rows`)."""
     cfg = model_config(loaded)
     params = quantization.unbox_float(loaded.params)  # keeps int8 weights int8 (compression)
     example_B = np.arange(len(tokens_BxP)) if example_B is None else example_B
+    (tokens_BxP, lengths_B, example_B), context = shard_rows(
+        loaded, tokens_BxP, lengths_B, np.asarray(example_B, np.int32))
     n = options.max_new_tokens
-    if options.method == "beam":
-        return _beam_jit(params, tokens_BxP, lengths_B, cfg=cfg, n=n, beams=options.num_beams,
-                         alpha=float(options.alpha))
     seed = np.uint32(options.seed % 2**32)
-    if draft is not None:
-        draft_params = quantization.unbox_float(draft.params)
-        return _speculative_jit(params, draft_params, tokens_BxP, lengths_B, seed,
-                                example_B, cfg=cfg, draft_cfg=model_config(draft), n=n,
-                                k=options.num_draft, sampling=options.sampling,
-                                samples=options.num_samples)
-    return _sample_jit(params, tokens_BxP, lengths_B, seed, example_B, cfg=cfg, n=n,
-                       sampling=options.sampling, samples=options.num_samples)
+    with context:
+        if options.method == "beam":
+            out = _beam_jit(params, tokens_BxP, lengths_B, cfg=cfg, n=n,
+                            beams=options.num_beams, alpha=float(options.alpha))
+        elif draft is not None:
+            _check_same_devices(loaded, draft)
+            out = _speculative_jit(params, quantization.unbox_float(draft.params), tokens_BxP,
+                                   lengths_B, seed, example_B, cfg=cfg,
+                                   draft_cfg=model_config(draft), n=n, k=options.num_draft,
+                                   sampling=options.sampling, samples=options.num_samples)
+        else:
+            out = _sample_jit(params, tokens_BxP, lengths_B, seed, example_B, cfg=cfg, n=n,
+                              sampling=options.sampling, samples=options.num_samples)
+    if jax.process_count() > 1:  # rows decoded on other hosts' devices: every process gets all
+        from jax.experimental import multihost_utils
+        out = multihost_utils.process_allgather(out, tiled=True)
+    return out
 
 
 # ----------------------------------------------------------------------------------- results
