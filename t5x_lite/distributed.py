@@ -149,6 +149,16 @@ def is_coordinator() -> bool:
     return jax.process_index() == 0
 
 
+def agree(value: int) -> int:
+    """Process 0's `value` on every process (file listings may differ between hosts)."""
+    if jax.process_count() == 1:
+        return value
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+
+
 def barrier(name: str, timeout_s: float = 600.0) -> None:
     """Blocks until every process reaches the barrier; DistributedError after `timeout_s`.
 

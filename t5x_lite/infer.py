@@ -18,6 +18,8 @@ r"""Decode a file of prompts with a checkpoint, writing one JSON line per input.
 --mesh=data,fsdp,tensor: the device mesh (default -1,1,1: every device, data-parallel). Each
   batch's prompts are split over data x fsdp; params are sharded as in training (FSDP on fsdp,
   tensor parallelism on tensor), for models too large for one device.
+Multi-process (TPU VM pods, launch/cpu_local.sh --module=t5x_lite.infer): the same command on
+every process; rows are decoded on all processes' devices; process 0 writes --output.
 
 The output is flushed after every batch. Re-running the same command resumes: the complete lines
 already in --output are kept (a trailing partial line is dropped) and decoding continues with the
@@ -27,6 +29,7 @@ options) stops with one error line and exit code 1 before --output is touched.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -37,6 +40,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
+from t5x_lite import distributed
 from t5x_lite.decoding import generate as gen
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint or HF model directory.")
@@ -188,26 +192,46 @@ def run(checkpoint, input_path, output_path, decode_overrides: dict | None = Non
         gen.check_draft(cfg, draft_cfg, options)
     gen.check_prompts(cfg, ids, options, draft_cfg,
                       labels=[f"{input_path}:{n}" for n in range(1, len(ids) + 1)])
-    done = resume_point(output_path, prompts)
+    main_process = distributed.is_coordinator()  # the one that writes --output and progress
+    say = (lambda message: print(message, file=log)) if main_process else (lambda message: None)
+    done = _agreed_resume_point(output_path, prompts)
     total = len(prompts)
     if done == total:
-        print(f"infer: all {total} inputs already in {output_path}; nothing to do", file=log)
+        say(f"infer: all {total} inputs already in {output_path}; nothing to do")
         return 0
     if done:
-        print(f"infer: resuming after {done} of {total} inputs", file=log)
+        say(f"infer: resuming after {done} of {total} inputs")
     out_path = epath.Path(output_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if main_process:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
     start, written = time.time(), 0
-    with out_path.open("a") as f:
+    with out_path.open("a") if main_process else contextlib.nullcontext() as f:
         for batch in gen.iter_generate(loaded, ids[done:], options, draft=draft, first_index=done):
-            lines = [json.dumps(_record(prompts[done + written + i], r), ensure_ascii=False)
-                     for i, r in enumerate(batch)]
-            f.write("".join(line + "\n" for line in lines))
-            f.flush()
+            if f is not None:
+                lines = [json.dumps(_record(prompts[done + written + i], r), ensure_ascii=False)
+                         for i, r in enumerate(batch)]
+                f.write("".join(line + "\n" for line in lines))
+                f.flush()
             written += len(batch)
             rate = written / max(time.time() - start, 1e-9)
-            print(f"infer: {done + written}/{total} inputs ({rate:.1f} inputs/s)", file=log)
+            say(f"infer: {done + written}/{total} inputs ({rate:.1f} inputs/s)")
     return written
+
+
+def _agreed_resume_point(path, prompts: Sequence[Prompt]) -> int:
+    """`resume_point` as process 0 (the writer of --output) finds it, on every process."""
+    error, done = None, 0
+    if distributed.is_coordinator():
+        try:
+            done = resume_point(path, prompts)
+        except InferError as e:
+            error, done = e, -1
+    done = distributed.agree(done)
+    if error is not None:
+        raise error
+    if done < 0:
+        raise InferError(f"process 0 cannot resume into --output {path} (see its error)")
+    return done
 
 
 def main(argv):
@@ -219,6 +243,12 @@ def main(argv):
         sys.exit(f"infer: error: missing --{', --'.join(missing)}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs a page per restore at INFO
+    # Multi-process (launch/cpu_local.sh --module=t5x_lite.infer, TPU VM pods): T5X_LITE_*
+    # environment / cluster auto-detection, as for training; process 0 writes --output.
+    try:
+        distributed.maybe_initialize()
+    except distributed.DistributedError as e:
+        sys.exit(f"infer: error: {e}")
     from t5x_lite.checkpoints import CheckpointError
     from t5x_lite.config import ConfigError
     from t5x_lite.partitioning import MeshError

@@ -135,6 +135,26 @@ def test_mesh_flag(workdir, prompts_txt, tmp_path):
     assert not out.exists()
 
 
+def test_two_processes_write_what_one_process_writes(workdir, prompts_txt, tmp_path):
+    """2 processes x 4 devices (launch/cpu_local.sh): the rows are split over both processes'
+    devices, process 0 alone writes --output and reports progress."""
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    infer.run(workdir, prompts_txt, one, {"method": "beam", "num_beams": 2},
+              log=open(os.devnull, "w"))
+    script = os.path.join(os.path.dirname(__file__), "..", "launch", "cpu_local.sh")
+    r = subprocess.run(
+        ["bash", script, "--num_processes=2", "--devices_per_process=4",
+         "--module=t5x_lite.infer", "--timeout=240", "--", f"--checkpoint={workdir}",
+         f"--input={prompts_txt}", f"--output={two}", "--decode.method=beam",
+         "--decode.num_beams=2"], capture_output=True, text=True, timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    a, b = _lines(one), _lines(two)
+    assert [x["output_ids"] for x in b] == [x["output_ids"] for x in a]
+    np.testing.assert_allclose([x["score"] for x in b], [x["score"] for x in a], atol=1e-4)
+    assert "[0] infer: 5/5 inputs" in r.stdout and "[1] infer:" not in r.stdout
+
+
 def _cli(*args):
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")  # one device is enough here
     return subprocess.run([sys.executable, "-m", "t5x_lite.infer", *args], env=env,

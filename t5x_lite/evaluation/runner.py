@@ -27,11 +27,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 from etils import epath
 
-from t5x_lite import checkpoints, lora, partitioning, quantization
+from t5x_lite import checkpoints, distributed, lora, partitioning, quantization
 from t5x_lite.api import LoadedModel
 from t5x_lite.config import ConfigError, ModelConfig
 from t5x_lite.data import DataConfig, DataConfigError, SpanCorruptionError, load_vocab
@@ -82,15 +81,6 @@ class EvalSettings:
             raise EvalError(f"name must be letters, digits, '-' or '_', got {self.name!r}")
         if self.name.isdigit():
             raise EvalError("name must not be a number (step directories are numbers)")
-
-
-def _agree(value: int) -> int:
-    """Process 0's value on every process (file listings may differ between hosts)."""
-    if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils
-
-    return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
 
 
 class Evaluator:
@@ -243,7 +233,8 @@ def run(config: ml_collections.ConfigDict | None, workdir, settings: EvalSetting
     else:
         ckpt_workdir, steps = _selection(workdir, settings.checkpoint)
         if settings.checkpoint == "all" and not settings.overwrite:
-            steps = [s for s in steps if _agree(int(outputs.is_done(out_root, s))) == 0]
+            steps = [s for s in steps
+                     if distributed.agree(int(outputs.is_done(out_root, s))) == 0]
     evaluator = Evaluator(config, settings)
     events = outputs.EventsWriter(out_root, tag_prefix) if is_main else None
     results: list[dict[str, Any]] = []
@@ -278,7 +269,7 @@ def _follow(workdir, out_root, final_step: int, settings: EvalSettings, evaluate
             pending = [s for s in checkpoints.all_steps(workdir) if s not in attempted and (
                 settings.overwrite or not outputs.is_done(out_root, s))]
             step = pending[0] if pending else -1
-        step = _agree(step)
+        step = distributed.agree(step)
         if step >= 0:
             attempted.add(step)
             try:
@@ -292,7 +283,7 @@ def _follow(workdir, out_root, final_step: int, settings: EvalSettings, evaluate
             continue
         finished = outputs.is_done(out_root, final_step) or final_step in attempted
         idle = time.time() - last_new
-        if _agree(int(finished or idle >= settings.follow_timeout)):
+        if distributed.agree(int(finished or idle >= settings.follow_timeout)):
             logging.info("follow: %s", "final step %d evaluated" % final_step if finished
                          else f"no new checkpoint for {idle:.0f}s; stopping")
             return
