@@ -24,12 +24,11 @@ from t5x_lite import estimate_memory as em
 from t5x_lite.config import ConfigError, ModelConfig
 from t5x_lite.estimate_xla import sequence_lengths
 from t5x_lite.models import build_model
-from t5x_lite.partitioning import MeshError
+from t5x_lite.mesh_flag import MESH
+from t5x_lite.partitioning import MeshError, parse_mesh
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
                                           lock_config=True)
-_MESH = flags.DEFINE_string("mesh", None, "data,fsdp,tensor (one may be -1 = fill); default: "
-                            "the config's mesh section.")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "Devices in the run (default: the "
                                     "mesh's product, or the devices this machine sees when "
                                     "the mesh has a -1).")
@@ -44,17 +43,7 @@ GB = 1e9
 
 
 class EstimateError(ValueError):
-    """Estimator input that cannot be used (bad mesh, unknown accelerator, bad MFU)."""
-
-
-def parse_mesh(text: str) -> tuple[int, int, int]:
-    try:
-        sizes = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        sizes = ()
-    if len(sizes) != 3:
-        raise EstimateError(f"--mesh must be three integers data,fsdp,tensor, got {text!r}")
-    return sizes
+    """Estimator input that cannot be used (mesh vs batch, unknown accelerator, bad MFU)."""
 
 
 def estimate(config: ml_collections.ConfigDict, *, mesh: tuple[int, int, int] | None = None,
@@ -264,7 +253,7 @@ def main(argv):
         sys.exit("error: --config is required (e.g. --config=configs/t5_small.py)")
     config = _CONFIG.value
     try:
-        mesh = parse_mesh(_MESH.value) if _MESH.value else None
+        mesh = parse_mesh(MESH.value) if MESH.value else None
         num_devices = _NUM_DEVICES.value
         if num_devices is None and -1 in (mesh or (config.mesh.data, config.mesh.fsdp,
                                                    config.mesh.tensor)):

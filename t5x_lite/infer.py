@@ -42,6 +42,7 @@ from ml_collections import config_flags
 
 from t5x_lite import distributed
 from t5x_lite.decoding import generate as gen
+from t5x_lite.mesh_flag import MESH
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint or HF model directory.")
 _INPUT = flags.DEFINE_string("input", None, "Prompts: .txt (one per line) or .jsonl.")
@@ -49,9 +50,6 @@ _OUTPUT = flags.DEFINE_string("output", None, "Output JSONL (resumed when it exi
 _DRAFT = flags.DEFINE_string("draft", None, "Draft GPT checkpoint for speculative decoding.")
 _QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8"],
                               "int8: per-channel int8 weights (README.md).")
-_MESH = flags.DEFINE_string("mesh", "-1,1,1",
-                            "data,fsdp,tensor mesh sizes (-1 fills the devices): prompts are "
-                            "split over data x fsdp, params sharded as in training.")
 
 
 def _decode_defaults():
@@ -159,26 +157,16 @@ def _record(prompt: Prompt, result) -> dict:
     return {"inputs": prompt.inputs, **fields}
 
 
-def parse_mesh(text: str) -> tuple[int, int, int]:
-    """'data,fsdp,tensor' -> three ints (checked against the devices by make_mesh)."""
-    parts = text.split(",")
-    try:
-        sizes = tuple(int(x) for x in parts)
-    except ValueError:
-        sizes = ()
-    if len(sizes) != 3:
-        raise InferError(f"--mesh must be three integers data,fsdp,tensor (-1 fills), got "
-                         f"{text!r}")
-    return sizes
-
-
 def run(checkpoint, input_path, output_path, decode_overrides: dict | None = None,
         draft_path=None, log=sys.stderr, quantize: str | None = None,
-        mesh: str = "-1,1,1") -> int:
-    """Decodes every input not yet in `output_path`; returns how many lines it wrote."""
+        mesh: str | None = None) -> int:
+    """Decodes every input not yet in `output_path`; returns how many lines it wrote.
+
+    `mesh`: 'data,fsdp,tensor' (the --mesh flag); None: -1,1,1 (every device, data-parallel).
+    """
     from t5x_lite import api, partitioning  # the loader pulls in orbax; keep `--help` fast
 
-    device_mesh = partitioning.make_mesh(*parse_mesh(mesh))
+    device_mesh = partitioning.make_mesh(*partitioning.parse_mesh(mesh or "-1,1,1"))
     prompts = read_prompts(input_path)
     loaded = api.load(checkpoint, quantize=quantize, mesh=device_mesh)
     draft = api.load(draft_path, mesh=device_mesh) if draft_path else None
@@ -256,7 +244,7 @@ def main(argv):
     overrides = config_flags.get_override_values(flags.FLAGS["decode"])
     try:
         run(_CHECKPOINT.value, _INPUT.value, _OUTPUT.value, overrides, _DRAFT.value,
-            quantize=_QUANTIZE.value, mesh=_MESH.value)
+            quantize=_QUANTIZE.value, mesh=MESH.value)
     except (InferError, gen.DecodeError, CheckpointError, ConfigError, VocabularyError,
             MeshError, OSError) as e:
         sys.exit(f"infer: error: {e}")

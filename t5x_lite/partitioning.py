@@ -40,6 +40,18 @@ class MeshError(ValueError):
     """A mesh shape that does not fit the devices."""
 
 
+def parse_mesh(text: str) -> tuple[int, int, int]:
+    """'data,fsdp,tensor' (a --mesh flag) -> three ints; sizes are checked by `mesh_shape`."""
+    try:
+        sizes = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3:
+        raise MeshError(f"--mesh must be three integers data,fsdp,tensor (one may be -1), got "
+                        f"{text!r}")
+    return sizes
+
+
 def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
     """Resolves one -1 entry to fill the devices; checks the product."""
     sizes = [data, fsdp, tensor]

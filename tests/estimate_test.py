@@ -184,8 +184,8 @@ def test_bad_mesh_and_inputs_fail_with_one_clear_line():
         estimate.estimate(c, mfu=1.5)
     with pytest.raises(estimate.EstimateError, match="Unknown accelerators"):
         estimate.estimate(c, accelerators=["tpu_v9"])
-    with pytest.raises(estimate.EstimateError, match="three integers"):
-        estimate.parse_mesh("8,1")
+    with pytest.raises(MeshError, match="three integers"):
+        partitioning.parse_mesh("8,1")
 
 
 def test_rule_of_thumb_is_shown_beside_the_real_figure():
