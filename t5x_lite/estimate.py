@@ -21,14 +21,16 @@ from ml_collections import config_flags
 
 from t5x_lite import estimate_flops as ef
 from t5x_lite import estimate_memory as em
+from t5x_lite import mesh_flag
 from t5x_lite.config import ConfigError, ModelConfig
 from t5x_lite.estimate_xla import sequence_lengths
-from t5x_lite.models import build_model
 from t5x_lite.mesh_flag import MESH
+from t5x_lite.models import build_model
 from t5x_lite.partitioning import MeshError, parse_mesh
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
                                           lock_config=True)
+flags.adopt_module_key_flags(mesh_flag)  # --mesh, listed in --help
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "Devices in the run (default: the "
                                     "mesh's product, or the devices this machine sees when "
                                     "the mesh has a -1).")

@@ -42,6 +42,7 @@ from ml_collections import config_flags
 
 from t5x_lite import distributed
 from t5x_lite.decoding import generate as gen
+from t5x_lite import mesh_flag
 from t5x_lite.mesh_flag import MESH
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint or HF model directory.")
@@ -50,6 +51,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "Output JSONL (resumed when it exi
 _DRAFT = flags.DEFINE_string("draft", None, "Draft GPT checkpoint for speculative decoding.")
 _QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8"],
                               "int8: per-channel int8 weights (README.md).")
+flags.adopt_module_key_flags(mesh_flag)  # --mesh, listed in --help
 
 
 def _decode_defaults():
