@@ -1,6 +1,7 @@
 """Logical axis names -> PartitionSpecs on a (data=2, fsdp=2, tensor=2) mesh, and sharded == 1 device."""
 import dataclasses
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -10,8 +11,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from t5x_lite import config as mc
+from t5x_lite import estimate_xla
 from t5x_lite import partitioning as part
 from t5x_lite.models import abstract_variables, build_model
+from t5x_lite.training import testing
 
 SMALL = dict(vocab_size=128, d_model=32, num_heads=4, head_dim=8, d_ff=64, num_layers=2)
 
@@ -113,3 +116,17 @@ def test_rules_from_config_round_trips_lists():
     rules = part.rules_from_config([["batch", ["data", "fsdp"]], ["embed", None]])
     assert rules == (("batch", ("data", "fsdp")), ("embed", None))
     assert part.rules_from_config(None) == part.DEFAULT_RULES
+
+
+def test_tensor_parallel_step_never_gathers_the_logits():
+    """With the vocab sharded on `tensor`, no collective of the compiled train step carries a
+    device's full [tokens, vocab] logits. XLA partitions a gather along a sharded axis by first
+    all-gathering that axis unless the gather is a take_along_axis (t5x_lite/argmax.py: token
+    accuracy; the loss picks the target logits the same way)."""
+    config = testing.tiny_config("gpt")
+    txt = estimate_xla.compiled_train_step(config, part.make_mesh(2, 2, 2)).as_text()
+    seq, _ = estimate_xla.sequence_lengths(config)
+    tokens = config.train.batch_size * seq // 4  # rows split over data x fsdp
+    shapes = re.findall(r"= f32\[(\d+),(\d+)\]\S* (?:all-gather|all-reduce|all-to-all|"
+                        r"collective-permute)\(", txt)
+    assert shapes and (str(tokens), str(config.model.vocab_size)) not in shapes
