@@ -171,11 +171,7 @@ class LoadedModel:
         if name not in self._jitted:
             self._jitted[name] = _compiled(self.config, self.model.loss, name)
         b = next(iter(batch.values())).shape[0]
-        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        pad = -b % shards  # pad rows so the batch splits over the data-parallel devices
-        sharding = partitioning.data_sharding(self.mesh)
-        placed = {k: jax.device_put(np.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1)), sharding)
-                  for k, v in batch.items()}
+        placed = partitioning.place_rows(self.mesh, batch)
         with partitioning.activate(self.mesh, self.rules):
             out = self._jitted[name](self.params, placed)
         return np.asarray(out, np.float32)[:b]

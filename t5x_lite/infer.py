@@ -40,9 +40,8 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from t5x_lite import distributed
+from t5x_lite import distributed, mesh_flag
 from t5x_lite.decoding import generate as gen
-from t5x_lite import mesh_flag
 from t5x_lite.mesh_flag import MESH
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint or HF model directory.")

@@ -100,6 +100,24 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways a batch's rows are split: data x fsdp."""
+    return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
+def place_rows(mesh: Mesh, tree):
+    """Host arrays with a leading row dim, padded to a multiple of `batch_shards(mesh)` by
+    repeating the last row (a valid input, unlike zeros) and split over the batch axes, so each
+    device computes its own rows. Callers drop the rows past their own."""
+    def place(x):
+        x = np.asarray(x)
+        pad = -len(x) % batch_shards(mesh)
+        return jax.device_put(np.concatenate([x, np.repeat(x[-1:], pad, 0)]),
+                              data_sharding(mesh))
+
+    return jax.tree.map(place, tree)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

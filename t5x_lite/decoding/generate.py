@@ -286,13 +286,8 @@ def shard_rows(loaded, *arrays_B):
     mesh = getattr(loaded, "mesh", None)
     if mesh is None:
         return arrays_B, contextlib.nullcontext()
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    pad = -len(arrays_B[0]) % shards
-    sharding = partitioning.data_sharding(mesh)
-    placed = tuple(jax.device_put(np.concatenate([x, np.repeat(x[-1:], pad, 0)]), sharding)
-                   for x in map(np.asarray, arrays_B))
-    return placed, partitioning.activate(mesh, getattr(loaded, "rules", None)
-                                         or partitioning.DEFAULT_RULES)
+    return partitioning.place_rows(mesh, arrays_B), partitioning.activate(
+        mesh, getattr(loaded, "rules", None) or partitioning.DEFAULT_RULES)
 
 
 def _check_same_devices(loaded, draft):

@@ -93,7 +93,7 @@ def log_likelihoods(loaded, prompts: Sequence[Sequence[int]],
             raise LikelihoodError(f"row {i}: {len(p) + len(c)} tokens exceed the model's "
                                   f"max length {cfg.max_len}")
     mesh = loaded.mesh
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = partitioning.batch_shards(mesh)
     b = -(-max(batch_size, 1) // shards) * shards
     order = sorted(range(len(prompts)), key=lambda r: len(prompts[r]) + len(continuations[r]))
     fn = _score_fn(cfg)

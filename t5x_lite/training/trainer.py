@@ -111,7 +111,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, override_config: bool =
 
     mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = partitioning.rules_from_config(config.mesh.get("rules"))
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_shards = partitioning.batch_shards(mesh)
     global_batch = int(tc.batch_size)
     if global_batch % batch_shards or global_batch % jax.process_count():
         raise TrainingError(f"train.batch_size={global_batch} must be divisible by the batch "
