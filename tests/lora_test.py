@@ -20,9 +20,9 @@ D, H, K, F, V = 32, 2, 16, 64, 128
 
 
 def _t5(scan=False, **kw):
-    return model_config.t5_1_1(vocab_size=V, d_model=D, num_heads=H, head_dim=K, d_ff=F,
-                               num_layers=1, num_decoder_layers=1, dtype="float32",
-                               scan_layers=scan, **kw)
+    kw = {"d_ff": F, "num_layers": 1, "num_decoder_layers": 1, **kw}
+    return model_config.t5_1_1(vocab_size=V, d_model=D, num_heads=H, head_dim=K,
+                               dtype="float32", scan_layers=scan, **kw)
 
 
 def _boxed(cfg):
@@ -129,6 +129,31 @@ def test_train_step_trains_only_adapters_sharded():
         after = np.asarray(compression.flat(state.params["base"])[path])
         assert np.array_equal(before, after), path
     assert np.any(np.asarray(state.params["lora"]["encoder"]["layers_0"]["mlp"]["wo"]["lora_b"]))
+
+
+def test_gradient_accumulation_carries_no_base_sized_accumulator():
+    """With microbatches, the compiled step's accumulation loop carries each MLP kernel of the
+    frozen base once (the params the loop reads) and no gradient of it: the base's gradients are
+    stop_gradient zeros, which XLA drops from the loop. Without LoRA the same loop carries each
+    kernel twice, params and accumulated gradient (so the count can see an accumulator)."""
+    cfg = lora.LoraConfig(base="unused", targets="query|value|wi_0|wi_1|wo", rank=2, alpha=4.0)
+    t5 = build_model(_t5(d_ff=512))
+    mesh = partitioning.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    rules = partitioning.DEFAULT_RULES
+    batch = jax.device_put(_copy_batch(), partitioning.data_sharding(mesh))
+    kernel_shapes = ("f32[32,512]", "f32[512,32]")  # wi_0 / wi_1 and wo, encoder and decoder
+    counts = {}
+    for name, model, tx in (("plain", t5, optax.adam(1e-2)),
+                            ("lora", lora.LoraModel(t5, cfg),
+                             compression.freeze_optimizer(optax.adam(1e-2), "lora"))):
+        state, _ = train_state.create_train_state(model, tx, mesh, rules, jax.random.key(0))
+        fn = train_step.make_train_step(model, tx, lambda s: 1e-2, microbatches=2)
+        with partitioning.activate(mesh, rules):
+            hlo = jax.jit(fn).lower(state, batch, jax.random.key(1)).compile().as_text()
+        loops = [line.split(" while(")[0] for line in hlo.splitlines() if " while(" in line]
+        assert len(loops) == 1, name
+        counts[name] = [loops[0].count(k) for k in kernel_shapes]
+    assert counts == {"plain": [8, 4], "lora": [4, 2]}, counts
 
 
 def test_dropout_masks_adapter_input_rows():
