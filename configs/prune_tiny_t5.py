@@ -11,9 +11,11 @@ masks updated every `frequency` steps), steps (100), lr (1e-3). Masks live in th
 state (checkpointed); pruned weights are exactly zero in every checkpoint. Measured sparsity vs
 eval loss: README.md.
 """
+import dataclasses
+
 import ml_collections
 
-from t5x_lite import checkpoints
+from t5x_lite import checkpoints, pruning
 from t5x_lite import config as model_config
 from t5x_lite.defaults import base_config
 from t5x_lite.finetune_config import parse_arg
@@ -42,8 +44,9 @@ def get_config(arg: str = ""):
         c.model = ml_collections.ConfigDict(checkpoints.read_config(src).model.to_dict())
         if (src / checkpoints.VOCAB_FILE).exists():
             c.data.vocab_path = str(src / checkpoints.VOCAB_FILE)
-    c.prune = dict(sparsity=a["sparsity"], structure=a["structure"], scope=a["scope"],
-                   schedule=a["schedule"], initial_sparsity=a["initial_sparsity"],
-                   begin_step=a["begin_step"], end_step=a["end_step"],
-                   frequency=a["frequency"])
+    # Every prune key (power, targets too), so any can be set with --config.prune.<key>=...
+    c.prune = dataclasses.asdict(pruning.PruneConfig(
+        sparsity=a["sparsity"], structure=a["structure"], scope=a["scope"],
+        schedule=a["schedule"], initial_sparsity=a["initial_sparsity"],
+        begin_step=a["begin_step"], end_step=a["end_step"], frequency=a["frequency"]))
     return c

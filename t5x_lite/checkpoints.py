@@ -21,12 +21,14 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from t5x_lite.errors import UserError
+
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.model"
 CHECKPOINT_DIR = "checkpoints"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint path or content that cannot be used."""
 
 

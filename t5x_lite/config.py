@@ -11,6 +11,8 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from t5x_lite.errors import UserError
+
 FAMILIES = ("t5", "gpt", "bert")
 MLP_ACTIVATIONS = {
     # name -> (activation names of the input projections; >1 means gated, product of branches)
@@ -26,7 +28,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "dot_product_attention")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration that cannot describe a valid model."""
 
 

@@ -15,7 +15,6 @@ Errors (missing files, pickle checkpoints, unsupported models) print one line an
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any, Mapping
 
 import numpy as np
@@ -23,7 +22,7 @@ import safetensors.numpy
 from absl import app, flags
 from etils import epath
 
-from t5x_lite import checkpoints, hf_interop
+from t5x_lite import checkpoints, errors, hf_interop
 from t5x_lite.config import ConfigError, ModelConfig
 
 HF_SOURCE_CONFIG = "hf_config.json"
@@ -158,9 +157,6 @@ def _define_flags():
     flags.DEFINE_integer("step", None, "--to_hf: checkpoint step (default: latest).")
 
 
-USER_ERRORS = (checkpoints.CheckpointError, ConfigError, OSError)
-
-
 def _run() -> str:
     if bool(FLAGS.from_hf) == FLAGS.to_hf:
         raise ConfigError("give exactly one of --from_hf=DIR or --to_hf")
@@ -180,9 +176,8 @@ def main(argv):
         if len(argv) > 1:
             raise ConfigError(f"unexpected arguments {argv[1:]}")
         print(_run())
-    except USER_ERRORS as e:
-        print(f"convert: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except errors.CLI_ERRORS as e:
+        errors.exit_with("convert", e)
 
 
 if __name__ == "__main__":

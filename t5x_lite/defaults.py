@@ -5,9 +5,12 @@ needs; command-line flags (`--config.train.num_steps=...`) override the rest.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 from t5x_lite.config import ModelConfig
+from t5x_lite.data.config import DataConfig
 
 
 def base_config(model: ModelConfig, *, objective: str, seq_len: int = 512,
@@ -55,15 +58,13 @@ def base_config(model: ModelConfig, *, objective: str, seq_len: int = 512,
     c.mesh.tensor = 1
     c.mesh.rules = ml_collections.config_dict.placeholder(tuple)  # None = partitioning defaults
 
-    c.data = ml_collections.ConfigDict()
-    c.data.source = "default"
-    c.data.objective = objective
-    c.data.inputs_length = seq_len
-    c.data.targets_length = targets_length
-    c.data.seq_len = seq_len
-    c.data.pack = True
-    c.data.data_dir = ""
-    c.data.vocab_path = ""
+    # Every data key with its default, so that any of them can be set on the command line
+    # (`--config.data.paths=/data/train.jsonl`; a locked config rejects keys it lacks). Not
+    # type-safe: DataConfig types the section, and paths may be a tuple, a list or a
+    # comma-separated string.
+    c.data = ml_collections.ConfigDict(dataclasses.asdict(DataConfig(
+        objective=objective, inputs_length=seq_len, targets_length=targets_length,
+        seq_len=seq_len)), type_safe=False)
 
     c.decode = ml_collections.ConfigDict()
     c.decode.method = "greedy"

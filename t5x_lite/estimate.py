@@ -13,20 +13,20 @@ beside the estimate. Config overrides work as for training (`--config.train.batc
 from __future__ import annotations
 
 import json
-import sys
 
 import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+from t5x_lite import errors
 from t5x_lite import estimate_flops as ef
 from t5x_lite import estimate_memory as em
 from t5x_lite import mesh_flag
-from t5x_lite.config import ConfigError, ModelConfig
+from t5x_lite.config import ModelConfig
 from t5x_lite.estimate_xla import sequence_lengths
 from t5x_lite.mesh_flag import MESH
 from t5x_lite.models import build_model
-from t5x_lite.partitioning import MeshError, parse_mesh
+from t5x_lite.partitioning import parse_mesh
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
                                           lock_config=True)
@@ -44,7 +44,7 @@ _VERIFY = flags.DEFINE_bool("verify", False, "Also compile the train step on thi
 GB = 1e9
 
 
-class EstimateError(ValueError):
+class EstimateError(errors.UserError):
     """Estimator input that cannot be used (mesh vs batch, unknown accelerator, bad MFU)."""
 
 
@@ -252,7 +252,7 @@ def format_report(r: dict, config_name: str = "") -> str:
 def main(argv):
     del argv
     if _CONFIG.value is None:
-        sys.exit("error: --config is required (e.g. --config=configs/t5_small.py)")
+        errors.exit_with("estimate", "--config is required (e.g. --config=configs/t5_small.py)")
     config = _CONFIG.value
     try:
         mesh = parse_mesh(MESH.value) if MESH.value else None
@@ -265,8 +265,8 @@ def main(argv):
                           accelerators=_ACCELERATORS.value)
         if _VERIFY.value:
             result["verify"] = verify(config, mesh)
-    except (EstimateError, MeshError, ConfigError) as e:
-        sys.exit(f"error: {e}")
+    except errors.CLI_ERRORS as e:
+        errors.exit_with("estimate", e)
     if _JSON.value:
         print(json.dumps(result, indent=2))
     else:
@@ -274,4 +274,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=errors.flags_parser("estimate"))

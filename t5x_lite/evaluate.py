@@ -22,6 +22,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from t5x_lite import errors  # light: no jax
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/*.py file (default: the "
                                           "workdir's config.json).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints and eval/ outputs.")
@@ -100,15 +102,14 @@ def main(argv):
     except distributed.DistributedError as e:
         sys.exit(f"evaluate: error: {e}")
     from t5x_lite import checkpoints
-    from t5x_lite.evaluation.runner import USER_ERRORS, run
+    from t5x_lite.evaluation.runner import run
 
     try:
         config = _CONFIG.value if _CONFIG.value is not None else checkpoints.read_config(
             _WORKDIR.value)
         results = run(config, _WORKDIR.value, _settings(config))
-    except USER_ERRORS as e:
-        lines = str(e).strip().splitlines()
-        sys.exit(f"evaluate: error: {lines[0] if lines else type(e).__name__}")
+    except errors.CLI_ERRORS as e:
+        errors.exit_with("evaluate", e)
     if not results:
         print("evaluate: nothing to do (every selected checkpoint is already evaluated; "
               "--overwrite redoes them)")
@@ -121,4 +122,4 @@ def main(argv):
 if __name__ == "__main__":
     from t5x_lite import host_memory
     host_memory.reexec_with_huge_pages()
-    app.run(main)
+    app.run(main, flags_parser=errors.flags_parser("evaluate"))

@@ -18,6 +18,7 @@ import ml_collections
 from t5x_lite import checkpoints
 from t5x_lite import config as model_config
 from t5x_lite.defaults import base_config
+from t5x_lite.errors import UserError
 
 ARGS = {
     "init_from": "",  # checkpoint to start from (params only)
@@ -33,7 +34,7 @@ ARGS = {
 }
 
 
-class FinetuneConfigError(ValueError):
+class FinetuneConfigError(UserError):
     """A bad config argument string (one line)."""
 
 
@@ -67,13 +68,13 @@ def build(arg: str, *, family: str, objective: str, inputs_length: int, targets_
     inputs_length = a["inputs_length"] or inputs_length
     targets_length = a["targets_length"] or targets_length or inputs_length
     if a["init_from"]:
-        src_workdir, src = _source_run(a["init_from"])
+        _, src = _source_run(a["init_from"])
         model = model_config.ModelConfig.from_dict(src.model)
         if model.family != family:
             raise FinetuneConfigError(f"init_from={a['init_from']} is a {model.family!r} model; "
                                       f"this recipe fine-tunes {family!r} models")
     else:
-        src_workdir, src = "", None
+        src = None
         tiny = dict(vocab_size=8192, d_model=128, num_heads=4, head_dim=32, num_layers=2,
                     dtype="float32")
         model = (model_config.t5_1_1(d_ff=256, num_decoder_layers=2, **tiny) if family == "t5"

@@ -26,16 +26,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 
 import grain
 import numpy as np
 from etils import epath
 
+from t5x_lite import errors
 from t5x_lite.vocab import EOS_ID
 
 
-class TemplateError(ValueError):
+class TemplateError(errors.UserError):
     """Instruction data that cannot be formatted (one line naming file:line and the field)."""
 
 
@@ -161,8 +161,8 @@ def main(argv):
     try:
         n = convert_instruction_jsonl(f.input, f.output, instruction_key=f.instruction_key,
                                       input_key=f.input_key, response_key=f.response_key)
-    except TemplateError as e:
-        sys.exit(f"error: {e}")
+    except errors.CLI_ERRORS as e:
+        errors.exit_with("finetune_templates", e)
     print(f"wrote {n} prompt/completion pairs to {f.output}")
 
 

@@ -40,7 +40,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from t5x_lite import distributed, mesh_flag
+from t5x_lite import distributed, errors, mesh_flag
 from t5x_lite.decoding import generate as gen
 from t5x_lite.mesh_flag import MESH
 
@@ -73,7 +73,7 @@ def _define_decode_flag():
 _DECODE = _define_decode_flag()
 
 
-class InferError(ValueError):
+class InferError(errors.UserError):
     """Bad input for infer (one-line message)."""
 
 
@@ -238,17 +238,12 @@ def main(argv):
         distributed.maybe_initialize()
     except distributed.DistributedError as e:
         sys.exit(f"infer: error: {e}")
-    from t5x_lite.checkpoints import CheckpointError
-    from t5x_lite.config import ConfigError
-    from t5x_lite.partitioning import MeshError
-    from t5x_lite.vocab import VocabularyError
     overrides = config_flags.get_override_values(flags.FLAGS["decode"])
     try:
         run(_CHECKPOINT.value, _INPUT.value, _OUTPUT.value, overrides, _DRAFT.value,
             quantize=_QUANTIZE.value, mesh=MESH.value)
-    except (InferError, gen.DecodeError, CheckpointError, ConfigError, VocabularyError,
-            MeshError, OSError) as e:
-        sys.exit(f"infer: error: {e}")
+    except errors.CLI_ERRORS as e:
+        errors.exit_with("infer", e)
 
 
 if __name__ == "__main__":

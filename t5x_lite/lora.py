@@ -28,14 +28,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from absl import logging
 
-from t5x_lite import checkpoints, compression, partitioning
+from t5x_lite import checkpoints, compression, errors, partitioning
 from t5x_lite.config import ModelConfig
 from t5x_lite.models import abstract_variables, build_model
 
@@ -278,8 +277,8 @@ def main(argv):
     f = flags.FLAGS
     try:
         step = merge_workdir(f.workdir, f.output, f.step)
-    except (compression.CompressionError, checkpoints.CheckpointError) as e:
-        sys.exit(f"lora: error: {e}")
+    except errors.CLI_ERRORS as e:
+        errors.exit_with("lora", e)
     print(f"lora: merged adapters of {f.workdir} (step {step}) into {f.output}")
 
 

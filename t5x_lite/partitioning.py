@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from t5x_lite.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -36,7 +38,7 @@ DEFAULT_RULES: tuple[tuple[str, object], ...] = (
 )
 
 
-class MeshError(ValueError):
+class MeshError(UserError):
     """A mesh shape that does not fit the devices."""
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from t5x_lite.config import ModelConfig
 from t5x_lite.layers import (Embed, RelativePositionBias, attention_bias, constrain, dense_init,
-                             kernel_param, param, vocab_logits)
+                             kernel_param, vocab_logits)
 from t5x_lite.transformer import DecodeCursor, Stack, causal_mask, make_norm, segment_mask
 
 
@@ -78,7 +78,6 @@ class T5(nn.Module):
             call, whose projected cross-attention K/V are kept in the cache.
           encoder_mask: [B, S] True on real encoder tokens.
         """
-        cfg = self.config
         tokens_BxT = decoder_input_tokens
         b, t = tokens_BxT.shape
         y = self.dropout(self.token_embedder(tokens_BxT), deterministic=self.deterministic)

@@ -9,10 +9,10 @@ jax's cluster auto-detection. See README.md.
 """
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from t5x_lite import errors  # light: no jax
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
                                           lock_config=True)
@@ -44,22 +44,19 @@ def main(argv):
     try:
         distributed.maybe_initialize()
     except distributed.DistributedError as e:
-        sys.exit(f"error: {e}")
+        errors.exit_with("train", e)
     if _CONFIG.value is None:
-        sys.exit("error: --config is required (e.g. --config=configs/tiny_t5.py)")
-    from t5x_lite.checkpoints import CheckpointError
-    from t5x_lite.config import ConfigError
-    from t5x_lite.training import TrainingError, train
+        errors.exit_with("train", "--config is required (e.g. --config=configs/tiny_t5.py)")
+    from t5x_lite.training import train
 
     try:
         result = train(_CONFIG.value, _WORKDIR.value, override_config=_OVERRIDE.value)
-    except (TrainingError, CheckpointError, ConfigError) as e:
-        logging.error("%s", e)
-        sys.exit(f"error: {e}")
+    except errors.CLI_ERRORS as e:
+        errors.exit_with("train", e)
     logging.info("Done at step %d%s", result.step, " (preempted)" if result.preempted else "")
 
 
 if __name__ == "__main__":
     from t5x_lite import host_memory
     host_memory.reexec_with_huge_pages()
-    app.run(main)
+    app.run(main, flags_parser=errors.flags_parser("train"))

@@ -22,6 +22,8 @@ import numpy as np
 import sentencepiece as spm
 from etils import epath
 
+from t5x_lite import errors
+
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 DEFAULT_EXTRA_IDS = 100
 PAD_MULTIPLE = 128
@@ -31,7 +33,7 @@ _SP_MAX_SENTENCE_BYTES = 1 << 16
 PathLike = Union[str, os.PathLike]
 
 
-class VocabularyError(ValueError):
+class VocabularyError(errors.UserError):
     """A one-line, user-facing problem with a vocabulary file or its training."""
 
 
@@ -304,15 +306,15 @@ def _explain_training_error(msg: str, vocab_size: int) -> str:
 
 
 def main(argv):
-    from absl import app, flags  # only the CLI defines flags, so importing this module is free
+    from absl import flags  # only the CLI defines flags, so importing this module is free
 
     del argv
     f = flags.FLAGS
     try:
         path = train_vocab(f.input, f.model_prefix, f.vocab_size, model_type=f.model_type,
                            input_sentence_size=f.input_sentence_size)
-    except (VocabularyError, FileNotFoundError) as e:
-        raise app.UsageError(str(e)) from None
+    except errors.CLI_ERRORS as e:
+        errors.exit_with("vocab", e)
     vocab = Vocabulary(path)
     print(f"wrote {path}: {vocab.sp_size} pieces + {vocab.extra_ids} sentinels = vocab_size "
           f"{vocab.vocab_size} (embedding rows {vocab.padded_vocab_size})")

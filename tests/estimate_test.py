@@ -252,4 +252,11 @@ def test_cli_json_and_text(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "t5x_lite.estimate", "--config=configs/tiny_t5.py",
                           "--mesh=1,1,3"], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=120)
-    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith(
+        "estimate: error: ")
+    typo = subprocess.run([sys.executable, "-m", "t5x_lite.estimate",
+                           "--config=configs/tiny_t5.py", "--config.model.d_modle=64"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert typo.returncode == 1 and typo.stderr.strip().splitlines()[-1] == (
+        "estimate: error: unknown config key 'd_modle' in --config.model.d_modle; "
+        "did you mean 'd_model'?"), typo.stderr[-2000:]

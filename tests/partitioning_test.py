@@ -1,11 +1,9 @@
 """Logical axis names -> PartitionSpecs on a (data=2, fsdp=2, tensor=2) mesh, and sharded == 1 device."""
-import dataclasses
 import functools
 import re
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P

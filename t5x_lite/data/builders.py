@@ -26,6 +26,7 @@ from absl import logging
 from etils import epath
 
 from t5x_lite.data import local_files
+from t5x_lite.errors import UserError
 from t5x_lite.vocab import expand_globs
 
 DEFAULT_DATA_DIR = "~/.cache/t5x_lite/data"
@@ -33,7 +34,7 @@ BUILDER_VERSION = "1.0.0"  # bump whenever the records produced from the same in
 TRAIN, VALIDATION = "train", "validation"
 
 
-class EmptyCorpusError(ValueError):
+class EmptyCorpusError(UserError):
     """No documents were found where some were expected."""
 
 

@@ -10,11 +10,12 @@ from typing import Any, Mapping
 
 from t5x_lite.data import local_files
 from t5x_lite.data import objectives
+from t5x_lite.errors import UserError
 
 SOURCES = ("default", "text", "jsonl", "tsv", "tfds")
 
 
-class DataConfigError(ValueError):
+class DataConfigError(UserError):
     """A `data` config that cannot describe a valid input pipeline."""
 
 

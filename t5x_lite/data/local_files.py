@@ -22,12 +22,14 @@ from collections.abc import Iterator, Sequence
 from absl import logging
 from etils import epath
 
+from t5x_lite.errors import UserError
+
 FORMATS = ("text", "jsonl", "tsv")
 DOCUMENT_PER = ("file", "paragraph", "line")
 _PARAGRAPH_BREAK = re.compile(rb"\r?\n[ \t]*\r?\n")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError):
     """Malformed input data (one line: what, where, how to fix)."""
 
 

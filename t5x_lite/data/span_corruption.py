@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from t5x_lite.errors import UserError
 from t5x_lite.vocab import EOS_ID
 
 
-class SpanCorruptionError(ValueError):
+class SpanCorruptionError(UserError):
     """A span corruption setting that cannot be realised (e.g. too few sentinels)."""
 
 

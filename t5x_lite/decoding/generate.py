@@ -31,12 +31,13 @@ from t5x_lite.decoding.beam_search import beam_search
 from t5x_lite.decoding.filtering import SamplingConfig
 from t5x_lite.decoding.sampling import EOS_ID, sample_decode
 from t5x_lite.decoding.speculative import speculative_decode
+from t5x_lite.errors import UserError
 
 METHODS = ("greedy", "sample", "beam")
 MIN_BUCKET = 8
 
 
-class DecodeError(ValueError):
+class DecodeError(UserError):
     """Decode options or prompts that cannot be decoded (one-line, user-facing message)."""
 
 

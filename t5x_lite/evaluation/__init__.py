@@ -9,6 +9,6 @@ few_shot (in-context prompts; generation or multiple-choice log-likelihood), lik
 (batched log p(continuation | prompt)), outputs (atomic metrics.json / predictions.jsonl,
 TensorBoard), runner (checkpoint selection, --follow). See README.md.
 """
-from t5x_lite.evaluation.runner import USER_ERRORS, EvalError, EvalSettings, run
+from t5x_lite.evaluation.runner import EvalError, EvalSettings, run
 
-__all__ = ["USER_ERRORS", "EvalError", "EvalSettings", "run"]
+__all__ = ["EvalError", "EvalSettings", "run"]

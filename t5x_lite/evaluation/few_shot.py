@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 from etils import epath
 
+from t5x_lite.errors import UserError
 from t5x_lite.evaluation import likelihood, predictions, text_metrics
 from t5x_lite.evaluation.predictions import Example
 from t5x_lite.vocab import EOS_ID
@@ -40,7 +41,7 @@ from t5x_lite.vocab import EOS_ID
 SCORING = ("generate", "choice")
 
 
-class FewShotError(ValueError):
+class FewShotError(UserError):
     """Bad few-shot settings or data (one line)."""
 
 

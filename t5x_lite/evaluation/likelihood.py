@@ -21,13 +21,14 @@ import numpy as np
 
 from t5x_lite import partitioning
 from t5x_lite.config import ModelConfig
+from t5x_lite.errors import UserError
 from t5x_lite.models import LossConfig, build_model
 from t5x_lite.vocab import EOS_ID
 
 MIN_LENGTH = 8
 
 
-class LikelihoodError(ValueError):
+class LikelihoodError(UserError):
     """Rows that cannot be scored (one line)."""
 
 

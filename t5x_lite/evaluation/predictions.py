@@ -20,12 +20,13 @@ from typing import Any, Sequence
 
 from t5x_lite.data import DataConfig
 from t5x_lite.decoding import generate as gen
+from t5x_lite.errors import UserError
 from t5x_lite.vocab import EOS_ID
 
 DECODER_START_ID = 0
 
 
-class PredictionError(ValueError):
+class PredictionError(UserError):
     """A split or options that cannot be decoded (one line)."""
 
 

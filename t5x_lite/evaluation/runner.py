@@ -32,29 +32,18 @@ from etils import epath
 
 from t5x_lite import checkpoints, distributed, lora, partitioning, quantization
 from t5x_lite.api import LoadedModel
-from t5x_lite.config import ConfigError, ModelConfig
-from t5x_lite.data import DataConfig, DataConfigError, SpanCorruptionError, load_vocab
-from t5x_lite.data.builders import EmptyCorpusError
-from t5x_lite.data.local_files import DataFormatError
-from t5x_lite.decoding.generate import DecodeError
-from t5x_lite.evaluation import few_shot, likelihood, outputs, predictions, text_metrics
-from t5x_lite.evaluation.teacher_forced import EvalDataError, TeacherForcedScorer
+from t5x_lite.config import ModelConfig
+from t5x_lite.data import DataConfig, load_vocab
+from t5x_lite.errors import UserError
+from t5x_lite.evaluation import few_shot, outputs, predictions, text_metrics
+from t5x_lite.evaluation.teacher_forced import TeacherForcedScorer
 from t5x_lite.models import abstract_variables, build_model
-from t5x_lite.vocab import VocabularyError
 
 PREDICT_OBJECTIVES = ("seq2seq", "prompt_completion")
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     """Bad evaluation settings or workdir (one line)."""
-
-
-# What the CLI reports as one error line (everything else is a bug and keeps its traceback).
-USER_ERRORS = (EvalError, EvalDataError, checkpoints.CheckpointError, ConfigError,
-               DataConfigError, EmptyCorpusError, DataFormatError, SpanCorruptionError,
-               VocabularyError, partitioning.MeshError, DecodeError, text_metrics.MetricsError,
-               predictions.PredictionError, few_shot.FewShotError, likelihood.LikelihoodError,
-               FileNotFoundError)
 
 
 @dataclasses.dataclass(frozen=True)

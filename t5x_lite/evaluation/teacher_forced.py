@@ -27,11 +27,12 @@ import numpy as np
 from t5x_lite import partitioning, quantization
 from t5x_lite.config import ModelConfig
 from t5x_lite.data import DataConfig, make_dataset, make_global_batch, zeros_like_batch
+from t5x_lite.errors import UserError
 from t5x_lite.models import LossConfig, abstract_variables, build_model
 from t5x_lite.training import train_step
 
 
-class EvalDataError(ValueError):
+class EvalDataError(UserError):
     """An eval split that cannot be evaluated (empty, wrong objective for the model)."""
 
 

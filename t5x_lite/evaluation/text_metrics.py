@@ -21,13 +21,15 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from t5x_lite.errors import UserError
+
 METRICS = ("exact_match", "bleu", "rouge", "accuracy")
 DEFAULT = ("exact_match", "bleu", "rouge")
 MAX_LABELS = 20
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 
-class MetricsError(ValueError):
+class MetricsError(UserError):
     """Predictions that cannot be scored (one line)."""
 
 

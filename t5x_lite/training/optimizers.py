@@ -19,12 +19,14 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from t5x_lite.errors import UserError
+
 OPTIMIZERS = ("adafactor", "adamw")
 SCHEDULES = ("rsqrt", "constant", "cosine", "linear")
 EMBEDDING_NAMES = ("embedding", "rel_embedding")
 
 
-class OptimizerError(ValueError):
+class OptimizerError(UserError):
     """An optimizer config that cannot be built."""
 
 

@@ -13,13 +13,14 @@ from etils import epath
 
 from t5x_lite import checkpoints
 from t5x_lite.config import ModelConfig
+from t5x_lite.errors import UserError
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(UserError):
     """A workdir whose saved config describes a differently shaped model."""
 
 
-class DivergenceError(ValueError):
+class DivergenceError(UserError):
     """A non-finite loss."""
 
 

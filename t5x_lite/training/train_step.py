@@ -20,13 +20,14 @@ import optax
 from jax.sharding import Mesh
 
 from t5x_lite import partitioning
+from t5x_lite.errors import UserError
 from t5x_lite.models import BaseModel
 from t5x_lite.training.train_state import TrainState
 
 SUM_KEYS = ("loss_sum", "z_loss_sum", "weight_sum", "correct_sum")
 
 
-class TrainStepError(ValueError):
+class TrainStepError(UserError):
     """Bad step settings (batch not divisible into microbatches, unknown normaliser)."""
 
 

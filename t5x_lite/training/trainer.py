@@ -23,6 +23,7 @@ from t5x_lite import checkpoints, compression, partitioning
 from t5x_lite.config import ModelConfig
 from t5x_lite.data import (DataConfig, load_vocab, make_dataset, make_global_batch,
                            zeros_like_batch)
+from t5x_lite.errors import UserError
 from t5x_lite.models import LossConfig, build_model
 from t5x_lite.training import flops as flops_lib
 from t5x_lite.training import optimizers, train_state, train_step
@@ -31,7 +32,7 @@ from t5x_lite.training.run_checks import (ConfigMismatchError, DivergenceError, 
                                           check_finite, check_workdir_config, window_metrics)
 
 
-class TrainingError(ValueError):
+class TrainingError(UserError):
     """A run that cannot start or continue (bad settings, incompatible workdir, divergence)."""
 
 
@@ -102,6 +103,10 @@ def train(config: ml_collections.ConfigDict, workdir, *, override_config: bool =
     tc = config.train
     log_every = 1 if tc.debug else max(int(tc.log_every), 1)
     num_steps = int(tc.num_steps)
+    if num_steps < 0:
+        raise TrainingError(f"train.num_steps must be >= 0, got {num_steps}")
+    if workdir.exists() and not workdir.is_dir():
+        raise TrainingError(f"--workdir {workdir} is a file, not a directory")
     model_cfg = ModelConfig.from_dict(config.model)
     data_cfg = DataConfig.from_dict(config.data)
     try:
@@ -134,11 +139,6 @@ def train(config: ml_collections.ConfigDict, workdir, *, override_config: bool =
         raise TrainingError(f"The vocabulary has {vocab.vocab_size} ids but model.vocab_size is "
                             f"{model_cfg.vocab_size}; set model.vocab_size >= "
                             f"{vocab.padded_vocab_size}")
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        checkpoints.write_config(workdir, config)
-        _copy_vocab(vocab, workdir)
-
     train_iter = make_dataset(config.data, vocab, split=data_cfg.train_split,
                               batch_size=per_process_batch, seed=int(config.seed))
     abstract, shardings = train_state.state_shardings(model, tx, mesh, rules)
@@ -179,6 +179,10 @@ def train(config: ml_collections.ConfigDict, workdir, *, override_config: bool =
     step_flops = flops_lib.train_step_flops(model_cfg, global_batch, length, targets)
     peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind, float(tc.peak_flops))
     tokens_per_step = _tokens_per_batch(model_cfg, global_batch, data_cfg)
+    if is_main:  # only now: a config that fails above leaves no saved config to disagree with
+        workdir.mkdir(parents=True, exist_ok=True)
+        checkpoints.write_config(workdir, config)
+        _copy_vocab(vocab, workdir)
     writer = MetricsWriter(workdir, is_main=is_main, start_step=start, total_steps=num_steps)
     logging.info("Training %s (%.2fM params) on mesh %s from step %d to %d; %.3g model "
                  "FLOPs/step", model_cfg.family, flops_lib.param_count(abstract.params) / 1e6,

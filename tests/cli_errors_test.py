@@ -1,0 +1,117 @@
+"""Bad input on the command line: one error line, nothing written; and every documented config
+key can be set with `--config.<section>.<key>=...` (a locked config rejects keys it lacks)."""
+import dataclasses
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from t5x_lite import distillation, errors, lora, pruning
+from t5x_lite.config import ConfigError
+from t5x_lite.data import DataConfig, DataConfigError
+from t5x_lite.partitioning import MeshError
+from t5x_lite.training import TrainingError, testing, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.py"))
+# Sections read through a typed dataclass: each config must carry every field as a key.
+TYPED_SECTIONS = {"data": DataConfig, "lora": lora.LoraConfig,
+                  "distill": distillation.DistillConfig, "prune": pruning.PruneConfig}
+
+
+def _load(path) -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_carries_every_typed_key(path):
+    config = _load(path)
+    for section, cls in TYPED_SECTIONS.items():
+        if section in config:
+            missing = {f.name for f in dataclasses.fields(cls)} - set(config[section].keys())
+            assert not missing, (section, sorted(missing))
+
+
+def test_documented_overrides_parse_on_a_locked_config():
+    """What the README tells users to type: local files, their splitting, a prune key."""
+    argv = ["train", f"--config={REPO / 'configs/prune_tiny_t5.py'}",
+            "--config.data.source=text", "--config.data.train_paths=('/a.txt','/b/*.txt')",
+            "--config.data.validation_paths=/data/dev.txt", "--config.data.document_per=line",
+            "--config.data.pack_method=first_fit", "--config.prune.power=2.0"]
+    fv = flags.FlagValues()  # config_flags reads the overrides from sys_argv when defined
+    holder = config_flags.DEFINE_config_file("config", None, "", flag_values=fv,
+                                             lock_config=True, sys_argv=argv)
+    fv(argv)
+    c = holder.value
+    data = DataConfig.from_dict(c.data)
+    assert data.source == "text" and data.train_paths == ("/a.txt", "/b/*.txt")
+    assert data.validation_paths == ("/data/dev.txt",) and data.document_per == "line"
+    assert pruning.PruneConfig(**c.prune).power == 2.0
+
+
+def test_config_files_may_give_paths_as_a_string_or_a_list():
+    c = testing.tiny_config("gpt")
+    c.data.paths = "/data/a.txt,/data/b.txt"
+    assert DataConfig.from_dict(c.data).paths == ("/data/a.txt", "/data/b.txt")
+    c.data.paths = ["/data/a.txt"]
+    assert DataConfig.from_dict(c.data).paths == ("/data/a.txt",)
+
+
+def test_exit_with_prints_the_first_line_of_the_message(capsys):
+    with pytest.raises(SystemExit) as e:
+        errors.exit_with("train", KeyError("'x'\nmore"))
+    assert e.value.code == "train: error: 'x'"
+    with pytest.raises(SystemExit) as e:
+        errors.exit_with("infer", FileNotFoundError(2, "No such file", "/p"))
+    assert e.value.code == "infer: error: [Errno 2] No such file: '/p'"
+
+
+def test_user_errors_share_one_base_class():
+    for cls in (TrainingError, ConfigError, DataConfigError, MeshError):
+        assert issubclass(cls, errors.UserError) and issubclass(cls, ValueError)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"train.num_steps": -1}, "train.num_steps must be >= 0"),
+    ({"train.batch_size": 0}, "batch_size must be >= 1"),
+    ({"data.source": "jsonl"}, "needs data.paths"),
+    ({"mesh.data": 3}, r"needs 3 devices"),
+])
+def test_a_config_that_fails_leaves_no_workdir(tmp_path, override, message):
+    """No saved config is left behind to disagree with the corrected run."""
+    cfg = testing.tiny_config("gpt")
+    for key, value in override.items():
+        section, name = key.split(".")
+        cfg[section][name] = value
+    with pytest.raises(errors.UserError, match=message):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_workdir_that_is_a_file(tmp_path):
+    (tmp_path / "run").write_text("")
+    with pytest.raises(TrainingError, match="is a file, not a directory"):
+        train(testing.tiny_config("gpt"), tmp_path / "run")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.train.batch_sise=4"],
+     "train: error: unknown config key 'batch_sise' in --config.train.batch_sise; "
+     "did you mean 'batch_size'?"),
+    (["--config.train.batch_size=0"], "train: error: batch_size must be >= 1, got 0"),
+])
+def test_train_cli_prints_one_error_line(tmp_path, args, message):
+    r = subprocess.run([sys.executable, "-m", "t5x_lite.train", "--config=configs/tiny_gpt.py",
+                        f"--workdir={tmp_path / 'run'}", *args], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == message, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
