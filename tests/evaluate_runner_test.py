@@ -16,6 +16,7 @@ from t5x_lite.data import DataConfigError
 from t5x_lite.data.builders import EmptyCorpusError
 from t5x_lite.evaluation import EvalError, EvalSettings, outputs, run, testing
 from t5x_lite.evaluation.few_shot import FewShotError, FewShotOptions
+from t5x_lite.evaluation.text_metrics import MetricsError
 from t5x_lite.models import build_model
 
 
@@ -143,6 +144,8 @@ def test_bad_inputs_give_one_line_and_write_nothing(task):
         run(no_examples, wd, EvalSettings())
     with pytest.raises(EvalError, match="--follow .* not '1'"):
         run(None, wd, EvalSettings(checkpoint="1", follow=True))
+    with pytest.raises(MetricsError, match="unknown metric 'meteor'"):  # also when not predicting
+        run(None, wd, EvalSettings(predict="false", metrics="bleu,meteor"))
     assert _nothing_written(wd)
 
 

@@ -66,6 +66,7 @@ class EvalSettings:
     def __post_init__(self):
         if self.predict not in ("auto", "true", "false"):
             raise EvalError(f"predict must be auto, true or false, got {self.predict!r}")
+        text_metrics.resolve_metrics(self.metrics, [])  # unknown names fail before any work
         if self.name and not self.name.replace("_", "").replace("-", "").isalnum():
             raise EvalError(f"name must be letters, digits, '-' or '_', got {self.name!r}")
         if self.name.isdigit():
