@@ -22,7 +22,7 @@ import safetensors.numpy
 from absl import app, flags
 from etils import epath
 
-from t5x_lite import checkpoints, errors, hf_interop
+from t5x_lite import checkpoints, cli, hf_interop
 from t5x_lite.config import ConfigError, ModelConfig
 
 HF_SOURCE_CONFIG = "hf_config.json"
@@ -176,8 +176,8 @@ def main(argv):
         if len(argv) > 1:
             raise ConfigError(f"unexpected arguments {argv[1:]}")
         print(_run())
-    except errors.CLI_ERRORS as e:
-        errors.exit_with("convert", e)
+    except cli.ERRORS as e:
+        cli.exit_with("convert", e)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from t5x_lite import errors
+from t5x_lite import cli, errors
 from t5x_lite import estimate_flops as ef
 from t5x_lite import estimate_memory as em
 from t5x_lite import mesh_flag
@@ -252,7 +252,7 @@ def format_report(r: dict, config_name: str = "") -> str:
 def main(argv):
     del argv
     if _CONFIG.value is None:
-        errors.exit_with("estimate", "--config is required (e.g. --config=configs/t5_small.py)")
+        cli.exit_with("estimate", "--config is required (e.g. --config=configs/t5_small.py)")
     config = _CONFIG.value
     try:
         mesh = parse_mesh(MESH.value) if MESH.value else None
@@ -265,8 +265,8 @@ def main(argv):
                           accelerators=_ACCELERATORS.value)
         if _VERIFY.value:
             result["verify"] = verify(config, mesh)
-    except errors.CLI_ERRORS as e:
-        errors.exit_with("estimate", e)
+    except cli.ERRORS as e:
+        cli.exit_with("estimate", e)
     if _JSON.value:
         print(json.dumps(result, indent=2))
     else:
@@ -274,4 +274,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=errors.flags_parser("estimate"))
+    app.run(main, flags_parser=cli.flags_parser("estimate"))

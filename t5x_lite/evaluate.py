@@ -17,12 +17,10 @@ error line, exit 1.
 """
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from t5x_lite import errors  # light: no jax
+from t5x_lite import cli  # light: no jax
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/*.py file (default: the "
                                           "workdir's config.json).", lock_config=True)
@@ -77,22 +75,13 @@ def _settings(config):
         few_shot_pool=_POOL.value, quantize=_QUANTIZE.value)
 
 
-class _OnlyOurInfo:
-    """Console filter: INFO lines from t5x_lite only (tfds, orbax and jax log a page per
-    dataset and checkpoint they open); warnings and errors from everywhere."""
-
-    def filter(self, record) -> bool:
-        return record.levelno >= 30 or "t5x_lite" in record.pathname  # 30: std WARNING
-
-
 def main(argv):
     if len(argv) > 1:
-        sys.exit(f"evaluate: error: unexpected arguments {argv[1:]}")
+        cli.exit_with("evaluate", f"unexpected arguments {argv[1:]}")
     if not _WORKDIR.value:
-        sys.exit("evaluate: error: --workdir is required")
+        cli.exit_with("evaluate", "--workdir is required")
     if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.INFO)
-        logging.get_absl_handler().addFilter(_OnlyOurInfo())
+        cli.quiet_console(logging.INFO)
     from t5x_lite import distributed  # before any device is touched
 
     # Multi-process (launch/cpu_local.sh --module=t5x_lite.evaluate, TPU VM pods): T5X_LITE_*
@@ -100,7 +89,7 @@ def main(argv):
     try:
         distributed.maybe_initialize()
     except distributed.DistributedError as e:
-        sys.exit(f"evaluate: error: {e}")
+        cli.exit_with("evaluate", e)
     from t5x_lite import checkpoints
     from t5x_lite.evaluation.runner import run
 
@@ -108,8 +97,8 @@ def main(argv):
         config = _CONFIG.value if _CONFIG.value is not None else checkpoints.read_config(
             _WORKDIR.value)
         results = run(config, _WORKDIR.value, _settings(config))
-    except errors.CLI_ERRORS as e:
-        errors.exit_with("evaluate", e)
+    except cli.ERRORS as e:
+        cli.exit_with("evaluate", e)
     if not results:
         print("evaluate: nothing to do (every selected checkpoint is already evaluated; "
               "--overwrite redoes them)")
@@ -122,4 +111,4 @@ def main(argv):
 if __name__ == "__main__":
     from t5x_lite import host_memory
     host_memory.reexec_with_huge_pages()
-    app.run(main, flags_parser=errors.flags_parser("evaluate"))
+    app.run(main, flags_parser=cli.flags_parser("evaluate"))

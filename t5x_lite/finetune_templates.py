@@ -31,7 +31,7 @@ import grain
 import numpy as np
 from etils import epath
 
-from t5x_lite import errors
+from t5x_lite import cli, errors
 from t5x_lite.vocab import EOS_ID
 
 
@@ -161,8 +161,8 @@ def main(argv):
     try:
         n = convert_instruction_jsonl(f.input, f.output, instruction_key=f.instruction_key,
                                       input_key=f.input_key, response_key=f.response_key)
-    except errors.CLI_ERRORS as e:
-        errors.exit_with("finetune_templates", e)
+    except cli.ERRORS as e:
+        cli.exit_with("finetune_templates", e)
     print(f"wrote {n} prompt/completion pairs to {f.output}")
 
 

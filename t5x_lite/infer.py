@@ -40,7 +40,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from t5x_lite import distributed, errors, mesh_flag
+from t5x_lite import cli, distributed, errors, mesh_flag
 from t5x_lite.decoding import generate as gen
 from t5x_lite.mesh_flag import MESH
 
@@ -67,7 +67,7 @@ def _define_decode_flag():
     except (AttributeError, KeyError):  # config_flags reads --decode.<field> at definition time
         bad = [a.split("=")[0] for a in sys.argv[1:] if a.startswith("--decode.")
                and a[len("--decode."):].split("=")[0] not in defaults]
-        sys.exit(f"infer: error: unknown decode option(s) {bad}; known: {sorted(defaults)}")
+        cli.exit_with("infer", f"unknown decode option(s) {bad}; known: {sorted(defaults)}")
 
 
 _DECODE = _define_decode_flag()
@@ -225,25 +225,25 @@ def _agreed_resume_point(path, prompts: Sequence[Prompt]) -> int:
 
 def main(argv):
     if len(argv) > 1:
-        sys.exit(f"infer: error: unexpected arguments {argv[1:]}")
+        cli.exit_with("infer", f"unexpected arguments {argv[1:]}")
     missing = [n for n, f in (("checkpoint", _CHECKPOINT), ("input", _INPUT), ("output", _OUTPUT))
                if not f.value]
     if missing:
-        sys.exit(f"infer: error: missing --{', --'.join(missing)}")
+        cli.exit_with("infer", f"missing --{', --'.join(missing)}")
     if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs a page per restore at INFO
+        cli.quiet_console(logging.WARNING)  # orbax logs a page per restore at INFO
     # Multi-process (launch/cpu_local.sh --module=t5x_lite.infer, TPU VM pods): T5X_LITE_*
     # environment / cluster auto-detection, as for training; process 0 writes --output.
     try:
         distributed.maybe_initialize()
     except distributed.DistributedError as e:
-        sys.exit(f"infer: error: {e}")
+        cli.exit_with("infer", e)
     overrides = config_flags.get_override_values(flags.FLAGS["decode"])
     try:
         run(_CHECKPOINT.value, _INPUT.value, _OUTPUT.value, overrides, _DRAFT.value,
             quantize=_QUANTIZE.value, mesh=MESH.value)
-    except errors.CLI_ERRORS as e:
-        errors.exit_with("infer", e)
+    except cli.ERRORS as e:
+        cli.exit_with("infer", e)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from t5x_lite import checkpoints, compression, errors, partitioning
+from t5x_lite import checkpoints, compression, cli, partitioning
 from t5x_lite.config import ModelConfig
 from t5x_lite.models import abstract_variables, build_model
 
@@ -277,8 +277,8 @@ def main(argv):
     f = flags.FLAGS
     try:
         step = merge_workdir(f.workdir, f.output, f.step)
-    except errors.CLI_ERRORS as e:
-        errors.exit_with("lora", e)
+    except cli.ERRORS as e:
+        cli.exit_with("lora", e)
     print(f"lora: merged adapters of {f.workdir} (step {step}) into {f.output}")
 
 

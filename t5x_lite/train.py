@@ -12,7 +12,7 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from t5x_lite import errors  # light: no jax
+from t5x_lite import cli  # light: no jax
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
                                           lock_config=True)
@@ -26,17 +26,9 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process' index.")
 
 
-class _QuietLibraries:
-    """Console filter: INFO lines only from t5x_lite (orbax, tfds and jax log every save and
-    file they touch); warnings and errors from everywhere."""
-
-    def filter(self, record) -> bool:
-        return record.levelno >= 30 or "t5x_lite" in record.pathname
-
-
 def main(argv):
     del argv
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    cli.quiet_console()
     from t5x_lite import distributed  # after absl parsed flags, before any device is touched
 
     # Reads --distributed / --coordinator_address / --num_processes / --process_id above, else
@@ -44,19 +36,19 @@ def main(argv):
     try:
         distributed.maybe_initialize()
     except distributed.DistributedError as e:
-        errors.exit_with("train", e)
+        cli.exit_with("train", e)
     if _CONFIG.value is None:
-        errors.exit_with("train", "--config is required (e.g. --config=configs/tiny_t5.py)")
+        cli.exit_with("train", "--config is required (e.g. --config=configs/tiny_t5.py)")
     from t5x_lite.training import train
 
     try:
         result = train(_CONFIG.value, _WORKDIR.value, override_config=_OVERRIDE.value)
-    except errors.CLI_ERRORS as e:
-        errors.exit_with("train", e)
+    except cli.ERRORS as e:
+        cli.exit_with("train", e)
     logging.info("Done at step %d%s", result.step, " (preempted)" if result.preempted else "")
 
 
 if __name__ == "__main__":
     from t5x_lite import host_memory
     host_memory.reexec_with_huge_pages()
-    app.run(main, flags_parser=errors.flags_parser("train"))
+    app.run(main, flags_parser=cli.flags_parser("train"))

@@ -22,7 +22,7 @@ import numpy as np
 import sentencepiece as spm
 from etils import epath
 
-from t5x_lite import errors
+from t5x_lite import cli, errors
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 DEFAULT_EXTRA_IDS = 100
@@ -313,8 +313,8 @@ def main(argv):
     try:
         path = train_vocab(f.input, f.model_prefix, f.vocab_size, model_type=f.model_type,
                            input_sentence_size=f.input_sentence_size)
-    except errors.CLI_ERRORS as e:
-        errors.exit_with("vocab", e)
+    except cli.ERRORS as e:
+        cli.exit_with("vocab", e)
     vocab = Vocabulary(path)
     print(f"wrote {path}: {vocab.sp_size} pieces + {vocab.extra_ids} sentinels = vocab_size "
           f"{vocab.vocab_size} (embedding rows {vocab.padded_vocab_size})")

@@ -11,7 +11,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from t5x_lite import distillation, errors, lora, pruning
+from t5x_lite import cli, distillation, errors, lora, pruning
 from t5x_lite.config import ConfigError
 from t5x_lite.data import DataConfig, DataConfigError
 from t5x_lite.partitioning import MeshError
@@ -67,10 +67,10 @@ def test_config_files_may_give_paths_as_a_string_or_a_list():
 
 def test_exit_with_prints_the_first_line_of_the_message(capsys):
     with pytest.raises(SystemExit) as e:
-        errors.exit_with("train", KeyError("'x'\nmore"))
+        cli.exit_with("train", KeyError("'x'\nmore"))
     assert e.value.code == "train: error: 'x'"
     with pytest.raises(SystemExit) as e:
-        errors.exit_with("infer", FileNotFoundError(2, "No such file", "/p"))
+        cli.exit_with("infer", FileNotFoundError(2, "No such file", "/p"))
     assert e.value.code == "infer: error: [Errno 2] No such file: '/p'"
 
 
