@@ -30,14 +30,25 @@ def exit_with(prog: str, error: BaseException | str) -> NoReturn:
 
 
 def flags_parser(prog: str) -> Callable:
-    """absl `app.run(main, flags_parser=...)`: absl's own parser, plus one error line for a
-    ConfigDict override naming a key the config does not have (`--config.train.batch_sise=8`),
-    which `ml_collections.config_flags` raises as AttributeError / KeyError while parsing."""
-    from absl import app
+    """absl `app.run(main, flags_parser=...)`: every flag error as one line, also what
+    `ml_collections.config_flags` raises while parsing: an error in a config's `get_config(arg)`
+    (absl wraps it with its traceback: the line kept is the exception's), and an override
+    naming a key the config does not have (`--config.train.batch_sise=8`)."""
+    from absl import flags
 
     def parse(argv):
         try:
-            return app.parse_flags_with_usage(argv)
+            rest = flags.FLAGS(argv)
+            for name in flags.FLAGS:
+                failure = _config_load_failure(flags.FLAGS[name].value)
+                if failure:
+                    exit_with(prog, f"--{name}: {failure}")
+            return rest
+        except flags.Error as e:
+            text = str(e).strip()
+            if "Traceback" in text:  # the last line: "package.module.SomeError: message"
+                text = re.sub(r"^[\w.]+(Error|Exception): ", "", text.splitlines()[-1].strip())
+            exit_with(prog, text)
         except (AttributeError, KeyError) as e:
             text = str(e.args[0] if e.args else e)
             key = (re.findall(r"\w+", text) or ["?"])[0]
@@ -48,6 +59,19 @@ def flags_parser(prog: str) -> Callable:
                       + (f"; did you mean {hint.group(1)!r}?" if hint else ""))
 
     return parse
+
+
+def _config_load_failure(value) -> str | None:
+    """config_flags keeps a config file that failed to load (missing, or raising) as a
+    placeholder that raises on first use: the last line of its error, or None."""
+    if type(value).__name__ != "_ErrorConfig":
+        return None
+    try:
+        value.any_key  # raises the load error
+    except OSError as e:
+        lines = str(e.__cause__ or e).strip().splitlines()
+        return lines[-1].strip() if lines else "failed to load"
+    return None
 
 
 class _Console:

@@ -3,6 +3,7 @@ key can be set with `--config.<section>.<key>=...` (a locked config rejects keys
 import dataclasses
 import importlib.util
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -38,6 +39,33 @@ def test_every_config_carries_every_typed_key(path):
         if section in config:
             missing = {f.name for f in dataclasses.fields(cls)} - set(config[section].keys())
             assert not missing, (section, sorted(missing))
+
+
+def _readme_overrides():
+    """(config file, [--config.x.y keys]) of every `python -m t5x_lite.*` command in README.md
+    that names a plain config file."""
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        if "-m t5x_lite." not in line:
+            continue
+        config = re.search(r"--config=(configs/\w+\.py)(?![:\w])", line)
+        keys = re.findall(r"--config\.([\w.]+)=", line)
+        if config and keys:
+            out.append((config.group(1), keys))
+    return out
+
+
+def test_readme_commands_override_keys_the_configs_have():
+    cases = _readme_overrides()
+    assert len(cases) >= 3
+    for path, keys in cases:
+        config = _load(REPO / path)
+        for key in keys:
+            node = config
+            for part in key.split("."):
+                assert part in node, (path, key)
+                node = node[part]
 
 
 def test_documented_overrides_parse_on_a_locked_config():
@@ -107,6 +135,11 @@ def test_workdir_that_is_a_file(tmp_path):
      "train: error: unknown config key 'batch_sise' in --config.train.batch_sise; "
      "did you mean 'batch_size'?"),
     (["--config.train.batch_size=0"], "train: error: batch_size must be >= 1, got 0"),
+    (["--config=configs/nope.py"],
+     "train: error: --config: [Errno 2] No such file or directory: 'configs/nope.py'"),
+    (["--config=configs/finetune_t5_seq2seq.py:stepz=10"],
+     "train: error: bad config argument 'stepz=10'; known keys: batch, format, init_from, "
+     "inputs_length, lr, save_every, steps, targets_length, train, validation"),
 ])
 def test_train_cli_prints_one_error_line(tmp_path, args, message):
     r = subprocess.run([sys.executable, "-m", "t5x_lite.train", "--config=configs/tiny_gpt.py",
