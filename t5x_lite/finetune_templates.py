@@ -175,4 +175,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("instruction_key", "instruction", "Field holding the instruction.")
     flags.DEFINE_string("input_key", "input", "Field holding the optional input (context).")
     flags.DEFINE_string("response_key", "output", "Field holding the response.")
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser("finetune_templates"))

@@ -249,4 +249,4 @@ def main(argv):
 if __name__ == "__main__":
     from t5x_lite import host_memory
     host_memory.reexec_with_huge_pages()
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser("infer"))

@@ -289,4 +289,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("output", None, "Where to write the merged plain checkpoint.",
                         required=True)
     flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser("lora"))

@@ -335,4 +335,4 @@ if __name__ == "__main__":
     from absl import app
 
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser("vocab"))
