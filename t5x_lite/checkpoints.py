@@ -12,8 +12,10 @@ one step directory `WORKDIR/checkpoints/<step>`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import sys
 from typing import Any
 
 import jax
@@ -100,16 +102,52 @@ def save_params(workdir, params, step: int = 0) -> None:
         mngr.wait_until_finished()
 
 
+@contextlib.contextmanager
+def _readable(directory):
+    """Storage errors while reading a checkpoint (a file missing or cut short: a damaged disk,
+    a partial copy) as one CheckpointError naming the step directory."""
+    previous = _quiet_closed_loop_callbacks()
+    try:
+        yield
+    except (ValueError, OSError, RuntimeError) as e:
+        if isinstance(e, CheckpointError):
+            sys.unraisablehook = previous
+            raise
+        # The hook stays: the failed read's callbacks keep coming after this.
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(
+            f"Checkpoint {directory} cannot be read (incomplete or damaged): "
+            f"{first[:300]}{'...' if len(first) > 300 else ''}; remove that directory to use "
+            "the checkpoint before it") from None
+    sys.unraisablehook = previous
+
+
+def _quiet_closed_loop_callbacks():
+    """After a failed read, tensorstore still calls back into orbax's event loop, which is
+    closed by then: each call prints an unraisable "Event loop is closed" traceback around the
+    error line. Drops those (only those); returns the hook it replaced."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    return previous
+
+
 def restore_params(workdir, step: int, abstract_params) -> Any:
     """Restores only the params item, placed per the shardings in `abstract_params`.
 
     Args:
       abstract_params: tree of jax.ShapeDtypeStruct (with .sharding) the checkpoint must match.
     """
-    check_params_match(workdir, step, abstract_params)
-    with make_manager(workdir, item_names=("params",)) as mngr:
-        restored = mngr.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params)))
+    with _readable(epath.Path(workdir) / CHECKPOINT_DIR / str(step)):
+        check_params_match(workdir, step, abstract_params)
+        with make_manager(workdir, item_names=("params",)) as mngr:
+            restored = mngr.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_params)))
     return restored.params
 
 
@@ -176,6 +214,12 @@ def restore_train_state(mngr: ocp.CheckpointManager, step: int, abstract_params,
     Returns:
       (params, opt_state); `data_iterator` is restored in place.
     """
+    with _readable(mngr.directory / str(step)):
+        return _restore_train_state(mngr, step, abstract_params, abstract_opt_state,
+                                    data_iterator)
+
+
+def _restore_train_state(mngr, step, abstract_params, abstract_opt_state, data_iterator):
     check_params_match(mngr.directory.parent, step, abstract_params)
     items = {"params": ocp.args.StandardRestore(abstract_params),
              "opt_state": ocp.args.StandardRestore(abstract_opt_state)}

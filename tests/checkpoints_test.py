@@ -119,3 +119,34 @@ def test_params_only_checkpoint_has_no_iterator_state(tmp_path):
     with checkpoints.make_train_manager(tmp_path) as mngr:
         with pytest.raises(checkpoints.CheckpointError, match="init_from"):
             checkpoints.restore_train_state(mngr, 3, abstract_p, {}, data_iterator=_iterator())
+
+
+# The failed read's late storage callbacks ("Event loop is closed") may reach pytest's own hook.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("damage", ["data_files_removed", "data_file_truncated"])
+def test_damaged_checkpoint_is_one_clear_error(tmp_path, damage):
+    """A finished checkpoint whose files were lost or cut short afterwards (a bad disk, a
+    partial copy) names the step directory instead of a storage-library traceback."""
+    import sys
+
+    params = _params()
+    mesh = partitioning.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    abstract = _abstract(params, mesh, _specs())
+    checkpoints.save_params(tmp_path, params, step=5)
+    hook = sys.unraisablehook
+    checkpoints.restore_params(tmp_path, 5, abstract)
+    assert sys.unraisablehook is hook  # a good read leaves the process as it was
+    data = [p for p in (tmp_path / "checkpoints" / "5" / "params" / "d").iterdir()]
+    assert data
+    for p in data:
+        if damage == "data_files_removed":
+            p.unlink()
+        else:
+            p.write_bytes(p.read_bytes()[:8])
+    with pytest.raises(checkpoints.CheckpointError,
+                       match=r"checkpoints/5 cannot be read \(incomplete or damaged\)") as e:
+        checkpoints.restore_params(tmp_path, 5, abstract)
+    assert "\n" not in str(e.value)
+    with checkpoints.make_train_manager(tmp_path) as mngr:
+        with pytest.raises(checkpoints.CheckpointError, match="cannot be read"):
+            checkpoints.restore_train_state(mngr, 5, abstract, {})
