@@ -27,6 +27,7 @@ Shape legend: L layers (scanned stacks only), U units of a ranking (weights, hea
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, NamedTuple
 
@@ -142,11 +143,11 @@ def rankings(axes, cfg: PruneConfig) -> list[Ranking]:
 
 
 def _scores(params_flat, ranking: Ranking, layer_dim: bool):
-    """Scores [L, U] (layered) or [U]: |w|, or the L2 norm of each head's / unit's weights."""
+    """Scores: |w| in the kernel's shape (unstructured; no reshape, so they stay sharded like
+    the kernel), or the L2 norm of each head's / unit's weights, [L, U] (layered) or [U]."""
     first = ranking.members[0]
     if first.unit_dim is None:
-        w = jnp.abs(params_flat[first.path].astype(jnp.float32))
-        return w.reshape((w.shape[0], -1) if layer_dim else (-1,))
+        return jnp.abs(params_flat[first.path].astype(jnp.float32))
     total = 0.0
     for m in ranking.members:
         if m.scored:
@@ -157,19 +158,90 @@ def _scores(params_flat, ranking: Ranking, layer_dim: bool):
     return jnp.sqrt(total)
 
 
-def _prune_smallest(scores_U, sparsity):
-    """Keep mask with exactly round(sparsity * U) False at the smallest scores."""
-    n = scores_U.shape[0]
-    k = jnp.round(sparsity * n).astype(jnp.int32)
-    order = jnp.argsort(scores_U, stable=True)
-    rank = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
-    return rank >= k
+def _order_keys(scores):
+    """uint32 keys in the order of the float32 scores (NaN above +inf; -0.0 as 0.0)."""
+    s = jnp.where(jnp.isnan(scores), jnp.nan, scores.astype(jnp.float32) + 0.0)
+    bits = jax.lax.bitcast_convert_type(s, jnp.uint32)
+    return bits ^ jnp.where(bits >> 31 == 1, jnp.uint32(0xFFFFFFFF), jnp.uint32(0x80000000))
+
+
+def _count(mask):
+    """The number of True entries, as uint32. Summed in windows of 32 as uint8 first: XLA:CPU
+    writes a reduction's converted input out in full, and a byte per entry is a quarter of
+    uint32's (global pruning of a ~1B GPT: 7.1 -> 3.5 GB of temporaries)."""
+    if mask.shape[-1] % 32:
+        return jnp.sum(mask, dtype=jnp.uint32)
+    windows = mask.reshape(*mask.shape[:-1], -1, 32)  # splits the last dim only (shardings hold)
+    return jnp.sum(jnp.sum(windows, axis=-1, dtype=jnp.uint8), dtype=jnp.uint32)
+
+
+def _bisect(count_at_most, keys, k, lo: int, hi: int):
+    """(x, count_at_most(x - 1, keys), keys) for the smallest uint32 x in [lo, hi] with
+    count_at_most(x, keys) >= k, given hi qualifies (and count_at_most(lo - 1) is 0). The keys
+    ride in the loop state and come back out, so a later loop takes them without a copy."""
+    def step(_, state):
+        lo, hi, below, keys = state  # below = count_at_most(lo - 1)
+        mid = lo + (hi - lo) // 2
+        n = count_at_most(mid, keys)
+        enough = n >= k
+        return (jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi),
+                jnp.where(enough, below, n), keys)
+
+    steps = (hi - lo).bit_length()  # each halves the hi - lo + 1 candidates
+    state = (jnp.uint32(lo), jnp.uint32(hi), jnp.uint32(0), keys)
+    _, x, below, keys = jax.lax.fori_loop(0, steps, step, state)
+    return x, below, keys
+
+
+def _prune_smallest(scores, sparsity):
+    """Keep masks with exactly round(sparsity * U) False at the smallest scores.
+
+    `scores` is a list of arrays ranked together as one sequence (their ravelled concatenation,
+    U entries in all); ties go in that order, as a stable sort would. No sort, no concatenation:
+    a bisection over the scores' order-preserving uint32 keys finds the k-th smallest score (32
+    counting passes), a second one over positions finds the last of its ties still to prune
+    (log2(U) passes). Each pass is an elementwise compare and a sum, sharded like the scores; the
+    keys (4 bytes per score) and a pass's counts (1 byte) are all it holds, where a sort held
+    ~4 copies (global pruning, GPT-36M: 348 -> 74 MiB of temporaries, 7.8 -> 0.12 s on CPU).
+    """
+    n = sum(s.size for s in scores)
+    if n >= 2**32:
+        raise compression.CompressionError(f"{n} pruning candidates ranked together; at most "
+                                           "2**32 - 1 (use prune.scope=layer)")
+    keys = [_order_keys(s) for s in scores]
+    offsets = [sum(s.size for s in scores[:i]) for i in range(len(scores))]
+
+    def count(pred, keys):
+        return sum(_count(pred(key, i)) for i, key in enumerate(keys))
+
+    def before(i, p, shape):
+        """Entries of keys[i] at global positions (offsets[i] + flat index) < p: the index
+        compared digit by digit against p's, broadcast from one small iota per dim, so no
+        array of positions as large as the keys is built (or hoisted out of the loops)."""
+        local = jnp.where(p > offsets[i], p - jnp.uint32(offsets[i]), jnp.uint32(0))
+        local = jnp.minimum(local, jnp.uint32(math.prod(shape)))  # past the end: all before
+        lt, eq = jnp.bool_(False), jnp.bool_(True)  # index < / == local on the dims so far
+        for d, size in enumerate(shape):
+            stride = jnp.uint32(math.prod(shape[d + 1:]))
+            digit = local // stride if d == 0 else local // stride % jnp.uint32(size)
+            idx = jax.lax.broadcasted_iota(jnp.uint32, [size if e == d else 1
+                                                        for e in range(len(shape))], d)
+            lt, eq = lt | (eq & (idx < digit)), eq & (idx == digit)
+        return lt
+
+    k = jnp.round(sparsity * n).astype(jnp.uint32)
+    t, smaller, keys = _bisect(lambda x, ks: count(lambda key, _: key <= x, ks), keys, k,
+                               0, 2**32 - 1)
+    end, _, keys = _bisect(  # ties at positions < end are pruned
+        lambda p, ks: count(lambda key, i: (key == t) & before(i, p, key.shape), ks),
+        keys, k - smaller, 0, n)
+    return [(key > t) | ((key == t) & ~before(i, end, key.shape)) for i, key in enumerate(keys)]
 
 
 def _member_mask(unit_mask, member: Member, shape, layer_dim: bool):
-    """Broadcasts a unit mask [L?, U] onto a member param of `shape`."""
+    """Broadcasts a unit mask [L?, U] onto a member param of `shape` (unstructured: the mask)."""
     if member.unit_dim is None:
-        return unit_mask.reshape(shape)
+        return unit_mask
     kept = ((0,) if layer_dim else ()) + (member.unit_dim,)
     expand = [d for d in range(len(shape)) if d not in kept]
     return jnp.broadcast_to(jnp.expand_dims(unit_mask, expand), shape)
@@ -179,7 +251,7 @@ def _unit_mask_of(masks_flat, member: Member, layer_dim: bool):
     """The unit mask [L?, U] a member's existing weight mask encodes (inverse of _member_mask)."""
     m = masks_flat[member.path]
     if member.unit_dim is None:
-        return m.reshape((m.shape[0], -1) if layer_dim else (-1,))
+        return m
     kept = ((0,) if layer_dim else ()) + (member.unit_dim,)
     return jnp.all(m, axis=tuple(d for d in range(m.ndim) if d not in kept))
 
@@ -197,19 +269,16 @@ def compute_masks(params, axes, cfg: PruneConfig, sparsity, old_masks=None):
     per_layer = cfg.scope == "layer"
     scores = []
     for g in groups:
-        s = _scores(params_flat, g, g.layered)  # units are per layer: [L, U] when layered
+        s = _scores(params_flat, g, g.layered)  # per layer: leading L when layered
         if old_flat is not None:
             scored = next(m for m in g.members if m.scored)
             s = jnp.where(_unit_mask_of(old_flat, scored, g.layered), s, -1.0)
         scores.append(s)
     if per_layer:
-        unit_masks = [jax.vmap(_prune_smallest, (0, None))(s, sparsity) if g.layered
-                      else _prune_smallest(s, sparsity) for g, s in zip(groups, scores)]
+        one = lambda s: _prune_smallest([s], sparsity)[0]
+        unit_masks = [jax.vmap(one)(s) if g.layered else one(s) for g, s in zip(groups, scores)]
     else:
-        keep = _prune_smallest(jnp.concatenate([s.ravel() for s in scores]), sparsity)
-        sizes = [s.size for s in scores]
-        splits = jnp.split(keep, [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)])
-        unit_masks = [m.reshape(s.shape) for m, s in zip(splits, scores)]
+        unit_masks = _prune_smallest(scores, sparsity)
     masks = {}
     for g, um in zip(groups, unit_masks):
         for m in g.members:

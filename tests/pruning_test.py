@@ -38,6 +38,49 @@ def _zero_fraction(params, pattern=pruning.DEFAULT_TARGETS):
     return sum(int(jnp.sum(x == 0)) for x in leaves) / sum(x.size for x in leaves)
 
 
+def _stable_sort_keep(scores, sparsity):
+    """The reference selection: a stable argsort of the ravelled concatenation (numpy)."""
+    flat = np.concatenate([np.ravel(s) for s in scores])
+    k = int(np.round(np.float32(sparsity) * np.float32(flat.size)))
+    keep = np.ones(flat.size, bool)
+    keep[np.argsort(flat, kind="stable")[:k]] = False
+    return np.split(keep, np.cumsum([np.size(s) for s in scores])[:-1])
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.013, 0.3, 0.5, 0.97, 1.0])
+def test_selection_without_sort_equals_a_stable_sort(sparsity):
+    # Several arrays ranked as one, with ties (a coarse grid of values), exact zeros, the -1.0
+    # that marks already-pruned units, large and tiny magnitudes and +inf.
+    rng = np.random.default_rng(int(sparsity * 1000))
+    grid = lambda shape: np.round(rng.standard_normal(shape) * 4) / 4
+    scores = [np.abs(grid((7, 9))).astype(np.float32),
+              np.where(rng.random((40,)) < 0.2, -1.0, np.abs(grid((40,)))).astype(np.float32),
+              np.concatenate([rng.random(20) * 1e-30, rng.random(20) * 1e30, [np.inf, 0.0]]
+                             ).astype(np.float32).reshape(6, 7),
+              np.abs(grid((4, 64))).astype(np.float32),  # counted in windows of 32
+              np.abs(grid((2, 3, 32))).astype(np.float32)]  # a [D, H, K]-like kernel
+    got = jax.jit(pruning._prune_smallest)([jnp.asarray(s) for s in scores], sparsity)
+    for g, want, s in zip(got, _stable_sort_keep(scores, sparsity), scores):
+        np.testing.assert_array_equal(np.asarray(g).ravel(), want)
+        assert g.shape == s.shape
+    # Per layer (scope='layer' on a scanned stack): vmapped over the leading dim.
+    layered = np.abs(grid((3, 50))).astype(np.float32)
+    got = jax.vmap(lambda s: pruning._prune_smallest([s], sparsity)[0])(jnp.asarray(layered))
+    for row, s in zip(np.asarray(got), layered):
+        np.testing.assert_array_equal(row, _stable_sort_keep([s], sparsity)[0])
+
+
+def test_global_selection_holds_about_its_shard_of_the_scores_per_device():
+    # Kernels sharded 8 ways (FSDP): the selection must not gather the scores onto one device
+    # (a sort of their concatenation does: ~4 full copies per device).
+    mesh = partitioning.make_mesh(data=1, fsdp=8, tensor=1)
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "fsdp"))
+    scores = [jax.ShapeDtypeStruct((512, 1024), jnp.float32, sharding=spec)] * 4
+    compiled = jax.jit(lambda s: pruning._prune_smallest(s, 0.5)).lower(scores).compile()
+    shard_bytes = sum(s.size * 4 for s in scores) // 8
+    assert compiled.memory_analysis().temp_size_in_bytes < 1.5 * shard_bytes
+
+
 @pytest.mark.parametrize("scan", [False, True])
 @pytest.mark.parametrize("scope", pruning.SCOPES)
 def test_unstructured_sparsity_equals_target(scan, scope):
