@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from t5x_lite import compression
+from t5x_lite import compression, selection
 
 STRUCTURES = ("unstructured", "heads", "mlp_units")
 SCOPES = ("global", "layer")
@@ -158,43 +158,8 @@ def _scores(params_flat, ranking: Ranking, layer_dim: bool):
     return jnp.sqrt(total)
 
 
-def _order_keys(scores):
-    """uint32 keys in the order of the float32 scores (NaN above +inf; -0.0 as 0.0)."""
-    s = jnp.where(jnp.isnan(scores), jnp.nan, scores.astype(jnp.float32) + 0.0)
-    bits = jax.lax.bitcast_convert_type(s, jnp.uint32)
-    return bits ^ jnp.where(bits >> 31 == 1, jnp.uint32(0xFFFFFFFF), jnp.uint32(0x80000000))
-
-
-def _count(mask):
-    """The number of True entries, as uint32. Summed in windows of 32 as uint8 first: XLA:CPU
-    writes a reduction's converted input out in full, and a byte per entry is a quarter of
-    uint32's (global pruning of a ~1B GPT: 7.1 -> 3.5 GB of temporaries)."""
-    if mask.shape[-1] % 32:
-        return jnp.sum(mask, dtype=jnp.uint32)
-    windows = mask.reshape(*mask.shape[:-1], -1, 32)  # splits the last dim only (shardings hold)
-    return jnp.sum(jnp.sum(windows, axis=-1, dtype=jnp.uint8), dtype=jnp.uint32)
-
-
-def _bisect(count_at_most, keys, k, lo: int, hi: int):
-    """(x, count_at_most(x - 1, keys), keys) for the smallest uint32 x in [lo, hi] with
-    count_at_most(x, keys) >= k, given hi qualifies (and count_at_most(lo - 1) is 0). The keys
-    ride in the loop state and come back out, so a later loop takes them without a copy."""
-    def step(_, state):
-        lo, hi, below, keys = state  # below = count_at_most(lo - 1)
-        mid = lo + (hi - lo) // 2
-        n = count_at_most(mid, keys)
-        enough = n >= k
-        return (jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi),
-                jnp.where(enough, below, n), keys)
-
-    steps = (hi - lo).bit_length()  # each halves the hi - lo + 1 candidates
-    state = (jnp.uint32(lo), jnp.uint32(hi), jnp.uint32(0), keys)
-    _, x, below, keys = jax.lax.fori_loop(0, steps, step, state)
-    return x, below, keys
-
-
 def _prune_smallest(scores, sparsity):
-    """Keep masks with exactly round(sparsity * U) False at the smallest scores.
+    """Keep masks with exactly round(sparsity * U) False at the smallest scores (see selection).
 
     `scores` is a list of arrays ranked together as one sequence (their ravelled concatenation,
     U entries in all); ties go in that order, as a stable sort would. No sort, no concatenation:
@@ -208,11 +173,11 @@ def _prune_smallest(scores, sparsity):
     if n >= 2**32:
         raise compression.CompressionError(f"{n} pruning candidates ranked together; at most "
                                            "2**32 - 1 (use prune.scope=layer)")
-    keys = [_order_keys(s) for s in scores]
+    keys = [selection.order_keys(s) for s in scores]
     offsets = [sum(s.size for s in scores[:i]) for i in range(len(scores))]
 
     def count(pred, keys):
-        return sum(_count(pred(key, i)) for i, key in enumerate(keys))
+        return sum(selection.count(pred(key, i)) for i, key in enumerate(keys))
 
     def before(i, p, shape):
         """Entries of keys[i] at global positions (offsets[i] + flat index) < p: the index
@@ -229,12 +194,17 @@ def _prune_smallest(scores, sparsity):
             lt, eq = lt | (eq & (idx < digit)), eq & (idx == digit)
         return lt
 
+    def at_least(k, pred):  # the bisection test (count >= k, count)
+        def test(x, keys):
+            c = count(lambda key, i: pred(key, i, x), keys)
+            return c >= k, c
+        return test
+
     k = jnp.round(sparsity * n).astype(jnp.uint32)
-    t, smaller, keys = _bisect(lambda x, ks: count(lambda key, _: key <= x, ks), keys, k,
-                               0, 2**32 - 1)
-    end, _, keys = _bisect(  # ties at positions < end are pruned
-        lambda p, ks: count(lambda key, i: (key == t) & before(i, p, key.shape), ks),
-        keys, k - smaller, 0, n)
+    t, smaller, keys = selection.bisect(at_least(k, lambda key, _, x: key <= x), carry=keys)
+    end, _, keys = selection.bisect(  # of the ties at t, those at positions < end are pruned
+        at_least(k - smaller, lambda key, i, p: (key == t) & before(i, p, key.shape)),
+        hi=n, carry=keys)
     return [(key > t) | ((key == t) & ~before(i, end, key.shape)) for i, key in enumerate(keys)]
 
 

@@ -32,13 +32,42 @@ def _hf_filter(logits, cfg: SamplingConfig):
     SamplingConfig(temperature=1.8, top_p=0.95),
     SamplingConfig(temperature=0.5, top_k=1), SamplingConfig(top_p=1e-6),
 ])
-def test_masks_equal_hf_warpers(cfg):
-    logits = np.random.default_rng(0).normal(0, 3, (6, 97)).astype(np.float32)
+@pytest.mark.parametrize("shape", [(6, 97), (4, 4096)])  # 4096: counted in windows of 32
+def test_masks_equal_hf_warpers(cfg, shape):
+    logits = np.random.default_rng(0).normal(0, 3, shape).astype(np.float32)
     ours, theirs = np.asarray(filter_logits(jnp.asarray(logits), cfg)), _hf_filter(logits, cfg)
     np.testing.assert_array_equal(np.isinf(ours), np.isinf(theirs))
     kept = ~np.isinf(theirs)
     np.testing.assert_allclose(ours[kept], theirs[kept], rtol=1e-6)
     assert kept.sum(1).min() >= 1
+
+
+def _reference_filter(logits, cfg: SamplingConfig):
+    """The documented rule in numpy, by sorting: HF's, with the ties at the top-p cut kept."""
+    x = logits.astype(np.float64) / (cfg.temperature or 1.0)
+    if 0 < cfg.top_k < x.shape[-1]:
+        x = np.where(x < np.sort(x, axis=-1)[:, -cfg.top_k][:, None], -np.inf, x)
+    if cfg.top_p < 1.0:
+        asc = np.sort(x, axis=-1)
+        p = np.exp(asc - asc[:, -1:])
+        cum = np.cumsum(p / p.sum(-1, keepdims=True), axis=-1)
+        removed = np.minimum(np.sum(cum <= 1.0 - cfg.top_p, axis=-1), x.shape[-1] - 1)
+        x = np.where(x < np.take_along_axis(asc, removed[:, None], axis=-1), -np.inf, x)
+    return x
+
+
+@pytest.mark.parametrize("cfg", [SamplingConfig(top_k=7), SamplingConfig(top_p=0.6),
+                                 SamplingConfig(top_k=40, top_p=0.9),
+                                 SamplingConfig(temperature=0.7, top_k=100, top_p=0.5)])
+def test_ties_at_the_cut_are_kept_together(cfg):
+    # Logits on a coarse grid: many ties at every threshold, -inf entries, V of a real vocab's
+    # shape class (a multiple of 32) and not.
+    rng = np.random.default_rng(3)
+    for v in (4096, 1001):
+        logits = (np.round(rng.normal(0, 2, (5, v))) / 2).astype(np.float32)
+        logits[:, :3] = -np.inf
+        ours = np.asarray(filter_logits(jnp.asarray(logits), cfg))
+        np.testing.assert_array_equal(np.isinf(ours), np.isinf(_reference_filter(logits, cfg)))
 
 
 def test_bad_sampling_config():

@@ -1,9 +1,16 @@
 """Logit filters and token selection for sampling: temperature, then top-k, then top-p.
 
-The order and the tie/edge rules are HF's (`TemperatureLogitsWarper`, `TopKLogitsWarper`,
+The order and the edge rules are HF's (`TemperatureLogitsWarper`, `TopKLogitsWarper`,
 `TopPLogitsWarper` with min_tokens_to_keep=1): top-k keeps every logit >= the k-th largest;
-top-p sorts ascending, removes the tokens whose cumulative probability is <= 1 - top_p and always
-keeps the most likely one. Removed logits become -inf.
+top-p removes the tokens whose cumulative probability, in ascending order, is <= 1 - top_p and
+always keeps the most likely one. Removed logits become -inf. Ties at the top-p cut are kept
+together (HF removes some of them, in the order of its unstable sort).
+
+Neither sorts (`t5x_lite.selection`): top-k's threshold is the smallest logit with at most k - 1
+above it, top-p's the smallest logit y whose probability mass at or below y exceeds 1 - top_p,
+each found by bisection over the logits' uint32 keys (32 passes over [B, V]). A sort of a
+[16, 32128] block (`jnp.sort`, `lax.top_k`) took 80-95 ms on the 2-core CPU, the bisection
+2.3 ms (top-p or top-k) and 7 ms (both), against a ~19 ms decode step.
 
 Shape legend: B rows, V vocab, K top-k width.
 """
@@ -14,6 +21,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from t5x_lite import selection
 from t5x_lite.argmax import argmax
 
 
@@ -38,18 +46,36 @@ class SamplingConfig:
         return self.temperature == 0.0
 
 
-def _mask_below(logits_BxV, threshold_Bx1):
-    return jnp.where(logits_BxV < threshold_Bx1, -jnp.inf, logits_BxV)
+def _mask_below(logits_BxV, keys_BxV, threshold_B):
+    return jnp.where(keys_BxV < threshold_B[:, None], -jnp.inf, logits_BxV)
 
 
-def _top_p_threshold(sorted_asc_BxK, top_p: float):
-    """The smallest logit top-p keeps, from the (maybe top-k reduced) logits sorted ascending."""
-    cum_BxK = jnp.cumsum(jax.nn.softmax(sorted_asc_BxK, axis=-1), axis=-1)
-    remove_BxK = cum_BxK <= 1.0 - top_p
-    remove_BxK = remove_BxK.at[:, -1].set(False)  # always keep the most likely token
-    # cum is non-decreasing, so the removed entries are a prefix of the ascending order.
-    n_removed_B = jnp.sum(remove_BxK, axis=-1)
-    return jnp.take_along_axis(sorted_asc_BxK, n_removed_B[:, None], axis=-1)
+def _top_k_threshold(keys_BxV, k: int):
+    """Key of each row's k-th largest logit: the smallest key with at least V - k + 1 at or
+    below it."""
+    b, v = keys_BxV.shape
+
+    def test(x_B, keys):
+        n = selection.count(keys <= x_B[:, None], axis=-1)
+        return n >= v - k + 1, n
+
+    return selection.bisect(test, (b,), carry=keys_BxV)[0]
+
+
+def _top_p_threshold(logits_BxV, keys_BxV, top_p: float):
+    """Key of the smallest logit top-p keeps: the smallest y with mass(<= y) > 1 - top_p, at
+    most the row's largest (always kept)."""
+    probs_BxV = jax.nn.softmax(logits_BxV, axis=-1)
+
+    def test(x_B, carry):
+        keys, probs = carry
+        mass = jnp.sum(jnp.where(keys <= x_B[:, None], probs, 0.0), axis=-1)
+        return mass > 1.0 - top_p, mass
+
+    b = keys_BxV.shape[0]
+    t_B = selection.bisect(test, (b,), aux0=jnp.zeros((b,), jnp.float32),
+                           carry=(keys_BxV, probs_BxV))[0]
+    return jnp.minimum(t_B, jnp.max(keys_BxV, axis=-1))
 
 
 def filter_logits(logits_BxV, cfg: SamplingConfig):
@@ -60,15 +86,13 @@ def filter_logits(logits_BxV, cfg: SamplingConfig):
     logits_BxV = logits_BxV.astype(jnp.float32)
     if cfg.temperature not in (0.0, 1.0):
         logits_BxV = logits_BxV / cfg.temperature
-    v = logits_BxV.shape[-1]
-    use_top_k = 0 < cfg.top_k < v
-    if use_top_k:
-        top_BxK = jax.lax.top_k(logits_BxV, cfg.top_k)[0]  # descending
-        logits_BxV = _mask_below(logits_BxV, top_BxK[:, -1:])
+    if 0 < cfg.top_k < logits_BxV.shape[-1]:
+        keys_BxV = selection.order_keys(logits_BxV)
+        logits_BxV = _mask_below(logits_BxV, keys_BxV, _top_k_threshold(keys_BxV, cfg.top_k))
     if cfg.top_p < 1.0:
-        # After top-k only the k survivors carry probability, so sorting them is enough.
-        sorted_asc = top_BxK[:, ::-1] if use_top_k else jnp.sort(logits_BxV, axis=-1)
-        logits_BxV = _mask_below(logits_BxV, _top_p_threshold(sorted_asc, cfg.top_p))
+        keys_BxV = selection.order_keys(logits_BxV)
+        logits_BxV = _mask_below(logits_BxV, keys_BxV,
+                                 _top_p_threshold(logits_BxV, keys_BxV, cfg.top_p))
     return logits_BxV
 
 
