@@ -8,9 +8,10 @@ together (HF removes some of them, in the order of its unstable sort).
 
 Neither sorts (`t5x_lite.selection`): top-k's threshold is the smallest logit with at most k - 1
 above it, top-p's the smallest logit y whose probability mass at or below y exceeds 1 - top_p,
-each found by bisection over the logits' uint32 keys (32 passes over [B, V]). A sort of a
-[16, 32128] block (`jnp.sort`, `lax.top_k`) took 80-95 ms on the 2-core CPU, the bisection
-2.3 ms (top-p or top-k) and 7 ms (both), against a ~19 ms decode step.
+each found by bisection over the logits' uint32 keys (32 passes over [B, V]). On the 2-core
+CPU the sorting filters took 95-112 ms for a [16, 32128] block (`jnp.sort`; and `lax.top_k`,
+which XLA:CPU compiled to a full sort there), the bisection 2-3 ms (top-p or top-k) and ~5 ms
+(both), against a ~19 ms decode step.
 
 Shape legend: B rows, V vocab, K top-k width.
 """
