@@ -7,8 +7,8 @@ import scipy.stats
 import torch
 from transformers.generation import logits_process as hf
 
-from t5x_lite.decoding.filtering import (SamplingConfig, filter_logits, select_tokens,
-                                         token_log_probs)
+from t5x_lite.decoding.filtering import (SamplingConfig, categorical, filter_logits,
+                                         select_tokens, token_log_probs)
 
 
 def _hf_filter(logits, cfg: SamplingConfig):
@@ -98,6 +98,21 @@ def test_sample_frequencies_follow_filtered_distribution():
         w = wrong[wrong > 0].astype(np.float64)
         _, p_wrong = scipy.stats.chisquare(counts[wrong > 0], n * w / w.sum())
         assert p_wrong < 1e-6
+
+
+@pytest.mark.parametrize("v", [300, 4099])  # above argmax's fast-path cut; a partial chunk
+def test_categorical_is_jax_random_categorical(v):
+    rng = np.random.default_rng(v)
+    logits = rng.normal(0, 0.5, (256, v)).astype(np.float32)
+    logits[:, rng.permutation(v)[: v // 2]] = -np.inf  # filtered-out entries
+    logits[7] = -np.inf
+    logits[7, v - 1] = 0.0  # a row whose only candidate is the last entry
+    keys = jax.random.split(jax.random.key(5), 256)
+    ours = jax.jit(categorical)(keys, jnp.asarray(logits))
+    ref = jax.vmap(jax.random.categorical)(keys, jnp.asarray(logits))
+    np.testing.assert_array_equal(ours, ref)
+    assert ours.dtype == jnp.int32 and len(np.unique(np.asarray(ours))) > 100
+    assert np.all(np.isfinite(logits[np.arange(256), np.asarray(ours)]))
 
 
 def test_seeds_and_greedy():

@@ -33,7 +33,8 @@ import jax.numpy as jnp
 
 from t5x_lite.argmax import argmax
 from t5x_lite.decoding import cache as cache_lib
-from t5x_lite.decoding.filtering import SamplingConfig, filter_logits, row_keys, select_tokens
+from t5x_lite.decoding.filtering import (SamplingConfig, categorical, filter_logits, row_keys,
+                                         select_tokens)
 from t5x_lite.decoding.sampling import EOS_ID, PAD_ID, DecodeOutput, StepFn
 
 
@@ -124,7 +125,7 @@ def speculative_decode(target_step: StepFn, draft_step: StepFn, target_cache, dr
                 jnp.concatenate([q_BxKxV, jnp.zeros_like(q_BxKxV[:, :1])], 1), m, 1, False)
             resid = jnp.maximum(p_m - q_m, 0.0)  # q is 0 at the bonus position (m == k)
             resid = jnp.where(jnp.sum(resid, -1, keepdims=True) > 0, resid, p_m)
-            fix_B = jax.vmap(jax.random.categorical)(row_keys(it_keys, k + 2), jnp.log(resid))
+            fix_B = categorical(row_keys(it_keys, k + 2), jnp.log(resid))
             own_B = jax.lax.dynamic_index_in_dim(
                 jnp.concatenate([drafts_BxK, drafts_BxK[:, :1]], 1), m, 1, False)
             fix_B = jnp.where(n_acc_B > m, own_B, fix_B).astype(jnp.int32)
