@@ -3,6 +3,7 @@ and speculative decoding's speed-up. Run by hand; prints a markdown table.
 
     python benchmarks/decode_speed.py                          # GPT ~36M and T5 ~70M, batch 1, 16
     python benchmarks/decode_speed.py --models=gpt --batch_sizes=1 --new_tokens=64 --skip_hf
+    python benchmarks/decode_speed.py --compile_compare --skip_hf --nospeculative --new_tokens=64
 
 Models: GPT-2-style, d_model 512, 6 layers, 8 heads, d_ff 2048, vocab 32128 (35.6M params, tied
 head); T5 v1.1-style, d_model 512, 6+6 layers, 8 heads, d_ff 1024, vocab 32128 (~70M, untied).
@@ -28,6 +29,12 @@ Columns:
             a 512 MiB array, (read + write bytes) / time. (A jitted sum over it, the read-only
             rate, is printed too: lower, ~27-29 GB/s against ~39-52 on the 2-core Xeon VM. Both
             use two cores; a batch-1 decode step runs on one, ~14 GB/s there.)
+--compile_compare (default off): per model, the compile time (`lower(...).compile()`) of the
+two jitted decode programs, greedy (`_sample_jit`: prefill + the cached while loop) and beam
+search (`_beam_jit`, 4 beams, alpha 0.6), with unrolled and with scanned layers (the same
+weights stacked), and the run time of each compiled program per new token (prefill included),
+at the first of --batch_sizes; the outputs of the two layouts are checked equal. The training
+step's compile times are in benchmarks/train_throughput.py --compile_compare.
 Speculative: greedy, draft = the target's first --draft_layers layers sharing its embeddings
 and head ("self-speculative"), num_draft tokens per target pass; outputs are checked equal to
 plain greedy. Targets: the 36M GPT, whose tied 16.4M-parameter head dominates (so any draft
@@ -63,6 +70,9 @@ _DRAFT_LAYERS = flags.DEFINE_integer("draft_layers", 1, "Target layers used as t
 _NUM_DRAFT = flags.DEFINE_integer("num_draft", 4, "Draft tokens per target pass.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs (best is reported).")
 _DEEP = flags.DEFINE_integer("deep_layers", 24, "Layers of the deeper speculative target.")
+_COMPILE_COMPARE = flags.DEFINE_bool(
+    "compile_compare", False, "Compile time and ms/token of the greedy and beam programs, "
+    "unrolled vs scanned layers (see the module docstring).")
 
 V = 32128
 
@@ -207,6 +217,58 @@ def bytes_per_token(loaded, avg_len):
     return 4 * (touched + kv)
 
 
+def scanned(loaded):
+    """The same model and weights with scan_layers=True (layers stacked on a leading axis)."""
+    cfg = dataclasses.replace(loaded.model.config, scan_layers=True)
+    params = jax.device_put(hf_interop.stack_layers(jax.device_get(loaded.params)))
+    return types.SimpleNamespace(model=build_model(cfg), params=params, vocab=None,
+                                 run_config=None)
+
+
+def compile_and_run(loaded, prompts, n, method):
+    """(compile seconds, best run seconds, tokens) of one jitted decode program."""
+    cfg = loaded.model.config
+    tokens, lengths = gen.pack_prompts(cfg, prompts.tolist(), len(prompts))
+    opts = gen.DecodeOptions(method=method, max_new_tokens=n, batch_size=len(prompts))
+    if method == "beam":
+        fn, args = gen._beam_jit, (loaded.params, tokens, lengths)
+        static = dict(cfg=cfg, n=n, beams=opts.num_beams, alpha=opts.alpha)
+    else:
+        fn = gen._sample_jit
+        example_b = np.arange(len(prompts), dtype=np.int32)
+        args = (loaded.params, tokens, lengths, np.uint32(0), example_b)
+        static = dict(cfg=cfg, n=n, sampling=opts.sampling, samples=1)
+    jax.clear_caches()  # the main table compiled the same programs already
+    t = time.perf_counter()
+    compiled = fn.lower(*args, **static).compile()
+    t_compile = time.perf_counter() - t
+    out = {}
+
+    def run():
+        out["r"] = jax.block_until_ready(compiled(*args))
+
+    t_run = _best_time(run, _REPEATS.value)
+    return t_compile, t_run, np.asarray(out["r"][0])
+
+
+def compile_compare(built, n):
+    b = int(_BATCHES.value[0])
+    print(f"\ncompile time of the jitted decode programs, unrolled vs scanned layers (batch {b}, "
+          f"{_PROMPT.value}-token prompts, {n} new tokens; ms/token = run time / {n}, prefill "
+          "included):")
+    print("| model | program | unrolled compile s | scanned compile s | unrolled ms/token | "
+          "scanned ms/token | same output |")
+    print("|---|---|---|---|---|---|---|", flush=True)
+    for kind, (_, loaded) in built.items():
+        prompts = _prompts(b, _PROMPT.value)
+        stacked = scanned(loaded)
+        for method in ("greedy", "beam"):
+            c_u, t_u, out_u = compile_and_run(loaded, prompts, n, method)
+            c_s, t_s, out_s = compile_and_run(stacked, prompts, n, method)
+            print(f"| {kind} | {method} | {c_u:.1f} | {c_s:.1f} | {1e3 * t_u / n:.2f} | "
+                  f"{1e3 * t_s / n:.2f} | {np.array_equal(out_u, out_s)} |", flush=True)
+
+
 def first_layers_draft(target, layers: int):
     """A draft made of the target's first `layers` layers, sharing its embeddings and head."""
     cfg = target.model.config
@@ -299,6 +361,8 @@ def main(argv):
                 roof, frac = f"{r:.1f}", f"{100 * tps / r:.0f}%"
             print(f"| {kind} | {b} | {1e3 * t_prefill:.1f} | {1e3 * per_token:.2f} | {tps:.1f} | "
                   f"{unc:.2f} | {tps / unc:.0f}x | {hf} | {ratio} | {roof} | {frac} |", flush=True)
+    if _COMPILE_COMPARE.value:
+        compile_compare(built, n)
     if _SPEC.value and "gpt" in built:
         d = _DRAFT_LAYERS.value
         print(f"\nspeculative (greedy, draft = the target's first {d} layer(s) with its "
