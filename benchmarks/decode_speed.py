@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from t5x_lite import hf_interop, host_memory
+from t5x_lite import hf_interop, host_memory, transformer
 from t5x_lite.decoding import generate as gen
 from t5x_lite.decoding import steps as dec_steps
 from t5x_lite.models import build_model
@@ -220,7 +220,7 @@ def bytes_per_token(loaded, avg_len):
 def scanned(loaded):
     """The same model and weights with scan_layers=True (layers stacked on a leading axis)."""
     cfg = dataclasses.replace(loaded.model.config, scan_layers=True)
-    params = jax.device_put(hf_interop.stack_layers(jax.device_get(loaded.params)))
+    params = jax.device_put(transformer.stack_layers(jax.device_get(loaded.params)))
     return types.SimpleNamespace(model=build_model(cfg), params=params, vocab=None,
                                  run_config=None)
 

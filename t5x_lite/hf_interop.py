@@ -29,6 +29,7 @@ from flax import traverse_util
 from t5x_lite.checkpoints import CheckpointError
 from t5x_lite.config import ModelConfig, gpt2, t5_1_0
 from t5x_lite.models import abstract_variables, build_model
+from t5x_lite.transformer import stack_layers, unstack_layers
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -360,29 +361,6 @@ def expected_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     tree = nn.meta.unbox(abstract_variables(build_model(cfg)))["params"]
     return {tuple(k.key for k in path): tuple(x.shape)
             for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-# ----------------------------------------------------------------------------------- layouts
-_STACKS = ("encoder", "decoder")
-
-
-def stack_layers(params: dict) -> dict:
-    """`<stack>/layers_i/...` -> `<stack>/layers/block/...` with a leading layer axis."""
-    out = dict(params)
-    for stack in (s for s in _STACKS if s in params):
-        layers = [params[stack][f"layers_{i}"] for i in range(len(params[stack]))]
-        out[stack] = {"layers": {"block": jax.tree.map(lambda *xs: np.stack(xs), *layers)}}
-    return out
-
-
-def unstack_layers(params) -> dict:
-    """Inverse of `stack_layers`."""
-    out = dict(params)
-    for stack in (s for s in _STACKS if s in params):
-        block = params[stack]["layers"]["block"]
-        out[stack] = {f"layers_{i}": jax.tree.map(lambda x, i=i: np.asarray(x[i]), block)
-                      for i in range(jax.tree.leaves(block)[0].shape[0])}
-    return out
 
 
 # ----------------------------------------------------------------------------------- one call

@@ -7,6 +7,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from t5x_lite.config import ModelConfig
 from t5x_lite.layers import Attention, Mlp, Norm, constrain
@@ -99,6 +100,30 @@ class Stack(nn.Module):
             x = block_cls(cfg, self.cross, self.decode, self.deterministic, self.causal,
                           name=f"layers_{i}")(x, *args)
         return x
+
+
+_STACKS = ("encoder", "decoder")
+
+
+def stack_layers(params: dict) -> dict:
+    """Params of unrolled stacks (`<stack>/layers_i/...`) in the scan_layers layout
+    (`<stack>/layers/block/...`, a leading layer axis); numpy."""
+    out = dict(params)
+    for stack in (s for s in _STACKS if s in params):
+        layers = [params[stack][f"layers_{i}"] for i in range(len(params[stack]))]
+        out[stack] = {"layers": {"block": jax.tree.map(lambda *xs: np.stack(xs), *layers)}}
+    return out
+
+
+def unstack_layers(params) -> dict:
+    """Inverse of `stack_layers`, for numpy or jax arrays (traceable: slices of the layer axis;
+    int8 weight boxes slice their value and scale)."""
+    out = dict(params)
+    for stack in (s for s in _STACKS if s in params):
+        block = params[stack]["layers"]["block"]
+        out[stack] = {f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], block)
+                      for i in range(jax.tree.leaves(block)[0].shape[0])}
+    return out
 
 
 class DecodeCursor(nn.Module):

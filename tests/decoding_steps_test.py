@@ -80,6 +80,37 @@ def test_t5_cached_matches_full_forward():
     np.testing.assert_allclose(cached(params, enc, dec_in), full, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("preset", ["gpt_modern", "t5_1_1"])
+def test_prefill_decodes_a_scanned_model_unrolled(preset):
+    """A scanned stack's caches would be copied by the layer scan at every step: `prefill`
+    decodes scan_layers models with per-layer caches, with the logits of the scanned model."""
+    cfg = config_lib.from_preset(preset, **TINY, **({"max_len": 32} if preset.startswith("gpt")
+                                                     else {}), scan_layers=True)
+    params = _params(cfg)
+    gpt = cfg.family == "gpt"
+    # GPT prompts are left-padded, T5's (encoder inputs) right-padded.
+    prompt = np.array([[0, 0, 5, 6, 7] if gpt else [5, 6, 7, 0, 0], [7, 8, 9, 10, 11]], np.int32)
+    forced = np.array([[3, 4], [5, 6]], np.int32)
+
+    @jax.jit
+    def decode(params):
+        logits0, cache, step = steps.prefill(cfg, params, prompt, np.array([3, 5]), 8)
+        return jnp.concatenate([logits0[:, None], _forced_steps(step, cache, forced)], 1), cache
+
+    got, cache = decode(params)
+    assert sorted(cache["decoder"]) == ["layers_0", "layers_1"]  # one cache buffer per layer
+    # Reference: the full forward pass of the scanned model itself.
+    logits = jax.jit(build_model(cfg).logits)
+    if gpt:
+        full = logits(params, {"decoder_input_tokens": np.array(
+            [[5, 6, 7, 3, 4, 0, 0], [7, 8, 9, 10, 11, 5, 6]], np.int32)})
+        want = np.stack([full[0, 2:5], full[1, 4:7]])
+    else:
+        want = logits(params, {"encoder_input_tokens": prompt, "decoder_input_tokens":
+                               np.concatenate([np.zeros((2, 1), np.int32), forced], 1)})
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+
+
 def test_take_rows_and_rollback_helpers():
     cfg = dataclasses.replace(config_lib.gpt2(**TINY, max_len=32), scan_layers=True)
     params = _params(cfg)

@@ -10,7 +10,7 @@ import safetensors.torch
 import torch
 
 import hf_reference as ref
-from t5x_lite import hf_interop
+from t5x_lite import hf_interop, transformer
 from t5x_lite.models import build_model
 
 TOL = 1e-4  # max |logit difference| on real (unpadded) positions, fp32
@@ -109,7 +109,7 @@ def test_scan_layers_conversion_gives_same_logits(hf_models, kind):
     scfg, sparams, _, _ = hf_interop.from_hf(path, scan_layers=True)
     assert scfg.scan_layers and "layers_0" not in sparams["decoder"]
     flat = lambda tree: {k: np.asarray(v) for k, v in _flatten(tree)}
-    unstacked, plain = flat(hf_interop.unstack_layers(sparams)), flat(params)
+    unstacked, plain = flat(transformer.unstack_layers(sparams)), flat(params)
     assert unstacked.keys() == plain.keys()
     for k in plain:
         np.testing.assert_array_equal(unstacked[k], plain[k], err_msg=k)
