@@ -1,4 +1,4 @@
-r"""Distil a tiny T5 teacher (configs/tiny_t5.py, ~2.5M params) into a smaller student.
+r"""Distil a tiny T5 teacher (configs/tiny_t5.py, 2.89M params) into a smaller student.
 
     python -m t5x_lite.train --config=configs/tiny_t5.py --workdir=/tmp/tiny_t5      # teacher
     python -m t5x_lite.train --config=configs/distill_tiny_t5.py:teacher=/tmp/tiny_t5 \

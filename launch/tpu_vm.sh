@@ -83,7 +83,11 @@ while [[ $# -gt 0 ]]; do
     --worker=*) worker="${1#*=}" ;;
     --command=*) command_arg="${1#*=}" ;;
     --dry_run|--dry-run) dry_run=1 ;;
-    --) shift; train_args=("$@"); break ;;
+    --) shift; train_args=("$@")
+        for a in "${train_args[@]}"; do  # a misplaced --dry_run would run the real commands
+          [[ "$a" != --dry_run && "$a" != --dry-run ]] || die "--dry_run goes before --, not among the train arguments"
+        done
+        break ;;
     -*) die "unknown option $1 (see --help)" ;;
     *) [[ -z "$action" ]] || die "unexpected argument $1 (train arguments go after --)"
        action="$1" ;;

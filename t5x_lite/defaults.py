@@ -77,4 +77,5 @@ def base_config(model: ModelConfig, *, objective: str, seq_len: int = 512,
     c.decode.num_samples = 1
     c.decode.seed = 0
     c.decode.batch_size = 16
+    c.decode.num_draft = 4  # speculative decoding (infer --draft): draft tokens per target pass
     return c

@@ -53,14 +53,8 @@ _QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8"],
 flags.adopt_module_key_flags(mesh_flag)  # --mesh, listed in --help
 
 
-def _decode_defaults():
-    c = gen.default_decode_config()
-    c.num_draft = gen.DecodeOptions.num_draft
-    return c
-
-
 def _define_decode_flag():
-    defaults = _decode_defaults()
+    defaults = gen.default_decode_config()
     try:
         return config_flags.DEFINE_config_dict("decode", defaults,
                                               "Decode options (override with --decode.x=...).")

@@ -238,6 +238,15 @@ def test_text_in_text_out_and_checkpoint_defaults(tiny_gpt):
     assert [r["ids"] for r in out] == [r["ids"] for r in plain] and "text" not in plain[0]
 
 
+def test_config_decode_section_holds_every_option_with_its_default():
+    """A run config's `decode` section (what --decode.<field> and README list) is DecodeOptions,
+    field for field and default for default."""
+    import dataclasses
+    from t5x_lite.decoding.generate import DecodeOptions, default_decode_config
+    assert default_decode_config().to_dict() == {
+        f.name: f.default for f in dataclasses.fields(DecodeOptions)}
+
+
 @pytest.mark.parametrize("kw,message", [
     (dict(method="topk"), "unknown decode method"),
     (dict(top_p=0.0), "top_p"),

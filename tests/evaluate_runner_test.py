@@ -16,6 +16,7 @@ from t5x_lite.data import DataConfigError
 from t5x_lite.data.builders import EmptyCorpusError
 from t5x_lite.evaluation import EvalError, EvalSettings, outputs, run, testing
 from t5x_lite.evaluation.few_shot import FewShotError, FewShotOptions
+from t5x_lite.evaluation.predictions import PredictionError
 from t5x_lite.evaluation.text_metrics import MetricsError
 from t5x_lite.models import build_model
 
@@ -146,6 +147,18 @@ def test_bad_inputs_give_one_line_and_write_nothing(task):
         run(None, wd, EvalSettings(checkpoint="1", follow=True))
     with pytest.raises(MetricsError, match="unknown metric 'meteor'"):  # also when not predicting
         run(None, wd, EvalSettings(predict="false", metrics="bleu,meteor"))
+    # A pretraining config's splits hold text documents: few-shot needs query / pool files.
+    (d / "data" / "docs.txt").write_text("some text\n\nmore text\n")
+    docs = config.copy_and_resolve_references()
+    docs.data.source, docs.data.objective = "text", "span_corruption"
+    docs.data.train_paths = docs.data.validation_paths = (str(d / "data" / "docs.txt"),)
+    with pytest.raises(PredictionError, match=r"text documents.*\(give --few_shot_queries="):
+        run(docs, wd, EvalSettings(few_shot=FewShotOptions(k=0)))
+    (d / "q.jsonl").write_text('{"inputs": "a b", "targets": "b a"}\n')
+    with pytest.raises(PredictionError, match=r"\(give --few_shot_pool=FILE.jsonl, or "
+                       r"--few_shot_k=0\)"):
+        run(docs, wd, EvalSettings(few_shot=FewShotOptions(k=2),
+                                   few_shot_queries=str(d / "q.jsonl")))
     assert _nothing_written(wd)
 
 

@@ -86,7 +86,9 @@ def test_tpu_vm_other_actions_and_errors():
     for args, message in [(["train", *base], "train needs arguments after --"),
                           (["create", "--zone=z"], "--name is required"),
                           (["launch", *base], "unknown action"),
-                          (["create", *base, "--accelerator_type=v9-8"], "no default --version")]:
+                          (["create", *base, "--accelerator_type=v9-8"], "no default --version"),
+                          (["train", "--name=p", "--zone=z", "--", "--config=c.py", "--dry_run"],
+                           "--dry_run goes before --")]:
         r = run("tpu_vm.sh", *args, check=False)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
 

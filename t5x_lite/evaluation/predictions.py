@@ -37,14 +37,15 @@ class Example:
     targets: str
 
 
-def read_examples(data_cfg, split: str) -> list[Example]:
-    """The split's inputs/targets pairs in order (the order `shuffle=False` batches use)."""
+def read_examples(data_cfg, split: str, instead: str = "use --predict=false") -> list[Example]:
+    """The split's inputs/targets pairs in order (the order `shuffle=False` batches use).
+    `instead`: what the error for a split of text documents suggests."""
     from t5x_lite.data import sources  # tfds import: only when a split is actually read
 
     source = sources.make_source(DataConfig.from_dict(data_cfg), split)
     if source.kind != "pairs":
         raise PredictionError(f"{source.description} holds text documents, not inputs/targets "
-                              "pairs: there is nothing to decode and compare (use --predict=false)")
+                              f"pairs: there is nothing to decode and compare ({instead})")
     return [Example(i, rec["inputs"], rec["targets"])
             for i, rec in ((i, source.decoder.map(source.data_source[i]))
                            for i in range(len(source)))]

@@ -121,9 +121,9 @@ class Evaluator:
         return s.few_shot is not None or s.predict == "true" or (
             s.predict == "auto" and self.data.objective in PREDICT_OBJECTIVES)
 
-    def examples(self):
+    def examples(self, instead: str = "use --predict=false"):
         if self._examples is None:
-            self._examples = predictions.read_examples(self.data, self.data.eval_split)
+            self._examples = predictions.read_examples(self.data, self.data.eval_split, instead)
         return self._examples
 
     def evaluate(self, ckpt_workdir, step: int) -> tuple[dict[str, Any], list | None]:
@@ -161,13 +161,15 @@ class Evaluator:
             choices = [r["choices"] for r in recs]
             choices = choices if all(c is not None for c in choices) else None
         else:
-            queries, choices = self.examples(), None
+            queries, choices = self.examples("give --few_shot_queries=FILE.jsonl"), None
         if s.few_shot_pool:
             pool = [predictions.Example(i, r["inputs"], r["targets"])
                     for i, r in enumerate(few_shot.read_jsonl(s.few_shot_pool))]
             same = epath.Path(s.few_shot_pool) == epath.Path(s.few_shot_queries or "/nonexistent")
         else:
-            pool = predictions.read_examples(self.data, self.data.train_split) if opts.k else []
+            pool = predictions.read_examples(
+                self.data, self.data.train_split, "give --few_shot_pool=FILE.jsonl, or "
+                "--few_shot_k=0") if opts.k else []
             same = False
         if opts.scoring == "choice":
             return few_shot.evaluate_choice(loaded, queries, pool, opts, choices=choices,
