@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -34,9 +35,16 @@ class CheckpointError(UserError):
     """A checkpoint path or content that cannot be used."""
 
 
+def local_or_remote(path) -> epath.Path:
+    """A user-given path as an epath.Path, made absolute when it is a relative local path
+    (orbax refuses relative checkpoint paths, and only says so when it first saves)."""
+    text = os.fspath(path)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 def write_config(workdir, config: ml_collections.ConfigDict | dict) -> None:
     """Writes config.json atomically (temp file + rename); only call from process 0."""
-    workdir = epath.Path(workdir)
+    workdir = local_or_remote(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     tmp = workdir / (CONFIG_FILE + ".tmp")
@@ -51,13 +59,17 @@ def _json_default(x):
 
 
 def read_config(workdir) -> ml_collections.ConfigDict:
-    path = epath.Path(workdir) / CONFIG_FILE
+    path = local_or_remote(workdir) / CONFIG_FILE
     if not path.exists():
         raise CheckpointError(f"No {CONFIG_FILE} in {workdir}: not a t5x_lite workdir")
     try:
-        return ml_collections.ConfigDict(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict) or not isinstance(d.get("model"), dict):
+        raise CheckpointError(f"{path} is not a t5x_lite run config (a JSON object with a "
+                              "'model' section)")
+    return ml_collections.ConfigDict(d)
 
 
 TRAIN_ITEMS = ("params", "opt_state", "data", "config")
@@ -68,13 +80,13 @@ def make_manager(workdir, *, keep: int | None = None, async_save: bool = False,
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True,
         enable_async_checkpointing=async_save)
-    return ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINT_DIR, options=options,
+    return ocp.CheckpointManager(local_or_remote(workdir) / CHECKPOINT_DIR, options=options,
                                  item_names=item_names)
 
 
 def resolve(path) -> tuple[epath.Path, int]:
     """A user-given checkpoint path -> (workdir, step). Raises CheckpointError."""
-    path = epath.Path(path)
+    path = local_or_remote(path)
     if not path.exists():
         raise CheckpointError(f"Checkpoint path {path} does not exist")
     if path.name.isdigit() and path.parent.name == CHECKPOINT_DIR:
@@ -88,7 +100,7 @@ def resolve(path) -> tuple[epath.Path, int]:
 
 def all_steps(workdir) -> list[int]:
     """Steps of complete checkpoints (orbax writes to a temp dir and renames when finished)."""
-    ckpt_dir = epath.Path(workdir) / CHECKPOINT_DIR
+    ckpt_dir = local_or_remote(workdir) / CHECKPOINT_DIR
     if not ckpt_dir.exists():
         return []
     return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()
@@ -109,16 +121,16 @@ def _readable(directory):
     previous = _quiet_closed_loop_callbacks()
     try:
         yield
-    except (ValueError, OSError, RuntimeError) as e:
-        if isinstance(e, CheckpointError):
+    except Exception as e:  # tensorstore / orbax raise plain Exceptions too
+        if isinstance(e, (UserError, TypeError, AttributeError, NameError, AssertionError)):
             sys.unraisablehook = previous
             raise
         # The hook stays: the failed read's callbacks keep coming after this.
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(
             f"Checkpoint {directory} cannot be read (incomplete or damaged): "
-            f"{first[:300]}{'...' if len(first) > 300 else ''}; remove that directory to use "
-            "the checkpoint before it") from None
+            f"{first[:300]}{'...' if len(first) > 300 else ''}; if it is damaged, remove that "
+            "directory to use the checkpoint before it") from None
     sys.unraisablehook = previous
 
 
@@ -143,7 +155,7 @@ def restore_params(workdir, step: int, abstract_params) -> Any:
     Args:
       abstract_params: tree of jax.ShapeDtypeStruct (with .sharding) the checkpoint must match.
     """
-    with _readable(epath.Path(workdir) / CHECKPOINT_DIR / str(step)):
+    with _readable(local_or_remote(workdir) / CHECKPOINT_DIR / str(step)):
         check_params_match(workdir, step, abstract_params)
         with make_manager(workdir, item_names=("params",)) as mngr:
             restored = mngr.restore(step, args=ocp.args.Composite(
@@ -153,7 +165,7 @@ def restore_params(workdir, step: int, abstract_params) -> Any:
 
 def params_shapes(workdir, step: int) -> dict:
     """{'path/to/param': shape} as stored in a checkpoint, read from its metadata only."""
-    path = epath.Path(workdir) / CHECKPOINT_DIR / str(step) / "params"
+    path = local_or_remote(workdir) / CHECKPOINT_DIR / str(step) / "params"
     tree = ocp.StandardCheckpointHandler().metadata(path).tree
     return {jax.tree_util.keystr(k): tuple(v.shape)
             for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}

@@ -39,7 +39,6 @@ from t5x_lite import partitioning
 from t5x_lite.config import MLP_ACTIVATIONS, ModelConfig
 from t5x_lite.estimate_xla import batch_features, sequence_lengths
 from t5x_lite.models import LossConfig, abstract_variables, build_model
-from t5x_lite.partitioning import MeshError
 
 # Saved tensors per layer: (X, Q, A) by remat policy (and scan for 'none'); F counts below.
 _SELF_COUNTS = {
@@ -121,8 +120,6 @@ def state_bytes(config: ml_collections.ConfigDict, mesh: MeshSizes) -> dict[str,
     abstract_opt = jax.eval_shape(tx.init, abstract)
     opt_sh = train_state.opt_state_shardings(abstract_opt, abstract, param_sh, amesh)
 
-    _check_divisible(abstract, param_sh, mesh)
-
     def total(tree, shardings):
         return sum(_shard_bytes(x.shape, x.dtype, s.spec, mesh)
                    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
@@ -159,18 +156,6 @@ def _gathered_bytes(cfg: ModelConfig, abstract_params, shardings, mesh: MeshSize
         elif not cfg.scan_layers or cfg.tie_embeddings:
             total += n
     return total + max(per_stack.values(), default=0)
-
-
-def _check_divisible(abstract_params, shardings, mesh: MeshSizes) -> None:
-    """The trainer's jit rejects a param dimension its mesh axes do not divide; say so first."""
-    for (path, x), sh in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
-                             jax.tree.leaves(shardings)):
-        for dim, axes in zip(x.shape, tuple(sh.spec)):
-            if dim % mesh.size(axes):
-                raise MeshError(
-                    f"{jax.tree_util.keystr(path)} has a dimension of {dim} split over mesh axes "
-                    f"{axes} of size {mesh.size(axes)}, which does not divide it; pick another "
-                    f"mesh (data, fsdp, tensor)=({mesh.data}, {mesh.fsdp}, {mesh.tensor})")
 
 
 def _layer_counts(mlp: str, policy: str, scanned: bool) -> tuple[float, float, float, float]:

@@ -94,8 +94,31 @@ def logical_specs(boxed_tree):
 
 
 def shardings(boxed_tree, mesh: Mesh, rules=DEFAULT_RULES):
-    """NamedShardings for a (possibly abstract) tree of nn.Partitioned leaves."""
-    return nn.logical_to_mesh_sharding(logical_specs(boxed_tree), mesh, rules)
+    """NamedShardings for a (possibly abstract) tree of nn.Partitioned leaves.
+
+    Raises:
+      MeshError: a dimension its mesh axes do not divide (jit, device_put and checkpoint
+        restores would fail on it later, with a long traceback or as a 'damaged checkpoint').
+    """
+    out = nn.logical_to_mesh_sharding(logical_specs(boxed_tree), mesh, rules)
+    check_divisible(nn.meta.unbox(boxed_tree), out, mesh)
+    return out
+
+
+def check_divisible(tree, shardings_tree, mesh) -> None:
+    """Every dimension of every (possibly abstract) array divisible by its mesh axes' size."""
+    sizes = dict(mesh.shape)
+    for (path, x), sh in zip(jax.tree_util.tree_flatten_with_path(tree)[0],
+                             jax.tree.leaves(shardings_tree)):
+        for dim, axes in zip(x.shape, tuple(sh.spec)):
+            names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+            n = math.prod(sizes[a] for a in names)
+            if dim % n:
+                shape = ", ".join(str(sizes.get(a, 1)) for a in MESH_AXES)
+                raise MeshError(
+                    f"{jax.tree_util.keystr(path)} has a dimension of {dim} split over mesh axes "
+                    f"{axes} of size {n}, which does not divide it; pick another mesh (data, "
+                    f"fsdp, tensor)=({shape})")
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:

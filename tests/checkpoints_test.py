@@ -123,7 +123,8 @@ def test_params_only_checkpoint_has_no_iterator_state(tmp_path):
 
 # The failed read's late storage callbacks ("Event loop is closed") may reach pytest's own hook.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("damage", ["data_files_removed", "data_file_truncated"])
+@pytest.mark.parametrize("damage", ["data_files_removed", "data_file_truncated",
+                                    "data_file_halved"])
 def test_damaged_checkpoint_is_one_clear_error(tmp_path, damage):
     """A finished checkpoint whose files were lost or cut short afterwards (a bad disk, a
     partial copy) names the step directory instead of a storage-library traceback."""
@@ -141,8 +142,10 @@ def test_damaged_checkpoint_is_one_clear_error(tmp_path, damage):
     for p in data:
         if damage == "data_files_removed":
             p.unlink()
-        else:
+        elif damage == "data_file_truncated":
             p.write_bytes(p.read_bytes()[:8])
+        else:  # cut in the middle
+            p.write_bytes(p.read_bytes()[:p.stat().st_size // 2])
     with pytest.raises(checkpoints.CheckpointError,
                        match=r"checkpoints/5 cannot be read \(incomplete or damaged\)") as e:
         checkpoints.restore_params(tmp_path, 5, abstract)
@@ -150,3 +153,29 @@ def test_damaged_checkpoint_is_one_clear_error(tmp_path, damage):
     with checkpoints.make_train_manager(tmp_path) as mngr:
         with pytest.raises(checkpoints.CheckpointError, match="cannot be read"):
             checkpoints.restore_train_state(mngr, 5, abstract, {})
+
+
+def test_relative_paths_work(tmp_path, monkeypatch):
+    """orbax wants absolute paths (and says so only at the first save, after the training):
+    every checkpoint function takes relative ones."""
+    monkeypatch.chdir(tmp_path)
+    params = _params()
+    checkpoints.save_params("rel", params, step=2)
+    assert (tmp_path / "rel" / "checkpoints" / "2" / "params").is_dir()
+    workdir, step = checkpoints.resolve("rel")
+    assert (workdir, step) == (tmp_path / "rel", 2)
+    mesh = partitioning.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    restored = checkpoints.restore_params("rel", 2, _abstract(params, mesh, _specs()))
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
+    with checkpoints.make_train_manager("rel2") as mngr:
+        assert str(mngr.directory) == str(tmp_path / "rel2" / "checkpoints")
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "{}", '{"model": 3}', "\udcff"])
+def test_a_config_json_that_is_not_a_run_config_is_one_clear_error(tmp_path, text):
+    (tmp_path / "config.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(checkpoints.CheckpointError, match="config.json is not (a t5x_lite run "
+                       "config|valid JSON)") as e:
+        checkpoints.read_config(tmp_path)
+    assert "\n" not in str(e.value)

@@ -134,7 +134,7 @@ def test_workdir_that_is_a_file(tmp_path):
     (["--config.train.batch_sise=4"],
      "train: error: unknown config key 'batch_sise' in --config.train.batch_sise; "
      "did you mean 'batch_size'?"),
-    (["--config.train.batch_size=0"], "train: error: batch_size must be >= 1, got 0"),
+    (["--config.train.batch_size=0"], "train: error: train.batch_size must be >= 1, got 0"),
     (["--config=configs/nope.py"],
      "train: error: --config: [Errno 2] No such file or directory: 'configs/nope.py'"),
     (["--config=configs/finetune_t5_seq2seq.py:stepz=10"],

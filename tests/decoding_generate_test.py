@@ -259,6 +259,8 @@ def test_config_decode_section_holds_every_option_with_its_default():
     (dict(input_ids=[[3, 99]]), "outside [0, 64)"),
     (dict(input_ids=None, inputs=["x"]), "need a vocabulary"),
     (dict(temperature="hot"), "must be a float"),
+    (dict(method="sample", temperature=float("inf")), "temperature must be finite"),
+    (dict(method="beam", alpha=float("nan")), "alpha must be finite"),
 ])
 def test_bad_options(tiny_gpt, kw, message):
     kw = {"input_ids": [[3, 4]], "max_new_tokens": 4, **kw}

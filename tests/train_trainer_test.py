@@ -3,6 +3,9 @@ resume after kill -9, SIGTERM, divergence, config mismatch, resume on another me
 import math
 import os
 import pathlib
+import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,9 +15,11 @@ import time
 import pytest
 
 from t5x_lite import checkpoints
+from t5x_lite.partitioning import MeshError
 from t5x_lite.training import TrainingError, testing, train
 from t5x_lite.training.metrics_writer import METRICS_FILE, read_jsonl
 from t5x_lite.training.run_checks import check_workdir_config
+from t5x_lite.vocab import Vocabulary, train_vocab
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -141,3 +146,43 @@ def test_tiny_configs_learn_on_default_corpus(tmp_path, name):
     assert checkpoints.all_steps(tmp_path) == [30]
     assert (tmp_path / checkpoints.VOCAB_FILE).exists()
     assert list((tmp_path / "events").iterdir())
+
+
+@pytest.mark.parametrize("key", ["checkpoint.save_every", "train.microbatches",
+                                 "train.batch_size"])
+def test_bad_loop_settings_are_clear_errors_before_anything_is_written(tmp_path, key):
+    cfg = testing.tiny_config("gpt")
+    section, name = key.split(".")
+    cfg[section][name] = 0
+    with pytest.raises(TrainingError, match=f"^{re.escape(key)} must be >= 1, got 0$"):
+        train(cfg, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
+def test_mesh_that_does_not_divide_the_model_is_a_clear_error(tmp_path):
+    cfg = testing.tiny_config("gpt")  # 2 heads: not divisible over tensor=4
+    cfg.mesh.data, cfg.mesh.tensor = 2, 4
+    with pytest.raises(MeshError, match=r"\['decoder'\].* has a dimension of 2 split over mesh "
+                       r"axes tensor of size 4, which does not divide it"):
+        train(cfg, tmp_path / "w")
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_resuming_with_another_vocabulary_is_refused_unless_overridden(tmp_path):
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 7)))
+             for _ in range(400)]
+    text = "\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(400))
+    other = train_vocab([text], tmp_path / "other", 300)
+    wd = tmp_path / "w"
+    wd.mkdir()
+    shutil.copy(other, wd / checkpoints.VOCAB_FILE)  # a workdir trained on another vocabulary
+    cfg = testing.tiny_config("gpt")
+    cfg.train.num_steps = 1
+    with pytest.raises(TrainingError, match=r"vocab.model \(300 pieces\) is not this run's "
+                       r"vocabulary .*8000 pieces.*--override_config"):
+        train(cfg, wd)
+    assert not (wd / "checkpoints").exists()
+    train(cfg, wd, override_config=True)  # replaces it
+    assert Vocabulary(wd / checkpoints.VOCAB_FILE).sp_size == 8000
+    train(cfg, wd)  # the same vocabulary resumes (here: nothing left to do)

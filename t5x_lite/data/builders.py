@@ -38,6 +38,10 @@ class EmptyCorpusError(UserError):
     """No documents were found where some were expected."""
 
 
+class LocalFilesError(UserError):
+    """Local-file data options that do not go together."""
+
+
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> epath.Path:
     """`data_dir`, else $T5X_LITE_DATA_DIR, else ~/.cache/t5x_lite/data (user dirs expanded)."""
     data_dir = str(data_dir or os.environ.get("T5X_LITE_DATA_DIR") or DEFAULT_DATA_DIR)
@@ -204,11 +208,11 @@ def local_files_config(fmt: str, *, paths: Sequence[str] = (), train_paths: Sequ
     `validation_paths`). Raises FileNotFoundError for missing paths / unmatched globs.
     """
     if fmt not in local_files.FORMATS:
-        raise ValueError(f"unknown local file format {fmt!r}; known: {local_files.FORMATS}")
+        raise LocalFilesError(f"unknown local file format {fmt!r}; known: {local_files.FORMATS}")
     if document_per not in local_files.DOCUMENT_PER:
-        raise ValueError(f"document_per must be one of {local_files.DOCUMENT_PER}")
+        raise LocalFilesError(f"document_per must be one of {local_files.DOCUMENT_PER}")
     if bool(paths) == bool(train_paths):
-        raise ValueError("give either data.paths (hash holdout) or data.train_paths "
+        raise LocalFilesError("give either data.paths (hash holdout) or data.train_paths "
                          "(+ data.validation_paths), not both / neither")
     if paths:
         split_files = {"all": expand_globs(paths)}

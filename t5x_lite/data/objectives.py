@@ -27,7 +27,13 @@ import grain
 
 from t5x_lite.data import packing
 from t5x_lite.data import span_corruption as sc
+from t5x_lite.errors import UserError
 from t5x_lite.vocab import EOS_ID, Vocabulary
+
+
+class ObjectiveError(UserError):
+    """An objective and data / lengths / vocabulary that do not go together (one line)."""
+
 
 OBJECTIVES = ("span_corruption", "causal_lm", "prefix_lm", "mlm", "seq2seq", "prompt_completion")
 ENCODER_DECODER = ("span_corruption", "seq2seq")
@@ -221,7 +227,7 @@ def row_lengths(objective: str, *, inputs_length: int, targets_length: int,
     if objective == "mlm":
         return {k: inputs_length for k in
                 ("encoder_input_tokens", "encoder_target_tokens", "encoder_loss_weights")}
-    raise ValueError(f"unknown objective {objective!r}; known: {OBJECTIVES}")
+    raise ObjectiveError(f"unknown objective {objective!r}; known: {OBJECTIVES}")
 
 
 def apply_objective(ds: grain.IterDataset, objective: str, vocab: Vocabulary, *, kind: str,
@@ -241,26 +247,29 @@ def apply_objective(ds: grain.IterDataset, objective: str, vocab: Vocabulary, *,
         IterDataset of rows of int32 [length] arrays with the features in the module doc.
     """
     if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; known: {OBJECTIVES}")
+        raise ObjectiveError(f"unknown objective {objective!r}; known: {OBJECTIVES}")
     if objective in NEEDS_PAIRS and kind != "pairs":
-        raise ValueError(f"objective {objective!r} needs inputs/targets pairs, got text data")
+        raise ObjectiveError(f"objective {objective!r} needs inputs/targets pairs, got text "
+                             "data")
     if objective in NEEDS_TEXT and kind != "text":
-        raise ValueError(f"objective {objective!r} needs text documents, got inputs/targets pairs")
+        raise ObjectiveError(f"objective {objective!r} needs text documents, got inputs/targets "
+                             "pairs")
     lengths = row_lengths(objective, inputs_length=inputs_length, targets_length=targets_length,
                           seq_len=seq_len)
     if pack_method == "concat":
         if objective != "causal_lm" or not pack:
-            raise ValueError("pack_method='concat' is for objective='causal_lm' with pack=True")
+            raise ObjectiveError("pack_method='concat' is for objective='causal_lm' with "
+                                 "pack=True")
         ds = packing.ChunkTokensIterDataset(ds.map(AppendEos()), seq_len)
         return ds.map(packing.ConcatRow(seq_len)).map(AddDecoderInputs())
     if pack_method != "first_fit":
-        raise ValueError(f"unknown pack_method {pack_method!r}; use 'first_fit' or 'concat'")
+        raise ObjectiveError(f"unknown pack_method {pack_method!r}; use 'first_fit' or 'concat'")
 
     if objective == "span_corruption":
         raw_length, max_targets = sc.random_spans_helper(inputs_length, noise_density,
                                                          mean_noise_span_length)
         if max_targets > targets_length:
-            raise ValueError(
+            raise ObjectiveError(
                 f"span corruption of {inputs_length} inputs makes targets of {max_targets} "
                 f"tokens but targets_length={targets_length}; set targets_length={max_targets}")
         needed = sc.num_noise_spans(raw_length, noise_density, mean_noise_span_length)
@@ -287,7 +296,8 @@ def apply_objective(ds: grain.IterDataset, objective: str, vocab: Vocabulary, *,
             ds = ds.random_map(PrefixLMFromText(), seed=seed)
         else:
             if vocab.extra_ids < 1:
-                raise ValueError("mlm uses <extra_id_0> as [MASK]; the vocabulary has extra_ids=0")
+                raise ObjectiveError("mlm uses <extra_id_0> as [MASK]; the vocabulary has "
+                                     "extra_ids=0")
             ds = ds.random_map(BertMask(vocab, mask_rate), seed=seed)
     ds = packing.pack_or_pad(ds, lengths, pack=pack, num_packing_bins=num_packing_bins)
     return ds.map(AddDecoderInputs())

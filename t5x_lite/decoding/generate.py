@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -62,7 +63,9 @@ class DecodeOptions:
             (self.method in METHODS,
              f"unknown decode method {self.method!r}; choose one of {', '.join(METHODS)}"),
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (0 <= self.temperature < math.inf,
+             f"temperature must be finite and >= 0, got {self.temperature}"),
+            (math.isfinite(self.alpha), f"alpha must be finite, got {self.alpha}"),
             (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
             (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}"),

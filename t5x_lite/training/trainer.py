@@ -28,6 +28,7 @@ from t5x_lite.models import LossConfig, build_model
 from t5x_lite.training import flops as flops_lib
 from t5x_lite.training import optimizers, train_state, train_step
 from t5x_lite.training.metrics_writer import MetricsWriter
+from t5x_lite.vocab import Vocabulary
 from t5x_lite.training.run_checks import (ConfigMismatchError, DivergenceError, PreemptionFlag,
                                           check_finite, check_workdir_config, window_metrics)
 
@@ -54,6 +55,26 @@ def _lengths(model_cfg: ModelConfig, data: DataConfig) -> tuple[int, int | None]
 def _tokens_per_batch(model_cfg: ModelConfig, batch_size: int, data: DataConfig) -> int:
     length, targets = _lengths(model_cfg, data)
     return batch_size * (length + (targets or 0))
+
+
+def _check_vocab(vocab, workdir: epath.Path, override: bool) -> None:
+    """Refuses to continue a workdir whose vocab.model has other pieces than this run's
+    vocabulary (data.vocab_path / data.vocab_size changed) unless `override`: its checkpoints'
+    ids would mean other tokens, and infer / evaluate decode with the workdir's file."""
+    saved = workdir / checkpoints.VOCAB_FILE
+    if not saved.exists() or getattr(vocab, "path", None) is None:
+        return
+    old = Vocabulary(saved)
+    pieces = lambda v: [v.piece(i) for i in range(v.sp_size)]
+    if old.sp_size == vocab.sp_size and pieces(old) == pieces(vocab):
+        return
+    if not override:
+        raise TrainingError(
+            f"{saved} ({old.sp_size} pieces) is not this run's vocabulary ({vocab.path}, "
+            f"{vocab.sp_size} pieces): data.vocab_path or data.vocab_size changed; use a new "
+            "--workdir, or pass --override_config to replace it")
+    logging.warning("Replacing %s with this run's vocabulary %s", saved, vocab.path)
+    saved.unlink()
 
 
 def _copy_vocab(vocab, workdir: epath.Path) -> None:
@@ -103,8 +124,14 @@ def train(config: ml_collections.ConfigDict, workdir, *, override_config: bool =
     tc = config.train
     log_every = 1 if tc.debug else max(int(tc.log_every), 1)
     num_steps = int(tc.num_steps)
-    if num_steps < 0:
-        raise TrainingError(f"train.num_steps must be >= 0, got {num_steps}")
+    for key, value, least in (("train.num_steps", num_steps, 0),
+                              ("train.batch_size", int(tc.batch_size), 1),
+                              ("train.microbatches", int(tc.microbatches), 1),
+                              ("train.eval_every", int(tc.eval_every), 0),
+                              ("checkpoint.save_every", int(config.checkpoint.save_every), 1),
+                              ("checkpoint.keep", int(config.checkpoint.keep), 0)):
+        if value < least:
+            raise TrainingError(f"{key} must be >= {least}, got {value}")
     if workdir.exists() and not workdir.is_dir():
         raise TrainingError(f"--workdir {workdir} is a file, not a directory")
     model_cfg = ModelConfig.from_dict(config.model)
@@ -135,6 +162,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, override_config: bool =
     plugin = compression.from_config(config, mesh, rules)
     model, tx = plugin.wrap(model, tx)
     vocab = load_vocab(config.data)
+    _check_vocab(vocab, workdir, override_config)
     if vocab.vocab_size > model_cfg.vocab_size:
         raise TrainingError(f"The vocabulary has {vocab.vocab_size} ids but model.vocab_size is "
                             f"{model_cfg.vocab_size}; set model.vocab_size >= "
