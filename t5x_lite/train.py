@@ -27,7 +27,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process' index.")
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        cli.exit_with("train", f"unexpected arguments {argv[1:]}")
     cli.quiet_console()
     from t5x_lite import distributed  # after absl parsed flags, before any device is touched
 
@@ -45,7 +46,11 @@ def main(argv):
         result = train(_CONFIG.value, _WORKDIR.value, override_config=_OVERRIDE.value)
     except cli.ERRORS as e:
         cli.exit_with("train", e)
-    logging.info("Done at step %d%s", result.step, " (preempted)" if result.preempted else "")
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped without saving this step
+        cli.exit_with("train", "interrupted; re-run the same command to resume from the last "
+                      "checkpoint")
+    logging.info("Done at step %d%s", result.step,
+                 " (stopped by a signal; re-run to resume)" if result.preempted else "")
 
 
 if __name__ == "__main__":

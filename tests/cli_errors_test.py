@@ -135,6 +135,7 @@ def test_workdir_that_is_a_file(tmp_path):
      "train: error: unknown config key 'batch_sise' in --config.train.batch_sise; "
      "did you mean 'batch_size'?"),
     (["--config.train.batch_size=0"], "train: error: train.batch_size must be >= 1, got 0"),
+    (["stray"], "train: error: unexpected arguments ['stray']"),
     (["--config=configs/nope.py"],
      "train: error: --config: [Errno 2] No such file or directory: 'configs/nope.py'"),
     (["--config=configs/finetune_t5_seq2seq.py:stepz=10"],

@@ -261,6 +261,8 @@ def test_config_decode_section_holds_every_option_with_its_default():
     (dict(temperature="hot"), "must be a float"),
     (dict(method="sample", temperature=float("inf")), "temperature must be finite"),
     (dict(method="beam", alpha=float("nan")), "alpha must be finite"),
+    (dict(max_new_tokens=2**31), "max_new_tokens must be <= 2147483647"),
+    (dict(method="beam", num_beams=10**8), "too large to decode"),
 ])
 def test_bad_options(tiny_gpt, kw, message):
     kw = {"input_ids": [[3, 4]], "max_new_tokens": 4, **kw}

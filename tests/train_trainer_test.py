@@ -18,7 +18,7 @@ from t5x_lite import checkpoints
 from t5x_lite.partitioning import MeshError
 from t5x_lite.training import TrainingError, testing, train
 from t5x_lite.training.metrics_writer import METRICS_FILE, read_jsonl
-from t5x_lite.training.run_checks import check_workdir_config
+from t5x_lite.training.run_checks import PreemptionFlag, check_workdir_config
 from t5x_lite.vocab import Vocabulary, train_vocab
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -159,6 +159,14 @@ def test_bad_loop_settings_are_clear_errors_before_anything_is_written(tmp_path,
     assert not (tmp_path / "w").exists()
 
 
+def test_missing_init_from_is_a_clear_error_before_the_workdir_is_made(tmp_path):
+    cfg = testing.tiny_config("gpt")
+    cfg.train.init_from = str(tmp_path / "nowhere")
+    with pytest.raises(checkpoints.CheckpointError, match="nowhere does not exist"):
+        train(cfg, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
 def test_mesh_that_does_not_divide_the_model_is_a_clear_error(tmp_path):
     cfg = testing.tiny_config("gpt")  # 2 heads: not divisible over tensor=4
     cfg.mesh.data, cfg.mesh.tensor = 2, 4
@@ -186,3 +194,32 @@ def test_resuming_with_another_vocabulary_is_refused_unless_overridden(tmp_path)
     train(cfg, wd, override_config=True)  # replaces it
     assert Vocabulary(wd / checkpoints.VOCAB_FILE).sp_size == 8000
     train(cfg, wd)  # the same vocabulary resumes (here: nothing left to do)
+
+
+def test_ctrl_c_saves_and_stops_and_a_second_one_stops_at_once(tmp_path):
+    cfg = testing.tiny_config("gpt")
+    cfg.train.num_steps = 100_000
+    cfg.checkpoint.save_every = 10_000
+    workdir = tmp_path / "run"
+
+    def press_ctrl_c_after_first_log():
+        while not (workdir / METRICS_FILE).exists() or not _losses(workdir):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.getsignal(signal.SIGINT)
+    threading.Thread(target=press_ctrl_c_after_first_log, daemon=True).start()
+    result = train(cfg, workdir)
+    assert result.preempted and 2 <= result.step < 1000
+    assert checkpoints.all_steps(workdir) == [result.step]
+    assert signal.getsignal(signal.SIGINT) is previous  # the handler is gone after the run
+    # The second press is Python's own KeyboardInterrupt (stop now, no save).
+    flag = PreemptionFlag()
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.05)  # the handler runs in this thread between bytecodes
+    assert flag.is_set()
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+    flag.restore()
+    assert signal.getsignal(signal.SIGINT) is previous

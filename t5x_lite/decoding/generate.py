@@ -35,6 +35,7 @@ from t5x_lite.decoding.speculative import speculative_decode
 from t5x_lite.errors import UserError
 
 METHODS = ("greedy", "sample", "beam")
+INT32_MAX = 2**31 - 1  # sizes and positions are int32 inside the jitted loops
 MIN_BUCKET = 8
 
 
@@ -72,6 +73,9 @@ class DecodeOptions:
             (self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.num_draft >= 1, f"num_draft must be >= 1, got {self.num_draft}"),
+            *[(getattr(self, f) <= INT32_MAX, f"{f} must be <= {INT32_MAX}, got "
+               f"{getattr(self, f)}") for f in ("max_new_tokens", "top_k", "num_beams",
+                                                "num_samples", "batch_size", "num_draft")],
             (self.num_samples == 1 or self.method == "sample",
              f"num_samples={self.num_samples} needs method='sample' (got {self.method!r})"),
         ]
@@ -171,6 +175,30 @@ def check_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], options: D
                 raise DecodeError(
                     f"{i}: prompt of {len(ids)} tokens + max_new_tokens "
                     f"{options.max_new_tokens} exceeds the model's max length {c.max_len}")
+    if prompts:
+        check_decode_size(cfg, prompts, options, draft_cfg)
+
+
+def check_decode_size(cfg: ModelConfig, prompts: Sequence[Sequence[int]],
+                      options: DecodeOptions, draft_cfg: ModelConfig | None = None) -> None:
+    """DecodeError when one batch's largest array (a layer's KV cache, the logits) would have
+    more than INT32_MAX elements: such a decode cannot run (int32 indexing), and only fails deep
+    inside XLA (OverflowError, a RESOURCE_EXHAUSTED traceback, an abort)."""
+    per = options.rows_per_prompt
+    n = min(options.batch_size, len(prompts))  # iter_generate's rows per batch
+    rows = min(options.batch_size, 1 << (n - 1).bit_length()) * per
+    k = options.num_draft if draft_cfg is not None else 0
+    slots = cache_len(cfg, bucket(max(len(p) for p in prompts)), options.max_new_tokens, k)
+    largest = rows * max([cfg.vocab_size] + [slots * c.num_heads * c.head_dim for c in
+                                             (cfg, draft_cfg) if c is not None])
+    if largest > INT32_MAX:
+        what = {"beam": f" x {per} beams", "sample": f" x {per} samples"}.get(
+            options.method, "") if per > 1 else ""
+        raise DecodeError(
+            f"batch_size {options.batch_size}{what} x {slots} cache slots (max_new_tokens "
+            f"{options.max_new_tokens}) is too large to decode: {largest} elements in one "
+            f"array, over {INT32_MAX}; lower batch_size, num_beams / num_samples or "
+            "max_new_tokens")
 
 
 def check_draft(cfg: ModelConfig, draft_cfg: ModelConfig, options: DecodeOptions):

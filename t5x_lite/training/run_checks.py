@@ -77,16 +77,24 @@ def window_metrics(window, step_time: float | None, tokens_per_step: int, step_f
 
 
 class PreemptionFlag:
-    """SIGTERM -> save and stop. One process: our own handler. Several: jax's preemption sync
-    point, which has every process agree on the same step (the coordination service listens
-    for the signal)."""
+    """SIGTERM -> save and stop. One process: our own handler, and Ctrl-C (SIGINT) does the
+    same, once: a second Ctrl-C stops at once, without saving. Several processes: jax's
+    preemption sync point, which has every process agree on the same step (the coordination
+    service listens for the signal)."""
 
     def __init__(self):
         self._event = threading.Event()
         self._multi = jax.process_count() > 1
-        self._previous = None
+        self._previous = self._previous_int = None
         if not self._multi and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
+            self._previous_int = signal.signal(signal.SIGINT, self._interrupted)
+
+    def _interrupted(self, *_):
+        self._event.set()
+        signal.signal(signal.SIGINT, self._previous_int)  # the next Ctrl-C stops at once
+        logging.warning("Interrupted: saving a checkpoint after this step, then stopping "
+                        "(Ctrl-C again to stop without saving)")
 
     def check(self, step: int) -> bool:
         if self._multi:
@@ -101,4 +109,5 @@ class PreemptionFlag:
     def restore(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+            signal.signal(signal.SIGINT, self._previous_int)
+            self._previous = self._previous_int = None

@@ -171,6 +171,8 @@ def train(config: ml_collections.ConfigDict, workdir, *, override_config: bool =
                               batch_size=per_process_batch, seed=int(config.seed))
     abstract, shardings = train_state.state_shardings(model, tx, mesh, rules)
     init_rng, dropout_rng = jax.random.split(jax.random.key(int(config.seed)))
+    if tc.init_from and not checkpoints.all_steps(workdir):
+        checkpoints.resolve(tc.init_from)  # a bad init_from fails before the workdir is made
     mngr = checkpoints.make_train_manager(workdir, keep=int(config.checkpoint.keep),
                                           async_save=bool(config.checkpoint.async_save))
     start = mngr.latest_step()
