@@ -6,6 +6,8 @@ r"""Decode a file of prompts with a checkpoint, writing one JSON line per input.
 --checkpoint: a t5x_lite workdir / checkpoint step dir, or an HF model directory (t5x_lite.load).
 --input: `.txt` -- one prompt per line (no empty lines); `.jsonl` -- per line a JSON string, or an
   object with "inputs" (text) or "input_ids" (a list of ints; needed when there is no vocab).
+  UTF-8; lines end at '\n' only (a '\r' before it is dropped: CRLF files work; U+2028, form
+  feeds etc. stay inside the prompt); a UTF-8 byte order mark at the start is dropped.
 --output: JSONL; per input {"inputs", "output" (text, or null without a vocab), "output_ids",
   "score", "finished"} (+ "penalised_score" for beam search); for num_samples > 1 or beam search
   with num_beams > 1, output / output_ids / score / ... are lists (beams best first).
@@ -24,14 +26,23 @@ every process; rows are decoded on all processes' devices; process 0 writes --ou
 The output is flushed after every batch. Re-running the same command resumes: the complete lines
 already in --output are kept (a trailing partial line is dropped) and decoding continues with the
 next input; sampled outputs are keyed by (seed, input index), so a resumed run writes what an
-uninterrupted one would. Bad input (empty file, bad JSON line, prompt too long, bad decode
-options) stops with one error line and exit code 1 before --output is touched.
+uninterrupted one would. `<output>.meta.json` (the sidecar, written atomically before the first
+record) records what produced the output -- checkpoint (resolved workdir and step), --quantize,
+--draft and the decode options that change the results (not batch_size); a resume or re-run with
+other settings is refused, naming the fields. An output without a sidecar (older versions) is
+resumed unchecked. infer never cuts or appends to a file it did not write: an --output that is
+--input, whose complete lines are not infer records, or that is one unterminated line that does
+not start a record for the first input, is refused. Bad input (empty file, bad JSON line, prompt
+too long, bad decode options, an --output infer cannot use) stops with one error line and exit
+code 1 before --output is touched; --output and its sidecar are created only when the first
+batch's records are ready, so a decode that fails in its first batch leaves neither behind.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 import time
 from typing import Any, Sequence
@@ -71,10 +82,24 @@ class InferError(errors.UserError):
     """Bad input for infer (one-line message)."""
 
 
+SIDECAR_SUFFIX = ".meta.json"  # <output>.meta.json: what produced the output
+_WRITER = "t5x_lite.infer"  # the sidecar's "written_by"
+_RECORD_KEYS = frozenset({"inputs", "output", "output_ids", "score", "finished"})
+
+
 @dataclasses.dataclass
 class Prompt:
     inputs: Any  # the text, or the id list as given
     ids: list[int] | None  # given ids (None: encode the text)
+
+
+def split_lines(text: str) -> list[str]:
+    """Lines ending at '\n' only (not at U+2028, U+0085, form feeds, ... as `str.splitlines`);
+    a '\r' before the '\n' is dropped (CRLF), and a final '\n' does not start another line."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 def read_prompts(path) -> list[Prompt]:
@@ -84,10 +109,13 @@ def read_prompts(path) -> list[Prompt]:
         raise InferError(f"--input must be a .txt or .jsonl file, got {path}")
     if not path.exists():
         raise InferError(f"--input {path} does not exist")
+    if path.is_dir():
+        raise InferError(f"--input {path} is a directory")
     try:
-        lines = path.read_text().splitlines()
+        text = path.read_bytes().decode("utf-8")  # read_text would turn a lone '\r' into '\n'
     except UnicodeDecodeError:
         raise InferError(f"--input {path} is not UTF-8 text") from None
+    lines = split_lines(text.removeprefix("\ufeff"))  # a byte order mark is no part of a prompt
     if not lines:
         raise InferError(f"--input {path} is empty")
     prompts = []
@@ -115,30 +143,195 @@ def read_prompts(path) -> list[Prompt]:
     return prompts
 
 
-def resume_point(path, prompts: Sequence[Prompt]) -> int:
-    """How many inputs the existing output already holds; drops a trailing partial line.
+# ------------------------------------------------------------------------- the output file
+def _absolute(path) -> str:
+    path = epath.Path(path)
+    try:
+        return str(path.resolve())
+    except (OSError, RuntimeError, NotImplementedError, TypeError, ValueError):
+        return str(path)
 
-    Raises InferError when a complete line is not valid JSON or was written for another input.
+
+def _same_file(a, b) -> bool:
+    try:
+        return os.path.samefile(a, b)  # links too
+    except (OSError, TypeError, ValueError):  # one is missing, or not a local path
+        return _absolute(a) == _absolute(b)
+
+
+def check_output_path(input_path, output_path) -> None:
+    """Refuses an --output infer could not write without losing something (reads only)."""
+    out = epath.Path(output_path)
+    if _same_file(input_path, out) or _same_file(input_path, sidecar_path(out)):
+        raise InferError(f"--output {out} is the --input file; choose another --output")
+    for path in (out, sidecar_path(out)):
+        if path.is_dir():
+            raise InferError(f"--output {out}: {path} is a directory; give a file path")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InferError(f"--output {out}: {parent} is not a directory")
+
+
+def _record_start(prompt: Prompt) -> bytes:
+    """How `_record(prompt, ...)`'s JSON line begins."""
+    return ('{"inputs": ' + json.dumps(prompt.inputs, ensure_ascii=False)
+            + ', "output": ').encode("utf-8")
+
+
+def _scan_output(path, prompts: Sequence[Prompt]) -> tuple[int, int | None]:
+    """(records already in the output, bytes of it to keep) -- (0, None) when there is none.
+
+    Reads only. A trailing unterminated line is left out of the bytes to keep when it is the
+    start of the record of the next input (an interrupted write); anything else is refused:
+    infer cuts and appends only to files it wrote.
     """
     path = epath.Path(path)
     if not path.exists():
-        return 0
+        return 0, None
     data = path.read_bytes()
-    complete = data[:data.rfind(b"\n") + 1]  # a crash can only cut the last line
-    lines = complete.decode("utf-8", errors="replace").splitlines()
-    for n, line in enumerate(lines, 1):
+    keep = data.rfind(b"\n") + 1  # a crash can only cut the last line
+    lines = data[:keep].split(b"\n")[:-1]
+    foreign = f"--output {path} exists and was not written by infer"
+    for n, raw in enumerate(lines, 1):
         try:
-            item = json.loads(line)
-        except json.JSONDecodeError:
-            raise InferError(f"--output {path}:{n} is not valid JSON; not resuming into it"
-                             ) from None
-        ours = n <= len(prompts) and isinstance(item, dict)
-        if not ours or item.get("inputs") != prompts[n - 1].inputs:
+            item = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            item = None
+        if not isinstance(item, dict) or not _RECORD_KEYS <= item.keys():
+            raise InferError(f"{foreign} (line {n} is not an infer output record); choose "
+                             "another path or remove it")
+        if n > len(prompts) or item["inputs"] != prompts[n - 1].inputs:
             raise InferError(f"--output {path}:{n} was written for other inputs than --input "
                              "holds; use a new --output (or delete it)")
-    if len(complete) != len(data):
-        path.write_bytes(complete)
-    return len(lines)
+    partial = data[keep:]
+    if partial:
+        head = _record_start(prompts[len(lines)]) if len(lines) < len(prompts) else None
+        if head is None or not (head.startswith(partial) or partial.startswith(head)):
+            if not lines:
+                raise InferError(f"{foreign}; choose another path or remove it")
+            raise InferError(
+                f"--output {path}:{len(lines) + 1} is an unterminated line that does not begin "
+                f"the record of --input's line {len(lines) + 1}; not cutting it: remove it, or "
+                "choose another path")
+    return len(lines), keep
+
+
+def resume_point(path, prompts: Sequence[Prompt]) -> int:
+    """How many inputs the existing output already holds; drops a trailing partial line.
+
+    Raises InferError when the file was not written by infer (a complete line that is not an
+    output record, or a lone unterminated line that does not start one), or for other inputs.
+    """
+    done, keep = _scan_output(path, prompts)
+    _cut(path, keep)
+    return done
+
+
+def _cut(path, keep: int | None) -> None:
+    path = epath.Path(path)
+    if keep is not None and path.exists():
+        data = path.read_bytes()
+        if len(data) > keep:
+            path.write_bytes(data[:keep])
+
+
+def sidecar_path(output_path) -> epath.Path:
+    """`<output>.meta.json`: what produced the output (checkpoint, quantize, draft, decode)."""
+    out = epath.Path(output_path)
+    return out.parent / (out.name + SIDECAR_SUFFIX)
+
+
+def output_meta(checkpoint: dict, options: gen.DecodeOptions, quantize: str | None,
+                draft: dict | None) -> dict:
+    """The sidecar's content: everything that changes the records. `checkpoint` / `draft`:
+    {"path", "step"} (`_checkpoint_id`). Decode options that the method ignores are left out,
+    and so is batch_size (samples are keyed by seed and input index, not by batch)."""
+    names = ["method", "max_new_tokens"]
+    if options.method == "sample":
+        names += ["temperature", "top_k", "top_p", "num_samples", "seed"]
+    elif options.method == "beam":
+        names += ["num_beams", "alpha"]
+    if draft is not None:
+        names.append("num_draft")
+    meta = {"written_by": _WRITER, "checkpoint": checkpoint, "quantize": quantize or "none",
+            "draft": draft, "decode": {n: getattr(options, n) for n in names}}
+    return json.loads(json.dumps(meta))  # as it reads back
+
+
+def _read_sidecar(output_path) -> dict | None:
+    path = sidecar_path(output_path)
+    if not path.exists():
+        return None
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("written_by") != _WRITER:
+        raise InferError(f"--output's sidecar {path} exists and was not written by infer; "
+                         "choose another --output or remove it")
+    return meta
+
+
+def _flat(meta: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in meta.items():
+        if k == "written_by":
+            continue
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _check_same_meta(output_path, old: dict, new: dict) -> None:
+    before, now = _flat(old), _flat(new)
+
+    def shown(values, key):
+        return repr(values[key]) if key in values else "unset"
+
+    diffs = [f"{k}: {shown(before, k)} there, {shown(now, k)} now"
+             for k in [*now, *(k for k in before if k not in now)]
+             if (k in before, before.get(k)) != (k in now, now.get(k))]
+    if diffs:
+        raise InferError(f"--output {output_path} was written with other settings "
+                         f"({'; '.join(diffs)}); re-run with those, or choose another --output")
+
+
+def _write_sidecar(output_path, meta: dict) -> None:
+    """Atomically (a temp file renamed over it)."""
+    path = sidecar_path(output_path)
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    tmp.replace(path)
+
+
+@dataclasses.dataclass
+class _Resume:
+    done: int  # records already in --output
+    keep: int | None = None  # bytes of --output to keep (None: none there)
+    write_sidecar: bool = False  # (re)write <output>.meta.json before the first record
+
+
+def _plan_resume(output_path, prompts: Sequence[Prompt], meta: dict) -> _Resume:
+    done, keep = _scan_output(output_path, prompts)
+    old = _read_sidecar(output_path)
+    if done and old is not None:
+        _check_same_meta(output_path, old, meta)
+    # Records already there without a sidecar: from an older infer; resumed unchecked, as then.
+    return _Resume(done, keep, write_sidecar=not done)
+
+
+def _start_output(output_path, plan: _Resume, meta: dict):
+    """Sidecar (if due), cut partial line, then --output opened for appending (bytes)."""
+    out = epath.Path(output_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if plan.write_sidecar:
+        _write_sidecar(out, meta)
+    _cut(out, plan.keep)
+    return out.open("ab")
 
 
 def _record(prompt: Prompt, result) -> dict:
@@ -152,19 +345,35 @@ def _record(prompt: Prompt, result) -> dict:
     return {"inputs": prompt.inputs, **fields}
 
 
+def _checkpoint_id(path) -> dict:
+    """{"path": absolute workdir (or HF directory), "step": the step load reads (HF: None)}."""
+    from t5x_lite import checkpoints, hf_interop
+
+    if hf_interop.is_hf_dir(path):
+        return {"path": _absolute(path), "step": None}
+    workdir, step = checkpoints.resolve(path)
+    return {"path": _absolute(workdir), "step": step}
+
+
 def run(checkpoint, input_path, output_path, decode_overrides: dict | None = None,
         draft_path=None, log=sys.stderr, quantize: str | None = None,
         mesh: str | None = None) -> int:
     """Decodes every input not yet in `output_path`; returns how many lines it wrote.
 
     `mesh`: 'data,fsdp,tensor' (the --mesh flag); None: -1,1,1 (every device, data-parallel).
+    Every check (inputs, options, prompts, --output and its sidecar) comes before anything is
+    written; --output and its sidecar are created once the first batch's records are ready.
     """
     from t5x_lite import api, partitioning  # the loader pulls in orbax; keep `--help` fast
 
     device_mesh = partitioning.make_mesh(*partitioning.parse_mesh(mesh or "-1,1,1"))
     prompts = read_prompts(input_path)
-    loaded = api.load(checkpoint, quantize=quantize, mesh=device_mesh)
-    draft = api.load(draft_path, mesh=device_mesh) if draft_path else None
+    check_output_path(input_path, output_path)
+    target_id = _checkpoint_id(checkpoint)
+    draft_id = _checkpoint_id(draft_path) if draft_path else None
+    loaded = api.load(checkpoint, quantize=quantize, mesh=device_mesh, step=target_id["step"])
+    draft = (api.load(draft_path, mesh=device_mesh, step=draft_id["step"]) if draft_path
+             else None)
     options = gen.decode_options(loaded, **(decode_overrides or {}))
     ids = [p.ids if p.ids is not None else gen.encode_prompts(loaded, inputs=[p.inputs])[0]
            for p in prompts]
@@ -175,25 +384,26 @@ def run(checkpoint, input_path, output_path, decode_overrides: dict | None = Non
         gen.check_draft(cfg, draft_cfg, options)
     gen.check_prompts(cfg, ids, options, draft_cfg,
                       labels=[f"{input_path}:{n}" for n in range(1, len(ids) + 1)])
+    meta = output_meta(target_id, options, quantize, draft_id)
     main_process = distributed.is_coordinator()  # the one that writes --output and progress
     say = (lambda message: print(message, file=log)) if main_process else (lambda message: None)
-    done = _agreed_resume_point(output_path, prompts)
-    total = len(prompts)
+    plan = _agreed_resume_plan(output_path, prompts, meta)
+    done, total = plan.done, len(prompts)
     if done == total:
         say(f"infer: all {total} inputs already in {output_path}; nothing to do")
         return 0
     if done:
         say(f"infer: resuming after {done} of {total} inputs")
-    out_path = epath.Path(output_path)
-    if main_process:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
     start, written = time.time(), 0
-    with out_path.open("a") if main_process else contextlib.nullcontext() as f:
+    with contextlib.ExitStack() as stack:
+        f = None
         for batch in gen.iter_generate(loaded, ids[done:], options, draft=draft, first_index=done):
-            if f is not None:
+            if main_process:
+                if f is None:  # only now: a decode that fails leaves no --output behind
+                    f = stack.enter_context(_start_output(output_path, plan, meta))
                 lines = [json.dumps(_record(prompts[done + written + i], r), ensure_ascii=False)
                          for i, r in enumerate(batch)]
-                f.write("".join(line + "\n" for line in lines))
+                f.write("".join(line + "\n" for line in lines).encode("utf-8"))
                 f.flush()
             written += len(batch)
             rate = written / max(time.time() - start, 1e-9)
@@ -201,20 +411,21 @@ def run(checkpoint, input_path, output_path, decode_overrides: dict | None = Non
     return written
 
 
-def _agreed_resume_point(path, prompts: Sequence[Prompt]) -> int:
-    """`resume_point` as process 0 (the writer of --output) finds it, on every process."""
-    error, done = None, 0
+def _agreed_resume_plan(path, prompts: Sequence[Prompt], meta: dict) -> _Resume:
+    """`_plan_resume` as process 0 (the writer of --output) finds it; its `done` on every
+    process."""
+    error, plan = None, _Resume(0)
     if distributed.is_coordinator():
         try:
-            done = resume_point(path, prompts)
+            plan = _plan_resume(path, prompts, meta)
         except InferError as e:
-            error, done = e, -1
-    done = distributed.agree(done)
+            error, plan = e, _Resume(-1)
+    done = distributed.agree(plan.done)
     if error is not None:
         raise error
     if done < 0:
         raise InferError(f"process 0 cannot resume into --output {path} (see its error)")
-    return done
+    return plan if distributed.is_coordinator() else _Resume(done)
 
 
 def main(argv):

@@ -1,6 +1,7 @@
 """`python -m t5x_lite.infer`: output lines, resume after a cut, and bad input."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 import decoding_testlib
 from t5x_lite import checkpoints
 from t5x_lite import config as config_lib
+from t5x_lite import errors
 from t5x_lite import infer
 from t5x_lite.data import testing
 from t5x_lite.decoding import generate as gen
@@ -111,7 +113,9 @@ def test_bad_input_fails_before_writing(workdir, tmp_path, content, overrides, m
 
 def test_output_of_other_inputs_is_not_resumed(workdir, prompts_txt, tmp_path):
     out = tmp_path / "out.jsonl"
-    out.write_text(json.dumps({"inputs": "something else"}) + "\n")
+    record = {"inputs": "something else", "output": "x", "output_ids": [5], "score": -1.0,
+              "finished": False}
+    out.write_text(json.dumps(record) + "\n")
     with pytest.raises(infer.InferError, match="other inputs"):
         infer.run(workdir, prompts_txt, out, {}, log=open(os.devnull, "w"))
 
@@ -171,3 +175,169 @@ def test_command_line(workdir, prompts_txt, tmp_path):
     assert bad_mesh.returncode != 0 and not (tmp_path / "b").exists()
     assert bad_mesh.stderr.strip().splitlines() == [
         "infer: error: Mesh (data, fsdp, tensor)=(2, 1, 1) needs 2 devices but 1 are available"]
+
+
+# ---------------------------------------------------------------- files infer did not write
+_NOT_OURS = "exists and was not written by infer; choose another path or remove it"
+
+
+@pytest.mark.parametrize("content", [
+    "precious notes without a final newline",  # one unterminated line: was cut to nothing
+    "line one\nline two",  # complete lines that are not records + an unterminated one
+    "line one\nline two\n",
+    '{"inputs": "a"}',  # a one-line copy of a .jsonl input: not the start of a record
+    '{"inputs": "a"}\n{"inputs": "b"}',
+])
+def test_files_infer_did_not_write_are_never_cut(tmp_path, content):
+    out = tmp_path / "notes.jsonl"
+    out.write_text(content)
+    prompts = [infer.Prompt("a", None), infer.Prompt("b", None)]
+    with pytest.raises(infer.InferError, match="was not written by infer"):
+        infer.resume_point(out, prompts)
+    assert out.read_text() == content
+
+
+def test_output_that_is_the_input_or_a_foreign_file_is_refused(workdir, tmp_path):
+    src = tmp_path / "x.jsonl"
+    src.write_text('{"inputs": "a"}\n{"inputs": "b"}')  # no final newline
+    for output in (src, tmp_path / "." / "x.jsonl"):
+        with pytest.raises(infer.InferError, match="is the --input file"):
+            infer.run(workdir, src, output, {}, log=open(os.devnull, "w"))
+    assert src.read_text() == '{"inputs": "a"}\n{"inputs": "b"}'
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious")
+    with pytest.raises(infer.InferError) as e:
+        infer.run(workdir, src, notes, {}, log=open(os.devnull, "w"))
+    assert str(e.value) == f"--output {notes} {_NOT_OURS}"
+    assert notes.read_text() == "precious"
+    assert not infer.sidecar_path(notes).exists()
+
+
+def test_an_interrupted_first_record_is_still_cut(workdir, prompts_txt, tmp_path):
+    out = tmp_path / "out.jsonl"
+    infer.run(workdir, prompts_txt, out, {}, log=open(os.devnull, "w"))
+    full = out.read_bytes()
+    prompts = infer.read_prompts(prompts_txt)
+    for cut in (1, 12, full.index(b"\n")):  # inside "inputs", after it, just the newline lost
+        out.write_bytes(full[:cut])
+        assert infer.resume_point(out, prompts) == 0
+        assert out.read_bytes() == b""
+    out.write_bytes(full[:full.index(b"\n") + 1] + b"junk")  # a record + foreign junk
+    with pytest.raises(infer.InferError, match="unterminated line"):
+        infer.resume_point(out, prompts)
+
+
+# ---------------------------------------------------------------- the sidecar
+def test_sidecar_refuses_other_settings(workdir, prompts_txt, tmp_path):
+    out, quiet = tmp_path / "out.jsonl", open(os.devnull, "w")
+    greedy = {"method": "greedy", "max_new_tokens": 3}
+    assert infer.run(workdir, prompts_txt, out, greedy, log=quiet) == 5
+    meta = json.loads(infer.sidecar_path(out).read_text())
+    assert meta == {"written_by": "t5x_lite.infer",
+                    "checkpoint": {"path": str(workdir.resolve()), "step": 1},
+                    "quantize": "none", "draft": None,
+                    "decode": {"method": "greedy", "max_new_tokens": 3}}
+    full = out.read_text()
+
+    # A complete output: another setting is no "nothing to do".
+    with pytest.raises(infer.InferError) as e:
+        infer.run(workdir, prompts_txt, out, {**greedy, "max_new_tokens": 4}, log=quiet)
+    assert str(e.value) == (
+        f"--output {out} was written with other settings (decode.max_new_tokens: 3 there, 4 "
+        "now); re-run with those, or choose another --output")
+    with pytest.raises(infer.InferError, match="quantize: 'none' there, 'int8' now"):
+        infer.run(workdir, prompts_txt, out, greedy, log=quiet, quantize="int8")
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    with pytest.raises(infer.InferError, match=f"checkpoint.path: '{workdir.resolve()}' there"):
+        infer.run(copy, prompts_txt, out, greedy, log=quiet)
+
+    # Interrupted: resuming with other options would mix greedy and beam records.
+    out.write_text("".join(full.splitlines(keepends=True)[:2]) + full.splitlines()[2][:9])
+    cut = out.read_text()
+    with pytest.raises(infer.InferError, match="decode.method: 'greedy' there, 'beam' now"):
+        infer.run(workdir, prompts_txt, out, {"method": "beam", "num_beams": 2}, log=quiet)
+    assert out.read_text() == cut  # not even the partial line is cut
+    # batch_size does not change what is written: resuming with another one is fine.
+    assert infer.run(workdir, prompts_txt, out, {**greedy, "batch_size": 1}, log=quiet) == 3
+    assert [x["output_ids"] for x in _lines(out)] == [
+        json.loads(x)["output_ids"] for x in full.splitlines()]
+
+    # An output without a sidecar (an older infer) resumes unchecked, as before.
+    infer.sidecar_path(out).unlink()
+    out.write_text("".join(full.splitlines(keepends=True)[:4]))
+    assert infer.run(workdir, prompts_txt, out, {**greedy, "max_new_tokens": 2}, log=quiet) == 1
+    assert not infer.sidecar_path(out).exists()
+
+    # A file at the sidecar's path that infer did not write is never overwritten.
+    fresh = tmp_path / "fresh.jsonl"
+    infer.sidecar_path(fresh).write_text("my notes")
+    with pytest.raises(infer.InferError, match="sidecar .* was not written by infer"):
+        infer.run(workdir, prompts_txt, fresh, greedy, log=quiet)
+    assert infer.sidecar_path(fresh).read_text() == "my notes" and not fresh.exists()
+
+
+# ---------------------------------------------------------------- lines, BOM
+def test_lines_end_at_newline_only(workdir, tmp_path):
+    src = tmp_path / "p.txt"
+    odd = "hello\x0cworld\u2028x\x1cy\x85z\x0bw\rv"  # all line breaks to str.splitlines
+    src.write_bytes((odd + "\r\nsecond\n").encode())
+    assert [p.inputs for p in infer.read_prompts(src)] == [odd, "second"]
+
+    # Output written with ensure_ascii=False holds U+2028 raw; it resumes.
+    src = tmp_path / "p.jsonl"
+    src.write_text(json.dumps("a\u2028b") + "\n" + json.dumps("c\x85d") + "\n")
+    out = tmp_path / "out.jsonl"
+    assert infer.run(workdir, src, out, {"max_new_tokens": 2}, log=open(os.devnull, "w")) == 2
+    assert "\u2028" in out.read_text()
+    assert infer.resume_point(out, infer.read_prompts(src)) == 2
+    assert infer.run(workdir, src, out, {"max_new_tokens": 2}, log=open(os.devnull, "w")) == 0
+
+
+def test_byte_order_mark_is_dropped(tmp_path):
+    txt, jsonl = tmp_path / "p.txt", tmp_path / "p.jsonl"
+    txt.write_bytes(b"\xef\xbb\xbfhello\nworld\n")
+    jsonl.write_bytes(b'\xef\xbb\xbf{"inputs": "hello"}\n"world"\n')
+    for path in (txt, jsonl):
+        assert [p.inputs for p in infer.read_prompts(path)] == ["hello", "world"]
+
+
+# ---------------------------------------------------------------- nothing written on failure
+@pytest.fixture(scope="module")
+def t5_workdir(tmp_path_factory):
+    """A tiny T5 (no max_len limit on new tokens, unlike a GPT's prompt + new tokens)."""
+    vocab = testing.tiny_vocab(400)
+    cfg = config_lib.t5_1_1(vocab_size=vocab.padded_vocab_size, d_model=32, num_heads=2,
+                            head_dim=16, d_ff=48, num_layers=1, max_len=64)
+    path = tmp_path_factory.mktemp("t5")
+    checkpoints.write_config(path, base_config(cfg, objective="span_corruption", seq_len=64))
+    checkpoints.save_params(path, decoding_testlib.random_params(cfg, seed=4), step=1)
+    vocab.copy_to(path)
+    return path
+
+
+def test_a_failing_decode_writes_nothing(workdir, t5_workdir, prompts_txt, tmp_path,
+                                         monkeypatch):
+    # An absurd value that no check catches yet fails inside the first batch (the audit's
+    # OverflowError; a DecodeError once DecodeOptions bounds it): no empty --output.
+    out = tmp_path / "out.jsonl"
+    with pytest.raises((OverflowError, errors.UserError)):
+        infer.run(t5_workdir, prompts_txt, out, {"max_new_tokens": 99999999999999999999},
+                  log=open(os.devnull, "w"))
+    assert not out.exists() and not infer.sidecar_path(out).exists()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    infer.run(workdir, prompts_txt, out, {"max_new_tokens": 2}, log=open(os.devnull, "w"))
+    interrupted = "".join(out.read_text().splitlines(keepends=True)[:2]) + '{"inpu'
+    out.write_text(interrupted)
+    sidecar = infer.sidecar_path(out).read_text()
+    monkeypatch.setattr(gen, "decode_batch", broken)
+    for target in (out, tmp_path / "new.jsonl"):
+        with pytest.raises(RuntimeError, match="out of memory"):
+            infer.run(workdir, prompts_txt, target, {"max_new_tokens": 2},
+                      log=open(os.devnull, "w"))
+    assert out.read_text() == interrupted and infer.sidecar_path(out).read_text() == sidecar
+    assert not (tmp_path / "new.jsonl").exists()
+    assert not infer.sidecar_path(tmp_path / "new.jsonl").exists()
