@@ -10,11 +10,18 @@
 The workdir gets `config.json` (a full run config, ready for `t5x_lite.train` fine-tuning),
 a params-only checkpoint at step 0, `vocab.model` (from `spiece.model`, when present) and
 `hf_config.json` (the source config, so `--to_hf` writes back its token ids and extras).
+The HF directory gets `config.json`, `model.safetensors` and (T5 with a vocabulary)
+`spiece.model`; re-exporting into an earlier export (or any HF directory whose weights are one
+`model.safetensors`) replaces those files and leaves the others. Refused, before anything is
+written: `--out` being the workdir, inside its `checkpoints/` or any t5x_lite workdir; an `--out`
+holding another model's weights in other files (shards, pickles) or a `config.json` that is no
+HF config; `--from_hf` into an HF directory (its own included) or a workdir with checkpoints.
 Errors (missing files, pickle checkpoints, unsupported models) print one line and exit 1.
 """
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Mapping
 
 import numpy as np
@@ -33,6 +40,94 @@ _T5_MLPS_OUT = {"relu": "relu", "gated-gelu": "gated-gelu", "gated-silu": "gated
                 "swiglu": "gated-silu", "gelu": "gelu_new"}
 
 
+# Weight files of an HF directory other than the one model.safetensors `--to_hf` writes: a
+# directory holding any of them would hold two models after an export.
+_OTHER_WEIGHTS = (hf_interop.SAFETENSORS_INDEX, "tf_model.h5", "flax_model.msgpack")
+
+
+class ConvertError(InteropError):
+    """A --workdir / --out that convert must not write into (one line)."""
+
+
+def _local(path) -> epath.Path:
+    """An epath.Path; local paths made absolute, so that two spellings of one path compare."""
+    text = os.fspath(path)
+    return epath.Path(text if "://" in text else os.path.realpath(text))
+
+
+def check_writable_dir(path, flag: str) -> epath.Path:
+    """`path` as a directory to write into: neither it nor its nearest existing ancestor may be
+    a file (mkdir would report a bare '[Errno 17] File exists' / '[Errno 20] Not a directory')."""
+    path = epath.Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConvertError(f"{flag} {path} is a file, not a directory")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConvertError(f"{flag} {path}: its parent {parent} is a file, not a "
+                                   "directory")
+            break
+    return path
+
+
+def _config_json(directory: epath.Path) -> dict | None:
+    """The config.json of `directory` as a dict, {} when it is not a JSON object, None when
+    there is none."""
+    path = directory / hf_interop.HF_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, OSError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _is_workdir(directory: epath.Path) -> bool:
+    """A t5x_lite workdir: checkpoints/, or a run config.json (one with a `model` section)."""
+    config = _config_json(directory)
+    return ((directory / checkpoints.CHECKPOINT_DIR).exists()
+            or (config is not None and isinstance(config.get("model"), dict)))
+
+
+def check_hf_out(out, workdir) -> None:
+    """Refuses an --out that writing an HF directory into would break or mix up. An HF model
+    whose weights are one model.safetensors (an earlier export: a re-run) is fine: the export
+    replaces its config.json and model.safetensors."""
+    out = check_writable_dir(out, "--out")
+    target, work = _local(out), _local(workdir)
+    if target == work:
+        raise ConvertError(f"--out {out} is the workdir itself, which the HF config.json would "
+                           "break; give the HF directory a path of its own")
+    ckpts = work / checkpoints.CHECKPOINT_DIR
+    if target == ckpts or ckpts in target.parents:
+        raise ConvertError(f"--out {out} is inside the workdir's {checkpoints.CHECKPOINT_DIR}/; "
+                           "give the HF directory a path of its own")
+    if not out.exists():
+        return
+    if _is_workdir(out):
+        raise ConvertError(f"--out {out} is a t5x_lite workdir, which the HF config.json would "
+                           "break; give the HF directory a path of its own")
+    others = sorted(p.name for p in out.iterdir() if p.is_file() and (
+        p.name in _OTHER_WEIGHTS or p.name.endswith(hf_interop.PICKLE_SUFFIXES)
+        or (p.name.startswith("model-") and p.name.endswith(".safetensors"))))
+    if others:
+        raise ConvertError(f"--out {out} holds another model's weights ({', '.join(others[:3])})"
+                           "; export into a new or empty directory (or an earlier --to_hf "
+                           "export, which is replaced)")
+    config = _config_json(out)
+    if config is not None and "model_type" not in config:
+        raise ConvertError(f"--out {out} holds a {hf_interop.HF_CONFIG} that is not a Hugging "
+                           "Face model config; export into a new or empty directory")
+
+
+def _write_atomic(path: epath.Path, data: bytes) -> None:
+    """Temp file + rename: `path` is the old file or the new one, never half of one."""
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)  # epath's rename refuses to overwrite (a re-export)
+
+
 def write_hf_dir(path, hf_cfg: dict, tensors: Mapping[str, np.ndarray]) -> None:
     """Writes config.json + model.safetensors (float32) that `from_pretrained` loads."""
     path = epath.Path(path)
@@ -40,8 +135,9 @@ def write_hf_dir(path, hf_cfg: dict, tensors: Mapping[str, np.ndarray]) -> None:
     data = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
     # transformers rejects safetensors files without format metadata.
     blob = safetensors.numpy.save(data, metadata={"format": "pt"})
-    (path / hf_interop.SAFETENSORS).write_bytes(blob)
-    (path / hf_interop.HF_CONFIG).write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
+    _write_atomic(path / hf_interop.SAFETENSORS, blob)
+    _write_atomic(path / hf_interop.HF_CONFIG,
+                  json.dumps(hf_cfg, indent=2, sort_keys=True).encode())
 
 
 def hf_config_from_model(cfg: ModelConfig, base: Mapping[str, Any] | None = None) -> dict:
@@ -97,10 +193,18 @@ def _gpt2_exportable(cfg: ModelConfig) -> bool:
 
 def hf_to_workdir(hf_dir, workdir, *, scan_layers: bool = False) -> ModelConfig:
     """Writes the HF model in `hf_dir` as a t5x_lite workdir; returns its ModelConfig."""
-    cfg, params, hf_cfg, vocab = hf_interop.from_hf(hf_dir, scan_layers=scan_layers)
-    workdir = epath.Path(workdir)
+    workdir = check_writable_dir(workdir, "--workdir")
+    if _local(workdir) == _local(hf_dir):
+        raise ConvertError(f"--workdir {workdir} is the --from_hf directory; convert into a new "
+                           "directory")
     if checkpoints.all_steps(workdir):
         raise InteropError(f"{workdir} already holds checkpoints; convert into a new directory")
+    config = _config_json(workdir)
+    if config is not None and not isinstance(config.get("model"), dict):
+        raise ConvertError(f"--workdir {workdir} holds a {checkpoints.CONFIG_FILE} that is not a "
+                           "t5x_lite run config (an HF model?), which the conversion would "
+                           "replace; convert into a new directory")
+    cfg, params, hf_cfg, vocab = hf_interop.from_hf(hf_dir, scan_layers=scan_layers)
     checkpoints.write_config(workdir, hf_interop.run_config_for(cfg))
     (workdir / HF_SOURCE_CONFIG).write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
     if vocab is not None:
@@ -122,8 +226,15 @@ def restore_numpy_params(workdir, step: int, cfg: ModelConfig):
 
 
 def workdir_to_hf(path, out_dir, *, step: int | None = None) -> ModelConfig:
-    """Writes the checkpoint at `path` (latest step unless `step`) as an HF directory."""
+    """Writes the checkpoint at `path` (latest step unless `step`) as an HF directory.
+
+    Refuses (ConvertError, before writing anything) an `out_dir` that is a t5x_lite workdir
+    (`path`'s own included) or holds another model (see `check_hf_out`); an earlier export
+    there is replaced."""
+    if epath.Path(path).is_file():
+        raise ConvertError(f"--workdir {path} is a file, not a t5x_lite workdir")
     workdir, latest = checkpoints.resolve(path)
+    check_hf_out(out_dir, workdir)
     step = latest if step is None else step
     if step not in checkpoints.all_steps(workdir):
         raise checkpoints.CheckpointError(f"No checkpoint for step {step} in {workdir}; "
@@ -167,11 +278,19 @@ def _run() -> str:
         return f"wrote t5x_lite workdir {FLAGS.workdir} ({cfg.family}, vocab {cfg.vocab_size})"
     if not FLAGS.out:
         raise ConfigError("--to_hf needs --out=DIR")
+    out = epath.Path(FLAGS.out)
+    replaced = out.is_dir() and any(
+        (out / name).exists() for name in (hf_interop.HF_CONFIG, hf_interop.SAFETENSORS))
     cfg = workdir_to_hf(FLAGS.workdir, FLAGS.out, step=FLAGS.step)
-    return f"wrote HF directory {FLAGS.out} ({cfg.family}, vocab {cfg.vocab_size})"
+    return (f"wrote HF directory {FLAGS.out} ({cfg.family}, vocab {cfg.vocab_size})"
+            + ("; replaced the model that was there" if replaced else ""))
 
 
 def main(argv):
+    from absl import logging
+
+    if not FLAGS["verbosity"].present:
+        cli.quiet_console(logging.WARNING)  # orbax logs a page per restore / save at INFO
     try:
         if len(argv) > 1:
             raise ConfigError(f"unexpected arguments {argv[1:]}")

@@ -60,6 +60,9 @@ def estimate(config: ml_collections.ConfigDict, *, mesh: tuple[int, int, int] | 
     """
     if not 0 < mfu <= 1:
         raise EstimateError(f"--mfu must be in (0, 1], got {mfu}")
+    if num_devices is not None and num_devices < 1:
+        raise EstimateError(f"--num_devices must be >= 1, got {num_devices}")
+    check_run_numbers(config)
     accelerators = list(ef.ACCELERATORS) if accelerators is None else accelerators
     unknown = [a for a in accelerators if a not in ef.ACCELERATORS]
     if unknown:
@@ -116,6 +119,26 @@ def estimate(config: ml_collections.ConfigDict, *, mesh: tuple[int, int, int] | 
                             "tokens": budget.tokens, "steps": budget.steps, "flops": budget.flops},
         "accelerators": per_accel,
     }
+
+
+def check_run_numbers(config: ml_collections.ConfigDict) -> None:
+    """The config numbers the plan divides by or multiplies with, checked as the trainer checks
+    them (a zero batch would divide by zero, a negative one report negative times)."""
+    tc = config.train
+    for key, value, least in (("train.batch_size", int(tc.batch_size), 1),
+                              ("train.microbatches", int(tc.microbatches), 1),
+                              ("train.num_steps", int(tc.num_steps), 0)):
+        if value < least:
+            raise EstimateError(f"{key} must be >= {least}, got {value}")
+    if int(tc.batch_size) % int(tc.microbatches):
+        raise EstimateError(f"train.batch_size={tc.batch_size} is not divisible by "
+                            f"train.microbatches={tc.microbatches} (the trainer requires it)")
+    s, t = sequence_lengths(config)
+    names = {"t5": ("data.inputs_length", "data.targets_length"),
+             "bert": ("data.inputs_length",)}.get(config.model.family, ("data.seq_len",))
+    for key, value in zip(names, (s, t)):
+        if value < 2:  # as DataConfig checks
+            raise EstimateError(f"{key} must be >= 2, got {value}")
 
 
 def verify(config: ml_collections.ConfigDict, mesh: tuple[int, int, int] | None = None) -> dict:
@@ -250,7 +273,8 @@ def format_report(r: dict, config_name: str = "") -> str:
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        cli.exit_with("estimate", f"unexpected arguments {argv[1:]}")
     if _CONFIG.value is None:
         cli.exit_with("estimate", "--config is required (e.g. --config=configs/t5_small.py)")
     config = _CONFIG.value

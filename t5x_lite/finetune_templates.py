@@ -74,6 +74,23 @@ class InstructionTemplate:
         return {"inputs": self.prompt(instruction, input), "targets": response.strip()}
 
 
+def jsonl_lines(path, error: type[errors.UserError]) -> list[str]:
+    """The lines of a UTF-8 JSONL file (a leading BOM dropped), split at '\\n' only (a trailing
+    '\\r' dropped): str.splitlines() would also split inside JSON strings, at a raw U+2028,
+    U+2029 or U+0085. Raises `error` naming the file and line of the first non-UTF-8 byte."""
+    path = epath.Path(path)
+    if path.is_dir():
+        raise error(f"{path} is a directory, not a JSONL file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = e.object.count(b"\n", 0, e.start) + 1  # e.object: the bytes after a BOM
+        raise error(f"{path} is not UTF-8 text (line {line}: byte {e.object[e.start]:#04x})"
+                    ) from None
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def convert_instruction_jsonl(src, dst, template: InstructionTemplate = InstructionTemplate(),
                               *, instruction_key: str = "instruction", input_key: str = "input",
                               response_key: str = "output") -> int:
@@ -81,13 +98,13 @@ def convert_instruction_jsonl(src, dst, template: InstructionTemplate = Instruct
 
     Written to a temp file and renamed, so `dst` is complete or absent. Returns the number of
     records. Raises TemplateError naming file:line for bad JSON, missing / non-string fields,
-    empty instructions or responses, or an input without records.
+    empty instructions or responses, non-UTF-8 bytes, or an input without records.
     """
     src, dst = epath.Path(src), epath.Path(dst)
     if not src.exists():
         raise TemplateError(f"{src} does not exist")
     out = []
-    for n, line in enumerate(src.read_text().splitlines(), 1):
+    for n, line in enumerate(jsonl_lines(src, TemplateError), 1):
         if not line.strip():
             continue
         where = f"{src}:{n}"
@@ -156,7 +173,8 @@ class PromptCompletion(grain.transforms.Map):
 def main(argv):
     from absl import flags
 
-    del argv
+    if len(argv) > 1:
+        cli.exit_with("finetune_templates", f"unexpected arguments {argv[1:]}")
     f = flags.FLAGS
     try:
         n = convert_instruction_jsonl(f.input, f.output, instruction_key=f.instruction_key,

@@ -254,7 +254,8 @@ def train_vocab(files_or_texts, model_prefix: PathLike, vocab_size: int, *,
         files_or_texts: a str of comma-separated glob patterns, or an iterable whose
             `os.PathLike` items are files and whose `str` items are texts. Each non-empty line
             is one training sentence.
-        model_prefix: output prefix (local or gs://).
+        model_prefix: output prefix (local or gs://): `/tmp/spm` writes `/tmp/spm.model`; a
+            prefix ending in `/` is refused (it would write a hidden `.model`).
         vocab_size: sentencepiece pieces, without sentinels. Byte fallback needs 256 + 3 +
             the corpus' distinct characters at least.
 
@@ -262,9 +263,11 @@ def train_vocab(files_or_texts, model_prefix: PathLike, vocab_size: int, *,
         Path of the written `.model` file.
 
     Raises:
-        VocabularyError: empty input, or a vocab_size the corpus cannot support.
+        VocabularyError: empty input, a vocab_size the corpus cannot support, or a
+            model_prefix that names a directory (checked before training).
         FileNotFoundError: a glob matched nothing.
     """
+    out = _model_path(model_prefix)
     lines = _iter_lines(files_or_texts)
     first = next(lines, None)
     if first is None:
@@ -287,9 +290,30 @@ def train_vocab(files_or_texts, model_prefix: PathLike, vocab_size: int, *,
                 num_threads=num_threads or os.cpu_count() or 1)
     except RuntimeError as e:
         raise VocabularyError(_explain_training_error(str(e), vocab_size)) from None
-    out = epath.Path(str(model_prefix) + ".model")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(model.getvalue())
+    return out
+
+
+def _model_path(model_prefix: PathLike) -> epath.Path:
+    """`{model_prefix}.model`, checked before training: a prefix that names a directory
+    (`dir/`) would write a hidden `dir/.model`; a file among its parents fails to mkdir."""
+    prefix = os.fspath(model_prefix)
+    if not prefix.strip():
+        raise VocabularyError("--model_prefix is empty; give e.g. /tmp/spm to write /tmp/spm.model")
+    if prefix.endswith(("/", os.sep)):
+        raise VocabularyError(f"--model_prefix {prefix!r} names a directory, not a file prefix; "
+                              f"give e.g. {prefix.rstrip('/' + os.sep) + '/spm'!r} to write "
+                              "spm.model there")
+    out = epath.Path(prefix + ".model")
+    if out.is_dir():
+        raise VocabularyError(f"--model_prefix {prefix!r}: {out} is a directory")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise VocabularyError(f"--model_prefix {prefix!r}: {parent} is a file, not a "
+                                      "directory")
+            break
     return out
 
 
@@ -308,7 +332,8 @@ def _explain_training_error(msg: str, vocab_size: int) -> str:
 def main(argv):
     from absl import flags  # only the CLI defines flags, so importing this module is free
 
-    del argv
+    if len(argv) > 1:
+        cli.exit_with("vocab", f"unexpected arguments {argv[1:]}")
     f = flags.FLAGS
     try:
         path = train_vocab(f.input, f.model_prefix, f.vocab_size, model_type=f.model_type,

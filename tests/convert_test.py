@@ -1,6 +1,7 @@
 """`python -m t5x_lite.convert`: HF -> workdir -> HF round trips that transformers loads."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -86,6 +87,8 @@ def test_cli_converts_both_ways(hf_models, tmp_path):
     r = _cli("--to_hf", f"--workdir={tmp_path / 'w'}", f"--out={tmp_path / 'hf'}")
     assert r.returncode == 0, r.stderr
     assert "wrote HF directory" in r.stdout
+    # orbax's INFO page per restore / save stays off the console, as in the other CLIs.
+    assert not re.findall(r"^I\d{4} .*", r.stderr, re.M), r.stderr[-2000:]
     back = _from_pretrained("gpt2", tmp_path / "hf")
     inputs, mask, want = ref.hf_logits("gpt2", hf_models["gpt2"][0])
     assert ref.masked_max_abs_diff(ref.hf_forward("gpt2", back, inputs), want, mask) == 0.0
@@ -127,3 +130,91 @@ def test_models_without_hf_equivalent_are_refused():
     with pytest.raises(hf_interop.InteropError, match="No HF equivalent"):
         convert.hf_config_from_model(gpt_modern(vocab_size=64, d_model=32, num_heads=2,
                                                 head_dim=16, d_ff=64, num_layers=1))
+
+
+def test_to_hf_refuses_an_out_that_would_break_a_workdir_or_mix_models(hf_models, tmp_path):
+    workdir, other = tmp_path / "workdir", tmp_path / "other"
+    convert.hf_to_workdir(hf_models["gpt2"][1], workdir)
+    convert.hf_to_workdir(hf_models["gpt2"][1], other)
+    run_config = (workdir / "config.json").read_bytes()
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    pickles, foreign = tmp_path / "pickles", tmp_path / "foreign"
+    pickles.mkdir()
+    (pickles / "pytorch_model.bin").write_bytes(b"weights")
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"learning_rate": 1}')
+    for out, message in [
+        (workdir, "is the workdir itself"),
+        (str(workdir) + "/", "is the workdir itself"),
+        (workdir / "checkpoints" / "hf", "inside the workdir's checkpoints/"),
+        (other, "is a t5x_lite workdir"),
+        (afile, "is a file, not a directory"),
+        (afile / "x", f"its parent {afile} is a file"),
+        (pickles, r"holds another model's weights \(pytorch_model.bin\)"),
+        (foreign, "not a Hugging Face model config"),
+    ]:
+        with pytest.raises(hf_interop.InteropError, match=message):
+            convert.workdir_to_hf(workdir / "checkpoints" / "0", out)
+    # Nothing was written anywhere.
+    assert (workdir / "config.json").read_bytes() == run_config
+    assert sorted(p.name for p in workdir.iterdir()) == [
+        "checkpoints", "config.json", "hf_config.json"]
+    assert not (other / "model.safetensors").exists() and afile.read_text() == "keep"
+    assert sorted(p.name for p in pickles.iterdir()) == ["pytorch_model.bin"]
+    assert (foreign / "config.json").read_text() == '{"learning_rate": 1}'
+    with pytest.raises(hf_interop.InteropError, match="is a file, not a t5x_lite workdir"):
+        convert.workdir_to_hf(afile, tmp_path / "hf")
+
+
+def test_to_hf_replaces_an_earlier_export(hf_models, tmp_path):
+    workdir, out = tmp_path / "workdir", tmp_path / "hf"
+    convert.hf_to_workdir(hf_models["gpt2"][1], workdir)
+    convert.workdir_to_hf(workdir, out)
+    want = {name: (out / name).read_bytes() for name in ("config.json", "model.safetensors")}
+    (out / "config.json").write_text('{"model_type": "gpt2", "stale": true}')
+    (out / "model.safetensors").write_bytes(b"stale")
+    (out / "README.md").write_text("mine")
+    convert.workdir_to_hf(workdir, out)  # a re-run: same files again, the others left alone
+    assert {name: (out / name).read_bytes() for name in want} == want
+    assert (out / "README.md").read_text() == "mine"
+    assert not list(out.glob("*.tmp"))
+
+
+def test_from_hf_refuses_a_workdir_that_is_a_file_or_an_hf_dir(hf_models, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in hf_models["gpt2"][1].iterdir():
+        (src / p.name).write_bytes(p.read_bytes())
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    for workdir, message in [(src, "is the --from_hf directory"),
+                             (hf_models["t5_v1_0"][1], "not a t5x_lite run config"),
+                             (afile, "is a file, not a directory"),
+                             (afile / "w", f"its parent {afile} is a file")]:
+        with pytest.raises(hf_interop.InteropError, match=message):
+            convert.hf_to_workdir(src, workdir)
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before  # config.json kept
+    assert afile.read_text() == "keep"
+
+
+def test_cli_out_errors_are_one_line_and_keep_the_workdir(hf_models, tmp_path):
+    workdir = tmp_path / "w"
+    convert.hf_to_workdir(hf_models["gpt2"][1], workdir)
+    run_config = (workdir / "config.json").read_bytes()
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    for out, message in [(workdir, "is the workdir itself"), (afile, "is a file"),
+                         (afile / "x", "is a file")]:
+        r = _cli("--to_hf", f"--workdir={workdir}", f"--out={out}")
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1, r.stderr[-3000:]
+        assert lines[0].startswith("convert: error: --out") and message in lines[0], lines[0]
+        assert "Errno" not in lines[0]
+    assert (workdir / "config.json").read_bytes() == run_config
+    assert not (workdir / "model.safetensors").exists()
+    r = _cli(f"--from_hf={hf_models['gpt2'][1]}", f"--workdir={afile / 'w'}")
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"convert: error: --workdir {afile / 'w'}: its parent {afile} is a file, not a "
+        "directory"), r.stderr

@@ -260,3 +260,32 @@ def test_cli_json_and_text(tmp_path):
     assert typo.returncode == 1 and typo.stderr.strip().splitlines()[-1] == (
         "estimate: error: unknown config key 'd_modle' in --config.model.d_modle; "
         "did you mean 'd_model'?"), typo.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kwargs, overrides, message", [
+    ({"num_devices": 0}, {}, "--num_devices must be >= 1, got 0"),
+    ({"num_devices": -8, "mesh": (1, -1, 1)}, {}, "--num_devices must be >= 1, got -8"),
+    ({}, {"train__batch_size": 0}, "train.batch_size must be >= 1, got 0"),
+    ({}, {"train__batch_size": -8}, "train.batch_size must be >= 1, got -8"),
+    ({}, {"train__microbatches": 0}, "train.microbatches must be >= 1, got 0"),
+    ({}, {"train__microbatches": 3}, "not divisible by train.microbatches=3"),
+    ({}, {"train__num_steps": -1}, "train.num_steps must be >= 0"),
+    ({}, {"data__seq_len": 0}, "data.seq_len must be >= 2, got 0"),
+])
+def test_nonpositive_numbers_are_refused_not_reported(kwargs, overrides, message):
+    c = with_(load_config("tiny_gpt"), mesh__data=1, **overrides)  # batch 8
+    with pytest.raises(estimate.EstimateError, match=message):
+        estimate.estimate(c, **{"mesh": (1, 1, 1), **kwargs})
+
+
+def test_cli_bad_numbers_and_extra_arguments_are_one_line():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    for args, message in [(["--num_devices=0"], "--num_devices must be >= 1, got 0"),
+                          (["--mesh=1,-1,1", "--num_devices=-8"],
+                           "--num_devices must be >= 1, got -8"),
+                          (["stray"], "unexpected arguments ['stray']")]:
+        r = subprocess.run([sys.executable, "-m", "t5x_lite.estimate",
+                            "--config=configs/tiny_t5.py", *args], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and not r.stdout, (r.stdout[-500:], r.stderr[-2000:])
+        assert r.stderr.strip() == f"estimate: error: {message}", r.stderr[-2000:]

@@ -148,3 +148,18 @@ def test_bad_inputs(tmp_path, gpt):
     with pytest.raises(few_shot.FewShotError, match="no queries"):
         few_shot.evaluate_generation(gpt, [], POOL, few_shot.FewShotOptions())
     assert predictions.uses_start_token(gpt)
+
+
+def test_read_jsonl_non_utf8_and_line_separators(tmp_path):
+    binary = tmp_path / "queries.jsonl"
+    binary.write_bytes(b'{"inputs": "a", "targets": "b"}\n\x00\x9f\xff binary')
+    with pytest.raises(few_shot.FewShotError,
+                       match=r"queries.jsonl is not UTF-8 text \(line 2: byte 0x9f\)"):
+        few_shot.read_jsonl(binary)
+    # A raw U+2028 / U+0085 inside a JSON string is text, not a line break; CRLF lines work.
+    text = tmp_path / "pool.jsonl"
+    text.write_bytes('{"inputs": "x\u2028y", "targets": "z\u0085w"}\r\n\r\n'
+                     '{"inputs": "p", "targets": "q"}\r\n'.encode())
+    assert few_shot.read_jsonl(text) == [
+        {"inputs": "x\u2028y", "targets": "z\u0085w", "choices": None},
+        {"inputs": "p", "targets": "q", "choices": None}]

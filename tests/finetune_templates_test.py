@@ -1,5 +1,7 @@
 """Instruction template layout and the instruction-JSONL -> prompt/completion conversion."""
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -53,3 +55,52 @@ def test_missing_or_empty_input(tmp_path):
     (tmp_path / "e.jsonl").write_text("\n")
     with pytest.raises(TemplateError, match="has no records"):
         convert_instruction_jsonl(tmp_path / "e.jsonl", tmp_path / "o.jsonl")
+
+
+def test_non_utf8_input_is_one_error_naming_file_and_line(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"instruction": "ok", "output": "fine"}\n{"instruction": "caf\xff", '
+                    b'"output": "y"}\n')
+    with pytest.raises(TemplateError, match=r"in.jsonl is not UTF-8 text \(line 2: byte 0xff\)"):
+        convert_instruction_jsonl(src, tmp_path / "out.jsonl")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("char", ["\u2028", "\u2029", "\u0085"])
+def test_line_separators_inside_json_strings_are_text_not_line_breaks(tmp_path, char):
+    # Raw U+2028 / U+2029 / U+0085 are valid inside JSON strings; only '\n' ends a JSONL line
+    # (and a '\r' before it is dropped).
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(('{"instruction": "a' + char + 'b", "output": "c"}\r\n'
+                     '{"instruction": "d", "output": "e"}\r\n').encode())
+    dst = tmp_path / "out.jsonl"
+    assert convert_instruction_jsonl(src, dst) == 2
+    first = json.loads(dst.read_bytes().split(b"\n")[0])
+    assert first == {"inputs": InstructionTemplate().prompt("a" + char + "b"), "targets": "c"}
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'\xef\xbb\xbf{"instruction": "a", "output": "b"}\n')
+    assert convert_instruction_jsonl(src, tmp_path / "out.jsonl") == 1
+
+
+def _cli(tmp_path, *args):
+    return subprocess.run([sys.executable, "-m", "t5x_lite.finetune_templates", *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_errors_are_one_line_and_write_nothing(tmp_path):
+    (tmp_path / "bad.jsonl").write_bytes(b'{"instruction": "\xff", "output": "y"}\n')
+    (tmp_path / "ok.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    for args, message in [
+        (["--input=bad.jsonl", "--output=o.jsonl"],
+         "bad.jsonl is not UTF-8 text (line 1: byte 0xff)"),
+        (["--input=ok.jsonl", "--output=o.jsonl", "stray"], "unexpected arguments ['stray']"),
+    ]:
+        r = _cli(tmp_path, *args)
+        assert r.returncode == 1 and r.stderr.strip() == f"finetune_templates: error: {message}", (
+            r.stderr[-2000:])
+        assert not (tmp_path / "o.jsonl").exists()
+    r = _cli(tmp_path, "--input=ok.jsonl", "--output=o.jsonl")
+    assert r.returncode == 0 and (tmp_path / "o.jsonl").exists(), r.stderr[-2000:]

@@ -138,3 +138,30 @@ def test_train_from_files_and_cli(tmp_path):
         [sys.executable, "-m", "t5x_lite.vocab", f"--input={tmp_path}/none*.txt",
          f"--model_prefix={tmp_path}/cli2"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "no files match" in bad.stderr
+
+
+def test_model_prefix_naming_a_directory_is_refused_before_training(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "afile").write_text("keep")
+    for prefix, message in [(f"{tmp_path}/out/", "names a directory, not a file prefix"),
+                            (f"{tmp_path}/afile/spm", "afile is a file, not a directory"),
+                            ("", "--model_prefix is empty")]:
+        with pytest.raises(VocabularyError, match=message):
+            vocab_lib.train_vocab(testing.sentences(50), prefix, 300)
+    assert list((tmp_path / "out").iterdir()) == [] and (tmp_path / "afile").read_text() == "keep"
+
+
+def test_cli_refuses_a_directory_prefix_and_extra_arguments(tmp_path):
+    (tmp_path / "corpus.txt").write_text("\n".join(testing.sentences(400)))
+    (tmp_path / "out").mkdir()
+    for args, message in [
+        ([f"--model_prefix={tmp_path}/out/"], "names a directory, not a file prefix"),
+        ([f"--model_prefix={tmp_path}/out/spm", "stray"], "unexpected arguments ['stray']"),
+    ]:
+        r = subprocess.run([sys.executable, "-m", "t5x_lite.vocab",
+                            f"--input={tmp_path}/corpus.txt", "--vocab_size=320", *args],
+                           capture_output=True, text=True, timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1, r.stderr[-2000:]
+        assert lines[0].startswith("vocab: error: ") and message in lines[0], lines[0]
+    assert list((tmp_path / "out").iterdir()) == []

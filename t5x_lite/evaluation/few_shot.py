@@ -131,11 +131,13 @@ def build_prompts(queries: Sequence[Example], pool: Sequence[Example], *, k: int
 
 def read_jsonl(path) -> list[dict[str, Any]]:
     """Few-shot records: {"inputs": str, "targets": str, optional "choices": [str, ...]}."""
+    from t5x_lite.finetune_templates import jsonl_lines
+
     path = epath.Path(path)
     if not path.exists():
         raise FewShotError(f"{path} does not exist")
     out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(jsonl_lines(path, FewShotError), 1):
         if not line.strip():
             continue
         try:
