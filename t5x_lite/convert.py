@@ -29,7 +29,7 @@ import safetensors.numpy
 from absl import app, flags
 from etils import epath
 
-from t5x_lite import checkpoints, cli, hf_interop
+from t5x_lite import checkpoints, cli, errors, hf_interop
 from t5x_lite.config import ConfigError, ModelConfig
 
 HF_SOURCE_CONFIG = "hf_config.json"
@@ -61,12 +61,9 @@ def check_writable_dir(path, flag: str) -> epath.Path:
     path = epath.Path(path)
     if path.exists() and not path.is_dir():
         raise ConvertError(f"{flag} {path} is a file, not a directory")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConvertError(f"{flag} {path}: its parent {parent} is a file, not a "
-                                   "directory")
-            break
+    blocking = errors.file_in_the_way(path)
+    if blocking:
+        raise ConvertError(f"{flag} {path}: its parent {blocking} is a file, not a directory")
     return path
 
 

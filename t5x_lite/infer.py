@@ -167,11 +167,9 @@ def check_output_path(input_path, output_path) -> None:
     for path in (out, sidecar_path(out)):
         if path.is_dir():
             raise InferError(f"--output {out}: {path} is a directory; give a file path")
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise InferError(f"--output {out}: {parent} is not a directory")
+    blocking = errors.file_in_the_way(out)
+    if blocking:
+        raise InferError(f"--output {out}: {blocking} is not a directory")
 
 
 def _record_start(prompt: Prompt) -> bytes:

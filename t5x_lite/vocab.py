@@ -308,12 +308,9 @@ def _model_path(model_prefix: PathLike) -> epath.Path:
     out = epath.Path(prefix + ".model")
     if out.is_dir():
         raise VocabularyError(f"--model_prefix {prefix!r}: {out} is a directory")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise VocabularyError(f"--model_prefix {prefix!r}: {parent} is a file, not a "
-                                      "directory")
-            break
+    blocking = errors.file_in_the_way(out)
+    if blocking:
+        raise VocabularyError(f"--model_prefix {prefix!r}: {blocking} is a file, not a directory")
     return out
 
 

@@ -63,18 +63,23 @@ def test_kill9_then_resume_equals_uninterrupted_run(tmp_path):
     assert len(_losses(workdir)) == 15
 
 
+def _signal_after_first_log(workdir, sig):
+    """Sends `sig` to this process once the run in `workdir` has logged a loss."""
+    def send():
+        while not (workdir / METRICS_FILE).exists() or not _losses(workdir):
+            time.sleep(0.01)
+        os.kill(os.getpid(), sig)
+
+    threading.Thread(target=send, daemon=True).start()
+
+
 def test_sigterm_saves_then_resumes_on_another_mesh(tmp_path):
     cfg = testing.tiny_config("gpt")
     cfg.train.num_steps = 100_000
     cfg.checkpoint.save_every = 10_000
     workdir = tmp_path / "run"
 
-    def send_sigterm_after_first_log():
-        while not (workdir / METRICS_FILE).exists() or not _losses(workdir):
-            time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=send_sigterm_after_first_log, daemon=True).start()
+    _signal_after_first_log(workdir, signal.SIGTERM)
     result = train(cfg, workdir)
     assert result.preempted and 2 <= result.step < 1000
     assert checkpoints.all_steps(workdir) == [result.step]
@@ -202,13 +207,8 @@ def test_ctrl_c_saves_and_stops_and_a_second_one_stops_at_once(tmp_path):
     cfg.checkpoint.save_every = 10_000
     workdir = tmp_path / "run"
 
-    def press_ctrl_c_after_first_log():
-        while not (workdir / METRICS_FILE).exists() or not _losses(workdir):
-            time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGINT)
-
     previous = signal.getsignal(signal.SIGINT)
-    threading.Thread(target=press_ctrl_c_after_first_log, daemon=True).start()
+    _signal_after_first_log(workdir, signal.SIGINT)
     result = train(cfg, workdir)
     assert result.preempted and 2 <= result.step < 1000
     assert checkpoints.all_steps(workdir) == [result.step]
