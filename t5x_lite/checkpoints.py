@@ -24,6 +24,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from t5x_lite import files
 from t5x_lite.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -47,9 +48,8 @@ def write_config(workdir, config: ml_collections.ConfigDict | dict) -> None:
     workdir = local_or_remote(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    tmp = workdir / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(d, indent=2, sort_keys=True, default=_json_default))
-    tmp.replace(workdir / CONFIG_FILE)  # epath rename refuses to overwrite (re-runs resume)
+    files.write_atomic(workdir / CONFIG_FILE,  # re-runs replace it
+                       json.dumps(d, indent=2, sort_keys=True, default=_json_default))
 
 
 def _json_default(x):

@@ -21,7 +21,6 @@ Errors (missing files, pickle checkpoints, unsupported models) print one line an
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Mapping
 
 import numpy as np
@@ -29,7 +28,7 @@ import safetensors.numpy
 from absl import app, flags
 from etils import epath
 
-from t5x_lite import checkpoints, cli, errors, hf_interop
+from t5x_lite import checkpoints, cli, files, hf_interop
 from t5x_lite.config import ConfigError, ModelConfig
 
 HF_SOURCE_CONFIG = "hf_config.json"
@@ -49,19 +48,13 @@ class ConvertError(InteropError):
     """A --workdir / --out that convert must not write into (one line)."""
 
 
-def _local(path) -> epath.Path:
-    """An epath.Path; local paths made absolute, so that two spellings of one path compare."""
-    text = os.fspath(path)
-    return epath.Path(text if "://" in text else os.path.realpath(text))
-
-
 def check_writable_dir(path, flag: str) -> epath.Path:
     """`path` as a directory to write into: neither it nor its nearest existing ancestor may be
     a file (mkdir would report a bare '[Errno 17] File exists' / '[Errno 20] Not a directory')."""
     path = epath.Path(path)
     if path.exists() and not path.is_dir():
         raise ConvertError(f"{flag} {path} is a file, not a directory")
-    blocking = errors.file_in_the_way(path)
+    blocking = files.file_in_the_way(path)
     if blocking:
         raise ConvertError(f"{flag} {path}: its parent {blocking} is a file, not a directory")
     return path
@@ -92,7 +85,7 @@ def check_hf_out(out, workdir) -> None:
     whose weights are one model.safetensors (an earlier export: a re-run) is fine: the export
     replaces its config.json and model.safetensors."""
     out = check_writable_dir(out, "--out")
-    target, work = _local(out), _local(workdir)
+    target, work = files.real(out), files.real(workdir)
     if target == work:
         raise ConvertError(f"--out {out} is the workdir itself, which the HF config.json would "
                            "break; give the HF directory a path of its own")
@@ -118,13 +111,6 @@ def check_hf_out(out, workdir) -> None:
                            "Face model config; export into a new or empty directory")
 
 
-def _write_atomic(path: epath.Path, data: bytes) -> None:
-    """Temp file + rename: `path` is the old file or the new one, never half of one."""
-    tmp = path.parent / (path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)  # epath's rename refuses to overwrite (a re-export)
-
-
 def write_hf_dir(path, hf_cfg: dict, tensors: Mapping[str, np.ndarray]) -> None:
     """Writes config.json + model.safetensors (float32) that `from_pretrained` loads."""
     path = epath.Path(path)
@@ -132,9 +118,8 @@ def write_hf_dir(path, hf_cfg: dict, tensors: Mapping[str, np.ndarray]) -> None:
     data = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
     # transformers rejects safetensors files without format metadata.
     blob = safetensors.numpy.save(data, metadata={"format": "pt"})
-    _write_atomic(path / hf_interop.SAFETENSORS, blob)
-    _write_atomic(path / hf_interop.HF_CONFIG,
-                  json.dumps(hf_cfg, indent=2, sort_keys=True).encode())
+    files.write_atomic(path / hf_interop.SAFETENSORS, blob)  # a re-export replaces both
+    files.write_atomic(path / hf_interop.HF_CONFIG, json.dumps(hf_cfg, indent=2, sort_keys=True))
 
 
 def hf_config_from_model(cfg: ModelConfig, base: Mapping[str, Any] | None = None) -> dict:
@@ -191,7 +176,7 @@ def _gpt2_exportable(cfg: ModelConfig) -> bool:
 def hf_to_workdir(hf_dir, workdir, *, scan_layers: bool = False) -> ModelConfig:
     """Writes the HF model in `hf_dir` as a t5x_lite workdir; returns its ModelConfig."""
     workdir = check_writable_dir(workdir, "--workdir")
-    if _local(workdir) == _local(hf_dir):
+    if files.real(workdir) == files.real(hf_dir):
         raise ConvertError(f"--workdir {workdir} is the --from_hf directory; convert into a new "
                            "directory")
     if checkpoints.all_steps(workdir):

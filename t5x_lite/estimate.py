@@ -124,15 +124,9 @@ def estimate(config: ml_collections.ConfigDict, *, mesh: tuple[int, int, int] | 
 def check_run_numbers(config: ml_collections.ConfigDict) -> None:
     """The config numbers the plan divides by or multiplies with, checked as the trainer checks
     them (a zero batch would divide by zero, a negative one report negative times)."""
-    tc = config.train
-    for key, value, least in (("train.batch_size", int(tc.batch_size), 1),
-                              ("train.microbatches", int(tc.microbatches), 1),
-                              ("train.num_steps", int(tc.num_steps), 0)):
-        if value < least:
-            raise EstimateError(f"{key} must be >= {least}, got {value}")
-    if int(tc.batch_size) % int(tc.microbatches):
-        raise EstimateError(f"train.batch_size={tc.batch_size} is not divisible by "
-                            f"train.microbatches={tc.microbatches} (the trainer requires it)")
+    from t5x_lite.training.run_checks import check_loop_numbers
+
+    check_loop_numbers(config, EstimateError)
     s, t = sequence_lengths(config)
     names = {"t5": ("data.inputs_length", "data.targets_length"),
              "bert": ("data.inputs_length",)}.get(config.model.family, ("data.seq_len",))

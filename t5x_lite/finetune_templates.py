@@ -31,7 +31,7 @@ import grain
 import numpy as np
 from etils import epath
 
-from t5x_lite import cli, errors
+from t5x_lite import cli, errors, files
 from t5x_lite.vocab import EOS_ID
 
 
@@ -126,9 +126,7 @@ def convert_instruction_jsonl(src, dst, template: InstructionTemplate = Instruct
     if not out:
         raise TemplateError(f"{src} has no records")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / (dst.name + ".tmp")
-    tmp.write_text("\n".join(out) + "\n")
-    tmp.replace(dst)  # epath's rename refuses to overwrite an earlier conversion
+    files.write_atomic(dst, "\n".join(out) + "\n")  # replaces an earlier conversion
     return len(out)
 
 

@@ -51,7 +51,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from t5x_lite import cli, distributed, errors, mesh_flag
+from t5x_lite import cli, distributed, errors, files, mesh_flag
 from t5x_lite.decoding import generate as gen
 from t5x_lite.mesh_flag import MESH
 
@@ -144,19 +144,11 @@ def read_prompts(path) -> list[Prompt]:
 
 
 # ------------------------------------------------------------------------- the output file
-def _absolute(path) -> str:
-    path = epath.Path(path)
-    try:
-        return str(path.resolve())
-    except (OSError, RuntimeError, NotImplementedError, TypeError, ValueError):
-        return str(path)
-
-
 def _same_file(a, b) -> bool:
     try:
         return os.path.samefile(a, b)  # links too
     except (OSError, TypeError, ValueError):  # one is missing, or not a local path
-        return _absolute(a) == _absolute(b)
+        return files.real(a) == files.real(b)
 
 
 def check_output_path(input_path, output_path) -> None:
@@ -167,7 +159,7 @@ def check_output_path(input_path, output_path) -> None:
     for path in (out, sidecar_path(out)):
         if path.is_dir():
             raise InferError(f"--output {out}: {path} is a directory; give a file path")
-    blocking = errors.file_in_the_way(out)
+    blocking = files.file_in_the_way(out)
     if blocking:
         raise InferError(f"--output {out}: {blocking} is not a directory")
 
@@ -300,10 +292,7 @@ def _check_same_meta(output_path, old: dict, new: dict) -> None:
 
 def _write_sidecar(output_path, meta: dict) -> None:
     """Atomically (a temp file renamed over it)."""
-    path = sidecar_path(output_path)
-    tmp = path.parent / (path.name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    tmp.replace(path)
+    files.write_atomic(sidecar_path(output_path), json.dumps(meta, indent=1) + "\n")
 
 
 @dataclasses.dataclass
@@ -348,9 +337,9 @@ def _checkpoint_id(path) -> dict:
     from t5x_lite import checkpoints, hf_interop
 
     if hf_interop.is_hf_dir(path):
-        return {"path": _absolute(path), "step": None}
+        return {"path": str(files.real(path)), "step": None}
     workdir, step = checkpoints.resolve(path)
-    return {"path": _absolute(workdir), "step": step}
+    return {"path": str(files.real(workdir)), "step": step}
 
 
 def run(checkpoint, input_path, output_path, decode_overrides: dict | None = None,

@@ -22,7 +22,7 @@ import numpy as np
 import sentencepiece as spm
 from etils import epath
 
-from t5x_lite import cli, errors
+from t5x_lite import cli, errors, files
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 DEFAULT_EXTRA_IDS = 100
@@ -308,7 +308,7 @@ def _model_path(model_prefix: PathLike) -> epath.Path:
     out = epath.Path(prefix + ".model")
     if out.is_dir():
         raise VocabularyError(f"--model_prefix {prefix!r}: {out} is a directory")
-    blocking = errors.file_in_the_way(out)
+    blocking = files.file_in_the_way(out)
     if blocking:
         raise VocabularyError(f"--model_prefix {prefix!r}: {blocking} is a file, not a directory")
     return out

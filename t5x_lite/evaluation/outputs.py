@@ -17,6 +17,8 @@ from typing import Any, Iterable, Mapping
 
 from etils import epath
 
+from t5x_lite import files
+
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 EVENTS_DIR = "events"
@@ -38,16 +40,6 @@ def done_steps(out_root) -> list[int]:
         p.name)))
 
 
-def _atomic_write(path: epath.Path, text: str) -> None:
-    tmp = path.parent / (path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)  # epath's rename refuses to overwrite; re-evaluation must
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _json_value(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None  # JSON has no NaN / inf
@@ -61,11 +53,11 @@ def write_step(out_root, step: int, metrics: Mapping[str, Any],
     d.mkdir(parents=True, exist_ok=True)
     pred_path = d / PREDICTIONS_FILE
     if predictions is not None:
-        _atomic_write(pred_path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+        files.write_atomic(pred_path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                          for r in predictions))
     elif pred_path.exists():
         pred_path.unlink()
-    _atomic_write(d / METRICS_FILE, json.dumps({k: _json_value(v) for k, v in metrics.items()},
+    files.write_atomic(d / METRICS_FILE, json.dumps({k: _json_value(v) for k, v in metrics.items()},
                                                indent=2, ensure_ascii=False) + "\n")
     return d
 

@@ -16,6 +16,8 @@ from typing import Mapping
 from absl import logging
 from etils import epath
 
+from t5x_lite import files
+
 METRICS_FILE = "metrics.jsonl"
 EVENTS_DIR = "events"
 
@@ -182,9 +184,7 @@ def truncate_jsonl(path, after_step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:
             pass  # a line cut short by a kill
-    tmp = path.parent / (path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    files.write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def read_jsonl(path) -> list[dict]:

@@ -41,6 +41,23 @@ def check_workdir_config(workdir, config, override: bool) -> None:
         logging.warning("Overriding the saved config's model shape: %s", "; ".join(diffs))
 
 
+def check_loop_numbers(config, error: type[UserError]) -> None:
+    """Raises `error` for loop settings the trainer cannot run: counts below their least
+    value, a batch that microbatches do not divide (trainer and estimate check the same)."""
+    tc = config.train
+    for key, value, least in (("train.num_steps", int(tc.num_steps), 0),
+                              ("train.batch_size", int(tc.batch_size), 1),
+                              ("train.microbatches", int(tc.microbatches), 1),
+                              ("train.eval_every", int(tc.eval_every), 0),
+                              ("checkpoint.save_every", int(config.checkpoint.save_every), 1),
+                              ("checkpoint.keep", int(config.checkpoint.keep), 0)):
+        if value < least:
+            raise error(f"{key} must be >= {least}, got {value}")
+    if int(tc.batch_size) % int(tc.microbatches):
+        raise error(f"train.batch_size={tc.batch_size} is not divisible by "
+                    f"train.microbatches={tc.microbatches}")
+
+
 def check_finite(fetched, *, latest_good: int | None, workdir) -> None:
     """Raises DivergenceError naming the first step whose loss is NaN / inf."""
     for step, m in fetched:

@@ -19,7 +19,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from t5x_lite import checkpoints, compression, partitioning
+from t5x_lite import checkpoints, compression, files, partitioning
 from t5x_lite.config import ModelConfig
 from t5x_lite.data import (DataConfig, load_vocab, make_dataset, make_global_batch,
                            zeros_like_batch)
@@ -28,9 +28,10 @@ from t5x_lite.models import LossConfig, build_model
 from t5x_lite.training import flops as flops_lib
 from t5x_lite.training import optimizers, train_state, train_step
 from t5x_lite.training.metrics_writer import MetricsWriter
-from t5x_lite.vocab import Vocabulary
 from t5x_lite.training.run_checks import (ConfigMismatchError, DivergenceError, PreemptionFlag,
-                                          check_finite, check_workdir_config, window_metrics)
+                                          check_finite, check_loop_numbers,
+                                          check_workdir_config, window_metrics)
+from t5x_lite.vocab import Vocabulary
 
 
 class TrainingError(UserError):
@@ -81,9 +82,7 @@ def _copy_vocab(vocab, workdir: epath.Path) -> None:
     src = getattr(vocab, "path", None)
     dst = workdir / checkpoints.VOCAB_FILE
     if src is not None and not dst.exists():
-        tmp = workdir / (checkpoints.VOCAB_FILE + ".tmp")
-        tmp.write_bytes(epath.Path(src).read_bytes())
-        tmp.replace(dst)
+        files.write_atomic(dst, epath.Path(src).read_bytes())
 
 
 def evaluate(eval_fn, params, config, vocab, mesh, per_process_batch: int) -> dict[str, float]:
@@ -124,14 +123,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, override_config: bool =
     tc = config.train
     log_every = 1 if tc.debug else max(int(tc.log_every), 1)
     num_steps = int(tc.num_steps)
-    for key, value, least in (("train.num_steps", num_steps, 0),
-                              ("train.batch_size", int(tc.batch_size), 1),
-                              ("train.microbatches", int(tc.microbatches), 1),
-                              ("train.eval_every", int(tc.eval_every), 0),
-                              ("checkpoint.save_every", int(config.checkpoint.save_every), 1),
-                              ("checkpoint.keep", int(config.checkpoint.keep), 0)):
-        if value < least:
-            raise TrainingError(f"{key} must be >= {least}, got {value}")
+    check_loop_numbers(config, TrainingError)
     if workdir.exists() and not workdir.is_dir():
         raise TrainingError(f"--workdir {workdir} is a file, not a directory")
     model_cfg = ModelConfig.from_dict(config.model)
@@ -149,9 +141,6 @@ def train(config: ml_collections.ConfigDict, workdir, *, override_config: bool =
         raise TrainingError(f"train.batch_size={global_batch} must be divisible by the batch "
                             f"shards data*fsdp={batch_shards} and the process count "
                             f"{jax.process_count()}")
-    if global_batch % max(int(tc.microbatches), 1):
-        raise TrainingError(f"train.batch_size={global_batch} is not divisible by "
-                            f"train.microbatches={tc.microbatches}")
     per_process_batch = global_batch // jax.process_count()
 
     model = build_model(model_cfg, LossConfig(z_loss=float(tc.z_loss),
