@@ -185,8 +185,7 @@ def check_decode_size(cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     more than INT32_MAX elements: such a decode cannot run (int32 indexing), and only fails deep
     inside XLA (OverflowError, a RESOURCE_EXHAUSTED traceback, an abort)."""
     per = options.rows_per_prompt
-    n = min(options.batch_size, len(prompts))  # iter_generate's rows per batch
-    rows = min(options.batch_size, 1 << (n - 1).bit_length()) * per
+    rows = batch_rows(min(options.batch_size, len(prompts)), options.batch_size) * per
     k = options.num_draft if draft_cfg is not None else 0
     slots = cache_len(cfg, bucket(max(len(p) for p in prompts)), options.max_new_tokens, k)
     largest = rows * max([cfg.vocab_size] + [slots * c.num_heads * c.head_dim for c in
@@ -214,6 +213,12 @@ def check_draft(cfg: ModelConfig, draft_cfg: ModelConfig, options: DecodeOptions
 def bucket(n: int) -> int:
     """Smallest power of two >= max(n, MIN_BUCKET): bounds the number of compiled shapes."""
     return max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length())
+
+
+def batch_rows(n: int, batch_size: int) -> int:
+    """Rows a batch of n <= batch_size prompts is padded to: batch_size, or for a short last
+    batch the next power of two (bounds the compiled shapes)."""
+    return min(batch_size, 1 << (n - 1).bit_length())
 
 
 def pack_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], rows: int):
@@ -402,7 +407,7 @@ def iter_generate(loaded, prompts: Sequence[Sequence[int]], options: DecodeOptio
     bs = options.batch_size
     for start in range(0, len(prompts), bs):
         chunk = prompts[start:start + bs]
-        rows = bs if len(chunk) == bs else min(bs, 1 << (len(chunk) - 1).bit_length())
+        rows = batch_rows(len(chunk), bs)
         tokens, lengths = pack_prompts(cfg, chunk, rows)
         example = np.arange(rows, dtype=np.int32) + first_index + start
         out = decode_batch(loaded, tokens, lengths, options, example, draft)
