@@ -110,7 +110,10 @@ def test_bad_input_errors_are_one_line(tmp_path):
     with pytest.raises(builders.EmptyCorpusError, match="empty corpus") as e:
         _prepare(tmp_path, "text", paths=[str(tmp_path / "blank.txt")])
     assert "\n" not in str(e.value)
-    assert not list((tmp_path / "data_dir").rglob("*.array_record*"))  # nothing half-written
+    # nothing half-written, not even the empty dataset folders tfds makes before preparing
+    # (its shared downloads/ folder stays)
+    assert not [p for p in (tmp_path / "data_dir").rglob("*") if p.is_file() or
+                p.name not in ("t5x_lite_local_files", "downloads", "extracted")]
     (tmp_path / "x.tsv").write_text("a\tb\nno tab here\n")
     with pytest.raises(local_files.DataFormatError, match=r"x.tsv:2: expected 'inputs<TAB>"):
         _prepare(tmp_path, "tsv", train_paths=[str(tmp_path / "x.tsv")])
@@ -122,6 +125,19 @@ def test_bad_input_errors_are_one_line(tmp_path):
         _prepare(tmp_path, "jsonl", train_paths=[str(tmp_path / "y.jsonl")])
     with pytest.raises(ValueError, match="either data.paths"):
         builders.local_files_config("text")
+
+
+def test_preparation_prints_nothing_and_warns_about_nothing(tmp_path, capfd, caplog):
+    # tfds prints "Downloading and preparing dataset ..." for every dataset and warns that the
+    # folder it just made has no dataset_info.json; neither belongs in a train log
+    (tmp_path / "a.txt").write_text("one\n\ntwo\n")
+    caplog.set_level("WARNING")
+    b = _prepare(tmp_path, "text", train_paths=[str(tmp_path / "a.txt")],
+                 document_per="paragraph")
+    assert builders.is_prepared(b) and b.is_prepared()
+    assert capfd.readouterr().out == ""
+    assert not [r for r in caplog.records if r.levelname == "WARNING"
+                and "custom data configuration" not in r.getMessage()], caplog.text
 
 
 def test_tiny_corpus_holdout_keeps_both_splits_nonempty(tmp_path):

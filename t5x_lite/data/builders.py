@@ -112,6 +112,14 @@ class DocumentsBuilder(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, records_fn):
         yield from records_fn()
 
+    # tfds prints "Downloading and preparing dataset ..." / "... downloaded and prepared" to
+    # stdout for every dataset; ours are local files, and a train log wants one info line.
+    def _log_download_bytes(self) -> None:
+        logging.info("preparing %s", self.data_dir)
+
+    def _log_download_done(self) -> None:
+        logging.info("prepared %s", self.data_dir)
+
 
 @dataclasses.dataclass
 class LocalFilesConfig(tfds.core.BuilderConfig):
@@ -250,10 +258,14 @@ def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
     return builder
 
 
+def is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
+    """`builder.is_prepared()` without its warning about the (empty) folder tfds makes first."""
+    return (epath.Path(builder.data_dir) / "dataset_info.json").exists()
+
+
 def _prepare_quietly(builder):
-    if builder.is_prepared():
+    if is_prepared(builder):
         return
-    logging.info("preparing %s", builder.data_dir)
     from tensorflow_datasets.core.utils import tqdm_utils
 
     was_active = getattr(tqdm_utils, "_active", True)
@@ -261,8 +273,22 @@ def _prepare_quietly(builder):
     try:
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    except BaseException:
+        _remove_empty_dirs(builder)
+        raise
     finally:
         tfds.display_progress_bar(was_active)
+
+
+def _remove_empty_dirs(builder) -> None:
+    """A failed preparation leaves nothing behind: not even the empty folders tfds made."""
+    path = epath.Path(builder.data_dir)
+    for d in (path, path.parent):
+        try:
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        except OSError:
+            return
 
 
 def prepare_local_files(config: LocalFilesConfig, data_dir=None) -> LocalFiles:
