@@ -32,7 +32,8 @@ def exit_with(prog: str, error: BaseException | str) -> NoReturn:
 def flags_parser(prog: str) -> Callable:
     """absl `app.run(main, flags_parser=...)`: every flag error as one line, also what
     `ml_collections.config_flags` raises while parsing: an error in a config's `get_config(arg)`
-    (absl wraps it with its traceback: the line kept is the exception's), and an override
+    (absl wraps it with its traceback: the line kept is the exception's), a config file that
+    fails to run (its file:line and the exception), and an override
     naming a key the config does not have (`--config.train.batch_sise=8`)."""
     from absl import flags
 
@@ -49,7 +50,13 @@ def flags_parser(prog: str) -> Callable:
             if "Traceback" in text:  # the last line: "package.module.SomeError: message"
                 text = re.sub(r"^[\w.]+(Error|Exception): ", "", text.splitlines()[-1].strip())
             exit_with(prog, text)
-        except (AttributeError, KeyError) as e:
+        except Exception as e:
+            where = _config_file_frame(e, argv)
+            if where is None and not isinstance(e, (AttributeError, KeyError)):
+                raise
+            if where is not None:
+                msg = e.msg if isinstance(e, SyntaxError) else e
+                exit_with(prog, f"{where}: {type(e).__name__}: {msg}")
             text = str(e.args[0] if e.args else e)
             key = (re.findall(r"\w+", text) or ["?"])[0]
             flag = next((a.split("=")[0] for a in argv[1:] if a.startswith("--")
@@ -59,6 +66,31 @@ def flags_parser(prog: str) -> Callable:
                       + (f"; did you mean {hint.group(1)!r}?" if hint else ""))
 
     return parse
+
+
+def _config_file_frame(error: BaseException, argv) -> str | None:
+    """`--flag: file:line` when `error` was raised by running a config file named in argv
+    (a syntax error, a failed import, an exception in get_config): the line that failed."""
+    import os
+    import traceback
+
+    files = {}
+    for i, a in enumerate(argv[1:], 1):
+        name, eq, value = a.partition("=")
+        if not eq and i + 1 < len(argv) and not a.startswith("--config."):
+            value = argv[i + 1]
+        path = value.split(":")[0]
+        if name.startswith("--") and path.endswith(".py"):
+            files[os.path.realpath(path)] = name
+    line = None
+    if isinstance(error, SyntaxError) and error.filename:
+        line = (error.filename, error.lineno)
+    else:
+        frames = [(f.filename, f.lineno) for f in traceback.extract_tb(error.__traceback__)]
+        line = next((f for f in reversed(frames) if os.path.realpath(f[0]) in files), None)
+    if line is None or os.path.realpath(line[0]) not in files:
+        return None
+    return f"{files[os.path.realpath(line[0])]}: {line[0]}:{line[1]}"
 
 
 def _config_load_failure(value) -> str | None:

@@ -149,3 +149,18 @@ def test_train_cli_prints_one_error_line(tmp_path, args, message):
     assert r.returncode == 1, r.stderr[-3000:]
     assert r.stderr.strip().splitlines()[-1] == message, r.stderr[-3000:]
     assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("def get_config(:\n    pass\n", "bad.py:1: SyntaxError: invalid syntax"),
+    ("import os\n\ndef get_config():\n    return os.nope\n",
+     "bad.py:4: AttributeError: module 'os' has no attribute 'nope'"),
+])
+def test_a_config_file_that_fails_to_run_is_one_line_naming_its_line(tmp_path, text, message):
+    (tmp_path / "bad.py").write_text(text)
+    r = subprocess.run([sys.executable, "-m", "t5x_lite.train", f"--config={tmp_path}/bad.py",
+                        f"--workdir={tmp_path / 'run'}"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == f"train: error: --config: {tmp_path}/{message}"
+    assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
