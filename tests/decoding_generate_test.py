@@ -11,6 +11,7 @@ those tokens.
 import re
 import types
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -268,3 +269,49 @@ def test_bad_options(tiny_gpt, kw, message):
     kw = {"input_ids": [[3, 4]], "max_new_tokens": 4, **kw}
     with pytest.raises(DecodeError, match=re.escape(message)):
         generate(tiny_gpt, **kw)
+
+
+@pytest.mark.parametrize("family", ["gpt", "t5"])
+def test_cache_bytes_is_what_prefill_allocates(family):
+    from t5x_lite.decoding import steps
+    make = config_lib.gpt2 if family == "gpt" else config_lib.t5_1_1
+    cfg = make(vocab_size=64, d_model=32, num_heads=2, head_dim=16, d_ff=48, num_layers=2,
+               max_len=40, **({"num_decoder_layers": 3} if family == "t5" else {}))
+    params = decoding_testlib.random_params(cfg)
+    tokens = np.full((3, 8), 5, np.int32)
+    _, cache, _ = steps.prefill(cfg, params, tokens, np.full((3,), 8, np.int32), 20)
+    kv = sum(leaf.nbytes for path, leaf in jax.tree_util.tree_leaves_with_path(cache)
+             if str(path[-1]).strip("[]'.") in ("cached_key", "cached_value"))
+    assert kv == gen.cache_bytes(cfg, rows=3, slots=20, encoder_len=8, devices=1)
+    assert gen.cache_bytes(cfg, rows=3, slots=20, encoder_len=8, devices=2) == kv // 2
+
+
+def test_a_decode_larger_than_free_memory_is_refused_before_it_runs(tiny_gpt, monkeypatch):
+    assert gen.free_memory() > 0  # this host's MemAvailable, shared by its CPU devices
+    need = gen.cache_bytes(tiny_gpt.config, rows=16, slots=8 + 20, encoder_len=8)
+    monkeypatch.setattr(gen, "free_memory", lambda: need - 1)
+    calls = []
+    monkeypatch.setattr(gen, "decode_batch", lambda *a, **k: calls.append(1))
+    with pytest.raises(DecodeError, match=r"needs 0.0 GiB of KV cache per device \(at least\), "
+                                          r"more than the 0.0 GiB free; lower batch_size"):
+        generate(tiny_gpt, input_ids=[[3, 4]] * 16, max_new_tokens=20, batch_size=16)
+    assert calls == []
+    monkeypatch.setattr(gen, "free_memory", lambda: need)
+    with pytest.raises(AttributeError):  # fits: on to decode_batch (stubbed: returns None)
+        generate(tiny_gpt, input_ids=[[3, 4]] * 16, max_new_tokens=20, batch_size=16)
+    assert calls == [1]
+
+
+def test_out_of_device_memory_is_one_decode_error(tiny_gpt, monkeypatch):
+    def oom(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9 bytes.")
+    monkeypatch.setattr(gen, "decode_batch", oom)
+    with pytest.raises(DecodeError, match=r"out of memory decoding 2 rows x 1 \(batch_size 2, "
+                                          r"max_new_tokens 4\): RESOURCE_EXHAUSTED: Out of memory"):
+        generate(tiny_gpt, input_ids=[[3, 4], [5]], max_new_tokens=4, batch_size=2)
+
+    def other(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+    monkeypatch.setattr(gen, "decode_batch", other)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        generate(tiny_gpt, input_ids=[[3, 4], [5]], max_new_tokens=4, batch_size=2)

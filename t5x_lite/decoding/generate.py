@@ -190,14 +190,49 @@ def check_decode_size(cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     slots = cache_len(cfg, bucket(max(len(p) for p in prompts)), options.max_new_tokens, k)
     largest = rows * max([cfg.vocab_size] + [slots * c.num_heads * c.head_dim for c in
                                              (cfg, draft_cfg) if c is not None])
+    what = {"beam": f" x {per} beams", "sample": f" x {per} samples"}.get(
+        options.method, "") if per > 1 else ""
+    request = (f"batch_size {options.batch_size}{what} x {slots} cache slots (max_new_tokens "
+               f"{options.max_new_tokens})")
+    lower = "lower batch_size, num_beams / num_samples or max_new_tokens"
     if largest > INT32_MAX:
-        what = {"beam": f" x {per} beams", "sample": f" x {per} samples"}.get(
-            options.method, "") if per > 1 else ""
-        raise DecodeError(
-            f"batch_size {options.batch_size}{what} x {slots} cache slots (max_new_tokens "
-            f"{options.max_new_tokens}) is too large to decode: {largest} elements in one "
-            f"array, over {INT32_MAX}; lower batch_size, num_beams / num_samples or "
-            "max_new_tokens")
+        raise DecodeError(f"{request} is too large to decode: {largest} elements in one "
+                          f"array, over {INT32_MAX}; {lower}")
+    enc = bucket(max(len(p) for p in prompts))
+    need = sum(cache_bytes(c, rows, slots, enc) for c in (cfg, draft_cfg) if c is not None)
+    have = free_memory()
+    if have is not None and need > have:
+        raise DecodeError(f"{request} needs {need / 2**30:.1f} GiB of KV cache per device "
+                          f"(at least), more than the {have / 2**30:.1f} GiB free; {lower}")
+
+
+def cache_bytes(cfg: ModelConfig, rows: int, slots: int, encoder_len: int,
+                devices: int | None = None) -> int:
+    """Bytes of one decode's KV caches on each device (self-attention over `slots`, plus T5's
+    cross-attention over the encoder), with the rows split evenly over `devices` (default: all
+    of them). A lower bound on what the decode holds: no logits, no temporaries."""
+    devices = jax.device_count() if devices is None else devices
+    per_slot = cfg.decoder_layers * 2 * cfg.num_heads * cfg.head_dim * \
+        jnp.dtype(cfg.compute_dtype).itemsize
+    length = slots + (encoder_len if cfg.is_encoder_decoder else 0)
+    return rows * length * per_slot // devices
+
+
+def free_memory() -> int | None:
+    """Bytes free on each device: an accelerator's own memory, or for CPU devices (which share
+    the host's) the host's available memory over the process's CPU devices; None if unknown."""
+    device = jax.local_devices()[0]
+    if device.platform == "cpu":
+        try:
+            with open("/proc/meminfo", encoding="ascii") as f:
+                kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration, ValueError, IndexError):
+            return None
+        return kib * 1024 // jax.local_device_count()
+    stats = device.memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return None
+    return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
 
 
 def check_draft(cfg: ModelConfig, draft_cfg: ModelConfig, options: DecodeOptions):
@@ -327,6 +362,22 @@ def shard_rows(loaded, *arrays_B):
         mesh, getattr(loaded, "rules", None) or partitioning.DEFAULT_RULES)
 
 
+@contextlib.contextmanager
+def _out_of_memory_is_a_decode_error(rows: int, options: DecodeOptions):
+    """A decode the devices cannot hold (XLA's RESOURCE_EXHAUSTED) as one DecodeError line."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        lines = str(e).strip().splitlines()
+        raise DecodeError(
+            f"out of memory decoding {rows} rows x {options.rows_per_prompt} (batch_size "
+            f"{options.batch_size}, max_new_tokens {options.max_new_tokens}): "
+            f"{lines[0] if lines else 'RESOURCE_EXHAUSTED'}; lower batch_size, "
+            "num_beams / num_samples or max_new_tokens") from None
+
+
 def _check_same_devices(loaded, draft):
     meshes = [getattr(x, "mesh", None) for x in (loaded, draft)]
     if None not in meshes and list(meshes[0].devices.flat) != list(meshes[1].devices.flat):
@@ -410,10 +461,12 @@ def iter_generate(loaded, prompts: Sequence[Sequence[int]], options: DecodeOptio
         rows = batch_rows(len(chunk), bs)
         tokens, lengths = pack_prompts(cfg, chunk, rows)
         example = np.arange(rows, dtype=np.int32) + first_index + start
-        out = decode_batch(loaded, tokens, lengths, options, example, draft)
-        if draft is not None:
-            out = out[0]
-        yield _unpack(out, options, len(chunk), vocab)
+        with _out_of_memory_is_a_decode_error(rows, options):  # raised when run, or read
+            out = decode_batch(loaded, tokens, lengths, options, example, draft)
+            if draft is not None:
+                out = out[0]
+            results = _unpack(out, options, len(chunk), vocab)
+        yield results
 
 
 def generate(loaded, *, input_ids=None, inputs=None, method=None, max_new_tokens=None,
