@@ -209,17 +209,23 @@ def expand_globs(patterns: PathLike | Sequence[PathLike]) -> list[epath.Path]:
     that matches nothing.
     """
     if isinstance(patterns, (str, os.PathLike)):
-        patterns = [p for p in str(patterns).split(",") if p.strip()]
+        patterns = str(patterns).split(",")
+    patterns = [str(p).strip() for p in patterns if str(p).strip()]
     if not patterns:
         raise FileNotFoundError("no input paths given")
     files: list[epath.Path] = []
-    for pattern in map(str, patterns):
-        pattern = pattern.strip()
+    for pattern in patterns:
         if not any(c in pattern for c in "*?["):
             path = epath.Path(pattern)
             if not path.exists():
                 raise FileNotFoundError(f"no such file or directory: {pattern}")
-            files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            if path.is_dir():
+                under = sorted(_files_under(path))
+                if not under:
+                    raise FileNotFoundError(f"no files under directory {pattern}")
+                files += under
+            else:
+                files.append(path)
             continue
         parts = pattern.split("/")
         first = next(i for i, p in enumerate(parts) if any(c in p for c in "*?["))
@@ -229,6 +235,15 @@ def expand_globs(patterns: PathLike | Sequence[PathLike]) -> list[epath.Path]:
             raise FileNotFoundError(f"no files match {pattern}")
         files += matched
     return files
+
+
+def _files_under(directory: epath.Path) -> Iterator[epath.Path]:
+    """Every file under `directory`, at any depth (epath refuses `rglob`: `**` on GCS)."""
+    for p in directory.iterdir():
+        if p.is_dir():
+            yield from _files_under(p)
+        elif p.is_file():
+            yield p
 
 
 def _iter_lines(files_or_texts) -> Iterator[str]:

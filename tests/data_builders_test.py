@@ -155,3 +155,17 @@ def test_holdout_overrides():
     assert builders.holdout_overrides([0.05, 0.07], 0.1) == (None, 0.07)
     assert builders.holdout_overrides([0.05, 0.7], 0.1) == (None, None)
     assert builders.holdout_overrides([0.7], 0.1) == (None, None)
+
+
+def test_a_directory_means_every_file_under_it_at_any_depth(tmp_path):
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "b.txt").write_text("two")
+    (tmp_path / "d" / "sub" / "a.txt").write_text("three")
+    (tmp_path / "d" / "a.txt").write_text("one")
+    b = _prepare(tmp_path, "text", train_paths=[str(tmp_path / "d")])
+    assert [r["text"] for r in _read_all(b, "train")] == ["one", "two", "three"]  # path order
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no files under directory"):
+        builders.local_files_config("text", train_paths=[str(tmp_path / "empty")])
+    with pytest.raises(FileNotFoundError, match="no input paths given"):
+        builders.local_files_config("text", train_paths=["", " "])

@@ -22,6 +22,10 @@ def test_from_config_dict_and_path_lists():
     assert DataConfig.from_dict(cfg) is cfg
     assert DataConfig.from_dict({"objective": "mlm"}).family == "encoder_only"
     assert DataConfig(**cfg.to_dict()) == cfg
+    # an empty override (`--config.data.validation_paths=`) means none, not "." (the cwd)
+    split = {**cd.to_dict(), "paths": (), "train_paths": ["/a", " "], "validation_paths": ("",)}
+    assert DataConfig.from_dict(split).train_paths == ("/a",)
+    assert DataConfig.from_dict(split).validation_paths == ()
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -20,9 +20,9 @@ class DataConfigError(UserError):
 
 
 def _paths(value) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return tuple(p.strip() for p in value.split(",") if p.strip())
-    return tuple(str(p) for p in value or ())
+    """Comma-separated str or a sequence -> the non-blank paths (an empty override: none)."""
+    items = value.split(",") if isinstance(value, str) else [str(p) for p in value or ()]
+    return tuple(p.strip() for p in items if p.strip())
 
 
 @dataclasses.dataclass(frozen=True)
