@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -26,6 +27,10 @@ POSITIONS = ("relative", "learned", "rope")
 NORMS = ("rms", "layer")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "dot_product_attention")
+
+
+_FIELD_TYPES = {"bool": (bool,), "float": (numbers.Real,), "int": (numbers.Integral,),
+                "int | None": (numbers.Integral, type(None)), "str": (str,)}
 
 
 class ConfigError(UserError):
@@ -70,6 +75,11 @@ class ModelConfig:
     causal_blocks: int = 4
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # a hand-edited config.json: "d_model": "512"
+            value, kinds = getattr(self, f.name), _FIELD_TYPES[f.type]
+            if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+                raise ConfigError(f"Invalid model config: {f.name} must be {f.type}, got "
+                                  f"{value!r}")
         checks = [
             (self.family in FAMILIES, f"family must be one of {FAMILIES}, got {self.family!r}"),
             (self.mlp in MLP_ACTIVATIONS, f"mlp must be one of {tuple(MLP_ACTIVATIONS)}, got {self.mlp!r}"),

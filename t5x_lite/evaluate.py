@@ -65,7 +65,7 @@ def _settings(config):
         seed = _SEED.value if _SEED.value is not None else int(config.get("seed", 0))
         opts = few_shot.FewShotOptions(
             k=_K.value, scoring=_SCORING.value, seed=seed, metrics=_METRICS.value,
-            max_new_tokens=_MAX_NEW.value or few_shot.FewShotOptions.max_new_tokens,
+            max_new_tokens=_MAX_NEW.value,  # 0: as plain evaluation (the runner)
             template=few_shot.FewShotTemplate(_TEMPLATE.value, _SEPARATOR.value, _PREFIX.value))
     return EvalSettings(
         checkpoint=_CHECKPOINT.value, predict=_PREDICT.value, metrics=_METRICS.value,
@@ -90,16 +90,19 @@ def main(argv):
         distributed.maybe_initialize()
     except distributed.DistributedError as e:
         cli.exit_with("evaluate", e)
-    from t5x_lite import checkpoints
-    from t5x_lite.evaluation.runner import run
+    from t5x_lite.evaluation.runner import EvalSettings, run, wait_for_config
 
     try:
-        config = _CONFIG.value if _CONFIG.value is not None else checkpoints.read_config(
-            _WORKDIR.value)
+        config = _CONFIG.value if _CONFIG.value is not None else wait_for_config(
+            _WORKDIR.value, EvalSettings(follow=_FOLLOW.value, poll_interval=_POLL.value,
+                                         follow_timeout=_FOLLOW_TIMEOUT.value))
         results = run(config, _WORKDIR.value, _settings(config))
     except cli.ERRORS as e:
         cli.exit_with("evaluate", e)
-    if not results:
+    if not results and _FOLLOW.value:
+        print(f"evaluate: nothing evaluated (no checkpoint that was not evaluated already landed "
+              f"within --follow_timeout={_FOLLOW_TIMEOUT.value:g}s; --overwrite redoes them)")
+    elif not results:
         print("evaluate: nothing to do (every selected checkpoint is already evaluated; "
               "--overwrite redoes them)")
     for m in results:

@@ -41,3 +41,13 @@ def file_in_the_way(path) -> str | None:
     while not os.path.exists(parent) and parent != os.path.dirname(parent):
         parent = os.path.dirname(parent)
     return parent if os.path.exists(parent) and not os.path.isdir(parent) else None
+
+
+def split_lines(text: str) -> list[str]:
+    """Lines ending at '\n' only: `str.splitlines` also splits at U+2028, U+2029, U+0085, form
+    feeds, ..., which JSON keeps raw inside strings. A '\r' before the '\n' is dropped (CRLF),
+    and a final '\n' does not start another line."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]

@@ -88,7 +88,7 @@ def jsonl_lines(path, error: type[errors.UserError]) -> list[str]:
         line = e.object.count(b"\n", 0, e.start) + 1  # e.object: the bytes after a BOM
         raise error(f"{path} is not UTF-8 text (line {line}: byte {e.object[e.start]:#04x})"
                     ) from None
-    return [line.removesuffix("\r") for line in text.split("\n")]
+    return files.split_lines(text)
 
 
 def convert_instruction_jsonl(src, dst, template: InstructionTemplate = InstructionTemplate(),

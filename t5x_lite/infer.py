@@ -93,15 +93,6 @@ class Prompt:
     ids: list[int] | None  # given ids (None: encode the text)
 
 
-def split_lines(text: str) -> list[str]:
-    """Lines ending at '\n' only (not at U+2028, U+0085, form feeds, ... as `str.splitlines`);
-    a '\r' before the '\n' is dropped (CRLF), and a final '\n' does not start another line."""
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    return [line[:-1] if line.endswith("\r") else line for line in lines]
-
-
 def read_prompts(path) -> list[Prompt]:
     """Parses a .txt or .jsonl prompt file; errors name the line."""
     path = epath.Path(path)
@@ -115,7 +106,7 @@ def read_prompts(path) -> list[Prompt]:
         text = path.read_bytes().decode("utf-8")  # read_text would turn a lone '\r' into '\n'
     except UnicodeDecodeError:
         raise InferError(f"--input {path} is not UTF-8 text") from None
-    lines = split_lines(text.removeprefix("\ufeff"))  # a byte order mark is no part of a prompt
+    lines = files.split_lines(text.removeprefix("\ufeff"))  # a BOM is no part of a prompt
     if not lines:
         raise InferError(f"--input {path} is empty")
     prompts = []

@@ -110,6 +110,80 @@ def test_follow_stops_after_idle_timeout(task):
     assert [r["step"] for r in results] == [1] and time.time() - t0 < 60
 
 
+def test_follow_waits_for_the_trainer_to_write_its_config(task):
+    """`train ... &` then `evaluate --follow` at once: the trainer makes checkpoints/ before
+    it writes config.json (once its train state is built)."""
+    d, config, pool = task
+    wd = d / "late_config"
+    (wd / "checkpoints").mkdir(parents=True)
+
+    def trainer():
+        time.sleep(1.0)
+        shutil.copy(config.data.vocab_path, wd / checkpoints.VOCAB_FILE)
+        checkpoints.write_config(wd, config)
+        for step in (1, 3):
+            _land(pool, wd, step)
+
+    job = threading.Thread(target=trainer)
+    job.start()
+    try:
+        results = run(None, wd, EvalSettings(follow=True, poll_interval=0.1,
+                                             follow_timeout=60, **FAST))
+    finally:
+        job.join()
+    assert [r["step"] for r in results] == [1, 3]
+    never = d / "never_config"
+    never.mkdir()
+    t0 = time.time()
+    with pytest.raises(checkpoints.CheckpointError, match="No config.json in"):
+        run(None, never, EvalSettings(follow=True, poll_interval=0.1, follow_timeout=0.5))
+    assert time.time() - t0 < 30
+
+
+def test_few_shot_queries_and_pool_one_file_spelled_two_ways(task, monkeypatch):
+    """No query is its own shot however the file is named; the decode length defaults to the
+    plain evaluation's (T5: data.targets_length); metrics name the queries file as the split."""
+    import json
+    from t5x_lite.decoding import generate as gen
+    d, config, pool = task
+    wd = _workdir(task, "few_shot_paths", steps=(1,))
+    q = d / "fs" / "q.jsonl"
+    q.parent.mkdir()
+    q.write_text("".join(json.dumps({"inputs": f"b a {w}", "targets": f"{w} a b"}) + "\n"
+                         for w in ("c", "d", "e", "f")))
+    seen = []
+    real = gen.generate
+    monkeypatch.setattr(gen, "generate", lambda loaded, **kw: seen.append(
+        kw["max_new_tokens"]) or real(loaded, **kw))
+    (metrics, ) = run(None, wd, EvalSettings(
+        few_shot=FewShotOptions(k=3, max_new_tokens=0), few_shot_queries=str(q),
+        few_shot_pool=f"{d}/fs/../fs/q.jsonl"))
+    records = outputs.read_predictions(wd / "eval", 1)
+    assert [sorted(r["shots"]) for r in records] == [
+        [i for i in range(4) if i != r["index"]] for r in records]
+    assert seen and set(seen) == {config.data.targets_length}
+    assert metrics["split"] == str(q)
+
+
+def test_bad_settings_and_incomplete_run_configs_are_one_line(task):
+    for kw, message in [(dict(poll_interval=-1), "poll_interval must be > 0"),
+                        (dict(follow_timeout=-5), "follow_timeout >= 0"),
+                        (dict(name="events"), "must not be 'events'")]:
+        with pytest.raises(EvalError, match=message):
+            EvalSettings(**kw)
+    d, config, pool = task
+    wd = _workdir(task, "sections", steps=(1,))
+    checkpoints.write_config(wd, {"model": config.model.to_dict(),
+                                  "data": config.data.to_dict()})
+    with pytest.raises(EvalError, match=r"config.json or --config\) has no train, mesh section"):
+        run(None, wd, EvalSettings(**FAST))
+    checkpoints.write_config(wd, {**config.to_dict(), "model": {**config.model.to_dict(),
+                                                                 "d_model": "64"}})
+    with pytest.raises(ValueError, match="d_model must be int, got '64'"):
+        run(None, wd, EvalSettings(**FAST))
+    assert _nothing_written(wd)
+
+
 def _nothing_written(wd):
     return not (wd / "eval").exists() or not any((wd / "eval").iterdir())
 
@@ -174,6 +248,11 @@ def test_outputs_are_atomic(tmp_path):
     outputs.write_step(tmp_path, 6, {"step": 6, "perplexity": float("inf")}, [])
     assert outputs.read_metrics(tmp_path, 6)["perplexity"] is None
     assert outputs.done_steps(tmp_path) == [5, 6]
+    # Raw line separators inside strings (written with ensure_ascii=False) are text
+    odd = [{"inputs": "x\u2028y\u0085z\x0cw", "prediction": "a\u2029b"}]
+    outputs.write_step(tmp_path, 7, {"step": 7}, odd)
+    assert "\u2028" in (tmp_path / "7" / outputs.PREDICTIONS_FILE).read_text()
+    assert outputs.read_predictions(tmp_path, 7) == odd
 
 
 def _cli(*args):

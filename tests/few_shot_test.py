@@ -114,6 +114,12 @@ def test_multiple_choice_picks_highest_loglik_of_loaded_score(gpt, vocab):
     with pytest.raises(few_shot.FewShotError, match="not among its choices"):
         few_shot.evaluate_choice(gpt, queries[:1], POOL, few_shot.FewShotOptions(),
                                  choices=[["one"]])
+    # Records without choices (None) use the pool's and queries' targets; the others their own.
+    _, records = few_shot.evaluate_choice(gpt, queries[:2], POOL, few_shot.FewShotOptions(k=0),
+                                          choices=[None, ["six", "ten"]])
+    assert [r["choices"] for r in records] == [labels, ["six", "ten"]]
+    with pytest.raises(few_shot.FewShotError, match="one candidate .* makes multiple choice"):
+        few_shot.evaluate_choice(gpt, queries[:1], [], few_shot.FewShotOptions(k=0))
 
 
 def test_generation_prompts_and_cuts_at_stop_strings(gpt, monkeypatch):

@@ -210,17 +210,21 @@ def evaluate_generation(loaded, queries: Sequence[Example], pool: Sequence[Examp
 def evaluate_choice(loaded, queries: Sequence[Example], pool: Sequence[Example],
                     options: FewShotOptions, *, choices: Sequence[Sequence[str]] | None = None,
                     same_split: bool = False) -> tuple[dict[str, float], list[dict]]:
-    """Multiple choice by log-likelihood; `choices[i]` are query i's candidates (default: the
-    pool's distinct targets). Returns accuracy / accuracy_norm (%) and per-query records."""
+    """Multiple choice by log-likelihood; `choices[i]` are query i's candidates (None, or a
+    None entry: the distinct targets of the pool and the queries). Returns accuracy /
+    accuracy_norm (%) and per-query records."""
     _check(loaded, queries)
-    if choices is None:
-        labels = sorted({ex.targets for ex in pool} | {q.targets for q in queries})
-        choices = [labels] * len(queries)
+    labels = sorted({ex.targets for ex in pool} | {q.targets for q in queries})
+    choices = [None] * len(queries) if choices is None else choices
     if len(choices) != len(queries):
         raise FewShotError(f"{len(choices)} choice lists for {len(queries)} queries")
+    choices = [labels if c is None else c for c in choices]
     for q, c in zip(queries, choices):
         if q.targets not in c:
             raise FewShotError(f"query {q.index}: target {q.targets!r} is not among its choices")
+        if len(set(c)) < 2:
+            raise FewShotError(f"query {q.index}: one candidate ({q.targets!r}) makes multiple "
+                               "choice trivial; give \"choices\" or a pool with other targets")
     prompts, shots = build_prompts(queries, pool, k=options.k, template=options.template,
                                    seed=options.seed, same_split=same_split)
     rows_p, rows_c = [], []

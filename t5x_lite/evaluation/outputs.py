@@ -68,7 +68,7 @@ def read_metrics(out_root, step: int) -> dict[str, Any]:
 
 def read_predictions(out_root, step: int) -> list[dict[str, Any]]:
     text = (step_dir(out_root, step) / PREDICTIONS_FILE).read_text()
-    return [json.loads(line) for line in text.splitlines() if line]
+    return [json.loads(line) for line in files.split_lines(text) if line]
 
 
 def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -30,7 +30,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from t5x_lite import checkpoints, distributed, lora, partitioning, quantization
+from t5x_lite import checkpoints, distributed, files, lora, partitioning, quantization
 from t5x_lite.api import LoadedModel
 from t5x_lite.config import ModelConfig
 from t5x_lite.data import DataConfig, load_vocab
@@ -44,6 +44,22 @@ PREDICT_OBJECTIVES = ("seq2seq", "prompt_completion")
 
 class EvalError(UserError):
     """Bad evaluation settings or workdir (one line)."""
+
+
+RUN_SECTIONS = ("model", "data", "train", "mesh")  # what an evaluation reads of a run config
+
+
+def wait_for_config(workdir, settings: "EvalSettings") -> ml_collections.ConfigDict:
+    """The workdir's run config; with --follow, waits up to follow_timeout for the trainer
+    started beside it to write one (it does so once its train state is built)."""
+    path = checkpoints.local_or_remote(workdir) / checkpoints.CONFIG_FILE
+    start = time.time()
+    # process 0 decides (after the timeout, read_config says what is missing)
+    while settings.follow and not distributed.agree(
+            int(path.exists() or time.time() - start >= settings.follow_timeout)):
+        logging.info("follow: waiting for %s", path)
+        time.sleep(settings.poll_interval)
+    return checkpoints.read_config(workdir)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +87,12 @@ class EvalSettings:
             raise EvalError(f"name must be letters, digits, '-' or '_', got {self.name!r}")
         if self.name.isdigit():
             raise EvalError("name must not be a number (step directories are numbers)")
+        if self.name == "events":
+            raise EvalError("name must not be 'events' (the unnamed evaluation's TensorBoard "
+                            "directory)")
+        if not (self.poll_interval > 0 and self.follow_timeout >= 0):
+            raise EvalError(f"poll_interval must be > 0 and follow_timeout >= 0, got "
+                            f"{self.poll_interval} and {self.follow_timeout}")
 
 
 class Evaluator:
@@ -132,6 +154,8 @@ class Evaluator:
         metrics: dict[str, Any] = {"step": step, "checkpoint": f"{ckpt_workdir}/"
                                    f"{checkpoints.CHECKPOINT_DIR}/{step}",
                                    "split": self.data.eval_split}
+        if self.settings.few_shot_queries:
+            metrics["split"] = str(files.real(self.settings.few_shot_queries))  # what was scored
         records = None
         if self.settings.few_shot is None:
             metrics.update(self.scorer.evaluate(loaded.params, self.data, loaded.vocab,
@@ -154,18 +178,21 @@ class Evaluator:
 
     def _few_shot(self, loaded):
         s, opts = self.settings, self.settings.few_shot
+        if not opts.max_new_tokens:  # as plain evaluation: data.targets_length / decode's
+            opts = dataclasses.replace(opts, max_new_tokens=predictions.default_max_new_tokens(
+                loaded, self.data))
         if s.few_shot_queries:
             recs = few_shot.read_jsonl(s.few_shot_queries)
             queries = [predictions.Example(i, r["inputs"], r["targets"])
                        for i, r in enumerate(recs)]
-            choices = [r["choices"] for r in recs]
-            choices = choices if all(c is not None for c in choices) else None
+            choices = [r["choices"] for r in recs]  # None: the pool's and queries' targets
         else:
             queries, choices = self.examples("give --few_shot_queries=FILE.jsonl"), None
         if s.few_shot_pool:
             pool = [predictions.Example(i, r["inputs"], r["targets"])
                     for i, r in enumerate(few_shot.read_jsonl(s.few_shot_pool))]
-            same = epath.Path(s.few_shot_pool) == epath.Path(s.few_shot_queries or "/nonexistent")
+            same = bool(s.few_shot_queries) and files.real(s.few_shot_pool) == files.real(
+                s.few_shot_queries)  # however the one file is spelled: no query is its own shot
         else:
             pool = predictions.read_examples(
                 self.data, self.data.train_split, "give --few_shot_pool=FILE.jsonl, or "
@@ -213,7 +240,12 @@ def run(config: ml_collections.ConfigDict | None, workdir, settings: EvalSetting
     """
     workdir = epath.Path(workdir)
     if config is None:
-        config = checkpoints.read_config(workdir)
+        config = wait_for_config(workdir, settings)
+    missing = [s for s in RUN_SECTIONS if not hasattr(config.get(s), "keys")]
+    if missing:
+        raise EvalError(f"the run config ({workdir}/{checkpoints.CONFIG_FILE} or --config) has "
+                        f"no {', '.join(missing)} section; evaluation needs "
+                        f"{', '.join(RUN_SECTIONS)}")
     out_root = workdir / "eval" / settings.name if settings.name else workdir / "eval"
     tag_prefix = f"eval_{settings.name}/" if settings.name else "eval/"
     is_main = jax.process_index() == 0

@@ -178,7 +178,7 @@ def truncate_jsonl(path, after_step: int) -> None:
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in files.split_lines(path.read_text()):
         try:
             if json.loads(line).get("step", 0) <= after_step:
                 kept.append(line)
@@ -188,7 +188,8 @@ def truncate_jsonl(path, after_step: int) -> None:
 
 
 def read_jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in epath.Path(path).read_text().splitlines() if line]
+    return [json.loads(line) for line in files.split_lines(epath.Path(path).read_text())
+            if line]
 
 
 def _fmt(v: float) -> str:
