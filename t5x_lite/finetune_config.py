@@ -61,6 +61,10 @@ def _source_run(init_from: str) -> tuple[str, ml_collections.ConfigDict]:
     return str(workdir), checkpoints.read_config(workdir)
 
 
+def _format_of(path: str) -> str:
+    return "jsonl" if path.endswith(".jsonl") else "tsv"
+
+
 def build(arg: str, *, family: str, objective: str, inputs_length: int, targets_length: int = 0,
           lr: float, optimizer: str) -> ml_collections.ConfigDict:
     """The full run config of one recipe. See the module docstring for `arg`."""
@@ -90,6 +94,11 @@ def build(arg: str, *, family: str, objective: str, inputs_length: int, targets_
         vocab = checkpoints.resolve(a["init_from"])[0] / checkpoints.VOCAB_FILE
         c.data.vocab_path = str(vocab) if vocab.exists() else src.get("data", {}).get(
             "vocab_path", "")
+        if not c.data.vocab_path:  # the default vocabulary would be another model's ids
+            raise FinetuneConfigError(
+                f"init_from={a['init_from']} has no {checkpoints.VOCAB_FILE}: the recipes "
+                "tokenize with the model's sentencepiece vocabulary (an HF GPT-2's BPE cannot "
+                "be used; a converted T5 needs its spiece.model)")
         if src.get("mesh", {}).get("rules") is not None:
             c.mesh.rules = src.mesh.rules
     c.train.init_from = a["init_from"]
@@ -111,7 +120,12 @@ def build(arg: str, *, family: str, objective: str, inputs_length: int, targets_
     c.data.paths, c.data.train_paths, c.data.validation_paths = (), (), ()
     c.data.extra_ids = c.data.get("extra_ids", 100)
     if a["train"]:
-        fmt = a["format"] or ("jsonl" if a["train"].endswith(".jsonl") else "tsv")
+        fmt = a["format"] or _format_of(a["train"])
+        if a["validation"] and not a["format"] and _format_of(a["validation"]) != fmt:
+            raise FinetuneConfigError(
+                f"train={a['train']} reads as {fmt} but validation={a['validation']} as "
+                f"{_format_of(a['validation'])}; both splits need one format (format=tsv|jsonl "
+                "to name it)")
         c.data.source = fmt
         if a["validation"]:
             c.data.train_paths = (a["train"],)

@@ -79,3 +79,25 @@ def test_bad_arguments():
     with pytest.raises(finetune_config.FinetuneConfigError, match="steps must be int"):
         finetune_config.parse_arg("steps=many")
     assert finetune_config.parse_arg("lr=3e-4, batch=8")["lr"] == 3e-4
+    with pytest.raises(finetune_config.FinetuneConfigError, match="both splits need one format"):
+        finetune_config.build("train=/d/a.jsonl,validation=/d/b.tsv", family="t5",
+                              objective="seq2seq", inputs_length=16, lr=1e-3,
+                              optimizer="adafactor")
+    c = finetune_config.build("train=/d/a.jsonl,validation=/d/b.tsv,format=jsonl", family="t5",
+                              objective="seq2seq", inputs_length=16, lr=1e-3,
+                              optimizer="adafactor")
+    assert c.data.source == "jsonl"
+
+
+def test_init_from_without_a_vocabulary_is_refused(gpt_workdir, tmp_path):
+    """A converted HF GPT-2 has no vocab.model: the default vocabulary would be other ids."""
+    import shutil
+    wd = tmp_path / "no_vocab"
+    shutil.copytree(gpt_workdir, wd)
+    (wd / checkpoints.VOCAB_FILE).unlink()
+    run = checkpoints.read_config(wd)
+    run.data.vocab_path = ""
+    checkpoints.write_config(wd, run)
+    with pytest.raises(finetune_config.FinetuneConfigError, match="has no vocab.model"):
+        finetune_config.build(f"init_from={wd}", family="gpt", objective="prompt_completion",
+                              inputs_length=64, lr=1e-4, optimizer="adamw")
