@@ -57,6 +57,17 @@ def _land(pool, wd, step):
 FAST = dict(predict="false")
 
 
+def _follow_beside(trainer, wd):
+    """`evaluate --follow` on wd while `trainer` (a thread) lands its checkpoints."""
+    job = threading.Thread(target=trainer)
+    job.start()
+    try:
+        return run(None, wd, EvalSettings(follow=True, poll_interval=0.1, follow_timeout=60,
+                                          **FAST))
+    finally:
+        job.join()
+
+
 def test_latest_step_and_path(task):
     wd = _workdir(task, "select", steps=(1, 2))
     assert [r["step"] for r in run(None, wd, EvalSettings(**FAST))] == [2]
@@ -85,13 +96,7 @@ def test_follow_evaluates_each_new_checkpoint_once(task):
             time.sleep(1.0)
             _land(pool, wd, step)
 
-    job = threading.Thread(target=trainer)
-    job.start()
-    try:
-        results = run(None, wd, EvalSettings(follow=True, poll_interval=0.1,
-                                             follow_timeout=60, **FAST))
-    finally:
-        job.join()
+    results = _follow_beside(trainer, wd)
     # Stopped by itself after the final step (train.num_steps = 3), not by the timeout.
     assert [r["step"] for r in results] == [1, 2, 3]
     assert outputs.done_steps(wd / "eval") == [1, 2, 3]
@@ -124,14 +129,7 @@ def test_follow_waits_for_the_trainer_to_write_its_config(task):
         for step in (1, 3):
             _land(pool, wd, step)
 
-    job = threading.Thread(target=trainer)
-    job.start()
-    try:
-        results = run(None, wd, EvalSettings(follow=True, poll_interval=0.1,
-                                             follow_timeout=60, **FAST))
-    finally:
-        job.join()
-    assert [r["step"] for r in results] == [1, 3]
+    assert [r["step"] for r in _follow_beside(trainer, wd)] == [1, 3]
     never = d / "never_config"
     never.mkdir()
     t0 = time.time()
