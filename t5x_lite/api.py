@@ -212,7 +212,8 @@ def load(path, *, dtype=None, mesh=None, step: int | None = None,
       dtype: compute dtype override ('float32', 'bfloat16', ...); params stay float32.
       mesh: a `partitioning.make_mesh(...)` mesh; default: all devices, data-parallel (params
         replicated).
-      step: checkpoint step of a workdir (default: the one `path` names, else the latest).
+      step: checkpoint step of a workdir (default: the one `path` names, else the latest);
+        an error for an HF directory, which has none.
       quantize: 'int8' = per-channel int8 weights, dequantized inside jit (README.md).
 
     Raises:
@@ -222,6 +223,9 @@ def load(path, *, dtype=None, mesh=None, step: int | None = None,
     path = epath.Path(path)
     mesh = partitioning.make_mesh() if mesh is None else mesh
     if hf_interop.is_hf_dir(path):
+        if step is not None:
+            raise hf_interop.InteropError(f"{path} is a Hugging Face directory, which has no "
+                                          f"checkpoint steps; step={step} is for workdirs")
         cfg, numpy_params, _, vocab_path = hf_interop.from_hf(path)
         run = hf_interop.run_config_for(cfg)
     else:
@@ -237,7 +241,7 @@ def load(path, *, dtype=None, mesh=None, step: int | None = None,
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=jnp.dtype(dtype).name)
         run.model.dtype = cfg.dtype
-    vocab = _vocabulary(vocab_path, cfg, run)
+    vocab = load_vocabulary(vocab_path, cfg, run)
     rules = partitioning.rules_from_config(run.get("mesh", {}).get("rules"))
     model = build_model(cfg, LossConfig(run.train.z_loss, run.train.label_smoothing))
     boxed = abstract_variables(model)["params"]
@@ -252,7 +256,10 @@ def load(path, *, dtype=None, mesh=None, step: int | None = None,
     return LoadedModel(cfg, run, model, params, vocab, mesh, rules)
 
 
-def _vocabulary(path, cfg: ModelConfig, run):
+def load_vocabulary(path, cfg: ModelConfig, run):
+    """The Vocabulary at `path` (None when there is none) for model `cfg` of run config `run`;
+    CheckpointError when it has more ids than the embedding has rows (`convert --from_hf`
+    checks an HF vocabulary with this too)."""
     if path is None or not epath.Path(path).exists():
         return None
     try:
@@ -264,5 +271,5 @@ def _vocabulary(path, cfg: ModelConfig, run):
     if vocab.vocab_size > cfg.vocab_size:
         raise checkpoints.CheckpointError(
             f"Vocabulary {path} has {vocab.vocab_size} ids ({vocab.sp_size} pieces + {extra_ids} "
-            f"extra ids) but the checkpoint's embedding has only {cfg.vocab_size} rows")
+            f"extra ids) but the model's embedding has only {cfg.vocab_size} rows")
     return vocab

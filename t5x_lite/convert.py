@@ -15,8 +15,11 @@ The HF directory gets `config.json`, `model.safetensors` and (T5 with a vocabula
 `model.safetensors`) replaces those files and leaves the others. Refused, before anything is
 written: `--out` being the workdir, inside its `checkpoints/` or any t5x_lite workdir; an `--out`
 holding another model's weights in other files (shards, pickles) or a `config.json` that is no
-HF config; `--from_hf` into an HF directory (its own included) or a workdir with checkpoints.
-Errors (missing files, pickle checkpoints, unsupported models) print one line and exit 1.
+HF config; `--from_hf` into an HF directory (its own included) or a workdir with checkpoints
+or another model's `vocab.model`, and an HF model whose `spiece.model` has more ids than it
+has embedding rows.
+Errors (missing or malformed files, pickle checkpoints, unsupported models) print one line
+and exit 1.
 """
 from __future__ import annotations
 
@@ -34,7 +37,8 @@ from t5x_lite.config import ConfigError, ModelConfig
 HF_SOURCE_CONFIG = "hf_config.json"
 InteropError = hf_interop.InteropError
 
-# our mlp -> HF feed_forward_proj ('gelu_new' is the tanh GELU ours is)
+# our mlp -> HF feed_forward_proj ('gelu_new' is the tanh GELU ours is), unless the source
+# config names an equivalent (`_activation`)
 _T5_MLPS_OUT = {"relu": "relu", "gated-gelu": "gated-gelu", "gated-silu": "gated-silu",
                 "swiglu": "gated-silu", "gelu": "gelu_new"}
 
@@ -126,7 +130,8 @@ def hf_config_from_model(cfg: ModelConfig, base: Mapping[str, Any] | None = None
     """config.json content for `cfg`; `base` (the source model's HF config) keeps token ids etc."""
     out = dict(base or {})
     if cfg.family == "t5" and _t5_exportable(cfg):
-        ff = _T5_MLPS_OUT[cfg.mlp]
+        ff = _activation(out.get("feed_forward_proj"), hf_interop.T5_MLPS, cfg.mlp,
+                         _T5_MLPS_OUT[cfg.mlp])
         for k in ("dense_act_fn", "is_gated_act"):  # derived by T5Config from feed_forward_proj
             out.pop(k, None)
         out.update(
@@ -140,26 +145,41 @@ def hf_config_from_model(cfg: ModelConfig, base: Mapping[str, Any] | None = None
             # scale_decoder_outputs and unties when lm_head.weight is present and differs.
             tie_word_embeddings=cfg.tie_embeddings, scale_decoder_outputs=cfg.scale_logits,
             dropout_rate=cfg.dropout_rate, is_encoder_decoder=True, dtype="float32")
-        out.setdefault("pad_token_id", 0)
-        out.setdefault("eos_token_id", 1)
-        out.setdefault("decoder_start_token_id", 0)
-        return out
+        return _with_token_ids(out, cfg, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     if cfg.family == "gpt" and _gpt2_exportable(cfg):
         out.update(
             architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=cfg.vocab_size,
             n_embd=cfg.d_model, n_head=cfg.num_heads, n_layer=cfg.num_layers,
-            n_positions=cfg.max_len, n_inner=cfg.d_ff, activation_function="gelu_new",
+            n_positions=cfg.max_len, n_inner=cfg.d_ff, activation_function=_activation(
+                out.get("activation_function"), hf_interop.GPT2_ACTIVATIONS, cfg.mlp, "gelu_new"),
             layer_norm_epsilon=cfg.norm_eps, scale_attn_weights=cfg.attention_scale,
             scale_attn_by_inverse_layer_idx=False, tie_word_embeddings=cfg.tie_embeddings,
             resid_pdrop=cfg.dropout_rate, embd_pdrop=cfg.dropout_rate,
             attn_pdrop=cfg.dropout_rate, dtype="float32")
-        for k in ("bos_token_id", "eos_token_id"):  # GPT-2's 50256 only exists in its own vocab
-            if not 0 <= out.get(k, -1) < cfg.vocab_size:
-                out[k] = 1
-        return out
+        # GPT-2's 50256 only exists in its own vocabulary
+        return _with_token_ids(out, cfg, bos_token_id=1, eos_token_id=1)
     raise InteropError(f"No HF equivalent for this {cfg.family} config (mlp={cfg.mlp}, "
                        f"norm={cfg.norm}, position={cfg.position}, use_bias={cfg.use_bias}); "
                        "to_hf exports T5 v1.0/v1.1-style and GPT-2-style models")
+
+
+def _activation(source, names: Mapping[str, str], ours: str, default: str) -> str:
+    """The source config's activation name when `names` maps it to our mlp `ours` (so a round
+    trip writes back e.g. GPT-2's 'gelu_pytorch_tanh'), else `default`."""
+    return source if isinstance(source, str) and names.get(source) == ours else default
+
+
+def _with_token_ids(out: dict, cfg: ModelConfig, **defaults: int) -> dict:
+    """`out` whose token id fields are valid for cfg's vocabulary: the source's value when it is
+    null (no such token), an id below vocab_size or a non-empty list of them (HF allows a list
+    eos_token_id); otherwise the default."""
+    for key, default in defaults.items():
+        value = out.get(key, -1)
+        ids = value if isinstance(value, list) else [value]
+        if not (value is None or ids and all(hf_interop.is_int(i) and 0 <= i < cfg.vocab_size
+                                             for i in ids)):
+            out[key] = default
+    return out
 
 
 def _t5_exportable(cfg: ModelConfig) -> bool:
@@ -175,6 +195,8 @@ def _gpt2_exportable(cfg: ModelConfig) -> bool:
 
 def hf_to_workdir(hf_dir, workdir, *, scan_layers: bool = False) -> ModelConfig:
     """Writes the HF model in `hf_dir` as a t5x_lite workdir; returns its ModelConfig."""
+    from t5x_lite import api  # imported on use: the loader pulls in much more than this module
+
     workdir = check_writable_dir(workdir, "--workdir")
     if files.real(workdir) == files.real(hf_dir):
         raise ConvertError(f"--workdir {workdir} is the --from_hf directory; convert into a new "
@@ -187,7 +209,13 @@ def hf_to_workdir(hf_dir, workdir, *, scan_layers: bool = False) -> ModelConfig:
                            "t5x_lite run config (an HF model?), which the conversion would "
                            "replace; convert into a new directory")
     cfg, params, hf_cfg, vocab = hf_interop.from_hf(hf_dir, scan_layers=scan_layers)
-    checkpoints.write_config(workdir, hf_interop.run_config_for(cfg))
+    run = hf_interop.run_config_for(cfg)
+    api.load_vocabulary(vocab, cfg, run)  # refuses one larger than the embedding, as load does
+    old_vocab = workdir / checkpoints.VOCAB_FILE
+    if old_vocab.exists() and (vocab is None or old_vocab.read_bytes() != vocab.read_bytes()):
+        raise ConvertError(f"--workdir {workdir} holds a {checkpoints.VOCAB_FILE} that is not "
+                           f"this model's {hf_interop.HF_VOCAB}; convert into a new directory")
+    checkpoints.write_config(workdir, run)
     (workdir / HF_SOURCE_CONFIG).write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
     if vocab is not None:
         (workdir / checkpoints.VOCAB_FILE).write_bytes(vocab.read_bytes())
@@ -223,7 +251,7 @@ def workdir_to_hf(path, out_dir, *, step: int | None = None) -> ModelConfig:
                                           f"available: {checkpoints.all_steps(workdir)}")
     cfg = ModelConfig.from_dict(checkpoints.read_config(workdir).model)
     source = epath.Path(workdir) / HF_SOURCE_CONFIG
-    base = json.loads(source.read_text()) if source.exists() else None
+    base = _source_config(source) if source.exists() else None
     if base and base.get("model_type") != {"t5": "t5", "gpt": "gpt2"}.get(cfg.family):
         base = None
     hf_cfg = hf_config_from_model(cfg, base)  # fails fast on unexportable models
@@ -233,6 +261,17 @@ def workdir_to_hf(path, out_dir, *, step: int | None = None) -> ModelConfig:
     if vocab.exists() and cfg.family == "t5":
         (epath.Path(out_dir) / hf_interop.HF_VOCAB).write_bytes(vocab.read_bytes())
     return cfg
+
+
+def _source_config(path: epath.Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise ConvertError(f"{path} is not a JSON object (the source HF config that --from_hf "
+                           "wrote); restore it, or delete it to export without its extra fields")
+    return value
 
 
 FLAGS = flags.FLAGS

@@ -15,7 +15,9 @@ unstacked to it, so both layouts share every name.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import struct
 from typing import Any, Callable, Mapping
 
@@ -55,24 +57,44 @@ def load_safetensors(data: bytes, name: str = "<bytes>") -> dict[str, np.ndarray
 
     Parsed here (the format is an 8-byte length, a JSON header, raw little-endian data) because
     `safetensors.numpy` cannot represent bfloat16, the dtype of most recent HF checkpoints.
+    Every header entry is checked against the bytes there are: a truncated or corrupt file is
+    an InteropError naming `name`.
     """
     try:
         (n,) = struct.unpack("<Q", data[:8])
         header = json.loads(data[8:8 + n])
     except (struct.error, ValueError):
         raise InteropError(f"{name} is not a safetensors file") from None
-    out = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        if info["dtype"] not in _ST_DTYPES:
-            raise InteropError(f"{name}: tensor {key} has unsupported dtype {info['dtype']}")
-        dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-        start, end = info["data_offsets"]
-        arr = np.frombuffer(data, dtype, (end - start) // dtype.itemsize, 8 + n + start)
-        arr = arr.reshape(info["shape"])
-        out[key] = arr.astype(np.float32) if info["dtype"] in _ST_FLOATS else arr.copy()
-    return out
+    if not isinstance(header, dict):
+        raise InteropError(f"{name} is not a safetensors file (its header is not a JSON object)")
+    return {key: _st_tensor(data, 8 + n, info, f"{name}: tensor {key}")
+            for key, info in header.items() if key != "__metadata__"}
+
+
+def _st_tensor(data: bytes, start_of_data: int, info, where: str) -> np.ndarray:
+    info = info if isinstance(info, dict) else {}
+    kind, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(kind, str) or kind not in _ST_DTYPES:
+        raise InteropError(f"{where} has unsupported dtype {json.dumps(kind)}")
+    if not (isinstance(shape, list) and all(is_int(d) and d >= 0 for d in shape)):
+        raise InteropError(f"{where} has no valid shape (got {json.dumps(shape)})")
+    size = len(data) - start_of_data
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_int, offsets))
+            and 0 <= offsets[0] <= offsets[1] <= size):
+        raise InteropError(f"{where} has data_offsets {json.dumps(offsets)}, not a [start, end] "
+                           f"range within the file's {size} data bytes (truncated or corrupt?)")
+    dtype = np.dtype(_ST_DTYPES[kind])
+    count = math.prod(shape)
+    if offsets[1] - offsets[0] != count * dtype.itemsize:
+        raise InteropError(f"{where} has {offsets[1] - offsets[0]} bytes, but shape {shape} of "
+                           f"{kind} needs {count * dtype.itemsize}")
+    arr = np.frombuffer(data, dtype, count, start_of_data + offsets[0]).reshape(shape)
+    return arr.astype(np.float32) if kind in _ST_FLOATS else arr.copy()
+
+
+def is_int(x) -> bool:
+    """An int that is not a bool (JSON true / false)."""
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def is_hf_dir(path) -> bool:
@@ -85,9 +107,10 @@ def is_hf_dir(path) -> bool:
     if any(p.name.endswith(PICKLE_SUFFIXES) for p in path.iterdir()):
         return True
     try:
-        return "model_type" in json.loads((path / HF_CONFIG).read_text())
+        config = json.loads((path / HF_CONFIG).read_text())
     except (OSError, ValueError):
         return False
+    return isinstance(config, dict) and "model_type" in config
 
 
 def read_hf_dir(path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -106,6 +129,8 @@ def read_hf_dir(path) -> tuple[dict, dict[str, np.ndarray]]:
         hf_cfg = json.loads(cfg_path.read_text())
     except ValueError as e:
         raise InteropError(f"{cfg_path} is not valid JSON: {e}") from None
+    if not isinstance(hf_cfg, dict):
+        raise InteropError(f"{cfg_path} is not a JSON object, so not an HF model config")
     return hf_cfg, _read_tensors(path)
 
 
@@ -121,11 +146,15 @@ def _read_tensors(path: epath.Path) -> dict[str, np.ndarray]:
     if (path / SAFETENSORS_INDEX).exists():
         try:
             weight_map = json.loads((path / SAFETENSORS_INDEX).read_text())["weight_map"]
-        except (ValueError, KeyError):
-            raise InteropError(f"{path / SAFETENSORS_INDEX} has no valid weight_map") from None
+        except (ValueError, KeyError, TypeError):  # TypeError: the JSON is not an object
+            weight_map = None
+        if not (isinstance(weight_map, dict)
+                and all(isinstance(s, str) and s for s in weight_map.values())):
+            raise InteropError(f"{path / SAFETENSORS_INDEX} has no valid weight_map (an object "
+                               "of tensor name: shard file name)")
         tensors = {}
         for shard in sorted(set(weight_map.values())):
-            if not (path / shard).exists():
+            if not (path / shard).is_file():
                 raise InteropError(f"{SAFETENSORS_INDEX} in {path} names shard {shard}, which "
                                    "is missing")
             tensors.update(load_safetensors((path / shard).read_bytes(), str(path / shard)))
@@ -142,66 +171,96 @@ def _read_tensors(path: epath.Path) -> dict[str, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------------- configs
-_T5_MLPS = {"relu": "relu", "gated-gelu": "gated-gelu", "gated-gelu_new": "gated-gelu",
-            "gelu_new": "gelu", "gated-silu": "gated-silu"}  # HF's gated-gelu is tanh GELU
-_GPT2_ACTS = ("gelu_new", "gelu_pytorch_tanh")
+# HF activation name -> our mlp. HF's gated-gelu and GPT-2's two names are the tanh GELU ours is.
+T5_MLPS = {"relu": "relu", "gated-gelu": "gated-gelu", "gated-gelu_new": "gated-gelu",
+           "gelu_new": "gelu", "gated-silu": "gated-silu"}
+GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu"}
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+# The kinds of config.json values read: (test, what a value of that kind is).
+_KINDS = {"size": (lambda v: is_int(v) and v > 0, "a positive integer"),
+          "eps": (lambda v: _is_number(v) and v > 0, "a positive number"),
+          "rate": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+          "flag": (lambda v: isinstance(v, bool), "true or false"),
+          "name": (lambda v: isinstance(v, str), "a string")}
+
+
+def _field(hf: Mapping[str, Any], source: str, key: str, default, kind: str, *,
+           null_is_default: bool = False):
+    """hf[key], or `default` when absent (or null, where HF reads null as the default),
+    checked to be of `kind`; a bad value is an InteropError naming `source`."""
+    value = hf.get(key, default)
+    if value is None and null_is_default:
+        return default
+    ok, what = _KINDS[kind]
+    if not ok(value):
+        raise InteropError(f"{source}: {key}={json.dumps(value)} is not {what}")
+    return value
 
 
 def model_config_from_hf(hf: Mapping[str, Any], tensors: Mapping[str, np.ndarray] | None = None,
-                         *, scan_layers: bool = False) -> ModelConfig:
+                         *, scan_layers: bool = False, source: str = HF_CONFIG) -> ModelConfig:
     """The ModelConfig of an HF config.json (and its tensors, to tell tied from untied heads).
 
     T5: `scale_decoder_outputs` (transformers >= 5) or else `tie_word_embeddings` (4.x) decides
     the d_model**-0.5 logit scaling; the head is untied when the config says so or when the
     checkpoint's `lm_head.weight` differs from the embedding (5.x always writes
-    tie_word_embeddings=true, even for v1.1).
+    tie_word_embeddings=true, even for v1.1). Every field used is type-checked; errors name
+    `source` (the config.json path).
     """
+    get = functools.partial(_field, hf, source)
     model_type = hf.get("model_type")
     if model_type == "t5":
-        ff = hf.get("feed_forward_proj", "relu")
-        if ff not in _T5_MLPS:
-            raise InteropError(f"T5 feed_forward_proj={ff!r} is not supported; supported: "
-                               f"{sorted(_T5_MLPS)}")
-        scale = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True))
-        n = hf.get("num_layers", 6)
+        ff = get("feed_forward_proj", "relu", "name")
+        if ff not in T5_MLPS:
+            raise InteropError(f"{source}: T5 feed_forward_proj={ff!r} is not supported; "
+                               f"supported: {sorted(T5_MLPS)}")
+        tied = get("tie_word_embeddings", True, "flag")
+        n = get("num_layers", 6, "size")
         return t5_1_0(
-            vocab_size=hf.get("vocab_size", 32128), d_model=hf.get("d_model", 512),
-            num_heads=hf.get("num_heads", 8), head_dim=hf.get("d_kv", 64),
-            d_ff=hf.get("d_ff", 2048), num_layers=n,
-            num_decoder_layers=hf.get("num_decoder_layers") or n, mlp=_T5_MLPS[ff],
-            norm_eps=hf.get("layer_norm_epsilon", 1e-6),
-            relative_buckets=hf.get("relative_attention_num_buckets", 32),
-            relative_max_distance=hf.get("relative_attention_max_distance", 128),
-            tie_embeddings=not _untied(hf, tensors, _t5_embedding(tensors or {})),
-            scale_logits=bool(scale), dropout_rate=hf.get("dropout_rate", 0.1),
-            scan_layers=scan_layers)
+            vocab_size=get("vocab_size", 32128, "size"), d_model=get("d_model", 512, "size"),
+            num_heads=get("num_heads", 8, "size"), head_dim=get("d_kv", 64, "size"),
+            d_ff=get("d_ff", 2048, "size"), num_layers=n,
+            num_decoder_layers=get("num_decoder_layers", n, "size", null_is_default=True),
+            mlp=T5_MLPS[ff], norm_eps=get("layer_norm_epsilon", 1e-6, "eps"),
+            relative_buckets=get("relative_attention_num_buckets", 32, "size"),
+            relative_max_distance=get("relative_attention_max_distance", 128, "size"),
+            tie_embeddings=not _untied(tied, tensors, _t5_embedding(tensors or {})),
+            scale_logits=get("scale_decoder_outputs", tied, "flag"),
+            dropout_rate=get("dropout_rate", 0.1, "rate"), scan_layers=scan_layers)
     if model_type == "gpt2":
-        act = hf.get("activation_function", "gelu_new")
-        problems = [(act not in _GPT2_ACTS, f"activation_function={act!r} (supported: "
-                                            f"{list(_GPT2_ACTS)})"),
-                    (hf.get("scale_attn_by_inverse_layer_idx"), "scale_attn_by_inverse_layer_idx"),
-                    (hf.get("add_cross_attention"), "add_cross_attention")]
+        act = get("activation_function", "gelu_new", "name")
+        problems = [(act not in GPT2_ACTIVATIONS, f"activation_function={act!r} (supported: "
+                                                  f"{list(GPT2_ACTIVATIONS)})")]
+        problems += [(get(k, False, "flag", null_is_default=True), k)
+                     for k in ("scale_attn_by_inverse_layer_idx", "add_cross_attention")]
         for bad, what in problems:
             if bad:
-                raise InteropError(f"GPT-2 config with {what} is not supported")
-        d, h = hf.get("n_embd", 768), hf.get("n_head", 12)
+                raise InteropError(f"{source}: GPT-2 config with {what} is not supported")
+        d, h = get("n_embd", 768, "size"), get("n_head", 12, "size")
         if d % h:
-            raise InteropError(f"GPT-2 n_embd={d} is not a multiple of n_head={h}")
+            raise InteropError(f"{source}: GPT-2 n_embd={d} is not a multiple of n_head={h}")
         gpt_tensors = _strip_gpt2_prefix(tensors or {})
         return gpt2(
-            vocab_size=hf.get("vocab_size", 50257), d_model=d, num_heads=h, head_dim=d // h,
-            d_ff=hf.get("n_inner") or 4 * d, num_layers=hf.get("n_layer", 12),
-            max_len=hf.get("n_positions", 1024), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-            attention_scale=hf.get("scale_attn_weights", True),
-            tie_embeddings=not _untied(hf, gpt_tensors, gpt_tensors.get("wte.weight")),
-            dropout_rate=hf.get("resid_pdrop", 0.1), scan_layers=scan_layers)
-    raise InteropError(f"Unsupported HF model_type {model_type!r} in config.json; t5x_lite "
+            vocab_size=get("vocab_size", 50257, "size"), d_model=d, num_heads=h,
+            head_dim=d // h, d_ff=get("n_inner", 4 * d, "size", null_is_default=True),
+            num_layers=get("n_layer", 12, "size"), max_len=get("n_positions", 1024, "size"),
+            norm_eps=get("layer_norm_epsilon", 1e-5, "eps"),
+            attention_scale=get("scale_attn_weights", True, "flag"),
+            tie_embeddings=not _untied(get("tie_word_embeddings", True, "flag"), gpt_tensors,
+                                       gpt_tensors.get("wte.weight")),
+            dropout_rate=get("resid_pdrop", 0.1, "rate"), scan_layers=scan_layers)
+    raise InteropError(f"Unsupported HF model_type {model_type!r} in {source}; t5x_lite "
                        f"converts {', '.join(SUPPORTED)}")
 
 
-def _untied(hf, tensors, embedding) -> bool:
+def _untied(tied_in_config: bool, tensors, embedding) -> bool:
     lm = (tensors or {}).get("lm_head.weight")
-    if hf.get("tie_word_embeddings", True) is False:
+    if not tied_in_config:
         return True
     return lm is not None and embedding is not None and not np.array_equal(lm, embedding)
 
@@ -379,6 +438,7 @@ def from_hf(path, *, scan_layers: bool = False):
       (ModelConfig, numpy params tree, config.json dict, path of spiece.model or None).
     """
     hf_cfg, tensors = read_hf_dir(path)
-    cfg = model_config_from_hf(hf_cfg, tensors, scan_layers=scan_layers)
+    cfg = model_config_from_hf(hf_cfg, tensors, scan_layers=scan_layers,
+                               source=str(epath.Path(path) / HF_CONFIG))
     vocab = epath.Path(path) / HF_VOCAB
     return cfg, params_from_hf(cfg, tensors), hf_cfg, (vocab if vocab.exists() else None)

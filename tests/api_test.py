@@ -149,6 +149,25 @@ def test_bad_paths(hf_models, tmp_path):
         t5x_lite.load(big_vocab)
 
 
+def test_hf_directory_errors(hf_models, tmp_path):
+    """An HF directory has no steps; a malformed one is one InteropError naming the file."""
+    with pytest.raises(hf_interop.InteropError, match="Hugging Face directory, which has no "
+                                                      "checkpoint steps; step=0"):
+        t5x_lite.load(hf_models["gpt2"][1], step=0)
+    truncated = shutil.copytree(hf_models["gpt2"][1], tmp_path / "truncated")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(hf_interop.InteropError, match=f"^{weights}: tensor .*truncated"):
+        t5x_lite.load(truncated)
+    (truncated / "config.json").write_text("[]")
+    with pytest.raises(hf_interop.InteropError, match="config.json is not a JSON object"):
+        t5x_lite.load(truncated)
+    (truncated / "model.safetensors").unlink()
+    (truncated / "config.json").write_text("5")  # not an HF config: looked for as a workdir
+    with pytest.raises(checkpoints.CheckpointError, match="No checkpoint found"):
+        t5x_lite.load(truncated)
+
+
 def test_generate_delegates_to_decoding(loaded, monkeypatch):
     fake = types.ModuleType("t5x_lite.decoding.generate")
     fake.generate = lambda model, **kw: (model, kw)

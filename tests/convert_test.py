@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import torch
 import transformers
 
 import hf_reference as ref
+import t5x_lite
 from t5x_lite import checkpoints, convert, hf_interop
 from t5x_lite.config import ModelConfig, gpt_modern
 
@@ -19,8 +21,8 @@ from t5x_lite.config import ModelConfig, gpt_modern
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
     models = ref.build_all(tmp_path_factory)
-    # Conversion copies a T5 vocabulary byte for byte; its content does not matter here.
-    (models["t5_v1_0"][1] / "spiece.model").write_bytes(b"sentencepiece bytes")
+    # Conversion copies a T5 vocabulary byte for byte (80 pieces + 100 extra ids <= 203 rows).
+    ref.train_spm(models["t5_v1_0"][1] / "spiece.model", 80)
     return models
 
 
@@ -56,8 +58,9 @@ def test_round_trip_loads_in_transformers_with_same_logits(hf_models, tmp_path, 
         assert not torch.equal(back.lm_head.weight, back.shared.weight)
         assert back.config.scale_decoder_outputs is False
     if kind == "t5_v1_0":
-        assert (workdir / "vocab.model").read_bytes() == b"sentencepiece bytes"
-        assert (out / "spiece.model").read_bytes() == b"sentencepiece bytes"
+        spiece = (src / "spiece.model").read_bytes()
+        assert (workdir / "vocab.model").read_bytes() == spiece
+        assert (out / "spiece.model").read_bytes() == spiece
     if kind == "gpt2":  # the source config's extras (token ids) come back
         assert json.loads((out / "config.json").read_text())["bos_token_id"] == 5
 
@@ -218,3 +221,91 @@ def test_cli_out_errors_are_one_line_and_keep_the_workdir(hf_models, tmp_path):
     assert r.returncode == 1 and r.stderr.strip() == (
         f"convert: error: --workdir {afile / 'w'}: its parent {afile} is a file, not a "
         "directory"), r.stderr
+
+
+def _hf_copy(src, dst, **config):
+    """A copy of the HF directory `src` whose config.json has `config` merged in."""
+    shutil.copytree(src, dst)
+    (dst / "config.json").write_text(json.dumps(
+        {**json.loads((dst / "config.json").read_text()), **config}))
+    return dst
+
+
+def test_cli_malformed_hf_inputs_are_one_line_and_write_nothing(hf_models, tmp_path):
+    truncated = _hf_copy(hf_models["gpt2"][1], tmp_path / "truncated")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    no_heads = _hf_copy(hf_models["gpt2"][1], tmp_path / "no_heads", n_head=0)
+    for src, message in [(truncated, f"{weights}: tensor "),
+                         (no_heads, f"{no_heads / 'config.json'}: n_head=0 is not a positive")]:
+        r = _cli(f"--from_hf={src}", f"--workdir={tmp_path / 'w'}")
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1, r.stderr[-3000:]
+        assert lines[0].startswith(f"convert: error: {message}"), lines[0]
+        assert not (tmp_path / "w").exists()
+
+
+def test_from_hf_refuses_a_vocabulary_larger_than_the_embedding(hf_models, tmp_path):
+    """load would refuse the workdir, so the conversion refuses it first and writes nothing."""
+    src = shutil.copytree(hf_models["t5_v1_0"][1], tmp_path / "big_vocab")
+    ref.train_spm(src / "spiece.model", 150)  # 150 pieces + 100 extra ids > 203 rows
+    with pytest.raises(checkpoints.CheckpointError, match="has 250 ids .* only 203 rows"):
+        convert.hf_to_workdir(src, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
+def test_from_hf_refuses_a_workdir_holding_another_vocabulary(hf_models, tmp_path):
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    stale = workdir / "vocab.model"
+    stale.write_bytes((hf_models["t5_v1_0"][1] / "spiece.model").read_bytes())
+    for src in (hf_models["gpt2"][1],  # no spiece.model: the stale one would stay
+                _hf_copy(hf_models["t5_v1_0"][1], tmp_path / "other_vocab")):
+        if src.name == "other_vocab":
+            ref.train_spm(src / "spiece.model", 60)
+        with pytest.raises(hf_interop.InteropError,
+                           match="holds a vocab.model that is not this model's spiece.model"):
+            convert.hf_to_workdir(src, workdir)
+        assert sorted(p.name for p in workdir.iterdir()) == ["vocab.model"]
+    convert.hf_to_workdir(hf_models["t5_v1_0"][1], workdir)  # the same vocabulary: fine
+    t5x_lite.load(workdir)
+
+
+@pytest.mark.parametrize("ids, want", [
+    (dict(eos_token_id=None), dict(eos_token_id=None, bos_token_id=5)),
+    (dict(eos_token_id=[1, 7]), dict(eos_token_id=[1, 7])),
+    (dict(eos_token_id=[1, 500], bos_token_id=None), dict(eos_token_id=1, bos_token_id=None)),
+    (dict(eos_token_id=[], bos_token_id="5"), dict(eos_token_id=1, bos_token_id=1)),
+])
+def test_to_hf_keeps_null_and_list_token_ids(hf_models, tmp_path, ids, want):
+    workdir = tmp_path / "w"
+    convert.hf_to_workdir(hf_models["gpt2"][1], workdir)
+    source = workdir / "hf_config.json"
+    source.write_text(json.dumps({**json.loads(source.read_text()), **ids}))
+    convert.workdir_to_hf(workdir, tmp_path / "hf")
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert {k: written[k] for k in want} == want
+    _from_pretrained("gpt2", tmp_path / "hf")  # transformers accepts them
+
+
+def test_to_hf_refuses_a_broken_source_config(hf_models, tmp_path):
+    workdir = tmp_path / "w"
+    convert.hf_to_workdir(hf_models["gpt2"][1], workdir)
+    (workdir / "hf_config.json").write_text("[1]")
+    with pytest.raises(hf_interop.InteropError, match="hf_config.json is not a JSON object"):
+        convert.workdir_to_hf(workdir, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_gelu_pytorch_tanh_config_round_trips_unchanged(hf_models, tmp_path):
+    src = _hf_copy(hf_models["gpt2"][1], tmp_path / "src", activation_function="gelu_pytorch_tanh")
+    convert.hf_to_workdir(src, tmp_path / "w")
+    convert.workdir_to_hf(tmp_path / "w", tmp_path / "hf")
+    assert (json.loads((tmp_path / "hf" / "config.json").read_text())
+            == json.loads((src / "config.json").read_text()))
+    # Equivalent T5 names are kept too; a name for another activation is not.
+    cfg = hf_interop.model_config_from_hf({"model_type": "t5", "feed_forward_proj": "gated-gelu"})
+    for source, want in [("gated-gelu_new", "gated-gelu_new"), ("gated-gelu", "gated-gelu"),
+                         ("relu", "gated-gelu"), (["x"], "gated-gelu")]:
+        got = convert.hf_config_from_model(cfg, {"feed_forward_proj": source})
+        assert got["feed_forward_proj"] == want

@@ -243,3 +243,75 @@ def test_gpt2_unsupported_options(hf_models, tmp_path):
         path = _copy_hf_dir(hf_models["gpt2"][1], tmp_path / "m", config=option)
         with pytest.raises(hf_interop.InteropError, match=message):
             hf_interop.from_hf(path)
+
+
+def _edit_header(path, edit):
+    """Rewrites the JSON header of the safetensors file `path` with `edit(header)`."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(edit(json.loads(data[8:8 + n]))).encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + n:])
+
+
+def _first_tensor(header, **change):
+    name = sorted(k for k in header if k != "__metadata__")[0]
+    header[name] = {k: v for k, v in {**header[name], **change}.items() if v is not None}
+    return header
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p.write_bytes(p.read_bytes()[:-1000]), "data_offsets .* within the file's"),
+    (lambda p: _edit_header(p, lambda h: _first_tensor(h, data_offsets=None)),
+     "data_offsets null, not a"),
+    (lambda p: _edit_header(p, lambda h: [1]), "header is not a JSON object"),
+    (lambda p: _edit_header(p, lambda h: _first_tensor(h, data_offsets=[0, 10 ** 9])),
+     r"data_offsets \[0, 1000000000\], not a \[start, end\] range"),
+    (lambda p: _edit_header(p, lambda h: _first_tensor(h, data_offsets=[100, 4])),
+     r"data_offsets \[100, 4\]"),
+    (lambda p: _edit_header(p, lambda h: _first_tensor(h, dtype="F8X")), 'dtype "F8X"'),
+    (lambda p: _edit_header(p, lambda h: _first_tensor(h, dtype=["F32"])), r'dtype \["F32"\]'),
+    (lambda p: _edit_header(p, lambda h: _first_tensor(h, shape=[7, 3])),
+     r"shape \[7, 3\] of F32 needs 84"),
+    (lambda p: _edit_header(p, lambda h: _first_tensor(h, shape="x")), "no valid shape"),
+])
+def test_malformed_safetensors_are_one_error_naming_the_file(hf_models, tmp_path, edit, message):
+    path = _copy_hf_dir(hf_models["gpt2"][1], tmp_path / "m")
+    edit(path / "model.safetensors")
+    with pytest.raises(hf_interop.InteropError, match=message) as e:
+        hf_interop.from_hf(path)
+    assert str(e.value).startswith(str(path / "model.safetensors")) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kind, config, message", [
+    ("gpt2", [1], "config.json is not a JSON object"),
+    ("gpt2", {"n_head": 0}, "config.json: n_head=0 is not a positive integer"),
+    ("gpt2", {"n_head": None}, "config.json: n_head=null is not a positive integer"),
+    ("gpt2", {"n_layer": "3"}, 'config.json: n_layer="3" is not a positive integer'),
+    ("gpt2", {"n_positions": True}, "config.json: n_positions=true is not a positive integer"),
+    ("gpt2", {"layer_norm_epsilon": "1e-5"}, "layer_norm_epsilon=\"1e-5\" is not a positive"),
+    ("gpt2", {"resid_pdrop": 1.5}, r"resid_pdrop=1.5 is not a number in \[0, 1\)"),
+    ("gpt2", {"activation_function": None}, "activation_function=null is not a string"),
+    ("gpt2", {"scale_attn_weights": "no"}, 'scale_attn_weights="no" is not true or false'),
+    ("t5_v1_0", {"feed_forward_proj": ["relu"]}, r'feed_forward_proj=\["relu"\] is not a string'),
+    ("t5_v1_0", {"d_kv": 12.0}, "d_kv=12.0 is not a positive integer"),
+    ("t5_v1_0", {"tie_word_embeddings": 1}, "tie_word_embeddings=1 is not true or false"),
+])
+def test_malformed_configs_are_one_error_naming_the_file(hf_models, tmp_path, kind, config,
+                                                         message):
+    path = _copy_hf_dir(hf_models[kind][1], tmp_path / "m")
+    if isinstance(config, dict):
+        config = {**json.loads((path / "config.json").read_text()), **config}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(hf_interop.InteropError, match=message) as e:
+        hf_interop.from_hf(path)
+    assert str(e.value).startswith(str(path / "config.json")) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("index", ['{"weight_map": [1]}', "[1]", '{"weight_map": {"a": 3}}'])
+def test_malformed_shard_index_is_one_error(hf_models, tmp_path, index):
+    path = _copy_hf_dir(hf_models["gpt2"][1], tmp_path / "m")
+    (path / "model.safetensors").unlink()
+    (path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(hf_interop.InteropError,
+                       match="model.safetensors.index.json has no valid weight_map"):
+        hf_interop.from_hf(path)
