@@ -8,7 +8,8 @@ r"""LoRA fine-tuning of a tiny T5 checkpoint (configs/tiny_t5.py) on the offline
 Config args (`:k=v,k=v`): base (required), rank (8), alpha (16), targets ('query|value'),
 dropout (0), steps (200), lr (1e-3). The model section must match the base (checked). Only the
 adapters are trained and checkpointed; `t5x_lite.load` / evaluate / infer merge them into the
-base on load. Measured numbers: README.md.
+base on load, at the base step the run started from (`lora.base_step`, recorded in the run's
+config.json at the first start). Measured numbers: README.md.
 """
 import ml_collections
 
@@ -39,6 +40,6 @@ def get_config(arg: str = ""):
         c.model = ml_collections.ConfigDict(checkpoints.read_config(src).model.to_dict())
         if (src / checkpoints.VOCAB_FILE).exists():
             c.data.vocab_path = str(src / checkpoints.VOCAB_FILE)
-    c.lora = dict(base=a["base"], rank=a["rank"], alpha=a["alpha"], targets=a["targets"],
-                  dropout=a["dropout"])
+    c.lora = dict(base=a["base"], base_step=-1, rank=a["rank"], alpha=a["alpha"],
+                  targets=a["targets"], dropout=a["dropout"])
     return c

@@ -166,7 +166,8 @@ def restore_params(workdir, step: int, abstract_params) -> Any:
 def params_shapes(workdir, step: int) -> dict:
     """{'path/to/param': shape} as stored in a checkpoint, read from its metadata only."""
     path = local_or_remote(workdir) / CHECKPOINT_DIR / str(step) / "params"
-    tree = ocp.StandardCheckpointHandler().metadata(path).tree
+    with _readable(path.parent):
+        tree = ocp.StandardCheckpointHandler().metadata(path).tree
     return {jax.tree_util.keystr(k): tuple(v.shape)
             for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
@@ -180,6 +181,11 @@ def check_params_match(workdir, step: int, abstract_params) -> None:
     problems += [f"unexpected {k}" for k in sorted(set(stored) - set(wanted))]
     problems += [f"{k}: checkpoint {stored[k]} vs model {wanted[k]}"
                  for k in sorted(set(stored) & set(wanted)) if stored[k] != wanted[k]]
+    if problems and stored and all(k.rsplit("[", 1)[0] in wanted for k in stored):
+        # leaves nested under the model's kernels: a LoRA run's adapters (t5x_lite/lora.py)
+        raise CheckpointError(f"{workdir} is a LoRA run: its checkpoints hold only adapters; "
+                              f"merge them into the base first with `python -m t5x_lite.lora "
+                              f"--workdir={workdir} --output=DIR` and use DIR")
     if problems:
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         raise CheckpointError(f"Checkpoint {workdir}/{CHECKPOINT_DIR}/{step} does not match the "

@@ -1,7 +1,7 @@
 """What LoRA, INT8 quantization, distillation and pruning share, and the trainer's one entry.
 
-`from_config(config, mesh, rules)` turns a run config's optional `lora`, `distill` and `prune`
-sections into a `Plugin` the trainer calls at four places (see README.md):
+`from_config(config, mesh, rules, workdir)` turns a run config's optional `lora`, `distill` and
+`prune` sections into a `Plugin` the trainer calls at four places (see README.md):
 
     model, tx = plugin.wrap(model, tx)          # params tree / optimizer as the method needs
     plugin.checkpointed(params)                 # the part of the params a checkpoint holds
@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from t5x_lite import partitioning
+from t5x_lite import checkpoints, partitioning
 from t5x_lite.config import ConfigError
 
 INPUT_AXES = {"out": ("heads", "kv"), "wo": ("mlp",)}
@@ -57,6 +57,15 @@ def section_config(cls, section, name: str):
         raise CompressionError(f"Unknown {name} option(s) {sorted(set(d) - known)}; known: "
                                f"{sorted(known)}")
     return cls(**d)
+
+
+def check_pattern(pattern: str, key: str) -> None:
+    """Raises CompressionError when `pattern` (the setting `key`) is not a valid regex."""
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise CompressionError(f"{key}={pattern!r} is not a valid regular expression: {e}"
+                               ) from None
 
 
 # --------------------------------------------------------------------------- params trees
@@ -174,8 +183,9 @@ class FrozenTrainablePlugin(Plugin):
     """Shared by LoRA (base + adapters) and distillation (teacher + student).
 
     Subclasses set `frozen_key`, `trainable_key` and implement `wrap_model(model)` (returning a
-    model whose params are the two-key tree), `load_frozen(abstract, shardings)` and
-    `init_trainable(rng)` (boxed trainable variables, as from `model.init`).
+    model whose params are the two-key tree, and setting `frozen_from`: the (workdir, step) of
+    the frozen half's checkpoint) and `init_trainable(rng)` (boxed trainable variables, as from
+    `model.init`).
     """
 
     frozen_key = "frozen"
@@ -184,9 +194,14 @@ class FrozenTrainablePlugin(Plugin):
     def __init__(self, mesh, rules):
         self.mesh, self.rules = mesh, rules
         self.model = None
+        self.frozen_from = None
 
     def wrap(self, model, tx):
         self.model = self.wrap_model(model)
+        # A checkpoint that cannot be the frozen half (e.g. a LoRA run's adapters) fails here,
+        # before the trainer makes the workdir.
+        boxed = jax.eval_shape(lambda: self.model.init(jax.random.key(0)))["params"]
+        checkpoints.check_params_match(*self.frozen_from, nn.meta.unbox(boxed[self.frozen_key]))
         return self.model, freeze_optimizer(tx, self.trainable_key)
 
     def checkpointed(self, params):
@@ -196,7 +211,8 @@ class FrozenTrainablePlugin(Plugin):
         boxed = jax.eval_shape(lambda: self.model.init(jax.random.key(0)))["params"]
         shardings = partitioning.shardings(boxed, self.mesh, self.rules)
         abstract = nn.meta.unbox(boxed)
-        frozen = self.load_frozen(abstract[self.frozen_key], shardings[self.frozen_key])
+        frozen = checkpoints.restore_params(*self.frozen_from, checkpoints.abstract_with_shardings(
+            abstract[self.frozen_key], shardings[self.frozen_key]))
         if params is None:
             with partitioning.activate(self.mesh, self.rules):
                 params = jax.jit(lambda r: nn.meta.unbox(self.init_trainable(r)),
@@ -204,9 +220,6 @@ class FrozenTrainablePlugin(Plugin):
         return {self.frozen_key: frozen, self.trainable_key: params}
 
     def wrap_model(self, model):
-        raise NotImplementedError
-
-    def load_frozen(self, abstract, shardings):
         raise NotImplementedError
 
     def init_trainable(self, rng):
@@ -229,8 +242,11 @@ def _section(config, name):
     return section if section is not None and section.get("enabled", True) else None
 
 
-def from_config(config, mesh, rules) -> Plugin:
+def from_config(config, mesh, rules, workdir=None) -> Plugin:
     """The plugin for a run config's `lora` / `distill` / `prune` sections (identity if none).
+
+    A LoRA run's base step is pinned: the one recorded in `workdir`'s config.json, else the
+    base's latest now, written into `config` (lora.base_step) so the run's config keeps it.
 
     Raises:
       CompressionError: an unsupported combination (LoRA with distillation or pruning).
@@ -246,7 +262,7 @@ def from_config(config, mesh, rules) -> Plugin:
     # Imported on use: each method pulls in only what it needs.
     if lora_cfg is not None:
         from t5x_lite import lora
-        return lora.LoraPlugin(lora.LoraConfig.from_dict(lora_cfg), mesh, rules)
+        return lora.LoraPlugin(lora.pin_base_step(config, workdir), mesh, rules)
     plugin = Plugin()
     if prune_cfg is not None:
         from t5x_lite import pruning

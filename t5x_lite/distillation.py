@@ -133,14 +133,8 @@ class DistillPlugin(compression.FrozenTrainablePlugin):
         return super().wrap(model, tx)
 
     def wrap_model(self, model):
-        teacher, self.teacher_workdir, self.teacher_step = teacher_model(self.cfg.teacher,
-                                                                         model.config)
+        teacher, *self.frozen_from = teacher_model(self.cfg.teacher, model.config)
         return DistillModel(model, teacher, self.cfg)
-
-    def load_frozen(self, abstract, shardings):
-        return checkpoints.restore_params(
-            self.teacher_workdir, self.teacher_step,
-            checkpoints.abstract_with_shardings(abstract, shardings))
 
     def init_trainable(self, rng):
         return self.model.inner.init(rng)["params"]

@@ -10,7 +10,9 @@ state exists only for the adapters, and checkpoints hold only the adapters.
         --config.lora.base=/tmp/tiny_t5
     python -m t5x_lite.lora --workdir=/tmp/lora --output=/tmp/lora_merged   # fold into base
 
-`t5x_lite.load` (and so evaluate / infer) merges a LoRA workdir's adapters into its base.
+`t5x_lite.load` (and so evaluate / infer) merges a LoRA workdir's adapters into its base, at
+the base step the run started from (`lora.base_step`, recorded in its config.json at the first
+start): a base that trains on does not change what the adapters apply to.
 
 Sharding: A gets the kernel's input logical axes + None, B gets None + the output axes (a
 leading `layers` axis of scanned stacks stays on both).
@@ -28,13 +30,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import uuid
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from absl import logging
+from etils import epath
 
-from t5x_lite import checkpoints, compression, cli, partitioning
+from t5x_lite import checkpoints, cli, compression, files, partitioning
 from t5x_lite.config import ModelConfig
 from t5x_lite.models import abstract_variables, build_model
 
@@ -46,6 +50,7 @@ class LoraConfig:
     """The run config's `lora` section."""
 
     base: str = ""  # base checkpoint: workdir, its checkpoints/ or checkpoints/<step>
+    base_step: int = -1  # the base's step the adapters apply to; -1: pinned at the first start
     targets: str = "query|value"  # regex (re.search) over kernel paths, e.g. 'query|value|wi'
     rank: int = 8
     alpha: float = 16.0
@@ -57,6 +62,7 @@ class LoraConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise compression.CompressionError(f"lora.dropout must be in [0, 1), got "
                                                f"{self.dropout}")
+        compression.check_pattern(self.targets, "lora.targets")
 
     @property
     def scale(self) -> float:
@@ -187,19 +193,56 @@ def _check_base_config(base_workdir, model_cfg: ModelConfig) -> None:
                                            f"{base_workdir}: {'; '.join(diffs[:3])}")
 
 
+def base_checkpoint(cfg: LoraConfig) -> tuple[epath.Path, int]:
+    """(workdir, step) of the base the adapters apply to: lora.base_step of lora.base, or the
+    step lora.base names (its latest) while none is pinned."""
+    if not cfg.base:
+        raise compression.CompressionError("lora.base is required: the checkpoint whose "
+                                           "weights the adapters fine-tune")
+    workdir, named = checkpoints.resolve(cfg.base)
+    if cfg.base_step < 0:
+        return workdir, named
+    steps = checkpoints.all_steps(workdir)
+    if cfg.base_step not in steps:
+        raise compression.CompressionError(
+            f"The LoRA adapters apply to step {cfg.base_step} of their base {workdir}, which no "
+            f"longer has it (available: {steps}); restore that checkpoint, or train new adapters")
+    return workdir, cfg.base_step
+
+
+def pin_base_step(config, workdir=None) -> LoraConfig:
+    """The run's LoraConfig with `base_step` fixed, and written into `config.lora` (so the run's
+    config.json and checkpoints keep it): the step in `workdir`'s config.json (a resumed run),
+    else the one `config` names, else the base's step now (the first start)."""
+    cfg = LoraConfig.from_dict(config.lora)
+    saved = None
+    if workdir is not None and (checkpoints.local_or_remote(workdir) /
+                                checkpoints.CONFIG_FILE).exists():
+        saved = checkpoints.read_config(workdir).get("lora")
+    pinned = int(saved.get("base_step", -1)) if hasattr(saved, "get") else -1
+    if cfg.base_step < 0:
+        cfg = dataclasses.replace(cfg, base_step=pinned if pinned >= 0 else base_checkpoint(cfg)[1])
+    elif 0 <= pinned != cfg.base_step:
+        raise compression.CompressionError(
+            f"lora.base_step={cfg.base_step}, but the adapters in {workdir} were trained on base "
+            f"step {pinned}; keep it, or train new adapters in a new --workdir (train.init_from="
+            f"{workdir} starts them from these)")
+    base_checkpoint(cfg)  # the pinned step must still exist
+    with config.unlocked():
+        config.lora.base_step = cfg.base_step
+    return cfg
+
+
 class LoraPlugin(compression.FrozenTrainablePlugin):
     frozen_key, trainable_key = "base", "lora"
 
     def __init__(self, cfg: LoraConfig, mesh, rules):
         super().__init__(mesh, rules)
-        if not cfg.base:
-            raise compression.CompressionError("lora.base is required: the checkpoint whose "
-                                               "weights the adapters fine-tune")
         self.cfg = cfg
-        self.base_workdir, self.base_step = checkpoints.resolve(cfg.base)
+        self.frozen_from = base_checkpoint(cfg)
 
     def wrap_model(self, model):
-        _check_base_config(self.base_workdir, model.config)
+        _check_base_config(self.frozen_from[0], model.config)
         wrapped = LoraModel(model, self.cfg)
         boxed = jax.eval_shape(lambda: wrapped.init(jax.random.key(0)))["params"]
         n_lora = compression.param_count(nn.meta.unbox(boxed["lora"]))
@@ -208,11 +251,6 @@ class LoraPlugin(compression.FrozenTrainablePlugin):
                      "params)", self.cfg.rank, self.cfg.alpha, self.cfg.targets, n_lora,
                      100.0 * n_lora / n_base, n_base)
         return wrapped
-
-    def load_frozen(self, abstract, shardings):
-        return checkpoints.restore_params(
-            self.base_workdir, self.base_step,
-            checkpoints.abstract_with_shardings(abstract, shardings))
 
     def init_trainable(self, rng):
         return self.model.init(rng)["params"]["lora"]
@@ -233,8 +271,7 @@ def restore_params(workdir, step: int, run_config, abstract_params):
     if not is_lora_run(run_config):
         return checkpoints.restore_params(workdir, step, abstract_params)
     cfg = LoraConfig.from_dict(run_config.lora)
-    base_workdir, base_step = checkpoints.resolve(cfg.base)
-    base = checkpoints.restore_params(base_workdir, base_step, abstract_params)
+    base = checkpoints.restore_params(*base_checkpoint(cfg), abstract_params)
     boxed = abstract_variables(build_model(ModelConfig.from_dict(run_config.model)))["params"]
     boxed_adapters = jax.eval_shape(lambda: init_adapters(jax.random.key(0), boxed, cfg))
     mesh = jax.tree.leaves(abstract_params)[0].sharding.mesh
@@ -244,37 +281,85 @@ def restore_params(workdir, step: int, run_config, abstract_params):
     return jax.jit(lambda b, a: merge(b, a, cfg), donate_argnums=0)(base, adapters)
 
 
+def check_merge_output(output, workdir, base) -> epath.Path:
+    """`output` as the new directory of a merged checkpoint. Refuses (CompressionError) a file,
+    the LoRA workdir, its base, a path inside either's checkpoints/, and a directory that is not
+    empty (another workdir, an earlier merge)."""
+    out = checkpoints.local_or_remote(output)
+    if out.exists() and not out.is_dir():
+        raise compression.CompressionError(f"--output {out} is a file, not a directory")
+    blocking = files.file_in_the_way(out)
+    if blocking:
+        raise compression.CompressionError(f"--output {out}: its parent {blocking} is a file")
+    target = files.real(out)
+    for what, directory in (("the LoRA workdir", workdir), ("the LoRA run's base", base)):
+        ckpts = files.real(directory) / checkpoints.CHECKPOINT_DIR
+        if target == ckpts.parent:
+            raise compression.CompressionError(f"--output {out} is {what}; give the merged "
+                                               "checkpoint a new directory")
+        if target == ckpts or ckpts in target.parents:
+            raise compression.CompressionError(f"--output {out} is inside the "
+                                               f"{checkpoints.CHECKPOINT_DIR}/ of {what}; give "
+                                               "the merged checkpoint a new directory")
+    if out.exists() and any(out.iterdir()):
+        kind = ("a t5x_lite workdir" if (out / checkpoints.CONFIG_FILE).exists()
+                or (out / checkpoints.CHECKPOINT_DIR).exists() else "not empty")
+        raise compression.CompressionError(f"--output {out} is {kind}; give the merged "
+                                           "checkpoint a new (or empty) directory")
+    return out
+
+
 def merge_workdir(workdir, output, step: int | None = None) -> int:
-    """Writes a plain (merged) checkpoint of a LoRA run to `output`; returns its step."""
-    from etils import epath
+    """Writes a plain (merged) checkpoint of a LoRA run to the new directory `output` (built
+    beside it and renamed into place: a failure leaves no output); returns its step."""
+    from t5x_lite.convert import HF_SOURCE_CONFIG  # on use: the HF side is not needed otherwise
 
     src, found = checkpoints.resolve(workdir)
     step = found if step is None else step
     run = checkpoints.read_config(src)
     if not is_lora_run(run):
         raise compression.CompressionError(f"{src} is not a LoRA run (no lora.base in its config)")
+    base, _ = base_checkpoint(LoraConfig.from_dict(run.lora))
+    out = check_merge_output(output, src, base)
+    if step not in checkpoints.all_steps(src):
+        raise checkpoints.CheckpointError(f"No checkpoint for step {step} in {src}; available: "
+                                          f"{checkpoints.all_steps(src)}")
     model = build_model(ModelConfig.from_dict(run.model))
     boxed = abstract_variables(model)["params"]
     mesh = partitioning.make_mesh()
     abstract = checkpoints.abstract_with_shardings(
         nn.meta.unbox(boxed), partitioning.shardings(boxed, mesh))
     params = restore_params(src, step, run, abstract)
-    out = epath.Path(output)
     merged_run = run.to_dict()
     merged_run.pop("lora")
     merged_run.setdefault("train", {})["init_from"] = ""
-    checkpoints.write_config(out, merged_run)
-    vocab = src / checkpoints.VOCAB_FILE
-    if vocab.exists():
-        (out / checkpoints.VOCAB_FILE).write_bytes(vocab.read_bytes())
-    checkpoints.save_params(out, params, step)
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        checkpoints.write_config(tmp, merged_run)
+        # The vocabulary the run trained with; the HF config of a converted base (`convert
+        # --to_hf` writes back its token ids and extra fields).
+        for name, dirs in ((checkpoints.VOCAB_FILE, (src,)), (HF_SOURCE_CONFIG, (src, base))):
+            source = next((d / name for d in dirs if (d / name).exists()), None)
+            if source is not None:
+                (tmp / name).write_bytes(source.read_bytes())
+        checkpoints.save_params(tmp, params, step)
+        if out.exists():
+            out.rmdir()  # empty (checked): the rename puts the merged directory in its place
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            tmp.rmtree()
     return step
 
 
 def main(argv):
     from absl import flags
-    del argv
+
     f = flags.FLAGS
+    if not f["verbosity"].present:
+        cli.quiet_console(logging.WARNING)  # orbax logs a page per restore / save at INFO
+    if len(argv) > 1:
+        cli.exit_with("lora", f"unexpected arguments {argv[1:]}")
     try:
         step = merge_workdir(f.workdir, f.output, f.step)
     except cli.ERRORS as e:
@@ -286,7 +371,7 @@ if __name__ == "__main__":
     from absl import app, flags
     flags.DEFINE_string("workdir", None, "LoRA run workdir (or checkpoint step dir).",
                         required=True)
-    flags.DEFINE_string("output", None, "Where to write the merged plain checkpoint.",
-                        required=True)
+    flags.DEFINE_string("output", None, "New (or empty) directory for the merged plain "
+                        "checkpoint.", required=True)
     flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
     app.run(main, flags_parser=cli.flags_parser("lora"))

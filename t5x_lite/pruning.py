@@ -67,10 +67,15 @@ class PruneConfig:
             (self.scope in SCOPES, f"prune.scope must be one of {SCOPES}"),
             (self.schedule in SCHEDULES, f"prune.schedule must be one of {SCHEDULES}"),
             (self.frequency > 0, "prune.frequency must be positive"),
+            (self.power > 0, f"prune.power must be positive, got {self.power}"),
+            (0 <= self.begin_step and (self.end_step == 0 or self.begin_step < self.end_step),
+             f"prune.begin_step must be >= 0 and before prune.end_step (0: train.num_steps), "
+             f"got begin_step={self.begin_step}, end_step={self.end_step}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise compression.CompressionError(msg)
+        compression.check_pattern(self.targets, "prune.targets")
 
     @classmethod
     def from_dict(cls, d) -> "PruneConfig":
@@ -336,6 +341,10 @@ class PruningPlugin(compression.Plugin):
     """Trainer plugin: the model is unchanged; the optimizer prunes."""
 
     def __init__(self, cfg: PruneConfig, num_steps: int):
+        if cfg.schedule == "polynomial" and not cfg.end_step and cfg.begin_step >= num_steps:
+            raise compression.CompressionError(
+                f"prune.begin_step={cfg.begin_step} is not before the schedule's end "
+                f"(prune.end_step=0: train.num_steps={num_steps}), so nothing would be pruned")
         self.cfg, self.num_steps = cfg, num_steps
 
     def wrap(self, model, tx):

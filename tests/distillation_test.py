@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import t5x_lite
-from t5x_lite import checkpoints, compression, distillation, partitioning, pruning
+from t5x_lite import checkpoints, compression, distillation, lora, partitioning, pruning
 from t5x_lite import config as model_config
 from t5x_lite.models import build_model
 from t5x_lite.training import testing, train, train_state, train_step
@@ -112,6 +112,26 @@ def test_teacher_must_match_student(tmp_path):
     import dataclasses
     with pytest.raises(compression.CompressionError, match="vocab_size"):
         distillation.teacher_model(tmp_path, dataclasses.replace(cfg, vocab_size=256))
+
+
+def test_lora_workdir_as_teacher_says_merge_it_first(tmp_path):
+    """A LoRA run's checkpoints hold only adapters: one line saying to merge it, before the
+    student's workdir is made."""
+    run = testing.tiny_config("gpt")
+    run.lora = dict(base="/elsewhere", targets="query$", rank=2)
+    boxed = jax.eval_shape(lambda: build_model(model_config.ModelConfig.from_dict(
+        run.model)).init(jax.random.key(0)))["params"]
+    adapters = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), nn.meta.unbox(jax.eval_shape(
+        lambda: lora.init_adapters(jax.random.key(1), boxed, lora.LoraConfig(**run.lora)))))
+    teacher = tmp_path / "lora"
+    checkpoints.write_config(teacher, run)
+    checkpoints.save_params(teacher, adapters, 3)
+    student = testing.tiny_config("gpt")
+    student.distill = dict(teacher=str(teacher))
+    with pytest.raises(checkpoints.CheckpointError,
+                       match=f"{teacher} is a LoRA run: .* merge them into the base first"):
+        train(student, tmp_path / "student")
+    assert not (tmp_path / "student").exists()
 
 
 def test_distill_and_prune_run_through_trainer_and_load(tmp_path):

@@ -1,7 +1,14 @@
 """LoRA: adapter count and sharding, merge math per kernel layout, training only the adapters
-(base bit-identical, loss falls), and the train / evaluate / load / merge path end to end
-(evaluate also with --quantize=int8)."""
+(base bit-identical, loss falls), the train / evaluate / load / merge path end to end
+(evaluate also with --quantize=int8) on the base step the run started from, and what the merge
+command and the other commands refuse (one line, nothing written)."""
+import json
 import math
+import os
+import re
+import shutil
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -11,10 +18,10 @@ import optax
 import pytest
 
 import t5x_lite
-from t5x_lite import checkpoints, compression, lora, partitioning
+from t5x_lite import checkpoints, compression, convert, lora, partitioning
 from t5x_lite import config as model_config
 from t5x_lite.models import build_model
-from t5x_lite.training import testing, train, train_state, train_step
+from t5x_lite.training import TrainingError, testing, train, train_state, train_step
 
 D, H, K, F, V = 32, 2, 16, 64, 128
 
@@ -179,26 +186,39 @@ def test_bad_config_errors():
         lora.LoraConfig(rank=0)
     with pytest.raises(compression.CompressionError, match="Unknown lora option"):
         lora.LoraConfig.from_dict({"base": "x", "rnak": 4})
+    with pytest.raises(compression.CompressionError,
+                       match=r"lora.targets='\(' is not a valid regular expression"):
+        lora.LoraConfig(base="x", targets="(")
 
 
-def _save_base(workdir, cfg_run):
+def _save_base(workdir, cfg_run, step=0, seed=7):
     model = build_model(model_config.ModelConfig.from_dict(cfg_run.model))
-    params = nn.meta.unbox(model.init(jax.random.key(7))["params"])
+    params = nn.meta.unbox(model.init(jax.random.key(seed))["params"])
     checkpoints.write_config(workdir, cfg_run)
-    checkpoints.save_params(workdir, params, 0)
+    checkpoints.save_params(workdir, params, step)
     return params
+
+
+HF_SOURCE = {"model_type": "t5", "decoder_start_token_id": 0, "source_only_field": "kept"}
 
 
 def test_lora_run_through_trainer_resume_load_and_merge(tmp_path):
     run = testing.tiny_config("t5")
     base_dir = tmp_path / "base"
     _save_base(base_dir, run)
+    (base_dir / convert.HF_SOURCE_CONFIG).write_text(json.dumps(HF_SOURCE))  # a converted base
     run.train.num_steps = 4
     run.checkpoint.save_every = 2
     run.lora = dict(base=str(base_dir), targets="query|value", rank=4, alpha=8.0, dropout=0.0)
     workdir = tmp_path / "lora"
     result = train(run, workdir)
     assert result.step == 4 and math.isfinite(result.last_metrics["loss"])
+    # The first start pins the base's step in the run's config.
+    assert checkpoints.read_config(workdir).lora.base_step == 0
+
+    # The base trains on: a later step with other weights. Resuming, load, evaluate and merge
+    # keep using step 0, the one the adapters were trained on.
+    _save_base(base_dir, testing.tiny_config("t5"), step=1, seed=8)
 
     # The checkpoint holds only the adapters: (1+1+1) attention modules x {query, value}.
     shapes = checkpoints.params_shapes(workdir, 4)
@@ -207,6 +227,11 @@ def test_lora_run_through_trainer_resume_load_and_merge(tmp_path):
     # Resuming continues from the adapters (and re-attaches the base).
     run.train.num_steps = 6
     assert train(run, workdir).step == 6
+    assert checkpoints.read_config(workdir).lora.base_step == 0
+    run.lora.base_step = 1  # another base step for these adapters: refused before any work
+    with pytest.raises(compression.CompressionError, match="trained on base step 0"):
+        train(run, workdir)
+    run.lora.base_step = -1
 
     # load() merges adapters into the base; equal to the adapter model on the same adapters.
     loaded = t5x_lite.load(workdir)
@@ -231,7 +256,8 @@ def test_lora_run_through_trainer_resume_load_and_merge(tmp_path):
     assert math.isfinite(ev["none"]["loss"])
     assert abs(ev["int8"]["loss"] - ev["none"]["loss"]) < 0.05
 
-    # merge writes a plain checkpoint that loads to the same logits.
+    # merge writes a plain checkpoint that loads to the same logits, with the base's HF config
+    # (a later `convert --to_hf` keeps its fields).
     step = lora.merge_workdir(workdir, tmp_path / "merged")
     assert step == 6
     merged = t5x_lite.load(tmp_path / "merged")
@@ -240,3 +266,112 @@ def test_lora_run_through_trainer_resume_load_and_merge(tmp_path):
         merged.logits(batch["encoder_input_tokens"],
                       decoder_input_ids=batch["decoder_input_tokens"]),
         got, rtol=1e-5, atol=1e-5)
+    assert json.loads((tmp_path / "merged" / convert.HF_SOURCE_CONFIG).read_text()) == HF_SOURCE
+
+    # Without the pinned base step, the adapters are refused (not applied to another step).
+    shutil.rmtree(base_dir / "checkpoints" / "0")
+    with pytest.raises(compression.CompressionError,
+                       match=r"step 0 of their base .* \(available: \[1\]\)"):
+        t5x_lite.load(workdir)
+
+
+def _fake_lora_run(tmp_path):
+    """A base (step 0) and a LoRA workdir with random adapters at steps 2 and 4: no training."""
+    run = testing.tiny_config("t5")
+    base_dir = tmp_path / "base"
+    _save_base(base_dir, run)
+    run.lora = dict(base=str(base_dir), targets="query|value", rank=4, alpha=8.0, dropout=0.0)
+    boxed = _boxed(model_config.ModelConfig.from_dict(run.model))
+    cfg = lora.LoraConfig.from_dict(run.lora)
+    adapters = _random(jax.eval_shape(lambda: lora.init_adapters(jax.random.key(1), boxed, cfg)))
+    workdir = tmp_path / "lora"
+    checkpoints.write_config(workdir, run)
+    for step in (2, 4):
+        checkpoints.save_params(workdir, adapters, step)
+    return run, base_dir, workdir
+
+
+def _listing(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_merge_refuses_outputs_it_would_break_and_leaves_nothing_on_failure(tmp_path,
+                                                                           monkeypatch):
+    _, base_dir, workdir = _fake_lora_run(tmp_path)
+    _save_base(tmp_path / "other", testing.tiny_config("t5"))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("keep")
+    (tmp_path / "file").write_text("x")
+    before = _listing(tmp_path)
+    config_before = (workdir / checkpoints.CONFIG_FILE).read_text()
+    refused = {workdir: "is the LoRA workdir;",
+               base_dir: "is the LoRA run's base;",
+               base_dir / "checkpoints" / "9": "is inside the checkpoints/ of the LoRA run's base",
+               tmp_path / "other": "is a t5x_lite workdir",
+               tmp_path / "notes": "is not empty",
+               tmp_path / "file": "is a file, not a directory",
+               tmp_path / "file" / "x": "its parent .* is a file"}
+    for out, message in refused.items():
+        with pytest.raises(compression.CompressionError, match=message):
+            lora.merge_workdir(workdir, out)
+    assert _listing(tmp_path) == before
+    assert (workdir / checkpoints.CONFIG_FILE).read_text() == config_before
+
+    # A failure while writing (here: after the checkpoint is written) leaves no output and no
+    # temporary directory.
+    save = checkpoints.save_params
+
+    def save_then_fail(*args, **kwargs):
+        save(*args, **kwargs)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpoints, "save_params", save_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        lora.merge_workdir(workdir, tmp_path / "merged")
+    assert _listing(tmp_path) == before
+    monkeypatch.undo()
+
+    # An empty directory is fine: it becomes the merged workdir.
+    (tmp_path / "empty").mkdir()
+    assert lora.merge_workdir(workdir, tmp_path / "empty", step=2) == 2
+    assert checkpoints.all_steps(tmp_path / "empty") == [2]
+
+
+def _lora_cli(*args):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "t5x_lite.lora", *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_merge_command_one_line_errors_and_quiet_console(tmp_path):
+    _, _, workdir = _fake_lora_run(tmp_path)
+    out = tmp_path / "merged"
+    for extra, want in (
+            (["--step=3"], f"No checkpoint for step 3 in {workdir}; available: [2, 4]"),
+            (["more"], "unexpected arguments ['more']")):
+        r = _lora_cli(f"--workdir={workdir}", f"--output={out}", *extra)
+        assert r.returncode == 1 and r.stderr.strip() == f"lora: error: {want}", r.stderr[-3000:]
+        assert not out.exists()
+    r = _lora_cli(f"--workdir={workdir}", f"--output={out}")
+    assert r.returncode == 0 and "merged adapters" in r.stdout, r.stderr[-3000:]
+    assert not re.findall(r"^I\d{4} .*", r.stderr, re.M), r.stderr[-2000:]  # no orbax INFO page
+    assert checkpoints.all_steps(out) == [4]
+
+
+def test_lora_workdir_where_a_plain_checkpoint_is_expected(tmp_path):
+    """convert --to_hf, train.init_from and lora.base (distill.teacher: distillation_test) name
+    a LoRA workdir: one line saying to merge it first; train makes no workdir."""
+    run, _, workdir = _fake_lora_run(tmp_path)
+    hint = (rf"{workdir} is a LoRA run: its checkpoints hold only adapters; merge them into the "
+            rf"base first with `python -m t5x_lite.lora --workdir={workdir} --output=DIR`")
+    with pytest.raises(checkpoints.CheckpointError, match=hint):
+        convert.workdir_to_hf(workdir, tmp_path / "hf")
+    plain = testing.tiny_config("t5")
+    plain.train.init_from = str(workdir)
+    adapters_on_adapters = testing.tiny_config("t5")
+    adapters_on_adapters.lora = dict(run.lora, base=str(workdir))
+    for config in (plain, adapters_on_adapters):
+        with pytest.raises((checkpoints.CheckpointError, TrainingError), match=hint):
+            train(config, tmp_path / "new")
+        assert not (tmp_path / "new").exists()
+    assert not (tmp_path / "hf").exists()

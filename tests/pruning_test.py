@@ -216,6 +216,21 @@ def test_bad_config_errors():
     _, axes = _init(_t5())
     with pytest.raises(compression.CompressionError, match="matches no kernel"):
         pruning.rankings(axes, pruning.PruneConfig(targets="nope$"))
+    with pytest.raises(compression.CompressionError,
+                       match=r"prune.targets='\(' is not a valid regular expression"):
+        pruning.PruneConfig(targets="(")
+    # A polynomial schedule that ends before it begins would prune nothing.
+    with pytest.raises(compression.CompressionError,
+                       match="begin_step must be >= 0 and before prune.end_step"):
+        pruning.PruneConfig(schedule="polynomial", begin_step=50, end_step=10)
+    with pytest.raises(compression.CompressionError, match="begin_step must be >= 0"):
+        pruning.PruneConfig(begin_step=-1)
+    with pytest.raises(compression.CompressionError, match="power must be positive"):
+        pruning.PruneConfig(power=0.0)
+    late = pruning.PruneConfig(schedule="polynomial", begin_step=50)  # end_step 0: num_steps
+    with pytest.raises(compression.CompressionError, match="train.num_steps=20"):
+        pruning.PruningPlugin(late, num_steps=20)
+    pruning.PruningPlugin(late, num_steps=60)
 
 
 def test_one_shot_pruning_run_through_trainer(tmp_path):

@@ -148,7 +148,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, override_config: bool =
     tx, schedule = optimizers.make_optimizer(config.optimizer, num_steps)
     # Compression hook (README.md): the `lora` / `distill` / `prune` config sections
     # change the params tree, the optimizer and what checkpoints hold; identity without them.
-    plugin = compression.from_config(config, mesh, rules)
+    plugin = compression.from_config(config, mesh, rules, workdir)
     model, tx = plugin.wrap(model, tx)
     vocab = load_vocab(config.data)
     _check_vocab(vocab, workdir, override_config)
@@ -161,7 +161,9 @@ def train(config: ml_collections.ConfigDict, workdir, *, override_config: bool =
     abstract, shardings = train_state.state_shardings(model, tx, mesh, rules)
     init_rng, dropout_rng = jax.random.split(jax.random.key(int(config.seed)))
     if tc.init_from and not checkpoints.all_steps(workdir):
-        checkpoints.resolve(tc.init_from)  # a bad init_from fails before the workdir is made
+        # a bad init_from (missing, another model, a LoRA run) fails before the workdir is made
+        checkpoints.check_params_match(*checkpoints.resolve(tc.init_from),
+                                       plugin.checkpointed(abstract.params))
     mngr = checkpoints.make_train_manager(workdir, keep=int(config.checkpoint.keep),
                                           async_save=bool(config.checkpoint.async_save))
     start = mngr.latest_step()
