@@ -230,10 +230,7 @@ def load(path, *, dtype=None, mesh=None, step: int | None = None,
         run = hf_interop.run_config_for(cfg)
     else:
         workdir, found = checkpoints.resolve(path)
-        step = found if step is None else step
-        if step not in checkpoints.all_steps(workdir):
-            raise checkpoints.CheckpointError(f"No checkpoint for step {step} in {workdir}; "
-                                              f"available: {checkpoints.all_steps(workdir)}")
+        step = checkpoints.check_step(workdir, found if step is None else step)
         run = checkpoints.read_config(workdir)
         cfg = ModelConfig.from_dict(run.model)
         vocab_path = workdir / checkpoints.VOCAB_FILE

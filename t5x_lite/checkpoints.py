@@ -98,6 +98,14 @@ def resolve(path) -> tuple[epath.Path, int]:
     return workdir, steps[-1]
 
 
+def check_step(workdir, step: int) -> int:
+    """`step` if `workdir` has a complete checkpoint for it, else one CheckpointError line."""
+    steps = all_steps(workdir)
+    if step not in steps:
+        raise CheckpointError(f"No checkpoint for step {step} in {workdir}; available: {steps}")
+    return step
+
+
 def all_steps(workdir) -> list[int]:
     """Steps of complete checkpoints (orbax writes to a temp dir and renames when finished)."""
     ckpt_dir = local_or_remote(workdir) / CHECKPOINT_DIR

@@ -245,10 +245,7 @@ def workdir_to_hf(path, out_dir, *, step: int | None = None) -> ModelConfig:
         raise ConvertError(f"--workdir {path} is a file, not a t5x_lite workdir")
     workdir, latest = checkpoints.resolve(path)
     check_hf_out(out_dir, workdir)
-    step = latest if step is None else step
-    if step not in checkpoints.all_steps(workdir):
-        raise checkpoints.CheckpointError(f"No checkpoint for step {step} in {workdir}; "
-                                          f"available: {checkpoints.all_steps(workdir)}")
+    step = checkpoints.check_step(workdir, latest if step is None else step)
     cfg = ModelConfig.from_dict(checkpoints.read_config(workdir).model)
     source = epath.Path(workdir) / HF_SOURCE_CONFIG
     base = _source_config(source) if source.exists() else None

@@ -321,9 +321,7 @@ def merge_workdir(workdir, output, step: int | None = None) -> int:
         raise compression.CompressionError(f"{src} is not a LoRA run (no lora.base in its config)")
     base, _ = base_checkpoint(LoraConfig.from_dict(run.lora))
     out = check_merge_output(output, src, base)
-    if step not in checkpoints.all_steps(src):
-        raise checkpoints.CheckpointError(f"No checkpoint for step {step} in {src}; available: "
-                                          f"{checkpoints.all_steps(src)}")
+    checkpoints.check_step(src, step)
     model = build_model(ModelConfig.from_dict(run.model))
     boxed = abstract_variables(model)["params"]
     mesh = partitioning.make_mesh()
