@@ -49,6 +49,10 @@ def flags_parser(prog: str) -> Callable:
             text = str(e).strip()
             if "Traceback" in text:  # the last line: "package.module.SomeError: message"
                 text = re.sub(r"^[\w.]+(Error|Exception): ", "", text.splitlines()[-1].strip())
+            override = re.search(r"Unknown command line flag '(\w+)\.", text)
+            if override and override.group(1) in flags.FLAGS:  # --config.x=... without --config
+                text += (f"; --{override.group(1)}.* overrides need --{override.group(1)}=FILE "
+                         "before them")
             exit_with(prog, text)
         except Exception as e:
             where = _config_file_frame(e, argv)

@@ -164,3 +164,14 @@ def test_a_config_file_that_fails_to_run_is_one_line_naming_its_line(tmp_path, t
     assert r.returncode == 1, r.stderr[-3000:]
     assert r.stderr.strip().splitlines()[-1] == f"train: error: --config: {tmp_path}/{message}"
     assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
+
+
+def test_config_overrides_without_a_config_file_say_what_is_missing(tmp_path):
+    """evaluate's --config is optional (the workdir's config.json): its overrides are not."""
+    r = subprocess.run([sys.executable, "-m", "t5x_lite.evaluate", f"--workdir={tmp_path}",
+                        "--config.decode.method=beam"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        "evaluate: error: Unknown command line flag 'config.decode.method'; --config.* "
+        "overrides need --config=FILE before them"), r.stderr[-3000:]
