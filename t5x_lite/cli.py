@@ -86,7 +86,6 @@ def _config_file_frame(error: BaseException, argv) -> str | None:
         path = value.split(":")[0]
         if name.startswith("--") and path.endswith(".py"):
             files[os.path.realpath(path)] = name
-    line = None
     if isinstance(error, SyntaxError) and error.filename:
         line = (error.filename, error.lineno)
     else:

@@ -194,23 +194,24 @@ class FrozenTrainablePlugin(Plugin):
     def __init__(self, mesh, rules):
         self.mesh, self.rules = mesh, rules
         self.model = None
+        self.boxed = None  # the wrapped model's abstract (boxed) params, set by `wrap`
         self.frozen_from = None
 
     def wrap(self, model, tx):
         self.model = self.wrap_model(model)
+        self.boxed = jax.eval_shape(lambda: self.model.init(jax.random.key(0)))["params"]
         # A checkpoint that cannot be the frozen half (e.g. a LoRA run's adapters) fails here,
         # before the trainer makes the workdir.
-        boxed = jax.eval_shape(lambda: self.model.init(jax.random.key(0)))["params"]
-        checkpoints.check_params_match(*self.frozen_from, nn.meta.unbox(boxed[self.frozen_key]))
+        checkpoints.check_params_match(*self.frozen_from,
+                                       nn.meta.unbox(self.boxed[self.frozen_key]))
         return self.model, freeze_optimizer(tx, self.trainable_key)
 
     def checkpointed(self, params):
         return params[self.trainable_key]
 
     def full_params(self, params, rng):
-        boxed = jax.eval_shape(lambda: self.model.init(jax.random.key(0)))["params"]
-        shardings = partitioning.shardings(boxed, self.mesh, self.rules)
-        abstract = nn.meta.unbox(boxed)
+        shardings = partitioning.shardings(self.boxed, self.mesh, self.rules)
+        abstract = nn.meta.unbox(self.boxed)
         frozen = checkpoints.restore_params(*self.frozen_from, checkpoints.abstract_with_shardings(
             abstract[self.frozen_key], shardings[self.frozen_key]))
         if params is None:

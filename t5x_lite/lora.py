@@ -213,7 +213,8 @@ def base_checkpoint(cfg: LoraConfig) -> tuple[epath.Path, int]:
 def pin_base_step(config, workdir=None) -> LoraConfig:
     """The run's LoraConfig with `base_step` fixed, and written into `config.lora` (so the run's
     config.json and checkpoints keep it): the step in `workdir`'s config.json (a resumed run),
-    else the one `config` names, else the base's step now (the first start)."""
+    else the one `config` names, else the base's step now (the first start). That the step
+    still exists is checked where it is used (`base_checkpoint`, by LoraPlugin)."""
     cfg = LoraConfig.from_dict(config.lora)
     saved = None
     if workdir is not None and (checkpoints.local_or_remote(workdir) /
@@ -227,7 +228,6 @@ def pin_base_step(config, workdir=None) -> LoraConfig:
             f"lora.base_step={cfg.base_step}, but the adapters in {workdir} were trained on base "
             f"step {pinned}; keep it, or train new adapters in a new --workdir (train.init_from="
             f"{workdir} starts them from these)")
-    base_checkpoint(cfg)  # the pinned step must still exist
     with config.unlocked():
         config.lora.base_step = cfg.base_step
     return cfg

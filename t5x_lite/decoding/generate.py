@@ -37,6 +37,7 @@ from t5x_lite.errors import UserError
 METHODS = ("greedy", "sample", "beam")
 INT32_MAX = 2**31 - 1  # sizes and positions are int32 inside the jitted loops
 MIN_BUCKET = 8
+_SMALLER = "lower batch_size, num_beams / num_samples or max_new_tokens"  # a decode too large
 
 
 class DecodeError(UserError):
@@ -187,23 +188,22 @@ def check_decode_size(cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     per = options.rows_per_prompt
     rows = batch_rows(min(options.batch_size, len(prompts)), options.batch_size) * per
     k = options.num_draft if draft_cfg is not None else 0
-    slots = cache_len(cfg, bucket(max(len(p) for p in prompts)), options.max_new_tokens, k)
+    prompt_len = bucket(max(len(p) for p in prompts))  # the encoder's length for T5
+    slots = cache_len(cfg, prompt_len, options.max_new_tokens, k)
     largest = rows * max([cfg.vocab_size] + [slots * c.num_heads * c.head_dim for c in
                                              (cfg, draft_cfg) if c is not None])
     what = {"beam": f" x {per} beams", "sample": f" x {per} samples"}.get(
         options.method, "") if per > 1 else ""
     request = (f"batch_size {options.batch_size}{what} x {slots} cache slots (max_new_tokens "
                f"{options.max_new_tokens})")
-    lower = "lower batch_size, num_beams / num_samples or max_new_tokens"
     if largest > INT32_MAX:
         raise DecodeError(f"{request} is too large to decode: {largest} elements in one "
-                          f"array, over {INT32_MAX}; {lower}")
-    enc = bucket(max(len(p) for p in prompts))
-    need = sum(cache_bytes(c, rows, slots, enc) for c in (cfg, draft_cfg) if c is not None)
+                          f"array, over {INT32_MAX}; {_SMALLER}")
+    need = sum(cache_bytes(c, rows, slots, prompt_len) for c in (cfg, draft_cfg) if c is not None)
     have = free_memory()
     if have is not None and need > have:
         raise DecodeError(f"{request} needs {need / 2**30:.1f} GiB of KV cache per device "
-                          f"(at least), more than the {have / 2**30:.1f} GiB free; {lower}")
+                          f"(at least), more than the {have / 2**30:.1f} GiB free; {_SMALLER}")
 
 
 def cache_bytes(cfg: ModelConfig, rows: int, slots: int, encoder_len: int,
@@ -374,8 +374,7 @@ def _out_of_memory_is_a_decode_error(rows: int, options: DecodeOptions):
         raise DecodeError(
             f"out of memory decoding {rows} rows x {options.rows_per_prompt} (batch_size "
             f"{options.batch_size}, max_new_tokens {options.max_new_tokens}): "
-            f"{lines[0] if lines else 'RESOURCE_EXHAUSTED'}; lower batch_size, "
-            "num_beams / num_samples or max_new_tokens") from None
+            f"{lines[0] if lines else 'RESOURCE_EXHAUSTED'}; {_SMALLER}") from None
 
 
 def _check_same_devices(loaded, draft):
