@@ -227,6 +227,45 @@ class FrozenTrainablePlugin(Plugin):
         raise NotImplementedError
 
 
+def frozen_checkpoint(path: str, step: int, what: str):
+    """(workdir, step) of a frozen half's checkpoint: `step` of the workdir `path` names, or
+    while none is pinned (step < 0) the step `path` names (its latest). `what` names the frozen
+    half in the error, e.g. "The LoRA adapters apply to step 3 of their base"."""
+    workdir, named = checkpoints.resolve(path)
+    if step < 0:
+        return workdir, named
+    steps = checkpoints.all_steps(workdir)
+    if step not in steps:
+        raise CompressionError(f"{what} {workdir}, which no longer has it (available: {steps}); "
+                               "restore that checkpoint, or start a new run")
+    return workdir, step
+
+
+def pin_frozen_step(config, section: str, path_key: str, step_key: str, workdir,
+                    trained_on: str) -> int:
+    """The step of `config[section][path_key]`'s checkpoint a run's frozen half comes from,
+    written into `config[section][step_key]` (so the run's config.json and checkpoints keep it):
+    the step in `workdir`'s config.json (a resumed run), else the one `config` names, else that
+    checkpoint's step now (the first start). Resuming then uses the same frozen weights even
+    when their run has saved later steps since. That the step still exists is checked where it
+    is used (`frozen_checkpoint`). A `config` step that contradicts the saved one is refused:
+    `trained_on` (formatted with `pinned` and `workdir`) says what the workdir holds."""
+    step = int(config[section].get(step_key, -1))
+    saved = None
+    if workdir is not None and (checkpoints.local_or_remote(workdir) /
+                                checkpoints.CONFIG_FILE).exists():
+        saved = checkpoints.read_config(workdir).get(section)
+    pinned = int(saved.get(step_key, -1)) if hasattr(saved, "get") else -1
+    if step < 0:
+        step = pinned if pinned >= 0 else checkpoints.resolve(config[section][path_key])[1]
+    elif 0 <= pinned != step:
+        raise CompressionError(f"{section}.{step_key}={step}, but "
+                               + trained_on.format(pinned=pinned, workdir=workdir))
+    with config.unlocked():
+        config[section][step_key] = step
+    return step
+
+
 class ModelWrapper:
     """Delegates everything a `models.BaseModel` offers to `inner`; subclasses override the
     params-taking methods (`init`, `loss_fn`, `logits`, `score_batch`)."""
@@ -246,8 +285,9 @@ def _section(config, name):
 def from_config(config, mesh, rules, workdir=None) -> Plugin:
     """The plugin for a run config's `lora` / `distill` / `prune` sections (identity if none).
 
-    A LoRA run's base step is pinned: the one recorded in `workdir`'s config.json, else the
-    base's latest now, written into `config` (lora.base_step) so the run's config keeps it.
+    The step of a LoRA run's base (lora.base_step) and of a distillation's teacher
+    (distill.teacher_step) is pinned (`pin_frozen_step`): the one recorded in `workdir`'s
+    config.json, else the checkpoint's step now, written into `config` so the run keeps it.
 
     Raises:
       CompressionError: an unsupported combination (LoRA with distillation or pruning).
@@ -271,6 +311,6 @@ def from_config(config, mesh, rules, workdir=None) -> Plugin:
                                        int(config.train.num_steps))
     if distill_cfg is not None:
         from t5x_lite import distillation
-        plugin = distillation.DistillPlugin(distillation.DistillConfig.from_dict(distill_cfg),
+        plugin = distillation.DistillPlugin(distillation.pin_teacher_step(config, workdir),
                                             mesh, rules, inner=plugin)
     return plugin

@@ -37,6 +37,7 @@ class DistillConfig:
     """The run config's `distill` section."""
 
     teacher: str = ""  # teacher checkpoint: workdir, its checkpoints/ or checkpoints/<step>
+    teacher_step: int = -1  # the teacher's step; -1: the one `teacher` names, pinned at the start
     temperature: float = 2.0
     kl_weight: float = 0.5
     label_weight: float = 0.5
@@ -102,9 +103,10 @@ class DistillModel(compression.ModelWrapper):
         return self.inner.score_batch(params["student"], batch)
 
 
-def teacher_model(path, student_config: ModelConfig):
-    """(model, workdir, step) of a teacher checkpoint; checks it can teach this student."""
-    workdir, step = checkpoints.resolve(path)
+def teacher_model(path, student_config: ModelConfig, step: int = -1):
+    """(model, workdir, step) of a teacher checkpoint (`step` of it; -1: the step `path` names);
+    checks it can teach this student."""
+    workdir, step = compression.frozen_checkpoint(path, step, f"The teacher is step {step} of")
     cfg = ModelConfig.from_dict(checkpoints.read_config(workdir).model)
     if cfg.family != student_config.family:
         raise compression.CompressionError(f"The teacher {workdir} is a {cfg.family} model but "
@@ -118,14 +120,31 @@ def teacher_model(path, student_config: ModelConfig):
     return build_model(cfg, LossConfig()), workdir, step
 
 
+def _require_teacher(cfg: DistillConfig) -> None:
+    if not cfg.teacher:
+        raise compression.CompressionError("distill.teacher is required: the checkpoint to "
+                                           "distill from")
+
+
+def pin_teacher_step(config, workdir=None) -> DistillConfig:
+    """The run's DistillConfig with `teacher_step` pinned (`compression.pin_frozen_step`): a
+    resumed student keeps learning from the teacher it started with, even when the teacher's
+    run has saved later checkpoints since."""
+    cfg = DistillConfig.from_dict(config.distill)
+    _require_teacher(cfg)
+    compression.pin_frozen_step(
+        config, "distill", "teacher", "teacher_step", workdir,
+        "the student in {workdir} was distilled from teacher step {pinned}; keep it, or "
+        "distill in a new --workdir (train.init_from={workdir} starts from this student)")
+    return DistillConfig.from_dict(config.distill)
+
+
 class DistillPlugin(compression.FrozenTrainablePlugin):
     frozen_key, trainable_key = "teacher", "student"
 
     def __init__(self, cfg: DistillConfig, mesh, rules, inner: compression.Plugin | None = None):
         super().__init__(mesh, rules)
-        if not cfg.teacher:
-            raise compression.CompressionError("distill.teacher is required: the checkpoint to "
-                                               "distill from")
+        _require_teacher(cfg)
         self.cfg, self.inner = cfg, inner or compression.Plugin()
 
     def wrap(self, model, tx):
@@ -133,7 +152,8 @@ class DistillPlugin(compression.FrozenTrainablePlugin):
         return super().wrap(model, tx)
 
     def wrap_model(self, model):
-        teacher, *self.frozen_from = teacher_model(self.cfg.teacher, model.config)
+        teacher, *self.frozen_from = teacher_model(self.cfg.teacher, model.config,
+                                                   self.cfg.teacher_step)
         return DistillModel(model, teacher, self.cfg)
 
     def init_trainable(self, rng):

@@ -193,44 +193,29 @@ def _check_base_config(base_workdir, model_cfg: ModelConfig) -> None:
                                            f"{base_workdir}: {'; '.join(diffs[:3])}")
 
 
-def base_checkpoint(cfg: LoraConfig) -> tuple[epath.Path, int]:
-    """(workdir, step) of the base the adapters apply to: lora.base_step of lora.base, or the
-    step lora.base names (its latest) while none is pinned."""
+def _require_base(cfg: LoraConfig) -> None:
     if not cfg.base:
         raise compression.CompressionError("lora.base is required: the checkpoint whose "
                                            "weights the adapters fine-tune")
-    workdir, named = checkpoints.resolve(cfg.base)
-    if cfg.base_step < 0:
-        return workdir, named
-    steps = checkpoints.all_steps(workdir)
-    if cfg.base_step not in steps:
-        raise compression.CompressionError(
-            f"The LoRA adapters apply to step {cfg.base_step} of their base {workdir}, which no "
-            f"longer has it (available: {steps}); restore that checkpoint, or train new adapters")
-    return workdir, cfg.base_step
+
+
+def base_checkpoint(cfg: LoraConfig) -> tuple[epath.Path, int]:
+    """(workdir, step) of the base the adapters apply to: lora.base_step of lora.base, or the
+    step lora.base names (its latest) while none is pinned."""
+    _require_base(cfg)
+    return compression.frozen_checkpoint(
+        cfg.base, cfg.base_step, f"The LoRA adapters apply to step {cfg.base_step} of their base")
 
 
 def pin_base_step(config, workdir=None) -> LoraConfig:
-    """The run's LoraConfig with `base_step` fixed, and written into `config.lora` (so the run's
-    config.json and checkpoints keep it): the step in `workdir`'s config.json (a resumed run),
-    else the one `config` names, else the base's step now (the first start). That the step
-    still exists is checked where it is used (`base_checkpoint`, by LoraPlugin)."""
-    cfg = LoraConfig.from_dict(config.lora)
-    saved = None
-    if workdir is not None and (checkpoints.local_or_remote(workdir) /
-                                checkpoints.CONFIG_FILE).exists():
-        saved = checkpoints.read_config(workdir).get("lora")
-    pinned = int(saved.get("base_step", -1)) if hasattr(saved, "get") else -1
-    if cfg.base_step < 0:
-        cfg = dataclasses.replace(cfg, base_step=pinned if pinned >= 0 else base_checkpoint(cfg)[1])
-    elif 0 <= pinned != cfg.base_step:
-        raise compression.CompressionError(
-            f"lora.base_step={cfg.base_step}, but the adapters in {workdir} were trained on base "
-            f"step {pinned}; keep it, or train new adapters in a new --workdir (train.init_from="
-            f"{workdir} starts them from these)")
-    with config.unlocked():
-        config.lora.base_step = cfg.base_step
-    return cfg
+    """The run's LoraConfig with `base_step` pinned (`compression.pin_frozen_step`): the step
+    in `workdir`'s config.json, else the one `config` names, else the base's step now."""
+    _require_base(LoraConfig.from_dict(config.lora))
+    compression.pin_frozen_step(
+        config, "lora", "base", "base_step", workdir,
+        "the adapters in {workdir} were trained on base step {pinned}; keep it, or train new "
+        "adapters in a new --workdir (train.init_from={workdir} starts them from these)")
+    return LoraConfig.from_dict(config.lora)
 
 
 class LoraPlugin(compression.FrozenTrainablePlugin):

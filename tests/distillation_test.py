@@ -141,7 +141,7 @@ def test_distill_and_prune_run_through_trainer_and_load(tmp_path):
     teacher_dir = tmp_path / "teacher"
     checkpoints.write_config(teacher_dir, teacher_run)
     checkpoints.save_params(
-        teacher_dir, _params(model_config.ModelConfig.from_dict(teacher_run.model), 5))
+        teacher_dir, _params(model_config.ModelConfig.from_dict(teacher_run.model), 5), 5)
     run = testing.tiny_config("gpt")
     run.train.num_steps = 4
     run.checkpoint.save_every = 4
@@ -151,9 +151,24 @@ def test_distill_and_prune_run_through_trainer_and_load(tmp_path):
     workdir = tmp_path / "student"
     result = train(run, workdir)
     assert result.step == 4 and math.isfinite(result.last_metrics["loss"])
+    # The first start pins the teacher's step; a resume keeps it after the teacher saves on.
+    assert checkpoints.read_config(workdir).distill.teacher_step == 5
+    checkpoints.save_params(
+        teacher_dir, _params(model_config.ModelConfig.from_dict(teacher_run.model), 9), 9)
+    run.train.num_steps = 6
+    assert train(run, workdir).step == 6
+    assert checkpoints.read_config(workdir).distill.teacher_step == 5
+    resumed = compression.from_config(run, None, None, workdir)
+    assert resumed.cfg.teacher_step == 5
+    run.distill.teacher_step = 9  # another teacher for this student: refused before any work
+    with pytest.raises(compression.CompressionError, match="distilled from teacher step 5"):
+        train(run, workdir)
+    with pytest.raises(compression.CompressionError, match="no longer has it"):
+        distillation.teacher_model(teacher_dir, model_config.ModelConfig.from_dict(run.model), 7)
+
     student = t5x_lite.load(workdir)
     assert student.config.d_model == 32  # the student, not the teacher
-    assert not any("teacher" in k for k in checkpoints.params_shapes(workdir, 4))
+    assert not any("teacher" in k for k in checkpoints.params_shapes(workdir, 6))
     axes = compression.logical_axes(build_model(student.config).init(jax.random.key(0))["params"])
     report = pruning.sparsity_report(jax.device_get(student.params), axes,
                                      pruning.PruneConfig.from_dict(run.prune))
