@@ -154,8 +154,7 @@ def hf_config_from_model(cfg: ModelConfig, base: Mapping[str, Any] | None = None
                 out.get("activation_function"), hf_interop.GPT2_ACTIVATIONS, cfg.mlp, "gelu_new"),
             layer_norm_epsilon=cfg.norm_eps, scale_attn_weights=cfg.attention_scale,
             scale_attn_by_inverse_layer_idx=False, tie_word_embeddings=cfg.tie_embeddings,
-            resid_pdrop=cfg.dropout_rate, embd_pdrop=cfg.dropout_rate,
-            attn_pdrop=cfg.dropout_rate, dtype="float32")
+            dtype="float32", **_gpt2_dropouts(out, cfg.dropout_rate))
         # GPT-2's 50256 only exists in its own vocabulary
         return _with_token_ids(out, cfg, bos_token_id=1, eos_token_id=1)
     raise InteropError(f"No HF equivalent for this {cfg.family} config (mlp={cfg.mlp}, "
@@ -167,6 +166,16 @@ def _activation(source, names: Mapping[str, str], ours: str, default: str) -> st
     """The source config's activation name when `names` maps it to our mlp `ours` (so a round
     trip writes back e.g. GPT-2's 'gelu_pytorch_tanh'), else `default`."""
     return source if isinstance(source, str) and names.get(source) == ours else default
+
+
+def _gpt2_dropouts(source: Mapping[str, Any], rate: float) -> dict:
+    """GPT-2's three dropout rates for our one: the source's own three while its resid_pdrop
+    (the one an import reads) is still ours, so a round trip keeps e.g. attn_pdrop=0.0;
+    otherwise `rate` for all three."""
+    keys = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
+    if source.get("resid_pdrop") == rate and all(hf_interop.is_rate(source.get(k)) for k in keys):
+        return {k: source[k] for k in keys}
+    return dict.fromkeys(keys, rate)
 
 
 def _with_token_ids(out: dict, cfg: ModelConfig, **defaults: int) -> dict:

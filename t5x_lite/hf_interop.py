@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import ml_dtypes
 import numpy as np
+from absl import logging
 from etils import epath
 from flax import traverse_util
 
@@ -181,10 +182,15 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def is_rate(x) -> bool:
+    """A dropout rate: a number in [0, 1)."""
+    return _is_number(x) and 0 <= x < 1
+
+
 # The kinds of config.json values read: (test, what a value of that kind is).
 _KINDS = {"size": (lambda v: is_int(v) and v > 0, "a positive integer"),
           "eps": (lambda v: _is_number(v) and v > 0, "a positive number"),
-          "rate": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+          "rate": (is_rate, "a number in [0, 1)"),
           "flag": (lambda v: isinstance(v, bool), "true or false"),
           "name": (lambda v: isinstance(v, str), "a string")}
 
@@ -245,6 +251,12 @@ def model_config_from_hf(hf: Mapping[str, Any], tensors: Mapping[str, np.ndarray
         if d % h:
             raise InteropError(f"{source}: GPT-2 n_embd={d} is not a multiple of n_head={h}")
         gpt_tensors = _strip_gpt2_prefix(tensors or {})
+        rate = get("resid_pdrop", 0.1, "rate")
+        others = {k: get(k, 0.1, "rate") for k in ("embd_pdrop", "attn_pdrop")}
+        if any(v != rate for v in others.values()):
+            logging.warning("%s: t5x_lite has one dropout rate; it uses resid_pdrop=%g for all "
+                            "three (%s); --to_hf writes them back while it is unchanged", source,
+                            rate, ", ".join(f"{k}={v:g}" for k, v in others.items()))
         return gpt2(
             vocab_size=get("vocab_size", 50257, "size"), d_model=d, num_heads=h,
             head_dim=d // h, d_ff=get("n_inner", 4 * d, "size", null_is_default=True),
@@ -253,7 +265,7 @@ def model_config_from_hf(hf: Mapping[str, Any], tensors: Mapping[str, np.ndarray
             attention_scale=get("scale_attn_weights", True, "flag"),
             tie_embeddings=not _untied(get("tie_word_embeddings", True, "flag"), gpt_tensors,
                                        gpt_tensors.get("wte.weight")),
-            dropout_rate=get("resid_pdrop", 0.1, "rate"), scan_layers=scan_layers)
+            dropout_rate=rate, scan_layers=scan_layers)
     raise InteropError(f"Unsupported HF model_type {model_type!r} in {source}; t5x_lite "
                        f"converts {', '.join(SUPPORTED)}")
 

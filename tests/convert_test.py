@@ -1,4 +1,5 @@
 """`python -m t5x_lite.convert`: HF -> workdir -> HF round trips that transformers loads."""
+import dataclasses
 import json
 import os
 import re
@@ -309,3 +310,18 @@ def test_gelu_pytorch_tanh_config_round_trips_unchanged(hf_models, tmp_path):
                          ("relu", "gated-gelu"), (["x"], "gated-gelu")]:
         got = convert.hf_config_from_model(cfg, {"feed_forward_proj": source})
         assert got["feed_forward_proj"] == want
+
+
+def test_gpt2_dropouts_round_trip_and_follow_a_changed_rate(hf_models, tmp_path, caplog):
+    """GPT-2 has three dropout rates, t5x_lite one (resid_pdrop's): an export writes the
+    source's three back while that one is unchanged, and the new rate for all three after."""
+    rates = dict(resid_pdrop=0.1, embd_pdrop=0.0, attn_pdrop=0.2)
+    src = _hf_copy(hf_models["gpt2"][1], tmp_path / "src", **rates)
+    convert.hf_to_workdir(src, tmp_path / "w")
+    assert "uses resid_pdrop=0.1 for all three (embd_pdrop=0, attn_pdrop=0.2)" in caplog.text
+    convert.workdir_to_hf(tmp_path / "w", tmp_path / "hf")
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert {k: written[k] for k in rates} == rates
+    cfg = hf_interop.model_config_from_hf(written)
+    got = convert.hf_config_from_model(dataclasses.replace(cfg, dropout_rate=0.05), written)
+    assert {k: got[k] for k in rates} == dict.fromkeys(rates, 0.05)
