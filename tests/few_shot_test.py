@@ -120,6 +120,11 @@ def test_multiple_choice_picks_highest_loglik_of_loaded_score(gpt, vocab):
     assert [r["choices"] for r in records] == [labels, ["six", "ten"]]
     with pytest.raises(few_shot.FewShotError, match="one candidate .* makes multiple choice"):
         few_shot.evaluate_choice(gpt, queries[:1], [], few_shot.FewShotOptions(k=0))
+    # An empty candidate: one line naming the query and the choice (a decoder-only model
+    # has no continuation token to score).
+    with pytest.raises(few_shot.FewShotError, match="query 1: choice '' encodes to no tokens"):
+        few_shot.evaluate_choice(gpt, queries[1:2], POOL, few_shot.FewShotOptions(k=0),
+                                 choices=[["six", ""]])
 
 
 def test_generation_prompts_and_cuts_at_stop_strings(gpt, monkeypatch):

@@ -228,17 +228,21 @@ def evaluate_choice(loaded, queries: Sequence[Example], pool: Sequence[Example],
     prompts, shots = build_prompts(queries, pool, k=options.k, template=options.template,
                                    seed=options.seed, same_split=same_split)
     rows_p, rows_c = [], []
-    for p, cands in zip(prompts, choices):
-        longest = max(len(loaded.vocab.encode(c)) for c in cands)
-        pid = _prompt_ids(loaded, p, longest)
-        for c in cands:
-            rows_p.append(pid)
-            rows_c.append(list(loaded.vocab.encode(c)))
+    gpt = loaded.model.config.family == "gpt"
+    for q, p, cands in zip(queries, prompts, choices):
+        encoded = [list(loaded.vocab.encode(c)) for c in cands]
+        empty = [c for c, ids in zip(cands, encoded) if not ids]
+        if gpt and empty:  # T5 scores a candidate's EOS, so an empty one is still a sequence
+            raise FewShotError(f"query {q.index}: choice {empty[0]!r} encodes to no tokens, "
+                               "which a decoder-only model cannot score")
+        pid = _prompt_ids(loaded, p, max(map(len, encoded)))
+        rows_p += [pid] * len(cands)
+        rows_c += encoded
     try:
         ll = likelihood.log_likelihoods(loaded, rows_p, rows_c, batch_size=options.batch_size)
     except likelihood.LikelihoodError as e:
         raise FewShotError(str(e)) from None
-    extra = 0 if loaded.model.config.family == "gpt" else 1  # T5 scores the EOS too
+    extra = 0 if gpt else 1  # T5 scores the EOS too
     records, pos = [], 0
     for q, p, s, cands in zip(queries, prompts, shots, choices):
         scores = ll[pos:pos + len(cands)]
