@@ -37,6 +37,8 @@ DEFAULT_RULES: tuple[tuple[str, object], ...] = (
     ("layers", None),
 )
 
+LOGICAL_AXES = tuple(name for name, _ in DEFAULT_RULES)  # every name the models' params use
+
 
 class MeshError(UserError):
     """A mesh shape that does not fit the devices."""
@@ -82,10 +84,27 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
 
 
 def rules_from_config(rules) -> tuple[tuple[str, object], ...]:
-    """Config rules (list of [name, axis|[axes]|None]) -> hashable tuple; None -> defaults."""
+    """Config rules (list of [logical_axis, mesh_axis | [mesh_axes] | None]) -> hashable tuple;
+    None -> defaults. A logical axis the models do not use (a typo would silently replicate
+    what it meant to shard) or a mesh axis other than data / fsdp / tensor is a MeshError."""
     if rules is None:
         return DEFAULT_RULES
-    return tuple((name, tuple(ax) if isinstance(ax, (list, tuple)) else ax) for name, ax in rules)
+    out = []
+    for rule in rules:
+        if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)):
+            raise MeshError(f"mesh.rules entries are (logical_axis, mesh_axis | (mesh_axes) | "
+                            f"None) pairs, got {rule!r}")
+        name, axes = rule[0], tuple(rule[1]) if isinstance(rule[1], (list, tuple)) else rule[1]
+        if name not in LOGICAL_AXES:
+            raise MeshError(f"mesh.rules: unknown logical axis {name!r}; the models use "
+                            f"{', '.join(LOGICAL_AXES)}")
+        used = () if axes is None else (axes,) if isinstance(axes, str) else axes
+        if not all(isinstance(a, str) and a in MESH_AXES for a in used) or len(set(used)) < len(
+                used):
+            raise MeshError(f"mesh.rules: {name!r} -> {rule[1]!r}; map it to None, one of "
+                            f"{', '.join(MESH_AXES)}, or a tuple of distinct ones")
+        out.append((name, axes))
+    return tuple(out)
 
 
 def logical_specs(boxed_tree):

@@ -116,6 +116,18 @@ def test_rules_from_config_round_trips_lists():
     assert part.rules_from_config(None) == part.DEFAULT_RULES
 
 
+@pytest.mark.parametrize("rules, match", [
+    ([["embd", "fsdp"]], "unknown logical axis 'embd'"),  # would silently replicate embed
+    ([["batch", "dataa"]], r"'batch' -> 'dataa'; map it to None, one of data, fsdp, tensor"),
+    ([["batch", ["data", "data"]]], "tuple of distinct ones"),
+    ([["batch"]], r"entries are \(logical_axis, mesh_axis"),
+    (["batch"], "entries are"),
+])
+def test_bad_rules_are_one_mesh_error(rules, match):
+    with pytest.raises(part.MeshError, match=match):
+        part.rules_from_config(rules)
+
+
 def test_tensor_parallel_step_never_gathers_the_logits():
     """With the vocab sharded on `tensor`, no collective of the compiled train step carries a
     device's full [tokens, vocab] logits. XLA partitions a gather along a sharded axis by first
