@@ -29,6 +29,9 @@ DEFAULT_EXTRA_IDS = 100
 PAD_MULTIPLE = 128
 _SENTINEL_RE = re.compile(r"<extra_id_(\d+)>")
 _SP_MAX_SENTENCE_BYTES = 1 << 16
+# sentencepiece's model depends on its thread count; a fixed one (not the CPU count) makes
+# every machine (e.g. each host of a multi-host run) train the same model from the same input.
+TRAIN_THREADS = 16
 
 PathLike = Union[str, os.PathLike]
 
@@ -139,13 +142,20 @@ class Vocabulary:
             return f"<extra_id_{self.vocab_size - 1 - token_id}>"
         return self._sp.id_to_piece(int(token_id))
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, without EOS. Literal `<extra_id_N>` strings become sentinels."""
+    def encode(self, text: str, *, strict: bool = True) -> list[int]:
+        """Token ids of `text`, without EOS. Literal `<extra_id_N>` strings become sentinels.
+
+        `<extra_id_N>` with N >= extra_ids raises VocabularyError, or with `strict=False` (the
+        input pipeline: one document quoting it must not stop training) stays plain text,
+        as in seqio, whose vocabulary only knows the `extra_ids` sentinel pieces.
+        """
         if "<extra_id_" not in text:
             return self._sp.encode(text)
         ids: list[int] = []
         pos = 0
         for m in _SENTINEL_RE.finditer(text):
+            if not strict and int(m.group(1)) >= self._extra_ids:
+                continue  # stays in the text encoded with the next piece
             ids += self._sp.encode(text[pos:m.start()])
             ids.append(self.sentinel_id(int(m.group(1))))
             pos = m.end()
@@ -273,6 +283,7 @@ def train_vocab(files_or_texts, model_prefix: PathLike, vocab_size: int, *,
             prefix ending in `/` is refused (it would write a hidden `.model`).
         vocab_size: sentencepiece pieces, without sentinels. Byte fallback needs 256 + 3 +
             the corpus' distinct characters at least.
+        num_threads: training threads, default `TRAIN_THREADS`; the model depends on it.
 
     Returns:
         Path of the written `.model` file.
@@ -302,7 +313,7 @@ def train_vocab(files_or_texts, model_prefix: PathLike, vocab_size: int, *,
                 byte_fallback=True, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
                 input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
                 max_sentence_length=_SP_MAX_SENTENCE_BYTES,
-                num_threads=num_threads or os.cpu_count() or 1)
+                num_threads=num_threads or TRAIN_THREADS)
     except RuntimeError as e:
         raise VocabularyError(_explain_training_error(str(e), vocab_size)) from None
     out.parent.mkdir(parents=True, exist_ok=True)

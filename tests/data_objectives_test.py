@@ -169,6 +169,14 @@ def test_span_corruption_rows_reconstruct_the_token_stream(vocab):
     np.testing.assert_array_equal(np.concatenate(stream), np.concatenate(docs))
 
 
+
+def test_tokenize_keeps_sentinel_text_beyond_extra_ids_as_text(vocab):
+    # A document quoting "<extra_id_150>" (100 sentinels) raised VocabularyError inside the
+    # pipeline and stopped training at whatever step reached it.
+    out = objectives.Tokenize(vocab).map({"text": "the <extra_id_150> token, <extra_id_0>"})
+    assert vocab.decode(out["tokens"]) == "the <extra_id_150> token, <extra_id_0>"
+    assert [t for t in out["tokens"] if vocab.is_sentinel(t)] == [vocab.sentinel_id(0)]
+
 def test_objective_input_kind_errors(vocab):
     with pytest.raises(ValueError, match="needs inputs/targets pairs"):
         _run(_text_ds([[3, 4]]), "seq2seq", vocab)

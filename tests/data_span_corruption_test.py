@@ -44,6 +44,24 @@ def test_random_spans_helper_t5_defaults():
     assert random_spans_helper() == (568, 114)
 
 
+
+@pytest.mark.parametrize("density,mean_span", [(0.15, 3.0), (0.5, 1.0), (0.05, 8.0)])
+def test_helper_lengths_fit_every_chunk_it_allows(density, mean_span):
+    # T5's float64 helper and its float32 mask disagree for e.g. 172 at (0.15, 3): 190 raw
+    # tokens make 40 targets, not the 38 the formula gave, so every example overflowed its row.
+    assert random_spans_helper(172, 0.15, 3.0) == (190, 40)
+    rng = np.random.default_rng(0)
+    lengths = np.array([sc.corrupted_lengths(n, density, mean_span) for n in range(1, 800)])
+    longest_upto = np.maximum.accumulate(lengths, axis=0)  # shorter final chunks must fit too
+    for inputs_length in range(2, 700):
+        raw, targets_length = random_spans_helper(inputs_length, density, mean_span)
+        assert np.all(longest_upto[raw - 1] <= (inputs_length, targets_length)), inputs_length
+        if inputs_length % 97 == 0:  # corrupted_lengths is what span_corrupt makes
+            out = span_corrupt(np.arange(3, 3 + raw), rng=rng, vocab_size=VOCAB_SIZE,
+                               extra_ids=1000, noise_density=density,
+                               mean_noise_span_length=mean_span)
+            assert (out["inputs"].size, out["targets"].size) == tuple(lengths[raw - 1])
+
 def test_full_chunk_fills_inputs_and_targets_exactly():
     tokens = np.arange(3, 3 + 568)
     out = span_corrupt(tokens, seed=(0, 0), vocab_size=VOCAB_SIZE)

@@ -73,6 +73,15 @@ def test_sentinel_strings_encode_and_render(vocab):
         vocab.encode("<extra_id_100>")
 
 
+
+def test_sentinel_strings_beyond_extra_ids_stay_text_when_not_strict(vocab):
+    text = "T5 writes <extra_id_150> and <extra_id_3> here"
+    ids = vocab.encode(text, strict=False)
+    assert vocab.sentinel_id(3) in ids and max(ids) < vocab.vocab_size
+    assert sum(vocab.is_sentinel(i) for i in ids) == 1  # <extra_id_150> is ordinary pieces
+    assert vocab.decode(ids) == text
+    assert vocab.encode("plain <extra_id_0>", strict=False) == vocab.encode("plain <extra_id_0>")
+
 def test_batched_equals_single(vocab):
     texts = testing.sentences(10, seed=5) + ["with <extra_id_3> sentinel"]
     assert vocab.encode_batch(texts) == [vocab.encode(t) for t in texts]
@@ -122,6 +131,17 @@ def test_train_errors_are_one_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="no files match"):
         vocab_lib.train_vocab(str(tmp_path / "nothing*.txt"), tmp_path / "x", 300)
 
+
+
+def test_training_does_not_depend_on_the_cpu_count(tmp_path, monkeypatch):
+    # sentencepiece's model depends on its thread count, which was os.cpu_count(): hosts
+    # with different CPU counts trained different default vocabularies from the same corpus.
+    texts = testing.sentences(1500, seed=3)
+    models = []
+    for cpus in (1, 4):
+        monkeypatch.setattr(vocab_lib.os, "cpu_count", lambda cpus=cpus: cpus)
+        models.append(vocab_lib.train_vocab(texts, tmp_path / f"c{cpus}", 400).read_bytes())
+    assert models[0] == models[1]
 
 def test_train_from_files_and_cli(tmp_path):
     for i in range(3):

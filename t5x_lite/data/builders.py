@@ -8,10 +8,11 @@ directory instead of a stale cache:
     {data_dir}/t5x_lite_local_files/{format}-{hash}/1.0.0/*.array_record-*
 
 Splits: explicit `train_paths` / `validation_paths`, or a deterministic holdout: a record goes
-to "validation" when sha1(record) / 2**160 < validation_fraction (content-based, so the split does
-not depend on file order; duplicate texts land in the same split). If that leaves validation
-empty (tiny corpora) the record with the smallest hash is moved there, and vice versa for
-train. Counts of skipped records are kept in the dataset's `metadata.json`.
+to "validation" when the first 64 bits of sha1(record's JSON) / 2**64 < validation_fraction
+(content-based, so the split does not depend on file order; duplicate texts land in the same
+split). If that leaves validation empty (tiny corpora) the record with the smallest hash is
+moved there, and vice versa for train. Counts of skipped records are kept in the dataset's
+`metadata.json`.
 """
 from __future__ import annotations
 
@@ -237,7 +238,8 @@ def local_files_config(fmt: str, *, paths: Sequence[str] = (), train_paths: Sequ
                    document_per=document_per if fmt == "text" else "line", text_key=text_key,
                    inputs_key=inputs_key, targets_key=targets_key, strict_utf8=strict_utf8)
     signature = {s: _file_signature(f) for s, f in split_files.items()}
-    name = f"{fmt}-{_fingerprint([signature, options, BUILDER_VERSION])}"
+    key = [signature, options, BUILDER_VERSION, local_files.READER_VERSION]
+    name = f"{fmt}-{_fingerprint(key)}"
     description = "; ".join(f"{s}: {len(f)} file(s) from {f[0]}" for s, f in split_files.items())
     return LocalFilesConfig(name=name, description=description,
                             split_files={s: tuple(map(str, f)) for s, f in split_files.items()},

@@ -66,13 +66,17 @@ def _eos_terminated(tokens: np.ndarray, max_length: int, counter: LoggedCounter)
 
 
 class Tokenize(grain.transforms.Map):
-    """{"text": str} -> {"tokens": int32[L]}; {"inputs", "targets": str} -> int32 arrays."""
+    """{"text": str} -> {"tokens": int32[L]}; {"inputs", "targets": str} -> int32 arrays.
+
+    `<extra_id_N>` in the text is sentinel N while N < extra_ids, plain text beyond.
+    """
 
     def __init__(self, vocab: Vocabulary):
         self._vocab = vocab
 
     def map(self, example):
-        return {"tokens" if k == "text" else k: np.asarray(self._vocab.encode(v), np.int32)
+        return {"tokens" if k == "text" else k:
+                np.asarray(self._vocab.encode(v, strict=False), np.int32)
                 for k, v in example.items()}
 
 

@@ -24,8 +24,12 @@ def random_spans_helper(inputs_length: int = 512, noise_density: float = 0.15,
                         mean_noise_span_length: float = 3.0) -> tuple[int, int]:
     """Raw tokens per example and target length so corrupted inputs fit `inputs_length`.
 
-    Same search as T5's `random_spans_helper` (one sentinel per span, one EOS each side):
-    the largest raw length whose corrupted inputs (with EOS) fit in `inputs_length`.
+    T5's `random_spans_helper` search (one sentinel per span, one EOS each side): the largest
+    raw length whose corrupted inputs (with EOS) fit in `inputs_length`. The lengths are
+    counted as `span_corrupt` makes them (float32 rounding, at least one noise token and one
+    span), not with T5's float64 formula: for some lengths (e.g. 172 at density 0.15: 38
+    targets, but the float32 mask makes 40) that formula undercounts, and every example would
+    overflow its row. Where the two agree (512, 1024, 2048, ...) the result is T5's.
 
     Returns:
         (tokens_length, targets_length), e.g. (568, 114) for inputs_length 512.
@@ -34,9 +38,7 @@ def random_spans_helper(inputs_length: int = 512, noise_density: float = 0.15,
         raise SpanCorruptionError(f"inputs_length must be >= 2, got {inputs_length}")
 
     def lengths(tokens_length):
-        num_noise = int(round(tokens_length * noise_density))
-        num_spans = int(round(num_noise / mean_noise_span_length))
-        return (tokens_length - num_noise + num_spans + 1, num_noise + num_spans + 1)
+        return corrupted_lengths(tokens_length, noise_density, mean_noise_span_length)
 
     tokens_length = inputs_length - 1
     while lengths(tokens_length + 1)[0] <= inputs_length:
@@ -45,16 +47,30 @@ def random_spans_helper(inputs_length: int = 512, noise_density: float = 0.15,
     # T5's hack: with density 0.5 make targets no longer than the (round) inputs length.
     if noise_density == 0.5 and targets_length > inputs_out:
         tokens_length -= 1
-        targets_length -= 1
+        targets_length = max(targets_length - 1, lengths(tokens_length)[1])
     return tokens_length, targets_length
+
+
+def _num_noise_tokens(length: int, noise_density: float) -> int:
+    """T5's noise token count for `length` >= 2 tokens (float32, at least 1, at most length-1)."""
+    num_noise = int(np.round(np.float32(length) * np.float32(noise_density)))
+    return min(max(num_noise, 1), length - 1)
+
+
+def corrupted_lengths(length: int, noise_density: float = 0.15,
+                      mean_noise_span_length: float = 3.0) -> tuple[int, int]:
+    """(inputs, targets) lengths, EOS included, that `span_corrupt` makes of `length` tokens."""
+    if length < 2:  # the mask of one token is non-noise: [tok, EOS] and [<extra_id_0>, EOS]
+        return length + 1, 2
+    num_noise = _num_noise_tokens(length, noise_density)
+    num_spans = num_noise_spans(length, noise_density, mean_noise_span_length)
+    return length - num_noise + num_spans + 1, num_noise + num_spans + 1
 
 
 def num_noise_spans(length: int, noise_density: float = 0.15,
                     mean_noise_span_length: float = 3.0) -> int:
     """Number of noise spans (= sentinels used) T5 draws for a sequence of `length` tokens."""
-    length = max(length, 2)
-    num_noise = int(np.round(np.float32(length) * np.float32(noise_density)))
-    num_noise = min(max(num_noise, 1), length - 1)
+    num_noise = _num_noise_tokens(max(length, 2), noise_density)
     return max(int(np.round(np.float32(num_noise) / np.float32(mean_noise_span_length))), 1)
 
 
@@ -76,8 +92,7 @@ def random_spans_noise_mask(length: int, rng: np.random.Generator, noise_density
     """
     orig_length = length
     length = max(length, 2)  # as T5: avoid degeneracy for 1-token sequences
-    num_noise = int(np.round(np.float32(length) * np.float32(noise_density)))
-    num_noise = min(max(num_noise, 1), length - 1)
+    num_noise = _num_noise_tokens(length, noise_density)
     num_spans = num_noise_spans(length, noise_density, mean_noise_span_length)
     num_nonnoise = length - num_noise
     if num_spans > num_nonnoise:
