@@ -145,6 +145,9 @@ def test_bad_input_errors_are_one_line(tmp_path):
     # (its shared downloads/ folder stays)
     assert not [p for p in (tmp_path / "data_dir").rglob("*") if p.is_file() or
                 p.name not in ("t5x_lite_local_files", "downloads", "extracted")]
+    (tmp_path / "blank.tsv").write_text("\n  \n\n")  # blank TSV lines are not records
+    with pytest.raises(builders.EmptyCorpusError, match="the files are empty or hold only blank"):
+        _prepare(tmp_path, "tsv", train_paths=[str(tmp_path / "blank.tsv")])
     (tmp_path / "x.tsv").write_text("a\tb\nno tab here\n")
     with pytest.raises(local_files.DataFormatError, match=r"x.tsv:2: expected 'inputs<TAB>"):
         _prepare(tmp_path, "tsv", train_paths=[str(tmp_path / "x.tsv")])

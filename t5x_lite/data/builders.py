@@ -190,8 +190,11 @@ class LocalFiles(DocumentsBuilder):
 
 def _empty_message(paths, counts: local_files.ReadCounts, split: str = "") -> str:
     where = f"{len(paths)} {split + ' ' if split else ''}file(s) (first: {paths[0]})"
-    return (f"empty corpus: no documents in {where}; skipped {counts.skipped_non_utf8} non-UTF-8 "
-            f"and {counts.skipped_blank} blank")
+    skipped = [f"{n} {what}" for n, what in ((counts.skipped_non_utf8, "non-UTF-8"),
+                                             (counts.skipped_blank, "blank")) if n]
+    why = ("skipped " + " and ".join(skipped) if skipped
+           else "the files are empty or hold only blank lines")
+    return f"empty corpus: no documents in {where}; {why}"
 
 
 def _fingerprint(obj) -> str:
