@@ -213,7 +213,8 @@ class Vocabulary:
 
 
 def expand_globs(patterns: PathLike | Sequence[PathLike]) -> list[epath.Path]:
-    """Files matching glob patterns (comma-separated str or a list; gs:// works), sorted.
+    """Files matching glob patterns (comma-separated str or a list; gs:// works): each
+    pattern's matches sorted, in pattern order, each file once.
 
     A directory means every file under it. Raises FileNotFoundError naming the first pattern
     that matches nothing.
@@ -244,7 +245,18 @@ def expand_globs(patterns: PathLike | Sequence[PathLike]) -> list[epath.Path]:
         if not matched:
             raise FileNotFoundError(f"no files match {pattern}")
         files += matched
-    return files
+    return _unique(files)
+
+
+def _unique(files: list[epath.Path]) -> list[epath.Path]:
+    """`files` without repeats (two patterns matching one file would read it twice), in order."""
+    seen, out = set(), []
+    for f in files:
+        key = str(f) if "://" in str(f) else os.path.realpath(f)
+        if key not in seen:
+            seen.add(key)
+            out.append(f)
+    return out
 
 
 def _files_under(directory: epath.Path) -> Iterator[epath.Path]:

@@ -203,3 +203,16 @@ def test_a_directory_means_every_file_under_it_at_any_depth(tmp_path):
         builders.local_files_config("text", train_paths=[str(tmp_path / "empty")])
     with pytest.raises(FileNotFoundError, match="no input paths given"):
         builders.local_files_config("text", train_paths=["", " "])
+
+
+def test_a_file_two_patterns_match_is_read_once(tmp_path, caplog):
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.txt").write_text(f"document {name}\n")
+    # a.txt by a glob, by name and by a relative spelling: one copy of its document.
+    patterns = [str(tmp_path / "*.txt"), str(tmp_path / "a.txt"), str(tmp_path / "." / "a.txt")]
+    b = _prepare(tmp_path, "text", train_paths=patterns,
+                 validation_paths=[str(tmp_path / "b.txt")])
+    assert sorted(r["text"] for r in _read_all(b, "train")) == ["document a", "document b"]
+    # b.txt is also the validation file: kept (evaluating on train data can be deliberate),
+    # with a warning.
+    assert "1 file(s) are both train and validation data" in caplog.text

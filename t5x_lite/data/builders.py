@@ -232,6 +232,11 @@ def local_files_config(fmt: str, *, paths: Sequence[str] = (), train_paths: Sequ
         split_files = {TRAIN: expand_globs(train_paths)}
         if validation_paths:
             split_files[VALIDATION] = expand_globs(validation_paths)
+            shared = set(map(str, split_files[TRAIN])) & set(map(str, split_files[VALIDATION]))
+            if shared:
+                logging.warning("%d file(s) are both train and validation data (e.g. %s): the "
+                                "validation metrics measure memorisation", len(shared),
+                                min(shared))
     if fmt == "jsonl":
         first = next(iter(split_files.values()))[0]
         kind = local_files.detect_jsonl_kind(first, text_key, inputs_key, targets_key)
