@@ -31,7 +31,7 @@ def get_config(arg: str = ""):
     c.optimizer.schedule = "cosine"
     c.optimizer.warmup_steps = 30
     c.checkpoint.save_every = a["save_every"]
-    c.distill = dict(teacher=a["teacher"], temperature=a["temperature"],
+    c.distill = dict(teacher=a["teacher"], teacher_step=-1, temperature=a["temperature"],
                      kl_weight=a["kl_weight"], label_weight=a["label_weight"])
     if a["sparsity"] > 0:
         c.prune = dict(sparsity=a["sparsity"])
