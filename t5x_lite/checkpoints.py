@@ -36,6 +36,10 @@ class CheckpointError(UserError):
     """A checkpoint path or content that cannot be used."""
 
 
+class OptimizerStateMismatch(CheckpointError):
+    """A training checkpoint whose optimizer state another optimizer setup wrote."""
+
+
 def local_or_remote(path) -> epath.Path:
     """A user-given path as an epath.Path, made absolute when it is a relative local path
     (orbax refuses relative checkpoint paths, and only says so when it first saves)."""
@@ -232,6 +236,43 @@ def save_train_state(mngr: ocp.CheckpointManager, step: int, params, opt_state, 
     return mngr.save(step, args=ocp.args.Composite(**items), force=force)
 
 
+def _tree_shapes(tree) -> dict[str, tuple | str]:
+    """{'0/0/mu/decoder/...': shape, '0/1': 'empty'}; keys spelt alike for a live tree
+    (namedtuple attributes) and orbax's metadata tree of it (dict keys). Empty states
+    (optax's EmptyState, MaskedState of one; None in the metadata) count: orbax refuses a tree
+    with more or fewer of them."""
+    def empty(x):
+        return x is None or (isinstance(x, (tuple, list, dict)) and not jax.tree.leaves(x))
+
+    def name(k):
+        return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+    return {"/".join(map(name, path)): "empty" if empty(leaf) else tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=empty)[0]}
+
+
+def _check_opt_state_match(step_dir, abstract_opt_state) -> None:
+    """Raises OptimizerStateMismatch when the stored optimizer state has other leaves or shapes
+    than this run's optimizer makes (another optimizer; clipping or Adafactor weight decay on or
+    off): orbax's own error for it reads like a damaged checkpoint."""
+    if not (step_dir / "opt_state").exists():
+        return  # a params-only checkpoint: the caller says what it lacks
+    tree = ocp.StandardCheckpointHandler().metadata(step_dir / "opt_state").tree
+    stored, wanted = _tree_shapes(tree), _tree_shapes(abstract_opt_state)
+    if stored != wanted:
+        raise OptimizerStateMismatch(f"Checkpoint {step_dir} holds optimizer state that does "
+                                     "not fit this run's optimizer (other states or shapes)")
+
+
+def read_checkpoint_config(workdir, step: int) -> dict | None:
+    """The run config a training checkpoint was saved with, or None (params-only ones)."""
+    path = local_or_remote(workdir) / CHECKPOINT_DIR / str(step) / "config" / "metadata"
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
 def restore_train_state(mngr: ocp.CheckpointManager, step: int, abstract_params,
                         abstract_opt_state, *, data_iterator=None):
     """Restores params and optimizer state onto the shardings in the abstract trees (which may
@@ -247,6 +288,7 @@ def restore_train_state(mngr: ocp.CheckpointManager, step: int, abstract_params,
 
 def _restore_train_state(mngr, step, abstract_params, abstract_opt_state, data_iterator):
     check_params_match(mngr.directory.parent, step, abstract_params)
+    _check_opt_state_match(mngr.directory / str(step), abstract_opt_state)
     items = {"params": ocp.args.StandardRestore(abstract_params),
              "opt_state": ocp.args.StandardRestore(abstract_opt_state)}
     if data_iterator is not None:

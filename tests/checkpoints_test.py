@@ -100,6 +100,34 @@ def test_train_checkpoint_restores_onto_another_mesh(tmp_path, restore_mesh):
     assert any(p.is_file() for p in stored)
 
 
+def test_another_optimizer_state_is_a_clear_error_not_a_damaged_checkpoint(tmp_path):
+    """Gradient clipping turned on at resume changes the optimizer state's tree: named as such,
+    not as 'incomplete or damaged ... remove that directory' (orbax's structure error)."""
+    params = _params()
+    with checkpoints.make_train_manager(tmp_path, async_save=False) as mngr:
+        checkpoints.save_train_state(mngr, 4, params, optax.adamw(1e-2).init(params))
+    mesh = partitioning.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    abstract_p = _abstract(params, mesh, _specs())
+    repl = NamedSharding(mesh, P())
+    with checkpoints.make_train_manager(tmp_path, async_save=False) as mngr:
+        checkpoints.save_train_state(mngr, 5, params, optax.adafactor(1e-2).init(params))
+    for step, tx in ((4, optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2))),
+                     (4, optax.adafactor(1e-2)),
+                     # the same arrays, one more (empty) state in its chain
+                     (5, optax.adafactor(1e-2, weight_decay_rate=0.1))):
+        abs_opt = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
+                               jax.eval_shape(tx.init, params))
+        with checkpoints.make_train_manager(tmp_path) as mngr:
+            with pytest.raises(checkpoints.OptimizerStateMismatch,
+                               match=rf"checkpoints/{step} holds optimizer state that does not "
+                               "fit"):
+                checkpoints.restore_train_state(mngr, step, abstract_p, abs_opt)
+    abs_opt = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
+                           jax.eval_shape(optax.adafactor(1e-2).init, params))
+    with checkpoints.make_train_manager(tmp_path) as mngr:  # the same optimizer restores
+        checkpoints.restore_train_state(mngr, 5, abstract_p, abs_opt)
+
+
 def test_incomplete_save_is_ignored(tmp_path):
     checkpoints.save_params(tmp_path, _params(), step=10)
     # What a kill -9 in the middle of a save leaves behind: orbax's temporary step directory.

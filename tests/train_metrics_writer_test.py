@@ -79,10 +79,23 @@ def test_resume_truncates_jsonl_and_marks_session_start(tmp_path):
     w.close()
     assert [(r["step"], r["loss"]) for r in mw.read_jsonl(tmp_path / mw.METRICS_FILE)] == [
         (10, 10.0), (20, 20.0), (30, 3.0)]
+    # What TensorBoard shows equals metrics.jsonl: the resumed run's restart marker purges the
+    # killed run's step 30, and keeps step 20 (its checkpoint step; it once purged that too).
+    assert _tensorboard_view(tmp_path / mw.EVENTS_DIR) == {(10, "loss"): 10.0,
+                                                          (20, "loss"): 20.0, (30, "loss"): 3.0}
+
+
+def _tensorboard_view(events_dir):
+    """Scalars as TensorBoard's EventAccumulator keeps them: files in name order, and at a
+    SessionLog.START of step S only the points of step < S stay (its `_Purge`)."""
     Event = _event_class()
-    newest = max((tmp_path / mw.EVENTS_DIR).iterdir(), key=lambda p: p.stat().st_mtime_ns)
-    starts = [Event.FromString(r) for r in _records(newest)]
-    assert any(e.session_log.status == 1 and e.step == 20 for e in starts)
+    kept = []
+    for path in sorted(events_dir.iterdir()):
+        for e in map(Event.FromString, _records(path)):
+            if e.session_log.status == 1:
+                kept = [(step, tag, v) for step, tag, v in kept if step < e.step]
+            kept += [(e.step, v.tag, v.simple_value) for v in e.summary.value]
+    return {(step, tag): v for step, tag, v in kept}
 
 
 def test_non_main_process_writes_nothing(tmp_path):

@@ -18,7 +18,10 @@ from t5x_lite import checkpoints
 from t5x_lite.partitioning import MeshError
 from t5x_lite.training import TrainingError, testing, train
 from t5x_lite.training.metrics_writer import METRICS_FILE, read_jsonl
-from t5x_lite.training.run_checks import PreemptionFlag, check_workdir_config
+from t5x_lite.training import trainer as trainer_lib
+from t5x_lite.training import train_step as train_step_lib
+from t5x_lite.training.run_checks import (DivergenceError, PreemptionFlag, check_finite,
+                                          check_workdir_config)
 from t5x_lite.vocab import Vocabulary, train_vocab
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -61,6 +64,55 @@ def test_kill9_then_resume_equals_uninterrupted_run(tmp_path):
     assert resumed.step == 30
     assert _losses(workdir) == _losses(tmp_path / "ref")  # exactly: same batches, same math
     assert len(_losses(workdir)) == 15
+
+
+def test_resume_edge_cases_log_like_one_run_and_say_what_they_refuse(tmp_path, monkeypatch,
+                                                                     caplog):
+    """A checkpoint between log steps, an eval between log steps, a finished workdir re-run, and
+    an optimizer changed at resume."""
+    # A fake clock: every step takes 100 s, every eval 1000 s (real time adds little).
+    offset = [0.0]
+    monkeypatch.setattr(trainer_lib, "time", type("Clock", (), {
+        "time": staticmethod(lambda: time.time() + offset[0])}))
+
+    def advancing(fn, seconds):
+        def call(*args, **kwargs):
+            offset[0] += seconds
+            return fn(*args, **kwargs)
+        return call
+    real_jit = train_step_lib.jit_train_step
+    monkeypatch.setattr(train_step_lib, "jit_train_step",
+                        lambda *a, **k: advancing(real_jit(*a, **k), 100.0))
+    monkeypatch.setattr(trainer_lib, "evaluate", advancing(trainer_lib.evaluate, 1000.0))
+
+    cfg = testing.tiny_config("gpt")
+    cfg.train.num_steps, cfg.train.log_every, cfg.checkpoint.save_every = 6, 4, 3
+    cfg.train.eval_every, cfg.train.eval_batches = 5, 1
+    train(cfg, tmp_path / "ref")
+    ref = read_jsonl(tmp_path / "ref" / METRICS_FILE)
+    # Eval at step 5 (not a log step) takes no training time, nor hides step 5's.
+    times = [r["step_time"] for r in ref if "step_time" in r]
+    assert len(times) == 3 and all(100 <= t < 110 for t in times), times
+
+    # Stopped at checkpoint 3 (between log steps 0 and 4), then resumed: the same log windows.
+    cfg.train.num_steps, cfg.train.eval_every = 3, 0
+    train(cfg, tmp_path / "run")
+    cfg.train.num_steps = 6
+    assert train(cfg, tmp_path / "run").step == 6
+    assert _losses(tmp_path / "run") == _losses(tmp_path / "ref")
+    assert [r["step"] for r in ref if "loss" in r] == [3, 4, 6]
+
+    events = set((tmp_path / "run" / "events").iterdir())
+    with caplog.at_level("WARNING"):
+        assert train(cfg, tmp_path / "run").step == 6  # finished: says so, writes nothing
+    assert "already at step 6 (train.num_steps=6): nothing to train" in caplog.text
+    assert set((tmp_path / "run" / "events").iterdir()) == events
+
+    cfg.train.num_steps, cfg.optimizer.grad_clip = 8, 0.0  # clipping's state leaves the tree
+    with pytest.raises(TrainingError, match=r"checkpoints/6 holds optimizer state that does not "
+                       r"fit .*\(optimizer.grad_clip: 1.0 -> 0.0\): resume with the saved ones, "
+                       r"or start a new --workdir with --config.train.init_from="):
+        train(cfg, tmp_path / "run")
 
 
 def _signal_after_first_log(workdir, sig):
@@ -107,9 +159,21 @@ def test_divergence_names_the_step_and_keeps_last_good_checkpoint(tmp_path):
     cfg.train.num_steps = 6
     cfg.checkpoint.save_every = 1
     cfg.checkpoint.async_save = False
-    with pytest.raises(TrainingError, match=r"loss is (nan|inf) at step 2 .*checkpoints/1\b"):
+    # Checkpoint 1 holds the wrecked params step 2 started from: not called the last good one.
+    with pytest.raises(TrainingError, match=r"loss is (nan|inf) at step 2 .*no good checkpoint "
+                       r"was saved before it; \S+/checkpoints/1 holds the params this step "
+                       r"started from \(a re-run resumes from the latest checkpoint: remove"):
         train(cfg, tmp_path)
     assert checkpoints.all_steps(tmp_path) == [1]
+
+
+def test_non_finite_gradients_stop_the_run_before_their_step_is_saved():
+    # A finite loss with NaN gradients makes NaN params: a save at that step would keep them.
+    fetched = [(4, {"loss": 2.0, "grad_norm": 1.0}), (5, {"loss": 2.0, "grad_norm": math.nan})]
+    with pytest.raises(DivergenceError, match=r"at step 5 \(grad norm nan\); stopped without "
+                       r"saving, the last good checkpoint is W/checkpoints/3; W/checkpoints/4 "
+                       r"holds the params this step started from"):
+        check_finite(fetched, saved_steps=[2, 3, 4], workdir="W")
 
 
 def test_model_shape_mismatch_is_a_clear_error(tmp_path):
@@ -223,3 +287,19 @@ def test_ctrl_c_saves_and_stops_and_a_second_one_stops_at_once(tmp_path):
         time.sleep(1)
     flag.restore()
     assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_an_extended_run_warns_when_its_decay_schedule_stretches():
+    saved = testing.tiny_config("gpt")
+    saved.optimizer.schedule, saved.optimizer.warmup_steps = "cosine", 10
+    saved.train.num_steps = 100
+    longer = testing.tiny_config("gpt")
+    longer.optimizer = saved.optimizer
+    longer.train.num_steps = 200
+    note = trainer_lib.resumed_lr_change(saved.to_dict(), longer, 100)
+    assert re.fullmatch(r"The learning rate at the resume step 100 changes from 0.001 to "
+                        r"0.005872: the cosine decay follows train.num_steps \(100 -> 200\) .*"
+                        r"set --config.optimizer.decay_steps=100 to keep the old decay", note), note
+    longer.optimizer.decay_steps = 100
+    assert trainer_lib.resumed_lr_change(saved.to_dict(), longer, 100) is None
+    assert trainer_lib.resumed_lr_change(None, longer, 100) is None  # a params-only checkpoint

@@ -108,9 +108,11 @@ class EventFileWriter:
         self._f = self.path.open("ab")
         self._write(encode_event(time.time(), 0, file_version="brain.Event:2"))
         if start_step is not None:
-            # TensorBoard drops events of earlier files past this step: a resumed run's restart
-            # point replaces whatever the interrupted run logged after its last checkpoint.
-            self._write(encode_event(time.time(), start_step, session_start=True))
+            # At a SessionLog.START event of step S TensorBoard drops the earlier events of step
+            # >= S (it keeps `x.step < S`), so S = start_step + 1: what the interrupted run
+            # logged after its last checkpoint goes, the checkpoint step's own points stay (as
+            # in metrics.jsonl).
+            self._write(encode_event(time.time(), start_step + 1, session_start=True))
 
     def _write(self, event: bytes):
         self._f.write(tfrecord(event))

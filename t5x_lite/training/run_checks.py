@@ -58,17 +58,25 @@ def check_loop_numbers(config, error: type[UserError]) -> None:
                     f"train.microbatches={tc.microbatches}")
 
 
-def check_finite(fetched, *, latest_good: int | None, workdir) -> None:
-    """Raises DivergenceError naming the first step whose loss is NaN / inf."""
+def check_finite(fetched, *, saved_steps, workdir) -> None:
+    """Raises DivergenceError naming the first step whose loss or gradient norm is NaN / inf
+    (non-finite gradients make non-finite params: the step must not be saved)."""
     for step, m in fetched:
-        loss = float(m["loss"])
-        if not math.isfinite(loss):
-            keep = (f"the last good checkpoint is {workdir}/checkpoints/{latest_good}"
-                    if latest_good is not None else "no checkpoint was saved yet")
-            raise DivergenceError(
-                f"Training diverged: loss is {loss} at step {step} (grad norm "
-                f"{float(m['grad_norm'])}); stopped without saving, {keep}. Lower the learning "
-                "rate, or set train.debug=True to find the first NaN")
+        loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            continue
+        # Step N starts from the params of checkpoint N-1: those gave the bad numbers, so the
+        # last good checkpoint is an earlier one.
+        good = [s for s in saved_steps if s < step - 1]
+        keep = (f"the last good checkpoint is {workdir}/checkpoints/{good[-1]}" if good
+                else "no good checkpoint was saved before it")
+        if step - 1 in saved_steps:
+            keep += (f"; {workdir}/checkpoints/{step - 1} holds the params this step started "
+                     "from (a re-run resumes from the latest checkpoint: remove it first)")
+        raise DivergenceError(
+            f"Training diverged: loss is {loss} at step {step} (grad norm {grad_norm}); "
+            f"stopped without saving, {keep}. Lower the learning rate, or set train.debug=True "
+            "to find the first NaN")
 
 
 def window_metrics(window, step_time: float | None, tokens_per_step: int, step_flops: float,

@@ -85,6 +85,44 @@ def _copy_vocab(vocab, workdir: epath.Path) -> None:
         files.write_atomic(dst, epath.Path(src).read_bytes())
 
 
+def _optimizer_changed(error, workdir, step: int, config) -> str:
+    """The error line for a checkpoint whose optimizer state this run's optimizer cannot take,
+    naming the optimizer settings changed since it was saved."""
+    saved = checkpoints.read_checkpoint_config(workdir, step) or {}
+    old, new = saved.get("optimizer") or {}, config.optimizer.to_dict()
+    changed = [f"optimizer.{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(new)
+               if k in old and old[k] != new[k]]
+    what = f" ({'; '.join(changed)})" if changed else ""
+    return (f"{error}; the optimizer settings changed since it was saved{what}: resume with "
+            f"the saved ones, or start a new --workdir with --config.train.init_from={workdir} "
+            "(params only, a fresh optimizer state)")
+
+
+def resumed_lr_change(saved: dict | None, config, step: int) -> str | None:
+    """A warning when the learning rate at the resume `step` differs from what the checkpoint's
+    run would have used (changed lr settings, or an extended run whose decay follows
+    train.num_steps), else None."""
+    if not saved or "optimizer" not in saved or "train" not in saved:
+        return None
+    old_steps, new_steps = int(saved["train"]["num_steps"]), int(config.train.num_steps)
+    try:
+        old = float(optimizers.make_schedule(ml_collections.ConfigDict(saved["optimizer"]),
+                                             old_steps)(step))
+    except (optimizers.OptimizerError, KeyError, TypeError, ValueError):
+        return None
+    new = float(optimizers.make_schedule(config.optimizer, new_steps)(step))
+    if abs(new - old) <= 1e-6 * max(abs(old), 1e-12):
+        return None
+    opt = config.optimizer
+    why = ""
+    if (opt.schedule in ("cosine", "linear") and not int(opt.decay_steps)
+            and old_steps != new_steps):
+        why = (f": the {opt.schedule} decay follows train.num_steps ({old_steps} -> {new_steps}) "
+               f"while optimizer.decay_steps=0; set --config.optimizer.decay_steps={old_steps} "
+               "to keep the old decay")
+    return f"The learning rate at the resume step {step} changes from {old:.4g} to {new:.4g}{why}"
+
+
 def evaluate(eval_fn, params, config, vocab, mesh, per_process_batch: int) -> dict[str, float]:
     """Loss / accuracy over the first `train.eval_batches` batches of the eval split (all of it
     when 0, single-process only). A process whose shard runs out early feeds all-padding
@@ -169,13 +207,19 @@ def train(config: ml_collections.ConfigDict, workdir, *, override_config: bool =
     start = mngr.latest_step()
     if start is not None:
         logging.info("Resuming from %s/checkpoints/%d", workdir, start)
-        params, opt_state = checkpoints.restore_train_state(
-            mngr, start,
-            plugin.checkpointed(checkpoints.abstract_with_shardings(abstract.params,
-                                                                    shardings.params)),
-            checkpoints.abstract_with_shardings(abstract.opt_state, shardings.opt_state),
-            data_iterator=train_iter)
+        try:
+            params, opt_state = checkpoints.restore_train_state(
+                mngr, start,
+                plugin.checkpointed(checkpoints.abstract_with_shardings(abstract.params,
+                                                                        shardings.params)),
+                checkpoints.abstract_with_shardings(abstract.opt_state, shardings.opt_state),
+                data_iterator=train_iter)
+        except checkpoints.OptimizerStateMismatch as e:
+            raise TrainingError(_optimizer_changed(e, workdir, start, config)) from None
         params = plugin.full_params(params, init_rng)  # compression hook
+        note = resumed_lr_change(checkpoints.read_checkpoint_config(workdir, start), config, start)
+        if note:
+            logging.warning("%s", note)
         state = train_state.TrainState(
             step=jax.device_put(jnp.int32(start), shardings.step), params=params,
             opt_state=opt_state)
@@ -204,6 +248,12 @@ def train(config: ml_collections.ConfigDict, workdir, *, override_config: bool =
         workdir.mkdir(parents=True, exist_ok=True)
         checkpoints.write_config(workdir, config)
         _copy_vocab(vocab, workdir)
+    if start >= num_steps:
+        logging.warning("%s is already at step %d (train.num_steps=%d): nothing to train; "
+                        "set --config.train.num_steps higher to continue", workdir, start,
+                        num_steps)
+        mngr.close()
+        return TrainResult(step=start, last_metrics={})
     writer = MetricsWriter(workdir, is_main=is_main, start_step=start, total_steps=num_steps)
     logging.info("Training %s (%.2fM params) on mesh %s from step %d to %d; %.3g model "
                  "FLOPs/step", model_cfg.family, flops_lib.param_count(abstract.params) / 1e6,
@@ -232,15 +282,16 @@ def train(config: ml_collections.ConfigDict, workdir, *, override_config: bool =
                 jax.block_until_ready(metrics)
                 t_mark, step_mark = time.time(), step
             preempted = preemption.check(step)
-            is_log = step % log_every == 0 or step == num_steps
             is_save = (step % int(config.checkpoint.save_every) == 0 or step == num_steps
                        or preempted)
-            if is_log or is_save:
+            # Every checkpoint step closes a log window: a run resumed from it logs the same
+            # windows as an uninterrupted one, and a preempted run loses no step's metrics.
+            is_log = step % log_every == 0 or is_save
+            if is_log:
                 fetched = jax.device_get(pending)
                 pending = []
-                check_finite(fetched, latest_good=mngr.latest_step(), workdir=workdir)
+                check_finite(fetched, saved_steps=mngr.all_steps(), workdir=workdir)
                 window.extend(fetched)
-            if is_log:
                 now = time.time()
                 dt_step = (now - t_mark) / (step - step_mark) if step > step_mark else None
                 last = window_metrics(window, dt_step, tokens_per_step, step_flops,
@@ -248,9 +299,12 @@ def train(config: ml_collections.ConfigDict, workdir, *, override_config: bool =
                 writer.write(step, last)
                 window, t_mark, step_mark = [], now, step
             if tc.eval_every and (step % int(tc.eval_every) == 0 or step == num_steps):
+                t_eval = time.time()
                 writer.write(step, evaluate(eval_fn, state.params, config, vocab, mesh,
                                             per_process_batch), prefix="eval/")
-                t_mark = time.time()  # eval time is not training time
+                # Eval time is not training time; shifted, not reset, since an eval between
+                # log steps must not drop the steps before it from the window's time.
+                t_mark += time.time() - t_eval
             if is_save:
                 save(step, force=preempted or step == num_steps)
             if preempted:
