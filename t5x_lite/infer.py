@@ -26,10 +26,11 @@ every process; rows are decoded on all processes' devices; process 0 writes --ou
 The output is flushed after every batch. Re-running the same command resumes: the complete lines
 already in --output are kept (a trailing partial line is dropped) and decoding continues with the
 next input; sampled outputs are keyed by (seed, input index), so a resumed run writes what an
-uninterrupted one would. `<output>.meta.json` (the sidecar, written atomically before the first
-record) records what produced the output -- checkpoint (resolved workdir and step), --quantize,
---draft and the decode options that change the results (not batch_size); a resume or re-run with
-other settings is refused, naming the fields. An output without a sidecar (older versions) is
+uninterrupted one would (not with --draft: speculative samples depend on the batch).
+`<output>.meta.json` (the sidecar, written atomically before the first record) records what
+produced the output -- checkpoint (resolved workdir and step), --quantize, --draft and the decode
+options that change the results (not batch_size); a resume or re-run with other settings is
+refused, naming the fields. An output without a sidecar (older versions) is
 resumed unchecked. infer never cuts or appends to a file it did not write: an --output that is
 --input, whose complete lines are not infer records, or that is one unterminated line that does
 not start a record for the first input, is refused. Bad input (empty file, bad JSON line, prompt

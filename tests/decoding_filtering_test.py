@@ -127,3 +127,18 @@ def test_seeds_and_greedy():
     np.testing.assert_array_equal(greedy, np.argmax(logits, -1))
     lp = token_log_probs(logits, greedy)
     np.testing.assert_allclose(lp, np.max(jax.nn.log_softmax(logits), -1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", [SamplingConfig(temperature=1e-38),
+                                 SamplingConfig(temperature=1e-40, top_k=5, top_p=0.9)])
+def test_a_tiny_temperature_samples_the_argmax(cfg):
+    # logits / 1e-38 overflows: the positive logits became +inf ties, the negative ones -inf
+    # (a row of them sampled token 0), and top-p's softmax NaN.
+    logits = np.random.default_rng(4).normal(0, 3, (16, 97)).astype(np.float32)
+    logits[:8] -= 20.0  # every logit negative
+    filtered = np.asarray(filter_logits(jnp.asarray(logits), cfg))
+    assert not np.isnan(filtered).any()
+    np.testing.assert_array_equal(np.argmax(filtered, -1), np.argmax(logits, -1))
+    keys = jax.random.split(jax.random.key(0), 16)
+    np.testing.assert_array_equal(select_tokens(keys, jnp.asarray(logits), cfg),
+                                  np.argmax(logits, -1))

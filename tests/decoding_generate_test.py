@@ -226,6 +226,20 @@ def test_sampling_seeds_samples_and_batching(tiny_gpt):
     assert [g["ids"] for g in greedy] == [t["ids"] for t in t0]  # temperature 0 = greedy
 
 
+def test_gpt_prompt_at_max_len_gets_its_last_token(tiny_gpt):
+    """The last new token is never fed back: a prompt of max_len (40) tokens gets one new token,
+    one of 39 two (both were refused, as if prompt + max_new_tokens positions were fed). The
+    token after 40 comes from the prefill, the same token after 39 + 1 from a cached step at the
+    last learned position: they agree."""
+    prompt = np.random.default_rng(1).integers(2, 64, 39).tolist()
+    two = generate(tiny_gpt, input_ids=[prompt], max_new_tokens=2)[0]["ids"]
+    assert len(two) == 2 and 1 not in two
+    one = generate(tiny_gpt, input_ids=[prompt, prompt + two[:1]], max_new_tokens=1)
+    assert [r["ids"] for r in one] == [two[:1], two[1:]]
+    with pytest.raises(DecodeError, match=r"40 tokens \+ max_new_tokens 2 - 1 exceeds"):
+        generate(tiny_gpt, input_ids=[prompt + two[:1]], max_new_tokens=2)
+
+
 def test_text_in_text_out_and_checkpoint_defaults(tiny_gpt):
     vocab = types.SimpleNamespace(encode=lambda s: [2 + ord(c) % 60 for c in s],
                                   decode=lambda ids: "".join(chr(65 + i % 26) for i in ids))
@@ -259,6 +273,10 @@ def test_config_decode_section_holds_every_option_with_its_default():
     (dict(input_ids=[[3] * 38]), "exceeds the model's max length"),
     (dict(input_ids=[[3, 99]]), "outside [0, 64)"),
     (dict(input_ids=None, inputs=["x"]), "need a vocabulary"),
+    (dict(input_ids=None, inputs=[[3, 4]]), "inputs are texts (str), got list [3, 4]; give "
+                                            "token ids as input_ids"),
+    (dict(input_ids=[[3, 4], [3.7]]), "input_ids[1] must be a list of ints, got float64 [3.7]"),
+    (dict(input_ids=["hello"]), "input_ids[0] must be a list of ints, got <U5 ['hello']"),
     (dict(temperature="hot"), "must be a float"),
     (dict(method="sample", temperature=float("inf")), "temperature must be finite"),
     (dict(method="beam", alpha=float("nan")), "alpha must be finite"),
@@ -315,3 +333,15 @@ def test_out_of_device_memory_is_one_decode_error(tiny_gpt, monkeypatch):
     monkeypatch.setattr(gen, "decode_batch", other)
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
         generate(tiny_gpt, input_ids=[[3, 4], [5]], max_new_tokens=4, batch_size=2)
+
+
+def test_more_beams_than_sequences_returns_only_real_beams():
+    """A vocabulary of 4 and one new token: 4 sequences exist, so 8 beams are 4 (the empty slots
+    came back as beams with ids [] and score 0.0, better than any real beam)."""
+    cfg = config_lib.gpt2(vocab_size=4, d_model=32, num_heads=2, head_dim=16, d_ff=48,
+                          num_layers=1, max_len=40)
+    loaded = decoding_testlib.loaded(cfg, seed=3)
+    beams = generate(loaded, input_ids=[[2, 3]], max_new_tokens=1, method="beam", num_beams=8,
+                     alpha=0.6)[0]
+    assert sorted(b["ids"] for b in beams) == [[0], [1], [2], [3]]
+    assert all(-50 < b["score"] < 0 for b in beams)

@@ -86,7 +86,17 @@ def filter_logits(logits_BxV, cfg: SamplingConfig):
     """
     logits_BxV = logits_BxV.astype(jnp.float32)
     if cfg.temperature not in (0.0, 1.0):
-        logits_BxV = logits_BxV / cfg.temperature
+        scaled_BxV = logits_BxV / cfg.temperature
+        if cfg.temperature < 1e-4:  # above it, only logits past 3e34 could overflow
+            # A tiny temperature overflows finite logits (and XLA:CPU flushes a subnormal one
+            # to 0): 1e-38 gave ties of +inf, rows of -inf and NaN, so the wrong tokens. Such
+            # rows are scaled after subtracting their max instead, by a finite 1 / temperature:
+            # the same (near one-hot) distribution, the max at 0, no NaN.
+            inv = min(1.0 / cfg.temperature, float(jnp.finfo(jnp.float32).max))
+            shifted_BxV = (logits_BxV - jnp.max(logits_BxV, -1, keepdims=True)) * inv
+            overflow_B = jnp.any(~jnp.isfinite(scaled_BxV) & jnp.isfinite(logits_BxV), axis=-1)
+            scaled_BxV = jnp.where(overflow_B[:, None], shifted_BxV, scaled_BxV)
+        logits_BxV = scaled_BxV
     if 0 < cfg.top_k < logits_BxV.shape[-1]:
         keys_BxV = selection.order_keys(logits_BxV)
         logits_BxV = _mask_below(logits_BxV, keys_BxV, _top_k_threshold(keys_BxV, cfg.top_k))

@@ -28,7 +28,7 @@ from t5x_lite import partitioning, quantization
 from t5x_lite.config import ModelConfig
 from t5x_lite.decoding import cache as cache_lib
 from t5x_lite.decoding import steps
-from t5x_lite.decoding.beam_search import beam_search
+from t5x_lite.decoding.beam_search import NEG, beam_search
 from t5x_lite.decoding.filtering import SamplingConfig
 from t5x_lite.decoding.sampling import EOS_ID, sample_decode
 from t5x_lite.decoding.speculative import speculative_decode
@@ -144,16 +144,38 @@ def encode_prompts(loaded, *, inputs=None, input_ids=None) -> list[list[int]]:
     if (inputs is None) == (input_ids is None):
         raise DecodeError("give exactly one of inputs (text) or input_ids")
     if input_ids is not None:
-        if len(input_ids) and np.ndim(input_ids[0]) == 0:
+        try:
+            one = len(input_ids) > 0 and np.ndim(input_ids[0]) == 0
+        except ValueError:  # a ragged first prompt: _token_ids says so
+            one = False
+        if one:
             input_ids = [input_ids]  # one prompt
-        return [[int(i) for i in np.asarray(ids).ravel()] for ids in input_ids]
+        return [_token_ids(ids, n) for n, ids in enumerate(input_ids)]
+    try:
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+    except TypeError:  # not iterable: one non-text input
+        texts = [inputs]
+    bad = next((t for t in texts if not isinstance(t, str)), None)
+    if bad is not None:
+        raise DecodeError(f"inputs are texts (str), got {type(bad).__name__} {bad!r:.40}; give "
+                          "token ids as input_ids")
     vocab = getattr(loaded, "vocab", None)
     if vocab is None:
         raise DecodeError("text inputs need a vocabulary; this model has none (give input_ids)")
-    texts = [inputs] if isinstance(inputs, str) else list(inputs)
     eos = [EOS_ID] if model_config(loaded).family == "t5" else []
     start = [0] if getattr(loaded, "uses_start_token", False) else []  # see LoadedModel
     return [start + list(vocab.encode(t)) + eos for t in texts]
+
+
+def _token_ids(ids, n: int) -> list[int]:
+    try:
+        a = np.asarray(ids)
+    except ValueError:  # ragged
+        raise DecodeError(f"input_ids[{n}] must be a list of ints, got {ids!r:.40}") from None
+    if a.size and a.dtype.kind not in "iu":  # floats were truncated, strings a bare ValueError
+        raise DecodeError(f"input_ids[{n}] must be a list of ints, got {a.dtype} "
+                          f"{np.ravel(a)[:4].tolist()!r:.40}; give texts as inputs")
+    return [int(i) for i in a.ravel()]
 
 
 def check_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], options: DecodeOptions,
@@ -172,10 +194,12 @@ def check_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], options: D
             raise DecodeError(f"{i}: prompt of {len(ids)} tokens is longer than the "
                               f"model's max length {cfg.max_len}")
         for c in [cfg] + ([draft_cfg] if draft_cfg is not None else []):
-            if c.family == "gpt" and len(ids) + options.max_new_tokens > c.max_len:
+            # The last new token is never fed back: the model sees prompt + n - 1 positions
+            # (as `LoadedModel.score` allows prompt + continuation = max_len + 1).
+            if c.family == "gpt" and len(ids) + options.max_new_tokens - 1 > c.max_len:
                 raise DecodeError(
                     f"{i}: prompt of {len(ids)} tokens + max_new_tokens "
-                    f"{options.max_new_tokens} exceeds the model's max length {c.max_len}")
+                    f"{options.max_new_tokens} - 1 exceeds the model's max length {c.max_len}")
     if prompts:
         check_decode_size(cfg, prompts, options, draft_cfg)
 
@@ -436,7 +460,11 @@ def _unpack(out, options: DecodeOptions, count: int, vocab) -> list:
                   (out.tokens_BxN, out.lengths_B, out.logprob_B, out.finished_B)]
     results = []
     for b in range(count):
-        items = [_result(vocab, *(a[b, j] for a in arrays)) for j in range(per)]
+        # Beam slots that hold no sequence (fewer than W exist, as with num_beams > vocabulary:
+        # an empty finished slot, or a placeholder beam of log-prob ~NEG) are left out, not
+        # returned as beams (the empty ones had score 0.0, better than every real beam).
+        items = [_result(vocab, *(a[b, j] for a in arrays)) for j in range(per)
+                 if options.method != "beam" or (arrays[1][b, j] > 0 and arrays[2][b, j] > NEG / 2)]
         results.append(items if per > 1 else items[0])
     return results
 
@@ -483,10 +511,11 @@ def generate(loaded, *, input_ids=None, inputs=None, method=None, max_new_tokens
 
     Returns:
       Per input a dict -- or, for num_samples > 1 or beam search with num_beams > 1, a list of
-      dicts (beams best first) -- with `ids` (generated ids without prompt and padding, ending
-      with EOS (1) when `finished`), `score` (sum of log-probs of `ids` under the unfiltered
-      model), `finished`, `text` (when there is a vocabulary) and, for beam search,
-      `penalised_score` (score / length penalty, what beams are ranked by).
+      dicts (beams best first; fewer than num_beams where fewer sequences exist) -- with `ids`
+      (generated ids without prompt and padding, ending with EOS (1) when `finished`), `score`
+      (sum of log-probs of `ids` under the unfiltered model), `finished`, `text` (when there is
+      a vocabulary) and, for beam search, `penalised_score` (score / length penalty, what beams
+      are ranked by).
     """
     options = decode_options(
         loaded, method=method, max_new_tokens=max_new_tokens, temperature=temperature,
