@@ -112,6 +112,7 @@ def build(arg: str, *, family: str, objective: str, inputs_length: int, targets_
     c.optimizer.learning_rate = a["lr"] or lr
     if optimizer == "adafactor":  # T5 fine-tuning: constant 1e-3, no warmup
         c.optimizer.schedule = "constant"
+        c.optimizer.warmup_steps = 0
     else:
         c.optimizer.schedule = "cosine"
         c.optimizer.warmup_steps = min(100, max(a["steps"] // 10, 1))

@@ -89,3 +89,10 @@ def test_global_norm_clipping():
 def test_bad_settings_raise(kw, match):
     with pytest.raises(optimizers.OptimizerError, match=match):
         optimizers.make_optimizer(_opt(**kw), 10)
+
+
+def test_constant_schedule_says_warmup_is_unused(caplog):
+    schedule = optimizers.make_optimizer(_opt(schedule="constant", learning_rate=0.1,
+                                              warmup_steps=500), 100)[1]
+    assert float(schedule(0)) == pytest.approx(0.1)  # from step 0, no warmup
+    assert "optimizer.warmup_steps=500 is unused: schedule='constant'" in caplog.text

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from absl import logging
 
 from t5x_lite.errors import UserError
 
@@ -80,6 +81,10 @@ def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int
         raise OptimizerError("optimizer.schedule='rsqrt' is the Adafactor schedule; use cosine, "
                              "linear or constant with adamw")
     schedule = make_schedule(opt, num_steps)
+    if opt.schedule == "constant" and int(opt.warmup_steps) > 0:
+        logging.warning("optimizer.warmup_steps=%d is unused: schedule='constant' uses "
+                        "learning_rate from step 0 (cosine or linear warm up)",
+                        int(opt.warmup_steps))
     decay_embeddings = bool(opt.get("weight_decay_embeddings", False))
     mask = lambda params: decay_mask(params, decay_embeddings)
     wd = float(opt.weight_decay)
