@@ -126,6 +126,14 @@ def test_mlm_masks_15_percent_bert_style(vocab):
     assert abs(counts["random"] / total - 0.1) < 0.02
 
 
+def test_mlm_rows_always_have_a_loss_weight(vocab):
+    # 31 tokens + EOS fill a 32-token row exactly: a 32-token document leaves an EOS-only
+    # piece, and an empty document is EOS only; neither has a token to predict.
+    docs = [np.arange(3, 35), np.zeros(0, np.int32), np.arange(3, 13)]
+    rows = _run(_text_ds(docs), "mlm", vocab, pack=False)
+    assert len(rows) == 2 and all(r["encoder_loss_weights"].sum() > 0 for r in rows)
+
+
 def test_mlm_packed_feature_names(vocab):
     rows = _run(_text_ds([np.arange(3, 10)] * 3), "mlm", vocab)
     assert set(rows[0]) == {"encoder_input_tokens", "encoder_target_tokens",

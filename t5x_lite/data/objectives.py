@@ -180,6 +180,14 @@ class Seq2Seq(grain.transforms.Map):
                 "decoder_loss_weights": np.ones_like(targets_L)}
 
 
+class HasMaskable(grain.transforms.Filter):
+    """Drops the pieces BertMask could not mask (EOS only: the end of a document whose length
+    is a multiple of the row length, or an empty one): rows with no loss weight."""
+
+    def filter(self, piece_L):
+        return bool(np.any(piece_L != EOS_ID))
+
+
 class BertMask(grain.transforms.RandomMap):
     """BERT masking: `mask_rate` of the non-EOS tokens are predicted; of those 80% become
     [MASK] (= `<extra_id_0>`), 10% a random ordinary token, 10% stay unchanged."""
@@ -302,6 +310,6 @@ def apply_objective(ds: grain.IterDataset, objective: str, vocab: Vocabulary, *,
             if vocab.extra_ids < 1:
                 raise ObjectiveError("mlm uses <extra_id_0> as [MASK]; the vocabulary has "
                                      "extra_ids=0")
-            ds = ds.random_map(BertMask(vocab, mask_rate), seed=seed)
+            ds = ds.filter(HasMaskable()).random_map(BertMask(vocab, mask_rate), seed=seed)
     ds = packing.pack_or_pad(ds, lengths, pack=pack, num_packing_bins=num_packing_bins)
     return ds.map(AddDecoderInputs())
