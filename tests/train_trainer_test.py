@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from t5x_lite import checkpoints
@@ -183,6 +184,11 @@ def test_model_shape_mismatch_is_a_clear_error(tmp_path):
     with pytest.raises(TrainingError, match=r"d_model: 32 -> 64.*--override_config"):
         train(bigger, tmp_path)
     check_workdir_config(tmp_path, bigger, override=True)  # allowed when asked for
+    # With a checkpoint there, the override is no way out for a change of param shapes.
+    checkpoints.save_params(tmp_path, {"w": np.zeros(2, np.float32)}, 7)
+    with pytest.raises(TrainingError, match=r"d_model: 32 -> 64\); use a new --workdir; "
+                       r"--override_config .* checkpoints/7 holds the old model"):
+        train(bigger, tmp_path)
     other_lr = testing.tiny_config("gpt")
     other_lr.optimizer.learning_rate = 0.5
     check_workdir_config(tmp_path, other_lr, override=False)  # not a shape change

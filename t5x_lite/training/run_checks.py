@@ -34,9 +34,14 @@ def check_workdir_config(workdir, config, override: bool) -> None:
     new = ModelConfig.from_dict(config.model).shape_signature()
     diffs = [f"{k}: {old[k]} -> {new[k]}" for k in sorted(new) if old.get(k) != new[k]]
     if diffs and not override:
+        steps = checkpoints.all_steps(workdir)
+        hint = ("use a new --workdir, or pass --override_config to replace the saved config"
+                if not steps else
+                f"use a new --workdir; --override_config replaces the saved config, but "
+                f"checkpoints/{steps[-1]} holds the old model, so a resume works only when "
+                "every param keeps its shape (e.g. another activation)")
         raise ConfigMismatchError(
-            f"{path} was written for a model of another shape ({'; '.join(diffs)}); use a new "
-            "--workdir, or pass --override_config to replace the saved config")
+            f"{path} was written for a model of another shape ({'; '.join(diffs)}); {hint}")
     if diffs:
         logging.warning("Overriding the saved config's model shape: %s", "; ".join(diffs))
 
