@@ -109,3 +109,17 @@ def test_console_line_has_eta():
     w = mw.MetricsWriter("/unused", is_main=False, start_step=0, total_steps=100)
     line = w.console_line(50, {"loss": 1.5, "tokens_per_s": 1234.0})
     assert line.startswith("step 50/100  loss=1.5  tokens_per_s=1234  eta ")
+
+
+def test_eta_leaves_out_compilation(monkeypatch):
+    """10 s per step after a 100 s compilation: the ETA says 10 s per remaining step (it said
+    20 s after the first 10 steps: the compilation spread over them)."""
+    clock = [1000.0]
+    monkeypatch.setattr(mw.time, "time", lambda: clock[0])
+    w = mw.MetricsWriter("/unused", is_main=False, start_step=0, total_steps=100)
+    clock[0] += 100 + 10 * 10  # compile, then 10 steps
+    assert w.console_line(10, {"loss": 1.0, "step_time": 10.0}).endswith("eta 15m00s")
+    clock[0] += 10 * 10
+    assert w.console_line(20, {"loss": 1.0, "step_time": 10.0}).endswith("eta 13m20s")
+    clock[0] += 30  # an eval at step 20: evals are part of what is left too (13 s per step)
+    assert w.console_line(20, {"eval/loss": 1.0}).endswith("eta 17m20s")

@@ -138,6 +138,7 @@ class MetricsWriter:
         self.is_main = is_main
         self.total_steps = total_steps
         self._t0 = time.time()
+        self._mark = None  # (time, step) of the first line with a step_time
         self._start_step = start_step
         self._jsonl = self._events = None
         if not is_main:
@@ -161,11 +162,24 @@ class MetricsWriter:
     def console_line(self, step: int, values: Mapping[str, float]) -> str:
         parts = [f"step {step}" + (f"/{self.total_steps}" if self.total_steps else "")]
         parts += [f"{k}={_fmt(v)}" for k, v in values.items()]
-        done = step - self._start_step
-        if self.total_steps and done > 0 and step < self.total_steps:
-            eta = (time.time() - self._t0) / done * (self.total_steps - step)
-            parts.append(f"eta {_duration(eta)}")
+        per_step = self._seconds_per_step(step, values)
+        if self.total_steps and per_step is not None and step < self.total_steps:
+            parts.append(f"eta {_duration(per_step * (self.total_steps - step))}")
         return "  ".join(parts)
+
+    def _seconds_per_step(self, step: int, values: Mapping[str, float]) -> float | None:
+        """Wall seconds per step since the first line with a `step_time` (so the first step's
+        compilation is not spread over the rest, while evals and saves are counted), that
+        line's `step_time` until then; else since this writer started."""
+        now = time.time()
+        if self._mark is None and values.get("step_time") is not None:
+            self._mark = (now, step)
+            return float(values["step_time"])
+        if self._mark is not None:
+            t, s = self._mark
+            return (now - t) / (step - s) if step > s else None
+        done = step - self._start_step
+        return (now - self._t0) / done if done > 0 else None
 
     def close(self):
         if self._jsonl is not None:
