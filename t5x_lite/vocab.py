@@ -273,7 +273,7 @@ def _iter_lines(files_or_texts) -> Iterator[str]:
         files_or_texts = expand_globs(files_or_texts)
     for item in files_or_texts:
         if isinstance(item, os.PathLike):
-            text = epath.Path(item).read_bytes().decode("utf-8", errors="replace")
+            text = epath.Path(item).read_bytes().decode("utf-8-sig", errors="replace")  # no BOM
         else:
             text = item
         for line in text.splitlines():

@@ -185,3 +185,9 @@ def test_cli_refuses_a_directory_prefix_and_extra_arguments(tmp_path):
         assert r.returncode == 1 and len(lines) == 1, r.stderr[-2000:]
         assert lines[0].startswith("vocab: error: ") and message in lines[0], lines[0]
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_training_lines_drop_a_byte_order_mark(tmp_path):
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfhello world\nsecond line\n")
+    assert list(vocab_lib._iter_lines(str(tmp_path / "bom.txt"))) == ["hello world",
+                                                                       "second line"]
