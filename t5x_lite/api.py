@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import json
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -33,6 +34,8 @@ from t5x_lite import checkpoints, hf_interop, lora, partitioning, quantization
 from t5x_lite.config import ModelConfig
 from t5x_lite.models import BaseModel, LossConfig, abstract_variables, build_model
 
+EOS_ID = 1  # the stop id of every model trained here: the data pipeline appends it
+
 
 class LoadedModel:
     """A model, its params placed on a mesh, and jit-compiled logits / scoring.
@@ -41,18 +44,22 @@ class LoadedModel:
       config: the ModelConfig. run_config: the full run ConfigDict. model: the BaseModel
       wrapper. params: the params tree (jax arrays on `mesh`). vocab: a Vocabulary or None.
       mesh, rules: where the params live and the logical axis rules used for them.
+      eos_id: the id that ends a generated sequence (`hf_eos_id`, `checkpoint_eos_id`): the HF
+      config's `eos_token_id` for weights straight from HF, else 1.
     """
 
     def __init__(self, config: ModelConfig, run_config: ml_collections.ConfigDict,
-                 model: BaseModel, params, vocab, mesh, rules):
+                 model: BaseModel, params, vocab, mesh, rules, eos_id: int = EOS_ID):
         self.config, self.run_config, self.model = config, run_config, model
         self.params, self.vocab, self.mesh, self.rules = params, vocab, mesh, rules
+        self.eos_id = eos_id
         self._jitted: dict[str, Any] = {}
 
     def __repr__(self):
         c = self.config
         return (f"LoadedModel({c.family}, d_model={c.d_model}, layers={c.num_layers}, "
-                f"vocab={c.vocab_size}, dtype={c.dtype}, devices={self.mesh.size})")
+                f"vocab={c.vocab_size}, eos_id={self.eos_id}, dtype={c.dtype}, "
+                f"devices={self.mesh.size})")
 
     # ------------------------------------------------------------------ text
     @property
@@ -69,7 +76,7 @@ class LoadedModel:
             raise ValueError("This model has no sentencepiece vocabulary (vocab.model / "
                              "spiece.model); pass token ids instead of text")
         texts = [texts] if isinstance(texts, str) else list(texts)
-        return [ids + [self.vocab.eos_id] if add_eos else ids
+        return [ids + [self.eos_id] if add_eos else ids
                 for ids in (self.vocab.encode(t) for t in texts)]
 
     def detokenize(self, ids) -> list[str]:
@@ -226,8 +233,9 @@ def load(path, *, dtype=None, mesh=None, step: int | None = None,
         if step is not None:
             raise hf_interop.InteropError(f"{path} is a Hugging Face directory, which has no "
                                           f"checkpoint steps; step={step} is for workdirs")
-        cfg, numpy_params, _, vocab_path = hf_interop.from_hf(path)
+        cfg, numpy_params, hf_cfg, vocab_path = hf_interop.from_hf(path)
         run = hf_interop.run_config_for(cfg)
+        eos_id = hf_eos_id(hf_cfg, cfg.vocab_size)
     else:
         workdir, found = checkpoints.resolve(path)
         step = checkpoints.check_step(workdir, found if step is None else step)
@@ -235,6 +243,7 @@ def load(path, *, dtype=None, mesh=None, step: int | None = None,
         cfg = ModelConfig.from_dict(run.model)
         vocab_path = workdir / checkpoints.VOCAB_FILE
         numpy_params = None
+        eos_id = checkpoint_eos_id(workdir, step, cfg)
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=jnp.dtype(dtype).name)
         run.model.dtype = cfg.dtype
@@ -250,7 +259,35 @@ def load(path, *, dtype=None, mesh=None, step: int | None = None,
     else:
         params = jax.device_put(numpy_params, shardings)
     params = quantization.quantize_loaded(params, boxed, shardings, quantize)
-    return LoadedModel(cfg, run, model, params, vocab, mesh, rules)
+    return LoadedModel(cfg, run, model, params, vocab, mesh, rules, eos_id)
+
+
+def hf_eos_id(hf_config, vocab_size: int) -> int:
+    """The stop id of a model with HF config `hf_config`: its `eos_token_id` when that is an id
+    within the vocabulary (of a list, the first such id), else 1 (as `convert --to_hf` writes
+    it then: GPT-2's 50256 in a smaller vocabulary, a null or missing field)."""
+    value = hf_config.get("eos_token_id")
+    return next((i for i in (value if isinstance(value, list) else [value])
+                 if hf_interop.is_int(i) and 0 <= i < vocab_size), EOS_ID)
+
+
+def checkpoint_eos_id(workdir, step: int, cfg: ModelConfig) -> int:
+    """The stop id of step `step` of `workdir`: `hf_eos_id` of its `hf_config.json` for the HF
+    weights as `convert --from_hf` wrote them (step 0), else 1. Any later step was trained here,
+    on data that ends in id 1, and so is a LoRA merge (it copies its base's hf_config.json, and
+    is saved at the LoRA run's step); a merge at step 0 holds the base's weights as they were."""
+    source = epath.Path(workdir) / hf_interop.HF_SOURCE_CONFIG
+    if step != 0 or not source.exists():
+        return EOS_ID
+    try:
+        hf_config = json.loads(source.read_text())
+    except ValueError:
+        hf_config = None
+    if not isinstance(hf_config, dict):
+        raise checkpoints.CheckpointError(
+            f"{source} is not a JSON object (the source HF config that convert --from_hf "
+            "wrote, which holds the model's eos_token_id); restore it")
+    return hf_eos_id(hf_config, cfg.vocab_size)
 
 
 def load_vocabulary(path, cfg: ModelConfig, run):

@@ -34,7 +34,7 @@ from etils import epath
 from t5x_lite import checkpoints, cli, files, hf_interop
 from t5x_lite.config import ConfigError, ModelConfig
 
-HF_SOURCE_CONFIG = "hf_config.json"
+HF_SOURCE_CONFIG = hf_interop.HF_SOURCE_CONFIG
 InteropError = hf_interop.InteropError
 
 # our mlp -> HF feed_forward_proj ('gelu_new' is the tanh GELU ours is), unless the source

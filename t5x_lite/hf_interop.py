@@ -38,6 +38,7 @@ SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 HF_CONFIG = "config.json"
 HF_VOCAB = "spiece.model"
+HF_SOURCE_CONFIG = "hf_config.json"  # a converted workdir's copy of the source config.json
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SUPPORTED = ("t5 (T5ForConditionalGeneration)", "gpt2 (GPT2LMHeadModel)")
 

@@ -360,7 +360,7 @@ def run(checkpoint, input_path, output_path, decode_overrides: dict | None = Non
     draft_cfg = None
     if draft is not None:
         draft_cfg = gen.model_config(draft)
-        gen.check_draft(cfg, draft_cfg, options)
+        gen.check_draft(loaded, draft, options)
     gen.check_prompts(cfg, ids, options, draft_cfg,
                       labels=[f"{input_path}:{n}" for n in range(1, len(ids) + 1)])
     meta = output_meta(target_id, options, quantize, draft_id)

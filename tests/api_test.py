@@ -101,6 +101,23 @@ def test_workdir_checkpoints_and_step_dirs_load_the_same(hf_models, loaded, tmp_
         t5x_lite.load(workdir, step=3)
 
 
+def test_eos_id_is_the_hf_configs_eos_token_id_within_the_vocabulary(loaded, tmp_path):
+    """HF generate stops at config.eos_token_id (a list: any of them); we stop at its first id
+    within the vocabulary, else at 1 (GPT-2's 50256 in a smaller vocabulary)."""
+    eos = t5x_lite.api.hf_eos_id
+    assert eos({"eos_token_id": 7}, 10) == 7 and eos({"eos_token_id": [50256, 3, 4]}, 10) == 3
+    for bad in (50256, None, True, "7", [], [10, -1]):
+        assert eos({"eos_token_id": bad}, 10) == 1
+    assert eos({}, 10) == 1
+    assert loaded["t5_v1_1"].eos_id == 1 == loaded["gpt2"].eos_id  # their configs say 1
+    cfg = loaded["gpt2"].config
+    (tmp_path / convert.HF_SOURCE_CONFIG).write_text('{"eos_token_id": 9}')
+    assert [t5x_lite.api.checkpoint_eos_id(tmp_path, s, cfg) for s in (0, 5)] == [9, 1]
+    (tmp_path / convert.HF_SOURCE_CONFIG).write_text("[9]")
+    with pytest.raises(checkpoints.CheckpointError, match="hf_config.json is not a JSON object"):
+        t5x_lite.api.checkpoint_eos_id(tmp_path, 0, cfg)
+
+
 def test_sharded_mesh_and_dtype(hf_models, loaded):
     ids = [[5, 0, 17, 200, 3], [9, 9]]
     want = loaded["gpt2"].logits(ids)
@@ -195,7 +212,7 @@ def test_gpt_trained_here_gets_the_start_token_before_text(tmp_path):
     checkpoints.save_params(tmp_path, params, 0)
     vocab.copy_to(tmp_path)
     lm = t5x_lite.load(tmp_path)
-    assert lm.uses_start_token and lm.vocab is not None
+    assert lm.uses_start_token and lm.vocab is not None and lm.eos_id == 1
     prompt, cont = "the cat sat", " on the mat"
     p_ids, c_ids = lm.vocab.encode(prompt), lm.vocab.encode(cont)
     np.testing.assert_allclose(lm.score([prompt], [cont]), lm.score([[0] + p_ids], [c_ids]),

@@ -9,6 +9,7 @@ third of the vocabulary ("terminators"), read out by its untied lm_head's EOS ro
 those tokens.
 """
 import re
+import shutil
 import types
 
 import jax
@@ -18,8 +19,10 @@ import torch
 import transformers
 
 import decoding_testlib
+import t5x_lite
+from t5x_lite import checkpoints, convert, hf_interop
 from t5x_lite import config as config_lib
-from t5x_lite import hf_interop
+from t5x_lite.config import ModelConfig
 from t5x_lite.decoding import generate as gen
 from t5x_lite.decoding.generate import DecodeError, generate
 
@@ -99,7 +102,7 @@ def _prompts():
     return [rng.integers(2, V, n).tolist() for n in PROMPT_LENGTHS]
 
 
-def _hf_generate(model, prompts, left_pad, **kw):
+def _hf_generate(model, prompts, left_pad, eos=1, **kw):
     p = max(map(len, prompts))
     ids, mask = np.zeros((len(prompts), p), np.int64), np.zeros((len(prompts), p), np.int64)
     for i, x in enumerate(prompts):
@@ -107,10 +110,10 @@ def _hf_generate(model, prompts, left_pad, **kw):
         ids[i, sl], mask[i, sl] = x, 1
     with torch.no_grad():
         out = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                             max_new_tokens=N, pad_token_id=0, eos_token_id=1, do_sample=False,
+                             max_new_tokens=N, pad_token_id=0, eos_token_id=eos, do_sample=False,
                              return_dict_in_generate=True, output_scores=True, **kw)
     seqs = out.sequences[:, p if left_pad else 1:].numpy()  # T5 output starts with the start id
-    cut = lambda s: s[:list(s).index(1) + 1].tolist() if 1 in s else s.tolist()
+    cut = lambda s: s[:list(s).index(eos) + 1].tolist() if eos in s else s.tolist()
     return [cut(s) for s in seqs], getattr(out, "sequences_scores", None)
 
 
@@ -196,6 +199,73 @@ def test_decoding_on_meshes_equals_hf_and_splits_the_rows(family, request):
     ratio = (device_flops(decoding_testlib.on_mesh(loaded, (8, 1, 1)))
              / device_flops(decoding_testlib.on_mesh(loaded, (1, 1, 1))))
     assert 0.1 < ratio < 0.2, ratio
+
+
+# ------------------------------------------------------------------- the HF config's EOS id
+K = 7  # the end-of-text id of the GPT-2 below (as GPT-2's 50256): not our 1
+
+
+@pytest.fixture(scope="module")
+def gpt2_eos_k(tmp_path_factory):
+    """A GPT-2 whose config says eos_token_id=K, biased (as `gpt2`) to end with K: (HF model,
+    its saved directory, the workdir `convert --from_hf` makes of it)."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        vocab_size=V, n_embd=32, n_head=2, n_layer=2, n_positions=64, n_inner=64, resid_pdrop=0,
+        embd_pdrop=0, attn_pdrop=0, bos_token_id=K, eos_token_id=K, pad_token_id=0,
+        attn_implementation="eager")
+    model = transformers.GPT2LMHeadModel(cfg)
+    _randomize(model, 1, 0.15)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        u = torch.randn(32, generator=g)
+        u = (u - u.mean()) / (u - u.mean()).norm()
+        model.transformer.wpe.weight[8:] += 6.0 * u
+        model.transformer.wte.weight[K] = _eos_readout(u, model.transformer.ln_f.weight, 12.0)
+    model.eval()
+    root = tmp_path_factory.mktemp("eos_k")
+    model.save_pretrained(root / "hf", safe_serialization=True)
+    convert.hf_to_workdir(root / "hf", root / "workdir")
+    return model, root / "hf", root / "workdir"
+
+
+def test_hf_eos_token_id_ends_generation_as_in_hf(gpt2_eos_k):
+    """An HF directory and its converted workdir stop at the config's eos_token_id (K): greedy
+    and speculative output equal HF generate(eos_token_id=K), every row finished at K; a draft
+    that stops elsewhere is one error."""
+    model, hf_dir, workdir = gpt2_eos_k
+    prompts = _prompts()
+    theirs, _ = _hf_generate(model, prompts, left_pad=True, eos=K)
+    assert all(ids[-1] == K for ids in theirs) and len(set(map(len, theirs))) >= 3
+    hf_loaded = t5x_lite.load(hf_dir)
+    for m in (hf_loaded, t5x_lite.load(workdir)):
+        assert m.eos_id == K
+        ours = m.generate(input_ids=prompts, max_new_tokens=N, batch_size=8)
+        assert [r["ids"] for r in ours] == theirs and all(r["finished"] for r in ours)
+    spec = hf_loaded.generate(input_ids=prompts, max_new_tokens=N, batch_size=8,
+                              draft=hf_loaded, num_draft=3)
+    assert [r["ids"] for r in spec] == theirs and all(r["finished"] for r in spec)
+    ones = types.SimpleNamespace(**{**vars(hf_loaded), "eos_id": 1})
+    with pytest.raises(DecodeError, match="draft model stops at EOS id 1, the target at 7"):
+        hf_loaded.generate(input_ids=prompts, draft=ones)
+
+
+def test_a_checkpoint_trained_here_stops_at_1(gpt2_eos_k, tmp_path):
+    """The converted weights at a later step (trained here: our data ends rows in 1, as after a
+    LoRA merge, which copies hf_config.json too) stop at 1, as HF generate(eos_token_id=1)."""
+    model, _, workdir = gpt2_eos_k
+    shutil.copytree(workdir, tmp_path / "w")
+    cfg = ModelConfig.from_dict(checkpoints.read_config(tmp_path / "w").model)
+    checkpoints.save_params(tmp_path / "w", convert.restore_numpy_params(workdir, 0, cfg), step=3)
+    assert t5x_lite.load(tmp_path / "w", step=0).eos_id == K
+    trained = t5x_lite.load(tmp_path / "w")
+    assert trained.eos_id == 1
+    prompts = _prompts()
+    theirs, _ = _hf_generate(model, prompts, left_pad=True, eos=1)
+    assert any(K in ids[:-1] for ids in theirs)  # K does not stop it
+    ours = trained.generate(input_ids=prompts, max_new_tokens=N, batch_size=8)
+    assert [r["ids"] for r in ours] == theirs
+    assert [r["finished"] for r in ours] == [ids[-1] == 1 for ids in theirs]
 
 
 # ---------------------------------------------------------------------------------- API

@@ -37,17 +37,24 @@ def test_prompt_ids(t5, gpt, vocab):
     # T5: truncated to inputs_length, EOS kept.
     assert predictions.prompt_ids(t5, "a b c d e f g h", data_cfg=DATA, max_new_tokens=5) == \
         ids[:5] + [1]
-    # GPT: decoder start id first; an over-long prompt keeps its end (16 - 10 - 1 = 5 tokens).
+    # ... with the model's EOS (an HF T5's config could name another).
+    t5_eos = copy.copy(t5)
+    t5_eos.eos_id = 7
+    assert predictions.prompt_ids(t5_eos, "a b", data_cfg=DATA, max_new_tokens=5) == \
+        vocab.encode("a b") + [7]
+    # GPT: decoder start id first; an over-long prompt keeps its end: 16 - (10 - 1) - 1 = 6
+    # tokens, as many as generate allows (the last new token is never fed back).
     assert predictions.prompt_ids(gpt, "a b", data_cfg=DATA, max_new_tokens=10) == \
         [0] + vocab.encode("a b")
-    assert predictions.prompt_ids(gpt, "a b c d e f g h", data_cfg=DATA, max_new_tokens=10) == \
-        [0] + ids[-5:]
+    longest = predictions.prompt_ids(gpt, "a b c d e f g h", data_cfg=DATA, max_new_tokens=10)
+    assert longest == [0] + ids[-6:]
+    gen.check_prompts(gpt.config, [longest], gen.DecodeOptions(max_new_tokens=10))
     assert predictions.uses_start_token(gpt) and not predictions.uses_start_token(t5)
     no_vocab = copy.copy(gpt)
     no_vocab.vocab = None  # e.g. an HF GPT-2, where id 0 is a real token
     assert not predictions.uses_start_token(no_vocab)
     with pytest.raises(PredictionError, match="leaves no room"):
-        predictions.prompt_ids(gpt, "a", data_cfg=DATA, max_new_tokens=15)
+        predictions.prompt_ids(gpt, "a", data_cfg=DATA, max_new_tokens=16)
 
 
 @pytest.mark.parametrize("family", ["t5", "gpt"])

@@ -146,6 +146,16 @@ def test_generation_prompts_and_cuts_at_stop_strings(gpt, monkeypatch):
     assert set(metrics) == {"exact_match"}
 
 
+def test_long_gpt_prompts_keep_their_end_up_to_what_generate_allows(gpt):
+    """prompt + max_new_tokens - 1 <= max_len (128): 100 new tokens leave 29 prompt tokens, the
+    start id 0 and the last 28 of the text."""
+    from t5x_lite.decoding import generate as gen
+    ids = gpt.vocab.encode("the file two " * 20)
+    prompt = few_shot._prompt_ids(gpt, "the file two " * 20, 100)
+    assert prompt == [0] + ids[-28:]
+    gen.check_prompts(gpt.config, [prompt], gen.DecodeOptions(max_new_tokens=100))
+
+
 def test_bad_inputs(tmp_path, gpt):
     with pytest.raises(few_shot.FewShotError, match="must hold"):
         few_shot.FewShotTemplate("Q: {targets} A: {inputs}")

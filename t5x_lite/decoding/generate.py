@@ -3,9 +3,10 @@
     from t5x_lite.decoding.generate import generate
     results = generate(loaded, inputs=["translate: hello"], method="beam", num_beams=4)
 
-`loaded` is anything with `.model` (a `models.BaseModel`), `.params` and optionally `.vocab`
-and `.run_config` (what `t5x_lite.load(path)` returns). Options left as None come from
-`loaded.run_config.decode` (the checkpoint's config.json), then from `defaults.base_config`.
+`loaded` is anything with `.model` (a `models.BaseModel`), `.params` and optionally `.vocab`,
+`.run_config` and `.eos_id` (what `t5x_lite.load(path)` returns; without `.eos_id` the stop id
+is 1). Options left as None come from `loaded.run_config.decode` (the checkpoint's
+config.json), then from `defaults.base_config`.
 
 Batches of `batch_size` prompts are padded to a bucketed length (a power of two, >= 8) and a
 bucketed row count, and each (method, shapes, options) combination compiles once.
@@ -137,6 +138,11 @@ def model_config(loaded) -> ModelConfig:
     return cfg
 
 
+def eos_id(loaded) -> int:
+    """The id that ends `loaded`'s sequences (`LoadedModel.eos_id`; 1 when it has none)."""
+    return int(getattr(loaded, "eos_id", EOS_ID))
+
+
 def encode_prompts(loaded, *, inputs=None, input_ids=None) -> list[list[int]]:
     """Token ids per prompt. Text is encoded with `loaded.vocab`; T5 inputs get EOS appended
     (T5's convention for encoder inputs), GPT prompts do not; a GPT trained by t5x_lite gets its
@@ -162,7 +168,7 @@ def encode_prompts(loaded, *, inputs=None, input_ids=None) -> list[list[int]]:
     vocab = getattr(loaded, "vocab", None)
     if vocab is None:
         raise DecodeError("text inputs need a vocabulary; this model has none (give input_ids)")
-    eos = [EOS_ID] if model_config(loaded).family == "t5" else []
+    eos = [eos_id(loaded)] if model_config(loaded).family == "t5" else []
     start = [0] if getattr(loaded, "uses_start_token", False) else []  # see LoadedModel
     return [start + list(vocab.encode(t)) + eos for t in texts]
 
@@ -259,7 +265,8 @@ def free_memory() -> int | None:
     return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
 
 
-def check_draft(cfg: ModelConfig, draft_cfg: ModelConfig, options: DecodeOptions):
+def check_draft(loaded, draft, options: DecodeOptions):
+    cfg, draft_cfg = model_config(loaded), model_config(draft)
     if cfg.family != "gpt" or draft_cfg.family != "gpt":
         raise DecodeError("speculative decoding (draft=...) needs decoder-only (gpt) models")
     if options.method == "beam":
@@ -267,6 +274,9 @@ def check_draft(cfg: ModelConfig, draft_cfg: ModelConfig, options: DecodeOptions
     if draft_cfg.vocab_size != cfg.vocab_size:
         raise DecodeError(f"draft vocab_size {draft_cfg.vocab_size} != target vocab_size "
                           f"{cfg.vocab_size}")
+    if eos_id(draft) != eos_id(loaded):
+        raise DecodeError(f"the draft model stops at EOS id {eos_id(draft)}, the target at "
+                          f"{eos_id(loaded)}; give a draft with the target's EOS id")
 
 
 def bucket(n: int) -> int:
@@ -332,28 +342,31 @@ def cache_phases(cfg: ModelConfig, p: int, n: int, k: int = 0) -> list[int]:
     return [*range(start + size, total, size), total]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "n", "sampling", "samples"))
-def _sample_jit(params, tokens_BxP, lengths_B, seed, example_B, *, cfg, n, sampling, samples):
+@functools.partial(jax.jit, static_argnames=("cfg", "n", "sampling", "samples", "eos"))
+def _sample_jit(params, tokens_BxP, lengths_B, seed, example_B, *, cfg, n, sampling, samples,
+                eos=EOS_ID):
     b, p = tokens_BxP.shape
     lengths = cache_phases(cfg, p, n)
     logits, cache, step = steps.prefill(cfg, params, tokens_BxP, lengths_B, lengths[0],
                                         _expand_rows(b, samples))
     return sample_decode(step, cache, logits, _row_keys(seed, example_B, samples),
-                         max_new_tokens=n, sampling=sampling, grow_to=tuple(lengths[1:]))
+                         max_new_tokens=n, sampling=sampling, eos_id=eos,
+                         grow_to=tuple(lengths[1:]))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "n", "beams", "alpha"))
-def _beam_jit(params, tokens_BxP, lengths_B, *, cfg, n, beams, alpha):
+@functools.partial(jax.jit, static_argnames=("cfg", "n", "beams", "alpha", "eos"))
+def _beam_jit(params, tokens_BxP, lengths_B, *, cfg, n, beams, alpha, eos=EOS_ID):
     b, p = tokens_BxP.shape
     logits, cache, step = steps.prefill(cfg, params, tokens_BxP, lengths_B, cache_len(cfg, p, n),
                                         jnp.repeat(jnp.arange(b), beams))
     return beam_search(step, cache, logits, num_beams=beams, max_new_tokens=n, alpha=alpha,
-                       reorder_cache=cache_lib.take_rows)
+                       reorder_cache=cache_lib.take_rows, eos_id=eos)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "n", "k", "sampling", "samples"))
+@functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "n", "k", "sampling", "samples",
+                                             "eos"))
 def _speculative_jit(params, draft_params, tokens_BxP, lengths_B, seed, example_B, *, cfg,
-                     draft_cfg, n, k, sampling, samples):
+                     draft_cfg, n, k, sampling, samples, eos=EOS_ID):
     b, p = tokens_BxP.shape
     rows = _expand_rows(b, samples)
     lengths = cache_phases(cfg, p, n, k)
@@ -364,7 +377,8 @@ def _speculative_jit(params, draft_params, tokens_BxP, lengths_B, seed, example_
     last_R = tokens_BxP[:, -1] if rows is None else tokens_BxP[rows, -1]  # left-padded
     return speculative_decode(tstep, dstep, tcache, dcache, logits, last_R,
                               _row_keys(seed, example_B, samples), max_new_tokens=n,
-                              num_draft=k, sampling=sampling, grow_to=tuple(lengths[1:]))
+                              num_draft=k, sampling=sampling, eos_id=eos,
+                              grow_to=tuple(lengths[1:]))
 
 
 def shard_rows(loaded, *arrays_B):
@@ -418,21 +432,22 @@ def decode_batch(loaded, tokens_BxP, lengths_B, options: DecodeOptions, example_
     example_B = np.arange(len(tokens_BxP)) if example_B is None else example_B
     (tokens_BxP, lengths_B, example_B), context = shard_rows(
         loaded, tokens_BxP, lengths_B, np.asarray(example_B, np.int32))
-    n = options.max_new_tokens
+    n, eos = options.max_new_tokens, eos_id(loaded)
     seed = np.uint32(options.seed % 2**32)
     with context:
         if options.method == "beam":
             out = _beam_jit(params, tokens_BxP, lengths_B, cfg=cfg, n=n,
-                            beams=options.num_beams, alpha=float(options.alpha))
+                            beams=options.num_beams, alpha=float(options.alpha), eos=eos)
         elif draft is not None:
             _check_same_devices(loaded, draft)
             out = _speculative_jit(params, quantization.unbox_float(draft.params), tokens_BxP,
                                    lengths_B, seed, example_B, cfg=cfg,
                                    draft_cfg=model_config(draft), n=n, k=options.num_draft,
-                                   sampling=options.sampling, samples=options.num_samples)
+                                   sampling=options.sampling, samples=options.num_samples,
+                                   eos=eos)
         else:
             out = _sample_jit(params, tokens_BxP, lengths_B, seed, example_B, cfg=cfg, n=n,
-                              sampling=options.sampling, samples=options.num_samples)
+                              sampling=options.sampling, samples=options.num_samples, eos=eos)
     if jax.process_count() > 1:  # rows decoded on other hosts' devices: every process gets all
         from jax.experimental import multihost_utils
         out = multihost_utils.process_allgather(out, tiled=True)
@@ -445,8 +460,8 @@ def _result(vocab, ids_N, length, logprob, finished, penalised=None) -> dict[str
     out = {"ids": ids, "score": float(logprob), "finished": bool(finished)}
     if penalised is not None:
         out["penalised_score"] = float(penalised)
-    if vocab is not None:
-        out["text"] = vocab.decode(ids)
+    if vocab is not None:  # without the EOS, which need not be the vocabulary's (1)
+        out["text"] = vocab.decode(ids[:-1] if finished else ids)
     return out
 
 
@@ -478,7 +493,7 @@ def iter_generate(loaded, prompts: Sequence[Sequence[int]], options: DecodeOptio
     """
     cfg = model_config(loaded)
     if draft is not None:
-        check_draft(cfg, model_config(draft), options)
+        check_draft(loaded, draft, options)
     check_prompts(cfg, prompts, options, None if draft is None else model_config(draft),
                   first_index)
     vocab = getattr(loaded, "vocab", None)
@@ -512,7 +527,8 @@ def generate(loaded, *, input_ids=None, inputs=None, method=None, max_new_tokens
     Returns:
       Per input a dict -- or, for num_samples > 1 or beam search with num_beams > 1, a list of
       dicts (beams best first; fewer than num_beams where fewer sequences exist) -- with `ids`
-      (generated ids without prompt and padding, ending with EOS (1) when `finished`), `score`
+      (generated ids without prompt and padding, ending with EOS (`eos_id(loaded)`: the HF
+      config's `eos_token_id` for HF weights, else 1) when `finished`), `score`
       (sum of log-probs of `ids` under the unfiltered model), `finished`, `text` (when there is
       a vocabulary) and, for beam search, `penalised_score` (score / length penalty, what beams
       are ranked by).

@@ -36,7 +36,6 @@ from etils import epath
 from t5x_lite.errors import UserError
 from t5x_lite.evaluation import likelihood, predictions, text_metrics
 from t5x_lite.evaluation.predictions import Example
-from t5x_lite.vocab import EOS_ID
 
 SCORING = ("generate", "choice")
 
@@ -161,13 +160,9 @@ def read_jsonl(path) -> list[dict[str, Any]]:
 def _prompt_ids(loaded, text: str, max_new_tokens: int) -> list[int]:
     cfg = loaded.model.config
     ids = list(loaded.vocab.encode(text))
-    if cfg.family == "gpt":
-        start = [predictions.DECODER_START_ID] if predictions.uses_start_token(loaded) else []
-        room = cfg.max_len - max_new_tokens - len(start)
-        if room < 1:
-            raise FewShotError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
-                               f"the model's max length {cfg.max_len}")
-        return start + ids[max(len(ids) - room, 0):]  # over-long: keep the end (the query)
+    if cfg.family == "gpt":  # over-long: keep the end (the query)
+        return predictions.gpt_prompt(cfg, ids, max_new_tokens,
+                                      predictions.uses_start_token(loaded), FewShotError)
     return ids
 
 
@@ -188,7 +183,8 @@ def evaluate_generation(loaded, queries: Sequence[Example], pool: Sequence[Examp
     prompts, shots = build_prompts(queries, pool, k=options.k, template=options.template,
                                    seed=options.seed, same_split=same_split)
     n = options.max_new_tokens
-    eos = [] if loaded.model.config.family == "gpt" else [EOS_ID]  # T5 encoder inputs end in EOS
+    # T5 encoder inputs end in EOS
+    eos = [] if loaded.model.config.family == "gpt" else [gen.eos_id(loaded)]
     ids = [_prompt_ids(loaded, p, n) + eos for p in prompts]
     decode_overrides.setdefault("method", "greedy")
     try:

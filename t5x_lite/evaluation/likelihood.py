@@ -5,7 +5,8 @@ rows means many compilations. Here rows are sorted by length and packed into bat
 row count and power-of-two lengths, so a whole evaluation compiles a handful of shapes. The
 numbers are those of `LoadedModel.score` (the tests check it):
 
-- T5: sum of log p(continuation + EOS | prompt + EOS), the decoder fed the targets shifted right.
+- T5: sum of log p(continuation + EOS | prompt + EOS), the decoder fed the targets shifted right
+  (EOS: the model's, `LoadedModel.eos_id`; 1 for T5).
 - GPT: sum of log p(continuation | prompt) over the continuation tokens (no EOS); the prompt
   needs at least one token (callers prepend the decoder start id for t5x_lite models).
 
@@ -23,7 +24,7 @@ from t5x_lite import partitioning
 from t5x_lite.config import ModelConfig
 from t5x_lite.errors import UserError
 from t5x_lite.models import LossConfig, build_model
-from t5x_lite.vocab import EOS_ID
+from t5x_lite.vocab import EOS_ID  # models without `eos_id`
 
 MIN_LENGTH = 8
 
@@ -50,7 +51,7 @@ def _gpt_rows(prompt: Sequence[int], cont: Sequence[int], t: int):
     return tokens[:-1], tokens[1:], weights
 
 
-def _batch(cfg: ModelConfig, rows, prompts, conts):
+def _batch(cfg: ModelConfig, rows, prompts, conts, eos: int = EOS_ID):
     if cfg.family == "gpt":
         t = bucket(max(len(prompts[r]) + len(conts[r]) - 1 for r in rows))
         if cfg.position == "learned" and t > cfg.max_len:
@@ -64,8 +65,8 @@ def _batch(cfg: ModelConfig, rows, prompts, conts):
     enc = np.zeros((len(rows), s), np.int32)
     tgt = np.zeros((len(rows), t), np.int32)
     for i, r in enumerate(rows):
-        enc[i, :len(prompts[r]) + 1] = list(prompts[r]) + [EOS_ID]
-        tgt[i, :len(conts[r]) + 1] = list(conts[r]) + [EOS_ID]
+        enc[i, :len(prompts[r]) + 1] = list(prompts[r]) + [eos]
+        tgt[i, :len(conts[r]) + 1] = list(conts[r]) + [eos]
     dec = np.concatenate([np.zeros_like(tgt[:, :1]), tgt[:, :-1]], axis=1)
     return {"encoder_input_tokens": enc, "decoder_input_tokens": dec,
             "decoder_target_tokens": tgt, "decoder_loss_weights": (tgt > 0).astype(np.float32)}
@@ -98,6 +99,7 @@ def log_likelihoods(loaded, prompts: Sequence[Sequence[int]],
     b = -(-max(batch_size, 1) // shards) * shards
     order = sorted(range(len(prompts)), key=lambda r: len(prompts[r]) + len(continuations[r]))
     fn = _score_fn(cfg)
+    eos = int(getattr(loaded, "eos_id", EOS_ID))
     sharding = partitioning.data_sharding(mesh)
     out = np.zeros(len(prompts), np.float64)
     pending = []
@@ -105,7 +107,7 @@ def log_likelihoods(loaded, prompts: Sequence[Sequence[int]],
         rows = order[start:start + b]
         padded = rows + [rows[-1]] * (b - len(rows))  # fixed row count: one compiled shape
         batch = {k: jax.device_put(v, sharding)
-                 for k, v in _batch(cfg, padded, prompts, continuations).items()}
+                 for k, v in _batch(cfg, padded, prompts, continuations, eos).items()}
         with partitioning.activate(mesh, loaded.rules):
             pending.append((rows, fn(loaded.params, batch)))
     for rows, scores in pending:

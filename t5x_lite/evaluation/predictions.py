@@ -5,11 +5,15 @@
     # [{"index", "inputs", "targets", "prediction", "score", "finished"}, ...]
 
 Prompts are built the way the training objective saw the inputs:
-- T5 (seq2seq): inputs + EOS, truncated to `data.inputs_length` (EOS kept).
+- T5 (seq2seq): inputs + EOS (the model's, `LoadedModel.eos_id`), truncated to
+  `data.inputs_length` (EOS kept).
 - GPT (prompt_completion / prefix_lm / causal_lm pairs): `[0] + inputs`. Our data pipeline
   feeds every decoder-only row the decoder start id 0 before its first token, so a t5x_lite
   GPT expects it; a GPT without a t5x_lite vocabulary (an HF GPT-2, where 0 is a real token)
-  gets the prompt as is. Over-long prompts keep their end (next to the answer).
+  gets the prompt as is. Over-long prompts keep their end (next to the answer): at most
+  max_len - (max_new_tokens - 1) tokens, as generation allows (the last new token is never fed
+  back).
+A prediction's text ends before the model's EOS (`generate`'s `text`).
 Every process decodes the whole split (identical inputs give identical outputs); only process
 0 writes.
 """
@@ -21,7 +25,6 @@ from typing import Any, Sequence
 from t5x_lite.data import DataConfig
 from t5x_lite.decoding import generate as gen
 from t5x_lite.errors import UserError
-from t5x_lite.vocab import EOS_ID
 
 DECODER_START_ID = 0
 
@@ -63,16 +66,24 @@ def prompt_ids(loaded, text: str, *, data_cfg, max_new_tokens: int,
     data = DataConfig.from_dict(data_cfg)
     ids = list(loaded.vocab.encode(text))
     if cfg.family == "t5":
-        return ids[:max(data.inputs_length - 1, 1)] + [EOS_ID]
+        return ids[:max(data.inputs_length - 1, 1)] + [gen.eos_id(loaded)]
     if cfg.family != "gpt":
         raise PredictionError(f"decoding needs a t5 or gpt model, not {cfg.family!r}")
-    start = [DECODER_START_ID] if (uses_start_token(loaded) if start_token is None
-                                   else start_token) else []
-    room = cfg.max_len - max_new_tokens - len(start)
+    start = uses_start_token(loaded) if start_token is None else start_token
+    return gpt_prompt(cfg, ids, max_new_tokens, start, PredictionError)
+
+
+def gpt_prompt(cfg, ids: Sequence[int], max_new_tokens: int, start: bool,
+               error=PredictionError) -> list[int]:
+    """A decoder-only prompt: the start id 0 when `start`, then the end of `ids` that leaves
+    room for `max_new_tokens` (prompt + max_new_tokens - 1 <= max_len, `generate`'s limit:
+    the last new token is never fed back). `error`: the exception when nothing fits."""
+    head = [DECODER_START_ID] if start else []
+    room = cfg.max_len - (max_new_tokens - 1) - len(head)
     if room < 1:
-        raise PredictionError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
-                              f"the model's max length {cfg.max_len}")
-    return start + ids[max(len(ids) - room, 0):]
+        raise error(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
+                    f"model's max length {cfg.max_len}")
+    return head + list(ids[max(len(ids) - room, 0):])
 
 
 def default_max_new_tokens(loaded, data_cfg, run_config=None) -> int:

@@ -31,7 +31,7 @@ from absl import logging
 from etils import epath
 
 from t5x_lite import checkpoints, distributed, files, lora, partitioning, quantization
-from t5x_lite.api import LoadedModel
+from t5x_lite.api import LoadedModel, checkpoint_eos_id
 from t5x_lite.config import ModelConfig
 from t5x_lite.data import DataConfig, load_vocab
 from t5x_lite.errors import UserError
@@ -136,7 +136,8 @@ class Evaluator:
         params = quantization.quantize_loaded(params, self.boxed, self.param_shardings,
                                               self.settings.quantize)
         return LoadedModel(self.model_cfg, self.config, self.model, params,
-                           self.vocab(ckpt_workdir), self.mesh, self.rules)
+                           self.vocab(ckpt_workdir), self.mesh, self.rules,
+                           checkpoint_eos_id(ckpt_workdir, step, self.model_cfg))
 
     def wants_predictions(self) -> bool:
         s = self.settings
