@@ -55,12 +55,12 @@ def _to_loaded(model):
     return decoding_testlib.loaded(cfg, hf_interop.params_from_hf(cfg, tensors))
 
 
-@pytest.fixture(scope="module")
-def gpt2():
+def _gpt2_ending_with(eos: int):
+    """A random HF GPT-2 whose config says eos_token_id=eos, biased to end rows with it late."""
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(
         vocab_size=V, n_embd=32, n_head=2, n_layer=2, n_positions=64, n_inner=64, resid_pdrop=0,
-        embd_pdrop=0, attn_pdrop=0, bos_token_id=1, eos_token_id=1, pad_token_id=0,
+        embd_pdrop=0, attn_pdrop=0, bos_token_id=eos, eos_token_id=eos, pad_token_id=0,
         attn_implementation="eager")
     model = transformers.GPT2LMHeadModel(cfg)
     _randomize(model, 1, 0.15)
@@ -69,8 +69,13 @@ def gpt2():
         u = torch.randn(32, generator=g)
         u = (u - u.mean()) / (u - u.mean()).norm()  # LayerNorm keeps a zero-mean direction
         model.transformer.wpe.weight[8:] += 6.0 * u
-        model.transformer.wte.weight[1] = _eos_readout(u, model.transformer.ln_f.weight, 12.0)
-    model.eval()
+        model.transformer.wte.weight[eos] = _eos_readout(u, model.transformer.ln_f.weight, 12.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    model = _gpt2_ending_with(1)
     return model, _to_loaded(model)
 
 
@@ -209,20 +214,7 @@ K = 7  # the end-of-text id of the GPT-2 below (as GPT-2's 50256): not our 1
 def gpt2_eos_k(tmp_path_factory):
     """A GPT-2 whose config says eos_token_id=K, biased (as `gpt2`) to end with K: (HF model,
     its saved directory, the workdir `convert --from_hf` makes of it)."""
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(
-        vocab_size=V, n_embd=32, n_head=2, n_layer=2, n_positions=64, n_inner=64, resid_pdrop=0,
-        embd_pdrop=0, attn_pdrop=0, bos_token_id=K, eos_token_id=K, pad_token_id=0,
-        attn_implementation="eager")
-    model = transformers.GPT2LMHeadModel(cfg)
-    _randomize(model, 1, 0.15)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        u = torch.randn(32, generator=g)
-        u = (u - u.mean()) / (u - u.mean()).norm()
-        model.transformer.wpe.weight[8:] += 6.0 * u
-        model.transformer.wte.weight[K] = _eos_readout(u, model.transformer.ln_f.weight, 12.0)
-    model.eval()
+    model = _gpt2_ending_with(K)
     root = tmp_path_factory.mktemp("eos_k")
     model.save_pretrained(root / "hf", safe_serialization=True)
     convert.hf_to_workdir(root / "hf", root / "workdir")
