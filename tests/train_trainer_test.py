@@ -277,22 +277,28 @@ def test_ctrl_c_saves_and_stops_and_a_second_one_stops_at_once(tmp_path):
     cfg.checkpoint.save_every = 10_000
     workdir = tmp_path / "run"
 
-    previous = signal.getsignal(signal.SIGINT)
-    _signal_after_first_log(workdir, signal.SIGINT)
-    result = train(cfg, workdir)
-    assert result.preempted and 2 <= result.step < 1000
-    assert checkpoints.all_steps(workdir) == [result.step]
-    assert signal.getsignal(signal.SIGINT) is previous  # the handler is gone after the run
-    # The second press is Python's own KeyboardInterrupt (stop now, no save).
-    flag = PreemptionFlag()
-    os.kill(os.getpid(), signal.SIGINT)
-    time.sleep(0.05)  # the handler runs in this thread between bytecodes
-    assert flag.is_set()
-    with pytest.raises(KeyboardInterrupt):
+    # Python's own Ctrl-C handler, whatever this process started with: a shell without job
+    # control starts background commands (e.g. `pytest ... &`) with SIGINT ignored.
+    original = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _signal_after_first_log(workdir, signal.SIGINT)
+        result = train(cfg, workdir)
+        assert result.preempted and 2 <= result.step < 1000
+        assert checkpoints.all_steps(workdir) == [result.step]
+        # the handler is gone after the run
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        # The second press is Python's own KeyboardInterrupt (stop now, no save).
+        flag = PreemptionFlag()
         os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(1)
-    flag.restore()
-    assert signal.getsignal(signal.SIGINT) is previous
+        time.sleep(0.05)  # the handler runs in this thread between bytecodes
+        assert flag.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        flag.restore()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, original)
 
 
 def test_an_extended_run_warns_when_its_decay_schedule_stretches():
