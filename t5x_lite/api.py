@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-import json
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -33,8 +32,7 @@ from etils import epath
 from t5x_lite import checkpoints, hf_interop, lora, partitioning, quantization
 from t5x_lite.config import ModelConfig
 from t5x_lite.models import BaseModel, LossConfig, abstract_variables, build_model
-
-EOS_ID = 1  # the stop id of every model trained here: the data pipeline appends it
+from t5x_lite.vocab import EOS_ID  # the stop id of every model trained here
 
 
 class LoadedModel:
@@ -276,18 +274,10 @@ def checkpoint_eos_id(workdir, step: int, cfg: ModelConfig) -> int:
     weights as `convert --from_hf` wrote them (step 0), else 1. Any later step was trained here,
     on data that ends in id 1, and so is a LoRA merge (it copies its base's hf_config.json, and
     is saved at the LoRA run's step); a merge at step 0 holds the base's weights as they were."""
-    source = epath.Path(workdir) / hf_interop.HF_SOURCE_CONFIG
-    if step != 0 or not source.exists():
-        return EOS_ID
-    try:
-        hf_config = json.loads(source.read_text())
-    except ValueError:
-        hf_config = None
-    if not isinstance(hf_config, dict):
-        raise checkpoints.CheckpointError(
-            f"{source} is not a JSON object (the source HF config that convert --from_hf "
-            "wrote, which holds the model's eos_token_id); restore it")
-    return hf_eos_id(hf_config, cfg.vocab_size)
+    hf_config = None if step != 0 else hf_interop.read_source_config(
+        workdir, checkpoints.CheckpointError,
+        "that convert --from_hf wrote, which holds the model's eos_token_id", "restore it")
+    return EOS_ID if hf_config is None else hf_eos_id(hf_config, cfg.vocab_size)
 
 
 def load_vocabulary(path, cfg: ModelConfig, run):

@@ -256,8 +256,9 @@ def workdir_to_hf(path, out_dir, *, step: int | None = None) -> ModelConfig:
     check_hf_out(out_dir, workdir)
     step = checkpoints.check_step(workdir, latest if step is None else step)
     cfg = ModelConfig.from_dict(checkpoints.read_config(workdir).model)
-    source = epath.Path(workdir) / HF_SOURCE_CONFIG
-    base = _source_config(source) if source.exists() else None
+    base = hf_interop.read_source_config(
+        workdir, ConvertError, "that --from_hf wrote",
+        "restore it, or delete it to export without its extra fields")
     if base and base.get("model_type") != {"t5": "t5", "gpt": "gpt2"}.get(cfg.family):
         base = None
     hf_cfg = hf_config_from_model(cfg, base)  # fails fast on unexportable models
@@ -267,17 +268,6 @@ def workdir_to_hf(path, out_dir, *, step: int | None = None) -> ModelConfig:
     if vocab.exists() and cfg.family == "t5":
         (epath.Path(out_dir) / hf_interop.HF_VOCAB).write_bytes(vocab.read_bytes())
     return cfg
-
-
-def _source_config(path: epath.Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):
-        raise ConvertError(f"{path} is not a JSON object (the source HF config that --from_hf "
-                           "wrote); restore it, or delete it to export without its extra fields")
-    return value
 
 
 FLAGS = flags.FLAGS

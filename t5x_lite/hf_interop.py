@@ -99,6 +99,23 @@ def is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def read_source_config(workdir, error: type[Exception], context: str,
+                       advice: str) -> dict | None:
+    """The source HF config `convert --from_hf` kept in `workdir` (HF_SOURCE_CONFIG), or None
+    when there is none. One that is not a JSON object raises `error`, naming the file, `context`
+    (what the file is to the caller) and `advice`."""
+    path = epath.Path(workdir) / HF_SOURCE_CONFIG
+    if not path.exists():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise error(f"{path} is not a JSON object (the source HF config {context}); {advice}")
+    return value
+
+
 def is_hf_dir(path) -> bool:
     """True when `path` looks like an HF model directory rather than a t5x_lite workdir."""
     path = epath.Path(path)

@@ -248,11 +248,16 @@ def expand_globs(patterns: PathLike | Sequence[PathLike]) -> list[epath.Path]:
     return _unique(files)
 
 
+def file_key(f) -> str:
+    """One spelling per file (for local paths the real path), to tell when two paths are one."""
+    return str(f) if "://" in str(f) else os.path.realpath(f)
+
+
 def _unique(files: list[epath.Path]) -> list[epath.Path]:
     """`files` without repeats (two patterns matching one file would read it twice), in order."""
     seen, out = set(), []
     for f in files:
-        key = str(f) if "://" in str(f) else os.path.realpath(f)
+        key = file_key(f)
         if key not in seen:
             seen.add(key)
             out.append(f)

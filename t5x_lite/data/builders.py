@@ -28,7 +28,7 @@ from etils import epath
 
 from t5x_lite.data import local_files
 from t5x_lite.errors import UserError
-from t5x_lite.vocab import expand_globs
+from t5x_lite.vocab import expand_globs, file_key
 
 DEFAULT_DATA_DIR = "~/.cache/t5x_lite/data"
 BUILDER_VERSION = "1.0.0"  # bump whenever the records produced from the same inputs change
@@ -232,7 +232,8 @@ def local_files_config(fmt: str, *, paths: Sequence[str] = (), train_paths: Sequ
         split_files = {TRAIN: expand_globs(train_paths)}
         if validation_paths:
             split_files[VALIDATION] = expand_globs(validation_paths)
-            shared = set(map(str, split_files[TRAIN])) & set(map(str, split_files[VALIDATION]))
+            shared = (set(map(file_key, split_files[TRAIN]))
+                      & set(map(file_key, split_files[VALIDATION])))
             if shared:
                 logging.warning("%d file(s) are both train and validation data (e.g. %s): the "
                                 "validation metrics measure memorisation", len(shared),
