@@ -78,10 +78,12 @@ class LoadedModel:
                 for ids in (self.vocab.encode(t) for t in texts)]
 
     def detokenize(self, ids) -> list[str]:
-        """Text of each row of ids (stops at EOS, drops padding)."""
+        """Text of each row of ids: cut before the model's EOS (`eos_id`), padding dropped
+        (`Vocabulary.decode`, which also ends at the vocabulary's own end id 1)."""
         if self.vocab is None:
             raise ValueError("This model has no sentencepiece vocabulary to detokenize with")
-        return [self.vocab.decode(row) for row in _rows(ids)]
+        eos = self.eos_id
+        return [self.vocab.decode(r[:r.index(eos)] if eos in r else r) for r in _rows(ids)]
 
     def _ids(self, x, *, add_eos: bool = False, start: bool = False):
         """(right-padded int32 ids [B, T], lengths [B]) from ids or text."""
@@ -129,11 +131,17 @@ class LoadedModel:
             batch = {key: ids}
         return self._run("logits", batch)
 
-    def score(self, input_ids, target_ids) -> np.ndarray:
+    def score(self, input_ids, target_ids, *, target_lengths=None) -> np.ndarray:
         """Per-example sum of target log-probs, float32 [B].
 
         T5: log p(targets | inputs), the decoder fed the targets shifted right (start id 0).
         GPT: log p(target continuation | prompt), prompt = input_ids (at least one token).
+
+        Args:
+          target_lengths: optional, the number of target tokens of each row [B]: the first
+            that many count, id 0 included (e.g. `len(out["ids"])` of `generate` outputs,
+            which may hold a generated 0). Without it a row's tokens count, except that a
+            T5 target id 0 is padding (as in HF).
         """
         cfg = self.config
         if cfg.is_encoder_decoder:
@@ -141,12 +149,15 @@ class LoadedModel:
             tgt, tlen = self._ids(target_ids, add_eos=True)
             _same_batch(enc, tgt)
             inputs = np.concatenate([np.zeros_like(tgt[:, :1]), tgt[:, :-1]], axis=1)
-            valid = (np.arange(tgt.shape[1]) < tlen[:, None]) & (tgt > 0)
+            valid = np.arange(tgt.shape[1]) < _target_lengths(target_lengths, tlen)[:, None]
+            if target_lengths is None:
+                valid &= tgt > 0  # padding, as in HF
             batch = {"encoder_input_tokens": enc, "decoder_input_tokens": inputs}
         elif cfg.family == "gpt":
             prompt, plen = self._ids(input_ids, start=self.uses_start_token)
             cont, clen = self._ids(target_ids)
             _same_batch(prompt, cont)
+            clen = _target_lengths(target_lengths, clen)
             if plen.min() == 0:
                 raise ValueError("Decoder-only scoring needs at least one prompt token per row")
             seq, slen = self._ids([list(p[:m]) + list(c[:n]) for p, m, c, n in
@@ -202,6 +213,18 @@ def _rows(x) -> list[list[int]]:
     return [[int(t) for t in r] for r in x]
 
 
+def _target_lengths(given, widths: np.ndarray) -> np.ndarray:
+    """`given` target lengths checked against the rows' `widths`; `widths` when None."""
+    if given is None:
+        return widths
+    n = np.asarray(given)
+    if (n.shape != widths.shape or not np.issubdtype(n.dtype, np.integer)
+            or np.any(n < 0) or np.any(n > widths)):
+        raise ValueError(f"target_lengths must be one integer per row, from 0 to the row's "
+                         f"number of target tokens {widths.tolist()}; got {n.tolist()}")
+    return n
+
+
 def _same_batch(a, b):
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"Batch sizes differ: {a.shape[0]} inputs vs {b.shape[0]} targets")
@@ -241,7 +264,7 @@ def load(path, *, dtype=None, mesh=None, step: int | None = None,
         cfg = ModelConfig.from_dict(run.model)
         vocab_path = workdir / checkpoints.VOCAB_FILE
         numpy_params = None
-        eos_id = checkpoint_eos_id(workdir, step, cfg)
+        eos_id = checkpoint_eos_id(workdir, step, cfg, run)
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=jnp.dtype(dtype).name)
         run.model.dtype = cfg.dtype
@@ -269,12 +292,23 @@ def hf_eos_id(hf_config, vocab_size: int) -> int:
                  if hf_interop.is_int(i) and 0 <= i < vocab_size), EOS_ID)
 
 
-def checkpoint_eos_id(workdir, step: int, cfg: ModelConfig) -> int:
-    """The stop id of step `step` of `workdir`: `hf_eos_id` of its `hf_config.json` for the HF
-    weights as `convert --from_hf` wrote them (step 0), else 1. Any later step was trained here,
-    on data that ends in id 1, and so is a LoRA merge (it copies its base's hf_config.json, and
-    is saved at the LoRA run's step); a merge at step 0 holds the base's weights as they were."""
-    hf_config = None if step != 0 else hf_interop.read_source_config(
+def checkpoint_eos_id(workdir, step: int, cfg: ModelConfig, run=None) -> int:
+    """The stop id of step `step` of `workdir` (run config `run`, default: its config.json if
+    it has one); `load`, evaluation and `convert --to_hf` all take it from here. It is
+    `hf_eos_id` of the workdir's `hf_config.json` for the HF weights as `convert --from_hf`
+    wrote them (step 0), else 1. Any later step was trained here, on data that ends in id 1, and
+    so is a LoRA merge (it copies its base's hf_config.json, and is saved at the LoRA run's
+    step). Step 0 of a LoRA run (adapters not trained yet) is its base's weights
+    (`lora.base_checkpoint`): the base's stop id, as for its merge (saved at step 0 beside a
+    converted base's hf_config.json)."""
+    if step != 0:
+        return EOS_ID
+    if run is None:
+        has_config = (epath.Path(workdir) / checkpoints.CONFIG_FILE).exists()
+        run = checkpoints.read_config(workdir) if has_config else {}
+    if lora.is_lora_run(run):
+        return checkpoint_eos_id(*lora.base_checkpoint(lora.LoraConfig.from_dict(run.lora)), cfg)
+    hf_config = hf_interop.read_source_config(
         workdir, checkpoints.CheckpointError,
         "that convert --from_hf wrote, which holds the model's eos_token_id", "restore it")
     return EOS_ID if hf_config is None else hf_eos_id(hf_config, cfg.vocab_size)

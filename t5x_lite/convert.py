@@ -33,6 +33,7 @@ from etils import epath
 
 from t5x_lite import checkpoints, cli, files, hf_interop
 from t5x_lite.config import ConfigError, ModelConfig
+from t5x_lite.vocab import EOS_ID
 
 HF_SOURCE_CONFIG = hf_interop.HF_SOURCE_CONFIG
 InteropError = hf_interop.InteropError
@@ -126,8 +127,14 @@ def write_hf_dir(path, hf_cfg: dict, tensors: Mapping[str, np.ndarray]) -> None:
     files.write_atomic(path / hf_interop.HF_CONFIG, json.dumps(hf_cfg, indent=2, sort_keys=True))
 
 
-def hf_config_from_model(cfg: ModelConfig, base: Mapping[str, Any] | None = None) -> dict:
-    """config.json content for `cfg`; `base` (the source model's HF config) keeps token ids etc."""
+def hf_config_from_model(cfg: ModelConfig, base: Mapping[str, Any] | None = None, *,
+                         eos_id: int = EOS_ID) -> dict:
+    """config.json content for `cfg`; `base` (the source model's HF config) keeps token ids etc.
+
+    `eos_id` is the id the weights stop at (`api.checkpoint_eos_id`), so that HF `generate`
+    stops where `t5x_lite.load` does: `eos_token_id` is the base's only when it names that id
+    (an id, or a list of ids within the vocabulary that begins with it), else `eos_id`.
+    """
     out = dict(base or {})
     if cfg.family == "t5" and _t5_exportable(cfg):
         ff = _activation(out.get("feed_forward_proj"), hf_interop.T5_MLPS, cfg.mlp,
@@ -145,7 +152,7 @@ def hf_config_from_model(cfg: ModelConfig, base: Mapping[str, Any] | None = None
             # scale_decoder_outputs and unties when lm_head.weight is present and differs.
             tie_word_embeddings=cfg.tie_embeddings, scale_decoder_outputs=cfg.scale_logits,
             dropout_rate=cfg.dropout_rate, is_encoder_decoder=True, dtype="float32")
-        return _with_token_ids(out, cfg, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+        return _with_token_ids(out, cfg, eos_id, pad_token_id=0, decoder_start_token_id=0)
     if cfg.family == "gpt" and _gpt2_exportable(cfg):
         out.update(
             architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=cfg.vocab_size,
@@ -156,7 +163,7 @@ def hf_config_from_model(cfg: ModelConfig, base: Mapping[str, Any] | None = None
             scale_attn_by_inverse_layer_idx=False, tie_word_embeddings=cfg.tie_embeddings,
             dtype="float32", **_gpt2_dropouts(out, cfg.dropout_rate))
         # GPT-2's 50256 only exists in its own vocabulary
-        return _with_token_ids(out, cfg, bos_token_id=1, eos_token_id=1)
+        return _with_token_ids(out, cfg, eos_id, bos_token_id=1)
     raise InteropError(f"No HF equivalent for this {cfg.family} config (mlp={cfg.mlp}, "
                        f"norm={cfg.norm}, position={cfg.position}, use_bias={cfg.use_bias}); "
                        "to_hf exports T5 v1.0/v1.1-style and GPT-2-style models")
@@ -178,16 +185,22 @@ def _gpt2_dropouts(source: Mapping[str, Any], rate: float) -> dict:
     return dict.fromkeys(keys, rate)
 
 
-def _with_token_ids(out: dict, cfg: ModelConfig, **defaults: int) -> dict:
+def _with_token_ids(out: dict, cfg: ModelConfig, eos_id: int, **defaults: int) -> dict:
     """`out` whose token id fields are valid for cfg's vocabulary: the source's value when it is
     null (no such token), an id below vocab_size or a non-empty list of them (HF allows a list
-    eos_token_id); otherwise the default."""
+    eos_token_id); otherwise the default. `eos_token_id` is the source's only when it is valid
+    and names `eos_id` (first, in a list), else `eos_id`."""
+    def valid_ids(value):
+        ids = value if isinstance(value, list) else [value]
+        ok = ids and all(hf_interop.is_int(i) and 0 <= i < cfg.vocab_size for i in ids)
+        return ids if ok else None
+
     for key, default in defaults.items():
         value = out.get(key, -1)
-        ids = value if isinstance(value, list) else [value]
-        if not (value is None or ids and all(hf_interop.is_int(i) and 0 <= i < cfg.vocab_size
-                                             for i in ids)):
+        if value is not None and valid_ids(value) is None:
             out[key] = default
+    if (valid_ids(out.get("eos_token_id")) or [None])[0] != eos_id:
+        out["eos_token_id"] = eos_id
     return out
 
 
@@ -250,6 +263,7 @@ def workdir_to_hf(path, out_dir, *, step: int | None = None) -> ModelConfig:
     Refuses (ConvertError, before writing anything) an `out_dir` that is a t5x_lite workdir
     (`path`'s own included) or holds another model (see `check_hf_out`); an earlier export
     there is replaced."""
+    from t5x_lite import api  # imported on use, as in hf_to_workdir
     if epath.Path(path).is_file():
         raise ConvertError(f"--workdir {path} is a file, not a t5x_lite workdir")
     workdir, latest = checkpoints.resolve(path)
@@ -261,7 +275,8 @@ def workdir_to_hf(path, out_dir, *, step: int | None = None) -> ModelConfig:
         "restore it, or delete it to export without its extra fields")
     if base and base.get("model_type") != {"t5": "t5", "gpt": "gpt2"}.get(cfg.family):
         base = None
-    hf_cfg = hf_config_from_model(cfg, base)  # fails fast on unexportable models
+    # fails fast on unexportable models; stops where load() does at this step
+    hf_cfg = hf_config_from_model(cfg, base, eos_id=api.checkpoint_eos_id(workdir, step, cfg))
     params = restore_numpy_params(workdir, step, cfg)
     write_hf_dir(out_dir, hf_cfg, hf_interop.params_to_hf(cfg, params))
     vocab = epath.Path(workdir) / checkpoints.VOCAB_FILE

@@ -1,4 +1,5 @@
 """`t5x_lite.load`: HF directories and workdirs, logits / score parity with HF, clear errors."""
+import json
 import shutil
 import sys
 import types
@@ -194,22 +195,28 @@ def test_generate_delegates_to_decoding(loaded, monkeypatch):
         lm, {"input_ids": [[3, 4]], "max_new_tokens": 2})
 
 
+def _random_workdir(workdir, cfg, objective):
+    """A workdir holding randomly initialised weights of `cfg` at step 0."""
+    import flax.linen as nn
+    import jax
+    from t5x_lite.defaults import base_config
+    from t5x_lite.models import build_model
+
+    params = nn.meta.unbox(build_model(cfg).init(jax.random.key(1)))["params"]
+    checkpoints.write_config(workdir, base_config(cfg, objective=objective))
+    checkpoints.save_params(workdir, params, 0)
+
+
 def test_gpt_trained_here_gets_the_start_token_before_text(tmp_path):
     """A GPT with a t5x_lite vocabulary saw `[0] + targets[:-1]` in training, so text prompts
     are prefixed with id 0; given ids are used as they are."""
-    import flax.linen as nn
-    import jax
     from t5x_lite import config as mc
     from t5x_lite.data import testing as data_testing
-    from t5x_lite.defaults import base_config
-    from t5x_lite.models import build_model
 
     vocab = data_testing.tiny_vocab()
     cfg = mc.gpt2(vocab_size=vocab.padded_vocab_size, d_model=16, num_heads=2, head_dim=8,
                   d_ff=32, num_layers=1, max_len=64)
-    params = nn.meta.unbox(build_model(cfg).init(jax.random.key(1)))["params"]
-    checkpoints.write_config(tmp_path, base_config(cfg, objective="causal_lm"))
-    checkpoints.save_params(tmp_path, params, 0)
+    _random_workdir(tmp_path, cfg, "causal_lm")
     vocab.copy_to(tmp_path)
     lm = t5x_lite.load(tmp_path)
     assert lm.uses_start_token and lm.vocab is not None and lm.eos_id == 1
@@ -222,3 +229,47 @@ def test_gpt_trained_here_gets_the_start_token_before_text(tmp_path):
     by_text = lm.generate(inputs=[prompt], max_new_tokens=5)
     by_ids = lm.generate(input_ids=[[0] + p_ids], max_new_tokens=5)
     assert by_text[0]["ids"] == by_ids[0]["ids"]
+
+
+def test_score_with_target_lengths_counts_a_generated_0_as_generate_does(loaded, tmp_path):
+    """`generate`'s score sums the log-probs of every generated id, 0 included; `score` reads a
+    T5 target 0 as padding (HF's convention) unless `target_lengths` says how many ids count."""
+    from t5x_lite import config as mc
+
+    _random_workdir(tmp_path, mc.t5_1_1(vocab_size=8, d_model=16, num_heads=2, head_dim=8,
+                                        d_ff=32, num_layers=1, num_decoder_layers=1),
+                    "span_corruption")
+    lm = t5x_lite.load(tmp_path)
+    prompts = [[3, 4, 5, 1], [6, 7, 1]]
+    outs = lm.generate(input_ids=prompts, method="sample", num_samples=8, max_new_tokens=6,
+                       temperature=1.0, top_k=0, top_p=1.0, seed=0)  # 8 ids: 0 is common
+    inputs = [p for p, samples in zip(prompts, outs) for _ in samples]
+    ids = [o["ids"] for samples in outs for o in samples]
+    with_0 = np.array([0 in r for r in ids])
+    assert with_0.any() and not with_0.all()
+    got = lm.score(inputs, ids, target_lengths=[len(r) for r in ids])
+    np.testing.assert_allclose(got, [o["score"] for samples in outs for o in samples],
+                               rtol=1e-5, atol=1e-5)
+    default = lm.score(inputs, ids)  # each generated 0's log-prob (< 0) is left out
+    np.testing.assert_allclose(default[~with_0], got[~with_0], rtol=1e-6)
+    assert np.all(default[with_0] > got[with_0])
+    with pytest.raises(ValueError, match=r"target_lengths must be one integer per row, from 0 "
+                                         r"to the row's number of target tokens \[2\]; got \[3\]"):
+        lm.score([[3, 1]], [[4, 1]], target_lengths=[3])
+    gpt = loaded["gpt2"]  # decoder-only: the continuation's first n ids of an int array count
+    np.testing.assert_array_equal(
+        gpt.score([[3, 9]], np.array([[4, 0, 0]]), target_lengths=[1]), gpt.score([[3, 9]], [[4]]))
+
+
+def test_detokenize_cuts_at_the_models_eos_id(hf_models, tmp_path):
+    """An HF T5 whose config ends sequences with an id other than 1: detokenize cuts there."""
+    src = shutil.copytree(hf_models["t5_v1_1"][1], tmp_path / "eos")
+    vocab = t5x_lite.load(src).vocab
+    first, rest = vocab.encode("cat naps"), vocab.encode("warm milk")
+    eos = next(i for i in range(3, vocab.sp_size) if i not in first + rest)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "eos_token_id": eos}))
+    lm = t5x_lite.load(src)
+    assert lm.eos_id == eos
+    assert lm.detokenize([first + [eos] + rest, first + rest + [eos, 0]]) == [
+        "cat naps", "cat naps warm milk"]

@@ -273,12 +273,16 @@ def test_from_hf_refuses_a_workdir_holding_another_vocabulary(hf_models, tmp_pat
 
 
 @pytest.mark.parametrize("ids, want", [
-    (dict(eos_token_id=None), dict(eos_token_id=None, bos_token_id=5)),
-    (dict(eos_token_id=[1, 7]), dict(eos_token_id=[1, 7])),
-    (dict(eos_token_id=[1, 500], bos_token_id=None), dict(eos_token_id=1, bos_token_id=None)),
+    (dict(eos_token_id=None, bos_token_id=None), dict(eos_token_id=1, bos_token_id=None)),
+    (dict(eos_token_id=[1, 7]), dict(eos_token_id=[1, 7], bos_token_id=5)),
+    (dict(eos_token_id=[1, 500]), dict(eos_token_id=1)),
+    (dict(eos_token_id=[500, 7, 1]), dict(eos_token_id=7)),
     (dict(eos_token_id=[], bos_token_id="5"), dict(eos_token_id=1, bos_token_id=1)),
 ])
-def test_to_hf_keeps_null_and_list_token_ids(hf_models, tmp_path, ids, want):
+def test_to_hf_keeps_null_and_list_token_ids_and_the_eos_load_stops_at(hf_models, tmp_path,
+                                                                        ids, want):
+    """Token ids within the vocabulary (lists too) and null ones are kept; eos_token_id names
+    the id load() stops at (a null one reads as 1 there, so the export says 1)."""
     workdir = tmp_path / "w"
     convert.hf_to_workdir(hf_models["gpt2"][1], workdir)
     source = workdir / "hf_config.json"
@@ -286,7 +290,28 @@ def test_to_hf_keeps_null_and_list_token_ids(hf_models, tmp_path, ids, want):
     convert.workdir_to_hf(workdir, tmp_path / "hf")
     written = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert {k: written[k] for k in want} == want
-    _from_pretrained("gpt2", tmp_path / "hf")  # transformers accepts them
+    back = _from_pretrained("gpt2", tmp_path / "hf")  # transformers accepts them
+    first_eos = (want["eos_token_id"] if isinstance(want["eos_token_id"], int)
+                 else want["eos_token_id"][0])
+    assert first_eos == t5x_lite.load(workdir).eos_id == t5x_lite.load(tmp_path / "hf").eos_id
+    assert back.generation_config.eos_token_id == want["eos_token_id"]
+
+
+def test_to_hf_eos_is_the_id_load_stops_at_for_that_step(hf_models, tmp_path):
+    """Step 0 of a converted workdir holds the source's weights, which end with the source's
+    eos_token_id (7 here; GPT-2's 50256). A later step beside the same hf_config.json (a LoRA
+    merge copies it) was trained here, on data that ends in id 1: its export says 1, so HF
+    generate stops where load() does."""
+    src = _hf_copy(hf_models["gpt2"][1], tmp_path / "src", eos_token_id=7)
+    workdir = tmp_path / "w"
+    cfg = convert.hf_to_workdir(src, workdir)
+    checkpoints.save_params(workdir, convert.restore_numpy_params(workdir, 0, cfg), 3)
+    for step, want in ((0, 7), (3, 1)):
+        out = tmp_path / f"hf{step}"
+        convert.workdir_to_hf(workdir, out, step=step)
+        assert json.loads((out / "config.json").read_text())["eos_token_id"] == want
+        assert t5x_lite.load(workdir, step=step).eos_id == t5x_lite.load(out).eos_id == want
+        assert _from_pretrained("gpt2", out).generation_config.eos_token_id == want
 
 
 def test_to_hf_refuses_a_broken_source_config(hf_models, tmp_path):

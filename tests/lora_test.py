@@ -199,7 +199,8 @@ def _save_base(workdir, cfg_run, step=0, seed=7):
     return params
 
 
-HF_SOURCE = {"model_type": "t5", "decoder_start_token_id": 0, "source_only_field": "kept"}
+HF_SOURCE = {"model_type": "t5", "decoder_start_token_id": 0, "eos_token_id": 5,
+             "source_only_field": "kept"}
 
 
 def test_lora_run_through_trainer_resume_load_and_merge(tmp_path):
@@ -267,6 +268,12 @@ def test_lora_run_through_trainer_resume_load_and_merge(tmp_path):
                       decoder_input_ids=batch["decoder_input_tokens"]),
         got, rtol=1e-5, atol=1e-5)
     assert json.loads((tmp_path / "merged" / convert.HF_SOURCE_CONFIG).read_text()) == HF_SOURCE
+    # Trained here on data that ends in id 1 (vocab.EOS_ID): the run, its merge and the merge's
+    # HF export end there, not at the converted base's eos_token_id.
+    assert t5x_lite.load(base_dir, step=0).eos_id == HF_SOURCE["eos_token_id"] != 1
+    assert loaded.eos_id == merged.eos_id == 1
+    convert.workdir_to_hf(tmp_path / "merged", tmp_path / "merged_hf")
+    assert json.loads((tmp_path / "merged_hf" / "config.json").read_text())["eos_token_id"] == 1
 
     # Without the pinned base step, the adapters are refused (not applied to another step).
     shutil.rmtree(base_dir / "checkpoints" / "0")
@@ -275,20 +282,37 @@ def test_lora_run_through_trainer_resume_load_and_merge(tmp_path):
         t5x_lite.load(workdir)
 
 
-def _fake_lora_run(tmp_path):
-    """A base (step 0) and a LoRA workdir with random adapters at steps 2 and 4: no training."""
+def _fake_lora_run(tmp_path, steps=(2, 4)):
+    """A base (step 0) and a LoRA workdir with random adapters at `steps` (at step 0: as a run
+    starts them, B = 0): no training."""
     run = testing.tiny_config("t5")
     base_dir = tmp_path / "base"
     _save_base(base_dir, run)
     run.lora = dict(base=str(base_dir), targets="query|value", rank=4, alpha=8.0, dropout=0.0)
     boxed = _boxed(model_config.ModelConfig.from_dict(run.model))
     cfg = lora.LoraConfig.from_dict(run.lora)
-    adapters = _random(jax.eval_shape(lambda: lora.init_adapters(jax.random.key(1), boxed, cfg)))
+    untrained = nn.meta.unbox(lora.init_adapters(jax.random.key(1), boxed, cfg))
+    adapters = _random(untrained)
     workdir = tmp_path / "lora"
     checkpoints.write_config(workdir, run)
-    for step in (2, 4):
-        checkpoints.save_params(workdir, adapters, step)
+    for step in steps:
+        checkpoints.save_params(workdir, untrained if step == 0 else adapters, step)
     return run, base_dir, workdir
+
+
+def test_lora_step_0_ends_where_its_base_and_its_merge_do(tmp_path):
+    """Step 0 of a LoRA run is its base's weights (B = 0): it ends with the converted base's
+    eos_token_id, as its merge (saved at step 0 beside the base's hf_config.json) and that
+    merge's HF export do. A later step was trained here, on data that ends in 1: so are its
+    merge and export, though the merge keeps the base's hf_config.json."""
+    _, base_dir, workdir = _fake_lora_run(tmp_path, steps=(0, 2))
+    (base_dir / convert.HF_SOURCE_CONFIG).write_text(json.dumps(HF_SOURCE))  # ends with 5
+    for step, want in ((0, 5), (2, 1)):
+        merged, exported = tmp_path / f"merged_{step}", tmp_path / f"hf_{step}"
+        lora.merge_workdir(workdir, merged, step=step)
+        assert t5x_lite.load(workdir, step=step).eos_id == t5x_lite.load(merged).eos_id == want
+        convert.workdir_to_hf(merged, exported)
+        assert json.loads((exported / "config.json").read_text())["eos_token_id"] == want
 
 
 def _listing(root):
