@@ -5,7 +5,8 @@
 #   launch/cpu_local.sh --num_processes=2 --devices_per_process=4 -- \
 #       --config=configs/tiny_t5.py --workdir=/tmp/tiny_t5_mp --config.train.num_steps=20
 #
-# Every process gets JAX_PLATFORMS=cpu, XLA_FLAGS=--xla_force_host_platform_device_count=M and
+# Every process gets JAX_PLATFORMS=cpu, --xla_force_host_platform_device_count=M added to the
+# caller's XLA_FLAGS (any other device count there is dropped) and
 # T5X_LITE_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID, which t5x_lite.distributed.maybe_initialize()
 # turns into jax.distributed.initialize(...). If one process fails, the others are stopped and
 # the script exits with the failed process's status.
@@ -21,7 +22,7 @@ Options:
   --num_processes=N        processes (default 2)
   --devices_per_process=M  fake CPU devices per process (default 4)
   --module=MODULE          python module to run (default t5x_lite.train)
-  --port=PORT              coordinator port on 127.0.0.1 (default: a free port)
+  --port=PORT              coordinator port on 127.0.0.1, 1-65535 (default: a free port)
   --log_dir=DIR            write process_<i>.log there instead of prefixing lines on stdout
   --heartbeat_timeout=S    seconds before a silent process is declared dead (default 10)
   --init_timeout=S         seconds to wait for all processes to join (default 60)
@@ -67,6 +68,10 @@ for v in num_processes devices_per_process heartbeat_timeout init_timeout timeou
 done
 (( num_processes >= 1 )) || die "--num_processes must be at least 1"
 (( devices_per_process >= 1 )) || die "--devices_per_process must be at least 1"
+(( heartbeat_timeout >= 1 )) || die "--heartbeat_timeout must be at least 1"
+(( init_timeout >= 1 )) || die "--init_timeout must be at least 1"
+[[ -z "$port" || ( "$port" =~ ^[0-9]+$ && "$port" -ge 1 && "$port" -le 65535 ) ]] \
+  || die "--port must be an integer in 1-65535, got '$port'"
 python="${PYTHON:-python3}"
 
 if [[ -z "$port" ]]; then
@@ -77,21 +82,33 @@ if [[ -z "$port" ]]; then
   fi
 fi
 
+# The caller's XLA_FLAGS (dump options, ...) are kept; only the device count is ours.
+read -ra user_xla_flags <<< "${XLA_FLAGS:-}"
+xla_flags=""
+for f in "${user_xla_flags[@]}"; do
+  [[ "$f" == --xla_force_host_platform_device_count=* ]] || xla_flags+="$f "
+done
+xla_flags+="--xla_force_host_platform_device_count=$devices_per_process"
+
+# env_for I: sets proc_env to process I's NAME=VALUE words.
 env_for() {
-  echo "JAX_PLATFORMS=cpu" \
-    "XLA_FLAGS=--xla_force_host_platform_device_count=$devices_per_process" \
-    "T5X_LITE_COORDINATOR=127.0.0.1:$port" \
-    "T5X_LITE_NUM_PROCESSES=$num_processes" \
-    "T5X_LITE_PROCESS_ID=$1" \
-    "T5X_LITE_HEARTBEAT_TIMEOUT=$heartbeat_timeout" \
-    "T5X_LITE_INIT_TIMEOUT=$init_timeout"
+  proc_env=("JAX_PLATFORMS=cpu"
+            "XLA_FLAGS=$xla_flags"
+            "T5X_LITE_COORDINATOR=127.0.0.1:$port"
+            "T5X_LITE_NUM_PROCESSES=$num_processes"
+            "T5X_LITE_PROCESS_ID=$1"
+            "T5X_LITE_HEARTBEAT_TIMEOUT=$heartbeat_timeout"
+            "T5X_LITE_INIT_TIMEOUT=$init_timeout")
 }
 
 if (( dry_run )); then
   for ((i = 0; i < num_processes; i++)); do
-    line="$(env_for "$i") $python -m $module"
-    for a in "${args[@]}"; do line+=" $(printf '%q' "$a")"; done
-    echo "$line"
+    env_for "$i"
+    line=""
+    for a in "${proc_env[@]}" "$python" -m "$module" "${args[@]}"; do
+      line+="$(printf '%q' "$a") "
+    done
+    echo "${line% }"
   done
   exit 0
 fi
@@ -108,12 +125,12 @@ stop_all() {
 trap 'stop_all; exit 130' INT TERM
 
 for ((i = 0; i < num_processes; i++)); do
-  # shellcheck disable=SC2046  # env_for prints NAME=VALUE words without spaces on purpose
+  env_for "$i"
   if [[ -n "$log_dir" ]]; then
-    env $(env_for "$i") PYTHONUNBUFFERED=1 "$python" -m "$module" "${args[@]}" \
+    env "${proc_env[@]}" PYTHONUNBUFFERED=1 "$python" -m "$module" "${args[@]}" \
       > "$log_dir/process_$i.log" 2>&1 &
   else
-    env $(env_for "$i") PYTHONUNBUFFERED=1 "$python" -m "$module" "${args[@]}" \
+    env "${proc_env[@]}" PYTHONUNBUFFERED=1 "$python" -m "$module" "${args[@]}" \
       > >(sed -u "s/^/[$i] /") 2>&1 &
   fi
   pids+=("$!")

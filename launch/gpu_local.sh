@@ -8,7 +8,8 @@
 # Sets XLA_PYTHON_CLIENT_PREALLOCATE=false (allocate GPU memory as needed, so memory use is
 # visible and other processes fit), JAX_DEBUG_NANS (stop at the first op producing a NaN), and
 # runs `python -m t5x_lite.train` with --config.train.debug=True, a tiny batch, a one-device
-# mesh, logging every step and few steps. Anything after -- is passed on unchanged.
+# mesh, logging every step and few steps. Anything after -- is passed on unchanged. Without
+# --cpu it first checks that JAX sees a GPU: a jax without CUDA would fall back to the CPU.
 set -euo pipefail
 
 usage() {
@@ -21,12 +22,15 @@ Options:
   --batch_size=N       global batch (default 4)
   --steps=N            training steps (default 20)
   --seq_len=N          shrink sequence lengths: data.seq_len / inputs_length = N,
-                       targets_length = N/4 (default: the config's)
-  --gpu=ID             which GPU (sets CUDA_VISIBLE_DEVICES; default 0)
+                       targets_length = max(N/4, 2) (default: the config's)
+  --gpu=ID             which GPU, an index or a GPU-/MIG- UUID (CUDA_VISIBLE_DEVICES; default 0)
   --cpu                run on the CPU instead (JAX_PLATFORMS=cpu)
   --disable_jit        run op by op (JAX_DISABLE_JIT=1): slow, but Python breakpoints work
-  --no_debug_nans      do not set JAX_DEBUG_NANS
-  --mem_fraction=F     cap this process's GPU memory at fraction F (XLA_PYTHON_CLIENT_MEM_FRACTION)
+  --no_debug_nans      no NaN checks: no JAX_DEBUG_NANS, and --config.train.debug=False
+                       (which would turn jax_debug_nans on in the trainer)
+  --mem_fraction=F     cap this process's GPU memory at fraction F in (0, 1]
+                       (XLA_CLIENT_MEM_FRACTION; the deprecated XLA_PYTHON_CLIENT_MEM_FRACTION,
+                       which jax refuses beside it, is removed from the environment)
   --dry_run            print the command and environment instead of running
   -h, --help           this help
 EOF
@@ -72,8 +76,16 @@ done
 for v in batch_size steps; do
   [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "--$v must be a positive integer, got '${!v}'"
 done
-[[ -z "$seq_len" || "$seq_len" =~ ^[1-9][0-9]*$ ]] || die "--seq_len must be a positive integer"
+[[ -z "$seq_len" || ( "$seq_len" =~ ^[1-9][0-9]*$ && "$seq_len" -ge 2 ) ]] \
+  || die "--seq_len must be an integer >= 2, got '$seq_len'"
+[[ "$gpu" =~ ^([0-9]+|(GPU|MIG)-[0-9A-Za-z/-]+)$ ]] \
+  || die "--gpu must be one GPU index or UUID (the mesh is one device), got '$gpu'"
+if [[ -n "$mem_fraction" ]]; then
+  [[ "$mem_fraction" =~ ^(0?\.[0-9]+|1(\.0*)?)$ && ! "$mem_fraction" =~ ^0?\.0+$ ]] \
+    || die "--mem_fraction must be a number in (0, 1], got '$mem_fraction'"
+fi
 
+# env -u: a variable of the caller's that would contradict ours.
 env_vars=(XLA_PYTHON_CLIENT_PREALLOCATE=false)
 if (( cpu )); then
   env_vars+=(JAX_PLATFORMS=cpu)
@@ -82,11 +94,14 @@ else
 fi
 if (( debug_nans )); then env_vars+=(JAX_DEBUG_NANS=True); fi
 if (( disable_jit )); then env_vars+=(JAX_DISABLE_JIT=1); fi
-[[ -z "$mem_fraction" ]] || env_vars+=("XLA_PYTHON_CLIENT_MEM_FRACTION=$mem_fraction")
+[[ -z "$mem_fraction" ]] || env_vars=(-u XLA_PYTHON_CLIENT_MEM_FRACTION "${env_vars[@]}"
+                                      "XLA_CLIENT_MEM_FRACTION=$mem_fraction")
 
 # The pod config, shrunk: one device, tiny batch, every step logged, one checkpoint at the end.
+# train.debug=True logs every step and turns jax_debug_nans on for the loop; --no_debug_nans
+# must switch it off too, or the env var alone would change nothing.
 args=(--config="$config" --workdir="$workdir"
-      --config.train.debug=True
+      --config.train.debug="$( (( debug_nans )) && echo True || echo False)"
       --config.train.batch_size="$batch_size"
       --config.train.microbatches=1
       --config.train.num_steps="$steps"
@@ -95,7 +110,7 @@ args=(--config="$config" --workdir="$workdir"
       --config.checkpoint.save_every="$steps"
       --config.mesh.data=1 --config.mesh.fsdp=1 --config.mesh.tensor=1)
 if [[ -n "$seq_len" ]]; then
-  targets=$(( seq_len / 4 > 0 ? seq_len / 4 : 1 ))
+  targets=$(( seq_len / 4 >= 2 ? seq_len / 4 : 2 ))  # the data pipeline needs >= 2
   args+=(--config.data.seq_len="$seq_len" --config.data.inputs_length="$seq_len"
          --config.data.targets_length="$targets")
 fi
@@ -103,9 +118,17 @@ args+=("${extra[@]}")
 
 python="${PYTHON:-python3}"
 if (( dry_run )); then
-  line="env ${env_vars[*]} $python -m t5x_lite.train"
-  for a in "${args[@]}"; do line+=" $(printf '%q' "$a")"; done
+  line="env"
+  for a in "${env_vars[@]}" "$python" -m t5x_lite.train "${args[@]}"; do
+    line+=" $(printf '%q' "$a")"
+  done
   echo "$line"
   exit 0
+fi
+if (( ! cpu )); then
+  # A jax without CUDA support only warns and trains on the CPU: refuse instead.
+  env "${env_vars[@]}" "$python" -c 'import sys, jax; sys.exit(jax.default_backend() != "gpu")' \
+    >/dev/null 2>&1 || die "JAX sees no GPU (CUDA_VISIBLE_DEVICES=$gpu): install a CUDA-enabled \
+jax (\"jax[cuda12]\" or \"jax[cuda13]\"), check nvidia-smi, or pass --cpu"
 fi
 exec env "${env_vars[@]}" "$python" -m t5x_lite.train "${args[@]}"

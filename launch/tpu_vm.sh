@@ -19,8 +19,11 @@ Usage: launch/tpu_vm.sh ACTION [options] [-- TRAIN_ARGS...]
 Actions:
   create   gcloud compute tpus tpu-vm create (accelerator type, runtime version, spot/preemptible)
   setup    copy this checkout to every worker (or git clone --repo), then `pip install -e .` there
-  train    start `python3 -m t5x_lite.train TRAIN_ARGS` on all workers at once (--worker=all),
-           in the background with a log file and pid file per worker (--foreground to stream)
+           into DIR/.venv (jax >= 0.10 needs Python >= 3.11; the TPU runtimes are Ubuntu 22.04
+           with Python 3.10, so python3.11 comes from apt when python3 is older)
+  train    start `.venv/bin/python -m t5x_lite.train TRAIN_ARGS` on all workers at once
+           (--worker=all), in the background with a log file and pid file per worker
+           (--foreground to stream); refuses while a run started by `train` is still going
   logs     follow the training log of one worker (--log_worker, default 0)
   stop     stop the training processes on all workers (by their pid files)
   delete   delete the TPU VM
@@ -28,7 +31,7 @@ Actions:
   up       create + setup + train
 
 Options:
-  --name=NAME               TPU VM name (required)
+  --name=NAME               TPU VM name (required): lowercase letters, digits, hyphens
   --zone=ZONE               zone, e.g. us-central2-b (required)
   --project=PROJECT         gcloud project (default: gcloud's configured project)
   --accelerator_type=TYPE   e.g. v4-8, v4-32, v5litepod-16, v5p-64, v6e-8 (default v4-8)
@@ -38,7 +41,7 @@ Options:
   --remote_dir=DIR          code directory on the workers (default t5x_lite, relative to ~)
   --foreground              `train`: stream all workers' output instead of running in background
   --log_worker=N            `logs`: which worker to follow (default 0)
-  --worker=W                `ssh`: worker index or 'all' (default all)
+  --worker=W                `ssh`: worker index, comma-separated indices or 'all' (default all)
   --command=CMD             `ssh`: the command to run
   --dry_run                 print the commands instead of running them
   -h, --help                this help
@@ -102,7 +105,14 @@ case "$action" in
 esac
 [[ -n "$name" ]] || die "--name is required"
 [[ -n "$zone" ]] || die "--zone is required"
-[[ "$remote_dir" != /* && "$remote_dir" != *" "* ]] || die "--remote_dir must be relative to ~ and without spaces"
+# Both end up unquoted in remote shell commands (and the name in file names there).
+[[ "$name" =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] \
+  || die "--name must be lowercase letters, digits and hyphens, starting with a letter, got '$name'"
+[[ "$remote_dir" =~ ^[A-Za-z0-9_.][A-Za-z0-9_./-]*$ ]] \
+  || die "--remote_dir must be relative to ~ and made of letters, digits and . _ / -, got '$remote_dir'"
+[[ "$log_worker" =~ ^[0-9]+$ ]] || die "--log_worker must be a worker index, got '$log_worker'"
+[[ "$worker" =~ ^(all|[0-9]+(,[0-9]+)*)$ ]] \
+  || die "--worker must be 'all' or worker indices like 0 or 0,2, got '$worker'"
 
 if [[ -z "$version" ]]; then
   case "$accelerator_type" in
@@ -117,6 +127,7 @@ fi
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 log_file="\$HOME/${name}_train.log"
 pid_file="\$HOME/${name}_train.pid"
+python=".venv/bin/python"  # the workers' venv, relative to ~/$remote_dir (see do_setup)
 
 # Prints a command the way a shell would read it back: plain words bare, others single-quoted.
 show() {
@@ -178,8 +189,16 @@ do_setup() {
     run "${gcloud_tpu[@]}" scp "$tarball" "$name:t5x_lite.tar.gz" --worker=all "${location[@]}"
     tpu_ssh all "mkdir -p ~/$remote_dir && tar -xzf ~/t5x_lite.tar.gz -C ~/$remote_dir"
   fi
+  # jax >= 0.10 needs Python >= 3.11 and the TPU runtimes ship Ubuntu 22.04's Python 3.10, so
+  # the venv is made from apt's python3.11 when python3 is older. DPkg::Lock::Timeout: a fresh
+  # VM's unattended-upgrades may hold the dpkg lock for a few minutes.
+  local apt="sudo DEBIAN_FRONTEND=noninteractive apt-get -qq -o DPkg::Lock::Timeout=600"
+  local venv="if [ ! -x $python ]; then py=python3; "
+  venv+="python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' "
+  venv+="|| { $apt update && $apt -y install python3.11 python3.11-venv && py=python3.11 || exit 1; }; "
+  venv+="\$py -m venv .venv || exit 1; fi"
   # The README's install line (`pip install -e .`) plus libtpu, resolved together so jax matches.
-  tpu_ssh all "cd ~/$remote_dir && python3 -m pip install -q -e . \"jax[tpu]>=0.10\""
+  tpu_ssh all "cd ~/$remote_dir && $venv && $python -m pip install -q -U pip && $python -m pip install -q -e . \"jax[tpu]>=0.10\""
 }
 
 do_train() {
@@ -187,12 +206,14 @@ do_train() {
   # T5X_LITE_DISTRIBUTED=on: every worker calls jax.distributed.initialize(), which finds the
   # other workers of the slice from the TPU metadata server.
   local train env="T5X_LITE_DISTRIBUTED=on"
-  train="python3 -m t5x_lite.train $(quote_args "${train_args[@]}")"
+  train="$python -m t5x_lite.train $(quote_args "${train_args[@]}")"
+  # A second trainer would find the TPU busy and overwrite the pid file `stop` needs.
+  local idle="if [ -f $pid_file ] && kill -0 -- -\$(cat $pid_file) 2>/dev/null; then echo \"a run is still going on \$(hostname) ($pid_file): stop it first\" >&2; exit 1; fi"
   if (( foreground )); then
-    tpu_ssh all "cd ~/$remote_dir && $env $train"
+    tpu_ssh all "cd ~/$remote_dir && $idle && $env $train"
   else
     # setsid: the run survives the ssh session and `stop` can signal its whole process group.
-    tpu_ssh all "cd ~/$remote_dir && ($env setsid nohup $train > $log_file 2>&1 < /dev/null & echo \$! > $pid_file) && echo started on \$(hostname), log $log_file"
+    tpu_ssh all "cd ~/$remote_dir && $idle && ($env setsid nohup $train > $log_file 2>&1 < /dev/null & echo \$! > $pid_file) && echo started on \$(hostname), log $log_file"
   fi
 }
 
@@ -202,7 +223,7 @@ case "$action" in
   train) do_train ;;
   up) do_create; do_setup; do_train ;;
   logs) tpu_ssh "$log_worker" "tail -n 200 -F $log_file" ;;
-  stop) tpu_ssh all "if [ -f $pid_file ]; then kill -- -\$(cat $pid_file) && rm -f $pid_file && echo stopped on \$(hostname); else echo no training process on \$(hostname); fi" ;;
+  stop) tpu_ssh all "if [ -f $pid_file ] && kill -- -\$(cat $pid_file) 2>/dev/null; then echo stopped on \$(hostname); else echo no training process on \$(hostname); fi; rm -f $pid_file" ;;
   delete) run "${gcloud_tpu[@]}" delete "$name" "${location[@]}" --quiet ;;
   ssh) [[ -n "$command_arg" ]] || die "ssh needs --command=CMD"
        tpu_ssh "$worker" "$command_arg" ;;

@@ -44,10 +44,11 @@ class DistributedError(RuntimeError):
 def _flag(name: str):
     """The value of absl flag `name` if an entry point defined it and it was set, else None."""
     if name in flags.FLAGS and flags.FLAGS.is_parsed():
-        value = flags.FLAGS[name].value
-        if name == "distributed" and isinstance(value, bool):  # train.py: --distributed bool
-            return "on" if value else None
-        return value
+        flag = flags.FLAGS[name]
+        if name == "distributed" and isinstance(flag.value, bool):  # train.py: --distributed bool
+            # --nodistributed on the command line means off; the default defers to the env.
+            return "on" if flag.value else ("off" if flag.present else None)
+        return flag.value
     return None
 
 
@@ -103,6 +104,10 @@ def maybe_initialize(*, mode: str | None = None, coordinator_address: str | None
     timeouts = {}
     init_timeout = _setting(initialization_timeout, None, "T5X_LITE_INIT_TIMEOUT", int)
     beat_timeout = _setting(heartbeat_timeout, None, "T5X_LITE_HEARTBEAT_TIMEOUT", int)
+    for what, value in (("initialization_timeout", init_timeout),
+                        ("heartbeat_timeout", beat_timeout)):
+        if value is not None and value < 1:
+            raise DistributedError(f"{what} must be >= 1 second, got {value}")
     if init_timeout is not None:
         timeouts["initialization_timeout"] = init_timeout
     if beat_timeout is not None:
@@ -119,8 +124,13 @@ def maybe_initialize(*, mode: str | None = None, coordinator_address: str | None
         raise DistributedError(f"Multi-process run needs coordinator_address, num_processes and "
                                f"process_id together; missing {missing}")
     if explicit:
-        if count < 1 or not 0 <= index < count:
+        if count < 1:
+            raise DistributedError(f"num_processes must be >= 1, got {count}")
+        if not 0 <= index < count:
             raise DistributedError(f"process_id must be in [0, {count}), got {index}")
+        host, _, port = str(address).rpartition(":")
+        if not host or not port.isdigit():  # jax fails on it with an IndexError traceback
+            raise DistributedError(f"coordinator_address must be host:port, got {address!r}")
         if count == 1 and mode == "auto":
             return False
     elif mode == "auto" and not _cluster_visible():
@@ -131,7 +141,13 @@ def maybe_initialize(*, mode: str | None = None, coordinator_address: str | None
                                "process already created its devices); call it first in main()")
     # Collectives between CPU processes need gloo; the setting does nothing to TPU/GPU backends.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**(given if explicit else {}), **timeouts)
+    try:
+        jax.distributed.initialize(**(given if explicit else {}), **timeouts)
+    except (ValueError, RuntimeError) as e:  # e.g. mode `on` where JAX finds no cluster
+        reason = (str(e) or type(e).__name__).splitlines()[0]
+        raise DistributedError(
+            f"jax.distributed.initialize() failed: {reason} (outside a TPU pod, Slurm or Open "
+            "MPI job, give coordinator_address, num_processes and process_id)") from None
     logging.info("JAX distributed: process %d of %d, %d local / %d global devices",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count())

@@ -42,6 +42,14 @@ _VERIFY = flags.DEFINE_bool("verify", False, "Also compile the train step on thi
                             "compare with XLA's memory_analysis().")
 
 GB = 1e9
+# Run-config sections the trainer honours (compression.from_config) but this plan does not model:
+# it is the plan of plain training of config.model, so each present section is named in a note.
+NOT_MODELLED = {
+    "lora": "only the adapters are trained, so gradients and optimizer state are far below "
+            "the figures here (the frozen base weights still count)",
+    "distill": "the teacher's weights, activations and forward FLOPs are not counted",
+    "prune": "the pruning masks kept beside the optimizer state are not counted",
+}
 
 
 class EstimateError(errors.UserError):
@@ -97,6 +105,7 @@ def estimate(config: ml_collections.ConfigDict, *, mesh: tuple[int, int, int] | 
             "compute_optimal_days": budget.steps * step_s / 86400,
         }
     return {
+        "notes": not_modelled(config),
         "model": {"family": cfg.family, "params": n, "params_formula": ef.param_count_formula(cfg),
                   "params_by_part": ef.param_count_by_part(cfg),
                   "matmul_params": ef.matmul_params(cfg),
@@ -119,6 +128,16 @@ def estimate(config: ml_collections.ConfigDict, *, mesh: tuple[int, int, int] | 
                             "tokens": budget.tokens, "steps": budget.steps, "flops": budget.flops},
         "accelerators": per_accel,
     }
+
+
+def not_modelled(config: ml_collections.ConfigDict) -> list[str]:
+    """One note per config section the trainer would apply but the estimate leaves out."""
+    notes = []
+    for name, why in NOT_MODELLED.items():
+        section = config.get(name)
+        if section is not None and section.get("enabled", True):  # as compression._section
+            notes.append(f"the '{name}' section is not modelled: {why}")
+    return notes
 
 
 def check_run_numbers(config: ml_collections.ConfigDict) -> None:
@@ -202,6 +221,7 @@ def format_report(r: dict, config_name: str = "") -> str:
         f"per device, {run['microbatches']} microbatch(es)); length {run['length']}"
         + (f", targets {run['targets_length']}" if run["targets_length"] else "")
         + f"; optimizer {run['optimizer']}",
+        *(f"  NOTE: {note}" for note in r.get("notes", ())),
         "",
         "Parameters by part: " + ", ".join(f"{k} {_count(v)}" for k, v in
                                            m["params_by_part"].items()),

@@ -8,7 +8,8 @@ Conventions (stated once, used everywhere):
   it is reported separately as hardware FLOPs.
 - Attention scores and values cost 2 * 2 * Tq * Tk * H * K per layer forward (q.k and p.v); for
   training that is 12 * Tq * Tk * d_attn (d_attn = H * K): the "12 * L * T * d_attn per token"
-  of the PaLM paper. Causal attention is counted on the full square, as XLA computes it.
+  of the PaLM paper. Causal attention is counted on the full square (PaLM's convention, and
+  the trainer's MFU), although `causal_blocks` > 1 makes XLA skip part of the masked half.
 - T5: encoder layers see S encoder tokens, decoder layers T decoder tokens; cross-attention
   projects keys / values from the S encoder outputs once per decoder layer, and its scores are
   T x S. "Tokens" of a T5 step are S + T per example (everything the model reads or predicts).
@@ -91,7 +92,7 @@ def param_count_by_part(cfg: ModelConfig) -> dict[str, int]:
     else:  # bert: embedding norm, encoder, final norm, MLM dense + norm + output bias
         parts["encoder"] = cfg.num_layers * block_params(cfg) + 2 * _norm_params(cfg)
         parts["mlm_head"] = d * d + _norm_params(cfg) + v
-    if not cfg.tie_embeddings:
+    if not cfg.tie_embeddings and cfg.family != "bert":  # BERT's MLM head is always tied
         parts["lm_head"] = d * v
     return parts
 

@@ -169,10 +169,11 @@ def _layer_counts(mlp: str, policy: str, scanned: bool) -> tuple[float, float, f
 
 
 def causal_score_fraction(cfg: ModelConfig, q_len: int) -> float:
-    """Share of the T x T score square causal self-attention computes (layers.dot_product_attention
-    with `causal_blocks` n: (n + 1) / 2n when n divides T, else the whole square)."""
+    """Share of the T x T score square causal self-attention computes in training
+    (layers.dot_product_attention with `causal_blocks` n: (n + 1) / 2n when n divides T, else the
+    whole square). The `dot_product_attention` impl takes the blocks path only with dropout."""
     n = cfg.causal_blocks
-    if n <= 1 or q_len % n or cfg.attention_impl != "xla":
+    if n <= 1 or q_len % n or (cfg.attention_impl != "xla" and cfg.dropout_rate == 0):
         return 1.0
     return (n + 1) / (2 * n)
 
@@ -214,8 +215,11 @@ def activation_bytes(config: ml_collections.ConfigDict, mesh: MeshSizes) -> dict
             n += b * h * q_len * cross_len + b * q_len * d
         return n
 
-    # The GPT stack and the T5 decoder (the one with cross-attention) are causal.
-    causal = lambda cross_len: cfg.family == "gpt" or bool(cross_len)
+    # The GPT stack and the T5 decoder (the one with cross-attention) are causal; a prefix-LM
+    # batch (decoder_causal_attention) lets prefix rows see later keys, so GPT then computes
+    # the whole square (gpt.GPT: causal only without that feature).
+    prefix_lm = "decoder_causal_attention" in batch_features(config)
+    causal = lambda cross_len: (cfg.family == "gpt" and not prefix_lm) or bool(cross_len)
     if cfg.family == "t5":
         stacks = [(cfg.num_layers, s, s, 0), (cfg.decoder_layers, t, t, s)]
         out_len = t

@@ -10,7 +10,8 @@ tunable only at process start. So the entry points (`python -m t5x_lite.train`, 
 imported. Nothing else changes: same PID, argv, environment otherwise, open files.
 
 Skipped when the kernel's THP mode is `never` or `always` (nothing to gain), on non-glibc or
-non-Linux systems, when the tunable is already set, or with T5X_LITE_HUGE_PAGES=0.
+non-Linux systems, when the tunable is already set, or with T5X_LITE_HUGE_PAGES=0 (or
+false / off / no).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import sys
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT = "T5X_LITE_HUGE_PAGES"
+OFF = ("0", "false", "off", "no")  # values of OPT_OUT that turn the re-exec off
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -45,7 +47,7 @@ def _glibc_has_hugetlb_tunable() -> bool:
 def environment_with_huge_pages(env: dict[str, str], mode: str | None,
                                 glibc_ok: bool) -> dict[str, str] | None:
     """The environment to re-execute with, or None when a re-exec would gain nothing."""
-    if env.get(OPT_OUT, "1") == "0" or mode != "madvise" or not glibc_ok:
+    if env.get(OPT_OUT, "1").strip().lower() in OFF or mode != "madvise" or not glibc_ok:
         return None
     tunables = env.get("GLIBC_TUNABLES", "")
     if "glibc.malloc.hugetlb" in tunables:

@@ -60,6 +60,13 @@ def test_param_count_formula_equals_the_real_tree(path):
     assert sum(ef.param_count_by_part(cfg).values()) == exact
 
 
+def test_param_count_formula_follows_berts_always_tied_head():
+    # Bert ties its MLM output to the embedding whatever tie_embeddings says.
+    cfg = ModelConfig.from_dict({**load_config("tiny_bert").model.to_dict(),
+                                 "tie_embeddings": False})
+    assert ef.param_count_formula(cfg) == ef.count_params(build_model(cfg))
+
+
 def test_abstract_count_equals_materialized_params():
     cfg = ModelConfig.from_dict(load_config("tiny_t5").model)
     model = build_model(cfg)
@@ -188,6 +195,16 @@ def test_bad_mesh_and_inputs_fail_with_one_clear_line():
         partitioning.parse_mesh("8,1")
 
 
+def test_compression_sections_are_named_not_silently_ignored():
+    plain = estimate.estimate(load_config("tiny_t5"), mesh=(1, 1, 1))
+    assert plain["notes"] == []
+    for name in ("lora_tiny_t5", "distill_tiny_t5", "prune_tiny_t5"):
+        r = estimate.estimate(load_config(name), mesh=(1, 1, 1))
+        section = name.split("_")[0]
+        assert len(r["notes"]) == 1 and f"'{section}' section is not modelled" in r["notes"][0]
+        assert f"NOTE: the '{section}' section" in estimate.format_report(r)
+
+
 def test_rule_of_thumb_is_shown_beside_the_real_figure():
     r = estimate.estimate(load_config("gpt_1b"), mesh=(1, -1, 1), num_devices=64)
     n = r["model"]["params"]
@@ -219,6 +236,23 @@ def test_memory_estimate_matches_xla_for_tiny_configs(name):
     model_flops = ef.step_flops(cfg, checked.train.batch_size,
                                 *estimate_xla.sequence_lengths(checked)).train
     assert 1.0 <= xla.flops / model_flops < 1.05
+
+
+def test_memory_estimate_matches_xla_for_prefix_lm():
+    # A prefix-LM batch makes GPT attend over the whole square (no causal query blocks): at
+    # length 512 the scores are a large share, and counting 5/8 of them was 16% short.
+    c = with_(load_config("tiny_gpt"), data__objective="prefix_lm", data__seq_len=512,
+              model__max_len=512)
+    _check_memory(c)
+
+
+def test_causal_blocks_apply_to_the_dot_product_attention_impl_with_dropout():
+    # layers.dot_product_attention hands dropout to its own blocked path, whatever the impl.
+    base = load_config("tiny_gpt").model.to_dict()
+    dpa = lambda **kw: ModelConfig.from_dict({**base, "attention_impl": "dot_product_attention",
+                                              "causal_blocks": 4, **kw})
+    assert em.causal_score_fraction(dpa(dropout_rate=0.0), 128) == 1.0
+    assert em.causal_score_fraction(dpa(dropout_rate=0.1), 128) == 5 / 8
 
 
 def test_memory_estimate_matches_xla_sharded_scanned_remat():

@@ -25,6 +25,9 @@ def test_thp_mode_reads_the_bracketed_choice(tmp_path):
     ({}, None, True),  # no THP at all
     ({}, "madvise", False),  # glibc too old (or not glibc) for the tunable
     ({"T5X_LITE_HUGE_PAGES": "0"}, "madvise", True),  # opted out
+    ({"T5X_LITE_HUGE_PAGES": "false"}, "madvise", True),  # ... in any of the usual spellings
+    ({"T5X_LITE_HUGE_PAGES": "Off"}, "madvise", True),
+    ({"T5X_LITE_HUGE_PAGES": "no"}, "madvise", True),
     ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "madvise", True),  # the user chose
 ])
 def test_no_reexec_when_nothing_to_gain(env, mode, glibc_ok):

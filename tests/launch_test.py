@@ -5,7 +5,10 @@ import os
 import pathlib
 import shlex
 import shutil
+import signal
+import stat
 import subprocess
+import time
 
 import pytest
 
@@ -63,9 +66,9 @@ def test_tpu_vm_dry_run_for_a_v4_32_pod():
     commands = [argv[7][len("--command="):] for argv in ssh]
     assert any("pip install -q -e ." in c for c in commands)  # the README's install line
     train = commands[-1]
-    assert "T5X_LITE_DISTRIBUTED=on" in train and "python3 -m t5x_lite.train" in train
+    assert "T5X_LITE_DISTRIBUTED=on" in train and ".venv/bin/python -m t5x_lite.train" in train
     # Train arguments survive two rounds of shell quoting (ours, then the remote shell's).
-    inner = shlex.split(train[train.index("python3"):train.index(" > ")])
+    inner = shlex.split(train[train.index(".venv/bin/python"):train.index(" > ")])
     assert inner[3:] == ["--config=configs/t5_1_1_base.py", "--workdir=gs://bucket/t5 base"]
     assert any(" tpu-vm scp " in line and "--worker=all" in line for line in lines)
 
@@ -88,9 +91,99 @@ def test_tpu_vm_other_actions_and_errors():
                           (["launch", *base], "unknown action"),
                           (["create", *base, "--accelerator_type=v9-8"], "no default --version"),
                           (["train", "--name=p", "--zone=z", "--", "--config=c.py", "--dry_run"],
-                           "--dry_run goes before --")]:
+                           "--dry_run goes before --"),
+                          # the name lands unquoted in remote commands and file names
+                          (["create", "--name=t5 pod", "--zone=z", "--dry_run"],
+                           "--name must be lowercase letters"),
+                          (["stop", "--name=p;rm", "--zone=z", "--dry_run"],
+                           "--name must be lowercase letters"),
+                          (["setup", *base, "--remote_dir=a;b"], "--remote_dir must be"),
+                          (["logs", *base, "--log_worker=w0"], "--log_worker must be"),
+                          (["ssh", *base, "--worker=1 2", "--command=ls"], "--worker must be")]:
         r = run("tpu_vm.sh", *args, check=False)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+
+
+def _remote_command(*args):
+    """The --command of the last `gcloud ... tpu-vm ssh` line tpu_vm.sh prints for `args`."""
+    action, *rest = args
+    lines = run("tpu_vm.sh", action, "--name=p", "--zone=z", "--dry_run", *rest
+                ).stdout.splitlines()
+    argv = shlex.split([line for line in lines if " tpu-vm ssh " in line][-1])
+    return next(a for a in argv if a.startswith("--command="))[len("--command="):]
+
+
+def _fake(path: pathlib.Path, body: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+@pytest.mark.parametrize("python3_version_ok", [False, True])
+def test_tpu_vm_setup_installs_into_a_python_3_11_venv(tmp_path, python3_version_ok):
+    """The remote install command, run here against fake python3 / python3.11 / sudo: jax >= 0.10
+    needs Python >= 3.11, and the TPU runtimes' python3 is 3.10."""
+    home, calls = tmp_path / "home", tmp_path / "calls"
+    (home / "t5x_lite").mkdir(parents=True)
+    venv_python = ('_fake() { echo "$0 $*" >> %s; }; _fake "$@"' % calls)
+    make_venv = (f'if [[ "$1 $2" == "-m venv" ]]; then mkdir -p "$3/bin"; '
+                 f'printf "%s\\n" "#!/usr/bin/env bash" {shlex.quote(venv_python)} '
+                 f'> "$3/bin/python"; chmod +x "$3/bin/python"; fi\n')
+    _fake(tmp_path / "bin" / "python3",
+          f'echo "python3 $*" >> {calls}\n'
+          f'[[ "$1" == -c ]] && exit {0 if python3_version_ok else 1}\n' + make_venv)
+    _fake(tmp_path / "bin" / "python3.11", f'echo "python3.11 $*" >> {calls}\n' + make_venv)
+    _fake(tmp_path / "bin" / "sudo", f'echo "sudo $*" >> {calls}\n')
+    env = {**os.environ, "HOME": str(home), "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    r = subprocess.run(["bash", "-c", _remote_command("setup")], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    log = calls.read_text().splitlines()
+    py = "python3" if python3_version_ok else "python3.11"
+    assert f"{py} -m venv .venv" in log
+    apt = [line for line in log if line.startswith("sudo ")]
+    if python3_version_ok:
+        assert not apt
+    else:
+        assert apt and apt[-1].endswith("install python3.11 python3.11-venv")
+    assert log[-1] == '.venv/bin/python -m pip install -q -e . jax[tpu]>=0.10'
+
+
+def test_tpu_vm_train_refuses_a_second_run_and_stop_ends_it(tmp_path):
+    """The remote train / stop commands, run here with a fake venv python that just sleeps."""
+    home = tmp_path / "home"
+    argv_file = tmp_path / "argv"
+    _fake(home / "t5x_lite" / ".venv" / "bin" / "python",
+          f'printf "%s\\n" "$@" > {argv_file}\nexec sleep 300\n')
+    env = {**os.environ, "HOME": str(home)}
+    remote = lambda *args: subprocess.run(["bash", "-c", _remote_command(*args)], env=env,
+                                          capture_output=True, text=True, timeout=60)
+    train = ("train", "--", "--config=configs/t5_small.py", "--workdir=/tmp/a b")
+    pid_file = home / "p_train.pid"
+    first = remote(*train)
+    try:
+        assert first.returncode == 0 and "started on" in first.stdout, first.stderr
+        for _ in range(600):  # the background process writes its argv
+            if argv_file.exists() and argv_file.read_text().count("\n") >= 4:
+                break
+            time.sleep(0.05)
+        assert argv_file.read_text().splitlines() == [
+            "-m", "t5x_lite.train", "--config=configs/t5_small.py", "--workdir=/tmp/a b"]
+        pgid = int(pid_file.read_text())
+        second = remote(*train)
+        assert second.returncode == 1 and "a run is still going" in second.stderr
+        assert int(pid_file.read_text()) == pgid  # `stop` can still find the first run
+        stop = remote("stop")
+        assert stop.returncode == 0 and "stopped on" in stop.stdout, stop.stderr
+        assert not pid_file.exists()
+        again = remote("stop")
+        assert again.returncode == 0 and "no training process" in again.stdout
+    finally:
+        if pid_file.exists():
+            try:
+                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
 
 
 def test_cpu_local_dry_run_sets_one_job_of_n_processes():
@@ -107,6 +200,22 @@ def test_cpu_local_dry_run_sets_one_job_of_n_processes():
                              "--workdir=/tmp/a b"]
     r = run("cpu_local.sh", "--num_processes=0", check=False)
     assert r.returncode == 2 and "at least 1" in r.stderr
+
+
+def test_cpu_local_keeps_the_callers_xla_flags_and_checks_its_numbers():
+    r = run("cpu_local.sh", "--devices_per_process=2", "--port=4321", "--dry_run",
+            env={"XLA_FLAGS": "--xla_dump_to=/tmp/dump --xla_force_host_platform_device_count=8"})
+    for line in r.stdout.strip().splitlines():
+        env = dict(a.split("=", 1) for a in shlex.split(line) if a.isupper() or "=" in a
+                   and not a.startswith("-"))
+        assert env["XLA_FLAGS"] == ("--xla_dump_to=/tmp/dump "
+                                    "--xla_force_host_platform_device_count=2")
+    for args, message in [(["--port=0"], "--port must be an integer in 1-65535"),
+                          (["--port=http"], "--port must be an integer in 1-65535"),
+                          (["--heartbeat_timeout=0"], "--heartbeat_timeout must be at least 1"),
+                          (["--init_timeout=0"], "--init_timeout must be at least 1")]:
+        r = run("cpu_local.sh", *args, "--dry_run", check=False)
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
 
 
 def test_gpu_local_dry_run_shrinks_the_pod_config():
@@ -131,6 +240,35 @@ def test_gpu_local_dry_run_shrinks_the_pod_config():
             assert key in config[section], a
     assert "JAX_PLATFORMS=cpu" in shlex.split(run("gpu_local.sh", "--config=c.py",
                                                   "--workdir=w", "--cpu", "--dry_run").stdout)
+
+
+def test_gpu_local_no_debug_nans_and_mem_fraction_take_effect():
+    argv = shlex.split(run("gpu_local.sh", "--config=c.py", "--workdir=w", "--no_debug_nans",
+                           "--mem_fraction=0.5", "--seq_len=4", "--dry_run").stdout)
+    # train.debug=True would turn jax_debug_nans on in the trainer whatever the environment.
+    assert "--config.train.debug=False" in argv and "--config.train.debug=True" not in argv
+    assert not any(a.startswith("JAX_DEBUG_NANS") for a in argv)
+    # jax 0.10 reads XLA_CLIENT_MEM_FRACTION and refuses the deprecated name beside it.
+    assert "XLA_CLIENT_MEM_FRACTION=0.5" in argv
+    assert argv[argv.index("-u") + 1] == "XLA_PYTHON_CLIENT_MEM_FRACTION"
+    assert "--config.data.targets_length=2" in argv  # N/4 = 1 would be refused by the data
+    for args, message in [(["--mem_fraction=0"], "--mem_fraction must be a number in (0, 1]"),
+                          (["--mem_fraction=75"], "--mem_fraction must be a number in (0, 1]"),
+                          (["--gpu=0,1"], "--gpu must be one GPU index or UUID"),
+                          (["--gpu=0 1"], "--gpu must be one GPU index or UUID"),
+                          (["--seq_len=1"], "--seq_len must be an integer >= 2")]:
+        r = run("gpu_local.sh", "--config=c.py", "--workdir=w", *args, "--dry_run", check=False)
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+
+
+def test_gpu_local_refuses_to_train_on_the_cpu_when_it_sees_no_gpu(tmp_path):
+    """A jax without CUDA (or no such GPU) only warns and falls back to the CPU."""
+    workdir = tmp_path / "w"
+    r = run("gpu_local.sh", "--config=configs/tiny_gpt.py", f"--workdir={workdir}", "--gpu=97",
+            "--steps=1", "--batch_size=1", "--seq_len=16", check=False)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("gpu_local.sh: JAX sees no GPU")
+    assert not workdir.exists()
 
 
 @pytest.mark.skipif(not os.environ.get("T5X_LITE_SLOW_TESTS"),

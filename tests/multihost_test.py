@@ -211,6 +211,47 @@ def test_bad_settings_fail_with_one_clear_line(clean_env):
                                      process_id=0)
 
 
+def test_unusable_settings_are_refused_before_jax_sees_them(clean_env):
+    # jax.distributed.initialize fails on a port-less address with an IndexError traceback.
+    with pytest.raises(distributed.DistributedError, match="must be host:port, got 'localhost'"):
+        distributed.maybe_initialize(coordinator_address="localhost", num_processes=2,
+                                     process_id=0)
+    with pytest.raises(distributed.DistributedError, match="num_processes must be >= 1, got 0"):
+        distributed.maybe_initialize(coordinator_address="127.0.0.1:1", num_processes=0,
+                                     process_id=0)
+    clean_env.setenv("T5X_LITE_HEARTBEAT_TIMEOUT", "0")
+    with pytest.raises(distributed.DistributedError, match="heartbeat_timeout must be >= 1"):
+        distributed.maybe_initialize(coordinator_address="127.0.0.1:1", num_processes=2,
+                                     process_id=0)
+
+
+def _train_cli(tmp_path, *args, **env):
+    return subprocess.run([sys.executable, "-m", "t5x_lite.train", "--config=configs/tiny_t5.py",
+                           f"--workdir={tmp_path / 'w'}", *args], cwd=REPO,
+                          env=_env(tmp_path, **env), capture_output=True, text=True, timeout=120)
+
+
+def test_distributed_on_without_a_cluster_is_one_line(tmp_path):
+    """Mode `on` on a plain machine: JAX finds no cluster (a ValueError traceback before)."""
+    r = _train_cli(tmp_path, "--distributed")
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        "train: error: jax.distributed.initialize() failed: coordinator_address should be "
+        "defined"), r.stderr[-2000:]
+    assert not (tmp_path / "w").exists()
+
+
+def test_nodistributed_flag_overrides_the_environment(tmp_path):
+    """An explicit --nodistributed wins over T5X_LITE_DISTRIBUTED=on (it was ignored)."""
+    code = ("import sys; from absl import flags; import t5x_lite.train; "
+            "flags.FLAGS(sys.argv); from t5x_lite import distributed; "
+            "print('initialized', distributed.maybe_initialize())")
+    r = subprocess.run([sys.executable, "-c", code, "--nodistributed", "--workdir=w"], cwd=REPO,
+                       env=_env(tmp_path, T5X_LITE_DISTRIBUTED="on"), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "initialized False", r.stderr[-2000:]
+
+
 def test_auto_mode_sees_cluster_environments(clean_env):
     assert not distributed._cluster_visible()
     clean_env.setenv("TPU_WORKER_HOSTNAMES", "t1v-n-0")  # a single-host TPU VM
