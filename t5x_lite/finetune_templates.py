@@ -77,17 +77,25 @@ class InstructionTemplate:
 def jsonl_lines(path, error: type[errors.UserError]) -> list[str]:
     """The lines of a UTF-8 JSONL file (a leading BOM dropped), split at '\\n' only (a trailing
     '\\r' dropped): str.splitlines() would also split inside JSON strings, at a raw U+2028,
-    U+2029 or U+0085. Raises `error` naming the file and line of the first non-UTF-8 byte."""
+    U+2029 or U+0085. Read as the input pipeline reads files: gzip / bzip2 / xz and UTF-16
+    with a byte order mark are decoded. Raises `error` naming the file and line of the first
+    non-UTF-8 byte, or saying why the file is not text."""
+    from t5x_lite.data import local_files
+
     path = epath.Path(path)
     if path.is_dir():
         raise error(f"{path} is a directory, not a JSONL file")
-    raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = e.object.count(b"\n", 0, e.start) + 1  # e.object: the bytes after a BOM
-        raise error(f"{path} is not UTF-8 text (line {line}: byte {e.object[e.start]:#04x})"
-                    ) from None
+        raw = local_files.read_utf8_bytes(path, refuse_binary=False)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = e.object.count(b"\n", 0, e.start) + 1  # e.object: the bytes after a BOM
+            raise error(f"{path} is not UTF-8 text (line {line}: byte {e.object[e.start]:#04x})"
+                        ) from None
+        local_files.check_not_binary(path, raw)  # UTF-16 without a BOM is valid UTF-8
+    except local_files.DataFormatError as e:
+        raise error(str(e)) from None
     return files.split_lines(text)
 
 

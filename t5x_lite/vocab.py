@@ -216,8 +216,10 @@ def expand_globs(patterns: PathLike | Sequence[PathLike]) -> list[epath.Path]:
     """Files matching glob patterns (comma-separated str or a list; gs:// works): each
     pattern's matches sorted, in pattern order, each file once.
 
-    A directory means every file under it. Raises FileNotFoundError naming the first pattern
-    that matches nothing.
+    A path that exists is taken as it is, even with glob characters in its name. A directory,
+    given or matched by a glob, means every file under it at any depth, except hidden ones
+    (names starting with "."; `.DS_Store`, `.ipynb_checkpoints/`, `.git/`). Raises
+    FileNotFoundError naming the first pattern that matches nothing.
     """
     if isinstance(patterns, (str, os.PathLike)):
         patterns = str(patterns).split(",")
@@ -226,7 +228,8 @@ def expand_globs(patterns: PathLike | Sequence[PathLike]) -> list[epath.Path]:
         raise FileNotFoundError("no input paths given")
     files: list[epath.Path] = []
     for pattern in patterns:
-        if not any(c in pattern for c in "*?["):
+        # a path that exists is itself, glob characters in its name or not ("notes [v2].txt")
+        if not any(c in pattern for c in "*?[") or epath.Path(pattern).exists():
             path = epath.Path(pattern)
             if not path.exists():
                 raise FileNotFoundError(f"no such file or directory: {pattern}")
@@ -241,7 +244,10 @@ def expand_globs(patterns: PathLike | Sequence[PathLike]) -> list[epath.Path]:
         parts = pattern.split("/")
         first = next(i for i, p in enumerate(parts) if any(c in p for c in "*?["))
         root = epath.Path("/".join(parts[:first]) or ("/" if pattern.startswith("/") else "."))
-        matched = sorted(p for p in root.glob("/".join(parts[first:])) if p.is_file())
+        matched = []
+        for p in sorted(root.glob("/".join(parts[first:]))):
+            # a matched directory was silently dropped, with every file under it
+            matched += sorted(_files_under(p)) if p.is_dir() else [p] if p.is_file() else []
         if not matched:
             raise FileNotFoundError(f"no files match {pattern}")
         files += matched
@@ -265,8 +271,11 @@ def _unique(files: list[epath.Path]) -> list[epath.Path]:
 
 
 def _files_under(directory: epath.Path) -> Iterator[epath.Path]:
-    """Every file under `directory`, at any depth (epath refuses `rglob`: `**` on GCS)."""
+    """Every file under `directory`, at any depth, but hidden ones (epath refuses `rglob`:
+    `**` on GCS)."""
     for p in directory.iterdir():
+        if p.name.startswith("."):
+            continue
         if p.is_dir():
             yield from _files_under(p)
         elif p.is_file():
@@ -278,7 +287,11 @@ def _iter_lines(files_or_texts) -> Iterator[str]:
         files_or_texts = expand_globs(files_or_texts)
     for item in files_or_texts:
         if isinstance(item, os.PathLike):
-            text = epath.Path(item).read_bytes().decode("utf-8-sig", errors="replace")  # no BOM
+            # local: t5x_lite.data imports this module. Compressed and UTF-16 files are read
+            # as the input pipeline reads them, and a binary file is refused, not trained on.
+            from t5x_lite.data.local_files import read_utf8_bytes
+
+            text = read_utf8_bytes(epath.Path(item)).decode("utf-8", errors="replace")
         else:
             text = item
         for line in text.splitlines():

@@ -1,6 +1,11 @@
 """Tests for the local-file tfds builders: formats, splits, caching, bad input."""
+import bz2
+import codecs
+import gzip
 import json
+import lzma
 import os
+import zipfile
 
 import pytest
 
@@ -90,7 +95,7 @@ def test_non_utf8_is_skipped_and_counted_or_fails_when_strict(tmp_path):
     b = _prepare(tmp_path, "text", train_paths=[str(tmp_path / "*.txt")])
     assert [r["text"] for r in _read_all(b, "train")] == ["fine text"]
     assert b.info.metadata["skipped_non_utf8"] == 1
-    assert "1 non-utf8" in builders.skipped_summary(b)
+    assert "skipped 1 non-UTF-8 file(s)" in builders.skipped_summary(b)
 
     (tmp_path / "lines.tsv").write_bytes(b"a\tb\nc\xff\td\ne\tf\n")
     b = _prepare(tmp_path, "tsv", train_paths=[str(tmp_path / "lines.tsv")])
@@ -216,3 +221,137 @@ def test_a_file_two_patterns_match_is_read_once(tmp_path, caplog):
     # b.txt is also the validation file: kept (evaluating on train data can be deliberate),
     # with a warning.
     assert "1 file(s) are both train and validation data" in caplog.text
+
+
+_WIDE = [("utf-16-le", codecs.BOM_UTF16_LE), ("utf-16-be", codecs.BOM_UTF16_BE),
+         ("utf-32-le", codecs.BOM_UTF32_LE), ("utf-32-be", codecs.BOM_UTF32_BE)]
+
+
+@pytest.mark.parametrize("encoding, bom", _WIDE)
+def test_utf16_and_utf32_files_with_a_byte_order_mark_are_decoded(tmp_path, encoding, bom):
+    # Line mode split UTF-16 at b"\n" and kept the pieces that happened to be valid UTF-8:
+    # "\x00S\x00e..." documents, and a "\x00" one after the last newline.
+    text = "First line é\r\nSecond line\n\nThird ☃\n"
+    (tmp_path / "w.txt").write_bytes(bom + text.encode(encoding))
+    expected = {"line": ["First line é", "Second line", "Third ☃"],
+                "paragraph": ["First line é\r\nSecond line", "Third ☃"],
+                "file": [text.strip()]}
+    for per, docs in expected.items():
+        records = [r["text"] for _, r in local_files.read_file(tmp_path / "w.txt", "text",
+                                                                document_per=per)]
+        assert records == docs, per
+    b = _prepare(tmp_path, "text", train_paths=[str(tmp_path / "w.txt")], document_per="line")
+    assert [r["text"] for r in _read_all(b, "train")] == expected["line"]
+    assert b.info.metadata["skipped_non_utf8"] == 0
+    (tmp_path / "p.jsonl").write_bytes(bom + '{"inputs": "q", "targets": "é"}\n'.encode(encoding))
+    b = _prepare(tmp_path, "jsonl", train_paths=[str(tmp_path / "p.jsonl")])
+    assert _read_all(b, "train") == [{"inputs": "q", "targets": "é"}]
+
+
+def test_utf16_without_a_byte_order_mark_and_binary_files_are_refused_in_one_line(tmp_path):
+    (tmp_path / "w.txt").write_bytes("hello\nworld\n".encode("utf-16-le"))
+    with pytest.raises(local_files.DataFormatError,
+                       match=r"w.txt: not UTF-8 text \(NUL byte at offset 1: UTF-16") as e:
+        _prepare(tmp_path, "text", train_paths=[str(tmp_path / "w.txt")], document_per="line")
+    assert "\n" not in str(e.value)
+    assert not list((tmp_path / "data_dir").rglob("*.array_record*"))  # nothing half-written
+    (tmp_path / "w.jsonl").write_bytes('{"text": "a"}\n'.encode("utf-16-be"))
+    with pytest.raises(local_files.DataFormatError, match="w.jsonl: not UTF-8 text"):
+        builders.local_files_config("jsonl", train_paths=[str(tmp_path / "w.jsonl")])
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("text\n")
+    (tmp_path / "d" / "img.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    with pytest.raises(local_files.DataFormatError, match=r"d/img.png: not UTF-8 text"):
+        _prepare(tmp_path, "text", train_paths=[str(tmp_path / "d")], document_per="line")
+    (tmp_path / "bad16.txt").write_bytes(codecs.BOM_UTF16_LE + b"h\x00i")  # odd length
+    with pytest.raises(local_files.DataFormatError, match="not valid UTF-16"):
+        list(local_files.read_file(tmp_path / "bad16.txt", "text"))
+    with zipfile.ZipFile(tmp_path / "a.zip", "w") as z:
+        z.writestr("a.txt", "text")
+    with pytest.raises(local_files.DataFormatError, match="a.zip: a zip archive; decompress"):
+        list(local_files.read_file(tmp_path / "a.zip", "text"))
+
+
+def test_hidden_files_under_a_directory_are_not_data(tmp_path):
+    (tmp_path / "d" / ".ipynb_checkpoints").mkdir(parents=True)
+    (tmp_path / "d" / "a.txt").write_text("the text\n")
+    (tmp_path / "d" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1\x00")
+    (tmp_path / "d" / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text("old copy\n")
+    b = _prepare(tmp_path, "text", train_paths=[str(tmp_path / "d")])
+    assert [r["text"] for r in _read_all(b, "train")] == ["the text"]
+
+
+def test_compressed_files_are_read_by_their_first_bytes(tmp_path):
+    text = b"one two\n\nthree\n"
+    (tmp_path / "a.txt.gz").write_bytes(gzip.compress(text))
+    (tmp_path / "b.txt.bz2").write_bytes(bz2.compress(text))
+    (tmp_path / "c.txt.xz").write_bytes(lzma.compress(text))
+    (tmp_path / "no_suffix").write_bytes(gzip.compress(text))
+    for name in ("a.txt.gz", "b.txt.bz2", "c.txt.xz", "no_suffix"):
+        records = [r["text"] for _, r in local_files.read_file(tmp_path / name, "text",
+                                                                document_per="paragraph")]
+        assert records == ["one two", "three"], name
+    (tmp_path / "p.jsonl.gz").write_bytes(gzip.compress(
+        b'{"inputs": "q1", "targets": "a1"}\n' + b'{"inputs": "q2", "targets": "a2"}\n' * 3))
+    b = _prepare(tmp_path, "jsonl", train_paths=[str(tmp_path / "p.jsonl.gz")])
+    assert b.info.metadata["kind"] == "pairs" and len(_read_all(b, "train")) == 4
+    (tmp_path / "cut.txt.gz").write_bytes(gzip.compress(text * 100)[:40])
+    with pytest.raises(local_files.DataFormatError, match="cut.txt.gz: corrupt gzip data") as e:
+        _prepare(tmp_path, "text", train_paths=[str(tmp_path / "cut.txt.gz")])
+    assert "\n" not in str(e.value)
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n' * 100)[:30])
+    with pytest.raises(local_files.DataFormatError, match="cut.jsonl.gz: corrupt gzip data"):
+        _prepare(tmp_path, "jsonl", train_paths=[str(tmp_path / "cut.jsonl.gz")])
+
+
+def test_nul_characters_past_the_sniffed_bytes_are_not_documents(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"x" * 9000 + b"\n\x00\n \x00 \nlast\n")
+    records = [r["text"] for _, r in local_files.read_file(tmp_path / "a.txt", "text",
+                                                            document_per="line")]
+    assert records == ["x" * 9000, "last"]
+
+
+def test_holdout_keeps_train_nonempty_for_one_document_or_only_copies(tmp_path):
+    # Forcing the smallest hash into validation moved every copy of it: train was empty and
+    # tfds failed with 'Failed to finalize writing of split "train"' (an AssertionError).
+    (tmp_path / "same.txt").write_text("the same text\n\n" * 5)
+    b = _prepare(tmp_path, "text", paths=[str(tmp_path / "same.txt")],
+                 document_per="paragraph", validation_fraction=0.01)
+    assert len(_read_all(b, "train")) == 5 and "validation" not in b.info.splits
+    # One document whose hash falls in the holdout went to validation alone: the same failure.
+    h = builders.record_hash({"text": "alone"})
+    (tmp_path / "one.txt").write_text("alone\n")
+    b = _prepare(tmp_path, "text", paths=[str(tmp_path / "one.txt")],
+                 validation_fraction=min(h + 0.01, 0.99))
+    assert len(_read_all(b, "train")) == 1 and "validation" not in b.info.splits
+    assert builders.holdout_overrides([0.3, 0.3], 0.1) == (None, None)
+    assert builders.holdout_overrides([0.05], 0.1) == (None, 0.05)
+
+
+def test_prepared_data_inside_an_input_directory_is_not_input(tmp_path):
+    # data_dir under the corpus directory: the second run read the first run's array_record
+    # files as text, and, its inputs having changed, prepared another copy.
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("one\n\ntwo\n")
+    data_dir = corpus / "cache"
+    dirs = []
+    for _ in range(2):
+        config = builders.local_files_config("text", train_paths=[str(corpus)],
+                                             document_per="paragraph", data_dir=data_dir)
+        b = builders.prepare_local_files(config, data_dir)
+        assert [r["text"] for r in _read_all(b, "train")] == ["one", "two"]
+        dirs.append(b.data_dir)
+    assert dirs[0] == dirs[1]
+    with pytest.raises(FileNotFoundError, match="only prepared datasets under data_dir"):
+        builders.local_files_config("text", train_paths=[str(data_dir)], data_dir=data_dir)
+
+
+def test_jsonl_kind_comes_from_the_first_file_with_a_record(tmp_path):
+    # An empty first shard failed the run with "no JSON records".
+    (tmp_path / "a.jsonl").write_text("\n")
+    (tmp_path / "b.jsonl").write_text('{"inputs": "q", "targets": "a"}\n')
+    b = _prepare(tmp_path, "jsonl", train_paths=[str(tmp_path / "*.jsonl")])
+    assert _read_all(b, "train") == [{"inputs": "q", "targets": "a"}]
+    with pytest.raises(local_files.DataFormatError, match=r"a.jsonl: no JSON records"):
+        builders.local_files_config("jsonl", train_paths=[str(tmp_path / "a.jsonl")])

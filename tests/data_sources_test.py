@@ -84,3 +84,57 @@ def test_missing_local_path_is_a_config_error(tmp_path):
                      data_dir=str(tmp_path / "dd"))
     with pytest.raises(DataConfigError, match="no files match"):
         sources.make_source(cfg, "train")
+
+
+def _non_utf8_warnings(caplog):
+    return [r.getMessage() for r in caplog.records if "non-UTF-8" in r.getMessage()]
+
+
+def test_non_utf8_skips_are_reported_once_per_file_set(tmp_path, caplog, monkeypatch):
+    # It was logged by the counting pass, again by the pass writing each split, and again by
+    # every make_source: five warnings for one bad line in a run that opens train and eval.
+    from t5x_lite.data import builders
+
+    caplog.set_level("WARNING")
+    lines = [f"line number {i}".encode() for i in range(40)]
+    (tmp_path / "a.txt").write_bytes(b"\n".join(lines[:5] + [b"caf\xe9 au lait"] + lines[5:]))
+    cfg = DataConfig(source="text", paths=str(tmp_path / "a.txt"), document_per="line",
+                     validation_fraction=0.3, objective="causal_lm",
+                     data_dir=str(tmp_path / "dd"))
+    assert len(sources.make_source(cfg, "train")) + len(sources.make_source(cfg, "validation")
+                                                        ) == 40
+    assert _non_utf8_warnings(caplog) == [
+        "skipped 1 lines with non-UTF-8 bytes in the input files (data.strict_utf8=True to fail)"]
+
+    # A later run (a new process) that finds it prepared reports it once, from the metadata.
+    caplog.clear()
+    monkeypatch.setattr(builders, "_reported", set())
+    sources.make_source(cfg, "train")
+    sources.make_source(cfg, "validation")
+    assert len(_non_utf8_warnings(caplog)) == 1
+    assert "preparation skipped 1 non-UTF-8 line(s)" in _non_utf8_warnings(caplog)[0]
+
+    # Explicit splits: one warning per file set, each with its own count.
+    caplog.clear()
+    (tmp_path / "v.txt").write_bytes(b"ok\n\xff\n\xfe\nfine\n")
+    cfg = DataConfig(source="text", train_paths=str(tmp_path / "a.txt"),
+                     validation_paths=str(tmp_path / "v.txt"), document_per="line",
+                     objective="causal_lm", data_dir=str(tmp_path / "dd"))
+    sources.make_source(cfg, "train")
+    sources.make_source(cfg, "validation")
+    assert sorted(_non_utf8_warnings(caplog)) == [
+        "skipped 1 lines with non-UTF-8 bytes in the train files (data.strict_utf8=True to fail)",
+        "skipped 2 lines with non-UTF-8 bytes in the validation files "
+        "(data.strict_utf8=True to fail)"]
+
+
+def test_shared_train_and_validation_file_is_warned_about_once(tmp_path, caplog):
+    # The paths are resolved again for every split a run opens: one warning each time.
+    caplog.set_level("WARNING")
+    (tmp_path / "a.tsv").write_text("q1\ta1\nq2\ta2\n")
+    cfg = DataConfig(source="tsv", train_paths=str(tmp_path / "a.tsv"),
+                     validation_paths=str(tmp_path / "a.tsv"), objective="seq2seq",
+                     data_dir=str(tmp_path / "dd"))
+    for split in ("train", "validation", "train"):
+        sources.make_source(cfg, split)
+    assert caplog.text.count("are both train and validation data") == 1

@@ -6,6 +6,7 @@ import pytest
 
 from t5x_lite.data import random_spans_helper, span_corrupt
 from t5x_lite.data import span_corruption as sc
+from t5x_lite.data.config import DataConfig, DataConfigError
 
 VOCAB_SIZE = 32100  # 32000 pieces + 100 sentinels, as T5
 SP_SIZE = 32000
@@ -148,7 +149,39 @@ def test_error_when_more_spans_than_sentinels():
         span_corrupt(tokens[:10], seed=0, vocab_size=SP_SIZE, extra_ids=0)
 
 
-def test_too_dense_noise_is_an_error():
-    with pytest.raises(sc.SpanCorruptionError, match="noise_density"):
-        sc.random_spans_noise_mask(10, np.random.default_rng(0), noise_density=0.9,
-                                   mean_noise_span_length=1.0)
+def test_too_dense_settings_fail_when_the_config_is_made_naming_keys_and_values():
+    # 0.9 noise in spans of 1: 460 noise spans in a 511-token chunk, with 51 non-noise tokens
+    # to separate them. It used to pass every check and fail at the first batch.
+    with pytest.raises(DataConfigError, match=(
+            r"data.noise_density=0.9 with data.mean_noise_span_length=1.0 is too dense for "
+            r"data.inputs_length=512: a \d+-token chunk needs \d+ noise spans")) as e:
+        DataConfig(noise_density=0.9, mean_noise_span_length=1.0, targets_length=2000)
+    assert "\n" not in str(e.value)
+    with pytest.raises(DataConfigError, match=r"data.targets_length=100; set "
+                                              r"data.targets_length=114"):
+        DataConfig(targets_length=100)
+    with pytest.raises(DataConfigError, match=r"needs 114 sentinels .* extra_ids=100"):
+        DataConfig(inputs_length=2048, targets_length=456)
+    # only span corruption is checked: the keys are carried by every config
+    DataConfig(objective="causal_lm", noise_density=0.9, mean_noise_span_length=1.0)
+    assert sc.check_settings(512, 114) == (568, 114)
+    assert sc.check_settings(2, 2) == (1, 2)  # 1-token chunks have no noise: not "too dense"
+    # long spans at extreme densities make chunks ~1000x the inputs; found in one step
+    assert sc.check_settings(512, 10**6, 0.999, 1000.0, None)[0] > 400 * 512
+
+
+def test_short_last_chunk_at_a_dense_setting_is_corrupted_not_an_error():
+    # (0.5, 1.0) fits full chunks, but the short last chunk of a finite (eval) stream can be
+    # too short for T5's span count: 3 tokens -> 2 noise in 2 spans, 1 non-noise token.
+    # That raised at the end of an eval pass; the spans are now capped at what fits.
+    rng = np.random.default_rng(0)
+    raw, targets_length = sc.check_settings(64, 64, 0.5, 1.0, 100)
+    for length in range(1, raw + 1):
+        tokens = np.arange(3, 3 + length)
+        out = span_corrupt(tokens, rng=rng, vocab_size=VOCAB_SIZE, noise_density=0.5,
+                           mean_noise_span_length=1.0)
+        np.testing.assert_array_equal(
+            sc.merge_inputs_and_targets(out["inputs"], out["targets"], SP_SIZE), tokens)
+        assert (out["inputs"].size, out["targets"].size) == sc.corrupted_lengths(length, 0.5,
+                                                                                 1.0)
+        assert out["inputs"].size <= 64 and out["targets"].size <= targets_length

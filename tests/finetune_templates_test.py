@@ -1,4 +1,5 @@
 """Instruction template layout and the instruction-JSONL -> prompt/completion conversion."""
+import gzip
 import json
 import subprocess
 import sys
@@ -83,6 +84,23 @@ def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_bytes(b'\xef\xbb\xbf{"instruction": "a", "output": "b"}\n')
     assert convert_instruction_jsonl(src, tmp_path / "out.jsonl") == 1
+
+
+def test_compressed_and_utf16_input_is_read_and_binary_refused_in_one_line(tmp_path):
+    # A UTF-16 export (PowerShell's `>`) or a .jsonl.gz stopped at "not UTF-8 text (line 1:
+    # byte 0xff)"; the data pipeline reads both, so conversion does too.
+    record = '{"instruction": "a", "output": "b é"}\n'
+    (tmp_path / "in16.jsonl").write_bytes(record.encode("utf-16"))
+    (tmp_path / "in.jsonl.gz").write_bytes(gzip.compress(record.encode()))
+    for name in ("in16.jsonl", "in.jsonl.gz"):
+        assert convert_instruction_jsonl(tmp_path / name, tmp_path / "out.jsonl") == 1, name
+        assert json.loads((tmp_path / "out.jsonl").read_text())["targets"] == "b é"
+    # UTF-16 without a byte order mark: ASCII text in it is valid UTF-8, with NULs between
+    ascii_record = '{"instruction": "a", "output": "b"}\n'
+    (tmp_path / "bin.jsonl").write_bytes(ascii_record.encode("utf-16-le"))
+    with pytest.raises(TemplateError, match=r"bin.jsonl: not UTF-8 text \(NUL byte") as e:
+        convert_instruction_jsonl(tmp_path / "bin.jsonl", tmp_path / "o2.jsonl")
+    assert "\n" not in str(e.value) and not (tmp_path / "o2.jsonl").exists()
 
 
 def _cli(tmp_path, *args):

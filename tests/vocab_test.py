@@ -1,4 +1,5 @@
 """Tests for t5x_lite.vocab: ids, sentinels, round trips, copy/pickle, training and errors."""
+import gzip
 import pickle
 import subprocess
 import sys
@@ -191,3 +192,42 @@ def test_training_lines_drop_a_byte_order_mark(tmp_path):
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfhello world\nsecond line\n")
     assert list(vocab_lib._iter_lines(str(tmp_path / "bom.txt"))) == ["hello world",
                                                                        "second line"]
+
+
+def test_training_lines_of_compressed_and_utf16_files_and_binary_refused(tmp_path):
+    text = "hello world\r\nsecond line é\n"
+    (tmp_path / "a.txt.gz").write_bytes(gzip.compress(text.encode()))
+    (tmp_path / "b.txt").write_bytes(text.encode("utf-16"))  # with a byte order mark
+    for name in ("a.txt.gz", "b.txt"):
+        assert list(vocab_lib._iter_lines(str(tmp_path / name))) == [
+            "hello world", "second line é"], name
+    (tmp_path / "c.bin").write_bytes(b"\x00\x01\x02binary\n")
+    with pytest.raises(ValueError, match=r"c.bin: not UTF-8 text \(NUL byte") as e:
+        vocab_lib.train_vocab(str(tmp_path / "c.bin"), tmp_path / "x", 300)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "x.model").exists()
+
+
+def test_a_glob_matching_a_directory_means_the_files_under_it(tmp_path):
+    # "/data/*" dropped the subdirectories it matched, with every file in them.
+    (tmp_path / "sub" / ".git").mkdir(parents=True)
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "sub" / "b.txt").write_text("b")
+    (tmp_path / "sub" / ".hidden.txt").write_text("hidden")
+    (tmp_path / "sub" / ".git" / "HEAD").write_text("ref")
+    (tmp_path / "empty").mkdir()
+    assert vocab_lib.expand_globs(str(tmp_path / "*")) == [tmp_path / "a.txt",
+                                                           tmp_path / "sub" / "b.txt"]
+    assert vocab_lib.expand_globs(str(tmp_path)) == [tmp_path / "a.txt",
+                                                     tmp_path / "sub" / "b.txt"]
+    with pytest.raises(FileNotFoundError, match="no files match"):
+        vocab_lib.expand_globs(str(tmp_path / "emp*"))
+
+
+def test_an_existing_path_with_glob_characters_is_that_file(tmp_path):
+    # "notes [v2].txt" was taken as a glob ("[v2]" = one of v, 2) that matches nothing.
+    (tmp_path / "notes [v2].txt").write_text("x")
+    assert vocab_lib.expand_globs([str(tmp_path / "notes [v2].txt")]) == [
+        tmp_path / "notes [v2].txt"]
+    (tmp_path / "v.txt").write_text("y")
+    assert vocab_lib.expand_globs([str(tmp_path / "[v].txt")]) == [tmp_path / "v.txt"]

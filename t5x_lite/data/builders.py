@@ -57,14 +57,18 @@ def record_hash(record: dict[str, str]) -> float:
 
 def holdout_overrides(hashes: Sequence[float], fraction: float
                       ) -> tuple[float | None, float | None]:
-    """Hashes to force into validation / train so neither split is empty (see module doc)."""
-    if fraction <= 0 or len(hashes) < 2:
+    """Hashes to force into validation / train so neither split is empty (see module doc).
+
+    Train always gets a record; validation gets one unless that would take every record (one
+    document, or only copies of one): a forced hash moves all the records that share it.
+    """
+    if fraction <= 0 or not hashes:
         return None, None
     num_val = sum(h < fraction for h in hashes)
-    if num_val == 0:
-        return min(hashes), None
     if num_val == len(hashes):
         return None, max(hashes)
+    if num_val == 0 and hashes.count(min(hashes)) < len(hashes):
+        return min(hashes), None
     return None, None
 
 
@@ -146,25 +150,34 @@ class LocalFiles(DocumentsBuilder):
 
     name = "t5x_lite_local_files"
 
-    def _read(self, paths, what, counts=None) -> Iterator[tuple[str, dict]]:
+    def _read(self, paths, counts=None) -> Iterator[tuple[str, dict]]:
         c = self.builder_config
         return local_files.read_files(
             [epath.Path(p) for p in paths], c.fmt, kind=c.kind, document_per=c.document_per,
             text_key=c.text_key, inputs_key=c.inputs_key, targets_key=c.targets_key,
-            strict_utf8=c.strict_utf8, counts=counts, what=what)
+            strict_utf8=c.strict_utf8, counts=counts)
+
+    def _warn_skipped(self, counts, what) -> None:
+        # Only the counting pass warns: the files are read again for each split written, and
+        # each pass warning made one event three warnings.
+        c = self.builder_config
+        message = local_files.skipped_message(counts, c.fmt, c.document_per, what)
+        if message:
+            logging.warning(message)
 
     def _plan(self):
         c = self.builder_config
         counts = local_files.ReadCounts()
         if "all" in c.split_files:
             paths = c.split_files["all"]
-            hashes = [record_hash(r) for _, r in self._read(paths, "the input files", counts)]
+            hashes = [record_hash(r) for _, r in self._read(paths, counts)]
+            self._warn_skipped(counts, "the input files")
             if not hashes:
                 raise EmptyCorpusError(_empty_message(paths, counts))
             overrides = holdout_overrides(hashes, c.validation_fraction)
 
             def split_fn(want_val):
-                return lambda: ((k, r) for k, r in self._read(paths, "")
+                return lambda: ((k, r) for k, r in self._read(paths)
                                 if in_validation(record_hash(r), c.validation_fraction,
                                                  overrides) == want_val)
 
@@ -177,11 +190,13 @@ class LocalFiles(DocumentsBuilder):
             generators, sizes = {}, {}
             for split, paths in c.split_files.items():
                 split_counts = local_files.ReadCounts()
-                sizes[split] = sum(1 for _ in self._read(paths, f"the {split} files", split_counts))
+                sizes[split] = sum(1 for _ in self._read(paths, split_counts))
+                self._warn_skipped(split_counts, f"the {split} files")
                 counts.merge(split_counts)
                 if not sizes[split]:
                     raise EmptyCorpusError(_empty_message(paths, split_counts, split))
-                generators[split] = (lambda p=paths: self._read(p, ""))
+                generators[split] = (lambda p=paths: self._read(p))
+        _reported.add(_report_key(self))  # make_source need not repeat it from the metadata
         metadata = {"kind": c.kind, "split_sizes": sizes,
                     "skipped_non_utf8": counts.skipped_non_utf8,
                     "skipped_blank": counts.skipped_blank}
@@ -195,6 +210,23 @@ def _empty_message(paths, counts: local_files.ReadCounts, split: str = "") -> st
     why = ("skipped " + " and ".join(skipped) if skipped
            else "the files are empty or hold only blank lines")
     return f"empty corpus: no documents in {where}; {why}"
+
+
+# What preparing writes under data_dir (tfds makes downloads/ even for local files).
+_PREPARED_DIRS = ("t5x_lite_local_files", "t5x_lite_default_corpus", "t5x_lite_vocab",
+                  "downloads")
+
+
+def _without_prepared_data(files, patterns, data_dir) -> list:
+    """`files` but those under data_dir's prepared datasets: with data_dir inside an input
+    directory, each run read the previous run's array_record files as text (and, the inputs
+    having changed, prepared yet another copy)."""
+    root = resolve_data_dir(data_dir)
+    ours = tuple(file_key(root / d).rstrip("/") + "/" for d in _PREPARED_DIRS)
+    kept = [f for f in files if not file_key(f).startswith(ours)]
+    if files and not kept:
+        raise FileNotFoundError(f"{patterns}: only prepared datasets under data_dir {root}")
+    return kept
 
 
 def _fingerprint(obj) -> str:
@@ -213,11 +245,13 @@ def local_files_config(fmt: str, *, paths: Sequence[str] = (), train_paths: Sequ
                        validation_paths: Sequence[str] = (), validation_fraction: float = 0.05,
                        document_per: str = "file", text_key: str = "text",
                        inputs_key: str = "inputs", targets_key: str = "targets",
-                       strict_utf8: bool = False) -> LocalFilesConfig:
+                       strict_utf8: bool = False, data_dir=None) -> LocalFilesConfig:
     """Resolves globs and fingerprints the inputs into a `LocalFilesConfig`.
 
     Either `paths` (train/validation by hash holdout) or `train_paths` (+ optional
-    `validation_paths`). Raises FileNotFoundError for missing paths / unmatched globs.
+    `validation_paths`). Files our builders wrote under `data_dir` (see `resolve_data_dir`)
+    are not input, even where a directory or glob takes them in. Raises FileNotFoundError
+    for missing paths / unmatched globs.
     """
     if fmt not in local_files.FORMATS:
         raise LocalFilesError(f"unknown local file format {fmt!r}; known: {local_files.FORMATS}")
@@ -226,21 +260,24 @@ def local_files_config(fmt: str, *, paths: Sequence[str] = (), train_paths: Sequ
     if bool(paths) == bool(train_paths):
         raise LocalFilesError("give either data.paths (hash holdout) or data.train_paths "
                          "(+ data.validation_paths), not both / neither")
+
+    def expand(patterns):
+        return _without_prepared_data(expand_globs(patterns), patterns, data_dir)
+
     if paths:
-        split_files = {"all": expand_globs(paths)}
+        split_files = {"all": expand(paths)}
     else:
-        split_files = {TRAIN: expand_globs(train_paths)}
+        split_files = {TRAIN: expand(train_paths)}
         if validation_paths:
-            split_files[VALIDATION] = expand_globs(validation_paths)
+            split_files[VALIDATION] = expand(validation_paths)
             shared = (set(map(file_key, split_files[TRAIN]))
                       & set(map(file_key, split_files[VALIDATION])))
-            if shared:
-                logging.warning("%d file(s) are both train and validation data (e.g. %s): the "
-                                "validation metrics measure memorisation", len(shared),
-                                min(shared))
+            if shared:  # once: every split a run opens (train, eval) resolves the paths again
+                _warn_once(f"{len(shared)} file(s) are both train and validation data (e.g. "
+                           f"{min(shared)}): the validation metrics measure memorisation")
     if fmt == "jsonl":
-        first = next(iter(split_files.values()))[0]
-        kind = local_files.detect_jsonl_kind(first, text_key, inputs_key, targets_key)
+        kind = local_files.detect_jsonl_kind(next(iter(split_files.values())), text_key,
+                                             inputs_key, targets_key)
     else:
         kind = "pairs" if fmt == "tsv" else "text"
     options = dict(fmt=fmt, kind=kind, validation_fraction=validation_fraction if paths else 0.0,
@@ -309,9 +346,36 @@ def prepare_local_files(config: LocalFilesConfig, data_dir=None) -> LocalFiles:
     return prepare(builder)
 
 
+_reported: set[str] = set()  # datasets / warnings this process has reported
+
+
+def _warn_once(message: str) -> None:
+    if message not in _reported:
+        _reported.add(message)
+        logging.warning(message)
+
+
+def _report_key(builder) -> str:
+    return f"{builder.name}/{builder.builder_config.name}"
+
+
+def report_skipped(builder: tfds.core.DatasetBuilder) -> None:
+    """Logs `skipped_summary` once per dataset and process: each split a run opens (train,
+    eval, a second evaluation) reads the same metadata, and preparing it warned already."""
+    key = _report_key(builder)
+    if key in _reported:
+        return
+    _reported.add(key)
+    summary = skipped_summary(builder)
+    if summary:
+        logging.warning(summary)
+
+
 def skipped_summary(builder: tfds.core.DatasetBuilder) -> str:
     """One line about what preparation skipped ("" if nothing)."""
     md = builder.info.metadata or {}
-    parts = [f"{md[k]} {k.removeprefix('skipped_').replace('_', '-')}" for k in
-             ("skipped_non_utf8", "skipped_blank") if md.get(k)]
+    unit = {"file": "file(s)", "paragraph": "paragraph(s)", "line": "line(s)"}[
+        getattr(builder.builder_config, "document_per", "file")]
+    parts = [f"{md[k]} {what} {unit}" for k, what in
+             (("skipped_non_utf8", "non-UTF-8"), ("skipped_blank", "blank")) if md.get(k)]
     return f"{builder.data_dir}: preparation skipped " + ", ".join(parts) if parts else ""

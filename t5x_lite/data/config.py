@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 from t5x_lite.data import local_files
 from t5x_lite.data import objectives
+from t5x_lite.data import span_corruption
 from t5x_lite.errors import UserError
 
 SOURCES = ("default", "text", "jsonl", "tsv", "tfds")
@@ -99,6 +100,14 @@ class DataConfig:
         for ok, message in checks:
             if not ok:
                 raise DataConfigError(f"Invalid data config: {message}")
+        if self.objective == "span_corruption":
+            # Too-dense noise or short targets otherwise fail only at the first batch.
+            try:
+                span_corruption.check_settings(self.inputs_length, self.targets_length,
+                                               self.noise_density, self.mean_noise_span_length,
+                                               self.extra_ids)
+            except span_corruption.SpanCorruptionError as e:
+                raise DataConfigError(f"Invalid data config: {e}") from None
 
     @property
     def family(self) -> str:

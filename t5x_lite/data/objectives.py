@@ -278,17 +278,8 @@ def apply_objective(ds: grain.IterDataset, objective: str, vocab: Vocabulary, *,
         raise ObjectiveError(f"unknown pack_method {pack_method!r}; use 'first_fit' or 'concat'")
 
     if objective == "span_corruption":
-        raw_length, max_targets = sc.random_spans_helper(inputs_length, noise_density,
-                                                         mean_noise_span_length)
-        if max_targets > targets_length:
-            raise ObjectiveError(
-                f"span corruption of {inputs_length} inputs makes targets of {max_targets} "
-                f"tokens but targets_length={targets_length}; set targets_length={max_targets}")
-        needed = sc.num_noise_spans(raw_length, noise_density, mean_noise_span_length)
-        if needed > vocab.extra_ids:
-            raise sc.SpanCorruptionError(
-                f"span corruption of {raw_length}-token chunks needs {needed} sentinels but the "
-                f"vocabulary has extra_ids={vocab.extra_ids}")
+        raw_length, _ = sc.check_settings(inputs_length, targets_length, noise_density,
+                                          mean_noise_span_length, vocab.extra_ids)
         ds = packing.ChunkTokensIterDataset(ds.map(TakeTokens()), raw_length)
         ds = ds.random_map(SpanCorrupt(vocab, noise_density, mean_noise_span_length), seed=seed)
     elif objective == "seq2seq":

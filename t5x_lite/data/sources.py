@@ -77,7 +77,7 @@ def _builder_split(builder, split: str):
         hint = ""
         if split.startswith(builders.VALIDATION) and builders.VALIDATION not in available:
             hint = ("; set data.validation_paths, or data.validation_fraction > 0 with more "
-                    "than one document")
+                    "than one distinct document")
         raise DataConfigError(f"{builder.name}: no split {split!r} (available: {available})"
                               f"{hint}") from e
 
@@ -147,7 +147,8 @@ def prepare_builder(cfg: DataConfig):
             cfg.source, paths=cfg.paths, train_paths=cfg.train_paths,
             validation_paths=cfg.validation_paths, validation_fraction=cfg.validation_fraction,
             document_per=cfg.document_per, text_key=cfg.text_key, inputs_key=cfg.inputs_key,
-            targets_key=cfg.targets_key, strict_utf8=cfg.strict_utf8)
+            targets_key=cfg.targets_key, strict_utf8=cfg.strict_utf8,
+            data_dir=cfg.data_dir or None)
     except FileNotFoundError as e:
         raise DataConfigError(f"data.source={cfg.source!r}: {e}") from None
     return builders.prepare_local_files(config, cfg.data_dir or None)
@@ -158,11 +159,7 @@ def make_source(cfg: DataConfig, split: str) -> Source:
     if cfg.source == "tfds":
         return _tfds_source(cfg, split)
     builder = prepare_builder(cfg)
-    summary = builders.skipped_summary(builder)
-    if summary:
-        from absl import logging
-
-        logging.warning(summary)
+    builders.report_skipped(builder)
     kind = builder.info.metadata["kind"]
     src = _builder_split(builder, _local_split_name(cfg, split))
     return Source(src, RecordDecoder(kind), f"{builder.name}/{builder.builder_config.name} {split}")

@@ -38,23 +38,87 @@ def random_spans_helper(inputs_length: int = 512, noise_density: float = 0.15,
         raise SpanCorruptionError(f"inputs_length must be >= 2, got {inputs_length}")
 
     def lengths(tokens_length):
-        return corrupted_lengths(tokens_length, noise_density, mean_noise_span_length)
+        return _t5_lengths(tokens_length, noise_density, mean_noise_span_length)
 
-    tokens_length = inputs_length - 1
-    while lengths(tokens_length + 1)[0] <= inputs_length:
-        tokens_length += 1
-    inputs_out, targets_length = lengths(tokens_length)
+    # T5 steps one length at a time; blocks of lengths at once give the same answer without
+    # a long Python loop for extreme densities (0.999 with long spans: ~1000x inputs_length).
+    start, block = inputs_length, max(inputs_length, 1024)
+    while True:
+        over = np.flatnonzero(lengths(np.arange(start, start + block))[0] > inputs_length)
+        if over.size:
+            tokens_length = start + int(over[0]) - 1
+            break
+        start += block
+    inputs_out, targets_length = (int(x) for x in lengths(tokens_length))
     # T5's hack: with density 0.5 make targets no longer than the (round) inputs length.
     if noise_density == 0.5 and targets_length > inputs_out:
         tokens_length -= 1
-        targets_length = max(targets_length - 1, lengths(tokens_length)[1])
+        targets_length = max(targets_length - 1, int(lengths(tokens_length)[1]))
     return tokens_length, targets_length
 
 
-def _num_noise_tokens(length: int, noise_density: float) -> int:
-    """T5's noise token count for `length` >= 2 tokens (float32, at least 1, at most length-1)."""
-    num_noise = int(np.round(np.float32(length) * np.float32(noise_density)))
-    return min(max(num_noise, 1), length - 1)
+def check_settings(inputs_length: int, targets_length: int, noise_density: float = 0.15,
+                   mean_noise_span_length: float = 3.0,
+                   extra_ids: int | None = None) -> tuple[int, int]:
+    """Checks that span corruption can fill rows of these lengths, before any data is read.
+
+    Raises:
+        SpanCorruptionError: one line naming the `data.*` keys and values when the settings
+            are too dense for the chunk length (more noise spans than non-noise tokens to
+            separate them), make longer targets than `targets_length`, or need more
+            sentinels than `extra_ids` (None: not checked).
+
+    Returns:
+        `random_spans_helper(inputs_length, ...)`: (raw tokens per chunk, targets length).
+    """
+    raw, needed_targets = random_spans_helper(inputs_length, noise_density,
+                                              mean_noise_span_length)
+    settings = (f"data.noise_density={noise_density} with "
+                f"data.mean_noise_span_length={mean_noise_span_length}")
+    num_noise = _num_noise_tokens(max(raw, 2), noise_density)
+    wanted = _t5_num_spans(raw, noise_density, mean_noise_span_length)
+    if raw >= 2 and wanted > raw - num_noise:  # 1 token: no noise (see corrupted_lengths)
+        raise SpanCorruptionError(
+            f"{settings} is too dense for data.inputs_length={inputs_length}: a {raw}-token "
+            f"chunk needs {wanted} noise spans but has only {raw - num_noise} non-noise tokens "
+            "to separate them; lower data.noise_density or raise data.mean_noise_span_length")
+    if needed_targets > targets_length:
+        raise SpanCorruptionError(
+            f"span corruption of data.inputs_length={inputs_length} ({settings}) makes targets "
+            f"of {needed_targets} tokens but data.targets_length={targets_length}; set "
+            f"data.targets_length={needed_targets}")
+    spans = num_noise_spans(raw, noise_density, mean_noise_span_length)
+    if extra_ids is not None and spans > extra_ids:
+        raise SpanCorruptionError(
+            f"span corruption of {raw}-token chunks (data.inputs_length={inputs_length}, "
+            f"{settings}) needs {spans} sentinels but the vocabulary has extra_ids={extra_ids}; "
+            "raise data.extra_ids or lower data.inputs_length")
+    return raw, needed_targets
+
+
+def _num_noise_tokens(length, noise_density: float):
+    """T5's noise token count for `length` >= 2 tokens (float32, at least 1, at most length-1);
+    `length` may be an array."""
+    num_noise = np.round(np.float32(length) * np.float32(noise_density)).astype(np.int64)
+    num_noise = np.minimum(np.maximum(num_noise, 1), np.asarray(length) - 1)
+    return int(num_noise) if np.ndim(num_noise) == 0 else num_noise
+
+
+def _t5_num_spans(length, noise_density: float, mean_noise_span_length: float):
+    """T5's number of noise spans (`length` >= 2 or an array of such)."""
+    num_noise = _num_noise_tokens(np.maximum(length, 2), noise_density)
+    spans = np.round(np.float32(num_noise) / np.float32(mean_noise_span_length)).astype(np.int64)
+    spans = np.maximum(spans, 1)
+    return int(spans) if np.ndim(spans) == 0 else spans
+
+
+def _t5_lengths(length, noise_density: float, mean_noise_span_length: float):
+    """(inputs, targets) with EOS by T5's span count (`length` an int or an array of ints >= 2)."""
+    if np.ndim(length) == 0 and length < 2:
+        return corrupted_lengths(length)
+    num_noise = _num_noise_tokens(length, noise_density)
+    spans = _t5_num_spans(length, noise_density, mean_noise_span_length)
+    return length - num_noise + spans + 1, num_noise + spans + 1
 
 
 def corrupted_lengths(length: int, noise_density: float = 0.15,
@@ -69,9 +133,16 @@ def corrupted_lengths(length: int, noise_density: float = 0.15,
 
 def num_noise_spans(length: int, noise_density: float = 0.15,
                     mean_noise_span_length: float = 3.0) -> int:
-    """Number of noise spans (= sentinels used) T5 draws for a sequence of `length` tokens."""
-    num_noise = _num_noise_tokens(max(length, 2), noise_density)
-    return max(int(np.round(np.float32(num_noise) / np.float32(mean_noise_span_length))), 1)
+    """Number of noise spans (= sentinels used) T5 draws for a sequence of `length` tokens.
+
+    Capped at the non-noise tokens that must separate the spans: T5's count can exceed them
+    for a short sequence at a high density (e.g. 3 tokens at 0.5, spans of 1), which only the
+    last, short chunk of a finite stream can be (`check_settings` refuses settings whose
+    full-length chunks would need the cap).
+    """
+    length = max(length, 2)
+    return min(_t5_num_spans(length, noise_density, mean_noise_span_length),
+               length - _num_noise_tokens(length, noise_density))
 
 
 def _random_segmentation(num_items: int, num_segments: int, rng: np.random.Generator):
@@ -88,17 +159,14 @@ def random_spans_noise_mask(length: int, rng: np.random.Generator, noise_density
 
     Returns:
         mask_L, True on noise tokens. round(length * density) of them (at least 1, at most
-        length - 1), in max(round(num_noise / mean_span), 1) spans; the mask starts non-noise.
+        length - 1), in max(round(num_noise / mean_span), 1) spans (no more than the non-noise
+        tokens: see `num_noise_spans`); the mask starts non-noise.
     """
     orig_length = length
     length = max(length, 2)  # as T5: avoid degeneracy for 1-token sequences
     num_noise = _num_noise_tokens(length, noise_density)
     num_spans = num_noise_spans(length, noise_density, mean_noise_span_length)
     num_nonnoise = length - num_noise
-    if num_spans > num_nonnoise:
-        raise SpanCorruptionError(
-            f"{length} tokens at noise_density={noise_density} need {num_spans} noise spans but "
-            f"only {num_nonnoise} non-noise tokens separate them; lower noise_density")
     noise_lengths = _random_segmentation(num_noise, num_spans, rng)
     nonnoise_lengths = _random_segmentation(num_nonnoise, num_spans, rng)
     interleaved = np.stack([nonnoise_lengths, noise_lengths], axis=1).reshape(-1)
