@@ -223,6 +223,7 @@ def test_bad_inputs_give_one_line_and_write_nothing(task):
     (d / "data" / "docs.txt").write_text("some text\n\nmore text\n")
     docs = config.copy_and_resolve_references()
     docs.data.source, docs.data.objective = "text", "span_corruption"
+    docs.data.extra_ids = 100  # sentinels, or the config itself is refused
     docs.data.train_paths = docs.data.validation_paths = (str(d / "data" / "docs.txt"),)
     with pytest.raises(PredictionError, match=r"text documents.*\(give --few_shot_queries="):
         run(docs, wd, EvalSettings(few_shot=FewShotOptions(k=0)))
