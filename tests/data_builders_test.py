@@ -122,6 +122,20 @@ def test_utf8_byte_order_mark_is_not_text(tmp_path):
         {"inputs": "q1", "targets": "a1"}, {"inputs": "q2", "targets": "a2"}]
 
 
+def test_lines_ended_by_cr_only_are_lines(tmp_path):
+    # Classic Mac OS files end lines in CR alone: they were one line (and one JSON error).
+    (tmp_path / "mac.txt").write_bytes(b"one\rtwo\r\rthree\r")
+    for per, docs in {"line": ["one", "two", "three"], "paragraph": ["one\ntwo", "three"]}.items():
+        assert [r["text"] for _, r in local_files.read_file(
+            tmp_path / "mac.txt", "text", document_per=per)] == docs, per
+    (tmp_path / "mac.jsonl").write_bytes(b'{"text": "a b"}\r{"text": "c"}\r')
+    b = _prepare(tmp_path, "jsonl", train_paths=[str(tmp_path / "mac.jsonl")])
+    assert [r["text"] for r in _read_all(b, "train")] == ["a b", "c"]
+    (tmp_path / "mac.tsv").write_bytes(b"q1\ta1\rq2\ta2")
+    assert [r for _, r in local_files.read_file(tmp_path / "mac.tsv", "tsv", kind="pairs")] == [
+        {"inputs": "q1", "targets": "a1"}, {"inputs": "q2", "targets": "a2"}]
+
+
 def test_paragraph_line_numbers(tmp_path):
     (tmp_path / "a.txt").write_bytes(b"\n\none\r\n\r\n\r\n\r\n  two\n2b\n \t\n\n\n\nthree\n\n")
     counts = local_files.ReadCounts()

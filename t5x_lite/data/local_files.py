@@ -9,7 +9,7 @@ Formats:
 
 Encodings: gzip, bzip2 and xz files (told by their first bytes, not their names) are
 decompressed; a UTF-8 byte order mark is dropped; UTF-16 / UTF-32 files with a byte order mark
-are decoded. A NUL byte in the first 8000 bytes (git's test for binary files) means UTF-16
+are decoded; a file without LF whose lines end in CR (classic Mac OS) has its CRs read as LFs. A NUL byte in the first 8000 bytes (git's test for binary files) means UTF-16
 without a byte order mark or a binary file, and raises `DataFormatError` (one line) rather than
 turning it into documents of NULs and fragments; so do zip / zstd files.
 
@@ -37,8 +37,9 @@ from t5x_lite.errors import UserError
 
 # Part of the prepared datasets' cache key: bump when the records read from the same files
 # change (2: a UTF-8 byte order mark is dropped; 3: compressed and UTF-16/32 files are
-# decoded), so no stale prepared copy is reused.
-READER_VERSION = 3
+# decoded; 4: lines of a file that ends them in CR only are lines), so no stale prepared copy
+# is reused.
+READER_VERSION = 4
 FORMATS = ("text", "jsonl", "tsv")
 DOCUMENT_PER = ("file", "paragraph", "line")
 _PARAGRAPH_BREAK = re.compile(rb"\r?\n[ \t]*\r?\n")
@@ -155,6 +156,8 @@ def read_utf8_bytes(path: epath.Path, *, refuse_binary: bool = True) -> bytes:
     # A UTF-8 byte order mark (Windows editors) is not text: it would start the first
     # document / TSV input, and makes the first JSONL line invalid JSON.
     raw = raw.removeprefix(codecs.BOM_UTF8)
+    if b"\n" not in raw and b"\r" in raw:  # classic Mac OS line ends: one line otherwise
+        raw = raw.replace(b"\r", b"\n")
     if refuse_binary:
         check_not_binary(path, raw)
     return raw
@@ -180,7 +183,7 @@ def _iter_utf8_lines(path: epath.Path) -> Iterator[bytes]:
 
 def _utf8_lines(path, stream) -> Iterator[bytes]:
     first = stream.readline(_BINARY_SNIFF_BYTES)
-    if _wide_encoding(first):  # rare: decode the whole file
+    if _wide_encoding(first) or b"\n" not in first and b"\r" in first:  # rare: whole file
         yield from read_utf8_bytes(path).split(b"\n")
         return
     first = first.removeprefix(codecs.BOM_UTF8)
