@@ -15,7 +15,8 @@ from t5x_lite.transformer import Stack, make_norm, segment_mask
 
 
 class Bert(nn.Module):
-    """Bidirectional encoder + MLM head (dense, GELU, norm, tied output + bias)."""
+    """Bidirectional encoder + MLM head (dense, GELU, norm, tied output + bias; the config
+    refuses an untied one)."""
 
     config: ModelConfig
     decode: bool = False  # accepted for a uniform constructor; an encoder never decodes
@@ -31,7 +32,7 @@ class Bert(nn.Module):
             encoder_positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         embedder = Embed(cfg.vocab_size, cfg.d_model, dtype, stddev=0.02, name="token_embedder")
         x = embedder(tokens_BxT)
-        if cfg.position == "learned":
+        if cfg.position == "learned":  # "rope" rotates queries and keys in attention
             x = x + LearnedPositions(cfg.max_len, cfg.d_model, name="position_embedder")(
                 encoder_positions).astype(dtype)
         x = make_norm(cfg, "embedding_norm")(x)

@@ -11,6 +11,7 @@ import numbers
 from typing import Any, Mapping
 
 import jax.numpy as jnp
+from absl import logging
 
 from t5x_lite.errors import UserError
 
@@ -23,14 +24,32 @@ MLP_ACTIVATIONS = {
     "swiglu": ("silu", "linear"),
     "gated-silu": ("silu", "linear"),
 }
-POSITIONS = ("relative", "learned", "rope")
+POSITIONS = ("relative", "learned", "rope", "none")
+# The position schemes each family builds, its default first. T5 has only its relative position
+# bias; a decoder-only model may have none at all (the causal mask alone tells positions apart,
+# "NoPE"); an encoder without positions would see a bag of words.
+FAMILY_POSITIONS = {"t5": ("relative",), "gpt": ("learned", "rope", "none"),
+                    "bert": ("learned", "rope")}
 NORMS = ("rms", "layer")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "dot_product_attention")
 
 
 _FIELD_TYPES = {"bool": (bool,), "float": (numbers.Real,), "int": (numbers.Integral,),
-                "int | None": (numbers.Integral, type(None)), "str": (str,)}
+                "int | None": (numbers.Integral, type(None)), "str": (str,),
+                "str | None": (str, type(None))}
+
+# Settings that older versions accepted and ignored for a family: (family, key, value, what the
+# model was built as). A saved config holding one (an old checkpoint) is read as the model it
+# trained (`from_dict`); anything new must say what it means (ModelConfig refuses them).
+_IGNORED_BEFORE = (
+    ("gpt", "position", "relative", "none"),  # a GPT never had a relative position bias
+    ("t5", "position", "learned", "relative"),  # T5 built no position table
+    ("bert", "tie_embeddings", False, True),  # BERT's MLM output was always the embedding
+    ("gpt", "scale_logits", True, False),  # only T5's head scales
+    ("bert", "scale_logits", True, False),
+)
+_warned: set[str] = set()
 
 
 class ConfigError(UserError):
@@ -56,15 +75,15 @@ class ModelConfig:
     mlp: str = "relu"
     norm: str = "rms"
     norm_eps: float = 1e-6
-    position: str = "relative"
-    relative_buckets: int = 32
+    position: str | None = None  # None = the family's default, FAMILY_POSITIONS[family][0]
+    relative_buckets: int = 32  # T5 only, as relative_max_distance
     relative_max_distance: int = 128
-    max_len: int = 1024  # learned positions table size / RoPE table length hint
+    max_len: int = 1024  # learned positions table size; the longest prompt decoding takes
     rope_theta: float = 10000.0
     attention_scale: bool = False  # multiply q.k by 1/sqrt(head_dim) (GPT); T5 folds it into init
     use_bias: bool = False  # biases on projections (GPT-2)
-    tie_embeddings: bool = True
-    scale_logits: bool = False  # multiply final hidden states by d_model**-0.5 (T5 v1.0)
+    tie_embeddings: bool = True  # BERT: always (its MLM output is the embedding)
+    scale_logits: bool = False  # multiply final hidden states by d_model**-0.5 (T5 v1.0 only)
     dropout_rate: float = 0.0
     dtype: str = "float32"  # compute dtype; params are always float32
     scan_layers: bool = False
@@ -80,10 +99,17 @@ class ModelConfig:
             if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
                 raise ConfigError(f"Invalid model config: {f.name} must be {f.type}, got "
                                   f"{value!r}")
+        if self.position is None and self.family in FAMILY_POSITIONS:
+            object.__setattr__(self, "position", FAMILY_POSITIONS[self.family][0])
+        t5 = self.family == "t5"
+        supported = FAMILY_POSITIONS.get(self.family, POSITIONS)
         checks = [
             (self.family in FAMILIES, f"family must be one of {FAMILIES}, got {self.family!r}"),
             (self.mlp in MLP_ACTIVATIONS, f"mlp must be one of {tuple(MLP_ACTIVATIONS)}, got {self.mlp!r}"),
             (self.position in POSITIONS, f"position must be one of {POSITIONS}, got {self.position!r}"),
+            (self.position in supported,
+             f"position={self.position!r} is not supported for family {self.family!r}; "
+             f"supported: {', '.join(map(repr, supported))}"),
             (self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}"),
             (self.remat in REMAT_POLICIES, f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}"),
             (self.attention_impl in ATTENTION_IMPLS,
@@ -91,13 +117,31 @@ class ModelConfig:
             (self.dtype in ("float32", "bfloat16", "float16"),
              f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}"),
             (min(self.vocab_size, self.d_model, self.num_heads, self.head_dim, self.d_ff,
-                 self.num_layers) > 0, "sizes (vocab_size, d_model, num_heads, head_dim, d_ff, "
-             "num_layers) must all be positive"),
+                 self.num_layers, self.max_len) > 0, "sizes (vocab_size, d_model, num_heads, "
+             "head_dim, d_ff, num_layers, max_len) must all be positive"),
+            (self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}"),
             (not (self.position == "rope" and self.head_dim % 2), "rope needs an even head_dim"),
+            (self.position != "rope" or self.rope_theta > 0,
+             f"rope_theta must be > 0, got {self.rope_theta}"),
+            # Fewer buckets leave the encoder's bidirectional half no exact bucket; a distance
+            # not past the decoder's exact buckets makes the log spacing divide by log(<= 1).
+            (not t5 or self.relative_buckets >= 4,
+             f"relative_buckets must be >= 4, got {self.relative_buckets}"),
+            (not t5 or self.relative_max_distance > self.relative_buckets // 2,
+             f"relative_max_distance must be > relative_buckets // 2 = "
+             f"{self.relative_buckets // 2}, got {self.relative_max_distance}"),
             (self.causal_blocks >= 1, f"causal_blocks must be >= 1, got {self.causal_blocks}"),
             (0.0 <= self.dropout_rate < 1.0, f"dropout_rate must be in [0, 1), got {self.dropout_rate}"),
-            (self.family == "t5" or self.num_decoder_layers in (None, self.num_layers),
+            (t5 or self.num_decoder_layers in (None, self.num_layers),
              "num_decoder_layers only applies to family 't5'"),
+            (self.num_decoder_layers is None or self.num_decoder_layers > 0,
+             f"num_decoder_layers must be positive (or None), got {self.num_decoder_layers}"),
+            (self.family != "bert" or self.tie_embeddings,
+             "tie_embeddings=False is not supported for family 'bert' (its MLM output is "
+             "always the token embedding); set tie_embeddings=True"),
+            (t5 or not self.scale_logits,
+             f"scale_logits=True only applies to family 't5' (T5 v1.0's head), not "
+             f"{self.family!r}; set scale_logits=False"),
         ]
         for ok, message in checks:
             if not ok:
@@ -116,13 +160,38 @@ class ModelConfig:
         return self.family == "t5"
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-        """Builds from a dict or ConfigDict; unknown keys are an error (typos must not pass)."""
+    def from_dict(cls, d: Mapping[str, Any], *, upgrade: bool = True) -> "ModelConfig":
+        """Builds from a dict or ConfigDict; unknown keys are an error (typos must not pass).
+
+        With `upgrade`, a setting older versions accepted and ignored (`_IGNORED_BEFORE`, e.g.
+        a saved GPT config with position='relative', which built no positions) is read as the
+        model it built, with a warning, so old checkpoints load; without it (a new run,
+        training.run_checks) it is an error like any unsupported setting, which says what to
+        set instead.
+        """
         d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"Unknown model config keys {unknown}; known: {sorted(names)}")
+        for family, key, old, built in _IGNORED_BEFORE:
+            value = d.get(key)
+            if d.get("family") != family or value != old or type(value) is not type(old):
+                continue
+            if not upgrade:
+                try:
+                    cls(**d)
+                except ConfigError as e:
+                    raise ConfigError(f"{e} (older versions ignored {key}={old!r} and built "
+                                      f"{key}={built!r}: set that to train on from a "
+                                      "checkpoint saved with it)") from None
+            d[key] = built
+            message = (f"model.{key}={old!r} is not supported for family {family!r}; older "
+                       f"versions ignored it and built {key}={built!r}, so this config is read "
+                       f"as that (set {key}={built!r} to silence this)")
+            if message not in _warned:
+                _warned.add(message)
+                logging.warning("%s", message)
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:

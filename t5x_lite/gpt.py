@@ -63,6 +63,8 @@ class GPT(nn.Module):
         embedder = Embed(cfg.vocab_size, cfg.d_model, cfg.compute_dtype, stddev=0.02,
                          name="token_embedder")
         x = embedder(tokens_BxT)
+        # "rope" rotates queries and keys in attention; "none" (NoPE) leaves positions to what
+        # the causal mask reveals.
         if cfg.position == "learned":
             x = x + LearnedPositions(cfg.max_len, cfg.d_model, name="position_embedder")(
                 decoder_positions).astype(x.dtype)

@@ -8,7 +8,7 @@ import pytest
 from t5x_lite import partitioning
 from t5x_lite.config import ModelConfig
 from t5x_lite.models import LossConfig, build_model
-from t5x_lite.training import optimizers, testing, train_state, train_step
+from t5x_lite.training import optimizers, run_checks, testing, train_state, train_step
 
 
 def _setup(family="t5", **opt):
@@ -113,3 +113,53 @@ def test_bad_loss_normalizer():
     model, tx, schedule = _setup("gpt")
     with pytest.raises(train_step.TrainStepError, match="loss_normalizer"):
         train_step.make_train_step(model, tx, schedule, loss_normalizer="sequences")
+
+
+# Start-up checks (training.run_checks): a model that cannot train on its data is refused before
+# anything is built or written, in one line naming the keys.
+
+def test_rows_longer_than_learned_positions_are_refused_before_training(tmp_path):
+    from t5x_lite.training.trainer import TrainingError, train
+    cfg = testing.tiny_config("gpt")  # max_len 32
+    cfg.data.seq_len = 64  # positions 32..63 would read NaN embeddings, then "diverge"
+    with pytest.raises(TrainingError, match=r"^data\.seq_len=64 is longer than model\.max_len="
+                                            r"32, the model's learned position table"):
+        train(cfg, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+    cfg.data.seq_len = 32
+    run_checks.check_loop_numbers(cfg, TrainingError)  # the table's length exactly: fine
+
+
+def test_length_check_follows_the_family_and_position():
+    from t5x_lite import config as mc
+    cfg = testing.tiny_config("gpt")
+    cfg.data.seq_len = 64
+    cfg.model = mc.gpt2(**{**cfg.model.to_dict(), "position": "rope"}).to_dict()
+    run_checks.check_loop_numbers(cfg, ValueError)  # RoPE has no table to run past
+    cfg.model = mc.bert(vocab_size=8192, d_model=32, num_heads=2, head_dim=16, d_ff=64,
+                        num_layers=1, max_len=32).to_dict()
+    cfg.data.objective, cfg.data.inputs_length = "mlm", 48
+    with pytest.raises(ValueError, match=r"^data\.inputs_length=48 is longer than "
+                                         r"model\.max_len=32"):
+        run_checks.check_loop_numbers(cfg, ValueError)
+
+
+def test_settings_the_model_ignores_and_foreign_objectives_are_refused():
+    cfg = testing.tiny_config("gpt")
+    cfg.model.position = "relative"  # what a bare ModelConfig(family="gpt") used to hold
+    with pytest.raises(ValueError, match="position='relative' is not supported for family 'gpt'"
+                                         ".*set that to train on from a checkpoint saved with it"):
+        run_checks.check_loop_numbers(cfg, ValueError)
+    cfg = testing.tiny_config("gpt")
+    cfg.data.objective = "span_corruption"  # used to train a GPT on the targets alone
+    with pytest.raises(ValueError, match="data.objective='span_corruption' does not fit "
+                                         "model.family='gpt'"):
+        run_checks.check_loop_numbers(cfg, ValueError)
+
+
+def test_estimate_refuses_what_the_trainer_refuses():
+    from t5x_lite import estimate
+    cfg = testing.tiny_config("gpt")
+    cfg.data.seq_len = 64
+    with pytest.raises(estimate.EstimateError, match=r"data\.seq_len=64 is longer than"):
+        estimate.estimate(cfg, mesh=(1, 1, 1))

@@ -1,5 +1,5 @@
-"""Guards around the training loop: workdir/config compatibility, divergence, preemption, and
-the per-window metric summary.
+"""Guards around the training loop: workdir/config compatibility, a model that fits its data,
+divergence, preemption, and the per-window metric summary.
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from absl import logging
 from etils import epath
 
 from t5x_lite import checkpoints
-from t5x_lite.config import ModelConfig
+from t5x_lite.config import ConfigError, ModelConfig
+from t5x_lite.data import objectives
 from t5x_lite.errors import UserError
 
 
@@ -47,8 +48,9 @@ def check_workdir_config(workdir, config, override: bool) -> None:
 
 
 def check_loop_numbers(config, error: type[UserError]) -> None:
-    """Raises `error` for loop settings the trainer cannot run: counts below their least
-    value, a batch that microbatches do not divide (trainer and estimate check the same)."""
+    """Raises `error` for settings the trainer cannot run: counts below their least value, a
+    batch that microbatches do not divide, and a model that cannot train on the data
+    (`check_model_for_data`). Trainer and estimate check the same."""
     tc = config.train
     for key, value, least in (("train.num_steps", int(tc.num_steps), 0),
                               ("train.batch_size", int(tc.batch_size), 1),
@@ -61,6 +63,38 @@ def check_loop_numbers(config, error: type[UserError]) -> None:
     if int(tc.batch_size) % int(tc.microbatches):
         raise error(f"train.batch_size={tc.batch_size} is not divisible by "
                     f"train.microbatches={tc.microbatches}")
+    check_model_for_data(config, error)
+
+
+_FAMILY_OBJECTIVES = {"t5": objectives.ENCODER_DECODER, "gpt": objectives.DECODER_ONLY,
+                      "bert": objectives.ENCODER_ONLY}
+
+
+def check_model_for_data(config, error: type[UserError]) -> None:
+    """Raises `error` for a model a new run cannot train on its data: a setting the model would
+    not use (strict `ModelConfig.from_dict`: what an old saved config may still hold is read
+    leniently when loading, never started anew), an objective that makes another family's
+    batches, or rows longer than the learned position table (positions past it read NaN
+    embeddings: the first step would look like a divergence)."""
+    try:
+        cfg = ModelConfig.from_dict(config.model, upgrade=False)
+    except ConfigError as e:
+        raise error(str(e)) from None
+    data = config.get("data")
+    if data is None:
+        return
+    # Raw values: DataConfig (built later) reports malformed ones in its own words.
+    objective = data.get("objective")
+    if objective in objectives.OBJECTIVES and objective not in _FAMILY_OBJECTIVES[cfg.family]:
+        raise error(f"data.objective={objective!r} does not fit model.family={cfg.family!r}; "
+                    f"its objectives: {', '.join(map(repr, _FAMILY_OBJECTIVES[cfg.family]))}")
+    if cfg.position == "learned":
+        key = "data.seq_len" if cfg.family == "gpt" else "data.inputs_length"
+        length = data.get(key.split(".")[1])
+        if isinstance(length, int) and length > cfg.max_len:
+            raise error(f"{key}={length} is longer than model.max_len={cfg.max_len}, the "
+                        f"model's learned position table; set {key} <= {cfg.max_len} (or, for "
+                        f"a new model, model.max_len >= {length})")
 
 
 def check_finite(fetched, *, saved_steps, workdir) -> None:
