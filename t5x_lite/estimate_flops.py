@@ -92,7 +92,7 @@ def param_count_by_part(cfg: ModelConfig) -> dict[str, int]:
     else:  # bert: embedding norm, encoder, final norm, MLM dense + norm + output bias
         parts["encoder"] = cfg.num_layers * block_params(cfg) + 2 * _norm_params(cfg)
         parts["mlm_head"] = d * d + _norm_params(cfg) + v
-    if not cfg.tie_embeddings and cfg.family != "bert":  # BERT's MLM head is always tied
+    if not cfg.tie_embeddings:  # (a BERT config is always tied: ModelConfig)
         parts["lm_head"] = d * v
     return parts
 

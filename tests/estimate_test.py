@@ -60,13 +60,6 @@ def test_param_count_formula_equals_the_real_tree(path):
     assert sum(ef.param_count_by_part(cfg).values()) == exact
 
 
-def test_param_count_formula_follows_berts_always_tied_head():
-    # Bert ties its MLM output to the embedding whatever tie_embeddings says.
-    cfg = ModelConfig.from_dict({**load_config("tiny_bert").model.to_dict(),
-                                 "tie_embeddings": False})
-    assert ef.param_count_formula(cfg) == ef.count_params(build_model(cfg))
-
-
 def test_abstract_count_equals_materialized_params():
     cfg = ModelConfig.from_dict(load_config("tiny_t5").model)
     model = build_model(cfg)
