@@ -203,9 +203,9 @@ class ModelConfig:
     def shape_signature(self) -> dict[str, Any]:
         """The fields that decide parameter shapes (a checkpoint must match these)."""
         keys = ("family", "vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_layers",
-                "mlp", "norm", "position", "relative_buckets", "use_bias", "tie_embeddings",
-                "scan_layers")
+                "mlp", "norm", "position", "use_bias", "tie_embeddings", "scan_layers")
         sig = {k: getattr(self, k) for k in keys}
+        sig["relative_buckets"] = self.relative_buckets if self.family == "t5" else None
         sig["decoder_layers"] = self.decoder_layers if self.family == "t5" else None
         sig["max_len"] = self.max_len if self.position == "learned" else None
         return sig

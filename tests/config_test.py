@@ -182,3 +182,11 @@ def test_relative_bucket_bounds_are_exactly_what_the_bucketing_needs(buckets):
     with pytest.raises(mc.ConfigError):
         mc.t5_1_1(relative_buckets=buckets, relative_max_distance=least - 1, **SMALL)
     assert not in_range(least - 1)
+
+
+def test_shape_signature_holds_relative_buckets_for_t5_only():
+    # The bias table has relative_buckets rows in T5; GPT and BERT build none, so a changed
+    # count there is no shape change (it was reported as one).
+    for preset, differs in ((mc.t5_1_1, True), (mc.gpt2, False), (mc.bert, False)):
+        a, b = (preset(vocab_size=64, relative_buckets=n) for n in (32, 16))
+        assert (a.shape_signature() != b.shape_signature()) == differs, preset
