@@ -27,6 +27,7 @@ the token embedding [vocab, embed] used by `attend`) contracts `embed`. A leadin
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 from typing import Any, NamedTuple
 
@@ -56,7 +57,23 @@ def section_config(cls, section, name: str):
     if set(d) - known:
         raise CompressionError(f"Unknown {name} option(s) {sorted(set(d) - known)}; known: "
                                f"{sorted(known)}")
+    for f in dataclasses.fields(cls):  # a wrong type fails here, not as a TypeError later
+        if f.name in d:
+            d[f.name] = _typed(d[f.name], type(f.default), f"{name}.{f.name}")
     return cls(**d)
+
+
+def _typed(value, kind: type, key: str):
+    """`value` as `kind` (bool / int / float / str; an int is a float too), else one line."""
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str)}.get(kind)
+    if ok is None:
+        return value
+    if not ok(value):
+        raise CompressionError(f"{key} must be {kind.__name__}, got {value!r}")
+    return kind(value)
 
 
 def check_pattern(pattern: str, key: str) -> None:
@@ -290,7 +307,9 @@ def from_config(config, mesh, rules, workdir=None) -> Plugin:
     config.json, else the checkpoint's step now, written into `config` so the run keeps it.
 
     Raises:
-      CompressionError: an unsupported combination (LoRA with distillation or pruning).
+      CompressionError: an unsupported combination (LoRA with distillation or pruning); a
+        resume of `workdir` whose latest checkpoint was trained with other `prune` settings
+        (its masks are in the optimizer state).
     """
     lora_cfg = _section(config, "lora")
     distill_cfg = _section(config, "distill")
@@ -304,11 +323,12 @@ def from_config(config, mesh, rules, workdir=None) -> Plugin:
     if lora_cfg is not None:
         from t5x_lite import lora
         return lora.LoraPlugin(lora.pin_base_step(config, workdir), mesh, rules)
+    from t5x_lite import pruning
+    prune = pruning.PruneConfig.from_dict(prune_cfg) if prune_cfg is not None else None
+    pruning.check_resume(prune, workdir)  # the checkpoint's masks: the same settings
     plugin = Plugin()
-    if prune_cfg is not None:
-        from t5x_lite import pruning
-        plugin = pruning.PruningPlugin(pruning.PruneConfig.from_dict(prune_cfg),
-                                       int(config.train.num_steps))
+    if prune is not None:
+        plugin = pruning.PruningPlugin(prune, int(config.train.num_steps))
     if distill_cfg is not None:
         from t5x_lite import distillation
         plugin = distillation.DistillPlugin(distillation.pin_teacher_step(config, workdir),

@@ -22,6 +22,7 @@ Shape legend: B batch, T length, V vocab.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -43,12 +44,14 @@ class DistillConfig:
     label_weight: float = 0.5
 
     def __post_init__(self):
-        if self.temperature <= 0:
-            raise compression.CompressionError(f"distill.temperature must be positive, got "
-                                               f"{self.temperature}")
-        if self.kl_weight < 0 or self.label_weight < 0:
-            raise compression.CompressionError("distill.kl_weight and distill.label_weight must "
-                                               "be >= 0")
+        if not 0 < self.temperature < math.inf:  # also NaN
+            raise compression.CompressionError(f"distill.temperature must be positive and "
+                                               f"finite, got {self.temperature}")
+        weights = (self.kl_weight, self.label_weight)
+        if not all(0 <= w < math.inf for w in weights) or sum(weights) <= 0:
+            raise compression.CompressionError(
+                f"distill.kl_weight and distill.label_weight must be finite, >= 0 and not both "
+                f"0 (a zero loss trains nothing), got {self.kl_weight} and {self.label_weight}")
 
     @classmethod
     def from_dict(cls, d) -> "DistillConfig":

@@ -135,5 +135,8 @@ def build(arg: str, *, family: str, objective: str, inputs_length: int, targets_
             c.data.paths = (a["train"],)
     c.data.objective = objective
     c.decode.method = "greedy"
-    c.decode.max_new_tokens = targets_length if family == "t5" else 64
+    # GPT: completions keep at least half the row; more new tokens than that would leave a
+    # model with a short max_len (rows = max_len) no room for the prompt when evaluating.
+    c.decode.max_new_tokens = targets_length if family == "t5" else min(
+        64, max(inputs_length // 2, 1))
     return c

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from t5x_lite import compression, selection
+from t5x_lite import checkpoints, compression, selection
 
 STRUCTURES = ("unstructured", "heads", "mlp_units")
 SCOPES = ("global", "layer")
@@ -335,6 +335,35 @@ def prune_optimizer(tx: optax.GradientTransformation, cfg: PruneConfig, axes, nu
         return compression.replace_leaves(updates, new), PruneState(count, masks, inner)
 
     return optax.GradientTransformation(init, update)
+
+
+def check_resume(cfg: PruneConfig | None, workdir) -> None:
+    """Refuses to resume `workdir` with other pruning settings than its latest checkpoint was
+    trained with (`cfg` None: no `prune` section). The masks live in that checkpoint's
+    optimizer state, so a changed sparsity / structure / schedule would silently keep the old
+    masks while config.json recorded the new settings; a section added or dropped would fail
+    later as an optimizer-state mismatch that does not say why."""
+    steps = checkpoints.all_steps(workdir) if workdir is not None else []
+    saved = checkpoints.read_checkpoint_config(workdir, steps[-1]) if steps else None
+    if saved is None:  # nothing to resume, or a params-only checkpoint (no optimizer state)
+        return
+    section = saved.get("prune")
+    active = isinstance(section, dict) and section.get("enabled", True)
+    old = PruneConfig.from_dict(section) if active else None
+    if old == cfg:
+        return
+    where = f"{workdir}/{checkpoints.CHECKPOINT_DIR}/{steps[-1]}"
+    if old is None or cfg is None:
+        what = (f"{where} was trained without pruning" if old is None else
+                f"{where} holds pruning masks (prune section {dataclasses.asdict(old)})")
+    else:
+        what = f"{where} was pruned with other settings (" + "; ".join(
+            f"prune.{f.name}: {getattr(old, f.name)!r} -> {getattr(cfg, f.name)!r}"
+            for f in dataclasses.fields(PruneConfig)
+            if getattr(old, f.name) != getattr(cfg, f.name)) + ")"
+    raise compression.CompressionError(
+        f"{what}: resume with the saved prune section, or start a new --workdir with "
+        f"--config.train.init_from={workdir} (its weights, fresh masks)")
 
 
 class PruningPlugin(compression.Plugin):

@@ -58,3 +58,21 @@ def test_from_config_identity_and_combinations():
     cfg.prune.sparsity = 1.5
     with pytest.raises(compression.CompressionError, match="sparsity"):
         compression.from_config(cfg, mesh, rules)
+
+
+@pytest.mark.parametrize("section, values, message", [
+    ("prune", dict(sparsity="0.5"), "prune.sparsity must be float, got '0.5'"),
+    ("prune", dict(frequency=2.5), "prune.frequency must be int, got 2.5"),
+    ("distill", dict(teacher="/t", temperature="2"), "distill.temperature must be float"),
+    ("lora", dict(base="/b", rank=True), "lora.rank must be int, got True"),
+])
+def test_section_values_of_the_wrong_type_are_one_line(section, values, message):
+    """A config file's `prune=dict(sparsity="0.5")` was a TypeError traceback at the first
+    comparison; an int where a float belongs is fine."""
+    from t5x_lite import distillation, lora, pruning
+    cls = {"prune": pruning.PruneConfig, "distill": distillation.DistillConfig,
+           "lora": lora.LoraConfig}[section]
+    with pytest.raises(compression.CompressionError, match=message) as e:
+        cls.from_dict(values)
+    assert "\n" not in str(e.value)
+    assert pruning.PruneConfig.from_dict(dict(sparsity=0, power=2)).power == 2.0

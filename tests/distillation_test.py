@@ -12,7 +12,7 @@ import pytest
 import t5x_lite
 from t5x_lite import checkpoints, compression, distillation, lora, partitioning, pruning
 from t5x_lite import config as model_config
-from t5x_lite.models import build_model
+from t5x_lite.models import LossConfig, build_model
 from t5x_lite.training import testing, train, train_state, train_step
 
 V = 128
@@ -61,6 +61,51 @@ def test_kl_weight_zero_equals_plain_training():
         np.testing.assert_allclose(compression.flat(g_d["student"])[path], g, rtol=1e-5,
                                    atol=1e-7, err_msg=path)
     assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(g_d["teacher"]))  # frozen
+
+
+def test_loss_is_label_ce_plus_t_squared_forward_kl_per_weighted_token():
+    """The objective against numpy from the two models' logits: label_weight * CE +
+    kl_weight * T^2 * KL(teacher || student) at temperature T, per weighted token, over the
+    weight sum. KL(student || teacher) or a missing T^2 would differ by far more than 1e-5."""
+    s_cfg, t_cfg = _gpt(), _gpt(d=64)
+    cfg = distillation.DistillConfig(teacher="unused", kl_weight=0.3, label_weight=0.7,
+                                     temperature=2.5)
+    plain = LossConfig(z_loss=0.0, label_smoothing=0.0)  # the label term is then plain CE
+    model = distillation.DistillModel(build_model(s_cfg, plain), build_model(t_cfg), cfg)
+    params = {"student": _params(s_cfg, 0), "teacher": _params(t_cfg, 1)}
+    batch = _batch()
+    w = np.ones(batch["decoder_target_tokens"].shape, np.float32)
+    w[:, :3], w[0] = 0.0, 0.5
+    batch["decoder_loss_weights"] = w
+    loss, sums = jax.jit(model.loss_fn)(params, batch)
+
+    def log_softmax(x):
+        x = np.asarray(x, np.float64)
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    s_logits = np.asarray(jax.jit(model.logits)(params, batch))
+    t_logits = np.asarray(jax.jit(model.teacher.logits)(params["teacher"], batch))
+    tgt = batch["decoder_target_tokens"]
+    ce = -np.take_along_axis(log_softmax(s_logits), tgt[..., None], -1)[..., 0]
+    log_t, log_s = log_softmax(t_logits / 2.5), log_softmax(s_logits / 2.5)
+    kl = np.sum(np.exp(log_t) * (log_t - log_s), -1)
+    want = (0.7 * np.sum(ce * w) + 0.3 * 2.5**2 * np.sum(kl * w)) / np.sum(w)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    np.testing.assert_allclose(float(sums["loss_sum"]), np.sum(ce * w), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(kl_weight=0.0, label_weight=0.0), "not both 0"),
+    (dict(kl_weight=float("nan")), "must be finite"),
+    (dict(label_weight=-1.0), "must be finite, >= 0"),
+    (dict(temperature=float("nan")), "temperature must be positive and finite"),
+    (dict(temperature=0.0), "temperature must be positive"),
+])
+def test_bad_distill_settings_are_one_line(kw, message):
+    with pytest.raises(compression.CompressionError, match=message) as e:
+        distillation.DistillConfig(teacher="t", **kw)
+    assert "\n" not in str(e.value)
 
 
 def test_student_learns_teacher_outputs_in_train_step():

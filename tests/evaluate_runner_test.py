@@ -163,10 +163,49 @@ def test_few_shot_queries_and_pool_one_file_spelled_two_ways(task, monkeypatch):
     assert metrics["split"] == str(q)
 
 
+def test_few_shot_pool_from_the_eval_split_itself_never_shows_a_query_its_own_answer(task):
+    """data.eval_split == data.train_split: the pool is the query split (and its duplicates)."""
+    d, config, pool = task
+    wd = _workdir(task, "few_shot_same_split", steps=(1,))
+    rows = ["b a\ta b", "c a\ta c", "d a\ta d", "c  a\ta c", "e a\ta e"]  # row 3 = row 1
+    (d / "data" / "small.tsv").write_text("".join(r + "\n" for r in rows))
+    cfg = config.copy_and_resolve_references()
+    cfg.data.train_paths = cfg.data.validation_paths = (str(d / "data" / "small.tsv"),)
+    cfg.data.eval_split = cfg.data.train_split
+    run(cfg, wd, EvalSettings(few_shot=FewShotOptions(k=3, max_new_tokens=1, seed=3)))
+    records = outputs.read_predictions(wd / "eval", 1)
+    twins = {1: {1, 3}, 3: {1, 3}}
+    for r in records:
+        i = r["index"]
+        assert len(set(r["shots"])) == 3 and not set(r["shots"]) & twins.get(i, {i}), r
+
+
+def test_eos_id_comes_from_the_run_config_the_params_come_from(task):
+    """A LoRA run's step 0 is its base's weights: a --config LoRA run evaluated in a workdir
+    without a config.json stops at its converted base's EOS (hf_config.json), as `load` does."""
+    from t5x_lite import convert, lora
+    from t5x_lite.evaluation.runner import Evaluator
+    d, config, pool = task
+    base = _workdir(task, "eos_base")
+    shutil.copytree(pool / "checkpoints" / "1", base / "checkpoints" / "0")
+    (base / convert.HF_SOURCE_CONFIG).write_text('{"eos_token_id": 9}')
+    cfg = config.copy_and_resolve_references()
+    cfg.lora = {"base": str(base), "base_step": 0, "targets": "query", "rank": 2}
+    boxed = jax.eval_shape(lambda: build_model(testing.tiny_t5()).init(jax.random.key(0)))
+    adapters = lora.init_adapters(jax.random.key(1), boxed["params"],
+                                  lora.LoraConfig.from_dict(cfg.lora))
+    adapters_dir = d / "eos_lora"  # checkpoints only: the run config is --config
+    checkpoints.save_params(adapters_dir, nn.meta.unbox(adapters), 0)
+    loaded = Evaluator(cfg, EvalSettings(**FAST)).load(adapters_dir, 0)
+    assert loaded.eos_id == 9
+
+
 def test_bad_settings_and_incomplete_run_configs_are_one_line(task):
     for kw, message in [(dict(poll_interval=-1), "poll_interval must be > 0"),
                         (dict(follow_timeout=-5), "follow_timeout >= 0"),
-                        (dict(name="events"), "must not be 'events'")]:
+                        (dict(name="events"), "must not be 'events'"),
+                        (dict(batch_size=-8), "batch_size and max_new_tokens must be >= 0"),
+                        (dict(max_new_tokens=-1), "batch_size and max_new_tokens must be >= 0")]:
         with pytest.raises(EvalError, match=message):
             EvalSettings(**kw)
     d, config, pool = task
@@ -241,9 +280,12 @@ def test_outputs_are_atomic(tmp_path):
     assert outputs.read_predictions(tmp_path, 5) == [{"prediction": "a"}]
     with pytest.raises(TypeError):
         outputs.write_step(tmp_path, 5, {"step": 5, "bad": object()}, None)
-    # The failed rewrite left the previous metrics intact and no temp files.
+    # The failed rewrite (a value JSON cannot hold) touched nothing: the previous metrics and
+    # predictions are intact, and no temp files.
     assert outputs.read_metrics(tmp_path, 5) == {"step": 5, "loss": 1.0}
-    assert sorted(p.name for p in (tmp_path / "5").iterdir()) == ["metrics.json"]
+    assert outputs.read_predictions(tmp_path, 5) == [{"prediction": "a"}]
+    assert sorted(p.name for p in (tmp_path / "5").iterdir()) == [
+        "metrics.json", "predictions.jsonl"]
     outputs.write_step(tmp_path, 6, {"step": 6, "perplexity": float("inf")}, [])
     assert outputs.read_metrics(tmp_path, 6)["perplexity"] is None
     assert outputs.done_steps(tmp_path) == [5, 6]
@@ -252,6 +294,28 @@ def test_outputs_are_atomic(tmp_path):
     outputs.write_step(tmp_path, 7, {"step": 7}, odd)
     assert "\u2028" in (tmp_path / "7" / outputs.PREDICTIONS_FILE).read_text()
     assert outputs.read_predictions(tmp_path, 7) == odd
+
+
+def test_rewrite_killed_before_its_metrics_leaves_the_step_to_redo(tmp_path, monkeypatch):
+    """--overwrite re-evaluation dying after the new predictions but before the new metrics:
+    the step must not count as done (old metrics beside new predictions would)."""
+    from t5x_lite import files
+    outputs.write_step(tmp_path, 5, {"step": 5, "loss": 2.0}, [{"prediction": "old"}])
+    real = files.write_atomic
+
+    def killed_at_metrics(path, data):
+        if str(path).endswith(outputs.METRICS_FILE):
+            raise OSError("killed")
+        real(path, data)
+
+    monkeypatch.setattr(files, "write_atomic", killed_at_metrics)
+    with pytest.raises(OSError, match="killed"):
+        outputs.write_step(tmp_path, 5, {"step": 5, "loss": 1.0}, [{"prediction": "new"}])
+    assert not outputs.is_done(tmp_path, 5) and outputs.done_steps(tmp_path) == []
+    monkeypatch.setattr(files, "write_atomic", real)
+    outputs.write_step(tmp_path, 5, {"step": 5, "loss": 1.0}, [{"prediction": "new"}])
+    assert outputs.read_metrics(tmp_path, 5)["loss"] == 1.0
+    assert outputs.read_predictions(tmp_path, 5) == [{"prediction": "new"}]
 
 
 def _cli(*args):

@@ -68,6 +68,35 @@ def test_shots_are_seeded_per_query_distinct_and_never_the_query_itself():
         few_shot.draw_shots(len(POOL), 6, 0, 0, exclude=0)
 
 
+def test_draw_shots_equals_a_choice_over_the_allowed_indices():
+    """The draw without building the allowed-index array is numpy's choice over that array."""
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(1, 40))
+        exclude = set(rng.integers(0, n + 3, size=int(rng.integers(0, 6))).tolist())
+        allowed = np.array([i for i in range(n) if i not in exclude])
+        k = int(rng.integers(0, allowed.size + 1))
+        want = (np.random.default_rng([trial, 5]).choice(allowed, size=k, replace=False).tolist()
+                if k else [])
+        assert few_shot.draw_shots(n, k, trial, 5, exclude=exclude) == want
+
+
+def test_a_duplicate_of_the_query_in_the_pool_is_never_a_shot():
+    """A pool example with the query's inputs (here spelled with other whitespace) would put
+    the answer into the prompt; it is excluded like the query itself, whatever the seed."""
+    pool = POOL + [Example(6, "the  file\tfive ", "five")]
+    t = few_shot.FewShotTemplate()
+    for seed in range(10):
+        _, shots = few_shot.build_prompts(QUERIES[1:2], pool, k=6, template=t, seed=seed)
+        assert sorted(shots[0]) == [0, 1, 2, 3, 4, 5]
+    _, shots = few_shot.build_prompts(QUERIES, pool, k=3, template=t, seed=0)
+    assert shots == [few_shot.draw_shots(7, 3, 0, i, exclude={6} if i == 1 else ())
+                     for i in range(3)]
+    with pytest.raises(few_shot.FewShotError, match="only 6 examples"):
+        few_shot.build_prompts(QUERIES[1:2], pool, k=7, template=few_shot.FewShotTemplate(),
+                               seed=0)
+
+
 def test_cut_at_stop():
     assert few_shot.cut_at_stop(" four Q: the value", ["Q:", "|"]) == "four"
     assert few_shot.cut_at_stop("a | b Q:", ["Q:", "|"]) == "a"
@@ -161,6 +190,10 @@ def test_bad_inputs(tmp_path, gpt):
         few_shot.FewShotTemplate("Q: {targets} A: {inputs}")
     with pytest.raises(few_shot.FewShotError, match="k must be >= 0"):
         few_shot.FewShotOptions(k=-1)
+    with pytest.raises(few_shot.FewShotError, match="seed must be >= 0, got -1"):
+        few_shot.FewShotOptions(seed=-1)  # numpy's seeds are not (a traceback before)
+    with pytest.raises(few_shot.FewShotError, match="max_new_tokens must be >= 0"):
+        few_shot.FewShotOptions(max_new_tokens=-2)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"inputs": "a", "targets": "b"}\n{"inputs": "a", "targets": "b", '
                    '"choices": ["c"]}\n')

@@ -73,6 +73,18 @@ def test_init_from_takes_model_vocab_and_extra_ids(gpt_workdir):
         _get_config(CONFIGS[2], f"init_from={gpt_workdir}/missing")
 
 
+def test_gpt_decode_length_leaves_room_for_the_prompt(gpt_workdir):
+    """A GPT of max_len 64: rows of 64 tokens; evaluation decodes at most half a row (64 new
+    tokens left no room for any prompt, so every checkpoint's evaluation failed)."""
+    from t5x_lite.evaluation import predictions
+    c = _get_config(CONFIGS[1], f"init_from={gpt_workdir}")
+    model = ModelConfig.from_dict(c.model)
+    assert c.data.seq_len == model.max_len == 64 and c.decode.max_new_tokens == 32
+    prompt = predictions.gpt_prompt(model, list(range(3, 100)), c.decode.max_new_tokens, True)
+    assert len(prompt) == 64 - (32 - 1)  # the start id and the prompt's last 32 tokens
+    assert _get_config(CONFIGS[1], "").decode.max_new_tokens == 64  # 512-token rows
+
+
 def test_bad_arguments():
     with pytest.raises(finetune_config.FinetuneConfigError, match="bad config argument 'stps=3'"):
         finetune_config.parse_arg("stps=3")

@@ -254,3 +254,32 @@ def test_one_shot_pruning_run_through_trainer(tmp_path):
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), dense))
     assert _zero_fraction(restored) == pytest.approx(0.4, abs=1e-4)
     assert (workdir / "checkpoints" / "4" / "opt_state").exists()  # where the masks live
+
+
+def test_resume_with_other_prune_settings_is_refused(tmp_path):
+    """The masks are in the latest checkpoint's optimizer state: resuming with another prune
+    section (changed, added or dropped) is one error line, not old masks under new settings."""
+    import json
+    run = testing.tiny_config("t5")
+    run.prune = dict(sparsity=0.4, structure="unstructured")
+    workdir = tmp_path / "pruned"
+    (workdir / "checkpoints" / "3" / "params").mkdir(parents=True)  # as all_steps sees one
+    (workdir / "checkpoints" / "3" / "config").mkdir()
+    (workdir / "checkpoints" / "3" / "config" / "metadata").write_text(json.dumps(run.to_dict()))
+    assert isinstance(compression.from_config(run, None, None, workdir), pruning.PruningPlugin)
+    changed = run.copy_and_resolve_references()
+    changed.prune.sparsity = 0.6
+    with pytest.raises(compression.CompressionError,
+                       match=r"pruned with other settings \(prune.sparsity: 0.4 -> 0.6\): "
+                       r"resume with the saved prune section") as e:
+        compression.from_config(changed, None, None, workdir)
+    assert "\n" not in str(e.value)
+    dropped = run.copy_and_resolve_references()
+    del dropped.prune
+    with pytest.raises(compression.CompressionError, match="checkpoints/3 holds pruning masks"):
+        compression.from_config(dropped, None, None, workdir)
+    (workdir / "checkpoints" / "3" / "config" / "metadata").write_text(json.dumps(
+        dropped.to_dict()))
+    with pytest.raises(compression.CompressionError, match="was trained without pruning"):
+        compression.from_config(run, None, None, workdir)
+    assert type(compression.from_config(dropped, None, None, workdir)) is compression.Plugin

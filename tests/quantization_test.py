@@ -52,6 +52,35 @@ def test_rounding_error_is_at_most_half_a_step_per_channel():
     assert not np.any(np.asarray(q.unbox()[:, 1, 2]))
 
 
+@pytest.mark.parametrize("family", ["t5_scan", "gpt2", "bert"])
+def test_exactly_the_projection_kernels_and_token_embedding_are_quantized(family):
+    """A hand list per family: the projections and the token embedding become int8, one scale
+    per output channel; norms, biases, position tables and T5's relative-position buckets stay
+    float and untouched."""
+    sizes = dict(vocab_size=V, d_model=32, num_heads=2, head_dim=16, d_ff=64, num_layers=1,
+                 dtype="float32")
+    cfg = {"t5_scan": lambda: _t5(scan=True),
+           "gpt2": lambda: model_config.gpt2(max_len=16, **sizes),
+           "bert": lambda: model_config.bert(max_len=16, **sizes)}[family]()
+    boxed, params = _random(cfg)
+    q = compression.flat(quantization.quantize_params(params, compression.logical_axes(boxed)),
+                         is_leaf=quantization.is_quantized)
+    projections = {"query", "key", "value", "out", "wi", "wi_0", "wi_1", "wo", "lm_head",
+                   "mlm_dense"}
+    want = {p for p in q if p.rsplit("/", 1)[-1] in projections
+            or p.endswith("token_embedder/embedding")}
+    got = {p for p, x in q.items() if quantization.is_quantized(x)}
+    assert got == want and len(want) >= 6
+    kept = set(q) - got
+    assert kept and all(p.endswith(("scale", "bias", "position_embedder/embedding",
+                                    "rel_embedding")) for p in kept), kept
+    flat = compression.flat(params)
+    for p in kept:
+        assert q[p] is flat[p]
+    emb = q["token_embedder/embedding"]  # [vocab, embed]: one scale per vocabulary row
+    assert emb.scale.shape == (V, 1)
+
+
 def test_weights_take_a_quarter_of_the_bytes_and_stay_int8_inside_jit():
     cfg = _t5(scan=True)  # nn.scan slices the int8 values and scales per layer
     model = build_model(cfg)

@@ -15,6 +15,27 @@ def test_exact_match_normalizes_whitespace_only():
     assert tm.exact_match(["Hello"], ["hello"]) == 0.0  # case matters
 
 
+def test_exact_match_and_accuracy_compare_unicode_forms_as_the_vocabulary_does():
+    """Sentencepiece NFKC-normalises, so predictions are NFKC: a target in NFD or with
+    compatibility characters must still match the same text (before: 0 %)."""
+    preds = ["caf\u00e9", "x2", "fine", "a b", "A"]
+    targets = ["cafe\u0301", "x\u00b2", "\ufb01ne", "a\u3000b", "\uff21"]
+    assert tm.exact_match(preds, targets) == 100.0
+    got = tm.compute(["caf\u00e9", "no"] * 2, ["cafe\u0301", "no"] * 2, "accuracy")
+    assert got == {"accuracy": 100.0, "invalid_prediction_rate": 0.0}
+    assert tm.exact_match(["Cafe"], ["caf\u00e9"]) == 0.0  # accents and case still count
+
+
+def test_empty_strings_and_whitespace():
+    preds, targets = ["", " \n", "a", "b c"], ["", "", " a\t", "b  c d"]
+    assert tm.exact_match(preds, targets) == 75.0
+    got = tm.compute(preds, targets, "bleu,rouge")
+    assert got["bleu"] == pytest.approx(sacrebleu.corpus_bleu(preds, [targets]).score)
+    scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
+    assert got["rouge1"] == pytest.approx(
+        100 * np.mean([scorer.score(t, p)["rouge1"].fmeasure for p, t in zip(preds, targets)]))
+
+
 def test_bleu_equals_sacrebleu():
     want = sacrebleu.corpus_bleu(PREDS, [TARGETS]).score
     assert tm.compute(PREDS, TARGETS, "bleu") == {"bleu": pytest.approx(want, abs=1e-12)}

@@ -12,7 +12,9 @@ A prompt is `prefix`, then k solved examples ("shots"), then the query, joined b
                                                                trailing whitespace removed
 The k shots of query i are drawn without replacement from the pool (a train split) by
 `numpy.random.default_rng([seed, i])`: reproducible, independent of batch order and of the
-other queries. When the pool is the query split itself, query i is never its own shot.
+other queries. A query is never its own shot: when the pool is the query split itself, query
+i never draws pool example i, and no query draws a pool example with the same inputs (a
+duplicate, or an example in both splits), whose target would give its answer away.
 
 Scoring:
 - "generate": greedy decoding of the answer, cut at the first stop string (the separator when it
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 from etils import epath
@@ -101,28 +103,57 @@ class FewShotOptions:
     def __post_init__(self):
         if self.k < 0:
             raise FewShotError(f"k must be >= 0, got {self.k}")
+        if self.seed < 0:  # numpy seeds are non-negative
+            raise FewShotError(f"the shot seed must be >= 0, got {self.seed}")
+        if self.max_new_tokens < 0 or self.batch_size < 1:
+            raise FewShotError(f"max_new_tokens must be >= 0 and batch_size >= 1, got "
+                               f"{self.max_new_tokens} and {self.batch_size}")
         if self.scoring not in SCORING:
             raise FewShotError(f"scoring must be one of {SCORING}, got {self.scoring!r}")
 
 
 def draw_shots(pool_size: int, k: int, seed: int, query_index: int,
-               exclude: int | None = None) -> list[int]:
-    """k distinct pool indices for one query (never `exclude`), seeded by (seed, query)."""
-    candidates = np.array([i for i in range(pool_size) if i != exclude], np.int64)
-    if k > candidates.size:
-        raise FewShotError(f"{k} shots requested but the pool has only {candidates.size} "
+               exclude: int | Iterable[int] | None = None) -> list[int]:
+    """k distinct pool indices for one query (none of `exclude`), seeded by (seed, query).
+
+    The same draw as `rng.choice(<the allowed indices>, k, replace=False)`, without building
+    that array: O(k + |exclude|) per query, not O(pool)."""
+    if seed < 0 or query_index < 0:
+        raise FewShotError(f"the shot seed and query index must be >= 0, got {seed} and "
+                           f"{query_index}")
+    excluded = sorted({exclude} if isinstance(exclude, (int, np.integer)) else set(
+        exclude or ()))
+    excluded = np.array([e for e in excluded if 0 <= e < pool_size], np.int64)
+    allowed = pool_size - excluded.size
+    if k > allowed:
+        raise FewShotError(f"{k} shots requested but the pool has only {allowed} "
                            "examples to draw from")
-    rng = np.random.default_rng([seed, query_index])
-    return [int(i) for i in rng.choice(candidates, size=k, replace=False)] if k else []
+    if not k:
+        return []
+    picks = np.random.default_rng([seed, query_index]).choice(allowed, size=k, replace=False)
+    # The t-th allowed index is t + the number of excluded e with e - (allowed ones below e),
+    # i.e. e - (its rank among the excluded), <= t.
+    gaps = excluded - np.arange(excluded.size)
+    return [int(t + np.searchsorted(gaps, t, side="right")) for t in picks]
 
 
 def build_prompts(queries: Sequence[Example], pool: Sequence[Example], *, k: int,
                   template: FewShotTemplate, seed: int, same_split: bool = False
                   ) -> tuple[list[str], list[list[int]]]:
-    """(prompt text per query, pool indices of its shots)."""
+    """(prompt text per query, pool indices of its shots). A query is never its own shot: with
+    `same_split` (pool = queries) not pool[i] for query i, and in any case no pool example
+    whose inputs equal the query's (after `text_metrics.normalize`), such as a duplicate
+    record or one found in both splits, whose target would give the answer away."""
+    by_inputs: dict[str, list[int]] = {}
+    if k:
+        for j, ex in enumerate(pool):
+            by_inputs.setdefault(text_metrics.normalize(ex.inputs), []).append(j)
     prompts, shots = [], []
     for i, q in enumerate(queries):
-        idx = draw_shots(len(pool), k, seed, i, exclude=i if same_split else None)
+        exclude = set(by_inputs.get(text_metrics.normalize(q.inputs), ()))
+        if same_split:
+            exclude.add(i)
+        idx = draw_shots(len(pool), k, seed, i, exclude=exclude)
         prompts.append(template.build([pool[j] for j in idx], q.inputs))
         shots.append(idx)
     return prompts, shots

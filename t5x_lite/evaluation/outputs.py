@@ -6,8 +6,9 @@ the same metrics as TensorBoard scalars.
     OUT/events/events.out.tfevents.* scalars "<tag_prefix><metric>" at the checkpoint's step
 
 OUT is `WORKDIR/eval` (or `WORKDIR/eval/<name>`). Each file is written to `<file>.tmp` and
-renamed, so a reader (or a killed evaluator) never sees half a file; a stale predictions file
-of an earlier evaluation is removed when the new one has none.
+renamed, so a reader (or a killed evaluator) never sees half a file. Re-evaluating a step first
+removes its metrics.json (the step is not done until the new one lands), and a stale
+predictions file of an earlier evaluation is removed when the new one has none.
 """
 from __future__ import annotations
 
@@ -49,16 +50,24 @@ def _json_value(v):
 def write_step(out_root, step: int, metrics: Mapping[str, Any],
                predictions: Iterable[Mapping[str, Any]] | None) -> epath.Path:
     """Writes one checkpoint's outputs (predictions first, metrics.json last); returns the dir."""
+    # Serialise first: values JSON cannot hold fail here, before any file is touched.
+    metrics_text = json.dumps({k: _json_value(v) for k, v in metrics.items()}, indent=2,
+                              ensure_ascii=False) + "\n"
+    pred_text = None if predictions is None else "".join(
+        json.dumps(r, ensure_ascii=False) + "\n" for r in predictions)
     d = step_dir(out_root, step)
     d.mkdir(parents=True, exist_ok=True)
-    pred_path = d / PREDICTIONS_FILE
-    if predictions is not None:
-        files.write_atomic(pred_path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                         for r in predictions))
+    metrics_path, pred_path = d / METRICS_FILE, d / PREDICTIONS_FILE
+    # Re-evaluating (--overwrite): the step stops being done before its predictions change, so
+    # an evaluator killed in between leaves a step to redo, never new predictions under the
+    # previous metrics.
+    if metrics_path.exists():
+        metrics_path.unlink()
+    if pred_text is not None:
+        files.write_atomic(pred_path, pred_text)
     elif pred_path.exists():
         pred_path.unlink()
-    files.write_atomic(d / METRICS_FILE, json.dumps({k: _json_value(v) for k, v in metrics.items()},
-                                               indent=2, ensure_ascii=False) + "\n")
+    files.write_atomic(metrics_path, metrics_text)
     return d
 
 

@@ -80,6 +80,9 @@ class EvalSettings:
     few_shot_pool: str = ""  # JSONL; "" = the train split's pairs
 
     def __post_init__(self):
+        if self.batch_size < 0 or self.max_new_tokens < 0:
+            raise EvalError(f"batch_size and max_new_tokens must be >= 0 (0: the config's), got "
+                            f"{self.batch_size} and {self.max_new_tokens}")
         if self.predict not in ("auto", "true", "false"):
             raise EvalError(f"predict must be auto, true or false, got {self.predict!r}")
         text_metrics.resolve_metrics(self.metrics, [])  # unknown names fail before any work
@@ -132,12 +135,13 @@ class Evaluator:
 
     def load(self, ckpt_workdir, step: int) -> LoadedModel:
         # Compression hooks: a LoRA run's adapters are merged into its base; --quantize=int8.
+        # The stop id reads the same run config as the params (a LoRA run's step 0 is its base).
         params = lora.restore_params(ckpt_workdir, step, self.config, self.abstract)
         params = quantization.quantize_loaded(params, self.boxed, self.param_shardings,
                                               self.settings.quantize)
         return LoadedModel(self.model_cfg, self.config, self.model, params,
                            self.vocab(ckpt_workdir), self.mesh, self.rules,
-                           checkpoint_eos_id(ckpt_workdir, step, self.model_cfg))
+                           checkpoint_eos_id(ckpt_workdir, step, self.model_cfg, self.config))
 
     def wants_predictions(self) -> bool:
         s = self.settings
@@ -198,7 +202,8 @@ class Evaluator:
             pool = predictions.read_examples(
                 self.data, self.data.train_split, "give --few_shot_pool=FILE.jsonl, or "
                 "--few_shot_k=0") if opts.k else []
-            same = False
+            # data.eval_split == data.train_split: the queries are the pool, in the same order
+            same = not s.few_shot_queries and self.data.eval_split == self.data.train_split
         if opts.scoring == "choice":
             return few_shot.evaluate_choice(loaded, queries, pool, opts, choices=choices,
                                             same_split=same)

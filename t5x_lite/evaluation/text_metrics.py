@@ -2,12 +2,14 @@
 
     scores = compute(predictions, targets, metrics=("exact_match", "bleu", "rouge"))
 
-- `exact_match`: % of predictions equal to their target after `normalize` (strip, collapse
-  whitespace runs: sentencepiece's normalisation may change spacing, never the words).
+- `exact_match`: % of predictions equal to their target after `normalize` (Unicode NFKC,
+  strip, collapse whitespace runs: sentencepiece's normalisation may change spacing and
+  Unicode forms, never the words). Case and punctuation count.
 - `bleu`: corpus BLEU of sacrebleu with its defaults (13a tokenisation, exp smoothing), one
   reference per prediction. Corpus-level: n-gram counts are summed over all examples first.
 - `rouge1`, `rouge2`, `rougeL`: mean over examples of the rouge-score F-measure (Porter
-  stemming on, the package's default tokeniser: lowercase, alphanumeric tokens), x100.
+  stemming on, the package's default tokeniser: lowercase, ASCII alphanumeric tokens), x100.
+  As in T5 / seqio, text without ASCII letters or digits has no tokens and scores 0.
   No bootstrap resampling, so the number is exactly the mean and reproducible.
 - `accuracy` (classification-style targets): % of predictions equal to their label after
   `normalize`, plus `invalid_prediction_rate`: % of predictions that are none of the labels
@@ -19,6 +21,7 @@ only when BLEU / ROUGE are asked for.
 """
 from __future__ import annotations
 
+import unicodedata
 from typing import Sequence
 
 from t5x_lite.errors import UserError
@@ -34,7 +37,10 @@ class MetricsError(UserError):
 
 
 def normalize(text: str) -> str:
-    return " ".join(text.split())
+    """NFKC, then whitespace runs collapsed and the ends stripped. Sentencepiece vocabularies
+    NFKC-normalise, so a model can only ever produce NFKC text: without it a target spelled
+    "cafe" + U+0301 or "x²" could never be matched, however right the prediction."""
+    return " ".join(unicodedata.normalize("NFKC", text).split())
 
 
 def is_classification(targets: Sequence[str]) -> bool:
