@@ -332,5 +332,5 @@ def from_config(config, mesh, rules, workdir=None) -> Plugin:
     if distill_cfg is not None:
         from t5x_lite import distillation
         plugin = distillation.DistillPlugin(distillation.pin_teacher_step(config, workdir),
-                                            mesh, rules, inner=plugin)
+                                            mesh, rules, inner=plugin, data=config.get("data"))
     return plugin

@@ -31,6 +31,7 @@ from t5x_lite import checkpoints, compression
 from t5x_lite.config import ModelConfig
 from t5x_lite.losses import cross_entropy_sums
 from t5x_lite.models import LossConfig, build_model
+from t5x_lite.training import run_checks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,9 +107,9 @@ class DistillModel(compression.ModelWrapper):
         return self.inner.score_batch(params["student"], batch)
 
 
-def teacher_model(path, student_config: ModelConfig, step: int = -1):
+def teacher_model(path, student_config: ModelConfig, step: int = -1, data=None):
     """(model, workdir, step) of a teacher checkpoint (`step` of it; -1: the step `path` names);
-    checks it can teach this student."""
+    checks it can teach this student (on rows of the data config section `data`)."""
     workdir, step = compression.frozen_checkpoint(path, step, f"The teacher is step {step} of")
     cfg = ModelConfig.from_dict(checkpoints.read_config(workdir).model)
     if cfg.family != student_config.family:
@@ -118,6 +119,11 @@ def teacher_model(path, student_config: ModelConfig, step: int = -1):
         raise compression.CompressionError(f"Teacher vocab_size {cfg.vocab_size} != student "
                                            f"vocab_size {student_config.vocab_size}: the KL term "
                                            "compares their distributions token by token")
+    too_long = run_checks.rows_past_position_table(cfg, data)
+    if too_long:
+        raise compression.CompressionError(
+            f"{too_long[0]}={too_long[1]} is longer than the teacher's max_len={cfg.max_len} "
+            f"(its learned position table, {workdir}); set {too_long[0]} <= {cfg.max_len}")
     # The teacher runs deterministically in the student's compute dtype.
     cfg = dataclasses.replace(cfg, dropout_rate=0.0, dtype=student_config.dtype)
     return build_model(cfg, LossConfig()), workdir, step
@@ -145,10 +151,11 @@ def pin_teacher_step(config, workdir=None) -> DistillConfig:
 class DistillPlugin(compression.FrozenTrainablePlugin):
     frozen_key, trainable_key = "teacher", "student"
 
-    def __init__(self, cfg: DistillConfig, mesh, rules, inner: compression.Plugin | None = None):
+    def __init__(self, cfg: DistillConfig, mesh, rules, inner: compression.Plugin | None = None,
+                 data=None):
         super().__init__(mesh, rules)
         _require_teacher(cfg)
-        self.cfg, self.inner = cfg, inner or compression.Plugin()
+        self.cfg, self.inner, self.data = cfg, inner or compression.Plugin(), data
 
     def wrap(self, model, tx):
         model, tx = self.inner.wrap(model, tx)  # e.g. pruning: the student's optimizer
@@ -156,7 +163,7 @@ class DistillPlugin(compression.FrozenTrainablePlugin):
 
     def wrap_model(self, model):
         teacher, *self.frozen_from = teacher_model(self.cfg.teacher, model.config,
-                                                   self.cfg.teacher_step)
+                                                   self.cfg.teacher_step, self.data)
         return DistillModel(model, teacher, self.cfg)
 
     def init_trainable(self, rng):

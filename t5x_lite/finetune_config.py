@@ -88,7 +88,8 @@ def build(arg: str, *, family: str, objective: str, inputs_length: int, targets_
     c = base_config(model, objective=objective, seq_len=inputs_length,
                     targets_length=targets_length)
     if src is not None:
-        c.model = ml_collections.ConfigDict(src.model.to_dict())  # exactly the saved shapes
+        # The saved shapes, a setting older versions ignored read as what they built
+        c.model = ml_collections.ConfigDict(model.to_dict())
         c.data.extra_ids = int(src.get("data", {}).get("extra_ids", 100))
         c.data.data_dir = src.get("data", {}).get("data_dir", "")
         vocab = checkpoints.resolve(a["init_from"])[0] / checkpoints.VOCAB_FILE

@@ -159,6 +159,22 @@ def test_teacher_must_match_student(tmp_path):
         distillation.teacher_model(tmp_path, dataclasses.replace(cfg, vocab_size=256))
 
 
+def test_teacher_rows_must_fit_its_learned_position_table(tmp_path):
+    # A student with a longer table (or none) would train on the teacher's NaN logits.
+    import ml_collections
+    run = testing.tiny_config("gpt")  # learned positions, max_len 32
+    checkpoints.write_config(tmp_path, run)
+    cfg = model_config.ModelConfig.from_dict(run.model)
+    checkpoints.save_params(tmp_path, _params(cfg, 0))
+    import dataclasses
+    student = dataclasses.replace(cfg, max_len=64)
+    distillation.teacher_model(tmp_path, student, data=ml_collections.ConfigDict({"seq_len": 32}))
+    with pytest.raises(compression.CompressionError,
+                       match=r"data.seq_len=64 is longer than the teacher's max_len=32"):
+        distillation.teacher_model(tmp_path, student,
+                                   data=ml_collections.ConfigDict({"seq_len": 64}))
+
+
 def test_lora_workdir_as_teacher_says_merge_it_first(tmp_path):
     """A LoRA run's checkpoints hold only adapters: one line saying to merge it, before the
     student's workdir is made."""

@@ -362,3 +362,14 @@ def test_two_processes_give_the_single_process_metrics(task):
     assert len(multi) == 24 and [r["prediction"] for r in multi] == \
         [r["prediction"] for r in single]
     assert out.stdout.count("evaluate: step 2: loss=") == 2  # both processes finished
+
+
+def test_rows_longer_than_a_learned_position_table_are_refused():
+    # Positions past the table read NaN embeddings: every loss would be NaN, silently.
+    from t5x_lite.evaluation.runner import Evaluator
+    from t5x_lite.training import testing as training_testing
+    config = training_testing.tiny_config("gpt")  # learned positions, max_len 32
+    config.data.seq_len = 33
+    with pytest.raises(EvalError, match=r"^data.seq_len=33 is longer than model.max_len=32, "
+                       r"the model's learned position table; evaluate with data.seq_len <= 32$"):
+        Evaluator(config, EvalSettings())

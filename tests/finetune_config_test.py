@@ -113,3 +113,20 @@ def test_init_from_without_a_vocabulary_is_refused(gpt_workdir, tmp_path):
     with pytest.raises(finetune_config.FinetuneConfigError, match="has no vocab.model"):
         finetune_config.build(f"init_from={wd}", family="gpt", objective="prompt_completion",
                               inputs_length=64, lr=1e-4, optimizer="adamw")
+
+
+def test_init_from_an_old_gpt_relative_checkpoint_trains_as_what_it_built(gpt_workdir, tmp_path):
+    """Older versions saved GPT configs with position='relative', which built no positions: the
+    recipe copies the model as built ('none'), so the run passes the start-up checks (the raw
+    saved value was refused there) and keeps every shape."""
+    import shutil
+    from t5x_lite.training import run_checks
+    wd = tmp_path / "old"
+    shutil.copytree(gpt_workdir, wd)
+    run = checkpoints.read_config(wd)
+    run.model.position = "relative"
+    checkpoints.write_config(wd, run)
+    c = finetune_config.build(f"init_from={wd}", family="gpt", objective="prompt_completion",
+                              inputs_length=64, lr=1e-4, optimizer="adamw")
+    assert c.model.position == "none"
+    run_checks.check_model_for_data(c, ValueError)

@@ -38,6 +38,7 @@ from t5x_lite.errors import UserError
 from t5x_lite.evaluation import few_shot, outputs, predictions, text_metrics
 from t5x_lite.evaluation.teacher_forced import TeacherForcedScorer
 from t5x_lite.models import abstract_variables, build_model
+from t5x_lite.training import run_checks
 
 PREDICT_OBJECTIVES = ("seq2seq", "prompt_completion")
 
@@ -105,6 +106,11 @@ class Evaluator:
         self.config, self.settings = config, settings
         self.data = DataConfig.from_dict(config.data)
         self.model_cfg = ModelConfig.from_dict(config.model)
+        too_long = run_checks.rows_past_position_table(self.model_cfg, config.data)
+        if too_long:
+            raise EvalError(f"{too_long[0]}={too_long[1]} is longer than model.max_len="
+                            f"{self.model_cfg.max_len}, the model's learned position table; "
+                            f"evaluate with {too_long[0]} <= {self.model_cfg.max_len}")
         self.mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
         self.rules = partitioning.rules_from_config(config.mesh.get("rules"))
         self.model = build_model(self.model_cfg)

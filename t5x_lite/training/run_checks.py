@@ -88,13 +88,23 @@ def check_model_for_data(config, error: type[UserError]) -> None:
     if objective in objectives.OBJECTIVES and objective not in _FAMILY_OBJECTIVES[cfg.family]:
         raise error(f"data.objective={objective!r} does not fit model.family={cfg.family!r}; "
                     f"its objectives: {', '.join(map(repr, _FAMILY_OBJECTIVES[cfg.family]))}")
-    if cfg.position == "learned":
-        key = "data.seq_len" if cfg.family == "gpt" else "data.inputs_length"
-        length = data.get(key.split(".")[1])
-        if isinstance(length, int) and length > cfg.max_len:
-            raise error(f"{key}={length} is longer than model.max_len={cfg.max_len}, the "
-                        f"model's learned position table; set {key} <= {cfg.max_len} (or, for "
-                        f"a new model, model.max_len >= {length})")
+    too_long = rows_past_position_table(cfg, data)
+    if too_long:
+        key, length = too_long
+        raise error(f"{key}={length} is longer than model.max_len={cfg.max_len}, the "
+                    f"model's learned position table; set {key} <= {cfg.max_len} (or, for "
+                    f"a new model, model.max_len >= {length})")
+
+
+def rows_past_position_table(cfg: ModelConfig, data) -> tuple[str, int] | None:
+    """(length key, length) of `data` (a data config section, or None) when its rows are longer
+    than `cfg`'s learned position table, else None. Positions past the table read NaN
+    embeddings: training, evaluation and a distillation teacher would all report NaN."""
+    if cfg.position != "learned" or data is None:
+        return None
+    key = "data.seq_len" if cfg.family == "gpt" else "data.inputs_length"
+    length = data.get(key.split(".")[1])  # raw: DataConfig reports malformed ones itself
+    return (key, length) if isinstance(length, int) and length > cfg.max_len else None
 
 
 def check_finite(fetched, *, saved_steps, workdir) -> None:
