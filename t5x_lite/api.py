@@ -7,11 +7,15 @@
     m.score(["question: ..."], ["answer"])                    # np.float32 [B]: sum of log p
     m.generate(...)                                           # see t5x_lite.decoding
 
-Token inputs are int arrays (every entry counts; for T5 id 0 is padding as always), lists of
-lists (ragged rows are right-padded with 0), or, when the model has a sentencepiece vocabulary,
-strings. Text conventions follow T5/seqio: T5 encoder inputs and targets end with EOS;
-decoder-only prompts and continuations get none, and a GPT trained by t5x_lite gets its
-decoder start id 0 before a text prompt (`uses_start_token`). Given ids are used as they are.
+A BERT-style MLM workdir offers `logits` only (`score` and `generate` raise one line each).
+
+Token inputs are int arrays (every entry counts; for T5 and BERT id 0 is padding as always),
+a list of ints, lists of lists (ragged rows are right-padded with 0), or, when the model has a
+sentencepiece vocabulary, strings; anything else, ids outside the vocabulary and rows with no
+token are one ValueError line. Text conventions follow T5/seqio: T5 encoder inputs and
+targets end with EOS, and BERT inputs (as its training documents); decoder-only prompts and
+continuations get none, and a GPT trained by t5x_lite gets its decoder start id 0 before a
+text prompt (`uses_start_token`). Given ids are used as they are.
 
 Shape legend: B batch, S encoder length, T decoder length, V vocab.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import os
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -30,7 +35,7 @@ import numpy as np
 from etils import epath
 
 from t5x_lite import checkpoints, hf_interop, lora, partitioning, quantization
-from t5x_lite.config import ModelConfig
+from t5x_lite.config import ConfigError, ModelConfig
 from t5x_lite.models import BaseModel, LossConfig, abstract_variables, build_model
 from t5x_lite.vocab import EOS_ID  # the stop id of every model trained here
 
@@ -73,7 +78,10 @@ class LoadedModel:
         if self.vocab is None:
             raise ValueError("This model has no sentencepiece vocabulary (vocab.model / "
                              "spiece.model); pass token ids instead of text")
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        texts = [texts] if isinstance(texts, str) else _sequence(texts, "texts")
+        if not all(isinstance(t, str) for t in texts):
+            raise ValueError("tokenize() takes a string or a list of strings, got "
+                             f"{_kind(next(t for t in texts if not isinstance(t, str)))}")
         return [ids + [self.eos_id] if add_eos else ids
                 for ids in (self.vocab.encode(t) for t in texts)]
 
@@ -83,26 +91,44 @@ class LoadedModel:
         if self.vocab is None:
             raise ValueError("This model has no sentencepiece vocabulary to detokenize with")
         eos = self.eos_id
-        return [self.vocab.decode(r[:r.index(eos)] if eos in r else r) for r in _rows(ids)]
+        rows = _rows(ids, "ids")
+        self._check_range(rows)
+        return [self.vocab.decode(r[:r.index(eos)] if eos in r else r) for r in rows]
 
-    def _ids(self, x, *, add_eos: bool = False, start: bool = False):
-        """(right-padded int32 ids [B, T], lengths [B]) from ids or text."""
+    def _ids(self, x, name: str, *, add_eos: bool = False, start: bool = False,
+             nonempty: bool = True, zero_is_padding: bool = False):
+        """(right-padded int32 ids [B, T], lengths [B]) from ids or text (argument `name`).
+
+        `nonempty`: every row needs a token (a nonzero one when `zero_is_padding`: T5 encoder,
+        BERT); an empty row's outputs would be padding's meaningless values.
+        """
         if isinstance(x, str) or (isinstance(x, (list, tuple)) and x and
                                   all(isinstance(t, str) for t in x)):
             rows = self.tokenize(x, add_eos=add_eos)
             rows = [[0] + r for r in rows] if start else rows  # decoder start id
         else:
-            rows = _rows(x)
+            rows = _rows(x, name)
         if not rows or max(len(r) for r in rows) == 0:
-            raise ValueError("Empty input: give at least one token")
+            raise ValueError(f"Empty input: {name} needs at least one token")
+        self._check_range(rows, name)
         lengths = np.array([len(r) for r in rows])
         ids = np.zeros((len(rows), lengths.max()), np.int32)
         for i, r in enumerate(rows):
             ids[i, :len(r)] = r
-        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-            raise ValueError(f"Token ids must be in [0, {self.config.vocab_size}), got "
-                             f"[{ids.min()}, {ids.max()}]")
+        if nonempty:
+            real = (ids > 0) if zero_is_padding else (np.arange(ids.shape[1]) < lengths[:, None])
+            if not real.any(axis=1).all():
+                i = int(np.flatnonzero(~real.any(axis=1))[0])
+                raise ValueError(f"{name} row {i} has no tokens"
+                                 f"{' (id 0 is padding)' * zero_is_padding}; every row needs one")
         return ids, lengths
+
+    def _check_range(self, rows, name: str = "ids"):
+        v = self.config.vocab_size
+        for i, r in enumerate(rows):
+            if r and (min(r) < 0 or max(r) >= v):  # before int32: 2**40 would not fit
+                bad = next(t for t in r if not 0 <= t < v)
+                raise ValueError(f"Token ids must be in [0, {v}); {name} row {i} holds {bad}")
 
     # ------------------------------------------------------------------ compute
     def logits(self, input_ids, decoder_input_ids=None) -> np.ndarray:
@@ -118,16 +144,18 @@ class LoadedModel:
             if decoder_input_ids is None:
                 raise ValueError("This is an encoder-decoder (T5) model: pass decoder_input_ids "
                                  "(targets shifted right, starting with 0)")
-            enc, _ = self._ids(input_ids, add_eos=True)
-            dec, _ = self._ids(decoder_input_ids, start=True)
+            enc, _ = self._ids(input_ids, "input_ids", add_eos=True, zero_is_padding=True)
+            dec, _ = self._ids(decoder_input_ids, "decoder_input_ids", start=True)
             _same_batch(enc, dec)
             batch = {"encoder_input_tokens": enc, "decoder_input_tokens": dec}
         else:
             if decoder_input_ids is not None:
                 raise ValueError(f"A {self.config.family} model takes only input_ids")
-            ids, _ = self._ids(input_ids, start=self.uses_start_token)
+            bert = self.config.family == "bert"  # text: + EOS, as each training document
+            ids, _ = self._ids(input_ids, "input_ids", start=self.uses_start_token, add_eos=bert,
+                               zero_is_padding=bert)
             self._check_length(ids)
-            key = "decoder_input_tokens" if self.config.family == "gpt" else "encoder_input_tokens"
+            key = "encoder_input_tokens" if bert else "decoder_input_tokens"
             batch = {key: ids}
         return self._run("logits", batch)
 
@@ -144,9 +172,12 @@ class LoadedModel:
             T5 target id 0 is padding (as in HF).
         """
         cfg = self.config
+        if cfg.family == "bert":
+            raise ValueError("score() needs a T5 or GPT model; this one is encoder-only (MLM): "
+                             "use logits()")
         if cfg.is_encoder_decoder:
-            enc, _ = self._ids(input_ids, add_eos=True)
-            tgt, tlen = self._ids(target_ids, add_eos=True)
+            enc, _ = self._ids(input_ids, "input_ids", add_eos=True, zero_is_padding=True)
+            tgt, tlen = self._ids(target_ids, "target_ids", add_eos=True, nonempty=False)
             _same_batch(enc, tgt)
             inputs = np.concatenate([np.zeros_like(tgt[:, :1]), tgt[:, :-1]], axis=1)
             valid = np.arange(tgt.shape[1]) < _target_lengths(target_lengths, tlen)[:, None]
@@ -154,21 +185,20 @@ class LoadedModel:
                 valid &= tgt > 0  # padding, as in HF
             batch = {"encoder_input_tokens": enc, "decoder_input_tokens": inputs}
         elif cfg.family == "gpt":
-            prompt, plen = self._ids(input_ids, start=self.uses_start_token)
-            cont, clen = self._ids(target_ids)
+            prompt, plen = self._ids(input_ids, "input_ids", start=self.uses_start_token,
+                                     nonempty=False)
+            cont, clen = self._ids(target_ids, "target_ids", nonempty=False)
             _same_batch(prompt, cont)
             clen = _target_lengths(target_lengths, clen)
             if plen.min() == 0:
                 raise ValueError("Decoder-only scoring needs at least one prompt token per row")
             seq, slen = self._ids([list(p[:m]) + list(c[:n]) for p, m, c, n in
-                                   zip(prompt, plen, cont, clen)])
+                                   zip(prompt, plen, cont, clen)], "input_ids + target_ids")
             inputs, tgt = seq[:, :-1], seq[:, 1:]
             self._check_length(inputs)
             pos = np.arange(tgt.shape[1])
             valid = (pos >= plen[:, None] - 1) & (pos < slen[:, None] - 1)
             batch = {"decoder_input_tokens": inputs}
-        else:
-            raise ValueError("score() needs a T5 or GPT model; this one is encoder-only (MLM)")
         batch.update(decoder_target_tokens=tgt, decoder_loss_weights=valid.astype(np.float32))
         return self._run("score", batch)
 
@@ -201,16 +231,46 @@ def _compiled(config: ModelConfig, loss: LossConfig, name: str):
     return jax.jit(model.logits if name == "logits" else model.score_batch)
 
 
-def _rows(x) -> list[list[int]]:
+def _kind(x) -> str:
+    return type(x).__name__ if not isinstance(x, np.ndarray) else f"{x.dtype} array{x.shape}"
+
+
+def _sequence(x, name: str) -> list:
+    if isinstance(x, (str, bytes, dict, set)) or not hasattr(x, "__iter__"):
+        raise ValueError(f"{name} must be a list, got {_kind(x)}")
+    return list(x)
+
+
+def _is_id(t) -> bool:
+    return isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_))
+
+
+def _rows(x, name: str = "ids") -> list[list[int]]:
+    """Python int rows from a 1-D / 2-D int array, a list of ids (one row) or a list of rows."""
+    what = (f"{name}: token ids must be a 1-D or 2-D int array, a list of ints or a list of "
+            "lists of ints (or text, with a vocabulary)")
     if isinstance(x, (np.ndarray, jax.Array)):
         a = np.asarray(x)
         if a.ndim not in (1, 2) or not np.issubdtype(a.dtype, np.integer):
-            raise ValueError(f"Token ids must be a 1-D or 2-D int array, got {a.dtype}{a.shape}")
-        return [list(r) for r in np.atleast_2d(a)]
-    x = list(x)
-    if all(isinstance(t, (int, np.integer)) for t in x):
+            raise ValueError(f"{what}; got a {_kind(a)}")
+        return np.atleast_2d(a).tolist()
+    x = _sequence(x, name)
+    if all(_is_id(t) for t in x):
         return [[int(t) for t in x]] if x else []
-    return [[int(t) for t in r] for r in x]
+    rows = []
+    for i, r in enumerate(x):
+        r = np.asarray(r) if isinstance(r, jax.Array) else r
+        if isinstance(r, np.ndarray) and r.ndim == 1 and np.issubdtype(r.dtype, np.integer):
+            rows.append(r.tolist())
+            continue
+        if isinstance(r, (str, bytes, dict, set, np.ndarray)) or not hasattr(r, "__iter__"):
+            raise ValueError(f"{what}; got {_kind(r)} {r!r:.40} as row {i}")
+        r = list(r)
+        bad = next((t for t in r if not _is_id(t)), None)
+        if bad is not None:
+            raise ValueError(f"{what}; row {i} holds {_kind(bad)} {bad!r:.40}")
+        rows.append([int(t) for t in r])
+    return rows
 
 
 def _target_lengths(given, widths: np.ndarray) -> np.ndarray:
@@ -245,11 +305,26 @@ def load(path, *, dtype=None, mesh=None, step: int | None = None,
       quantize: 'int8' = per-channel int8 weights, dequantized inside jit (README.md).
 
     Raises:
-      CheckpointError (InteropError for HF directories): missing or unusable files, a
-      vocabulary larger than the checkpoint's embedding.
+      CheckpointError (InteropError for HF directories): missing or unusable files, a path
+      that is a file, a step that is not an int >= 0 or has no checkpoint, a vocabulary
+      larger than the checkpoint's embedding. ConfigError: a dtype other than float32,
+      bfloat16, float16. MeshError: a mesh that is not a jax Mesh with axes data / fsdp /
+      tensor, or whose axes do not divide the params.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise checkpoints.CheckpointError(f"load() takes a path (str or os.PathLike), got "
+                                          f"{_kind(path)}")
     path = epath.Path(path)
-    mesh = partitioning.make_mesh() if mesh is None else mesh
+    if path.exists() and not path.is_dir():
+        raise checkpoints.CheckpointError(
+            f"{path} is a file; pass a workdir, its checkpoints/ or checkpoints/<step> "
+            "directory, or a Hugging Face model directory")
+    if step is not None and (not _is_id(step) or step < 0):
+        raise checkpoints.CheckpointError(f"step must be a checkpoint step (an int >= 0), got "
+                                          f"{step!r}")
+    step = None if step is None else int(step)
+    dtype = _compute_dtype(dtype)
+    mesh = partitioning.make_mesh() if mesh is None else _check_mesh(mesh)
     if hf_interop.is_hf_dir(path):
         if step is not None:
             raise hf_interop.InteropError(f"{path} is a Hugging Face directory, which has no "
@@ -266,7 +341,7 @@ def load(path, *, dtype=None, mesh=None, step: int | None = None,
         numpy_params = None
         eos_id = checkpoint_eos_id(workdir, step, cfg, run)
     if dtype is not None:
-        cfg = dataclasses.replace(cfg, dtype=jnp.dtype(dtype).name)
+        cfg = dataclasses.replace(cfg, dtype=dtype)
         run.model.dtype = cfg.dtype
     vocab = load_vocabulary(vocab_path, cfg, run)
     rules = partitioning.rules_from_config(run.get("mesh", {}).get("rules"))
@@ -281,6 +356,33 @@ def load(path, *, dtype=None, mesh=None, step: int | None = None,
         params = jax.device_put(numpy_params, shardings)
     params = quantization.quantize_loaded(params, boxed, shardings, quantize)
     return LoadedModel(cfg, run, model, params, vocab, mesh, rules, eos_id)
+
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _compute_dtype(dtype) -> str | None:
+    if dtype is None:
+        return None
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in _DTYPES:
+        raise ConfigError(f"dtype must be one of {_DTYPES} (the compute dtype; params stay "
+                          f"float32), got {dtype!r}")
+    return name
+
+
+def _check_mesh(mesh):
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise partitioning.MeshError(f"mesh must be a jax Mesh, e.g. partitioning.make_mesh("
+                                     f"data=..., fsdp=..., tensor=...); got {_kind(mesh)}")
+    if set(mesh.axis_names) != set(partitioning.MESH_AXES):
+        raise partitioning.MeshError(
+            f"mesh axes must be {partitioning.MESH_AXES} (partitioning.make_mesh makes such a "
+            f"mesh); got {tuple(mesh.axis_names)}")
+    return mesh
 
 
 def hf_eos_id(hf_config, vocab_size: int) -> int:

@@ -16,7 +16,12 @@ from t5x_lite.transformer import Stack, make_norm, segment_mask
 
 class Bert(nn.Module):
     """Bidirectional encoder + MLM head (dense, GELU, norm, tied output + bias; the config
-    refuses an untied one)."""
+    refuses an untied one).
+
+    Pre-LN, not BERT's post-LN: HF `RobertaPreLayerNormForMaskedLM`'s layout (embedding norm,
+    norm before each sublayer, final norm), equal to it in tests/bert_test.py except that the
+    head dense has no bias and its GELU is tanh; no token types, pooler or NSP head.
+    """
 
     config: ModelConfig
     decode: bool = False  # accepted for a uniform constructor; an encoder never decodes

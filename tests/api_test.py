@@ -4,6 +4,7 @@ import shutil
 import sys
 import types
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -273,3 +274,95 @@ def test_detokenize_cuts_at_the_models_eos_id(hf_models, tmp_path):
     assert lm.eos_id == eos
     assert lm.detokenize([first + [eos] + rest, first + rest + [eos, 0]]) == [
         "cat naps", "cat naps warm milk"]
+
+
+def _one_line_error(kind, pattern, f):
+    with pytest.raises(kind, match=pattern) as e:
+        f()
+    assert "\n" not in str(e.value)
+
+
+_IDS = "token ids must be a 1-D or 2-D int array, a list of ints or a list of lists of ints"
+
+
+@pytest.mark.parametrize("call, pattern", [
+    # each used to run on silently (first four), or to end in a TypeError / OverflowError /
+    # sentencepiece IndexError, or in int()'s "invalid literal"
+    (lambda g, t: g.logits([[5, 6], []]), "input_ids row 1 has no tokens; every row needs one"),
+    (lambda g, t: t.logits([[5, 1], [0, 0]], decoder_input_ids=[[0], [0]]),
+     r"input_ids row 1 has no tokens \(id 0 is padding\)"),
+    (lambda g, t: g.logits([[1.7, 2.0]]), f"{_IDS}.*row 0 holds float 1.7"),
+    (lambda g, t: g.logits([[True, False]]), f"{_IDS}.*row 0 holds bool True"),
+    (lambda g, t: g.logits([[[1, 2]]]), f"{_IDS}.*row 0 holds list"),
+    (lambda g, t: g.logits(["ab", [1, 2]]), f"{_IDS}.*got str 'ab' as row 0"),
+    (lambda g, t: g.logits({"input_ids": [1]}), "input_ids must be a list, got dict"),
+    (lambda g, t: g.logits(None), "input_ids must be a list, got NoneType"),
+    (lambda g, t: g.logits(7), "input_ids must be a list, got int"),
+    (lambda g, t: g.logits([[5, 2**40]]),
+     r"Token ids must be in \[0, 203\); input_ids row 0 holds 1099511627776"),
+    (lambda g, t: g.score([[5]], np.array([[2**40]])),
+     r"Token ids must be in \[0, 203\); target_ids row 0 holds 1099511627776"),
+    (lambda g, t: t.detokenize([[5, -1]]), r"Token ids must be in \[0, 203\); ids row 0 holds -1"),
+    (lambda g, t: t.detokenize([[5.0]]), f"ids: {_IDS}.*float 5.0"),
+    (lambda g, t: t.tokenize([5], add_eos=False), "takes a string or a list of strings, got int"),
+], ids=["empty_row", "t5_padding_only_row", "floats", "bools", "3d_list", "mixed_text_and_ids",
+        "dict", "none", "scalar", "huge_id", "huge_target_id", "detokenize_negative",
+        "detokenize_float", "tokenize_int"])
+def test_bad_token_inputs_are_one_value_error_line(loaded, call, pattern):
+    _one_line_error(ValueError, pattern, lambda: call(loaded["gpt2"], loaded["t5_v1_1"]))
+
+
+def test_bad_load_arguments_are_one_error_line(hf_models, tmp_path):
+    """Each used to fail late or obscurely: 'No checkpoint found in .../config.json', 'No
+    checkpoint for step 0 ... available: [0]' (step="0"), an orbax 'damaged checkpoint'
+    (step=0.0), a TypeError (dtype, path None), an AttributeError or a jax sharding error
+    (mesh)."""
+    workdir = tmp_path / "w"
+    convert.hf_to_workdir(hf_models["gpt2"][1], workdir)
+    cases = [
+        (checkpoints.CheckpointError, "config.json is a file; pass a workdir",
+         dict(path=workdir / "config.json")),
+        (checkpoints.CheckpointError, r"takes a path \(str or os.PathLike\), got NoneType",
+         dict(path=None)),
+        (checkpoints.CheckpointError, r"step must be a checkpoint step \(an int >= 0\), got '0'",
+         dict(step="0")),
+        (checkpoints.CheckpointError, r"got 0\.0", dict(step=0.0)),
+        (checkpoints.CheckpointError, r"got -1", dict(step=-1)),
+        (checkpoints.CheckpointError, r"No checkpoint for step 3 .*available: \[0\]",
+         dict(step=3)),
+        (ValueError, r"dtype must be one of \('float32', 'bfloat16', 'float16'\).*'nonsense'",
+         dict(dtype="nonsense")),
+        (ValueError, r"dtype must be one of .*got 'int32'", dict(dtype="int32")),
+        (partitioning.MeshError, "mesh must be a jax Mesh.*got str", dict(mesh="data=8")),
+        (partitioning.MeshError, r"mesh axes must be \('data', 'fsdp', 'tensor'\).*\('x',\)",
+         dict(mesh=jax.make_mesh((8,), ("x",)))),
+        (partitioning.MeshError, "does not divide it",  # 3 heads over tensor=2
+         dict(mesh=partitioning.make_mesh(data=4, tensor=2))),
+    ]
+    for kind, pattern, kw in cases:
+        _one_line_error(kind, pattern, lambda: t5x_lite.load(kw.pop("path", workdir), **kw))
+    # An HF directory without its weights, and one without a model_type.
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    shutil.copy(hf_models["gpt2"][1] / "config.json", no_weights)
+    _one_line_error(hf_interop.InteropError, "No model.safetensors or "
+                    "model.safetensors.index.json in", lambda: t5x_lite.load(no_weights))
+    assert t5x_lite.load(workdir, step=np.int64(0)).config.family == "gpt"
+
+
+@pytest.mark.parametrize("kind", ["t5_v1_1", "gpt2"])
+def test_a_batch_gives_each_example_its_own_results(loaded, kind):
+    """Right padding changes no example's logits or score."""
+    lm = loaded[kind]
+    rng = np.random.default_rng(4)
+    inputs = [list(rng.integers(2, ref.VOCAB, n)) for n in (12, 1, 30)]
+    targets = [list(rng.integers(2, ref.VOCAB, n)) for n in (3, 9, 1)]
+    dec = ({"decoder_input_ids": [[0] + t[:-1] for t in targets]} if kind == "t5_v1_1"
+           else {})
+    logits, scores = lm.logits(inputs, **dec), lm.score(inputs, targets)
+    for i in range(3):
+        one = {k: [v[i]] for k, v in dec.items()}
+        alone = lm.logits([inputs[i]], **one)[0]
+        np.testing.assert_allclose(logits[i, :len(alone)], alone, atol=1e-5)
+        np.testing.assert_allclose(scores[i], lm.score([inputs[i]], [targets[i]])[0],
+                                   rtol=1e-5)

@@ -5,6 +5,9 @@ import gzip
 import json
 import lzma
 import os
+import random
+import re
+import tracemalloc
 import zipfile
 
 import pytest
@@ -369,3 +372,224 @@ def test_jsonl_kind_comes_from_the_first_file_with_a_record(tmp_path):
     assert _read_all(b, "train") == [{"inputs": "q", "targets": "a"}]
     with pytest.raises(local_files.DataFormatError, match=r"a.jsonl: no JSON records"):
         builders.local_files_config("jsonl", train_paths=[str(tmp_path / "a.jsonl")])
+
+
+def test_holdout_tally_counts_what_a_list_of_the_hashes_would():
+    # The holdout kept a list of every record's hash (~32 bytes a record); the tally counts.
+    rng = random.Random(0)
+    for _ in range(300):
+        hashes = [rng.choice([0.01, 0.02, 0.5, 0.7]) if rng.random() < 0.5 else rng.random()
+                  for _ in range(rng.randrange(1, 6))]
+        fraction = rng.choice([0.0, 0.015, 0.1, 0.6, 0.99, 1.0])
+        tally = builders.HoldoutTally(fraction)
+        for h in hashes:
+            tally.add(h)
+        overrides = tally.overrides()
+        assert overrides == builders.holdout_overrides(hashes, fraction)
+        assert tally.num_validation() == sum(builders.in_validation(h, fraction, overrides)
+                                             for h in hashes), (hashes, fraction)
+        assert tally.num_validation() < len(hashes)  # train never empty
+
+
+# --- Streamed reading: the same records as decoding a whole file and splitting it. ---
+
+_ASCII_SPACE = b" \t\n\r\x0b\x0c"
+_TEXT_PIECES = [b"word", b"two words", b" ", b"\t", b"\xc3\xa9", b"\xe2\x98\x83",
+                b"\xf0\x9f\x98\x80", b"\xc2\xa0", b"\x0c", b"\xff", b"\xc3", b"\xed\xa0\x80",
+                b"\r", b"\x00"]
+
+
+def _reference_read(content: bytes, fmt: str, document_per: str, strict: bool):
+    """The documented rules applied to a whole file's text (decompressed, decoded, a byte
+    order mark dropped): ([(line, record)], (documents, non-UTF-8, blank)) or the error.
+
+    Lines end in LF (a CR LF's CR staying with its line), or in CR in a file without LF. A
+    paragraph break is a line end, a line of spaces / tabs (and a CR LF's CR) and its line
+    end; breaks do not overlap, the first wins; a paragraph is numbered by the line of its
+    first non-whitespace byte, and a unit of ASCII whitespace only is no paragraph.
+    """
+    nul = content.find(b"\x00", 0, 8000)
+    if nul >= 0:
+        return f"not UTF-8 text (NUL byte at offset {nul}"
+    lines = content.split(b"\r" if b"\n" not in content and b"\r" in content else b"\n")
+    if fmt == "text" and document_per == "file":
+        units = [(1, b"\n".join(lines))]
+    elif fmt == "text" and document_per == "line":
+        units = list(enumerate(lines, 1))[:len(lines) - (len(lines) > 1 and not lines[-1])]
+    elif fmt == "text":
+        bounds, start = [], 0
+        for i in range(1, len(lines) - 1):
+            if i > start and re.fullmatch(rb"[ \t]*\r?", lines[i]):
+                bounds.append((start, i))
+                start = i + 1
+        bounds.append((start, len(lines)))
+        units = []
+        for a, b in bounds:
+            unit = b"\n".join(lines[a:b])
+            unit = unit.removesuffix(b"\r") if b < len(lines) else unit
+            first = next((j for j in range(a, b) if lines[j].strip(_ASCII_SPACE)), None)
+            if first is not None:
+                units.append((first + 1, unit))
+    else:
+        units = [(i, line) for i, line in enumerate(lines, 1) if line.strip(_ASCII_SPACE)]
+    records, documents, non_utf8, blank = [], 0, 0, 0
+    for line, unit in units:
+        try:
+            text = unit.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if strict:
+                return f":{line}: not valid UTF-8 (byte {e.start})"
+            non_utf8 += 1
+            continue
+        if fmt == "tsv":
+            fields = text.rstrip("\r").split("\t")
+            if len(fields) != 2:
+                return f":{line}: expected 'inputs<TAB>targets', found {len(fields)} fields"
+            record = {"inputs": fields[0], "targets": fields[1]}
+        elif fmt == "jsonl":
+            try:
+                record = {"text": json.loads(text)["text"]}
+            except json.JSONDecodeError:
+                return f":{line}: invalid JSON"
+        else:
+            record = {"text": text.strip()}
+        if not any(v.replace("\x00", "").strip() for v in record.values()):
+            blank += 1
+            continue
+        documents += 1
+        records.append((line, record))
+    return records, (documents, non_utf8, blank)
+
+
+def _random_content(rng: random.Random, fmt: str) -> bytes:
+    cr_only = rng.random() < 0.25
+    ends = [b"\r"] if cr_only else [b"\n", b"\n", b"\r\n", b"\n\n", b"\r\n\r\n", b"\n \t\n"]
+    lines = []
+    for _ in range(rng.choice([0, 1, 2, 5, 20, 80])):
+        if fmt == "jsonl":
+            pieces = [rng.choice([b"a", b"\xc3\xa9", b" ", b"\xff", b"\\u0000"])
+                      for _ in range(rng.randrange(3))]
+            line = rng.choice([b'{"text": "%s"}' % b"".join(pieces), b"", b" \t", b"\r"])
+        elif fmt == "tsv":
+            line = rng.choice([b"q\ta", b"q \t\xc3\xa9", b"\t", b" \t ", b"", b"\xff\ta",
+                               b"q\ta\r", b"\x0c"])
+        else:
+            line = b"".join(rng.choice(_TEXT_PIECES[:-1] if rng.random() < 0.97
+                                       else _TEXT_PIECES)
+                            for _ in range(rng.choice([0, 0, 1, 2, 4])))
+        lines += [line, rng.choice(ends)]
+    long_line = {"text": b"x" * 9000, "jsonl": b'{"text": "%s"}' % (b"x" * 9000),
+                 "tsv": b"x" * 9000 + b"\ty"}[fmt]
+    if rng.random() < 0.15:  # no line end in the first 8000 bytes: whole-file CR rule
+        lines.insert(0, long_line + (b"\r" if cr_only else b""))
+    if rng.random() < 0.1:  # a NUL past the first 8000 bytes is no binary file
+        lines[:0] = [long_line, b"\n"]
+        lines.append(b"\x00")
+    if fmt == "tsv" and rng.random() < 0.05:
+        lines.append(b"\nno tab\n")
+    return b"".join(lines)
+
+
+def _containers(rng: random.Random, content: bytes):
+    """(name, the file's bytes, the text reading them should give)."""
+    yield "plain", content, content
+    yield "utf-8 bom", codecs.BOM_UTF8 + content, content
+    for name, compress in (("gzip", gzip.compress), ("bzip2", bz2.compress),
+                           ("xz", lzma.compress)):
+        bom = codecs.BOM_UTF8 if rng.random() < 0.3 else b""
+        yield name, compress(bom + content), content
+    text = content.decode("utf-8", errors="replace")  # no invalid UTF-8 in a UTF-16 file
+    for encoding, bom in (("utf-16-le", codecs.BOM_UTF16_LE), ("utf-16-be", codecs.BOM_UTF16_BE)):
+        yield encoding, bom + text.encode(encoding), text.encode("utf-8")
+    yield "gzip utf-16", gzip.compress(codecs.BOM_UTF16_LE + text.encode("utf-16-le")), \
+        text.encode("utf-8")
+
+
+def _read_or_error(path, fmt, **kwargs):
+    counts = local_files.ReadCounts()
+    try:
+        records = list(local_files.read_file(path, fmt, counts=counts, **kwargs))
+    except local_files.DataFormatError as e:
+        return str(e)
+    return records, (counts.documents, counts.skipped_non_utf8, counts.skipped_blank)
+
+
+@pytest.mark.parametrize("fmt", ["text", "jsonl", "tsv"])
+def test_streamed_reading_matches_decoding_the_whole_file(tmp_path, monkeypatch, fmt):
+    # Files were read whole (and split in memory), a 30 GB corpus ran out of memory; they are
+    # streamed now, in chunks of any size (small ones put lines, CR LFs, UTF-8 and UTF-16
+    # characters across chunk ends).
+    rng = random.Random(fmt)
+    path = tmp_path / "f"
+    modes = ["line", "paragraph", "file"] if fmt == "text" else ["line"]
+    for case in range(80 if fmt == "text" else 50):
+        content = _random_content(rng, fmt)
+        for name, data, text in _containers(rng, content):
+            path.write_bytes(data)
+            chunk_bytes = max(rng.choice([1, 5, 64, 1 << 16]), len(data) // 200)  # time
+            monkeypatch.setattr(local_files, "_CHUNK_BYTES", chunk_bytes)
+            for per in modes:
+                strict = rng.random() < 0.3
+                got = _read_or_error(path, fmt, kind="text" if fmt == "jsonl" else "pairs",
+                                     document_per=per, strict_utf8=strict)
+                want = _reference_read(text, fmt, per, strict)
+                if isinstance(want, str):
+                    assert isinstance(got, str) and got.startswith(f"{path}"), (case, name, per)
+                    assert want in got, (case, name, per, got)
+                else:
+                    assert got == want, (case, name, per, local_files._CHUNK_BYTES)
+
+
+def test_streamed_errors_are_those_of_the_whole_file(tmp_path, monkeypatch):
+    good = "a é ☃ 😀\n".encode("utf-16-le") * 50
+    cases = [good + b"x", good[:100] + b"\x00\xdc" + good[100:],  # odd length, lone surrogate
+             good[:102] + b"\x3d\xd8a\x00" + good[102:]]  # high surrogate, no low one
+    for chunk_bytes in (1, 3, 64):
+        monkeypatch.setattr(local_files, "_CHUNK_BYTES", chunk_bytes)
+        for data in cases:
+            (tmp_path / "w.txt").write_bytes(codecs.BOM_UTF16_LE + data)
+            with pytest.raises(UnicodeDecodeError) as whole:
+                (codecs.BOM_UTF16_LE + data).decode("utf-16")
+            for per in ("line", "paragraph", "file"):
+                with pytest.raises(local_files.DataFormatError,
+                                   match=re.escape(f"not valid UTF-16 (byte {whole.value.start}: "
+                                                   f"{whole.value.reason})")):
+                    list(local_files.read_file(tmp_path / "w.txt", "text", document_per=per))
+        (tmp_path / "cut.txt.xz").write_bytes(lzma.compress(b"line\n" * 2000)[:-30])
+        with pytest.raises(local_files.DataFormatError, match="cut.txt.xz: corrupt xz data"):
+            list(local_files.read_file(tmp_path / "cut.txt.xz", "text", document_per="line"))
+
+
+def test_a_file_with_lf_only_past_the_first_8000_bytes_keeps_its_crs(tmp_path):
+    # Whether CR alone ends lines is the whole file's question (no LF anywhere), not that of
+    # the first bytes read.
+    (tmp_path / "a.txt").write_bytes(b"x" * 9000 + b"\ra\rb\nc\n")
+    (tmp_path / "b.txt").write_bytes(b"x" * 9000 + b"\ra\rb\rc\r")
+    for name, lines in (("a.txt", ["x" * 9000 + "\ra\rb", "c"]),
+                        ("b.txt", ["x" * 9000, "a", "b", "c"])):
+        records = list(local_files.read_file(tmp_path / name, "text", document_per="line"))
+        assert [r["text"] for _, r in records] == lines, name
+
+
+def test_reading_a_large_file_holds_a_few_megabytes(tmp_path):
+    # read_file read the whole file and split it in memory: for this 40 MB file a peak of
+    # 117 MB (lines) and 40 MB / 85 MB (paragraphs, plain / gzip).
+    block = b"".join(b"word%d " % i * 400 + b"\n" + b"\n" * (i % 5 == 4) for i in range(250))
+    data = block * (40_000_000 // len(block) + 1)
+    (tmp_path / "big.txt").write_bytes(data)
+    (tmp_path / "big.txt.gz").write_bytes(gzip.compress(data, compresslevel=1))
+    num_lines = data.count(b"\n") - data.count(b"\n\n")
+    del data
+    for name in ("big.txt", "big.txt.gz"):
+        for per, expected in (("line", num_lines), ("paragraph", num_lines // 5)):
+            counts = local_files.ReadCounts()
+            tracemalloc.start()
+            try:
+                for _ in local_files.read_file(tmp_path / name, "text", document_per=per,
+                                               counts=counts):
+                    pass
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert counts.documents == expected, (name, per)
+            assert peak < 8 * 2**20, (name, per, peak)

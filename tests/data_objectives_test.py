@@ -207,3 +207,82 @@ def test_vocab_without_sentinels_is_rejected(vocab):
              targets_length=456)
     with pytest.raises(ValueError, match="targets_length=114"):
         _run(_text_ds([[3, 4]]), "span_corruption", vocab, inputs_length=512, targets_length=100)
+
+
+def _mlm_rows(docs, vocab, **kw):
+    return _run(_text_ds(docs), "mlm", vocab, **{"inputs_length": 128, "seed": 5, **kw})
+
+
+def test_mlm_selects_15_percent_of_the_tokens_of_short_documents(vocab):
+    """Masking counts per row (packed: many documents), as BERT counts per sequence. Counted per
+    document piece, a 1..12-token document had max(1, round(0.15 n)) tokens selected: 15 of
+    its 78 tokens over the twelve lengths, 19% instead of 15%."""
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(3, vocab.sp_size, n) for n in rng.integers(1, 13, 3000)]
+    rows = _mlm_rows(docs, vocab)
+    selected = sum(int(r["encoder_loss_weights"].sum()) for r in rows)
+    candidates = sum(int((r["encoder_target_tokens"] > 1).sum()) for r in rows)
+    assert candidates == sum(d.size for d in docs)  # every token is in some row once
+    # Each row selects round(0.15 n_row): off by at most half a token per row, no sampling
+    # noise on top (an exact count, not a Bernoulli draw per token).
+    assert abs(selected - 0.15 * candidates) <= 0.5 * len(rows), (selected / candidates)
+
+
+def test_mlm_never_selects_special_tokens_or_sentinels(vocab):
+    """Only ordinary pieces are predicted: not EOS, UNK, padding, nor a `<extra_id_N>` that
+    the text quoted (the document's literal `<extra_id_0>` reads as [MASK] to the model; it is
+    kept as it is, with no loss)."""
+    rng = np.random.default_rng(1)
+    specials = [2, vocab.sentinel_id(0), vocab.sentinel_id(7)]
+    docs = []
+    for _ in range(400):
+        doc = rng.integers(3, vocab.sp_size, 20)
+        doc[rng.choice(20, 8, replace=False)] = rng.choice(specials, 8)
+        docs.append(doc)
+    docs.append(np.array([2, vocab.sentinel_id(0)]))  # no ordinary token: dropped, as EOS-only
+    for pack in (True, False):
+        rows = _mlm_rows(docs, vocab, pack=pack, inputs_length=64)
+        assert pack or len(rows) == 400  # the special-only document has no row
+        for r in rows:
+            tgt, inp, w = (r[k] for k in ("encoder_target_tokens", "encoder_input_tokens",
+                                          "encoder_loss_weights"))
+            ordinary = (tgt >= 3) & (tgt < vocab.sp_size)
+            assert w.any() and not w[~ordinary].any()
+            np.testing.assert_array_equal(inp[~ordinary], tgt[~ordinary])
+
+
+def test_mlm_80_10_10_and_uniform_choices_chi_square(vocab):
+    """Chi-square tests (seeded; a correct masker fails each with probability 1e-4) of: the
+    80/10/10 split of the selected tokens, which positions are selected (uniform over a row's
+    tokens) and which random tokens replace them (uniform over the ordinary pieces 3..sp_size-1,
+    never a special id or a sentinel)."""
+    import scipy.stats
+
+    rng = np.random.default_rng(2)
+    docs = [rng.integers(3, vocab.sp_size, 127) for _ in range(600)]  # + EOS = one full row
+    rows = _mlm_rows(docs, vocab, pack=False)
+    mask_id = vocab.sentinel_id(0)
+    kinds = np.zeros(3)  # [MASK], unchanged, random other token
+    position_counts = np.zeros(127)
+    replacements = []
+    for doc, r in zip(docs, rows):
+        tgt, inp, w = (r[k] for k in ("encoder_target_tokens", "encoder_input_tokens",
+                                      "encoder_loss_weights"))
+        np.testing.assert_array_equal(tgt, np.append(doc, 1))
+        w = w.astype(bool)
+        assert w.sum() == round(127 * 0.15) and not w[127]
+        position_counts += w[:127]
+        chosen_in, chosen_tgt = inp[w], tgt[w]
+        is_mask = chosen_in == mask_id
+        same = chosen_in == chosen_tgt
+        kinds += [is_mask.sum(), same.sum(), (~is_mask & ~same).sum()]
+        replacements += list(chosen_in[~is_mask & ~same])
+    n, ordinary = kinds.sum(), vocab.sp_size - 3
+    # A random replacement equals the original with probability 1 / ordinary: "unchanged".
+    want = n * np.array([0.8, 0.1 + 0.1 / ordinary, 0.1 * (1 - 1 / ordinary)])
+    assert scipy.stats.chisquare(kinds, want).pvalue > 1e-4, kinds / n
+    assert scipy.stats.chisquare(position_counts).pvalue > 1e-4
+    replacements = np.array(replacements)
+    assert replacements.min() >= 3 and replacements.max() < vocab.sp_size
+    bins = np.bincount((replacements - 3) * 10 // ordinary, minlength=10)
+    assert len(replacements) > 1000 and scipy.stats.chisquare(bins).pvalue > 1e-4, bins

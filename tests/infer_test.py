@@ -215,7 +215,8 @@ def test_output_that_is_the_input_or_a_foreign_file_is_refused(workdir, tmp_path
 
 def test_an_interrupted_first_record_is_still_cut(workdir, prompts_txt, tmp_path):
     out = tmp_path / "out.jsonl"
-    infer.run(workdir, prompts_txt, out, {}, log=open(os.devnull, "w"))
+    # Any settings: these (as test_a_failing_decode_writes_nothing's) share its compiled decode.
+    infer.run(workdir, prompts_txt, out, {"max_new_tokens": 2}, log=open(os.devnull, "w"))
     full = out.read_bytes()
     prompts = infer.read_prompts(prompts_txt)
     for cut in (1, 12, full.index(b"\n")):  # inside "inputs", after it, just the newline lost
@@ -230,20 +231,20 @@ def test_an_interrupted_first_record_is_still_cut(workdir, prompts_txt, tmp_path
 # ---------------------------------------------------------------- the sidecar
 def test_sidecar_refuses_other_settings(workdir, prompts_txt, tmp_path):
     out, quiet = tmp_path / "out.jsonl", open(os.devnull, "w")
-    greedy = {"method": "greedy", "max_new_tokens": 3}
+    greedy = {"method": "greedy", "max_new_tokens": 2}  # as the tests above: compiled there
     assert infer.run(workdir, prompts_txt, out, greedy, log=quiet) == 5
     meta = json.loads(infer.sidecar_path(out).read_text())
     assert meta == {"written_by": "t5x_lite.infer",
                     "checkpoint": {"path": str(workdir.resolve()), "step": 1},
                     "quantize": "none", "draft": None,
-                    "decode": {"method": "greedy", "max_new_tokens": 3}}
+                    "decode": {"method": "greedy", "max_new_tokens": 2}}
     full = out.read_text()
 
     # A complete output: another setting is no "nothing to do".
     with pytest.raises(infer.InferError) as e:
         infer.run(workdir, prompts_txt, out, {**greedy, "max_new_tokens": 4}, log=quiet)
     assert str(e.value) == (
-        f"--output {out} was written with other settings (decode.max_new_tokens: 3 there, 4 "
+        f"--output {out} was written with other settings (decode.max_new_tokens: 2 there, 4 "
         "now); re-run with those, or choose another --output")
     with pytest.raises(infer.InferError, match="quantize: 'none' there, 'int8' now"):
         infer.run(workdir, prompts_txt, out, greedy, log=quiet, quantize="int8")
@@ -266,7 +267,7 @@ def test_sidecar_refuses_other_settings(workdir, prompts_txt, tmp_path):
     # An output without a sidecar (an older infer) resumes unchecked, as before.
     infer.sidecar_path(out).unlink()
     out.write_text("".join(full.splitlines(keepends=True)[:4]))
-    assert infer.run(workdir, prompts_txt, out, {**greedy, "max_new_tokens": 2}, log=quiet) == 1
+    assert infer.run(workdir, prompts_txt, out, {**greedy, "max_new_tokens": 3}, log=quiet) == 1
     assert not infer.sidecar_path(out).exists()
 
     # A file at the sidecar's path that infer did not write is never overwritten.

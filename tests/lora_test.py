@@ -2,6 +2,7 @@
 (base bit-identical, loss falls), the train / evaluate / load / merge path end to end
 (evaluate also with --quantize=int8) on the base step the run started from, and what the merge
 command and the other commands refuse (one line, nothing written)."""
+import functools
 import json
 import math
 import os
@@ -191,9 +192,16 @@ def test_bad_config_errors():
         lora.LoraConfig(base="x", targets="(")
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_init(cfg):
+    """The model's own init, compiled once per model config (op by op, a process's first init
+    takes ~7 s)."""
+    model = build_model(cfg)
+    return jax.jit(lambda key: nn.meta.unbox(model.init(key)["params"]))
+
+
 def _save_base(workdir, cfg_run, step=0, seed=7):
-    model = build_model(model_config.ModelConfig.from_dict(cfg_run.model))
-    params = nn.meta.unbox(model.init(jax.random.key(seed))["params"])
+    params = _jitted_init(model_config.ModelConfig.from_dict(cfg_run.model))(jax.random.key(seed))
     checkpoints.write_config(workdir, cfg_run)
     checkpoints.save_params(workdir, params, step)
     return params
@@ -238,17 +246,21 @@ def test_lora_run_through_trainer_resume_load_and_merge(tmp_path):
     loaded = t5x_lite.load(workdir)
     lora_cfg = lora.LoraConfig.from_dict(run.lora)
     model = lora.LoraModel(loaded.model, lora_cfg)
-    boxed = model.init(jax.random.key(0))["params"]
-    base_params = checkpoints.restore_params(base_dir, 0, nn.meta.unbox(boxed["base"]))
-    adapters = checkpoints.restore_params(workdir, 6, nn.meta.unbox(boxed["lora"]))
+    # The shapes to restore (no init run), on one device.
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    boxed = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device),
+                         nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0))["params"]))
+    base_params = checkpoints.restore_params(base_dir, 0, boxed["base"])
+    adapters = checkpoints.restore_params(workdir, 6, boxed["lora"])
     batch = _copy_batch(4, 8, seed=3)
     batch = {k: np.minimum(v, loaded.config.vocab_size - 1) for k, v in batch.items()}
-    want = model.logits({"base": base_params, "lora": adapters}, batch)
+    # The adapter model's logits and the bare base's, in one compiled program (not op by op).
+    want, base_logits = jax.jit(lambda p, b: (model.logits(p, b), loaded.model.logits(
+        p["base"], b)))({"base": base_params, "lora": adapters}, batch)
     got = loaded.logits(batch["encoder_input_tokens"],
                         decoder_input_ids=batch["decoder_input_tokens"])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    assert not np.allclose(
-        want, loaded.model.logits(base_params, batch), atol=1e-6)  # adapters changed something
+    assert not np.allclose(want, base_logits, atol=1e-6)  # adapters changed something
 
     # The evaluate command on the LoRA workdir (merged on load), float and int8 weights.
     from t5x_lite.evaluation import EvalSettings, run as evaluate

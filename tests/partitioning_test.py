@@ -44,15 +44,34 @@ def intended_spec(path, scanned):
     return spec
 
 
-@pytest.mark.parametrize("cfg", [
-    mc.t5_1_1(**SMALL), mc.t5_1_0(**SMALL), mc.gpt2(**SMALL, max_len=16),
-    mc.gpt_modern(**SMALL, scan_layers=True), mc.bert(**SMALL, max_len=16),
-], ids=["t5_1_1", "t5_1_0", "gpt2", "gpt_modern_scan", "bert"])
-def test_every_param_gets_the_intended_partition_spec(cfg):
+CONFIGS = {
+    "t5_1_1": mc.t5_1_1(**SMALL), "t5_1_0": mc.t5_1_0(**SMALL),
+    "gpt2": mc.gpt2(**SMALL, max_len=16),
+    "gpt_modern_scan": mc.gpt_modern(**SMALL, scan_layers=True),
+    "bert": mc.bert(**SMALL, max_len=16),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _created_sharded(name):
+    """(model, boxed abstract variables, shardings, variables created by a jitted init with
+    those out_shardings on a (2, 2, 2) mesh) -- once per config: the one-device reference below
+    takes its params from here (the same values as an unsharded init: threefry keys are
+    partitionable), instead of compiling the init a second time."""
     mesh = part.make_mesh(2, 2, 2)
-    model = build_model(cfg)
+    model = build_model(CONFIGS[name])
     boxed = abstract_variables(model)
     shardings = part.shardings(boxed, mesh)
+    with part.activate(mesh):
+        variables = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.key(0))),
+                            out_shardings=shardings)()
+    return model, boxed, shardings, variables
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_every_param_gets_the_intended_partition_spec(name):
+    cfg = CONFIGS[name]
+    _, boxed, shardings, params = _created_sharded(name)
     flat = jax.tree_util.tree_flatten_with_path(
         shardings, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))[0]
     assert flat
@@ -62,9 +81,6 @@ def test_every_param_gets_the_intended_partition_spec(cfg):
     for box in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
         assert len(box.names) == len(box.value.shape)
     # Creating the state sharded puts every param where the spec says.
-    with part.activate(mesh):
-        params = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.key(0))),
-                         out_shardings=shardings)()
     for (path, want), got in zip(flat, jax.tree.leaves(params)):
         assert got.sharding.spec == want.spec, jax.tree_util.keystr(path)
 
@@ -72,14 +88,14 @@ def test_every_param_gets_the_intended_partition_spec(cfg):
 @functools.lru_cache(maxsize=None)
 def _one_device_reference(family):
     """(model, params, batch, loss_and_grad, (loss, grads) on one device) -- once per family."""
-    cfg = mc.t5_1_1(**SMALL) if family == "t5" else mc.gpt2(**SMALL, max_len=16)
-    model = build_model(cfg)
+    model, _, _, variables = _created_sharded("t5_1_1" if family == "t5" else "gpt2")
     rng = np.random.default_rng(0)
     batch = {"decoder_input_tokens": rng.integers(3, 128, (8, 8)).astype(np.int32),
              "decoder_target_tokens": rng.integers(3, 128, (8, 8)).astype(np.int32)}
     if family == "t5":
         batch["encoder_input_tokens"] = rng.integers(0, 128, (8, 12)).astype(np.int32)
-    params = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.key(0)))["params"])()
+    # model.init(key 0)'s values, fetched to the host: the reference runs on one device.
+    params = jax.device_get(variables["params"])
     grad_fn = jax.value_and_grad(lambda p, b: model.loss_fn(p, b)[0])
     return model, params, batch, grad_fn, jax.jit(grad_fn)(params, batch)
 

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+import decoding_testlib
 from t5x_lite import checkpoints, compression, partitioning, pruning
 from t5x_lite import config as model_config
 from t5x_lite.models import build_model
@@ -190,7 +191,7 @@ def test_polynomial_schedule_grows_sparsity_and_keeps_pruned_weights_pruned():
                              begin_step=2, end_step=8, frequency=2)
     expect = {t: 0.8 + (0.2 - 0.8) * (1 - (t - 2) / 6) ** 3 for t in (2, 4, 6, 8)}
     tx = pruning.prune_optimizer(optax.sgd(1e-2), pc, axes, 10)
-    state = tx.init(params)
+    state = jax.jit(tx.init)(params)  # one compile, not the selection op by op
     assert _zero_fraction(pruning.apply_masks(params, state.masks)) == 0.0  # s(0) before begin
     grad_fn = jax.jit(jax.grad(lambda p: model.loss_fn(p, _lm_batch(1))[0]))
     update = jax.jit(tx.update)
@@ -239,8 +240,9 @@ def test_one_shot_pruning_run_through_trainer(tmp_path):
     run = testing.tiny_config("t5")
     src = tmp_path / "dense"
     checkpoints.write_config(src, run)
-    dense = nn.meta.unbox(build_model(model_config.ModelConfig.from_dict(run.model)).init(
-        jax.random.key(1))["params"])
+    # Random values in the model's param shapes: magnitude pruning needs values, not a model
+    # init (which runs op by op here, slowly).
+    dense = decoding_testlib.random_params(model_config.ModelConfig.from_dict(run.model), seed=1)
     checkpoints.save_params(src, dense, 0)
     run.train.init_from = str(src)
     run.train.num_steps = 2

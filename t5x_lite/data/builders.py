@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -55,21 +56,60 @@ def record_hash(record: dict[str, str]) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def holdout_overrides(hashes: Sequence[float], fraction: float
-                      ) -> tuple[float | None, float | None]:
-    """Hashes to force into validation / train so neither split is empty (see module doc).
+@dataclasses.dataclass
+class HoldoutTally:
+    """What the holdout needs to know of the records' hashes, counted in one pass: a list of
+    them took ~32 bytes a record (~10 GB for a 30 GB corpus read a line a document)."""
 
-    Train always gets a record; validation gets one unless that would take every record (one
-    document, or only copies of one): a forced hash moves all the records that share it.
-    """
-    if fraction <= 0 or not hashes:
+    fraction: float
+    total: int = 0
+    below: int = 0  # hashes < fraction
+    low: float = math.inf
+    num_low: int = 0
+    high: float = -math.inf
+    num_high: int = 0
+
+    def add(self, h: float) -> None:
+        self.total += 1
+        self.below += h < self.fraction
+        if h <= self.low:
+            self.num_low = self.num_low + 1 if h == self.low else 1
+            self.low = h
+        if h >= self.high:
+            self.num_high = self.num_high + 1 if h == self.high else 1
+            self.high = h
+
+    def overrides(self) -> tuple[float | None, float | None]:
+        """Hashes to force into validation / train so neither split is empty.
+
+        Train always gets a record; validation gets one unless that would take every record
+        (one document, or only copies of one): a forced hash moves all the records that share it.
+        """
+        if self.fraction <= 0 or not self.total:
+            return None, None
+        if self.below == self.total:
+            return None, self.high
+        if self.below == 0 and self.num_low < self.total:
+            return self.low, None
         return None, None
-    num_val = sum(h < fraction for h in hashes)
-    if num_val == len(hashes):
-        return None, max(hashes)
-    if num_val == 0 and hashes.count(min(hashes)) < len(hashes):
-        return min(hashes), None
-    return None, None
+
+    def num_validation(self) -> int:
+        """How many records `in_validation` puts in validation, with `overrides()`."""
+        force_val, force_train = self.overrides()
+        if force_val is not None:
+            return self.num_low  # nothing was below the fraction
+        if force_train is not None:
+            return self.below - self.num_high  # everything was
+        return self.below
+
+
+def holdout_overrides(hashes: Iterable[float], fraction: float
+                      ) -> tuple[float | None, float | None]:
+    """`HoldoutTally.overrides` of `hashes` (see the module doc)."""
+    tally = HoldoutTally(fraction)
+    for h in hashes:
+        tally.add(h)
+    return tally.overrides()
 
 
 def in_validation(h: float, fraction: float, overrides: tuple[float | None, float | None]) -> bool:
@@ -170,11 +210,13 @@ class LocalFiles(DocumentsBuilder):
         counts = local_files.ReadCounts()
         if "all" in c.split_files:
             paths = c.split_files["all"]
-            hashes = [record_hash(r) for _, r in self._read(paths, counts)]
+            tally = HoldoutTally(c.validation_fraction)
+            for _, r in self._read(paths, counts):
+                tally.add(record_hash(r))
             self._warn_skipped(counts, "the input files")
-            if not hashes:
+            if not tally.total:
                 raise EmptyCorpusError(_empty_message(paths, counts))
-            overrides = holdout_overrides(hashes, c.validation_fraction)
+            overrides = tally.overrides()
 
             def split_fn(want_val):
                 return lambda: ((k, r) for k, r in self._read(paths)
@@ -182,10 +224,10 @@ class LocalFiles(DocumentsBuilder):
                                                  overrides) == want_val)
 
             generators = {TRAIN: split_fn(False)}
-            if any(in_validation(h, c.validation_fraction, overrides) for h in hashes):
+            sizes = {TRAIN: tally.total - tally.num_validation()}
+            if tally.num_validation():
                 generators[VALIDATION] = split_fn(True)
-            sizes = {s: sum(in_validation(h, c.validation_fraction, overrides) == (s == VALIDATION)
-                            for h in hashes) for s in generators}
+                sizes[VALIDATION] = tally.num_validation()
         else:
             generators, sizes = {}, {}
             for split, paths in c.split_files.items():

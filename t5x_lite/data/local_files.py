@@ -9,9 +9,14 @@ Formats:
 
 Encodings: gzip, bzip2 and xz files (told by their first bytes, not their names) are
 decompressed; a UTF-8 byte order mark is dropped; UTF-16 / UTF-32 files with a byte order mark
-are decoded; a file without LF whose lines end in CR (classic Mac OS) has its CRs read as LFs. A NUL byte in the first 8000 bytes (git's test for binary files) means UTF-16
-without a byte order mark or a binary file, and raises `DataFormatError` (one line) rather than
-turning it into documents of NULs and fragments; so do zip / zstd files.
+are decoded; a file without LF whose lines end in CR (classic Mac OS) has its CRs read as
+LFs. A NUL byte in the first 8000 bytes (git's test for binary files) means UTF-16 without a
+byte order mark or a binary file, and raises `DataFormatError` (one line) rather than turning
+it into documents of NULs and fragments; so do zip / zstd files.
+
+Memory: files are streamed a chunk at a time (decompressed and decoded on the way), so reading
+lines, paragraphs or JSONL / TSV records of a file of any size holds about one record; only
+`document_per="file"` reads a whole file, its one document.
 
 Non-UTF-8 bytes: by default the offending unit is skipped and counted (a whole file for
 `document_per="file"`, otherwise the paragraph / line); the caller reports the count once
@@ -24,12 +29,14 @@ import bz2
 import codecs
 import dataclasses
 import gzip
+import io
+import itertools
 import json
 import lzma
 import os
 import re
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from etils import epath
 
@@ -42,17 +49,22 @@ from t5x_lite.errors import UserError
 READER_VERSION = 4
 FORMATS = ("text", "jsonl", "tsv")
 DOCUMENT_PER = ("file", "paragraph", "line")
-_PARAGRAPH_BREAK = re.compile(rb"\r?\n[ \t]*\r?\n")
-# magic bytes -> (name, decompress bytes, open a decompressing stream over a binary file)
-_COMPRESSIONS = ((b"\x1f\x8b", "gzip", gzip.decompress, lambda f: gzip.GzipFile(fileobj=f)),
-                 (b"BZh", "bzip2", bz2.decompress, bz2.BZ2File),
-                 (b"\xfd7zXZ\x00", "xz", lzma.decompress, lzma.LZMAFile))
+# A line that, with the line ends on either side, breaks paragraphs: spaces / tabs only (and
+# the CR of a CR LF).
+_BLANK_LINE = re.compile(rb"[ \t]*\r?")
+# magic bytes -> (name, open a decompressing stream over a binary file)
+_COMPRESSIONS = ((b"\x1f\x8b", "gzip", lambda f: gzip.GzipFile(fileobj=f)),
+                 (b"BZh", "bzip2", bz2.BZ2File),
+                 (b"\xfd7zXZ\x00", "xz", lzma.LZMAFile))
 _DECOMPRESS_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, ValueError)
 _UNREADABLE = ((b"\x28\xb5\x2f\xfd", "zstd-compressed"), (b"PK\x03\x04", "a zip archive"))
 # UTF-32 first: its little-endian mark starts with UTF-16's.
 _WIDE_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
               (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 _BINARY_SNIFF_BYTES = 8000  # as git: a NUL byte among the first 8000 bytes means "binary"
+# Files are read this much at a time: memory does not grow with the file (but with its
+# longest line / paragraph, a document anyway), except for document_per="file".
+_CHUNK_BYTES = 1 << 16
 
 
 class DataFormatError(UserError):
@@ -72,36 +84,66 @@ class ReadCounts:
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
-def _decode(raw: bytes, where: str, strict: bool, counts: ReadCounts) -> str | None:
+def _decode(raw: bytes, where: str, strict: bool, counts: ReadCounts, offset: int = 0
+            ) -> str | None:
+    """`offset`: where `raw` starts in the unit the error message counts bytes from."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         if strict:
             raise DataFormatError(
-                f"{where}: not valid UTF-8 (byte {e.start}); fix the file or set "
+                f"{where}: not valid UTF-8 (byte {offset + e.start}); fix the file or set "
                 "data.strict_utf8=False to skip such records") from None
         counts.skipped_non_utf8 += 1
         return None
 
 
-def _units(raw: bytes, document_per: str) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, bytes) of each document unit of a text file."""
-    if document_per == "file":
-        yield 1, raw
-    elif document_per == "line":
-        yield from enumerate(raw.removesuffix(b"\n").split(b"\n"), 1)
-    else:
-        # Newlines are counted paragraph by paragraph: counting from the start of the file
-        # for each paragraph made large files quadratic (a minute for 4 MB).
-        pos, line = 0, 1  # line of raw[pos]
-        breaks = [(m.start(), m.end()) for m in _PARAGRAPH_BREAK.finditer(raw)]
-        for end, next_pos in breaks + [(len(raw), len(raw))]:
-            unit = raw[pos:end]
-            first = pos + len(unit) - len(unit.lstrip())
-            if first < end:  # blank lines around paragraphs are separators, not blank documents
-                yield line + raw.count(b"\n", pos, first), unit
-            line += raw.count(b"\n", pos, next_pos)
-            pos = next_pos
+def _mark_last(items: Iterable) -> Iterator[tuple[object, bool]]:
+    """(item, whether it is the last one)."""
+    items = iter(items)
+    for previous in items:
+        for item in items:
+            yield previous, False
+            previous = item
+        yield previous, True
+
+
+def _file_unit(path) -> Iterator[tuple[int, bytes, int]]:
+    yield 1, read_utf8_bytes(path), 0  # not kept here: read_file drops it once decoded
+
+
+def _line_units(lines: Iterable[bytes]) -> Iterator[tuple[int, bytes, int]]:
+    """(1-based line number, line, 0): every line, but the empty one after a final line end."""
+    for i, (line, last) in enumerate(_mark_last(lines), 1):
+        if not (last and i > 1 and not line):
+            yield i, line, 0
+
+
+def _paragraph_units(lines: Iterable[bytes]) -> Iterator[tuple[int, bytes, int]]:
+    """(line of its first non-whitespace byte, paragraph, offset of that line in the unit).
+
+    A break is a line end, a line of spaces / tabs (a CR before its line end allowed) and that
+    line's line end; breaks do not overlap, the first one found wins (so in a run of blank
+    lines every other one is a break, the others whitespace at the start of a unit). A unit of
+    ASCII whitespace only is no document, neither kept nor counted. A unit's leading
+    whitespace lines are not kept, only their length: error messages count their bytes.
+    """
+    body, first, lead, started = [], 0, 0, False  # started: the unit has a line to end
+    for i, (line, last) in enumerate(_mark_last(lines), 1):
+        if started and not last and _BLANK_LINE.fullmatch(line):
+            if body:
+                body[-1] = body[-1].removesuffix(b"\r")  # the break's CR LF
+                yield first, b"\n".join(body), lead
+            body, lead, started = [], 0, False
+            continue
+        started = True
+        if body or line.lstrip():
+            first = first if body else i
+            body.append(line)
+        else:
+            lead += len(line) + 1
+    if body:
+        yield first, b"\n".join(body), lead
 
 
 def _compression(path, magic: bytes):
@@ -126,36 +168,86 @@ def check_not_binary(path, head: bytes) -> None:
             "or leave it out of the data paths")
 
 
+def _head(chunks: Iterator[bytes], size: int) -> tuple[bytes, bool]:
+    """The first chunks of `chunks`, joined, up to `size` bytes or more; and whether that was
+    all of them. `chunks` goes on after them."""
+    parts, n = [], 0
+    for chunk in chunks:
+        parts.append(chunk)
+        n += len(chunk)
+        if n >= size:
+            return b"".join(parts), False
+    return b"".join(parts), True
+
+
+def _decompressed_chunks(path: epath.Path) -> Iterator[bytes]:
+    with path.open("rb") as f:
+        compression = _compression(path, f.read(6))
+        f.seek(0)
+        if compression is None:
+            yield from iter(lambda: f.read(_CHUNK_BYTES), b"")
+            return
+        with compression[2](f) as stream:
+            while True:
+                try:
+                    chunk = stream.read(_CHUNK_BYTES)
+                except _DECOMPRESS_ERRORS as e:
+                    raise DataFormatError(f"{path}: corrupt {compression[1]} data ({e})"
+                                          ) from None
+                if not chunk:
+                    return
+                yield chunk
+
+
+def _reencoded(path, chunks: Iterable[bytes], encoding: str) -> Iterator[bytes]:
+    """UTF-16/32 `chunks` (byte order mark first) as UTF-8."""
+    decoder = codecs.getincrementaldecoder(encoding)()  # it consumes the byte order mark
+    fed = 0  # bytes given to the decoder so far
+    for chunk, final in _mark_last(itertools.chain(chunks, [b""])):
+        held = len(decoder.getstate()[0])  # an incomplete character it decodes with `chunk`
+        try:
+            text = decoder.decode(chunk, final)
+        except UnicodeDecodeError as e:
+            raise DataFormatError(
+                f"{path}: starts with a {encoding.upper()} byte order mark but is not valid "
+                f"{encoding.upper()} (byte {fed - held + e.start}: {e.reason})") from None
+        fed += len(chunk)
+        yield text.encode("utf-8")
+
+
+def _utf8_chunks(path) -> Iterator[bytes]:
+    """A file's text as UTF-8, in chunks: decompressed, UTF-16/32 decoded, a UTF-8 byte order
+    mark dropped (see `read_utf8_bytes`)."""
+    path = epath.Path(path)
+    if path.is_dir():
+        raise DataFormatError(f"{path} is a directory, not a file")
+    chunks = _decompressed_chunks(path)
+    head, _ = _head(chunks, len(codecs.BOM_UTF32_LE))
+    chunks = itertools.chain([head], chunks)
+    encoding = _wide_encoding(head)
+    if encoding:
+        chunks = _reencoded(path, chunks, encoding)
+    # A UTF-8 byte order mark (Windows editors) is not text: it would start the first
+    # document / TSV input, and makes the first JSONL line invalid JSON.
+    head, _ = _head(chunks, len(codecs.BOM_UTF8))
+    yield head.removeprefix(codecs.BOM_UTF8)
+    yield from chunks
+
+
 def read_utf8_bytes(path: epath.Path, *, refuse_binary: bool = True) -> bytes:
     """A text file's content as UTF-8 bytes (see the module doc: decompressed, a byte order
-    mark dropped, UTF-16/32 decoded); invalid UTF-8 is left for the caller to find.
+    mark dropped, UTF-16/32 decoded, CR line ends of a file without LF made LF); invalid UTF-8
+    is left for the caller to find. The whole file: `_utf8_lines` streams it.
     `refuse_binary=False` leaves the NUL check (`check_not_binary`) to the caller too.
 
     Raises:
         DataFormatError: a binary or BOM-less UTF-16 file, zip / zstd, corrupt compressed data
             or invalid UTF-16/32.
     """
-    path = epath.Path(path)
-    if path.is_dir():
-        raise DataFormatError(f"{path} is a directory, not a file")
-    raw = path.read_bytes()
-    compression = _compression(path, raw[:6])
-    if compression:
-        try:
-            raw = compression[2](raw)
-        except _DECOMPRESS_ERRORS as e:
-            raise DataFormatError(f"{path}: corrupt {compression[1]} data ({e})") from None
-    encoding = _wide_encoding(raw)
-    if encoding:
-        try:
-            raw = raw.decode(encoding).encode("utf-8")  # the codec consumes the byte order mark
-        except UnicodeDecodeError as e:
-            raise DataFormatError(f"{path}: starts with a {encoding.upper()} byte order mark but "
-                                  f"is not valid {encoding.upper()} (byte {e.start}: {e.reason})"
-                                  ) from None
-    # A UTF-8 byte order mark (Windows editors) is not text: it would start the first
-    # document / TSV input, and makes the first JSONL line invalid JSON.
-    raw = raw.removeprefix(codecs.BOM_UTF8)
+    buffer = io.BytesIO()  # its getvalue() is the buffer itself, not a copy
+    for chunk in _utf8_chunks(path):
+        buffer.write(chunk)
+    raw = buffer.getvalue()
     if b"\n" not in raw and b"\r" in raw:  # classic Mac OS line ends: one line otherwise
         raw = raw.replace(b"\r", b"\n")
     if refuse_binary:
@@ -163,35 +255,39 @@ def read_utf8_bytes(path: epath.Path, *, refuse_binary: bool = True) -> bytes:
     return raw
 
 
-def _iter_utf8_lines(path: epath.Path) -> Iterator[bytes]:
-    """`read_utf8_bytes(path).split(b"\\n")`, streamed where it can be (plain and compressed
-    UTF-8): reading a whole large file only to look at its first record would be slow."""
-    with path.open("rb") as f:
-        compression = _compression(path, f.read(6))
-        f.seek(0)
-        if compression is None:
-            yield from _utf8_lines(path, f)
-            return
-        try:
-            with compression[3](f) as stream:
-                yield from _utf8_lines(path, stream)
-        except UserError:
-            raise
-        except _DECOMPRESS_ERRORS as e:
-            raise DataFormatError(f"{path}: corrupt {compression[1]} data ({e})") from None
+def _ends_lines_in_cr(path) -> bool:
+    """Whether the file has a CR and no LF; reads it up to its first LF."""
+    cr = False
+    for chunk in _utf8_chunks(path):
+        if b"\n" in chunk:
+            return False
+        cr = cr or b"\r" in chunk
+    return cr
 
 
-def _utf8_lines(path, stream) -> Iterator[bytes]:
-    first = stream.readline(_BINARY_SNIFF_BYTES)
-    if _wide_encoding(first) or b"\n" not in first and b"\r" in first:  # rare: whole file
-        yield from read_utf8_bytes(path).split(b"\n")
-        return
-    first = first.removeprefix(codecs.BOM_UTF8)
-    check_not_binary(path, first)
-    if not first.endswith(b"\n"):
-        first += stream.readline()
-    yield first
-    yield from stream
+def _utf8_lines(path) -> Iterator[bytes]:
+    """`read_utf8_bytes(path).split(b"\\n")`, a chunk at a time (bounded memory).
+
+    Whether a CR alone ends lines (no LF in the whole file) is told by the first 8000 bytes
+    when they hold an LF or are the whole file; otherwise the file is read once more up to
+    its first LF to tell (all of it only for a file with CR line ends).
+    """
+    chunks = _utf8_chunks(path)
+    head, whole = _head(chunks, _BINARY_SNIFF_BYTES)
+    check_not_binary(path, head)
+    chunks = itertools.chain([head], chunks)
+    if b"\n" not in head and (b"\r" in head if whole else _ends_lines_in_cr(path)):
+        chunks = (chunk.replace(b"\r", b"\n") for chunk in chunks)
+    pending = []  # the start of a line that goes on in the next chunk
+    for chunk in chunks:
+        *complete, last = chunk.split(b"\n")
+        if complete:
+            pending.append(complete[0])
+            complete[0] = b"".join(pending)
+            yield from complete
+            pending = []
+        pending.append(last)
+    yield b"".join(pending)
 
 
 def detect_jsonl_kind(paths: epath.Path | Sequence[epath.Path], text_key: str, inputs_key: str,
@@ -200,7 +296,7 @@ def detect_jsonl_kind(paths: epath.Path | Sequence[epath.Path], text_key: str, i
     one (an empty first shard is no reason to fail)."""
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     for path in paths:
-        for i, raw in enumerate(_iter_utf8_lines(epath.Path(path)), 1):
+        for i, raw in enumerate(_utf8_lines(path), 1):
             try:
                 record = json.loads(raw)
             except (UnicodeDecodeError, json.JSONDecodeError):
@@ -234,17 +330,20 @@ def read_file(path: epath.Path, fmt: str, *, kind: str = "text", document_per: s
         {"inputs", "targets"}.
     """
     counts = counts if counts is not None else ReadCounts()
-    raw_file = read_utf8_bytes(path)
-    if fmt == "text":
-        units = _units(raw_file, document_per)
+    if fmt == "text" and document_per == "file":
+        units = _file_unit(path)
+    elif fmt == "text":
+        split = _line_units if document_per == "line" else _paragraph_units
+        units = split(_utf8_lines(path))
     elif fmt in ("jsonl", "tsv"):
-        units = enumerate(raw_file.split(b"\n"), 1)
+        units = ((i, line, 0) for i, line in enumerate(_utf8_lines(path), 1))
     else:
         raise ValueError(f"unknown format {fmt!r}; known: {FORMATS}")
-    for line, raw in units:
+    for line, raw, offset in units:
         if fmt != "text" and not raw.strip():
             continue  # blank lines of JSONL / TSV are not records
-        text = _decode(raw, f"{path}:{line}", strict_utf8, counts)
+        text = _decode(raw, f"{path}:{line}", strict_utf8, counts, offset)
+        del raw  # a whole file's bytes need not outlive its text
         if text is None:
             continue
         if fmt == "text":

@@ -11,7 +11,7 @@ Per-example transforms (grain `Map` / `RandomMap` / `FlatMap`), then `pack_or_pa
   packed; + decoder_causal_attention for prefix_lm). prompt_completion: pairs as prompt +
   completion + EOS with causal attention and the loss on completion + EOS only.
 - encoder-only (mlm): encoder_input_tokens, encoder_target_tokens, encoder_loss_weights
-  (+ encoder_segment_ids, encoder_positions when packed).
+  (+ encoder_segment_ids, encoder_positions when packed); masked after `pack_or_pad`, per row.
 
 `decoder_input_tokens` is `decoder_target_tokens` shifted right with 0 (the decoder start id)
 per segment. Randomness comes from grain's `random_map`: a Philox generator keyed by (seed,
@@ -28,7 +28,7 @@ import grain
 from t5x_lite.data import packing
 from t5x_lite.data import span_corruption as sc
 from t5x_lite.errors import UserError
-from t5x_lite.vocab import EOS_ID, Vocabulary
+from t5x_lite.vocab import EOS_ID, UNK_ID, Vocabulary
 
 
 class ObjectiveError(UserError):
@@ -180,38 +180,59 @@ class Seq2Seq(grain.transforms.Map):
                 "decoder_loss_weights": np.ones_like(targets_L)}
 
 
+def maskable(tokens_L: np.ndarray, sp_size: int) -> np.ndarray:
+    """Where MLM may select a token: ordinary pieces only, never padding, EOS, UNK or a
+    sentinel (a literal `<extra_id_N>` in the text reads as [MASK] and is left alone)."""
+    return (tokens_L > UNK_ID) & (tokens_L < sp_size)
+
+
 class HasMaskable(grain.transforms.Filter):
     """Drops the pieces BertMask could not mask (EOS only: the end of a document whose length
-    is a multiple of the row length, or an empty one): rows with no loss weight."""
+    is a multiple of the row length, or an empty one; or only special tokens), so every row
+    has a loss weight."""
+
+    def __init__(self, vocab: Vocabulary):
+        self._sp_size = vocab.sp_size
 
     def filter(self, piece_L):
-        return bool(np.any(piece_L != EOS_ID))
+        return bool(np.any(maskable(piece_L, self._sp_size)))
 
 
 class BertMask(grain.transforms.RandomMap):
-    """BERT masking: `mask_rate` of the non-EOS tokens are predicted; of those 80% become
-    [MASK] (= `<extra_id_0>`), 10% a random ordinary token, 10% stay unchanged."""
+    """BERT masking of a whole (packed or padded) row: round(`mask_rate` x its maskable
+    tokens), at least 1, are predicted (Google BERT's count per sequence); of those 80% become
+    [MASK] (= `<extra_id_0>`), 10% a uniformly random ordinary token, 10% stay unchanged.
+
+    Done per row, not per document piece, so short documents are not over-masked: one token
+    of a 3-token document would be 33% of it.
+    """
 
     def __init__(self, vocab: Vocabulary, mask_rate: float):
         self._mask_id = vocab.sentinel_id(0)
-        self._low, self._high = 3, vocab.sp_size  # random replacements: ordinary pieces only
+        self._sp_size = vocab.sp_size
+        self._low, self._high = UNK_ID + 1, vocab.sp_size  # random replacements: ordinary pieces
         self._rate = mask_rate
 
-    def random_map(self, piece_L, rng):
-        candidates = np.flatnonzero(piece_L != EOS_ID)
-        inputs_L = piece_L.copy()
-        weights_L = np.zeros_like(piece_L)
+    def random_map(self, row, rng):
+        tokens_L = np.asarray(row["encoder_input_tokens"], np.int32)
+        candidates = np.flatnonzero(maskable(tokens_L, self._sp_size))
+        inputs_L = tokens_L.copy()
+        weights_L = np.zeros_like(tokens_L)
         if candidates.size:
             k = max(1, int(round(candidates.size * self._rate)))
             chosen = rng.choice(candidates, size=k, replace=False)
             action = rng.random(k)
             random_ids = rng.integers(self._low, self._high, size=k)
             inputs_L[chosen] = np.where(action < 0.8, self._mask_id,
-                                        np.where(action < 0.9, random_ids, piece_L[chosen]))
+                                        np.where(action < 0.9, random_ids, tokens_L[chosen]))
             weights_L[chosen] = 1
-        return {"encoder_input_tokens": inputs_L.astype(np.int32),
-                "encoder_target_tokens": piece_L.astype(np.int32),
-                "encoder_loss_weights": weights_L.astype(np.int32)}
+        return {**row, "encoder_input_tokens": inputs_L, "encoder_target_tokens": tokens_L,
+                "encoder_loss_weights": weights_L}
+
+
+class MlmPiece(grain.transforms.Map):
+    def map(self, piece_L):
+        return {"encoder_input_tokens": piece_L}
 
 
 class AddDecoderInputs(grain.transforms.Map):
@@ -236,9 +257,8 @@ def row_lengths(objective: str, *, inputs_length: int, targets_length: int,
     if objective == "prefix_lm":
         return {"decoder_target_tokens": seq_len, "decoder_loss_weights": seq_len,
                 "decoder_causal_attention": seq_len}
-    if objective == "mlm":
-        return {k: inputs_length for k in
-                ("encoder_input_tokens", "encoder_target_tokens", "encoder_loss_weights")}
+    if objective == "mlm":  # the unmasked pieces; BertMask adds targets and weights per row
+        return {"encoder_input_tokens": inputs_length}
     raise ObjectiveError(f"unknown objective {objective!r}; known: {OBJECTIVES}")
 
 
@@ -301,6 +321,8 @@ def apply_objective(ds: grain.IterDataset, objective: str, vocab: Vocabulary, *,
             if vocab.extra_ids < 1:
                 raise ObjectiveError("mlm uses <extra_id_0> as [MASK]; the vocabulary has "
                                      "extra_ids=0")
-            ds = ds.filter(HasMaskable()).random_map(BertMask(vocab, mask_rate), seed=seed)
+            ds = ds.filter(HasMaskable(vocab)).map(MlmPiece())
     ds = packing.pack_or_pad(ds, lengths, pack=pack, num_packing_bins=num_packing_bins)
+    if objective == "mlm":
+        return ds.random_map(BertMask(vocab, mask_rate), seed=seed)
     return ds.map(AddDecoderInputs())
