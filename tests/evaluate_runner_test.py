@@ -10,6 +10,7 @@ import time
 import flax.linen as nn
 import jax
 import pytest
+from events_reader import tensorboard_view
 
 from t5x_lite import checkpoints
 from t5x_lite.data import DataConfigError
@@ -77,6 +78,12 @@ def test_latest_step_and_path(task):
     (r,) = run(None, wd, EvalSettings(checkpoint=str(other / "checkpoints" / "3"), **FAST))
     assert r["step"] == 3 and r["checkpoint"].startswith(str(other))
     assert outputs.done_steps(wd / "eval") == [1, 2, 3] and not (other / "eval").exists()
+    # TensorBoard shows each step once, with its latest metrics.json values, though step 2 was
+    # evaluated twice and step 1 after it.
+    for first_start_counts in (False, True):
+        view = tensorboard_view(wd / "eval" / "events", first_start_counts)
+        assert [(s, v) for s, tag, v in view if tag == "eval/loss"] == [
+            (s, pytest.approx(outputs.read_metrics(wd / "eval", s)["loss"])) for s in (1, 2, 3)]
     # Explicit steps are re-evaluated (and overwrite atomically); `all` skips done ones.
     assert run(None, wd, EvalSettings(checkpoint="all", **FAST)) == []
     named = run(None, wd, EvalSettings(checkpoint="all", name="again", **FAST))

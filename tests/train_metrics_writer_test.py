@@ -1,48 +1,10 @@
 """metrics_writer: TFRecord/Event encoding (decoded with protobuf, independent of our encoder),
 metrics.jsonl and its truncation on resume."""
 import json
-import struct
 
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from events_reader import event_class, records, tensorboard_view
 
 from t5x_lite.training import metrics_writer as mw
-
-
-def _event_class():
-    """tensorflow.Event's fields we write, declared with protobuf's own descriptors."""
-    f = descriptor_pb2.FileDescriptorProto(name="t5x_lite_test_event.proto", package="tft")
-    T = descriptor_pb2.FieldDescriptorProto
-
-    def msg(name, fields):
-        m = f.message_type.add(name=name)
-        for fname, num, typ, label, type_name in fields:
-            fld = m.field.add(name=fname, number=num, type=typ, label=label)
-            if type_name:
-                fld.type_name = type_name
-    opt, rep = T.LABEL_OPTIONAL, T.LABEL_REPEATED
-    msg("Value", [("tag", 1, T.TYPE_STRING, opt, None), ("simple_value", 2, T.TYPE_FLOAT, opt, None)])
-    msg("Summary", [("value", 1, T.TYPE_MESSAGE, rep, ".tft.Value")])
-    msg("SessionLog", [("status", 1, T.TYPE_INT32, opt, None)])
-    msg("Event", [("wall_time", 1, T.TYPE_DOUBLE, opt, None), ("step", 2, T.TYPE_INT64, opt, None),
-                  ("file_version", 3, T.TYPE_STRING, opt, None),
-                  ("summary", 5, T.TYPE_MESSAGE, opt, ".tft.Summary"),
-                  ("session_log", 6, T.TYPE_MESSAGE, opt, ".tft.SessionLog")])
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(f)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("tft.Event"))
-
-
-def _records(path):
-    data = path.read_bytes()
-    out, pos = [], 0
-    while pos < len(data):
-        (n,) = struct.unpack("<Q", data[pos:pos + 8])
-        assert struct.unpack("<I", data[pos + 8:pos + 12])[0] == mw._masked_crc(data[pos:pos + 8])
-        payload = data[pos + 12:pos + 12 + n]
-        assert struct.unpack("<I", data[pos + 12 + n:pos + 16 + n])[0] == mw._masked_crc(payload)
-        out.append(payload)
-        pos += 16 + n
-    return out
 
 
 def test_crc32c_known_value():
@@ -54,10 +16,10 @@ def test_event_file_decodes(tmp_path):
     writer.write(5, {"loss": 2.5, "learning_rate": 0.01})
     writer.write(10, {"loss": 1.25, "accuracy": 0.5}, prefix="eval/")
     writer.close()
-    Event = _event_class()
+    Event = event_class()
     files = list((tmp_path / mw.EVENTS_DIR).iterdir())
     assert len(files) == 1 and files[0].name.startswith("events.out.tfevents.")
-    events = [Event.FromString(r) for r in _records(files[0])]
+    events = [Event.FromString(r) for r in records(files[0])]
     assert events[0].file_version == "brain.Event:2"
     got = {(e.step, v.tag): v.simple_value for e in events[1:] for v in e.summary.value}
     assert got == {(5, "loss"): 2.5, (5, "learning_rate"): 0.009999999776482582,
@@ -81,21 +43,9 @@ def test_resume_truncates_jsonl_and_marks_session_start(tmp_path):
         (10, 10.0), (20, 20.0), (30, 3.0)]
     # What TensorBoard shows equals metrics.jsonl: the resumed run's restart marker purges the
     # killed run's step 30, and keeps step 20 (its checkpoint step; it once purged that too).
-    assert _tensorboard_view(tmp_path / mw.EVENTS_DIR) == {(10, "loss"): 10.0,
-                                                          (20, "loss"): 20.0, (30, "loss"): 3.0}
-
-
-def _tensorboard_view(events_dir):
-    """Scalars as TensorBoard's EventAccumulator keeps them: files in name order, and at a
-    SessionLog.START of step S only the points of step < S stay (its `_Purge`)."""
-    Event = _event_class()
-    kept = []
-    for path in sorted(events_dir.iterdir()):
-        for e in map(Event.FromString, _records(path)):
-            if e.session_log.status == 1:
-                kept = [(step, tag, v) for step, tag, v in kept if step < e.step]
-            kept += [(e.step, v.tag, v.simple_value) for v in e.summary.value]
-    return {(step, tag): v for step, tag, v in kept}
+    for first_start_counts in (False, True):
+        assert tensorboard_view(tmp_path / mw.EVENTS_DIR, first_start_counts) == [
+            (10, "loss", 10.0), (20, "loss", 20.0), (30, "loss", 3.0)]
 
 
 def test_non_main_process_writes_nothing(tmp_path):

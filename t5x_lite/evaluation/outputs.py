@@ -4,6 +4,7 @@ the same metrics as TensorBoard scalars.
     OUT/<step>/predictions.jsonl     one JSON object per example (written first)
     OUT/<step>/metrics.json          {"step", ..., metric: value}; its presence marks the step done
     OUT/events/events.out.tfevents.* scalars "<tag_prefix><metric>" at the checkpoint's step
+                                     (TensorBoard shows each step's latest evaluation once)
 
 OUT is `WORKDIR/eval` (or `WORKDIR/eval/<name>`). Each file is written to `<file>.tmp` and
 renamed, so a reader (or a killed evaluator) never sees half a file. Re-evaluating a step first
@@ -88,10 +89,15 @@ def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 class EventsWriter:
-    """Lazily opened TensorBoard event file under OUT/events (the trainer's writer format)."""
+    """Lazily opened TensorBoard event file under OUT/events (the trainer's writer format).
+
+    A step is written as a session restart at that step followed by its scalars and those of
+    every later done step (read back from their metrics.json), so that TensorBoard, which
+    drops the points of step >= S at a restart of step S, shows each step once and with its
+    latest values, also when an earlier step is re-evaluated after later ones."""
 
     def __init__(self, out_root, tag_prefix: str):
-        self._dir = epath.Path(out_root) / EVENTS_DIR
+        self._root = epath.Path(out_root)
         self._prefix = tag_prefix
         self._writer = None
 
@@ -99,9 +105,11 @@ class EventsWriter:
         from t5x_lite.training.metrics_writer import EventFileWriter
 
         if self._writer is None:
-            self._writer = EventFileWriter(self._dir)
-        self._writer.scalars(step, {self._prefix + k: v for k, v in
-                                    scalar_metrics(metrics).items()})
+            self._writer = EventFileWriter(self._root / EVENTS_DIR)
+        self._writer.session_start(step)
+        later = [s for s in done_steps(self._root) if s > step]
+        for s, m in [(step, metrics)] + [(s, read_metrics(self._root, s)) for s in later]:
+            self._writer.scalars(s, {self._prefix + k: v for k, v in scalar_metrics(m).items()})
 
     def close(self) -> None:
         if self._writer is not None:

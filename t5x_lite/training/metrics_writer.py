@@ -108,11 +108,17 @@ class EventFileWriter:
         self._f = self.path.open("ab")
         self._write(encode_event(time.time(), 0, file_version="brain.Event:2"))
         if start_step is not None:
-            # At a SessionLog.START event of step S TensorBoard drops the earlier events of step
-            # >= S (it keeps `x.step < S`), so S = start_step + 1: what the interrupted run
-            # logged after its last checkpoint goes, the checkpoint step's own points stay (as
-            # in metrics.jsonl).
-            self._write(encode_event(time.time(), start_step + 1, session_start=True))
+            # The points of the interrupted run logged after its last checkpoint go; the
+            # checkpoint step's own points stay (as in metrics.jsonl).
+            self.session_start(start_step + 1)
+
+    def session_start(self, step: int) -> None:
+        """A SessionLog.START of `step`: TensorBoard then drops the points it has read of step
+        >= `step` (it keeps `x.step < step`), all tags, so what follows replaces them. Its
+        current EventAccumulator ignores the first START of a run (an older one does not), so
+        every file starts with one: a later file's START is never a run's first."""
+        self._write(encode_event(time.time(), step, session_start=True))
+        self._f.flush()
 
     def _write(self, event: bytes):
         self._f.write(tfrecord(event))
@@ -148,7 +154,7 @@ class MetricsWriter:
         self._jsonl_path = workdir / METRICS_FILE
         truncate_jsonl(self._jsonl_path, start_step)
         self._jsonl = self._jsonl_path.open("a")
-        self._events = EventFileWriter(workdir / EVENTS_DIR, start_step=start_step or None)
+        self._events = EventFileWriter(workdir / EVENTS_DIR, start_step=start_step)
 
     def write(self, step: int, metrics: Mapping[str, float], *, prefix: str = "") -> None:
         values = {f"{prefix}{k}": v for k, v in metrics.items() if v is not None}
