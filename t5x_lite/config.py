@@ -240,7 +240,8 @@ def gpt_modern(**overrides) -> ModelConfig:
 
 
 def bert(**overrides) -> ModelConfig:
-    """Encoder-only MLM (BERT-style) from the same parts: learned positions, post-LN free pre-LN."""
+    """Encoder-only MLM (BERT-style) from the same parts: learned positions, pre-LN LayerNorm
+    eps 1e-12 (HF RobertaPreLayerNorm's layout, not BERT's post-LN), GELU, biases, tied head."""
     base = dict(family="bert", mlp="gelu", norm="layer", norm_eps=1e-12, position="learned",
                 tie_embeddings=True, scale_logits=False, attention_scale=True, use_bias=True)
     return ModelConfig(**{**base, **overrides})

@@ -1,8 +1,13 @@
-"""Local or remote (epath) file writes that never leave half a file, and the path check that
-turns mkdir's bare errno into a clear message."""
+"""Local or remote (epath) file writes that never leave half a file, the path check that
+turns mkdir's bare errno into a clear message, and a lock for work done once per host."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import os
+import tempfile
+from typing import Iterator
 
 from etils import epath
 
@@ -29,6 +34,23 @@ def real(path) -> epath.Path:
     one file compare equal (a remote path as it is)."""
     text = os.fspath(path)
     return epath.Path(text if "://" in text else os.path.realpath(text))
+
+
+@contextlib.contextmanager
+def host_lock(key) -> Iterator[None]:
+    """Exclusive among the processes of this host holding `host_lock` of the same `key` (e.g. a
+    dataset's path): two trainers, test workers or an evaluator preparing the same dataset take
+    turns, and the second finds it built. An flock on a file in the temp dir, released when the
+    holder exits (or dies)."""
+    digest = hashlib.sha1(os.fspath(key).encode()).hexdigest()[:16]
+    directory = os.path.join(tempfile.gettempdir(), "t5x_lite_locks")
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"{digest}.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def file_in_the_way(path) -> str | None:

@@ -7,6 +7,8 @@ import lzma
 import os
 import random
 import re
+import threading
+import time
 import tracemalloc
 import zipfile
 
@@ -90,6 +92,37 @@ def test_prepared_data_is_reused_and_rebuilt_when_inputs_change(tmp_path, monkey
     assert [r["text"] for r in _read_all(b3, "train")] == ["one", "two", "three"]
     b4 = _prepare(tmp_path, "text", **{**kwargs, "document_per": "line"})  # options matter too
     assert b4.data_dir not in (b1.data_dir, b3.data_dir)
+
+
+def test_two_runs_preparing_the_same_data_at_once_build_it_once(tmp_path, monkeypatch):
+    """Two trainers (here threads) started together on one host: the second waits for the
+    first's preparation and reuses it (it used to build it too, and fail renaming its copy
+    over the first's: FileExistsError)."""
+    (tmp_path / "c.txt").write_text("one\n\ntwo\n")
+    kwargs = dict(train_paths=[str(tmp_path / "c.txt")], document_per="paragraph")
+    calls, original = [], builders.LocalFiles._plan
+
+    def slow_plan(self):  # both pass the "is it prepared?" check before either is done
+        calls.append(1)
+        time.sleep(0.5)
+        return original(self)
+
+    monkeypatch.setattr(builders.LocalFiles, "_plan", slow_plan)
+    results, gate = [None, None], threading.Barrier(2)
+
+    def prepare(i):
+        gate.wait()
+        try:
+            results[i] = _read_all(_prepare(tmp_path, "text", **kwargs), "train")
+        except Exception as e:  # pylint: disable=broad-except
+            results[i] = e
+
+    threads = [threading.Thread(target=prepare, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [[{"text": "one"}, {"text": "two"}]] * 2 and calls == [1]
 
 
 def test_non_utf8_is_skipped_and_counted_or_fails_when_strict(tmp_path):

@@ -27,6 +27,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
+from t5x_lite import files
 from t5x_lite.data import local_files
 from t5x_lite.errors import UserError
 from t5x_lite.vocab import expand_globs, file_key
@@ -354,8 +355,18 @@ def is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
 
 
 def _prepare_quietly(builder):
-    if is_prepared(builder):
-        return
+    if not is_prepared(builder):
+        # Processes of one host preparing the same dataset (runs started together, parallel
+        # test workers) take turns: the second reuses what the first built.
+        with files.host_lock(builder.data_dir):
+            if not is_prepared(builder):
+                _download_and_prepare(builder)
+    if not builder.info.splits:
+        # Prepared by another process after this builder was made: it read no dataset info.
+        builder.info.read_from_directory(builder.data_dir)
+
+
+def _download_and_prepare(builder):
     from tensorflow_datasets.core.utils import tqdm_utils
 
     was_active = getattr(tqdm_utils, "_active", True)
@@ -363,6 +374,10 @@ def _prepare_quietly(builder):
     try:
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    except FileExistsError:
+        # Another host wrote the same (deterministic) dataset to a shared data_dir first.
+        if not is_prepared(builder):
+            raise
     except BaseException:
         _remove_empty_dirs(builder)
         raise

@@ -28,6 +28,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
+from t5x_lite import files
 from t5x_lite import vocab as vocab_lib
 from t5x_lite.data import builders
 
@@ -172,10 +173,13 @@ def default_vocab(data_dir=None, vocab_size: int = DEFAULT_VOCAB_SIZE,
     path = (builders.resolve_data_dir(data_dir) / "t5x_lite_vocab" /
             f"{corpus.builder_config.name}-sp{vocab_size}.model")
     if not path.exists():
-        source = corpus.as_data_source(builders.TRAIN)
-        texts = (source[i]["text"].decode("utf-8") for i in range(len(source)))
-        tmp_prefix = str(path)[:-len(".model")] + f".tmp{os.getpid()}"
-        written = vocab_lib.train_vocab(texts, tmp_prefix, vocab_size)
-        epath.Path(written).rename(path)  # atomic: concurrent trainers never see half a file
-        logging.info("trained default vocabulary %s", path)
+        with files.host_lock(path):  # trained once per host, not by each of several runs
+            if not path.exists():
+                source = corpus.as_data_source(builders.TRAIN)
+                texts = (source[i]["text"].decode("utf-8") for i in range(len(source)))
+                tmp_prefix = str(path)[:-len(".model")] + f".tmp{os.getpid()}"
+                written = vocab_lib.train_vocab(texts, tmp_prefix, vocab_size)
+                # Atomic, and over a copy another host wrote to a shared data_dir meanwhile.
+                epath.Path(written).replace(path)
+                logging.info("trained default vocabulary %s", path)
     return vocab_lib.Vocabulary(path, extra_ids=extra_ids)

@@ -54,5 +54,5 @@ def tiny_vocab(vocab_size: int = 400, extra_ids: int = 100) -> vocab_lib.Vocabul
     path = epath.Path(tempfile.gettempdir()) / "t5x_lite_tiny_vocab" / f"{key}.model"
     if not path.exists():
         tmp = vocab_lib.train_vocab(texts, f"{path}.{os.getpid()}", vocab_size)
-        tmp.rename(path)  # atomic: parallel test workers never read half a file
+        tmp.replace(path)  # atomic: parallel test workers never read half a file
     return vocab_lib.Vocabulary(path, extra_ids=extra_ids)
