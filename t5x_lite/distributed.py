@@ -22,8 +22,10 @@ detected fatal errors ... another task died" instead of letting them wait in a c
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+from typing import Callable, Iterator
 
 import jax
 from absl import flags, logging
@@ -173,6 +175,25 @@ def agree(value: int) -> int:
     from jax.experimental import multihost_utils
 
     return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+
+
+@contextlib.contextmanager
+def exclusive(path, refusal: Callable[[str], Exception]) -> Iterator[None]:
+    """One run at a time on `path` (a workdir, an output file) on this host: process 0 holds
+    `files.host_lock`; if another run holds it, every process raises `refusal(holder)` (holder:
+    its pid and command line as process 0 read them)."""
+    from t5x_lite import files
+
+    holder = None
+    with contextlib.ExitStack() as stack:
+        if is_coordinator():
+            try:
+                stack.enter_context(files.host_lock(files.real(path), wait=False))
+            except files.LockHeld as e:
+                holder = e.holder
+        if agree(int(holder is not None)):
+            raise refusal(holder or "as process 0 found")
+        yield
 
 
 def barrier(name: str, timeout_s: float = 600.0) -> None:

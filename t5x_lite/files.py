@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import sys
 import tempfile
 from typing import Iterator
 
@@ -36,18 +37,35 @@ def real(path) -> epath.Path:
     return epath.Path(text if "://" in text else os.path.realpath(text))
 
 
+class LockHeld(Exception):
+    """`host_lock(..., wait=False)` found the lock taken; `holder` says by whom."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
 @contextlib.contextmanager
-def host_lock(key) -> Iterator[None]:
+def host_lock(key, *, wait: bool = True) -> Iterator[None]:
     """Exclusive among the processes of this host holding `host_lock` of the same `key` (e.g. a
-    dataset's path): two trainers, test workers or an evaluator preparing the same dataset take
-    turns, and the second finds it built. An flock on a file in the temp dir, released when the
-    holder exits (or dies)."""
+    dataset's or a workdir's path): two trainers, test workers or an evaluator preparing the
+    same dataset take turns, and the second finds it built. With `wait=False` a taken lock
+    raises LockHeld naming the holder's pid and command line. An flock on a file in the temp
+    dir, released when the holder exits or dies (kill -9 leaves no stale lock)."""
     digest = hashlib.sha1(os.fspath(key).encode()).hexdigest()[:16]
     directory = os.path.join(tempfile.gettempdir(), "t5x_lite_locks")
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, f"{digest}.lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    path = os.path.join(directory, f"{digest}.lock")
+    with open(path, "a") as f:
         try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            with open(path, errors="replace") as held:
+                raise LockHeld(held.read().strip() or "another process") from None
+        try:
+            f.truncate(0)
+            f.write(f"pid {os.getpid()}: {' '.join(sys.argv)[:300]}\n")
+            f.flush()
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)

@@ -348,22 +348,30 @@ def run(checkpoint, input_path, output_path, decode_overrides: dict | None = Non
     device_mesh = partitioning.make_mesh(*partitioning.parse_mesh(mesh or "-1,1,1"))
     prompts = read_prompts(input_path)
     check_output_path(input_path, output_path)
-    target_id = _checkpoint_id(checkpoint)
-    draft_id = _checkpoint_id(draft_path) if draft_path else None
-    loaded = api.load(checkpoint, quantize=quantize, mesh=device_mesh, step=target_id["step"])
-    draft = (api.load(draft_path, mesh=device_mesh, step=draft_id["step"]) if draft_path
-             else None)
-    options = gen.decode_options(loaded, **(decode_overrides or {}))
-    ids = [p.ids if p.ids is not None else gen.encode_prompts(loaded, inputs=[p.inputs])[0]
-           for p in prompts]
-    cfg = gen.model_config(loaded)
-    draft_cfg = None
-    if draft is not None:
-        draft_cfg = gen.model_config(draft)
-        gen.check_draft(loaded, draft, options)
-    gen.check_prompts(cfg, ids, options, draft_cfg,
-                      labels=[f"{input_path}:{n}" for n in range(1, len(ids) + 1)])
-    meta = output_meta(target_id, options, quantize, draft_id)
+    # Two runs appending to one --output would each resume from the same line and both write.
+    with distributed.exclusive(output_path, lambda holder: InferError(
+            f"--output {output_path} is being written by another infer run on this host "
+            f"({holder}); wait for it to finish or stop it")):
+        target_id = _checkpoint_id(checkpoint)
+        draft_id = _checkpoint_id(draft_path) if draft_path else None
+        loaded = api.load(checkpoint, quantize=quantize, mesh=device_mesh,
+                          step=target_id["step"])
+        draft = (api.load(draft_path, mesh=device_mesh, step=draft_id["step"]) if draft_path
+                 else None)
+        options = gen.decode_options(loaded, **(decode_overrides or {}))
+        ids = [p.ids if p.ids is not None else gen.encode_prompts(loaded, inputs=[p.inputs])[0]
+               for p in prompts]
+        draft_cfg = None
+        if draft is not None:
+            draft_cfg = gen.model_config(draft)
+            gen.check_draft(loaded, draft, options)
+        gen.check_prompts(gen.model_config(loaded), ids, options, draft_cfg,
+                          labels=[f"{input_path}:{n}" for n in range(1, len(ids) + 1)])
+        meta = output_meta(target_id, options, quantize, draft_id)
+        return _decode_into(loaded, draft, prompts, ids, options, output_path, meta, log)
+
+
+def _decode_into(loaded, draft, prompts, ids, options, output_path, meta, log) -> int:
     main_process = distributed.is_coordinator()  # the one that writes --output and progress
     say = (lambda message: print(message, file=log)) if main_process else (lambda message: None)
     plan = _agreed_resume_plan(output_path, prompts, meta)

@@ -11,7 +11,7 @@ import pytest
 import decoding_testlib
 from t5x_lite import checkpoints
 from t5x_lite import config as config_lib
-from t5x_lite import errors
+from t5x_lite import errors, files
 from t5x_lite import infer
 from t5x_lite.data import testing
 from t5x_lite.decoding import generate as gen
@@ -71,6 +71,14 @@ def test_writes_one_line_per_input_and_resumes(workdir, prompts_txt, tmp_path):
     np.testing.assert_allclose([x["score"] for x in resumed], [x["score"] for x in lines],
                                rtol=1e-5)
     assert infer.run(workdir, prompts_txt, out, sample, log=open(os.devnull, "w")) == 0
+    # Another run writing the same --output on this host (here: its lock, held): refused before
+    # anything is loaded or written.
+    before = out.read_bytes()
+    with files.host_lock(files.real(out), wait=False):
+        with pytest.raises(infer.InferError, match=rf"--output {out} is being written by another "
+                                                   rf"infer run on this host \(pid {os.getpid()}"):
+            infer.run(workdir, prompts_txt, out, {"seed": 4}, log=open(os.devnull, "w"))
+    assert out.read_bytes() == before
 
     # The same outputs as the Python API.
     import t5x_lite

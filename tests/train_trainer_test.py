@@ -57,7 +57,11 @@ def test_kill9_then_resume_equals_uninterrupted_run(tmp_path):
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
         assert time.time() < deadline, "no checkpoint within 240 s"
         time.sleep(0.01)
-    proc.kill()  # SIGKILL: no handler, no cleanup
+    # The same command started again while it runs: refused, nothing touched.
+    with pytest.raises(TrainingError, match=rf"in use by another training run on this host "
+                                            rf"\(pid {proc.pid}: .*t5x_lite.train"):
+        train(cfg, workdir)
+    proc.kill()  # SIGKILL: no handler, no cleanup (and no stale lock: the resume below runs)
     proc.wait()
     killed_at = checkpoints.all_steps(workdir)[-1]
     assert killed_at < 30, "the run finished before it could be killed"

@@ -19,7 +19,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from t5x_lite import checkpoints, compression, files, partitioning
+from t5x_lite import checkpoints, compression, distributed, files, partitioning
 from t5x_lite.config import ModelConfig
 from t5x_lite.data import (DataConfig, load_vocab, make_dataset, make_global_batch,
                            zeros_like_batch)
@@ -157,6 +157,16 @@ def train(config: ml_collections.ConfigDict, workdir, *, override_config: bool =
           ) -> TrainResult:
     """Trains (or resumes) per `config` in `workdir`. Raises TrainingError / CheckpointError."""
     workdir = epath.Path(workdir)
+    # The same command started twice would resume from the same step and overwrite the first
+    # run's checkpoints and metrics.
+    with distributed.exclusive(workdir, lambda holder: TrainingError(
+            f"--workdir {workdir} is in use by another training run on this host ({holder}); "
+            "wait for it to finish or stop it")):
+        return _train(config, workdir, override_config)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_config: bool
+           ) -> TrainResult:
     is_main = jax.process_index() == 0
     tc = config.train
     log_every = 1 if tc.debug else max(int(tc.log_every), 1)
