@@ -14,6 +14,14 @@ from t5x_lite.data import span_corruption
 from t5x_lite.errors import UserError
 
 SOURCES = ("default", "text", "jsonl", "tsv", "tfds")
+# What a `data.mixture` entry may set besides `name` and `weight`: where its records come from
+# and its objective. Lengths, packing, vocabulary and loader settings are the run's.
+MIXTURE_KEYS = ("source", "paths", "train_paths", "validation_paths", "validation_fraction",
+                "document_per", "tfds_name", "data_dir", "train_split", "eval_split", "text_key",
+                "inputs_key", "targets_key", "strict_utf8", "objective")
+# Where an entry's records are: not taken from the run's config when the entry sets its own
+# `source` or any of these.
+LOCATION_KEYS = ("paths", "train_paths", "validation_paths", "tfds_name")
 
 
 class DataConfigError(UserError):
@@ -68,10 +76,13 @@ class DataConfig:
     read_threads: int = 2  # grain ReadOptions.num_threads (tokenization runs in them)
     prefetch_buffer_size: int = 64
     worker_buffer_size: int = 2
+    # Several sources in one run: entries {name, weight, <MIXTURE_KEYS>}; see `components`.
+    mixture: tuple = ()
 
     def __post_init__(self):
         for name in ("paths", "train_paths", "validation_paths"):
             object.__setattr__(self, name, _paths(getattr(self, name)))
+        object.__setattr__(self, "mixture", _normalise_mixture(self.mixture))
         checks = [
             (self.source in SOURCES, f"source must be one of {SOURCES}, got {self.source!r}"),
             (self.objective in objectives.OBJECTIVES,
@@ -108,6 +119,47 @@ class DataConfig:
                                                self.extra_ids)
             except span_corruption.SpanCorruptionError as e:
                 raise DataConfigError(f"Invalid data config: {e}") from None
+        self.components()  # a mixture entry that cannot be built fails here, named
+
+    def components(self) -> list[Component]:
+        """The sources a run reads: one per `mixture` entry (its keys over this config's; the
+        entries' weights normalised to sum to 1), or this config alone (name "", weight 1)."""
+        if not self.mixture:
+            return [Component("", 1.0, self)]
+        built, names = [], set()
+        for i, entry in enumerate(self.mixture):
+            entry = dict(entry)
+            name = str(entry.pop("name", "") or i)
+            where = f"data.mixture[{i}]" + (f" ({name})" if name != str(i) else "")
+            weight = entry.pop("weight", 1.0)
+            unknown = sorted(set(entry) - set(MIXTURE_KEYS))
+            if unknown:
+                raise DataConfigError(f"Invalid data config: {where} sets {unknown}; an entry "
+                                      f"sets name, weight and {', '.join(MIXTURE_KEYS)} (the rest "
+                                      "is the run's)")
+            if name in names:
+                raise DataConfigError(f"Invalid data config: {where}: name {name!r} is used twice")
+            names.add(name)
+            if (not isinstance(weight, (int, float)) or isinstance(weight, bool)
+                    or not 0 < weight < float("inf")):
+                raise DataConfigError(f"Invalid data config: {where}: weight must be a finite "
+                                      f"number > 0, got {weight!r}")
+            if any(k in entry for k in LOCATION_KEYS + ("source",)):
+                # Its own records: no path or dataset name of the run's comes along.
+                entry = {**{k: _DEFAULTS[k] for k in LOCATION_KEYS}, **entry}
+            try:
+                cfg = dataclasses.replace(self, mixture=(), **entry)
+            except DataConfigError as e:
+                raise DataConfigError(str(e).replace("Invalid data config: ",
+                                                     f"Invalid data config: {where}: ")) from None
+            if objectives.row_features(cfg.objective) != objectives.row_features(self.objective):
+                raise DataConfigError(
+                    f"Invalid data config: {where}: objective {cfg.objective!r} makes other "
+                    f"batches than data.objective={self.objective!r}; mix objectives with the "
+                    "same features (span_corruption + seq2seq; causal_lm + prompt_completion)")
+            built.append(Component(name, float(weight), cfg))
+        total = sum(c.weight for c in built)
+        return [dataclasses.replace(c, weight=c.weight / total) for c in built]
 
     @property
     def family(self) -> str:
@@ -129,4 +181,46 @@ class DataConfig:
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["mixture"] = tuple(dict(entry) for entry in self.mixture)
+        return d
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DataConfig)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    """One source of a run: `config` is the run's data config with the entry's keys."""
+
+    name: str
+    weight: float
+    config: DataConfig
+
+    def split(self, run: DataConfig, split: str) -> str:
+        """The run's train / eval split name (tfds slicing kept) as this entry names it."""
+        base, bracket, rest = split.partition("[")
+        base = {run.train_split: self.config.train_split,
+                run.eval_split: self.config.eval_split}.get(base, base)
+        return base + bracket + rest
+
+
+def _normalise_mixture(value) -> tuple:
+    """Entries (dicts, ConfigDicts, JSON lists) -> a hashable tuple of sorted (key, value)
+    tuples; path lists become tuples."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise DataConfigError(f"Invalid data config: mixture must be a list of entries (dicts), "
+                              f"got {type(value).__name__}")
+    out = []
+    for i, entry in enumerate(value):
+        if hasattr(entry, "to_dict"):
+            entry = entry.to_dict()
+        elif isinstance(entry, tuple) and all(isinstance(kv, tuple) and len(kv) == 2
+                                              for kv in entry):
+            entry = dict(entry)  # already normalised
+        if not isinstance(entry, Mapping):
+            raise DataConfigError(f"Invalid data config: data.mixture[{i}] must be a dict "
+                                  f"(name, weight, source, ...), got {type(entry).__name__}")
+        out.append(tuple(sorted((str(k), tuple(v) if isinstance(v, list) else v)
+                                for k, v in entry.items())))
+    return tuple(out)

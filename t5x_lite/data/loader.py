@@ -17,6 +17,7 @@ evaluator should keep stepping with `zeros_like_batch` until every process is ex
 """
 from __future__ import annotations
 
+import zlib
 from typing import Any, Mapping, Sequence
 
 import grain
@@ -62,28 +63,24 @@ def make_pipeline(data_cfg: Mapping[str, Any] | DataConfig, vocab: Vocabulary | 
         raise DataConfigError(f"batch_size must be >= 1, got {batch_size}")
     if not 0 <= seed < 2**32:
         raise DataConfigError(f"seed must be in [0, 2**32), got {seed}")
-    source = sources.make_source(cfg, split)
-    if len(source) == 0:
-        raise EmptyCorpusError(f"empty corpus: {source.description} has no records")
-    if not repeat and len(source) < pc:
-        raise EmptyCorpusError(f"{source.description}: {len(source)} records cannot be split over "
-                               f"{pc} processes")
-
-    ds = grain.MapDataset.source(source.data_source)
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    if repeat:
-        ds = ds.repeat()  # each epoch reshuffled with a seed folded with the epoch number
-    ds = ds[pi::pc]
-    ds = ds.map(source.decoder).map(objectives.Tokenize(vocab))
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
-                                              prefetch_buffer_size=cfg.prefetch_buffer_size))
-    ds = objectives.apply_objective(
-        ds, cfg.objective, vocab, kind=source.kind, seed=process_seed(seed, pi),
-        inputs_length=cfg.inputs_length, targets_length=cfg.targets_length, seq_len=cfg.seq_len,
-        noise_density=cfg.noise_density, mean_noise_span_length=cfg.mean_noise_span_length,
-        mask_rate=cfg.mask_rate, pack=cfg.pack, pack_method=cfg.pack_method,
-        num_packing_bins=cfg.packing_bins)
+    parts = cfg.components()
+    if len(parts) == 1:
+        ds = _rows(cfg, vocab, split, seed, shuffle, repeat, pi, pc)
+    else:
+        rows = {}
+        for part in parts:
+            where = f"data.mixture ({part.name})"
+            part_seed = int(np.random.SeedSequence(
+                [seed, zlib.crc32(part.name.encode())]).generate_state(1)[0])
+            try:
+                rows[part.name] = _rows(part.config, vocab, part.split(cfg, split),
+                                        part_seed, shuffle, repeat, pi, pc)
+            except (DataConfigError, EmptyCorpusError, objectives.ObjectiveError) as e:
+                raise type(e)(f"{where}: {e}") from None
+        if repeat:  # training: rows of each component in proportion to the weights, interleaved
+            ds = grain.IterDataset.mix(rows, {p.name: p.weight for p in parts})
+        else:  # one pass (evaluation): every component's split in full, one after another
+            ds = grain.experimental.InterleaveIterDataset(list(rows.values()), cycle_length=1)
     ds = ds.batch(batch_size, drop_remainder=False,
                   batch_fn=packing.stack_and_pad_batch(batch_size))
     workers = cfg.num_workers if num_workers is None else num_workers
@@ -95,6 +92,32 @@ def make_pipeline(data_cfg: Mapping[str, Any] | DataConfig, vocab: Vocabulary | 
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=workers, per_worker_buffer_size=cfg.worker_buffer_size))
     return ds
+
+
+def _rows(cfg: DataConfig, vocab: Vocabulary, split: str, seed: int, shuffle: bool,
+          repeat: bool, pi: int, pc: int) -> grain.IterDataset:
+    """One source's feature rows (per process, before batching)."""
+    source = sources.make_source(cfg, split)
+    if len(source) == 0:
+        raise EmptyCorpusError(f"empty corpus: {source.description} has no records")
+    if not repeat and len(source) < pc:
+        raise EmptyCorpusError(f"{source.description}: {len(source)} records cannot be split over "
+                               f"{pc} processes")
+    ds = grain.MapDataset.source(source.data_source)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if repeat:
+        ds = ds.repeat()  # each epoch reshuffled with a seed folded with the epoch number
+    ds = ds[pi::pc]
+    ds = ds.map(source.decoder).map(objectives.Tokenize(vocab))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
+                                              prefetch_buffer_size=cfg.prefetch_buffer_size))
+    return objectives.apply_objective(
+        ds, cfg.objective, vocab, kind=source.kind, seed=process_seed(seed, pi),
+        inputs_length=cfg.inputs_length, targets_length=cfg.targets_length, seq_len=cfg.seq_len,
+        noise_density=cfg.noise_density, mean_noise_span_length=cfg.mean_noise_span_length,
+        mask_rate=cfg.mask_rate, pack=cfg.pack, pack_method=cfg.pack_method,
+        num_packing_bins=cfg.packing_bins)
 
 
 def make_dataset(data_cfg: Mapping[str, Any] | DataConfig, vocab: Vocabulary | None, *,

@@ -262,6 +262,12 @@ def row_lengths(objective: str, *, inputs_length: int, targets_length: int,
     raise ObjectiveError(f"unknown objective {objective!r}; known: {OBJECTIVES}")
 
 
+def row_features(objective: str) -> frozenset[str]:
+    """The per-row features `objective` packs or pads: two objectives with the same set make
+    batches of one layout (and may be mixed)."""
+    return frozenset(row_lengths(objective, inputs_length=2, targets_length=2, seq_len=2))
+
+
 def apply_objective(ds: grain.IterDataset, objective: str, vocab: Vocabulary, *, kind: str,
                     seed: int, inputs_length: int, targets_length: int, seq_len: int,
                     noise_density: float = 0.15, mean_noise_span_length: float = 3.0,

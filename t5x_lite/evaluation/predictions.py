@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
+from absl import logging
+
 from t5x_lite.data import DataConfig
 from t5x_lite.decoding import generate as gen
 from t5x_lite.errors import UserError
@@ -41,17 +43,25 @@ class Example:
 
 
 def read_examples(data_cfg, split: str, instead: str = "use --predict=false") -> list[Example]:
-    """The split's inputs/targets pairs in order (the order `shuffle=False` batches use).
-    `instead`: what the error for a split of text documents suggests."""
+    """The split's inputs/targets pairs in order (the order `shuffle=False` batches use); for a
+    `data.mixture`, those of each entry holding pairs, one entry after another (entries of text
+    documents have nothing to compare and are left out). `instead`: what the error for text
+    documents only suggests."""
     from t5x_lite.data import sources  # tfds import: only when a split is actually read
 
-    source = sources.make_source(DataConfig.from_dict(data_cfg), split)
-    if source.kind != "pairs":
-        raise PredictionError(f"{source.description} holds text documents, not inputs/targets "
+    data = DataConfig.from_dict(data_cfg)
+    found, texts = [], []
+    for part in data.components():
+        source = sources.make_source(part.config, part.split(data, split))
+        (found if source.kind == "pairs" else texts).append(source)
+    if not found:
+        raise PredictionError(f"{texts[0].description} holds text documents, not inputs/targets "
                               f"pairs: there is nothing to decode and compare ({instead})")
-    return [Example(i, rec["inputs"], rec["targets"])
-            for i, rec in ((i, source.decoder.map(source.data_source[i]))
-                           for i in range(len(source)))]
+    for source in texts:
+        logging.info("%s holds text documents: not decoded", source.description)
+    records = [source.decoder.map(source.data_source[i])
+               for source in found for i in range(len(source))]
+    return [Example(i, rec["inputs"], rec["targets"]) for i, rec in enumerate(records)]
 
 
 def uses_start_token(loaded) -> bool:

@@ -152,7 +152,8 @@ class Evaluator:
     def wants_predictions(self) -> bool:
         s = self.settings
         return s.few_shot is not None or s.predict == "true" or (
-            s.predict == "auto" and self.data.objective in PREDICT_OBJECTIVES)
+            s.predict == "auto" and any(part.config.objective in PREDICT_OBJECTIVES
+                                        for part in self.data.components()))
 
     def examples(self, instead: str = "use --predict=false"):
         if self._examples is None:

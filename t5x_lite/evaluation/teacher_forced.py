@@ -101,7 +101,8 @@ class TeacherForcedScorer:
           batch_size: global batch; divisible by the mesh's data * fsdp and the process count.
 
         Returns:
-          {"loss", "perplexity", "token_accuracy", "tokens", "examples", "batches"}.
+          {"loss", "perplexity", "token_accuracy", "tokens", "examples", "batches"}; for a
+          `data.mixture`, over all its entries, and "<name>/<metric>" for each one alone.
         """
         data = DataConfig.from_dict(data_cfg)
         if not _family_matches(self.model_cfg, data):
@@ -111,9 +112,24 @@ class TeacherForcedScorer:
         if batch_size % shards or batch_size % jax.process_count():
             raise EvalDataError(f"eval batch size {batch_size} must be divisible by data*fsdp="
                                 f"{shards} and the process count {jax.process_count()}")
-        it = make_dataset(data, vocab, split=split or data.eval_split,
-                          batch_size=batch_size // jax.process_count(), seed=seed,
-                          shuffle=False, repeat=False)
+        split = split or data.eval_split
+        parts = data.components()
+        if len(parts) == 1:
+            return _metrics(self._sums(params, data, vocab, split, batch_size, seed), split)
+        # A mixture: each entry on its own split ("<name>/loss", ...), and all of them together.
+        metrics, everything = {}, None
+        for part in parts:
+            sums = self._sums(params, part.config, vocab, part.split(data, split), batch_size,
+                              seed)
+            one = _metrics(sums, f"{part.name}: {part.split(data, split)}")
+            metrics.update({f"{part.name}/{k}": v for k, v in one.items() if k != "batches"})
+            everything = sums if everything is None else _add(everything, sums)
+        return {**_metrics(everything, split), **metrics}
+
+    def _sums(self, params, data: DataConfig, vocab, split: str, batch_size: int, seed: int):
+        """(loss/weight/correct sums, examples, batches) over one source's whole split."""
+        it = make_dataset(data, vocab, split=split, batch_size=batch_size // jax.process_count(),
+                          seed=seed, shuffle=False, repeat=False)
         pending, examples, batches = [], 0, 0
         for batch in host_batches(it):
             examples += count_examples(batch, self.model_cfg)
@@ -127,11 +143,19 @@ class TeacherForcedScorer:
             from jax.experimental import multihost_utils
 
             examples = int(np.sum(multihost_utils.process_allgather(np.int64(examples))))
-        tokens = totals["weight_sum"]
-        if tokens <= 0:
-            raise EvalDataError(f"split {split or data.eval_split!r} has no target tokens to "
-                                "evaluate")
-        loss = totals["loss_sum"] / tokens
-        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
-                "token_accuracy": 100.0 * totals["correct_sum"] / tokens,
-                "tokens": int(round(tokens)), "examples": examples, "batches": batches}
+        return totals, examples, batches
+
+
+def _add(a, b):
+    return {k: a[0][k] + b[0][k] for k in a[0]}, a[1] + b[1], a[2] + b[2]
+
+
+def _metrics(sums, split: str) -> dict[str, float]:
+    totals, examples, batches = sums
+    tokens = totals["weight_sum"]
+    if tokens <= 0:
+        raise EvalDataError(f"split {split!r} has no target tokens to evaluate")
+    loss = totals["loss_sum"] / tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+            "token_accuracy": 100.0 * totals["correct_sum"] / tokens,
+            "tokens": int(round(tokens)), "examples": examples, "batches": batches}

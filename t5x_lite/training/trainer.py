@@ -126,13 +126,32 @@ def resumed_lr_change(saved: dict | None, config, step: int) -> str | None:
 def evaluate(eval_fn, params, config, vocab, mesh, per_process_batch: int) -> dict[str, float]:
     """Loss / accuracy over the first `train.eval_batches` batches of the eval split (all of it
     when 0, single-process only). A process whose shard runs out early feeds all-padding
-    batches, so every process runs the same number of steps."""
+    batches, so every process runs the same number of steps. With a `data.mixture`, each entry
+    is evaluated on its own split (`<name>/loss`, `<name>/accuracy`) and `loss` / `accuracy`
+    cover them all."""
     data = DataConfig.from_dict(config.data)
-    it = make_dataset(config.data, vocab, split=data.eval_split, batch_size=per_process_batch,
-                      seed=config.seed, shuffle=False, repeat=False)
     limit = int(config.train.eval_batches)
     if limit <= 0 and jax.process_count() > 1:
         raise TrainingError("train.eval_batches must be > 0 with several processes")
+    parts = data.components()
+    if len(parts) == 1:
+        return _eval_metrics(_eval_totals(eval_fn, params, data, data.eval_split, config.seed,
+                                          vocab, mesh, per_process_batch, limit))
+    metrics, everything = {}, None
+    for part in parts:
+        totals = _eval_totals(eval_fn, params, part.config, part.split(data, data.eval_split),
+                              config.seed, vocab, mesh, per_process_batch, limit)
+        if totals is not None:
+            metrics.update({f"{part.name}/{k}": v for k, v in _eval_metrics(totals).items()})
+            everything = totals if everything is None else jax.tree.map(jnp.add, everything,
+                                                                        totals)
+    return {**_eval_metrics(everything), **metrics}
+
+
+def _eval_totals(eval_fn, params, data: DataConfig, split: str, seed, vocab, mesh,
+                 per_process_batch: int, limit: int):
+    it = make_dataset(data, vocab, split=split, batch_size=per_process_batch, seed=seed,
+                      shuffle=False, repeat=False)
     totals, last = None, None
     for i in itertools.count():
         if limit and i >= limit:
@@ -145,9 +164,12 @@ def evaluate(eval_fn, params, config, vocab, mesh, per_process_batch: int) -> di
         last = batch
         sums = eval_fn(params, make_global_batch(batch, mesh))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    if totals is None:
+    return None if totals is None else jax.device_get(totals)
+
+
+def _eval_metrics(t) -> dict[str, float]:
+    if t is None:
         return {}
-    t = jax.device_get(totals)
     w = max(float(t["weight_sum"]), 1.0)
     return {"loss": (float(t["loss_sum"]) - float(t["z_loss_sum"])) / w,
             "accuracy": float(t["correct_sum"]) / w}

@@ -1,0 +1,196 @@
+"""data.mixture: several sources (and objectives of one batch layout) in one run -- entry
+checks, proportions, each entry's rows as it alone makes them, an eval pass over every entry's
+split, exact resume, and a training run that evaluates and resumes on a mixture."""
+import json
+
+import grain
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from t5x_lite.data import DataConfig, DataConfigError, make_dataset, testing
+from t5x_lite.evaluation import EvalSettings, run
+from t5x_lite.training import testing as train_testing
+from t5x_lite.training import train
+from t5x_lite.training.metrics_writer import METRICS_FILE, read_jsonl
+
+NUM_PAIRS = 40
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    return testing.tiny_vocab(400)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixture")
+    for i, doc in enumerate(testing.documents(60, seed=5, max_sentences=12)):
+        (root / f"doc{i:02d}.txt").write_text(doc)
+    (root / "pairs.tsv").write_text("".join(f"question {i} of many\tanswer {i}\n"
+                                            for i in range(NUM_PAIRS)))
+    return root
+
+
+def _docs(files):
+    return dict(name="docs", source="text", paths=str(files / "doc*.txt"))
+
+
+def _qa(files, **kw):
+    return {"name": "qa", "source": "tsv", "train_paths": str(files / "pairs.tsv"),
+            "validation_paths": str(files / "pairs.tsv"), "objective": "seq2seq", **kw}
+
+
+def _run_cfg(files, mixture, **kw):
+    return {"objective": "span_corruption", "data_dir": str(files / "dd"), "inputs_length": 32,
+            "targets_length": 8, "pack": False, "read_threads": 0, "mixture": mixture, **kw}
+
+
+def _alone(files, entry, **kw):
+    """The run config reading only `entry`'s source, as a plain (mixture-free) config."""
+    entry = {k: v for k, v in entry.items() if k not in ("name", "weight")}
+    return {**_run_cfg(files, ()), **kw, **entry}
+
+
+def _rows(batches, vocab):
+    """Decoded inputs of every real row, in order."""
+    return [vocab.decode(b["encoder_input_tokens"][r]) for b in batches
+            for r in range(len(b["encoder_input_tokens"])) if b["decoder_loss_weights"][r].any()]
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_rows_come_in_proportion_and_are_each_entrys_own(files, vocab):
+    cfg = _run_cfg(files, [{**_docs(files), "weight": 3.0}, {**_qa(files), "weight": 1.0}])
+    rows = _rows(_take(make_dataset(cfg, vocab, split="train", batch_size=8, seed=1), 4), vocab)
+    qa = [r for r in rows if r.startswith("question")]
+    assert len(rows) == 32 and len(qa) == 8  # 3 : 1
+    # Each entry's rows are what that entry alone makes with its own seed, in its order.
+    alone_qa = _rows(_take(make_dataset(_alone(files, _qa(files)), vocab, split="train",
+                                        batch_size=8, seed=1), 1), vocab)
+    assert len(set(qa)) == 8 and set(qa) <= {f"question {i} of many" for i in range(NUM_PAIRS)}
+    assert qa != alone_qa[:8]  # keyed by the entry's name, not the run seed alone
+    # Same seed, same batches; the whole mixture is a pure function of (config, seed).
+    again = _rows(_take(make_dataset(cfg, vocab, split="train", batch_size=8, seed=1), 4), vocab)
+    assert again == rows
+
+
+def test_eval_pass_covers_every_entrys_split_once(files, vocab):
+    """GPT objectives (deterministic rows): the mixture's one pass is each entry's pass alone,
+    entry after entry."""
+    gpt = dict(objective="causal_lm", seq_len=24, validation_fraction=0.2)
+    qa = _qa(files, objective="prompt_completion")
+    cfg = _run_cfg(files, [_docs(files), qa], **gpt)
+
+    def rows(c):
+        batches = make_dataset(c, vocab, split="validation", batch_size=8, shuffle=False,
+                               repeat=False)
+        return [vocab.decode(b["decoder_target_tokens"][r]) for b in batches
+                for r in range(len(b["decoder_target_tokens"]))
+                if b["decoder_loss_weights"][r].any()]
+
+    parts = [rows(_alone(files, e, **gpt)) for e in (_docs(files), qa)]
+    assert parts[0] and len(parts[1]) == NUM_PAIRS
+    assert rows(cfg) == parts[0] + parts[1]
+
+
+def test_restore_mid_stream_through_orbax_continues_exactly(files, vocab, tmp_path):
+    cfg = _run_cfg(files, [_docs(files), {**_qa(files), "weight": 0.5}], pack=True)
+    make = lambda: make_dataset(cfg, vocab, split="train", batch_size=4, seed=3)
+    it = make()
+    _take(it, 7)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+        mngr.save(7, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        mngr.wait_until_finished()
+    expected = _take(it, 5)
+    fresh = make()
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+        restored = mngr.restore(7, args=ocp.args.Composite(
+            data=grain.checkpoint.CheckpointRestore(fresh)))
+    for x, y in zip(_take(restored["data"], 5), expected):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_entries_follow_the_run_and_own_their_records(files):
+    run = DataConfig(source="text", paths=str(files / "doc*.txt"), mixture=[
+        dict(weight=2),  # the run's source and paths, another weight
+        dict(paths="/b/*.txt"),  # the run's source, its own paths
+        dict(source="tsv", train_paths="/c.tsv", objective="seq2seq")])  # nothing of the run's
+    a, b, c = run.components()
+    assert [p.weight for p in (a, b, c)] == [0.5, 0.25, 0.25]
+    assert (a.config.source, a.config.paths) == ("text", (str(files / "doc*.txt"),))
+    assert (b.config.source, b.config.paths) == ("text", ("/b/*.txt",))
+    assert (c.config.paths, c.config.train_paths, c.config.objective) == ((), ("/c.tsv",),
+                                                                          "seq2seq")
+    assert c.config.inputs_length == run.inputs_length and not c.config.mixture
+    # config.json holds it as JSON; read back, it is the same config.
+    again = DataConfig.from_dict(json.loads(json.dumps(run.to_dict())))
+    assert again == run and hash(again) == hash(run)
+    assert run.components()[0].split(DataConfig(train_split="tr"), "tr[:10]") == "train[:10]"
+
+
+@pytest.mark.parametrize("mixture, message", [
+    ([dict(weight=0)], r"data.mixture\[0\]: weight must be a finite number > 0, got 0"),
+    ([dict(weight=float("nan"))], r"weight must be a finite number > 0"),
+    ([dict(weight="2")], r"weight must be a finite number > 0, got '2'"),
+    ([dict(inputs_length=8)], r"data.mixture\[0\] sets \['inputs_length'\]; an entry sets name, "
+                              r"weight and source, .* \(the rest is the run's\)"),
+    ([dict(name="a"), dict(name="a")], r"data.mixture\[1\] \(a\): name 'a' is used twice"),
+    ([dict(objective="causal_lm")], r"data.mixture\[0\]: objective 'causal_lm' makes other "
+                                    r"batches than data.objective='span_corruption'"),
+    ([dict(source="text")], r"data.mixture\[0\]: source='text' needs data.paths"),
+    ([dict(source="parquet")], r"data.mixture\[0\]: source must be one of"),
+    ("text", r"mixture must be a list of entries \(dicts\), got str"),
+    ([3], r"data.mixture\[0\] must be a dict \(name, weight, source, ...\), got int"),
+])
+def test_bad_entries_are_one_line(mixture, message):
+    with pytest.raises(DataConfigError, match=message) as e:
+        DataConfig(mixture=mixture)
+    assert "\n" not in str(e.value)
+
+
+def test_a_pairs_objective_on_text_names_the_entry(files, vocab):
+    cfg = _run_cfg(files, [_docs(files), dict(name="wrong", source="text",
+                                               paths=str(files / "doc0*.txt"),
+                                               objective="seq2seq")])
+    with pytest.raises(Exception, match=r"^data.mixture \(wrong\): objective 'seq2seq' needs "
+                                        r"inputs/targets pairs"):
+        make_dataset(cfg, vocab, split="train", batch_size=2)
+
+
+def test_training_on_a_mixture_evaluates_and_resumes_exactly(files, tmp_path):
+    """T5 on the default corpus (span corruption) mixed with a seq2seq TSV: in-loop eval reads
+    both validation splits; stopped at step 4 and resumed, the losses equal a straight run's."""
+    def config(steps):
+        c = train_testing.tiny_config("t5")
+        c.data.mixture = ({"name": "stdlib", "weight": 3.0},
+                          {**_qa(files), "weight": 1.0})
+        c.train.num_steps, c.train.eval_every, c.train.eval_batches = steps, 4, 2
+        c.checkpoint.save_every = 4
+        return c
+
+    straight = train(config(8), tmp_path / "straight")
+    assert np.isfinite(straight.last_metrics["loss"])
+    train(config(4), tmp_path / "resumed")
+    train(config(8), tmp_path / "resumed")
+    losses = lambda d: [(r["step"], r.get("loss"), r.get("eval/loss"))
+                        for r in read_jsonl(d / METRICS_FILE)]
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    evals = [r for r in read_jsonl(tmp_path / "straight" / METRICS_FILE) if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [4, 8]
+    for r in evals:  # each entry on its own split, and the two together
+        assert set(r) == {"step", "eval/loss", "eval/accuracy", "eval/stdlib/loss",
+                          "eval/stdlib/accuracy", "eval/qa/loss", "eval/qa/accuracy"}
+        assert min(r["eval/stdlib/loss"], r["eval/qa/loss"]) <= r["eval/loss"] <= max(
+            r["eval/stdlib/loss"], r["eval/qa/loss"])
+    # The evaluator: each entry alone and all together (token-weighted), and predictions for
+    # the entry of pairs only (the stdlib text has nothing to compare).
+    (m,) = run(None, tmp_path / "straight", EvalSettings())
+    parts = ("stdlib", "qa")
+    assert m["tokens"] == sum(m[f"{p}/tokens"] for p in parts)
+    assert m["loss"] == pytest.approx(sum(m[f"{p}/loss"] * m[f"{p}/tokens"] for p in parts)
+                                      / m["tokens"])
+    assert m["num_predictions"] == m["qa/examples"] == NUM_PAIRS
