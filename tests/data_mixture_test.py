@@ -9,7 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from t5x_lite.data import DataConfig, DataConfigError, make_dataset, testing
-from t5x_lite.evaluation import EvalSettings, run
+from t5x_lite.evaluation import EvalSettings, outputs, run, text_metrics
 from t5x_lite.training import testing as train_testing
 from t5x_lite.training import train
 from t5x_lite.training.metrics_writer import METRICS_FILE, read_jsonl
@@ -194,3 +194,19 @@ def test_training_on_a_mixture_evaluates_and_resumes_exactly(files, tmp_path):
     assert m["loss"] == pytest.approx(sum(m[f"{p}/loss"] * m[f"{p}/tokens"] for p in parts)
                                       / m["tokens"])
     assert m["num_predictions"] == m["qa/examples"] == NUM_PAIRS
+    # Two entries of pairs: exact match, BLEU, ... for each one alone too (what the metrics
+    # give on its records), and the records say which entry they decode.
+    echo = files / "echo.tsv"  # targets = inputs: other scores than qa's
+    echo.write_text("".join(f"question {i} of many\tquestion {i} of many\n" for i in range(8)))
+    two = config(8)
+    two.data.mixture = (_qa(files), dict(name="echo", source="tsv", train_paths=str(echo),
+                                         validation_paths=str(echo), objective="seq2seq"))
+    (m,) = run(two, tmp_path / "straight", EvalSettings(name="two"))
+    records = outputs.read_predictions(tmp_path / "straight" / "eval" / "two", 8)
+    assert [r["entry"] for r in records] == ["qa"] * NUM_PAIRS + ["echo"] * 8
+    for name in ("qa", "echo"):
+        mine = [r for r in records if r["entry"] == name]
+        want = text_metrics.compute([r["prediction"] for r in mine],
+                                    [r["targets"] for r in mine], ("exact_match", "rouge"))
+        assert {k: m[f"{name}/{k}"] for k in want} == pytest.approx(want)
+    assert m["qa/rougeL"] != m["echo/rougeL"]

@@ -40,6 +40,7 @@ class Example:
     index: int
     inputs: str
     targets: str
+    entry: str = ""  # the data.mixture entry it comes from ("" without a mixture)
 
 
 def read_examples(data_cfg, split: str, instead: str = "use --predict=false") -> list[Example]:
@@ -53,15 +54,17 @@ def read_examples(data_cfg, split: str, instead: str = "use --predict=false") ->
     found, texts = [], []
     for part in data.components():
         source = sources.make_source(part.config, part.split(data, split))
-        (found if source.kind == "pairs" else texts).append(source)
+        (found if source.kind == "pairs" else texts).append((part.name, source))
     if not found:
-        raise PredictionError(f"{texts[0].description} holds text documents, not inputs/targets "
-                              f"pairs: there is nothing to decode and compare ({instead})")
-    for source in texts:
+        raise PredictionError(f"{texts[0][1].description} holds text documents, not "
+                              f"inputs/targets pairs: there is nothing to decode and compare "
+                              f"({instead})")
+    for _, source in texts:
         logging.info("%s holds text documents: not decoded", source.description)
-    records = [source.decoder.map(source.data_source[i])
-               for source in found for i in range(len(source))]
-    return [Example(i, rec["inputs"], rec["targets"]) for i, rec in enumerate(records)]
+    records = [(name, source.decoder.map(source.data_source[i]))
+               for name, source in found for i in range(len(source))]
+    return [Example(i, rec["inputs"], rec["targets"], name)
+            for i, (name, rec) in enumerate(records)]
 
 
 def uses_start_token(loaded) -> bool:
@@ -130,7 +133,8 @@ def predict(loaded, examples: Sequence[Example], *, data_cfg, max_new_tokens: in
     out = []
     for ex, res in zip(examples, results):
         best = first(res)
-        out.append({"index": ex.index, "inputs": ex.inputs, "targets": ex.targets,
+        out.append({"index": ex.index, **({"entry": ex.entry} if ex.entry else {}),
+                    "inputs": ex.inputs, "targets": ex.targets,
                     "prediction": best["text"], "score": best["score"],
                     "finished": best["finished"]})
     return out

@@ -184,9 +184,17 @@ class Evaluator:
     def _decode(self, loaded):
         records = predictions.predict(loaded, self.examples(), data_cfg=self.data,
                                       max_new_tokens=self.settings.max_new_tokens or None)
-        scores = text_metrics.compute([r["prediction"] for r in records],
-                                      [r["targets"] for r in records], self.settings.metrics)
+        scores = self._text_metrics(records)
+        entries = sorted({r["entry"] for r in records if "entry" in r})
+        if len(entries) > 1:  # a mixture with several entries of pairs: each one alone too
+            for name in entries:
+                scores.update({f"{name}/{k}": v for k, v in self._text_metrics(
+                    [r for r in records if r.get("entry") == name]).items()})
         return scores, records
+
+    def _text_metrics(self, records) -> dict[str, float]:
+        return text_metrics.compute([r["prediction"] for r in records],
+                                    [r["targets"] for r in records], self.settings.metrics)
 
     def _few_shot(self, loaded):
         s, opts = self.settings, self.settings.few_shot
