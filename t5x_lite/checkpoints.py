@@ -40,6 +40,12 @@ class OptimizerStateMismatch(CheckpointError):
     """A training checkpoint whose optimizer state another optimizer setup wrote."""
 
 
+class DataStateMismatch(CheckpointError):
+    """A training checkpoint whose data iterator state another data pipeline wrote (the data
+    config changed: another objective, packing, a mixture); params and optimizer state are
+    fine."""
+
+
 def local_or_remote(path) -> epath.Path:
     """A user-given path as an epath.Path, made absolute when it is a relative local path
     (orbax refuses relative checkpoint paths, and only says so when it first saves)."""
@@ -299,6 +305,15 @@ def _restore_train_state(mngr, step, abstract_params, abstract_opt_state, data_i
         own_state = (mngr.directory / str(step) / "data" /
                      f"process_{jax.process_index()}-of-{jax.process_count()}.json")
         if own_state.exists():
+            # Tried first, so another pipeline's state reads as what it is, not as damage.
+            state = json.loads(own_state.read_text())
+            try:
+                data_iterator.set_state(state)
+            except Exception as e:  # grain: KeyError / ValueError / TypeError / IndexError
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                raise DataStateMismatch(
+                    f"the data iterator state in {mngr.directory}/{step} was written by another "
+                    f"data pipeline ({type(e).__name__}: {first})") from None
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         else:
             # The iterator position is per process: with another process count there is no

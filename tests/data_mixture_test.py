@@ -2,6 +2,7 @@
 checks, proportions, each entry's rows as it alone makes them, an eval pass over every entry's
 split, exact resume, and a training run that evaluates and resumes on a mixture."""
 import json
+import re
 
 import grain
 import numpy as np
@@ -210,3 +211,20 @@ def test_training_on_a_mixture_evaluates_and_resumes_exactly(files, tmp_path):
                                     [r["targets"] for r in mine], ("exact_match", "rouge"))
         assert {k: m[f"{name}/{k}"] for k in want} == pytest.approx(want)
     assert m["qa/rougeL"] != m["echo/rougeL"]
+
+
+def test_resuming_with_another_pipeline_restarts_the_data_not_the_model(files, tmp_path,
+                                                                        caplog):
+    """A run continued with a mixture (another data pipeline): its checkpoint's data state
+    cannot apply; params and optimizer state restore and the data restarts (it read as a
+    damaged checkpoint to remove)."""
+    c = train_testing.tiny_config("t5")
+    c.train.num_steps, c.checkpoint.save_every = 2, 2
+    train(c, tmp_path / "wd")
+    c.train.num_steps = 4
+    c.data.mixture = ({"name": "stdlib"}, _qa(files))
+    with caplog.at_level("WARNING"):
+        assert train(c, tmp_path / "wd").step == 4
+    assert re.search(r"the data iterator state in \S+/checkpoints/2 was written by another data "
+                     r"pipeline \(.*\); data.mixture changed: params and optimizer state are "
+                     r"restored; the data starts from the beginning", caplog.text)

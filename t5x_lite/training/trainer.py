@@ -10,6 +10,7 @@ and on SIGTERM saves and returns.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import time
 
@@ -187,6 +188,19 @@ def train(config: ml_collections.ConfigDict, workdir, *, override_config: bool =
         return _train(config, workdir, override_config)
 
 
+def _data_changes(saved: dict | None, config) -> str:
+    """'; data.x, data.y changed' against the checkpoint's config, or ''."""
+    if not saved or not isinstance(saved.get("data"), dict):
+        return ""
+    now = DataConfig.from_dict(config.data).to_dict()
+    try:
+        before = DataConfig.from_dict(saved["data"]).to_dict()
+    except UserError:
+        return ""
+    changed = [k for k in now if now[k] != before.get(k)]
+    return f"; data.{', data.'.join(changed)} changed" if changed else ""
+
+
 def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_config: bool
            ) -> TrainResult:
     is_main = jax.process_index() == 0
@@ -239,15 +253,24 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
     start = mngr.latest_step()
     if start is not None:
         logging.info("Resuming from %s/checkpoints/%d", workdir, start)
+        restore = functools.partial(
+            checkpoints.restore_train_state, mngr, start,
+            plugin.checkpointed(checkpoints.abstract_with_shardings(abstract.params,
+                                                                    shardings.params)),
+            checkpoints.abstract_with_shardings(abstract.opt_state, shardings.opt_state))
         try:
-            params, opt_state = checkpoints.restore_train_state(
-                mngr, start,
-                plugin.checkpointed(checkpoints.abstract_with_shardings(abstract.params,
-                                                                        shardings.params)),
-                checkpoints.abstract_with_shardings(abstract.opt_state, shardings.opt_state),
-                data_iterator=train_iter)
+            params, opt_state = restore(data_iterator=train_iter)
         except checkpoints.OptimizerStateMismatch as e:
             raise TrainingError(_optimizer_changed(e, workdir, start, config)) from None
+        except checkpoints.DataStateMismatch as e:
+            # The data config changed on purpose (a new mixture, another objective or
+            # packing): the model and optimizer go on, the new data from its start.
+            logging.warning("%s%s: params and optimizer state are restored; the data starts "
+                            "from the beginning of its seeded order", e, _data_changes(
+                                checkpoints.read_checkpoint_config(workdir, start), config))
+            train_iter = make_dataset(config.data, vocab, split=data_cfg.train_split,
+                                      batch_size=per_process_batch, seed=int(config.seed))
+            params, opt_state = restore()
         params = plugin.full_params(params, init_rng)  # compression hook
         note = resumed_lr_change(checkpoints.read_checkpoint_config(workdir, start), config, start)
         if note:
