@@ -10,6 +10,7 @@ import sys
 import tempfile
 from typing import Iterator
 
+from absl import logging
 from etils import epath
 
 
@@ -47,16 +48,23 @@ class LockHeld(Exception):
 
 @contextlib.contextmanager
 def host_lock(key, *, wait: bool = True) -> Iterator[None]:
-    """Exclusive among the processes of this host holding `host_lock` of the same `key` (e.g. a
+    """Exclusive among one user's processes on this host holding `host_lock` of one `key` (e.g. a
     dataset's or a workdir's path): two trainers, test workers or an evaluator preparing the
     same dataset take turns, and the second finds it built. With `wait=False` a taken lock
     raises LockHeld naming the holder's pid and command line. An flock on a file in the temp
     dir, released when the holder exits or dies (kill -9 leaves no stale lock)."""
     digest = hashlib.sha1(os.fspath(key).encode()).hexdigest()[:16]
-    directory = os.path.join(tempfile.gettempdir(), "t5x_lite_locks")
-    os.makedirs(directory, exist_ok=True)
+    # Per user: another user's lock folder in a shared /tmp would not be writable.
+    directory = os.path.join(tempfile.gettempdir(), f"t5x_lite_locks-{os.getuid()}")
     path = os.path.join(directory, f"{digest}.lock")
-    with open(path, "a") as f:
+    try:
+        os.makedirs(directory, exist_ok=True)
+        f = open(path, "a")
+    except OSError as e:  # an unwritable temp dir: go on unguarded rather than fail the run
+        logging.warning("no lock for %s (%s): concurrent runs are not detected", key, e)
+        yield
+        return
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:

@@ -14,6 +14,7 @@ import zipfile
 
 import pytest
 
+from t5x_lite import files as t5x_files
 from t5x_lite.data import builders
 from t5x_lite.data import local_files
 from t5x_lite.data import testing
@@ -123,6 +124,18 @@ def test_two_runs_preparing_the_same_data_at_once_build_it_once(tmp_path, monkey
     for t in threads:
         t.join()
     assert results == [[{"text": "one"}, {"text": "two"}]] * 2 and calls == [1]
+
+
+def test_a_lock_folder_that_cannot_be_made_leaves_runs_unguarded_not_failed(tmp_path,
+                                                                            monkeypatch, caplog):
+    in_the_way = tmp_path / "a_file"
+    in_the_way.write_text("")
+    monkeypatch.setattr(t5x_files.tempfile, "gettempdir", lambda: str(in_the_way))
+    ran = False
+    with caplog.at_level("WARNING"):
+        with t5x_files.host_lock("key", wait=False):
+            ran = True
+    assert ran and "no lock for key" in caplog.text
 
 
 def test_non_utf8_is_skipped_and_counted_or_fails_when_strict(tmp_path):
