@@ -28,7 +28,9 @@ class Bert(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, encoder_input_tokens, encoder_positions=None, encoder_segment_ids=None):
+    def __call__(self, encoder_input_tokens, encoder_positions=None, encoder_segment_ids=None,
+                 predict_positions=None):
+        """Logits [B, T, V], or [B, K, V] at `predict_positions` [B, K] (the MLM loss's)."""
         cfg = self.config
         dtype = cfg.compute_dtype
         tokens_BxT = encoder_input_tokens
@@ -49,6 +51,8 @@ class Bert(nn.Module):
         x = Stack(cfg, cfg.num_layers, deterministic=self.deterministic, name="encoder")(
             x, attention_bias(mask), positions=encoder_positions)
         x = make_norm(cfg, "encoder_norm")(x)
+        if predict_positions is not None:
+            x = jnp.take_along_axis(x, predict_positions[..., None], axis=1)
         w = param(self, "mlm_dense", dense_init(cfg.d_model), (cfg.d_model, cfg.d_model),
                   ("embed", "mlp"))
         h = jax.nn.gelu(dense(x, w.astype(dtype)), approximate=True)

@@ -25,7 +25,7 @@ from t5x_lite import mesh_flag
 from t5x_lite.config import ModelConfig
 from t5x_lite.estimate_xla import sequence_lengths
 from t5x_lite.mesh_flag import MESH
-from t5x_lite.models import build_model
+from t5x_lite.models import LossConfig, build_model
 from t5x_lite.partitioning import parse_mesh
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
@@ -89,7 +89,7 @@ def estimate(config: ml_collections.ConfigDict, *, mesh: tuple[int, int, int] | 
                             f"{sizes.batch_shards} (the trainer requires it)")
 
     n = ef.count_params(build_model(cfg))
-    flops = ef.step_flops(cfg, batch, s, t)
+    flops = ef.step_flops(cfg, batch, s, t, LossConfig.for_run(config).mlm_predictions)
     mem = em.estimate_memory(config, sizes)
     act = em.activation_bytes(config, sizes)
     budget = ef.chinchilla(n, flops)
@@ -173,7 +173,8 @@ def verify(config: ml_collections.ConfigDict, mesh: tuple[int, int, int] | None 
                                                                   sizes.tensor))
     est = em.estimate_memory(checked, sizes)
     cfg = ModelConfig.from_dict(checked.model)
-    flops = ef.step_flops(cfg, int(checked.train.batch_size), *sequence_lengths(checked))
+    flops = ef.step_flops(cfg, int(checked.train.batch_size), *sequence_lengths(checked),
+                          LossConfig.for_run(checked).mlm_predictions)
     return {"backend": jax.default_backend(), "dtype_checked": checked.model.dtype,
             "mesh": [sizes.data, sizes.fsdp, sizes.tensor], "xla_peak_bytes": xla.peak,
             "xla_arguments_bytes": xla.arguments, "xla_temporaries_bytes": xla.temporaries,

@@ -162,13 +162,14 @@ def _stack(cfg: ModelConfig, layers: int, batch: int, tq: int, tk: int, cross_le
     return layers * dense, layers * attn
 
 
-def step_flops(cfg: ModelConfig, batch: int, length: int, targets_length: int | None = None
-               ) -> StepFlops:
+def step_flops(cfg: ModelConfig, batch: int, length: int, targets_length: int | None = None,
+               predictions: int = 0) -> StepFlops:
     """FLOPs of one training step on a global batch.
 
     Args:
       length: encoder length S (T5, BERT) or sequence length (GPT).
       targets_length: decoder length T (T5 only).
+      predictions: BERT's MLM head positions per row when > 0 (`LossConfig.mlm_predictions`).
     """
     d, v = cfg.d_model, cfg.vocab_size
     if cfg.family == "t5":
@@ -181,7 +182,8 @@ def step_flops(cfg: ModelConfig, batch: int, length: int, targets_length: int | 
         dense, attn = _stack(cfg, cfg.num_layers, batch, length, length)
         head = 2 * batch * length * d * v
         if cfg.family == "bert":
-            head += 2 * batch * length * d * d
+            scored = min(predictions, length) if predictions else length
+            head = 2 * batch * scored * (d * v + d * d)
         tokens = batch * length
     # Remat re-runs (part of) each layer's forward inside the backward pass.
     recompute = {"none": 0.0, "full": dense + attn, "dots": 0.0, "dots_no_batch": attn}[cfg.remat]

@@ -225,7 +225,7 @@ def activation_bytes(config: ml_collections.ConfigDict, mesh: MeshSizes) -> dict
         out_len = t
     else:
         stacks = [(cfg.num_layers, s, s, 0)]
-        out_len = s
+        out_len = LossConfig.for_run(config).mlm_predictions or s  # BERT: the scored positions
     saved = sum(n * layer(q, k, c, cfg.remat, bool(cfg.scan_layers)) for n, q, k, c in stacks)
     saved += sum(_STACK_EDGE_X * b * q * d * a for _, q, _, _ in stacks)
     if cfg.dropout_rate > 0:

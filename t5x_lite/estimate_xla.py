@@ -79,8 +79,7 @@ def compiled_train_step(config: ml_collections.ConfigDict, mesh=None):
         mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = partitioning.rules_from_config(config.mesh.get("rules"))
     tc = config.train
-    loss = LossConfig(z_loss=float(tc.z_loss), label_smoothing=float(tc.label_smoothing))
-    model = build_model(ModelConfig.from_dict(config.model), loss)
+    model = build_model(ModelConfig.from_dict(config.model), LossConfig.for_run(config))
     tx, schedule = optimizers.make_optimizer(config.optimizer, int(tc.num_steps))
     abstract, shardings = train_state.state_shardings(model, tx, mesh, rules)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

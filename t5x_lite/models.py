@@ -25,6 +25,21 @@ Batch = Mapping[str, Any]
 class LossConfig:
     z_loss: float = 1e-4
     label_smoothing: float = 0.0
+    # MLM: most scored positions per row (the data's bound); the head then projects only those
+    # to the vocabulary. 0 = every position.
+    mlm_predictions: int = 0
+
+    @classmethod
+    def for_run(cls, config) -> "LossConfig":
+        """What a run config's training step uses (train.z_loss / label_smoothing; for an
+        `mlm` objective the data's bound on predicted tokens per row)."""
+        from t5x_lite.data import DataConfig, objectives  # models stays free of grain at import
+
+        data = DataConfig.from_dict(config.data)
+        k = objectives.mlm_predictions(data.inputs_length, data.mask_rate) if (
+            data.objective == "mlm" and config.model.family == "bert") else 0
+        return cls(z_loss=float(config.train.z_loss),
+                   label_smoothing=float(config.train.label_smoothing), mlm_predictions=k)
 
 
 class BaseModel:
@@ -73,12 +88,17 @@ class BaseModel:
         Passing the normalizer of a whole batch lets gradient accumulation over microbatches
         reproduce the big-batch gradient exactly.
         """
-        logits = self.logits(params, batch, rng=rng, deterministic=rng is None)
-        sums = cross_entropy_sums(logits, batch[self.target_feature], self._weights(batch),
-                                  z_loss=self.loss.z_loss, label_smoothing=self.loss.label_smoothing)
+        logits, targets, weights = self._scored(params, batch, rng)
+        sums = cross_entropy_sums(logits, targets, weights, z_loss=self.loss.z_loss,
+                                  label_smoothing=self.loss.label_smoothing)
         if normalizer is None:
             normalizer = jnp.maximum(sums["weight_sum"], 1.0)
         return sums["loss_sum"] / normalizer, sums
+
+    def _scored(self, params, batch: Batch, rng):
+        """(logits, targets, weights) the loss sums over."""
+        logits = self.logits(params, batch, rng=rng, deterministic=rng is None)
+        return logits, batch[self.target_feature], self._weights(batch)
 
     def score_batch(self, params, batch: Batch):
         """Per-example sum of weighted target log-probs, float32 [B]."""
@@ -107,6 +127,23 @@ class EncoderOnlyModel(BaseModel):
     target_feature = "encoder_target_tokens"
     weight_feature = "encoder_loss_weights"
     init_features = ("encoder_input_tokens",)
+
+    def _scored(self, params, batch: Batch, rng):
+        """With `loss.mlm_predictions` = k < T: the head runs on each row's k scored positions
+        only (first the weighted ones in order, then unweighted filler of weight 0), not on all
+        T: the same loss for rows of at most k weighted tokens, which BertMask guarantees."""
+        k = self.loss.mlm_predictions
+        targets, weights = batch[self.target_feature], self._weights(batch)
+        t = targets.shape[1]
+        if not 0 < k < t:
+            return super()._scored(params, batch, rng)
+        order = jnp.where(weights > 0, 2 * t, 0) - jnp.arange(t)  # weighted first, in order
+        _, positions = jax.lax.top_k(order, k)
+        logits = self.module(deterministic=rng is None).apply(
+            {"params": params}, **self._inputs(batch), predict_positions=positions,
+            rngs=None if rng is None else {"dropout": rng})
+        take = lambda x: jnp.take_along_axis(x, positions, axis=1)
+        return logits, take(targets), take(weights)
 
 
 MODEL_CLASSES = {"t5": EncoderDecoderModel, "gpt": DecoderOnlyModel, "bert": EncoderOnlyModel}

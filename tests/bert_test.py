@@ -202,3 +202,32 @@ def test_load_of_a_bert_workdir_offers_logits_only(trained):
         m.generate(inputs=[text], max_new_tokens=2)
     with pytest.raises(ValueError, match=r"^input_ids row 1 has no tokens \(id 0 is padding\)"):
         m.logits([ids, [0, 0]])
+
+
+def test_the_mlm_head_on_the_scored_positions_only_gives_the_full_head_loss_and_gradients():
+    """LossConfig.mlm_predictions = k: the head projects each row's k scored positions, not all
+    T; on rows BertMask made (at most k weighted tokens each, also packed rows) the loss, token
+    accuracy and every gradient equal the full head's (float32)."""
+    from t5x_lite.data import DataConfig, make_dataset
+    from t5x_lite.data import objectives
+    from t5x_lite.data import testing as data_testing
+    from t5x_lite.models import LossConfig
+
+    cfg = mc.bert(vocab_size=512, d_model=D, num_heads=H, head_dim=K, d_ff=F, num_layers=2,
+                  max_len=64, dtype="float32")
+    vocab = data_testing.tiny_vocab(400)
+    pipe = make_dataset(DataConfig(source="default", objective="mlm", inputs_length=64,
+                                   read_threads=0), vocab, split="train", batch_size=6, seed=2)
+    batches = [next(pipe) for _ in range(2)]
+    k = objectives.mlm_predictions(64, 0.15)
+    assert k == 10 and max(int(b["encoder_loss_weights"].sum(1).max()) for b in batches) <= k
+    full, cut = (build_model(cfg, LossConfig(mlm_predictions=n)) for n in (0, k))
+    params = _random_params(cfg, seed=3)
+    for b in batches:
+        batch = {name: jax.numpy.asarray(v) for name, v in b.items()}
+        (l0, s0), g0 = jax.value_and_grad(full.loss_fn, has_aux=True)(params, batch)
+        (l1, s1), g1 = jax.value_and_grad(cut.loss_fn, has_aux=True)(params, batch)
+        np.testing.assert_allclose(l1, l0, rtol=1e-6)
+        for name in s0:
+            np.testing.assert_allclose(s1[name], s0[name], rtol=1e-6, err_msg=name)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g0)

@@ -198,6 +198,13 @@ class HasMaskable(grain.transforms.Filter):
         return bool(np.any(maskable(piece_L, self._sp_size)))
 
 
+def mlm_predictions(tokens: int, mask_rate: float) -> int:
+    """Tokens BertMask predicts in a row of `tokens` maskable ones: round(rate x n), at least
+    1. Non-decreasing in n, so a row of length L never has more than mlm_predictions(L) (what
+    the MLM loss projects to the vocabulary)."""
+    return max(1, int(round(tokens * mask_rate)))
+
+
 class BertMask(grain.transforms.RandomMap):
     """BERT masking of a whole (packed or padded) row: round(`mask_rate` x its maskable
     tokens), at least 1, are predicted (Google BERT's count per sequence); of those 80% become
@@ -219,7 +226,7 @@ class BertMask(grain.transforms.RandomMap):
         inputs_L = tokens_L.copy()
         weights_L = np.zeros_like(tokens_L)
         if candidates.size:
-            k = max(1, int(round(candidates.size * self._rate)))
+            k = mlm_predictions(candidates.size, self._rate)
             chosen = rng.choice(candidates, size=k, replace=False)
             action = rng.random(k)
             random_ids = rng.integers(self._low, self._high, size=k)

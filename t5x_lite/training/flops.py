@@ -50,10 +50,14 @@ def _stack_flops(cfg: ModelConfig, tokens: int, q_len: int, cross_len: int = 0,
     return float(total * layers)
 
 
-def forward_flops(cfg: ModelConfig, batch: int, length: int, targets_length: int | None = None
-                  ) -> float:
-    """Forward-pass model FLOPs for one batch (encoder `length`, decoder `targets_length`)."""
+def forward_flops(cfg: ModelConfig, batch: int, length: int, targets_length: int | None = None,
+                  predictions: int = 0) -> float:
+    """Forward-pass model FLOPs for one batch (encoder `length`, decoder `targets_length`;
+    BERT: the head on `predictions` positions per row when > 0, as the MLM loss runs it)."""
     logits = 2 * cfg.d_model * cfg.vocab_size
+    if cfg.family == "bert" and predictions:
+        return (_stack_flops(cfg, batch * length, length, layers=cfg.num_layers)
+                + logits * batch * min(predictions, length))
     if cfg.family == "t5":
         t = targets_length or length
         enc = _stack_flops(cfg, batch * length, length, layers=cfg.num_layers)
@@ -64,9 +68,9 @@ def forward_flops(cfg: ModelConfig, batch: int, length: int, targets_length: int
 
 
 def train_step_flops(cfg: ModelConfig, batch: int, length: int,
-                     targets_length: int | None = None) -> float:
+                     targets_length: int | None = None, predictions: int = 0) -> float:
     """Model FLOPs of one training step (forward + backward = 3x forward)."""
-    return 3.0 * forward_flops(cfg, batch, length, targets_length)
+    return 3.0 * forward_flops(cfg, batch, length, targets_length, predictions)
 
 
 def param_count(params) -> int:

@@ -227,8 +227,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
                             f"{jax.process_count()}")
     per_process_batch = global_batch // jax.process_count()
 
-    model = build_model(model_cfg, LossConfig(z_loss=float(tc.z_loss),
-                                              label_smoothing=float(tc.label_smoothing)))
+    model = build_model(model_cfg, LossConfig.for_run(config))
     tx, schedule = optimizers.make_optimizer(config.optimizer, num_steps)
     # Compression hook (README.md): the `lora` / `distill` / `prune` config sections
     # change the params tree, the optimizer and what checkpoints hold; identity without them.
@@ -296,7 +295,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
     eval_fn = train_step.jit_eval_step(train_step.make_eval_step(model), shardings.params, mesh,
                                        rules)
     length, targets = _lengths(model_cfg, data_cfg)
-    step_flops = flops_lib.train_step_flops(model_cfg, global_batch, length, targets)
+    step_flops = flops_lib.train_step_flops(model_cfg, global_batch, length, targets,
+                                            LossConfig.for_run(config).mlm_predictions)
     peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind, float(tc.peak_flops))
     tokens_per_step = _tokens_per_batch(model_cfg, global_batch, data_cfg)
     if is_main:  # only now: a config that fails above leaves no saved config to disagree with
