@@ -78,6 +78,14 @@ def test_rows_come_in_proportion_and_are_each_entrys_own(files, vocab):
     assert again == rows
 
 
+def test_a_mixture_of_one_entry_reads_that_entry(files, vocab):
+    """Not the run's own source (the default corpus here): it read that before."""
+    cfg = _run_cfg(files, [_qa(files)])
+    for split, kw in (("train", {}), ("validation", dict(shuffle=False, repeat=False))):
+        rows = _rows(_take(make_dataset(cfg, vocab, split=split, batch_size=8, **kw), 2), vocab)
+        assert len(rows) == 16 and all(r.startswith("question ") for r in rows)
+
+
 def test_eval_pass_covers_every_entrys_split_once(files, vocab):
     """GPT objectives (deterministic rows): the mixture's one pass is each entry's pass alone,
     entry after entry."""
@@ -196,6 +204,11 @@ def test_training_on_a_mixture_evaluates_and_resumes_exactly(files, tmp_path, ca
     assert m["loss"] == pytest.approx(sum(m[f"{p}/loss"] * m[f"{p}/tokens"] for p in parts)
                                       / m["tokens"])
     assert m["num_predictions"] == m["qa/examples"] == NUM_PAIRS
+    # A mixture of one entry is scored on that entry (it scored the run's default corpus).
+    one = config(8)
+    one.data.mixture = (_qa(files),)
+    (m,) = run(one, tmp_path / "straight", EvalSettings(name="one", predict="false"))
+    assert m["examples"] == m["qa/examples"] == NUM_PAIRS and m["tokens"] == m["qa/tokens"]
     # Two entries of pairs: exact match, BLEU, ... for each one alone too (what the metrics
     # give on its records), and the records say which entry they decode.
     echo = files / "echo.tsv"  # targets = inputs: other scores than qa's

@@ -63,11 +63,10 @@ def make_pipeline(data_cfg: Mapping[str, Any] | DataConfig, vocab: Vocabulary | 
         raise DataConfigError(f"batch_size must be >= 1, got {batch_size}")
     if not 0 <= seed < 2**32:
         raise DataConfigError(f"seed must be in [0, 2**32), got {seed}")
-    parts = cfg.components()
-    if len(parts) == 1:
+    if not cfg.mixture:
         ds = _rows(cfg, vocab, split, seed, shuffle, repeat, pi, pc)
     else:
-        rows = {}
+        rows, parts = {}, cfg.components()
         for part in parts:
             where = f"data.mixture ({part.name})"
             part_seed = int(np.random.SeedSequence(

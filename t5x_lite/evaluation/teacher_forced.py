@@ -113,16 +113,15 @@ class TeacherForcedScorer:
             raise EvalDataError(f"eval batch size {batch_size} must be divisible by data*fsdp="
                                 f"{shards} and the process count {jax.process_count()}")
         split = split or data.eval_split
-        parts = data.components()
-        if len(parts) == 1:
-            return _metrics(self._sums(params, data, vocab, split, batch_size, seed), split)
-        # A mixture: each entry on its own split ("<name>/loss", ...), and all of them together.
+        # A mixture: each entry on its own split ("<name>/loss", ...), and all of them together;
+        # otherwise the run's own data, its one component.
         metrics, everything = {}, None
-        for part in parts:
+        for part in data.components():
             sums = self._sums(params, part.config, vocab, part.split(data, split), batch_size,
                               seed)
-            one = _metrics(sums, f"{part.name}: {part.split(data, split)}")
-            metrics.update({f"{part.name}/{k}": v for k, v in one.items() if k != "batches"})
+            if data.mixture:
+                one = _metrics(sums, f"{part.name}: {part.split(data, split)}")
+                metrics.update({f"{part.name}/{k}": v for k, v in one.items() if k != "batches"})
             everything = sums if everything is None else _add(everything, sums)
         return {**_metrics(everything, split), **metrics}
 

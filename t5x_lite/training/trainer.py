@@ -134,18 +134,15 @@ def evaluate(eval_fn, params, config, vocab, mesh, per_process_batch: int) -> di
     limit = int(config.train.eval_batches)
     if limit <= 0 and jax.process_count() > 1:
         raise TrainingError("train.eval_batches must be > 0 with several processes")
-    parts = data.components()
-    if len(parts) == 1:
-        return _eval_metrics(_eval_totals(eval_fn, params, data, data.eval_split, config.seed,
-                                          vocab, mesh, per_process_batch, limit))
     metrics, everything = {}, None
-    for part in parts:
+    for part in data.components():  # the run's own data alone when it has no mixture
         totals = _eval_totals(eval_fn, params, part.config, part.split(data, data.eval_split),
                               config.seed, vocab, mesh, per_process_batch, limit)
-        if totals is not None:
+        if totals is None:
+            continue
+        if data.mixture:
             metrics.update({f"{part.name}/{k}": v for k, v in _eval_metrics(totals).items()})
-            everything = totals if everything is None else jax.tree.map(jnp.add, everything,
-                                                                        totals)
+        everything = totals if everything is None else jax.tree.map(jnp.add, everything, totals)
     return {**_eval_metrics(everything), **metrics}
 
 
