@@ -55,16 +55,14 @@ def forward_flops(cfg: ModelConfig, batch: int, length: int, targets_length: int
     """Forward-pass model FLOPs for one batch (encoder `length`, decoder `targets_length`;
     BERT: the head on `predictions` positions per row when > 0, as the MLM loss runs it)."""
     logits = 2 * cfg.d_model * cfg.vocab_size
-    if cfg.family == "bert" and predictions:
-        return (_stack_flops(cfg, batch * length, length, layers=cfg.num_layers)
-                + logits * batch * min(predictions, length))
     if cfg.family == "t5":
         t = targets_length or length
         enc = _stack_flops(cfg, batch * length, length, layers=cfg.num_layers)
         dec = _stack_flops(cfg, batch * t, t, cross_len=length, cross_tokens_kv=batch * length,
                            layers=cfg.decoder_layers)
         return enc + dec + logits * batch * t
-    return _stack_flops(cfg, batch * length, length, layers=cfg.num_layers) + logits * batch * length
+    scored = min(predictions, length) if cfg.family == "bert" and predictions else length
+    return _stack_flops(cfg, batch * length, length, layers=cfg.num_layers) + logits * batch * scored
 
 
 def train_step_flops(cfg: ModelConfig, batch: int, length: int,

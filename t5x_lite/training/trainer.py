@@ -185,11 +185,11 @@ def train(config: ml_collections.ConfigDict, workdir, *, override_config: bool =
         return _train(config, workdir, override_config)
 
 
-def _data_changes(saved: dict | None, config) -> str:
+def _data_changes(saved: dict | None, data: DataConfig) -> str:
     """'; data.x, data.y changed' against the checkpoint's config, or ''."""
     if not saved or not isinstance(saved.get("data"), dict):
         return ""
-    now = DataConfig.from_dict(config.data).to_dict()
+    now = data.to_dict()
     try:
         before = DataConfig.from_dict(saved["data"]).to_dict()
     except UserError:
@@ -224,7 +224,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
                             f"{jax.process_count()}")
     per_process_batch = global_batch // jax.process_count()
 
-    model = build_model(model_cfg, LossConfig.for_run(config))
+    loss = LossConfig.for_run(config)
+    model = build_model(model_cfg, loss)
     tx, schedule = optimizers.make_optimizer(config.optimizer, num_steps)
     # Compression hook (README.md): the `lora` / `distill` / `prune` config sections
     # change the params tree, the optimizer and what checkpoints hold; identity without them.
@@ -249,6 +250,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
     start = mngr.latest_step()
     if start is not None:
         logging.info("Resuming from %s/checkpoints/%d", workdir, start)
+        saved = checkpoints.read_checkpoint_config(workdir, start)
         restore = functools.partial(
             checkpoints.restore_train_state, mngr, start,
             plugin.checkpointed(checkpoints.abstract_with_shardings(abstract.params,
@@ -262,13 +264,12 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
             # The data config changed on purpose (a new mixture, another objective or
             # packing): the model and optimizer go on, the new data from its start.
             logging.warning("%s%s: params and optimizer state are restored; the data starts "
-                            "from the beginning of its seeded order", e, _data_changes(
-                                checkpoints.read_checkpoint_config(workdir, start), config))
+                            "from the beginning of its seeded order", e, _data_changes(saved, data_cfg))
             train_iter = make_dataset(config.data, vocab, split=data_cfg.train_split,
                                       batch_size=per_process_batch, seed=int(config.seed))
             params, opt_state = restore()
         params = plugin.full_params(params, init_rng)  # compression hook
-        note = resumed_lr_change(checkpoints.read_checkpoint_config(workdir, start), config, start)
+        note = resumed_lr_change(saved, config, start)
         if note:
             logging.warning("%s", note)
         state = train_state.TrainState(
@@ -293,7 +294,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
                                        rules)
     length, targets = _lengths(model_cfg, data_cfg)
     step_flops = flops_lib.train_step_flops(model_cfg, global_batch, length, targets,
-                                            LossConfig.for_run(config).mlm_predictions)
+                                            loss.mlm_predictions)
     peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind, float(tc.peak_flops))
     tokens_per_step = _tokens_per_batch(model_cfg, global_batch, data_cfg)
     if is_main:  # only now: a config that fails above leaves no saved config to disagree with
