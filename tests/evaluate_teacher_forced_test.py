@@ -113,20 +113,67 @@ def test_sharded_mesh_equals_one_device(task, t5):
     np.testing.assert_allclose(ll_sharded, ll_one, rtol=1e-3)
 
 
+def test_in_loop_eval_equals_the_scorer_over_the_split_or_its_first_batches(task, t5):
+    """The trainer's in-loop eval and the scorer share one loop: over the whole split
+    (eval_batches=0, or more batches than it has) they agree; eval_batches=k covers exactly the
+    first k batches (per-example scores by hand)."""
+    import ml_collections
+
+    from t5x_lite.training import trainer
+
+    data = _data(task, "seq2seq", pack=False)  # a batch is 8 examples
+    scorer = _scorer(t5)
+    want = scorer.evaluate(t5.params, data, t5.vocab, batch_size=8)
+
+    def in_loop(eval_batches):
+        config = ml_collections.ConfigDict({"data": data.to_dict(), "seed": 0,
+                                            "train": {"eval_batches": eval_batches}})
+        return trainer.evaluate(scorer._step, t5.params, config, t5.vocab, t5.mesh, 8)
+
+    for eval_batches in (0, 20):
+        got = in_loop(eval_batches)
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+        assert 100 * got["accuracy"] == pytest.approx(want["token_accuracy"], rel=1e-6)
+    examples = predictions.read_examples(data, "validation")[:16]
+    scores = t5.score([e.inputs for e in examples], [e.targets for e in examples])
+    tokens = sum(len(t5.vocab.encode(e.targets)) + 1 for e in examples)
+    assert in_loop(2)["loss"] == pytest.approx(-scores.sum() / tokens, rel=1e-5)
+
+
+def test_host_batches_with_a_limit_runs_exactly_that_many_steps(monkeypatch):
+    import jax
+    from jax.experimental import multihost_utils
+
+    from t5x_lite.training.eval_sums import host_batches
+
+    mine = [{"decoder_loss_weights": np.ones((2, 3), np.int32)}] * 2
+    weights = lambda out: [int(b["decoder_loss_weights"].sum()) for b in out]  # noqa: E731
+    assert weights(host_batches(iter(mine), limit=4)) == [6, 6, 0, 0]
+    assert weights(host_batches(iter(mine), limit=1)) == [6]
+    assert weights(host_batches(iter(mine))) == [6, 6]
+    assert list(host_batches(iter([]), limit=3)) == []  # one process: nothing to pad with
+    # Several processes: with a limit every one runs exactly `limit` steps, no agreement needed.
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda *_: 1 / 0)
+    assert weights(host_batches(iter(mine), limit=3)) == [6, 6, 0]
+    with pytest.raises(EvalDataError, match="this process got no eval data at all"):
+        list(host_batches(iter([]), limit=3))
+
+
 def test_host_batches_pads_a_process_that_runs_out_first(monkeypatch):
     """Simulated 2-process run: this process has 2 batches, the other 4; this one keeps
     stepping with all-zero batches until both are done (the step is a collective)."""
     import jax
     from jax.experimental import multihost_utils
 
-    from t5x_lite.evaluation import teacher_forced
+    from t5x_lite.training import eval_sums
 
     other_left = iter([1, 1, 1, 1, 0])
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(multihost_utils, "process_allgather",
                         lambda alive: np.array([int(alive), next(other_left)]))
     mine = [{"decoder_loss_weights": np.ones((2, 3), np.int32)}] * 2
-    out = list(teacher_forced.host_batches(iter(mine)))
+    out = list(eval_sums.host_batches(iter(mine)))
     assert len(out) == 4
     assert [int(b["decoder_loss_weights"].sum()) for b in out] == [6, 6, 0, 0]
     assert out[3]["decoder_loss_weights"].shape == (2, 3)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import time
 
 import jax
@@ -22,12 +21,11 @@ from etils import epath
 
 from t5x_lite import checkpoints, compression, distributed, files, partitioning
 from t5x_lite.config import ModelConfig
-from t5x_lite.data import (DataConfig, load_vocab, make_dataset, make_global_batch,
-                           zeros_like_batch)
+from t5x_lite.data import DataConfig, load_vocab, make_dataset, make_global_batch
 from t5x_lite.errors import UserError
 from t5x_lite.models import LossConfig, build_model
 from t5x_lite.training import flops as flops_lib
-from t5x_lite.training import optimizers, train_state, train_step
+from t5x_lite.training import eval_sums, optimizers, train_state, train_step
 from t5x_lite.training.metrics_writer import MetricsWriter
 from t5x_lite.training.run_checks import (ConfigMismatchError, DivergenceError, PreemptionFlag,
                                           check_finite, check_loop_numbers,
@@ -126,51 +124,25 @@ def resumed_lr_change(saved: dict | None, config, step: int) -> str | None:
 
 def evaluate(eval_fn, params, config, vocab, mesh, per_process_batch: int) -> dict[str, float]:
     """Loss / accuracy over the first `train.eval_batches` batches of the eval split (all of it
-    when 0, single-process only). A process whose shard runs out early feeds all-padding
-    batches, so every process runs the same number of steps. With a `data.mixture`, each entry
+    when 0), the same steps on every process (`eval_sums`). With a `data.mixture`, each entry
     is evaluated on its own split (`<name>/loss`, `<name>/accuracy`) and `loss` / `accuracy`
     cover them all."""
-    data = DataConfig.from_dict(config.data)
-    limit = int(config.train.eval_batches)
-    if limit <= 0 and jax.process_count() > 1:
-        raise TrainingError("train.eval_batches must be > 0 with several processes")
-    metrics, everything = {}, None
-    for part in data.components():  # the run's own data alone when it has no mixture
-        totals = _eval_totals(eval_fn, params, part.config, part.split(data, data.eval_split),
-                              config.seed, vocab, mesh, per_process_batch, limit)
-        if totals is None:
-            continue
-        if data.mixture:
-            metrics.update({f"{part.name}/{k}": v for k, v in _eval_metrics(totals).items()})
-        everything = totals if everything is None else jax.tree.map(jnp.add, everything, totals)
-    return {**_eval_metrics(everything), **metrics}
+    total, per_entry = eval_sums.mixture_sums(
+        eval_fn, params, DataConfig.from_dict(config.data), vocab, config.data.eval_split,
+        batch_size=per_process_batch, seed=config.seed, mesh=mesh,
+        limit=int(config.train.eval_batches))
+    metrics = _eval_metrics(total)
+    for name, sums in per_entry.items():
+        metrics.update({f"{name}/{k}": v for k, v in _eval_metrics(sums).items()})
+    return metrics
 
 
-def _eval_totals(eval_fn, params, data: DataConfig, split: str, seed, vocab, mesh,
-                 per_process_batch: int, limit: int):
-    it = make_dataset(data, vocab, split=split, batch_size=per_process_batch, seed=seed,
-                      shuffle=False, repeat=False)
-    totals, last = None, None
-    for i in itertools.count():
-        if limit and i >= limit:
-            break
-        batch = next(it, None)
-        if batch is None:
-            if not limit or last is None:
-                break
-            batch = zeros_like_batch(last)  # contributes nothing to the sums
-        last = batch
-        sums = eval_fn(params, make_global_batch(batch, mesh))
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    return None if totals is None else jax.device_get(totals)
-
-
-def _eval_metrics(t) -> dict[str, float]:
-    if t is None:
+def _eval_metrics(sums: eval_sums.Sums) -> dict[str, float]:
+    if sums.tokens <= 0:  # an empty split
         return {}
-    w = max(float(t["weight_sum"]), 1.0)
-    return {"loss": (float(t["loss_sum"]) - float(t["z_loss_sum"])) / w,
-            "accuracy": float(t["correct_sum"]) / w}
+    t = sums.totals
+    return {"loss": (t["loss_sum"] - t["z_loss_sum"]) / t["weight_sum"],
+            "accuracy": t["correct_sum"] / t["weight_sum"]}
 
 
 def train(config: ml_collections.ConfigDict, workdir, *, override_config: bool = False
