@@ -191,7 +191,8 @@ def test_scan_and_remat_match_unrolled(name):
 def test_causal_blocks_equal_the_full_square(name):
     """Skipping the masked triangle changes no number: loss and every gradient, with packed
     segments and padding (T5: in the decoder; the encoder is bidirectional), for block counts
-    that divide the length (2, 3, 4, 6); the full square is computed once per family."""
+    that divide the length (3 and 4: blocks of 4 and 3 tokens, whose edges cut every packed
+    segment but the last); the full square is computed once per family."""
     cfg = dataclasses.replace(FAMILY_CONFIGS[name], causal_blocks=1)
     params = init_params(cfg)
     rng = np.random.default_rng(5)
@@ -205,12 +206,12 @@ def test_causal_blocks_equal_the_full_square(name):
     if cfg.family == "t5":
         batch["encoder_input_tokens"] = random_tokens(rng, (2, 7))
     grads, dots = {}, {}
-    for n in (1, 2, 3, 4, 6):
+    for n in (1, 3, 4):
         model = build_model(dataclasses.replace(cfg, causal_blocks=n))
         grads[n] = jax.jit(jax.value_and_grad(lambda p: model.loss_fn(p, batch)[0]))(params)
         dots[n] = str(jax.make_jaxpr(lambda p: model.loss_fn(p, batch)[0])(params)).count(
             "dot_general")
-    for blocks in (2, 3, 4, 6):
+    for blocks in (3, 4):
         # Each causal self-attention's 2 matmuls became 2 per block (the path under test ran).
         assert dots[blocks] - dots[1] == 2 * (blocks - 1) * cfg.decoder_layers, (blocks, dots)
         np.testing.assert_allclose(grads[blocks][0], grads[1][0], rtol=1e-5, err_msg=blocks)
