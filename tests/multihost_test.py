@@ -53,6 +53,8 @@ def get_config():
     c.mesh.fsdp = 8
     c.train.num_steps = {steps}
     c.train.log_every = 1
+    c.train.eval_every = {steps}
+    c.train.eval_batches = 0  # the whole validation split: the processes' shards differ in size
     c.checkpoint.save_every = {steps}
     return c
 """
@@ -321,6 +323,13 @@ def test_two_processes_train_to_the_losses_of_one(runs):
     # Same examples per batch, in another row order: equal up to float summation order.
     np.testing.assert_allclose([l for _, l in two], [l for _, l in one], rtol=2e-5)
     assert abs(two[0][1] - two[-1][1]) > 1e-2  # it did train
+    # In-loop eval over the whole validation split, each process stepping until both are done.
+    evals = [[r for r in read_jsonl(tmp / d / METRICS_FILE) if "eval/loss" in r]
+             for d in ("one", "two")]
+    assert [[r["step"] for r in e] for e in evals] == [[STEPS], [STEPS]]
+    np.testing.assert_allclose(evals[1][0]["eval/loss"], evals[0][0]["eval/loss"], rtol=2e-5)
+    np.testing.assert_allclose(evals[1][0]["eval/accuracy"], evals[0][0]["eval/accuracy"],
+                               rtol=1e-6)
     assert "JAX distributed: process 1 of 2, 4 local / 8 global devices" in logs[1]
 
 
