@@ -11,6 +11,7 @@ import pytest
 
 from t5x_lite.data import DataConfig, DataConfigError, make_dataset, testing
 from t5x_lite.evaluation import EvalSettings, outputs, run, text_metrics
+from t5x_lite.evaluation.few_shot import FewShotOptions
 from t5x_lite.training import testing as train_testing
 from t5x_lite.training import train
 from t5x_lite.training.metrics_writer import METRICS_FILE, read_jsonl
@@ -225,6 +226,17 @@ def test_training_on_a_mixture_evaluates_and_resumes_exactly(files, tmp_path, ca
                                     [r["targets"] for r in mine], ("exact_match", "rouge"))
         assert {k: m[f"{name}/{k}"] for k in want} == pytest.approx(want)
     assert m["qa/rougeL"] != m["echo/rougeL"]
+    # Few-shot over the same mixture: each query's shot comes from its own entry's train pairs
+    # (the pool: qa's, then echo's), and each entry is scored alone too.
+    (m,) = run(two, tmp_path / "straight", EvalSettings(name="fs", few_shot=FewShotOptions(k=1)))
+    records = outputs.read_predictions(tmp_path / "straight" / "eval" / "fs", 8)
+    assert [r["entry"] for r in records] == ["qa"] * NUM_PAIRS + ["echo"] * 8
+    assert all((r["shots"][0] < NUM_PAIRS) == (r["entry"] == "qa") for r in records)
+    for name in ("qa", "echo"):
+        mine = [r for r in records if r["entry"] == name]
+        assert m[f"{name}/exact_match"] == pytest.approx(text_metrics.compute(
+            [r["prediction"] for r in mine], [r["targets"] for r in mine],
+            ("exact_match",))["exact_match"])
 
     # Continued without the mixture (another data pipeline): the checkpoint's data state cannot
     # apply; params and optimizer state restore and the data restarts (it read as a damaged

@@ -97,6 +97,31 @@ def test_a_duplicate_of_the_query_in_the_pool_is_never_a_shot():
                                seed=0)
 
 
+def test_mixture_queries_draw_shots_from_their_own_entry():
+    """Examples of a data.mixture name their entry: a query's shots are the same seeded draw
+    over its own entry's pool examples (numbered within the entry), never another task's."""
+    pool = [dataclasses.replace(e, entry="num") for e in POOL] + [
+        Example(6 + i, f"colour {c}", c, "col") for i, c in enumerate(["red", "blue", "green"])]
+    queries = [Example(0, "the file two", "two", "num"), Example(1, "colour blue", "blue", "col"),
+               Example(2, "the file six", "six", "num")]
+    t = few_shot.FewShotTemplate()
+    for seed in range(5):
+        _, shots = few_shot.build_prompts(queries, pool, k=2, template=t, seed=seed)
+        assert shots[0] == few_shot.draw_shots(6, 2, seed, 0)
+        # "colour blue" is also in the pool (index 7, the entry's 1): never its own shot.
+        assert shots[1] == [6 + j for j in few_shot.draw_shots(3, 2, seed, 1, exclude=1)]
+        assert sorted(shots[1]) == [6, 8]
+        assert all(j < 6 for j in shots[2])
+    # Queries that name no entry (a --few_shot_queries file) draw from the whole pool.
+    _, shots = few_shot.build_prompts(QUERIES, pool, k=3, template=t, seed=0)
+    assert shots == [few_shot.draw_shots(9, 3, 0, i) for i in range(3)]
+    with pytest.raises(few_shot.FewShotError, match="entry 'col': 3 shots requested but the "
+                                                    "pool has only 2 examples"):
+        few_shot.build_prompts(queries[1:2], pool, k=3, template=t, seed=0)
+    with pytest.raises(few_shot.FewShotError, match="entry 'new': 1 shots .* only 0 examples"):
+        few_shot.build_prompts([Example(0, "x", "y", "new")], pool, k=1, template=t, seed=0)
+
+
 def test_cut_at_stop():
     assert few_shot.cut_at_stop(" four Q: the value", ["Q:", "|"]) == "four"
     assert few_shot.cut_at_stop("a | b Q:", ["Q:", "|"]) == "a"
@@ -149,6 +174,15 @@ def test_multiple_choice_picks_highest_loglik_of_loaded_score(gpt, vocab):
     assert [r["choices"] for r in records] == [labels, ["six", "ten"]]
     with pytest.raises(few_shot.FewShotError, match="one candidate .* makes multiple choice"):
         few_shot.evaluate_choice(gpt, queries[:1], [], few_shot.FewShotOptions(k=0))
+    # Over a mixture, a query's default candidates are its entry's targets only.
+    mixed = [dataclasses.replace(e, entry="num") for e in POOL] + [
+        Example(6, "colour red", "red", "col"), Example(7, "colour blue", "blue", "col")]
+    _, records = few_shot.evaluate_choice(
+        gpt, [dataclasses.replace(queries[0], entry="num"), Example(1, "colour x", "red", "col")],
+        mixed, few_shot.FewShotOptions(k=1))
+    assert [r["choices"] for r in records] == [labels, ["blue", "red"]]
+    assert [r["entry"] for r in records] == ["num", "col"]
+    assert records[1]["shots"] in ([6], [7])
     # An empty candidate: one line naming the query and the choice (a decoder-only model
     # has no continuation token to score).
     with pytest.raises(few_shot.FewShotError, match="query 1: choice '' encodes to no tokens"):

@@ -143,20 +143,42 @@ def build_prompts(queries: Sequence[Example], pool: Sequence[Example], *, k: int
     """(prompt text per query, pool indices of its shots). A query is never its own shot: with
     `same_split` (pool = queries) not pool[i] for query i, and in any case no pool example
     whose inputs equal the query's (after `text_metrics.normalize`), such as a duplicate
-    record or one found in both splits, whose target would give the answer away."""
+    record or one found in both splits, whose target would give the answer away. Over a
+    `data.mixture` (examples that name their `entry`), a query's shots come from its own
+    entry's part of the pool."""
     by_inputs: dict[str, list[int]] = {}
     if k:
         for j, ex in enumerate(pool):
             by_inputs.setdefault(text_metrics.normalize(ex.inputs), []).append(j)
+    parts = _entry_parts(pool)
     prompts, shots = [], []
     for i, q in enumerate(queries):
         exclude = set(by_inputs.get(text_metrics.normalize(q.inputs), ()))
         if same_split:
             exclude.add(i)
-        idx = draw_shots(len(pool), k, seed, i, exclude=exclude)
+        part = parts.get(q.entry, []) if parts and q.entry else None
+        if part is None:
+            idx = draw_shots(len(pool), k, seed, i, exclude=exclude)
+        else:  # the same draw over the entry's examples, numbered within the entry
+            where = {j: t for t, j in enumerate(part)}
+            try:
+                picks = draw_shots(len(part), k, seed, i,
+                                   exclude=[where[j] for j in exclude if j in where])
+            except FewShotError as e:
+                raise FewShotError(f"data.mixture entry {q.entry!r}: {e}") from None
+            idx = [part[t] for t in picks]
         prompts.append(template.build([pool[j] for j in idx], q.inputs))
         shots.append(idx)
     return prompts, shots
+
+
+def _entry_parts(examples: Sequence[Example]) -> dict[str, list[int]]:
+    """{mixture entry: indices of its examples}; empty when the examples name no entry."""
+    parts: dict[str, list[int]] = {}
+    if any(ex.entry for ex in examples):
+        for j, ex in enumerate(examples):
+            parts.setdefault(ex.entry, []).append(j)
+    return parts
 
 
 def read_jsonl(path) -> list[dict[str, Any]]:
@@ -226,12 +248,17 @@ def evaluate_generation(loaded, queries: Sequence[Example], pool: Sequence[Examp
     records = []
     for q, p, s, res in zip(queries, prompts, shots, results):
         best = predictions.first(res)
-        records.append({"index": q.index, "inputs": q.inputs, "targets": q.targets,
-                        "prompt": p, "shots": s, "raw_prediction": best["text"],
+        records.append({"index": q.index, **q.entry_field(), "inputs": q.inputs,
+                        "targets": q.targets, "prompt": p, "shots": s,
+                        "raw_prediction": best["text"],
                         "prediction": cut_at_stop(best["text"], stops)})
-    metrics = text_metrics.compute([r["prediction"] for r in records],
-                                   [r["targets"] for r in records], options.metrics)
-    return metrics, records
+    return generation_metrics(records, options.metrics), records
+
+
+def generation_metrics(records: Sequence[dict], which: str = "auto") -> dict[str, float]:
+    """The text metrics (`which`: auto or a comma list) of generated records."""
+    return text_metrics.compute([r["prediction"] for r in records],
+                                [r["targets"] for r in records], which)
 
 
 def evaluate_choice(loaded, queries: Sequence[Example], pool: Sequence[Example],
@@ -241,11 +268,14 @@ def evaluate_choice(loaded, queries: Sequence[Example], pool: Sequence[Example],
     None entry: the distinct targets of the pool and the queries). Returns accuracy /
     accuracy_norm (%) and per-query records."""
     _check(loaded, queries)
-    labels = sorted({ex.targets for ex in pool} | {q.targets for q in queries})
+    labels = {"": sorted({ex.targets for ex in pool} | {q.targets for q in queries})}
+    for ex in (*pool, *queries):  # a mixture entry's own labels
+        if ex.entry:
+            labels.setdefault(ex.entry, set()).add(ex.targets)
     choices = [None] * len(queries) if choices is None else choices
     if len(choices) != len(queries):
         raise FewShotError(f"{len(choices)} choice lists for {len(queries)} queries")
-    choices = [labels if c is None else c for c in choices]
+    choices = [sorted(labels[q.entry]) if c is None else c for q, c in zip(queries, choices)]
     for q, c in zip(queries, choices):
         if q.targets not in c:
             raise FewShotError(f"query {q.index}: target {q.targets!r} is not among its choices")
@@ -276,12 +306,16 @@ def evaluate_choice(loaded, queries: Sequence[Example], pool: Sequence[Example],
         lengths = np.array([len(rows_c[pos + j]) + extra for j in range(len(cands))])
         pos += len(cands)
         best, best_norm = int(np.argmax(scores)), int(np.argmax(scores / lengths))
-        records.append({"index": q.index, "inputs": q.inputs, "targets": q.targets,
-                        "prompt": p, "shots": s, "choices": list(cands),
+        records.append({"index": q.index, **q.entry_field(), "inputs": q.inputs,
+                        "targets": q.targets, "prompt": p, "shots": s, "choices": list(cands),
                         "log_likelihoods": [float(x) for x in scores],
                         "prediction": cands[best], "prediction_norm": cands[best_norm]})
+    return choice_metrics(records), records
+
+
+def choice_metrics(records: Sequence[dict]) -> dict[str, float]:
+    """accuracy / accuracy_norm (%) of multiple-choice records."""
     n = len(records)
-    metrics = {"accuracy": 100.0 * sum(r["prediction"] == r["targets"] for r in records) / n,
-               "accuracy_norm": 100.0 * sum(r["prediction_norm"] == r["targets"]
-                                            for r in records) / n}
-    return metrics, records
+    return {"accuracy": 100.0 * sum(r["prediction"] == r["targets"] for r in records) / n,
+            "accuracy_norm": 100.0 * sum(r["prediction_norm"] == r["targets"]
+                                         for r in records) / n}

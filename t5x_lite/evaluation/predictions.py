@@ -42,6 +42,10 @@ class Example:
     targets: str
     entry: str = ""  # the data.mixture entry it comes from ("" without a mixture)
 
+    def entry_field(self) -> dict[str, str]:
+        """What a record of this example says of its entry: {"entry": name}, or nothing."""
+        return {"entry": self.entry} if self.entry else {}
+
 
 def read_examples(data_cfg, split: str, instead: str = "use --predict=false") -> list[Example]:
     """The split's inputs/targets pairs in order (the order `shuffle=False` batches use); for a
@@ -133,7 +137,7 @@ def predict(loaded, examples: Sequence[Example], *, data_cfg, max_new_tokens: in
     out = []
     for ex, res in zip(examples, results):
         best = first(res)
-        out.append({"index": ex.index, **({"entry": ex.entry} if ex.entry else {}),
+        out.append({"index": ex.index, **ex.entry_field(),
                     "inputs": ex.inputs, "targets": ex.targets,
                     "prediction": best["text"], "score": best["score"],
                     "finished": best["finished"]})

@@ -184,13 +184,7 @@ class Evaluator:
     def _decode(self, loaded):
         records = predictions.predict(loaded, self.examples(), data_cfg=self.data,
                                       max_new_tokens=self.settings.max_new_tokens or None)
-        scores = self._text_metrics(records)
-        entries = sorted({r["entry"] for r in records if "entry" in r})
-        if len(entries) > 1:  # a mixture with several entries of pairs: each one alone too
-            for name in entries:
-                scores.update({f"{name}/{k}": v for k, v in self._text_metrics(
-                    [r for r in records if r.get("entry") == name]).items()})
-        return scores, records
+        return _with_entries(self._text_metrics, records), records
 
     def _text_metrics(self, records) -> dict[str, float]:
         return text_metrics.compute([r["prediction"] for r in records],
@@ -220,9 +214,24 @@ class Evaluator:
             # data.eval_split == data.train_split: the queries are the pool, in the same order
             same = not s.few_shot_queries and self.data.eval_split == self.data.train_split
         if opts.scoring == "choice":
-            return few_shot.evaluate_choice(loaded, queries, pool, opts, choices=choices,
-                                            same_split=same)
-        return few_shot.evaluate_generation(loaded, queries, pool, opts, same_split=same)
+            _, records = few_shot.evaluate_choice(loaded, queries, pool, opts, choices=choices,
+                                                  same_split=same)
+            return _with_entries(few_shot.choice_metrics, records), records
+        _, records = few_shot.evaluate_generation(loaded, queries, pool, opts, same_split=same)
+        return _with_entries(lambda recs: few_shot.generation_metrics(recs, opts.metrics),
+                             records), records
+
+
+def _with_entries(metrics_of, records) -> dict[str, float]:
+    """`metrics_of(records)`, and with records of two or more data.mixture entries, each
+    entry's alone as "<name>/<metric>"."""
+    scores = metrics_of(records)
+    entries = sorted({r["entry"] for r in records if "entry" in r})
+    if len(entries) > 1:
+        for name in entries:
+            scores.update({f"{name}/{k}": v for k, v in metrics_of(
+                [r for r in records if r.get("entry") == name]).items()})
+    return scores
 
 
 def _selection(workdir: epath.Path, spec: str) -> tuple[epath.Path, list[int]]:
