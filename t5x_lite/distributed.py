@@ -178,22 +178,33 @@ def agree(value: int) -> int:
 
 
 @contextlib.contextmanager
-def exclusive(path, refusal: Callable[[str], Exception]) -> Iterator[None]:
-    """One run at a time on `path` (a workdir, an output file) on this host: process 0 holds
-    `files.host_lock`; if another run holds it, every process raises `refusal(holder)` (holder:
-    its pid and command line as process 0 read them)."""
+def exclusive(path, refusal: Callable[[str], Exception], *, lease: bool = False
+              ) -> Iterator[Callable[[], str | None]]:
+    """One run at a time on `path` (a workdir, an output file): process 0 holds
+    `files.host_lock` (this host) and, with `lease`, the workdir's `lease.hold` (other hosts);
+    if another run holds either, every process raises `refusal(holder)` (holder: its host, pid
+    and command line as process 0 read them). Yields `lost()`, which every process calls at the
+    same points: None while the lease is ours, else (on every process) who took it."""
     from t5x_lite import files
+    from t5x_lite import lease as leases
 
-    holder = None
+    holder, held = None, None
     with contextlib.ExitStack() as stack:
         if is_coordinator():
             try:
                 stack.enter_context(files.host_lock(files.real(path), wait=False))
-            except files.LockHeld as e:
+                if lease:
+                    held = stack.enter_context(leases.hold(path))
+            except (files.LockHeld, leases.LeaseHeld) as e:
                 holder = e.holder
         if agree(int(holder is not None)):
             raise refusal(holder or "as process 0 found")
-        yield
+
+        def lost() -> str | None:
+            by = held.lost() if held is not None else None
+            return (by or "as process 0 found") if agree(int(by is not None)) else None
+
+        yield lost
 
 
 def barrier(name: str, timeout_s: float = 600.0) -> None:

@@ -58,7 +58,7 @@ def test_kill9_then_resume_equals_uninterrupted_run(tmp_path):
         assert time.time() < deadline, "no checkpoint within 240 s"
         time.sleep(0.01)
     # The same command started again while it runs: refused, nothing touched.
-    with pytest.raises(TrainingError, match=rf"in use by another training run on this host "
+    with pytest.raises(TrainingError, match=rf"in use by another training run "
                                             rf"\(pid {proc.pid}: .*t5x_lite.train"):
         train(cfg, workdir)
     proc.kill()  # SIGKILL: no handler, no cleanup (and no stale lock: the resume below runs)

@@ -151,10 +151,11 @@ def train(config: ml_collections.ConfigDict, workdir, *, override_config: bool =
     workdir = epath.Path(workdir)
     # The same command started twice would resume from the same step and overwrite the first
     # run's checkpoints and metrics.
+    # Across hosts (a workdir on a bucket or a shared file system), a heartbeat lease.
     with distributed.exclusive(workdir, lambda holder: TrainingError(
-            f"--workdir {workdir} is in use by another training run on this host ({holder}); "
-            "wait for it to finish or stop it")):
-        return _train(config, workdir, override_config)
+            f"--workdir {workdir} is in use by another training run ({holder}); wait for it to "
+            "finish or stop it"), lease=True) as lease_lost:
+        return _train(config, workdir, override_config, lease_lost)
 
 
 def _data_changes(saved: dict | None, data: DataConfig) -> str:
@@ -170,8 +171,8 @@ def _data_changes(saved: dict | None, data: DataConfig) -> str:
     return f"; data.{', data.'.join(changed)} changed" if changed else ""
 
 
-def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_config: bool
-           ) -> TrainResult:
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_config: bool,
+           lease_lost=lambda: None) -> TrainResult:
     is_main = jax.process_index() == 0
     tc = config.train
     log_every = 1 if tc.debug else max(int(tc.log_every), 1)
@@ -331,6 +332,10 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
                 # log steps must not drop the steps before it from the window's time.
                 t_mark += time.time() - t_eval
             if is_save:
+                taken = lease_lost()  # two runs saving into one workdir would corrupt it
+                if taken:
+                    raise TrainingError(f"--workdir {workdir} was taken over by another training "
+                                        f"run ({taken}); stopped at step {step} without saving")
                 save(step, force=preempted or step == num_steps)
             if preempted:
                 logging.warning("SIGTERM received: saved checkpoint %d, exiting", step)

@@ -1,0 +1,157 @@
+"""A heartbeat lease on a training workdir, for runs that share no host.
+
+`files.host_lock` stops a second run on the same host. A workdir on a bucket or a shared file
+system can also be reached from another host -- a job relaunched on a new VM while the old one
+still runs -- where no lock is shared, and the two runs would overwrite each other's
+checkpoints. So process 0 of a training run also writes WORKDIR/run.lease.json:
+
+    {"host", "pid", "command", "token", "started", "heartbeat"}
+
+and rewrites its heartbeat every `HEARTBEAT_S` seconds from a daemon thread, and removes it when
+the run ends. A run that finds a lease
+
+- of another host, with a heartbeat younger than `STALE_S`: refuses (LeaseHeld);
+- of another host, older: takes it over with a warning (that host died or was preempted);
+- of this host: takes it over if that process is gone (a kill -9 leaves its lease behind; the
+  host lock already said no run of this user holds the workdir), else refuses (another user's).
+
+Two hosts starting in the same second can both take the lease; the one whose token is not in
+the file at its next check (`Lease.lost`, before every checkpoint save) stops without saving.
+Heartbeats compare wall clocks of different hosts: a skew far below `STALE_S` is assumed.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from typing import Iterator
+
+from absl import logging
+from etils import epath
+
+from t5x_lite import files
+
+LEASE_FILE = "run.lease.json"
+HEARTBEAT_S = 20.0
+STALE_S = 90.0
+
+
+class LeaseHeld(Exception):
+    """The workdir is leased by another live run; `holder` describes it (one line)."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+def _read(path: epath.Path) -> dict | None:
+    try:
+        lease = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:  # a torn or foreign file: nobody's lease
+        logging.warning("ignoring unreadable lease %s (%s)", path, e)
+        return None
+    return lease if isinstance(lease, dict) else None
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError, TypeError):
+        return True  # another user's process (or a pid we cannot read): assume it runs
+    return True
+
+
+def _describe(lease: dict, age: float, path: epath.Path) -> str:
+    return (f"host {lease.get('host')}, pid {lease.get('pid')}: "
+            f"{str(lease.get('command', ''))[:200]}; its heartbeat is {age:.0f} s old. If that "
+            f"run is gone, delete {path}" + (
+                f" or start again in {STALE_S - age:.0f} s" if age < STALE_S and lease.get(
+                    "host") != socket.gethostname() else ""))
+
+
+class Lease:
+    """A held lease. Written once the workdir is a directory (a run that fails on its config
+    before it makes the workdir leaves nothing behind), renewed by `beat`; `lost()` says who
+    took the workdir since, or None."""
+
+    def __init__(self, path: epath.Path, record: dict):
+        self.path, self.record = path, record
+        self._written = False
+        self._lock = threading.Lock()
+
+    def beat(self) -> None:
+        """Writes the lease with a fresh heartbeat, unless another run has taken it over."""
+        with self._lock:
+            if self._written and self._taken_by() is not None:
+                return  # never overwrite the run that took it over
+            if not self.path.parent.is_dir():
+                return
+            files.write_atomic(self.path, json.dumps({**self.record, "heartbeat": time.time()}))
+            self._written = True
+
+    def lost(self) -> str | None:
+        if not self._written:
+            self.beat()
+            if not self._written:
+                return None
+        return self._taken_by()
+
+    def _taken_by(self) -> str | None:
+        lease = _read(self.path)
+        if lease is not None and lease.get("token") == self.record["token"]:
+            return None
+        if lease is None:
+            return f"{self.path} was removed by another process"
+        return _describe(lease, time.time() - float(lease.get("heartbeat", 0)), self.path)
+
+    def release(self) -> None:
+        with self._lock:
+            if self._written and self._taken_by() is None:
+                self.path.unlink()
+
+
+@contextlib.contextmanager
+def hold(workdir) -> Iterator[Lease]:
+    """Takes WORKDIR's lease for the duration (see module docstring); LeaseHeld if it is live."""
+    path = epath.Path(workdir) / LEASE_FILE
+    other, now, host = _read(path), time.time(), socket.gethostname()
+    if other is not None:
+        age = now - float(other.get("heartbeat", 0) or 0)
+        if other.get("host") != host and age < STALE_S:
+            raise LeaseHeld(_describe(other, age, path))
+        if other.get("host") == host and other.get("pid") != os.getpid() and _alive(
+                other.get("pid")):
+            raise LeaseHeld(_describe(other, age, path))
+        if other.get("host") != host:
+            logging.warning("taking over the lease of %s: its run on host %s (pid %s) was last "
+                            "seen %.0f s ago", workdir, other.get("host"), other.get("pid"), age)
+    lease = Lease(path, {"host": host, "pid": os.getpid(), "command": " ".join(sys.argv)[:300],
+                         "token": uuid.uuid4().hex, "started": now})
+    lease.beat()
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(HEARTBEAT_S):
+            try:
+                lease.beat()
+            except OSError as e:  # a blip of the file system: the next beat tries again
+                logging.warning("could not renew the lease %s: %s", path, e)
+
+    thread = threading.Thread(target=beat, name="t5x_lite-lease", daemon=True)
+    thread.start()
+    try:
+        yield lease
+    finally:
+        stop.set()
+        thread.join()
+        with contextlib.suppress(OSError):
+            lease.release()
