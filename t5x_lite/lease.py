@@ -70,6 +70,19 @@ def _alive(pid) -> bool:
     return True
 
 
+def _holds(lease: dict, now: float) -> bool:
+    """Whether the run that wrote `lease` (not this process) still holds it."""
+    if lease.get("host") == socket.gethostname():
+        return lease.get("pid") != os.getpid() and _alive(lease.get("pid"))
+    return now - float(lease.get("heartbeat", 0) or 0) < STALE_S
+
+
+def live(workdir) -> bool:
+    """Whether a training run holds WORKDIR's lease now (`evaluate --follow` waits for it)."""
+    lease = _read(epath.Path(workdir) / LEASE_FILE)
+    return lease is not None and _holds(lease, time.time())
+
+
 def _describe(lease: dict, age: float, path: epath.Path) -> str:
     return (f"host {lease.get('host')}, pid {lease.get('pid')}: "
             f"{str(lease.get('command', ''))[:200]}; its heartbeat is {age:.0f} s old. If that "
@@ -126,10 +139,7 @@ def hold(workdir) -> Iterator[Lease]:
     other, now, host = _read(path), time.time(), socket.gethostname()
     if other is not None:
         age = now - float(other.get("heartbeat", 0) or 0)
-        if other.get("host") != host and age < STALE_S:
-            raise LeaseHeld(_describe(other, age, path))
-        if other.get("host") == host and other.get("pid") != os.getpid() and _alive(
-                other.get("pid")):
+        if _holds(other, now):
             raise LeaseHeld(_describe(other, age, path))
         if other.get("host") != host:
             logging.warning("taking over the lease of %s: its run on host %s (pid %s) was last "

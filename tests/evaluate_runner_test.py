@@ -1,5 +1,6 @@
 """Checkpoint selection (latest / all / STEP / PATH), --follow beside a "training job" that
 lands checkpoints over time, atomic outputs, the CLI, and one-line errors for bad input."""
+import json
 import os
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ import jax
 import pytest
 from events_reader import tensorboard_view
 
-from t5x_lite import checkpoints
+from t5x_lite import checkpoints, lease
 from t5x_lite.data import DataConfigError
 from t5x_lite.data.builders import EmptyCorpusError
 from t5x_lite.evaluation import EvalError, EvalSettings, outputs, run, testing
@@ -120,6 +121,42 @@ def test_follow_stops_after_idle_timeout(task):
     results = run(None, wd, EvalSettings(follow=True, poll_interval=0.1, follow_timeout=1.0,
                                          **FAST))
     assert [r["step"] for r in results] == [1] and time.time() - t0 < 60
+
+
+def test_follow_waits_while_a_training_run_holds_the_lease(task):
+    """Checkpoints further apart than follow_timeout: while the workdir's lease is live (here
+    another host's, renewed by a "trainer" thread) --follow keeps waiting; once the lease is
+    gone, the idle timeout runs."""
+    wd = _workdir(task, "leased", steps=(1,))
+    record = {"host": "other-vm", "pid": 4242, "token": "t", "heartbeat": time.time()}
+    (wd / lease.LEASE_FILE).write_text(json.dumps(record))
+    assert lease.live(wd)
+
+    gone = []
+
+    def trainer():  # the lease outlives the evaluation of step 1 by 4 follow_timeouts
+        deadline = time.time() + 120
+        while not outputs.is_done(wd / "eval", 1) and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        (wd / lease.LEASE_FILE).write_text(json.dumps({**record, "heartbeat": time.time()}))
+        time.sleep(1.0)
+        (wd / lease.LEASE_FILE).unlink()  # the run ended (or crashed) without its final step
+        gone.append(time.time())
+
+    job = threading.Thread(target=trainer)
+    job.start()
+    try:
+        results = run(None, wd, EvalSettings(follow=True, poll_interval=0.1, follow_timeout=0.5,
+                                             **FAST))
+        stopped = time.time()
+    finally:
+        job.join()
+    assert [r["step"] for r in results] == [1]
+    assert gone and stopped >= gone[0]  # waited out the lease, then the idle timeout
+    stale = {**record, "heartbeat": time.time() - lease.STALE_S - 1}
+    (wd / lease.LEASE_FILE).write_text(json.dumps(stale))  # a run on a host that died
+    assert not lease.live(wd)
 
 
 def test_follow_waits_for_the_trainer_to_write_its_config(task):

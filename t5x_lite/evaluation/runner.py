@@ -9,8 +9,9 @@ Checkpoint selection (`EvalSettings.checkpoint`):
   PATH     a checkpoint elsewhere: a workdir, its checkpoints/ dir or checkpoints/<step>
 `follow=True` keeps polling WORKDIR/checkpoints and evaluates every checkpoint that is not done
 yet, oldest first, until the run's final step (config.train.num_steps) is done or nothing new
-has landed for `follow_timeout` seconds. A checkpoint the trainer deletes (checkpoint.keep)
-before it is read is skipped with a warning.
+has landed for `follow_timeout` seconds while no training run holds the workdir's lease (see
+lease.py: a live run's checkpoints may be further apart). A checkpoint the trainer deletes
+(checkpoint.keep) before it is read is skipped with a warning.
 
 Per checkpoint: teacher-forced loss / perplexity / token accuracy over the whole eval split,
 then (for seq2seq / prompt_completion data, or predict="true") greedy/beam decoding of the split
@@ -30,7 +31,8 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from t5x_lite import checkpoints, distributed, files, lora, partitioning, quantization
+from t5x_lite import (checkpoints, distributed, files, lease, lora, partitioning,
+                      quantization)
 from t5x_lite.api import LoadedModel, checkpoint_eos_id
 from t5x_lite.config import ModelConfig
 from t5x_lite.data import DataConfig, load_vocab
@@ -336,6 +338,8 @@ def _follow(workdir, out_root, final_step: int, settings: EvalSettings, evaluate
             last_new = time.time()
             continue
         finished = outputs.is_done(out_root, final_step) or final_step in attempted
+        if not finished and lease.live(workdir):
+            last_new = time.time()  # a training run is on: wait however long its saves take
         idle = time.time() - last_new
         if distributed.agree(int(finished or idle >= settings.follow_timeout)):
             logging.info("follow: %s", "final step %d evaluated" % final_step if finished
