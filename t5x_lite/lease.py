@@ -52,7 +52,7 @@ class LeaseHeld(Exception):
 def _read(path: epath.Path) -> dict | None:
     try:
         lease = json.loads(path.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no lease (or a --workdir that is a file)
         return None
     except (OSError, ValueError) as e:  # a torn or foreign file: nobody's lease
         logging.warning("ignoring unreadable lease %s (%s)", path, e)

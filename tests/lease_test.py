@@ -79,13 +79,18 @@ def test_a_taken_lease_is_lost_and_never_overwritten(tmp_path, monkeypatch):
     assert _read(tmp_path)["token"] == "theirs"  # not removed at the end either
 
 
-def test_no_file_until_the_workdir_exists(tmp_path):
+def test_no_file_until_the_workdir_exists(tmp_path, caplog):
     workdir = tmp_path / "new"
     with lease.hold(workdir) as held:
         assert held.lost() is None and not workdir.exists()  # a failing run leaves nothing
         workdir.mkdir()
         assert held.lost() is None and _read(workdir)["pid"] == os.getpid()
     assert list(workdir.iterdir()) == []
+    afile = tmp_path / "afile"  # a --workdir that is a file: the trainer says so, not the lease
+    afile.write_text("x")
+    with caplog.at_level("WARNING"), lease.hold(afile) as held:
+        assert held.lost() is None
+    assert caplog.text == "" and afile.read_text() == "x"
 
 
 def test_training_is_refused_by_a_live_lease_and_stops_when_its_lease_is_taken(
