@@ -252,13 +252,7 @@ def evaluate_generation(loaded, queries: Sequence[Example], pool: Sequence[Examp
                         "targets": q.targets, "prompt": p, "shots": s,
                         "raw_prediction": best["text"],
                         "prediction": cut_at_stop(best["text"], stops)})
-    return generation_metrics(records, options.metrics), records
-
-
-def generation_metrics(records: Sequence[dict], which: str = "auto") -> dict[str, float]:
-    """The text metrics (`which`: auto or a comma list) of generated records."""
-    return text_metrics.compute([r["prediction"] for r in records],
-                                [r["targets"] for r in records], which)
+    return text_metrics.of_records(records, options.metrics), records
 
 
 def evaluate_choice(loaded, queries: Sequence[Example], pool: Sequence[Example],

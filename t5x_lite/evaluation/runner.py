@@ -186,11 +186,8 @@ class Evaluator:
     def _decode(self, loaded):
         records = predictions.predict(loaded, self.examples(), data_cfg=self.data,
                                       max_new_tokens=self.settings.max_new_tokens or None)
-        return _with_entries(self._text_metrics, records), records
-
-    def _text_metrics(self, records) -> dict[str, float]:
-        return text_metrics.compute([r["prediction"] for r in records],
-                                    [r["targets"] for r in records], self.settings.metrics)
+        return _with_entries(lambda recs: text_metrics.of_records(recs, self.settings.metrics),
+                             records), records
 
     def _few_shot(self, loaded):
         s, opts = self.settings, self.settings.few_shot
@@ -220,7 +217,7 @@ class Evaluator:
                                                   same_split=same)
             return _with_entries(few_shot.choice_metrics, records), records
         _, records = few_shot.evaluate_generation(loaded, queries, pool, opts, same_split=same)
-        return _with_entries(lambda recs: few_shot.generation_metrics(recs, opts.metrics),
+        return _with_entries(lambda recs: text_metrics.of_records(recs, opts.metrics),
                              records), records
 
 

@@ -22,7 +22,7 @@ only when BLEU / ROUGE are asked for.
 from __future__ import annotations
 
 import unicodedata
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from t5x_lite.errors import UserError
 
@@ -128,3 +128,9 @@ def _import(module: str, package: str):
         return importlib.import_module(module)
     except ImportError:
         raise MetricsError(f"this metric needs the {package} package: pip install {package}") from None
+
+
+def of_records(records: Sequence[Mapping], metrics: Sequence[str] | str = ("auto",)
+               ) -> dict[str, float]:
+    """`compute` over records holding "prediction" and "targets" (predictions.jsonl's)."""
+    return compute([r["prediction"] for r in records], [r["targets"] for r in records], metrics)
