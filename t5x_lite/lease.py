@@ -17,7 +17,9 @@ the run ends. A run that finds a lease
 
 Two hosts starting in the same second can both take the lease; the one whose token is not in
 the file at its next check (`Lease.lost`, before every checkpoint save) stops without saving.
-Heartbeats compare wall clocks of different hosts: a skew far below `STALE_S` is assumed.
+A lease file removed by hand is written again at the next heartbeat; file-system errors
+(writing, reading) are logged and never stop a run. Heartbeats compare wall clocks of different
+hosts: a skew far below `STALE_S` is assumed.
 """
 from __future__ import annotations
 
@@ -70,11 +72,19 @@ def _alive(pid) -> bool:
     return True
 
 
+def _age(lease: dict, now: float) -> float:
+    """Seconds since the lease's heartbeat (infinite for a lease without a readable one)."""
+    try:
+        return now - float(lease.get("heartbeat"))
+    except (TypeError, ValueError):
+        return float("inf")
+
+
 def _holds(lease: dict, now: float) -> bool:
     """Whether the run that wrote `lease` (not this process) still holds it."""
     if lease.get("host") == socket.gethostname():
         return lease.get("pid") != os.getpid() and _alive(lease.get("pid"))
-    return now - float(lease.get("heartbeat", 0) or 0) < STALE_S
+    return _age(lease, now) < STALE_S
 
 
 def live(workdir) -> bool:
@@ -113,23 +123,39 @@ class Lease:
 
     def lost(self) -> str | None:
         if not self._written:
-            self.beat()
+            self.try_beat()
             if not self._written:
                 return None
         return self._taken_by()
 
+    def try_beat(self) -> None:
+        """`beat`, with a file-system error logged instead of raised: a run goes on without its
+        lease (as it would on a file system that cannot hold one) rather than fail."""
+        try:
+            self.beat()
+        except OSError as e:
+            logging.warning("could not write the lease %s (%s): a run on another host using "
+                            "this workdir would not be detected", self.path, e)
+
     def _taken_by(self) -> str | None:
-        lease = _read(self.path)
-        if lease is not None and lease.get("token") == self.record["token"]:
+        """Who holds the lease file now if not this run. A removed file is not taken (the
+        next beat writes it again); an unreadable one is assumed to be still ours."""
+        try:
+            lease = json.loads(self.path.read_text())
+        except FileNotFoundError:
             return None
-        if lease is None:
-            return f"{self.path} was removed by another process"
-        return _describe(lease, time.time() - float(lease.get("heartbeat", 0)), self.path)
+        except (OSError, ValueError) as e:
+            logging.warning("could not read the lease %s (%s); taking it as still this run's",
+                            self.path, e)
+            return None
+        if not isinstance(lease, dict) or lease.get("token") == self.record["token"]:
+            return None
+        return _describe(lease, _age(lease, time.time()), self.path)
 
     def release(self) -> None:
         with self._lock:
             if self._written and self._taken_by() is None:
-                self.path.unlink()
+                self.path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -138,7 +164,7 @@ def hold(workdir) -> Iterator[Lease]:
     path = epath.Path(workdir) / LEASE_FILE
     other, now, host = _read(path), time.time(), socket.gethostname()
     if other is not None:
-        age = now - float(other.get("heartbeat", 0) or 0)
+        age = _age(other, now)
         if _holds(other, now):
             raise LeaseHeld(_describe(other, age, path))
         if other.get("host") != host:
@@ -146,15 +172,12 @@ def hold(workdir) -> Iterator[Lease]:
                             "seen %.0f s ago", workdir, other.get("host"), other.get("pid"), age)
     lease = Lease(path, {"host": host, "pid": os.getpid(), "command": " ".join(sys.argv)[:300],
                          "token": uuid.uuid4().hex, "started": now})
-    lease.beat()
+    lease.try_beat()
     stop = threading.Event()
 
     def beat():
         while not stop.wait(HEARTBEAT_S):
-            try:
-                lease.beat()
-            except OSError as e:  # a blip of the file system: the next beat tries again
-                logging.warning("could not renew the lease %s: %s", path, e)
+            lease.try_beat()  # a blip of the file system: the next beat tries again
 
     thread = threading.Thread(target=beat, name="t5x_lite-lease", daemon=True)
     thread.start()

@@ -79,6 +79,31 @@ def test_a_taken_lease_is_lost_and_never_overwritten(tmp_path, monkeypatch):
     assert _read(tmp_path)["token"] == "theirs"  # not removed at the end either
 
 
+def test_removed_garbled_and_unwritable_leases_never_stop_a_run(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(lease, "HEARTBEAT_S", 0.02)
+    with lease.hold(tmp_path) as held:
+        (tmp_path / lease.LEASE_FILE).unlink()  # removed by hand: written again
+        deadline = time.time() + 10
+        while not (tmp_path / lease.LEASE_FILE).exists():
+            assert time.time() < deadline, "the lease was not written again"
+            time.sleep(0.02)
+        assert held.lost() is None
+    _write(tmp_path, heartbeat="soon")  # no readable heartbeat: stale
+    assert not lease.live(tmp_path)
+    with lease.hold(tmp_path):
+        pass
+
+    def fail(*_):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(lease.files, "write_atomic", fail)
+    workdir = tmp_path / "ro"
+    workdir.mkdir()
+    with caplog.at_level("WARNING"), lease.hold(workdir) as held:
+        assert held.lost() is None
+    assert "could not write the lease" in caplog.text and "read-only file system" in caplog.text
+
+
 def test_no_file_until_the_workdir_exists(tmp_path, caplog):
     workdir = tmp_path / "new"
     with lease.hold(workdir) as held:
