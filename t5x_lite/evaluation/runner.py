@@ -22,6 +22,7 @@ what to evaluate through process 0; only process 0 writes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any
 
@@ -186,8 +187,8 @@ class Evaluator:
     def _decode(self, loaded):
         records = predictions.predict(loaded, self.examples(), data_cfg=self.data,
                                       max_new_tokens=self.settings.max_new_tokens or None)
-        return _with_entries(lambda recs: text_metrics.of_records(recs, self.settings.metrics),
-                             records), records
+        metrics_of = functools.partial(text_metrics.of_records, metrics=self.settings.metrics)
+        return _with_entries(metrics_of(records), metrics_of, records), records
 
     def _few_shot(self, loaded):
         s, opts = self.settings, self.settings.few_shot
@@ -213,18 +214,19 @@ class Evaluator:
             # data.eval_split == data.train_split: the queries are the pool, in the same order
             same = not s.few_shot_queries and self.data.eval_split == self.data.train_split
         if opts.scoring == "choice":
-            _, records = few_shot.evaluate_choice(loaded, queries, pool, opts, choices=choices,
-                                                  same_split=same)
-            return _with_entries(few_shot.choice_metrics, records), records
-        _, records = few_shot.evaluate_generation(loaded, queries, pool, opts, same_split=same)
-        return _with_entries(lambda recs: text_metrics.of_records(recs, opts.metrics),
-                             records), records
+            scores, records = few_shot.evaluate_choice(loaded, queries, pool, opts,
+                                                       choices=choices, same_split=same)
+            return _with_entries(scores, few_shot.choice_metrics, records), records
+        scores, records = few_shot.evaluate_generation(loaded, queries, pool, opts,
+                                                       same_split=same)
+        return _with_entries(scores, functools.partial(text_metrics.of_records,
+                                                       metrics=opts.metrics), records), records
 
 
-def _with_entries(metrics_of, records) -> dict[str, float]:
-    """`metrics_of(records)`, and with records of two or more data.mixture entries, each
-    entry's alone as "<name>/<metric>"."""
-    scores = metrics_of(records)
+def _with_entries(scores, metrics_of, records) -> dict[str, float]:
+    """`scores` (of all the records), and with records of two or more data.mixture entries,
+    `metrics_of` each entry's alone as "<name>/<metric>"."""
+    scores = dict(scores)
     entries = sorted({r["entry"] for r in records if "entry" in r})
     if len(entries) > 1:
         for name in entries:
