@@ -140,15 +140,8 @@ class Lease:
     def _taken_by(self) -> str | None:
         """Who holds the lease file now if not this run. A removed file is not taken (the
         next beat writes it again); an unreadable one is assumed to be still ours."""
-        try:
-            lease = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as e:
-            logging.warning("could not read the lease %s (%s); taking it as still this run's",
-                            self.path, e)
-            return None
-        if not isinstance(lease, dict) or lease.get("token") == self.record["token"]:
+        lease = _read(self.path)
+        if lease is None or lease.get("token") == self.record["token"]:
             return None
         return _describe(lease, _age(lease, time.time()), self.path)
 
