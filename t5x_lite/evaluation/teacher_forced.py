@@ -80,9 +80,8 @@ class TeacherForcedScorer:
             self._step, params, data, vocab, split, batch_size=batch_size // jax.process_count(),
             seed=seed, mesh=self.mesh)
         metrics = _metrics(total, split)
-        splits = {part.name: part.split(data, split) for part in data.components()}
         for name, sums in per_entry.items():
-            one = _metrics(sums, f"{name}: {splits[name]}")  # as the entry names its split
+            one = _metrics(sums, f"{name}: {sums.split}")
             metrics.update({f"{name}/{k}": v for k, v in one.items() if k != "batches"})
         return metrics
 

@@ -30,13 +30,15 @@ class EvalDataError(UserError):
 
 @dataclasses.dataclass(frozen=True)
 class Sums:
-    """Float64 sums of SUM_KEYS, real examples and steps run, over one split."""
+    """Float64 sums of SUM_KEYS, real examples and steps run, over `split` (as its source
+    names it; for a sum of several, the first one's)."""
     totals: dict[str, float]
+    split: str
     examples: int = 0
     batches: int = 0
 
     def __add__(self, other: "Sums") -> "Sums":
-        return Sums({k: self.totals[k] + other.totals[k] for k in self.totals},
+        return Sums({k: self.totals[k] + other.totals[k] for k in self.totals}, self.split,
                     self.examples + other.examples, self.batches + other.batches)
 
     @property
@@ -96,7 +98,7 @@ def split_sums(step, params, data: DataConfig, vocab, split: str, *, batch_size:
         from jax.experimental import multihost_utils
 
         examples = int(np.sum(multihost_utils.process_allgather(np.int64(examples))))
-    return Sums(totals, examples, len(pending))
+    return Sums(totals, split, examples, len(pending))
 
 
 def mixture_sums(step, params, data: DataConfig, vocab, split: str, **kwargs
