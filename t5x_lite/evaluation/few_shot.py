@@ -262,7 +262,7 @@ def evaluate_choice(loaded, queries: Sequence[Example], pool: Sequence[Example],
     None entry: the distinct targets of the pool and the queries). Returns accuracy /
     accuracy_norm (%) and per-query records."""
     _check(loaded, queries)
-    labels = {"": sorted({ex.targets for ex in pool} | {q.targets for q in queries})}
+    labels = {"": {ex.targets for ex in (*pool, *queries)}}
     for ex in (*pool, *queries):  # a mixture entry's own labels
         if ex.entry:
             labels.setdefault(ex.entry, set()).add(ex.targets)
