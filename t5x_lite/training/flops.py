@@ -62,7 +62,8 @@ def forward_flops(cfg: ModelConfig, batch: int, length: int, targets_length: int
                            layers=cfg.decoder_layers)
         return enc + dec + logits * batch * t
     scored = min(predictions, length) if cfg.family == "bert" and predictions else length
-    return _stack_flops(cfg, batch * length, length, layers=cfg.num_layers) + logits * batch * scored
+    return (_stack_flops(cfg, batch * length, length, layers=cfg.num_layers)
+            + logits * batch * scored)
 
 
 def train_step_flops(cfg: ModelConfig, batch: int, length: int,

@@ -237,7 +237,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
             # The data config changed on purpose (a new mixture, another objective or
             # packing): the model and optimizer go on, the new data from its start.
             logging.warning("%s%s: params and optimizer state are restored; the data starts "
-                            "from the beginning of its seeded order", e, _data_changes(saved, data_cfg))
+                            "from the beginning of its seeded order", e,
+                            _data_changes(saved, data_cfg))
             train_iter = make_dataset(config.data, vocab, split=data_cfg.train_split,
                                       batch_size=per_process_batch, seed=int(config.seed))
             params, opt_state = restore()
