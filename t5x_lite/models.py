@@ -72,10 +72,13 @@ class BaseModel:
     def _inputs(self, batch: Batch) -> dict[str, Any]:
         return {k: batch[k] for k in self.input_features if k in batch}
 
-    def logits(self, params, batch: Batch, *, rng=None, deterministic: bool = True):
+    def logits(self, params, batch: Batch, *, rng=None, deterministic: bool = True,
+               **module_kwargs):
+        """The module's logits for `batch`; `module_kwargs` go to its call (BERT's
+        `predict_positions`)."""
         rngs = None if rng is None else {"dropout": rng}
         return self.module(deterministic=deterministic).apply(
-            {"params": params}, **self._inputs(batch), rngs=rngs)
+            {"params": params}, **self._inputs(batch), **module_kwargs, rngs=rngs)
 
     def _weights(self, batch: Batch):
         if self.weight_feature in batch:
@@ -139,9 +142,8 @@ class EncoderOnlyModel(BaseModel):
             return super()._scored(params, batch, rng)
         order = jnp.where(weights > 0, 2 * t, 0) - jnp.arange(t)  # weighted first, in order
         _, positions = jax.lax.top_k(order, k)
-        logits = self.module(deterministic=rng is None).apply(
-            {"params": params}, **self._inputs(batch), predict_positions=positions,
-            rngs=None if rng is None else {"dropout": rng})
+        logits = self.logits(params, batch, rng=rng, deterministic=rng is None,
+                             predict_positions=positions)
         take = lambda x: jnp.take_along_axis(x, positions, axis=1)
         return logits, take(targets), take(weights)
 
