@@ -59,9 +59,9 @@ def base_config(model: ModelConfig, *, objective: str, seq_len: int = 512,
     c.mesh.rules = ml_collections.config_dict.placeholder(tuple)  # None = partitioning defaults
 
     # Every data key with its default, so that any of them can be set on the command line
-    # (`--config.data.paths=/data/train.jsonl`; a locked config rejects keys it lacks). Not
-    # type-safe: DataConfig types the section, and paths may be a tuple, a list or a
-    # comma-separated string.
+    # (`--config.data.source=jsonl --config.data.paths=/data/train.jsonl`; a locked config
+    # rejects keys it lacks). Not type-safe: DataConfig types the section, and paths may be a
+    # tuple, a list or a comma-separated string.
     c.data = ml_collections.ConfigDict(dataclasses.asdict(DataConfig(
         objective=objective, inputs_length=seq_len, targets_length=targets_length,
         seq_len=seq_len)), type_safe=False)

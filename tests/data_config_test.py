@@ -35,6 +35,12 @@ def test_from_config_dict_and_path_lists():
     ({"source": "tfds"}, "needs data.tfds_name"),
     ({"source": "jsonl"}, "needs data.paths or data.train_paths"),
     ({"source": "text", "paths": "a", "train_paths": "b"}, "not both"),
+    # files or a dataset name given without the source that reads them: not the default corpus
+    ({"paths": "/data/train.jsonl"}, r"read by source 'text', 'jsonl' or 'tsv' only \(source="
+                                     r"'default', the stdlib docstrings\); set data.source"),
+    ({"source": "tfds", "tfds_name": "c4", "train_paths": "a"}, r"source='tfds'\); set data"),
+    ({"validation_paths": "a"}, "set data.source"),
+    ({"tfds_name": "c4/en:3.1.0"}, r"tfds_name is read with source='tfds' only"),
     ({"pack_method": "concat"}, "causal_lm"),
     ({"noise_density": 0.0}, "noise_density"),
     ({"validation_fraction": 1.0}, "validation_fraction"),

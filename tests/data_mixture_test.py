@@ -9,7 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from t5x_lite.data import DataConfig, DataConfigError, make_dataset, testing
+from t5x_lite.data import DataConfig, DataConfigError, loader, make_dataset, testing
 from t5x_lite.evaluation import EvalSettings, outputs, run, text_metrics
 from t5x_lite.evaluation.few_shot import FewShotOptions
 from t5x_lite.training import testing as train_testing
@@ -77,6 +77,17 @@ def test_rows_come_in_proportion_and_are_each_entrys_own(files, vocab):
     # Same seed, same batches; the whole mixture is a pure function of (config, seed).
     again = _rows(_take(make_dataset(cfg, vocab, split="train", batch_size=8, seed=1), 4), vocab)
     assert again == rows
+
+
+def test_row_shares_are_the_weights(files, vocab):
+    """5 : 6 gives 40 : 48 of 88 rows (grain truncated the normalised 5/11 and 6/11 to 100 : 119,
+    41 : 47); a weight is kept to 1/100 of the smallest one (3 : 7 is 100 : 233)."""
+    cfg = _run_cfg(files, [{**_docs(files), "weight": 5}, {**_qa(files), "weight": 6}])
+    rows = _rows(_take(make_dataset(cfg, vocab, split="train", batch_size=8, seed=1), 11), vocab)
+    qa = sum(r.startswith("question") for r in rows)
+    assert (len(rows) - qa, qa) == (40, 48)
+    assert loader.mixing_proportions([5 / 11, 6 / 11]) == [100, 120]
+    assert loader.mixing_proportions([0.3, 0.7, 0.15]) == [200, 467, 100]
 
 
 def test_a_mixture_of_one_entry_reads_that_entry(files, vocab):
@@ -153,6 +164,9 @@ def test_entries_follow_the_run_and_own_their_records(files):
                                     r"batches than data.objective='span_corruption'"),
     ([dict(source="text")], r"data.mixture\[0\]: source='text' needs data.paths"),
     ([dict(source="parquet")], r"data.mixture\[0\]: source must be one of"),
+    # files under the run's source 'default' (it would read the stdlib docstrings instead)
+    ([dict(name="mine", paths="/no/such/*.txt")], r"data.mixture\[0\] \(mine\): data.paths / "
+                                                  r"train_paths / validation_paths are read by"),
     ("text", r"mixture must be a list of entries \(dicts\), got str"),
     ([3], r"data.mixture\[0\] must be a dict \(name, weight, source, ...\), got int"),
 ])

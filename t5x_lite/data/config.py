@@ -94,6 +94,15 @@ class DataConfig:
             (self.pack_method == "first_fit" or (self.objective == "causal_lm" and self.pack),
              "pack_method='concat' needs objective='causal_lm' and pack=True"),
             (self.source != "tfds" or bool(self.tfds_name), "source='tfds' needs data.tfds_name"),
+            (self.source == "tfds" or not self.tfds_name,
+             f"data.tfds_name is read with source='tfds' only (source={self.source!r}); set "
+             "data.source=tfds"),
+            (self.source not in ("default", "tfds")
+             or not (self.paths or self.train_paths or self.validation_paths),
+             f"data.paths / train_paths / validation_paths are read by source 'text', 'jsonl' "
+             f"or 'tsv' only (source={self.source!r}"
+             + (", the stdlib docstrings" if self.source == "default" else "")
+             + "); set data.source"),
             (self.source not in ("text", "jsonl", "tsv") or bool(self.paths or self.train_paths),
              f"source={self.source!r} needs data.paths or data.train_paths"),
             (not (self.paths and (self.train_paths or self.validation_paths)),

@@ -47,6 +47,14 @@ def process_seed(seed: int, process_index: int) -> int:
     return int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
 
 
+def mixing_proportions(weights) -> list[int]:
+    """Integer row proportions for `grain.IterDataset.mix`, the smallest weight as 100 and the
+    others rounded to the nearest 1/100 of it: grain takes floats to these integers by
+    truncation, which turned weights 5 : 6, normalised to 5/11 and 6/11, into 100 : 119."""
+    low = min(weights)
+    return [max(1, round(100 * w / low)) for w in weights]
+
+
 def make_pipeline(data_cfg: Mapping[str, Any] | DataConfig, vocab: Vocabulary | None, *,
                   split: str, batch_size: int, seed: int = 0, shuffle: bool = True,
                   repeat: bool = True, process_index: int | None = None,
@@ -77,7 +85,8 @@ def make_pipeline(data_cfg: Mapping[str, Any] | DataConfig, vocab: Vocabulary | 
             except (DataConfigError, EmptyCorpusError, objectives.ObjectiveError) as e:
                 raise type(e)(f"{where}: {e}") from None
         if repeat:  # training: rows of each component in proportion to the weights, interleaved
-            ds = grain.IterDataset.mix(rows, {p.name: p.weight for p in parts})
+            ds = grain.IterDataset.mix(rows, dict(zip(rows, mixing_proportions(
+                [p.weight for p in parts]))))
         else:  # one pass (evaluation): every component's split in full, one after another
             ds = grain.experimental.InterleaveIterDataset(list(rows.values()), cycle_length=1)
     ds = ds.batch(batch_size, drop_remainder=False,
