@@ -167,22 +167,34 @@ class Norm(nn.Module):
 
 def relative_position_bucket(relative_position, bidirectional: bool, num_buckets: int,
                              max_distance: int):
-    """T5's bucketing of (key - query) distances: exact for small, log-spaced up to max_distance."""
-    ret = 0
+    """T5's bucketing of (key - query) distances: exact for small, log-spaced up to max_distance.
+
+    The bucket of each distance 0..max_distance is computed once on the host, in float32 in
+    the reference's order (log, divide, multiply, truncate), and gathered here: inside jit,
+    XLA folded the divide and multiply into one rounded constant and put a distance whose
+    exact value is a whole bucket one bucket lower (e.g. 6 buckets, max distance 100, at 10).
+    """
     n = -relative_position
+    ret = 0
     if bidirectional:
-        num_buckets //= 2
-        ret += (n < 0).astype(jnp.int32) * num_buckets
+        ret = (n < 0).astype(jnp.int32) * (num_buckets // 2)
         n = jnp.abs(n)
     else:
         n = jnp.maximum(n, 0)
+    table = _distance_buckets(num_buckets // 2 if bidirectional else num_buckets, max_distance)
+    return ret + jnp.asarray(table)[jnp.minimum(n, max_distance)]
+
+
+@functools.lru_cache(maxsize=64)
+def _distance_buckets(num_buckets: int, max_distance: int) -> np.ndarray:
+    """Bucket of each distance 0..max_distance (farther ones share the last bucket)."""
+    n = np.arange(max_distance + 1)
     max_exact = num_buckets // 2
-    is_small = n < max_exact
-    val_if_large = max_exact + (
-        jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact)
-        / math.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(jnp.int32)
-    val_if_large = jnp.minimum(val_if_large, num_buckets - 1)
-    return ret + jnp.where(is_small, n, val_if_large)
+    scaled = (np.log(np.maximum(n, 1).astype(np.float32) / np.float32(max_exact))
+              / np.float32(math.log(max_distance / max_exact))
+              * np.float32(num_buckets - max_exact))
+    large = np.minimum(max_exact + scaled.astype(np.int32), num_buckets - 1)
+    return np.where(n < max_exact, n, large).astype(np.int32)
 
 
 class RelativePositionBias(nn.Module):

@@ -1,4 +1,5 @@
 """ModelConfig: every setting is used by the model it builds or refused; old saved configs load."""
+import functools
 import glob
 import importlib.util
 import json
@@ -9,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+from transformers.models.t5.modeling_t5 import T5Attention
 
 from t5x_lite import checkpoints
 from t5x_lite import config as mc
@@ -163,6 +166,23 @@ def test_rope_theta_is_checked_when_used():
     with pytest.raises(mc.ConfigError, match="rope_theta must be > 0, got 0.0"):
         mc.gpt_modern(rope_theta=0.0, **SMALL)
     mc.gpt2(rope_theta=0.0, **SMALL)  # learned positions: unused
+
+
+@pytest.mark.parametrize("buckets, max_distance", [(32, 128), (6, 100), (128, 100), (64, 50),
+                                                   (8, 200), (4, 3)])
+def test_relative_buckets_equal_hf_in_and_out_of_jit(buckets, max_distance):
+    """HF's T5 bucketing on every distance up to past max_distance, both directions; the
+    jitted function too (XLA had folded its float arithmetic into another rounding: (6, 100)
+    at distance 10, (128, 100) at 80, (64, 50) at 40 and (8, 200) at 20 were a bucket low)."""
+    rel = np.arange(-3 * max_distance, 3 * max_distance + 1)
+    for bidirectional in (True, False):
+        want = T5Attention._relative_position_bucket(
+            torch.tensor(rel), bidirectional=bidirectional, num_buckets=buckets,
+            max_distance=max_distance).numpy()
+        ours = functools.partial(relative_position_bucket, bidirectional=bidirectional,
+                                 num_buckets=buckets, max_distance=max_distance)
+        np.testing.assert_array_equal(np.asarray(ours(jnp.asarray(rel))), want)
+        np.testing.assert_array_equal(np.asarray(jax.jit(ours)(jnp.asarray(rel))), want)
 
 
 @pytest.mark.parametrize("buckets", range(4, 40))
