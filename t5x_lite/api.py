@@ -83,7 +83,7 @@ class LoadedModel:
             raise ValueError("tokenize() takes a string or a list of strings, got "
                              f"{_kind(next(t for t in texts if not isinstance(t, str)))}")
         return [ids + [self.eos_id] if add_eos else ids
-                for ids in (self.vocab.encode(t) for t in texts)]
+                for ids in self.vocab.encode_batch(texts)]
 
     def detokenize(self, ids) -> list[str]:
         """Text of each row of ids: cut before the model's EOS (`eos_id`), padding dropped

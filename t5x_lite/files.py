@@ -1,10 +1,12 @@
 """Local or remote (epath) file writes that never leave half a file, the path check that
-turns mkdir's bare errno into a clear message, and a lock for work done once per host."""
+turns mkdir's bare errno into a clear message, a lock for work done once per host, and the
+line and Unicode checks of text read from files."""
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import sys
 import tempfile
@@ -99,3 +101,27 @@ def split_lines(text: str) -> list[str]:
     if lines[-1] == "":
         lines.pop()
     return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def not_unicode(text: str) -> str:
+    """"" for text UTF-8 can encode, else what is wrong with it. JSON can escape a lone
+    surrogate ("\\udce9": what Python writes for bytes it read with errors="surrogateescape"),
+    which is no Unicode text: sentencepiece and every UTF-8 writer refuse it."""
+    try:
+        text.encode("utf-8")
+        return ""
+    except UnicodeEncodeError as e:
+        return (f"a lone surrogate (U+{ord(text[e.start]):04X} at character {e.start}), which "
+                "is not Unicode text")
+
+
+def json_line(text: str | bytes):
+    """json.loads of one JSONL line. Every failure is a ValueError of one line ("<what> at
+    column N" for bad syntax): a 5000-digit number or an array nested 100,000 deep also fail,
+    as a multi-line ValueError or a RecursionError, in json itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{e.msg} at column {e.colno}") from None
+    except (ValueError, RecursionError) as e:
+        raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None

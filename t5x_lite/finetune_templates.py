@@ -117,15 +117,18 @@ def convert_instruction_jsonl(src, dst, template: InstructionTemplate = Instruct
             continue
         where = f"{src}:{n}"
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TemplateError(f"{where}: invalid JSON ({e.msg})") from None
+            rec = files.json_line(line)
+        except ValueError as e:
+            raise TemplateError(f"{where}: invalid JSON ({e})") from None
         if not isinstance(rec, dict):
             raise TemplateError(f"{where}: expected a JSON object")
         for key, required in ((instruction_key, True), (input_key, False), (response_key, True)):
             if (required and key not in rec) or not isinstance(rec.get(key, ""), str):
                 raise TemplateError(f"{where}: field {key!r} must be a string "
                                     f"(keys: {sorted(rec)[:8]})")
+            if files.not_unicode(rec.get(key, "")):
+                raise TemplateError(f"{where}: field {key!r} holds "
+                                    f"{files.not_unicode(rec[key])}")
         try:
             pair = template.pair(rec[instruction_key], rec.get(input_key, ""), rec[response_key])
         except TemplateError as e:

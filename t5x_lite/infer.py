@@ -119,9 +119,13 @@ def read_prompts(path) -> list[Prompt]:
             prompts.append(Prompt(line, None))
             continue
         try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InferError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from None
+            item = files.json_line(line)
+        except ValueError as e:
+            raise InferError(f"{where}: bad JSON ({e})") from None
+        text = item if isinstance(item, str) else (
+            item.get("inputs") if isinstance(item, dict) else None)
+        if isinstance(text, str) and files.not_unicode(text):
+            raise InferError(f"{where}: the prompt holds {files.not_unicode(text)}")
         if isinstance(item, str):
             prompts.append(Prompt(item, None))
         elif isinstance(item, dict) and isinstance(item.get("inputs"), str):

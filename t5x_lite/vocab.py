@@ -40,6 +40,16 @@ class VocabularyError(errors.UserError):
     """A one-line, user-facing problem with a vocabulary file or its training."""
 
 
+def _refuse_non_unicode(texts: list) -> None:
+    """A text sentencepiece could not take because it is not Unicode (a lone surrogate) is one
+    VocabularyError line, not the binding's "Unable to cast Python instance" RuntimeError."""
+    for i, text in enumerate(texts):
+        problem = files.not_unicode(text) if isinstance(text, str) else ""
+        if problem:
+            where = "the text" if len(texts) == 1 else f"text {i} of {len(texts)}"
+            raise VocabularyError(f"Cannot tokenize {where}: it holds {problem}") from None
+
+
 class Vocabulary:
     """A sentencepiece model plus `extra_ids` T5 sentinel ids on top of it.
 
@@ -149,6 +159,13 @@ class Vocabulary:
         input pipeline: one document quoting it must not stop training) stays plain text,
         as in seqio, whose vocabulary only knows the `extra_ids` sentinel pieces.
         """
+        try:
+            return self._encode(text, strict)
+        except (RuntimeError, TypeError):
+            _refuse_non_unicode([text])
+            raise
+
+    def _encode(self, text: str, strict: bool) -> list[int]:
         if "<extra_id_" not in text:
             return self._sp.encode(text)
         ids: list[int] = []
@@ -164,9 +181,13 @@ class Vocabulary:
     def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
         """Encodes many texts (plain ones through sentencepiece's multi-threaded C++ path)."""
         texts = list(texts)
-        if any("<extra_id_" in t for t in texts):
-            return [self.encode(t) for t in texts]
-        return self._sp.encode(texts, num_threads=num_threads)
+        try:
+            if any("<extra_id_" in t for t in texts):
+                return [self._encode(t, True) for t in texts]
+            return self._sp.encode(texts, num_threads=num_threads)
+        except (RuntimeError, TypeError):
+            _refuse_non_unicode(texts)
+            raise
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`: stops at the first EOS, drops pad, renders sentinels as `<extra_id_N>`."""

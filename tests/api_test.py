@@ -305,9 +305,11 @@ _IDS = "token ids must be a 1-D or 2-D int array, a list of ints or a list of li
     (lambda g, t: t.detokenize([[5, -1]]), r"Token ids must be in \[0, 203\); ids row 0 holds -1"),
     (lambda g, t: t.detokenize([[5.0]]), f"ids: {_IDS}.*float 5.0"),
     (lambda g, t: t.tokenize([5], add_eos=False), "takes a string or a list of strings, got int"),
+    (lambda g, t: t.score(["fine", "caf\udce9"], ["a", "b"]),
+     r"Cannot tokenize text 1 of 2: it holds a lone surrogate \(U\+DCE9 at character 3\)"),
 ], ids=["empty_row", "t5_padding_only_row", "floats", "bools", "3d_list", "mixed_text_and_ids",
         "dict", "none", "scalar", "huge_id", "huge_target_id", "detokenize_negative",
-        "detokenize_float", "tokenize_int"])
+        "detokenize_float", "tokenize_int", "text_not_unicode"])
 def test_bad_token_inputs_are_one_value_error_line(loaded, call, pattern):
     _one_line_error(ValueError, pattern, lambda: call(loaded["gpt2"], loaded["t5_v1_1"]))
 

@@ -154,6 +154,17 @@ def test_non_utf8_is_skipped_and_counted_or_fails_when_strict(tmp_path):
     with pytest.raises(local_files.DataFormatError, match=r"lines.tsv:2: not valid UTF-8"):
         _prepare(tmp_path, "tsv", train_paths=[str(tmp_path / "lines.tsv")], strict_utf8=True)
 
+    # JSON escapes such bytes as lone surrogates ("\udce9", Python's surrogateescape): valid
+    # JSON, no Unicode text (the dataset build failed on it with a traceback)
+    (tmp_path / "recs.jsonl").write_text('{"text": "one"}\n{"text": "caf\\udce9"}\n'
+                                         '{"text": "three"}\n')
+    b = _prepare(tmp_path, "jsonl", train_paths=[str(tmp_path / "recs.jsonl")])
+    assert [r["text"] for r in _read_all(b, "train")] == ["one", "three"]
+    assert b.info.metadata["skipped_non_utf8"] == 1
+    with pytest.raises(local_files.DataFormatError, match=r"recs.jsonl:2: a JSON string holds a "
+                                                          r"lone surrogate \(U\+DCE9"):
+        _prepare(tmp_path, "jsonl", train_paths=[str(tmp_path / "recs.jsonl")], strict_utf8=True)
+
 
 
 def test_utf8_byte_order_mark_is_not_text(tmp_path):

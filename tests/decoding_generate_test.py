@@ -24,6 +24,7 @@ import t5x_lite
 from t5x_lite import checkpoints, convert, hf_interop
 from t5x_lite import config as config_lib
 from t5x_lite.config import ModelConfig
+from t5x_lite.data import testing as data_testing
 from t5x_lite.decoding import generate as gen
 from t5x_lite.decoding.generate import DecodeError, generate
 
@@ -329,6 +330,14 @@ def test_text_in_text_out_and_checkpoint_defaults(tiny_gpt):
     plain = generate(tiny_gpt, input_ids=[vocab.encode("abc"), vocab.encode("hello")],
                      max_new_tokens=3, batch_size=4)
     assert [r["ids"] for r in out] == [r["ids"] for r in plain] and "text" not in plain[0]
+
+
+def test_a_text_the_vocabulary_refuses_names_its_row(tiny_gpt):
+    """A lone surrogate (valid in JSON, no Unicode text) was sentencepiece's RuntimeError."""
+    loaded = types.SimpleNamespace(**{**vars(tiny_gpt), "vocab": data_testing.tiny_vocab()})
+    with pytest.raises(DecodeError, match=r"^inputs\[1\]: Cannot tokenize the text: it holds a "
+                                          r"lone surrogate \(U\+DCE9 at character 3\)"):
+        generate(loaded, inputs=["fine", "caf\udce9"], max_new_tokens=2)
 
 
 def test_config_decode_section_holds_every_option_with_its_default():

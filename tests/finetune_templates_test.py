@@ -40,6 +40,9 @@ def test_convert_writes_pairs(tmp_path):
     ('{"instruction": "x", "output": ""}', r"in.jsonl:2: empty response"),
     ("[1, 2]", r"in.jsonl:2: expected a JSON object"),
     ("{oops", r"in.jsonl:2: invalid JSON"),
+    ('{"instruction": "x", "output": "caf\\udce9"}', r"in.jsonl:2: field 'output' holds a lone "
+                                                      r"surrogate \(U\+DCE9 at character 3\)"),
+    ('{"instruction": "x", "output": ' + "1" * 5000 + "}", r"in.jsonl:2: invalid JSON \(Exceeds"),
 ])
 def test_bad_records_name_file_and_line_and_write_nothing(tmp_path, line, message):
     src = tmp_path / "in.jsonl"

@@ -104,6 +104,12 @@ def test_beam_and_ids_input(workdir, tmp_path):
     ("", {}, "is empty"),
     ('{"inputs": "a"}\n{"inputs": "b"\n', {}, "prompts.jsonl:2: bad JSON"),
     ('{"inputs": "a"}\n[1, 2]\n', {}, "prompts.jsonl:2: expected a JSON string"),
+    # valid JSON that python's json or sentencepiece refuse: tracebacks before, not one line
+    ('"a"\n{"inputs": "caf\\udce9"}\n', {}, "prompts.jsonl:2: the prompt holds a lone "
+                                            "surrogate (U+DCE9 at character 3)"),
+    ('{"input_ids": [' + "9" * 5000 + ']}\n', {}, "prompts.jsonl:1: bad JSON (Exceeds the "
+                                                  "limit (4300 digits)"),
+    ("[" * 100_000 + "\n", {}, "prompts.jsonl:1: bad JSON (maximum recursion depth exceeded"),
     ('"a"\n"' + "word " * 80 + '"\n', {}, "prompts.jsonl:2: prompt of"),
     ('"hi"\n', {"method": "nucleus"}, "unknown decode method 'nucleus'"),
     ('"hi"\n', {"top_p": 0.0}, "top_p must be in (0, 1]"),

@@ -83,6 +83,15 @@ def test_sentinel_strings_beyond_extra_ids_stay_text_when_not_strict(vocab):
     assert vocab.decode(ids) == text
     assert vocab.encode("plain <extra_id_0>", strict=False) == vocab.encode("plain <extra_id_0>")
 
+def test_text_that_is_not_unicode_is_one_vocabulary_error(vocab):
+    """A lone surrogate (JSON can hold one) was sentencepiece's bare RuntimeError."""
+    for call, where in ((lambda: vocab.encode("caf\udce9 <extra_id_0>"), "the text"),
+                        (lambda: vocab.encode_batch(["ok", "caf\ud800"]), "text 1 of 2")):
+        with pytest.raises(VocabularyError, match=rf"^Cannot tokenize {where}: it holds a lone "
+                                                  r"surrogate \(U\+D[C8]\w\w at character 3\)"):
+            call()
+
+
 def test_batched_equals_single(vocab):
     texts = testing.sentences(10, seed=5) + ["with <extra_id_3> sentinel"]
     assert vocab.encode_batch(texts) == [vocab.encode(t) for t in texts]

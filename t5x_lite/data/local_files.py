@@ -31,7 +31,6 @@ import dataclasses
 import gzip
 import io
 import itertools
-import json
 import lzma
 import os
 import re
@@ -40,6 +39,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from etils import epath
 
+from t5x_lite import files
 from t5x_lite.errors import UserError
 
 # Part of the prepared datasets' cache key: bump when the records read from the same files
@@ -298,8 +298,8 @@ def detect_jsonl_kind(paths: epath.Path | Sequence[epath.Path], text_key: str, i
     for path in paths:
         for i, raw in enumerate(_utf8_lines(path), 1):
             try:
-                record = json.loads(raw)
-            except (UnicodeDecodeError, json.JSONDecodeError):
+                record = files.json_line(raw)
+            except ValueError:  # not UTF-8, not JSON: read_file names it
                 continue
             if not isinstance(record, dict):
                 raise DataFormatError(f"{path}:{i}: expected a JSON object, got {type(record)}")
@@ -356,6 +356,14 @@ def read_file(path: epath.Path, fmt: str, *, kind: str = "text", document_per: s
             record = {"inputs": fields[0], "targets": fields[1]}
         else:
             record = _jsonl_record(text, f"{path}:{line}", kind, text_key, inputs_key, targets_key)
+            problem = next(filter(None, map(files.not_unicode, record.values())), "")
+            if problem:  # escaped non-UTF-8 bytes: skipped and counted as the raw ones are
+                if strict_utf8:
+                    raise DataFormatError(f"{path}:{line}: a JSON string holds {problem}; fix "
+                                          "the file or set data.strict_utf8=False to skip such "
+                                          "records")
+                counts.skipped_non_utf8 += 1
+                continue
         if not any(_is_text(v) for v in record.values()):
             counts.skipped_blank += 1
             continue
@@ -371,9 +379,9 @@ def _is_text(value: str) -> bool:
 
 def _jsonl_record(text, where, kind, text_key, inputs_key, targets_key) -> dict[str, str]:
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataFormatError(f"{where}: invalid JSON ({e.msg})") from None
+        obj = files.json_line(text)
+    except ValueError as e:
+        raise DataFormatError(f"{where}: invalid JSON ({e})") from None
     keys = (text_key,) if kind == "text" else (inputs_key, targets_key)
     names = ("text",) if kind == "text" else ("inputs", "targets")
     if not isinstance(obj, dict) or any(k not in obj for k in keys):

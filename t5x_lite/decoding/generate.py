@@ -170,7 +170,13 @@ def encode_prompts(loaded, *, inputs=None, input_ids=None) -> list[list[int]]:
         raise DecodeError("text inputs need a vocabulary; this model has none (give input_ids)")
     eos = [eos_id(loaded)] if model_config(loaded).family == "t5" else []
     start = [0] if getattr(loaded, "uses_start_token", False) else []  # see LoadedModel
-    return [start + list(vocab.encode(t)) + eos for t in texts]
+    encoded = []
+    for i, text in enumerate(texts):
+        try:
+            encoded.append(start + list(vocab.encode(text)) + eos)
+        except UserError as e:  # a lone surrogate, an <extra_id_N> past the vocabulary's
+            raise DecodeError(f"inputs[{i}]: {e}") from None
+    return encoded
 
 
 def _token_ids(ids, n: int) -> list[int]:
