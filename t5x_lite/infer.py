@@ -363,8 +363,9 @@ def run(checkpoint, input_path, output_path, decode_overrides: dict | None = Non
         draft = (api.load(draft_path, mesh=device_mesh, step=draft_id["step"]) if draft_path
                  else None)
         options = gen.decode_options(loaded, **(decode_overrides or {}))
-        ids = [p.ids if p.ids is not None else gen.encode_prompts(loaded, inputs=[p.inputs])[0]
-               for p in prompts]
+        ids = [p.ids if p.ids is not None else gen.encode_prompts(
+            loaded, inputs=[p.inputs], labels=[f"{input_path}:{n}"])[0]
+            for n, p in enumerate(prompts, 1)]
         draft_cfg = None
         if draft is not None:
             draft_cfg = gen.model_config(draft)

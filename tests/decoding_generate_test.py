@@ -332,6 +332,21 @@ def test_text_in_text_out_and_checkpoint_defaults(tiny_gpt):
     assert [r["ids"] for r in out] == [r["ids"] for r in plain] and "text" not in plain[0]
 
 
+def test_prompt_checks_refuse_t5_padding_and_name_the_draft():
+    """A T5 prompt of only id 0 decoded from an encoder that attended to nothing (score()
+    refuses such a row); a prompt too long for the draft alone named "the model"."""
+    small = dict(vocab_size=64, d_model=32, num_heads=2, head_dim=16, d_ff=48, num_layers=1)
+    options = gen.DecodeOptions(max_new_tokens=8)
+    with pytest.raises(DecodeError, match=r"^input 1: empty prompt \(only id 0, padding for a "
+                                          r"T5 encoder\)$"):
+        gen.check_prompts(config_lib.t5_1_1(**small), [[5, 1], [0, 0]], options)
+    target, draft = (config_lib.gpt2(**small, max_len=n) for n in (40, 30))
+    gen.check_prompts(target, [[0] * 25], options)  # id 0 is a GPT token; 25 + 7 fit 40
+    with pytest.raises(DecodeError, match=r"^input 0: prompt of 25 tokens \+ max_new_tokens 8 "
+                                          r"- 1 exceeds the draft model's max length 30$"):
+        gen.check_prompts(target, [[0] * 25], options, draft)
+
+
 def test_a_text_the_vocabulary_refuses_names_its_row(tiny_gpt):
     """A lone surrogate (valid in JSON, no Unicode text) was sentencepiece's RuntimeError."""
     loaded = types.SimpleNamespace(**{**vars(tiny_gpt), "vocab": data_testing.tiny_vocab()})

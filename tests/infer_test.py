@@ -110,6 +110,8 @@ def test_beam_and_ids_input(workdir, tmp_path):
     ('{"input_ids": [' + "9" * 5000 + ']}\n', {}, "prompts.jsonl:1: bad JSON (Exceeds the "
                                                   "limit (4300 digits)"),
     ("[" * 100_000 + "\n", {}, "prompts.jsonl:1: bad JSON (maximum recursion depth exceeded"),
+    ('"a"\n"b <extra_id_500>"\n', {}, "prompts.jsonl:2: <extra_id_500> needs at least 501 "
+                                      "extra_ids"),
     ('"a"\n"' + "word " * 80 + '"\n', {}, "prompts.jsonl:2: prompt of"),
     ('"hi"\n', {"method": "nucleus"}, "unknown decode method 'nucleus'"),
     ('"hi"\n', {"top_p": 0.0}, "top_p must be in (0, 1]"),

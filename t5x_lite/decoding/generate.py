@@ -143,7 +143,8 @@ def eos_id(loaded) -> int:
     return int(getattr(loaded, "eos_id", EOS_ID))
 
 
-def encode_prompts(loaded, *, inputs=None, input_ids=None) -> list[list[int]]:
+def encode_prompts(loaded, *, inputs=None, input_ids=None,
+                   labels: Sequence[str] | None = None) -> list[list[int]]:
     """Token ids per prompt. Text is encoded with `loaded.vocab`; T5 inputs get EOS appended
     (T5's convention for encoder inputs), GPT prompts do not; a GPT trained by t5x_lite gets its
     decoder start id 0 first (`LoadedModel.uses_start_token`). Given ids are used as they are."""
@@ -175,7 +176,7 @@ def encode_prompts(loaded, *, inputs=None, input_ids=None) -> list[list[int]]:
         try:
             encoded.append(start + list(vocab.encode(text)) + eos)
         except UserError as e:  # a lone surrogate, an <extra_id_N> past the vocabulary's
-            raise DecodeError(f"inputs[{i}]: {e}") from None
+            raise DecodeError(f"{labels[i] if labels else f'inputs[{i}]'}: {e}") from None
     return encoded
 
 
@@ -199,19 +200,22 @@ def check_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], options: D
         i = labels[n] if labels is not None else f"input {first_index + n}"
         if not ids:
             raise DecodeError(f"{i}: empty prompt")
+        if cfg.family == "t5" and not any(ids):  # the encoder would attend to nothing
+            raise DecodeError(f"{i}: empty prompt (only id 0, padding for a T5 encoder)")
         bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
         if bad:
             raise DecodeError(f"{i}: token id {bad[0]} outside [0, {cfg.vocab_size})")
         if len(ids) > cfg.max_len:
             raise DecodeError(f"{i}: prompt of {len(ids)} tokens is longer than the "
                               f"model's max length {cfg.max_len}")
-        for c in [cfg] + ([draft_cfg] if draft_cfg is not None else []):
+        for c, which in ((cfg, "the model"), (draft_cfg, "the draft model")):
             # The last new token is never fed back: the model sees prompt + n - 1 positions
             # (as `LoadedModel.score` allows prompt + continuation = max_len + 1).
-            if c.family == "gpt" and len(ids) + options.max_new_tokens - 1 > c.max_len:
+            if (c is not None and c.family == "gpt"
+                    and len(ids) + options.max_new_tokens - 1 > c.max_len):
                 raise DecodeError(
                     f"{i}: prompt of {len(ids)} tokens + max_new_tokens "
-                    f"{options.max_new_tokens} - 1 exceeds the model's max length {c.max_len}")
+                    f"{options.max_new_tokens} - 1 exceeds {which}'s max length {c.max_len}")
     if prompts:
         check_decode_size(cfg, prompts, options, draft_cfg)
 
