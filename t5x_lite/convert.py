@@ -136,6 +136,10 @@ def hf_config_from_model(cfg: ModelConfig, base: Mapping[str, Any] | None = None
     (an id, or a list of ids within the vocabulary that begins with it), else `eos_id`.
     """
     out = dict(base or {})
+    # HF reads an alias (num_attention_heads, ...) over the field it sets: the base's would
+    # override the fields written below.
+    for alias in {a for aliases in hf_interop.HF_ALIASES.values() for a in aliases}:
+        out.pop(alias, None)
     if cfg.family == "t5" and _t5_exportable(cfg):
         ff = _activation(out.get("feed_forward_proj"), hf_interop.T5_MLPS, cfg.mlp,
                          _T5_MLPS_OUT[cfg.mlp])

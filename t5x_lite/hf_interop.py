@@ -171,12 +171,21 @@ def _read_tensors(path: epath.Path) -> dict[str, np.ndarray]:
                 and all(isinstance(s, str) and s for s in weight_map.values())):
             raise InteropError(f"{path / SAFETENSORS_INDEX} has no valid weight_map (an object "
                                "of tensor name: shard file name)")
-        tensors = {}
+        tensors, origin = {}, {}
         for shard in sorted(set(weight_map.values())):
+            if shard != epath.Path(shard).name or shard in (".", ".."):
+                raise InteropError(f"{SAFETENSORS_INDEX} in {path} names shard {shard!r}, which "
+                                   "is not a file name in that directory")
             if not (path / shard).is_file():
                 raise InteropError(f"{SAFETENSORS_INDEX} in {path} names shard {shard}, which "
                                    "is missing")
-            tensors.update(load_safetensors((path / shard).read_bytes(), str(path / shard)))
+            part = load_safetensors((path / shard).read_bytes(), str(path / shard))
+            twice = sorted(set(part) & set(tensors))
+            if twice:  # which copy would win is the order the shards happen to be read in
+                raise InteropError(f"Shards {origin[twice[0]]} and {shard} in {path} both hold "
+                                   f"tensor {twice[0]}")
+            tensors.update(part)
+            origin.update(dict.fromkeys(part, shard))
         absent = sorted(set(weight_map) - set(tensors))
         if absent:
             raise InteropError(f"Shards in {path} lack {len(absent)} tensor(s) the index lists, "
@@ -190,10 +199,33 @@ def _read_tensors(path: epath.Path) -> dict[str, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------------- configs
-# HF activation name -> our mlp. HF's gated-gelu and GPT-2's two names are the tanh GELU ours is.
-T5_MLPS = {"relu": "relu", "gated-gelu": "gated-gelu", "gated-gelu_new": "gated-gelu",
-           "gelu_new": "gelu", "gated-silu": "gated-silu"}
+# The T5 MLP transformers runs, (is_gated_act, dense_act_fn), -> our mlp. gelu_new and
+# gelu_pytorch_tanh are the tanh GELU ours is; HF's "gelu" is the exact (erf) one.
+T5_ACTIVATIONS = {(False, "relu"): "relu", (False, "gelu_new"): "gelu",
+                  (False, "gelu_pytorch_tanh"): "gelu", (True, "gelu_new"): "gated-gelu",
+                  (True, "gelu_pytorch_tanh"): "gated-gelu", (True, "silu"): "gated-silu",
+                  (True, "swish"): "gated-silu"}
+# feed_forward_proj -> our mlp, where config.json does not override what T5Config derives from
+# it (`t5_activation`); "gated-gelu" derives gelu_new.
+T5_MLPS = {("gated-" if gated else "") + act: mlp
+           for (gated, act), mlp in T5_ACTIVATIONS.items()} | {"gated-gelu": "gated-gelu"}
 GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu"}
+# transformers' attribute_map of each config class: alias -> the field it sets.
+HF_ALIASES = {"t5": {"hidden_size": "d_model", "num_attention_heads": "num_heads",
+                     "num_hidden_layers": "num_layers", "head_dim": "d_kv"},
+              "gpt2": {"hidden_size": "n_embd", "max_position_embeddings": "n_positions",
+                       "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"}}
+
+
+def t5_activation(feed_forward_proj: str) -> tuple[bool, str] | None:
+    """(is_gated_act, dense_act_fn) as T5Config derives them from `feed_forward_proj` ("ACT" or
+    "gated-ACT"; "gated-gelu" means gelu_new), or None for a name it rejects."""
+    parts = feed_forward_proj.split("-")
+    if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
+        return None
+    if feed_forward_proj == "gated-gelu":
+        return True, "gelu_new"
+    return len(parts) == 2, parts[-1]
 
 
 def _is_number(x) -> bool:
@@ -214,16 +246,56 @@ _KINDS = {"size": (lambda v: is_int(v) and v > 0, "a positive integer"),
 
 
 def _field(hf: Mapping[str, Any], source: str, key: str, default, kind: str, *,
-           null_is_default: bool = False):
+           null_is_default: bool = False, names: Mapping[str, str] | None = None):
     """hf[key], or `default` when absent (or null, where HF reads null as the default),
-    checked to be of `kind`; a bad value is an InteropError naming `source`."""
+    checked to be of `kind`; a bad value is an InteropError naming `source` and the key as
+    config.json spells it (`names`: key -> the alias it came from)."""
     value = hf.get(key, default)
     if value is None and null_is_default:
         return default
     ok, what = _KINDS[kind]
     if not ok(value):
-        raise InteropError(f"{source}: {key}={json.dumps(value)} is not {what}")
+        raise InteropError(f"{source}: {(names or {}).get(key, key)}={json.dumps(value)} is not "
+                           f"{what}")
     return value
+
+
+def _resolve_aliases(hf: Mapping[str, Any], source: str) -> tuple[dict, dict[str, str]]:
+    """(hf with each HF_ALIASES alias read as the field it sets, {field: alias} of the fields
+    only an alias gave). An alias and its field both present with different values is an
+    InteropError (transformers would silently take the alias)."""
+    out, from_alias = dict(hf), {}
+    for alias, key in HF_ALIASES.get(hf.get("model_type"), {}).items():
+        if alias not in out:
+            continue
+        value = out.pop(alias)
+        if key not in out:
+            out[key], from_alias[key] = value, alias
+        elif out[key] != value or type(out[key]) is not type(value):
+            raise InteropError(f"{source}: {alias}={json.dumps(value)} and {key}="
+                               f"{json.dumps(out[key])} disagree ({alias} is HF's alias of {key}); "
+                               "keep one of them")
+    return out, from_alias
+
+
+def _t5_mlp(get: Callable, source: str) -> str:
+    """Our mlp for the T5 MLP transformers runs: what T5Config derives from feed_forward_proj,
+    unless config.json stores dense_act_fn / is_gated_act, which then override it (as HF's)."""
+    ff = get("feed_forward_proj", "relu", "name")
+    derived = t5_activation(ff)
+    if derived is None:
+        raise InteropError(f"{source}: T5 feed_forward_proj={ff!r} is not \"ACT\" or "
+                           "\"gated-ACT\" (transformers refuses it)")
+    gated = get("is_gated_act", derived[0], "flag")
+    act = get("dense_act_fn", derived[1], "name")
+    if (gated, act) not in T5_ACTIVATIONS:
+        supported = "; ".join(
+            f"{'gated' if g else 'not gated'}: "
+            + ", ".join(a for h, a in T5_ACTIVATIONS if h == g) for g in (False, True))
+        raise InteropError(f"{source}: T5 feed_forward_proj={ff!r} with dense_act_fn={act!r}, "
+                           f"is_gated_act={json.dumps(gated)} is not supported; supported "
+                           f"dense_act_fn ({supported})")
+    return T5_ACTIVATIONS[gated, act]
 
 
 def model_config_from_hf(hf: Mapping[str, Any], tensors: Mapping[str, np.ndarray] | None = None,
@@ -233,24 +305,27 @@ def model_config_from_hf(hf: Mapping[str, Any], tensors: Mapping[str, np.ndarray
     T5: `scale_decoder_outputs` (transformers >= 5) or else `tie_word_embeddings` (4.x) decides
     the d_model**-0.5 logit scaling; the head is untied when the config says so or when the
     checkpoint's `lm_head.weight` differs from the embedding (5.x always writes
-    tie_word_embeddings=true, even for v1.1). Every field used is type-checked; errors name
-    `source` (the config.json path).
+    tie_word_embeddings=true, even for v1.1). HF's aliases (`HF_ALIASES`, e.g. GPT-2's
+    num_attention_heads for n_head) are read as the fields they set, and T5's MLP is the one
+    transformers runs (`_t5_mlp`). Every field used is type-checked; errors name `source` (the
+    config.json path).
     """
-    get = functools.partial(_field, hf, source)
+    hf, from_alias = _resolve_aliases(hf, source)
+    get = functools.partial(_field, hf, source, names=from_alias)
     model_type = hf.get("model_type")
     if model_type == "t5":
-        ff = get("feed_forward_proj", "relu", "name")
-        if ff not in T5_MLPS:
-            raise InteropError(f"{source}: T5 feed_forward_proj={ff!r} is not supported; "
-                               f"supported: {sorted(T5_MLPS)}")
+        mlp = _t5_mlp(get, source)
         tied = get("tie_word_embeddings", True, "flag")
         n = get("num_layers", 6, "size")
+        # T5Config fills in num_decoder_layers before it applies the num_hidden_layers alias
+        decoder_default = 6 if "num_layers" in from_alias else n
         return t5_1_0(
             vocab_size=get("vocab_size", 32128, "size"), d_model=get("d_model", 512, "size"),
             num_heads=get("num_heads", 8, "size"), head_dim=get("d_kv", 64, "size"),
             d_ff=get("d_ff", 2048, "size"), num_layers=n,
-            num_decoder_layers=get("num_decoder_layers", n, "size", null_is_default=True),
-            mlp=T5_MLPS[ff], norm_eps=get("layer_norm_epsilon", 1e-6, "eps"),
+            num_decoder_layers=get("num_decoder_layers", decoder_default, "size",
+                                   null_is_default=True),
+            mlp=mlp, norm_eps=get("layer_norm_epsilon", 1e-6, "eps"),
             relative_buckets=get("relative_attention_num_buckets", 32, "size"),
             relative_max_distance=get("relative_attention_max_distance", 128, "size"),
             tie_embeddings=not _untied(tied, tensors, _t5_embedding(tensors or {})),
@@ -267,7 +342,8 @@ def model_config_from_hf(hf: Mapping[str, Any], tensors: Mapping[str, np.ndarray
                 raise InteropError(f"{source}: GPT-2 config with {what} is not supported")
         d, h = get("n_embd", 768, "size"), get("n_head", 12, "size")
         if d % h:
-            raise InteropError(f"{source}: GPT-2 n_embd={d} is not a multiple of n_head={h}")
+            d_key, h_key = (from_alias.get(k, k) for k in ("n_embd", "n_head"))
+            raise InteropError(f"{source}: GPT-2 {d_key}={d} is not a multiple of {h_key}={h}")
         gpt_tensors = _strip_gpt2_prefix(tensors or {})
         rate = get("resid_pdrop", 0.1, "rate")
         others = {k: get(k, 0.1, "rate") for k in ("embd_pdrop", "attn_pdrop")}

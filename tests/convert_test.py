@@ -337,6 +337,19 @@ def test_gelu_pytorch_tanh_config_round_trips_unchanged(hf_models, tmp_path):
         assert got["feed_forward_proj"] == want
 
 
+def test_export_drops_the_base_configs_aliases():
+    """A base config naming the head count num_attention_heads (HF's alias of n_head, which HF
+    reads over n_head) exported with n_head=4 beside the stale alias: HF read 3 heads."""
+    base = {"model_type": "gpt2", "num_attention_heads": 3, "n_embd": 24}
+    cfg = dataclasses.replace(hf_interop.model_config_from_hf(base), num_heads=4, head_dim=6)
+    got = convert.hf_config_from_model(cfg, base)
+    assert "num_attention_heads" not in got
+    assert transformers.GPT2Config.from_dict(got).n_head == 4
+    t5 = hf_interop.model_config_from_hf({"model_type": "t5", "hidden_size": 32, "d_kv": 8})
+    got = convert.hf_config_from_model(t5, {"model_type": "t5", "hidden_size": 32})
+    assert "hidden_size" not in got and transformers.T5Config.from_dict(got).d_model == 32
+
+
 def test_gpt2_dropouts_round_trip_and_follow_a_changed_rate(hf_models, tmp_path, caplog):
     """GPT-2 has three dropout rates, t5x_lite one (resid_pdrop's): an export writes the
     source's three back while that one is unchanged, and the new rate for all three after."""

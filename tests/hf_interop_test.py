@@ -1,6 +1,7 @@
 """HF <-> t5x_lite conversion: logits parity with HF PyTorch, exact round trips, clear errors."""
 import functools
 import json
+import re
 
 import jax
 import numpy as np
@@ -8,9 +9,10 @@ import pytest
 import safetensors.numpy
 import safetensors.torch
 import torch
+import transformers
 
 import hf_reference as ref
-from t5x_lite import hf_interop, transformer
+from t5x_lite import convert, hf_interop, transformer
 from t5x_lite.models import build_model
 
 TOL = 1e-4  # max |logit difference| on real (unpadded) positions, fp32
@@ -171,6 +173,106 @@ def test_t5_config_variants():
     assert (v10.tie_embeddings, v10.scale_logits, v10.num_decoder_layers) == (True, True, 3)
 
 
+def test_aliases_read_as_transformers_reads_them():
+    """HF's config aliases (each config class's attribute_map) set the fields they name, e.g.
+    GPT-2's num_attention_heads sets n_head. T5Config fills in num_decoder_layers before it
+    applies num_hidden_layers, so that alias alone leaves the decoder at the default 6."""
+    t5 = dict(hidden_size=40, num_attention_heads=5, head_dim=12, num_hidden_layers=3)
+    for config in (t5, {**t5, "num_layers": 3}, {**t5, "num_decoder_layers": 2}):
+        theirs = transformers.T5Config.from_dict(config)
+        ours = hf_interop.model_config_from_hf({"model_type": "t5", **config})
+        assert ((ours.d_model, ours.num_heads, ours.head_dim, ours.num_layers, ours.decoder_layers)
+                == (theirs.d_model, theirs.num_heads, theirs.d_kv, theirs.num_layers,
+                    theirs.num_decoder_layers))
+    gpt = dict(hidden_size=48, num_attention_heads=3, num_hidden_layers=2,
+               max_position_embeddings=40)
+    theirs = transformers.GPT2Config.from_dict(gpt)
+    ours = hf_interop.model_config_from_hf({"model_type": "gpt2", **gpt})
+    assert ((ours.d_model, ours.num_heads, ours.num_layers, ours.max_len, ours.d_ff)
+            == (theirs.n_embd, theirs.n_head, theirs.n_layer, theirs.n_positions, 4 * 48))
+    # A bad value read through an alias is named as config.json spells it.
+    for config, message in [({"num_attention_heads": 0}, "num_attention_heads=0 is not a pos"),
+                            ({"num_attention_heads": 5},
+                             "GPT-2 n_embd=768 is not a multiple of num_attention_heads=5")]:
+        with pytest.raises(hf_interop.InteropError, match=f"^x/config.json: {message}"):
+            hf_interop.model_config_from_hf({"model_type": "gpt2", **config},
+                                            source="x/config.json")
+
+
+def _hf_reload(kind, path):
+    """The HF PyTorch model transformers loads from the directory `path`."""
+    cls = (transformers.GPT2LMHeadModel if kind == "gpt2"
+           else transformers.T5ForConditionalGeneration)
+    return cls.from_pretrained(path, attn_implementation="eager").eval()
+
+
+GPT2_ALIASES = {"num_attention_heads": "n_head", "hidden_size": "n_embd",
+                "num_hidden_layers": "n_layer", "max_position_embeddings": "n_positions"}
+
+
+@pytest.mark.parametrize("aliases", [("num_attention_heads",), tuple(GPT2_ALIASES)])
+def test_gpt2_config_with_hf_aliases_matches_hf(hf_models, tmp_path, aliases):
+    """A GPT-2 config.json naming n_head (and the other sizes) by HF's aliases loads with its
+    real head count, as in transformers. GPT-2's tensor shapes do not depend on the head count,
+    so the default 12 (48 % 12 == 0) would load silently: only the logits tell."""
+    src = hf_models["gpt2"][1]
+    source = json.loads((src / "config.json").read_text())
+    assert transformers.GPT2Config.attribute_map == GPT2_ALIASES
+    keys = {alias: GPT2_ALIASES[alias] for alias in aliases}
+    path = _copy_hf_dir(src, tmp_path / "m", config={a: source[k] for a, k in keys.items()},
+                        drop=keys.values())
+    assert not set(keys.values()) & set(json.loads((path / "config.json").read_text()))
+    model = _hf_reload("gpt2", path)
+    assert model.config.n_head == ref.GPT2_SIZES["n_head"] != 12
+    cfg, params, _, _ = hf_interop.from_hf(path)
+    batch, mask, want = _batch_and_hf_logits("gpt2", model)
+    assert ref.masked_max_abs_diff(_our_logits(cfg, params, batch), want, mask) <= TOL
+    assert (cfg.num_heads, cfg.d_model, cfg.num_layers, cfg.max_len) == (3, 48, 3, 40)
+
+
+@pytest.mark.parametrize("kind, config, mlp", [
+    ("t5_v1_1", {"dense_act_fn": "gelu_pytorch_tanh"}, "gated-gelu"),
+    ("t5_v1_1", {"dense_act_fn": "gelu_new"}, "gated-gelu"),
+    ("t5_v1_1", {"dense_act_fn": "silu"}, "gated-silu"),
+    ("t5_v1_0", {"dense_act_fn": "gelu_pytorch_tanh"}, "gelu"),
+    ("t5_v1_0", {"feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu_new",
+                 "is_gated_act": False}, "gelu"),
+])
+def test_t5_activation_fields_match_hf(hf_models, tmp_path, kind, config, mlp):
+    """T5Config derives dense_act_fn and is_gated_act from feed_forward_proj, then the values
+    config.json stores (save_pretrained writes both) override them: the MLP HF runs is theirs.
+    An export (`hf_config_from_model`) drops both, and HF derives the same MLP back."""
+    path = _copy_hf_dir(hf_models[kind][1], tmp_path / "m", config=config)
+    model = _hf_reload("t5", path)
+    assert model.config.dense_act_fn == config["dense_act_fn"]
+    cfg, params, hf_cfg, _ = hf_interop.from_hf(path)
+    assert cfg.mlp == mlp
+    batch, mask, want = _batch_and_hf_logits(kind, model)
+    assert ref.masked_max_abs_diff(_our_logits(cfg, params, batch), want, mask) <= TOL
+    back = transformers.T5Config.from_dict(convert.hf_config_from_model(cfg, hf_cfg))
+    assert {(False, "relu"): "relu", (False, "gelu_new"): "gelu", (True, "gelu_new"): "gated-gelu",
+            (True, "silu"): "gated-silu"}[back.is_gated_act, back.dense_act_fn] == mlp
+
+
+@pytest.mark.parametrize("kind, config, message", [
+    ("t5_v1_1", {"dense_act_fn": "gelu"},
+     "feed_forward_proj='gated-gelu' with dense_act_fn='gelu', is_gated_act=true is not supp"),
+    ("t5_v1_1", {"dense_act_fn": "relu"}, "dense_act_fn='relu', is_gated_act=true is not supp"),
+    ("t5_v1_0", {"dense_act_fn": "silu"},
+     "feed_forward_proj='relu' with dense_act_fn='silu', is_gated_act=false is not supported"),
+    ("t5_v1_0", {"feed_forward_proj": "gelu", "dense_act_fn": "gelu"},
+     "feed_forward_proj='gelu' with dense_act_fn='gelu', is_gated_act=false is not supported"),
+    ("t5_v1_0", {"feed_forward_proj": "foo-relu"}, "feed_forward_proj='foo-relu' is not \"ACT\""),
+])
+def test_t5_unsupported_activation_is_one_error(hf_models, tmp_path, kind, config, message):
+    """An MLP transformers runs but t5x_lite does not (exact-erf gelu, gated relu, ungated silu)
+    is refused, naming the fields it comes from, rather than run as feed_forward_proj's."""
+    path = _copy_hf_dir(hf_models[kind][1], tmp_path / "m", config=config)
+    with pytest.raises(hf_interop.InteropError, match=message) as e:
+        hf_interop.from_hf(path)
+    assert str(e.value).startswith(str(path / "config.json")) and "\n" not in str(e.value)
+
+
 def test_sharded_index_and_bfloat16(hf_models, tmp_path):
     src = hf_models["gpt2"][1]
     tensors = safetensors.torch.load_file(src / "model.safetensors")
@@ -187,15 +289,31 @@ def test_sharded_index_and_bfloat16(hf_models, tmp_path):
     got_wte, want_wte = params["token_embedder"]["embedding"], want["token_embedder"]["embedding"]
     assert got_wte.dtype == np.float32 and not np.array_equal(got_wte, want_wte)  # was bf16
     np.testing.assert_allclose(got_wte, want_wte, rtol=1e-2, atol=1e-2)
+    # A tensor in two shards: which copy won was the order the shards were read in.
+    safetensors.torch.save_file({names[0]: tensors[names[0]], names[1]: tensors[names[1]]},
+                                tmp_path / "b.safetensors", metadata={"format": "pt"})
+    with pytest.raises(hf_interop.InteropError, match=rf"^Shards a.safetensors and "
+                                                      rf"b.safetensors in \S+ both hold tensor "
+                                                      rf"{re.escape(names[0])}$"):
+        hf_interop.read_hf_dir(tmp_path)
     (tmp_path / "b.safetensors").unlink()
     with pytest.raises(hf_interop.InteropError, match="shard b.safetensors, which is missing"):
         hf_interop.read_hf_dir(tmp_path)
+    # A shard name that leaves the directory is not read.
+    (tmp_path / "sub").mkdir()
+    outside = {k: "../a.safetensors" for k in names}
+    (tmp_path / "sub" / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": outside}))
+    (tmp_path / "sub" / "config.json").write_text((src / "config.json").read_text())
+    with pytest.raises(hf_interop.InteropError, match=r"names shard '../a.safetensors', which is "
+                                                      r"not a file name in that directory"):
+        hf_interop.read_hf_dir(tmp_path / "sub")
 
 
-def _copy_hf_dir(src, dst, *, config=None, tensors=None):
+def _copy_hf_dir(src, dst, *, config=None, tensors=None, drop=()):
     dst.mkdir(exist_ok=True)
-    cfg = json.loads((src / "config.json").read_text())
-    (dst / "config.json").write_text(json.dumps({**cfg, **(config or {})}))
+    cfg = {**json.loads((src / "config.json").read_text()), **(config or {})}
+    (dst / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k not in drop}))
     data = safetensors.numpy.load_file(src / "model.safetensors")
     if tensors is not None:
         data = tensors(data)
@@ -224,7 +342,8 @@ def test_bad_directories(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     (dict(config={"model_type": "llama"}), "Unsupported HF model_type 'llama'"),
-    (dict(config={"feed_forward_proj": "gelu"}), "feed_forward_proj='gelu' is not supported"),
+    (dict(config={"feed_forward_proj": "gelu", "dense_act_fn": "gelu"}),
+     "feed_forward_proj='gelu' with dense_act_fn='gelu', is_gated_act=false is not supported"),
     (dict(config={"d_model": 48}), "does not fit token_embedder/embedding"),
     (dict(tensors=lambda t: {k: v for k, v in t.items() if "encoder.block.1.layer.0.S" not in k}),
      "lacks 4 tensor.*encoder.block.1.layer.0.SelfAttention.q"),
@@ -295,6 +414,12 @@ def test_malformed_safetensors_are_one_error_naming_the_file(hf_models, tmp_path
     ("t5_v1_0", {"feed_forward_proj": ["relu"]}, r'feed_forward_proj=\["relu"\] is not a string'),
     ("t5_v1_0", {"d_kv": 12.0}, "d_kv=12.0 is not a positive integer"),
     ("t5_v1_0", {"tie_word_embeddings": 1}, "tie_word_embeddings=1 is not true or false"),
+    ("t5_v1_0", {"dense_act_fn": None}, "dense_act_fn=null is not a string"),
+    ("t5_v1_0", {"is_gated_act": "no"}, 'is_gated_act="no" is not true or false'),
+    ("gpt2", {"num_attention_heads": 4}, r"num_attention_heads=4 and n_head=3 disagree \("
+                                         "num_attention_heads is HF's alias of n_head"),
+    ("gpt2", {"num_attention_heads": 3.0}, "num_attention_heads=3.0 and n_head=3 disagree"),
+    ("t5_v1_0", {"hidden_size": 41}, "hidden_size=41 and d_model=40 disagree"),
 ])
 def test_malformed_configs_are_one_error_naming_the_file(hf_models, tmp_path, kind, config,
                                                          message):
