@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 import struct
 from typing import Any, Callable, Mapping
 
@@ -30,7 +31,7 @@ from etils import epath
 from flax import traverse_util
 
 from t5x_lite.checkpoints import CheckpointError
-from t5x_lite.config import ModelConfig, gpt2, t5_1_0
+from t5x_lite.config import ConfigError, ModelConfig, gpt2, t5_1_0
 from t5x_lite.models import abstract_variables, build_model
 from t5x_lite.transformer import stack_layers, unstack_layers
 
@@ -310,6 +311,22 @@ def model_config_from_hf(hf: Mapping[str, Any], tensors: Mapping[str, np.ndarray
     transformers runs (`_t5_mlp`). Every field used is type-checked; errors name `source` (the
     config.json path).
     """
+    try:
+        return _model_config(hf, tensors, scan_layers, source)
+    except ConfigError as e:  # a value HF takes that t5x_lite's model does not (HF's names)
+        message = str(e).removeprefix("Invalid model config: ")
+        for ours, theirs in _OUR_FIELDS.items():
+            message = re.sub(rf"\b{ours}\b", theirs, message)
+        raise InteropError(f"{source}: {message}") from None
+
+
+# t5x_lite's ModelConfig fields whose HF names differ, for its checks' messages.
+_OUR_FIELDS = {"relative_max_distance": "relative_attention_max_distance",
+               "relative_buckets": "relative_attention_num_buckets",
+               "norm_eps": "layer_norm_epsilon"}
+
+
+def _model_config(hf, tensors, scan_layers: bool, source: str) -> ModelConfig:
     hf, from_alias = _resolve_aliases(hf, source)
     get = functools.partial(_field, hf, source, names=from_alias)
     model_type = hf.get("model_type")

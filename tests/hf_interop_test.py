@@ -420,6 +420,10 @@ def test_malformed_safetensors_are_one_error_naming_the_file(hf_models, tmp_path
                                          "num_attention_heads is HF's alias of n_head"),
     ("gpt2", {"num_attention_heads": 3.0}, "num_attention_heads=3.0 and n_head=3 disagree"),
     ("t5_v1_0", {"hidden_size": 41}, "hidden_size=41 and d_model=40 disagree"),
+    # HF takes it (and fails only on inputs past 2 x 30 tokens); t5x_lite's check, HF's names
+    ("t5_v1_0", {"relative_attention_num_buckets": 64, "relative_attention_max_distance": 30},
+     r"relative_attention_max_distance must be > relative_attention_num_buckets // 2 = 32, got "
+     r"30$"),
 ])
 def test_malformed_configs_are_one_error_naming_the_file(hf_models, tmp_path, kind, config,
                                                          message):
