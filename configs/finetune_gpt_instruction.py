@@ -20,5 +20,5 @@ from t5x_lite import finetune_config
 def get_config(arg: str = ""):
     c = finetune_config.build(arg, family="gpt", objective="prompt_completion",
                               inputs_length=512, lr=1e-4, optimizer="adamw")
-    c.decode.max_new_tokens = 128
+    c.decode.max_new_tokens = min(128, max(c.data.seq_len // 2, 1))  # at most half a row
     return c

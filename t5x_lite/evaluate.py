@@ -38,7 +38,8 @@ _BATCH = flags.DEFINE_integer("batch_size", 0, "Teacher-forced global batch (0: 
                               "config.train.batch_size).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 0, "Decode length (0: T5 targets_length, GPT "
                                 "config.decode.max_new_tokens).")
-_NAME = flags.DEFINE_string("name", "", "Write to WORKDIR/eval/NAME/<step> (e.g. test, 3shot).")
+_NAME = flags.DEFINE_string("name", "", "Write to WORKDIR/eval/NAME/<step> (e.g. test; few-shot "
+                            "and --quantize default to 3shot, 0shot_choice, int8, ...).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Re-evaluate checkpoints already done.")
 _K = flags.DEFINE_integer("few_shot_k", -1, "Shots per prompt; >= 0 turns on few-shot eval.")
 _SCORING = flags.DEFINE_enum("few_shot_scoring", "generate", ["generate", "choice"],
@@ -51,9 +52,24 @@ _SEED = flags.DEFINE_integer("few_shot_seed", None, "Shot sampling seed (default
 _QUERIES = flags.DEFINE_string("few_shot_queries", "", "JSONL {inputs, targets[, choices]} "
                                "(default: the eval split).")
 _QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8"],
-                              "int8: evaluate per-channel int8 weights (use with --name).")
+                              "int8: evaluate per-channel int8 weights (outputs named int8 by "
+                              "default).")
 _POOL = flags.DEFINE_string("few_shot_pool", "", "JSONL to draw shots from (default: the train "
                             "split).")
+
+
+def _few_shot_flags_problem() -> str:
+    """What is wrong with the few-shot flags on their own ("" if nothing): a k below -1, or
+    few-shot flags without k, which a plain evaluation would silently ignore."""
+    if _K.value < -1:
+        return (f"--few_shot_k must be >= 0 (shots per prompt) or -1 (no few-shot evaluation), "
+                f"got {_K.value}")
+    given = [f"--{f.name}" for f in (_SCORING, _TEMPLATE, _SEPARATOR, _PREFIX, _SEED, _QUERIES,
+                                     _POOL) if flags.FLAGS[f.name].present]
+    if given and _K.value < 0:
+        return (f"{', '.join(given)} without --few_shot_k (shots per prompt, 0 for zero-shot) "
+                "would be ignored")
+    return ""
 
 
 def _settings(config):
@@ -80,6 +96,8 @@ def main(argv):
         cli.exit_with("evaluate", f"unexpected arguments {argv[1:]}")
     if not _WORKDIR.value:
         cli.exit_with("evaluate", "--workdir is required")
+    if _few_shot_flags_problem():
+        cli.exit_with("evaluate", _few_shot_flags_problem())
     if not flags.FLAGS["verbosity"].present:
         cli.quiet_console(logging.INFO)
     from t5x_lite import distributed  # before any device is touched

@@ -62,13 +62,17 @@ def _source_run(init_from: str) -> tuple[str, ml_collections.ConfigDict]:
 
 
 def _format_of(path: str) -> str:
-    return "jsonl" if path.endswith(".jsonl") else "tsv"
+    return "jsonl" if path.lower().endswith(".jsonl") else "tsv"
 
 
 def build(arg: str, *, family: str, objective: str, inputs_length: int, targets_length: int = 0,
           lr: float, optimizer: str) -> ml_collections.ConfigDict:
     """The full run config of one recipe. See the module docstring for `arg`."""
     a = parse_arg(arg)
+    if not a["train"] and (a["validation"] or a["format"]):  # they only describe train's data
+        raise FinetuneConfigError(
+            f"{'validation' if a['validation'] else 'format'}= needs train= (the training "
+            "pairs); without train= the recipe reads data.* from the command line")
     inputs_length = a["inputs_length"] or inputs_length
     targets_length = a["targets_length"] or targets_length or inputs_length
     if a["init_from"]:

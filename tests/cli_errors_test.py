@@ -166,6 +166,21 @@ def test_a_config_file_that_fails_to_run_is_one_line_naming_its_line(tmp_path, t
     assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--few_shot_k=-5"], "--few_shot_k must be >= 0 (shots per prompt) or -1 (no few-shot "
+                          "evaluation), got -5"),
+    (["--few_shot_template={inputs} = {targets}", "--few_shot_pool=p.jsonl"],
+     "--few_shot_template, --few_shot_pool without --few_shot_k (shots per prompt, 0 for "
+     "zero-shot) would be ignored"),
+])
+def test_few_shot_flags_that_would_be_ignored_are_one_line(tmp_path, args, message):
+    """Both ran a plain evaluation, as if the few-shot flags had not been given."""
+    r = subprocess.run([sys.executable, "-m", "t5x_lite.evaluate", f"--workdir={tmp_path}",
+                        *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == f"evaluate: error: {message}", r.stderr[-3000:]
+
+
 def test_config_overrides_without_a_config_file_say_what_is_missing(tmp_path):
     """evaluate's --config is optional (the workdir's config.json): its overrides are not."""
     r = subprocess.run([sys.executable, "-m", "t5x_lite.evaluate", f"--workdir={tmp_path}",

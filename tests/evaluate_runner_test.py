@@ -70,6 +70,16 @@ def _follow_beside(trainer, wd):
         job.join()
 
 
+def test_few_shot_and_quantized_evaluations_are_named_apart_by_default():
+    """Unnamed, they wrote WORKDIR/eval/<step> and replaced the plain evaluation's metrics."""
+    assert EvalSettings().name == ""
+    assert EvalSettings(few_shot=FewShotOptions(k=3)).name == "3shot"
+    assert EvalSettings(quantize="int8").name == "int8"
+    assert EvalSettings(few_shot=FewShotOptions(k=0, scoring="choice"),
+                        quantize="int8").name == "0shot_choice_int8"
+    assert EvalSettings(name="mine", few_shot=FewShotOptions(k=3)).name == "mine"
+
+
 def test_latest_step_and_path(task):
     wd = _workdir(task, "select", steps=(1, 2))
     assert [r["step"] for r in run(None, wd, EvalSettings(**FAST))] == [2]
@@ -200,7 +210,10 @@ def test_few_shot_queries_and_pool_one_file_spelled_two_ways(task, monkeypatch):
     (metrics, ) = run(None, wd, EvalSettings(
         few_shot=FewShotOptions(k=3, max_new_tokens=0), few_shot_queries=str(q),
         few_shot_pool=f"{d}/fs/../fs/q.jsonl"))
-    records = outputs.read_predictions(wd / "eval", 1)
+    # Named by default (3shot), apart from the plain evaluation: it wrote eval/1/metrics.json,
+    # which marked step 1 as evaluated for a plain --checkpoint=all.
+    assert not outputs.is_done(wd / "eval", 1)
+    records = outputs.read_predictions(wd / "eval" / "3shot", 1)
     assert [sorted(r["shots"]) for r in records] == [
         [i for i in range(4) if i != r["index"]] for r in records]
     assert seen and set(seen) == {config.data.targets_length}
@@ -217,7 +230,7 @@ def test_few_shot_pool_from_the_eval_split_itself_never_shows_a_query_its_own_an
     cfg.data.train_paths = cfg.data.validation_paths = (str(d / "data" / "small.tsv"),)
     cfg.data.eval_split = cfg.data.train_split
     run(cfg, wd, EvalSettings(few_shot=FewShotOptions(k=3, max_new_tokens=1, seed=3)))
-    records = outputs.read_predictions(wd / "eval", 1)
+    records = outputs.read_predictions(wd / "eval" / "3shot", 1)
     twins = {1: {1, 3}, 3: {1, 3}}
     for r in records:
         i = r["index"]

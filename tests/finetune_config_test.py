@@ -73,16 +73,20 @@ def test_init_from_takes_model_vocab_and_extra_ids(gpt_workdir):
         _get_config(CONFIGS[2], f"init_from={gpt_workdir}/missing")
 
 
-def test_gpt_decode_length_leaves_room_for_the_prompt(gpt_workdir):
-    """A GPT of max_len 64: rows of 64 tokens; evaluation decodes at most half a row (64 new
-    tokens left no room for any prompt, so every checkpoint's evaluation failed)."""
+@pytest.mark.parametrize("recipe, full", [("finetune_gpt_prompt_completion", 64),
+                                          ("finetune_gpt_instruction", 128)])
+def test_gpt_decode_length_leaves_room_for_the_prompt(gpt_workdir, recipe, full):
+    """A GPT of max_len 64: rows of 64 tokens; evaluation decodes at most half a row (64, or
+    the instruction recipe's 128, new tokens left no room for any prompt, so every
+    checkpoint's evaluation failed)."""
     from t5x_lite.evaluation import predictions
-    c = _get_config(CONFIGS[1], f"init_from={gpt_workdir}")
+    path = next(p for p in CONFIGS if p.stem == recipe)
+    c = _get_config(path, f"init_from={gpt_workdir}")
     model = ModelConfig.from_dict(c.model)
     assert c.data.seq_len == model.max_len == 64 and c.decode.max_new_tokens == 32
     prompt = predictions.gpt_prompt(model, list(range(3, 100)), c.decode.max_new_tokens, True)
     assert len(prompt) == 64 - (32 - 1)  # the start id and the prompt's last 32 tokens
-    assert _get_config(CONFIGS[1], "").decode.max_new_tokens == 64  # 512-token rows
+    assert _get_config(path, "").decode.max_new_tokens == full  # 512-token rows
 
 
 def test_bad_arguments():
@@ -91,6 +95,14 @@ def test_bad_arguments():
     with pytest.raises(finetune_config.FinetuneConfigError, match="steps must be int"):
         finetune_config.parse_arg("steps=many")
     assert finetune_config.parse_arg("lr=3e-4, batch=8")["lr"] == 3e-4
+    for arg in ("validation=/d/dev.tsv", "format=jsonl"):  # were dropped without a word
+        with pytest.raises(finetune_config.FinetuneConfigError, match=r"^(validation|format)= "
+                                                                      r"needs train="):
+            finetune_config.build(arg, family="t5", objective="seq2seq", inputs_length=16,
+                                  lr=1e-3, optimizer="adafactor")
+    upper = finetune_config.build("train=/d/A.JSONL", family="t5", objective="seq2seq",
+                                  inputs_length=16, lr=1e-3, optimizer="adafactor")
+    assert upper.data.source == "jsonl"  # was read as TSV
     with pytest.raises(finetune_config.FinetuneConfigError, match="both splits need one format"):
         finetune_config.build("train=/d/a.jsonl,validation=/d/b.tsv", family="t5",
                               objective="seq2seq", inputs_length=16, lr=1e-3,

@@ -29,12 +29,12 @@ t5x_lite GPTs get the decoder start id 0 before the prompt (see predictions.py).
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 from etils import epath
 
+from t5x_lite import files
 from t5x_lite.errors import UserError
 from t5x_lite.evaluation import likelihood, predictions, text_metrics
 from t5x_lite.evaluation.predictions import Example
@@ -151,6 +151,7 @@ def build_prompts(queries: Sequence[Example], pool: Sequence[Example], *, k: int
         for j, ex in enumerate(pool):
             by_inputs.setdefault(text_metrics.normalize(ex.inputs), []).append(j)
     parts = _entry_parts(pool)
+    rank = {j: t for part in parts.values() for t, j in enumerate(part)}  # index in its entry
     prompts, shots = [], []
     for i, q in enumerate(queries):
         exclude = set(by_inputs.get(text_metrics.normalize(q.inputs), ()))
@@ -160,10 +161,9 @@ def build_prompts(queries: Sequence[Example], pool: Sequence[Example], *, k: int
         if part is None:
             idx = draw_shots(len(pool), k, seed, i, exclude=exclude)
         else:  # the same draw over the entry's examples, numbered within the entry
-            where = {j: t for t, j in enumerate(part)}
             try:
-                picks = draw_shots(len(part), k, seed, i,
-                                   exclude=[where[j] for j in exclude if j in where])
+                picks = draw_shots(len(part), k, seed, i, exclude=[
+                    rank[j] for j in exclude if pool[j].entry == q.entry])
             except FewShotError as e:
                 raise FewShotError(f"data.mixture entry {q.entry!r}: {e}") from None
             idx = [part[t] for t in picks]
@@ -193,9 +193,9 @@ def read_jsonl(path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise FewShotError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            rec = files.json_line(line)
+        except ValueError as e:
+            raise FewShotError(f"{path}:{n}: invalid JSON ({e})") from None
         ok = (isinstance(rec, dict) and isinstance(rec.get("inputs"), str)
               and isinstance(rec.get("targets"), str))
         choices = rec.get("choices") if isinstance(rec, dict) else None

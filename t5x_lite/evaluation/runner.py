@@ -84,6 +84,9 @@ class EvalSettings:
     few_shot_pool: str = ""  # JSONL; "" = the train split's pairs
 
     def __post_init__(self):
+        if not self.name and (self.few_shot is not None or self.quantize != "none"):
+            # Apart from the plain evaluation, whose metrics (and done steps) they would replace.
+            object.__setattr__(self, "name", default_name(self.few_shot, self.quantize))
         if self.batch_size < 0 or self.max_new_tokens < 0:
             raise EvalError(f"batch_size and max_new_tokens must be >= 0 (0: the config's), got "
                             f"{self.batch_size} and {self.max_new_tokens}")
@@ -100,6 +103,17 @@ class EvalSettings:
         if not (self.poll_interval > 0 and self.follow_timeout >= 0):
             raise EvalError(f"poll_interval must be > 0 and follow_timeout >= 0, got "
                             f"{self.poll_interval} and {self.follow_timeout}")
+
+
+def default_name(options: few_shot.FewShotOptions | None, quantize: str) -> str:
+    """The outputs' name of a few-shot or quantized evaluation given none: "3shot",
+    "0shot_choice", "int8", "3shot_int8"."""
+    parts = []
+    if options is not None:
+        parts.append(f"{options.k}shot" + ("_choice" if options.scoring == "choice" else ""))
+    if quantize != "none":
+        parts.append(quantize)
+    return "_".join(parts)
 
 
 class Evaluator:
