@@ -71,6 +71,43 @@ def test_adafactor_state_is_factored_without_momentum():
     assert sum(x.size for x in leaves) < 256 * 128
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_adafactor_is_optax_adafactor_per_layer_of_a_scanned_stack(weight_decay):
+    """Unscanned params: the updates (and state layout) of optax.adafactor with T5's settings.
+    A scanned stack's leaf ([layers, ...] under "layers"): each layer's update is what that
+    layer alone gets; optax took the update clipping and parameter-scale RMS over the whole
+    stack, so a scanned model trained otherwise than the same model unscanned."""
+    tx, schedule = optimizers.make_optimizer(_opt(weight_decay=weight_decay), 100)
+    ref = optax.chain(optax.clip_by_global_norm(1.0), optax.adafactor(
+        learning_rate=schedule, decay_rate=0.8, clipping_threshold=1.0,
+        multiply_by_parameter_scale=True, momentum=None, factored=True,
+        min_dim_size_to_factor=128, weight_decay_rate=weight_decay or None,
+        weight_decay_mask=optimizers.decay_mask if weight_decay else None))
+    rng = np.random.default_rng(0)
+    # layers of very different scales: a shared RMS would give both the same update size
+    layers = [{"wi": jnp.asarray(rng.normal(size=(256, 130)) * s, jnp.float32),
+               "norm": {"scale": jnp.asarray(rng.normal(size=(256,)) * s, jnp.float32)}}
+              for s in (0.05, 1.0)]
+    params = {"layers_0": layers[0], "layers_1": layers[1]}
+    stacked = {"layers": {"block": jax.tree.map(lambda *x: jnp.stack(x), *layers)}}
+    mine, theirs = tx.init(params), ref.init(params)
+    assert jax.tree.structure(mine) == jax.tree.structure(theirs)
+    scan_state = tx.init(stacked)
+    for _ in range(3):
+        grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 0.1, jnp.float32),
+                              layer) for layer in layers]
+        g = {"layers_0": grads[0], "layers_1": grads[1]}
+        got, mine = tx.update(g, mine, params)
+        want, theirs = ref.update(g, theirs, params)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9),
+                     got, want)
+        g_stacked = {"layers": {"block": jax.tree.map(lambda *x: jnp.stack(x), *grads)}}
+        per_layer, scan_state = tx.update(g_stacked, scan_state, stacked)
+        for i in range(2):
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-8),
+                         per_layer["layers"]["block"], got[f"layers_{i}"])
+
+
 def test_global_norm_clipping():
     tx, _ = optimizers.make_optimizer(_opt(name="adamw", schedule="constant", learning_rate=1.0,
                                            grad_clip=1.0, weight_decay=0.0), 10)

@@ -1,8 +1,8 @@
 """Optimizers and learning-rate schedules from the `optimizer` config section.
 
 - `adafactor` with the T5 defaults: decay_rate 0.8, update clipping 1.0, updates scaled by the
-  parameter RMS, no momentum, factored second moments, and lr = 1/sqrt(max(step, warmup_steps))
-  (schedule 'rsqrt'; 'constant' uses `learning_rate`).
+  parameter RMS (both per layer of a scanned stack), no momentum, factored second moments, and
+  lr = 1/sqrt(max(step, warmup_steps)) (schedule 'rsqrt'; 'constant' uses `learning_rate`).
 - `adamw` with linear warmup then cosine / linear decay to `end_lr_fraction * learning_rate`
   (or constant), decoupled weight decay.
 Both chain global-norm gradient clipping (`grad_clip`, 0 = off) in front.
@@ -53,6 +53,47 @@ def make_schedule(opt: ml_collections.ConfigDict, num_steps: int) -> Callable:
     return optax.join_schedules([warm, decay], [warmup])
 
 
+def _adafactor(schedule: Callable, weight_decay: float, mask) -> optax.GradientTransformation:
+    """`optax.adafactor` with T5's settings (decay_rate 0.8, update clipping 1.0, updates scaled
+    by the parameter RMS, no momentum, factored second moments), its transformations in its
+    order (so its state), except that the update clipping and the parameter scale take the
+    RMS of each layer of a scanned stack: optax's take it over a whole [layers, ...] leaf, so
+    every layer got the stack's RMS and a scanned model trained differently from the same
+    model unscanned (T5X treats the layer axis as a batch axis too).
+
+    Weight decay (`weight_decay` x param, masked) is added after the lr scaling, as in optax and
+    T5X: it is not multiplied by the learning rate, unlike AdamW's."""
+    parts = [optax.scale_by_factored_rms(factored=True, decay_rate=0.8,
+                                         min_dim_size_to_factor=128),
+             _per_block(lambda u, p, rms_u, rms_p: u / jnp.maximum(1.0, rms_u)),  # clip at 1
+             optax.scale_by_learning_rate(schedule, flip_sign=False),
+             _per_block(lambda u, p, rms_u, rms_p: u * jnp.maximum(rms_p, 1e-3))]
+    if weight_decay:  # left out of the chain (and its state) when unused, as optax does
+        parts.append(optax.add_decayed_weights(weight_decay, mask=mask))
+    parts.append(optax.scale(-1.0))
+    return optax.chain(*parts)
+
+
+def _per_block(fn: Callable) -> optax.GradientTransformation:
+    """A stateless transformation u -> fn(u, param, rms(u), rms(param)) with the RMS over each
+    block: a whole param, or one layer of a scanned stack (a leaf under a "layers" key, its
+    leading axis the layers)."""
+    def rms(x, stacked: bool):
+        axes = tuple(range(1, x.ndim)) if stacked and x.ndim > 1 else None
+        return jnp.sqrt(jnp.mean(jnp.square(x), axis=axes, keepdims=axes is not None))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("Adafactor's block RMS scaling needs the params")
+
+        def one(path, u, p):
+            stacked = "layers" in [getattr(k, "key", None) for k in path]
+            return fn(u, p, rms(u, stacked), rms(p, stacked))
+        return jax.tree_util.tree_map_with_path(one, updates, params), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def _leaf_name(path) -> str:
     return str(getattr(path[-1], "key", path[-1]))
 
@@ -89,13 +130,7 @@ def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int
     mask = lambda params: decay_mask(params, decay_embeddings)
     wd = float(opt.weight_decay)
     if opt.name == "adafactor":
-        # optax's Adafactor weight decay is multiplied by the lr like T5X's decay_rate (not
-        # decoupled); None keeps the mask out of the state entirely when unused.
-        core = optax.adafactor(
-            learning_rate=schedule, decay_rate=0.8, clipping_threshold=1.0,
-            multiply_by_parameter_scale=True, momentum=None, factored=True,
-            min_dim_size_to_factor=128, weight_decay_rate=wd or None,
-            weight_decay_mask=mask if wd else None)
+        core = _adafactor(schedule, wd, mask)
     else:
         core = optax.adamw(learning_rate=schedule, b1=float(opt.b1), b2=float(opt.b2),
                            eps=float(opt.eps), weight_decay=wd, mask=mask)
