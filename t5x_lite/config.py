@@ -49,6 +49,14 @@ _IGNORED_BEFORE = (
     ("gpt", "scale_logits", True, False),  # only T5's head scales
     ("bert", "scale_logits", True, False),
 )
+# Settings a model uses only in some configurations: (key, whether this config uses it, when it
+# is used). Elsewhere a value other than the default is refused (it would change nothing); a
+# saved config holding one is read with the default and a warning (`from_dict`).
+_USED_ONLY_WITH = (
+    ("rope_theta", lambda c: c.position == "rope", "position='rope'"),
+    ("relative_buckets", lambda c: c.family == "t5", "family 't5'"),
+    ("relative_max_distance", lambda c: c.family == "t5", "family 't5'"),
+)
 _warned: set[str] = set()
 
 
@@ -142,7 +150,10 @@ class ModelConfig:
             (t5 or not self.scale_logits,
              f"scale_logits=True only applies to family 't5' (T5 v1.0's head), not "
              f"{self.family!r}; set scale_logits=False"),
-        ]
+        ] + [(used(self) or getattr(self, key) == _DEFAULTS[key],
+              f"{key}={getattr(self, key)!r} only applies with {when} (this model: family "
+              f"{self.family!r}, position {self.position!r}); leave it at {_DEFAULTS[key]!r}")
+             for key, used, when in _USED_ONLY_WITH]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"Invalid model config: {message}")
@@ -192,6 +203,20 @@ class ModelConfig:
             if message not in _warned:
                 _warned.add(message)
                 logging.warning("%s", message)
+        if upgrade:  # a value older versions accepted where nothing reads it
+            try:
+                probe = cls(**{**d, **{key: _DEFAULTS[key] for key, _, _ in _USED_ONLY_WITH}})
+            except ConfigError:
+                probe = None  # refused for another reason below
+            for key, used, when in _USED_ONLY_WITH:
+                if probe is not None and not used(probe) and d.get(key, _DEFAULTS[key]) != (
+                        _DEFAULTS[key]):
+                    message = (f"model.{key}={d[key]!r} only applies with {when}; this model "
+                               "never used it, so the config is read with the default")
+                    d[key] = _DEFAULTS[key]
+                    if message not in _warned:
+                        _warned.add(message)
+                        logging.warning("%s", message)
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -210,6 +235,8 @@ class ModelConfig:
         sig["max_len"] = self.max_len if self.position == "learned" else None
         return sig
 
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 def t5_1_0(**overrides) -> ModelConfig:
     """T5 v1.0: ReLU MLP, tied embeddings, logits scaled by d_model**-0.5."""

@@ -87,6 +87,7 @@ def test_documented_overrides_parse_on_a_locked_config():
 
 def test_config_files_may_give_paths_as_a_string_or_a_list():
     c = testing.tiny_config("gpt")
+    c.data.source = "text"
     c.data.paths = "/data/a.txt,/data/b.txt"
     assert DataConfig.from_dict(c.data).paths == ("/data/a.txt", "/data/b.txt")
     c.data.paths = ["/data/a.txt"]

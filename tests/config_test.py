@@ -165,7 +165,26 @@ def test_bad_values_are_one_line_errors(overrides, message):
 def test_rope_theta_is_checked_when_used():
     with pytest.raises(mc.ConfigError, match="rope_theta must be > 0, got 0.0"):
         mc.gpt_modern(rope_theta=0.0, **SMALL)
-    mc.gpt2(rope_theta=0.0, **SMALL)  # learned positions: unused
+
+
+@pytest.mark.parametrize("build, key, value", [
+    (mc.gpt2, "rope_theta", 1e6),  # learned positions
+    (mc.t5_1_1, "rope_theta", 500.0),  # relative bias
+    (mc.gpt_modern, "relative_buckets", 8),
+    (mc.gpt2, "relative_max_distance", 3),
+])
+def test_a_setting_the_model_does_not_use_is_refused_and_read_as_default_when_saved(
+        build, key, value, caplog):
+    """They were accepted, with logits identical to the default's: a setting that changes
+    nothing is refused; an old saved config holding one loads as the model it built."""
+    with pytest.raises(mc.ConfigError, match=rf"{key}={value!r} only applies with "):
+        build(**SMALL, **{key: value})
+    saved = {**build(**SMALL).to_dict(), key: value}
+    with caplog.at_level("WARNING"):
+        assert mc.ModelConfig.from_dict(saved) == build(**SMALL)
+    assert f"model.{key}={value!r} only applies with" in caplog.text
+    with pytest.raises(mc.ConfigError, match=f"{key}="):  # a new run: refused
+        mc.ModelConfig.from_dict(saved, upgrade=False)
 
 
 @pytest.mark.parametrize("buckets, max_distance", [(32, 128), (6, 100), (128, 100), (64, 50),
@@ -207,6 +226,10 @@ def test_relative_bucket_bounds_are_exactly_what_the_bucketing_needs(buckets):
 def test_shape_signature_holds_relative_buckets_for_t5_only():
     # The bias table has relative_buckets rows in T5; GPT and BERT build none, so a changed
     # count there is no shape change (it was reported as one).
-    for preset, differs in ((mc.t5_1_1, True), (mc.gpt2, False), (mc.bert, False)):
-        a, b = (preset(vocab_size=64, relative_buckets=n) for n in (32, 16))
-        assert (a.shape_signature() != b.shape_signature()) == differs, preset
+    # (A GPT or BERT config now refuses another count; a saved one reads as the default.)
+    a, b = (mc.t5_1_1(vocab_size=64, relative_buckets=n) for n in (32, 16))
+    assert a.shape_signature() != b.shape_signature()
+    for preset in (mc.gpt2, mc.bert):
+        saved = {**preset(vocab_size=64).to_dict(), "relative_buckets": 16}
+        assert (mc.ModelConfig.from_dict(saved).shape_signature()
+                == preset(vocab_size=64).shape_signature())
