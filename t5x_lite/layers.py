@@ -279,8 +279,11 @@ def dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, bias, scale: float, i
     if impl == "dot_product_attention" and dropout is None and not kv_cache:
         b, h, t, s = jnp.broadcast_shapes(bias.shape, (1, q_BxTxHxK.shape[2], 1, 1))
         bias = jnp.broadcast_to(bias, (b, h, q_BxTxHxK.shape[1], k_BxSxHxK.shape[1]))
-        return jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK,
-                                            bias=bias.astype(q_BxTxHxK.dtype), scale=scale)
+        # In float16 NEG_INF is -inf, and a row with every key masked (a padding row) would
+        # be NaN: half the dtype's lowest stays finite (the scores it is added to are float32).
+        bias = jnp.maximum(bias, jnp.finfo(q_BxTxHxK.dtype).min / 2).astype(q_BxTxHxK.dtype)
+        return jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, bias=bias,
+                                            scale=scale)
     if kv_cache:
         return _cached_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, bias, scale, dropout)
 

@@ -236,6 +236,26 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     assert "bf16" in jaxpr
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_dot_product_attention_impl_keeps_padding_rows_finite(dtype):
+    """jax.nn.dot_product_attention takes the bias in the compute dtype: float16 turned the
+    -1e10 mask into -inf, and an all-padding row (a padded eval batch) into NaN logits, which
+    made the batch's loss NaN though its weights are 0. The xla impl's loss is the reference."""
+    batch = {"encoder_input_tokens": np.array([[5, 6, 7, 1], [0, 0, 0, 0]], np.int32),
+             "decoder_input_tokens": np.array([[0, 8, 9], [0, 0, 0]], np.int32),
+             "decoder_target_tokens": np.array([[8, 9, 1], [0, 0, 0]], np.int32)}
+    batch["decoder_loss_weights"] = (batch["decoder_target_tokens"] > 0).astype(np.float32)
+    cfg = dataclasses.replace(FAMILY_CONFIGS["t5_1_1"], dtype=dtype)
+    params = init_params(cfg)
+    losses = {}
+    for impl in ("xla", "dot_product_attention"):
+        model = build_model(dataclasses.replace(cfg, attention_impl=impl))
+        # op by op: XLA:CPU compiles no float16 x float16 -> float32 dot (jax.nn's attention)
+        assert np.isfinite(np.asarray(model.logits(params, batch))).all(), impl
+        losses[impl] = float(model.loss_fn(params, batch)[0])
+    np.testing.assert_allclose(losses["dot_product_attention"], losses["xla"], rtol=0.02)
+
+
 def test_label_smoothing_and_z_loss_follow_the_formulas():
     from t5x_lite.losses import cross_entropy_sums
     rng = np.random.default_rng(6)
