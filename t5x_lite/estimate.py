@@ -122,7 +122,9 @@ def estimate(config: ml_collections.ConfigDict, *, mesh: tuple[int, int, int] | 
         "flops": {"dense": flops.dense, "attention": flops.attention, "head": flops.head,
                   "forward": flops.forward, "train_step": flops.train,
                   "hardware_step": flops.hardware, "tokens_per_step": flops.tokens,
-                  "per_token": flops.per_token},
+                  "per_token": flops.per_token,
+                  "head_positions": ef.head_positions(cfg, t or s,
+                                                      LossConfig.for_run(config).mlm_predictions)},
         "mfu": mfu,
         "compute_optimal": {"tokens_per_param": ef.CHINCHILLA_TOKENS_PER_PARAM,
                             "tokens": budget.tokens, "steps": budget.steps, "flops": budget.flops},
@@ -209,6 +211,27 @@ def _days(d: float) -> str:
     return f"{d * 24:.1f} h" if d < 2 else f"{d:,.1f} d"
 
 
+def per_token_flops(fl: dict) -> dict[str, float]:
+    """Training FLOPs per token by kind (3 x the forward FLOPs of each kind / tokens per step)."""
+    return {k: 3 * fl[k] / fl["tokens_per_step"] for k in ("dense", "attention", "head")}
+
+
+def _per_token_terms(m: dict, run: dict, fl: dict) -> str:
+    """The per-token line's breakdown, each term computed directly (none as a remainder)."""
+    pt = per_token_flops(fl)
+    attention = f" + attention {pt['attention']:.4g}"
+    n_mm = f"N_mm = {_count(m['matmul_params'])} matmul params"
+    if m["family"] == "t5":
+        return (f"; a T5 token passes one stack (encoder or decoder), so this is ~half of "
+                f"6 x N_mm = {6 * m['matmul_params']:.4g} ({n_mm}); attention "
+                f"{pt['attention']:.4g}")
+    if m["family"] == "bert":
+        return (f" = dense {pt['dense']:.4g} + MLM head {pt['head']:.4g} (on "
+                f"{fl['head_positions']} of {run['length']} positions per row; {n_mm}, the head "
+                f"counted once)" + attention)
+    return f" = 6 x N_mm {pt['dense'] + pt['head']:.4g} ({n_mm})" + attention
+
+
 def format_report(r: dict, config_name: str = "") -> str:
     """The human-readable report (the default output)."""
     m, run, mem, fl = r["model"], r["run"], r["memory_per_device"], r["flops"]
@@ -257,12 +280,8 @@ def format_report(r: dict, config_name: str = "") -> str:
         f"{fl['attention'] / fl['forward']:.0%}, output head {fl['head'] / fl['forward']:.0%})"
         + (f"; with remat recompute {fl['hardware_step']:.4g}"
            if fl["hardware_step"] != fl["train_step"] else ""),
-        f"  per token {fl['per_token']:.4g} over {fl['tokens_per_step']:,} tokens/step; "
-        + (f"6 x N_mm = {6 * m['matmul_params']:.4g} (N_mm = {_count(m['matmul_params'])} "
-           f"matmul params) + attention {fl['per_token'] - 6 * m['matmul_params']:.3g}"
-           if m["family"] != "t5" else
-           f"a T5 token passes one stack (encoder or decoder), so this is ~half of 6 x N_mm = "
-           f"{6 * m['matmul_params']:.4g}"),
+        f"  per token {fl['per_token']:.4g} over {fl['tokens_per_step']:,} tokens/step"
+        + _per_token_terms(m, run, fl),
         "",
         f"Compute-optimal budget (Chinchilla, {r['compute_optimal']['tokens_per_param']} "
         f"tokens/param): {_count(r['compute_optimal']['tokens'])} tokens = "

@@ -111,15 +111,29 @@ def count_params(model) -> int:
     return int(sum(x.size for x in jax.tree.leaves(params)))
 
 
+def head_positions(cfg: ModelConfig, length: int, predictions: int = 0) -> int:
+    """Positions per row the output head runs on in training: every one, except BERT with
+    `predictions` = k > 0, whose MLM loss runs the head on k scored positions (all when k >= T,
+    as `models.EncoderOnlyModel._scored`). `length`: decoder length for T5."""
+    if cfg.family == "bert" and predictions > 0:
+        return min(predictions, length)
+    return length
+
+
+def head_params(cfg: ModelConfig) -> int:
+    """Matmul params of the output head, run once per head position: the d x V projection, and
+    BERT's MLM dense (d x d; `bert.Bert`: dense -> gelu -> norm -> tied projection)."""
+    d = cfg.d_model
+    return d * cfg.vocab_size + (d * d if cfg.family == "bert" else 0)
+
+
 def matmul_params(cfg: ModelConfig) -> int:
     """N_mm: params used as matmul weights per token, with the output head counted once."""
-    d, v, hk = cfg.d_model, cfg.vocab_size, cfg.num_heads * cfg.head_dim
+    d, hk = cfg.d_model, cfg.num_heads * cfg.head_dim
     kernels = 4 * d * hk + (len(MLP_ACTIVATIONS[cfg.mlp]) + 1) * d * cfg.d_ff
-    n = cfg.num_layers * kernels + d * v
+    n = cfg.num_layers * kernels + head_params(cfg)
     if cfg.family == "t5":
         n += cfg.decoder_layers * (kernels + 4 * d * hk)
-    if cfg.family == "bert":
-        n += d * d
     return n
 
 
@@ -164,26 +178,23 @@ def _stack(cfg: ModelConfig, layers: int, batch: int, tq: int, tk: int, cross_le
 
 def step_flops(cfg: ModelConfig, batch: int, length: int, targets_length: int | None = None,
                predictions: int = 0) -> StepFlops:
-    """FLOPs of one training step on a global batch.
+    """FLOPs of one training step on a global batch: the one count of model FLOPs, also the
+    trainer's MFU (`training/flops.py` calls this).
 
     Args:
       length: encoder length S (T5, BERT) or sequence length (GPT).
       targets_length: decoder length T (T5 only).
       predictions: BERT's MLM head positions per row when > 0 (`LossConfig.mlm_predictions`).
     """
-    d, v = cfg.d_model, cfg.vocab_size
     if cfg.family == "t5":
         t = targets_length or length
         e_dense, e_attn = _stack(cfg, cfg.num_layers, batch, length, length)
         d_dense, d_attn = _stack(cfg, cfg.decoder_layers, batch, t, t, cross_len=length)
-        dense, attn, head, tokens = e_dense + d_dense, e_attn + d_attn, 2 * batch * t * d * v, \
-            batch * (length + t)
+        dense, attn, tokens = e_dense + d_dense, e_attn + d_attn, batch * (length + t)
+        head = 2 * batch * head_positions(cfg, t) * head_params(cfg)
     else:
         dense, attn = _stack(cfg, cfg.num_layers, batch, length, length)
-        head = 2 * batch * length * d * v
-        if cfg.family == "bert":
-            scored = min(predictions, length) if predictions else length
-            head = 2 * batch * scored * (d * v + d * d)
+        head = 2 * batch * head_positions(cfg, length, predictions) * head_params(cfg)
         tokens = batch * length
     # Remat re-runs (part of) each layer's forward inside the backward pass.
     recompute = {"none": 0.0, "full": dense + attn, "dots": 0.0, "dots_no_batch": attn}[cfg.remat]

@@ -98,13 +98,51 @@ def test_flops_equal_a_hand_count_for_tiny_t5():
     assert f.tokens == b * (s + t)
 
 
-@pytest.mark.parametrize("name", ["tiny_t5", "tiny_gpt", "gpt_1b", "t5_1_1_base"])
+@pytest.mark.parametrize("name", ["tiny_t5", "tiny_gpt", "tiny_bert", "gpt_1b", "t5_1_1_base"])
 def test_flops_agree_with_the_trainers_mfu_count(name):
     c = load_config(name)
     cfg = ModelConfig.from_dict(c.model)
     s, t = estimate_xla.sequence_lengths(c)
-    ours = ef.step_flops(cfg, c.train.batch_size, s, t).train
-    assert ours == pytest.approx(trainer_flops.train_step_flops(cfg, c.train.batch_size, s, t))
+    k = LossConfig.for_run(c).mlm_predictions  # tiny_bert: the head on 19 of 128 positions
+    ours = ef.step_flops(cfg, c.train.batch_size, s, t, k).train
+    assert ours == trainer_flops.train_step_flops(cfg, c.train.batch_size, s, t, k)
+
+
+def test_flops_equal_a_hand_count_for_tiny_bert():
+    # tiny_bert: V=8192, D=H*K=128, F=512, gelu, L=2, B=16, S=128; the MLM head (mlm_dense d x d,
+    # then the tied d x V projection) runs on the 19 scored positions per row.
+    c = load_config("tiny_bert")
+    cfg = ModelConfig.from_dict(c.model)
+    b, s, d, f_, v, k = 16, 128, 128, 512, 8192, 19
+    assert LossConfig.for_run(c).mlm_predictions == k
+    fl = ef.step_flops(cfg, b, s, predictions=k)
+    assert fl.dense == 2 * 2 * b * s * (4 * d * d + 2 * d * f_)
+    assert fl.attention == 2 * 4 * b * s * s * d
+    assert fl.head == 2 * b * k * (d * d + d * v)
+    assert ef.matmul_params(cfg) == 2 * (4 * d * d + 2 * d * f_) + d * d + d * v
+
+
+def _per_token_line(r):
+    return next(x for x in estimate.format_report(r).splitlines() if "per token" in x)
+
+
+@pytest.mark.parametrize("name", ["tiny_bert", "tiny_gpt", "tiny_t5"])
+def test_report_per_token_terms_are_direct_and_non_negative(name):
+    import re
+    r = estimate.estimate(load_config(name), mesh=(1, 1, 1))
+    fl = r["flops"]
+    line = _per_token_line(r)
+    numbers = [float(x) for x in re.findall(r"[-+]?\d[\d.]*e[-+]\d+", line)]
+    assert numbers and all(x >= 0 for x in numbers), line
+    attention = float(re.search(r"attention ([-+]?[\d.]+e[-+]\d+)", line).group(1))
+    direct = 3 * fl["attention"] / fl["tokens_per_step"]
+    assert attention == pytest.approx(direct, rel=1e-3), line
+    if name == "tiny_bert":  # the head on its 19 scored positions, printed on its own
+        head = float(re.search(r"MLM head ([\d.]+e[-+]\d+) \(on 19 of 128 positions", line)
+                     .group(1))
+        assert head == pytest.approx(3 * fl["head"] / fl["tokens_per_step"], rel=1e-3), line
+    if name != "tiny_t5":  # the printed terms add up to the per-token total
+        assert sum(numbers[1:]) == pytest.approx(fl["per_token"], rel=1e-3), line
 
 
 def test_remat_adds_hardware_flops_only():
@@ -117,9 +155,10 @@ def test_remat_adds_hardware_flops_only():
 
 
 def test_peak_flops_table_matches_the_trainers():
-    kinds = {"tpu_v4": "TPU v4", "tpu_v5e": "TPU v5 lite", "tpu_v5p": "TPU v5p",
-             "tpu_v6e": "TPU v6e", "a100": "NVIDIA A100-SXM4-80GB", "h100": "NVIDIA H100 80GB HBM3",
-             "h200": "NVIDIA H200"}
+    # The device kinds jax reports (a v5p chip is "TPU v5", a v6e "TPU v6 lite").
+    kinds = {"tpu_v4": "TPU v4", "tpu_v5e": "TPU v5 lite", "tpu_v5p": "TPU v5",
+             "tpu_v6e": "TPU v6 lite", "a100": "NVIDIA A100-SXM4-80GB",
+             "h100": "NVIDIA H100 80GB HBM3", "h200": "NVIDIA H200"}
     for name, acc in ef.ACCELERATORS.items():
         assert trainer_flops.peak_flops_per_device(kinds[name]) == acc.peak_bf16_flops, name
 
