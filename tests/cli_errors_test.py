@@ -113,6 +113,19 @@ def test_user_errors_share_one_base_class():
     ({"train.batch_size": 0}, "batch_size must be >= 1"),
     ({"data.source": "jsonl"}, "needs data.paths"),
     ({"mesh.data": 3}, r"needs 3 devices"),
+    # trained silently wrong (ascent; smoothing ignored; no eval), or "diverged" at step 1,
+    # or (a normaliser that is no number) failed after the checkpoint directory was made
+    ({"train.loss_normalizer": "-1"}, r"train.loss_normalizer must be 'tokens' or a number "
+                                      r"> 0, got -1.0"),
+    ({"train.loss_normalizer": "0"}, r"train.loss_normalizer must be 'tokens' or a number"),
+    ({"train.loss_normalizer": "sequences"}, r"loss_normalizer must be .*got 'sequences'"),
+    ({"optimizer.learning_rate": -0.01}, r"optimizer.learning_rate must be a number >= 0, got "
+                                         r"-0.01"),
+    ({"train.label_smoothing": 1.0}, r"train.label_smoothing must be in \[0, 1\), got 1.0"),
+    ({"train.label_smoothing": -0.1}, r"train.label_smoothing must be in \[0, 1\)"),
+    ({"train.eval_batches": -1}, r"train.eval_batches must be a number >= 0, got -1"),
+    ({"train.z_loss": float("nan")}, r"train.z_loss must be a number >= 0, got nan"),
+    ({"optimizer.end_lr_fraction": 1.5}, r"optimizer.end_lr_fraction must be in \[0, 1\]"),
 ])
 def test_a_config_that_fails_leaves_no_workdir(tmp_path, override, message):
     """No saved config is left behind to disagree with the corrected run."""

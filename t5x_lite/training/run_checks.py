@@ -63,7 +63,37 @@ def check_loop_numbers(config, error: type[UserError]) -> None:
     if int(tc.batch_size) % int(tc.microbatches):
         raise error(f"train.batch_size={tc.batch_size} is not divisible by "
                     f"train.microbatches={tc.microbatches}")
+    _check_loss_and_optimizer_numbers(config, error)
     check_model_for_data(config, error)
+
+
+def _check_loss_and_optimizer_numbers(config, error: type[UserError]) -> None:
+    """Values that would train silently wrong (a negative normaliser or learning rate ascends
+    the loss, a negative label smoothing was ignored) or stop with a misleading "diverged"
+    (label_smoothing 1, normaliser 0)."""
+    at_least_0 = (lambda x: x >= 0, "a number >= 0")
+    tc, opt = config.train, config.get("optimizer")
+    checks = [("train.eval_batches", tc.get("eval_batches", 0), at_least_0),
+              ("train.z_loss", tc.get("z_loss", 0.0), at_least_0),
+              ("train.label_smoothing", tc.get("label_smoothing", 0.0),
+               (lambda x: 0 <= x < 1, "in [0, 1)"))]
+    if tc.get("loss_normalizer", "tokens") != "tokens":  # a number, often as a string
+        try:
+            normalizer = float(tc.loss_normalizer)
+        except (TypeError, ValueError):
+            normalizer = tc.loss_normalizer
+        checks.append(("train.loss_normalizer", normalizer,
+                       (lambda x: x > 0, "'tokens' or a number > 0")))
+    if opt is not None:
+        checks += [(f"optimizer.{key}", opt.get(key, 0), at_least_0)
+                   for key in ("learning_rate", "warmup_steps", "decay_steps", "weight_decay",
+                               "grad_clip", "eps")]
+        checks.append(("optimizer.end_lr_fraction", opt.get("end_lr_fraction", 0.0),
+                       (lambda x: 0 <= x <= 1, "in [0, 1]")))
+    for key, value, (ok, what) in checks:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (number and math.isfinite(value) and ok(value)):
+            raise error(f"{key} must be {what}, got {value!r}")
 
 
 _FAMILY_OBJECTIVES = {"t5": objectives.ENCODER_DECODER, "gpt": objectives.DECODER_ONLY,
