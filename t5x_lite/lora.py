@@ -1,10 +1,13 @@
 """LoRA: low-rank adapters on chosen projection kernels, trained while the base stays frozen.
 
-For each kernel W whose path matches `targets` (e.g. `query|value`), the adapters are
-A [*in, r] (normal, std 1/sqrt(fan_in)) and B [r, *out] (zeros, so training starts at the base
-model), and the effective kernel is W + (alpha / r) * A @ B. The merge happens inside the jitted
-loss from the frozen base and the trainable adapters: the base is never copied, the optimizer
-state exists only for the adapters, and checkpoints hold only the adapters.
+For each projection kernel W whose path matches `targets` (e.g. `query|value`), the adapters
+are A [*in, r] (normal, std 1/sqrt(fan_in)) and B [r, *out] (zeros, so training starts at the
+base model), and the effective kernel is W + (alpha / r) * A @ B. The pattern is matched against
+projection-kernel paths only: biases (also the 2-D per-head query_bias of use_bias models, GPT-2
+and BERT), norm scales and relative-position tables are never targets, so `query|value` needs no
+anchoring. The merge happens inside the jitted loss from the frozen base and the trainable
+adapters: the base is never copied, the optimizer state exists only for the adapters, and
+checkpoints hold only the adapters.
 
     python -m t5x_lite.train --config=configs/lora_tiny_t5.py --workdir=/tmp/lora \\
         --config.lora.base=/tmp/tiny_t5
@@ -51,7 +54,8 @@ class LoraConfig:
 
     base: str = ""  # base checkpoint: workdir, its checkpoints/ or checkpoints/<step>
     base_step: int = -1  # the base's step the adapters apply to; -1: pinned at the first start
-    targets: str = "query|value"  # regex (re.search) over kernel paths, e.g. 'query|value|wi'
+    # regex (re.search) over projection-kernel paths (never biases), e.g. 'query|value|wi'
+    targets: str = "query|value"
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -73,10 +77,43 @@ class LoraConfig:
         return compression.section_config(cls, d, "lora")
 
 
+def _is_bias(path: str) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    return name == "bias" or name.endswith("_bias")
+
+
+def _projection_kernels(by_path: dict[str, tuple]) -> dict[str, tuple]:
+    """{path: axes} of the params LoRA can target: projection kernels (>= 2 dims, an input and
+    an output dimension, `compression.kernel_dims`). Biases (also the 2-D per-head query_bias
+    [heads, kv] of use_bias models), norm scales and relative-position tables are not."""
+    def is_kernel(path, axes):
+        if len(axes) < 2 or _is_bias(path):
+            return False
+        try:
+            compression.kernel_dims(path, axes)
+        except compression.CompressionError:
+            return False
+        return True
+    return {p: a for p, a in by_path.items() if is_kernel(p, a)}
+
+
 def _target_kernels(axes, targets: str) -> dict[str, compression.KernelDims]:
-    """{path: KernelDims} of the kernels (params with >= 2 dims) whose path matches `targets`."""
+    """{path: KernelDims} of the projection kernels whose path matches `targets` (re.search).
+
+    The pattern is matched against kernel paths only, so `query|value` adapts the query and
+    value kernels and not the query_bias / value_bias beside them (GPT-2, BERT). A pattern that
+    matches no kernel, or that names a param that is not one (matches its whole path or name,
+    e.g. 'query_bias' or 'query|query_bias'), is an error.
+    """
     by_path = compression.axes_by_path(axes)
-    kernels = {p: a for p, a in by_path.items() if len(a) >= 2}
+    kernels = _projection_kernels(by_path)
+    named = sorted(p for p in by_path if p not in kernels and (
+        re.fullmatch(targets, p) or re.fullmatch(targets, p.rsplit("/", 1)[-1])))
+    if named:
+        raise compression.CompressionError(
+            f"lora.targets={targets!r} names {named[:3]}, which are not projection kernels "
+            "(biases, norm scales and relative-position tables are never LoRA targets); kernel "
+            f"paths look like {sorted(kernels)[:3]}")
     found = {p: a for p, a in kernels.items() if re.search(targets, p)}
     if not found:
         raise compression.CompressionError(f"lora.targets={targets!r} matches no kernel; kernel "

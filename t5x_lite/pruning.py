@@ -20,7 +20,11 @@ What is pruned (`structure`):
 - mlp_units: whole MLP hidden units (a column of every wi*, a row of wo, the unit's biases).
 `scope`: 'global' ranks everything together; 'layer' prunes the same fraction of every kernel
 (unstructured) or every attention / MLP block (structured), per layer also in scanned stacks.
-Exactly round(s * n) of the n candidates of each ranking are pruned (ties broken by position).
+Exactly round(s * n) of the n candidates of each ranking are pruned (ties broken by position;
+the count is computed on the host, also past 2**24 candidates, where float32 would be off). On
+the polynomial schedule inside the update, s(t) is a traced float32: the counts at its initial
+and final sparsity are still exact, those of the ramp in between are rounded in float32 (within
+about n * 2**-23 of round(s(t) * n) past 2**24 candidates; see `prune_count`).
 
 Shape legend: L layers (scanned stacks only), U units of a ranking (weights, heads or MLP units).
 """
@@ -28,11 +32,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from t5x_lite import checkpoints, compression, selection
@@ -83,13 +89,23 @@ class PruneConfig:
 
 
 def sparsity_at(step, cfg: PruneConfig, num_steps: int):
-    """Target sparsity after `step` optimizer steps (float32; constant for one-shot; 0 before
-    begin_step)."""
+    """Target sparsity after `step` optimizer steps (0 before begin_step; constant for one-shot).
+
+    A Python float for one-shot and for a static (int) step, computed on the host in float64, so
+    its pruned counts are exact (`prune_count`); float32 for a traced step. The schedule is
+    written s_f (1 - w) + s_i w, w = (1 - frac) ** power, which is s_f and s_i exactly at its
+    ends also in float32.
+    """
     if cfg.schedule == "one_shot":
-        return jnp.float32(cfg.sparsity)
+        return cfg.sparsity
     end = cfg.end_step or num_steps
-    frac = jnp.clip((step - cfg.begin_step) / max(end - cfg.begin_step, 1), 0.0, 1.0)
-    s = cfg.sparsity + (cfg.initial_sparsity - cfg.sparsity) * (1.0 - frac) ** cfg.power
+    static = isinstance(step, numbers.Integral)
+    xp = np if static else jnp
+    frac = xp.clip((step - cfg.begin_step) / max(end - cfg.begin_step, 1), 0.0, 1.0)
+    w = (1.0 - frac) ** cfg.power
+    s = cfg.sparsity * (1.0 - w) + cfg.initial_sparsity * w
+    if static:
+        return 0.0 if step < cfg.begin_step else float(s)
     return jnp.where(step < cfg.begin_step, 0.0, s).astype(jnp.float32)  # dense before begin
 
 
@@ -163,8 +179,31 @@ def _scores(params_flat, ranking: Ranking, layer_dim: bool):
     return jnp.sqrt(total)
 
 
-def _prune_smallest(scores, sparsity):
-    """Keep masks with exactly round(sparsity * U) False at the smallest scores (see selection).
+def prune_count(sparsity, n: int, anchors=()):
+    """How many of `n` candidates `sparsity` prunes: round(sparsity * n), half to even (uint32).
+
+    A Python / numpy number (one-shot pruning, `prune_params`, the schedule at a static step) is
+    counted on the host, exactly: float32 (x64 is off) would be off by one or more past 2**24
+    candidates (0.7 of 18.9M: 1 short). A traced sparsity (the polynomial schedule inside the
+    optimizer update) is float32: where it equals float32(a) for one of the `anchors` (the
+    schedule's initial and final sparsity, which it reaches exactly) the count is the host's
+    round(a * n); in between it is rounded in float32, exact up to n = 2**24 and within about
+    n * 2**-23 of round(s * n) above (a ramp point, itself a float32 value of the schedule).
+    """
+    if isinstance(sparsity, numbers.Real):
+        return jnp.uint32(round(float(sparsity) * n))
+    s = jnp.asarray(sparsity, jnp.float32)
+    k_f32 = jnp.round(s * float(n))  # float: an int n past 2**31 - 1 overflows int32
+    # float32(n) may round up past n (and past 2**32 - 1, which uint32 cannot hold).
+    k = jnp.where(k_f32 >= jnp.float32(n), jnp.uint32(n), k_f32.astype(jnp.uint32))
+    for a in anchors:
+        k = jnp.where(s == jnp.float32(a), jnp.uint32(round(a * n)), k)
+    return k
+
+
+def _prune_smallest(scores, sparsity, anchors=()):
+    """Keep masks with exactly round(sparsity * U) False at the smallest scores (see selection;
+    the count: `prune_count(sparsity, U, anchors)`).
 
     `scores` is a list of arrays ranked together as one sequence (their ravelled concatenation,
     U entries in all); ties go in that order, as a stable sort would. No sort, no concatenation:
@@ -205,7 +244,7 @@ def _prune_smallest(scores, sparsity):
             return c >= k, c
         return test
 
-    k = jnp.round(sparsity * n).astype(jnp.uint32)
+    k = prune_count(sparsity, n, anchors)
     t, smaller, keys = selection.bisect(at_least(k, lambda key, _, x: key <= x), carry=keys)
     end, _, keys = selection.bisect(  # of the ties at t, those at positions < end are pruned
         at_least(k - smaller, lambda key, i, p: (key == t) & before(i, p, key.shape)),
@@ -235,7 +274,8 @@ def compute_masks(params, axes, cfg: PruneConfig, sparsity, old_masks=None):
     """Boolean keep-masks {path...: mask} for every prunable param (nested like params).
 
     Args:
-      sparsity: fraction to prune (may be a traced scalar).
+      sparsity: fraction to prune: a Python float (exact counts) or a traced float32 scalar
+        (exact at cfg.sparsity and cfg.initial_sparsity, see `prune_count`).
       old_masks: previous masks; what they pruned is ranked first, so it stays pruned.
     """
     params_flat = compression.flat(params)
@@ -249,11 +289,12 @@ def compute_masks(params, axes, cfg: PruneConfig, sparsity, old_masks=None):
             scored = next(m for m in g.members if m.scored)
             s = jnp.where(_unit_mask_of(old_flat, scored, g.layered), s, -1.0)
         scores.append(s)
+    anchors = (cfg.sparsity, cfg.initial_sparsity)
     if per_layer:
-        one = lambda s: _prune_smallest([s], sparsity)[0]
+        one = lambda s: _prune_smallest([s], sparsity, anchors)[0]
         unit_masks = [jax.vmap(one)(s) if g.layered else one(s) for g, s in zip(groups, scores)]
     else:
-        unit_masks = _prune_smallest(scores, sparsity)
+        unit_masks = _prune_smallest(scores, sparsity, anchors)
     masks = {}
     for g, um in zip(groups, unit_masks):
         for m in g.members:

@@ -101,6 +101,65 @@ def test_merge_equals_unmerged_low_rank_path():
     assert np.array_equal(merged[untouched], w[untouched])
 
 
+def _biased(family, scan=False):
+    """GPT-2 / BERT presets: use_bias=True, so a 2-D query_bias / value_bias [heads, kv] sits
+    beside each query / value kernel."""
+    preset = {"gpt2": model_config.gpt2, "bert": model_config.bert}[family]
+    return preset(vocab_size=V, d_model=D, num_heads=H, head_dim=K, d_ff=F, num_layers=2,
+                  max_len=16, dtype="float32", scan_layers=scan)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_default_targets_adapt_the_kernels_of_use_bias_models(family):
+    """The default targets ('query|value') and the README's 'query|value|wi' adapt the query /
+    value (/ wi) kernels of GPT-2 and BERT, never the biases beside them; the LoRA model's
+    logits equal the plain network's on kernels merged by hand (W + (alpha/r) A @ B)."""
+    cfg = _biased(family)
+    assert cfg.use_bias
+    stack = "decoder" if family == "gpt2" else "encoder"
+    boxed = _boxed(cfg)
+    layers = [f"{stack}/layers_{i}" for i in range(2)]
+    qv = {f"{l}/self_attention/{n}" for l in layers for n in ("query", "value")}
+    adapted = lambda ad: {p.rsplit("/", 1)[0] for p in compression.flat(nn.meta.unbox(ad))}
+
+    lcfg = lora.LoraConfig(base="unused", rank=4, alpha=8.0)  # the default targets
+    assert lcfg.targets == "query|value"
+    abstract = jax.eval_shape(lambda: lora.init_adapters(jax.random.key(1), boxed, lcfg))
+    assert adapted(abstract) == qv
+    shapes = {p: x.shape for p, x in compression.flat(nn.meta.unbox(abstract)).items()}
+    assert shapes[f"{layers[0]}/self_attention/query/lora_a"] == (D, 4)
+    assert shapes[f"{layers[0]}/self_attention/query/lora_b"] == (4, H, K)
+    readme = jax.eval_shape(lambda: lora.init_adapters(
+        jax.random.key(1), boxed, lora.LoraConfig(base="unused", targets="query|value|wi")))
+    assert adapted(readme) == qv | {f"{l}/mlp/wi" for l in layers}
+    scanned = jax.eval_shape(lambda: lora.init_adapters(jax.random.key(1),
+                                                        _boxed(_biased(family, True)), lcfg))
+    assert adapted(scanned) == {f"{stack}/layers/block/self_attention/{n}"
+                                for n in ("query", "value")}
+
+    base = _random(boxed)
+    adapters = _random(abstract, seed=1)  # nonzero B
+    w, ad = compression.flat(base), compression.flat(adapters)
+    by_hand = dict(w)
+    for p in qv:
+        by_hand[p] = w[p] + lcfg.scale * np.einsum("dr,rhk->dhk", ad[f"{p}/lora_a"],
+                                                   ad[f"{p}/lora_b"])
+    merged = compression.flat(lora.merge(base, adapters, lcfg))
+    for p, x in w.items():  # biases and every other param untouched
+        if p not in qv:
+            assert np.array_equal(merged[p], x), p
+    model = build_model(cfg)
+    lora_model = lora.LoraModel(model, lcfg)
+    rng = np.random.default_rng(2)
+    batch = {k: rng.integers(1, V, size=(2, 8)).astype(np.int32)
+             for k in model.dummy_batch(2, 8)}
+    got, want, plain = jax.jit(lambda b, a, h, x: (
+        lora_model.logits({"base": b, "lora": a}, x), model.logits(h, x), model.logits(b, x)))(
+            base, adapters, compression.nested(by_hand), batch)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)  # logits up to ~50
+    assert not np.allclose(got, plain, atol=1e-2)  # the adapters changed something
+
+
 def _copy_batch(n=16, t=8, seed=0):
     """T5 'copy the input' fine-tuning task."""
     rng = np.random.default_rng(seed)
@@ -183,6 +242,11 @@ def test_bad_config_errors():
     with pytest.raises(compression.CompressionError, match="matches no kernel"):
         lora.init_adapters(jax.random.key(0), _boxed(_t5()),
                            lora.LoraConfig(base="x", targets="nothing_like_this"))
+    # A pattern naming a param that is not a projection kernel (alone or beside kernels).
+    for targets in ("query_bias", "query|query_bias"):
+        with pytest.raises(compression.CompressionError, match="not (a )?projection kernel"):
+            lora.init_adapters(jax.random.key(0), _boxed(_biased("gpt2")),
+                               lora.LoraConfig(base="x", targets=targets))
     with pytest.raises(compression.CompressionError, match="rank"):
         lora.LoraConfig(rank=0)
     with pytest.raises(compression.CompressionError, match="Unknown lora option"):

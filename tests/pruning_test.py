@@ -42,7 +42,7 @@ def _zero_fraction(params, pattern=pruning.DEFAULT_TARGETS):
 def _stable_sort_keep(scores, sparsity):
     """The reference selection: a stable argsort of the ravelled concatenation (numpy)."""
     flat = np.concatenate([np.ravel(s) for s in scores])
-    k = int(np.round(np.float32(sparsity) * np.float32(flat.size)))
+    k = round(sparsity * flat.size)  # what the README promises, in float64
     keep = np.ones(flat.size, bool)
     keep[np.argsort(flat, kind="stable")[:k]] = False
     return np.split(keep, np.cumsum([np.size(s) for s in scores])[:-1])
@@ -80,6 +80,53 @@ def test_global_selection_holds_about_its_shard_of_the_scores_per_device():
     compiled = jax.jit(lambda s: pruning._prune_smallest(s, 0.5)).lower(scores).compile()
     shard_bytes = sum(s.size * 4 for s in scores) // 8
     assert compiled.memory_analysis().temp_size_in_bytes < 1.5 * shard_bytes
+
+
+@pytest.mark.parametrize("n", [2**24 + 1, 18_900_001, 925_000_001, 2**32 - 1])
+def test_prune_count_is_exact_past_2_24_candidates(n):
+    """round(s * n) (float64, half to even) also where float32 cannot hold s * n (x64 is off):
+    0.7 of 18,900,001 is 13,230,001, float32 made it 13,230,000 (and 0.7 of 925,000,001 33
+    short). Static sparsities are counted on the host; a traced one (the schedule inside the
+    update) is exact where it equals an anchor and within n * 2**-23 + 1 in between."""
+    sparsities = (0.0, 0.013, 0.3, 0.5, 0.7, 0.97, 1.0)
+    want = np.array([round(s * n) for s in sparsities], np.uint32)
+    assert [int(pruning.prune_count(s, n)) for s in sparsities] == want.tolist()
+    in_jit = jax.jit(lambda: [pruning.prune_count(s, n) for s in sparsities])()
+    assert [int(k) for k in in_jit] == want.tolist()
+    traced = jax.jit(lambda s: pruning.prune_count(s, n, anchors=sparsities))
+    np.testing.assert_array_equal(traced(np.float32(sparsities)), want)
+    ramp = np.float32([0.1234567, 0.3000001, 0.6999999])  # no anchors: float32 rounding
+    got = np.asarray(jax.jit(lambda s: pruning.prune_count(s, n))(ramp)).astype(np.int64)
+    exact = np.round(ramp.astype(np.float64) * n)
+    assert np.all(np.abs(got - exact) <= n * 2.0**-23 + 1), (got, exact)
+
+
+def test_optimizer_masks_prune_exactly_round_s_n_past_2_24_candidates():
+    """Through the optimizer: 2**24 + 1 weights ranked together on a polynomial schedule; its
+    initial masks (a static step, on the host) and its final ones (the traced float32 schedule
+    value at end_step) prune exactly round(s * n); float32 counting pruned both 1 short."""
+    n = 2**24 + 1
+    axes = {"big": {"wi": ("embed", "mlp")}, "one": {"wi": ("embed", "mlp")}}
+    cfg = pruning.PruneConfig(sparsity=0.7, schedule="polynomial", initial_sparsity=0.3,
+                              begin_step=0, end_step=2, frequency=2)
+    tx = pruning.prune_optimizer(optax.identity(), cfg, axes, 2)
+
+    @jax.jit
+    def pruned_counts():
+        x = jax.lax.iota(jnp.uint32, n - 1)  # magnitudes in a scrambled order, some tied
+        w = ((x * jnp.uint32(2654435761)) >> 8).astype(jnp.float32) + 1.0
+        params = {"big": {"wi": w.reshape(2, -1)}, "one": {"wi": jnp.ones((1, 1))}}
+        pruned = lambda state: sum(jnp.sum(~m, dtype=jnp.uint32)
+                                   for m in jax.tree.leaves(state.masks))
+        state = tx.init(params)
+        counts = [pruned(state)]
+        for _ in range(2):  # masks again at step 2 (end_step), at the traced s(2)
+            _, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+        return counts + [pruned(state)]
+
+    assert [int(c) for c in pruned_counts()] == [round(0.3 * n), round(0.7 * n)]
+    # At a static step the schedule is a Python float: one-shot style, exact on the host.
+    assert pruning.sparsity_at(0, cfg, 2) == 0.3 and pruning.sparsity_at(2, cfg, 2) == 0.7
 
 
 @pytest.mark.parametrize("scan", [False, True])
