@@ -319,3 +319,6 @@ def test_an_extended_run_warns_when_its_decay_schedule_stretches():
     longer.optimizer.decay_steps = 100
     assert trainer_lib.resumed_lr_change(saved.to_dict(), longer, 100) is None
     assert trainer_lib.resumed_lr_change(None, longer, 100) is None  # a params-only checkpoint
+    older = saved.to_dict()
+    del older["optimizer"]["end_lr_fraction"]  # a config saved before the key existed
+    assert trainer_lib.resumed_lr_change(older, longer, 100) is None  # was an AttributeError

@@ -107,8 +107,8 @@ def resumed_lr_change(saved: dict | None, config, step: int) -> str | None:
     try:
         old = float(optimizers.make_schedule(ml_collections.ConfigDict(saved["optimizer"]),
                                              old_steps)(step))
-    except (optimizers.OptimizerError, KeyError, TypeError, ValueError):
-        return None
+    except (optimizers.OptimizerError, AttributeError, KeyError, TypeError, ValueError):
+        return None  # an older config without some key (ConfigDict: AttributeError)
     new = float(optimizers.make_schedule(config.optimizer, new_steps)(step))
     if abs(new - old) <= 1e-6 * max(abs(old), 1e-12):
         return None
