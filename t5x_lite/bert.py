@@ -56,6 +56,10 @@ class Bert(nn.Module):
         w = param(self, "mlm_dense", dense_init(cfg.d_model), (cfg.d_model, cfg.d_model),
                   ("embed", "mlp"))
         h = jax.nn.gelu(dense(x, w.astype(dtype)), approximate=True)
+        # Back to the residual layout before the norm: left sharded on `tensor` (the kernel's
+        # "mlp" output), a (2, 2, 2) mesh gave wrong gradients (right loss) when every position
+        # is scored (XLA's partitioning of norm + tied projection).
+        h = constrain(h, ("batch", "length", "embed"))
         h = make_norm(cfg, "mlm_norm")(h)
         logits = embedder.attend(h) + param(self, "mlm_bias", nn.initializers.zeros,
                                             (cfg.vocab_size,), ("vocab",))

@@ -88,20 +88,27 @@ def test_every_param_gets_the_intended_partition_spec(name):
 @functools.lru_cache(maxsize=None)
 def _one_device_reference(family):
     """(model, params, batch, loss_and_grad, (loss, grads) on one device) -- once per family."""
-    model, _, _, variables = _created_sharded("t5_1_1" if family == "t5" else "gpt2")
+    model, _, _, variables = _created_sharded({"t5": "t5_1_1", "gpt": "gpt2"}.get(family, family))
     rng = np.random.default_rng(0)
     batch = {"decoder_input_tokens": rng.integers(3, 128, (8, 8)).astype(np.int32),
              "decoder_target_tokens": rng.integers(3, 128, (8, 8)).astype(np.int32)}
     if family == "t5":
         batch["encoder_input_tokens"] = rng.integers(0, 128, (8, 12)).astype(np.int32)
+    if family == "bert":  # MLM over every position (the LossConfig default)
+        batch = {"encoder_input_tokens": rng.integers(3, 128, (8, 8)).astype(np.int32),
+                 "encoder_target_tokens": rng.integers(3, 128, (8, 8)).astype(np.int32),
+                 "encoder_loss_weights": (rng.random((8, 8)) < 0.3).astype(np.float32)}
     # model.init(key 0)'s values, fetched to the host: the reference runs on one device.
     params = jax.device_get(variables["params"])
     grad_fn = jax.value_and_grad(lambda p, b: model.loss_fn(p, b)[0])
     return model, params, batch, grad_fn, jax.jit(grad_fn)(params, batch)
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 4, 2), (2, 1, 4)])
-@pytest.mark.parametrize("family", ["t5", "gpt"])
+@pytest.mark.parametrize("shape, family", [
+    *((shape, family) for shape in [(8, 1, 1), (2, 2, 2), (1, 4, 2), (2, 1, 4)]
+      for family in ("t5", "gpt")),
+    ((2, 2, 2), "bert"),  # its MLM head's gradients were wrong here (the loss right)
+])
 def test_sharded_loss_and_grads_equal_one_device(shape, family):
     model, params, batch, grad_fn, (ref_loss, ref_grads) = _one_device_reference(family)
     mesh = part.make_mesh(*shape)
