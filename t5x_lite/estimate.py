@@ -84,9 +84,10 @@ def estimate(config: ml_collections.ConfigDict, *, mesh: tuple[int, int, int] | 
     cfg = ModelConfig.from_dict(config.model)
     s, t = sequence_lengths(config)
     batch = int(config.train.batch_size)
-    if batch % sizes.batch_shards:
-        raise EstimateError(f"train.batch_size={batch} is not divisible by data*fsdp="
-                            f"{sizes.batch_shards} (the trainer requires it)")
+    from t5x_lite.training.run_checks import check_batch_shards  # as check_run_numbers
+
+    check_batch_shards(batch, int(config.train.microbatches), sizes.batch_shards, 1,
+                       EstimateError)
 
     n = ef.count_params(build_model(cfg))
     flops = ef.step_flops(cfg, batch, s, t, LossConfig.for_run(config).mlm_predictions)

@@ -113,6 +113,9 @@ def test_user_errors_share_one_base_class():
     ({"train.batch_size": 0}, "batch_size must be >= 1"),
     ({"data.source": "jsonl"}, "needs data.paths"),
     ({"mesh.data": 3}, r"needs 3 devices"),
+    ({"train.batch_size": 16, "train.microbatches": 4},  # 4-row microbatches, 8 shards
+     r"train.batch_size=16 in train.microbatches=4 of 4 rows must split evenly over the batch "
+     r"shards data\*fsdp=8"),
     # trained silently wrong (ascent; smoothing ignored; no eval), or "diverged" at step 1,
     # or (a normaliser that is no number) failed after the checkpoint directory was made
     ({"train.loss_normalizer": "-1"}, r"train.loss_normalizer must be 'tokens' or a number "

@@ -217,8 +217,18 @@ def test_bad_mesh_and_inputs_fail_with_one_clear_line():
         estimate.estimate(c, mesh=(2, 3, 1), num_devices=8)
     with pytest.raises(estimate.EstimateError, match="has a -1"):
         estimate.estimate(c, mesh=(-1, 1, 1))
-    with pytest.raises(estimate.EstimateError, match="not divisible by data"):
+    with pytest.raises(estimate.EstimateError, match=r"^train.batch_size=\d+ must split evenly "
+                                                     r"over the batch shards data\*fsdp=32$"):
         estimate.estimate(c, mesh=(32, 1, 1))
+    # Each microbatch too (XLA padded 4 microbatches of 4 rows over 8 shards with copies:
+    # more memory than 2 microbatches, the same compute per device).
+    c.train.batch_size, c.train.microbatches = 16, 4
+    with pytest.raises(estimate.EstimateError, match=r"^train.batch_size=16 in "
+                                                     r"train.microbatches=4 of 4 rows must split "
+                                                     r"evenly over the batch shards data\*fsdp=8"):
+        estimate.estimate(c, mesh=(1, 8, 1))
+    c.train.microbatches = 2
+    estimate.estimate(c, mesh=(1, 8, 1))
     with pytest.raises(estimate.EstimateError, match="mfu"):
         estimate.estimate(c, mfu=1.5)
     with pytest.raises(estimate.EstimateError, match="Unknown accelerators"):

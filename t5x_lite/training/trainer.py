@@ -28,7 +28,7 @@ from t5x_lite.training import flops as flops_lib
 from t5x_lite.training import eval_sums, optimizers, train_state, train_step
 from t5x_lite.training.metrics_writer import MetricsWriter
 from t5x_lite.training.run_checks import (ConfigMismatchError, DivergenceError, PreemptionFlag,
-                                          check_finite, check_loop_numbers,
+                                          check_batch_shards, check_finite, check_loop_numbers,
                                           check_workdir_config, window_metrics)
 from t5x_lite.vocab import Vocabulary
 
@@ -191,10 +191,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
     rules = partitioning.rules_from_config(config.mesh.get("rules"))
     batch_shards = partitioning.batch_shards(mesh)
     global_batch = int(tc.batch_size)
-    if global_batch % batch_shards or global_batch % jax.process_count():
-        raise TrainingError(f"train.batch_size={global_batch} must be divisible by the batch "
-                            f"shards data*fsdp={batch_shards} and the process count "
-                            f"{jax.process_count()}")
+    check_batch_shards(global_batch, int(tc.microbatches), batch_shards, jax.process_count(),
+                       TrainingError)
     per_process_batch = global_batch // jax.process_count()
 
     loss = LossConfig.for_run(config)
