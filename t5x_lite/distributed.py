@@ -131,8 +131,11 @@ def maybe_initialize(*, mode: str | None = None, coordinator_address: str | None
         if not 0 <= index < count:
             raise DistributedError(f"process_id must be in [0, {count}), got {index}")
         host, _, port = str(address).rpartition(":")
-        if not host or not port.isdigit():  # jax fails on it with an IndexError traceback
-            raise DistributedError(f"coordinator_address must be host:port, got {address!r}")
+        # jax fails on a missing port with an IndexError traceback, and on one outside 1-65535
+        # with an abort (a C++ trace, "another task died") after the whole init timeout
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise DistributedError(f"coordinator_address must be host:port with a port in "
+                                   f"1-65535, got {address!r}")
         if count == 1 and mode == "auto":
             return False
     elif mode == "auto" and not _cluster_visible():

@@ -215,9 +215,11 @@ def test_bad_settings_fail_with_one_clear_line(clean_env):
 
 def test_unusable_settings_are_refused_before_jax_sees_them(clean_env):
     # jax.distributed.initialize fails on a port-less address with an IndexError traceback.
-    with pytest.raises(distributed.DistributedError, match="must be host:port, got 'localhost'"):
-        distributed.maybe_initialize(coordinator_address="localhost", num_processes=2,
-                                     process_id=0)
+    for address in ("localhost", "127.0.0.1:99999", "127.0.0.1:0"):
+        with pytest.raises(distributed.DistributedError, match=rf"must be host:port with a port "
+                                                               rf"in 1-65535, got '{address}'"):
+            distributed.maybe_initialize(coordinator_address=address, num_processes=2,
+                                         process_id=0)
     with pytest.raises(distributed.DistributedError, match="num_processes must be >= 1, got 0"):
         distributed.maybe_initialize(coordinator_address="127.0.0.1:1", num_processes=0,
                                      process_id=0)
