@@ -103,6 +103,10 @@ case "$action" in
   "") die "no action given (see --help)" ;;
   *) die "unknown action '$action' (see --help)" ;;
 esac
+# Before anything runs: `up` without them created and set up a (billed) TPU first.
+if [[ "$action" == train || "$action" == up ]] && (( ${#train_args[@]} == 0 )); then
+  die "$action needs arguments after --, e.g. -- --config=configs/t5_small.py --workdir=gs://BUCKET/run"
+fi
 [[ -n "$name" ]] || die "--name is required"
 [[ -n "$zone" ]] || die "--zone is required"
 # Both end up unquoted in remote shell commands (and the name in file names there).
@@ -202,7 +206,6 @@ do_setup() {
 }
 
 do_train() {
-  (( ${#train_args[@]} )) || die "train needs arguments after --, e.g. -- --config=configs/t5_small.py --workdir=gs://BUCKET/run"
   # T5X_LITE_DISTRIBUTED=on: every worker calls jax.distributed.initialize(), which finds the
   # other workers of the slice from the TPU metadata server.
   local train env="T5X_LITE_DISTRIBUTED=on"

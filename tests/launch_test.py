@@ -102,6 +102,10 @@ def test_tpu_vm_other_actions_and_errors():
                           (["ssh", *base, "--worker=1 2", "--command=ls"], "--worker must be")]:
         r = run("tpu_vm.sh", *args, check=False)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+    # `up` without train arguments refuses before it creates (and bills) anything
+    r = run("tpu_vm.sh", "up", *base, check=False)
+    assert r.returncode == 2 and "up needs arguments after --" in r.stderr, r.stderr
+    assert "gcloud" not in r.stdout, r.stdout
 
 
 def _remote_command(*args):
