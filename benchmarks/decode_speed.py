@@ -359,8 +359,10 @@ def main(argv):
             if b == 1:
                 r = bw_copy / bytes_per_token(loaded, _PROMPT.value + n // 2)
                 roof, frac = f"{r:.1f}", f"{100 * tps / r:.0f}%"
+            gain = tps / unc  # one decimal below 10x (a tiny run's 0.4x printed as "0x")
             print(f"| {kind} | {b} | {1e3 * t_prefill:.1f} | {1e3 * per_token:.2f} | {tps:.1f} | "
-                  f"{unc:.2f} | {tps / unc:.0f}x | {hf} | {ratio} | {roof} | {frac} |", flush=True)
+                  f"{unc:.2f} | {gain:.{0 if gain >= 10 else 1}f}x | {hf} | {ratio} | {roof} | "
+                  f"{frac} |", flush=True)
     if _COMPILE_COMPARE.value:
         compile_compare(built, n)
     if _SPEC.value and "gpt" in built:
