@@ -94,8 +94,14 @@ else
 fi
 if (( debug_nans )); then env_vars+=(JAX_DEBUG_NANS=True); fi
 if (( disable_jit )); then env_vars+=(JAX_DISABLE_JIT=1); fi
-[[ -z "$mem_fraction" ]] || env_vars=(-u XLA_PYTHON_CLIENT_MEM_FRACTION "${env_vars[@]}"
-                                      "XLA_CLIENT_MEM_FRACTION=$mem_fraction")
+unset_vars=()
+if [[ -n "$mem_fraction" ]]; then
+  unset_vars+=(-u XLA_PYTHON_CLIENT_MEM_FRACTION)
+  env_vars+=("XLA_CLIENT_MEM_FRACTION=$mem_fraction")
+fi
+# A caller's JAX_PLATFORMS=cpu would hide the GPU ("JAX sees no GPU").
+(( cpu )) || unset_vars+=(-u JAX_PLATFORMS)
+env_vars=("${unset_vars[@]}" "${env_vars[@]}")
 
 # The pod config, shrunk: one device, tiny batch, every step logged, one checkpoint at the end.
 # train.debug=True logs every step and turns jax_debug_nans on for the loop; --no_debug_nans

@@ -230,6 +230,7 @@ def test_gpu_local_dry_run_shrinks_the_pod_config():
     assert argv[0] == "env" and "XLA_PYTHON_CLIENT_PREALLOCATE=false" in argv
     assert "JAX_DEBUG_NANS=True" in argv and "JAX_DISABLE_JIT=1" in argv
     assert "CUDA_VISIBLE_DEVICES=0" in argv
+    assert argv[argv.index("-u") + 1] == "JAX_PLATFORMS"  # a caller's =cpu hid the GPU
     for flag in ("--config.train.debug=True", "--config.train.batch_size=2",
                  "--config.train.num_steps=5", "--config.train.log_every=1",
                  "--config.mesh.fsdp=1", "--config.data.seq_len=64",
