@@ -190,10 +190,15 @@ def _distance_buckets(num_buckets: int, max_distance: int) -> np.ndarray:
     """Bucket of each distance 0..max_distance (farther ones share the last bucket)."""
     n = np.arange(max_distance + 1)
     max_exact = num_buckets // 2
-    scaled = (np.log(np.maximum(n, 1).astype(np.float32) / np.float32(max_exact))
-              / np.float32(math.log(max_distance / max_exact))
-              * np.float32(num_buckets - max_exact))
-    large = np.minimum(max_exact + scaled.astype(np.int32), num_buckets - 1)
+    with np.errstate(divide="ignore", invalid="ignore"):  # max_distance <= max_exact: below
+        scaled = (np.log(np.maximum(n, 1).astype(np.float32) / np.float32(max_exact))
+                  / np.float32(math.log(max_distance / max_exact))
+                  * np.float32(num_buckets - max_exact))
+    finite = np.isfinite(scaled)
+    large = np.minimum(max_exact + np.where(finite, scaled, 0).astype(np.int32), num_buckets - 1)
+    # A max_distance not past the exact buckets (ModelConfig refuses it) has no log spacing:
+    # such distances get bucket num_buckets, outside the table.
+    large = np.where(finite, large, num_buckets)
     return np.where(n < max_exact, n, large).astype(np.int32)
 
 
