@@ -176,6 +176,16 @@ def test_bad_entries_are_one_line(mixture, message):
     assert "\n" not in str(e.value)
 
 
+def test_a_run_naming_one_split_twice_cannot_map_an_entrys_two():
+    """Entries map the run's split names to theirs by name: with eval_split == train_split,
+    'train' meant the entry's eval split, also for the training rows."""
+    with pytest.raises(DataConfigError, match=r"data.mixture\[0\] \(c4\) reads train_split="
+                                              r"'train' and eval_split='validation', but the "
+                                              r"run names both 'train'"):
+        DataConfig(eval_split="train", mixture=[dict(name="c4", eval_split="validation")])
+    DataConfig(eval_split="train", mixture=[dict(name="c4")])  # the entry's one split too
+
+
 def test_a_pairs_objective_on_text_names_the_entry(files, vocab):
     cfg = _run_cfg(files, [_docs(files), dict(name="wrong", source="text",
                                                paths=str(files / "doc0*.txt"),

@@ -161,6 +161,12 @@ class DataConfig:
             except DataConfigError as e:
                 raise DataConfigError(str(e).replace("Invalid data config: ",
                                                      f"Invalid data config: {where}: ")) from None
+            if (self.train_split == self.eval_split
+                    and cfg.train_split != cfg.eval_split):  # `Component.split` maps by name
+                raise DataConfigError(
+                    f"Invalid data config: {where} reads train_split={cfg.train_split!r} and "
+                    f"eval_split={cfg.eval_split!r}, but the run names both {self.train_split!r}; "
+                    "give the run distinct data.train_split / data.eval_split")
             if objectives.row_features(cfg.objective) != objectives.row_features(self.objective):
                 raise DataConfigError(
                     f"Invalid data config: {where}: objective {cfg.objective!r} makes other "
