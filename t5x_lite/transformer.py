@@ -105,6 +105,12 @@ class Stack(nn.Module):
 _STACKS = ("encoder", "decoder")
 
 
+def in_scanned_stack(path) -> bool:
+    """Whether a key path (params, optimizer state, decode cache) lies in a scanned stack
+    (`<stack>/layers/...`, the leading axis its layers), not an unrolled one (`layers_i`)."""
+    return "layers" in (getattr(k, "key", getattr(k, "name", None)) for k in path)
+
+
 def stack_layers(params: dict) -> dict:
     """Params of unrolled stacks (`<stack>/layers_i/...`) in the scan_layers layout
     (`<stack>/layers/block/...`, a leading layer axis); numpy."""

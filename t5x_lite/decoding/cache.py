@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from t5x_lite.transformer import in_scanned_stack
+
 Cache = dict
 
 
@@ -23,7 +25,7 @@ def _batch_axis(path, leaf) -> int | None:
     """Which axis of a cache leaf holds rows (None for the scalar cursor index)."""
     if leaf.ndim == 0:
         return None
-    return 1 if "layers" in _keys(path) else 0  # scanned stacks stack layers first
+    return 1 if in_scanned_stack(path) else 0  # scanned stacks stack layers first
 
 
 def take_rows(cache: Cache, rows_R) -> Cache:

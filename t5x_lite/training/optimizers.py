@@ -21,6 +21,7 @@ import optax
 from absl import logging
 
 from t5x_lite.errors import UserError
+from t5x_lite.transformer import in_scanned_stack
 
 OPTIMIZERS = ("adafactor", "adamw")
 SCHEDULES = ("rsqrt", "constant", "cosine", "linear")
@@ -65,30 +66,27 @@ def _adafactor(schedule: Callable, weight_decay: float, mask) -> optax.GradientT
     T5X: it is not multiplied by the learning rate, unlike AdamW's."""
     parts = [optax.scale_by_factored_rms(factored=True, decay_rate=0.8,
                                          min_dim_size_to_factor=128),
-             _per_block(lambda u, p, rms_u, rms_p: u / jnp.maximum(1.0, rms_u)),  # clip at 1
+             _per_block(lambda u, rms: u / jnp.maximum(1.0, rms), of_params=False),  # clip at 1
              optax.scale_by_learning_rate(schedule, flip_sign=False),
-             _per_block(lambda u, p, rms_u, rms_p: u * jnp.maximum(rms_p, 1e-3))]
+             _per_block(lambda u, rms: u * jnp.maximum(rms, 1e-3), of_params=True)]
     if weight_decay:  # left out of the chain (and its state) when unused, as optax does
         parts.append(optax.add_decayed_weights(weight_decay, mask=mask))
     parts.append(optax.scale(-1.0))
     return optax.chain(*parts)
 
 
-def _per_block(fn: Callable) -> optax.GradientTransformation:
-    """A stateless transformation u -> fn(u, param, rms(u), rms(param)) with the RMS over each
-    block: a whole param, or one layer of a scanned stack (a leaf under a "layers" key, its
-    leading axis the layers)."""
-    def rms(x, stacked: bool):
-        axes = tuple(range(1, x.ndim)) if stacked and x.ndim > 1 else None
-        return jnp.sqrt(jnp.mean(jnp.square(x), axis=axes, keepdims=axes is not None))
+def _per_block(fn: Callable, of_params: bool) -> optax.GradientTransformation:
+    """A stateless transformation u -> fn(u, rms) with the RMS of the update (or, `of_params`,
+    of the param) over each block: a whole param, or one layer of a scanned stack
+    (`transformer.in_scanned_stack`, its leading axis the layers)."""
+    def one(path, u, p):
+        x = p if of_params else u
+        axes = tuple(range(1, x.ndim)) if in_scanned_stack(path) and x.ndim > 1 else None
+        return fn(u, jnp.sqrt(jnp.mean(jnp.square(x), axis=axes, keepdims=axes is not None)))
 
     def update(updates, state, params=None):
         if params is None:
             raise ValueError("Adafactor's block RMS scaling needs the params")
-
-        def one(path, u, p):
-            stacked = "layers" in [getattr(k, "key", None) for k in path]
-            return fn(u, p, rms(u, stacked), rms(p, stacked))
         return jax.tree_util.tree_map_with_path(one, updates, params), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
