@@ -238,6 +238,7 @@ class ModelConfig:
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
+
 def t5_1_0(**overrides) -> ModelConfig:
     """T5 v1.0: ReLU MLP, tied embeddings, logits scaled by d_model**-0.5."""
     base = dict(family="t5", mlp="relu", norm="rms", norm_eps=1e-6, position="relative",

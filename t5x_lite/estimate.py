@@ -90,7 +90,8 @@ def estimate(config: ml_collections.ConfigDict, *, mesh: tuple[int, int, int] | 
                        EstimateError)
 
     n = ef.count_params(build_model(cfg))
-    flops = ef.step_flops(cfg, batch, s, t, LossConfig.for_run(config).mlm_predictions)
+    predictions = LossConfig.for_run(config).mlm_predictions
+    flops = ef.step_flops(cfg, batch, s, t, predictions)
     mem = em.estimate_memory(config, sizes)
     act = em.activation_bytes(config, sizes)
     budget = ef.chinchilla(n, flops)
@@ -124,8 +125,7 @@ def estimate(config: ml_collections.ConfigDict, *, mesh: tuple[int, int, int] | 
                   "forward": flops.forward, "train_step": flops.train,
                   "hardware_step": flops.hardware, "tokens_per_step": flops.tokens,
                   "per_token": flops.per_token,
-                  "head_positions": ef.head_positions(cfg, t or s,
-                                                      LossConfig.for_run(config).mlm_predictions)},
+                  "head_positions": ef.head_positions(cfg, t or s, predictions)},
         "mfu": mfu,
         "compute_optimal": {"tokens_per_param": ef.CHINCHILLA_TOKENS_PER_PARAM,
                             "tokens": budget.tokens, "steps": budget.steps, "flops": budget.flops},

@@ -126,9 +126,9 @@ def convert_instruction_jsonl(src, dst, template: InstructionTemplate = Instruct
             if (required and key not in rec) or not isinstance(rec.get(key, ""), str):
                 raise TemplateError(f"{where}: field {key!r} must be a string "
                                     f"(keys: {sorted(rec)[:8]})")
-            if files.not_unicode(rec.get(key, "")):
-                raise TemplateError(f"{where}: field {key!r} holds "
-                                    f"{files.not_unicode(rec[key])}")
+            problem = files.not_unicode(rec.get(key, ""))
+            if problem:
+                raise TemplateError(f"{where}: field {key!r} holds {problem}")
         try:
             pair = template.pair(rec[instruction_key], rec.get(input_key, ""), rec[response_key])
         except TemplateError as e:

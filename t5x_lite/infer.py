@@ -124,8 +124,9 @@ def read_prompts(path) -> list[Prompt]:
             raise InferError(f"{where}: bad JSON ({e})") from None
         text = item if isinstance(item, str) else (
             item.get("inputs") if isinstance(item, dict) else None)
-        if isinstance(text, str) and files.not_unicode(text):
-            raise InferError(f"{where}: the prompt holds {files.not_unicode(text)}")
+        problem = files.not_unicode(text) if isinstance(text, str) else ""
+        if problem:
+            raise InferError(f"{where}: the prompt holds {problem}")
         if isinstance(item, str):
             prompts.append(Prompt(item, None))
         elif isinstance(item, dict) and isinstance(item.get("inputs"), str):
