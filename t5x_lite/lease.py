@@ -15,8 +15,10 @@ the run ends. A run that finds a lease
 - of this host: takes it over if that process is gone (a kill -9 leaves its lease behind; the
   host lock already said no run of this user holds the workdir), else refuses (another user's).
 
-Two hosts starting in the same second can both take the lease; the one whose token is not in
-the file at its next check (`Lease.lost`, before every checkpoint save) stops without saving.
+A run on a fresh workdir writes its lease as soon as it makes the workdir, and a first write
+never replaces another run's live lease (`Lease.lost` then names that run). Two hosts starting
+in the same second can both take the lease; the one whose token is not in the file at its next
+check (`Lease.lost`, before every checkpoint save) stops without saving.
 A lease file removed by hand is written again at the next heartbeat; file-system errors
 (writing, reading) are logged and never stop a run. Heartbeats compare wall clocks of different
 hosts: a skew far below `STALE_S` is assumed.
@@ -109,15 +111,25 @@ class Lease:
     def __init__(self, path: epath.Path, record: dict):
         self.path, self.record = path, record
         self._written = False
+        self._refused = None  # who held it when this run first came to write it
         self._lock = threading.Lock()
 
     def beat(self) -> None:
-        """Writes the lease with a fresh heartbeat, unless another run has taken it over."""
+        """Writes the lease with a fresh heartbeat, unless another run holds it: one that took
+        it over since, or one that wrote it first (both started on a fresh workdir)."""
         with self._lock:
+            if self._refused is not None:
+                return
             if self._written and self._taken_by() is not None:
                 return  # never overwrite the run that took it over
             if not self.path.parent.is_dir():
                 return
+            if not self._written:
+                other = _read(self.path)
+                if (other is not None and other.get("token") != self.record["token"]
+                        and _holds(other, time.time())):
+                    self._refused = _describe(other, _age(other, time.time()), self.path)
+                    return
             files.write_atomic(self.path, json.dumps({**self.record, "heartbeat": time.time()}))
             self._written = True
 
@@ -125,7 +137,7 @@ class Lease:
         if not self._written:
             self.try_beat()
             if not self._written:
-                return None
+                return self._refused
         return self._taken_by()
 
     def try_beat(self) -> None:

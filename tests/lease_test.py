@@ -118,6 +118,37 @@ def test_no_file_until_the_workdir_exists(tmp_path, caplog):
     assert caplog.text == "" and afile.read_text() == "x"
 
 
+def test_a_first_write_never_replaces_another_runs_live_lease(tmp_path):
+    """Two runs on one fresh workdir: the one that makes it and writes its lease first holds
+    it; the other, whose lease had no directory to go into yet, finds that and never writes."""
+    workdir = tmp_path / "new"
+    with lease.hold(workdir) as held:
+        workdir.mkdir()
+        _write(workdir)  # the other host's run got there first
+        assert held.lost().startswith("host other-vm, pid 4242: ")
+        held.try_beat()
+        assert _read(workdir)["token"] == "theirs"
+    assert _read(workdir)["token"] == "theirs"  # not removed at the end either
+
+
+def test_training_on_a_fresh_workdir_another_host_leased_first_writes_nothing(
+        tmp_path, monkeypatch):
+    cfg = testing.tiny_config("gpt")
+    workdir = tmp_path / "wd"
+    make_manager = checkpoints.make_train_manager
+
+    def other_host_starts_meanwhile(*args, **kwargs):
+        workdir.mkdir()
+        _write(workdir)
+        return make_manager(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "make_train_manager", other_host_starts_meanwhile)
+    with pytest.raises(TrainingError, match=r"^--workdir \S+ is in use by another training run "
+                                            r"\(host other-vm, pid 4242: .*\); wait for it"):
+        train(cfg, workdir)
+    assert not (workdir / "config.json").exists() and _read(workdir)["token"] == "theirs"
+
+
 def test_training_is_refused_by_a_live_lease_and_stops_when_its_lease_is_taken(
         tmp_path, monkeypatch):
     cfg = testing.tiny_config("gpt")

@@ -271,6 +271,13 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
     tokens_per_step = _tokens_per_batch(model_cfg, global_batch, data_cfg)
     if is_main:  # only now: a config that fails above leaves no saved config to disagree with
         workdir.mkdir(parents=True, exist_ok=True)
+    # The lease is written now that the workdir exists, before anything goes into it: a run on
+    # another host that started on the same fresh workdir and wrote its lease first wins.
+    taken = lease_lost()
+    if taken:
+        raise TrainingError(f"--workdir {workdir} is in use by another training run ({taken}); "
+                            "wait for it to finish or stop it")
+    if is_main:
         checkpoints.write_config(workdir, config)
         _copy_vocab(vocab, workdir)
     if start >= num_steps:
