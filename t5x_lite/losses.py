@@ -52,7 +52,7 @@ def _token_losses_bwd(z_loss, label_smoothing, residuals, cotangents):
     confidence, low, _ = _smoothing(v, label_smoothing) if label_smoothing > 0 else (1.0, 0.0, 0)
     softmax_BxTxV = jnp.exp(logits_BxTxV - log_z_BxT[..., None])
     dz_BxT = 2.0 * z_loss * log_z_BxT * (g_total_BxT + g_z_BxT)
-    onehot = jnp.arange(v, dtype=targets_BxT.dtype) == targets_BxT[..., None]
+    onehot = jnp.arange(v, dtype=jnp.int32) == targets_BxT.astype(jnp.int32)[..., None]
     q_BxTxV = jnp.where(onehot, confidence, low)
     grad = (softmax_BxTxV * (g_total_BxT + dz_BxT)[..., None]
             - q_BxTxV * g_total_BxT[..., None])
@@ -74,6 +74,7 @@ def cross_entropy_sums(logits_BxTxV, targets_BxT, weights_BxT, *, z_loss: float 
       `weight_sum`, `correct_sum` (argmax == target).
     """
     logits = logits_BxTxV.astype(jnp.float32)
+    targets_BxT = targets_BxT.astype(jnp.int32)  # int8/int16 ids would wrap in the one-hot
     w = weights_BxT.astype(jnp.float32)
     total_BxT, z_BxT = _token_losses(logits, targets_BxT, float(z_loss), float(label_smoothing))
     correct = argmax(jax.lax.stop_gradient(logits)) == targets_BxT

@@ -334,3 +334,19 @@ def test_cross_entropy_custom_gradient_equals_autodiff_of_the_formula(z_loss, la
 
     np.testing.assert_allclose(ours(logits), reference(logits), rtol=1e-6)
     np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(reference)(logits), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8", "int16"])
+def test_cross_entropy_gradient_is_the_same_for_narrow_integer_targets(dtype):
+    """Targets of any integer dtype, in a vocabulary wider than that dtype's range: the
+    gradient is softmax - one_hot(target), with one target id per row (no wrapped ids)."""
+    from t5x_lite.losses import cross_entropy_sums
+    rng = np.random.default_rng(3)
+    v = 40000 if dtype == "int16" else 300
+    logits = jnp.asarray(rng.normal(size=(2, 3, v)), jnp.float32)
+    targets = rng.integers(0, 100, size=(2, 3))
+    weights = jnp.ones((2, 3), jnp.float32)
+    grad = jax.grad(lambda lg: cross_entropy_sums(
+        lg, jnp.asarray(targets, dtype), weights)["loss_sum"])(logits)
+    expected = jax.nn.softmax(logits, -1) - jax.nn.one_hot(targets, v)
+    np.testing.assert_allclose(grad, expected, atol=1e-6)
