@@ -16,8 +16,8 @@ from t5x_lite.finetune_config import parse_arg
 
 
 def get_config(arg: str = ""):
-    a = parse_arg(arg, teacher="", temperature=2.0, kl_weight=0.5, label_weight=0.5, steps=300,
-                  lr=3e-3, sparsity=0.0, save_every=100)
+    a = parse_arg(arg, generic=False, teacher="", temperature=2.0, kl_weight=0.5,
+                  label_weight=0.5, steps=300, lr=3e-3, sparsity=0.0, save_every=100)
     model = model_config.t5_1_1(vocab_size=8192, d_model=64, num_heads=2, head_dim=32, d_ff=128,
                                 num_layers=1, num_decoder_layers=1, dtype="float32")
     c = base_config(model, objective="span_corruption", seq_len=128, targets_length=32)

@@ -22,9 +22,9 @@ from t5x_lite.finetune_config import parse_arg
 
 
 def get_config(arg: str = ""):
-    a = parse_arg(arg, sparsity=0.5, structure="unstructured", scope="global",
-                  schedule="one_shot", initial_sparsity=0.0, begin_step=0, end_step=0,
-                  frequency=10, steps=100, lr=1e-3, save_every=100)
+    a = parse_arg(arg, generic=False, init_from="", sparsity=0.5, structure="unstructured",
+                  scope="global", schedule="one_shot", initial_sparsity=0.0, begin_step=0,
+                  end_step=0, frequency=10, steps=100, lr=1e-3, save_every=100)
     model = model_config.t5_1_1(vocab_size=8192, d_model=128, num_heads=4, head_dim=32, d_ff=256,
                                 num_layers=2, num_decoder_layers=2, dtype="float32")
     c = base_config(model, objective="span_corruption", seq_len=128, targets_length=32)

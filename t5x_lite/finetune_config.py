@@ -38,9 +38,11 @@ class FinetuneConfigError(UserError):
     """A bad config argument string (one line)."""
 
 
-def parse_arg(arg: str, **recipe_defaults) -> dict[str, Any]:
-    """`k=v,k=v` -> dict typed like ARGS (plus recipe defaults); unknown keys are an error."""
-    defaults = {**ARGS, **recipe_defaults}
+def parse_arg(arg: str, *, generic: bool = True, **recipe_defaults) -> dict[str, Any]:
+    """`k=v,k=v` -> dict typed like ARGS (plus recipe defaults); unknown keys are an error.
+    `generic=False` (recipes that are not `build`'s fine-tuning): only the recipe's own keys,
+    so a generic key such as `train=` or `batch=` is refused rather than silently ignored."""
+    defaults = {**(ARGS if generic else {}), **recipe_defaults}
     out = dict(defaults)
     for item in filter(None, (s.strip() for s in (arg or "").split(","))):
         key, sep, value = item.partition("=")

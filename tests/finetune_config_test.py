@@ -142,3 +142,17 @@ def test_init_from_an_old_gpt_relative_checkpoint_trains_as_what_it_built(gpt_wo
                               inputs_length=64, lr=1e-4, optimizer="adamw")
     assert c.model.position == "none"
     run_checks.check_model_for_data(c, ValueError)
+
+
+@pytest.mark.parametrize("recipe,arg", [("distill_tiny_t5", "init_from=/tmp/t"),
+                                        ("lora_tiny_t5", "batch=2"),
+                                        ("prune_tiny_t5", "train=/d/a.tsv"),
+                                        ("distill_tiny_t5", "inputs_length=512")])
+def test_compression_recipes_refuse_the_fine_tuning_keys_they_do_not_read(recipe, arg):
+    """They were accepted and ignored (a student from random init, not from init_from=)."""
+    path = pathlib.Path(__file__).parent.parent / "configs" / f"{recipe}.py"
+    with pytest.raises(finetune_config.FinetuneConfigError,
+                       match=rf"^bad config argument '{arg}'; known keys: ") as e:
+        _get_config(path, arg)
+    assert arg.partition("=")[0] not in str(e.value).partition("known keys: ")[2].split(", ")
+    assert _get_config(path, "steps=7").train.num_steps == 7  # their own keys still work
