@@ -135,6 +135,11 @@ class Vocabulary:
     def model_proto(self) -> bytes:
         return self._proto
 
+    def same_pieces(self, other: "Vocabulary") -> bool:
+        """Whether the two sentencepiece models give every id the same piece."""
+        return self.sp_size == other.sp_size and all(
+            self._sp.id_to_piece(i) == other._sp.id_to_piece(i) for i in range(self.sp_size))
+
     def sentinel_id(self, i: int) -> int:
         """Id of `<extra_id_{i}>`; raises VocabularyError if there are too few sentinels."""
         if not 0 <= i < self._extra_ids:

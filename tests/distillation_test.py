@@ -175,6 +175,33 @@ def test_teacher_rows_must_fit_its_learned_position_table(tmp_path):
                                    data=ml_collections.ConfigDict({"seq_len": 64}))
 
 
+def test_teacher_trained_on_another_vocabulary_is_one_line(tmp_path):
+    """Same family and vocab_size, but another tokenizer: the KL term would compare token ids
+    that are different tokens. Refused before the student's workdir is made."""
+    import random
+    import shutil
+
+    from t5x_lite.training import TrainingError
+    from t5x_lite.vocab import train_vocab
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 7)))
+             for _ in range(400)]
+    text = "\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(400))
+    run = testing.tiny_config("gpt")
+    teacher = tmp_path / "teacher"
+    checkpoints.write_config(teacher, run)
+    checkpoints.save_params(teacher, _params(model_config.ModelConfig.from_dict(run.model), 0))
+    shutil.copy(train_vocab([text], tmp_path / "other", 300), teacher / checkpoints.VOCAB_FILE)
+    student = testing.tiny_config("gpt")
+    student.distill = dict(teacher=str(teacher))
+    with pytest.raises(TrainingError, match=(
+            rf"^The teacher {teacher} was trained on another vocabulary \(\S+vocab.model: 300 "
+            r"pieces \+ 100 extra ids\) than this run's \(\S+: 8000 pieces \+ 100 extra ids\); "
+            r"set --config.data.vocab_path=\S+vocab.model and --config.data.extra_ids=100$")):
+        train(student, tmp_path / "student")
+    assert not (tmp_path / "student").exists()
+
+
 def test_lora_workdir_as_teacher_says_merge_it_first(tmp_path):
     """A LoRA run's checkpoints hold only adapters: one line saying to merge it, before the
     student's workdir is made."""

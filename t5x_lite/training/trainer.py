@@ -65,8 +65,7 @@ def _check_vocab(vocab, workdir: epath.Path, override: bool) -> None:
     if not saved.exists() or getattr(vocab, "path", None) is None:
         return
     old = Vocabulary(saved)
-    pieces = lambda v: [v.piece(i) for i in range(v.sp_size)]
-    if old.sp_size == vocab.sp_size and pieces(old) == pieces(vocab):
+    if old.same_pieces(vocab):
         return
     if not override:
         raise TrainingError(
@@ -75,6 +74,28 @@ def _check_vocab(vocab, workdir: epath.Path, override: bool) -> None:
             "--workdir, or pass --override_config to replace it")
     logging.warning("Replacing %s with this run's vocabulary %s", saved, vocab.path)
     saved.unlink()
+
+
+def _check_frozen_vocab(vocab, plugin) -> None:
+    """Refuses a teacher / LoRA base (the plugin's frozen half) trained on another vocabulary
+    than this run's: the same ids would mean other tokens to the two halves."""
+    frozen = getattr(plugin, "frozen_from", None)
+    if frozen is None:
+        return
+    src = frozen[0]
+    saved = src / checkpoints.VOCAB_FILE
+    if not saved.exists():  # e.g. a converted checkpoint without its tokenizer: ids only
+        return
+    extra_ids = int(checkpoints.read_config(src).get("data", {}).get("extra_ids", vocab.extra_ids))
+    old = Vocabulary(saved, extra_ids=extra_ids)
+    if old.same_pieces(vocab) and old.extra_ids == vocab.extra_ids:
+        return
+    raise TrainingError(
+        f"The {plugin.frozen_key} {src} was trained on another vocabulary ({saved}: "
+        f"{old.sp_size} pieces + {old.extra_ids} extra ids) than this run's "
+        f"({getattr(vocab, 'path', None) or 'data.vocab_size'}: {vocab.sp_size} pieces + "
+        f"{vocab.extra_ids} extra ids); set --config.data.vocab_path={saved} and "
+        f"--config.data.extra_ids={old.extra_ids}")
 
 
 def _copy_vocab(vocab, workdir: epath.Path) -> None:
@@ -204,6 +225,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
     model, tx = plugin.wrap(model, tx)
     vocab = load_vocab(config.data)
     _check_vocab(vocab, workdir, override_config)
+    _check_frozen_vocab(vocab, plugin)
     if vocab.vocab_size > model_cfg.vocab_size:
         raise TrainingError(f"The vocabulary has {vocab.vocab_size} ids but model.vocab_size is "
                             f"{model_cfg.vocab_size}; set model.vocab_size >= "
@@ -287,8 +309,9 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
         mngr.close()
         return TrainResult(step=start, last_metrics={})
     writer = MetricsWriter(workdir, is_main=is_main, start_step=start, total_steps=num_steps)
-    logging.info("Training %s (%.2fM params) on mesh %s from step %d to %d; %.3g model "
-                 "FLOPs/step", model_cfg.family, flops_lib.param_count(abstract.params) / 1e6,
+    logging.info("Training %s (%.2fM trained params) on mesh %s from step %d to %d; %.3g model "
+                 "FLOPs/step", model_cfg.family,
+                 flops_lib.param_count(plugin.checkpointed(abstract.params)) / 1e6,
                  dict(mesh.shape), start, num_steps, step_flops)
 
     def save(step: int, force: bool = False):
