@@ -34,15 +34,18 @@ import optax
 from absl import app, flags, logging
 
 import t5x_lite
-from t5x_lite import checkpoints, compression, host_memory, lora, partitioning, pruning, quantization
+from t5x_lite import (checkpoints, cli, compression, host_memory, lora, partitioning, pruning,
+                      quantization)
 from t5x_lite.data import DataConfig, load_vocab, make_dataset
 from t5x_lite.decoding import generate as gen
+from t5x_lite.errors import UserError
 from t5x_lite.models import LossConfig, build_model
 from t5x_lite.training import train, train_state, train_step
 
 _BASE = flags.DEFINE_string("base", None, "Trained tiny T5 workdir.", required=True)
 _OUT = flags.DEFINE_string("out", "/tmp/compression_report", "Where runs and the report go.")
-_PARTS = flags.DEFINE_list("parts", ["int8", "lora", "prune", "distill"], "What to measure.")
+_PARTS = flags.DEFINE_list("parts", ["int8", "lora", "prune", "distill"],
+                           "What to measure (any of int8, lora, prune, distill).")
 _STEPS = flags.DEFINE_integer("steps", 200, "Training steps of the LoRA / pruning / distillation "
                               "runs.")
 _INT8_ALSO = flags.DEFINE_list("int8_also", [], "More trained workdirs (e.g. a tiny GPT) for "
@@ -50,6 +53,8 @@ _INT8_ALSO = flags.DEFINE_list("int8_also", [], "More trained workdirs (e.g. a t
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 16, "Eval batches (16 rows each).")
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+PROG = "compression_report"
+PARTS = ("int8", "lora", "prune", "distill")
 
 
 def _recipe(name: str, arg: str):
@@ -233,13 +238,26 @@ def measure_distill(base, out, batches, steps):
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        cli.exit_with(PROG, f"unexpected arguments {argv[1:]}")
+    try:
+        _run()
+    except cli.ERRORS as e:
+        cli.exit_with(PROG, e)
+
+
+def _run():
     logging.set_verbosity(logging.WARNING)
+    unknown = [p for p in _PARTS.value if p not in PARTS]
+    if unknown:
+        raise UserError(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     out = pathlib.Path(_OUT.value)
-    out.mkdir(parents=True, exist_ok=True)
     base = _BASE.value
-    batches = _eval_batches(checkpoints.read_config(checkpoints.resolve(base)[0]),
-                            _EVAL_BATCHES.value)
+    base_run = checkpoints.read_config(checkpoints.resolve(base)[0])  # a bad --base: one line
+    if out.exists() and any(out.iterdir()):  # its runs would resume, finished: no new numbers
+        raise UserError(f"--out {out} holds an earlier report; remove it or use a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    batches = _eval_batches(base_run, _EVAL_BATCHES.value)
     def int8():
         measure_int8(base, out, batches)
         for path in _INT8_ALSO.value:
@@ -256,4 +274,4 @@ def main(argv):
 
 if __name__ == "__main__":
     host_memory.reexec_with_huge_pages()
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser(PROG))
