@@ -117,12 +117,15 @@ def check_step(workdir, step: int) -> int:
 
 
 def all_steps(workdir) -> list[int]:
-    """Steps of complete checkpoints (orbax writes to a temp dir and renames when finished)."""
+    """Steps of complete checkpoints, as orbax decides it for the file system: on a local
+    disk it writes a temp dir and renames it when finished; on GCS it writes the step dir in
+    place and adds commit_success.txt last, so a step dir without it is still being written
+    (or was cut short by a kill)."""
     ckpt_dir = local_or_remote(workdir) / CHECKPOINT_DIR
     if not ckpt_dir.exists():
         return []
     return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()
-                  and (p / "params").exists())
+                  and (p / "params").exists() and ocp.path.step.is_checkpoint_finalized(p))
 
 
 def save_params(workdir, params, step: int = 0) -> None:
@@ -144,6 +147,8 @@ def _readable(directory):
             sys.unraisablehook = previous
             raise
         # The hook stays: the failed read's callbacks keep coming after this.
+        while e.__cause__ is not None:  # orbax wraps tensorstore's reason ("NOT_FOUND: ...")
+            e = e.__cause__
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(
             f"Checkpoint {directory} cannot be read (incomplete or damaged): "
