@@ -270,6 +270,10 @@ def test_resuming_with_another_vocabulary_is_refused_unless_overridden(tmp_path)
                        r"vocabulary .*8000 pieces.*--override_config"):
         train(cfg, wd)
     assert not (wd / "checkpoints").exists()
+    small = testing.tiny_config("gpt", vocab_size=4096)  # fails after the vocabulary check
+    with pytest.raises(TrainingError, match="The vocabulary has 8100 ids but model.vocab_size"):
+        train(small, wd, override_config=True)
+    assert Vocabulary(wd / checkpoints.VOCAB_FILE).sp_size == 300  # a failed run loses nothing
     train(cfg, wd, override_config=True)  # replaces it
     assert Vocabulary(wd / checkpoints.VOCAB_FILE).sp_size == 8000
     train(cfg, wd)  # the same vocabulary resumes (here: nothing left to do)

@@ -57,23 +57,24 @@ def _tokens_per_batch(model_cfg: ModelConfig, batch_size: int, data: DataConfig)
     return batch_size * (length + (targets or 0))
 
 
-def _check_vocab(vocab, workdir: epath.Path, override: bool) -> None:
+def _check_vocab(vocab, workdir: epath.Path, override: bool) -> bool:
     """Refuses to continue a workdir whose vocab.model has other pieces than this run's
     vocabulary (data.vocab_path / data.vocab_size changed) unless `override`: its checkpoints'
-    ids would mean other tokens, and infer / evaluate decode with the workdir's file."""
+    ids would mean other tokens, and infer / evaluate decode with the workdir's file. Returns
+    whether to replace it (done with the config, once the run has been built: a run that fails
+    before then leaves the old file)."""
     saved = workdir / checkpoints.VOCAB_FILE
     if not saved.exists() or getattr(vocab, "path", None) is None:
-        return
+        return False
     old = Vocabulary(saved)
     if old.same_pieces(vocab):
-        return
+        return False
     if not override:
         raise TrainingError(
             f"{saved} ({old.sp_size} pieces) is not this run's vocabulary ({vocab.path}, "
             f"{vocab.sp_size} pieces): data.vocab_path or data.vocab_size changed; use a new "
             "--workdir, or pass --override_config to replace it")
-    logging.warning("Replacing %s with this run's vocabulary %s", saved, vocab.path)
-    saved.unlink()
+    return True
 
 
 def _check_frozen_vocab(vocab, plugin) -> None:
@@ -98,10 +99,12 @@ def _check_frozen_vocab(vocab, plugin) -> None:
         f"--config.data.extra_ids={old.extra_ids}")
 
 
-def _copy_vocab(vocab, workdir: epath.Path) -> None:
+def _copy_vocab(vocab, workdir: epath.Path, replace: bool) -> None:
     src = getattr(vocab, "path", None)
     dst = workdir / checkpoints.VOCAB_FILE
-    if src is not None and not dst.exists():
+    if src is not None and (replace or not dst.exists()):
+        if replace:
+            logging.warning("Replacing %s with this run's vocabulary %s", dst, src)
         files.write_atomic(dst, epath.Path(src).read_bytes())
 
 
@@ -224,7 +227,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
     plugin = compression.from_config(config, mesh, rules, workdir)
     model, tx = plugin.wrap(model, tx)
     vocab = load_vocab(config.data)
-    _check_vocab(vocab, workdir, override_config)
+    replace_vocab = _check_vocab(vocab, workdir, override_config)
     _check_frozen_vocab(vocab, plugin)
     if vocab.vocab_size > model_cfg.vocab_size:
         raise TrainingError(f"The vocabulary has {vocab.vocab_size} ids but model.vocab_size is "
@@ -301,7 +304,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
                             "wait for it to finish or stop it")
     if is_main:
         checkpoints.write_config(workdir, config)
-        _copy_vocab(vocab, workdir)
+        _copy_vocab(vocab, workdir, replace_vocab)
     if start >= num_steps:
         logging.warning("%s is already at step %d (train.num_steps=%d): nothing to train; "
                         "set --config.train.num_steps higher to continue", workdir, start,
