@@ -27,7 +27,9 @@ from t5x_lite import cli, errors, files
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 DEFAULT_EXTRA_IDS = 100
 PAD_MULTIPLE = 128
-_SENTINEL_RE = re.compile(r"<extra_id_(\d+)>")
+# ASCII digits without leading zeros: only the canonical `<extra_id_N>` (seqio's pieces) is a
+# sentinel; `<extra_id_01>` or other scripts' digits stay text and round-trip unchanged.
+_SENTINEL_RE = re.compile(r"<extra_id_(0|[1-9][0-9]*)>")
 _SP_MAX_SENTENCE_BYTES = 1 << 16
 # sentencepiece's model depends on its thread count; a fixed one (not the CPU count) makes
 # every machine (e.g. each host of a multi-host run) train the same model from the same input.

@@ -43,6 +43,9 @@ def test_from_config_dict_and_path_lists():
     ({"tfds_name": "c4/en:3.1.0"}, r"tfds_name is read with source='tfds' only"),
     ({"pack_method": "concat"}, "causal_lm"),
     ({"noise_density": 0.0}, "noise_density"),
+    # 1.0 once drawn in float32 (all noise); infinite spans: both hung the length search
+    ({"noise_density": 0.99999999}, r"noise_density must be in \(0, 1\) \(below 1 in float32"),
+    ({"mean_noise_span_length": float("inf")}, "mean_noise_span_length must be >= 1 and finite"),
     ({"validation_fraction": 1.0}, "validation_fraction"),
     ({"seq_len": 1}, ">= 2"),
     ({"document_per": "sentence"}, "document_per"),

@@ -168,6 +168,10 @@ def test_too_dense_settings_fail_when_the_config_is_made_naming_keys_and_values(
     assert sc.check_settings(2, 2) == (1, 2)  # 1-token chunks have no noise: not "too dense"
     # long spans at extreme densities make chunks ~1000x the inputs; found in one step
     assert sc.check_settings(512, 10**6, 0.999, 1000.0, None)[0] > 400 * 512
+    # within float32 rounding of 1 with very long spans: a bounded search and one line
+    with pytest.raises(DataConfigError, match=r"keeps inputs of 512 tokens from more than "
+                                              r"16777216 raw tokens per row; lower the density"):
+        DataConfig(noise_density=0.9999999, mean_noise_span_length=1e6, targets_length=10**9)
 
 
 def test_short_last_chunk_at_a_dense_setting_is_corrupted_not_an_error():

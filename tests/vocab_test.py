@@ -83,6 +83,15 @@ def test_sentinel_strings_beyond_extra_ids_stay_text_when_not_strict(vocab):
     assert vocab.decode(ids) == text
     assert vocab.encode("plain <extra_id_0>", strict=False) == vocab.encode("plain <extra_id_0>")
 
+
+@pytest.mark.parametrize("text", ["a <extra_id_01> b", "a <extra_id_\u0663> b"])
+def test_only_canonical_sentinel_strings_are_sentinels(vocab, text):
+    """A leading zero or another script's digits is text (seqio knows only `<extra_id_N>`):
+    it used to become sentinel 1 / 3 and decode as another string."""
+    ids = vocab.encode(text)
+    assert not any(vocab.is_sentinel(i) for i in ids)
+    assert vocab.decode(ids) == text
+
 def test_text_that_is_not_unicode_is_one_vocabulary_error(vocab):
     """A lone surrogate (JSON can hold one) was sentencepiece's bare RuntimeError."""
     for call, where in ((lambda: vocab.encode("caf\udce9 <extra_id_0>"), "the text"),

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+import numpy as np
+
 from t5x_lite.data import local_files
 from t5x_lite.data import objectives
 from t5x_lite.data import span_corruption
@@ -108,8 +110,11 @@ class DataConfig:
             (not (self.paths and (self.train_paths or self.validation_paths)),
              "give data.paths (hash holdout) or data.train_paths/validation_paths, not both"),
             (0.0 <= self.validation_fraction < 1.0, "validation_fraction must be in [0, 1)"),
-            (0.0 < self.noise_density < 1.0, "noise_density must be in (0, 1)"),
-            (self.mean_noise_span_length >= 1.0, "mean_noise_span_length must be >= 1"),
+            # float32: the mask is drawn in float32, where 0.99999999 is 1 (all noise)
+            (0.0 < self.noise_density and float(np.float32(self.noise_density)) < 1.0,
+             "noise_density must be in (0, 1) (below 1 in float32)"),
+            (1.0 <= self.mean_noise_span_length < float("inf"),
+             "mean_noise_span_length must be >= 1 and finite"),
             (0.0 < self.mask_rate < 1.0, "mask_rate must be in (0, 1)"),
             (min(self.inputs_length, self.targets_length, self.seq_len) >= 2,
              "inputs_length, targets_length and seq_len must be >= 2"),

@@ -20,6 +20,10 @@ class SpanCorruptionError(UserError):
     """A span corruption setting that cannot be realised (e.g. too few sentinels)."""
 
 
+# The most raw tokens one span-corrupted row may be cut from.
+MAX_CHUNK_TOKENS = 1 << 24
+
+
 def random_spans_helper(inputs_length: int = 512, noise_density: float = 0.15,
                         mean_noise_span_length: float = 3.0) -> tuple[int, int]:
     """Raw tokens per example and target length so corrupted inputs fit `inputs_length`.
@@ -49,6 +53,11 @@ def random_spans_helper(inputs_length: int = 512, noise_density: float = 0.15,
             tokens_length = start + int(over[0]) - 1
             break
         start += block
+        if start > MAX_CHUNK_TOKENS:  # a density within float32 rounding of 1, long spans
+            raise SpanCorruptionError(
+                f"data.noise_density={noise_density} with data.mean_noise_span_length="
+                f"{mean_noise_span_length} keeps inputs of {inputs_length} tokens from more "
+                f"than {MAX_CHUNK_TOKENS} raw tokens per row; lower the density")
     inputs_out, targets_length = (int(x) for x in lengths(tokens_length))
     # T5's hack: with density 0.5 make targets no longer than the (round) inputs length.
     if noise_density == 0.5 and targets_length > inputs_out:
