@@ -41,7 +41,8 @@ def flags_parser(prog: str) -> Callable:
         try:
             rest = flags.FLAGS(argv)
             for name in flags.FLAGS:
-                failure = _config_load_failure(flags.FLAGS[name].value)
+                failure = (_config_load_failure(flags.FLAGS[name].value)
+                           or _not_a_config(flags.FLAGS[name]))
                 if failure:
                     exit_with(prog, f"--{name}: {failure}")
             return rest
@@ -55,12 +56,19 @@ def flags_parser(prog: str) -> Callable:
                          "before them")
             exit_with(prog, text)
         except Exception as e:
+            if isinstance(e, AttributeError) and "has no attribute 'get_config'" in str(e):
+                flag = next((a.split("=")[0] for a in argv[1:] if a.startswith("--")
+                             and "." not in a.split("=")[0]
+                             and f"'{a.split('=')[0][2:]}_config'" in str(e)), "--config")
+                exit_with(prog, f"{flag}: the file defines no get_config()")
             where = _config_file_frame(e, argv)
             if where is None and not isinstance(e, (AttributeError, KeyError)):
                 raise
             if where is not None:
                 msg = e.msg if isinstance(e, SyntaxError) else e
-                exit_with(prog, f"{where}: {type(e).__name__}: {msg}")
+                hint = ("" if where.rsplit(":", 1)[0].endswith(".py") else
+                        " (a config is a Python file with get_config(), e.g. configs/tiny_t5.py)")
+                exit_with(prog, f"{where}: {type(e).__name__}: {msg}{hint}")
             text = str(e.args[0] if e.args else e)
             key = (re.findall(r"\w+", text) or ["?"])[0]
             flag = next((a.split("=")[0] for a in argv[1:] if a.startswith("--")
@@ -84,7 +92,7 @@ def _config_file_frame(error: BaseException, argv) -> str | None:
         if not eq and i + 1 < len(argv) and not a.startswith("--config."):
             value = argv[i + 1]
         path = value.split(":")[0]
-        if name.startswith("--") and path.endswith(".py"):
+        if name.startswith("--") and (path.endswith(".py") or os.path.isfile(path)):
             files[os.path.realpath(path)] = name
     if isinstance(error, SyntaxError) and error.filename:
         line = (error.filename, error.lineno)
@@ -94,6 +102,18 @@ def _config_file_frame(error: BaseException, argv) -> str | None:
     if line is None or os.path.realpath(line[0]) not in files:
         return None
     return f"{files[os.path.realpath(line[0])]}: {line[0]}:{line[1]}"
+
+
+def _not_a_config(flag) -> str | None:
+    """A config file flag given on the command line whose get_config() returned something
+    other than a ConfigDict (None: a forgotten `return`; a plain dict): what it returned."""
+    import ml_collections
+
+    if (type(flag.parser).__name__ != "ConfigFileFlagParser" or not flag.present
+            or isinstance(flag.value, ml_collections.ConfigDict)):
+        return None
+    return (f"get_config() returned {type(flag.value).__name__}, not an ml_collections "
+            "ConfigDict" + (" (a missing return?)" if flag.value is None else ""))
 
 
 def _config_load_failure(value) -> str | None:

@@ -183,6 +183,29 @@ def test_a_config_file_that_fails_to_run_is_one_line_naming_its_line(tmp_path, t
     assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("command, name, text, message", [
+    ("train", "noget.py", "X = 1\n", "the file defines no get_config()"),
+    # evaluate used to evaluate with the workdir's own config.json and exit 0
+    ("evaluate", "none.py", "def get_config():\n    c = 1\n",
+     "get_config() returned NoneType, not an ml_collections ConfigDict (a missing return?)"),
+    ("train", "dict.py", "def get_config():\n    return {'train': {}}\n",
+     "get_config() returned dict, not an ml_collections ConfigDict"),
+    ("train", "config.json", '{"seed": 0, "debug": true}\n',
+     "{path}/config.json:1: NameError: name 'true' is not defined (a config is a Python file "
+     "with get_config(), e.g. configs/tiny_t5.py)"),
+])
+def test_a_config_file_that_is_no_config_is_one_line(tmp_path, command, name, text, message):
+    (tmp_path / name).write_text(text)
+    workdir = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", f"t5x_lite.{command}",
+                        f"--config={tmp_path}/{name}", f"--workdir={workdir}"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr[-3000:]
+    want = f"{command}: error: --config: " + message.replace("{path}", str(tmp_path))
+    assert r.stderr.strip().splitlines()[-1] == want, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and not workdir.exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--few_shot_k=-5"], "--few_shot_k must be >= 0 (shots per prompt) or -1 (no few-shot "
                           "evaluation), got -5"),
