@@ -13,11 +13,21 @@ from t5x_lite.config import ModelConfig
 from t5x_lite.data.config import DataConfig
 
 
+def _model_section(model: ModelConfig) -> ml_collections.ConfigDict:
+    """The model's fields; one left None (e.g. T5's num_decoder_layers: = num_layers) is a typed
+    placeholder, so `--config.model.<key>=...` can still set it on the locked config."""
+    kinds = {"int | None": int, "str | None": str}
+    return ml_collections.ConfigDict({
+        f.name: ml_collections.config_dict.placeholder(kinds[f.type])
+        if getattr(model, f.name) is None else getattr(model, f.name)
+        for f in dataclasses.fields(model)})
+
+
 def base_config(model: ModelConfig, *, objective: str, seq_len: int = 512,
                 targets_length: int = 114) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.model = ml_collections.ConfigDict(model.to_dict())
+    c.model = _model_section(model)
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 1000

@@ -13,7 +13,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from t5x_lite import cli, distillation, errors, lora, pruning
-from t5x_lite.config import ConfigError
+from t5x_lite.config import ConfigError, ModelConfig
 from t5x_lite.data import DataConfig, DataConfigError
 from t5x_lite.partitioning import MeshError
 from t5x_lite.training import TrainingError, testing, train
@@ -83,6 +83,21 @@ def test_documented_overrides_parse_on_a_locked_config():
     assert data.source == "text" and data.train_paths == ("/a.txt", "/b/*.txt")
     assert data.validation_paths == ("/data/dev.txt",) and data.document_per == "line"
     assert pruning.PruneConfig(**c.prune).power == 2.0
+
+
+def test_model_keys_left_none_can_be_overridden():
+    """t5_small leaves num_decoder_layers None (= num_layers): the locked config refused to set
+    it ("Type NoneType ... is not supported for overriding")."""
+    argv = ["train", f"--config={REPO / 'configs/t5_small.py'}",
+            "--config.model.num_decoder_layers=4"]
+    fv = flags.FlagValues()
+    holder = config_flags.DEFINE_config_file("config", None, "", flag_values=fv,
+                                             lock_config=True, sys_argv=argv)
+    fv(argv)
+    model = ModelConfig.from_dict(holder.value.model)
+    assert (model.num_layers, model.decoder_layers) == (6, 4)
+    unset = ModelConfig.from_dict(_load(REPO / "configs/t5_small.py").model)
+    assert unset.num_decoder_layers is None and unset.decoder_layers == 6
 
 
 def test_config_files_may_give_paths_as_a_string_or_a_list():
