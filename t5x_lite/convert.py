@@ -284,8 +284,11 @@ def workdir_to_hf(path, out_dir, *, step: int | None = None) -> ModelConfig:
     params = restore_numpy_params(workdir, step, cfg)
     write_hf_dir(out_dir, hf_cfg, hf_interop.params_to_hf(cfg, params))
     vocab = epath.Path(workdir) / checkpoints.VOCAB_FILE
+    exported = epath.Path(out_dir) / hf_interop.HF_VOCAB
     if vocab.exists() and cfg.family == "t5":
-        (epath.Path(out_dir) / hf_interop.HF_VOCAB).write_bytes(vocab.read_bytes())
+        exported.write_bytes(vocab.read_bytes())
+    elif exported.exists():  # an earlier export's tokenizer: not this model's
+        exported.unlink()
     return cfg
 
 
@@ -309,6 +312,12 @@ def _run() -> str:
         raise ConfigError("give exactly one of --from_hf=DIR or --to_hf")
     if not FLAGS.workdir:
         raise ConfigError("--workdir is required")
+    other = ("out", "step") if FLAGS.from_hf else ("scan_layers",)
+    ignored = [f"--{name}" for name in other if FLAGS[name].present]
+    if ignored:
+        raise ConfigError(f"{', '.join(ignored)} only appl{'y' if len(ignored) > 1 else 'ies'} "
+                          f"to {'--to_hf' if FLAGS.from_hf else '--from_hf'}; drop "
+                          f"{'them' if len(ignored) > 1 else 'it'}")
     if FLAGS.from_hf:
         cfg = hf_to_workdir(FLAGS.from_hf, FLAGS.workdir, scan_layers=FLAGS.scan_layers)
         return f"wrote t5x_lite workdir {FLAGS.workdir} ({cfg.family}, vocab {cfg.vocab_size})"

@@ -112,6 +112,8 @@ def _unknown_type_dir(tmp_path, hf_models):
 
 
 @pytest.mark.parametrize("case, message", [
+    ("from_hf_with_out_and_step", "--out, --step only apply to --to_hf; drop them"),
+    ("to_hf_with_scan_layers", "--scan_layers only applies to --from_hf; drop it"),
     ("missing", "does not exist"),
     ("pickle", "re-save it as safetensors"),
     ("unknown_type", "Unsupported HF model_type 'mamba'"),
@@ -123,6 +125,11 @@ def test_cli_errors_are_one_line(hf_models, tmp_path, case, message):
         "pickle": lambda: [f"--from_hf={_pickle_dir(tmp_path)}"],
         "unknown_type": lambda: [f"--from_hf={_unknown_type_dir(tmp_path, hf_models)}"],
         "to_hf_missing": lambda: ["--to_hf", f"--out={tmp_path / 'out'}"],
+        # both used to exit 0 with the flags ignored (no HF directory at --out)
+        "from_hf_with_out_and_step": lambda: [f"--from_hf={hf_models['gpt2'][1]}",
+                                              f"--out={tmp_path / 'out'}", "--step=7"],
+        "to_hf_with_scan_layers": lambda: ["--to_hf", f"--out={tmp_path / 'out'}",
+                                           "--scan_layers"],
     }[case]()
     r = _cli(*args, f"--workdir={tmp_path / 'w'}")
     lines = r.stderr.strip().splitlines()
@@ -183,6 +190,19 @@ def test_to_hf_replaces_an_earlier_export(hf_models, tmp_path):
     assert {name: (out / name).read_bytes() for name in want} == want
     assert (out / "README.md").read_text() == "mine"
     assert not list(out.glob("*.tmp"))
+
+
+def test_to_hf_over_an_export_with_a_vocabulary_removes_that_vocabulary(hf_models, tmp_path):
+    """A T5 export wrote spiece.model; a GPT-2 (no vocabulary) exported over it must not leave
+    it next to its weights: load() would tokenize text with it, --from_hf would copy it in."""
+    t5, gpt, out = tmp_path / "t5", tmp_path / "gpt", tmp_path / "hf"
+    convert.hf_to_workdir(hf_models["t5_v1_0"][1], t5)
+    convert.hf_to_workdir(hf_models["gpt2"][1], gpt)
+    convert.workdir_to_hf(t5, out)
+    assert (out / hf_interop.HF_VOCAB).exists()
+    convert.workdir_to_hf(gpt, out)
+    assert not (out / hf_interop.HF_VOCAB).exists()
+    assert t5x_lite.load(out).vocab is None
 
 
 def test_from_hf_refuses_a_workdir_that_is_a_file_or_an_hf_dir(hf_models, tmp_path):
