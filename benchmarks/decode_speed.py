@@ -136,10 +136,11 @@ def time_cached(loaded, prompts, n):
 
 
 def time_prefill(loaded, prompts, n):
-    """The prompt pass alone (T5: the encoder + the start token), with the same cache length."""
+    """The prompt pass alone (T5: the encoder + the start token), into the cache the decode's
+    prefill fills: its first phase (`gen.cache_phases`)."""
     cfg = loaded.model.config
     tokens, lengths = gen.pack_prompts(cfg, prompts.tolist(), len(prompts))
-    cache_len = gen.cache_len(cfg, tokens.shape[1], n)
+    cache_len = gen.cache_phases(cfg, tokens.shape[1], n)[0]
     run = jax.jit(lambda params: dec_steps.prefill(cfg, params, tokens, lengths, cache_len)[:2])
     return _best_time(lambda: jax.block_until_ready(run(loaded.params)), _REPEATS.value + 1)
 
@@ -357,7 +358,9 @@ def main(argv):
             ratio = "-" if t_hf is None else f"{tps / (b * n / t_hf):.2f}x"
             roof = frac = "-"
             if b == 1:
-                r = bw_copy / bytes_per_token(loaded, _PROMPT.value + n // 2)
+                # the self-attention cache: GPT's holds the prompt, T5's decoder's does not
+                held = _PROMPT.value if loaded.model.config.family == "gpt" else 1
+                r = bw_copy / bytes_per_token(loaded, held + n // 2)
                 roof, frac = f"{r:.1f}", f"{100 * tps / r:.0f}%"
             gain = tps / unc  # one decimal below 10x (a tiny run's 0.4x printed as "0x")
             print(f"| {kind} | {b} | {1e3 * t_prefill:.1f} | {1e3 * per_token:.2f} | {tps:.1f} | "
