@@ -217,11 +217,19 @@ def resume_point(path, prompts: Sequence[Prompt]) -> int:
 
 
 def _cut(path, keep: int | None) -> None:
+    """Drops the bytes after `keep`, never the records before them: a local file is truncated
+    in place (one system call; rewriting it emptied the file first, so a kill during the
+    rewrite lost every record), a remote one replaced through a temp file."""
     path = epath.Path(path)
-    if keep is not None and path.exists():
+    if keep is None or not path.exists():
+        return
+    text = os.fspath(path)
+    if "://" in text:
         data = path.read_bytes()
         if len(data) > keep:
-            path.write_bytes(data[:keep])
+            files.write_atomic(path, data[:keep])
+    elif os.path.getsize(text) > keep:
+        os.truncate(text, keep)
 
 
 def sidecar_path(output_path) -> epath.Path:

@@ -45,7 +45,7 @@ def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_writes_one_line_per_input_and_resumes(workdir, prompts_txt, tmp_path):
+def test_writes_one_line_per_input_and_resumes(workdir, prompts_txt, tmp_path, monkeypatch):
     out = tmp_path / "out.jsonl"
     sample = {"method": "sample", "top_k": 20, "seed": 3}
     assert infer.run(workdir, prompts_txt, out, sample, log=open(os.devnull, "w")) == 5
@@ -62,8 +62,13 @@ def test_writes_one_line_per_input_and_resumes(workdir, prompts_txt, tmp_path):
     # rest is decoded again -- with the same samples as the uninterrupted run.
     cut = len("".join(full.splitlines(keepends=True)[:3])) + 7
     out.write_text(full[:cut])
+    # The partial line goes by truncating the file in place: rewriting it (empty first, then
+    # all written back) lost every finished record when the resume itself was killed.
+    truncated, truncate = [], os.truncate
+    monkeypatch.setattr(os, "truncate", lambda *a: truncated.append(a) or truncate(*a))
     assert infer.resume_point(out, infer.read_prompts(prompts_txt)) == 3
     assert out.read_text() == full[:cut - 7]
+    assert truncated == [(str(out), len(full[:cut - 7].encode()))]
     assert infer.run(workdir, prompts_txt, out, sample, log=open(os.devnull, "w")) == 2
     resumed = _lines(out)
     assert [{**x, "score": 0} for x in resumed] == [{**x, "score": 0} for x in lines]
