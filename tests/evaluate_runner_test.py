@@ -88,13 +88,16 @@ def test_latest_step_and_path(task):
     other = _workdir(task, "other", steps=(3,))
     (r,) = run(None, wd, EvalSettings(checkpoint=str(other / "checkpoints" / "3"), **FAST))
     assert r["step"] == 3 and r["checkpoint"].startswith(str(other))
-    assert outputs.done_steps(wd / "eval") == [1, 2, 3] and not (other / "eval").exists()
+    # Another run's step 3 is not this workdir's: named apart, so it neither replaces nor marks
+    # done this workdir's own step 3 (it did both).
+    assert outputs.done_steps(wd / "eval" / "from_other") == [3]
+    assert outputs.done_steps(wd / "eval") == [1, 2] and not (other / "eval").exists()
     # TensorBoard shows each step once, with its latest metrics.json values, though step 2 was
     # evaluated twice and step 1 after it.
     for first_start_counts in (False, True):
         view = tensorboard_view(wd / "eval" / "events", first_start_counts)
         assert [(s, v) for s, tag, v in view if tag == "eval/loss"] == [
-            (s, pytest.approx(outputs.read_metrics(wd / "eval", s)["loss"])) for s in (1, 2, 3)]
+            (s, pytest.approx(outputs.read_metrics(wd / "eval", s)["loss"])) for s in (1, 2)]
     # Explicit steps are re-evaluated (and overwrite atomically); `all` skips done ones.
     assert run(None, wd, EvalSettings(checkpoint="all", **FAST)) == []
     named = run(None, wd, EvalSettings(checkpoint="all", name="again", **FAST))
@@ -167,6 +170,50 @@ def test_follow_waits_while_a_training_run_holds_the_lease(task):
     stale = {**record, "heartbeat": time.time() - lease.STALE_S - 1}
     (wd / lease.LEASE_FILE).write_text(json.dumps(stale))  # a run on a host that died
     assert not lease.live(wd)
+
+
+def test_follow_skips_a_checkpoint_whose_deletion_is_under_way(task, monkeypatch):
+    """`checkpoint.keep` deletes a step while it is read: orbax removes its files before its
+    directory, so the read fails while the directory is still there. Skipped, not a stop."""
+    from t5x_lite.evaluation import runner
+    wd = _workdir(task, "deleting", steps=(1, 2, 3))
+    evaluate = runner.Evaluator.evaluate
+
+    def deleted_while_read(self, ckpt_workdir, step):
+        if step == 1:
+            threading.Timer(1.0, shutil.rmtree, (wd / "checkpoints" / "1",)).start()
+            raise checkpoints.CheckpointError("Checkpoint 1 cannot be read (incomplete or "
+                                              "damaged): NOT_FOUND: _METADATA")
+        return evaluate(self, ckpt_workdir, step)
+
+    monkeypatch.setattr(runner.Evaluator, "evaluate", deleted_while_read)
+    results = run(None, wd, EvalSettings(follow=True, poll_interval=0.1, follow_timeout=60,
+                                         **FAST))
+    assert [r["step"] for r in results] == [2, 3]
+
+
+def test_follow_goes_past_the_final_step_while_the_run_is_live(task):
+    """A trainer resumed with a higher train.num_steps rewrites config.json only once its
+    state is built: --follow, which read the old final step (already evaluated), stopped."""
+    d, config, pool = task
+    wd = d / "extended"
+    old = config.copy_and_resolve_references()
+    old.train.num_steps = 2
+    checkpoints.write_config(wd, old)
+    shutil.copy(config.data.vocab_path, wd / checkpoints.VOCAB_FILE)
+    for step in (1, 2):
+        _land(pool, wd, step)
+    run(None, wd, EvalSettings(checkpoint="all", **FAST))
+    record = {"host": "other-vm", "pid": 4242, "token": "t", "heartbeat": time.time()}
+    (wd / lease.LEASE_FILE).write_text(json.dumps(record))
+
+    def trainer():
+        time.sleep(1.0)
+        _land(pool, wd, 3)
+        time.sleep(1.0)
+        (wd / lease.LEASE_FILE).unlink()
+
+    assert [r["step"] for r in _follow_beside(trainer, wd)] == [3]
 
 
 def test_follow_waits_for_the_trainer_to_write_its_config(task):

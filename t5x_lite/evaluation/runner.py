@@ -116,6 +116,13 @@ def default_name(options: few_shot.FewShotOptions | None, quantize: str) -> str:
     return "_".join(parts)
 
 
+def foreign_name(ckpt_workdir) -> str:
+    """The outputs' name of an evaluation of another run's checkpoint given none:
+    "from_<that workdir's name>" (letters, digits, '-' and '_' kept, others '_')."""
+    base = epath.Path(ckpt_workdir).name
+    return "from_" + ("".join(c if c.isalnum() or c in "-_" else "_" for c in base) or "run")
+
+
 class Evaluator:
     """Model, mesh and compiled functions for one config, reused across checkpoints."""
 
@@ -291,8 +298,6 @@ def run(config: ml_collections.ConfigDict | None, workdir, settings: EvalSetting
         raise EvalError(f"the run config ({workdir}/{checkpoints.CONFIG_FILE} or --config) has "
                         f"no {', '.join(missing)} section; evaluation needs "
                         f"{', '.join(RUN_SECTIONS)}")
-    out_root = workdir / "eval" / settings.name if settings.name else workdir / "eval"
-    tag_prefix = f"eval_{settings.name}/" if settings.name else "eval/"
     is_main = jax.process_index() == 0
     if settings.follow:
         if settings.checkpoint not in ("latest", "all"):
@@ -301,6 +306,12 @@ def run(config: ml_collections.ConfigDict | None, workdir, settings: EvalSetting
         ckpt_workdir, steps = workdir, []
     else:
         ckpt_workdir, steps = _selection(workdir, settings.checkpoint)
+    if not settings.name and files.real(ckpt_workdir) != files.real(workdir):
+        # Another run's step N is not this workdir's: its results (and "done") stay apart.
+        settings = dataclasses.replace(settings, name=foreign_name(ckpt_workdir))
+    out_root = workdir / "eval" / settings.name if settings.name else workdir / "eval"
+    tag_prefix = f"eval_{settings.name}/" if settings.name else "eval/"
+    if not settings.follow:
         if settings.checkpoint == "all" and not settings.overwrite:
             steps = [s for s in steps
                      if distributed.agree(int(outputs.is_done(out_root, s))) == 0]
@@ -329,6 +340,18 @@ def run(config: ml_collections.ConfigDict | None, workdir, settings: EvalSetting
     return results
 
 
+def _deleted(workdir, step: int, wait_s: float = 5.0) -> bool:
+    """Whether checkpoint `step` failed to read because it is being deleted (`checkpoint.keep`):
+    orbax removes its files before its directory, so a step still listed gets a few seconds
+    to go before the failure counts as damage."""
+    deadline = time.time() + wait_s
+    while step in checkpoints.all_steps(workdir):
+        if time.time() >= deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 def _follow(workdir, out_root, final_step: int, settings: EvalSettings, evaluate) -> None:
     attempted: set[int] = set()
     last_new = time.time()
@@ -344,14 +367,17 @@ def _follow(workdir, out_root, final_step: int, settings: EvalSettings, evaluate
             try:
                 evaluate(step)
             except (OSError, ValueError) as e:
-                if (epath.Path(workdir) / checkpoints.CHECKPOINT_DIR / str(step)).exists():
+                if not _deleted(workdir, step):
                     raise
                 logging.warning("checkpoint %d was deleted before it could be evaluated (%s); "
                                 "skipped", step, str(e).splitlines()[0][:200])
             last_new = time.time()
             continue
-        finished = outputs.is_done(out_root, final_step) or final_step in attempted
-        if not finished and lease.live(workdir):
+        # A live training run may go past the final step its config.json said when this
+        # started (resumed with a higher train.num_steps): not finished while it runs.
+        live = lease.live(workdir)
+        finished = not live and (outputs.is_done(out_root, final_step) or final_step in attempted)
+        if live:
             last_new = time.time()  # a training run is on: wait however long its saves take
         idle = time.time() - last_new
         if distributed.agree(int(finished or idle >= settings.follow_timeout)):
