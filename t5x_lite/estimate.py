@@ -119,7 +119,7 @@ def estimate(config: ml_collections.ConfigDict, *, mesh: tuple[int, int, int] | 
                 "microbatches": int(config.train.microbatches), "length": s,
                 "targets_length": t, "optimizer": config.optimizer.name},
         "memory_per_device": {**mem.as_dict(), "loss_working_set": act["loss"],
-                              "remat_recompute_working_set": act["recompute"]},
+                              "layer_backward_working_set": act["layer_backward"]},
         "rule_of_thumb": thumb,
         "flops": {"dense": flops.dense, "attention": flops.attention, "head": flops.head,
                   "forward": flops.forward, "train_step": flops.train,

@@ -20,10 +20,18 @@ store every residual the jaxpr names. The counts below were measured with XLA's
 `memory_analysis()` on CPU for each case (see README.md); the remat rows follow the policy
 definitions (`full`: layer input only; `dots`: matmul outputs; `dots_no_batch`: weight-matmul
 outputs). Causal self-attention computed in query blocks (`causal_blocks`) keeps only the
-blocks' scores, (n + 1) / 2n of the square. On top of the saved tensors the peak holds the loss's
-working set: two float32 [b, T, V] buffers (logits and the fused softmax-minus-targets gradient
-of the custom-VJP loss; the 2-D vocab projection needs no transposed copy of it), or, with
-remat, one layer's recomputed activations if that is larger.
+blocks' scores, (n + 1) / 2n of the square.
+
+On top of the saved tensors the peak holds the larger of two working sets, which are never
+alive together: the loss's (two float32 [b, T, V] buffers: logits and the fused
+softmax-minus-targets gradient of the custom-VJP loss; the 2-D vocab projection needs no
+transposed copy of it), or one layer's backward pass. A scanned stack runs its backward pass as
+a while loop whose stacked residual buffers are freed only after the loop, so while the loop
+body builds a layer's gradients (dprobs, dscores, the MLP hidden's gradient, copies of the
+sliced residuals) every layer's residuals are still alive; remat puts the layer's recomputed
+forward activations there too. The unscanned counts cover this themselves (a layer's residuals
+are freed as its gradients are built). GPT's loss over every position hides the layer term;
+BERT's (scored positions only) and T5's (decoder positions only) do not.
 """
 from __future__ import annotations
 
@@ -43,7 +51,9 @@ from t5x_lite.models import LossConfig, abstract_variables, build_model
 # Saved tensors per layer: (X, Q, A) by remat policy (and scan for 'none'); F counts below.
 _SELF_COUNTS = {
     ("none", False): (6, 4, 3.5),
-    ("none", True): (8, 4, 2),
+    # Scanned: XLA's buffer assignment holds 11 X-sized stacked residuals per layer in GPT, BERT
+    # and T5 alike (the model had 8, a shortfall GPT's large loss term used to cover).
+    ("none", True): (11, 4, 2),
     ("full", False): (1, 0, 0), ("full", True): (1, 0, 0),
     ("dots", False): (2, 4, 1), ("dots", True): (2, 4, 1),
     ("dots_no_batch", False): (2, 3, 0), ("dots_no_batch", True): (2, 3, 0),
@@ -62,6 +72,12 @@ _CROSS_COUNTS = {
     ("dots_no_batch", False): (1, 1, 2, 0), ("dots_no_batch", True): (1, 1, 2, 0),
 }
 _RELPOS_EXTRA_A = 0.5  # unscanned T5 self-attention: the per-head position bias joins the scores
+# One layer's backward pass in a scanned stack or under remat, on top of an unscanned layer's
+# counts (which already hold its gradient temporaries): `full` remat rebuilds the scores and
+# probabilities (2 A) beside the gradients; T5's per-head position bias [b, H, s, s] collects
+# its gradient from every layer in one float32 accumulator (1 A) alive through the backward loop.
+_FULL_REMAT_EXTRA_A = 2
+_RELPOS_GRAD_A = 1
 _STACK_EDGE_X = 3  # per stack: embedding output, final norm input / output
 _DROPOUT_BYTES = 6  # per dropped element, unscanned (measured: mask + random bits)
 _LOSS_BUFFERS = {"t5": 2, "gpt": 2, "bert": 2}
@@ -183,7 +199,9 @@ def _act_bytes(cfg: ModelConfig) -> int:
 
 
 def activation_bytes(config: ml_collections.ConfigDict, mesh: MeshSizes) -> dict[str, float]:
-    """Modelled activation bytes per device: saved for backward + the peak working set."""
+    """Modelled activation bytes per device: saved for backward + the peak working set, the
+    larger of the loss buffers ("loss") and one layer's backward pass ("layer_backward":
+    scanned stacks and remat only)."""
     cfg = ModelConfig.from_dict(config.model)
     s, t = sequence_lengths(config)
     micro = max(int(config.train.microbatches), 1)
@@ -232,12 +250,29 @@ def activation_bytes(config: ml_collections.ConfigDict, mesh: MeshSizes) -> dict
         saved += _DROPOUT_BYTES * sum(dropout_elements(q, k, c) * n + 2 * b * q * d
                                       for n, q, k, c in stacks)
     loss = _LOSS_BUFFERS[cfg.family] * b * out_len * v * 4
-    # With remat, the backward pass rebuilds one layer's activations at a time.
-    recompute = 0.0
-    if cfg.remat != "none":
-        recompute = max(layer(q, k, c, "none", False) for _, q, k, c in stacks)
-    return {"saved": float(saved), "working": float(max(loss, recompute)),
-            "loss": float(loss), "recompute": float(recompute)}
+
+    def backward_working(q_len, k_len, cross_len):
+        """One layer's backward-pass working set (scanned or remat): the tensors an unscanned
+        layer holds (its gradient temporaries: dprobs, dscores, the MLP hidden's gradient; under
+        remat also its recomputed activations), plus the terms in _FULL_REMAT_EXTRA_A /
+        _RELPOS_GRAD_A, all float32 [b, H, s, k] score-sized."""
+        n = layer(q_len, k_len, cross_len, "none", False)
+        score = b * h * q_len * k_len * 4
+        if cfg.remat == "full":
+            frac = causal_score_fraction(cfg, q_len) if causal(cross_len) else 1.0
+            n += _FULL_REMAT_EXTRA_A * (score * frac + b * h * q_len * cross_len * 4)
+        if cfg.position == "relative":
+            n += _RELPOS_GRAD_A * score
+        return n
+
+    # The backward pass of one layer while every layer's residuals are alive: scanned stacks
+    # (stacked residuals outlive the backward loop) and remat (the layer is rebuilt first).
+    # Unscanned layers without remat free residuals as they go; their counts include this.
+    layer_backward = 0.0
+    if cfg.scan_layers or cfg.remat != "none":
+        layer_backward = max(backward_working(q, k, c) for _, q, k, c in stacks)
+    return {"saved": float(saved), "working": float(max(loss, layer_backward)),
+            "loss": float(loss), "layer_backward": float(layer_backward)}
 
 
 def batch_bytes(config: ml_collections.ConfigDict, mesh: MeshSizes) -> int:
