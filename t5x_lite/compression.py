@@ -325,7 +325,8 @@ def from_config(config, mesh, rules, workdir=None) -> Plugin:
         return lora.LoraPlugin(lora.pin_base_step(config, workdir), mesh, rules)
     from t5x_lite import pruning
     prune = pruning.PruneConfig.from_dict(prune_cfg) if prune_cfg is not None else None
-    pruning.check_resume(prune, workdir)  # the checkpoint's masks: the same settings
+    # the checkpoint's masks: the same settings
+    pruning.check_resume(prune, workdir, int(config.train.num_steps))
     plugin = Plugin()
     if prune is not None:
         plugin = pruning.PruningPlugin(prune, int(config.train.num_steps))

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 
 from t5x_lite import checkpoints, compression, selection
 
@@ -276,7 +277,8 @@ def compute_masks(params, axes, cfg: PruneConfig, sparsity, old_masks=None):
     Args:
       sparsity: fraction to prune: a Python float (exact counts) or a traced float32 scalar
         (exact at cfg.sparsity and cfg.initial_sparsity, see `prune_count`).
-      old_masks: previous masks; what they pruned is ranked first, so it stays pruned.
+      old_masks: previous masks; what they pruned is ranked first, and stays pruned even
+        when `sparsity` is below theirs.
     """
     params_flat = compression.flat(params)
     old_flat = compression.flat(old_masks) if old_masks is not None else None
@@ -297,6 +299,8 @@ def compute_masks(params, axes, cfg: PruneConfig, sparsity, old_masks=None):
         unit_masks = _prune_smallest(scores, sparsity, anchors)
     masks = {}
     for g, um in zip(groups, unit_masks):
+        if old_flat is not None:  # also when s(t) fell (a resume that moved the schedule's end)
+            um = um & _unit_mask_of(old_flat, next(m for m in g.members if m.scored), g.layered)
         for m in g.members:
             masks[m.path] = _member_mask(um, m, params_flat[m.path].shape, g.layered)
     return compression.nested(masks)
@@ -378,7 +382,7 @@ def prune_optimizer(tx: optax.GradientTransformation, cfg: PruneConfig, axes, nu
     return optax.GradientTransformation(init, update)
 
 
-def check_resume(cfg: PruneConfig | None, workdir) -> None:
+def check_resume(cfg: PruneConfig | None, workdir, num_steps: int | None = None) -> None:
     """Refuses to resume `workdir` with other pruning settings than its latest checkpoint was
     trained with (`cfg` None: no `prune` section). The masks live in that checkpoint's
     optimizer state, so a changed sparsity / structure / schedule would silently keep the old
@@ -392,6 +396,14 @@ def check_resume(cfg: PruneConfig | None, workdir) -> None:
     active = isinstance(section, dict) and section.get("enabled", True)
     old = PruneConfig.from_dict(section) if active else None
     if old == cfg:
+        before = (saved.get("train") or {}).get("num_steps")
+        if (cfg is not None and cfg.schedule == "polynomial" and not cfg.end_step
+                and num_steps is not None and before is not None and int(before) != num_steps):
+            logging.warning(
+                "prune.end_step=0 ends the sparsity schedule at train.num_steps, which changed "
+                "(%s -> %d): the ramp to prune.sparsity now ends at step %d; weights pruned so "
+                "far stay pruned. Set --config.prune.end_step=%s to keep the old schedule",
+                before, num_steps, num_steps, before)
         return
     where = f"{workdir}/{checkpoints.CHECKPOINT_DIR}/{steps[-1]}"
     if old is None or cfg is None:
@@ -411,10 +423,12 @@ class PruningPlugin(compression.Plugin):
     """Trainer plugin: the model is unchanged; the optimizer prunes."""
 
     def __init__(self, cfg: PruneConfig, num_steps: int):
-        if cfg.schedule == "polynomial" and not cfg.end_step and cfg.begin_step >= num_steps:
+        if cfg.schedule == "polynomial" and cfg.begin_step >= num_steps:
+            end = (f"prune.end_step={cfg.end_step}" if cfg.end_step
+                   else "prune.end_step=0: the end")
             raise compression.CompressionError(
-                f"prune.begin_step={cfg.begin_step} is not before the schedule's end "
-                f"(prune.end_step=0: train.num_steps={num_steps}), so nothing would be pruned")
+                f"prune.begin_step={cfg.begin_step} is not before train.num_steps={num_steps} "
+                f"({end}), so nothing would be pruned")
         self.cfg, self.num_steps = cfg, num_steps
 
     def wrap(self, model, tx):

@@ -1,5 +1,7 @@
 """Magnitude pruning: exact sparsity, whole heads / MLP units, masks that keep pruned weights at
 zero through training, the polynomial schedule, and a pruning run through the trainer."""
+import dataclasses
+import json
 import math
 
 import flax.linen as nn
@@ -256,6 +258,50 @@ def test_polynomial_schedule_grows_sparsity_and_keeps_pruned_weights_pruned():
     assert seen[3] == seen[2] and seen[10] == seen[8] == pytest.approx(0.8, abs=1e-3)
 
 
+def test_a_schedule_stretched_by_a_resume_never_unprunes(caplog, tmp_path):
+    """Resumed with a higher train.num_steps, prune.end_step=0 moves the schedule's end: s(t)
+    falls below what is already pruned. Those weights stayed pruned only as far as the new,
+    smaller count reached (0.80 -> 0.71 here); now all stay, and the resume says so."""
+    cfg = _t5()
+    params, axes = _init(cfg)
+    pc = pruning.PruneConfig(sparsity=0.8, schedule="polynomial", initial_sparsity=0.1,
+                             begin_step=2, frequency=3)
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 0.01), params)
+
+    def steps(num_steps, n, state=None):
+        nonlocal params
+        tx = pruning.prune_optimizer(optax.sgd(0.1), pc, axes, num_steps)
+        state = jax.jit(tx.init)(params) if state is None else state
+        update = jax.jit(tx.update)
+        for _ in range(n):
+            u, state = update(grads, state, params)
+            params = optax.apply_updates(params, u)
+        return state
+
+    state = steps(10, 10)
+    assert _zero_fraction(params) == pytest.approx(0.8, abs=1e-3)
+    pruned = [~np.asarray(m) for m in jax.tree.leaves(state.masks)]
+    state = steps(20, 2, state)  # step 12 updates the masks at the new schedule's s(12) < 0.8
+    assert float(pruning.sparsity_at(12, pc, 20)) < 0.75
+    assert _zero_fraction(params) == pytest.approx(0.8, abs=1e-3)
+    for before, now in zip(pruned, jax.tree.leaves(state.masks)):
+        assert not np.any(before & np.asarray(now))  # nothing pruned comes back
+
+    # The resume's warning: a checkpoint at step 10 of a 10-step run, resumed for 20 steps.
+    step_dir = tmp_path / "checkpoints" / "10"
+    (step_dir / "params").mkdir(parents=True)
+    (step_dir / "config").mkdir()
+    saved = {"train": {"num_steps": 10}, "prune": dataclasses.asdict(pc)}
+    (step_dir / "config" / "metadata").write_text(json.dumps(saved))
+    with caplog.at_level("WARNING"):
+        pruning.check_resume(pc, tmp_path, 10)
+        assert caplog.text == ""
+        pruning.check_resume(pc, tmp_path, 20)
+    assert ("train.num_steps, which changed (10 -> 20): the ramp to prune.sparsity now ends at "
+            "step 20; weights pruned so far stay pruned. Set --config.prune.end_step=10"
+            in caplog.text)
+
+
 def test_bad_config_errors():
     with pytest.raises(compression.CompressionError, match="sparsity"):
         pruning.PruneConfig(sparsity=1.0)
@@ -279,6 +325,10 @@ def test_bad_config_errors():
     with pytest.raises(compression.CompressionError, match="train.num_steps=20"):
         pruning.PruningPlugin(late, num_steps=20)
     pruning.PruningPlugin(late, num_steps=60)
+    after_the_run = pruning.PruneConfig(schedule="polynomial", begin_step=50, end_step=100)
+    with pytest.raises(compression.CompressionError, match=r"prune.begin_step=50 is not before "
+                       r"train.num_steps=20 \(prune.end_step=100\), so nothing would be pruned"):
+        pruning.PruningPlugin(after_the_run, num_steps=20)
 
 
 def test_one_shot_pruning_run_through_trainer(tmp_path):
