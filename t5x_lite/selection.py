@@ -20,7 +20,9 @@ def order_keys(x):
     """uint32 keys in the order of the float32 values: a < b iff key(a) < key(b), equal values
     equal keys (-0.0 taken as 0.0; subnormals too where the backend flushes them to zero, as
     XLA:CPU does); NaN (made positive) above +inf."""
-    x = jnp.where(jnp.isnan(x), jnp.nan, x.astype(jnp.float32) + 0.0)
+    x = x.astype(jnp.float32)
+    # -0.0 -> +0.0 by a select: `x + 0.0` does it eagerly, but XLA folds it away under jit.
+    x = jnp.where(jnp.isnan(x), jnp.nan, jnp.where(x == 0, jnp.float32(0.0), x))
     bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
     return bits ^ jnp.where(bits >> 31 == 1, jnp.uint32(0xFFFFFFFF), jnp.uint32(0x80000000))
 
