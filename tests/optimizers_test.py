@@ -108,6 +108,39 @@ def test_adafactor_is_optax_adafactor_per_layer_of_a_scanned_stack(weight_decay)
                          per_layer["layers"]["block"], got[f"layers_{i}"])
 
 
+def test_adafactor_factors_attention_kernels_as_embed_by_heads_kv_matrices():
+    """T5X's factor rules (embed a row; heads, kv columns): a query / key / value kernel
+    [embed, heads, kv] and an out kernel [heads, kv, embed] get the updates optax.adafactor
+    gives the [embed, heads * kv] / [heads * kv, embed] matrices, with factored (not full)
+    second moments; optax alone factored no attention kernel (heads and kv are < 128)."""
+    tx, schedule = optimizers.make_optimizer(_opt(), 100)
+    ref = optax.chain(optax.clip_by_global_norm(1.0), optax.adafactor(
+        learning_rate=schedule, decay_rate=0.8, clipping_threshold=1.0,
+        multiply_by_parameter_scale=True, momentum=None, factored=True,
+        min_dim_size_to_factor=128))
+    rng = np.random.default_rng(1)
+    attn = {"query": jnp.asarray(rng.normal(size=(256, 4, 64)), jnp.float32),
+            "out": jnp.asarray(rng.normal(size=(4, 64, 256)) * 0.3, jnp.float32)}
+    as_matrices = {"query": attn["query"].reshape(256, 256), "out": attn["out"].reshape(256, 256)}
+    state, ref_state = tx.init(attn), ref.init(as_matrices)
+    assert sum(x.size for x in jax.tree.leaves(state)) < 256 * 256  # factored
+    stacked = jax.tree.map(lambda x: jnp.stack([x, 2 * x]), attn)  # a scanned [layers, ...] leaf
+    scan_state = tx.init({"layers": {"block": stacked}})
+    for _ in range(3):
+        g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.1, jnp.float32), attn)
+        got, state = tx.update(g, state, attn)
+        want, ref_state = ref.update(jax.tree.map(lambda x: x.reshape(256, 256), g), ref_state,
+                                     as_matrices)
+        for k in attn:
+            np.testing.assert_allclose(got[k], want[k].reshape(attn[k].shape), rtol=1e-5,
+                                       atol=1e-8)
+        g2 = {"layers": {"block": jax.tree.map(lambda x: jnp.stack([x, x]), g)}}
+        per_layer, scan_state = tx.update(g2, scan_state, {"layers": {"block": stacked}})
+        for k in attn:  # layer 0 of the stack is the unscanned kernel
+            np.testing.assert_allclose(per_layer["layers"]["block"][k][0], got[k], rtol=1e-5,
+                                       atol=1e-8)
+
+
 def test_global_norm_clipping():
     tx, _ = optimizers.make_optimizer(_opt(name="adamw", schedule="constant", learning_rate=1.0,
                                            grad_clip=1.0, weight_decay=0.0), 10)

@@ -45,10 +45,12 @@ def test_adafactor_opt_state_shardings_on_1x4x2():
     assert specs[f"[1][0].v_row{wo}"] == P("fsdp") and specs[f"[1][0].v_col{wo}"] == P("tensor")
     emb = "['token_embedder']['embedding']"  # [V=8192, D=128]
     assert specs[f"[1][0].v_row{emb}"] == P("fsdp") and specs[f"[1][0].v_col{emb}"] == P("tensor")
-    q = "['decoder']['layers_0']['self_attention']['query']"  # [128, 4, 32]: not factored
-    assert shapes[f"[1][0].v{q}"] == (128, 4, 32)
-    assert specs[f"[1][0].v{q}"] == P("fsdp", "tensor", None)
-    assert specs[f"[1][0].v_row{q}"] == P()
+    # [128, 4, 32]: factored as the [128, 4 * 32] matrix; its row / column statistics are
+    # d_model- and heads * kv-sized vectors, replicated.
+    q = "['decoder']['layers_0']['self_attention']['query']"
+    assert shapes[f"[1][0].v_row{q}"] == (128,) and shapes[f"[1][0].v_col{q}"] == (128,)
+    assert shapes[f"[1][0].v{q}"] == (1,)
+    assert specs[f"[1][0].v_row{q}"] == P() and specs[f"[1][0].v_col{q}"] == P()
     assert specs["[1][0].count"] == P()
     scale = "['encoder_norm']['scale']"
     assert specs[f"[1][0].v{scale}"] == P("fsdp")

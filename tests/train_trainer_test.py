@@ -326,3 +326,15 @@ def test_an_extended_run_warns_when_its_decay_schedule_stretches():
     older = saved.to_dict()
     del older["optimizer"]["end_lr_fraction"]  # a config saved before the key existed
     assert trainer_lib.resumed_lr_change(older, longer, 100) is None  # was an AttributeError
+
+
+def test_an_optimizer_state_of_another_layout_with_the_same_settings_says_so(tmp_path):
+    """No setting changed (e.g. a checkpoint from before Adafactor factored attention kernels):
+    the line must not claim the settings changed."""
+    from t5x_lite.training import trainer
+    msg = trainer._optimizer_changed("W/checkpoints/3 holds optimizer state that does not fit",
+                                     tmp_path, 3, testing.tiny_config("gpt"))
+    assert msg == ("W/checkpoints/3 holds optimizer state that does not fit; the optimizer "
+                   "settings are the ones it was saved with, so its state comes from an older "
+                   "t5x_lite with another state layout: start a new --workdir with "
+                   f"--config.train.init_from={tmp_path} (params only, a fresh optimizer state)")

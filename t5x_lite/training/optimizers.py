@@ -1,7 +1,8 @@
 """Optimizers and learning-rate schedules from the `optimizer` config section.
 
 - `adafactor` with the T5 defaults: decay_rate 0.8, update clipping 1.0, updates scaled by the
-  parameter RMS (both per layer of a scanned stack), no momentum, factored second moments, and
+  parameter RMS (both per layer of a scanned stack), no momentum, factored second moments (an
+  attention kernel as its [embed, heads * kv] matrix, as T5X factors it), and
   lr = 1/sqrt(max(step, warmup_steps)) (schedule 'rsqrt'; 'constant' uses `learning_rate`).
 - `adamw` with linear warmup then cosine / linear decay to `end_lr_fraction * learning_rate`
   (or constant), decoupled weight decay.
@@ -64,8 +65,8 @@ def _adafactor(schedule: Callable, weight_decay: float, mask) -> optax.GradientT
 
     Weight decay (`weight_decay` x param, masked) is added after the lr scaling, as in optax and
     T5X: it is not multiplied by the learning rate, unlike AdamW's."""
-    parts = [optax.scale_by_factored_rms(factored=True, decay_rate=0.8,
-                                         min_dim_size_to_factor=128),
+    parts = [_on_matrix_views(optax.scale_by_factored_rms(factored=True, decay_rate=0.8,
+                                                          min_dim_size_to_factor=128)),
              _per_block(lambda u, rms: u / jnp.maximum(1.0, rms), of_params=False),  # clip at 1
              optax.scale_by_learning_rate(schedule, flip_sign=False),
              _per_block(lambda u, rms: u * jnp.maximum(rms, 1e-3), of_params=True)]
@@ -73,6 +74,38 @@ def _adafactor(schedule: Callable, weight_decay: float, mask) -> optax.GradientT
         parts.append(optax.add_decayed_weights(weight_decay, mask=mask))
     parts.append(optax.scale(-1.0))
     return optax.chain(*parts)
+
+
+# Attention kernels: [(layers,) embed, heads, kv] (query / key / value) and [(layers,) heads, kv,
+# embed] (out). T5X factors them as the [embed, heads * kv] matrices they are (its factor rules:
+# embed a row, heads and kv columns; mesh-tf T5 stores them 2-D); optax factors a leaf's two
+# largest dims only when both are >= 128, which heads or kv never is, so it kept a full second
+# moment for every attention weight.
+_HEADS_KV_LAST, _HEADS_KV_FIRST = ("query", "key", "value"), ("out",)
+
+
+def matrix_view(path, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape Adafactor factors a param as: attention kernels with heads and kv merged,
+    other params as they are (a leading layers axis stays a batch axis)."""
+    name = _leaf_name(path)
+    if name in _HEADS_KV_LAST and len(shape) >= 3:
+        return (*shape[:-2], shape[-2] * shape[-1])
+    if name in _HEADS_KV_FIRST and len(shape) >= 3:
+        return (*shape[:-3], shape[-3] * shape[-2], shape[-1])
+    return tuple(shape)
+
+
+def _on_matrix_views(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` applied to the params' `matrix_view`s, its updates reshaped back."""
+    def views(tree):
+        return jax.tree_util.tree_map_with_path(lambda p, x: x.reshape(matrix_view(p, x.shape)),
+                                                tree)
+
+    def update(updates, state, params=None):
+        new, state = inner.update(views(updates), state, None if params is None else views(params))
+        return jax.tree.map(lambda n, u: n.reshape(u.shape), new, updates), state
+
+    return optax.GradientTransformation(lambda params: inner.init(views(params)), update)
 
 
 def _per_block(fn: Callable, of_params: bool) -> optax.GradientTransformation:

@@ -115,10 +115,13 @@ def _optimizer_changed(error, workdir, step: int, config) -> str:
     old, new = saved.get("optimizer") or {}, config.optimizer.to_dict()
     changed = [f"optimizer.{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(new)
                if k in old and old[k] != new[k]]
-    what = f" ({'; '.join(changed)})" if changed else ""
-    return (f"{error}; the optimizer settings changed since it was saved{what}: resume with "
-            f"the saved ones, or start a new --workdir with --config.train.init_from={workdir} "
-            "(params only, a fresh optimizer state)")
+    fresh = (f"start a new --workdir with --config.train.init_from={workdir} (params only, a "
+             "fresh optimizer state)")
+    if not changed:  # same settings: the state's layout changed (Adafactor's factored kernels)
+        return (f"{error}; the optimizer settings are the ones it was saved with, so its state "
+                f"comes from an older t5x_lite with another state layout: {fresh}")
+    return (f"{error}; the optimizer settings changed since it was saved "
+            f"({'; '.join(changed)}): resume with the saved ones, or {fresh}")
 
 
 def resumed_lr_change(saved: dict | None, config, step: int) -> str | None:
