@@ -226,9 +226,12 @@ def activation_bytes(config: ml_collections.ConfigDict, mesh: MeshSizes) -> dict
             n += xa * b * h * q_len * cross_len * 4
         return n
 
+    t5 = cfg.family == "t5"
+
     def dropout_elements(q_len, k_len, cross_len):
-        """Elements one layer drops out: attention probs, each branch output, the MLP hidden."""
-        n = b * h * q_len * k_len + 2 * b * q_len * d + b * q_len * f
+        """Elements one layer drops out: attention probs, each branch output, and in T5 the
+        MLP hidden."""
+        n = b * h * q_len * k_len + 2 * b * q_len * d + (b * q_len * f if t5 else 0)
         if cross_len:
             n += b * h * q_len * cross_len + b * q_len * d
         return n
@@ -246,8 +249,9 @@ def activation_bytes(config: ml_collections.ConfigDict, mesh: MeshSizes) -> dict
         out_len = LossConfig.for_run(config).mlm_predictions or s  # BERT: the scored positions
     saved = sum(n * layer(q, k, c, cfg.remat, bool(cfg.scan_layers)) for n, q, k, c in stacks)
     saved += sum(_STACK_EDGE_X * b * q * d * a for _, q, _, _ in stacks)
-    if cfg.dropout_rate > 0:
-        saved += _DROPOUT_BYTES * sum(dropout_elements(q, k, c) * n + 2 * b * q * d
+    if cfg.dropout_rate > 0:  # per stack also the embeddings' (and T5's final norm output)
+        edges = 2 if t5 else 1
+        saved += _DROPOUT_BYTES * sum(dropout_elements(q, k, c) * n + edges * b * q * d
                                       for n, q, k, c in stacks)
     loss = _LOSS_BUFFERS[cfg.family] * b * out_len * v * 4
 

@@ -83,6 +83,5 @@ class GPT(nn.Module):
         x = Stack(cfg, cfg.num_layers, decode=self.decode, deterministic=self.deterministic,
                   causal=decoder_causal_attention is None, name="decoder")(x, attention_bias(mask), positions=decoder_positions,
                                   decode_index=decode_index)
-        x = make_norm(cfg, "decoder_norm")(x)
-        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic)
+        x = make_norm(cfg, "decoder_norm")(x)  # no dropout after it (GPT-2's ln_f has none)
         return constrain(lm_logits(self, cfg, embedder, x), ("batch", "length", "vocab"))

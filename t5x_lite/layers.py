@@ -453,7 +453,8 @@ class Mlp(nn.Module):
             y = ACTIVATIONS[act](y)
             hidden = y if hidden is None else hidden * y
         hidden = constrain(hidden, ("batch", "length", "mlp"))
-        hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=deterministic)
+        if cfg.family == "t5":  # T5's DenseReluDense drops the hidden; GPT-2 and BERT do not
+            hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=deterministic)
         wo = kernel_param(self, "wo", dense_init(f), (f, d), ("mlp", "embed"))
         out = dense(hidden, wo.astype(dtype))
         if cfg.use_bias:

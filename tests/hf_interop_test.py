@@ -444,3 +444,69 @@ def test_malformed_shard_index_is_one_error(hf_models, tmp_path, index):
     with pytest.raises(hf_interop.InteropError,
                        match="model.safetensors.index.json has no valid weight_map"):
         hf_interop.from_hf(path)
+
+
+def _our_dropout_shapes(cfg, params, batch):
+    """The shapes of the tensors our model drops out in a training forward pass."""
+    import collections
+    import dataclasses
+
+    import flax.linen as nn
+    model = build_model(dataclasses.replace(cfg, dropout_rate=0.1, causal_blocks=1))
+    shapes = []
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.Dropout) and context.method_name == "__call__":
+            if kwargs.get("deterministic", context.module.deterministic) is False:
+                shapes.append(tuple(args[0].shape))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        model.logits(params, batch, rng=jax.random.key(0), deterministic=False)
+    return collections.Counter(shapes)
+
+
+def _hf_dropout_shapes(model, **inputs):
+    """The shapes of the tensors HF's model drops out in training mode (its Dropout modules and
+    eager attention both call torch.nn.functional.dropout)."""
+    import collections
+    model.train()
+    shapes = []
+    functional = torch.nn.functional.dropout
+
+    def probs(x, p=0.5, training=True, inplace=False):
+        if training and p > 0:
+            shapes.append(tuple(x.shape))
+        return functional(x, p, training, inplace)
+
+    torch.nn.functional.dropout = probs
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        torch.nn.functional.dropout = functional
+        model.eval()
+    return collections.Counter(shapes)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "t5_v1_1"])
+def test_dropout_sits_where_hf_puts_it(hf_models, kind):
+    """The same tensors dropped as HF's model drops in training mode. GPT-2 used to drop its MLP
+    hidden and its final norm's output too (T5's places, not GPT-2's)."""
+    model, path = hf_models[kind]
+    for m in model.modules():  # HF's rates are 0.1 but T5's attention reads its config
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.1
+        if isinstance(getattr(m, "dropout", None), float):
+            m.dropout = 0.1
+    cfg, params, _, _ = hf_interop.from_hf(path)
+    ids = np.random.default_rng(0).integers(2, ref.VOCAB, (2, 8))
+    if kind == "gpt2":
+        ours = _our_dropout_shapes(cfg, params, {"decoder_input_tokens": ids})
+        theirs = _hf_dropout_shapes(model, input_ids=torch.tensor(ids))
+    else:
+        ours = _our_dropout_shapes(cfg, params, {"encoder_input_tokens": ids,
+                                                 "decoder_input_tokens": ids[:, :5]})
+        theirs = _hf_dropout_shapes(model, input_ids=torch.tensor(ids),
+                                    decoder_input_ids=torch.tensor(ids[:, :5]))
+    assert sum(theirs.values()) > 0 and ours == theirs
