@@ -166,3 +166,20 @@ def test_constant_schedule_says_warmup_is_unused(caplog):
                                               warmup_steps=500), 100)[1]
     assert float(schedule(0)) == pytest.approx(0.1)  # from step 0, no warmup
     assert "optimizer.warmup_steps=500 is unused: schedule='constant'" in caplog.text
+
+
+def test_a_warmup_reaching_the_decay_end_says_so(caplog):
+    """AdamW with the base config's warmup_steps=10000 on a 1000-step run stayed below 10% of
+    its learning rate without a word."""
+    optimizers.make_optimizer(_opt(name="adamw", schedule="cosine", learning_rate=1e-3), 1000)
+    assert ("optimizer.warmup_steps=10000 reaches the cosine decay's end (step 1000, "
+            "optimizer.decay_steps or train.num_steps): the learning rate only warms up; lower "
+            "warmup_steps for a decay" in caplog.text)
+    caplog.clear()
+    optimizers.make_optimizer(_opt(name="adamw", schedule="linear", learning_rate=1e-3,
+                                   warmup_steps=100, decay_steps=50), 1000)
+    assert "the learning rate only warms up, then drops to its end value" in caplog.text
+    caplog.clear()
+    optimizers.make_optimizer(_opt(name="adamw", schedule="cosine", learning_rate=1e-3,
+                                   warmup_steps=100), 1000)
+    assert caplog.text == ""

@@ -338,3 +338,18 @@ def test_an_optimizer_state_of_another_layout_with_the_same_settings_says_so(tmp
                    "settings are the ones it was saved with, so its state comes from an older "
                    "t5x_lite with another state layout: start a new --workdir with "
                    f"--config.train.init_from={tmp_path} (params only, a fresh optimizer state)")
+
+
+def test_an_eval_split_that_cannot_be_read_stops_before_training(tmp_path):
+    """It stopped at the first in-loop eval, after training up to it and before saving it."""
+    from t5x_lite.data import DataConfigError
+    from t5x_lite.data import testing as data_testing
+    text = tmp_path / "a.txt"
+    text.write_text("\n\n".join(data_testing.sentences(200)))
+    cfg = testing.tiny_config("gpt")
+    cfg.data.source, cfg.data.paths = "text", (str(text),)
+    cfg.data.validation_fraction = 0.0  # no validation split at all
+    cfg.train.num_steps, cfg.train.eval_every, cfg.checkpoint.save_every = 6, 3, 3
+    with pytest.raises(DataConfigError, match="no split 'validation'"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -101,6 +101,15 @@ def split_sums(step, params, data: DataConfig, vocab, split: str, *, batch_size:
     return Sums(totals, split, examples, len(pending))
 
 
+def check_splits(data: DataConfig, vocab, split: str, *, batch_size: int, seed: int) -> None:
+    """Opens each source's `split` and reads its first batch, so that a split that cannot be
+    read (missing, wrong format) fails before training rather than at the first in-loop eval."""
+    for part in data.components():
+        it = make_dataset(part.config, vocab, split=part.split(data, split),
+                          batch_size=batch_size, seed=seed, shuffle=False, repeat=False)
+        next(iter(it), None)
+
+
 def mixture_sums(step, params, data: DataConfig, vocab, split: str, **kwargs
                  ) -> tuple[Sums, dict[str, Sums]]:
     """(all of the data, {entry name: its sums}) -- the second empty without a `data.mixture`.

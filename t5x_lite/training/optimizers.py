@@ -157,6 +157,13 @@ def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int
         logging.warning("optimizer.warmup_steps=%d is unused: schedule='constant' uses "
                         "learning_rate from step 0 (cosine or linear warm up)",
                         int(opt.warmup_steps))
+    horizon = int(opt.decay_steps) or int(num_steps)
+    if opt.schedule in ("cosine", "linear") and 0 < horizon <= int(opt.warmup_steps):
+        logging.warning("optimizer.warmup_steps=%d reaches the %s decay's end (step %d, "
+                        "optimizer.decay_steps or train.num_steps): the learning rate only "
+                        "warms up%s; lower warmup_steps for a decay", int(opt.warmup_steps),
+                        opt.schedule, horizon,
+                        "" if horizon >= int(num_steps) else ", then drops to its end value")
     decay_embeddings = bool(opt.get("weight_decay_embeddings", False))
     mask = lambda params: decay_mask(params, decay_embeddings)
     wd = float(opt.weight_decay)

@@ -238,6 +238,9 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
                             f"{vocab.padded_vocab_size}")
     train_iter = make_dataset(config.data, vocab, split=data_cfg.train_split,
                               batch_size=per_process_batch, seed=int(config.seed))
+    if tc.eval_every:  # a split the in-loop eval cannot read fails now, not after training
+        eval_sums.check_splits(data_cfg, vocab, data_cfg.eval_split,
+                               batch_size=per_process_batch, seed=int(config.seed))
     abstract, shardings = train_state.state_shardings(model, tx, mesh, rules)
     init_rng, dropout_rng = jax.random.split(jax.random.key(int(config.seed)))
     if tc.init_from and not checkpoints.all_steps(workdir):
@@ -359,19 +362,22 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
                                       peak * jax.device_count() if peak else None)
                 writer.write(step, last)
                 window, t_mark, step_mark = [], now, step
-            if tc.eval_every and (step % int(tc.eval_every) == 0 or step == num_steps):
+            if is_save:  # before the eval: an eval that fails cannot cost the step
+                taken = lease_lost()  # two runs saving into one workdir would corrupt it
+                if taken:
+                    raise TrainingError(f"--workdir {workdir} was taken over by another training "
+                                        f"run ({taken}); stopped at step {step} without saving")
+                save(step, force=preempted or step == num_steps)
+            if tc.eval_every and not preempted and (
+                    step % int(tc.eval_every) == 0 or step == num_steps):
+                # The steps queued before it are training time, not the eval's.
+                jax.block_until_ready(state.params)
                 t_eval = time.time()
                 writer.write(step, evaluate(eval_fn, state.params, config, vocab, mesh,
                                             per_process_batch), prefix="eval/")
                 # Eval time is not training time; shifted, not reset, since an eval between
                 # log steps must not drop the steps before it from the window's time.
                 t_mark += time.time() - t_eval
-            if is_save:
-                taken = lease_lost()  # two runs saving into one workdir would corrupt it
-                if taken:
-                    raise TrainingError(f"--workdir {workdir} was taken over by another training "
-                                        f"run ({taken}); stopped at step {step} without saving")
-                save(step, force=preempted or step == num_steps)
             if preempted:
                 logging.warning("SIGTERM received: saved checkpoint %d, exiting", step)
                 break
