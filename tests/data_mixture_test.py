@@ -186,6 +186,19 @@ def test_a_run_naming_one_split_twice_cannot_map_an_entrys_two():
     DataConfig(eval_split="train", mixture=[dict(name="c4")])  # the entry's one split too
 
 
+def test_an_entrys_own_split_is_used_under_a_sliced_run_split():
+    """The run's eval_split 'validation[:2]' was looked up whole, so an entry's own eval_split
+    was ignored for it (the entry read its validation split)."""
+    from t5x_lite.data.config import Component
+    run = DataConfig(eval_split="validation[:2]")
+    entry = Component("qa", 1.0, DataConfig(eval_split="train", train_split="train"))
+    assert entry.split(run, "validation[:2]") == "train[:2]"
+    assert entry.split(run, "validation") == "train"
+    sliced = Component("qa", 1.0, DataConfig(eval_split="dev[:5]"))
+    assert sliced.split(run, "validation[:2]") == "dev[:5]"  # the entry's own slice
+    assert entry.split(run, "test") == "test"  # names the run does not use pass through
+
+
 def test_a_pairs_objective_on_text_names_the_entry(files, vocab):
     cfg = _run_cfg(files, [_docs(files), dict(name="wrong", source="text",
                                                paths=str(files / "doc0*.txt"),

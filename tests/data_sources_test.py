@@ -79,6 +79,45 @@ def test_local_source_split_names_and_missing_validation(tmp_path):
         sources.make_source(cfg, "dev")  # eval_split maps to the builder's validation split
 
 
+def test_local_split_names_with_slices_and_one_name_for_both(tmp_path):
+    """eval_split == train_split == 'train' read the validation files for training; custom
+    names with a slice ('dev[:1]') were not mapped at all."""
+    (tmp_path / "a.tsv").write_text("t1\ta1\nt2\ta2\nt3\ta3\n")
+    (tmp_path / "b.tsv").write_text("v1\tb1\nv2\tb2\n")
+    both = dict(source="tsv", train_paths=str(tmp_path / "a.tsv"), objective="seq2seq",
+                validation_paths=str(tmp_path / "b.tsv"), data_dir=str(tmp_path / "dd"))
+
+    def inputs(cfg, split):
+        src = sources.make_source(cfg, split)
+        return [src.decoder.map(src.data_source[i])["inputs"] for i in range(len(src))]
+
+    same = DataConfig(**both, train_split="train", eval_split="train")
+    assert inputs(same, "train") == ["t1", "t2", "t3"]
+    custom = DataConfig(**both, train_split="trn", eval_split="dev[:1]")
+    assert inputs(custom, "trn") == ["t1", "t2", "t3"] and inputs(custom, "dev[:1]") == ["v1"]
+    assert inputs(DataConfig(**both, train_split="trn[:2]", eval_split="dev"),
+                  "trn[:2]") == ["t1", "t2"]
+
+
+def test_a_same_size_edit_within_the_second_is_a_fresh_build(tmp_path):
+    """The prepared-data key held whole seconds: an edit that kept the size reused the stale
+    build."""
+    import os
+    path = tmp_path / "a.tsv"
+    cfg = DataConfig(source="tsv", train_paths=str(path), objective="seq2seq",
+                     data_dir=str(tmp_path / "dd"))
+    path.write_text("what is two plus two\tfour\n")
+    os.utime(path, ns=(10**18, 10**18))
+    src = sources.make_source(cfg, "train")
+    assert src.decoder.map(src.data_source[0]) == {"inputs": "what is two plus two",
+                                                   "targets": "four"}
+    path.write_text("what is two plus one\tthre\n")  # the same size, the same second
+    os.utime(path, ns=(10**18 + 1000, 10**18 + 1000))
+    src = sources.make_source(cfg, "train")
+    assert src.decoder.map(src.data_source[0]) == {"inputs": "what is two plus one",
+                                                   "targets": "thre"}
+
+
 def test_missing_local_path_is_a_config_error(tmp_path):
     cfg = DataConfig(source="text", paths=str(tmp_path / "nope" / "*.txt"),
                      data_dir=str(tmp_path / "dd"))

@@ -277,10 +277,18 @@ def _fingerprint(obj) -> str:
 
 
 def _file_signature(paths: Sequence[epath.Path]) -> list:
+    """(path, size, modification time) of each input: nanoseconds and the inode for local
+    files (epath's stat has whole seconds: a same-size edit within the second reused the
+    stale build), epath's stat for remote ones."""
     out = []
     for p in paths:
-        st = p.stat()
-        out.append([str(p), st.length, st.mtime])
+        text = os.fspath(p)
+        if "://" in text:
+            st = p.stat()
+            out.append([text, st.length, st.mtime])
+        else:
+            st = os.stat(text)
+            out.append([text, st.st_size, st.st_mtime_ns, st.st_ino])
     return out
 
 

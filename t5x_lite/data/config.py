@@ -220,9 +220,12 @@ class Component:
     def split(self, run: DataConfig, split: str) -> str:
         """The run's train / eval split name (tfds slicing kept) as this entry names it."""
         base, bracket, rest = split.partition("[")
-        base = {run.train_split: self.config.train_split,
-                run.eval_split: self.config.eval_split}.get(base, base)
-        return base + bracket + rest
+        names = {run.eval_split.partition("[")[0]: self.config.eval_split,
+                 run.train_split.partition("[")[0]: self.config.train_split}
+        if base not in names:
+            return split
+        mapped = names[base]
+        return mapped if "[" in mapped else mapped + bracket + rest
 
 
 def _normalise_mixture(value) -> tuple:

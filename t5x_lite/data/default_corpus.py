@@ -144,7 +144,7 @@ def default_corpus_config(stdlib_dir: str | None = None) -> DefaultCorpusConfig:
     listing = []
     for path in stdlib_files(root):
         st = os.stat(path)
-        listing.append([os.path.relpath(path, root), st.st_size, int(st.st_mtime)])
+        listing.append([os.path.relpath(path, root), st.st_size, st.st_mtime_ns])
     if not listing:
         raise builders.EmptyCorpusError(f"empty corpus: no .py files under {root}")
     params = [MIN_CHARS, MIN_WORDS, VALIDATION_FRACTION, builders.BUILDER_VERSION, root]

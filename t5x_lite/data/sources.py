@@ -83,10 +83,15 @@ def _builder_split(builder, split: str):
 
 
 def _local_split_name(cfg: DataConfig, split: str) -> str:
-    """Config split names (train_split / eval_split) -> the builders' train / validation."""
+    """Config split names (train_split / eval_split, their slices aside) -> the builders' train
+    / validation. The builders' own names stay themselves (eval_split="train" evaluates on the
+    train split), and a name that is both train_split and eval_split reads the train split."""
     base, _, rest = split.partition("[")
-    mapped = {cfg.train_split: builders.TRAIN, cfg.eval_split: builders.VALIDATION}.get(base, base)
-    return mapped + (("[" + rest) if rest else "")
+    if base not in (builders.TRAIN, builders.VALIDATION):
+        names = {cfg.eval_split.partition("[")[0]: builders.VALIDATION,
+                 cfg.train_split.partition("[")[0]: builders.TRAIN}
+        base = names.get(base, base)
+    return base + (("[" + rest) if rest else "")
 
 
 def _prepared_dir(name: str, data_dir: str) -> epath.Path | None:
