@@ -157,14 +157,15 @@ class PromptCompletion(grain.transforms.Map):
         prompt, completion = example["inputs"], example["targets"]
         n = self._length
         room = n - min(prompt.size, n // 2)
-        if completion.size + 1 > room:
-            self._count()
-            completion = completion[:room - 1]
+        cut = completion.size + 1 > room
+        completion = completion[:room - 1] if cut else completion
         completion_L = np.concatenate([completion, [EOS_ID]]).astype(np.int32)
         keep = n - completion_L.size
         if prompt.size > keep:
-            self._count()
+            cut = True
             prompt = prompt[prompt.size - keep:]
+        if cut:  # one pair, counted once however many of its sides were cut
+            self._count()
         tokens_L = np.concatenate([prompt, completion_L]).astype(np.int32)
         weights_L = np.concatenate([np.zeros(prompt.size, np.int32),
                                     np.ones(completion_L.size, np.int32)])

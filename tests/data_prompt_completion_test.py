@@ -60,6 +60,8 @@ def test_transform_counts_truncations():
     t.map({"inputs": np.arange(3, 13), "targets": np.array([4])})
     t.map({"inputs": np.array([3]), "targets": np.array([4])})
     assert t.truncated == 1
+    t.map({"inputs": np.arange(3, 13), "targets": np.arange(3, 13)})  # both sides cut: one pair
+    assert t.truncated == 2
 
 
 def test_make_dataset_from_jsonl(tmp_path, vocab):

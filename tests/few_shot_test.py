@@ -190,6 +190,27 @@ def test_multiple_choice_picks_highest_loglik_of_loaded_score(gpt, vocab):
                                  choices=[["six", ""]])
 
 
+def test_targets_that_normalise_alike_are_one_choice_and_count_right(gpt):
+    """"yes" and "yes " encode alike, so as two candidates they tied and the argmax always
+    took "yes": a "yes " query was never right (exact_match counts it right)."""
+    pool = [Example(i, f"the value {w}", t) for i, (w, t) in enumerate(
+        [("one", "yes"), ("two", "yes "), ("three", "no"), ("four", "no")])]
+    queries = [Example(0, "the file one", "yes "), Example(1, "the file two", "yes")]
+    metrics, records = few_shot.evaluate_choice(gpt, queries, pool, few_shot.FewShotOptions(k=0))
+    assert [r["choices"] for r in records] == [["no", "yes"]] * 2
+    right = [r["prediction"].strip() == r["targets"].strip() for r in records]
+    assert metrics["accuracy"] == pytest.approx(100 * np.mean(right))
+
+
+def test_a_choice_too_long_for_the_model_names_the_choice(vocab):
+    small = eval_testing.random_loaded(dataclasses.replace(
+        eval_testing.tiny_gpt(max_len=32), vocab_size=vocab.padded_vocab_size), vocab)
+    with pytest.raises(few_shot.FewShotError, match=r"^query 0: choice 'one one .*' is \d+ "
+                       r"tokens, which leave no room for a prompt in the model's max length 32"):
+        few_shot.evaluate_choice(small, QUERIES[:1], POOL, few_shot.FewShotOptions(k=0),
+                                 choices=[["two", "one " * 40]])
+
+
 def test_generation_prompts_and_cuts_at_stop_strings(gpt, monkeypatch):
     seen = {}
     from t5x_lite.decoding import generate as gen

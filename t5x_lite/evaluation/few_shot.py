@@ -262,16 +262,20 @@ def evaluate_choice(loaded, queries: Sequence[Example], pool: Sequence[Example],
     None entry: the distinct targets of the pool and the queries). Returns accuracy /
     accuracy_norm (%) and per-query records."""
     _check(loaded, queries)
-    labels = {"": {ex.targets for ex in (*pool, *queries)}}
-    for ex in (*pool, *queries):  # a mixture entry's own labels
-        if ex.entry:
-            labels.setdefault(ex.entry, set()).add(ex.targets)
+    norm = text_metrics.normalize
+    # Targets that normalise alike ("yes", "yes ") are one label (the first spelling in sorted
+    # order): as two they tie exactly, and the one argmax never picks could never be right.
+    labels: dict[str, dict[str, str]] = {"": {}}
+    for ex in sorted((*pool, *queries), key=lambda ex: ex.targets):
+        for key in ("", ex.entry) if ex.entry else ("",):  # a mixture entry's own labels too
+            labels.setdefault(key, {}).setdefault(norm(ex.targets), ex.targets)
     choices = [None] * len(queries) if choices is None else choices
     if len(choices) != len(queries):
         raise FewShotError(f"{len(choices)} choice lists for {len(queries)} queries")
-    choices = [sorted(labels[q.entry]) if c is None else c for q, c in zip(queries, choices)]
+    choices = [sorted(labels[q.entry].values()) if c is None else c
+               for q, c in zip(queries, choices)]
     for q, c in zip(queries, choices):
-        if q.targets not in c:
+        if norm(q.targets) not in {norm(x) for x in c}:
             raise FewShotError(f"query {q.index}: target {q.targets!r} is not among its choices")
         if len(set(c)) < 2:
             raise FewShotError(f"query {q.index}: one candidate ({q.targets!r}) makes multiple "
@@ -286,7 +290,13 @@ def evaluate_choice(loaded, queries: Sequence[Example], pool: Sequence[Example],
         if gpt and empty:  # T5 scores a candidate's EOS, so an empty one is still a sequence
             raise FewShotError(f"query {q.index}: choice {empty[0]!r} encodes to no tokens, "
                                "which a decoder-only model cannot score")
-        pid = _prompt_ids(loaded, p, max(map(len, encoded)))
+        longest = max(range(len(cands)), key=lambda j: len(encoded[j]))
+        if gpt and len(encoded[longest]) + predictions.uses_start_token(loaded) > \
+                loaded.model.config.max_len:
+            raise FewShotError(f"query {q.index}: choice {cands[longest][:40]!r} is "
+                               f"{len(encoded[longest])} tokens, which leave no room for a "
+                               f"prompt in the model's max length {loaded.model.config.max_len}")
+        pid = _prompt_ids(loaded, p, len(encoded[longest]))
         rows_p += [pid] * len(cands)
         rows_c += encoded
     try:
@@ -308,8 +318,9 @@ def evaluate_choice(loaded, queries: Sequence[Example], pool: Sequence[Example],
 
 
 def choice_metrics(records: Sequence[dict]) -> dict[str, float]:
-    """accuracy / accuracy_norm (%) of multiple-choice records."""
-    n = len(records)
-    return {"accuracy": 100.0 * sum(r["prediction"] == r["targets"] for r in records) / n,
-            "accuracy_norm": 100.0 * sum(r["prediction_norm"] == r["targets"]
-                                         for r in records) / n}
+    """accuracy / accuracy_norm (%) of multiple-choice records: the prediction and the target
+    compared as `text_metrics.normalize`d text, as exact_match compares them."""
+    n, norm = len(records), text_metrics.normalize
+    right = lambda key: sum(norm(r[key]) == norm(r["targets"]) for r in records)
+    return {"accuracy": 100.0 * right("prediction") / n,
+            "accuracy_norm": 100.0 * right("prediction_norm") / n}
