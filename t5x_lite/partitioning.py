@@ -89,6 +89,9 @@ def rules_from_config(rules) -> tuple[tuple[str, object], ...]:
     what it meant to shard) or a mesh axis other than data / fsdp / tensor is a MeshError."""
     if rules is None:
         return DEFAULT_RULES
+    if not isinstance(rules, (list, tuple)):
+        raise MeshError(f"mesh.rules is a list of (logical_axis, mesh_axis | (mesh_axes) | None) "
+                        f"pairs, got {rules!r}")
     out = []
     for rule in rules:
         if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)):
@@ -99,8 +102,8 @@ def rules_from_config(rules) -> tuple[tuple[str, object], ...]:
             raise MeshError(f"mesh.rules: unknown logical axis {name!r}; the models use "
                             f"{', '.join(LOGICAL_AXES)}")
         used = () if axes is None else (axes,) if isinstance(axes, str) else axes
-        if not all(isinstance(a, str) and a in MESH_AXES for a in used) or len(set(used)) < len(
-                used):
+        if not isinstance(used, tuple) or not all(
+                isinstance(a, str) and a in MESH_AXES for a in used) or len(set(used)) < len(used):
             raise MeshError(f"mesh.rules: {name!r} -> {rule[1]!r}; map it to None, one of "
                             f"{', '.join(MESH_AXES)}, or a tuple of distinct ones")
         out.append((name, axes))

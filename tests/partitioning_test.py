@@ -145,6 +145,9 @@ def test_rules_from_config_round_trips_lists():
     ([["batch", ["data", "data"]]], "tuple of distinct ones"),
     ([["batch"]], r"entries are \(logical_axis, mesh_axis"),
     (["batch"], "entries are"),
+    ([["embed", 3]], r"'embed' -> 3; map it to None"),  # a TypeError traceback before
+    ([["batch", True]], r"'batch' -> True; map it to None"),
+    (5, r"mesh.rules is a list of \(logical_axis"),
 ])
 def test_bad_rules_are_one_mesh_error(rules, match):
     with pytest.raises(part.MeshError, match=match):
