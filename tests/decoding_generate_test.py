@@ -384,6 +384,9 @@ def test_config_decode_section_holds_every_option_with_its_default():
     (dict(method="beam", alpha=float("nan")), "alpha must be finite"),
     (dict(max_new_tokens=2**31), "max_new_tokens must be <= 2147483647"),
     (dict(method="beam", num_beams=10**8), "too large to decode"),
+    # keys take 32 bits: 2**32 sampled what seed 0 samples, -1 what 2**32 - 1 does
+    (dict(method="sample", seed=2**32), "seed must be in [0, 2**32), got 4294967296"),
+    (dict(method="sample", seed=-1), "seed must be in [0, 2**32), got -1"),
 ])
 def test_bad_options(tiny_gpt, kw, message):
     kw = {"input_ids": [[3, 4]], "max_new_tokens": 4, **kw}

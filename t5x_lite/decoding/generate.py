@@ -75,6 +75,8 @@ class DecodeOptions:
             (self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.num_draft >= 1, f"num_draft must be >= 1, got {self.num_draft}"),
+            # keys are made from 32 bits: a wider seed wrapped onto another's samples
+            (0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}"),
             *[(getattr(self, f) <= INT32_MAX, f"{f} must be <= {INT32_MAX}, got "
                f"{getattr(self, f)}") for f in ("max_new_tokens", "top_k", "num_beams",
                                                 "num_samples", "batch_size", "num_draft")],
