@@ -140,6 +140,9 @@ def hf_config_from_model(cfg: ModelConfig, base: Mapping[str, Any] | None = None
     # override the fields written below.
     for alias in {a for aliases in hf_interop.HF_ALIASES.values() for a in aliases}:
         out.pop(alias, None)
+    # The weights are float32 (`dtype` below); transformers 4.x reads a source's stale
+    # `torch_dtype` (e.g. bfloat16) instead and would cast them on `torch_dtype="auto"`.
+    out.pop("torch_dtype", None)
     if cfg.family == "t5" and _t5_exportable(cfg):
         ff = _activation(out.get("feed_forward_proj"), hf_interop.T5_MLPS, cfg.mlp,
                          _T5_MLPS_OUT[cfg.mlp])

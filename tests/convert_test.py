@@ -368,6 +368,9 @@ def test_export_drops_the_base_configs_aliases():
     t5 = hf_interop.model_config_from_hf({"model_type": "t5", "hidden_size": 32, "d_kv": 8})
     got = convert.hf_config_from_model(t5, {"model_type": "t5", "hidden_size": 32})
     assert "hidden_size" not in got and transformers.T5Config.from_dict(got).d_model == 32
+    # a transformers 4.x source's torch_dtype: the export's weights are float32 whatever it was
+    got = convert.hf_config_from_model(cfg, {**base, "torch_dtype": "bfloat16"})
+    assert "torch_dtype" not in got and got["dtype"] == "float32"
 
 
 def test_gpt2_dropouts_round_trip_and_follow_a_changed_rate(hf_models, tmp_path, caplog):

@@ -477,3 +477,19 @@ def test_rows_longer_than_a_learned_position_table_are_refused():
     with pytest.raises(EvalError, match=r"^data.seq_len=33 is longer than model.max_len=32, "
                        r"the model's learned position table; evaluate with data.seq_len <= 32$"):
         Evaluator(config, EvalSettings())
+
+
+def test_few_shot_on_a_bert_says_so_before_reading_data():
+    """It read the queries first and suggested --few_shot_queries=FILE.jsonl, which only led to
+    the family error."""
+    import importlib.util
+    import pathlib
+
+    from t5x_lite.evaluation import runner
+    path = pathlib.Path(__file__).parent.parent / "configs" / "tiny_bert.py"
+    spec = importlib.util.spec_from_file_location("tiny_bert", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(EvalError, match=r"^few-shot evaluation needs a t5 or gpt model; this "
+                                        r"one is 'bert'"):
+        runner.Evaluator(module.get_config(), EvalSettings(few_shot=FewShotOptions(k=0)))

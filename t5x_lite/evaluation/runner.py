@@ -135,6 +135,10 @@ class Evaluator:
             raise EvalError(f"{too_long[0]}={too_long[1]} is longer than model.max_len="
                             f"{self.model_cfg.max_len}, the model's learned position table; "
                             f"evaluate with {too_long[0]} <= {self.model_cfg.max_len}")
+        if settings.few_shot is not None and self.model_cfg.family == "bert":
+            # before any data is read: the query / pool errors would suggest other fixes
+            raise EvalError("few-shot evaluation needs a t5 or gpt model; this one is 'bert' "
+                            "(encoder-only MLM): evaluate without --few_shot_k")
         self.mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
         self.rules = partitioning.rules_from_config(config.mesh.get("rules"))
         self.model = build_model(self.model_cfg)
