@@ -33,11 +33,16 @@ def write_atomic(path, data: str | bytes) -> None:
             tmp.unlink()
 
 
+def is_remote(path) -> bool:
+    """Whether `path` names a remote file (gs://..., any scheme): os functions cannot take it."""
+    return "://" in os.fspath(path)
+
+
 def real(path) -> epath.Path:
     """`path` with a local one made absolute and its links resolved, so that two spellings of
     one file compare equal (a remote path as it is)."""
     text = os.fspath(path)
-    return epath.Path(text if "://" in text else os.path.realpath(text))
+    return epath.Path(text if is_remote(text) else os.path.realpath(text))
 
 
 class LockHeld(Exception):
@@ -84,10 +89,9 @@ def host_lock(key, *, wait: bool = True) -> Iterator[None]:
 def file_in_the_way(path) -> str | None:
     """The nearest existing ancestor of local `path` when it is a file (mkdir would say a bare
     '[Errno 17] File exists' / '[Errno 20] Not a directory'), else None."""
-    text = os.fspath(path)
-    if "://" in text:
+    if is_remote(path):
         return None
-    parent = os.path.dirname(os.path.abspath(text))
+    parent = os.path.dirname(os.path.abspath(os.fspath(path)))
     while not os.path.exists(parent) and parent != os.path.dirname(parent):
         parent = os.path.dirname(parent)
     return parent if os.path.exists(parent) and not os.path.isdir(parent) else None

@@ -224,7 +224,7 @@ def _cut(path, keep: int | None) -> None:
     if keep is None or not path.exists():
         return
     text = os.fspath(path)
-    if "://" in text:
+    if files.is_remote(text):
         data = path.read_bytes()
         if len(data) > keep:
             files.write_atomic(path, data[:keep])

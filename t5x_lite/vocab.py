@@ -284,7 +284,7 @@ def expand_globs(patterns: PathLike | Sequence[PathLike]) -> list[epath.Path]:
 
 def file_key(f) -> str:
     """One spelling per file (for local paths the real path), to tell when two paths are one."""
-    return str(f) if "://" in str(f) else os.path.realpath(f)
+    return str(files.real(f))
 
 
 def _unique(files: list[epath.Path]) -> list[epath.Path]:

@@ -283,7 +283,7 @@ def _file_signature(paths: Sequence[epath.Path]) -> list:
     out = []
     for p in paths:
         text = os.fspath(p)
-        if "://" in text:
+        if files.is_remote(text):
             st = p.stat()
             out.append([text, st.length, st.mtime])
         else:
