@@ -219,13 +219,19 @@ class Component:
 
     def split(self, run: DataConfig, split: str) -> str:
         """The run's train / eval split name (tfds slicing kept) as this entry names it."""
-        base, bracket, rest = split.partition("[")
-        names = {run.eval_split.partition("[")[0]: self.config.eval_split,
-                 run.train_split.partition("[")[0]: self.config.train_split}
-        if base not in names:
-            return split
-        mapped = names[base]
-        return mapped if "[" in mapped else mapped + bracket + rest
+        return rename_split(split, run, self.config.train_split, self.config.eval_split)
+
+
+def rename_split(split: str, run: DataConfig, train: str, eval_: str) -> str:
+    """`split` renamed when it is the run's train_split (-> `train`) or eval_split (-> `eval_`),
+    compared without tfds slices ("[...]"); a name both splits share is the train split. The
+    slice of `split` stays unless the new name has its own; other names pass through."""
+    names = {run.eval_split.partition("[")[0]: eval_, run.train_split.partition("[")[0]: train}
+    base, bracket, rest = split.partition("[")
+    if base not in names:
+        return split
+    new = names[base]
+    return new if "[" in new else new + bracket + rest
 
 
 def _normalise_mixture(value) -> tuple:

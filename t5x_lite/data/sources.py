@@ -23,7 +23,7 @@ from etils import epath
 
 from t5x_lite.data import builders
 from t5x_lite.data import default_corpus
-from t5x_lite.data.config import DataConfig, DataConfigError
+from t5x_lite.data.config import DataConfig, DataConfigError, rename_split
 from t5x_lite.data.objectives import LoggedCounter
 
 
@@ -86,12 +86,9 @@ def _local_split_name(cfg: DataConfig, split: str) -> str:
     """Config split names (train_split / eval_split, their slices aside) -> the builders' train
     / validation. The builders' own names stay themselves (eval_split="train" evaluates on the
     train split), and a name that is both train_split and eval_split reads the train split."""
-    base, _, rest = split.partition("[")
-    if base not in (builders.TRAIN, builders.VALIDATION):
-        names = {cfg.eval_split.partition("[")[0]: builders.VALIDATION,
-                 cfg.train_split.partition("[")[0]: builders.TRAIN}
-        base = names.get(base, base)
-    return base + (("[" + rest) if rest else "")
+    if split.partition("[")[0] in (builders.TRAIN, builders.VALIDATION):
+        return split
+    return rename_split(split, cfg, builders.TRAIN, builders.VALIDATION)
 
 
 def _prepared_dir(name: str, data_dir: str) -> epath.Path | None:
