@@ -95,6 +95,13 @@ def live(workdir) -> bool:
     return lease is not None and _holds(lease, time.time())
 
 
+def _live_holder(lease: dict | None, path: epath.Path, now: float) -> str | None:
+    """Who holds `lease` (read from `path`), if another run that still holds it, else None."""
+    if lease is None or not _holds(lease, now):
+        return None
+    return _describe(lease, _age(lease, now), path)
+
+
 def _describe(lease: dict, age: float, path: epath.Path) -> str:
     return (f"host {lease.get('host')}, pid {lease.get('pid')}: "
             f"{str(lease.get('command', ''))[:200]}; its heartbeat is {age:.0f} s old. If that "
@@ -125,10 +132,8 @@ class Lease:
             if not self.path.parent.is_dir():
                 return
             if not self._written:
-                other = _read(self.path)
-                if (other is not None and other.get("token") != self.record["token"]
-                        and _holds(other, time.time())):
-                    self._refused = _describe(other, _age(other, time.time()), self.path)
+                self._refused = _live_holder(_read(self.path), self.path, time.time())
+                if self._refused is not None:
                     return
             files.write_atomic(self.path, json.dumps({**self.record, "heartbeat": time.time()}))
             self._written = True
@@ -168,13 +173,13 @@ def hold(workdir) -> Iterator[Lease]:
     """Takes WORKDIR's lease for the duration (see module docstring); LeaseHeld if it is live."""
     path = epath.Path(workdir) / LEASE_FILE
     other, now, host = _read(path), time.time(), socket.gethostname()
-    if other is not None:
-        age = _age(other, now)
-        if _holds(other, now):
-            raise LeaseHeld(_describe(other, age, path))
-        if other.get("host") != host:
-            logging.warning("taking over the lease of %s: its run on host %s (pid %s) was last "
-                            "seen %.0f s ago", workdir, other.get("host"), other.get("pid"), age)
+    held = _live_holder(other, path, now)
+    if held is not None:
+        raise LeaseHeld(held)
+    if other is not None and other.get("host") != host:
+        logging.warning("taking over the lease of %s: its run on host %s (pid %s) was last "
+                        "seen %.0f s ago", workdir, other.get("host"), other.get("pid"),
+                        _age(other, now))
     lease = Lease(path, {"host": host, "pid": os.getpid(), "command": " ".join(sys.argv)[:300],
                          "token": uuid.uuid4().hex, "started": now})
     lease.try_beat()
