@@ -81,11 +81,16 @@ def count_examples(batch: Mapping[str, np.ndarray]) -> int:
     return int(np.sum(np.any(batch[f"{prefix}_loss_weights"] > 0, axis=1)))
 
 
+def _split_batches(data: DataConfig, vocab, split: str, batch_size: int, seed: int):
+    """One source's split as evaluated: `batch_size` rows per process, in order, no repeat."""
+    return make_dataset(data, vocab, split=split, batch_size=batch_size, seed=seed, shuffle=False,
+                        repeat=False)
+
+
 def split_sums(step, params, data: DataConfig, vocab, split: str, *, batch_size: int, seed: int,
                mesh, limit: int = 0) -> Sums:
     """Sums over one source's split (`batch_size` rows per process, in order, no repeat)."""
-    it = make_dataset(data, vocab, split=split, batch_size=batch_size, seed=seed, shuffle=False,
-                      repeat=False)
+    it = _split_batches(data, vocab, split, batch_size, seed)
     pending, examples = [], 0
     for batch in host_batches(it, limit):
         examples += count_examples(batch)
@@ -105,9 +110,8 @@ def check_splits(data: DataConfig, vocab, split: str, *, batch_size: int, seed: 
     """Opens each source's `split` and reads its first batch, so that a split that cannot be
     read (missing, wrong format) fails before training rather than at the first in-loop eval."""
     for part in data.components():
-        it = make_dataset(part.config, vocab, split=part.split(data, split),
-                          batch_size=batch_size, seed=seed, shuffle=False, repeat=False)
-        next(iter(it), None)
+        next(iter(_split_batches(part.config, vocab, part.split(data, split), batch_size, seed)),
+             None)
 
 
 def mixture_sums(step, params, data: DataConfig, vocab, split: str, **kwargs
