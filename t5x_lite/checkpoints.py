@@ -94,14 +94,23 @@ def make_manager(workdir, *, keep: int | None = None, async_save: bool = False,
                                  item_names=item_names)
 
 
+def split_path(path) -> tuple[epath.Path, int | None]:
+    """A user-given checkpoint path -> (workdir, the step it names or None), by its spelling
+    only: `W`, `W/checkpoints` or `W/checkpoints/N`."""
+    path = local_or_remote(path)
+    if path.name.isdigit() and path.parent.name == CHECKPOINT_DIR:
+        return path.parent.parent, int(path.name)
+    return (path.parent if path.name == CHECKPOINT_DIR else path), None
+
+
 def resolve(path) -> tuple[epath.Path, int]:
     """A user-given checkpoint path -> (workdir, step). Raises CheckpointError."""
     path = local_or_remote(path)
     if not path.exists():
         raise CheckpointError(f"Checkpoint path {path} does not exist")
-    if path.name.isdigit() and path.parent.name == CHECKPOINT_DIR:
-        return path.parent.parent, int(path.name)
-    workdir = path.parent if path.name == CHECKPOINT_DIR else path
+    workdir, step = split_path(path)
+    if step is not None:
+        return workdir, step
     steps = all_steps(workdir)
     if not steps:
         raise CheckpointError(f"No checkpoint found in {workdir}")

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from t5x_lite import checkpoints, partitioning
+from t5x_lite import checkpoints, files, partitioning
 from t5x_lite.config import ConfigError
 
 INPUT_AXES = {"out": ("heads", "kv"), "wo": ("mlp",)}
@@ -265,19 +265,29 @@ def pin_frozen_step(config, section: str, path_key: str, step_key: str, workdir,
     the step in `workdir`'s config.json (a resumed run), else the one `config` names, else that
     checkpoint's step now (the first start). Resuming then uses the same frozen weights even
     when their run has saved later steps since. That the step still exists is checked where it
-    is used (`frozen_checkpoint`). A `config` step that contradicts the saved one is refused:
-    `trained_on` (formatted with `pinned` and `workdir`) says what the workdir holds."""
+    is used (`frozen_checkpoint`). A `config` step, another workdir in `config`'s path, or a
+    step that path names, that contradicts the saved one is refused: `trained_on` (formatted
+    with `pinned`, `path` (the saved path) and `workdir`) says what the workdir holds."""
     step = int(config[section].get(step_key, -1))
     saved = None
     if workdir is not None and (checkpoints.local_or_remote(workdir) /
                                 checkpoints.CONFIG_FILE).exists():
         saved = checkpoints.read_config(workdir).get(section)
     pinned = int(saved.get(step_key, -1)) if hasattr(saved, "get") else -1
-    if step < 0:
-        step = pinned if pinned >= 0 else checkpoints.resolve(config[section][path_key])[1]
-    elif 0 <= pinned != step:
-        raise CompressionError(f"{section}.{step_key}={step}, but "
-                               + trained_on.format(pinned=pinned, workdir=workdir))
+    path = config[section][path_key]
+    if pinned >= 0:
+        was = saved.get(path_key) or path
+        now, named = checkpoints.split_path(path)
+        clash = (f"{section}.{step_key}={step}" if 0 <= step != pinned else
+                 f"{section}.{path_key}={path}"
+                 if (files.real(checkpoints.split_path(was)[0]) != files.real(now)
+                     or named not in (None, pinned)) else None)
+        if clash:
+            raise CompressionError(f"{clash}, but " + trained_on.format(
+                pinned=pinned, path=was, workdir=workdir))
+        step = pinned
+    elif step < 0:
+        step = checkpoints.resolve(path)[1]
     with config.unlocked():
         config[section][step_key] = step
     return step

@@ -143,7 +143,7 @@ def pin_teacher_step(config, workdir=None) -> DistillConfig:
     _require_teacher(cfg)
     compression.pin_frozen_step(
         config, "distill", "teacher", "teacher_step", workdir,
-        "the student in {workdir} was distilled from teacher step {pinned}; keep it, or "
+        "the student in {workdir} was distilled from step {pinned} of teacher {path}; keep it, or "
         "distill in a new --workdir (train.init_from={workdir} starts from this student)")
     return DistillConfig.from_dict(config.distill)
 

@@ -250,8 +250,9 @@ def pin_base_step(config, workdir=None) -> LoraConfig:
     _require_base(LoraConfig.from_dict(config.lora))
     compression.pin_frozen_step(
         config, "lora", "base", "base_step", workdir,
-        "the adapters in {workdir} were trained on base step {pinned}; keep it, or train new "
-        "adapters in a new --workdir (train.init_from={workdir} starts them from these)")
+        "the adapters in {workdir} were trained on step {pinned} of base {path}; keep it, or "
+        "train new adapters in a new --workdir (train.init_from={workdir} starts them from "
+        "these)")
     return LoraConfig.from_dict(config.lora)
 
 

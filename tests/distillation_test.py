@@ -1,6 +1,8 @@
 """Distillation: the KL term, kl_weight 0 == plain training, a student learning a frozen
 teacher in the trainer's step, and a distillation (+ pruning) run through the trainer."""
 import math
+import re
+import shutil
 
 import flax.linen as nn
 import jax
@@ -249,8 +251,22 @@ def test_distill_and_prune_run_through_trainer_and_load(tmp_path):
     resumed = compression.from_config(run, None, None, workdir)
     assert resumed.cfg.teacher_step == 5
     run.distill.teacher_step = 9  # another teacher for this student: refused before any work
-    with pytest.raises(compression.CompressionError, match="distilled from teacher step 5"):
+    with pytest.raises(compression.CompressionError, match="distilled from step 5 of teacher "):
         train(run, workdir)
+    run.distill.teacher_step = -1
+    # Another teacher path, or a step the path names, is refused too; another spelling of the
+    # same workdir is not.
+    shutil.copytree(teacher_dir, tmp_path / "teacher_copy")
+    for other in (tmp_path / "teacher_copy", teacher_dir / "checkpoints" / "9"):
+        run.distill.teacher = str(other)
+        with pytest.raises(compression.CompressionError,
+                           match=re.escape(f"distill.teacher={other}, but ")
+                           + f".* step 5 of teacher {re.escape(str(teacher_dir))};"):
+            compression.from_config(run, None, None, workdir)
+    for same in (teacher_dir / "checkpoints", teacher_dir / "checkpoints" / "5"):
+        run.distill.teacher = str(same)
+        assert compression.from_config(run, None, None, workdir).cfg.teacher_step == 5
+    run.distill.teacher = str(teacher_dir)
     with pytest.raises(compression.CompressionError, match="no longer has it"):
         distillation.teacher_model(teacher_dir, model_config.ModelConfig.from_dict(run.model), 7)
 
