@@ -75,6 +75,10 @@ def build(arg: str, *, family: str, objective: str, inputs_length: int, targets_
         raise FinetuneConfigError(
             f"{'validation' if a['validation'] else 'format'}= needs train= (the training "
             "pairs); without train= the recipe reads data.* from the command line")
+    if family != "t5" and a["targets_length"]:
+        raise FinetuneConfigError(
+            f"targets_length={a['targets_length']} is for T5 recipes; a {family} row is "
+            "inputs_length tokens (prompt + completion)")
     inputs_length = a["inputs_length"] or inputs_length
     targets_length = a["targets_length"] or targets_length or inputs_length
     if a["init_from"]:
@@ -90,7 +94,11 @@ def build(arg: str, *, family: str, objective: str, inputs_length: int, targets_
         model = (model_config.t5_1_1(d_ff=256, num_decoder_layers=2, **tiny) if family == "t5"
                  else model_config.gpt2(d_ff=512, max_len=max(256, inputs_length), **tiny))
     if family == "gpt" and model.position == "learned" and inputs_length > model.max_len:
-        inputs_length = model.max_len  # rows cannot be longer than the learned positions
+        if a["inputs_length"]:
+            raise FinetuneConfigError(
+                f"inputs_length={a['inputs_length']} is longer than the model's learned "
+                f"positions (max_len={model.max_len})")
+        inputs_length = model.max_len  # the recipe's default shortened to the positions
     c = base_config(model, objective=objective, seq_len=inputs_length,
                     targets_length=targets_length)
     if src is not None:

@@ -111,6 +111,9 @@ def convert_instruction_jsonl(src, dst, template: InstructionTemplate = Instruct
     src, dst = epath.Path(src), epath.Path(dst)
     if not src.exists():
         raise TemplateError(f"{src} does not exist")
+    blocking = files.file_in_the_way(dst)
+    if blocking:
+        raise TemplateError(f"cannot write {dst}: {blocking} is a file, not a directory")
     out = []
     for n, line in enumerate(jsonl_lines(src, TemplateError), 1):
         if not line.strip():

@@ -62,11 +62,19 @@ def test_recipe_builds_valid_config_and_model(path, tmp_path):
 
 def test_init_from_takes_model_vocab_and_extra_ids(gpt_workdir):
     for path in CONFIGS[:2]:
-        c = _get_config(path, f"init_from={gpt_workdir},train=/d/t.jsonl,inputs_length=512")
+        c = _get_config(path, f"init_from={gpt_workdir},train=/d/t.jsonl")
         assert c.model.to_dict() == checkpoints.read_config(gpt_workdir).model.to_dict()
         assert c.data.vocab_path == str(gpt_workdir / "vocab.model")
         assert c.data.extra_ids == 7 and c.train.init_from == str(gpt_workdir)
-        assert c.data.seq_len == 64  # capped at the model's 64 learned positions
+        assert c.data.seq_len == 64  # the recipe's 512 capped at the 64 learned positions
+        # A length the user asks for is not cut silently; targets_length is T5's only.
+        with pytest.raises(finetune_config.FinetuneConfigError,
+                           match=r"inputs_length=65 is longer .* \(max_len=64\)"):
+            _get_config(path, f"init_from={gpt_workdir},inputs_length=65")
+        assert _get_config(path, f"init_from={gpt_workdir},inputs_length=48").data.seq_len == 48
+        with pytest.raises(finetune_config.FinetuneConfigError,
+                           match="targets_length=8 is for T5 recipes"):
+            _get_config(path, "targets_length=8")
     with pytest.raises(finetune_config.FinetuneConfigError, match="is a 'gpt' model"):
         _get_config(CONFIGS[2], f"init_from={gpt_workdir}")
     with pytest.raises(checkpoints.CheckpointError, match="does not exist"):

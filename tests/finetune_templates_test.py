@@ -118,6 +118,8 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path):
         (["--input=bad.jsonl", "--output=o.jsonl"],
          "bad.jsonl is not UTF-8 text (line 1: byte 0xff)"),
         (["--input=ok.jsonl", "--output=o.jsonl", "stray"], "unexpected arguments ['stray']"),
+        (["--input=ok.jsonl", "--output=ok.jsonl/o.jsonl"],
+         f"cannot write ok.jsonl/o.jsonl: {tmp_path / 'ok.jsonl'} is a file, not a directory"),
     ]:
         r = _cli(tmp_path, *args)
         assert r.returncode == 1 and r.stderr.strip() == f"finetune_templates: error: {message}", (
