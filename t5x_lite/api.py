@@ -34,7 +34,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from t5x_lite import checkpoints, hf_interop, lora, partitioning, quantization
+from t5x_lite import (checkpoints, distributed, hf_interop, lora, partitioning,
+                      quantization)
 from t5x_lite.config import ConfigError, ModelConfig
 from t5x_lite.models import BaseModel, LossConfig, abstract_variables, build_model
 from t5x_lite.vocab import EOS_ID  # the stop id of every model trained here
@@ -220,7 +221,7 @@ class LoadedModel:
         placed = partitioning.place_rows(self.mesh, batch)
         with partitioning.activate(self.mesh, self.rules):
             out = self._jitted[name](self.params, placed)
-        return np.asarray(out, np.float32)[:b]
+        return distributed.host_array(out).astype(np.float32)[:b]
 
 
 @functools.lru_cache(maxsize=16)

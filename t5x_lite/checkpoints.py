@@ -104,14 +104,15 @@ def split_path(path) -> tuple[epath.Path, int | None]:
 
 
 def resolve(path) -> tuple[epath.Path, int]:
-    """A user-given checkpoint path -> (workdir, step). Raises CheckpointError."""
+    """A user-given checkpoint path -> (workdir, step): the step it names, else its latest
+    (as process 0 lists it; call this on every process). Raises CheckpointError."""
     path = local_or_remote(path)
     if not path.exists():
         raise CheckpointError(f"Checkpoint path {path} does not exist")
     workdir, step = split_path(path)
     if step is not None:
         return workdir, step
-    steps = all_steps(workdir)
+    steps = agreed_steps(workdir)
     if not steps:
         raise CheckpointError(f"No checkpoint found in {workdir}")
     return workdir, steps[-1]
@@ -123,6 +124,15 @@ def check_step(workdir, step: int) -> int:
     if step not in steps:
         raise CheckpointError(f"No checkpoint for step {step} in {workdir}; available: {steps}")
     return step
+
+
+def agreed_steps(workdir) -> list[int]:
+    """`all_steps` as process 0 lists it, on every process (call it on all of them): another
+    process listing a moment later could see a step a trainer has saved in between, and
+    restore other weights than process 0 for the same model."""
+    from t5x_lite import distributed
+
+    return distributed.agree_list(all_steps(workdir))
 
 
 def all_steps(workdir) -> list[int]:

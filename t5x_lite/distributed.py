@@ -170,14 +170,41 @@ def is_coordinator() -> bool:
     return jax.process_index() == 0
 
 
+def _one_process() -> bool:
+    # Asked before the process count, which would start the backends (and so forbid a later
+    # `maybe_initialize`) when called early, e.g. from a config's get_config().
+    return not jax.distributed.is_initialized() or jax.process_count() == 1
+
+
 def agree(value: int) -> int:
     """Process 0's `value` on every process (file listings may differ between hosts)."""
-    if jax.process_count() == 1:
-        return value
+    return value if _one_process() else agree_list([value])[0]
+
+
+def host_array(x):
+    """A jax.Array as a numpy array on every process, also one whose rows lie on other
+    processes' devices (there `np.asarray` raises)."""
+    import numpy as np
+
+    if not _one_process() and not getattr(x, "is_fully_addressable", True):
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
+def agree_list(values: list[int]) -> list[int]:
+    """Process 0's list of ints on every process (e.g. the checkpoint steps it lists, while a
+    trainer may save one between two processes' listings)."""
+    if _one_process():
+        return list(values)
     import numpy as np
     from jax.experimental import multihost_utils
 
-    return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+    n = int(multihost_utils.broadcast_one_to_all(np.int64(len(values))))
+    mine = np.zeros(n, np.int64)
+    mine[:min(n, len(values))] = values[:n]
+    return [int(v) for v in multihost_utils.broadcast_one_to_all(mine)]
 
 
 @contextlib.contextmanager

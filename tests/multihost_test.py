@@ -86,6 +86,27 @@ for _ in range(3):
 result = {"local": local, "global": glob}
 for name in sys.argv[2:]:
     result[name] = {k: v.tolist() for k, v in restore_flat(c, out + "/" + name, mesh).items()}
+
+# Scores whose rows lie on both processes' devices (np.asarray of them raised).
+import t5x_lite
+from t5x_lite.evaluation import likelihood
+loaded = t5x_lite.load(out + "/two")
+rows = np.arange(3, 33, dtype=np.int32).reshape(3, 10)
+result["score"] = loaded.score(rows[:, :6], rows[:, 6:]).tolist()
+result["choice"] = likelihood.log_likelihoods(
+    loaded, rows[:, :4].tolist(), rows[:, 4:].tolist(), batch_size=2).tolist()
+
+# A step that only this process lists (a trainer saving between the processes' listings): the
+# step every process picks is process 0's.
+from t5x_lite import checkpoints
+from t5x_lite.evaluation import runner
+listed = checkpoints.all_steps
+if jax.process_index() == 1:
+    checkpoints.all_steps = lambda w: listed(w) + [listed(w)[-1] + 1]
+result["resolved"] = checkpoints.resolve(out + "/two")[1]
+result["selected"] = [runner._selection(checkpoints.local_or_remote(out + "/two"), s)[1]
+                      for s in ("latest", "all")]
+checkpoints.all_steps = listed
 with open(f"{out}/probe_{jax.process_index()}.json", "w") as f:
     json.dump(result, f)
 """
@@ -386,6 +407,21 @@ def test_disjoint_data_shards_and_cross_process_restores(runs):
         assert set(there) == set(here[name])
         for k, v in here[name].items():
             np.testing.assert_array_equal(np.asarray(there[k], v.dtype), v, err_msg=f"{name} {k}")
+    # Process 1 also listed step STEPS + 1; both took process 0's steps.
+    for p in probes:
+        assert p["resolved"] == STEPS and p["selected"] == [[STEPS], [STEPS]]
+    # Scores of rows on both processes' devices: every process has all, equal to 1 process's.
+    import t5x_lite
+    from t5x_lite.evaluation import likelihood
+    loaded = t5x_lite.load(tmp / "two")
+    rows = np.arange(3, 33, dtype=np.int32).reshape(3, 10)
+    want = {"score": loaded.score(rows[:, :6], rows[:, 6:]),
+            "choice": likelihood.log_likelihoods(loaded, rows[:, :4].tolist(),
+                                                 rows[:, 4:].tolist(), batch_size=2)}
+    for p in probes:
+        for k, v in want.items():
+            np.testing.assert_allclose(p[k], v, rtol=1e-5, err_msg=k)
+
     # The 2-process run's state is (up to float order) the 1-process run's. Except key biases:
     # softmax ignores a per-query shift, so their true gradient is 0 and Adam blows the float
     # noise left in it up to +-lr steps, differently for every summation order.

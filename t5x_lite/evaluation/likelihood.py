@@ -20,7 +20,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from t5x_lite import partitioning
+from t5x_lite import distributed, partitioning
 from t5x_lite.config import ModelConfig
 from t5x_lite.errors import UserError
 from t5x_lite.models import LossConfig, build_model
@@ -111,5 +111,5 @@ def log_likelihoods(loaded, prompts: Sequence[Sequence[int]],
         with partitioning.activate(mesh, loaded.rules):
             pending.append((rows, fn(loaded.params, batch)))
     for rows, scores in pending:
-        out[rows] = np.asarray(scores, np.float64)[:len(rows)]
+        out[rows] = distributed.host_array(scores).astype(np.float64)[:len(rows)]
     return out

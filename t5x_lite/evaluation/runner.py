@@ -263,7 +263,7 @@ def _with_entries(scores, metrics_of, records) -> dict[str, float]:
 def _selection(workdir: epath.Path, spec: str) -> tuple[epath.Path, list[int]]:
     """(checkpoint workdir, steps) for latest / all / STEP / PATH."""
     if spec in ("latest", "all") or spec.isdigit():
-        steps = checkpoints.all_steps(workdir)
+        steps = checkpoints.agreed_steps(workdir)
         if not steps:
             raise EvalError(f"No checkpoint in {workdir}/{checkpoints.CHECKPOINT_DIR} (train "
                             "first, or pass --checkpoint=PATH)")
