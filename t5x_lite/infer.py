@@ -380,7 +380,8 @@ def run(checkpoint, input_path, output_path, decode_overrides: dict | None = Non
             draft_cfg = gen.model_config(draft)
             gen.check_draft(loaded, draft, options)
         gen.check_prompts(gen.model_config(loaded), ids, options, draft_cfg,
-                          labels=[f"{input_path}:{n}" for n in range(1, len(ids) + 1)])
+                          labels=[f"{input_path}:{n}" for n in range(1, len(ids) + 1)],
+                          mesh=loaded.mesh)
         meta = output_meta(target_id, options, quantize, draft_id)
         return _decode_into(loaded, draft, prompts, ids, options, output_path, meta, log)
 

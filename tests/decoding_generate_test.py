@@ -415,7 +415,8 @@ def test_cache_bytes_is_what_prefill_allocates(family):
 
 def test_a_decode_larger_than_free_memory_is_refused_before_it_runs(tiny_gpt, monkeypatch):
     assert gen.free_memory() > 0  # this host's MemAvailable, shared by its CPU devices
-    need = gen.cache_bytes(tiny_gpt.config, rows=16, slots=8 + 20, encoder_len=8)
+    # Without a mesh one device holds every row's cache.
+    need = gen.cache_bytes(tiny_gpt.config, rows=16, slots=8 + 20, encoder_len=8, devices=1)
     monkeypatch.setattr(gen, "free_memory", lambda: need - 1)
     calls = []
     monkeypatch.setattr(gen, "decode_batch", lambda *a, **k: calls.append(1))
@@ -427,6 +428,15 @@ def test_a_decode_larger_than_free_memory_is_refused_before_it_runs(tiny_gpt, mo
     with pytest.raises(AttributeError):  # fits: on to decode_batch (stubbed: returns None)
         generate(tiny_gpt, input_ids=[[3, 4]] * 16, max_new_tokens=20, batch_size=16)
     assert calls == [1]
+    # On a mesh of 8 data shards one prompt is padded to 8 rows, one per device (the check
+    # counted 1 row over 8 devices, 8x too little); a (1,1,1) mesh holds them all on one device.
+    for shape, prompts in (((8, 1, 1), 1), ((1, 1, 1), 4)):
+        on_mesh = decoding_testlib.on_mesh(tiny_gpt, shape)
+        need = gen.cache_bytes(tiny_gpt.config, rows=max(prompts, shape[0]), slots=8 + 20,
+                               encoder_len=8, devices=shape[0])
+        monkeypatch.setattr(gen, "free_memory", lambda: need - 1)
+        with pytest.raises(DecodeError, match="of KV cache per device"):
+            generate(on_mesh, input_ids=[[3, 4]] * prompts, max_new_tokens=20, batch_size=16)
 
 
 def test_out_of_device_memory_is_one_decode_error(tiny_gpt, monkeypatch):

@@ -195,9 +195,9 @@ def _token_ids(ids, n: int) -> list[int]:
 
 def check_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], options: DecodeOptions,
                   draft_cfg: ModelConfig | None = None, first_index: int = 0,
-                  labels: Sequence[str] | None = None) -> None:
+                  labels: Sequence[str] | None = None, mesh=None) -> None:
     """Raises DecodeError naming (by `labels`, default "input <index>") the first prompt that
-    cannot be decoded."""
+    cannot be decoded, or the batch that cannot (`check_decode_size` on `mesh`)."""
     for n, ids in enumerate(prompts):
         i = labels[n] if labels is not None else f"input {first_index + n}"
         if not ids:
@@ -219,16 +219,20 @@ def check_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], options: D
                     f"{i}: prompt of {len(ids)} tokens + max_new_tokens "
                     f"{options.max_new_tokens} - 1 exceeds {which}'s max length {c.max_len}")
     if prompts:
-        check_decode_size(cfg, prompts, options, draft_cfg)
+        check_decode_size(cfg, prompts, options, draft_cfg, mesh)
 
 
 def check_decode_size(cfg: ModelConfig, prompts: Sequence[Sequence[int]],
-                      options: DecodeOptions, draft_cfg: ModelConfig | None = None) -> None:
+                      options: DecodeOptions, draft_cfg: ModelConfig | None = None,
+                      mesh=None) -> None:
     """DecodeError when one batch's largest array (a layer's KV cache, the logits) would have
     more than INT32_MAX elements: such a decode cannot run (int32 indexing), and only fails deep
-    inside XLA (OverflowError, a RESOURCE_EXHAUSTED traceback, an abort)."""
+    inside XLA (OverflowError, a RESOURCE_EXHAUSTED traceback, an abort); or when its KV caches
+    would not fit the memory free on each of `mesh`'s devices (None: one device holds them)."""
     per = options.rows_per_prompt
-    rows = batch_rows(min(options.batch_size, len(prompts)), options.batch_size) * per
+    rows = batch_rows(min(options.batch_size, len(prompts)), options.batch_size)
+    shards = partitioning.batch_shards(mesh) if mesh is not None else 1
+    rows = -(-rows // shards) * shards * per  # `shard_rows` pads them to fill the batch axes
     k = options.num_draft if draft_cfg is not None else 0
     prompt_len = bucket(max(len(p) for p in prompts))  # the encoder's length for T5
     slots = cache_len(cfg, prompt_len, options.max_new_tokens, k)
@@ -241,7 +245,9 @@ def check_decode_size(cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     if largest > INT32_MAX:
         raise DecodeError(f"{request} is too large to decode: {largest} elements in one "
                           f"array, over {INT32_MAX}; {_SMALLER}")
-    need = sum(cache_bytes(c, rows, slots, prompt_len) for c in (cfg, draft_cfg) if c is not None)
+    devices = mesh.size if mesh is not None else 1
+    need = sum(cache_bytes(c, rows, slots, prompt_len, devices) for c in (cfg, draft_cfg)
+               if c is not None)
     have = free_memory()
     if have is not None and need > have:
         raise DecodeError(f"{request} needs {need / 2**30:.1f} GiB of KV cache per device "
@@ -507,7 +513,7 @@ def iter_generate(loaded, prompts: Sequence[Sequence[int]], options: DecodeOptio
     if draft is not None:
         check_draft(loaded, draft, options)
     check_prompts(cfg, prompts, options, None if draft is None else model_config(draft),
-                  first_index)
+                  first_index, mesh=getattr(loaded, "mesh", None))
     vocab = getattr(loaded, "vocab", None)
     bs = options.batch_size
     for start in range(0, len(prompts), bs):
