@@ -46,7 +46,8 @@ def derive_spec(leaf_shape: tuple[int, ...], param_shape: tuple[int, ...], param
     Same shape -> the param's spec (Adam moments, Adafactor's unfactored v). One dimension fewer
     -> the param's spec with the reduced dimension dropped (Adafactor's factored row/column
     statistics); when several dropped dimensions fit the shape and disagree, only the agreed part
-    is kept. Anything else (scalars, Adafactor's (1,) placeholders) is replicated.
+    is kept. Anything else (scalars, Adafactor's (1,) placeholders, the moments of attention
+    kernels it factors as [embed, heads*kv] matrices: short vectors) is replicated.
     """
     spec = tuple(param_spec) + (None,) * (len(param_shape) - len(param_spec))
     if tuple(leaf_shape) == tuple(param_shape):
