@@ -183,7 +183,17 @@ def verify(config: ml_collections.ConfigDict, mesh: tuple[int, int, int] | None 
             "xla_arguments_bytes": xla.arguments, "xla_temporaries_bytes": xla.temporaries,
             "estimate_bytes": est.total, "ratio": est.total / xla.peak,
             "xla_flops_per_device": xla.flops,
-            "hardware_flops_per_device": flops.hardware / sizes.num_devices}
+            "hardware_flops_per_device": flops.hardware / sizes.num_devices,
+            "xla_flops_loops": xla_loops(checked)}
+
+
+def xla_loops(config: ml_collections.ConfigDict) -> list[str]:
+    """The loops of the compiled step whose body `cost_analysis()` counts once, not per trip:
+    with any, XLA's FLOPs are a fraction of the step's and not comparable with the estimate."""
+    loops = ["scanned layers"] if config.model.scan_layers else []
+    if int(config.train.microbatches) > 1:
+        loops.append(f"{int(config.train.microbatches)} microbatches")
+    return loops
 
 
 def _size(x: float) -> str:
@@ -304,6 +314,11 @@ def format_report(r: dict, config_name: str = "") -> str:
                       f" vs estimate {_size(v['estimate_bytes'])} (ratio {v['ratio']:.3f}); "
                       f"XLA cost_analysis {v['xla_flops_per_device']:.4g} FLOPs/device vs "
                       f"{v['hardware_flops_per_device']:.4g} matmul FLOPs"]
+        if v["xla_flops_loops"]:
+            lines.append(f"  NOTE: not comparable: XLA's cost_analysis counts a loop body once "
+                         f"(here: {' and '.join(v['xla_flops_loops'])}), not once per trip, so "
+                         f"its FLOPs fall short of the step's; check FLOPs with scan_layers=False "
+                         f"and train.microbatches=1")
     return "\n".join(lines)
 
 

@@ -5,7 +5,9 @@ Conventions (stated once, used everywhere):
   other elementwise work are left out (they are well under 1% of the total for these models).
 - A training step costs 3x the forward pass: the backward pass runs two matmuls (input grad and
   weight grad) for every forward one. Remat recomputation is *not* model FLOPs (MFU ignores it);
-  it is reported separately as hardware FLOPs.
+  it is reported separately as hardware FLOPs: `full` re-runs each layer's forward except the
+  MLP output matmul (wo), `dots_no_batch` the attention matmuls, `dots` nothing (matches the
+  matmuls of the traced gradient exactly; a test counts them).
 - Attention scores and values cost 2 * 2 * Tq * Tk * H * K per layer forward (q.k and p.v); for
   training that is 12 * Tq * Tk * d_attn (d_attn = H * K): the "12 * L * T * d_attn per token"
   of the PaLM paper. Causal attention is counted on the full square (PaLM's convention, and
@@ -192,12 +194,17 @@ def step_flops(cfg: ModelConfig, batch: int, length: int, targets_length: int | 
         d_dense, d_attn = _stack(cfg, cfg.decoder_layers, batch, t, t, cross_len=length)
         dense, attn, tokens = e_dense + d_dense, e_attn + d_attn, batch * (length + t)
         head = 2 * batch * head_positions(cfg, t) * head_params(cfg)
+        layer_tokens = batch * (cfg.num_layers * length + cfg.decoder_layers * t)
     else:
         dense, attn = _stack(cfg, cfg.num_layers, batch, length, length)
         head = 2 * batch * head_positions(cfg, length, predictions) * head_params(cfg)
-        tokens = batch * length
-    # Remat re-runs (part of) each layer's forward inside the backward pass.
-    recompute = {"none": 0.0, "full": dense + attn, "dots": 0.0, "dots_no_batch": attn}[cfg.remat]
+        tokens, layer_tokens = batch * length, batch * cfg.num_layers * length
+    # Remat re-runs (part of) each layer's forward inside the backward pass. `full` re-runs all
+    # of it but the MLP's output matmul (wo, 2 * D * F per token and layer): the layer's
+    # backward needs only its input, so JAX leaves that last matmul out of the recompute.
+    wo = 2 * cfg.d_model * cfg.d_ff * layer_tokens
+    recompute = {"none": 0.0, "full": dense + attn - wo, "dots": 0.0,
+                 "dots_no_batch": attn}[cfg.remat]
     return StepFlops(dense=float(dense), attention=float(attn), head=float(head),
                      recompute=float(recompute), tokens=int(tokens))
 

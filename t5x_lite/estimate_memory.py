@@ -160,10 +160,10 @@ def _gathered_bytes(cfg: ModelConfig, abstract_params, shardings, mesh: MeshSize
     total = 0
     for (path, x), sh in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
                              jax.tree.leaves(shardings)):
-        spec = [tuple(a for a in (ax if isinstance(ax, tuple) else (ax,)) if a != "fsdp") or None
-                if ax else None for ax in tuple(sh.spec)]
-        if spec == [ax if ax else None for ax in tuple(sh.spec)]:
-            continue  # not sharded over fsdp: nothing to gather
+        dims = [ax if isinstance(ax, tuple) else (ax,) if ax else () for ax in tuple(sh.spec)]
+        if not any("fsdp" in axes for axes in dims):
+            continue  # not sharded over fsdp (maybe over tensor): nothing to gather
+        spec = [tuple(a for a in axes if a != "fsdp") or None for axes in dims]
         n = _shard_bytes(x.shape, cfg.dtype, spec, mesh)
         keys = [str(getattr(k, "key", k)) for k in path]
         if cfg.scan_layers and "layers" in keys:

@@ -4,7 +4,8 @@
 trainer's sharded, donated `train_step` from `t5x_lite.training`) on abstract inputs: nothing is
 allocated, so even a large config compiles on a laptop CPU. `xla_stats` reads
 `compiled.memory_analysis()` (the peak a device needs is arguments + outputs - aliased (donated)
-buffers + temporaries) and `compiled.cost_analysis()` (FLOPs per device).
+buffers + temporaries) and `compiled.cost_analysis()` (FLOPs per device, counting the body of
+a while loop once).
 
 Shape legend: B global batch, S encoder / decoder-only length, T decoder (targets) length.
 """
@@ -57,7 +58,8 @@ class XlaStats:
     outputs: int
     aliased: int
     temporaries: int
-    flops: float  # everything XLA counts, elementwise included
+    flops: float  # everything XLA counts, elementwise included; a loop body (scanned layers,
+    # the microbatch loop) once, not once per trip (`estimate.xla_loops`)
 
     @property
     def peak(self) -> int:

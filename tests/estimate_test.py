@@ -9,6 +9,7 @@ T5X_LITE_SLOW_TESTS=1 (README.md lists their measured ratios).
 import glob
 import importlib.util
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -151,7 +152,54 @@ def test_remat_adds_hardware_flops_only():
     f = ef.step_flops(cfg, 8, 2048)
     assert f.recompute == f.attention and f.hardware == f.train + f.attention
     full = ef.step_flops(ModelConfig.from_dict({**c.model.to_dict(), "remat": "full"}), 8, 2048)
-    assert full.hardware == pytest.approx(full.train + full.dense + full.attention)
+    wo = 2 * cfg.d_model * cfg.d_ff * cfg.num_layers * 8 * 2048  # not recomputed (below)
+    assert full.hardware == pytest.approx(full.train + full.dense + full.attention - wo)
+
+
+def jaxpr_matmul_flops(jaxpr, repeat: int = 1) -> int:
+    """2 x multiply-adds of every dot_general in a jaxpr, a scan body counted `length` times."""
+    from jax.extend import core as jcore
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += repeat * 2 * eqn.outvars[0].aval.size * math.prod(lhs[i] for i in contract)
+        times = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (list, tuple)) else [p]:
+                sub = sub.jaxpr if isinstance(sub, jcore.ClosedJaxpr) else sub
+                if isinstance(sub, jcore.Jaxpr):
+                    total += jaxpr_matmul_flops(sub, repeat * times)
+    return total
+
+
+@pytest.mark.parametrize("name", ["tiny_gpt", "tiny_t5", "tiny_bert"])  # gelu, gated-gelu, gelu
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
+def test_remat_recompute_equals_the_matmuls_of_the_real_gradient(name, remat):
+    # Trace (nothing compiled) the real loss gradient with and without remat and count its
+    # matmuls. `full` re-runs each layer's forward except its MLP output matmul (wo): the
+    # layer's backward needs only the layer's input, so JAX drops that last matmul.
+    import jax.numpy as jnp
+    from t5x_lite.models import abstract_variables
+
+    def grad_flops(remat):
+        c = with_(load_config(name), model__remat=remat, model__scan_layers=True,
+                  model__causal_blocks=1)  # the full score square, as the formula counts
+        model = build_model(ModelConfig.from_dict(c.model), LossConfig.for_run(c))
+        params = nn.meta.unbox(abstract_variables(model))["params"]
+        batch = {k: jax.ShapeDtypeStruct(s, jnp.int32)
+                 for k, s in estimate_xla.batch_features(c).items()}
+        grad = jax.grad(lambda p, b: model.loss_fn(p, b)[0])
+        return jaxpr_matmul_flops(jax.make_jaxpr(grad)(params, batch).jaxpr), c
+
+    plain, _ = grad_flops("none")
+    real, c = grad_flops(remat)
+    cfg = ModelConfig.from_dict(c.model)
+    est = ef.step_flops(cfg, c.train.batch_size, *estimate_xla.sequence_lengths(c),
+                        LossConfig.for_run(c).mlm_predictions)
+    assert est.recompute == real - plain
+    assert est.hardware == pytest.approx(real, rel=1e-3)  # T5: + its small bias matmuls
 
 
 def test_peak_flops_table_matches_the_trainers():
@@ -207,6 +255,16 @@ def test_fsdp_and_tensor_sharding_divide_the_state():
     assert one["optimizer"] / 16 <= fsdp["optimizer"] < one["optimizer"] / 15
     data = em.state_bytes(c, em.MeshSizes(16, 1, 1))
     assert data["params"] == one["params"]  # data parallelism replicates
+
+
+def test_weights_sharded_over_tensor_only_are_not_fsdp_gathered():
+    # Rules mapping `embed` to no axis leave fsdp splitting only the batch: nothing is
+    # FSDP-sharded, so nothing is all-gathered, however many weights the tensor axis splits.
+    c = load_config("tiny_gpt")
+    c.mesh.rules = [[k, None if k == "embed" else v] for k, v in partitioning.DEFAULT_RULES]
+    state = em.state_bytes(c, em.MeshSizes(1, 2, 2))
+    assert state["gathered"] == 0
+    assert state["params"] < em.state_bytes(c, em.MeshSizes(1, 2, 1))["params"]  # tensor splits
 
 
 def test_bad_mesh_and_inputs_fail_with_one_clear_line():
@@ -279,6 +337,22 @@ def test_memory_estimate_matches_xla_for_tiny_configs(name):
                                 *estimate_xla.sequence_lengths(checked),
                                 LossConfig.for_run(checked).mlm_predictions).train
     assert 1.0 <= xla.flops / model_flops < 1.05
+
+
+def test_verify_flags_xla_flops_of_loops_as_not_comparable():
+    # cost_analysis() counts a while-loop body once: with scanned layers and 2 microbatches
+    # XLA reports about a quarter of the step's FLOPs, which must not read as a FLOPs check.
+    c = with_(load_config("tiny_gpt"), model__scan_layers=True, train__microbatches=2,
+              train__batch_size=16)
+    v = estimate.verify(c, mesh=(8, 1, 1))  # a mesh over the 8 test devices
+    assert v["xla_flops_loops"] == ["scanned layers", "2 microbatches"]
+    assert v["xla_flops_per_device"] < 0.6 * v["hardware_flops_per_device"]
+    r = {**estimate.estimate(c, mesh=(8, 1, 1)), "verify": v}
+    assert "NOTE: not comparable: XLA's cost_analysis counts a loop body once (here: scanned " \
+           "layers and 2 microbatches)" in estimate.format_report(r)
+    r["verify"] = {**v, "xla_flops_loops": estimate.xla_loops(load_config("tiny_gpt"))}
+    assert r["verify"]["xla_flops_loops"] == []  # unscanned, one microbatch: comparable
+    assert "not comparable" not in estimate.format_report(r)
 
 
 def test_memory_estimate_matches_xla_for_prefix_lm():
