@@ -179,7 +179,8 @@ def test_teacher_rows_must_fit_its_learned_position_table(tmp_path):
 
 def test_teacher_trained_on_another_vocabulary_is_one_line(tmp_path):
     """Same family and vocab_size, but another tokenizer: the KL term would compare token ids
-    that are different tokens. Refused before the student's workdir is made."""
+    that are different tokens. Refused before the student's workdir is made; so is such a
+    checkpoint as train.init_from."""
     import random
     import shutil
 
@@ -202,6 +203,13 @@ def test_teacher_trained_on_another_vocabulary_is_one_line(tmp_path):
             r"set --config.data.vocab_path=\S+vocab.model and --config.data.extra_ids=100$")):
         train(student, tmp_path / "student")
     assert not (tmp_path / "student").exists()
+    # The same for fine-tuning from it (train.init_from read its params with this run's ids).
+    tuned = testing.tiny_config("gpt")
+    tuned.train.init_from = str(teacher)
+    with pytest.raises(TrainingError, match=rf"^The train.init_from {teacher} was trained on "
+                                            r"another vocabulary \(\S+vocab.model: 300 pieces"):
+        train(tuned, tmp_path / "tuned")
+    assert not (tmp_path / "tuned").exists()
 
 
 def test_lora_workdir_as_teacher_says_merge_it_first(tmp_path):
@@ -222,6 +230,13 @@ def test_lora_workdir_as_teacher_says_merge_it_first(tmp_path):
                        match=f"{teacher} is a LoRA run: .* merge them into the base first"):
         train(student, tmp_path / "student")
     assert not (tmp_path / "student").exists()
+    # The same for fine-tuning from it (train.init_from read its params with this run's ids).
+    tuned = testing.tiny_config("gpt")
+    tuned.train.init_from = str(teacher)
+    with pytest.raises(TrainingError, match=rf"^The train.init_from {teacher} was trained on "
+                                            r"another vocabulary \(\S+vocab.model: 300 pieces"):
+        train(tuned, tmp_path / "tuned")
+    assert not (tmp_path / "tuned").exists()
 
 
 def test_distill_and_prune_run_through_trainer_and_load(tmp_path):

@@ -77,14 +77,11 @@ def _check_vocab(vocab, workdir: epath.Path, override: bool) -> bool:
     return True
 
 
-def _check_frozen_vocab(vocab, plugin) -> None:
-    """Refuses a teacher / LoRA base (the plugin's frozen half) trained on another vocabulary
-    than this run's: the same ids would mean other tokens to the two halves."""
-    frozen = getattr(plugin, "frozen_from", None)
-    if frozen is None:
-        return
-    src = frozen[0]
-    saved = src / checkpoints.VOCAB_FILE
+def _check_source_vocab(vocab, src, what: str) -> None:
+    """Refuses weights from the workdir `src` (`what`: "train.init_from", a teacher, a LoRA
+    base) trained on another vocabulary than this run's: the same ids would mean other tokens
+    to them and to this run's data."""
+    saved = epath.Path(src) / checkpoints.VOCAB_FILE
     if not saved.exists():  # e.g. a converted checkpoint without its tokenizer: ids only
         return
     extra_ids = int(checkpoints.read_config(src).get("data", {}).get("extra_ids", vocab.extra_ids))
@@ -92,7 +89,7 @@ def _check_frozen_vocab(vocab, plugin) -> None:
     if old.same_pieces(vocab) and old.extra_ids == vocab.extra_ids:
         return
     raise TrainingError(
-        f"The {plugin.frozen_key} {src} was trained on another vocabulary ({saved}: "
+        f"The {what} {src} was trained on another vocabulary ({saved}: "
         f"{old.sp_size} pieces + {old.extra_ids} extra ids) than this run's "
         f"({getattr(vocab, 'path', None) or 'data.vocab_size'}: {vocab.sp_size} pieces + "
         f"{vocab.extra_ids} extra ids); set --config.data.vocab_path={saved} and "
@@ -231,7 +228,9 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
     model, tx = plugin.wrap(model, tx)
     vocab = load_vocab(config.data)
     replace_vocab = _check_vocab(vocab, workdir, override_config)
-    _check_frozen_vocab(vocab, plugin)
+    frozen = getattr(plugin, "frozen_from", None)  # a teacher / LoRA base
+    if frozen is not None:
+        _check_source_vocab(vocab, frozen[0], plugin.frozen_key)
     if vocab.vocab_size > model_cfg.vocab_size:
         raise TrainingError(f"The vocabulary has {vocab.vocab_size} ids but model.vocab_size is "
                             f"{model_cfg.vocab_size}; set model.vocab_size >= "
@@ -245,8 +244,9 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
     init_rng, dropout_rng = jax.random.split(jax.random.key(int(config.seed)))
     if tc.init_from and not checkpoints.all_steps(workdir):
         # a bad init_from (missing, another model, a LoRA run) fails before the workdir is made
-        checkpoints.check_params_match(*checkpoints.resolve(tc.init_from),
-                                       plugin.checkpointed(abstract.params))
+        src, src_step = checkpoints.resolve(tc.init_from)
+        checkpoints.check_params_match(src, src_step, plugin.checkpointed(abstract.params))
+        _check_source_vocab(vocab, src, "train.init_from")
     mngr = checkpoints.make_train_manager(workdir, keep=int(config.checkpoint.keep),
                                           async_save=bool(config.checkpoint.async_save))
     start = mngr.latest_step()
