@@ -203,9 +203,26 @@ def test_a_pairs_objective_on_text_names_the_entry(files, vocab):
     cfg = _run_cfg(files, [_docs(files), dict(name="wrong", source="text",
                                                paths=str(files / "doc0*.txt"),
                                                objective="seq2seq")])
-    with pytest.raises(Exception, match=r"^data.mixture \(wrong\): objective 'seq2seq' needs "
-                                        r"inputs/targets pairs"):
+    with pytest.raises(Exception, match=r"^data.mixture\[1\] \(wrong\): objective 'seq2seq' "
+                                        r"needs inputs/targets pairs"):
         make_dataset(cfg, vocab, split="train", batch_size=2)
+
+
+def test_an_entrys_unreadable_eval_split_names_the_entry(files, vocab):
+    """The start-up check of the in-loop eval, evaluation's sums and its predictions read each
+    entry alone: their errors named no entry."""
+    from t5x_lite.evaluation import predictions
+    from t5x_lite.training import eval_sums
+    qa = {**_qa(files), "validation_paths": ()}  # a train split only
+    cfg = DataConfig.from_dict(_run_cfg(files, [qa, _docs(files)]))
+    message = r"^data.mixture\[0\] \(qa\): .*no split 'validation'"
+    with pytest.raises(DataConfigError, match=message):
+        eval_sums.check_splits(cfg, vocab, cfg.eval_split, batch_size=2, seed=0)
+    with pytest.raises(DataConfigError, match=message):
+        eval_sums.mixture_sums(None, None, cfg, vocab, cfg.eval_split, batch_size=2, seed=0,
+                               mesh=None)
+    with pytest.raises(DataConfigError, match=message):
+        predictions.read_examples(cfg, cfg.eval_split)
 
 
 def test_training_on_a_mixture_evaluates_and_resumes_exactly(files, tmp_path, caplog):

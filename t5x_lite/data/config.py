@@ -177,7 +177,7 @@ class DataConfig:
                     f"Invalid data config: {where}: objective {cfg.objective!r} makes other "
                     f"batches than data.objective={self.objective!r}; mix objectives with the "
                     "same features (span_corruption + seq2seq; causal_lm + prompt_completion)")
-            built.append(Component(name, float(weight), cfg))
+            built.append(Component(name, float(weight), cfg, where))
         total = sum(c.weight for c in built)
         return [dataclasses.replace(c, weight=c.weight / total) for c in built]
 
@@ -216,6 +216,7 @@ class Component:
     name: str
     weight: float
     config: DataConfig
+    where: str = ""  # how errors name it: "data.mixture[1] (qa)"; "" for the run's own data
 
     def split(self, run: DataConfig, split: str) -> str:
         """The run's train / eval split name (tfds slicing kept) as this entry names it."""

@@ -17,8 +17,9 @@ evaluator should keep stepping with `zeros_like_batch` until every process is ex
 """
 from __future__ import annotations
 
+import contextlib
 import zlib
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import grain
 import jax
@@ -30,7 +31,7 @@ from t5x_lite.data import objectives
 from t5x_lite.data import packing
 from t5x_lite.data import sources
 from t5x_lite.data.builders import EmptyCorpusError
-from t5x_lite.data.config import DataConfig, DataConfigError
+from t5x_lite.data.config import Component, DataConfig, DataConfigError
 from t5x_lite.vocab import Vocabulary
 
 
@@ -76,14 +77,11 @@ def make_pipeline(data_cfg: Mapping[str, Any] | DataConfig, vocab: Vocabulary | 
     else:
         rows, parts = {}, cfg.components()
         for part in parts:
-            where = f"data.mixture ({part.name})"
             part_seed = int(np.random.SeedSequence(
                 [seed, zlib.crc32(part.name.encode())]).generate_state(1)[0])
-            try:
+            with entry_errors(part):
                 rows[part.name] = _rows(part.config, vocab, part.split(cfg, split),
                                         part_seed, shuffle, repeat, pi, pc)
-            except (DataConfigError, EmptyCorpusError, objectives.ObjectiveError) as e:
-                raise type(e)(f"{where}: {e}") from None
         if repeat:  # training: rows of each component in proportion to the weights, interleaved
             ds = grain.IterDataset.mix(rows, dict(zip(rows, mixing_proportions(
                 [p.weight for p in parts]))))
@@ -126,6 +124,18 @@ def _rows(cfg: DataConfig, vocab: Vocabulary, split: str, seed: int, shuffle: bo
         noise_density=cfg.noise_density, mean_noise_span_length=cfg.mean_noise_span_length,
         mask_rate=cfg.mask_rate, pack=cfg.pack, pack_method=cfg.pack_method,
         num_packing_bins=cfg.packing_bins)
+
+
+@contextlib.contextmanager
+def entry_errors(part: Component) -> Iterator[None]:
+    """A data error raised while reading a `data.mixture` entry's data, prefixed with the entry
+    ("data.mixture[1] (qa): ..."); the run's own data's errors pass as they are."""
+    try:
+        yield
+    except (DataConfigError, EmptyCorpusError, objectives.ObjectiveError) as e:
+        if not part.where:
+            raise
+        raise type(e)(f"{part.where}: {e}") from None
 
 
 def make_dataset(data_cfg: Mapping[str, Any] | DataConfig, vocab: Vocabulary | None, *,

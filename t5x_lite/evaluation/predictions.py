@@ -53,11 +53,13 @@ def read_examples(data_cfg, split: str, instead: str = "use --predict=false") ->
     documents have nothing to compare and are left out). `instead`: what the error for text
     documents only suggests."""
     from t5x_lite.data import sources  # tfds import: only when a split is actually read
+    from t5x_lite.data.loader import entry_errors
 
     data = DataConfig.from_dict(data_cfg)
     found, texts = [], []
     for part in data.components():
-        source = sources.make_source(part.config, part.split(data, split))
+        with entry_errors(part):
+            source = sources.make_source(part.config, part.split(data, split))
         (found if source.kind == "pairs" else texts).append((part.name, source))
     if not found:
         raise PredictionError(f"{texts[0][1].description} holds text documents, not "

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from t5x_lite.data import DataConfig, make_dataset, make_global_batch, zeros_like_batch
+from t5x_lite.data.loader import entry_errors
 from t5x_lite.errors import UserError
 from t5x_lite.training.train_step import SUM_KEYS
 
@@ -110,8 +111,9 @@ def check_splits(data: DataConfig, vocab, split: str, *, batch_size: int, seed: 
     """Opens each source's `split` and reads its first batch, so that a split that cannot be
     read (missing, wrong format) fails before training rather than at the first in-loop eval."""
     for part in data.components():
-        next(iter(_split_batches(part.config, vocab, part.split(data, split), batch_size, seed)),
-             None)
+        with entry_errors(part):
+            next(iter(_split_batches(part.config, vocab, part.split(data, split), batch_size,
+                                     seed)), None)
 
 
 def mixture_sums(step, params, data: DataConfig, vocab, split: str, **kwargs
@@ -120,7 +122,9 @@ def mixture_sums(step, params, data: DataConfig, vocab, split: str, **kwargs
     Each entry reads its own source on its own name for `split`; kwargs go to `split_sums`."""
     per_entry, total = {}, None
     for part in data.components():  # the run's own data alone when it has no mixture
-        sums = split_sums(step, params, part.config, vocab, part.split(data, split), **kwargs)
+        with entry_errors(part):
+            sums = split_sums(step, params, part.config, vocab, part.split(data, split),
+                              **kwargs)
         if data.mixture:
             per_entry[part.name] = sums
         total = sums if total is None else total + sums
