@@ -108,16 +108,23 @@ def main(argv):
         distributed.maybe_initialize()
     except distributed.DistributedError as e:
         cli.exit_with("evaluate", e)
-    from t5x_lite.evaluation.runner import EvalSettings, run, wait_for_config
+    from t5x_lite.evaluation import outputs
+    from t5x_lite.evaluation.runner import EvalSettings, results_dir, run, wait_for_config
 
     try:
         config = _CONFIG.value if _CONFIG.value is not None else wait_for_config(
             _WORKDIR.value, EvalSettings(follow=_FOLLOW.value, poll_interval=_POLL.value,
                                          follow_timeout=_FOLLOW_TIMEOUT.value))
-        results = run(config, _WORKDIR.value, _settings(config))
+        settings = _settings(config)
+        results = run(config, _WORKDIR.value, settings)
     except cli.ERRORS as e:
         cli.exit_with("evaluate", e)
-    if not results and _FOLLOW.value:
+    final = int(config.train.num_steps)
+    if not results and _FOLLOW.value and outputs.is_done(results_dir(_WORKDIR.value, settings),
+                                                         final):
+        print(f"evaluate: nothing to do (the final step {final} (train.num_steps) is already "
+              "evaluated; --overwrite redoes it)")
+    elif not results and _FOLLOW.value:
         print(f"evaluate: nothing evaluated (no checkpoint that was not evaluated already landed "
               f"within --follow_timeout={_FOLLOW_TIMEOUT.value:g}s; --overwrite redoes them)")
     elif not results:

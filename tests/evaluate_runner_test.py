@@ -434,6 +434,13 @@ def test_cli(task):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "evaluate: step 2: loss=" in out.stdout and "perplexity=" in out.stdout
     assert outputs.read_metrics(wd / "eval", 2)["examples"] == 24
+    # --follow once the final step (train.num_steps=3) is evaluated: says so, blames no timeout.
+    _land(task[2], wd, 3)
+    run(None, wd, EvalSettings(checkpoint="3", predict="false", batch_size=8))
+    done = _cli(f"--workdir={wd}", "--follow", "--batch_size=8", "--predict=false")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == ("evaluate: nothing to do (the final step 3 (train.num_steps) "
+                                   "is already evaluated; --overwrite redoes it)")
     bad = _cli(f"--workdir={task[0] / 'nothing_here'}")
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines()[-1].startswith("evaluate: error: No config.json in")

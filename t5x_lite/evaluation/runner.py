@@ -313,7 +313,7 @@ def run(config: ml_collections.ConfigDict | None, workdir, settings: EvalSetting
     if not settings.name and files.real(ckpt_workdir) != files.real(workdir):
         # Another run's step N is not this workdir's: its results (and "done") stay apart.
         settings = dataclasses.replace(settings, name=foreign_name(ckpt_workdir))
-    out_root = workdir / "eval" / settings.name if settings.name else workdir / "eval"
+    out_root = results_dir(workdir, settings)
     tag_prefix = f"eval_{settings.name}/" if settings.name else "eval/"
     if not settings.follow:
         if settings.checkpoint == "all" and not settings.overwrite:
@@ -342,6 +342,12 @@ def run(config: ml_collections.ConfigDict | None, workdir, settings: EvalSetting
         if events is not None:
             events.close()
     return results
+
+
+def results_dir(workdir, settings: EvalSettings) -> epath.Path:
+    """Where the results of `settings` go: WORKDIR/eval, or WORKDIR/eval/<name>."""
+    root = epath.Path(workdir) / "eval"
+    return root / settings.name if settings.name else root
 
 
 def _deleted(workdir, step: int, wait_s: float = 5.0) -> bool:
