@@ -109,7 +109,7 @@ class LoadedModel:
             rows = [[0] + r for r in rows] if start else rows  # decoder start id
         else:
             rows = _rows(x, name)
-        if not rows or max(len(r) for r in rows) == 0:
+        if not rows or (nonempty and max(len(r) for r in rows) == 0):
             raise ValueError(f"Empty input: {name} needs at least one token")
         self._check_range(rows, name)
         lengths = np.array([len(r) for r in rows])
@@ -180,6 +180,9 @@ class LoadedModel:
             enc, _ = self._ids(input_ids, "input_ids", add_eos=True, zero_is_padding=True)
             tgt, tlen = self._ids(target_ids, "target_ids", add_eos=True, nonempty=False)
             _same_batch(enc, tgt)
+            if tgt.shape[1] == 0:  # every row empty: log p(nothing) = 0
+                _target_lengths(target_lengths, tlen)
+                return np.zeros(len(tgt), np.float32)
             inputs = np.concatenate([np.zeros_like(tgt[:, :1]), tgt[:, :-1]], axis=1)
             valid = np.arange(tgt.shape[1]) < _target_lengths(target_lengths, tlen)[:, None]
             if target_lengths is None:
@@ -195,6 +198,8 @@ class LoadedModel:
                 raise ValueError("Decoder-only scoring needs at least one prompt token per row")
             seq, slen = self._ids([list(p[:m]) + list(c[:n]) for p, m, c, n in
                                    zip(prompt, plen, cont, clen)], "input_ids + target_ids")
+            if seq.shape[1] == 1:  # one-token prompts, nothing to score: log p(nothing) = 0
+                return np.zeros(len(seq), np.float32)
             inputs, tgt = seq[:, :-1], seq[:, 1:]
             self._check_length(inputs)
             pos = np.arange(tgt.shape[1])
@@ -278,7 +283,10 @@ def _target_lengths(given, widths: np.ndarray) -> np.ndarray:
     """`given` target lengths checked against the rows' `widths`; `widths` when None."""
     if given is None:
         return widths
-    n = np.asarray(given)
+    try:
+        n = np.asarray(given)
+    except (TypeError, ValueError):  # ragged nesting: numpy's own message names no argument
+        n = np.asarray(given, dtype=object)
     if (n.shape != widths.shape or not np.issubdtype(n.dtype, np.integer)
             or np.any(n < 0) or np.any(n > widths)):
         raise ValueError(f"target_lengths must be one integer per row, from 0 to the row's "

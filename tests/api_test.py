@@ -260,6 +260,15 @@ def test_score_with_target_lengths_counts_a_generated_0_as_generate_does(loaded,
     gpt = loaded["gpt2"]  # decoder-only: the continuation's first n ids of an int array count
     np.testing.assert_array_equal(
         gpt.score([[3, 9]], np.array([[4, 0, 0]]), target_lengths=[1]), gpt.score([[3, 9]], [[4]]))
+    # Nothing to score is log p = 0, also when no row has a token left (they raised
+    # ZeroDivisionError / "Empty input"); ragged target_lengths is the argument's own line.
+    for model, prompt in ((gpt, [6]), (lm, [3, 1])):
+        assert model.score([prompt], [[7]], target_lengths=[0]).tolist() == [0.0]
+        assert model.score([prompt, prompt], [[], []]).tolist() == [0.0, 0.0]
+        pair = model.score([prompt, prompt], [[7], []])
+        assert pair[1] == 0.0 and pair[0] == model.score([prompt], [[7]])[0] < 0
+        with pytest.raises(ValueError, match=r"^target_lengths must be one integer per row"):
+            model.score([prompt, prompt], [[7], [7]], target_lengths=[[1], [1, 2]])
 
 
 def test_detokenize_cuts_at_the_models_eos_id(hf_models, tmp_path):
