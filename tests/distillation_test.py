@@ -230,13 +230,6 @@ def test_lora_workdir_as_teacher_says_merge_it_first(tmp_path):
                        match=f"{teacher} is a LoRA run: .* merge them into the base first"):
         train(student, tmp_path / "student")
     assert not (tmp_path / "student").exists()
-    # The same for fine-tuning from it (train.init_from read its params with this run's ids).
-    tuned = testing.tiny_config("gpt")
-    tuned.train.init_from = str(teacher)
-    with pytest.raises(TrainingError, match=rf"^The train.init_from {teacher} was trained on "
-                                            r"another vocabulary \(\S+vocab.model: 300 pieces"):
-        train(tuned, tmp_path / "tuned")
-    assert not (tmp_path / "tuned").exists()
 
 
 def test_distill_and_prune_run_through_trainer_and_load(tmp_path):
