@@ -20,7 +20,8 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from t5x_lite import cli  # light: no jax
+from t5x_lite import cli, mesh_flag  # light: no jax
+from t5x_lite.mesh_flag import MESH
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/*.py file (default: the "
                                           "workdir's config.json).", lock_config=True)
@@ -56,6 +57,7 @@ _QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8"],
                               "default).")
 _POOL = flags.DEFINE_string("few_shot_pool", "", "JSONL to draw shots from (default: the train "
                             "split).")
+flags.adopt_module_key_flags(mesh_flag)  # --mesh (default: the run config's mesh section)
 
 
 def _few_shot_flags_problem() -> str:
@@ -115,6 +117,10 @@ def main(argv):
         config = _CONFIG.value if _CONFIG.value is not None else wait_for_config(
             _WORKDIR.value, EvalSettings(follow=_FOLLOW.value, poll_interval=_POLL.value,
                                          follow_timeout=_FOLLOW_TIMEOUT.value))
+        if MESH.value is not None:  # e.g. fewer devices than the run trained on
+            from t5x_lite import partitioning
+            config.mesh.data, config.mesh.fsdp, config.mesh.tensor = partitioning.parse_mesh(
+                MESH.value)
         settings = _settings(config)
         results = run(config, _WORKDIR.value, settings)
     except cli.ERRORS as e:

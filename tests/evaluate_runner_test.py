@@ -441,6 +441,20 @@ def test_cli(task):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == ("evaluate: nothing to do (the final step 3 (train.num_steps) "
                                    "is already evaluated; --overwrite redoes it)")
+    # A run trained on more devices than this machine has: --mesh evaluates it here.
+    big = _workdir(task, "cli_big_mesh", steps=(2,))
+    config = checkpoints.read_config(big)
+    config.mesh.data, config.mesh.fsdp = 1, 16
+    checkpoints.write_config(big, config)
+    args = (f"--workdir={big}", "--batch_size=8", "--predict=false")
+    refused = _cli(*args)
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1].endswith(
+        "needs 16 devices but 1 are available (the run config's mesh.*; evaluate "
+        "--mesh=data,fsdp,tensor sets another)")
+    here = _cli(*args, "--mesh=1,1,1")
+    assert here.returncode == 0, here.stderr[-2000:]
+    assert outputs.read_metrics(big / "eval", 2)["loss"] == pytest.approx(
+        outputs.read_metrics(wd / "eval", 2)["loss"], rel=1e-6)
     bad = _cli(f"--workdir={task[0] / 'nothing_here'}")
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines()[-1].startswith("evaluate: error: No config.json in")

@@ -139,7 +139,12 @@ class Evaluator:
             # before any data is read: the query / pool errors would suggest other fixes
             raise EvalError("few-shot evaluation needs a t5 or gpt model; this one is 'bert' "
                             "(encoder-only MLM): evaluate without --few_shot_k")
-        self.mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+        try:
+            self.mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp,
+                                               config.mesh.tensor)
+        except partitioning.MeshError as e:
+            raise partitioning.MeshError(f"{e} (the run config's mesh.*; evaluate "
+                                         "--mesh=data,fsdp,tensor sets another)") from None
         self.rules = partitioning.rules_from_config(config.mesh.get("rules"))
         self.model = build_model(self.model_cfg)
         boxed = abstract_variables(self.model)["params"]
