@@ -17,6 +17,10 @@ targets end with EOS, and BERT inputs (as its training documents); decoder-only 
 continuations get none, and a GPT trained by t5x_lite gets its decoder start id 0 before a
 text prompt (`uses_start_token`). Given ids are used as they are.
 
+A GPT trained with `data.objective="prefix_lm"` (`is_prefix_lm`) is run as trained: its prompt
+(start id included) is the prefix, attended bidirectionally, in `score`, `generate` and
+`evaluation.likelihood`; `logits` takes `prefix_lengths` (default: the whole input).
+
 Shape legend: B batch, S encoder length, T decoder length, V vocab.
 """
 from __future__ import annotations
@@ -75,6 +79,11 @@ class LoadedModel:
         """
         return self.config.family == "gpt" and self.vocab is not None
 
+    @property
+    def prefix_lm(self) -> bool:
+        """Whether this is a GPT trained with objective prefix_lm (`is_prefix_lm`)."""
+        return is_prefix_lm(self)
+
     def tokenize(self, texts: str | Sequence[str], *, add_eos: bool) -> list[list[int]]:
         if self.vocab is None:
             raise ValueError("This model has no sentencepiece vocabulary (vocab.model / "
@@ -132,15 +141,25 @@ class LoadedModel:
                 raise ValueError(f"Token ids must be in [0, {v}); {name} row {i} holds {bad}")
 
     # ------------------------------------------------------------------ compute
-    def logits(self, input_ids, decoder_input_ids=None) -> np.ndarray:
+    def logits(self, input_ids, decoder_input_ids=None, *, prefix_lengths=None) -> np.ndarray:
         """float32 logits [B, T, V] (T: decoder length for T5, input length otherwise).
 
         Args:
           input_ids: encoder inputs (T5), tokens (GPT) or masked tokens (BERT).
           decoder_input_ids: T5 only, required: targets shifted right, starting with id 0
             (text is tokenized and prefixed with 0).
+          prefix_lengths: GPT only: an int, or one per row [B], from 0 to the row's length:
+            the first that many tokens of each row (as fed: the start id 0 of text counts)
+            attend to each other bidirectionally, the rest causally (T5X PrefixLM,
+            `decoder_causal_attention`). None: for a prefix-LM model (`is_prefix_lm`) the whole
+            row is the prefix -- the model's view of a prompt, whose last position's logits
+            are those `generate` samples the first new token from; for any other model fully
+            causal (0 and 1 are causal too).
         Positions past a row's length (padding) hold meaningless values.
         """
+        if prefix_lengths is not None and self.config.family != "gpt":
+            raise ValueError(f"prefix_lengths is for decoder-only (gpt) models, not "
+                             f"{self.config.family}")
         if self.config.is_encoder_decoder:
             if decoder_input_ids is None:
                 raise ValueError("This is an encoder-decoder (T5) model: pass decoder_input_ids "
@@ -153,18 +172,25 @@ class LoadedModel:
             if decoder_input_ids is not None:
                 raise ValueError(f"A {self.config.family} model takes only input_ids")
             bert = self.config.family == "bert"  # text: + EOS, as each training document
-            ids, _ = self._ids(input_ids, "input_ids", start=self.uses_start_token, add_eos=bert,
-                               zero_is_padding=bert)
+            ids, lengths = self._ids(input_ids, "input_ids", start=self.uses_start_token,
+                                     add_eos=bert, zero_is_padding=bert)
             self._check_length(ids)
             key = "encoder_input_tokens" if bert else "decoder_input_tokens"
             batch = {key: ids}
+            if prefix_lengths is not None or self.prefix_lm:
+                n = lengths if prefix_lengths is None else _prefix_lengths(prefix_lengths,
+                                                                           lengths)
+                batch["decoder_causal_attention"] = prefix_flags(n, ids.shape[1])
         return self._run("logits", batch)
 
     def score(self, input_ids, target_ids, *, target_lengths=None) -> np.ndarray:
         """Per-example sum of target log-probs, float32 [B].
 
         T5: log p(targets | inputs), the decoder fed the targets shifted right (start id 0).
-        GPT: log p(target continuation | prompt), prompt = input_ids (at least one token).
+        GPT: log p(target continuation | prompt), prompt = input_ids (at least one token);
+        for a prefix-LM model (`is_prefix_lm`) the prompt, start id included, is the prefix
+        (bidirectional attention), as in training (a model trained on inputs/targets pairs saw
+        inputs + EOS as the prefix: end given prompt ids with EOS to match).
 
         Args:
           target_lengths: optional, the number of target tokens of each row [B]: the first
@@ -205,6 +231,8 @@ class LoadedModel:
             pos = np.arange(tgt.shape[1])
             valid = (pos >= plen[:, None] - 1) & (pos < slen[:, None] - 1)
             batch = {"decoder_input_tokens": inputs}
+            if self.prefix_lm:  # the prompt is the prefix, as `_prefix_lm_example` trains it
+                batch["decoder_causal_attention"] = prefix_flags(plen, inputs.shape[1])
         batch.update(decoder_target_tokens=tgt, decoder_loss_weights=valid.astype(np.float32))
         return self._run("score", batch)
 
@@ -227,6 +255,41 @@ class LoadedModel:
         with partitioning.activate(self.mesh, self.rules):
             out = self._jitted[name](self.params, placed)
         return distributed.host_array(out).astype(np.float32)[:b]
+
+
+def is_prefix_lm(loaded) -> bool:
+    """Whether `loaded` (a LoadedModel, or anything with `.model` and optionally
+    `.run_config`) is a decoder-only model trained with `data.objective="prefix_lm"`: T5X
+    PrefixLM, bidirectional attention over BOS + prefix (`data.objectives._prefix_lm_example`).
+    Scoring and decoding then treat the prompt as the prefix. Other models (HF conversions
+    included) are causal."""
+    run = getattr(loaded, "run_config", None)
+    if run is None or loaded.model.config.family != "gpt":
+        return False
+    data = run.get("data", None) if hasattr(run, "get") else None
+    return data is not None and data.get("objective", None) == "prefix_lm"
+
+
+def prefix_flags(prefix_lengths, width: int) -> np.ndarray:
+    """int32 `decoder_causal_attention` [B, width]: 1 on the first `prefix_lengths[b]` decoder
+    input positions of row b (the prompt, start id included: BOS + prefix in
+    `_prefix_lm_example`'s input alignment)."""
+    return (np.arange(width)[None, :] < np.asarray(prefix_lengths)[:, None]).astype(np.int32)
+
+
+def _prefix_lengths(given, lengths: np.ndarray) -> np.ndarray:
+    """`prefix_lengths` of `logits`: an int or one per row, each from 0 to the row's length."""
+    try:
+        n = np.asarray(given)
+    except (TypeError, ValueError):
+        n = np.asarray(given, dtype=object)
+    if n.ndim == 0 and np.issubdtype(n.dtype, np.integer):
+        n = np.full(lengths.shape, int(n))
+    if (n.shape != lengths.shape or not np.issubdtype(n.dtype, np.integer)
+            or np.any(n < 0) or np.any(n > lengths)):
+        raise ValueError(f"prefix_lengths must be an integer or one per row, from 0 to the "
+                         f"row's length {lengths.tolist()}; got {n.tolist()}")
+    return n
 
 
 @functools.lru_cache(maxsize=16)

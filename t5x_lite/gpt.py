@@ -50,7 +50,8 @@ class GPT(nn.Module):
           decoder_input_tokens: [B, T] int.
           decoder_positions: [B, T] position ids (default 0..T-1); per-row for left padding.
           decoder_segment_ids: [B, T] packed segments; no attention across segments.
-          decoder_causal_attention: [B, T] prefix-LM flags (bidirectional within the prefix).
+          decoder_causal_attention: [B, T] prefix-LM flags (bidirectional within the prefix;
+            in decode mode, within the chunk: a prefix-LM model's prompt).
           token_valid: [B, T] False on padding keys (e.g. left padding when decoding).
         """
         cfg = self.config
@@ -72,7 +73,8 @@ class GPT(nn.Module):
         x = constrain(x, ("batch", "length", "embed"))
         decode_index = None
         if self.decode:
-            mask, _, decode_index = DecodeCursor(name="cursor")(token_valid)
+            mask, _, decode_index = DecodeCursor(name="cursor")(token_valid,
+                                                                 decoder_causal_attention)
         else:
             mask = causal_mask(t)[None] & token_valid[:, None, :].astype(jnp.bool_)
             if decoder_causal_attention is not None:

@@ -137,12 +137,13 @@ class DecodeCursor(nn.Module):
 
     Each call writes `token_valid` [B, T] for the new chunk at slots [index, index+T) and returns
     the mask [B, T, L] (causal by slot, and only valid keys), the query slots [T] and the index
-    the chunk was written at. On the shape-defining init call (cache not created yet) the chunk
-    length is the cache length L.
+    the chunk was written at. `prefix_BxT` (a prefix-LM model's prompt chunk): flagged queries
+    also see the chunk's later flagged keys (`prefix_lm_mask`). On the shape-defining init call
+    (cache not created yet) the chunk length is the cache length L.
     """
 
     @nn.compact
-    def __call__(self, token_valid_BxT):
+    def __call__(self, token_valid_BxT, prefix_BxT=None):
         b, t = token_valid_BxT.shape
         initialized = self.has_variable("cache", "index")
         index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
@@ -156,6 +157,11 @@ class DecodeCursor(nn.Module):
         q_slots_T = start + jnp.arange(t)
         k_slots_L = jnp.arange(valid.value.shape[1])
         mask_BxTxL = (k_slots_L[None, :] <= q_slots_T[:, None])[None] & valid.value[:, None, :]
+        if prefix_BxT is not None:
+            prefix_BxL = jax.lax.dynamic_update_slice(
+                jnp.zeros(valid.value.shape, jnp.bool_), prefix_BxT.astype(jnp.bool_), (0, start))
+            mask_BxTxL = mask_BxTxL | (prefix_BxT.astype(jnp.bool_)[:, :, None]
+                                       & prefix_BxL[:, None, :])
         index.value = start + t
         return mask_BxTxL, q_slots_T, start
 

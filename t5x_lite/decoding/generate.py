@@ -8,6 +8,11 @@
 is 1). Options left as None come from `loaded.run_config.decode` (the checkpoint's
 config.json), then from `defaults.base_config`.
 
+A GPT trained with objective prefix_lm (`api.is_prefix_lm`: `run_config.data.objective`) decodes
+as T5X PrefixLM: the prompt (start id included) is the prefix, prefilled with bidirectional
+attention among its tokens; each generated token then attends causally. Likewise the draft of
+speculative decoding when it is such a model.
+
 Batches of `batch_size` prompts are padded to a bucketed length (a power of two, >= 8) and a
 bucketed row count, and each (method, shapes, options) combination compiles once.
 
@@ -26,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from t5x_lite import partitioning, quantization
+from t5x_lite.api import is_prefix_lm
 from t5x_lite.config import ModelConfig
 from t5x_lite.decoding import cache as cache_lib
 from t5x_lite.decoding import steps
@@ -360,38 +366,41 @@ def cache_phases(cfg: ModelConfig, p: int, n: int, k: int = 0) -> list[int]:
     return [*range(start + size, total, size), total]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "n", "sampling", "samples", "eos"))
+@functools.partial(jax.jit, static_argnames=("cfg", "n", "sampling", "samples", "eos",
+                                             "prefix_lm"))
 def _sample_jit(params, tokens_BxP, lengths_B, seed, example_B, *, cfg, n, sampling, samples,
-                eos=EOS_ID):
+                eos=EOS_ID, prefix_lm=False):
     b, p = tokens_BxP.shape
     lengths = cache_phases(cfg, p, n)
     logits, cache, step = steps.prefill(cfg, params, tokens_BxP, lengths_B, lengths[0],
-                                        _expand_rows(b, samples))
+                                        _expand_rows(b, samples), prefix_lm=prefix_lm)
     return sample_decode(step, cache, logits, _row_keys(seed, example_B, samples),
                          max_new_tokens=n, sampling=sampling, eos_id=eos,
                          grow_to=tuple(lengths[1:]))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "n", "beams", "alpha", "eos"))
-def _beam_jit(params, tokens_BxP, lengths_B, *, cfg, n, beams, alpha, eos=EOS_ID):
+@functools.partial(jax.jit, static_argnames=("cfg", "n", "beams", "alpha", "eos", "prefix_lm"))
+def _beam_jit(params, tokens_BxP, lengths_B, *, cfg, n, beams, alpha, eos=EOS_ID,
+              prefix_lm=False):
     b, p = tokens_BxP.shape
     logits, cache, step = steps.prefill(cfg, params, tokens_BxP, lengths_B, cache_len(cfg, p, n),
-                                        jnp.repeat(jnp.arange(b), beams))
+                                        jnp.repeat(jnp.arange(b), beams), prefix_lm=prefix_lm)
     return beam_search(step, cache, logits, num_beams=beams, max_new_tokens=n, alpha=alpha,
                        reorder_cache=cache_lib.take_rows, eos_id=eos)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "n", "k", "sampling", "samples",
-                                             "eos"))
+                                             "eos", "prefix_lm", "draft_prefix_lm"))
 def _speculative_jit(params, draft_params, tokens_BxP, lengths_B, seed, example_B, *, cfg,
-                     draft_cfg, n, k, sampling, samples, eos=EOS_ID):
+                     draft_cfg, n, k, sampling, samples, eos=EOS_ID, prefix_lm=False,
+                     draft_prefix_lm=False):
     b, p = tokens_BxP.shape
     rows = _expand_rows(b, samples)
     lengths = cache_phases(cfg, p, n, k)
     logits, tcache, tstep = steps.prefill(cfg, params, tokens_BxP, lengths_B, lengths[0], rows,
-                                          step_tokens=k + 1)
+                                          step_tokens=k + 1, prefix_lm=prefix_lm)
     _, dcache, dstep = steps.prefill(draft_cfg, draft_params, tokens_BxP, lengths_B, lengths[0],
-                                     rows)
+                                     rows, prefix_lm=draft_prefix_lm)
     last_R = tokens_BxP[:, -1] if rows is None else tokens_BxP[rows, -1]  # left-padded
     return speculative_decode(tstep, dstep, tcache, dcache, logits, last_R,
                               _row_keys(seed, example_B, samples), max_new_tokens=n,
@@ -452,20 +461,24 @@ def decode_batch(loaded, tokens_BxP, lengths_B, options: DecodeOptions, example_
         loaded, tokens_BxP, lengths_B, np.asarray(example_B, np.int32))
     n, eos = options.max_new_tokens, eos_id(loaded)
     seed = np.uint32(options.seed % 2**32)
+    # Only a prefix-LM model passes the flag: every other model's decode compiles as before.
+    plm = {"prefix_lm": True} if is_prefix_lm(loaded) else {}
     with context:
         if options.method == "beam":
             out = _beam_jit(params, tokens_BxP, lengths_B, cfg=cfg, n=n,
-                            beams=options.num_beams, alpha=float(options.alpha), eos=eos)
+                            beams=options.num_beams, alpha=float(options.alpha), eos=eos, **plm)
         elif draft is not None:
             _check_same_devices(loaded, draft)
             out = _speculative_jit(params, quantization.unbox_float(draft.params), tokens_BxP,
                                    lengths_B, seed, example_B, cfg=cfg,
                                    draft_cfg=model_config(draft), n=n, k=options.num_draft,
                                    sampling=options.sampling, samples=options.num_samples,
-                                   eos=eos)
+                                   eos=eos, **plm,
+                                   **({"draft_prefix_lm": True} if is_prefix_lm(draft) else {}))
         else:
             out = _sample_jit(params, tokens_BxP, lengths_B, seed, example_B, cfg=cfg, n=n,
-                              sampling=options.sampling, samples=options.num_samples, eos=eos)
+                              sampling=options.sampling, samples=options.num_samples, eos=eos,
+                              **plm)
     if jax.process_count() > 1:  # rows decoded on other hosts' devices: every process gets all
         from jax.experimental import multihost_utils
         out = multihost_utils.process_allgather(out, tiled=True)

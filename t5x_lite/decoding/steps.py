@@ -5,6 +5,8 @@ token sits in the same slot; `token_valid` masks the padding keys and each row g
 position ids (0 at its first real token). The prefill writes the whole prompt in one pass. Later
 steps derive each row's next position from the cache itself (the number of valid keys before the
 cursor), so the step needs no per-row state and stays correct after a speculative rollback.
+For a model trained with objective prefix_lm (`prefix_lm=True`) the prompt is its prefix: the
+prefill's queries see every prompt key (bidirectional, T5X PrefixLM); later steps stay causal.
 
 Encoder-decoder (T5): prompts are RIGHT-padded encoder inputs (0 = pad). The encoder runs once;
 the prefill feeds the decoder start token 0 with the encoder output, which makes the decode
@@ -44,11 +46,13 @@ def left_pad_valid(lengths_B, p: int):
 
 # ------------------------------------------------------------------------------------- GPT
 def gpt_step_fn(cfg: ModelConfig, params):
-    """`tokens_to_logits(ids_BxT, cache, positions_BxT=None, token_valid_BxT=None)`."""
+    """`tokens_to_logits(ids_BxT, cache, positions_BxT=None, token_valid_BxT=None,
+    prefix_BxT=None)` (`prefix_BxT`: prefix-LM flags of the chunk, see `DecodeCursor`)."""
     module = GPT(cfg, decode=True)
     max_pos = cfg.max_len - 1 if cfg.position == "learned" else None
 
-    def tokens_to_logits(ids_BxT, cache, positions_BxT=None, token_valid_BxT=None):
+    def tokens_to_logits(ids_BxT, cache, positions_BxT=None, token_valid_BxT=None,
+                         prefix_BxT=None):
         if positions_BxT is None:
             positions_BxT = (cache_lib.valid_before_cursor(cache)[:, None]
                              + jnp.arange(ids_BxT.shape[1]))
@@ -57,14 +61,17 @@ def gpt_step_fn(cfg: ModelConfig, params):
         positions_BxT = jnp.clip(positions_BxT, 0, max_pos)
         logits, mutated = module.apply(
             {"params": params, "cache": cache}, ids_BxT, decoder_positions=positions_BxT,
-            token_valid=token_valid_BxT, mutable=["cache"])
+            token_valid=token_valid_BxT, decoder_causal_attention=prefix_BxT, mutable=["cache"])
         return logits, mutated["cache"]
 
     return tokens_to_logits
 
 
-def gpt_prefill(cfg: ModelConfig, params, prompt_BxP, lengths_B, cache_len: int):
+def gpt_prefill(cfg: ModelConfig, params, prompt_BxP, lengths_B, cache_len: int,
+                prefix_lm: bool = False):
     """Runs left-padded prompts through a fresh cache of `cache_len` slots.
+
+    `prefix_lm`: the prompt is the prefix of a prefix-LM model (attended bidirectionally).
 
     Returns:
       (logits of the last prompt position [B, V], cache, step function).
@@ -76,7 +83,8 @@ def gpt_prefill(cfg: ModelConfig, params, prompt_BxP, lengths_B, cache_len: int)
     step = gpt_step_fn(cfg, params)
     valid_BxP = left_pad_valid(lengths_B, p)
     positions_BxP = jnp.cumsum(valid_BxP, axis=1) - 1
-    logits_BxPxV, cache = step(prompt_BxP, cache, positions_BxP, valid_BxP)
+    logits_BxPxV, cache = step(prompt_BxP, cache, positions_BxP, valid_BxP,
+                               valid_BxP if prefix_lm else None)
     return logits_BxPxV[:, -1], cache, step
 
 
@@ -237,10 +245,11 @@ def unrolled(cfg: ModelConfig, params):
 
 
 def prefill(cfg: ModelConfig, params, prompt_BxP, lengths_B, cache_len: int, rows_R=None,
-            step_tokens: int = 1):
+            step_tokens: int = 1, prefix_lm: bool = False):
     """Family-independent prefill; `rows_R` repeats/reorders rows after it (beams, samples);
     `step_tokens`: the tokens per row that each later step feeds (k + 1 for the target of
-    speculative decoding), which sets the CPU weight layout (`cpu_weights`).
+    speculative decoding), which sets the CPU weight layout (`cpu_weights`); `prefix_lm`: a
+    GPT trained with objective prefix_lm, whose prompt is its prefix (`gpt_prefill`).
 
     A model with scan_layers decodes unrolled (`unrolled`).
 
@@ -252,7 +261,8 @@ def prefill(cfg: ModelConfig, params, prompt_BxP, lengths_B, cache_len: int, row
         rows = prompt_BxP.shape[0] if rows_R is None else rows_R.shape[0]
         params = cpu_weights(cfg, params, rows * step_tokens)
     if cfg.family == "gpt":
-        logits_BxV, cache, step = gpt_prefill(cfg, params, prompt_BxP, lengths_B, cache_len)
+        logits_BxV, cache, step = gpt_prefill(cfg, params, prompt_BxP, lengths_B, cache_len,
+                                               prefix_lm)
         if rows_R is not None:
             logits_BxV, cache = logits_BxV[rows_R], cache_lib.take_rows(cache, rows_R)
         return logits_BxV, cache, step

@@ -8,7 +8,9 @@ numbers are those of `LoadedModel.score` (the tests check it):
 - T5: sum of log p(continuation + EOS | prompt + EOS), the decoder fed the targets shifted right
   (EOS: the model's, `LoadedModel.eos_id`; 1 for T5).
 - GPT: sum of log p(continuation | prompt) over the continuation tokens (no EOS); the prompt
-  needs at least one token (callers prepend the decoder start id for t5x_lite models).
+  needs at least one token (callers prepend the decoder start id for t5x_lite models). A GPT
+  trained with objective prefix_lm (`api.is_prefix_lm`) attends bidirectionally over the
+  prompt (its prefix, `decoder_causal_attention`), as trained and as `LoadedModel.score` does.
 
 Shape legend: B rows, S encoder length, T decoder length.
 """
@@ -21,6 +23,7 @@ import jax
 import numpy as np
 
 from t5x_lite import distributed, partitioning
+from t5x_lite.api import is_prefix_lm
 from t5x_lite.config import ModelConfig
 from t5x_lite.errors import UserError
 from t5x_lite.models import LossConfig, build_model
@@ -48,18 +51,23 @@ def _gpt_rows(prompt: Sequence[int], cont: Sequence[int], t: int):
     tokens[:len(seq)] = seq
     weights = np.zeros(t, np.float32)
     weights[len(prompt) - 1:len(seq) - 1] = 1.0
-    return tokens[:-1], tokens[1:], weights
+    causal = np.zeros(t, np.int32)  # prefix-LM flags: the prompt's input positions
+    causal[:len(prompt)] = 1
+    return tokens[:-1], tokens[1:], weights, causal
 
 
-def _batch(cfg: ModelConfig, rows, prompts, conts, eos: int = EOS_ID):
+def _batch(cfg: ModelConfig, rows, prompts, conts, eos: int = EOS_ID, prefix_lm: bool = False):
     if cfg.family == "gpt":
         t = bucket(max(len(prompts[r]) + len(conts[r]) - 1 for r in rows))
         if cfg.position == "learned" and t > cfg.max_len:
             t = cfg.max_len  # the longest row fits (checked by the caller); its bucket may not
         parts = [_gpt_rows(prompts[r], conts[r], t) for r in rows]
-        return {"decoder_input_tokens": np.stack([p[0] for p in parts]),
-                "decoder_target_tokens": np.stack([p[1] for p in parts]),
-                "decoder_loss_weights": np.stack([p[2] for p in parts])}
+        batch = {"decoder_input_tokens": np.stack([p[0] for p in parts]),
+                 "decoder_target_tokens": np.stack([p[1] for p in parts]),
+                 "decoder_loss_weights": np.stack([p[2] for p in parts])}
+        if prefix_lm:  # absent otherwise: causal models compile and score as before
+            batch["decoder_causal_attention"] = np.stack([p[3] for p in parts])
+        return batch
     s = bucket(max(len(prompts[r]) for r in rows) + 1)
     t = bucket(max(len(conts[r]) for r in rows) + 1)
     enc = np.zeros((len(rows), s), np.int32)
@@ -100,6 +108,7 @@ def log_likelihoods(loaded, prompts: Sequence[Sequence[int]],
     order = sorted(range(len(prompts)), key=lambda r: len(prompts[r]) + len(continuations[r]))
     fn = _score_fn(cfg)
     eos = int(getattr(loaded, "eos_id", EOS_ID))
+    prefix_lm = is_prefix_lm(loaded)
     sharding = partitioning.data_sharding(mesh)
     out = np.zeros(len(prompts), np.float64)
     pending = []
@@ -107,7 +116,8 @@ def log_likelihoods(loaded, prompts: Sequence[Sequence[int]],
         rows = order[start:start + b]
         padded = rows + [rows[-1]] * (b - len(rows))  # fixed row count: one compiled shape
         batch = {k: jax.device_put(v, sharding)
-                 for k, v in _batch(cfg, padded, prompts, continuations, eos).items()}
+                 for k, v in _batch(cfg, padded, prompts, continuations, eos,
+                                           prefix_lm).items()}
         with partitioning.activate(mesh, loaded.rules):
             pending.append((rows, fn(loaded.params, batch)))
     for rows, scores in pending:
