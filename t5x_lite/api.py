@@ -454,6 +454,10 @@ def _check_mesh(mesh):
         raise partitioning.MeshError(
             f"mesh axes must be {partitioning.MESH_AXES} (partitioning.make_mesh makes such a "
             f"mesh); got {tuple(mesh.axis_names)}")
+    auto = (jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
+    if tuple(mesh.axis_types) != auto:  # jax.make_mesh's default Explicit axes: the same
+        # devices as the Auto mesh the logical-axis sharding here is written for
+        mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
     return mesh
 
 

@@ -128,6 +128,15 @@ def test_sharded_mesh_and_dtype(hf_models, loaded):
     emb = lm.params["token_embedder"]["embedding"]
     assert emb.sharding.mesh.shape["fsdp"] == 2 and not emb.sharding.is_fully_replicated
     np.testing.assert_allclose(lm.logits(ids), want, atol=1e-5)
+    # jax.make_mesh's default (Explicit axes) is taken as the same devices' Auto mesh: it was
+    # accepted, then every call raised a ShardingTypeError.
+    explicit = jax.make_mesh((4, 2, 1), partitioning.MESH_AXES)
+    assert jax.sharding.AxisType.Explicit in explicit.axis_types
+    on_explicit = t5x_lite.load(hf_models["gpt2"][1], mesh=explicit)
+    np.testing.assert_allclose(on_explicit.logits(ids), want, atol=1e-5)
+    np.testing.assert_allclose(on_explicit.score([[5, 6]], [[7, 8]]),
+                               loaded["gpt2"].score([[5, 6]], [[7, 8]]), rtol=1e-5)
+    assert len(on_explicit.generate(input_ids=[[5, 6]], max_new_tokens=3)[0]["ids"]) == 3
     half = t5x_lite.load(hf_models["gpt2"][1], dtype="bfloat16")
     assert half.config.dtype == "bfloat16"
     assert half.params["token_embedder"]["embedding"].dtype == np.float32  # params stay fp32
