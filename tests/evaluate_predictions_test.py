@@ -2,6 +2,7 @@
 example in order, and clear errors."""
 import copy
 
+import numpy as np
 import pytest
 
 from t5x_lite.data import DataConfig
@@ -55,6 +56,24 @@ def test_prompt_ids(t5, gpt, vocab):
     assert not predictions.uses_start_token(no_vocab)
     with pytest.raises(PredictionError, match="leaves no room"):
         predictions.prompt_ids(gpt, "a", data_cfg=DATA, max_new_tokens=16)
+
+
+def test_prefix_lm_prompts_are_the_prefix_the_pipeline_trains_on(gpt, vocab):
+    """A prefix_lm pair trains on [0] + inputs + EOS as its prefix (the flagged decoder
+    inputs); the prompt left the EOS off, so the first new token came from a position the
+    model never learned to predict from."""
+    from t5x_lite.data import objectives
+    plm = DataConfig(objective="prefix_lm", seq_len=16)
+    for text in ("a b", "a b c d e f g h"):
+        row = objectives.PrefixLMFromPairs(16).map(
+            {"inputs": np.array(vocab.encode(text), np.int32),
+             "targets": np.array(vocab.encode("c"), np.int32)})
+        inputs = np.concatenate([[0], row["decoder_target_tokens"][:-1]])
+        prefix = inputs[row["decoder_causal_attention"].astype(bool)].tolist()
+        assert predictions.prompt_ids(gpt, text, data_cfg=plm, max_new_tokens=2) == prefix
+    # Over-long: the end is kept, EOS included.
+    assert predictions.prompt_ids(gpt, "a b c d e f g h", data_cfg=plm, max_new_tokens=10) == \
+        [0] + (vocab.encode("a b c d e f g h") + [1])[-6:]
 
 
 @pytest.mark.parametrize("family", ["t5", "gpt"])

@@ -7,12 +7,13 @@
 Prompts are built the way the training objective saw the inputs:
 - T5 (seq2seq): inputs + EOS (the model's, `LoadedModel.eos_id`), truncated to
   `data.inputs_length` (EOS kept).
-- GPT (prompt_completion / prefix_lm / causal_lm pairs): `[0] + inputs`. Our data pipeline
-  feeds every decoder-only row the decoder start id 0 before its first token, so a t5x_lite
-  GPT expects it; a GPT without a t5x_lite vocabulary (an HF GPT-2, where 0 is a real token)
-  gets the prompt as is. Over-long prompts keep their end (next to the answer): at most
-  max_len - (max_new_tokens - 1) tokens, as generation allows (the last new token is never fed
-  back).
+- GPT (prompt_completion / causal_lm pairs): `[0] + inputs`; prefix_lm pairs: `[0] + inputs +
+  EOS`, the prefix `PrefixLMFromPairs` trains on (its first target follows the EOS). Our data
+  pipeline feeds every decoder-only row the decoder start id 0 before its first token, so a
+  t5x_lite GPT expects it; a GPT without a t5x_lite vocabulary (an HF GPT-2, where 0 is a real
+  token) gets the prompt as is. Over-long prompts keep their end (next to the answer, EOS
+  included): at most max_len - (max_new_tokens - 1) tokens, as generation allows (the last new
+  token is never fed back).
 A prediction's text ends before the model's EOS (`generate`'s `text`).
 Every process decodes the whole split (identical inputs give identical outputs); only process
 0 writes.
@@ -89,6 +90,8 @@ def prompt_ids(loaded, text: str, *, data_cfg, max_new_tokens: int,
     if cfg.family != "gpt":
         raise PredictionError(f"decoding needs a t5 or gpt model, not {cfg.family!r}")
     start = uses_start_token(loaded) if start_token is None else start_token
+    if data.objective == "prefix_lm":  # trained on [0] + inputs + EOS as the prefix
+        ids.append(gen.eos_id(loaded))
     return gpt_prompt(cfg, ids, max_new_tokens, start, PredictionError)
 
 
