@@ -20,6 +20,7 @@ from typing import Union
 
 import numpy as np
 import sentencepiece as spm
+from absl import logging
 from etils import epath
 
 from t5x_lite import cli, errors, files
@@ -202,6 +203,8 @@ class Vocabulary:
         eos = np.flatnonzero(ids_L == EOS_ID)
         if eos.size:
             ids_L = ids_L[:eos[0]]
+        if np.any(ids_L < 0):  # e.g. HF's -100 label padding: not an id
+            raise VocabularyError(f"decode: id {int(ids_L[ids_L < 0][0])} is negative")
         ids_L = ids_L[(ids_L != PAD_ID) & (ids_L < self.vocab_size)]
         out: list[str] = []
         run: list[int] = []
@@ -310,18 +313,38 @@ def _files_under(directory: epath.Path) -> Iterator[epath.Path]:
             yield p
 
 
-def _iter_lines(files_or_texts) -> Iterator[str]:
+def _file_text(path: epath.Path, skipped: list[int]) -> str:
+    """A file's text; lines that are not UTF-8 are left out (counted in `skipped[0]`, and
+    warned about per file), as the input pipeline skips such records: trained on, their
+    replacement characters would only take vocabulary pieces."""
+    # local: t5x_lite.data imports this module. Compressed and UTF-16 files are read as the
+    # input pipeline reads them, and a binary file is refused, not trained on.
+    from t5x_lite.data.local_files import read_utf8_bytes
+
+    raw = read_utf8_bytes(path)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    kept, bad = [], 0
+    for line in raw.splitlines():
+        try:
+            kept.append(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            bad += 1
+    skipped[0] += bad
+    logging.warning("%s: %d line(s) are not UTF-8 text; left out of the vocabulary's training "
+                    "text", path, bad)
+    return "\n".join(kept)
+
+
+def _iter_lines(files_or_texts, skipped: list[int] | None = None) -> Iterator[str]:
+    skipped = [0] if skipped is None else skipped
     if isinstance(files_or_texts, str):
         files_or_texts = expand_globs(files_or_texts)
     for item in files_or_texts:
-        if isinstance(item, os.PathLike):
-            # local: t5x_lite.data imports this module. Compressed and UTF-16 files are read
-            # as the input pipeline reads them, and a binary file is refused, not trained on.
-            from t5x_lite.data.local_files import read_utf8_bytes
-
-            text = read_utf8_bytes(epath.Path(item)).decode("utf-8", errors="replace")
-        else:
-            text = item
+        text = (_file_text(epath.Path(item), skipped) if isinstance(item, os.PathLike)
+                else item)
         for line in text.splitlines():
             line = line.strip()
             if line:
@@ -352,10 +375,17 @@ def train_vocab(files_or_texts, model_prefix: PathLike, vocab_size: int, *,
         FileNotFoundError: a glob matched nothing.
     """
     out = _model_path(model_prefix)
-    lines = _iter_lines(files_or_texts)
+    if vocab_size <= 0:
+        raise VocabularyError(f"vocab_size must be > 0, got {vocab_size!r}")
+    if input_sentence_size < 0:
+        raise VocabularyError(f"input_sentence_size must be >= 0 (0: every line), got "
+                              f"{input_sentence_size!r}")
+    skipped = [0]
+    lines = _iter_lines(files_or_texts, skipped)
     first = next(lines, None)
     if first is None:
-        raise VocabularyError("no text to train a vocabulary on (empty input)")
+        raise VocabularyError("no text to train a vocabulary on (empty input" + (
+            f"; {skipped[0]} line(s) left out: not UTF-8)" if skipped[0] else ")"))
 
     def sentences():
         yield first
@@ -433,7 +463,8 @@ def _define_flags():
     flags.DEFINE_string("model_prefix", None, "Output prefix; writes PREFIX.model (gs:// ok).")
     flags.DEFINE_integer("vocab_size", 32000, "Sentencepiece pieces, without the 100 sentinels.")
     flags.DEFINE_enum("model_type", "unigram", ["unigram", "bpe"], "Sentencepiece model type.")
-    flags.DEFINE_integer("input_sentence_size", 2_000_000, "Lines sampled for training.")
+    flags.DEFINE_integer("input_sentence_size", 2_000_000, "Lines sampled for training (0: "
+                         "every line).")
     flags.mark_flags_as_required(["input", "model_prefix"])
 
 

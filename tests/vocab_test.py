@@ -63,6 +63,8 @@ def test_decode_stops_at_eos_and_drops_pad(vocab):
     assert vocab.decode([0] + ids + [0, 1] + tail) == "the first time"
     assert vocab.decode(np.array(ids + [1, 0, 0], np.int32)) == "the first time"
     assert vocab.decode([]) == ""
+    with pytest.raises(VocabularyError, match="^decode: id -100 is negative$"):
+        vocab.decode(ids + [-100])  # HF's label padding; sentencepiece said OUT_OF_RANGE
 
 
 def test_sentinel_strings_encode_and_render(vocab):
@@ -149,6 +151,25 @@ def test_train_errors_are_one_line(tmp_path):
         vocab_lib.train_vocab(testing.sentences(50), tmp_path / "x", 50)
     with pytest.raises(FileNotFoundError, match="no files match"):
         vocab_lib.train_vocab(str(tmp_path / "nothing*.txt"), tmp_path / "x", 300)
+    # sentencepiece's ValueError (a traceback) / its INTERNAL check line
+    with pytest.raises(VocabularyError, match=r"^input_sentence_size must be >= 0 \(0: every "
+                                              r"line\), got -1$"):
+        vocab_lib.train_vocab(testing.sentences(50), tmp_path / "x", 300, input_sentence_size=-1)
+    with pytest.raises(VocabularyError, match="^vocab_size must be > 0, got 0$"):
+        vocab_lib.train_vocab(testing.sentences(50), tmp_path / "x", 0)
+    assert not (tmp_path / "x.model").exists()
+
+
+def test_lines_that_are_not_utf8_are_left_out_of_training(tmp_path, caplog):
+    """They were decoded with replacement characters and trained on, silently (the input
+    pipeline skips such records)."""
+    (tmp_path / "mixed.txt").write_bytes(b"good line one\ncaf\xe9 latin-1\ngood line two\n")
+    assert list(vocab_lib._iter_lines(str(tmp_path / "mixed.txt"))) == ["good line one",
+                                                                        "good line two"]
+    assert "mixed.txt: 1 line(s) are not UTF-8 text" in caplog.text
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n\xe9l\xe8ve\n")
+    with pytest.raises(VocabularyError, match=r"empty input; 2 line\(s\) left out: not UTF-8"):
+        vocab_lib.train_vocab(str(tmp_path / "latin1.txt"), tmp_path / "x", 300)
 
 
 
