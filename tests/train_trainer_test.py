@@ -120,6 +120,40 @@ def test_resume_edge_cases_log_like_one_run_and_say_what_they_refuse(tmp_path, m
         train(cfg, tmp_path / "run")
 
 
+def test_a_checkpoint_steps_eval_lost_to_a_stop_runs_on_resume(tmp_path, monkeypatch):
+    """Checkpoint N is saved before its in-loop eval: a run killed during that eval (or
+    stopped by SIGTERM, which skips it) resumed from N without it, and a finished run's re-run
+    never wrote its final eval."""
+    cfg = testing.tiny_config("gpt")
+    cfg.train.num_steps, cfg.checkpoint.save_every = 4, 2
+    cfg.train.eval_every, cfg.train.eval_batches = 2, 1
+    train(cfg, tmp_path / "ref")
+    real = trainer_lib.evaluate
+
+    def evals(workdir):
+        return [(r["step"], r["eval/loss"]) for r in read_jsonl(workdir / METRICS_FILE)
+                if "eval/loss" in r]
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed during the eval")
+
+    for steps, name in ((4, "mid"), (2, "final")):
+        cfg.train.num_steps = steps
+        monkeypatch.setattr(trainer_lib, "evaluate", killed)
+        with pytest.raises(RuntimeError, match="killed during the eval"):
+            train(cfg, tmp_path / name)
+        assert checkpoints.all_steps(tmp_path / name) == [2] and evals(tmp_path / name) == []
+        monkeypatch.setattr(trainer_lib, "evaluate", real)
+        assert train(cfg, tmp_path / name).step == steps
+        want = [e for e in evals(tmp_path / "ref") if e[0] <= steps]
+        assert [s for s, _ in evals(tmp_path / name)] == [s for s, _ in want]
+        np.testing.assert_allclose([v for _, v in evals(tmp_path / name)],
+                                   [v for _, v in want], rtol=1e-6)
+    # Written once: a further re-run of the finished run evaluates nothing again.
+    assert train(cfg, tmp_path / "final").step == 2
+    assert len(evals(tmp_path / "final")) == 1
+
+
 def _signal_after_first_log(workdir, sig):
     """Sends `sig` to this process once the run in `workdir` has logged a loss."""
     def send():

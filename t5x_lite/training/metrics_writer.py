@@ -209,6 +209,12 @@ def truncate_jsonl(path, after_step: int) -> None:
     files.write_atomic(path, "".join(line + "\n" for line in kept))
 
 
+def has_metric(path, step: int, key: str) -> bool:
+    """Whether metrics.jsonl `path` holds `key` at `step` (False when there is no file)."""
+    path = epath.Path(path)
+    return path.exists() and any(r.get("step") == step and key in r for r in read_jsonl(path))
+
+
 def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in files.split_lines(epath.Path(path).read_text())
             if line]

@@ -25,7 +25,7 @@ from t5x_lite.data import DataConfig, load_vocab, make_dataset, make_global_batc
 from t5x_lite.errors import UserError
 from t5x_lite.models import LossConfig, build_model
 from t5x_lite.training import flops as flops_lib
-from t5x_lite.training import eval_sums, optimizers, train_state, train_step
+from t5x_lite.training import eval_sums, metrics_writer, optimizers, train_state, train_step
 from t5x_lite.training.metrics_writer import MetricsWriter
 from t5x_lite.training.run_checks import (ConfigMismatchError, DivergenceError, PreemptionFlag,
                                           check_batch_shards, check_finite, check_loop_numbers,
@@ -311,13 +311,31 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
     if is_main:
         checkpoints.write_config(workdir, config)
         _copy_vocab(vocab, workdir, replace_vocab)
-    if start >= num_steps:
+    def eval_due(s: int) -> bool:
+        return bool(tc.eval_every) and (s % int(tc.eval_every) == 0 or s == num_steps)
+
+    # A run stopped at a checkpoint step before that step's in-loop eval was written (SIGTERM
+    # skips it; a kill during it) has it run now, so the metrics read as an uninterrupted run's.
+    redo_eval = bool(distributed.agree(int(
+        start > 0 and eval_due(start) and is_main
+        and not metrics_writer.has_metric(workdir / metrics_writer.METRICS_FILE, start,
+                                          "eval/loss"))))
+    if start >= num_steps and not redo_eval:
         logging.warning("%s is already at step %d (train.num_steps=%d): nothing to train; "
                         "set --config.train.num_steps higher to continue", workdir, start,
                         num_steps)
         mngr.close()
         return TrainResult(step=start, last_metrics={})
     writer = MetricsWriter(workdir, is_main=is_main, start_step=start, total_steps=num_steps)
+    if redo_eval:
+        logging.info("Evaluating step %d, whose in-loop eval the stopped run did not write",
+                     start)
+        writer.write(start, evaluate(eval_fn, state.params, config, vocab, mesh,
+                                     per_process_batch), prefix="eval/")
+    if start >= num_steps:
+        writer.close()
+        mngr.close()
+        return TrainResult(step=start, last_metrics={})
     logging.info("Training %s (%.2fM trained params) on mesh %s from step %d to %d; %.3g model "
                  "FLOPs/step", model_cfg.family,
                  flops_lib.param_count(plugin.checkpointed(abstract.params)) / 1e6,
@@ -368,8 +386,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
                     raise TrainingError(f"--workdir {workdir} was taken over by another training "
                                         f"run ({taken}); stopped at step {step} without saving")
                 save(step, force=preempted or step == num_steps)
-            if tc.eval_every and not preempted and (
-                    step % int(tc.eval_every) == 0 or step == num_steps):
+            if eval_due(step) and not preempted:
                 # The steps queued before it are training time, not the eval's.
                 jax.block_until_ready(state.params)
                 t_eval = time.time()
