@@ -32,8 +32,8 @@ _FOLLOW_TIMEOUT = flags.DEFINE_float("follow_timeout", 600.0,
                                      "--follow: stop after this many seconds without a new one.")
 _POLL = flags.DEFINE_float("poll_interval", 10.0, "--follow: seconds between directory scans.")
 _PREDICT = flags.DEFINE_enum("predict", "auto", ["auto", "true", "false"],
-                             "Decode the split and score the text (auto: seq2seq and "
-                             "prompt_completion data).")
+                             "Decode the split and score the text (auto: seq2seq, "
+                             "prompt_completion, and prefix_lm pairs).")
 _METRICS = flags.DEFINE_string("metrics", "auto", "auto or exact_match,bleu,rouge,accuracy.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Teacher-forced global batch (0: "
                               "config.train.batch_size).")

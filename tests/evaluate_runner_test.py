@@ -489,6 +489,25 @@ def test_two_processes_give_the_single_process_metrics(task):
     assert out.stdout.count("evaluate: step 2: loss=") == 2  # both processes finished
 
 
+def test_predict_auto_decodes_prefix_lm_pairs_but_not_text(task, tmp_path):
+    """A GPT trained with prefix_lm on inputs/targets pairs has answers to decode and score
+    (auto left it out); on text documents it has none."""
+    from t5x_lite.evaluation import testing as eval_testing
+    from t5x_lite.evaluation.runner import Evaluator
+    paths = eval_testing.write_sort_task(tmp_path / "data", num_train=20, num_validation=4)
+    config = eval_testing.sort_task_config(paths, family="gpt", steps=1,
+                                           data_dir=str(tmp_path / "tfds"))
+    config.data.objective = "prefix_lm"
+    assert Evaluator(config, EvalSettings()).wants_predictions()
+    text = tmp_path / "docs.txt"
+    text.write_text("\n\n".join(f"document number {i} of the set" for i in range(40)))
+    config.data.source, config.data.paths = "text", (str(text),)
+    config.data.document_per = "paragraph"
+    config.data.train_paths, config.data.validation_paths = (), ()
+    assert not Evaluator(config, EvalSettings()).wants_predictions()
+    assert Evaluator(config, EvalSettings(predict="true")).wants_predictions()
+
+
 def test_rows_longer_than_a_learned_position_table_are_refused():
     # Positions past the table read NaN embeddings: every loss would be NaN, silently.
     from t5x_lite.evaluation.runner import Evaluator

@@ -43,7 +43,7 @@ from t5x_lite.evaluation.teacher_forced import TeacherForcedScorer
 from t5x_lite.models import abstract_variables, build_model
 from t5x_lite.training import run_checks
 
-PREDICT_OBJECTIVES = ("seq2seq", "prompt_completion")
+PREDICT_OBJECTIVES = ("seq2seq", "prompt_completion")  # and prefix_lm on pairs (auto)
 
 
 class EvalError(UserError):
@@ -185,8 +185,20 @@ class Evaluator:
     def wants_predictions(self) -> bool:
         s = self.settings
         return s.few_shot is not None or s.predict == "true" or (
-            s.predict == "auto" and any(part.config.objective in PREDICT_OBJECTIVES
-                                        for part in self.data.components()))
+            s.predict == "auto" and any(
+                part.config.objective in PREDICT_OBJECTIVES
+                or (part.config.objective == "prefix_lm" and self._holds_pairs(part))
+                for part in self.data.components()))
+
+    def _holds_pairs(self, part) -> bool:
+        """Whether the entry's eval split holds inputs/targets pairs (prefix_lm also trains on
+        text documents, which have nothing to decode and compare)."""
+        from t5x_lite.data import sources  # tfds import: only when a split is actually read
+        from t5x_lite.data.loader import entry_errors
+
+        with entry_errors(part):
+            split = part.split(self.data, self.data.eval_split)
+            return sources.make_source(part.config, split).kind == "pairs"
 
     def examples(self, instead: str = "use --predict=false"):
         if self._examples is None:

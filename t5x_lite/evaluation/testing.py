@@ -80,8 +80,9 @@ def sort_task_config(paths: dict[str, str], *, family: str = "t5", steps: int = 
     """The fine-tuning recipe's config for the sort task with a tiny model (or `init_from`)."""
     objective = "seq2seq" if family == "t5" else "prompt_completion"
     arg = (f"train={paths['train']},validation={paths['validation']},steps={steps},batch=32,"
-           f"lr={lr},inputs_length={12 if family == 't5' else 24},targets_length=12,"
-           f"save_every={save_every}" + (f",init_from={init_from}" if init_from else ""))
+           f"lr={lr},inputs_length={12 if family == 't5' else 24},save_every={save_every}"
+           + (",targets_length=12" if family == "t5" else "")  # a GPT row is inputs_length
+           + (f",init_from={init_from}" if init_from else ""))
     c = finetune_config.build(arg, family=family, objective=objective, inputs_length=12,
                               targets_length=12, lr=0.01, optimizer="adamw")
     if not init_from:
