@@ -279,16 +279,22 @@ def prefix_flags(prefix_lengths, width: int) -> np.ndarray:
 
 def _prefix_lengths(given, lengths: np.ndarray) -> np.ndarray:
     """`prefix_lengths` of `logits`: an int or one per row, each from 0 to the row's length."""
+    return _row_counts(given, lengths, "prefix_lengths must be an integer or one per row, from "
+                       "0 to the row's length", scalar=True)
+
+
+def _row_counts(given, limits: np.ndarray, must: str, *, scalar: bool = False) -> np.ndarray:
+    """`given` as an int array of one count per row, each in [0, limits[row]] (`scalar`: an
+    int stands for every row); else a ValueError line: `must`, the limits and what was given."""
     try:
         n = np.asarray(given)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError):  # ragged nesting: numpy's own message names no argument
         n = np.asarray(given, dtype=object)
-    if n.ndim == 0 and np.issubdtype(n.dtype, np.integer):
-        n = np.full(lengths.shape, int(n))
-    if (n.shape != lengths.shape or not np.issubdtype(n.dtype, np.integer)
-            or np.any(n < 0) or np.any(n > lengths)):
-        raise ValueError(f"prefix_lengths must be an integer or one per row, from 0 to the "
-                         f"row's length {lengths.tolist()}; got {n.tolist()}")
+    if scalar and n.ndim == 0 and np.issubdtype(n.dtype, np.integer):
+        n = np.full(limits.shape, int(n))
+    if (n.shape != limits.shape or not np.issubdtype(n.dtype, np.integer)
+            or np.any(n < 0) or np.any(n > limits)):
+        raise ValueError(f"{must} {limits.tolist()}; got {n.tolist()}")
     return n
 
 
@@ -346,15 +352,8 @@ def _target_lengths(given, widths: np.ndarray) -> np.ndarray:
     """`given` target lengths checked against the rows' `widths`; `widths` when None."""
     if given is None:
         return widths
-    try:
-        n = np.asarray(given)
-    except (TypeError, ValueError):  # ragged nesting: numpy's own message names no argument
-        n = np.asarray(given, dtype=object)
-    if (n.shape != widths.shape or not np.issubdtype(n.dtype, np.integer)
-            or np.any(n < 0) or np.any(n > widths)):
-        raise ValueError(f"target_lengths must be one integer per row, from 0 to the row's "
-                         f"number of target tokens {widths.tolist()}; got {n.tolist()}")
-    return n
+    return _row_counts(given, widths, "target_lengths must be one integer per row, from 0 to "
+                       "the row's number of target tokens")
 
 
 def _same_batch(a, b):

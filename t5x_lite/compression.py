@@ -278,10 +278,13 @@ def pin_frozen_step(config, section: str, path_key: str, step_key: str, workdir,
     if pinned >= 0:
         was = saved.get(path_key) or path
         now, named = checkpoints.split_path(path)
-        clash = (f"{section}.{step_key}={step}" if 0 <= step != pinned else
-                 f"{section}.{path_key}={path}"
-                 if (files.real(checkpoints.split_path(was)[0]) != files.real(now)
-                     or named not in (None, pinned)) else None)
+        if 0 <= step != pinned:
+            clash = f"{section}.{step_key}={step}"
+        elif (files.real(checkpoints.split_path(was)[0]) != files.real(now)
+              or named not in (None, pinned)):
+            clash = f"{section}.{path_key}={path}"
+        else:
+            clash = None
         if clash:
             raise CompressionError(f"{clash}, but " + trained_on.format(
                 pinned=pinned, path=was, workdir=workdir))

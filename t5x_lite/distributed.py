@@ -178,7 +178,12 @@ def _one_process() -> bool:
 
 def agree(value: int) -> int:
     """Process 0's `value` on every process (file listings may differ between hosts)."""
-    return value if _one_process() else agree_list([value])[0]
+    if _one_process():
+        return value
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
 
 
 def host_array(x):
@@ -201,7 +206,7 @@ def agree_list(values: list[int]) -> list[int]:
     import numpy as np
     from jax.experimental import multihost_utils
 
-    n = int(multihost_utils.broadcast_one_to_all(np.int64(len(values))))
+    n = agree(len(values))
     mine = np.zeros(n, np.int64)
     mine[:min(n, len(values))] = values[:n]
     return [int(v) for v in multihost_utils.broadcast_one_to_all(mine)]

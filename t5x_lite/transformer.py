@@ -158,10 +158,10 @@ class DecodeCursor(nn.Module):
         k_slots_L = jnp.arange(valid.value.shape[1])
         mask_BxTxL = (k_slots_L[None, :] <= q_slots_T[:, None])[None] & valid.value[:, None, :]
         if prefix_BxT is not None:
-            prefix_BxL = jax.lax.dynamic_update_slice(
-                jnp.zeros(valid.value.shape, jnp.bool_), prefix_BxT.astype(jnp.bool_), (0, start))
-            mask_BxTxL = mask_BxTxL | (prefix_BxT.astype(jnp.bool_)[:, :, None]
-                                       & prefix_BxL[:, None, :])
+            prefix_BxT = prefix_BxT.astype(jnp.bool_)
+            prefix_BxL = jax.lax.dynamic_update_slice(jnp.zeros(valid.value.shape, jnp.bool_),
+                                                      prefix_BxT, (0, start))
+            mask_BxTxL = mask_BxTxL | (prefix_BxT[:, :, None] & prefix_BxL[:, None, :])
         index.value = start + t
         return mask_BxTxL, q_slots_T, start
 

@@ -461,24 +461,23 @@ def decode_batch(loaded, tokens_BxP, lengths_B, options: DecodeOptions, example_
         loaded, tokens_BxP, lengths_B, np.asarray(example_B, np.int32))
     n, eos = options.max_new_tokens, eos_id(loaded)
     seed = np.uint32(options.seed % 2**32)
-    # Only a prefix-LM model passes the flag: every other model's decode compiles as before.
-    plm = {"prefix_lm": True} if is_prefix_lm(loaded) else {}
+    plm = is_prefix_lm(loaded)
     with context:
         if options.method == "beam":
             out = _beam_jit(params, tokens_BxP, lengths_B, cfg=cfg, n=n,
-                            beams=options.num_beams, alpha=float(options.alpha), eos=eos, **plm)
+                            beams=options.num_beams, alpha=float(options.alpha), eos=eos,
+                            prefix_lm=plm)
         elif draft is not None:
             _check_same_devices(loaded, draft)
             out = _speculative_jit(params, quantization.unbox_float(draft.params), tokens_BxP,
                                    lengths_B, seed, example_B, cfg=cfg,
                                    draft_cfg=model_config(draft), n=n, k=options.num_draft,
                                    sampling=options.sampling, samples=options.num_samples,
-                                   eos=eos, **plm,
-                                   **({"draft_prefix_lm": True} if is_prefix_lm(draft) else {}))
+                                   eos=eos, prefix_lm=plm, draft_prefix_lm=is_prefix_lm(draft))
         else:
             out = _sample_jit(params, tokens_BxP, lengths_B, seed, example_B, cfg=cfg, n=n,
                               sampling=options.sampling, samples=options.num_samples, eos=eos,
-                              **plm)
+                              prefix_lm=plm)
     if jax.process_count() > 1:  # rows decoded on other hosts' devices: every process gets all
         from jax.experimental import multihost_utils
         out = multihost_utils.process_allgather(out, tiled=True)
