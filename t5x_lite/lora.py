@@ -307,7 +307,10 @@ def restore_params(workdir, step: int, run_config, abstract_params):
 def check_merge_output(output, workdir, base) -> epath.Path:
     """`output` as the new directory of a merged checkpoint. Refuses (CompressionError) a file,
     the LoRA workdir, its base, a path inside either's checkpoints/, and a directory that is not
-    empty (another workdir, an earlier merge)."""
+    empty (another workdir, an earlier merge), and an empty --output (the current directory)."""
+    if not str(output).strip():
+        raise compression.CompressionError("--output is empty; give the merged checkpoint a "
+                                           "new directory")
     out = checkpoints.local_or_remote(output)
     if out.exists() and not out.is_dir():
         raise compression.CompressionError(f"--output {out} is a file, not a directory")

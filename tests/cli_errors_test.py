@@ -156,6 +156,13 @@ def test_a_config_that_fails_leaves_no_workdir(tmp_path, override, message):
     assert not (tmp_path / "run").exists()
 
 
+def test_an_empty_workdir_is_refused_not_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # `--workdir=$UNSET` used to train into it
+    with pytest.raises(TrainingError, match="--workdir is empty"):
+        train(testing.tiny_config("gpt"), "")
+    assert not list(tmp_path.iterdir())
+
+
 def test_workdir_that_is_a_file(tmp_path):
     (tmp_path / "run").write_text("")
     with pytest.raises(TrainingError, match="is a file, not a directory"):

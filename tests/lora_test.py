@@ -402,6 +402,8 @@ def test_merge_refuses_outputs_it_would_break_and_leaves_nothing_on_failure(tmp_
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("keep")
     (tmp_path / "file").write_text("x")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # `--output=` would have merged into it
     before = _listing(tmp_path)
     config_before = (workdir / checkpoints.CONFIG_FILE).read_text()
     refused = {workdir: "is the LoRA workdir;",
@@ -410,7 +412,8 @@ def test_merge_refuses_outputs_it_would_break_and_leaves_nothing_on_failure(tmp_
                tmp_path / "other": "is a t5x_lite workdir",
                tmp_path / "notes": "is not empty",
                tmp_path / "file": "is a file, not a directory",
-               tmp_path / "file" / "x": "its parent .* is a file"}
+               tmp_path / "file" / "x": "its parent .* is a file",
+               "": "--output is empty;"}
     for out, message in refused.items():
         with pytest.raises(compression.CompressionError, match=message):
             lora.merge_workdir(workdir, out)

@@ -172,6 +172,8 @@ def _eval_metrics(sums: eval_sums.Sums) -> dict[str, float]:
 def train(config: ml_collections.ConfigDict, workdir, *, override_config: bool = False
           ) -> TrainResult:
     """Trains (or resumes) per `config` in `workdir`. Raises TrainingError / CheckpointError."""
+    if not str(workdir).strip():  # `--workdir=$UNSET`: would train into the current directory
+        raise TrainingError("--workdir is empty; give the run's directory")
     workdir = epath.Path(workdir)
     # The same command started twice would resume from the same step and overwrite the first
     # run's checkpoints and metrics.
