@@ -272,6 +272,15 @@ def test_bad_loop_settings_are_clear_errors_before_anything_is_written(tmp_path,
     assert not (tmp_path / "w").exists()
 
 
+def test_float16_training_is_refused_before_the_workdir_is_made(tmp_path):
+    # No loss scaling: the backward pass of a token-normalised loss underflows in float16.
+    cfg = testing.tiny_config("gpt", dtype="float16")
+    with pytest.raises(TrainingError, match=r"model.dtype='float16' cannot train: .* use "
+                                            r"'bfloat16'"):
+        train(cfg, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
 def test_missing_init_from_is_a_clear_error_before_the_workdir_is_made(tmp_path):
     cfg = testing.tiny_config("gpt")
     cfg.train.init_from = str(tmp_path / "nowhere")

@@ -119,11 +119,18 @@ def check_model_for_data(config, error: type[UserError]) -> None:
     not use (strict `ModelConfig.from_dict`: what an old saved config may still hold is read
     leniently when loading, never started anew), an objective that makes another family's
     batches, or rows longer than the learned position table (positions past it read NaN
-    embeddings: the first step would look like a divergence)."""
+    embeddings: the first step would look like a divergence), and float16 compute, whose
+    backward pass underflows without loss scaling, which training does not do."""
     try:
         cfg = ModelConfig.from_dict(config.model, upgrade=False)
     except ConfigError as e:
         raise error(str(e)) from None
+    if cfg.dtype == "float16":
+        # The loss is divided by the batch's token count before the backward pass, so its
+        # float16 cotangents flush to zero: at 1M tokens a step, nearly every gradient.
+        raise error("model.dtype='float16' cannot train: without loss scaling (not "
+                    "implemented) its gradients underflow; use 'bfloat16' (float16 serves "
+                    "inference: t5x_lite.load(path, dtype='float16'))")
     data = config.get("data")
     if data is None:
         return
