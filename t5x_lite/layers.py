@@ -215,7 +215,9 @@ class RelativePositionBias(nn.Module):
         rel_TxS = k_pos_S[None, :] - q_pos_T[:, None]
         buckets_TxS = relative_position_bucket(rel_TxS, self.bidirectional, self.num_buckets,
                                                self.max_distance)
-        table_HxR = param(self, "rel_embedding", nn.initializers.normal(stddev=1.0),
+        # T5X's init: uniform with variance 1 / mean(H, R).
+        init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+        table_HxR = param(self, "rel_embedding", init,
                           (self.num_heads, self.num_buckets), ("heads", "relpos_buckets"))
         # A gather along R (H stays a pass-through dim, so it shards over `tensor` as is): its
         # gradient is a scatter-add of H x T x S values; a one-hot [T, S, R] einsum built and
@@ -382,10 +384,13 @@ class Attention(nn.Module):
         cfg = self.config
         dtype = cfg.compute_dtype
         d, h, k = inputs_q.shape[-1], cfg.num_heads, cfg.head_dim
-        proj = lambda name, x: self._proj(name, x, d, (h, k), ("embed", "heads", "kv"),
-                                          ("heads", "kv"), dtype, d)
+        proj = lambda name, x, fan_in=d: self._proj(name, x, d, (h, k), ("embed", "heads", "kv"),
+                                                    ("heads", "kv"), dtype, fan_in)
         fused = self._fused_qkv(inputs_q, dtype)
-        q = proj("query", inputs_q) if fused is None else fused[0]
+        # Without attention_scale (T5), q.k is not divided by sqrt(head_dim): T5 folds that
+        # factor into the query's init instead (T5X's query_init, HF T5's q std).
+        q_fan_in = d if cfg.attention_scale else d * k
+        q = proj("query", inputs_q, q_fan_in) if fused is None else fused[0]
         use_rope = cfg.position == "rope" and not self.is_cross
         use_cross_cache = self.is_cross and decode
         if use_cross_cache and inputs_kv is None:

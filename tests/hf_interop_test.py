@@ -3,6 +3,7 @@ import functools
 import json
 import re
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -510,3 +511,28 @@ def test_dropout_sits_where_hf_puts_it(hf_models, kind):
         theirs = _hf_dropout_shapes(model, input_ids=torch.tensor(ids),
                                     decoder_input_ids=torch.tensor(ids[:, :5]))
     assert sum(theirs.values()) > 0 and ours == theirs
+
+
+@pytest.mark.parametrize("feed_forward_proj", ["relu", "gated-gelu"])
+def test_t5_init_scales_equal_hf_t5_init_weights(tmp_path, feed_forward_proj):
+    """A fresh T5's kernels have HF T5's init std, the query's 1/sqrt(d_model * head_dim)
+    included (T5 folds attention's 1/sqrt(head_dim) into it); the relative-bias table has
+    T5X's (HF: d_model**-0.5)."""
+    torch.manual_seed(0)
+    config = transformers.T5Config(
+        vocab_size=512, d_model=256, d_kv=32, d_ff=512, num_layers=2, num_heads=8,
+        feed_forward_proj=feed_forward_proj, decoder_start_token_id=0, pad_token_id=0,
+        eos_token_id=1, attn_implementation="eager")
+    transformers.T5ForConditionalGeneration(config).save_pretrained(tmp_path)  # HF's own init
+    cfg, hf_params, _, _ = hf_interop.from_hf(tmp_path)
+    ours = dict(_flatten(nn.meta.unbox(build_model(cfg).init(jax.random.key(0))["params"])))
+    compared = 0
+    for name, want in _flatten(hf_params):
+        got = np.asarray(ours[name])
+        if name.endswith("rel_embedding"):  # T5X: variance_scaling(1, fan_avg, uniform)
+            assert got.std() == pytest.approx((2 / sum(got.shape)) ** 0.5, rel=0.15), name
+        elif np.asarray(want).std() > 0:  # norms start at 1 on both sides
+            assert got.std() == pytest.approx(np.asarray(want).std(), rel=0.05), name
+            compared += 1
+    assert compared == 1 + 2 * (4 + 2 + (feed_forward_proj == "gated-gelu")) + 2 * (8 + 2 + (
+        feed_forward_proj == "gated-gelu"))  # embedding; encoder and decoder layers
