@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import os
 import re
 from typing import Any, NamedTuple
 
@@ -267,7 +268,8 @@ def pin_frozen_step(config, section: str, path_key: str, step_key: str, workdir,
     when their run has saved later steps since. That the step still exists is checked where it
     is used (`frozen_checkpoint`). A `config` step, another workdir in `config`'s path, or a
     step that path names, that contradicts the saved one is refused: `trained_on` (formatted
-    with `pinned`, `path` (the saved path) and `workdir`) says what the workdir holds."""
+    with `pinned`, `path` (the saved path) and `workdir`) says what the workdir holds. The path
+    is written back absolute (the saved one on a resume)."""
     step = int(config[section].get(step_key, -1))
     saved = None
     if workdir is not None and (checkpoints.local_or_remote(workdir) /
@@ -289,10 +291,14 @@ def pin_frozen_step(config, section: str, path_key: str, step_key: str, workdir,
             raise CompressionError(f"{clash}, but " + trained_on.format(
                 pinned=pinned, path=was, workdir=workdir))
         step = pinned
+        path = was
     elif step < 0:
         step = checkpoints.resolve(path)[1]
     with config.unlocked():
         config[section][step_key] = step
+        # Absolute: a relative path would be read against wherever a later evaluate, infer,
+        # load or resume runs, and could name another workdir there.
+        config[section][path_key] = os.fspath(checkpoints.local_or_remote(path))
     return step
 
 

@@ -286,3 +286,24 @@ def test_distill_and_prune_run_through_trainer_and_load(tmp_path):
                                      pruning.PruneConfig.from_dict(run.prune))
     assert report["unit_sparsity"] == 0.5 and report["sparsity"] == 0.5
     assert np.all(np.isfinite(student.logits([[5, 6, 7]])))
+
+
+def test_a_relative_teacher_path_is_pinned_absolute(tmp_path, monkeypatch):
+    """A relative teacher (or LoRA base) path would be read against wherever a later resume,
+    evaluate or infer runs, and could name another workdir there: the pinned path is absolute,
+    also when a resume spells it relative again."""
+    teacher_run = testing.tiny_config("gpt")
+    teacher_dir = tmp_path / "teacher"
+    checkpoints.write_config(teacher_dir, teacher_run)
+    checkpoints.save_params(
+        teacher_dir, _params(model_config.ModelConfig.from_dict(teacher_run.model), 5), 5)
+    monkeypatch.chdir(tmp_path)
+    run = testing.tiny_config("gpt")
+    run.distill = dict(teacher="teacher")
+    workdir = tmp_path / "student"
+    assert compression.from_config(run, None, None, workdir).cfg.teacher == str(teacher_dir)
+    assert run.distill.teacher == str(teacher_dir) and run.distill.teacher_step == 5
+    checkpoints.write_config(workdir, run)  # as the trainer saves it
+    resumed = testing.tiny_config("gpt")
+    resumed.distill = dict(teacher="./teacher/checkpoints")  # the same workdir, spelt relative
+    assert compression.from_config(resumed, None, None, workdir).cfg.teacher == str(teacher_dir)
