@@ -478,3 +478,26 @@ def test_lora_workdir_where_a_plain_checkpoint_is_expected(tmp_path):
             train(config, tmp_path / "new")
         assert not (tmp_path / "new").exists()
     assert not (tmp_path / "hf").exists()
+
+
+def test_evaluating_another_lora_runs_checkpoint_merges_it_into_its_own_base(tmp_path):
+    """`evaluate --workdir=L1 --checkpoint=L2`: L2's adapters merge into L2's base (they were
+    merged into L1's: neither model's numbers); another model is one line."""
+    from t5x_lite.evaluation import EvalSettings
+    from t5x_lite.evaluation.runner import EvalError, Evaluator
+
+    run1, _, lora1 = _fake_lora_run(tmp_path / "a")
+    _, base2, lora2 = _fake_lora_run(tmp_path / "b")
+    shutil.rmtree(base2)
+    _save_base(base2, run1, seed=8)  # L2's base: other weights
+    evaluator = Evaluator(run1, EvalSettings())
+    via_l1 = jax.device_get(evaluator.load(lora2, 4).params)
+    own = jax.device_get(t5x_lite.load(lora2).params)
+    for a, b in zip(jax.tree.leaves(via_l1), jax.tree.leaves(own)):
+        np.testing.assert_array_equal(a, b)
+    other = testing.tiny_config("t5", d_model=48)
+    other.lora = dict(run1.lora)
+    checkpoints.write_config(lora2, other)
+    with pytest.raises(EvalError, match=f"--checkpoint {re.escape(str(lora2))} holds another "
+                       "model"):
+        evaluator.load(lora2, 4)

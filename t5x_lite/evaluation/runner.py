@@ -175,12 +175,29 @@ class Evaluator:
     def load(self, ckpt_workdir, step: int) -> LoadedModel:
         # Compression hooks: a LoRA run's adapters are merged into its base; --quantize=int8.
         # The stop id reads the same run config as the params (a LoRA run's step 0 is its base).
-        params = lora.restore_params(ckpt_workdir, step, self.config, self.abstract)
+        run = self._run_config(ckpt_workdir)
+        params = lora.restore_params(ckpt_workdir, step, run, self.abstract)
         params = quantization.quantize_loaded(params, self.boxed, self.param_shardings,
                                               self.settings.quantize)
         return LoadedModel(self.model_cfg, self.config, self.model, params,
                            self.vocab(ckpt_workdir), self.mesh, self.rules,
-                           checkpoint_eos_id(ckpt_workdir, step, self.model_cfg, self.config))
+                           checkpoint_eos_id(ckpt_workdir, step, self.model_cfg, run))
+
+    def _run_config(self, ckpt_workdir):
+        """The run config the checkpoint's params are read with: where a LoRA run is involved,
+        the checkpoint's own (its adapters belong to the base step that run recorded; another
+        LoRA run's would merge them into the wrong base), else the evaluated config."""
+        if not (epath.Path(ckpt_workdir) / checkpoints.CONFIG_FILE).exists():
+            return self.config
+        run = checkpoints.read_config(ckpt_workdir)
+        if not (lora.is_lora_run(run) or lora.is_lora_run(self.config)):
+            return self.config
+        model = dataclasses.replace(ModelConfig.from_dict(run.model), dtype=self.model_cfg.dtype)
+        if model != self.model_cfg:
+            raise EvalError(f"--checkpoint {ckpt_workdir} holds another model than the one "
+                            "evaluated (its config.json's model section differs); evaluate it "
+                            "with its own --workdir")
+        return run
 
     def wants_predictions(self) -> bool:
         s = self.settings
