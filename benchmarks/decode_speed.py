@@ -5,8 +5,9 @@ and speculative decoding's speed-up. Run by hand; prints a markdown table.
     python benchmarks/decode_speed.py --models=gpt --batch_sizes=1 --new_tokens=64 --skip_hf
     python benchmarks/decode_speed.py --compile_compare --skip_hf --nospeculative --new_tokens=64
 
-Models: GPT-2-style, d_model 512, 6 layers, 8 heads, d_ff 2048, vocab 32128 (35.6M params, tied
-head); T5 v1.1-style, d_model 512, 6+6 layers, 8 heads, d_ff 1024, vocab 32128 (~70M, untied).
+Models: GPT-2-style, d_model 512, 6 layers, 8 heads, d_ff 2048, vocab 32128, 1024 positions
+(35.9M params, tied head; 35.6M with train_throughput.py's 512 positions); T5 v1.1-style,
+d_model 512, 6+6 layers, 8 heads, d_ff 1024, vocab 32128 (~70M, untied).
 Weights are random (HF's own init), built as HF PyTorch models and converted with
 t5x_lite.hf_interop, so both sides run the very same float32 weights. Prompts: random ids,
 --prompt_len tokens. Greedy; rows do not stop early (EOS is suppressed in HF with
@@ -16,19 +17,25 @@ Columns:
   prefill   the jitted prompt pass alone (GPT: the prompt into a fresh cache; T5: the encoder
             plus the decoder start token), best of runs.
   ms/token  (cached time - prefill) / (tokens - 1): the latency of one cached decode step.
-  cached    t5x_lite generate: one jitted lax.while_loop, prefill + one token per step.
+  cached    t5x_lite generate: one jitted lax.while_loop, prefill + one token per step; one
+            full-length warm-up run (compiles), then the best of --repeats runs.
   uncached  re-running the full forward pass for every new token with no cache, for a
             sequence growing from prompt_len to prompt_len + new_tokens: timed at the average
             length (prompt_len + new_tokens / 2; jitted, fixed shape) and multiplied by
             new_tokens (the cost of a step is ~linear in length at these sizes). T5 re-runs the
             encoder as well.
-  HF        transformers `generate(do_sample=False, use_cache=True)` on the same weights, the
-            better of 1 and all torch threads.
-  roofline  batch 1: float32 weight bytes read per token (+ KV cache at the average length)
-            divided by the memory bandwidth measured in the same run: a jitted in-place copy of
-            a 512 MiB array, (read + write bytes) / time. (A jitted sum over it, the read-only
-            rate, is printed too: lower, ~27-29 GB/s against ~39-52 on the 2-core Xeon VM. Both
-            use two cores; a batch-1 decode step runs on one, ~14 GB/s there.)
+  HF        transformers `generate(do_sample=False, use_cache=True)` on the same weights, timed
+            as cached is: per torch thread count (1 and all), one full-length warm-up run, then
+            the best of --repeats runs; the faster thread count.
+  roofline  batch 1: float32 bytes a decode step reads per token divided by the memory
+            bandwidth measured in the same run. Bytes (`bytes_per_token`): the weights the step
+            reads (not T5's encoder, nor its decoder's cross-attention key / value kernels,
+            whose K/V the prefill caches; one row of an untied or position embedding) + the KV
+            cache at the average length (T5: + the cross-attention K/V of the prompt).
+            Bandwidth: a jitted in-place copy of a 512 MiB array, (read + write bytes) / time.
+            (A jitted sum over it, the read-only rate, is printed too: lower, ~27-29 GB/s
+            against ~39-52 on the 2-core Xeon VM. Both use two cores; a batch-1 decode step
+            runs on one, ~14 GB/s there.)
 --compile_compare (default off): per model, the compile time (`lower(...).compile()`) of the
 two jitted decode programs, greedy (`_sample_jit`: prefill + the cached while loop) and beam
 search (`_beam_jit`, 4 beams, alpha 0.6), with unrolled and with scanned layers (the same
@@ -68,7 +75,9 @@ _SKIP_HF = flags.DEFINE_bool("skip_hf", False, "Skip the HF PyTorch comparison."
 _SPEC = flags.DEFINE_bool("speculative", True, "Measure speculative decoding (GPT).")
 _DRAFT_LAYERS = flags.DEFINE_integer("draft_layers", 1, "Target layers used as the draft.")
 _NUM_DRAFT = flags.DEFINE_integer("num_draft", 4, "Draft tokens per target pass.")
-_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs (best is reported).")
+_REPEATS = flags.DEFINE_integer(
+    "repeats", 2, "Timed runs after one full-length warm-up run, the best reported: for ours "
+    "and for HF alike (HF: per torch thread count, then the faster count).")
 _DEEP = flags.DEFINE_integer("deep_layers", 24, "Layers of the deeper speculative target.")
 _COMPILE_COMPARE = flags.DEFINE_bool(
     "compile_compare", False, "Compile time and ms/token of the greedy and beam programs, "
@@ -164,21 +173,23 @@ def time_uncached(loaded, prompts, n):
 
 
 def time_hf(hf_model, prompts, n):
-    """Best over torch thread counts: on a busy machine, torch's OpenMP threads can be several
-    times slower with 2 threads than with 1, which would flatter the comparison."""
+    """Timed as `time_cached` is (`_best_time`): per torch thread count (1 and all), one
+    full-length warm-up run, then the best of --repeats runs; the minimum over the thread
+    counts. On a busy machine, torch's OpenMP threads can be several times slower with 2
+    threads than with 1, which would flatter the comparison."""
     import torch
     ids = torch.tensor(prompts, dtype=torch.long)
     kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
               pad_token_id=0)
     default_threads, best = torch.get_num_threads(), float("inf")
-    for threads in sorted({1, default_threads}):
-        torch.set_num_threads(threads)
-        with torch.no_grad():
-            hf_model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm up
-            t = time.perf_counter()
-            hf_model.generate(ids, **kw)
-            best = min(best, time.perf_counter() - t)
-    torch.set_num_threads(default_threads)
+    try:
+        for threads in sorted({1, default_threads}):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                best = min(best, _best_time(lambda: hf_model.generate(ids, **kw),
+                                            _REPEATS.value))
+    finally:
+        torch.set_num_threads(default_threads)
     return best
 
 
@@ -199,22 +210,39 @@ def memory_bandwidth():
     return x.nbytes / t_read, 2 * x.nbytes / t_copy
 
 
-def bytes_per_token(loaded, avg_len):
-    """float32 bytes a batch-1 decode step reads: weights it touches + KV cache."""
+def _gathered(cfg) -> tuple:
+    """Top-level params a decode step reads one row of (a lookup), not the whole array."""
+    tables = ("position_embedder",) if cfg.family == "gpt" else ()
+    return tables if cfg.tie_embeddings else tables + ("token_embedder",)
+
+
+def step_weights(cfg, params) -> dict:
+    """{path: leaf} of the params a cached decode step reads in full, scanned or unrolled.
+
+    Not read: T5's encoder (run once, in the prefill) and each decoder layer's cross-attention
+    key and value kernels (the prefill projects the encoder output once and caches it); one row
+    of the token (and GPT's position) embedding, unless the token embedding is the tied head.
+    """
+    skip = set(_gathered(cfg)) | {"encoder", "encoder_norm", "encoder_relpos"}
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        keys = [getattr(k, "key", k) for k in path]
+        if keys[0] in skip or ("cross_attention" in keys and keys[-1] in ("key", "value")):
+            continue
+        out[jax.tree_util.keystr(path)] = leaf
+    return out
+
+
+def bytes_per_token(loaded, avg_len, prompt_len):
+    """float32 bytes a batch-1 decode step reads: the weights it reads (`step_weights`) + the
+    KV cache, `avg_len` self-attention slots (+ T5's cross-attention K/V of a `prompt_len`
+    encoder input)."""
     cfg = loaded.model.config
-    params = loaded.params
-    size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
-    if cfg.family == "gpt":
-        touched = size(params) - size(params["position_embedder"])  # one row of it is read
-        layers = cfg.num_layers
-    else:
-        head = "token_embedder" if cfg.tie_embeddings else "lm_head"
-        touched = sum(size(params[k]) for k in ("decoder", "decoder_norm", "decoder_relpos",
-                                                head))
-        layers = cfg.decoder_layers
+    touched = sum(x.size for x in step_weights(cfg, loaded.params).values())
+    layers = cfg.num_layers if cfg.family == "gpt" else cfg.decoder_layers
     kv = 2 * layers * avg_len * cfg.num_heads * cfg.head_dim
     if cfg.family == "t5":
-        kv += 2 * layers * _PROMPT.value * cfg.num_heads * cfg.head_dim  # cross-attention K/V
+        kv += 2 * layers * prompt_len * cfg.num_heads * cfg.head_dim  # cross-attention K/V
     return 4 * (touched + kv)
 
 
@@ -360,7 +388,7 @@ def main(argv):
             if b == 1:
                 # the self-attention cache: GPT's holds the prompt, T5's decoder's does not
                 held = _PROMPT.value if loaded.model.config.family == "gpt" else 1
-                r = bw_copy / bytes_per_token(loaded, held + n // 2)
+                r = bw_copy / bytes_per_token(loaded, held + n // 2, _PROMPT.value)
                 roof, frac = f"{r:.1f}", f"{100 * tps / r:.0f}%"
             gain = tps / unc  # one decimal below 10x (a tiny run's 0.4x printed as "0x")
             print(f"| {kind} | {b} | {1e3 * t_prefill:.1f} | {1e3 * per_token:.2f} | {tps:.1f} | "

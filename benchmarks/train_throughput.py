@@ -8,10 +8,13 @@ Ours: the trainer's step (jitted once, state donated) on a synthetic batch (rand
 position weighted, so the input pipeline is not measured). Compile time is
 `jit(...).lower(...).compile()`; then one warm-up step and `--steps` timed steps, median. MFU =
 model FLOPs per step (t5x_lite.training.flops.train_step_flops, forward + backward = 3x forward)
-/ step time / peak FLOP/s. On an accelerator the peak comes from the table in flops.py; on CPU
-it is measured in the same run as the best time of a jitted 2048 x 2048 x 2048 float32 matmul
-chain (what XLA reaches on these cores); there the per-model line also gives MFU by process-CPU
-time (what the step would reach on idle cores), since this machine is shared.
+/ step time / peak FLOP/s. On an accelerator the peak comes from the table in flops.py (dense
+bf16; --dtype defaults to bfloat16 there); on CPU it is measured in the same run as the best
+time of a jitted 2048 x 2048 x 2048 float32 matmul chain (what XLA reaches on these cores;
+--dtype defaults to float32 there), and the per-model line also gives MFU by process-CPU time
+(what the step would reach on idle cores), since this machine is shared. A --dtype other
+than the peak's (float32 against the bf16 table, bfloat16 against the measured f32 peak) puts
+a WARNING line in the header: that MFU is not against the dtype's own peak.
 
 --hf (default on; --nohf skips it; torch and transformers are imported only then): the same
 architecture and size as a transformers PyTorch model built from a config (random weights, no
@@ -69,7 +72,9 @@ MODELS = {
 
 _MODELS = flags.DEFINE_list("models", list(MODELS), f"Subset of {list(MODELS)}.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (after compile + one warm-up step).")
-_DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype (bfloat16 on accelerators).")
+_DTYPE = flags.DEFINE_string(
+    "dtype", None, "Compute dtype; default float32 on CPU, bfloat16 elsewhere (the peak of an "
+    "accelerator comes from flops.py's dense bf16 table; another dtype is warned about).")
 _OPTIMIZER = flags.DEFINE_string("optimizer", None,
                                  "adafactor | adamw; default adamw with --hf, else adafactor.")
 _REMAT = flags.DEFINE_string("remat", "none", "Remat policy.")
@@ -125,10 +130,27 @@ def synthetic_batch(family: str, b: int, length: int, targets: int | None):
     return batch
 
 
+def compute_dtype() -> str:
+    """--dtype, or by default float32 on CPU and bfloat16 on accelerators."""
+    return _DTYPE.value or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+
+
+def peak_warning(peak_source: str, dtype: str) -> str | None:
+    """A header line when the peak MFU divides by is not one of the compute dtype: the
+    flops.py table's dense bf16 peak (`peak_source` "table"), or the float32 matmul measured
+    in the run ("measured")."""
+    peak_dtype = "bfloat16" if peak_source == "table" else "float32"
+    if dtype == peak_dtype:
+        return None
+    return (f"WARNING: compute dtype {dtype} but the peak is the {peak_dtype} one ("
+            f"{'flops.py table' if peak_source == 'table' else 'measured in this run'}): the "
+            f"MFU below is against a {peak_dtype} peak, not a {dtype} one")
+
+
 def model_setup(name: str, scan: bool):
     """(model config with this run's dtype / remat / scan, batch size, length, targets)."""
     cfg, b, length, targets = MODELS[name]
-    cfg = cfg.__class__(**{**cfg.to_dict(), "dtype": _DTYPE.value, "remat": _REMAT.value,
+    cfg = cfg.__class__(**{**cfg.to_dict(), "dtype": compute_dtype(), "remat": _REMAT.value,
                            "scan_layers": scan})
     return cfg, _BATCH.value or b, length, targets
 
@@ -285,16 +307,19 @@ def main(argv):
     del argv
     load_start = os.getloadavg()
     kind = jax.devices()[0].device_kind
-    peak = flops.peak_flops_per_device(kind)
-    source, peak_cpu = "table", None
+    dtype, peak = compute_dtype(), flops.peak_flops_per_device(kind)
+    source, peak_cpu, warning = "flops.py table, dense bf16", None, peak_warning("table", dtype)
     if peak is None:
         (peak, peak_cpu), source = matmul_peak(), f"measured f32 {MATMUL_N}^3 jitted matmul"
+        warning = peak_warning("measured", dtype)
     cpu_note = f", {peak_cpu / 1e9:.1f} per CPU-second" if peak_cpu else ""
-    header = [f"device: {kind} x{jax.device_count()}; jax {jax.__version__}; dtype {_DTYPE.value}, "
+    header = [f"device: {kind} x{jax.device_count()}; jax {jax.__version__}; dtype {dtype}, "
               f"optimizer {optimizer_name()}, remat {_REMAT.value}, scan {_SCAN.value}, "
               f"{_STEPS.value} timed steps (median)",
               f"jax peak: {peak / 1e9:.1f} GFLOP/s per device ({source}{cpu_note})",
               host_memory.status()]
+    if warning:
+        header.insert(2, warning)
     if _HF.value:
         import torch
         import transformers
