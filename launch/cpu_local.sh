@@ -63,15 +63,21 @@ while [[ $# -gt 0 ]]; do
   shift
 done
 
+# 10#: bash arithmetic reads a leading 0 as octal (010 is 8, 08 an error).
 for v in num_processes devices_per_process heartbeat_timeout init_timeout timeout_s; do
   [[ "${!v}" =~ ^[0-9]+$ ]] || die "--${v%_s} must be a non-negative integer, got '${!v}'"
+  printf -v "$v" '%d' "$((10#${!v}))"
 done
 (( num_processes >= 1 )) || die "--num_processes must be at least 1"
 (( devices_per_process >= 1 )) || die "--devices_per_process must be at least 1"
 (( heartbeat_timeout >= 1 )) || die "--heartbeat_timeout must be at least 1"
 (( init_timeout >= 1 )) || die "--init_timeout must be at least 1"
-[[ -z "$port" || ( "$port" =~ ^[0-9]+$ && "$port" -ge 1 && "$port" -le 65535 ) ]] \
-  || die "--port must be an integer in 1-65535, got '$port'"
+if [[ -n "$port" ]]; then
+  if [[ ! "$port" =~ ^[0-9]{1,5}$ ]] || (( 10#$port < 1 || 10#$port > 65535 )); then
+    die "--port must be an integer in 1-65535, got '$port'"
+  fi
+  port=$((10#$port))
+fi
 python="${PYTHON:-python3}"
 
 if [[ -z "$port" ]]; then

@@ -18,14 +18,16 @@ Usage: launch/tpu_vm.sh ACTION [options] [-- TRAIN_ARGS...]
 
 Actions:
   create   gcloud compute tpus tpu-vm create (accelerator type, runtime version, spot/preemptible)
-  setup    copy this checkout to every worker (or git clone --repo), then `pip install -e .` there
-           into DIR/.venv (jax >= 0.10 needs Python >= 3.11; the TPU runtimes are Ubuntu 22.04
-           with Python 3.10, so python3.11 comes from apt when python3 is older)
+  setup    copy this checkout to every worker (or git clone --repo; a clone there already is
+           moved to --repo's --branch), then `pip install -e '.[gcs]'` there into DIR/.venv
+           (jax >= 0.10 needs Python >= 3.11; the TPU runtimes are Ubuntu 22.04 with Python
+           3.10, so python3.11 comes from apt when python3 is older)
   train    start `.venv/bin/python -m t5x_lite.train TRAIN_ARGS` on all workers at once
            (--worker=all), in the background with a log file and pid file per worker
            (--foreground to stream); refuses while a run started by `train` is still going
   logs     follow the training log of one worker (--log_worker, default 0)
-  stop     stop the training processes on all workers (by their pid files)
+  stop     stop the training processes on all workers (by their pid files) and wait for them
+           to save a checkpoint and exit
   delete   delete the TPU VM
   ssh      run --command=CMD on the workers (--worker, default all)
   up       create + setup + train
@@ -182,9 +184,12 @@ do_create() {
 
 do_setup() {
   if [[ -n "$repo" ]]; then
-    local clone="git clone --depth=1"
+    local clone="git clone --depth=1" url ref git="git -C ~/$remote_dir"
     [[ -z "$branch" ]] || clone+=" --branch=$(printf '%q' "$branch")"
-    tpu_ssh all "if [ -d ~/$remote_dir/.git ]; then git -C ~/$remote_dir pull --ff-only; else $clone $(printf '%q' "$repo") ~/$remote_dir; fi"
+    url="$(printf '%q' "$repo")" ref="$(printf '%q' "${branch:-HEAD}")"
+    # A clone there already (an earlier setup) is moved to --repo's --branch (default: its
+    # HEAD); git refuses, and so does setup, where that would overwrite local changes.
+    tpu_ssh all "if [ -d ~/$remote_dir/.git ]; then $git fetch -q --depth=1 $url $ref && $git checkout -q --detach FETCH_HEAD; else $clone $url ~/$remote_dir; fi"
   else
     # Copy the working tree (not .git or build outputs) as one tarball to every worker.
     local tarball="/tmp/${name}_t5x_lite.tar.gz"
@@ -201,8 +206,9 @@ do_setup() {
   venv+="python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' "
   venv+="|| { $apt update && $apt -y install python3.11 python3.11-venv && py=python3.11 || exit 1; }; "
   venv+="\$py -m venv .venv || exit 1; fi"
-  # The README's install line (`pip install -e .`) plus libtpu, resolved together so jax matches.
-  tpu_ssh all "cd ~/$remote_dir && $venv && $python -m pip install -q -U pip && $python -m pip install -q -e . \"jax[tpu]>=0.10\""
+  # The README's install line (`pip install -e .`) plus libtpu, resolved together so jax matches,
+  # and gcsfs (extra `gcs`) for gs:// workdirs and data.
+  tpu_ssh all "cd ~/$remote_dir && $venv && $python -m pip install -q -U pip && $python -m pip install -q -e \".[gcs]\" \"jax[tpu]>=0.10\""
 }
 
 do_train() {
@@ -220,13 +226,21 @@ do_train() {
   fi
 }
 
+do_stop() {
+  # SIGTERM makes the trainer save a checkpoint and exit: the pid file goes only with the whole
+  # process group, so that `train` refuses until then (its host lock would stop a new run).
+  local wait_s=900 group="-\$(cat $pid_file)"
+  local wait="echo \"stopping on \$(hostname): waiting for the run to save a checkpoint and exit\"; i=0; while kill -0 -- $group 2>/dev/null; do if [ \$i -ge $wait_s ]; then echo \"the run on \$(hostname) is still going after ${wait_s} s: stop again, or kill -9 -- $group\" >&2; exit 1; fi; sleep 1; i=\$((i + 1)); done; echo stopped on \$(hostname)"
+  tpu_ssh all "if [ -f $pid_file ] && kill -- $group 2>/dev/null; then $wait; else echo no training process on \$(hostname); fi; rm -f $pid_file"
+}
+
 case "$action" in
   create) do_create ;;
   setup) do_setup ;;
   train) do_train ;;
   up) do_create; do_setup; do_train ;;
   logs) tpu_ssh "$log_worker" "tail -n 200 -F $log_file" ;;
-  stop) tpu_ssh all "if [ -f $pid_file ] && kill -- -\$(cat $pid_file) 2>/dev/null; then echo stopped on \$(hostname); else echo no training process on \$(hostname); fi; rm -f $pid_file" ;;
+  stop) do_stop ;;
   delete) run "${gcloud_tpu[@]}" delete "$name" "${location[@]}" --quiet ;;
   ssh) [[ -n "$command_arg" ]] || die "ssh needs --command=CMD"
        tpu_ssh "$worker" "$command_arg" ;;

@@ -50,7 +50,10 @@ def local_or_remote(path) -> epath.Path:
     """A user-given path as an epath.Path, made absolute when it is a relative local path
     (orbax refuses relative checkpoint paths, and only says so when it first saves)."""
     text = os.fspath(path)
-    return epath.Path(text if files.is_remote(text) else os.path.abspath(text))
+    if files.is_remote(text):
+        files.check_remote(text)  # gs:// without gcsfs: one line
+        return epath.Path(text)
+    return epath.Path(os.path.abspath(text))
 
 
 def write_config(workdir, config: ml_collections.ConfigDict | dict) -> None:

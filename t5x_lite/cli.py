@@ -29,6 +29,18 @@ def exit_with(prog: str, error: BaseException | str) -> NoReturn:
     sys.exit(f"{prog}: error: {lines[0] if lines else type(error).__name__}")
 
 
+def check_flagfiles(prog: str) -> None:
+    """Exit with one line when a --flagfile of the command line cannot be read. Call it before
+    defining a config flag: ml_collections' config_flags reads the flagfiles then (at import
+    time), before `flags_parser` runs."""
+    from absl import flags
+
+    try:
+        flags.FLAGS.read_flags_from_files(sys.argv, force_gnu=False)
+    except flags.Error as e:
+        exit_with(prog, e)
+
+
 def flags_parser(prog: str) -> Callable:
     """absl `app.run(main, flags_parser=...)`: every flag error as one line, also what
     `ml_collections.config_flags` raises while parsing: an error in a config's `get_config(arg)`
@@ -41,12 +53,25 @@ def flags_parser(prog: str) -> Callable:
         try:
             rest = flags.FLAGS(argv)
             for name in flags.FLAGS:
-                failure = (_config_load_failure(flags.FLAGS[name].value)
-                           or _not_a_config(flags.FLAGS[name]))
+                error = _config_load_error(flags.FLAGS[name].value)
+                if error is not None:  # a missing file, or an OSError raised in get_config
+                    lines = str(error).strip().splitlines()
+                    exit_with(prog, _raised_in_config(error, argv) or
+                              f"--{name}: {lines[-1].strip() if lines else 'failed to load'}")
+                failure = _not_a_config(flags.FLAGS[name])
                 if failure:
                     exit_with(prog, f"--{name}: {failure}")
             return rest
         except flags.Error as e:
+            # config_flags re-raises a TypeError / ValueError from get_config with the
+            # traceback in its text and absl wraps that: the original ends the chain.
+            original = e
+            while original.__context__ is not None:
+                original = original.__context__
+            if not isinstance(original, UserError):  # a UserError's message is the report
+                where = _raised_in_config(original, argv)
+                if where:
+                    exit_with(prog, where)
             text = str(e).strip()
             if "Traceback" in text:  # the last line: "package.module.SomeError: message"
                 text = re.sub(r"^[\w.]+(Error|Exception): ", "", text.splitlines()[-1].strip())
@@ -61,14 +86,11 @@ def flags_parser(prog: str) -> Callable:
                              and "." not in a.split("=")[0]
                              and f"'{a.split('=')[0][2:]}_config'" in str(e)), "--config")
                 exit_with(prog, f"{flag}: the file defines no get_config()")
-            where = _config_file_frame(e, argv)
-            if where is None and not isinstance(e, (AttributeError, KeyError)):
-                raise
+            where = _raised_in_config(e, argv)
             if where is not None:
-                msg = e.msg if isinstance(e, SyntaxError) else e
-                hint = ("" if where.rsplit(":", 1)[0].endswith(".py") else
-                        " (a config is a Python file with get_config(), e.g. configs/tiny_t5.py)")
-                exit_with(prog, f"{where}: {type(e).__name__}: {msg}{hint}")
+                exit_with(prog, where)
+            if not isinstance(e, (AttributeError, KeyError)):
+                raise
             text = str(e.args[0] if e.args else e)
             key = (re.findall(r"\w+", text) or ["?"])[0]
             flag = next((a.split("=")[0] for a in argv[1:] if a.startswith("--")
@@ -78,6 +100,18 @@ def flags_parser(prog: str) -> Callable:
                       + (f"; did you mean {hint.group(1)!r}?" if hint else ""))
 
     return parse
+
+
+def _raised_in_config(error: BaseException, argv) -> str | None:
+    """`--flag: file:line: Type: message` when `error` was raised by running a config file
+    named in argv (a syntax error, a failed import, an exception in get_config), else None."""
+    where = _config_file_frame(error, argv)
+    if where is None:
+        return None
+    msg = error.msg if isinstance(error, SyntaxError) else error
+    hint = ("" if where.rsplit(":", 1)[0].endswith(".py") else
+            " (a config is a Python file with get_config(), e.g. configs/tiny_t5.py)")
+    return f"{where}: {type(error).__name__}: {msg}{hint}"
 
 
 def _config_file_frame(error: BaseException, argv) -> str | None:
@@ -116,16 +150,15 @@ def _not_a_config(flag) -> str | None:
             "ConfigDict" + (" (a missing return?)" if flag.value is None else ""))
 
 
-def _config_load_failure(value) -> str | None:
-    """config_flags keeps a config file that failed to load (missing, or raising) as a
-    placeholder that raises on first use: the last line of its error, or None."""
+def _config_load_error(value) -> BaseException | None:
+    """config_flags keeps a config file that failed to load (missing, or raising an OSError)
+    as a placeholder that raises on first use: the error it failed with, or None."""
     if type(value).__name__ != "_ErrorConfig":
         return None
     try:
         value.any_key  # raises the load error
     except OSError as e:
-        lines = str(e.__cause__ or e).strip().splitlines()
-        return lines[-1].strip() if lines else "failed to load"
+        return e.__cause__ or e
     return None
 
 

@@ -223,6 +223,7 @@ def exclusive(path, refusal: Callable[[str], Exception], *, lease: bool = False
     from t5x_lite import files
     from t5x_lite import lease as leases
 
+    files.check_remote(path)  # on every process: gs:// without gcsfs stops them all alike
     holder, held = None, None
     with contextlib.ExitStack() as stack:
         if is_coordinator():

@@ -23,6 +23,7 @@ from ml_collections import config_flags
 from t5x_lite import cli, mesh_flag  # light: no jax
 from t5x_lite.mesh_flag import MESH
 
+cli.check_flagfiles("evaluate")  # config_flags reads them when a flag is defined
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/*.py file (default: the "
                                           "workdir's config.json).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints and eval/ outputs.")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import sys
@@ -14,6 +15,8 @@ from typing import Iterator
 
 from absl import logging
 from etils import epath
+
+from t5x_lite.errors import UserError
 
 
 def write_atomic(path, data: str | bytes) -> None:
@@ -40,9 +43,33 @@ def is_remote(path) -> bool:
 
 def real(path) -> epath.Path:
     """`path` with a local one made absolute and its links resolved, so that two spellings of
-    one file compare equal (a remote path as it is)."""
+    one file compare equal (a remote path as it is, checked by `check_remote`)."""
     text = os.fspath(path)
-    return epath.Path(text if is_remote(text) else os.path.realpath(text))
+    if is_remote(text):
+        check_remote(text)
+        return epath.Path(text)
+    return epath.Path(os.path.realpath(text))
+
+
+def check_remote(path) -> None:
+    """A UserError when remote `path` needs a package that is missing: epath reaches it with
+    fsspec (unless tensorflow is installed), whose plugin for the scheme (gcsfs for gs://)
+    would otherwise fail the first read with an ImportError at the end of a traceback."""
+    text = os.fspath(path)
+    if not is_remote(text) or importlib.util.find_spec("tensorflow") is not None:
+        return
+    scheme = text.split("://", 1)[0]
+    try:
+        import fsspec
+
+        fsspec.get_filesystem_class(scheme)
+    except ValueError:  # a scheme fsspec does not know: epath names the known ones
+        return
+    except ImportError as e:
+        package = getattr(e.__cause__, "name", None) or e.name or str(e)
+        raise UserError(f"{scheme}:// paths need {package}: pip install {package}"
+                        + (" (or pip install -e '.[gcs]')" if scheme in ("gs", "gcs") else "")
+                        ) from None
 
 
 class LockHeld(Exception):

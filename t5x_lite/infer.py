@@ -76,6 +76,7 @@ def _define_decode_flag():
         cli.exit_with("infer", f"unknown decode option(s) {bad}; known: {sorted(defaults)}")
 
 
+cli.check_flagfiles("infer")  # config_flags reads them when a flag is defined
 _DECODE = _define_decode_flag()
 
 

@@ -14,6 +14,7 @@ from ml_collections import config_flags
 
 from t5x_lite import cli  # light: no jax
 
+cli.check_flagfiles("train")  # config_flags reads them when a flag is defined
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local or gs://).", required=True)

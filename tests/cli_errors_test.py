@@ -12,7 +12,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from t5x_lite import cli, distillation, errors, lora, pruning
+from t5x_lite import checkpoints, cli, distillation, errors, lora, pruning
 from t5x_lite.config import ConfigError, ModelConfig
 from t5x_lite.data import DataConfig, DataConfigError
 from t5x_lite.partitioning import MeshError
@@ -194,6 +194,11 @@ def test_train_cli_prints_one_error_line(tmp_path, args, message):
     ("def get_config(:\n    pass\n", "bad.py:1: SyntaxError: invalid syntax"),
     ("import os\n\ndef get_config():\n    return os.nope\n",
      "bad.py:4: AttributeError: module 'os' has no attribute 'nope'"),
+    # absl wraps these three (config_flags: a traceback in the text; or a lazy placeholder)
+    ("def get_config():\n    raise ValueError('boom')\n", "bad.py:2: ValueError: boom"),
+    ("def get_config():\n    n = 3\n    return n + 'a'\n",
+     "bad.py:3: TypeError: unsupported operand type(s) for +: 'int' and 'str'"),
+    ("def get_config():\n    raise OSError('disk')\n", "bad.py:2: OSError: disk"),
 ])
 def test_a_config_file_that_fails_to_run_is_one_line_naming_its_line(tmp_path, text, message):
     (tmp_path / "bad.py").write_text(text)
@@ -252,3 +257,43 @@ def test_config_overrides_without_a_config_file_say_what_is_missing(tmp_path):
     assert r.stderr.strip().splitlines()[-1] == (
         "evaluate: error: Unknown command line flag 'config.decode.method'; --config.* "
         "overrides need --config=FILE before them"), r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("command, args", [
+    ("train", ["--flagfile=missing.flags"]), ("evaluate", ["--flagfile=missing.flags"]),
+    ("estimate", ["--flagfile", "missing.flags"]), ("infer", ["--flagfile=missing.flags"])])
+def test_a_flagfile_that_cannot_be_read_is_one_line(tmp_path, command, args):
+    """config_flags reads flagfiles when the modules define their config flags: a traceback."""
+    r = subprocess.run([sys.executable, "-m", f"t5x_lite.{command}", *args], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines() == [
+        f"{command}: error: ERROR:: Unable to open flagfile: [Errno 2] No such file or "
+        "directory: 'missing.flags'"], r.stderr[-3000:]
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(m) for m in ("gcsfs", "tensorflow")),
+                    reason="gs:// is reachable here (through gcsfs or tensorflow)")
+def test_a_gs_workdir_without_gcsfs_is_one_line():
+    """Fresh TPU workers had no gcsfs: fsspec's ImportError ended a 71-line traceback."""
+    r = subprocess.run([sys.executable, "-m", "t5x_lite.train", "--config=configs/tiny_gpt.py",
+                        "--workdir=gs://bucket/run"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert [line for line in r.stderr.splitlines() if not re.match(r"[IW]\d{4} ", line)] == [
+        "train: error: gs:// paths need gcsfs: pip install gcsfs (or pip install -e '.[gcs]')"
+    ], r.stderr[-3000:]
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(m) for m in ("gcsfs", "tensorflow")),
+                    reason="gs:// is reachable here (through gcsfs or tensorflow)")
+def test_gs_checkpoint_data_and_vocab_paths_without_gcsfs_are_one_line():
+    """Where evaluate / infer / convert / lora take a checkpoint path, and where data and
+    vocabulary paths enter: the same one line as a gs:// workdir."""
+    with pytest.raises(errors.UserError, match=r"^gs:// paths need gcsfs: pip install gcsfs"):
+        checkpoints.local_or_remote("gs://bucket/run")
+    for key, value in (("vocab_path", "gs://bucket/v.model"), ("data_dir", "gs://bucket/tfds"),
+                       ("paths", "a.txt,gs://bucket/b.txt")):
+        with pytest.raises(DataConfigError, match=r"^Invalid data config: gs:// paths need "
+                                                  r"gcsfs"):
+            DataConfig(**{"source": "text", "paths": "a.txt", key: value})

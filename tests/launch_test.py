@@ -64,7 +64,8 @@ def test_tpu_vm_dry_run_for_a_v4_32_pod():
         assert argv[6] == "--worker=all" and argv[7].startswith("--command=")
         assert argv[8:] == ["--zone=us-central2-b", "--project=my-proj"]
     commands = [argv[7][len("--command="):] for argv in ssh]
-    assert any("pip install -q -e ." in c for c in commands)  # the README's install line
+    # the README's install line, with gcsfs for gs:// paths
+    assert any('pip install -q -e ".[gcs]"' in c for c in commands)
     train = commands[-1]
     assert "T5X_LITE_DISTRIBUTED=on" in train and ".venv/bin/python -m t5x_lite.train" in train
     # Train arguments survive two rounds of shell quoting (ours, then the remote shell's).
@@ -108,12 +109,13 @@ def test_tpu_vm_other_actions_and_errors():
     assert "gcloud" not in r.stdout, r.stdout
 
 
-def _remote_command(*args):
-    """The --command of the last `gcloud ... tpu-vm ssh` line tpu_vm.sh prints for `args`."""
+def _remote_command(*args, which=-1):
+    """The --command of the last (or `which`) `gcloud ... tpu-vm ssh` line tpu_vm.sh prints for
+    `args`."""
     action, *rest = args
     lines = run("tpu_vm.sh", action, "--name=p", "--zone=z", "--dry_run", *rest
                 ).stdout.splitlines()
-    argv = shlex.split([line for line in lines if " tpu-vm ssh " in line][-1])
+    argv = shlex.split([line for line in lines if " tpu-vm ssh " in line][which])
     return next(a for a in argv if a.startswith("--command="))[len("--command="):]
 
 
@@ -150,15 +152,50 @@ def test_tpu_vm_setup_installs_into_a_python_3_11_venv(tmp_path, python3_version
         assert not apt
     else:
         assert apt and apt[-1].endswith("install python3.11 python3.11-venv")
-    assert log[-1] == '.venv/bin/python -m pip install -q -e . jax[tpu]>=0.10'
+    assert log[-1] == '.venv/bin/python -m pip install -q -e .[gcs] jax[tpu]>=0.10'
+
+
+def test_tpu_vm_setup_moves_an_existing_clone_to_the_repo_and_branch_asked_for(tmp_path):
+    """A second `setup --repo --branch` used to `git pull` whatever the workers had."""
+    git = lambda *args, cwd=tmp_path: subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+        capture_output=True, text=True)
+    src, other, home = tmp_path / "src", tmp_path / "other", tmp_path / "home"
+    for repo, branches in [(src, ["b1", "b2"]), (other, ["main"])]:
+        git("init", "-q", "-b", branches[0], str(repo))
+        for b in branches:
+            if b != branches[0]:
+                git("checkout", "-q", "-b", b, cwd=repo)
+            (repo / "f").write_text(f"{repo.name} {b}\n")
+            git("add", "f", cwd=repo)
+            git("commit", "-qm", b, cwd=repo)
+    git("checkout", "-q", "b1", cwd=src)  # src's HEAD: b1
+    env = {**os.environ, "HOME": str(home)}
+    clone = home / "t5x_lite" / "f"
+    for repo, branch, want in [(src, "b2", "src b2"), (src, "b1", "src b1"),
+                               (src, "b2", "src b2"), (src, None, "src b1"),
+                               (other, "main", "other main")]:
+        command = _remote_command("setup", f"--repo=file://{repo}",
+                                  *([f"--branch={branch}"] if branch else []), which=0)
+        r = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0 and clone.read_text() == f"{want}\n", (branch, r.stderr)
+    clone.write_text("edited on the worker\n")  # refused, not overwritten
+    command = _remote_command("setup", f"--repo=file://{src}", "--branch=b1", which=0)
+    r = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0 and "local changes" in r.stderr, r.stderr
+    assert clone.read_text() == "edited on the worker\n"
 
 
 def test_tpu_vm_train_refuses_a_second_run_and_stop_ends_it(tmp_path):
-    """The remote train / stop commands, run here with a fake venv python that just sleeps."""
+    """The remote train / stop commands, run here with a fake venv python that sleeps and,
+    like the trainer saving its checkpoint, takes a while to exit on SIGTERM."""
     home = tmp_path / "home"
     argv_file = tmp_path / "argv"
     _fake(home / "t5x_lite" / ".venv" / "bin" / "python",
-          f'printf "%s\\n" "$@" > {argv_file}\nexec sleep 300\n')
+          f'printf "%s\\n" "$@" > {argv_file}\ntrap "sleep 2; exit 0" TERM\n'
+          'sleep 300 & wait $!\n')
     env = {**os.environ, "HOME": str(home)}
     remote = lambda *args: subprocess.run(["bash", "-c", _remote_command(*args)], env=env,
                                           capture_output=True, text=True, timeout=60)
@@ -180,6 +217,8 @@ def test_tpu_vm_train_refuses_a_second_run_and_stop_ends_it(tmp_path):
         stop = remote("stop")
         assert stop.returncode == 0 and "stopped on" in stop.stdout, stop.stderr
         assert not pid_file.exists()
+        with pytest.raises(ProcessLookupError):  # `stop` waited for the run to end
+            os.killpg(pgid, 0)
         again = remote("stop")
         assert again.returncode == 0 and "no training process" in again.stdout
     finally:
@@ -220,6 +259,23 @@ def test_cpu_local_keeps_the_callers_xla_flags_and_checks_its_numbers():
                           (["--init_timeout=0"], "--init_timeout must be at least 1")]:
         r = run("cpu_local.sh", *args, "--dry_run", check=False)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+
+
+def test_cpu_local_reads_numbers_with_leading_zeros_as_decimal(tmp_path):
+    """bash arithmetic reads 010 as 8 (8 processes told there were 10: a hang) and 08 as an
+    error; --timeout=09 failed every poll and was never enforced."""
+    for given, n in [("010", 10), ("08", 8)]:
+        r = run("cpu_local.sh", f"--num_processes={given}", "--port=08080", "--dry_run")
+        lines = [shlex.split(line) for line in r.stdout.strip().splitlines()]
+        assert len(lines) == n and not r.stderr, r.stderr
+        for argv in lines:
+            assert f"T5X_LITE_NUM_PROCESSES={n}" in argv
+            assert "T5X_LITE_COORDINATOR=127.0.0.1:8080" in argv
+    (tmp_path / "sleeper.py").write_text("import time\ntime.sleep(40)\n")
+    r = run("cpu_local.sh", "--num_processes=1", "--module=sleeper", "--timeout=08",
+            env={"PYTHONPATH": str(tmp_path)}, check=False)
+    assert r.returncode == 124 and r.stderr.strip().splitlines() == [
+        "cpu_local.sh: timed out after 8s; stopping all processes"], r.stderr[-3000:]
 
 
 def test_gpu_local_dry_run_shrinks_the_pod_config():

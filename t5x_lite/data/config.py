@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from t5x_lite import files
 from t5x_lite.data import local_files
 from t5x_lite.data import objectives
 from t5x_lite.data import span_corruption
@@ -125,6 +126,12 @@ class DataConfig:
         for ok, message in checks:
             if not ok:
                 raise DataConfigError(f"Invalid data config: {message}")
+        try:  # a gs:// path without gcsfs: one line now, not a traceback at the first read
+            for path in (*self.paths, *self.train_paths, *self.validation_paths, self.data_dir,
+                         self.vocab_path):
+                files.check_remote(path)
+        except UserError as e:
+            raise DataConfigError(f"Invalid data config: {e}") from None
         if self.objective == "span_corruption":
             # Too-dense noise or short targets otherwise fail only at the first batch.
             try:
