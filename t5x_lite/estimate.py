@@ -21,13 +21,14 @@ from ml_collections import config_flags
 from t5x_lite import cli, errors
 from t5x_lite import estimate_flops as ef
 from t5x_lite import estimate_memory as em
-from t5x_lite import mesh_flag
+from t5x_lite import mesh_flag, quantization
 from t5x_lite.config import ModelConfig
 from t5x_lite.estimate_xla import sequence_lengths
 from t5x_lite.mesh_flag import MESH
-from t5x_lite.models import LossConfig, build_model
+from t5x_lite.models import LossConfig, abstract_variables, build_model
 from t5x_lite.partitioning import parse_mesh
 
+cli.check_flagfiles("estimate")  # config_flags reads them when a flag is defined
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
                                           lock_config=True)
 flags.adopt_module_key_flags(mesh_flag)  # --mesh, listed in --help
@@ -89,7 +90,8 @@ def estimate(config: ml_collections.ConfigDict, *, mesh: tuple[int, int, int] | 
     check_batch_shards(batch, int(config.train.microbatches), sizes.batch_shards, 1,
                        EstimateError)
 
-    n = ef.count_params(build_model(cfg))
+    model = build_model(cfg)
+    n = ef.count_params(model)
     predictions = LossConfig.for_run(config).mlm_predictions
     flops = ef.step_flops(cfg, batch, s, t, predictions)
     mem = em.estimate_memory(config, sizes)
@@ -112,7 +114,11 @@ def estimate(config: ml_collections.ConfigDict, *, mesh: tuple[int, int, int] | 
                   "params_by_part": ef.param_count_by_part(cfg),
                   "matmul_params": ef.matmul_params(cfg),
                   "dtype": cfg.dtype, "remat": cfg.remat, "scan_layers": cfg.scan_layers},
-        "weights_bytes": {"fp32": 4 * n, "bf16": 2 * n, "int8": n},
+        # int8: what --quantize=int8 holds (norms, biases, position tables and the per-channel
+        # scales stay float32)
+        "weights_bytes": {"fp32": 4 * n, "bf16": 2 * n,
+                          "int8": quantization.quantized_bytes(
+                              abstract_variables(model)["params"])},
         "run": {"mesh": {"data": sizes.data, "fsdp": sizes.fsdp, "tensor": sizes.tensor},
                 "num_devices": sizes.num_devices, "batch_size": batch,
                 "rows_per_device": batch // sizes.batch_shards,

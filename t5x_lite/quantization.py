@@ -137,6 +137,15 @@ def quantize_params(params, axes, *, pattern: str = DEFAULT_PATTERN, shardings=N
     return compression.replace_leaves(params, new)
 
 
+def quantized_bytes(boxed_params, *, pattern: str = DEFAULT_PATTERN) -> int:
+    """Bytes `quantize_params` holds for these boxed params, abstract ones too (nothing is
+    allocated): int8 kernels, their float32 scales, every other param as it is."""
+    axes = compression.logical_axes(boxed_params)
+    held = jax.eval_shape(lambda p: quantize_params(p, axes, pattern=pattern),
+                          nn.meta.unbox(boxed_params))
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(held)))
+
+
 def unbox_float(tree):
     """`nn.meta.unbox` that keeps Int8Weight boxes: for code that strips nn.Partitioned boxes
     outside jit and must not dequantize there (that would put float weights in memory)."""
