@@ -55,7 +55,9 @@ def base_config(model: ModelConfig, *, objective: str, seq_len: int = 512,
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.95
     c.optimizer.eps = 1e-8
-    c.optimizer.grad_clip = 1.0  # global norm; 0 = off
+    # Global-norm gradient clipping; 0 = off; None = the optimizer's default (`optimizers.
+    # grad_clip`: off for adafactor, as T5X, 1.0 for adamw), pinned in the run's config.json.
+    c.optimizer.grad_clip = ml_collections.config_dict.placeholder(float)
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.save_every = 500

@@ -62,7 +62,7 @@ def test_adamw_weight_decay_follows_mask():
 def test_adafactor_state_is_factored_without_momentum():
     tx, _ = optimizers.make_optimizer(_opt(), 10)
     state = tx.init({"w": jnp.ones((256, 128)), "b": jnp.ones((128,))})
-    factored = state[1][0]  # chain(clip, adafactor(...)): the factored second-moment state
+    factored = state[0][0]  # chain(adafactor(...)): the factored second-moment state
     # optax: v_row drops the largest dim, v_col the second largest.
     assert factored.v_row["w"].shape == (128,) and factored.v_col["w"].shape == (256,)
     assert factored.v["w"].shape == (1,) and factored.v["b"].shape == (128,)
@@ -78,7 +78,7 @@ def test_adafactor_is_optax_adafactor_per_layer_of_a_scanned_stack(weight_decay)
     layer alone gets; optax took the update clipping and parameter-scale RMS over the whole
     stack, so a scanned model trained otherwise than the same model unscanned."""
     tx, schedule = optimizers.make_optimizer(_opt(weight_decay=weight_decay), 100)
-    ref = optax.chain(optax.clip_by_global_norm(1.0), optax.adafactor(
+    ref = optax.chain(optax.adafactor(
         learning_rate=schedule, decay_rate=0.8, clipping_threshold=1.0,
         multiply_by_parameter_scale=True, momentum=None, factored=True,
         min_dim_size_to_factor=128, weight_decay_rate=weight_decay or None,
@@ -114,7 +114,7 @@ def test_adafactor_factors_attention_kernels_as_embed_by_heads_kv_matrices():
     gives the [embed, heads * kv] / [heads * kv, embed] matrices, with factored (not full)
     second moments; optax alone factored no attention kernel (heads and kv are < 128)."""
     tx, schedule = optimizers.make_optimizer(_opt(), 100)
-    ref = optax.chain(optax.clip_by_global_norm(1.0), optax.adafactor(
+    ref = optax.chain(optax.adafactor(
         learning_rate=schedule, decay_rate=0.8, clipping_threshold=1.0,
         multiply_by_parameter_scale=True, momentum=None, factored=True,
         min_dim_size_to_factor=128))
@@ -149,6 +149,32 @@ def test_global_norm_clipping():
     clipped, _ = clip.update(g, clip.init(g))
     np.testing.assert_allclose(optax.global_norm(clipped), 1.0, rtol=1e-6)
     assert isinstance(tx.init({"w": jnp.ones((4,))})[0], optax.EmptyState)
+
+
+@pytest.mark.parametrize("name, clipped", [("adafactor", False), ("adamw", True)])
+def test_default_clipping_is_off_for_adafactor_as_in_t5x_and_1_for_adamw(name, clipped):
+    """T5X's Adafactor clips no gradient norm (its update clipping bounds each step): clipping
+    in front of it rescaled each step's gradient differently, which changed its second-moment
+    statistics whenever the norm passed 1."""
+    opt = base_config(t5_1_1(), objective="span_corruption").optimizer
+    opt.name, opt.schedule = name, ("rsqrt" if name == "adafactor" else "constant")
+    assert opt.grad_clip is None
+    explicit = opt.copy_and_resolve_references()
+    explicit.grad_clip = 1.0 if clipped else 0.0
+    params = {"w": jnp.ones((8, 4)), "b": jnp.ones((4,))}
+    runs = []
+    for o in (opt, explicit):
+        tx, _ = optimizers.make_optimizer(o, 10)
+        state, out = tx.init(params), []
+        for scale in (8.0, 2.0, 30.0):  # global norms above 1
+            g = jax.tree.map(lambda p: scale * jnp.sin(jnp.arange(p.size).reshape(p.shape) + 1.0),
+                             params)
+            update, state = tx.update(g, state, params)
+            out.append(update)
+        runs.append(out)
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a["w"], b["w"])
+    assert optimizers.grad_clip(opt) == explicit.grad_clip
 
 
 @pytest.mark.parametrize("kw, match", [

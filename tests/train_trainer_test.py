@@ -272,6 +272,26 @@ def test_bad_loop_settings_are_clear_errors_before_anything_is_written(tmp_path,
     assert not (tmp_path / "w").exists()
 
 
+def test_an_unset_grad_clip_is_pinned_and_a_resume_keeps_the_saved_one(tmp_path):
+    """None: the optimizer's default (adafactor off, adamw 1.0), written into the run's
+    config; a workdir saved when Adafactor clipped at 1.0 (its state holds the clipping)
+    resumes with 1.0."""
+    cfg = testing.tiny_config("t5")
+    cfg.optimizer.name, cfg.optimizer.schedule, cfg.optimizer.grad_clip = "adafactor", "rsqrt", None
+    trainer_lib._pin_grad_clip(cfg, tmp_path / "new")
+    assert cfg.optimizer.grad_clip == 0.0
+    old = tmp_path / "old"
+    saved = cfg.copy_and_resolve_references()
+    saved.optimizer.grad_clip = 1.0
+    checkpoints.write_config(old, saved)
+    cfg.optimizer.grad_clip = None
+    trainer_lib._pin_grad_clip(cfg, old)
+    assert cfg.optimizer.grad_clip == 1.0
+    cfg.optimizer.grad_clip = 0.5  # given: kept
+    trainer_lib._pin_grad_clip(cfg, old)
+    assert cfg.optimizer.grad_clip == 0.5
+
+
 def test_float16_training_is_refused_before_the_workdir_is_made(tmp_path):
     # No loss scaling: the backward pass of a token-normalised loss underflows in float16.
     cfg = testing.tiny_config("gpt", dtype="float16")

@@ -6,7 +6,8 @@
   lr = 1/sqrt(max(step, warmup_steps)) (schedule 'rsqrt'; 'constant' uses `learning_rate`).
 - `adamw` with linear warmup then cosine / linear decay to `end_lr_fraction * learning_rate`
   (or constant), decoupled weight decay.
-Both chain global-norm gradient clipping (`grad_clip`, 0 = off) in front.
+Both can chain global-norm gradient clipping in front (`grad_clip`, 0 = off; default, None:
+off for adafactor, whose update clipping bounds each step, as in T5X; 1.0 for adamw).
 
 Weight decay skips norm scales/biases and projection biases, and embeddings unless
 `weight_decay_embeddings` is set: see `decay_mask`.
@@ -25,6 +26,7 @@ from t5x_lite.errors import UserError
 from t5x_lite.transformer import in_scanned_stack
 
 OPTIMIZERS = ("adafactor", "adamw")
+DEFAULT_GRAD_CLIP = {"adafactor": 0.0, "adamw": 1.0}
 SCHEDULES = ("rsqrt", "constant", "cosine", "linear")
 EMBEDDING_NAMES = ("embedding", "rel_embedding")
 
@@ -144,6 +146,13 @@ def decay_mask(params, decay_embeddings: bool = False):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def grad_clip(opt: ml_collections.ConfigDict) -> float:
+    """The global-norm clipping threshold: `grad_clip`, or when it is None (unset) the
+    optimizer's default (`DEFAULT_GRAD_CLIP`)."""
+    value = opt.get("grad_clip")
+    return DEFAULT_GRAD_CLIP.get(opt.name, 0.0) if value is None else float(value)
+
+
 def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int
                    ) -> tuple[optax.GradientTransformation, Callable]:
     """Returns (optax transformation, schedule: count -> lr) for the `optimizer` config section."""
@@ -173,7 +182,7 @@ def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int
         core = optax.adamw(learning_rate=schedule, b1=float(opt.b1), b2=float(opt.b2),
                            eps=float(opt.eps), weight_decay=wd, mask=mask)
     parts = []
-    if float(opt.grad_clip) > 0:
-        parts.append(optax.clip_by_global_norm(float(opt.grad_clip)))
+    if grad_clip(opt) > 0:
+        parts.append(optax.clip_by_global_norm(grad_clip(opt)))
     parts.append(core)
     return optax.chain(*parts), schedule

@@ -101,7 +101,8 @@ def _check_loss_and_optimizer_numbers(config, error: type[UserError]) -> None:
     if opt is not None:
         checks += [(f"optimizer.{key}", opt.get(key, 0), at_least_0)
                    for key in ("learning_rate", "warmup_steps", "decay_steps", "weight_decay",
-                               "grad_clip", "eps")]
+                               "grad_clip", "eps")
+                   if not (key == "grad_clip" and opt.get(key) is None)]  # None: the default
         checks.append(("optimizer.end_lr_fraction", opt.get("end_lr_fraction", 0.0),
                        (lambda x: 0 <= x <= 1, "in [0, 1]")))
     for key, value, (ok, what) in checks:

@@ -105,6 +105,20 @@ def _copy_vocab(vocab, workdir: epath.Path, replace: bool) -> None:
         files.write_atomic(dst, epath.Path(src).read_bytes())
 
 
+def _pin_grad_clip(config, workdir) -> None:
+    """An unset `optimizer.grad_clip` becomes a number in the run's config: a resumed run's
+    saved one (runs saved before the per-optimizer default clipped Adafactor at 1.0, and their
+    optimizer state holds that clipping), else the optimizer's default."""
+    if config.optimizer.get("grad_clip") is not None:
+        return
+    saved = None
+    if (workdir / checkpoints.CONFIG_FILE).exists():
+        saved = checkpoints.read_config(workdir).get("optimizer", {}).get("grad_clip")
+    with config.unlocked():
+        config.optimizer.grad_clip = (float(saved) if saved is not None
+                                      else optimizers.grad_clip(config.optimizer))
+
+
 def _optimizer_changed(error, workdir, step: int, config) -> str:
     """The error line for a checkpoint whose optimizer state this run's optimizer cannot take,
     naming the optimizer settings changed since it was saved."""
@@ -212,6 +226,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
         check_workdir_config(workdir, config, override_config)
     except ConfigMismatchError as e:
         raise TrainingError(str(e)) from None
+    _pin_grad_clip(config, workdir)
 
     mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = partitioning.rules_from_config(config.mesh.get("rules"))
