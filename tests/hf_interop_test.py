@@ -13,7 +13,7 @@ import torch
 import transformers
 
 import hf_reference as ref
-from t5x_lite import convert, hf_interop, transformer
+from t5x_lite import config as config_lib, convert, hf_interop, transformer
 from t5x_lite.models import build_model
 
 TOL = 1e-4  # max |logit difference| on real (unpadded) positions, fp32
@@ -536,3 +536,45 @@ def test_t5_init_scales_equal_hf_t5_init_weights(tmp_path, feed_forward_proj):
             compared += 1
     assert compared == 1 + 2 * (4 + 2 + (feed_forward_proj == "gated-gelu")) + 2 * (8 + 2 + (
         feed_forward_proj == "gated-gelu"))  # embedding; encoder and decoder layers
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_gpt_modern_equals_hf_llama_under_the_documented_mapping(tie):
+    """gpt_modern is a Llama decoder (no GQA): HF LlamaForCausalLM's random weights, mapped as
+    README.md says (rotate-half RoPE, wi_0 = SiLU gate_proj, wi_1 = up_proj), give its logits."""
+    V, D, H, K, F, L, theta = 96, 48, 4, 16, 80, 2, 5e5
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=V, hidden_size=D, num_attention_heads=H, num_key_value_heads=H, head_dim=K,
+        intermediate_size=F, num_hidden_layers=L, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": theta}, tie_word_embeddings=tie,
+        attention_bias=False, mlp_bias=False, attn_implementation="eager")).eval()
+    with torch.no_grad():  # norm scales too: 1 would hide a misplaced one
+        for name, p in hf.named_parameters():
+            p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in name else 0.2 * torch.randn_like(p))
+    sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    w = lambda name: sd[name].T
+    params = {"token_embedder": {"embedding": sd["model.embed_tokens.weight"]},
+              "decoder_norm": {"scale": sd["model.norm.weight"]}, "decoder": {}}
+    if not tie:
+        params["lm_head"] = w("lm_head.weight")
+    for i in range(L):
+        p = f"model.layers.{i}."
+        attn = {n: w(p + f"self_attn.{h}_proj.weight").reshape(D, H, K)
+                for n, h in (("query", "q"), ("key", "k"), ("value", "v"))}
+        attn["out"] = w(p + "self_attn.o_proj.weight").reshape(H, K, D)
+        params["decoder"][f"layers_{i}"] = {
+            "pre_attention_norm": {"scale": sd[p + "input_layernorm.weight"]},
+            "pre_mlp_norm": {"scale": sd[p + "post_attention_layernorm.weight"]},
+            "self_attention": attn,
+            "mlp": {"wi_0": w(p + "mlp.gate_proj.weight"), "wi_1": w(p + "mlp.up_proj.weight"),
+                    "wo": w(p + "mlp.down_proj.weight")}}
+    cfg = config_lib.gpt_modern(vocab_size=V, d_model=D, num_heads=H, head_dim=K, d_ff=F,
+                                num_layers=L, rope_theta=theta, tie_embeddings=tie, norm_eps=1e-6)
+    ours_tree = nn.meta.unbox(jax.eval_shape(build_model(cfg).init, jax.random.key(0))["params"])
+    assert jax.tree.structure(ours_tree) == jax.tree.structure(params)
+    ids = np.random.default_rng(0).integers(3, V, (3, 20)).astype(np.int32)
+    with torch.no_grad():
+        want = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    got = _our_logits(cfg, params, {"decoder_input_tokens": ids})
+    assert np.abs(got - want).max() <= TOL, np.abs(got - want).max()
