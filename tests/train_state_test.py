@@ -36,24 +36,24 @@ def test_adafactor_opt_state_shardings_on_1x4x2():
     assert params["['token_embedder']['embedding']"].spec == P("tensor", "fsdp")
     specs = {k: v.spec for k, v in _by_path(sh.opt_state).items()}
     shapes = {k: v.shape for k, v in _by_path(abstract.opt_state).items()}
-    # Opt state = chain(clip (no state), adafactor(factored moments, ..., lr schedule count)).
+    # Opt state = chain(adafactor(factored moments, ..., lr schedule count)): T5X clips no norm.
     wi = "['encoder']['layers_0']['mlp']['wi_0']"  # [D=128, F=256]: factored
-    assert shapes[f"[1][0].v_row{wi}"] == (128,) and specs[f"[1][0].v_row{wi}"] == P("fsdp")
-    assert shapes[f"[1][0].v_col{wi}"] == (256,) and specs[f"[1][0].v_col{wi}"] == P("tensor")
-    assert shapes[f"[1][0].v{wi}"] == (1,) and specs[f"[1][0].v{wi}"] == P()
+    assert shapes[f"[0][0].v_row{wi}"] == (128,) and specs[f"[0][0].v_row{wi}"] == P("fsdp")
+    assert shapes[f"[0][0].v_col{wi}"] == (256,) and specs[f"[0][0].v_col{wi}"] == P("tensor")
+    assert shapes[f"[0][0].v{wi}"] == (1,) and specs[f"[0][0].v{wi}"] == P()
     wo = "['decoder']['layers_1']['mlp']['wo']"  # [F=256, D=128]
-    assert specs[f"[1][0].v_row{wo}"] == P("fsdp") and specs[f"[1][0].v_col{wo}"] == P("tensor")
+    assert specs[f"[0][0].v_row{wo}"] == P("fsdp") and specs[f"[0][0].v_col{wo}"] == P("tensor")
     emb = "['token_embedder']['embedding']"  # [V=8192, D=128]
-    assert specs[f"[1][0].v_row{emb}"] == P("fsdp") and specs[f"[1][0].v_col{emb}"] == P("tensor")
+    assert specs[f"[0][0].v_row{emb}"] == P("fsdp") and specs[f"[0][0].v_col{emb}"] == P("tensor")
     # [128, 4, 32]: factored as the [128, 4 * 32] matrix; its row / column statistics are
     # d_model- and heads * kv-sized vectors, replicated.
     q = "['decoder']['layers_0']['self_attention']['query']"
-    assert shapes[f"[1][0].v_row{q}"] == (128,) and shapes[f"[1][0].v_col{q}"] == (128,)
-    assert shapes[f"[1][0].v{q}"] == (1,)
-    assert specs[f"[1][0].v_row{q}"] == P() and specs[f"[1][0].v_col{q}"] == P()
-    assert specs["[1][0].count"] == P()
+    assert shapes[f"[0][0].v_row{q}"] == (128,) and shapes[f"[0][0].v_col{q}"] == (128,)
+    assert shapes[f"[0][0].v{q}"] == (1,)
+    assert specs[f"[0][0].v_row{q}"] == P() and specs[f"[0][0].v_col{q}"] == P()
+    assert specs["[0][0].count"] == P()
     scale = "['encoder_norm']['scale']"
-    assert specs[f"[1][0].v{scale}"] == P("fsdp")
+    assert specs[f"[0][0].v{scale}"] == P("fsdp")
     # Every leaf got a sharding, and every sharded dim divides evenly.
     for k, spec in specs.items():
         for dim, axes in zip(shapes[k], spec):
@@ -105,6 +105,6 @@ def test_scanned_layers_keep_the_layer_axis_replicated():
     assert _by_path(sh.params)[wi].spec == P(None, "fsdp", "tensor")
     shapes = {k: v.shape for k, v in _by_path(abstract.opt_state).items()}
     specs = {k: v.spec for k, v in _by_path(sh.opt_state).items()}
-    assert shapes[f"[1][0].v_row{wi}"] == (2, 128)
-    assert specs[f"[1][0].v_row{wi}"] == P(None, "fsdp")
-    assert specs[f"[1][0].v_col{wi}"] == P(None, "tensor")
+    assert shapes[f"[0][0].v_row{wi}"] == (2, 128)
+    assert specs[f"[0][0].v_row{wi}"] == P(None, "fsdp")
+    assert specs[f"[0][0].v_col{wi}"] == P(None, "tensor")
