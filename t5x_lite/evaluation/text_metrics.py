@@ -5,8 +5,10 @@
 - `exact_match`: % of predictions equal to their target after `normalize` (Unicode NFKC,
   strip, collapse whitespace runs: sentencepiece's normalisation may change spacing and
   Unicode forms, never the words). Case and punctuation count.
-- `bleu`: corpus BLEU of sacrebleu with its defaults (13a tokenisation, exp smoothing), one
-  reference per prediction. Corpus-level: n-gram counts are summed over all examples first.
+- `bleu`: corpus BLEU of sacrebleu as T5 and seqio compute it (`t5.evaluation.metrics.bleu`:
+  the "intl" tokeniser, which splits Unicode punctuation and symbols; exp smoothing; no
+  lowercasing), one reference per prediction. Corpus-level: n-gram counts are summed over all
+  examples first.
 - `rouge1`, `rouge2`, `rougeL`: mean over examples of the rouge-score F-measure (Porter
   stemming on, the package's default tokeniser: lowercase, ASCII alphanumeric tokens), x100.
   As in T5 / seqio, text without ASCII letters or digits has no tokens and scores 0.
@@ -72,7 +74,9 @@ def exact_match(predictions: Sequence[str], targets: Sequence[str]) -> float:
 
 def bleu(predictions: Sequence[str], targets: Sequence[str]) -> float:
     sacrebleu = _import("sacrebleu", "sacrebleu")
-    return float(sacrebleu.corpus_bleu(list(predictions), [list(targets)]).score)
+    return float(sacrebleu.corpus_bleu(
+        list(predictions), [list(targets)], smooth_method="exp", smooth_value=0.0, force=False,
+        lowercase=False, tokenize="intl", use_effective_order=False).score)
 
 
 def rouge(predictions: Sequence[str], targets: Sequence[str]) -> dict[str, float]:
