@@ -38,7 +38,7 @@ def check_flagfiles(prog: str) -> None:
     try:
         flags.FLAGS.read_flags_from_files(sys.argv, force_gnu=False)
     except flags.Error as e:
-        exit_with(prog, e)
+        exit_with(prog, re.sub(r"^ERROR::\s*", "", str(e).strip()))  # absl's own prefix
 
 
 def flags_parser(prog: str) -> Callable:
@@ -63,16 +63,17 @@ def flags_parser(prog: str) -> Callable:
                     exit_with(prog, f"--{name}: {failure}")
             return rest
         except flags.Error as e:
-            # config_flags re-raises a TypeError / ValueError from get_config with the
-            # traceback in its text and absl wraps that: the original ends the chain.
-            original = e
-            while original.__context__ is not None:
-                original = original.__context__
-            if not isinstance(original, UserError):  # a UserError's message is the report
-                where = _raised_in_config(original, argv)
-                if where:
+            # config_flags re-raises a TypeError / ValueError from get_config (the traceback
+            # in its text) and absl wraps that: the outermost exception of the chain raised in
+            # the config file is the user's (not the one it was handling: a KeyError turned
+            # into a ValueError naming the known presets).
+            cause = e.__context__
+            while cause is not None and not isinstance(cause, UserError):  # a UserError:
+                where = _raised_in_config(cause, argv)                     # its message is
+                if where:                                                  # the report
                     exit_with(prog, where)
-            text = str(e).strip()
+                cause = cause.__context__
+            text = re.sub(r"^ERROR::\s*", "", str(e).strip())  # absl's own prefix
             if "Traceback" in text:  # the last line: "package.module.SomeError: message"
                 text = re.sub(r"^[\w.]+(Error|Exception): ", "", text.splitlines()[-1].strip())
             override = re.search(r"Unknown command line flag '(\w+)\.", text)

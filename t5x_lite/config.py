@@ -225,6 +225,15 @@ class ModelConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+    def differences(self, other: "ModelConfig") -> list[str]:
+        """`name: self's vs other's` for each field in which the two compute different
+        functions of the same weights; compute dtype, dropout and remat may differ (fine-tuning
+        or evaluating a model trained with other ones)."""
+        free = dict(dtype="float32", dropout_rate=0.0, remat="none")
+        a, b = dataclasses.replace(self, **free), dataclasses.replace(other, **free)
+        return [f"{f.name}: {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}"
+                for f in dataclasses.fields(ModelConfig) if getattr(a, f.name) != getattr(b, f.name)]
+
     def shape_signature(self) -> dict[str, Any]:
         """The fields that decide parameter shapes (a checkpoint must match these)."""
         keys = ("family", "vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_layers",

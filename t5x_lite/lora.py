@@ -219,15 +219,11 @@ class LoraModel(compression.ModelWrapper):
 
 def _check_base_config(base_workdir, model_cfg: ModelConfig) -> None:
     base_cfg = ModelConfig.from_dict(checkpoints.read_config(base_workdir).model)
-    # dtype (compute precision) and dropout may differ between pretraining and fine-tuning.
-    strip = lambda c: dataclasses.replace(c, dtype="float32", dropout_rate=0.0, remat="none")
-    if strip(base_cfg) != strip(model_cfg):
-        diffs = [f"{f.name}: base {getattr(base_cfg, f.name)!r} vs run "
-                 f"{getattr(model_cfg, f.name)!r}"
-                 for f in dataclasses.fields(ModelConfig)
-                 if getattr(strip(base_cfg), f.name) != getattr(strip(model_cfg), f.name)]
+    diffs = base_cfg.differences(model_cfg)  # "name: base's vs run's"
+    if diffs:
         raise compression.CompressionError(f"The LoRA run's model differs from its base "
-                                           f"{base_workdir}: {'; '.join(diffs[:3])}")
+                                           f"{base_workdir}: {'; '.join(diffs[:3])} (base vs "
+                                           "run)")
 
 
 def _require_base(cfg: LoraConfig) -> None:

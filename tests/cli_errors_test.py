@@ -199,6 +199,10 @@ def test_train_cli_prints_one_error_line(tmp_path, args, message):
     ("def get_config():\n    n = 3\n    return n + 'a'\n",
      "bad.py:3: TypeError: unsupported operand type(s) for +: 'int' and 'str'"),
     ("def get_config():\n    raise OSError('disk')\n", "bad.py:2: OSError: disk"),
+    # raised while handling another exception: the user's own error, not the one it handled
+    ("def get_config():\n    try:\n        {}['big']\n    except KeyError:\n"
+     "        raise ValueError('unknown preset big') from None\n",
+     "bad.py:5: ValueError: unknown preset big"),
 ])
 def test_a_config_file_that_fails_to_run_is_one_line_naming_its_line(tmp_path, text, message):
     (tmp_path / "bad.py").write_text(text)
@@ -268,7 +272,7 @@ def test_a_flagfile_that_cannot_be_read_is_one_line(tmp_path, command, args):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1, r.stderr[-3000:]
     assert r.stderr.strip().splitlines() == [
-        f"{command}: error: ERROR:: Unable to open flagfile: [Errno 2] No such file or "
+        f"{command}: error: Unable to open flagfile: [Errno 2] No such file or "
         "directory: 'missing.flags'"], r.stderr[-3000:]
 
 

@@ -495,9 +495,16 @@ def test_evaluating_another_lora_runs_checkpoint_merges_it_into_its_own_base(tmp
     own = jax.device_get(t5x_lite.load(lora2).params)
     for a, b in zip(jax.tree.leaves(via_l1), jax.tree.leaves(own)):
         np.testing.assert_array_equal(a, b)
+    # Trained with other dropout / remat / compute dtype: the same model.
+    same = testing.tiny_config("t5", dropout_rate=0.1, remat="full", dtype="bfloat16")
+    same.lora = dict(run1.lora, base=str(base2))
+    checkpoints.write_config(lora2, same)
+    for a, b in zip(jax.tree.leaves(jax.device_get(evaluator.load(lora2, 4).params)),
+                    jax.tree.leaves(own)):
+        np.testing.assert_array_equal(a, b)
     other = testing.tiny_config("t5", d_model=48)
     other.lora = dict(run1.lora)
     checkpoints.write_config(lora2, other)
     with pytest.raises(EvalError, match=f"--checkpoint {re.escape(str(lora2))} holds another "
-                       "model"):
+                       "model than the one evaluated: d_model: 48 vs 32"):
         evaluator.load(lora2, 4)

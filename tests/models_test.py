@@ -277,6 +277,15 @@ def test_label_smoothing_and_z_loss_follow_the_formulas():
     np.testing.assert_allclose(out["correct_sum"], correct.sum())
 
 
+def test_config_differences_ignore_only_dtype_dropout_and_remat():
+    """What a LoRA base check and evaluating another run's checkpoint compare."""
+    a = mc.t5_1_1(num_layers=2)
+    b = dataclasses.replace(a, dtype="bfloat16", dropout_rate=0.1, remat="full")
+    assert a.differences(b) == []
+    c = dataclasses.replace(a, d_ff=96, scale_logits=True)
+    assert a.differences(c) == [f"d_ff: {a.d_ff!r} vs 96", "scale_logits: False vs True"]
+
+
 def test_bad_model_configs_fail_with_clear_messages():
     with pytest.raises(mc.ConfigError, match="mlp must be one of"):
         mc.t5_1_1(mlp="gelu2")

@@ -192,11 +192,11 @@ class Evaluator:
         run = checkpoints.read_config(ckpt_workdir)
         if not (lora.is_lora_run(run) or lora.is_lora_run(self.config)):
             return self.config
-        model = dataclasses.replace(ModelConfig.from_dict(run.model), dtype=self.model_cfg.dtype)
-        if model != self.model_cfg:
+        diffs = ModelConfig.from_dict(run.model).differences(self.model_cfg)
+        if diffs:
             raise EvalError(f"--checkpoint {ckpt_workdir} holds another model than the one "
-                            "evaluated (its config.json's model section differs); evaluate it "
-                            "with its own --workdir")
+                            f"evaluated: {'; '.join(diffs[:3])} (its config.json vs the "
+                            "evaluated config)")
         return run
 
     def wants_predictions(self) -> bool:
