@@ -38,7 +38,7 @@ def check_flagfiles(prog: str) -> None:
     try:
         flags.FLAGS.read_flags_from_files(sys.argv, force_gnu=False)
     except flags.Error as e:
-        exit_with(prog, re.sub(r"^ERROR::\s*", "", str(e).strip()))  # absl's own prefix
+        exit_with(prog, _flag_error_text(e))
 
 
 def flags_parser(prog: str) -> Callable:
@@ -73,7 +73,7 @@ def flags_parser(prog: str) -> Callable:
                 if where:                                                  # the report
                     exit_with(prog, where)
                 cause = cause.__context__
-            text = re.sub(r"^ERROR::\s*", "", str(e).strip())  # absl's own prefix
+            text = _flag_error_text(e)
             if "Traceback" in text:  # the last line: "package.module.SomeError: message"
                 text = re.sub(r"^[\w.]+(Error|Exception): ", "", text.splitlines()[-1].strip())
             override = re.search(r"Unknown command line flag '(\w+)\.", text)
@@ -101,6 +101,11 @@ def flags_parser(prog: str) -> Callable:
                       + (f"; did you mean {hint.group(1)!r}?" if hint else ""))
 
     return parse
+
+
+def _flag_error_text(error) -> str:
+    """An absl flag error's text without absl's own "ERROR::" prefix."""
+    return re.sub(r"^ERROR::\s*", "", str(error).strip())
 
 
 def _raised_in_config(error: BaseException, argv) -> str | None:

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from t5x_lite import distributed, partitioning
-from t5x_lite.api import is_prefix_lm
+from t5x_lite.api import is_prefix_lm, prefix_flags
 from t5x_lite.config import ModelConfig
 from t5x_lite.errors import UserError
 from t5x_lite.models import LossConfig, build_model
@@ -51,9 +51,7 @@ def _gpt_rows(prompt: Sequence[int], cont: Sequence[int], t: int):
     tokens[:len(seq)] = seq
     weights = np.zeros(t, np.float32)
     weights[len(prompt) - 1:len(seq) - 1] = 1.0
-    causal = np.zeros(t, np.int32)  # prefix-LM flags: the prompt's input positions
-    causal[:len(prompt)] = 1
-    return tokens[:-1], tokens[1:], weights, causal
+    return tokens[:-1], tokens[1:], weights
 
 
 def _batch(cfg: ModelConfig, rows, prompts, conts, eos: int = EOS_ID, prefix_lm: bool = False):
@@ -66,7 +64,7 @@ def _batch(cfg: ModelConfig, rows, prompts, conts, eos: int = EOS_ID, prefix_lm:
                  "decoder_target_tokens": np.stack([p[1] for p in parts]),
                  "decoder_loss_weights": np.stack([p[2] for p in parts])}
         if prefix_lm:  # absent otherwise: causal models compile and score as before
-            batch["decoder_causal_attention"] = np.stack([p[3] for p in parts])
+            batch["decoder_causal_attention"] = prefix_flags([len(prompts[r]) for r in rows], t)
         return batch
     s = bucket(max(len(prompts[r]) for r in rows) + 1)
     t = bucket(max(len(conts[r]) for r in rows) + 1)

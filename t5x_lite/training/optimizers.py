@@ -181,8 +181,6 @@ def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int
     else:
         core = optax.adamw(learning_rate=schedule, b1=float(opt.b1), b2=float(opt.b2),
                            eps=float(opt.eps), weight_decay=wd, mask=mask)
-    parts = []
-    if grad_clip(opt) > 0:
-        parts.append(optax.clip_by_global_norm(grad_clip(opt)))
-    parts.append(core)
-    return optax.chain(*parts), schedule
+    clip = grad_clip(opt)
+    parts = [optax.clip_by_global_norm(clip)] if clip > 0 else []
+    return optax.chain(*parts, core), schedule
