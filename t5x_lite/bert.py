@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from t5x_lite.config import ModelConfig
 from t5x_lite.gpt import LearnedPositions
-from t5x_lite.layers import Embed, attention_bias, constrain, dense, dense_init, param
+from t5x_lite.layers import Embed, attention_bias, constrain, dense, dense_init, make_dropout, param
 from t5x_lite.transformer import Stack, make_norm, segment_mask
 
 
@@ -43,7 +43,7 @@ class Bert(nn.Module):
             x = x + LearnedPositions(cfg.max_len, cfg.d_model, name="position_embedder")(
                 encoder_positions).astype(dtype)
         x = make_norm(cfg, "embedding_norm")(x)
-        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic)
+        x = make_dropout(cfg)(x, deterministic=self.deterministic)
         x = constrain(x, ("batch", "length", "embed"))
         mask = jnp.broadcast_to((tokens_BxT > 0)[:, None, :], (b, t, t))
         if encoder_segment_ids is not None:

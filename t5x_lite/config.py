@@ -93,6 +93,9 @@ class ModelConfig:
     tie_embeddings: bool = True  # BERT: always (its MLM output is the embedding)
     scale_logits: bool = False  # multiply final hidden states by d_model**-0.5 (T5 v1.0 only)
     dropout_rate: float = 0.0
+    # Share each dropout mask along the sequence, as T5X does (README "Dropout"); False draws
+    # every element's own, as HF does.
+    dropout_broadcast: bool = False
     dtype: str = "float32"  # compute dtype; params are always float32
     scan_layers: bool = False
     remat: str = "none"
@@ -229,7 +232,7 @@ class ModelConfig:
         """`name: self's vs other's` for each field in which the two compute different
         functions of the same weights; compute dtype, dropout and remat may differ (fine-tuning
         or evaluating a model trained with other ones)."""
-        free = dict(dtype="float32", dropout_rate=0.0, remat="none")
+        free = dict(dtype="float32", dropout_rate=0.0, dropout_broadcast=False, remat="none")
         a, b = dataclasses.replace(self, **free), dataclasses.replace(other, **free)
         return [f"{f.name}: {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}"
                 for f in dataclasses.fields(ModelConfig) if getattr(a, f.name) != getattr(b, f.name)]

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import safetensors.numpy
-from absl import app, flags
+from absl import app, flags, logging
 from etils import epath
 
 from t5x_lite import checkpoints, cli, files, hf_interop
@@ -136,6 +136,10 @@ def hf_config_from_model(cfg: ModelConfig, base: Mapping[str, Any] | None = None
     (an id, or a list of ids within the vocabulary that begins with it), else `eos_id`.
     """
     out = dict(base or {})
+    if cfg.dropout_broadcast and cfg.dropout_rate > 0:
+        logging.warning("HF has no dropout masks shared along the sequence "
+                        "(model.dropout_broadcast): a model trained from this export draws "
+                        "them per element at dropout_rate=%g", cfg.dropout_rate)
     # HF reads an alias (num_attention_heads, ...) over the field it sets: the base's would
     # override the fields written below.
     for alias in {a for aliases in hf_interop.HF_ALIASES.values() for a in aliases}:
@@ -335,8 +339,6 @@ def _run() -> str:
 
 
 def main(argv):
-    from absl import logging
-
     if not FLAGS["verbosity"].present:
         cli.quiet_console(logging.WARNING)  # orbax logs a page per restore / save at INFO
     try:

@@ -80,6 +80,7 @@ _FULL_REMAT_EXTRA_A = 2
 _RELPOS_GRAD_A = 1
 _STACK_EDGE_X = 3  # per stack: embedding output, final norm input / output
 _DROPOUT_BYTES = 6  # per dropped element, unscanned (measured: mask + random bits)
+_SHARED_MASK_BYTES = 1  # per element of a mask shared along the sequence (its bool broadcast)
 _LOSS_BUFFERS = {"t5": 2, "gpt": 2, "bert": 2}
 
 
@@ -228,13 +229,22 @@ def activation_bytes(config: ml_collections.ConfigDict, mesh: MeshSizes) -> dict
 
     t5 = cfg.family == "t5"
 
-    def dropout_elements(q_len, k_len, cross_len):
-        """Elements one layer drops out: attention probs, each branch output, and in T5 the
-        MLP hidden."""
-        n = b * h * q_len * k_len + 2 * b * q_len * d + (b * q_len * f if t5 else 0)
-        if cross_len:
-            n += b * h * q_len * cross_len + b * q_len * d
-        return n
+    def dropout_bytes(q_len, probs, acts):
+        """What the backward pass keeps of masks over `probs` attention-probability and `acts`
+        activation elements. Per element: _DROPOUT_BYTES each. Shared along the sequence
+        (dropout_broadcast): one row's draws, the activation masks broadcast to full size
+        (_SHARED_MASK_BYTES each) and the dropped probs (float32: the mask multiplies them)."""
+        if not cfg.dropout_broadcast:
+            return _DROPOUT_BYTES * (probs + acts)
+        return _DROPOUT_BYTES * (probs + acts) // q_len + _SHARED_MASK_BYTES * acts + 4 * probs
+
+    def dropout_layer_bytes(q_len, k_len, cross_len):
+        """One layer's: attention probs (causal query blocks: only theirs), each branch
+        output, and in T5 the MLP hidden."""
+        frac = causal_score_fraction(cfg, q_len) if causal(cross_len) else 1.0
+        probs = int(b * h * q_len * (k_len * frac + cross_len))
+        acts = b * q_len * ((3 if cross_len else 2) * d + (f if t5 else 0))
+        return dropout_bytes(q_len, probs, acts)
 
     # The GPT stack and the T5 decoder (the one with cross-attention) are causal; a prefix-LM
     # batch (decoder_causal_attention) lets prefix rows see later keys, so GPT then computes
@@ -249,10 +259,11 @@ def activation_bytes(config: ml_collections.ConfigDict, mesh: MeshSizes) -> dict
         out_len = LossConfig.for_run(config).mlm_predictions or s  # BERT: the scored positions
     saved = sum(n * layer(q, k, c, cfg.remat, bool(cfg.scan_layers)) for n, q, k, c in stacks)
     saved += sum(_STACK_EDGE_X * b * q * d * a for _, q, _, _ in stacks)
-    if cfg.dropout_rate > 0:  # per stack also the embeddings' (and T5's final norm output)
-        edges = 2 if t5 else 1
-        saved += _DROPOUT_BYTES * sum(dropout_elements(q, k, c) * n + edges * b * q * d
-                                      for n, q, k, c in stacks)
+    if cfg.dropout_rate > 0:  # per stack also the embeddings' and T5's final norm output's
+        # (after the encoder a per-element mask even when shared: T5X's layout)
+        edges = lambda q, c: (dropout_bytes(q, 0, b * q * d * (2 if t5 and c else 1))
+                              + (_DROPOUT_BYTES * b * q * d if t5 and not c else 0))
+        saved += sum(dropout_layer_bytes(q, k, c) * n + edges(q, c) for n, q, k, c in stacks)
     loss = _LOSS_BUFFERS[cfg.family] * b * out_len * v * 4
 
     def backward_working(q_len, k_len, cross_len):

@@ -8,8 +8,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from t5x_lite.config import ModelConfig
-from t5x_lite.layers import (Embed, attention_bias, constrain, dense_init, kernel_param, param,
-                             vocab_logits)
+from t5x_lite.layers import (Embed, attention_bias, constrain, dense_init, kernel_param,
+                             make_dropout, param, vocab_logits)
 from t5x_lite.transformer import (DecodeCursor, Stack, causal_mask, make_norm, prefix_lm_mask,
                                   segment_mask)
 
@@ -69,7 +69,7 @@ class GPT(nn.Module):
         if cfg.position == "learned":
             x = x + LearnedPositions(cfg.max_len, cfg.d_model, name="position_embedder")(
                 decoder_positions).astype(x.dtype)
-        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic)
+        x = make_dropout(cfg)(x, deterministic=self.deterministic)
         x = constrain(x, ("batch", "length", "embed"))
         decode_index = None
         if self.decode:

@@ -271,6 +271,14 @@ def _broadcast_rows_bwd(rows, _, g):
 broadcast_rows.defvjp(_broadcast_rows_fwd, _broadcast_rows_bwd)
 
 
+def make_dropout(cfg: ModelConfig, along_sequence: bool = True) -> nn.Dropout:
+    """Dropout of [..., T, features] activations at `cfg.dropout_rate`. With
+    `cfg.dropout_broadcast` (T5X) each row's mask is shared along the sequence; `along_sequence`
+    False keeps per-element masks there too (T5X's encoder output dropout)."""
+    shared = cfg.dropout_broadcast and along_sequence
+    return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,) if shared else ())
+
+
 def dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, bias, scale: float, impl: str,
                           dropout: Callable | None = None, kv_cache: bool = False,
                           causal_blocks: int = 1):
@@ -421,6 +429,9 @@ class Attention(nn.Module):
         dropout = None
         if cfg.dropout_rate > 0 and not deterministic:
             dropout = nn.Dropout(cfg.dropout_rate, deterministic=False)
+            if cfg.dropout_broadcast:  # T5X: one mask over the keys, shared by every query
+                keep_BxHx1xS = dropout(jnp.ones((q.shape[0], h, 1, key.shape[1]), jnp.float32))
+                dropout = lambda probs: probs * keep_BxHx1xS[..., :probs.shape[-1]]
         scale = 1.0 / math.sqrt(k) if cfg.attention_scale else 1.0
         out_BxTxHxK = dot_product_attention(
             q, key, value, bias, scale, cfg.attention_impl, dropout, kv_cache=decode,
@@ -459,7 +470,7 @@ class Mlp(nn.Module):
             hidden = y if hidden is None else hidden * y
         hidden = constrain(hidden, ("batch", "length", "mlp"))
         if cfg.family == "t5":  # T5's DenseReluDense drops the hidden; GPT-2 and BERT do not
-            hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=deterministic)
+            hidden = make_dropout(cfg)(hidden, deterministic=deterministic)
         wo = kernel_param(self, "wo", dense_init(f), (f, d), ("mlp", "embed"))
         out = dense(hidden, wo.astype(dtype))
         if cfg.use_bias:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from t5x_lite.config import ModelConfig
 from t5x_lite.layers import (Embed, RelativePositionBias, attention_bias, constrain, dense_init,
-                             kernel_param, vocab_logits)
+                             kernel_param, make_dropout, vocab_logits)
 from t5x_lite.transformer import DecodeCursor, Stack, causal_mask, make_norm, segment_mask
 
 
@@ -39,7 +39,8 @@ class T5(nn.Module):
                              deterministic=self.deterministic, causal=True)
         self.encoder_norm = make_norm(cfg)
         self.decoder_norm = make_norm(cfg)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = make_dropout(cfg)
+        self.encoded_dropout = make_dropout(cfg, along_sequence=False)  # so in T5X too
         if self.decode:
             self.cursor = DecodeCursor()
         if not cfg.tie_embeddings:
@@ -66,7 +67,7 @@ class T5(nn.Module):
         pos = jnp.arange(s)
         bias = attention_bias(mask, self.encoder_relpos(pos, pos))
         x = self.encoder(x, bias, positions=_positions(tokens_BxS, encoder_positions))
-        return self.dropout(self.encoder_norm(x), deterministic=self.deterministic)
+        return self.encoded_dropout(self.encoder_norm(x), deterministic=self.deterministic)
 
     def decode_logits(self, decoder_input_tokens, encoded, encoder_mask,
                       decoder_segment_ids=None, encoder_segment_ids=None, decoder_positions=None):

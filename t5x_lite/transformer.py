@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from t5x_lite.config import ModelConfig
-from t5x_lite.layers import Attention, Mlp, Norm, constrain
+from t5x_lite.layers import Attention, Mlp, Norm, constrain, make_dropout
 
 REMAT_POLICY = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -35,7 +35,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxD, bias, encoded_BxSxD, cross_bias, positions_BxT, decode_index):
         cfg = self.config
-        drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
+        drop = lambda y: make_dropout(cfg)(y, deterministic=self.deterministic)
         h = make_norm(cfg, "pre_attention_norm")(x_BxTxD)
         h = Attention(cfg, causal=self.causal, name="self_attention")(
             h, h, bias, positions_q=positions_BxT, positions_kv=positions_BxT, decode=self.decode,

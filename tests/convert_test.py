@@ -386,3 +386,9 @@ def test_gpt2_dropouts_round_trip_and_follow_a_changed_rate(hf_models, tmp_path,
     cfg = hf_interop.model_config_from_hf(written)
     got = convert.hf_config_from_model(dataclasses.replace(cfg, dropout_rate=0.05), written)
     assert {k: got[k] for k in rates} == dict.fromkeys(rates, 0.05)
+    assert "shared along the sequence" not in caplog.text
+    # Masks shared along the sequence (T5X's) have no HF equivalent: the export says so.
+    convert.hf_config_from_model(dataclasses.replace(cfg, dropout_broadcast=True), written)
+    assert ("HF has no dropout masks shared along the sequence (model.dropout_broadcast): a "
+            "model trained from this export draws them per element at dropout_rate=0.1"
+            in caplog.text)
