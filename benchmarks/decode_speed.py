@@ -240,7 +240,7 @@ def bytes_per_token(loaded, avg_len, prompt_len):
     cfg = loaded.model.config
     touched = sum(x.size for x in step_weights(cfg, loaded.params).values())
     layers = cfg.num_layers if cfg.family == "gpt" else cfg.decoder_layers
-    kv = 2 * layers * avg_len * cfg.num_heads * cfg.head_dim
+    kv = 2 * layers * avg_len * cfg.kv_heads * cfg.head_dim
     if cfg.family == "t5":
         kv += 2 * layers * prompt_len * cfg.num_heads * cfg.head_dim  # cross-attention K/V
     return 4 * (touched + kv)

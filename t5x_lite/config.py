@@ -79,6 +79,9 @@ class ModelConfig:
     head_dim: int = 64
     d_ff: int = 2048
     num_layers: int = 6
+    # Key / value heads (GPT only): fewer than num_heads, each shared by num_heads / num_kv_heads
+    # query heads, is grouped-query attention (1: multi-query); None = num_heads.
+    num_kv_heads: int | None = None
     num_decoder_layers: int | None = None  # T5 only; None = num_layers
     mlp: str = "relu"
     norm: str = "rms"
@@ -145,6 +148,12 @@ class ModelConfig:
             (0.0 <= self.dropout_rate < 1.0, f"dropout_rate must be in [0, 1), got {self.dropout_rate}"),
             (t5 or self.num_decoder_layers in (None, self.num_layers),
              "num_decoder_layers only applies to family 't5'"),
+            (self.num_kv_heads is None or self.family == "gpt",
+             "num_kv_heads only applies to family 'gpt'; leave it None"),
+            (self.num_kv_heads is None or (0 < self.num_kv_heads <= self.num_heads
+                                           and self.num_heads % self.num_kv_heads == 0),
+             f"num_kv_heads must divide num_heads={self.num_heads} (or be None), got "
+             f"{self.num_kv_heads}"),
             (self.num_decoder_layers is None or self.num_decoder_layers > 0,
              f"num_decoder_layers must be positive (or None), got {self.num_decoder_layers}"),
             (self.family != "bert" or self.tie_embeddings,
@@ -164,6 +173,10 @@ class ModelConfig:
     @property
     def decoder_layers(self) -> int:
         return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
     @property
     def compute_dtype(self):
@@ -245,6 +258,7 @@ class ModelConfig:
         sig["relative_buckets"] = self.relative_buckets if self.family == "t5" else None
         sig["decoder_layers"] = self.decoder_layers if self.family == "t5" else None
         sig["max_len"] = self.max_len if self.position == "learned" else None
+        sig["kv_heads"] = self.kv_heads
         return sig
 
 

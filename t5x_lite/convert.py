@@ -176,7 +176,8 @@ def hf_config_from_model(cfg: ModelConfig, base: Mapping[str, Any] | None = None
         # GPT-2's 50256 only exists in its own vocabulary
         return _with_token_ids(out, cfg, eos_id, bos_token_id=1)
     raise InteropError(f"No HF equivalent for this {cfg.family} config (mlp={cfg.mlp}, "
-                       f"norm={cfg.norm}, position={cfg.position}, use_bias={cfg.use_bias}); "
+                       f"norm={cfg.norm}, position={cfg.position}, use_bias={cfg.use_bias}"
+                       + (f", num_kv_heads={cfg.num_kv_heads}" if cfg.num_kv_heads else "") + "); "
                        "to_hf exports T5 v1.0/v1.1-style and GPT-2-style models")
 
 
@@ -223,7 +224,7 @@ def _t5_exportable(cfg: ModelConfig) -> bool:
 def _gpt2_exportable(cfg: ModelConfig) -> bool:
     return (cfg.norm == "layer" and cfg.position == "learned" and cfg.use_bias
             and cfg.mlp == "gelu" and cfg.num_heads * cfg.head_dim == cfg.d_model
-            and not cfg.scale_logits)
+            and not cfg.scale_logits and cfg.kv_heads == cfg.num_heads)
 
 
 def hf_to_workdir(hf_dir, workdir, *, scan_layers: bool = False) -> ModelConfig:

@@ -15,7 +15,8 @@ Conventions (stated once, used everywhere):
 - T5: encoder layers see S encoder tokens, decoder layers T decoder tokens; cross-attention
   projects keys / values from the S encoder outputs once per decoder layer, and its scores are
   T x S. "Tokens" of a T5 step are S + T per example (everything the model reads or predicts).
-- Dense matmul params N_mm: every kernel (q, k, v, o, MLP, BERT's MLM dense) plus the output
+- Dense matmul params N_mm: every kernel (q, k, v, o, MLP, BERT's MLM dense; k and v with
+  fewer heads under grouped-query attention, `num_kv_heads`) plus the output
   projection (the tied embedding counts once, as the head). So forward FLOPs per token of a
   decoder-only model = 2 * N_mm + 4 * L * T * d_attn, training = 6 * N_mm + 12 * L * T * d_attn.
 
@@ -52,11 +53,15 @@ ACCELERATORS = {a.name: a for a in (
 CHINCHILLA_TOKENS_PER_PARAM = 20
 
 
+def _attention_kernels(cfg: ModelConfig) -> int:
+    """q, k, v and out kernel params of one attention (k and v have kv_heads heads)."""
+    return 2 * cfg.d_model * cfg.head_dim * (cfg.num_heads + cfg.kv_heads)
+
+
 def _attention_params(cfg: ModelConfig) -> int:
-    d, hk = cfg.d_model, cfg.num_heads * cfg.head_dim
-    n = 4 * d * hk
+    n = _attention_kernels(cfg)
     if cfg.use_bias:
-        n += 3 * hk + d
+        n += cfg.head_dim * (cfg.num_heads + 2 * cfg.kv_heads) + cfg.d_model
     return n
 
 
@@ -132,7 +137,7 @@ def head_params(cfg: ModelConfig) -> int:
 def matmul_params(cfg: ModelConfig) -> int:
     """N_mm: params used as matmul weights per token, with the output head counted once."""
     d, hk = cfg.d_model, cfg.num_heads * cfg.head_dim
-    kernels = 4 * d * hk + (len(MLP_ACTIVATIONS[cfg.mlp]) + 1) * d * cfg.d_ff
+    kernels = _attention_kernels(cfg) + (len(MLP_ACTIVATIONS[cfg.mlp]) + 1) * d * cfg.d_ff
     n = cfg.num_layers * kernels + head_params(cfg)
     if cfg.family == "t5":
         n += cfg.decoder_layers * (kernels + 4 * d * hk)
@@ -170,7 +175,7 @@ def _stack(cfg: ModelConfig, layers: int, batch: int, tq: int, tk: int, cross_le
     """(dense, attention) forward FLOPs of `layers` blocks: projections + MLP, q.k + p.v."""
     d, hk = cfg.d_model, cfg.num_heads * cfg.head_dim
     n_in = len(MLP_ACTIVATIONS[cfg.mlp])
-    dense = batch * tq * (2 * 4 * d * hk + 2 * (n_in + 1) * d * cfg.d_ff)
+    dense = batch * tq * (2 * _attention_kernels(cfg) + 2 * (n_in + 1) * d * cfg.d_ff)
     attn = batch * 4 * tq * tk * hk
     if cross_len:
         dense += batch * (tq * 2 * 2 * d * hk + cross_len * 2 * 2 * d * hk)

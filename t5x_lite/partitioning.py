@@ -29,6 +29,7 @@ DEFAULT_RULES: tuple[tuple[str, object], ...] = (
     ("vocab", "tensor"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),  # key / value heads (fewer than heads under grouped-query attention)
     ("embed", "fsdp"),
     ("kv", None),
     ("length", None),
@@ -122,25 +123,33 @@ def shardings(boxed_tree, mesh: Mesh, rules=DEFAULT_RULES):
       MeshError: a dimension its mesh axes do not divide (jit, device_put and checkpoint
         restores would fail on it later, with a long traceback or as a 'damaged checkpoint').
     """
-    out = nn.logical_to_mesh_sharding(logical_specs(boxed_tree), mesh, rules)
-    check_divisible(nn.meta.unbox(boxed_tree), out, mesh)
+    logical = logical_specs(boxed_tree)
+    out = nn.logical_to_mesh_sharding(logical, mesh, rules)
+    check_divisible(nn.meta.unbox(boxed_tree), out, mesh, logical)
     return out
 
 
-def check_divisible(tree, shardings_tree, mesh) -> None:
-    """Every dimension of every (possibly abstract) array divisible by its mesh axes' size."""
+def check_divisible(tree, shardings_tree, mesh, logical_tree=None) -> None:
+    """Every dimension of every (possibly abstract) array divisible by its mesh axes' size;
+    `logical_tree` (PartitionSpecs of logical names) lets the error name the rule to change."""
     sizes = dict(mesh.shape)
-    for (path, x), sh in zip(jax.tree_util.tree_flatten_with_path(tree)[0],
-                             jax.tree.leaves(shardings_tree)):
-        for dim, axes in zip(x.shape, tuple(sh.spec)):
+    specs = jax.tree.leaves(shardings_tree)
+    names_of = (jax.tree.leaves(logical_tree, is_leaf=lambda x: isinstance(x, P))
+                if logical_tree is not None else [None] * len(specs))
+    for (path, x), sh, logical in zip(jax.tree_util.tree_flatten_with_path(tree)[0], specs,
+                                      names_of):
+        logical = tuple(logical) if logical is not None else (None,) * x.ndim
+        for dim, axes, name in zip(x.shape, tuple(sh.spec), logical):
             names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
             n = math.prod(sizes[a] for a in names)
             if dim % n:
                 shape = ", ".join(str(sizes.get(a, 1)) for a in MESH_AXES)
+                rule = (f" or a mesh.rules entry ({name!r}, None) that keeps its {name!r} dim "
+                        "whole") if isinstance(name, str) else ""
                 raise MeshError(
                     f"{jax.tree_util.keystr(path)} has a dimension of {dim} split over mesh axes "
                     f"{axes} of size {n}, which does not divide it; pick another mesh (data, "
-                    f"fsdp, tensor)=({shape})")
+                    f"fsdp, tensor)=({shape}){rule}")
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:

@@ -538,41 +538,17 @@ def test_t5_init_scales_equal_hf_t5_init_weights(tmp_path, feed_forward_proj):
         feed_forward_proj == "gated-gelu"))  # embedding; encoder and decoder layers
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_gpt_modern_equals_hf_llama_under_the_documented_mapping(tie):
-    """gpt_modern is a Llama decoder (no GQA): HF LlamaForCausalLM's random weights, mapped as
-    README.md says (rotate-half RoPE, wi_0 = SiLU gate_proj, wi_1 = up_proj), give its logits."""
-    V, D, H, K, F, L, theta = 96, 48, 4, 16, 80, 2, 5e5
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=V, hidden_size=D, num_attention_heads=H, num_key_value_heads=H, head_dim=K,
-        intermediate_size=F, num_hidden_layers=L, rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": theta}, tie_word_embeddings=tie,
-        attention_bias=False, mlp_bias=False, attn_implementation="eager")).eval()
-    with torch.no_grad():  # norm scales too: 1 would hide a misplaced one
-        for name, p in hf.named_parameters():
-            p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in name else 0.2 * torch.randn_like(p))
-    sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    w = lambda name: sd[name].T
-    params = {"token_embedder": {"embedding": sd["model.embed_tokens.weight"]},
-              "decoder_norm": {"scale": sd["model.norm.weight"]}, "decoder": {}}
-    if not tie:
-        params["lm_head"] = w("lm_head.weight")
-    for i in range(L):
-        p = f"model.layers.{i}."
-        attn = {n: w(p + f"self_attn.{h}_proj.weight").reshape(D, H, K)
-                for n, h in (("query", "q"), ("key", "k"), ("value", "v"))}
-        attn["out"] = w(p + "self_attn.o_proj.weight").reshape(H, K, D)
-        params["decoder"][f"layers_{i}"] = {
-            "pre_attention_norm": {"scale": sd[p + "input_layernorm.weight"]},
-            "pre_mlp_norm": {"scale": sd[p + "post_attention_layernorm.weight"]},
-            "self_attention": attn,
-            "mlp": {"wi_0": w(p + "mlp.gate_proj.weight"), "wi_1": w(p + "mlp.up_proj.weight"),
-                    "wo": w(p + "mlp.down_proj.weight")}}
-    cfg = config_lib.gpt_modern(vocab_size=V, d_model=D, num_heads=H, head_dim=K, d_ff=F,
-                                num_layers=L, rope_theta=theta, tie_embeddings=tie, norm_eps=1e-6)
+@pytest.mark.parametrize("tie,kv_heads", [(False, 4), (True, 4), (False, 2), (True, 1)])
+def test_gpt_modern_equals_hf_llama_under_the_documented_mapping(tie, kv_heads):
+    """gpt_modern is a Llama decoder: HF LlamaForCausalLM's random weights, mapped as README.md
+    says (rotate-half RoPE, wi_0 = SiLU gate_proj, wi_1 = up_proj; num_kv_heads =
+    num_key_value_heads, 2 and 1 of 4 being grouped-query and multi-query attention), give its
+    logits."""
+    hf = ref.llama(tie=tie, kv_heads=kv_heads)
+    cfg, params = ref.llama_as_gpt_modern(hf)
     ours_tree = nn.meta.unbox(jax.eval_shape(build_model(cfg).init, jax.random.key(0))["params"])
-    assert jax.tree.structure(ours_tree) == jax.tree.structure(params)
+    assert jax.tree.map(np.shape, ours_tree) == jax.tree.map(np.shape, params)
+    V = cfg.vocab_size
     ids = np.random.default_rng(0).integers(3, V, (3, 20)).astype(np.int32)
     with torch.no_grad():
         want = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()

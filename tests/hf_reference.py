@@ -98,6 +98,51 @@ def gpt2_logits(model, ids, mask) -> np.ndarray:
         return gpt2_forward(model, ids, mask).float().numpy()
 
 
+def llama(tie: bool = False, kv_heads: int = 4, seed: int = 0, **sizes):
+    """A random HF LlamaForCausalLM (4 heads; `kv_heads` key / value heads), norm scales too."""
+    size = dict(vocab_size=96, hidden_size=48, num_attention_heads=4, head_dim=16,
+                intermediate_size=80, num_hidden_layers=2, **sizes)
+    torch.manual_seed(seed)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **size, num_key_value_heads=kv_heads, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 5e5}, tie_word_embeddings=tie,
+        attention_bias=False, mlp_bias=False, attn_implementation="eager")).eval()
+    with torch.no_grad():  # norm scales too: 1 would hide a misplaced one
+        for name, p in hf.named_parameters():
+            p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in name else 0.2 * torch.randn_like(p))
+    return hf
+
+
+def llama_as_gpt_modern(hf):
+    """(gpt_modern config, params) of an HF Llama under the README's mapping."""
+    from t5x_lite import config as config_lib
+    c = hf.config
+    D, H, K, G = c.hidden_size, c.num_attention_heads, c.head_dim, c.num_key_value_heads
+    sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    w = lambda name: sd[name].T
+    params = {"token_embedder": {"embedding": sd["model.embed_tokens.weight"]},
+              "decoder_norm": {"scale": sd["model.norm.weight"]}, "decoder": {}}
+    if not c.tie_word_embeddings:
+        params["lm_head"] = w("lm_head.weight")
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        attn = {n: w(p + f"self_attn.{h}_proj.weight").reshape(D, heads, K)
+                for n, h, heads in (("query", "q", H), ("key", "k", G), ("value", "v", G))}
+        attn["out"] = w(p + "self_attn.o_proj.weight").reshape(H, K, D)
+        params["decoder"][f"layers_{i}"] = {
+            "pre_attention_norm": {"scale": sd[p + "input_layernorm.weight"]},
+            "pre_mlp_norm": {"scale": sd[p + "post_attention_layernorm.weight"]},
+            "self_attention": attn,
+            "mlp": {"wi_0": w(p + "mlp.gate_proj.weight"), "wi_1": w(p + "mlp.up_proj.weight"),
+                    "wo": w(p + "mlp.down_proj.weight")}}
+    cfg = config_lib.gpt_modern(
+        vocab_size=c.vocab_size, d_model=D, num_heads=H, head_dim=K, d_ff=c.intermediate_size,
+        num_layers=c.num_hidden_layers, rope_theta=c.rope_parameters["rope_theta"],
+        tie_embeddings=c.tie_word_embeddings, norm_eps=c.rms_norm_eps, max_len=256,
+        num_kv_heads=None if G == H else G)
+    return cfg, params
+
+
 def masked_max_abs_diff(a, b, mask) -> float:
     """max |a - b| over the positions where mask [B, T] is set (logits [B, T, V])."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

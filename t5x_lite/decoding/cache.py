@@ -2,10 +2,10 @@
 and decode loops over a cache grown in phases.
 
 The 'cache' collection of a decode-mode module holds `cursor/{index [], key_valid [B, L]}` and,
-per attention layer, `cached_key` / `cached_value` [B*H, L|S, K] (row b's heads are entries
-b*H ... b*H + H - 1; see layers.Attention) -- with a leading layer axis [N_layers, B*H, ...] under
-a scanned stack (`.../layers/block/...`). The cursor index is one scalar for all rows: every row
-writes the same slot.
+per attention layer, `cached_key` / `cached_value` [B*H, L|S, K] (H the key / value heads: row
+b's are entries b*H ... b*H + H - 1; see layers.Attention) -- with a leading layer axis
+[N_layers, B*H, ...] under a scanned stack (`.../layers/block/...`). The cursor index is one
+scalar for all rows: every row writes the same slot.
 """
 from __future__ import annotations
 

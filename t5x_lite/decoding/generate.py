@@ -242,7 +242,7 @@ def check_decode_size(cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     k = options.num_draft if draft_cfg is not None else 0
     prompt_len = bucket(max(len(p) for p in prompts))  # the encoder's length for T5
     slots = cache_len(cfg, prompt_len, options.max_new_tokens, k)
-    largest = rows * max([cfg.vocab_size] + [slots * c.num_heads * c.head_dim for c in
+    largest = rows * max([cfg.vocab_size] + [slots * c.kv_heads * c.head_dim for c in
                                              (cfg, draft_cfg) if c is not None])
     what = {"beam": f" x {per} beams", "sample": f" x {per} samples"}.get(
         options.method, "") if per > 1 else ""
@@ -266,7 +266,7 @@ def cache_bytes(cfg: ModelConfig, rows: int, slots: int, encoder_len: int,
     cross-attention over the encoder), with the rows split evenly over `devices` (default: all
     of them). A lower bound on what the decode holds: no logits, no temporaries."""
     devices = jax.device_count() if devices is None else devices
-    per_slot = cfg.decoder_layers * 2 * cfg.num_heads * cfg.head_dim * \
+    per_slot = cfg.decoder_layers * 2 * cfg.kv_heads * cfg.head_dim * \
         jnp.dtype(cfg.compute_dtype).itemsize
     length = slots + (encoder_len if cfg.is_encoder_decoder else 0)
     return rows * length * per_slot // devices

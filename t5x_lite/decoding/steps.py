@@ -189,7 +189,8 @@ def _stack_kernels(params, parent: str, names: tuple, fused: str, ndim: int):
     def walk(tree, name=None):
         out = {k: walk(v, k) if isinstance(v, dict) else v for k, v in tree.items()}
         parts = [out.get(n) for n in names]
-        if name == parent and all(isinstance(w, (jax.Array, np.ndarray)) for w in parts):
+        if name == parent and all(isinstance(w, (jax.Array, np.ndarray)) for w in parts) and \
+                len({w.shape for w in parts}) == 1:  # grouped-query k / v: left separate
             lead = parts[0].ndim - ndim  # a scanned stack's layer dim
             out[fused] = jnp.stack(parts, axis=lead + 1)
             for n in names:
