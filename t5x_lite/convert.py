@@ -1,4 +1,4 @@
-"""Convert Hugging Face T5 / GPT-2 checkpoints to t5x_lite workdirs and back.
+"""Convert Hugging Face T5 / GPT-2 / Llama checkpoints to t5x_lite workdirs and back.
 
     # HF directory (config.json + model.safetensors or a sharded index) -> t5x_lite workdir
     python -m t5x_lite.convert --from_hf=/models/t5-v1_1-base --workdir=/tmp/t5_base
@@ -175,10 +175,23 @@ def hf_config_from_model(cfg: ModelConfig, base: Mapping[str, Any] | None = None
             dtype="float32", **_gpt2_dropouts(out, cfg.dropout_rate))
         # GPT-2's 50256 only exists in its own vocabulary
         return _with_token_ids(out, cfg, eos_id, bos_token_id=1)
+    if hf_interop.is_llama(cfg):
+        out.pop("rope_scaling", None)  # rope_parameters below says what RoPE this is
+        out.update(
+            architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=cfg.vocab_size,
+            hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads,
+            head_dim=cfg.head_dim, hidden_act="silu", max_position_embeddings=cfg.max_len,
+            rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
+            rope_theta=cfg.rope_theta,  # transformers 4.x; 5.x reads rope_parameters
+            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+            attention_bias=False, mlp_bias=False, dtype="float32")
+        return _with_token_ids(out, cfg, eos_id, bos_token_id=1)
     raise InteropError(f"No HF equivalent for this {cfg.family} config (mlp={cfg.mlp}, "
                        f"norm={cfg.norm}, position={cfg.position}, use_bias={cfg.use_bias}"
                        + (f", num_kv_heads={cfg.num_kv_heads}" if cfg.num_kv_heads else "") + "); "
-                       "to_hf exports T5 v1.0/v1.1-style and GPT-2-style models")
+                       "to_hf exports T5 v1.0/v1.1-style, GPT-2-style and Llama-style "
+                       "(gpt_modern) models")
 
 
 def _activation(source, names: Mapping[str, str], ours: str, default: str) -> str:

@@ -1,4 +1,5 @@
-"""Hugging Face <-> t5x_lite weights and configs for T5 (v1.0, v1.1) and GPT-2, without torch.
+"""Hugging Face <-> t5x_lite weights and configs for T5 (v1.0, v1.1), GPT-2 and Llama (as
+gpt_modern), without torch.
 
 An HF model directory holds `config.json` and `model.safetensors` (or a sharded
 `model.safetensors.index.json` with its shards), optionally `spiece.model`. Tensors are numpy
@@ -6,7 +7,7 @@ arrays throughout: `t5x_lite.load` uses the results in memory, `t5x_lite.convert
 as a workdir (and holds the reverse config mapping and the HF directory writer).
 
 Shape legend: V vocab, D d_model, H heads, K head dim, F MLP width, R relative-position buckets.
-HF torch `Linear` weights are [out, in] (T5); GPT-2's `Conv1D` weights are [in, out].
+HF torch `Linear` weights are [out, in] (T5, Llama); GPT-2's `Conv1D` weights are [in, out].
 
 The mapping is one table per family (`_spec`), read in both directions, on the unscanned
 layout (`layers_i`); scanned models (`layers/block` with a leading layer axis) are stacked from /
@@ -31,7 +32,7 @@ from etils import epath
 from flax import traverse_util
 
 from t5x_lite.checkpoints import CheckpointError
-from t5x_lite.config import ConfigError, ModelConfig, gpt2, t5_1_0
+from t5x_lite.config import ConfigError, ModelConfig, gpt2, gpt_modern, t5_1_0
 from t5x_lite.models import abstract_variables, build_model
 from t5x_lite.transformer import stack_layers, unstack_layers
 
@@ -41,7 +42,8 @@ HF_CONFIG = "config.json"
 HF_VOCAB = "spiece.model"
 HF_SOURCE_CONFIG = "hf_config.json"  # a converted workdir's copy of the source config.json
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-SUPPORTED = ("t5 (T5ForConditionalGeneration)", "gpt2 (GPT2LMHeadModel)")
+SUPPORTED = ("t5 (T5ForConditionalGeneration)", "gpt2 (GPT2LMHeadModel)",
+             "llama (LlamaForCausalLM)")
 
 
 class InteropError(CheckpointError):
@@ -323,7 +325,7 @@ def model_config_from_hf(hf: Mapping[str, Any], tensors: Mapping[str, np.ndarray
 # t5x_lite's ModelConfig fields whose HF names differ, for its checks' messages.
 _OUR_FIELDS = {"relative_max_distance": "relative_attention_max_distance",
                "relative_buckets": "relative_attention_num_buckets",
-               "norm_eps": "layer_norm_epsilon"}
+               "norm_eps": "layer_norm_epsilon", "num_kv_heads": "num_key_value_heads"}
 
 
 def _model_config(hf, tensors, scan_layers: bool, source: str) -> ModelConfig:
@@ -377,8 +379,54 @@ def _model_config(hf, tensors, scan_layers: bool, source: str) -> ModelConfig:
             tie_embeddings=not _untied(get("tie_word_embeddings", True, "flag"), gpt_tensors,
                                        gpt_tensors.get("wte.weight")),
             dropout_rate=rate, scan_layers=scan_layers)
+    if model_type == "llama":
+        return _llama_config(hf, tensors, get, scan_layers, source)
     raise InteropError(f"Unsupported HF model_type {model_type!r} in {source}; t5x_lite "
                        f"converts {', '.join(SUPPORTED)}")
+
+
+def _llama_config(hf, tensors, get: Callable, scan_layers: bool, source: str) -> ModelConfig:
+    """gpt_modern for a LlamaForCausalLM config: SiLU-gated MLP, RMSNorm, unscaled rotate-half
+    RoPE (transformers 5's rope_parameters or 4.x's rope_theta / rope_scaling), no biases."""
+    act = get("hidden_act", "silu", "name")
+    rope = hf.get("rope_parameters")
+    if rope is None:  # transformers 4.x
+        rope = dict(hf.get("rope_scaling") or {}, rope_theta=hf.get("rope_theta", 10000.0))
+    if not isinstance(rope, dict):
+        raise InteropError(f"{source}: rope_parameters={json.dumps(rope)} is not an object")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    problems = [(act != "silu", f"hidden_act={act!r} (supported: 'silu')"),
+                (rope_type != "default", f"rope_type={json.dumps(rope_type)} (only unscaled "
+                                         "RoPE, 'default', is supported)")]
+    problems += [(get(k, False, "flag", null_is_default=True), f"{k}=true")
+                 for k in ("attention_bias", "mlp_bias")]
+    for bad, what in problems:
+        if bad:
+            raise InteropError(f"{source}: Llama config with {what} is not supported")
+    theta = _field(rope, source, "rope_theta", 10000.0, "eps")
+    h = get("num_attention_heads", 32, "size")
+    d = get("hidden_size", 4096, "size")
+    if get("attention_dropout", 0.0, "rate"):
+        logging.warning("%s: attention_dropout is not imported; t5x_lite's one dropout rate "
+                        "would also drop the residual branches Llama does not (it stays 0)",
+                        source)
+    return gpt_modern(
+        vocab_size=get("vocab_size", 32000, "size"), d_model=d, num_heads=h,
+        num_kv_heads=get("num_key_value_heads", h, "size", null_is_default=True),
+        head_dim=get("head_dim", d // h, "size", null_is_default=True),
+        d_ff=get("intermediate_size", 11008, "size"), num_layers=get("num_hidden_layers", 32, "size"),
+        max_len=get("max_position_embeddings", 2048, "size"),
+        norm_eps=get("rms_norm_eps", 1e-6, "eps"), rope_theta=float(theta),
+        tie_embeddings=not _untied(get("tie_word_embeddings", False, "flag"), tensors,
+                                   (tensors or {}).get("model.embed_tokens.weight")),
+        scan_layers=scan_layers)
+
+
+def is_llama(cfg: ModelConfig) -> bool:
+    """A GPT with Llama's layout (gpt_modern's): what `convert` maps to LlamaForCausalLM."""
+    return (cfg.family == "gpt" and cfg.norm == "rms" and cfg.position == "rope"
+            and cfg.mlp == "swiglu" and not cfg.use_bias and cfg.attention_scale
+            and not cfg.scale_logits)
 
 
 def _untied(tied_in_config: bool, tensors, embedding) -> bool:
@@ -426,6 +474,22 @@ def _spec(cfg: ModelConfig) -> list[tuple[tuple[str, ...], str, Transform]]:
                 spec.append(((*o, "pre_mlp_norm", "scale"), f"{hf}.{m}.layer_norm.weight", _SAME))
                 spec += [((*o, "mlp", w), f"{hf}.{m}.DenseReluDense.{w}.weight", _LINEAR)
                          for w in (*wi, "wo")]
+    elif is_llama(cfg):
+        g = cfg.kv_heads
+        heads_in = lambda n: (lambda w: w.T.reshape(d, n, k), lambda p: p.reshape(d, n * k).T)
+        spec = [(("token_embedder", "embedding"), "model.embed_tokens.weight", _SAME),
+                (("decoder_norm", "scale"), "model.norm.weight", _SAME)]
+        for i in range(cfg.num_layers):
+            o, hf = ("decoder", f"layers_{i}"), f"model.layers.{i}"
+            spec += [((*o, "pre_attention_norm", "scale"), f"{hf}.input_layernorm.weight", _SAME),
+                     ((*o, "pre_mlp_norm", "scale"), f"{hf}.post_attention_layernorm.weight",
+                      _SAME)]
+            spec += [((*o, "self_attention", name), f"{hf}.self_attn.{t}_proj.weight", heads_in(n))
+                     for name, t, n in (("query", "q", h), ("key", "k", g), ("value", "v", g))]
+            spec.append(((*o, "self_attention", "out"), f"{hf}.self_attn.o_proj.weight",
+                         (lambda w: w.T.reshape(h, k, d), lambda p: p.reshape(h * k, d).T)))
+            spec += [((*o, "mlp", ours), f"{hf}.mlp.{theirs}_proj.weight", _LINEAR)
+                     for ours, theirs in (("wi_0", "gate"), ("wi_1", "up"), ("wo", "down"))]
     else:
         spec = [(("token_embedder", "embedding"), "wte.weight", _SAME),
                 (("position_embedder", "embedding"), "wpe.weight", _SAME),
@@ -473,6 +537,8 @@ def _canonical(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict[str,
         out.pop("encoder.embed_tokens.weight", None)
         out.pop("decoder.embed_tokens.weight", None)
         out.pop("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight", None)
+    elif is_llama(cfg):  # older checkpoints kept RoPE's inverse frequencies as buffers
+        out = {k: v for k, v in tensors.items() if not k.endswith(".rotary_emb.inv_freq")}
     else:
         out = {k: v for k, v in _strip_gpt2_prefix(tensors).items()
                if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # causal-mask buffers
@@ -528,7 +594,7 @@ def params_to_hf(cfg: ModelConfig, params) -> dict[str, np.ndarray]:
     flat = traverse_util.flatten_dict(unstack_layers(params) if cfg.scan_layers else params)
     out = {name: np.asarray(from_ours(np.asarray(flat[path], np.float32)))
            for path, name, (_, from_ours) in _spec(cfg)}
-    if cfg.family == "gpt":
+    if cfg.family == "gpt" and not is_llama(cfg):
         for i in range(cfg.num_layers):
             for part in ("weight", "bias"):
                 pieces = [out.pop(f"h.{i}.attn.c_attn.{n}.{part}")

@@ -138,9 +138,11 @@ def test_cli_errors_are_one_line(hf_models, tmp_path, case, message):
 
 
 def test_models_without_hf_equivalent_are_refused():
-    with pytest.raises(hf_interop.InteropError, match="No HF equivalent"):
-        convert.hf_config_from_model(gpt_modern(vocab_size=64, d_model=32, num_heads=2,
-                                                head_dim=16, d_ff=64, num_layers=1))
+    small = dict(vocab_size=64, d_model=32, num_heads=2, head_dim=16, d_ff=64, num_layers=1)
+    assert convert.hf_config_from_model(gpt_modern(**small))["model_type"] == "llama"
+    for cfg in (gpt_modern(**small, mlp="gelu"), gpt_modern(**small, position="none")):
+        with pytest.raises(hf_interop.InteropError, match="No HF equivalent"):
+            convert.hf_config_from_model(cfg)
 
 
 def test_to_hf_refuses_an_out_that_would_break_a_workdir_or_mix_models(hf_models, tmp_path):

@@ -1,0 +1,77 @@
+"""HF LlamaForCausalLM <-> gpt_modern: `convert --from_hf` / `--to_hf` and `t5x_lite.load`."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import hf_reference as ref
+import t5x_lite
+from t5x_lite import convert, hf_interop
+
+PROMPTS = [[1, 5, 9, 3], [1, 7, 8], [1, 60, 61, 62, 63, 64]]
+
+
+def _hf_greedy(hf, prompt, n):
+    with torch.no_grad():
+        out = hf.generate(input_ids=torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                          pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("tie,kv_heads", [(False, 2), (True, 1)])
+def test_converted_llama_decodes_as_hf_and_exports_back(tmp_path, tie, kv_heads):
+    hf = ref.llama(tie=tie, kv_heads=kv_heads, seed=5)
+    # A stop id the model emits mid-row (Llama's own is 2): decoding must stop where HF's does.
+    eos = _hf_greedy(hf, PROMPTS[0], 6)[3]
+    hf.config.eos_token_id, hf.config.bos_token_id = eos, 1
+    hf.generation_config.eos_token_id = eos
+    hf.save_pretrained(tmp_path / "src")
+    cfg = convert.hf_to_workdir(tmp_path / "src", tmp_path / "w")
+    assert (cfg.num_kv_heads, cfg.tie_embeddings, cfg.rope_theta) == (kv_heads, tie, 5e5)
+    ours = t5x_lite.load(str(tmp_path / "w")).generate(input_ids=PROMPTS, max_new_tokens=10)
+    for prompt, row in zip(PROMPTS, ours):
+        assert row["ids"] == _hf_greedy(hf, prompt, 10)
+    assert ours[0]["ids"][-1] == eos and len(ours[0]["ids"]) == 4
+
+    convert.workdir_to_hf(tmp_path / "w", tmp_path / "hf")
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert {k: written[k] for k in ("model_type", "num_key_value_heads", "eos_token_id")} == {
+        "model_type": "llama", "num_key_value_heads": kv_heads, "eos_token_id": eos}
+    back = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", attn_implementation="eager").eval()
+    assert type(back).__name__ == "LlamaForCausalLM"
+    ids = torch.tensor([PROMPTS[2] + [11, 12]])
+    with torch.no_grad():
+        np.testing.assert_array_equal(back(ids).logits.numpy(), hf(ids).logits.numpy())
+
+
+def _config(**changes):
+    c = ref.llama(kv_heads=2).config.to_dict()
+    c.update(changes)
+    return c
+
+
+def test_a_transformers_4_config_reads_rope_theta_and_inv_freq_buffers_are_dropped():
+    hf = ref.llama(kv_heads=2)
+    c = _config(rope_theta=1e4, rope_scaling=None)
+    del c["rope_parameters"]
+    tensors = {k: v.numpy() for k, v in hf.state_dict().items()}
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(8, np.float32)
+    cfg = hf_interop.model_config_from_hf(c, tensors)
+    assert cfg.rope_theta == 1e4 and cfg.num_kv_heads == 2
+    assert "layers_0" in hf_interop.params_from_hf(cfg, tensors)["decoder"]
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
+     "Llama config with rope_type=\"llama3\" \\(only unscaled RoPE, 'default', is supported\\)"),
+    (dict(hidden_act="gelu"), "Llama config with hidden_act='gelu' \\(supported: 'silu'\\)"),
+    (dict(attention_bias=True), "Llama config with attention_bias=true is not supported"),
+    (dict(num_key_value_heads=3), "num_key_value_heads must divide num_heads=4"),
+    (dict(num_key_value_heads="2"), 'num_key_value_heads="2" is not a positive integer'),
+])
+def test_llama_configs_it_cannot_build_are_one_line(changes, message):
+    with pytest.raises(hf_interop.InteropError, match=f"^config.json: .*{message}"):
+        hf_interop.model_config_from_hf(_config(**changes))
