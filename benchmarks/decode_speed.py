@@ -4,6 +4,7 @@ and speculative decoding's speed-up. Run by hand; prints a markdown table.
     python benchmarks/decode_speed.py                          # GPT ~36M and T5 ~70M, batch 1, 16
     python benchmarks/decode_speed.py --models=gpt --batch_sizes=1 --new_tokens=64 --skip_hf
     python benchmarks/decode_speed.py --compile_compare --skip_hf --nospeculative --new_tokens=64
+    python benchmarks/decode_speed.py --models= --nospeculative --kv_heads=8,2,1  # GQA / MQA
 
 Models: GPT-2-style, d_model 512, 6 layers, 8 heads, d_ff 2048, vocab 32128, 1024 positions
 (35.9M params, tied head; 35.6M with train_throughput.py's 512 positions); T5 v1.1-style,
@@ -49,6 +50,9 @@ with the same vocabulary costs half a target step), and a deeper GPT of the same
 (--deep_layers, random GPT-2 init) where a 1-layer draft is cheap. Random GPT-2-init weights
 leave the residual stream dominated by the embeddings, so shallow drafts agree often; a trained
 model's acceptance is what decides the real gain.
+--kv_heads (default none): also times cached decoding (ours only: GPT-2 has no grouped-query
+form) of a gpt_modern of the same width (8 heads, d_ff 1408, 6 layers, untied head; random
+N(0, 1/fan_in) weights) with each of these key / value head counts, at --batch_sizes.
 """
 from __future__ import annotations
 
@@ -79,6 +83,7 @@ _REPEATS = flags.DEFINE_integer(
     "repeats", 2, "Timed runs after one full-length warm-up run, the best reported: for ours "
     "and for HF alike (HF: per torch thread count, then the faster count).")
 _DEEP = flags.DEFINE_integer("deep_layers", 24, "Layers of the deeper speculative target.")
+_KV_HEADS = flags.DEFINE_list("kv_heads", [], "gpt_modern key / value head counts to time.")
 _COMPILE_COMPARE = flags.DEFINE_bool(
     "compile_compare", False, "Compile time and ms/token of the greedy and beam programs, "
     "unrolled vs scanned layers (see the module docstring).")
@@ -359,6 +364,29 @@ def speculative(target, draft, n):
     return t_plain, t_spec, float(stats["accepted_per_iteration"]), same
 
 
+def grouped_query(n):
+    """Cached decoding of gpt_modern with each --kv_heads count (README: grouped-query)."""
+    from t5x_lite import config as config_lib
+    from t5x_lite.models import abstract_variables
+    import flax.linen as nn
+    print("\n| gpt_modern, 8 heads | kv heads | batch | cached tok/s | ms/step | cache MiB |")
+    print("|---|---|---|---|---|---|")
+    for kv in map(int, _KV_HEADS.value):
+        cfg = config_lib.gpt_modern(vocab_size=V, d_model=512, num_heads=8, num_kv_heads=kv,
+                                    head_dim=64, d_ff=1408, num_layers=6, max_len=1024)
+        abstract = nn.meta.unbox(abstract_variables(build_model(cfg)))["params"]
+        rng = np.random.default_rng(0)
+        params = jax.tree.map(lambda x: (rng.standard_normal(x.shape) / np.sqrt(x.shape[0]))
+                              .astype(np.float32), abstract)
+        loaded = types.SimpleNamespace(model=build_model(cfg), params=params, vocab=None,
+                                       run_config=None, config=cfg)
+        for b in map(int, _BATCHES.value):
+            t, steps = time_cached(loaded, _prompts(b, _PROMPT.value), n)
+            cache = gen.cache_bytes(cfg, b, _PROMPT.value + n, 0, 1) / 2**20
+            print(f"| | {kv} | {b} | {b * steps / t:.1f} | {1e3 * t / steps:.2f} | "
+                  f"{cache:.1f} |", flush=True)
+
+
 def main(argv):
     del argv
     n = _NEW.value
@@ -394,6 +422,8 @@ def main(argv):
             print(f"| {kind} | {b} | {1e3 * t_prefill:.1f} | {1e3 * per_token:.2f} | {tps:.1f} | "
                   f"{unc:.2f} | {gain:.{0 if gain >= 10 else 1}f}x | {hf} | {ratio} | {roof} | "
                   f"{frac} |", flush=True)
+    if _KV_HEADS.value:
+        grouped_query(n)
     if _COMPILE_COMPARE.value:
         compile_compare(built, n)
     if _SPEC.value and "gpt" in built:

@@ -376,15 +376,21 @@ class Attention(nn.Module):
         return y
 
     def _fused_qkv(self, x, dtype):
-        """(q, k, v) from a fused `qkv` kernel [D, 3, H, K] (decoding on CPU, see
-        decoding.steps.fuse_qkv), or None when the module has separate kernels."""
-        w = None if self.is_cross else fused_kernel(self, "qkv")
+        """(q, k, v) from a fused `qkv` kernel [D, 3, H, K] or `qkv_grouped` [D, H + 2 Hkv, K]
+        (decoding on CPU, see decoding.steps.fuse_qkv), or None when the module has separate
+        kernels."""
+        if self.is_cross:
+            return None
+        h, hkv = self.config.num_heads, self.config.kv_heads
+        w = fused_kernel(self, "qkv" if hkv == h else "qkv_grouped")
         if w is None:
             return None
         y = dense(x, w.astype(dtype))
+        grouped = hkv != h
         out = []
-        for i, name in enumerate(("query", "key", "value")):
-            part = y[..., i, :, :]
+        for i, (name, start, n) in enumerate((("query", 0, h), ("key", h, hkv),
+                                              ("value", h + hkv, hkv))):
+            part = y[..., start:start + n, :] if grouped else y[..., i, :, :]
             if self.config.use_bias:
                 part = part + self.get_variable("params", f"{name}_bias").astype(dtype)
             out.append(part)
