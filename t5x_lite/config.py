@@ -115,6 +115,8 @@ class ModelConfig:
                                   f"{value!r}")
         if self.position is None and self.family in FAMILY_POSITIONS:
             object.__setattr__(self, "position", FAMILY_POSITIONS[self.family][0])
+        if self.num_kv_heads == self.num_heads:  # one spelling of "as many as the queries"
+            object.__setattr__(self, "num_kv_heads", None)
         t5 = self.family == "t5"
         supported = FAMILY_POSITIONS.get(self.family, POSITIONS)
         checks = [

@@ -144,8 +144,10 @@ def check_divisible(tree, shardings_tree, mesh, logical_tree=None) -> None:
             n = math.prod(sizes[a] for a in names)
             if dim % n:
                 shape = ", ".join(str(sizes.get(a, 1)) for a in MESH_AXES)
-                rule = (f" or a mesh.rules entry ({name!r}, None) that keeps its {name!r} dim "
-                        "whole") if isinstance(name, str) else ""
+                rule = (f", or mesh.rules with ({name!r}, None) to keep its {name!r} dim whole "
+                        "(a mesh.rules list replaces the default rules whole: copy "
+                        "partitioning.DEFAULT_RULES and change that entry)"
+                        ) if isinstance(name, str) else ""
                 raise MeshError(
                     f"{jax.tree_util.keystr(path)} has a dimension of {dim} split over mesh axes "
                     f"{axes} of size {n}, which does not divide it; pick another mesh (data, "

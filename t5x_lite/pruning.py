@@ -16,7 +16,8 @@ What is pruned (`structure`):
 - unstructured: individual weights of the kernels matching `targets` (default: attention and
   MLP kernels; embeddings are left alone), smallest |w| first;
 - heads: whole attention heads (the head's slices of query/key/value/out and per-head biases),
-  smallest L2 norm of those slices first;
+  smallest L2 norm of those slices first; under grouped-query attention its query/out slices
+  (the shared key/value heads, logical axis kv_heads, are kept);
 - mlp_units: whole MLP hidden units (a column of every wi*, a row of wo, the unit's biases).
 `scope`: 'global' ranks everything together; 'layer' prunes the same fraction of every kernel
 (unstructured) or every attention / MLP block (structured), per layer also in scanned stacks.

@@ -40,7 +40,8 @@ class T5(nn.Module):
         self.encoder_norm = make_norm(cfg)
         self.decoder_norm = make_norm(cfg)
         self.dropout = make_dropout(cfg)
-        self.encoded_dropout = make_dropout(cfg, along_sequence=False)  # so in T5X too
+        if cfg.dropout_broadcast:  # per element after the encoder's final norm, as in T5X
+            self.encoded_dropout = make_dropout(cfg, along_sequence=False)
         if self.decode:
             self.cursor = DecodeCursor()
         if not cfg.tie_embeddings:
@@ -67,7 +68,9 @@ class T5(nn.Module):
         pos = jnp.arange(s)
         bias = attention_bias(mask, self.encoder_relpos(pos, pos))
         x = self.encoder(x, bias, positions=_positions(tokens_BxS, encoder_positions))
-        return self.encoded_dropout(self.encoder_norm(x), deterministic=self.deterministic)
+        # (without shared masks, self.dropout: a module of its own would draw other masks)
+        drop = self.encoded_dropout if self.config.dropout_broadcast else self.dropout
+        return drop(self.encoder_norm(x), deterministic=self.deterministic)
 
     def decode_logits(self, decoder_input_tokens, encoded, encoder_mask,
                       decoder_segment_ids=None, encoder_segment_ids=None, decoder_positions=None):

@@ -136,6 +136,8 @@ def test_scanned_remat_model_shares_masks_and_the_flag_is_free_between_runs():
     params = nn.meta.unbox(model.init(jax.random.key(0), batch)["params"])
     loss, grads = jax.value_and_grad(lambda p: model.loss_fn(p, batch, jax.random.key(2))[0])(params)
     assert np.isfinite(loss) and all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+    # The scanned layer body (traced once) draws the unscanned layers' shared mask shapes.
+    assert set(_mask_shapes(scanned, batch)) == set(_mask_shapes(base, batch))
     # Fine-tuning or evaluating with the other layout computes the same function of the weights.
     assert base.differences(dataclasses.replace(base, dropout_broadcast=False)) == []
     assert mc.ModelConfig.from_dict(base.to_dict()).dropout_broadcast is True

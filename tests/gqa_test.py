@@ -110,8 +110,9 @@ def test_one_kv_head_under_tensor_parallelism_needs_a_rule_that_keeps_it_whole()
     mesh = part.make_mesh(1, 1, 2, devices=jax.devices()[:2])
     with pytest.raises(MeshError, match=r"\['key'\] has a dimension of 1 split over mesh axes "
                        r"tensor of size 2, which does not divide it; pick another mesh \(data, "
-                       r"fsdp, tensor\)=\(1, 1, 2\) or a mesh.rules entry \('kv_heads', None\) "
-                       r"that keeps its 'kv_heads' dim whole"):
+                       r"fsdp, tensor\)=\(1, 1, 2\), or mesh.rules with \('kv_heads', None\) to "
+                       r"keep its 'kv_heads' dim whole \(a mesh.rules list replaces the default "
+                       r"rules whole: copy partitioning.DEFAULT_RULES and change that entry\)$"):
         part.shardings(boxed, mesh)
     rules = tuple((name, None if name == "kv_heads" else axis)
                   for name, axis in part.DEFAULT_RULES)
@@ -127,6 +128,8 @@ def test_config_checks_counts_and_cache_size():
         config_lib.t5_1_1(num_heads=4, num_kv_heads=2)
     full = config_lib.gpt2(vocab_size=64, d_model=32, num_heads=4, head_dim=8, d_ff=48,
                            num_layers=2, max_len=32)
+    # As many kv heads as heads is the default, not another model (an HF Llama import says 4)
+    assert dataclasses.replace(full, num_kv_heads=4) == full and full.num_kv_heads is None
     grouped = dataclasses.replace(full, num_kv_heads=2)  # GPT-2 style: k / v biases too
     assert full.shape_signature() != grouped.shape_signature()
     for cfg in (full, grouped):
