@@ -318,29 +318,35 @@ def first_layers_draft(target, layers: int):
                                  run_config=None)
 
 
+def _random_loaded(cfg, draw):
+    """A `t5x_lite.load`-like model of `cfg` whose params `draw(name, shape)` gives (numpy)."""
+    from t5x_lite.models import abstract_variables
+    import flax.linen as nn
+    abstract = nn.meta.unbox(abstract_variables(build_model(cfg)))["params"]
+    params = jax.tree_util.tree_map_with_path(lambda p, x: draw(p[-1].key, x.shape), abstract)
+    return types.SimpleNamespace(model=build_model(cfg), params=params, vocab=None,
+                                 run_config=None)
+
+
 def deep_gpt(layers: int):
     """A deeper GPT of the same width (scanned to keep compiling fast), GPT-2's init."""
     from t5x_lite import config as config_lib
-    from t5x_lite.models import abstract_variables
-    import flax.linen as nn
     cfg = config_lib.gpt2(vocab_size=V, d_model=512, num_heads=8, head_dim=64, d_ff=2048,
                           num_layers=layers, max_len=1024, scan_layers=True)
-    abstract = nn.meta.unbox(abstract_variables(build_model(cfg)))["params"]
     rng = np.random.default_rng(0)
 
-    def draw(path, leaf):
-        name = path[-1].key
+    def draw(name, shape):
         if name == "scale":
-            return np.ones(leaf.shape, np.float32)
+            return np.ones(shape, np.float32)
         if name.endswith("bias"):
-            return np.zeros(leaf.shape, np.float32)
+            return np.zeros(shape, np.float32)
         # GPT-2 scales the residual output projections by 1/sqrt(2 * layers).
         std = 0.02 / np.sqrt(2 * layers) if name in ("out", "wo") else 0.02
-        return (std * rng.standard_normal(leaf.shape)).astype(np.float32)
+        return (std * rng.standard_normal(shape)).astype(np.float32)
 
-    params = jax.device_put(jax.tree_util.tree_map_with_path(draw, abstract))
-    return types.SimpleNamespace(model=build_model(cfg), params=params, vocab=None,
-                                 run_config=None)
+    loaded = _random_loaded(cfg, draw)
+    loaded.params = jax.device_put(loaded.params)
+    return loaded
 
 
 def speculative(target, draft, n):
@@ -367,19 +373,14 @@ def speculative(target, draft, n):
 def grouped_query(n):
     """Cached decoding of gpt_modern with each --kv_heads count (README: grouped-query)."""
     from t5x_lite import config as config_lib
-    from t5x_lite.models import abstract_variables
-    import flax.linen as nn
     print("\n| gpt_modern, 8 heads | kv heads | batch | cached tok/s | ms/step | cache MiB |")
     print("|---|---|---|---|---|---|")
     for kv in map(int, _KV_HEADS.value):
         cfg = config_lib.gpt_modern(vocab_size=V, d_model=512, num_heads=8, num_kv_heads=kv,
                                     head_dim=64, d_ff=1408, num_layers=6, max_len=1024)
-        abstract = nn.meta.unbox(abstract_variables(build_model(cfg)))["params"]
         rng = np.random.default_rng(0)
-        params = jax.tree.map(lambda x: (rng.standard_normal(x.shape) / np.sqrt(x.shape[0]))
-                              .astype(np.float32), abstract)
-        loaded = types.SimpleNamespace(model=build_model(cfg), params=params, vocab=None,
-                                       run_config=None, config=cfg)
+        loaded = _random_loaded(cfg, lambda name, shape: (
+            rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32))
         for b in map(int, _BATCHES.value):
             t, steps = time_cached(loaded, _prompts(b, _PROMPT.value), n)
             cache = gen.cache_bytes(cfg, b, _PROMPT.value + n, 0, 1) / 2**20

@@ -259,11 +259,18 @@ def activation_bytes(config: ml_collections.ConfigDict, mesh: MeshSizes) -> dict
         out_len = LossConfig.for_run(config).mlm_predictions or s  # BERT: the scored positions
     saved = sum(n * layer(q, k, c, cfg.remat, bool(cfg.scan_layers)) for n, q, k, c in stacks)
     saved += sum(_STACK_EDGE_X * b * q * d * a for _, q, _, _ in stacks)
-    if cfg.dropout_rate > 0:  # per stack also the embeddings' and T5's final norm output's
-        # (after the encoder a per-element mask even when shared: T5X's layout)
-        edges = lambda q, c: (dropout_bytes(q, 0, b * q * d * (2 if t5 and c else 1))
-                              + (_DROPOUT_BYTES * b * q * d if t5 and not c else 0))
-        saved += sum(dropout_layer_bytes(q, k, c) * n + edges(q, c) for n, q, k, c in stacks)
+    def dropout_edge_bytes(q_len, cross_len):
+        """A stack's embedding output mask, and T5's final norm output mask (after the encoder
+        per element even when shared: T5X's layout)."""
+        n = dropout_bytes(q_len, 0, b * q_len * d)
+        if t5:
+            n += dropout_bytes(q_len, 0, b * q_len * d) if cross_len else \
+                _DROPOUT_BYTES * b * q_len * d
+        return n
+
+    if cfg.dropout_rate > 0:
+        saved += sum(dropout_layer_bytes(q, k, c) * n + dropout_edge_bytes(q, c)
+                     for n, q, k, c in stacks)
     loss = _LOSS_BUFFERS[cfg.family] * b * out_len * v * 4
 
     def backward_working(q_len, k_len, cross_len):

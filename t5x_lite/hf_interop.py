@@ -414,7 +414,8 @@ def _llama_config(hf, tensors, get: Callable, scan_layers: bool, source: str) ->
         vocab_size=get("vocab_size", 32000, "size"), d_model=d, num_heads=h,
         num_kv_heads=get("num_key_value_heads", h, "size", null_is_default=True),
         head_dim=get("head_dim", d // h, "size", null_is_default=True),
-        d_ff=get("intermediate_size", 11008, "size"), num_layers=get("num_hidden_layers", 32, "size"),
+        d_ff=get("intermediate_size", 11008, "size"),
+        num_layers=get("num_hidden_layers", 32, "size"),
         max_len=get("max_position_embeddings", 2048, "size"),
         norm_eps=get("rms_norm_eps", 1e-6, "eps"), rope_theta=float(theta),
         tie_embeddings=not _untied(get("tie_word_embeddings", False, "flag"), tensors,
@@ -449,9 +450,10 @@ def _reshape(hf_shape, ours_shape) -> Transform:
 def _spec(cfg: ModelConfig) -> list[tuple[tuple[str, ...], str, Transform]]:
     """(our param path in the unscanned layout, HF tensor name, transform) for every param."""
     d, h, k = cfg.d_model, cfg.num_heads, cfg.head_dim
+    # torch Linear q / k / v [n*K, D] <-> ours [D, n, K] (n heads); o [D, H*K] <-> [H, K, D]
+    heads_in = lambda n: (lambda w: w.T.reshape(d, n, k), lambda p: p.reshape(d, n * k).T)
+    heads_out = (lambda w: w.T.reshape(h, k, d), lambda p: p.reshape(h * k, d).T)
     if cfg.family == "t5":
-        heads_in = (lambda w: w.T.reshape(d, h, k), lambda p: p.reshape(d, h * k).T)
-        heads_out = (lambda w: w.T.reshape(h, k, d), lambda p: p.reshape(h * k, d).T)
         rel = "block.0.layer.0.SelfAttention.relative_attention_bias.weight"
         spec = [(("token_embedder", "embedding"), "shared.weight", _SAME),
                 (("encoder_relpos", "rel_embedding"), f"encoder.{rel}", _LINEAR),
@@ -467,7 +469,7 @@ def _spec(cfg: ModelConfig) -> list[tuple[tuple[str, ...], str, Transform]]:
                     subs.append(("cross_attention", "EncDecAttention", "pre_cross_attention_norm"))
                 for j, (ours, theirs, norm) in enumerate(subs):
                     spec.append(((*o, norm, "scale"), f"{hf}.{j}.layer_norm.weight", _SAME))
-                    spec += [((*o, ours, name), f"{hf}.{j}.{theirs}.{t}.weight", heads_in)
+                    spec += [((*o, ours, name), f"{hf}.{j}.{theirs}.{t}.weight", heads_in(h))
                              for name, t in (("query", "q"), ("key", "k"), ("value", "v"))]
                     spec.append(((*o, ours, "out"), f"{hf}.{j}.{theirs}.o.weight", heads_out))
                 m = len(subs)
@@ -476,7 +478,6 @@ def _spec(cfg: ModelConfig) -> list[tuple[tuple[str, ...], str, Transform]]:
                          for w in (*wi, "wo")]
     elif is_llama(cfg):
         g = cfg.kv_heads
-        heads_in = lambda n: (lambda w: w.T.reshape(d, n, k), lambda p: p.reshape(d, n * k).T)
         spec = [(("token_embedder", "embedding"), "model.embed_tokens.weight", _SAME),
                 (("decoder_norm", "scale"), "model.norm.weight", _SAME)]
         for i in range(cfg.num_layers):
@@ -487,7 +488,7 @@ def _spec(cfg: ModelConfig) -> list[tuple[tuple[str, ...], str, Transform]]:
             spec += [((*o, "self_attention", name), f"{hf}.self_attn.{t}_proj.weight", heads_in(n))
                      for name, t, n in (("query", "q", h), ("key", "k", g), ("value", "v", g))]
             spec.append(((*o, "self_attention", "out"), f"{hf}.self_attn.o_proj.weight",
-                         (lambda w: w.T.reshape(h, k, d), lambda p: p.reshape(h * k, d).T)))
+                         heads_out))
             spec += [((*o, "mlp", ours), f"{hf}.mlp.{theirs}_proj.weight", _LINEAR)
                      for ours, theirs in (("wi_0", "gate"), ("wi_1", "up"), ("wo", "down"))]
     else:

@@ -358,8 +358,8 @@ class Attention(nn.Module):
     """Multi-head attention with separate q/k/v kernels [D, H, K] and out kernel [H, K, D].
 
     Self-attention in decode mode keeps `cached_key`/`cached_value` [B*Hkv, L, K] (row-major over
-    rows and kv heads, see `_cached_attention`; Hkv = `cfg.kv_heads`) in the 'cache' collection and writes the new chunk
-    at `decode_index`. Cross-attention in decode mode stores the projected encoder K/V
+    rows and kv heads, see `_cached_attention`; Hkv = `cfg.kv_heads`) in the 'cache' collection
+    and writes the new chunk at `decode_index`. Cross-attention in decode mode stores the projected encoder K/V
     [B*H, S, K] once (when `inputs_kv` is given) and reuses them afterwards.
     """
 
@@ -382,11 +382,11 @@ class Attention(nn.Module):
         if self.is_cross:
             return None
         h, hkv = self.config.num_heads, self.config.kv_heads
-        w = fused_kernel(self, "qkv" if hkv == h else "qkv_grouped")
+        grouped = hkv != h
+        w = fused_kernel(self, "qkv_grouped" if grouped else "qkv")
         if w is None:
             return None
         y = dense(x, w.astype(dtype))
-        grouped = hkv != h
         out = []
         for i, (name, start, n) in enumerate((("query", 0, h), ("key", h, hkv),
                                               ("value", h + hkv, hkv))):

@@ -129,17 +129,14 @@ def shardings(boxed_tree, mesh: Mesh, rules=DEFAULT_RULES):
     return out
 
 
-def check_divisible(tree, shardings_tree, mesh, logical_tree=None) -> None:
+def check_divisible(tree, shardings_tree, mesh, logical_tree) -> None:
     """Every dimension of every (possibly abstract) array divisible by its mesh axes' size;
     `logical_tree` (PartitionSpecs of logical names) lets the error name the rule to change."""
     sizes = dict(mesh.shape)
-    specs = jax.tree.leaves(shardings_tree)
-    names_of = (jax.tree.leaves(logical_tree, is_leaf=lambda x: isinstance(x, P))
-                if logical_tree is not None else [None] * len(specs))
-    for (path, x), sh, logical in zip(jax.tree_util.tree_flatten_with_path(tree)[0], specs,
-                                      names_of):
-        logical = tuple(logical) if logical is not None else (None,) * x.ndim
-        for dim, axes, name in zip(x.shape, tuple(sh.spec), logical):
+    logical_leaves = jax.tree.leaves(logical_tree, is_leaf=lambda x: isinstance(x, P))
+    for (path, x), sh, logical in zip(jax.tree_util.tree_flatten_with_path(tree)[0],
+                                      jax.tree.leaves(shardings_tree), logical_leaves):
+        for dim, axes, name in zip(x.shape, tuple(sh.spec), tuple(logical)):
             names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
             n = math.prod(sizes[a] for a in names)
             if dim % n:

@@ -123,8 +123,8 @@ def t5_prefill(cfg: ModelConfig, params, encoder_BxS, cache_len: int):
 
 # ------------------------------------------------------------------------------------- both
 # Kernel name -> (input dims, dims when unscanned); a scanned stack adds a leading layer dim.
-_KERNELS = {"query": (1, 3), "key": (1, 3), "value": (1, 3), "qkv": (1, 4), "qkv_grouped": (1, 3), "out": (2, 3),
-            "wi": (1, 2), "wi_fused": (1, 3), "wo": (1, 2), "lm_head": (1, 2)}
+_KERNELS = {"query": (1, 3), "key": (1, 3), "value": (1, 3), "qkv": (1, 4), "qkv_grouped": (1, 3),
+            "out": (2, 3), "wi": (1, 2), "wi_fused": (1, 3), "wo": (1, 2), "lm_head": (1, 2)}
 CPU_KERNEL_BLOCKS = 1  # measured best on the 2-core dev CPUs; see split_weights and cpu_weights
 CPU_HEAD_BLOCKS = 2
 
