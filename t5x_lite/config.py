@@ -25,6 +25,11 @@ MLP_ACTIVATIONS = {
     "gated-silu": ("silu", "linear"),
 }
 POSITIONS = ("relative", "learned", "rope", "none")
+# RoPE frequency scaling (context extension of a model pretrained at a shorter length):
+# "linear" divides every frequency by rope_scaling_factor (position interpolation); "llama3"
+# (Llama 3.1's) divides the low frequencies by it, keeps the high ones and blends those between
+# (`layers.rope_inv_freq`).
+ROPE_SCALINGS = ("none", "linear", "llama3")
 # The position schemes each family builds, its default first. T5 has only its relative position
 # bias; a decoder-only model may have none at all (the causal mask alone tells positions apart,
 # "NoPE"); an encoder without positions would see a bag of words.
@@ -54,6 +59,7 @@ _IGNORED_BEFORE = (
 # saved config holding one is read with the default and a warning (`from_dict`).
 _USED_ONLY_WITH = (
     ("rope_theta", lambda c: c.position == "rope", "position='rope'"),
+    ("rope_scaling", lambda c: c.position == "rope", "position='rope'"),
     ("relative_buckets", lambda c: c.family == "t5", "family 't5'"),
     ("relative_max_distance", lambda c: c.family == "t5", "family 't5'"),
 )
@@ -91,6 +97,11 @@ class ModelConfig:
     relative_max_distance: int = 128
     max_len: int = 1024  # learned positions table size; the longest prompt decoding takes
     rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # ROPE_SCALINGS; the fields below are its parameters
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original / this are scaled
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original / this are kept
+    rope_original_max_len: int = 8192  # llama3: the context length of pretraining
     attention_scale: bool = False  # multiply q.k by 1/sqrt(head_dim) (GPT); T5 folds it into init
     use_bias: bool = False  # biases on projections (GPT-2)
     tie_embeddings: bool = True  # BERT: always (its MLM output is the embedding)
@@ -139,6 +150,16 @@ class ModelConfig:
             (not (self.position == "rope" and self.head_dim % 2), "rope needs an even head_dim"),
             (self.position != "rope" or self.rope_theta > 0,
              f"rope_theta must be > 0, got {self.rope_theta}"),
+            (self.rope_scaling in ROPE_SCALINGS,
+             f"rope_scaling must be one of {ROPE_SCALINGS}, got {self.rope_scaling!r}"),
+            (self.rope_scaling_factor > 0,
+             f"rope_scaling_factor must be > 0, got {self.rope_scaling_factor}"),
+            (self.rope_scaling != "llama3" or 0 < self.rope_low_freq_factor
+             < self.rope_high_freq_factor, "rope_low_freq_factor must be > 0 and below "
+             f"rope_high_freq_factor, got {self.rope_low_freq_factor} and "
+             f"{self.rope_high_freq_factor}"),
+            (self.rope_original_max_len > 0,
+             f"rope_original_max_len must be positive, got {self.rope_original_max_len}"),
             # Fewer buckets leave the encoder's bidirectional half no exact bucket; a distance
             # not past the decoder's exact buckets makes the log spacing divide by log(<= 1).
             (not t5 or self.relative_buckets >= 4,
@@ -168,9 +189,19 @@ class ModelConfig:
               f"{key}={getattr(self, key)!r} only applies with {when} (this model: family "
               f"{self.family!r}, position {self.position!r}); leave it at {_DEFAULTS[key]!r}")
              for key, used, when in _USED_ONLY_WITH]
-        for ok, message in checks:
+        for ok, message in checks + self._rope_scaling_checks():
             if not ok:
                 raise ConfigError(f"Invalid model config: {message}")
+
+    def _rope_scaling_checks(self) -> list[tuple[bool, str]]:
+        """Each rope_scaling parameter other than its default needs a scaling that reads it."""
+        used = {"rope_scaling_factor": ("linear", "llama3"),
+                "rope_low_freq_factor": ("llama3",), "rope_high_freq_factor": ("llama3",),
+                "rope_original_max_len": ("llama3",)}
+        return [(self.rope_scaling in kinds or getattr(self, key) == _DEFAULTS[key],
+                 f"{key}={getattr(self, key)!r} only applies with rope_scaling "
+                 f"{' or '.join(map(repr, kinds))} (this model: {self.rope_scaling!r}); leave "
+                 f"it at {_DEFAULTS[key]!r}") for key, kinds in used.items()]
 
     @property
     def decoder_layers(self) -> int:

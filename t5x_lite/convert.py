@@ -177,6 +177,14 @@ def hf_config_from_model(cfg: ModelConfig, base: Mapping[str, Any] | None = None
         return _with_token_ids(out, cfg, eos_id, bos_token_id=1)
     if hf_interop.is_llama(cfg):
         out.pop("rope_scaling", None)  # rope_parameters below says what RoPE this is
+        rope = {"rope_type": {v: k for k, v in hf_interop.ROPE_TYPES.items()}[cfg.rope_scaling],
+                "rope_theta": cfg.rope_theta}
+        if cfg.rope_scaling != "none":
+            rope["factor"] = cfg.rope_scaling_factor
+        if cfg.rope_scaling == "llama3":
+            rope.update(low_freq_factor=cfg.rope_low_freq_factor,
+                        high_freq_factor=cfg.rope_high_freq_factor,
+                        original_max_position_embeddings=cfg.rope_original_max_len)
         out.update(
             architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=cfg.vocab_size,
             hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.num_layers,
@@ -184,7 +192,9 @@ def hf_config_from_model(cfg: ModelConfig, base: Mapping[str, Any] | None = None
             head_dim=cfg.head_dim, hidden_act="silu", max_position_embeddings=cfg.max_len,
             rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
             rope_theta=cfg.rope_theta,  # transformers 4.x; 5.x reads rope_parameters
-            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+            rope_parameters=rope,
+            # transformers 4.x reads scaling from here (5.x: the same dict, read first)
+            rope_scaling=None if cfg.rope_scaling == "none" else rope,
             attention_bias=False, mlp_bias=False, dtype="float32")
         return _with_token_ids(out, cfg, eos_id, bos_token_id=1)
     raise InteropError(f"No HF equivalent for this {cfg.family} config (mlp={cfg.mlp}, "

@@ -385,25 +385,48 @@ def _model_config(hf, tensors, scan_layers: bool, source: str) -> ModelConfig:
                        f"converts {', '.join(SUPPORTED)}")
 
 
+# HF rope_type -> our rope_scaling (config.ROPE_SCALINGS)
+ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3"}
+
+
 def _llama_config(hf, tensors, get: Callable, scan_layers: bool, source: str) -> ModelConfig:
-    """gpt_modern for a LlamaForCausalLM config: SiLU-gated MLP, RMSNorm, unscaled rotate-half
-    RoPE (transformers 5's rope_parameters or 4.x's rope_theta / rope_scaling), no biases."""
+    """gpt_modern for a LlamaForCausalLM config: SiLU-gated MLP, RMSNorm, rotate-half RoPE,
+    plain or scaled as `ROPE_TYPES` (transformers 5's rope_parameters or 4.x's rope_theta /
+    rope_scaling), no biases."""
     act = get("hidden_act", "silu", "name")
-    rope = hf.get("rope_parameters")
-    if rope is None:  # transformers 4.x
-        rope = dict(hf.get("rope_scaling") or {}, rope_theta=hf.get("rope_theta", 10000.0))
+    # transformers 4.x: rope_scaling (without rope_theta, which is top-level); 5.x reads it
+    # before rope_parameters, as here
+    within = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    rope = hf.get(within) or {}
     if not isinstance(rope, dict):
-        raise InteropError(f"{source}: rope_parameters={json.dumps(rope)} is not an object")
+        raise InteropError(f"{source}: {within}={json.dumps(rope)} is not an object")
+    rope = {"rope_theta": hf.get("rope_theta", 10000.0), **rope}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     problems = [(act != "silu", f"hidden_act={act!r} (supported: 'silu')"),
-                (rope_type != "default", f"rope_type={json.dumps(rope_type)} (only unscaled "
-                                         "RoPE, 'default', is supported)")]
+                (rope_type not in ROPE_TYPES,
+                 f"rope_type={json.dumps(rope_type)} (supported: "
+                 f"{', '.join(map(repr, ROPE_TYPES))})"),
+                (partial not in (None, 1, 1.0),
+                 f"partial_rotary_factor={json.dumps(partial)} (RoPE on all of head_dim only)")]
     problems += [(get(k, False, "flag", null_is_default=True), f"{k}=true")
                  for k in ("attention_bias", "mlp_bias")]
     for bad, what in problems:
         if bad:
             raise InteropError(f"{source}: Llama config with {what} is not supported")
     theta = _field(rope, source, "rope_theta", 10000.0, "eps")
+    max_len = get("max_position_embeddings", 2048, "size")
+    scale = lambda key, default=None, kind="eps": _field(rope, source, key, default, kind,
+                                                         names={key: f"{within}.{key}"})
+    scaling = {}
+    if rope_type != "default":
+        scaling = dict(rope_scaling=ROPE_TYPES[rope_type],
+                       rope_scaling_factor=float(scale("factor")))
+    if rope_type == "llama3":  # HF reads the model's own length when original_... is absent
+        scaling.update(rope_low_freq_factor=float(scale("low_freq_factor")),
+                       rope_high_freq_factor=float(scale("high_freq_factor")),
+                       rope_original_max_len=scale("original_max_position_embeddings",
+                                                   max_len, "size"))
     h = get("num_attention_heads", 32, "size")
     d = get("hidden_size", 4096, "size")
     if get("attention_dropout", 0.0, "rate"):
@@ -416,8 +439,8 @@ def _llama_config(hf, tensors, get: Callable, scan_layers: bool, source: str) ->
         head_dim=get("head_dim", d // h, "size", null_is_default=True),
         d_ff=get("intermediate_size", 11008, "size"),
         num_layers=get("num_hidden_layers", 32, "size"),
-        max_len=get("max_position_embeddings", 2048, "size"),
-        norm_eps=get("rms_norm_eps", 1e-6, "eps"), rope_theta=float(theta),
+        max_len=max_len, norm_eps=get("rms_norm_eps", 1e-6, "eps"), rope_theta=float(theta),
+        **scaling,
         tie_embeddings=not _untied(get("tie_word_embeddings", False, "flag"), tensors,
                                    (tensors or {}).get("model.embed_tokens.weight")),
         scan_layers=scan_layers)

@@ -225,10 +225,33 @@ class RelativePositionBias(nn.Module):
         return jnp.take(table_HxR, buckets_TxS, axis=1)[None]
 
 
-def rope(x_BxTxHxK, positions_BxT, theta: float):
-    """Rotary embedding in the rotate-half layout (first/second half of K are the pair)."""
+def rope_inv_freq(cfg) -> np.ndarray:
+    """RoPE's inverse frequencies [head_dim / 2] (float32): theta ** (-2i / head_dim), then
+    cfg.rope_scaling's. "linear" divides them all by the factor. "llama3" (Llama 3.1) divides
+    those whose wavelength 2 pi / f exceeds original / low_freq_factor, keeps those below
+    original / high_freq_factor, and between the two blends f / factor and f by s =
+    (original / wavelength - low) / (high - low): (1 - s) f / factor + s f."""
+    k = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, k, 2, dtype=np.float32) / k))
+    factor = np.float32(cfg.rope_scaling_factor)
+    if cfg.rope_scaling == "linear":
+        return inv_freq / factor
+    if cfg.rope_scaling == "llama3":
+        low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        original = cfg.rope_original_max_len
+        wavelength = np.float32(2 * np.pi) / inv_freq
+        scaled = np.where(wavelength > original / low, inv_freq / factor, inv_freq)
+        s = (original / wavelength - low) / (high - low)
+        blended = (1 - s) * scaled / factor + s * scaled
+        between = (wavelength >= original / high) & (wavelength <= original / low)
+        return np.where(between, blended, scaled).astype(np.float32)
+    return inv_freq
+
+
+def rope(x_BxTxHxK, positions_BxT, inv_freq):
+    """Rotary embedding in the rotate-half layout (first/second half of K are the pair), at
+    the inverse frequencies [K / 2] `rope_inv_freq` gives."""
     k = x_BxTxHxK.shape[-1]
-    inv_freq = 1.0 / (theta ** (np.arange(0, k, 2, dtype=np.float32) / k))
     angles_BxTxK2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq
     sin, cos = jnp.sin(angles_BxTxK2)[:, :, None], jnp.cos(angles_BxTxK2)[:, :, None]
     x = x_BxTxHxK.astype(jnp.float32)
@@ -425,14 +448,14 @@ class Attention(nn.Module):
             key, value = ((kv_proj("key", inputs_kv), kv_proj("value", inputs_kv))
                           if fused is None else fused[1:])
             if use_rope:
-                key = rope(key, positions_kv, cfg.rope_theta)
+                key = rope(key, positions_kv, rope_inv_freq(cfg))
             if decode:  # [B, S, H, K] -> the cache's [B*H, S, K]
                 key, value = _cache_layout(key), _cache_layout(value)
             if use_cross_cache:
                 self.variable("cache", "cached_key", lambda: key).value = key
                 self.variable("cache", "cached_value", lambda: value).value = value
         if use_rope:
-            q = rope(q, positions_q, cfg.rope_theta)
+            q = rope(q, positions_q, rope_inv_freq(cfg))
         if decode and not self.is_cross:
             initialized = self.has_variable("cache", "cached_key")
             ck = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)

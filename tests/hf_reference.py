@@ -98,14 +98,16 @@ def gpt2_logits(model, ids, mask) -> np.ndarray:
         return gpt2_forward(model, ids, mask).float().numpy()
 
 
-def llama(tie: bool = False, kv_heads: int = 4, seed: int = 0, **sizes):
-    """A random HF LlamaForCausalLM (4 heads; `kv_heads` key / value heads), norm scales too."""
+def llama(tie: bool = False, kv_heads: int = 4, seed: int = 0, rope=None, **sizes):
+    """A random HF LlamaForCausalLM (4 heads; `kv_heads` key / value heads), norm scales too;
+    `rope`: its rope_parameters (default: plain RoPE, theta 5e5)."""
     size = dict(vocab_size=96, hidden_size=48, num_attention_heads=4, head_dim=16,
                 intermediate_size=80, num_hidden_layers=2, **sizes)
     torch.manual_seed(seed)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         **size, num_key_value_heads=kv_heads, rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 5e5}, tie_word_embeddings=tie,
+        rope_parameters=rope or {"rope_type": "default", "rope_theta": 5e5},
+        tie_word_embeddings=tie,
         attention_bias=False, mlp_bias=False, attn_implementation="eager")).eval()
     with torch.no_grad():  # norm scales too: 1 would hide a misplaced one
         for name, p in hf.named_parameters():

@@ -1,0 +1,109 @@
+"""Scaled RoPE (`model.rope_scaling`: "linear", Llama 3.1's "llama3").
+
+References: HF LlamaForCausalLM with the same rope_parameters: its rotary embedding's inverse
+frequencies, its logits and its greedy `generate`."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import hf_reference as ref
+import t5x_lite
+from t5x_lite import config as config_lib
+from t5x_lite import convert, hf_interop, layers
+from t5x_lite.models import build_model
+
+# head_dim 16 at theta 5e5 has wavelengths 6.3, 32.5, 168, 872, 4517, ... : with an original
+# length of 1024, llama3 keeps the first three (below 1024 / 4), blends the fourth and scales the
+# rest (above 1024 / 1), so every branch of its formula is in play.
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 1024}
+LINEAR = {"rope_type": "linear", "rope_theta": 5e5, "factor": 4.0}
+TOL = 1e-4
+
+
+@pytest.mark.parametrize("rope", [LLAMA3, LINEAR, {"rope_type": "default", "rope_theta": 1e4}],
+                         ids=["llama3", "linear", "default"])
+def test_frequencies_equal_transformers(rope):
+    hf = ref.llama(rope=dict(rope))
+    want = hf.model.rotary_emb.inv_freq  # what HF's model rotates by
+    assert hf.model.rotary_emb.attention_scaling == 1.0  # these types keep cos / sin as they are
+    cfg = hf_interop.model_config_from_hf(hf.config.to_dict())
+    got = layers.rope_inv_freq(cfg)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=0)
+    if rope["rope_type"] == "llama3":  # the three bands: kept, blended, divided by the factor
+        plain = layers.rope_inv_freq(config_lib.gpt_modern(head_dim=16, rope_theta=5e5))
+        ratio = plain / got
+        np.testing.assert_allclose(ratio[:3], 1.0, rtol=1e-6)
+        assert 1.0 < ratio[3] < 8.0
+        np.testing.assert_allclose(ratio[4:], 8.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("rope", [LLAMA3, LINEAR], ids=["llama3", "linear"])
+def test_scaled_llama_logits_equal_hf(rope):
+    hf = ref.llama(kv_heads=2, rope=dict(rope), seed=2)
+    tensors = {k: v.numpy() for k, v in hf.state_dict().items()}
+    cfg = hf_interop.model_config_from_hf(hf.config.to_dict(), tensors)
+    assert cfg.rope_scaling == rope["rope_type"] and cfg.rope_scaling_factor == rope["factor"]
+    params = hf_interop.params_from_hf(cfg, tensors)
+    ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 96)).astype(np.int32)
+    with torch.no_grad():
+        want = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    got = np.asarray(build_model(cfg).logits(params, {"decoder_input_tokens": ids}))
+    assert np.abs(got - want).max() <= TOL, np.abs(got - want).max()
+
+
+def test_llama3_checkpoint_converts_decodes_as_hf_and_exports_back(tmp_path):
+    hf = ref.llama(kv_heads=2, rope=dict(LLAMA3), seed=4)
+    hf.save_pretrained(tmp_path / "src")
+    cfg = convert.hf_to_workdir(tmp_path / "src", tmp_path / "w")
+    assert (cfg.rope_scaling, cfg.rope_scaling_factor, cfg.rope_low_freq_factor,
+            cfg.rope_high_freq_factor, cfg.rope_original_max_len) == ("llama3", 8.0, 1.0, 4.0, 1024)
+    prompt = list(range(3, 43))  # 40 tokens, then 12 cached steps at positions 40..51
+    ours = t5x_lite.load(str(tmp_path / "w")).generate(input_ids=[prompt], max_new_tokens=12)
+    with torch.no_grad():
+        want = hf.generate(input_ids=torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                           pad_token_id=0, eos_token_id=None)
+    assert ours[0]["ids"] == want[0, len(prompt):].tolist()
+
+    convert.workdir_to_hf(tmp_path / "w", tmp_path / "hf")
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert written["rope_parameters"] == written["rope_scaling"] == LLAMA3
+    back = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", attn_implementation="eager").eval()
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        np.testing.assert_array_equal(back(ids).logits.numpy(), hf(ids).logits.numpy())
+
+
+def test_transformers_4_rope_scaling_is_read():
+    c = ref.llama(kv_heads=2).config.to_dict()
+    del c["rope_parameters"]
+    c.update(rope_theta=5e5, rope_scaling={"type": "linear", "factor": 2.0})
+    cfg = hf_interop.model_config_from_hf(c)
+    assert (cfg.rope_theta, cfg.rope_scaling, cfg.rope_scaling_factor) == (5e5, "linear", 2.0)
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(rope_scaling="yarn"), "rope_scaling must be one of \\('none', 'linear', 'llama3'\\), "
+                                "got 'yarn'"),
+    (dict(rope_scaling_factor=8.0), "rope_scaling_factor=8.0 only applies with rope_scaling "
+                                    "'linear' or 'llama3' \\(this model: 'none'\\)"),
+    (dict(rope_scaling="linear", rope_original_max_len=4096),
+     "rope_original_max_len=4096 only applies with rope_scaling 'llama3'"),
+    (dict(rope_scaling="linear", rope_scaling_factor=0.0), "rope_scaling_factor must be > 0"),
+    (dict(rope_scaling="llama3", rope_low_freq_factor=4.0, rope_high_freq_factor=4.0),
+     "rope_low_freq_factor must be > 0 and below rope_high_freq_factor, got 4.0 and 4.0"),
+])
+def test_bad_scaling_settings_are_one_line(changes, message):
+    with pytest.raises(config_lib.ConfigError, match=f"^Invalid model config: {message}"):
+        config_lib.gpt_modern(**changes)
+
+
+def test_scaling_needs_rope():
+    with pytest.raises(config_lib.ConfigError,
+                       match="rope_scaling='linear' only applies with position='rope'"):
+        config_lib.gpt2(rope_scaling="linear")
