@@ -25,9 +25,9 @@ SMALL = dict(vocab_size=64, d_model=D, num_heads=H, head_dim=K, d_ff=F, num_laye
 
 def _mask_shapes(cfg, batch):
     """Counter of the mask shapes our model draws in a training forward pass: each Dropout
-    call's input shape with its broadcast dims set to 1."""
+    call's input shape with its broadcast dims set to 1 (read while tracing: nothing runs)."""
     model = build_model(cfg)
-    params = nn.meta.unbox(model.init(jax.random.key(0), batch)["params"])
+    params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), batch)["params"])
     shapes = []
 
     def record(next_fun, args, kwargs, context):
@@ -41,7 +41,8 @@ def _mask_shapes(cfg, batch):
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(record):
-        model.logits(params, batch, rng=jax.random.key(1), deterministic=False)
+        jax.eval_shape(lambda p: model.logits(p, batch, rng=jax.random.key(1),
+                                              deterministic=False), params)
     return collections.Counter(shapes)
 
 
@@ -90,8 +91,8 @@ def _probe_attention(causal: bool, broadcast: bool, causal_blocks: int = 1, rate
         jnp.zeros((1, 1, S, S))
     eye = jnp.eye(S)[:, None, :]
     params = {"query": jnp.zeros((S, 1, S)), "key": eye, "value": eye, "out": jnp.eye(S)[None]}
-    out = Attention(cfg, causal=causal).apply({"params": params}, x, x, bias, deterministic=False,
-                                              rngs={"dropout": jax.random.key(3)})
+    out = jax.jit(lambda p: Attention(cfg, causal=causal).apply(
+        {"params": p}, x, x, bias, deterministic=False, rngs={"dropout": jax.random.key(3)}))(params)
     seen = np.arange(1, S + 1)[:, None] if causal else S  # keys query t averages over
     return np.asarray(out) * seen * (1 - rate)  # the multiplier: 1 where kept, 0 where dropped
 
@@ -117,11 +118,12 @@ def test_query_blocks_keep_the_shared_masks_of_the_full_square():
     batch = {**_t5_batch(), "decoder_input_tokens": _t5_batch()["encoder_input_tokens"],
              "decoder_target_tokens": _t5_batch()["encoder_input_tokens"]}
     model = build_model(cfg)
-    params = nn.meta.unbox(model.init(jax.random.key(0), batch)["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), batch)["params"])
 
     def loss_and_grads(blocks):
         m = build_model(dataclasses.replace(cfg, causal_blocks=blocks))
-        return jax.value_and_grad(lambda p: m.loss_fn(p, batch, jax.random.key(5))[0])(params)
+        return jax.jit(jax.value_and_grad(lambda p: m.loss_fn(p, batch, jax.random.key(5))[0]))(
+            params)
 
     (l1, g1), (l4, g4) = loss_and_grads(1), loss_and_grads(4)
     np.testing.assert_allclose(l4, l1, rtol=1e-5)
@@ -133,8 +135,9 @@ def test_scanned_remat_model_shares_masks_and_the_flag_is_free_between_runs():
     scanned = dataclasses.replace(base, scan_layers=True, remat="full")
     batch = _t5_batch()
     model = build_model(scanned)
-    params = nn.meta.unbox(model.init(jax.random.key(0), batch)["params"])
-    loss, grads = jax.value_and_grad(lambda p: model.loss_fn(p, batch, jax.random.key(2))[0])(params)
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), batch)["params"])
+    loss, grads = jax.jit(jax.value_and_grad(
+        lambda p: model.loss_fn(p, batch, jax.random.key(2))[0]))(params)
     assert np.isfinite(loss) and all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
     # The scanned layer body (traced once) draws the unscanned layers' shared mask shapes.
     assert set(_mask_shapes(scanned, batch)) == set(_mask_shapes(base, batch))
