@@ -88,6 +88,9 @@ class ModelConfig:
     # Key / value heads (GPT only): fewer than num_heads, each shared by num_heads / num_kv_heads
     # query heads, is grouped-query attention (1: multi-query); None = num_heads.
     num_kv_heads: int | None = None
+    # Sliding-window attention (GPT only, Mistral's): each query sees itself and the
+    # sliding_window - 1 keys before it; None = every earlier key.
+    sliding_window: int | None = None
     num_decoder_layers: int | None = None  # T5 only; None = num_layers
     mlp: str = "relu"
     norm: str = "rms"
@@ -177,6 +180,10 @@ class ModelConfig:
                                            and self.num_heads % self.num_kv_heads == 0),
              f"num_kv_heads must divide num_heads={self.num_heads} (or be None), got "
              f"{self.num_kv_heads}"),
+            (self.sliding_window is None or self.family == "gpt",
+             "sliding_window only applies to family 'gpt'; leave it None"),
+            (self.sliding_window is None or self.sliding_window > 0,
+             f"sliding_window must be positive (or None), got {self.sliding_window}"),
             (self.num_decoder_layers is None or self.num_decoder_layers > 0,
              f"num_decoder_layers must be positive (or None), got {self.num_decoder_layers}"),
             (self.family != "bert" or self.tie_embeddings,

@@ -1,4 +1,4 @@
-"""Convert Hugging Face T5 / GPT-2 / Llama checkpoints to t5x_lite workdirs and back.
+"""Convert Hugging Face T5 / GPT-2 / Llama / Mistral checkpoints to t5x_lite workdirs and back.
 
     # HF directory (config.json + model.safetensors or a sharded index) -> t5x_lite workdir
     python -m t5x_lite.convert --from_hf=/models/t5-v1_1-base --workdir=/tmp/t5_base
@@ -185,8 +185,13 @@ def hf_config_from_model(cfg: ModelConfig, base: Mapping[str, Any] | None = None
             rope.update(low_freq_factor=cfg.rope_low_freq_factor,
                         high_freq_factor=cfg.rope_high_freq_factor,
                         original_max_position_embeddings=cfg.rope_original_max_len)
+        # Mistral is Llama with a sliding window; HF's Llama has none
+        mistral = cfg.sliding_window is not None
+        for key in ("attention_bias", "mlp_bias") if mistral else ("sliding_window",):
+            out.pop(key, None)  # a source config's keys the other model type does not have
         out.update(
-            architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=cfg.vocab_size,
+            architectures=["MistralForCausalLM" if mistral else "LlamaForCausalLM"],
+            model_type="mistral" if mistral else "llama", vocab_size=cfg.vocab_size,
             hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.num_layers,
             num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads,
             head_dim=cfg.head_dim, hidden_act="silu", max_position_embeddings=cfg.max_len,
@@ -195,13 +200,16 @@ def hf_config_from_model(cfg: ModelConfig, base: Mapping[str, Any] | None = None
             rope_parameters=rope,
             # transformers 4.x reads scaling from here (5.x: the same dict, read first)
             rope_scaling=None if cfg.rope_scaling == "none" else rope,
-            attention_bias=False, mlp_bias=False, dtype="float32")
+            dtype="float32",
+            **(dict(sliding_window=cfg.sliding_window) if mistral else
+               dict(attention_bias=False, mlp_bias=False)))
         return _with_token_ids(out, cfg, eos_id, bos_token_id=1)
     raise InteropError(f"No HF equivalent for this {cfg.family} config (mlp={cfg.mlp}, "
                        f"norm={cfg.norm}, position={cfg.position}, use_bias={cfg.use_bias}"
-                       + (f", num_kv_heads={cfg.num_kv_heads}" if cfg.num_kv_heads else "") + "); "
-                       "to_hf exports T5 v1.0/v1.1-style, GPT-2-style and Llama-style "
-                       "(gpt_modern) models")
+                       + (f", num_kv_heads={cfg.num_kv_heads}" if cfg.num_kv_heads else "")
+                       + (f", sliding_window={cfg.sliding_window}" if cfg.sliding_window else "")
+                       + "); to_hf exports T5 v1.0/v1.1-style, GPT-2-style and Llama-style "
+                       "(gpt_modern, Mistral with a sliding window) models")
 
 
 def _activation(source, names: Mapping[str, str], ours: str, default: str) -> str:
@@ -247,7 +255,8 @@ def _t5_exportable(cfg: ModelConfig) -> bool:
 def _gpt2_exportable(cfg: ModelConfig) -> bool:
     return (cfg.norm == "layer" and cfg.position == "learned" and cfg.use_bias
             and cfg.mlp == "gelu" and cfg.num_heads * cfg.head_dim == cfg.d_model
-            and not cfg.scale_logits and cfg.kv_heads == cfg.num_heads)
+            and not cfg.scale_logits and cfg.kv_heads == cfg.num_heads
+            and cfg.sliding_window is None)
 
 
 def hf_to_workdir(hf_dir, workdir, *, scan_layers: bool = False) -> ModelConfig:

@@ -11,7 +11,7 @@ from t5x_lite.config import ModelConfig
 from t5x_lite.layers import (Embed, attention_bias, constrain, dense_init, kernel_param,
                              make_dropout, param, vocab_logits)
 from t5x_lite.transformer import (DecodeCursor, Stack, causal_mask, make_norm, prefix_lm_mask,
-                                  segment_mask)
+                                  segment_mask, window_mask)
 
 
 class LearnedPositions(nn.Module):
@@ -73,14 +73,16 @@ class GPT(nn.Module):
         x = constrain(x, ("batch", "length", "embed"))
         decode_index = None
         if self.decode:
-            mask, _, decode_index = DecodeCursor(name="cursor")(token_valid,
-                                                                 decoder_causal_attention)
+            mask, _, decode_index = DecodeCursor(window=cfg.sliding_window, name="cursor")(
+                token_valid, decoder_causal_attention)
         else:
             mask = causal_mask(t)[None] & token_valid[:, None, :].astype(jnp.bool_)
             if decoder_causal_attention is not None:
                 mask = mask | prefix_lm_mask(decoder_causal_attention)
             if decoder_segment_ids is not None:
                 mask = mask & segment_mask(decoder_segment_ids, decoder_segment_ids)
+            if cfg.sliding_window is not None:  # by index: within a segment, as by position
+                mask = mask & window_mask(jnp.arange(t), jnp.arange(t), cfg.sliding_window)[None]
         # Prefix-LM rows see later prefix keys, so only a plain causal mask may skip them.
         x = Stack(cfg, cfg.num_layers, decode=self.decode, deterministic=self.deterministic,
                   causal=decoder_causal_attention is None, name="decoder")(x, attention_bias(mask), positions=decoder_positions,

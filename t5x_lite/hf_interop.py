@@ -1,5 +1,5 @@
-"""Hugging Face <-> t5x_lite weights and configs for T5 (v1.0, v1.1), GPT-2 and Llama (as
-gpt_modern), without torch.
+"""Hugging Face <-> t5x_lite weights and configs for T5 (v1.0, v1.1), GPT-2 and Llama /
+Mistral (as gpt_modern), without torch.
 
 An HF model directory holds `config.json` and `model.safetensors` (or a sharded
 `model.safetensors.index.json` with its shards), optionally `spiece.model`. Tensors are numpy
@@ -43,7 +43,7 @@ HF_VOCAB = "spiece.model"
 HF_SOURCE_CONFIG = "hf_config.json"  # a converted workdir's copy of the source config.json
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SUPPORTED = ("t5 (T5ForConditionalGeneration)", "gpt2 (GPT2LMHeadModel)",
-             "llama (LlamaForCausalLM)")
+             "llama (LlamaForCausalLM)", "mistral (MistralForCausalLM)")
 
 
 class InteropError(CheckpointError):
@@ -379,7 +379,7 @@ def _model_config(hf, tensors, scan_layers: bool, source: str) -> ModelConfig:
             tie_embeddings=not _untied(get("tie_word_embeddings", True, "flag"), gpt_tensors,
                                        gpt_tensors.get("wte.weight")),
             dropout_rate=rate, scan_layers=scan_layers)
-    if model_type == "llama":
+    if model_type in LLAMA_DEFAULTS:
         return _llama_config(hf, tensors, get, scan_layers, source)
     raise InteropError(f"Unsupported HF model_type {model_type!r} in {source}; t5x_lite "
                        f"converts {', '.join(SUPPORTED)}")
@@ -387,12 +387,22 @@ def _model_config(hf, tensors, scan_layers: bool, source: str) -> ModelConfig:
 
 # HF rope_type -> our rope_scaling (config.ROPE_SCALINGS)
 ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3"}
+# The Llama-layout model types: (name, the config defaults that differ between them, as HF's
+# LlamaConfig / MistralConfig have them; None: num_attention_heads). Mistral is Llama with
+# sliding-window attention.
+LLAMA_DEFAULTS = {
+    "llama": ("Llama", dict(num_key_value_heads=None, intermediate_size=11008,
+                            max_position_embeddings=2048)),
+    "mistral": ("Mistral", dict(num_key_value_heads=8, intermediate_size=14336,
+                                max_position_embeddings=131072, sliding_window=4096)),
+}
 
 
 def _llama_config(hf, tensors, get: Callable, scan_layers: bool, source: str) -> ModelConfig:
-    """gpt_modern for a LlamaForCausalLM config: SiLU-gated MLP, RMSNorm, rotate-half RoPE,
-    plain or scaled as `ROPE_TYPES` (transformers 5's rope_parameters or 4.x's rope_theta /
-    rope_scaling), no biases."""
+    """gpt_modern for a LlamaForCausalLM / MistralForCausalLM config: SiLU-gated MLP, RMSNorm,
+    rotate-half RoPE, plain or scaled as `ROPE_TYPES` (transformers 5's rope_parameters or 4.x's
+    rope_theta / rope_scaling), no biases; Mistral's sliding window (null: none)."""
+    name, defaults = LLAMA_DEFAULTS[hf["model_type"]]
     act = get("hidden_act", "silu", "name")
     # transformers 4.x: rope_scaling (without rope_theta, which is top-level); 5.x reads it
     # before rope_parameters, as here
@@ -413,9 +423,13 @@ def _llama_config(hf, tensors, get: Callable, scan_layers: bool, source: str) ->
                  for k in ("attention_bias", "mlp_bias")]
     for bad, what in problems:
         if bad:
-            raise InteropError(f"{source}: Llama config with {what} is not supported")
+            raise InteropError(f"{source}: {name} config with {what} is not supported")
     theta = _field(rope, source, "rope_theta", 10000.0, "eps")
-    max_len = get("max_position_embeddings", 2048, "size")
+    max_len = get("max_position_embeddings", defaults["max_position_embeddings"], "size")
+    window = None  # HF's Llama has none (and ignores the key)
+    if "sliding_window" in defaults:
+        window = hf.get("sliding_window", defaults["sliding_window"])
+        window = None if window is None else get("sliding_window", window, "size")  # null: none
     scale = lambda key, default=None, kind="eps": _field(rope, source, key, default, kind,
                                                          names={key: f"{within}.{key}"})
     scaling = {}
@@ -429,18 +443,20 @@ def _llama_config(hf, tensors, get: Callable, scan_layers: bool, source: str) ->
                                                    max_len, "size"))
     h = get("num_attention_heads", 32, "size")
     d = get("hidden_size", 4096, "size")
+    kv = hf.get("num_key_value_heads", defaults["num_key_value_heads"] or h)
+    kv = h if kv is None else get("num_key_value_heads", kv, "size")  # HF: null = num_heads
     if get("attention_dropout", 0.0, "rate"):
         logging.warning("%s: attention_dropout is not imported; t5x_lite's one dropout rate "
-                        "would also drop the residual branches Llama does not (it stays 0)",
-                        source)
+                        "would also drop the residual branches %s does not (it stays 0)",
+                        source, name)
     return gpt_modern(
         vocab_size=get("vocab_size", 32000, "size"), d_model=d, num_heads=h,
-        num_kv_heads=get("num_key_value_heads", h, "size", null_is_default=True),
+        num_kv_heads=kv,
         head_dim=get("head_dim", d // h, "size", null_is_default=True),
-        d_ff=get("intermediate_size", 11008, "size"),
+        d_ff=get("intermediate_size", defaults["intermediate_size"], "size"),
         num_layers=get("num_hidden_layers", 32, "size"),
         max_len=max_len, norm_eps=get("rms_norm_eps", 1e-6, "eps"), rope_theta=float(theta),
-        **scaling,
+        sliding_window=window, **scaling,
         tie_embeddings=not _untied(get("tie_word_embeddings", False, "flag"), tensors,
                                    (tensors or {}).get("model.embed_tokens.weight")),
         scan_layers=scan_layers)

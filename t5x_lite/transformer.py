@@ -138,9 +138,12 @@ class DecodeCursor(nn.Module):
     Each call writes `token_valid` [B, T] for the new chunk at slots [index, index+T) and returns
     the mask [B, T, L] (causal by slot, and only valid keys), the query slots [T] and the index
     the chunk was written at. `prefix_BxT` (a prefix-LM model's prompt chunk): flagged queries
-    also see the chunk's later flagged keys (`prefix_lm_mask`). On the shape-defining init call
-    (cache not created yet) the chunk length is the cache length L.
+    also see the chunk's later flagged keys (`prefix_lm_mask`). `window` (sliding-window
+    attention): no query sees a key `window` or more slots before it. On the shape-defining init
+    call (cache not created yet) the chunk length is the cache length L.
     """
+
+    window: int | None = None
 
     @nn.compact
     def __call__(self, token_valid_BxT, prefix_BxT=None):
@@ -150,7 +153,10 @@ class DecodeCursor(nn.Module):
         valid = self.variable("cache", "key_valid", jnp.zeros, (b, t), jnp.bool_)
         if not initialized:
             q_slots_T = jnp.arange(t)
-            return causal_mask(t)[None] & token_valid_BxT[:, None, :], q_slots_T, jnp.int32(0)
+            mask_BxTxT = causal_mask(t)[None] & token_valid_BxT[:, None, :]
+            if self.window is not None:
+                mask_BxTxT = mask_BxTxT & window_mask(q_slots_T, q_slots_T, self.window)[None]
+            return mask_BxTxT, q_slots_T, jnp.int32(0)
         start = index.value
         valid.value = jax.lax.dynamic_update_slice(valid.value, token_valid_BxT.astype(jnp.bool_),
                                                    (0, start))
@@ -162,12 +168,20 @@ class DecodeCursor(nn.Module):
             prefix_BxL = jax.lax.dynamic_update_slice(jnp.zeros(valid.value.shape, jnp.bool_),
                                                       prefix_BxT, (0, start))
             mask_BxTxL = mask_BxTxL | (prefix_BxT[:, :, None] & prefix_BxL[:, None, :])
+        if self.window is not None:
+            mask_BxTxL = mask_BxTxL & window_mask(q_slots_T, k_slots_L, self.window)[None]
         index.value = start + t
         return mask_BxTxL, q_slots_T, start
 
 
 def causal_mask(t: int):
     return jnp.tril(jnp.ones((t, t), jnp.bool_))
+
+
+def window_mask(q_T, k_S, window: int):
+    """[T, S]: key slot (or position) k within the `window` - 1 before query q, or after it
+    (sliding-window attention: `k > q - window`, HF's; combined with a causal or prefix mask)."""
+    return k_S[None, :] > q_T[:, None] - window
 
 
 def segment_mask(seg_q_BxT, seg_k_BxS):

@@ -342,7 +342,7 @@ def test_bad_directories(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(config={"model_type": "mistral"}), "Unsupported HF model_type 'mistral'"),
+    (dict(config={"model_type": "falcon"}), "Unsupported HF model_type 'falcon'"),
     (dict(config={"feed_forward_proj": "gelu", "dense_act_fn": "gelu"}),
      "feed_forward_proj='gelu' with dense_act_fn='gelu', is_gated_act=false is not supported"),
     (dict(config={"d_model": 48}), "does not fit token_embedder/embedding"),

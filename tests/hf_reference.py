@@ -101,14 +101,25 @@ def gpt2_logits(model, ids, mask) -> np.ndarray:
 def llama(tie: bool = False, kv_heads: int = 4, seed: int = 0, rope=None, **sizes):
     """A random HF LlamaForCausalLM (4 heads; `kv_heads` key / value heads), norm scales too;
     `rope`: its rope_parameters (default: plain RoPE, theta 5e5)."""
+    return _llama_layout(transformers.LlamaForCausalLM, transformers.LlamaConfig, tie, kv_heads,
+                         seed, rope, dict(attention_bias=False, mlp_bias=False, **sizes))
+
+
+def mistral(sliding_window, tie: bool = False, kv_heads: int = 2, seed: int = 0, **sizes):
+    """A random HF MistralForCausalLM: `llama`'s model with a sliding window (None: none)."""
+    return _llama_layout(transformers.MistralForCausalLM, transformers.MistralConfig, tie,
+                         kv_heads, seed, None, dict(sliding_window=sliding_window, **sizes))
+
+
+def _llama_layout(model_cls, config_cls, tie, kv_heads, seed, rope, extra):
     size = dict(vocab_size=96, hidden_size=48, num_attention_heads=4, head_dim=16,
-                intermediate_size=80, num_hidden_layers=2, **sizes)
+                intermediate_size=80, num_hidden_layers=2)
+    size.update(extra)
     torch.manual_seed(seed)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+    hf = model_cls(config_cls(
         **size, num_key_value_heads=kv_heads, rms_norm_eps=1e-6,
         rope_parameters=rope or {"rope_type": "default", "rope_theta": 5e5},
-        tie_word_embeddings=tie,
-        attention_bias=False, mlp_bias=False, attn_implementation="eager")).eval()
+        tie_word_embeddings=tie, attn_implementation="eager")).eval()
     with torch.no_grad():  # norm scales too: 1 would hide a misplaced one
         for name, p in hf.named_parameters():
             p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in name else 0.2 * torch.randn_like(p))
@@ -116,7 +127,7 @@ def llama(tie: bool = False, kv_heads: int = 4, seed: int = 0, rope=None, **size
 
 
 def llama_as_gpt_modern(hf):
-    """(gpt_modern config, params) of an HF Llama under the README's mapping."""
+    """(gpt_modern config, params) of an HF Llama (or Mistral) under the README's mapping."""
     from t5x_lite import config as config_lib
     c = hf.config
     D, H, K, G = c.hidden_size, c.num_attention_heads, c.head_dim, c.num_key_value_heads
@@ -141,7 +152,7 @@ def llama_as_gpt_modern(hf):
         vocab_size=c.vocab_size, d_model=D, num_heads=H, head_dim=K, d_ff=c.intermediate_size,
         num_layers=c.num_hidden_layers, rope_theta=c.rope_parameters["rope_theta"],
         tie_embeddings=c.tie_word_embeddings, norm_eps=c.rms_norm_eps, max_len=256,
-        num_kv_heads=None if G == H else G)
+        num_kv_heads=None if G == H else G, sliding_window=getattr(c, "sliding_window", None))
     return cfg, params
 
 

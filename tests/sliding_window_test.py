@@ -1,0 +1,175 @@
+"""Sliding-window attention (`model.sliding_window`, GPT family; HF Mistral's).
+
+References: HF MistralForCausalLM (its mask: key k is seen by query q when q - window < k <= q)
+for logits and greedy `generate`; the uncached forward pass for cached beam search, speculative
+decoding and packed rows; a hand-built mask for what the window hides."""
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import decoding_testlib
+import hf_reference as ref
+import t5x_lite
+from t5x_lite import config as config_lib
+from t5x_lite import convert, hf_interop
+from t5x_lite.decoding import generate as gen
+from t5x_lite.models import build_model
+
+W = 5
+N = 12
+# prompts longer than the window, left-padded against each other in one batch
+PROMPTS = [[5, 9, 3, 11, 12, 13, 14, 15, 16], [7, 8], [20, 21, 22, 23, 24, 25, 26]]
+
+
+@pytest.fixture(scope="module")
+def mistral():
+    hf = ref.mistral(W, seed=3)
+    cfg, params = ref.llama_as_gpt_modern(hf)
+    assert cfg.sliding_window == W
+    return hf, decoding_testlib.loaded(cfg, jax.tree.map(np.asarray, params))
+
+
+def _hf_greedy(hf, prompts, n=N):
+    p = max(map(len, prompts))
+    ids = np.zeros((len(prompts), p), np.int64)
+    mask = np.zeros_like(ids)
+    for i, x in enumerate(prompts):
+        ids[i, p - len(x):], mask[i, p - len(x):] = x, 1
+    with torch.no_grad():
+        out = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                          max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
+    return out[:, p:].numpy().tolist()
+
+
+@pytest.mark.parametrize("causal_blocks", [4, 1])
+def test_logits_equal_hf_mistral(mistral, causal_blocks):
+    hf, loaded = mistral
+    cfg = dataclasses.replace(loaded.config, causal_blocks=causal_blocks)
+    ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 24)).astype(np.int32)
+    with torch.no_grad():
+        want = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    got = np.asarray(jax.jit(build_model(cfg).logits)(
+        loaded.params, {"decoder_input_tokens": ids}))
+    assert np.abs(got - want).max() <= 1e-4, np.abs(got - want).max()
+    # the window matters at these lengths: without it the logits are another model's
+    full = build_model(dataclasses.replace(cfg, sliding_window=None))
+    assert np.abs(np.asarray(jax.jit(full.logits)(
+        loaded.params, {"decoder_input_tokens": ids})) - want).max() > 1e-2
+
+
+def test_a_query_sees_only_the_window():
+    """Changing a token changes the logits of the queries within W - 1 after it (per layer, so
+    up to L (W - 1) positions on), and none before it; with one layer exactly W."""
+    cfg = config_lib.gpt_modern(vocab_size=64, d_model=32, num_heads=4, head_dim=8, d_ff=48,
+                                num_layers=1, sliding_window=W, max_len=32)
+    loaded = decoding_testlib.loaded(cfg)
+    logits = jax.jit(loaded.model.logits)
+    ids = np.random.default_rng(1).integers(3, 64, (1, 20)).astype(np.int32)
+    changed = ids.copy()
+    changed[0, 6] += 1
+    diff = np.abs(np.asarray(logits(loaded.params, {"decoder_input_tokens": ids}))
+                  - np.asarray(logits(loaded.params, {"decoder_input_tokens": changed})))
+    moved = np.flatnonzero(diff[0].max(-1) > 1e-6)
+    np.testing.assert_array_equal(moved, np.arange(6, 6 + W))
+
+
+def test_cached_greedy_equals_hf_mistral_generate(mistral):
+    hf, loaded = mistral
+    ours = gen.generate(loaded, input_ids=PROMPTS, max_new_tokens=N, batch_size=4)
+    assert [r["ids"] for r in ours] == _hf_greedy(hf, PROMPTS)
+    one = gen.generate(loaded, input_ids=PROMPTS[:1], max_new_tokens=N, batch_size=1)
+    assert one[0]["ids"] == ours[0]["ids"]
+
+
+def test_beam_scores_and_speculative_decoding_follow_the_window(mistral, monkeypatch):
+    _, loaded = mistral
+    forward = jax.jit(loaded.model.logits)
+    beams = gen.generate(loaded, input_ids=PROMPTS[:2], method="beam", num_beams=3,
+                         max_new_tokens=8, batch_size=2)
+    for prompt, result in zip(PROMPTS, beams):
+        for beam in result:
+            ids = np.asarray([prompt + beam["ids"]], np.int32)
+            logp = jax.nn.log_softmax(forward(loaded.params, {"decoder_input_tokens": ids})[0])
+            p = len(prompt)
+            want = sum(float(logp[p - 1 + i, t]) for i, t in enumerate(beam["ids"]))
+            np.testing.assert_allclose(beam["score"], want, atol=2e-4)
+    # short cache phases: the cache grows (and speculative rollbacks happen) past the window
+    monkeypatch.setattr(gen, "MIN_PHASE", 2)
+    monkeypatch.setattr(gen, "CACHE_PHASES", 6)
+    plain = gen.generate(loaded, input_ids=PROMPTS, max_new_tokens=N, batch_size=4)
+    draft = decoding_testlib.loaded(dataclasses.replace(loaded.config, num_layers=1), seed=7)
+    spec = gen.generate(loaded, input_ids=PROMPTS, max_new_tokens=N, batch_size=4, draft=draft,
+                        num_draft=3)
+    assert [r["ids"] for r in spec] == [r["ids"] for r in plain]
+
+
+def test_packed_rows_equal_each_sequence_alone():
+    cfg = config_lib.gpt_modern(vocab_size=64, d_model=32, num_heads=4, head_dim=8, d_ff=48,
+                                num_layers=2, sliding_window=3, max_len=32)
+    loaded = decoding_testlib.loaded(cfg)
+    logits = jax.jit(loaded.model.logits)
+    rng = np.random.default_rng(2)
+    seqs = [rng.integers(3, 64, n).astype(np.int32) for n in (7, 4, 6)]
+    tokens = np.concatenate(seqs)[None]
+    seg = np.concatenate([np.full(len(s), i + 1) for i, s in enumerate(seqs)])[None]
+    pos = np.concatenate([np.arange(len(s)) for s in seqs])[None]
+    packed = np.asarray(logits(loaded.params, {"decoder_input_tokens": tokens,
+                                               "decoder_segment_ids": seg,
+                                               "decoder_positions": pos}))
+    for i, s in enumerate(seqs):
+        alone = np.asarray(logits(loaded.params, {"decoder_input_tokens": s[None]}))
+        np.testing.assert_allclose(packed[0][seg[0] == i + 1], alone[0], atol=2e-5)
+
+
+def test_mistral_checkpoint_converts_decodes_as_hf_and_exports_back(tmp_path):
+    hf = ref.mistral(W, seed=4)
+    hf.save_pretrained(tmp_path / "src")
+    cfg = convert.hf_to_workdir(tmp_path / "src", tmp_path / "w")
+    assert (cfg.sliding_window, cfg.num_kv_heads) == (W, 2)
+    ours = t5x_lite.load(str(tmp_path / "w")).generate(input_ids=PROMPTS, max_new_tokens=N)
+    assert [r["ids"] for r in ours] == [_hf_greedy(hf, [p])[0] for p in PROMPTS]
+
+    convert.workdir_to_hf(tmp_path / "w", tmp_path / "hf")
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (written["model_type"], written["sliding_window"]) == ("mistral", W)
+    assert "attention_bias" not in written
+    back = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", attn_implementation="eager").eval()
+    assert type(back).__name__ == "MistralForCausalLM"
+    ids = torch.tensor([PROMPTS[0] + PROMPTS[2]])
+    with torch.no_grad():
+        np.testing.assert_array_equal(back(ids).logits.numpy(), hf(ids).logits.numpy())
+
+
+def test_mistral_configs_read_as_hf_reads_them():
+    c = ref.mistral(None).config.to_dict()
+    assert hf_interop.model_config_from_hf(c).sliding_window is None  # null: no window
+    for key in ("sliding_window", "num_key_value_heads", "intermediate_size"):
+        del c[key]  # MistralConfig's defaults, not LlamaConfig's
+    c["num_attention_heads"] = 16  # so that its default 8 kv heads divide them
+    cfg = hf_interop.model_config_from_hf(c)
+    assert (cfg.sliding_window, cfg.num_kv_heads, cfg.d_ff) == (4096, 8, 14336)
+    c["num_key_value_heads"] = None  # HF: as many as the heads
+    assert hf_interop.model_config_from_hf(c).num_kv_heads is None
+    llama = ref.llama(kv_heads=2).config.to_dict()
+    llama["sliding_window"] = 4  # HF's Llama reads no window
+    assert hf_interop.model_config_from_hf(llama).sliding_window is None
+    with pytest.raises(hf_interop.InteropError,
+                       match="^config.json: sliding_window=0 is not a positive integer$"):
+        hf_interop.model_config_from_hf({**c, "sliding_window": 0})
+
+
+def test_settings_it_cannot_build_are_one_line(tmp_path):
+    with pytest.raises(config_lib.ConfigError, match="sliding_window only applies to family 'gpt'"):
+        config_lib.t5_1_1(sliding_window=4)
+    with pytest.raises(config_lib.ConfigError, match="sliding_window must be positive"):
+        config_lib.gpt_modern(sliding_window=0)
+    gpt2 = config_lib.gpt2(vocab_size=64, d_model=32, num_heads=4, head_dim=8, d_ff=48,
+                           num_layers=1, max_len=32, sliding_window=4)
+    with pytest.raises(hf_interop.InteropError, match="sliding_window=4\\); to_hf exports"):
+        convert.hf_config_from_model(gpt2)
