@@ -173,3 +173,33 @@ def test_settings_it_cannot_build_are_one_line(tmp_path):
                            num_layers=1, max_len=32, sliding_window=4)
     with pytest.raises(hf_interop.InteropError, match="sliding_window=4\\); to_hf exports"):
         convert.hf_config_from_model(gpt2)
+
+
+def test_prefix_lm_decoding_follows_the_uncached_window(tmp_path):
+    """Under the prefix-LM objective the window bounds only the past: prompt queries see the
+    later prompt keys. Cached greedy decoding equals greedy over the uncached forward pass
+    with the prompt flagged (`decoder_causal_attention`), the training pipeline's features."""
+    from t5x_lite import checkpoints
+    from t5x_lite.defaults import base_config
+    cfg = config_lib.gpt_modern(vocab_size=64, d_model=32, num_heads=4, head_dim=8, d_ff=48,
+                                num_layers=2, sliding_window=3, max_len=48)
+    checkpoints.write_config(tmp_path, base_config(cfg, objective="prefix_lm", seq_len=32))
+    checkpoints.save_params(tmp_path, decoding_testlib.random_params(cfg, seed=5), 0)
+    lm = t5x_lite.load(str(tmp_path))
+    assert lm.prefix_lm
+    prompts = [[0, 5, 9, 13, 2, 40, 7, 1], [0, 11, 4, 1]]
+    got = lm.generate(input_ids=prompts, max_new_tokens=8)
+    forward = jax.jit(lm.model.logits)
+    for prompt, row in zip(prompts, got):
+        ids = list(prompt)
+        for _ in range(8):  # right-padded to one length: padding changes no real position
+            tokens = np.zeros((1, 24), np.int32)
+            tokens[0, :len(ids)] = ids
+            flags = np.zeros((1, 24), np.int32)
+            flags[0, :len(prompt)] = 1
+            logits = forward(lm.params, {"decoder_input_tokens": tokens,
+                                         "decoder_causal_attention": flags})
+            ids.append(int(np.argmax(logits[0, len(ids) - 1])))
+            if ids[-1] == 1:
+                break
+        assert row["ids"] == ids[len(prompt):]
