@@ -11,7 +11,8 @@ Conventions (stated once, used everywhere):
 - Attention scores and values cost 2 * 2 * Tq * Tk * H * K per layer forward (q.k and p.v); for
   training that is 12 * Tq * Tk * d_attn (d_attn = H * K): the "12 * L * T * d_attn per token"
   of the PaLM paper. Causal attention is counted on the full square (PaLM's convention, and
-  the trainer's MFU), although `causal_blocks` > 1 makes XLA skip part of the masked half.
+  the trainer's MFU), although `causal_blocks` > 1 makes XLA skip part of the masked half
+  (and, with a `sliding_window`, the keys before the window).
 - T5: encoder layers see S encoder tokens, decoder layers T decoder tokens; cross-attention
   projects keys / values from the S encoder outputs once per decoder layer, and its scores are
   T x S. "Tokens" of a T5 step are S + T per example (everything the model reads or predicts).

@@ -187,12 +187,15 @@ def _layer_counts(mlp: str, policy: str, scanned: bool) -> tuple[float, float, f
 
 def causal_score_fraction(cfg: ModelConfig, q_len: int) -> float:
     """Share of the T x T score square causal self-attention computes in training
-    (layers.dot_product_attention with `causal_blocks` n: (n + 1) / 2n when n divides T, else the
-    whole square). The `dot_product_attention` impl takes the blocks path only with dropout."""
+    (layers.dot_product_attention with `causal_blocks` n: (n + 1) / 2n when n divides T, less
+    the keys before a sliding window; else the whole square). The `dot_product_attention` impl
+    takes the blocks path only with dropout."""
     n = cfg.causal_blocks
     if n <= 1 or q_len % n or (cfg.attention_impl != "xla" and cfg.dropout_rate == 0):
         return 1.0
-    return (n + 1) / (2 * n)
+    c, w = q_len // n, cfg.sliding_window
+    keys = sum((i + 1) * c - (0 if w is None else max(0, i * c - w + 1)) for i in range(n))
+    return c * keys / q_len ** 2
 
 
 def _act_bytes(cfg: ModelConfig) -> int:

@@ -304,15 +304,19 @@ def make_dropout(cfg: ModelConfig, along_sequence: bool = True) -> nn.Dropout:
 
 def dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, bias, scale: float, impl: str,
                           dropout: Callable | None = None, kv_cache: bool = False,
-                          causal_blocks: int = 1):
+                          causal_blocks: int = 1, window: int | None = None):
     """softmax(scale * q.k + bias) v with float32 scores and softmax.
+
+    `dropout(probs, first_key)` drops attention probabilities whose keys start at `first_key`.
 
     `kv_cache`: k and v are the decode cache, [B*H, S, K] (see `Attention`): the batched
     matmuls read it in place, with no transpose or copy of the cache at a step.
     `causal_blocks` > 1 promises that `bias` masks every key after its query (S == T, causal
     self-attention): the queries are split into that many blocks and block i attends only to
     keys [0, (i + 1) T / n), skipping the masked upper triangle, (n + 1) / 2n of the full
-    square's work (5/8 at n = 4) with the same result.
+    square's work (5/8 at n = 4) with the same result. With a sliding `window` (the bias also
+    masks every key `window` or more before its query), block i skips the keys before
+    i T / n - window + 1 as well.
     """
     if impl == "dot_product_attention" and dropout is None and not kv_cache:
         b, h, t, s = jnp.broadcast_shapes(bias.shape, (1, q_BxTxHxK.shape[2], 1, 1))
@@ -325,12 +329,12 @@ def dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, bias, scale: float, i
     if kv_cache:
         return _cached_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, bias, scale, dropout)
 
-    def attend(q, k, v, bias):
+    def attend(q, k, v, bias, first_key=0):
         scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q, k,
                                     preferred_element_type=jnp.float32) * scale + bias
         probs = jax.nn.softmax(scores_BxHxTxS, axis=-1)
         if dropout is not None:
-            probs = dropout(probs)
+            probs = dropout(probs, first_key)
         return jnp.einsum("bhts,bshk->bthk", probs.astype(v.dtype), v)
 
     t = q_BxTxHxK.shape[1]
@@ -340,10 +344,12 @@ def dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, bias, scale: float, i
     c = t // causal_blocks
     # Broadcast (size-1) bias dims are kept; only real T / S dims are sliced.
     rows = lambda x, i: x if x.shape[2] == 1 else x[:, :, i * c:(i + 1) * c]
-    keys = lambda x, n, axis: x if x.shape[axis] == 1 else jax.lax.slice_in_dim(x, 0, n, axis=axis)
-    outs = [attend(q_BxTxHxK[:, i * c:(i + 1) * c], k_BxSxHxK[:, :(i + 1) * c],
-                   v_BxSxHxK[:, :(i + 1) * c], keys(rows(bias, i), (i + 1) * c, 3))
-            for i in range(causal_blocks)]
+    keys = lambda x, lo, hi, axis: x if x.shape[axis] == 1 else jax.lax.slice_in_dim(
+        x, lo, hi, axis=axis)
+    first = [0 if window is None else max(0, i * c - window + 1) for i in range(causal_blocks)]
+    outs = [attend(q_BxTxHxK[:, i * c:(i + 1) * c], k_BxSxHxK[:, lo:(i + 1) * c],
+                   v_BxSxHxK[:, lo:(i + 1) * c], keys(rows(bias, i), lo, (i + 1) * c, 3), lo)
+            for i, lo in enumerate(first)]
     return jnp.concatenate(outs, axis=1)
 
 
@@ -470,14 +476,18 @@ class Attention(nn.Module):
             key, value = (jnp.repeat(x, group, axis=2) for x in (key, value))
         dropout = None
         if cfg.dropout_rate > 0 and not deterministic:
-            dropout = nn.Dropout(cfg.dropout_rate, deterministic=False)
+            drop = nn.Dropout(cfg.dropout_rate, deterministic=False)
+            dropout = lambda probs, first_key=0: drop(probs)  # a mask of its own per call
             if cfg.dropout_broadcast:  # T5X: one mask over the keys, shared by every query
-                keep_BxHx1xS = dropout(jnp.ones((q.shape[0], h, 1, key.shape[1]), jnp.float32))
-                dropout = lambda probs: probs * keep_BxHx1xS[..., :probs.shape[-1]]
+                keep_BxHx1xS = drop(jnp.ones((q.shape[0], h, 1, key.shape[1]), jnp.float32))
+                dropout = lambda probs, first_key=0: probs * jax.lax.slice_in_dim(
+                    keep_BxHx1xS, first_key, first_key + probs.shape[-1], axis=3)
         scale = 1.0 / math.sqrt(k) if cfg.attention_scale else 1.0
+        blocked = self.causal and not decode
         out_BxTxHxK = dot_product_attention(
             q, key, value, bias, scale, cfg.attention_impl, dropout, kv_cache=decode,
-            causal_blocks=cfg.causal_blocks if self.causal and not decode else 1)
+            causal_blocks=cfg.causal_blocks if blocked else 1,
+            window=cfg.sliding_window if blocked else None)
         wo = kernel_param(self, "out", dense_init(h * k), (h, k, d), ("heads", "kv", "embed"))
         out = dense(out_BxTxHxK, wo.astype(dtype), n_in=2)
         if cfg.use_bias:

@@ -478,3 +478,13 @@ def test_cli_bad_numbers_and_extra_arguments_are_one_line():
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and not r.stdout, (r.stdout[-500:], r.stderr[-2000:])
         assert r.stderr.strip() == f"estimate: error: {message}", r.stderr[-2000:]
+
+
+def test_memory_estimate_matches_xla_with_a_sliding_window():
+    # Query blocks skip the keys before the window too: at length 512, window 32 and 8 blocks
+    # the scores kept are 12% of the square, not the blocks' 9/16.
+    c = with_(load_config("tiny_gpt"), data__seq_len=512, model__max_len=512,
+              model__sliding_window=32, model__causal_blocks=8)
+    assert em.causal_score_fraction(ModelConfig.from_dict(c.model), 512) == pytest.approx(
+        (64 * 64 + 7 * 64 * 95) / 512 ** 2)
+    _check_memory(c)

@@ -203,3 +203,27 @@ def test_prefix_lm_decoding_follows_the_uncached_window(tmp_path):
             if ids[-1] == 1:
                 break
         assert row["ids"] == ids[len(prompt):]
+
+
+def test_query_blocks_skip_the_keys_before_the_window():
+    """Causal query blocks also skip the keys no query of theirs sees: less work (XLA's FLOP
+    count), and the full square's loss and gradients, also under dropout masks shared along
+    the sequence (each block reads its keys' slice of the one mask)."""
+    cfg = config_lib.gpt_modern(vocab_size=64, d_model=32, num_heads=4, head_dim=8, d_ff=48,
+                                num_layers=2, sliding_window=3, max_len=64, dropout_rate=0.2,
+                                dropout_broadcast=True, causal_blocks=8)
+    params = decoding_testlib.random_params(cfg)
+    ids = np.random.default_rng(4).integers(2, 64, (2, 64)).astype(np.int32)
+    batch = {"decoder_input_tokens": ids, "decoder_target_tokens": ids}
+
+    def grad_fn(c):
+        model = build_model(c)
+        return jax.jit(jax.value_and_grad(lambda p: model.loss_fn(p, batch, jax.random.key(1))[0]))
+
+    (loss, grads), (want, want_grads) = (grad_fn(cfg)(params),
+                                         grad_fn(dataclasses.replace(cfg, causal_blocks=1))(params))
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads,
+                 want_grads)
+    flops = lambda c: grad_fn(c).lower(params).compile().cost_analysis()["flops"]
+    assert flops(cfg) < flops(dataclasses.replace(cfg, sliding_window=None))
