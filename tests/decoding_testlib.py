@@ -85,3 +85,17 @@ class HashChain:
             total += self.log_probs(h)[t]
             h = self.next_state(h, t)
         return total
+
+
+def assert_beams_score_their_log_probs(loaded_model, prompts, beams, atol=2e-4):
+    """Each beam's score (decoder-only model) is the sum of its tokens' log-probs under the
+    uncached forward pass of prompt + beam."""
+    forward = jax.jit(loaded_model.model.logits)
+    for prompt, result in zip(prompts, beams):
+        for beam in result:
+            ids = np.asarray([prompt + beam["ids"]], np.int32)
+            logp = jax.nn.log_softmax(forward(loaded_model.params,
+                                              {"decoder_input_tokens": ids})[0])
+            p = len(prompt)
+            want = sum(float(logp[p - 1 + i, t]) for i, t in enumerate(beam["ids"]))
+            np.testing.assert_allclose(beam["score"], want, atol=atol)

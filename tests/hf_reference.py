@@ -126,6 +126,22 @@ def _llama_layout(model_cls, config_cls, tie, kv_heads, seed, rope, extra):
     return hf
 
 
+def greedy_left_padded(hf, prompts, n, eos_token_id=None):
+    """HF `generate(do_sample=False)` of a causal LM on `prompts` left-padded into one batch:
+    each row's new tokens, cut after its first `eos_token_id` (None: all n)."""
+    p = max(map(len, prompts))
+    ids = np.zeros((len(prompts), p), np.int64)
+    mask = np.zeros_like(ids)
+    for i, x in enumerate(prompts):
+        ids[i, p - len(x):], mask[i, p - len(x):] = x, 1
+    with torch.no_grad():
+        out = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                          max_new_tokens=n, do_sample=False, pad_token_id=0,
+                          eos_token_id=eos_token_id)
+    rows = out[:, p:].numpy().tolist()
+    return [r[:r.index(eos_token_id) + 1] if eos_token_id in r else r for r in rows]
+
+
 def llama_as_gpt_modern(hf):
     """(gpt_modern config, params) of an HF Llama (or Mistral) under the README's mapping."""
     from t5x_lite import config as config_lib

@@ -34,16 +34,8 @@ def mistral():
     return hf, decoding_testlib.loaded(cfg, jax.tree.map(np.asarray, params))
 
 
-def _hf_greedy(hf, prompts, n=N):
-    p = max(map(len, prompts))
-    ids = np.zeros((len(prompts), p), np.int64)
-    mask = np.zeros_like(ids)
-    for i, x in enumerate(prompts):
-        ids[i, p - len(x):], mask[i, p - len(x):] = x, 1
-    with torch.no_grad():
-        out = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                          max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
-    return out[:, p:].numpy().tolist()
+def _hf_greedy(hf, prompts):
+    return ref.greedy_left_padded(hf, prompts, N)
 
 
 @pytest.mark.parametrize("causal_blocks", [4, 1])
@@ -88,16 +80,9 @@ def test_cached_greedy_equals_hf_mistral_generate(mistral):
 
 def test_beam_scores_and_speculative_decoding_follow_the_window(mistral, monkeypatch):
     _, loaded = mistral
-    forward = jax.jit(loaded.model.logits)
     beams = gen.generate(loaded, input_ids=PROMPTS[:2], method="beam", num_beams=3,
                          max_new_tokens=8, batch_size=2)
-    for prompt, result in zip(PROMPTS, beams):
-        for beam in result:
-            ids = np.asarray([prompt + beam["ids"]], np.int32)
-            logp = jax.nn.log_softmax(forward(loaded.params, {"decoder_input_tokens": ids})[0])
-            p = len(prompt)
-            want = sum(float(logp[p - 1 + i, t]) for i, t in enumerate(beam["ids"]))
-            np.testing.assert_allclose(beam["score"], want, atol=2e-4)
+    decoding_testlib.assert_beams_score_their_log_probs(loaded, PROMPTS, beams)
     # short cache phases: the cache grows (and speculative rollbacks happen) past the window
     monkeypatch.setattr(gen, "MIN_PHASE", 2)
     monkeypatch.setattr(gen, "CACHE_PHASES", 6)
