@@ -2,7 +2,7 @@
 
     import t5x_lite
     m = t5x_lite.load("/tmp/t5_base")   # workdir, its checkpoints/ or checkpoints/<step>, or an
-                                        # HF T5 / GPT-2 / Llama / Mistral dir (in memory, no torch)
+                                        # HF T5 / GPT-2 / Llama / Mistral / Qwen2 dir (in memory)
     m.logits([[37, 5, 1]], decoder_input_ids=[[0, 12, 9]])   # np.float32 [B, T, V]
     m.score(["question: ..."], ["answer"])                    # np.float32 [B]: sum of log p
     m.generate(...)                                           # see t5x_lite.decoding
@@ -367,8 +367,8 @@ def load(path, *, dtype=None, mesh=None, step: int | None = None,
 
     Args:
       path: a t5x_lite workdir (latest step), its `checkpoints` dir, one `checkpoints/<step>`
-        dir, or an HF T5 / GPT-2 / Llama / Mistral directory (config.json + safetensors;
-        converted in memory).
+        dir, or an HF T5 / GPT-2 / Llama / Mistral / Qwen2 directory (config.json +
+        safetensors; converted in memory).
       dtype: compute dtype override ('float32', 'bfloat16', ...); params stay float32.
       mesh: a `partitioning.make_mesh(...)` mesh; default: all devices, data-parallel (params
         replicated).

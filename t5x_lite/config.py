@@ -107,6 +107,7 @@ class ModelConfig:
     rope_original_max_len: int = 8192  # llama3: the context length of pretraining
     attention_scale: bool = False  # multiply q.k by 1/sqrt(head_dim) (GPT); T5 folds it into init
     use_bias: bool = False  # biases on projections (GPT-2)
+    qkv_bias: bool = False  # biases on the query / key / value projections only (Qwen2)
     tie_embeddings: bool = True  # BERT: always (its MLM output is the embedding)
     scale_logits: bool = False  # multiply final hidden states by d_model**-0.5 (T5 v1.0 only)
     dropout_rate: float = 0.0
@@ -184,6 +185,8 @@ class ModelConfig:
              "sliding_window only applies to family 'gpt'; leave it None"),
             (self.sliding_window is None or self.sliding_window > 0,
              f"sliding_window must be positive (or None), got {self.sliding_window}"),
+            (not (self.qkv_bias and self.use_bias), "qkv_bias=True adds no bias that "
+             "use_bias=True does not (it has them on every projection); leave it False"),
             (self.num_decoder_layers is None or self.num_decoder_layers > 0,
              f"num_decoder_layers must be positive (or None), got {self.num_decoder_layers}"),
             (self.family != "bert" or self.tie_embeddings,
@@ -213,6 +216,11 @@ class ModelConfig:
     @property
     def decoder_layers(self) -> int:
         return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        """Biases on the query / key / value projections (use_bias or qkv_bias)."""
+        return self.use_bias or self.qkv_bias
 
     @property
     def kv_heads(self) -> int:
@@ -293,7 +301,8 @@ class ModelConfig:
     def shape_signature(self) -> dict[str, Any]:
         """The fields that decide parameter shapes (a checkpoint must match these)."""
         keys = ("family", "vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_layers",
-                "mlp", "norm", "position", "use_bias", "tie_embeddings", "scan_layers")
+                "mlp", "norm", "position", "use_bias", "qkv_bias", "tie_embeddings",
+                "scan_layers")
         sig = {k: getattr(self, k) for k in keys}
         sig["relative_buckets"] = self.relative_buckets if self.family == "t5" else None
         sig["decoder_layers"] = self.decoder_layers if self.family == "t5" else None

@@ -1,4 +1,5 @@
-"""Convert Hugging Face T5 / GPT-2 / Llama / Mistral checkpoints to t5x_lite workdirs and back.
+"""Convert Hugging Face T5 / GPT-2 / Llama / Mistral / Qwen2 checkpoints to t5x_lite workdirs and
+back.
 
     # HF directory (config.json + model.safetensors or a sharded index) -> t5x_lite workdir
     python -m t5x_lite.convert --from_hf=/models/t5-v1_1-base --workdir=/tmp/t5_base
@@ -185,13 +186,22 @@ def hf_config_from_model(cfg: ModelConfig, base: Mapping[str, Any] | None = None
             rope.update(low_freq_factor=cfg.rope_low_freq_factor,
                         high_freq_factor=cfg.rope_high_freq_factor,
                         original_max_position_embeddings=cfg.rope_original_max_len)
-        # Mistral is Llama with a sliding window; HF's Llama has none
-        mistral = cfg.sliding_window is not None
-        for key in ("attention_bias", "mlp_bias") if mistral else ("sliding_window",):
-            out.pop(key, None)  # a source config's keys the other model type does not have
+        # Qwen2 is Llama with q / k / v biases, Mistral Llama with a sliding window (HF's Llama
+        # has none); the keys of the source's model type that this one does not have go
+        w = cfg.sliding_window
+        kind = "qwen2" if cfg.qkv_bias else "llama" if w is None else "mistral"
+        for key in ("attention_bias", "mlp_bias", "sliding_window", "use_sliding_window",
+                    "max_window_layers", "layer_types"):
+            out.pop(key, None)
+        out.update({
+            "llama": dict(attention_bias=False, mlp_bias=False),
+            "mistral": dict(sliding_window=w),
+            "qwen2": dict(use_sliding_window=w is not None, sliding_window=w, max_window_layers=0,
+                          layer_types=[("full_attention" if w is None else "sliding_attention")]
+                          * cfg.num_layers)}[kind])
         out.update(
-            architectures=["MistralForCausalLM" if mistral else "LlamaForCausalLM"],
-            model_type="mistral" if mistral else "llama", vocab_size=cfg.vocab_size,
+            architectures=[hf_interop.LLAMA_ARCHITECTURES[kind]], model_type=kind,
+            vocab_size=cfg.vocab_size,
             hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.num_layers,
             num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads,
             head_dim=cfg.head_dim, hidden_act="silu", max_position_embeddings=cfg.max_len,
@@ -200,9 +210,7 @@ def hf_config_from_model(cfg: ModelConfig, base: Mapping[str, Any] | None = None
             rope_parameters=rope,
             # transformers 4.x reads scaling from here (5.x: the same dict, read first)
             rope_scaling=None if cfg.rope_scaling == "none" else rope,
-            dtype="float32",
-            **(dict(sliding_window=cfg.sliding_window) if mistral else
-               dict(attention_bias=False, mlp_bias=False)))
+            dtype="float32")
         return _with_token_ids(out, cfg, eos_id, bos_token_id=1)
     raise InteropError(f"No HF equivalent for this {cfg.family} config (mlp={cfg.mlp}, "
                        f"norm={cfg.norm}, position={cfg.position}, use_bias={cfg.use_bias}"
@@ -248,7 +256,7 @@ def _with_token_ids(out: dict, cfg: ModelConfig, eos_id: int, **defaults: int) -
 
 
 def _t5_exportable(cfg: ModelConfig) -> bool:
-    return (cfg.norm == "rms" and cfg.position == "relative" and not cfg.use_bias
+    return (cfg.norm == "rms" and cfg.position == "relative" and not cfg.has_qkv_bias
             and not cfg.attention_scale and cfg.mlp in _T5_MLPS_OUT)
 
 

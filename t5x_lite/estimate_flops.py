@@ -61,8 +61,10 @@ def _attention_kernels(cfg: ModelConfig) -> int:
 
 def _attention_params(cfg: ModelConfig) -> int:
     n = _attention_kernels(cfg)
+    if cfg.has_qkv_bias:
+        n += cfg.head_dim * (cfg.num_heads + 2 * cfg.kv_heads)
     if cfg.use_bias:
-        n += cfg.head_dim * (cfg.num_heads + 2 * cfg.kv_heads) + cfg.d_model
+        n += cfg.d_model  # the out projection's
     return n
 
 

@@ -1,5 +1,5 @@
 """Hugging Face <-> t5x_lite weights and configs for T5 (v1.0, v1.1), GPT-2 and Llama /
-Mistral (as gpt_modern), without torch.
+Mistral / Qwen2 (as gpt_modern), without torch.
 
 An HF model directory holds `config.json` and `model.safetensors` (or a sharded
 `model.safetensors.index.json` with its shards), optionally `spiece.model`. Tensors are numpy
@@ -43,7 +43,8 @@ HF_VOCAB = "spiece.model"
 HF_SOURCE_CONFIG = "hf_config.json"  # a converted workdir's copy of the source config.json
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SUPPORTED = ("t5 (T5ForConditionalGeneration)", "gpt2 (GPT2LMHeadModel)",
-             "llama (LlamaForCausalLM)", "mistral (MistralForCausalLM)")
+             "llama (LlamaForCausalLM)", "mistral (MistralForCausalLM)",
+             "qwen2 (Qwen2ForCausalLM)")
 
 
 class InteropError(CheckpointError):
@@ -388,13 +389,19 @@ def _model_config(hf, tensors, scan_layers: bool, source: str) -> ModelConfig:
 # HF rope_type -> our rope_scaling (config.ROPE_SCALINGS)
 ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3"}
 # The Llama-layout model types: (name, the config defaults that differ between them, as HF's
-# LlamaConfig / MistralConfig have them; None: num_attention_heads). Mistral is Llama with
-# sliding-window attention.
+# LlamaConfig / MistralConfig / Qwen2Config have them; None: num_attention_heads). Mistral is
+# Llama with sliding-window attention, Qwen2 Llama with query / key / value biases (and
+# sliding-window layers, `_qwen2_window`).
+LLAMA_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                       "qwen2": "Qwen2ForCausalLM"}
 LLAMA_DEFAULTS = {
     "llama": ("Llama", dict(num_key_value_heads=None, intermediate_size=11008,
-                            max_position_embeddings=2048)),
+                            max_position_embeddings=2048, vocab_size=32000)),
     "mistral": ("Mistral", dict(num_key_value_heads=8, intermediate_size=14336,
-                                max_position_embeddings=131072, sliding_window=4096)),
+                                max_position_embeddings=131072, vocab_size=32000,
+                                sliding_window=4096)),
+    "qwen2": ("Qwen2", dict(num_key_value_heads=None, intermediate_size=22016,
+                            max_position_embeddings=32768, vocab_size=151936)),
 }
 
 
@@ -430,6 +437,8 @@ def _llama_config(hf, tensors, get: Callable, scan_layers: bool, source: str) ->
     if "sliding_window" in defaults:
         window = hf.get("sliding_window", defaults["sliding_window"])
         window = None if window is None else get("sliding_window", window, "size")  # null: none
+    elif hf["model_type"] == "qwen2":
+        window = _qwen2_window(hf, get, source)
     scale = lambda key, default=None, kind="eps": _field(rope, source, key, default, kind,
                                                          names={key: f"{within}.{key}"})
     scaling = {}
@@ -450,16 +459,42 @@ def _llama_config(hf, tensors, get: Callable, scan_layers: bool, source: str) ->
                         "would also drop the residual branches %s does not (it stays 0)",
                         source, name)
     return gpt_modern(
-        vocab_size=get("vocab_size", 32000, "size"), d_model=d, num_heads=h,
+        vocab_size=get("vocab_size", defaults["vocab_size"], "size"), d_model=d, num_heads=h,
         num_kv_heads=kv,
         head_dim=get("head_dim", d // h, "size", null_is_default=True),
         d_ff=get("intermediate_size", defaults["intermediate_size"], "size"),
         num_layers=get("num_hidden_layers", 32, "size"),
         max_len=max_len, norm_eps=get("rms_norm_eps", 1e-6, "eps"), rope_theta=float(theta),
-        sliding_window=window, **scaling,
+        sliding_window=window, qkv_bias=hf["model_type"] == "qwen2", **scaling,
         tie_embeddings=not _untied(get("tie_word_embeddings", False, "flag"), tensors,
                                    (tensors or {}).get("model.embed_tokens.weight")),
         scan_layers=scan_layers)
+
+
+def _qwen2_window(hf, get: Callable, source: str) -> int | None:
+    """Qwen2's sliding window as HF builds it: `sliding_window` when `use_sliding_window`, in the
+    layers `layer_types` marks "sliding_attention" (absent: from max_window_layers on). One
+    window for every layer, or none in any; a mix is an InteropError."""
+    window = None
+    if get("use_sliding_window", False, "flag"):
+        window = hf.get("sliding_window", 4096)
+        window = None if window is None else get("sliding_window", window, "size")
+    types = hf.get("layer_types")
+    if types is None:
+        first = hf.get("max_window_layers", 28)
+        if not is_int(first) or first < 0:
+            raise InteropError(f"{source}: max_window_layers={json.dumps(first)} is not an "
+                               "integer >= 0")
+        types = ["sliding_attention" if i >= first else "full_attention"
+                 for i in range(get("num_hidden_layers", 32, "size"))]
+    if not isinstance(types, list):
+        raise InteropError(f"{source}: layer_types={json.dumps(types)} is not a list")
+    windows = {window if t == "sliding_attention" else None for t in types}
+    if len(windows) > 1:
+        raise InteropError(f"{source}: Qwen2 config with a sliding window in some layers only "
+                           "(layer_types / max_window_layers) is not supported: t5x_lite's "
+                           "sliding_window is the same in every layer")
+    return windows.pop() if windows else None
 
 
 def is_llama(cfg: ModelConfig) -> bool:
@@ -526,6 +561,10 @@ def _spec(cfg: ModelConfig) -> list[tuple[tuple[str, ...], str, Transform]]:
                       _SAME)]
             spec += [((*o, "self_attention", name), f"{hf}.self_attn.{t}_proj.weight", heads_in(n))
                      for name, t, n in (("query", "q", h), ("key", "k", g), ("value", "v", g))]
+            if cfg.qkv_bias:  # Qwen2
+                spec += [((*o, "self_attention", f"{name}_bias"), f"{hf}.self_attn.{t}_proj.bias",
+                          _reshape((n * k,), (n, k)))
+                         for name, t, n in (("query", "q", h), ("key", "k", g), ("value", "v", g))]
             spec.append(((*o, "self_attention", "out"), f"{hf}.self_attn.o_proj.weight",
                          heads_out))
             spec += [((*o, "mlp", ours), f"{hf}.mlp.{theirs}_proj.weight", _LINEAR)

@@ -400,7 +400,7 @@ class Attention(nn.Module):
         cfg = self.config
         kernel = kernel_param(self, name, dense_init(fan_in), (d_in, *features), axes)
         y = dense(x, kernel.astype(dtype))
-        if cfg.use_bias:
+        if cfg.has_qkv_bias:
             y = y + param(self, f"{name}_bias", nn.initializers.zeros, features, bias_axes).astype(dtype)
         return y
 
@@ -420,7 +420,7 @@ class Attention(nn.Module):
         for i, (name, start, n) in enumerate((("query", 0, h), ("key", h, hkv),
                                               ("value", h + hkv, hkv))):
             part = y[..., start:start + n, :] if grouped else y[..., i, :, :]
-            if self.config.use_bias:
+            if self.config.has_qkv_bias:
                 part = part + self.get_variable("params", f"{name}_bias").astype(dtype)
             out.append(part)
         return out

@@ -111,6 +111,13 @@ def mistral(sliding_window, tie: bool = False, kv_heads: int = 2, seed: int = 0,
                          kv_heads, seed, None, dict(sliding_window=sliding_window, **sizes))
 
 
+def qwen2(tie: bool = False, kv_heads: int = 2, seed: int = 0, **config):
+    """A random HF Qwen2ForCausalLM: `llama`'s model with query / key / value biases (random
+    too); `config`: e.g. use_sliding_window / sliding_window / max_window_layers."""
+    return _llama_layout(transformers.Qwen2ForCausalLM, transformers.Qwen2Config, tie, kv_heads,
+                         seed, None, config)
+
+
 def _llama_layout(model_cls, config_cls, tie, kv_heads, seed, rope, extra):
     size = dict(vocab_size=96, hidden_size=48, num_attention_heads=4, head_dim=16,
                 intermediate_size=80, num_hidden_layers=2)
@@ -143,7 +150,8 @@ def greedy_left_padded(hf, prompts, n, eos_token_id=None):
 
 
 def llama_as_gpt_modern(hf):
-    """(gpt_modern config, params) of an HF Llama (or Mistral) under the README's mapping."""
+    """(gpt_modern config, params) of an HF Llama (or Mistral, or Qwen2 with every layer's
+    window the same) under the README's mapping."""
     from t5x_lite import config as config_lib
     c = hf.config
     D, H, K, G = c.hidden_size, c.num_attention_heads, c.head_dim, c.num_key_value_heads
@@ -158,6 +166,10 @@ def llama_as_gpt_modern(hf):
         attn = {n: w(p + f"self_attn.{h}_proj.weight").reshape(D, heads, K)
                 for n, h, heads in (("query", "q", H), ("key", "k", G), ("value", "v", G))}
         attn["out"] = w(p + "self_attn.o_proj.weight").reshape(H, K, D)
+        if c.model_type == "qwen2":
+            attn.update({f"{n}_bias": sd[p + f"self_attn.{h}_proj.bias"].reshape(heads, K)
+                         for n, h, heads in (("query", "q", H), ("key", "k", G),
+                                             ("value", "v", G))})
         params["decoder"][f"layers_{i}"] = {
             "pre_attention_norm": {"scale": sd[p + "input_layernorm.weight"]},
             "pre_mlp_norm": {"scale": sd[p + "post_attention_layernorm.weight"]},
@@ -168,7 +180,8 @@ def llama_as_gpt_modern(hf):
         vocab_size=c.vocab_size, d_model=D, num_heads=H, head_dim=K, d_ff=c.intermediate_size,
         num_layers=c.num_hidden_layers, rope_theta=c.rope_parameters["rope_theta"],
         tie_embeddings=c.tie_word_embeddings, norm_eps=c.rms_norm_eps, max_len=256,
-        num_kv_heads=None if G == H else G, sliding_window=getattr(c, "sliding_window", None))
+        num_kv_heads=None if G == H else G, sliding_window=getattr(c, "sliding_window", None),
+        qkv_bias=c.model_type == "qwen2")
     return cfg, params
 
 
