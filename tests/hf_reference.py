@@ -149,6 +149,22 @@ def greedy_left_padded(hf, prompts, n, eos_token_id=None):
     return [r[:r.index(eos_token_id) + 1] if eos_token_id in r else r for r in rows]
 
 
+def export_matches(workdir, out, hf, ids, architecture: str) -> dict:
+    """`convert --to_hf` of `workdir` into `out` loads with AutoModelForCausalLM as
+    `architecture` and gives `hf`'s logits on `ids` exactly; returns the written config.json."""
+    import json
+
+    from t5x_lite import convert
+    convert.workdir_to_hf(workdir, out)
+    back = transformers.AutoModelForCausalLM.from_pretrained(
+        out, attn_implementation="eager").eval()
+    assert type(back).__name__ == architecture
+    with torch.no_grad():
+        ids = torch.tensor(ids)
+        np.testing.assert_array_equal(back(ids).logits.numpy(), hf(ids).logits.numpy())
+    return json.loads((out / "config.json").read_text())
+
+
 def llama_as_gpt_modern(hf):
     """(gpt_modern config, params) of an HF Llama (or Mistral, or Qwen2 with every layer's
     window the same) under the README's mapping."""
