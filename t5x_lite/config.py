@@ -59,7 +59,6 @@ _IGNORED_BEFORE = (
 # saved config holding one is read with the default and a warning (`from_dict`).
 _USED_ONLY_WITH = (
     ("rope_theta", lambda c: c.position == "rope", "position='rope'"),
-    ("rope_scaling", lambda c: c.position == "rope", "position='rope'"),
     ("relative_buckets", lambda c: c.family == "t5", "family 't5'"),
     ("relative_max_distance", lambda c: c.family == "t5", "family 't5'"),
 )
@@ -158,10 +157,9 @@ class ModelConfig:
              f"rope_scaling must be one of {ROPE_SCALINGS}, got {self.rope_scaling!r}"),
             (self.rope_scaling_factor > 0,
              f"rope_scaling_factor must be > 0, got {self.rope_scaling_factor}"),
-            (self.rope_scaling != "llama3" or 0 < self.rope_low_freq_factor
-             < self.rope_high_freq_factor, "rope_low_freq_factor must be > 0 and below "
-             f"rope_high_freq_factor, got {self.rope_low_freq_factor} and "
-             f"{self.rope_high_freq_factor}"),
+            (min(self.rope_low_freq_factor, self.rope_high_freq_factor) > 0,
+             "rope_low_freq_factor and rope_high_freq_factor must be > 0, got "
+             f"{self.rope_low_freq_factor} and {self.rope_high_freq_factor}"),
             (self.rope_original_max_len > 0,
              f"rope_original_max_len must be positive, got {self.rope_original_max_len}"),
             # Fewer buckets leave the encoder's bidirectional half no exact bucket; a distance
@@ -204,14 +202,19 @@ class ModelConfig:
                 raise ConfigError(f"Invalid model config: {message}")
 
     def _rope_scaling_checks(self) -> list[tuple[bool, str]]:
-        """Each rope_scaling parameter other than its default needs a scaling that reads it."""
+        """rope_scaling needs RoPE, and each of its parameters other than its default needs a
+        scaling that reads it."""
         used = {"rope_scaling_factor": ("linear", "llama3"),
                 "rope_low_freq_factor": ("llama3",), "rope_high_freq_factor": ("llama3",),
                 "rope_original_max_len": ("llama3",)}
-        return [(self.rope_scaling in kinds or getattr(self, key) == _DEFAULTS[key],
-                 f"{key}={getattr(self, key)!r} only applies with rope_scaling "
-                 f"{' or '.join(map(repr, kinds))} (this model: {self.rope_scaling!r}); leave "
-                 f"it at {_DEFAULTS[key]!r}") for key, kinds in used.items()]
+        return [(self.position == "rope" or self.rope_scaling == "none",
+                 f"rope_scaling={self.rope_scaling!r} only applies with position='rope' (this "
+                 f"model: family {self.family!r}, position {self.position!r}); leave it at "
+                 "'none'")] + [
+            (self.rope_scaling in kinds or getattr(self, key) == _DEFAULTS[key],
+             f"{key}={getattr(self, key)!r} only applies with rope_scaling "
+             f"{' or '.join(map(repr, kinds))} (this model: {self.rope_scaling!r}); leave it at "
+             f"{_DEFAULTS[key]!r}") for key, kinds in used.items()]
 
     @property
     def decoder_layers(self) -> int:

@@ -188,8 +188,7 @@ def hf_config_from_model(cfg: ModelConfig, base: Mapping[str, Any] | None = None
                         original_max_position_embeddings=cfg.rope_original_max_len)
         # Qwen2 is Llama with q / k / v biases, Mistral Llama with a sliding window (HF's Llama
         # has none); the keys of the source's model type that this one does not have go
-        w = cfg.sliding_window
-        kind = "qwen2" if cfg.qkv_bias else "llama" if w is None else "mistral"
+        w, kind = cfg.sliding_window, hf_interop.hf_model_type(cfg)
         for key in ("attention_bias", "mlp_bias", "sliding_window", "use_sliding_window",
                     "max_window_layers", "layer_types"):
             out.pop(key, None)
@@ -208,8 +207,10 @@ def hf_config_from_model(cfg: ModelConfig, base: Mapping[str, Any] | None = None
             rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
             rope_theta=cfg.rope_theta,  # transformers 4.x; 5.x reads rope_parameters
             rope_parameters=rope,
-            # transformers 4.x reads scaling from here (5.x: the same dict, read first)
-            rope_scaling=None if cfg.rope_scaling == "none" else rope,
+            # transformers 4.x (>= 4.43 for llama3) reads scaling from here, theta top-level;
+            # 5.x reads it first, the rope_parameters' theta with it
+            rope_scaling=None if cfg.rope_scaling == "none" else {
+                k: v for k, v in rope.items() if k != "rope_theta"},
             dtype="float32")
         return _with_token_ids(out, cfg, eos_id, bos_token_id=1)
     raise InteropError(f"No HF equivalent for this {cfg.family} config (mlp={cfg.mlp}, "
@@ -325,8 +326,8 @@ def workdir_to_hf(path, out_dir, *, step: int | None = None) -> ModelConfig:
     base = hf_interop.read_source_config(
         workdir, ConvertError, "that --from_hf wrote",
         "restore it, or delete it to export without its extra fields")
-    if base and base.get("model_type") != {"t5": "t5", "gpt": "gpt2"}.get(cfg.family):
-        base = None
+    if base and base.get("model_type") != hf_interop.hf_model_type(cfg):
+        base = None  # another architecture's fields (and its token ids) do not carry over
     # fails fast on unexportable models; stops where load() does at this step
     hf_cfg = hf_config_from_model(cfg, base, eos_id=api.checkpoint_eos_id(workdir, step, cfg))
     params = restore_numpy_params(workdir, step, cfg)

@@ -445,11 +445,15 @@ def _llama_config(hf, tensors, get: Callable, scan_layers: bool, source: str) ->
     if rope_type != "default":
         scaling = dict(rope_scaling=ROPE_TYPES[rope_type],
                        rope_scaling_factor=float(scale("factor")))
-    if rope_type == "llama3":  # HF reads the model's own length when original_... is absent
+    if rope_type == "llama3":
+        # HF takes a top-level original_max_position_embeddings first, then the rope dict's,
+        # then the model's own length
+        original = (get("original_max_position_embeddings", None, "size")
+                    if "original_max_position_embeddings" in hf else
+                    scale("original_max_position_embeddings", max_len, "size"))
         scaling.update(rope_low_freq_factor=float(scale("low_freq_factor")),
                        rope_high_freq_factor=float(scale("high_freq_factor")),
-                       rope_original_max_len=scale("original_max_position_embeddings",
-                                                   max_len, "size"))
+                       rope_original_max_len=original)
     h = get("num_attention_heads", 32, "size")
     d = get("hidden_size", 4096, "size")
     kv = hf.get("num_key_value_heads", defaults["num_key_value_heads"] or h)
@@ -495,6 +499,16 @@ def _qwen2_window(hf, get: Callable, source: str) -> int | None:
                            "(layer_types / max_window_layers) is not supported: t5x_lite's "
                            "sliding_window is the same in every layer")
     return windows.pop() if windows else None
+
+
+def hf_model_type(cfg: ModelConfig) -> str | None:
+    """The HF model_type `convert --to_hf` writes `cfg` as (None: no HF form). Of the Llama
+    layouts: Qwen2 with q / k / v biases, else Mistral with a sliding window, else Llama."""
+    if cfg.family == "t5":
+        return "t5"
+    if is_llama(cfg):
+        return "qwen2" if cfg.qkv_bias else "llama" if cfg.sliding_window is None else "mistral"
+    return "gpt2" if cfg.family == "gpt" else None
 
 
 def is_llama(cfg: ModelConfig) -> bool:

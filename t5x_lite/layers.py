@@ -241,8 +241,9 @@ def rope_inv_freq(cfg) -> np.ndarray:
         original = cfg.rope_original_max_len
         wavelength = np.float32(2 * np.pi) / inv_freq
         scaled = np.where(wavelength > original / low, inv_freq / factor, inv_freq)
-        s = (original / wavelength - low) / (high - low)
-        blended = (1 - s) * scaled / factor + s * scaled
+        with np.errstate(divide="ignore", invalid="ignore"):  # low == high: no band between
+            s = (original / wavelength - low) / (high - low)
+            blended = (1 - s) * scaled / factor + s * scaled
         between = (wavelength >= original / high) & (wavelength <= original / low)
         return np.where(between, blended, scaled).astype(np.float32)
     return inv_freq

@@ -482,7 +482,7 @@ def test_cli_bad_numbers_and_extra_arguments_are_one_line():
 
 def test_memory_estimate_matches_xla_with_a_sliding_window():
     # Query blocks skip the keys before the window too: at length 512, window 32 and 8 blocks
-    # the scores kept are 12% of the square, not the blocks' 9/16.
+    # the scores kept are 18% of the square, not the blocks' 9/16.
     c = with_(load_config("tiny_gpt"), data__seq_len=512, model__max_len=512,
               model__sliding_window=32, model__causal_blocks=8)
     assert em.causal_score_fraction(ModelConfig.from_dict(c.model), 512) == pytest.approx(

@@ -1,4 +1,5 @@
 """HF LlamaForCausalLM <-> gpt_modern: `convert --from_hf` / `--to_hf` and `t5x_lite.load`."""
+import json
 
 import numpy as np
 import pytest
@@ -71,3 +72,26 @@ def test_a_transformers_4_config_reads_rope_theta_and_inv_freq_buffers_are_dropp
 def test_llama_configs_it_cannot_build_are_one_line(changes, message):
     with pytest.raises(hf_interop.InteropError, match=f"^config.json: .*{message}"):
         hf_interop.model_config_from_hf(_config(**changes))
+
+
+def test_export_keeps_the_source_configs_token_ids_and_extra_fields(tmp_path):
+    """A converted Llama-family model writes back its source config.json's fields (token ids,
+    fields t5x_lite does not read) as a converted T5 or GPT-2 does; another architecture's
+    source fields do not carry over."""
+    hf = ref.llama(kv_heads=2, seed=6)
+    hf.config.bos_token_id, hf.config.pad_token_id = 7, 3
+    hf.config.initializer_range = 0.05
+    hf.save_pretrained(tmp_path / "src")
+    convert.hf_to_workdir(tmp_path / "src", tmp_path / "w")
+    convert.workdir_to_hf(tmp_path / "w", tmp_path / "hf")
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (written["bos_token_id"], written["pad_token_id"], written["initializer_range"]) == (
+        7, 3, 0.05)
+    assert hf_interop.hf_model_type(hf_interop.model_config_from_hf(written)) == "llama"
+    # the same workdir written as Mistral (a window): Llama's source fields are not Mistral's
+    cfg = json.loads((tmp_path / "w" / "config.json").read_text())
+    cfg["model"]["sliding_window"] = 4
+    (tmp_path / "w" / "config.json").write_text(json.dumps(cfg))
+    convert.workdir_to_hf(tmp_path / "w", tmp_path / "hf2")
+    written = json.loads((tmp_path / "hf2" / "config.json").read_text())
+    assert written["model_type"] == "mistral" and written.get("pad_token_id") != 3

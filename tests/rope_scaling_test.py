@@ -6,6 +6,7 @@ frequencies, its logits and its greedy `generate`."""
 import numpy as np
 import pytest
 import torch
+import transformers
 
 import hf_reference as ref
 import t5x_lite
@@ -22,8 +23,12 @@ LINEAR = {"rope_type": "linear", "rope_theta": 5e5, "factor": 4.0}
 TOL = 1e-4
 
 
-@pytest.mark.parametrize("rope", [LLAMA3, LINEAR, {"rope_type": "default", "rope_theta": 1e4}],
-                         ids=["llama3", "linear", "default"])
+@pytest.mark.parametrize("rope", [
+    LLAMA3, LINEAR, {"rope_type": "default", "rope_theta": 1e4},
+    # HF warns but builds these: no band between kept and divided frequencies
+    dict(LLAMA3, low_freq_factor=2.0, high_freq_factor=2.0),
+    dict(LLAMA3, low_freq_factor=4.0, high_freq_factor=1.0)],
+    ids=["llama3", "linear", "default", "llama3_low_eq_high", "llama3_low_above_high"])
 def test_frequencies_equal_transformers(rope):
     hf = ref.llama(rope=dict(rope))
     want = hf.model.rotary_emb.inv_freq  # what HF's model rotates by
@@ -32,7 +37,7 @@ def test_frequencies_equal_transformers(rope):
     got = layers.rope_inv_freq(cfg)
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=0)
-    if rope["rope_type"] == "llama3":  # the three bands: kept, blended, divided by the factor
+    if rope == LLAMA3:  # the three bands: kept, blended, divided by the factor
         plain = layers.rope_inv_freq(config_lib.gpt_modern(head_dim=16, rope_theta=5e5))
         ratio = plain / got
         np.testing.assert_allclose(ratio[:3], 1.0, rtol=1e-6)
@@ -69,15 +74,34 @@ def test_llama3_checkpoint_converts_decodes_as_hf_and_exports_back(tmp_path):
 
     written = ref.export_matches(tmp_path / "w", tmp_path / "hf", hf, [prompt],
                                  "LlamaForCausalLM")
-    assert written["rope_parameters"] == written["rope_scaling"] == LLAMA3
+    assert written["rope_parameters"] == LLAMA3  # 4.x: scaling without theta (top-level)
+    assert written["rope_scaling"] == {k: v for k, v in LLAMA3.items() if k != "rope_theta"}
+    assert written["rope_theta"] == LLAMA3["rope_theta"]
 
 
-def test_transformers_4_rope_scaling_is_read():
+def _hf_inv_freq(config: dict):
+    """The inverse frequencies HF's Llama builds from a config.json dict."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    return LlamaRotaryEmbedding(transformers.LlamaConfig.from_dict(config)).inv_freq.numpy()
+
+
+@pytest.mark.parametrize("changes", [
+    # transformers 4.x: rope_scaling with "type", theta top-level
+    dict(rope_parameters=None, rope_theta=5e5, rope_scaling={"type": "linear", "factor": 2.0}),
+    # both: transformers 5 reads rope_scaling first
+    dict(rope_parameters={"rope_type": "default", "rope_theta": 5e5},
+         rope_scaling={"rope_type": "linear", "factor": 3.0}),
+    # a top-level original length wins over the rope dict's (HF's standardize_rope_params)
+    dict(rope_parameters=dict(LLAMA3), original_max_position_embeddings=512),
+], ids=["4.x", "both_fields", "top_level_original_length"])
+def test_configs_are_read_as_transformers_reads_them(changes):
     c = ref.llama(kv_heads=2).config.to_dict()
-    del c["rope_parameters"]
-    c.update(rope_theta=5e5, rope_scaling={"type": "linear", "factor": 2.0})
+    c.update(changes)
+    if c["rope_parameters"] is None:
+        del c["rope_parameters"]
     cfg = hf_interop.model_config_from_hf(c)
-    assert (cfg.rope_theta, cfg.rope_scaling, cfg.rope_scaling_factor) == (5e5, "linear", 2.0)
+    assert cfg.rope_scaling == "linear" or cfg.rope_original_max_len == 512
+    np.testing.assert_allclose(layers.rope_inv_freq(cfg), _hf_inv_freq(c), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("changes,message", [
@@ -88,8 +112,8 @@ def test_transformers_4_rope_scaling_is_read():
     (dict(rope_scaling="linear", rope_original_max_len=4096),
      "rope_original_max_len=4096 only applies with rope_scaling 'llama3'"),
     (dict(rope_scaling="linear", rope_scaling_factor=0.0), "rope_scaling_factor must be > 0"),
-    (dict(rope_scaling="llama3", rope_low_freq_factor=4.0, rope_high_freq_factor=4.0),
-     "rope_low_freq_factor must be > 0 and below rope_high_freq_factor, got 4.0 and 4.0"),
+    (dict(rope_scaling="llama3", rope_low_freq_factor=0.0),
+     "rope_low_freq_factor and rope_high_freq_factor must be > 0, got 0.0 and 4.0"),
 ])
 def test_bad_scaling_settings_are_one_line(changes, message):
     with pytest.raises(config_lib.ConfigError, match=f"^Invalid model config: {message}"):
