@@ -218,7 +218,7 @@ def hf_config_from_model(cfg: ModelConfig, base: Mapping[str, Any] | None = None
                        + (f", num_kv_heads={cfg.num_kv_heads}" if cfg.num_kv_heads else "")
                        + (f", sliding_window={cfg.sliding_window}" if cfg.sliding_window else "")
                        + "); to_hf exports T5 v1.0/v1.1-style, GPT-2-style and Llama-style "
-                       "(gpt_modern, Mistral with a sliding window) models")
+                       "(gpt_modern; Mistral with a sliding window, Qwen2 with qkv_bias) models")
 
 
 def _activation(source, names: Mapping[str, str], ours: str, default: str) -> str:

@@ -388,12 +388,12 @@ def _model_config(hf, tensors, scan_layers: bool, source: str) -> ModelConfig:
 
 # HF rope_type -> our rope_scaling (config.ROPE_SCALINGS)
 ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3"}
+LLAMA_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                       "qwen2": "Qwen2ForCausalLM"}
 # The Llama-layout model types: (name, the config defaults that differ between them, as HF's
 # LlamaConfig / MistralConfig / Qwen2Config have them; None: num_attention_heads). Mistral is
 # Llama with sliding-window attention, Qwen2 Llama with query / key / value biases (and
 # sliding-window layers, `_qwen2_window`).
-LLAMA_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                       "qwen2": "Qwen2ForCausalLM"}
 LLAMA_DEFAULTS = {
     "llama": ("Llama", dict(num_key_value_heads=None, intermediate_size=11008,
                             max_position_embeddings=2048, vocab_size=32000)),
@@ -406,9 +406,10 @@ LLAMA_DEFAULTS = {
 
 
 def _llama_config(hf, tensors, get: Callable, scan_layers: bool, source: str) -> ModelConfig:
-    """gpt_modern for a LlamaForCausalLM / MistralForCausalLM config: SiLU-gated MLP, RMSNorm,
-    rotate-half RoPE, plain or scaled as `ROPE_TYPES` (transformers 5's rope_parameters or 4.x's
-    rope_theta / rope_scaling), no biases; Mistral's sliding window (null: none)."""
+    """gpt_modern for a LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM config:
+    SiLU-gated MLP, RMSNorm, rotate-half RoPE, plain or scaled as `ROPE_TYPES` (transformers 5's
+    rope_parameters or 4.x's rope_theta / rope_scaling), no biases but Qwen2's q / k / v ones;
+    Mistral's sliding window (null: none), Qwen2's (`_qwen2_window`)."""
     name, defaults = LLAMA_DEFAULTS[hf["model_type"]]
     act = get("hidden_act", "silu", "name")
     # transformers 4.x: rope_scaling (without rope_theta, which is top-level); 5.x reads it
@@ -502,8 +503,9 @@ def _qwen2_window(hf, get: Callable, source: str) -> int | None:
 
 
 def hf_model_type(cfg: ModelConfig) -> str | None:
-    """The HF model_type `convert --to_hf` writes `cfg` as (None: no HF form). Of the Llama
-    layouts: Qwen2 with q / k / v biases, else Mistral with a sliding window, else Llama."""
+    """The HF model_type `convert --to_hf` would write `cfg` as (None for BERT; whether this
+    config has that form is `convert.hf_config_from_model`'s check). Of the Llama layouts:
+    Qwen2 with q / k / v biases, else Mistral with a sliding window, else Llama."""
     if cfg.family == "t5":
         return "t5"
     if is_llama(cfg):
