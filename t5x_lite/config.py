@@ -27,9 +27,9 @@ MLP_ACTIVATIONS = {
 POSITIONS = ("relative", "learned", "rope", "none")
 # RoPE frequency scaling (context extension of a model pretrained at a shorter length):
 # "linear" divides every frequency by rope_scaling_factor (position interpolation); "llama3"
-# (Llama 3.1's) divides the low frequencies by it, keeps the high ones and blends those between
-# (`layers.rope_inv_freq`).
-ROPE_SCALINGS = ("none", "linear", "llama3")
+# (Llama 3.1's) divides the low frequencies by it, keeps the high ones and blends those between;
+# "yarn" blends by pair index and scales cos / sin (`layers.rope_inv_freq`, `rope_attention_scale`).
+ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
 # The position schemes each family builds, its default first. T5 has only its relative position
 # bias; a decoder-only model may have none at all (the causal mask alone tells positions apart,
 # "NoPE"); an encoder without positions would see a bag of words.
@@ -103,7 +103,11 @@ class ModelConfig:
     rope_scaling_factor: float = 1.0
     rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original / this are scaled
     rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original / this are kept
-    rope_original_max_len: int = 8192  # llama3: the context length of pretraining
+    rope_original_max_len: int = 8192  # llama3, yarn: the context length of pretraining
+    rope_beta_fast: float = 32.0  # yarn: pairs turning more often than this over it are kept
+    rope_beta_slow: float = 1.0  # yarn: pairs turning less often than this are scaled
+    rope_attention_factor: float = 0.0  # yarn: cos / sin factor; 0 = 0.1 ln(factor) + 1
+    rope_truncate: bool = True  # yarn: the ramp's ends rounded to whole pairs
     attention_scale: bool = False  # multiply q.k by 1/sqrt(head_dim) (GPT); T5 folds it into init
     use_bias: bool = False  # biases on projections (GPT-2)
     qkv_bias: bool = False  # biases on the query / key / value projections only (Qwen2)
@@ -162,6 +166,9 @@ class ModelConfig:
              f"{self.rope_low_freq_factor} and {self.rope_high_freq_factor}"),
             (self.rope_original_max_len > 0,
              f"rope_original_max_len must be positive, got {self.rope_original_max_len}"),
+            (min(self.rope_beta_fast, self.rope_beta_slow) > 0 and self.rope_attention_factor >= 0,
+             "rope_beta_fast and rope_beta_slow must be > 0 and rope_attention_factor >= 0, got "
+             f"{self.rope_beta_fast}, {self.rope_beta_slow} and {self.rope_attention_factor}"),
             # Fewer buckets leave the encoder's bidirectional half no exact bucket; a distance
             # not past the decoder's exact buckets makes the log spacing divide by log(<= 1).
             (not t5 or self.relative_buckets >= 4,
@@ -204,16 +211,18 @@ class ModelConfig:
     def _rope_scaling_checks(self) -> list[tuple[bool, str]]:
         """rope_scaling needs RoPE, and each of its parameters other than its default needs a
         scaling that reads it."""
-        used = {"rope_scaling_factor": ("linear", "llama3"),
+        used = {"rope_scaling_factor": ("linear", "llama3", "yarn"),
                 "rope_low_freq_factor": ("llama3",), "rope_high_freq_factor": ("llama3",),
-                "rope_original_max_len": ("llama3",)}
+                "rope_original_max_len": ("llama3", "yarn"), "rope_beta_fast": ("yarn",),
+                "rope_beta_slow": ("yarn",), "rope_attention_factor": ("yarn",),
+                "rope_truncate": ("yarn",)}
         return [(self.position == "rope" or self.rope_scaling == "none",
                  f"rope_scaling={self.rope_scaling!r} only applies with position='rope' (this "
                  f"model: family {self.family!r}, position {self.position!r}); leave it at "
                  "'none'")] + [
             (self.rope_scaling in kinds or getattr(self, key) == _DEFAULTS[key],
              f"{key}={getattr(self, key)!r} only applies with rope_scaling "
-             f"{' or '.join(map(repr, kinds))} (this model: {self.rope_scaling!r}); leave it at "
+             f"{' / '.join(map(repr, kinds))} (this model: {self.rope_scaling!r}); leave it at "
              f"{_DEFAULTS[key]!r}") for key, kinds in used.items()]
 
     @property

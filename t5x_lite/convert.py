@@ -32,7 +32,7 @@ import safetensors.numpy
 from absl import app, flags, logging
 from etils import epath
 
-from t5x_lite import checkpoints, cli, files, hf_interop
+from t5x_lite import checkpoints, cli, files, hf_interop, layers
 from t5x_lite.config import ConfigError, ModelConfig
 from t5x_lite.vocab import EOS_ID
 
@@ -186,6 +186,11 @@ def hf_config_from_model(cfg: ModelConfig, base: Mapping[str, Any] | None = None
             rope.update(low_freq_factor=cfg.rope_low_freq_factor,
                         high_freq_factor=cfg.rope_high_freq_factor,
                         original_max_position_embeddings=cfg.rope_original_max_len)
+        if cfg.rope_scaling == "yarn":
+            rope.update(original_max_position_embeddings=cfg.rope_original_max_len,
+                        beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow,
+                        attention_factor=layers.rope_attention_scale(cfg),
+                        truncate=cfg.rope_truncate)
         # Qwen2 is Llama with q / k / v biases, Mistral Llama with a sliding window (HF's Llama
         # has none); the keys of the source's model type that this one does not have go
         w, kind = cfg.sliding_window, hf_interop.hf_model_type(cfg)

@@ -387,7 +387,7 @@ def _model_config(hf, tensors, scan_layers: bool, source: str) -> ModelConfig:
 
 
 # HF rope_type -> our rope_scaling (config.ROPE_SCALINGS)
-ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3"}
+ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3", "yarn": "yarn"}
 LLAMA_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                        "qwen2": "Qwen2ForCausalLM"}
 # The Llama-layout model types: (name, the config defaults that differ between them, as HF's
@@ -442,19 +442,21 @@ def _llama_config(hf, tensors, get: Callable, scan_layers: bool, source: str) ->
         window = _qwen2_window(hf, get, source)
     scale = lambda key, default=None, kind="eps": _field(rope, source, key, default, kind,
                                                          names={key: f"{within}.{key}"})
+    # HF takes a top-level original_max_position_embeddings first, then the rope dict's, then
+    # the model's own length
+    original = lambda: (get("original_max_position_embeddings", None, "size")
+                        if "original_max_position_embeddings" in hf else
+                        scale("original_max_position_embeddings", max_len, "size"))
     scaling = {}
-    if rope_type != "default":
+    if rope_type in ("linear", "llama3"):
         scaling = dict(rope_scaling=ROPE_TYPES[rope_type],
                        rope_scaling_factor=float(scale("factor")))
     if rope_type == "llama3":
-        # HF takes a top-level original_max_position_embeddings first, then the rope dict's,
-        # then the model's own length
-        original = (get("original_max_position_embeddings", None, "size")
-                    if "original_max_position_embeddings" in hf else
-                    scale("original_max_position_embeddings", max_len, "size"))
         scaling.update(rope_low_freq_factor=float(scale("low_freq_factor")),
                        rope_high_freq_factor=float(scale("high_freq_factor")),
-                       rope_original_max_len=original)
+                       rope_original_max_len=original())
+    if rope_type == "yarn":
+        scaling = _yarn(rope, scale, original(), max_len, source)
     h = get("num_attention_heads", 32, "size")
     d = get("hidden_size", 4096, "size")
     kv = hf.get("num_key_value_heads", defaults["num_key_value_heads"] or h)
@@ -474,6 +476,32 @@ def _llama_config(hf, tensors, get: Callable, scan_layers: bool, source: str) ->
         tie_embeddings=not _untied(get("tie_word_embeddings", False, "flag"), tensors,
                                    (tensors or {}).get("model.embed_tokens.weight")),
         scan_layers=scan_layers)
+
+
+def _yarn(rope, scale: Callable, original: int, max_len: int, source: str) -> dict:
+    """Our yarn settings for an HF rope dict, as transformers' _compute_yarn_parameters reads
+    it: factor (null: max_position_embeddings / the original length), beta_fast / beta_slow
+    (null or 0: 32 / 1), truncate, and the cos / sin factor given or derived from mscale /
+    mscale_all_dim (stored explicitly)."""
+    factor = (max_len / original if rope.get("factor") is None else scale("factor"))
+    betas = [rope.get(k) or d for k, d in (("beta_fast", 32), ("beta_slow", 1))]
+    truncate = rope.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise InteropError(f"{source}: truncate={json.dumps(truncate)} is not true or false")
+    mscale = lambda m=1.0: 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+    attention = rope.get("attention_factor")
+    if attention is None:
+        m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
+        attention = mscale(m) / mscale(m_all) if m and m_all else mscale()
+    else:
+        attention = scale("attention_factor")
+    for key, value in zip(("beta_fast", "beta_slow"), betas):
+        if not (_is_number(value) and value > 0):
+            raise InteropError(f"{source}: {key}={json.dumps(value)} is not a positive number")
+    return dict(rope_scaling="yarn", rope_scaling_factor=float(factor),
+                rope_original_max_len=original, rope_beta_fast=float(betas[0]),
+                rope_beta_slow=float(betas[1]), rope_attention_factor=float(attention),
+                rope_truncate=truncate)
 
 
 def _qwen2_window(hf, get: Callable, source: str) -> int | None:

@@ -246,15 +246,44 @@ def rope_inv_freq(cfg) -> np.ndarray:
             blended = (1 - s) * scaled / factor + s * scaled
         between = (wavelength >= original / high) & (wavelength <= original / low)
         return np.where(between, blended, scaled).astype(np.float32)
+    if cfg.rope_scaling == "yarn":
+        # pairs i below `low` keep their frequency, above `high` are divided by the factor,
+        # between them a linear ramp in i blends the two (the YaRN paper's, as HF computes it)
+        def pair(rotations):  # the pair index at which `rotations` turns fit the original length
+            return k * math.log(cfg.rope_original_max_len / (rotations * 2 * math.pi)) / (
+                2 * math.log(cfg.rope_theta))
+        low, high = pair(cfg.rope_beta_fast), pair(cfg.rope_beta_slow)
+        if cfg.rope_truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, k - 1)
+        high = high + 0.001 if low == high else high
+        ramp = np.clip((np.arange(k // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+        keep = 1 - ramp.astype(np.float32)
+        pos_freqs = cfg.rope_theta ** (np.arange(0, k, 2, dtype=np.float32) / k)
+        return ((1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep).astype(
+            np.float32)
     return inv_freq
 
 
-def rope(x_BxTxHxK, positions_BxT, inv_freq):
+def rope_attention_scale(cfg) -> float:
+    """YaRN's factor on cos and sin (so on q.k twice): rope_attention_factor, or when that is 0
+    0.1 ln(factor) + 1 (1 for factor <= 1); 1 for the other scalings."""
+    if cfg.rope_scaling != "yarn":
+        return 1.0
+    if cfg.rope_attention_factor:
+        return cfg.rope_attention_factor
+    f = cfg.rope_scaling_factor
+    return 1.0 if f <= 1 else 0.1 * math.log(f) + 1.0
+
+
+def rope(x_BxTxHxK, positions_BxT, inv_freq, scale: float = 1.0):
     """Rotary embedding in the rotate-half layout (first/second half of K are the pair), at
-    the inverse frequencies [K / 2] `rope_inv_freq` gives."""
+    the inverse frequencies [K / 2] `rope_inv_freq` gives, cos and sin times `scale`."""
     k = x_BxTxHxK.shape[-1]
     angles_BxTxK2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq
     sin, cos = jnp.sin(angles_BxTxK2)[:, :, None], jnp.cos(angles_BxTxK2)[:, :, None]
+    if scale != 1.0:
+        sin, cos = sin * scale, cos * scale
     x = x_BxTxHxK.astype(jnp.float32)
     x1, x2 = x[..., : k // 2], x[..., k // 2:]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -455,14 +484,14 @@ class Attention(nn.Module):
             key, value = ((kv_proj("key", inputs_kv), kv_proj("value", inputs_kv))
                           if fused is None else fused[1:])
             if use_rope:
-                key = rope(key, positions_kv, rope_inv_freq(cfg))
+                key = rope(key, positions_kv, rope_inv_freq(cfg), rope_attention_scale(cfg))
             if decode:  # [B, S, H, K] -> the cache's [B*H, S, K]
                 key, value = _cache_layout(key), _cache_layout(value)
             if use_cross_cache:
                 self.variable("cache", "cached_key", lambda: key).value = key
                 self.variable("cache", "cached_value", lambda: value).value = value
         if use_rope:
-            q = rope(q, positions_q, rope_inv_freq(cfg))
+            q = rope(q, positions_q, rope_inv_freq(cfg), rope_attention_scale(cfg))
         if decode and not self.is_cross:
             initialized = self.has_variable("cache", "cached_key")
             ck = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)

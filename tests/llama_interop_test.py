@@ -59,7 +59,8 @@ def test_a_transformers_4_config_reads_rope_theta_and_inv_freq_buffers_are_dropp
 
 @pytest.mark.parametrize("changes,message", [
     (dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 5e5, "factor": 8.0}),
-     "Llama config with rope_type=\"dynamic\" \\(supported: 'default', 'linear', 'llama3'\\)"),
+     "Llama config with rope_type=\"dynamic\" \\(supported: 'default', 'linear', 'llama3', "
+     "'yarn'\\)"),
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
      "rope_parameters.low_freq_factor=null is not a positive number"),
     (dict(partial_rotary_factor=0.5), "Llama config with partial_rotary_factor=0.5 \\(RoPE on "

@@ -20,6 +20,9 @@ from t5x_lite.models import build_model
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, "original_max_position_embeddings": 1024}
 LINEAR = {"rope_type": "linear", "rope_theta": 5e5, "factor": 4.0}
+# at head_dim 16 and an original length of 1024, pairs 0-2 are kept, 5-7 scaled, 3-4 ramped
+YARN = {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0,
+        "original_max_position_embeddings": 1024}
 TOL = 1e-4
 
 
@@ -27,13 +30,21 @@ TOL = 1e-4
     LLAMA3, LINEAR, {"rope_type": "default", "rope_theta": 1e4},
     # HF warns but builds these: no band between kept and divided frequencies
     dict(LLAMA3, low_freq_factor=2.0, high_freq_factor=2.0),
-    dict(LLAMA3, low_freq_factor=4.0, high_freq_factor=1.0)],
-    ids=["llama3", "linear", "default", "llama3_low_eq_high", "llama3_low_above_high"])
+    dict(LLAMA3, low_freq_factor=4.0, high_freq_factor=1.0),
+    YARN, dict(YARN, truncate=False, beta_fast=16, beta_slow=2),
+    dict(YARN, mscale=0.8, mscale_all_dim=0.5), dict(YARN, attention_factor=1.3),
+    {"rope_type": "yarn", "rope_theta": 5e5, "factor": None,
+     "original_max_position_embeddings": 512}],
+    ids=["llama3", "linear", "default", "llama3_low_eq_high", "llama3_low_above_high", "yarn",
+         "yarn_untruncated_betas", "yarn_mscale", "yarn_attention_factor", "yarn_no_factor"])
 def test_frequencies_equal_transformers(rope):
     hf = ref.llama(rope=dict(rope))
     want = hf.model.rotary_emb.inv_freq  # what HF's model rotates by
-    assert hf.model.rotary_emb.attention_scaling == 1.0  # these types keep cos / sin as they are
     cfg = hf_interop.model_config_from_hf(hf.config.to_dict())
+    # YaRN also scales cos / sin; the others keep them as they are
+    assert layers.rope_attention_scale(cfg) == pytest.approx(
+        hf.model.rotary_emb.attention_scaling, rel=1e-12)
+    assert (hf.model.rotary_emb.attention_scaling != 1.0) == (rope["rope_type"] == "yarn")
     got = layers.rope_inv_freq(cfg)
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=0)
@@ -45,7 +56,7 @@ def test_frequencies_equal_transformers(rope):
         np.testing.assert_allclose(ratio[4:], 8.0, rtol=1e-6)
 
 
-@pytest.mark.parametrize("rope", [LLAMA3, LINEAR], ids=["llama3", "linear"])
+@pytest.mark.parametrize("rope", [LLAMA3, LINEAR, YARN], ids=["llama3", "linear", "yarn"])
 def test_scaled_llama_logits_equal_hf(rope):
     hf = ref.llama(kv_heads=2, rope=dict(rope), seed=2)
     tensors = {k: v.numpy() for k, v in hf.state_dict().items()}
@@ -105,15 +116,19 @@ def test_configs_are_read_as_transformers_reads_them(changes):
 
 
 @pytest.mark.parametrize("changes,message", [
-    (dict(rope_scaling="yarn"), "rope_scaling must be one of \\('none', 'linear', 'llama3'\\), "
-                                "got 'yarn'"),
+    (dict(rope_scaling="dynamic"), "rope_scaling must be one of \\('none', 'linear', 'llama3', "
+                                   "'yarn'\\), got 'dynamic'"),
     (dict(rope_scaling_factor=8.0), "rope_scaling_factor=8.0 only applies with rope_scaling "
-                                    "'linear' or 'llama3' \\(this model: 'none'\\)"),
+                                    "'linear' / 'llama3' / 'yarn' \\(this model: 'none'\\)"),
     (dict(rope_scaling="linear", rope_original_max_len=4096),
-     "rope_original_max_len=4096 only applies with rope_scaling 'llama3'"),
+     "rope_original_max_len=4096 only applies with rope_scaling 'llama3' / 'yarn'"),
     (dict(rope_scaling="linear", rope_scaling_factor=0.0), "rope_scaling_factor must be > 0"),
     (dict(rope_scaling="llama3", rope_low_freq_factor=0.0),
      "rope_low_freq_factor and rope_high_freq_factor must be > 0, got 0.0 and 4.0"),
+    (dict(rope_scaling="llama3", rope_beta_fast=16.0),
+     "rope_beta_fast=16.0 only applies with rope_scaling 'yarn' \\(this model: 'llama3'\\)"),
+    (dict(rope_scaling="yarn", rope_attention_factor=-1.0),
+     "rope_beta_fast and rope_beta_slow must be > 0 and rope_attention_factor >= 0"),
 ])
 def test_bad_scaling_settings_are_one_line(changes, message):
     with pytest.raises(config_lib.ConfigError, match=f"^Invalid model config: {message}"):
@@ -124,3 +139,16 @@ def test_scaling_needs_rope():
     with pytest.raises(config_lib.ConfigError,
                        match="rope_scaling='linear' only applies with position='rope'"):
         config_lib.gpt2(rope_scaling="linear")
+
+
+def test_yarn_checkpoint_exports_back_with_its_derived_attention_factor(tmp_path):
+    """A YaRN rope dict with mscale / mscale_all_dim exports its cos / sin factor explicitly
+    (what HF derived from them), so HF and a re-import build the same model."""
+    hf = ref.llama(kv_heads=2, rope=dict(YARN, mscale=0.8, mscale_all_dim=0.5), seed=8)
+    hf.save_pretrained(tmp_path / "src")
+    cfg = convert.hf_to_workdir(tmp_path / "src", tmp_path / "w")
+    written = ref.export_matches(tmp_path / "w", tmp_path / "hf", hf, [list(range(3, 43))],
+                                 "LlamaForCausalLM")
+    assert written["rope_parameters"]["attention_factor"] == pytest.approx(
+        hf.model.rotary_emb.attention_scaling, rel=1e-12)
+    assert hf_interop.model_config_from_hf(written) == cfg
