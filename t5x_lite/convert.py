@@ -194,8 +194,9 @@ def hf_config_from_model(cfg: ModelConfig, base: Mapping[str, Any] | None = None
         # Qwen2 is Llama with q / k / v biases, Mistral Llama with a sliding window (HF's Llama
         # has none); the keys of the source's model type that this one does not have go
         w, kind = cfg.sliding_window, hf_interop.hf_model_type(cfg)
+        # (a top-level original_max_position_embeddings would override rope_parameters' in HF)
         for key in ("attention_bias", "mlp_bias", "sliding_window", "use_sliding_window",
-                    "max_window_layers", "layer_types"):
+                    "max_window_layers", "layer_types", "original_max_position_embeddings"):
             out.pop(key, None)
         out.update({
             "llama": dict(attention_bias=False, mlp_bias=False),

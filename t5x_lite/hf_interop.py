@@ -400,7 +400,7 @@ LLAMA_DEFAULTS = {
     "mistral": ("Mistral", dict(num_key_value_heads=8, intermediate_size=14336,
                                 max_position_embeddings=131072, vocab_size=32000,
                                 sliding_window=4096)),
-    "qwen2": ("Qwen2", dict(num_key_value_heads=None, intermediate_size=22016,
+    "qwen2": ("Qwen2", dict(num_key_value_heads=32, intermediate_size=22016,
                             max_position_embeddings=32768, vocab_size=151936)),
 }
 
@@ -428,7 +428,8 @@ def _llama_config(hf, tensors, get: Callable, scan_layers: bool, source: str) ->
                 (partial not in (None, 1, 1.0),
                  f"partial_rotary_factor={json.dumps(partial)} (RoPE on all of head_dim only)")]
     problems += [(get(k, False, "flag", null_is_default=True), f"{k}=true")
-                 for k in ("attention_bias", "mlp_bias")]
+                 for k in ("attention_bias", "mlp_bias")
+                 if hf["model_type"] != "qwen2"]  # Qwen2's biases are fixed: HF ignores both
     for bad, what in problems:
         if bad:
             raise InteropError(f"{source}: {name} config with {what} is not supported")
@@ -456,7 +457,7 @@ def _llama_config(hf, tensors, get: Callable, scan_layers: bool, source: str) ->
                        rope_high_freq_factor=float(scale("high_freq_factor")),
                        rope_original_max_len=original())
     if rope_type == "yarn":
-        scaling = _yarn(rope, scale, original(), max_len, source)
+        scaling = _yarn(rope, scale, original(), max_len, source, within)
     h = get("num_attention_heads", 32, "size")
     d = get("hidden_size", 4096, "size")
     kv = hf.get("num_key_value_heads", defaults["num_key_value_heads"] or h)
@@ -478,30 +479,39 @@ def _llama_config(hf, tensors, get: Callable, scan_layers: bool, source: str) ->
         scan_layers=scan_layers)
 
 
-def _yarn(rope, scale: Callable, original: int, max_len: int, source: str) -> dict:
-    """Our yarn settings for an HF rope dict, as transformers' _compute_yarn_parameters reads
-    it: factor (null: max_position_embeddings / the original length), beta_fast / beta_slow
-    (null or 0: 32 / 1), truncate, and the cos / sin factor given or derived from mscale /
-    mscale_all_dim (stored explicitly)."""
+def _yarn(rope, scale: Callable, original: int, max_len: int, source: str, within: str) -> dict:
+    """Our yarn settings for an HF rope dict (`within`: its config.json key), as transformers'
+    _compute_yarn_parameters reads it: factor (null: max_position_embeddings / the original
+    length), beta_fast / beta_slow (null or 0: 32 / 1), truncate (null: false), and the cos /
+    sin factor given or derived from mscale / mscale_all_dim (stored explicitly)."""
+    def number(key, value, what="a positive number", ok=lambda v: v > 0):
+        if not (_is_number(value) and ok(value)):
+            raise InteropError(f"{source}: {within}.{key}={json.dumps(value)} is not {what}")
+        return value
+
     factor = (max_len / original if rope.get("factor") is None else scale("factor"))
-    betas = [rope.get(k) or d for k, d in (("beta_fast", 32), ("beta_slow", 1))]
+    betas = [number(k, rope.get(k) or d) for k, d in (("beta_fast", 32), ("beta_slow", 1))]
     truncate = rope.get("truncate", True)
-    if not isinstance(truncate, bool):
-        raise InteropError(f"{source}: truncate={json.dumps(truncate)} is not true or false")
+    if truncate is not None and not isinstance(truncate, bool):
+        raise InteropError(f"{source}: {within}.truncate={json.dumps(truncate)} is not true or "
+                           "false")
     mscale = lambda m=1.0: 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
     attention = rope.get("attention_factor")
     if attention is None:
-        m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
+        m, m_all = (rope.get(k) for k in ("mscale", "mscale_all_dim"))
+        if m and m_all:
+            m, m_all = (number(k, v, "a number", lambda v: True)
+                        for k, v in (("mscale", m), ("mscale_all_dim", m_all)))
+            if mscale(m_all) == 0 or mscale(m) / mscale(m_all) <= 0:
+                raise InteropError(f"{source}: {within}.mscale={m} and mscale_all_dim={m_all} "
+                                   "give a cos / sin factor <= 0")
         attention = mscale(m) / mscale(m_all) if m and m_all else mscale()
     else:
         attention = scale("attention_factor")
-    for key, value in zip(("beta_fast", "beta_slow"), betas):
-        if not (_is_number(value) and value > 0):
-            raise InteropError(f"{source}: {key}={json.dumps(value)} is not a positive number")
     return dict(rope_scaling="yarn", rope_scaling_factor=float(factor),
                 rope_original_max_len=original, rope_beta_fast=float(betas[0]),
                 rope_beta_slow=float(betas[1]), rope_attention_factor=float(attention),
-                rope_truncate=truncate)
+                rope_truncate=bool(truncate))
 
 
 def _qwen2_window(hf, get: Callable, source: str) -> int | None:

@@ -82,6 +82,8 @@ def test_qwen2_with_a_window_in_some_layers_only_is_refused():
         hf_interop.model_config_from_hf(c)
     c["use_sliding_window"] = False  # then no layer has one
     assert hf_interop.model_config_from_hf(c).sliding_window is None
+    c["attention_bias"] = True  # HF's Qwen2 ignores it (its q / k / v biases are fixed)
+    assert hf_interop.model_config_from_hf(c).qkv_bias
 
 
 def test_counts_decoding_paths_and_config_checks():

@@ -1,7 +1,8 @@
-"""Scaled RoPE (`model.rope_scaling`: "linear", Llama 3.1's "llama3").
+"""Scaled RoPE (`model.rope_scaling`: "linear", Llama 3.1's "llama3", "yarn").
 
 References: HF LlamaForCausalLM with the same rope_parameters: its rotary embedding's inverse
-frequencies, its logits and its greedy `generate`."""
+frequencies and cos / sin factor, its logits and its greedy `generate`."""
+import dataclasses
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ TOL = 1e-4
     # HF warns but builds these: no band between kept and divided frequencies
     dict(LLAMA3, low_freq_factor=2.0, high_freq_factor=2.0),
     dict(LLAMA3, low_freq_factor=4.0, high_freq_factor=1.0),
-    YARN, dict(YARN, truncate=False, beta_fast=16, beta_slow=2),
+    YARN, dict(YARN, truncate=None, beta_fast=16, beta_slow=2),
     dict(YARN, mscale=0.8, mscale_all_dim=0.5), dict(YARN, attention_factor=1.3),
     {"rope_type": "yarn", "rope_theta": 5e5, "factor": None,
      "original_max_position_embeddings": 512}],
@@ -152,3 +153,30 @@ def test_yarn_checkpoint_exports_back_with_its_derived_attention_factor(tmp_path
     assert written["rope_parameters"]["attention_factor"] == pytest.approx(
         hf.model.rotary_emb.attention_scaling, rel=1e-12)
     assert hf_interop.model_config_from_hf(written) == cfg
+
+
+def test_export_drops_a_stale_top_level_original_length():
+    """A source config's top-level original_max_position_embeddings would override the exported
+    rope_parameters' (HF reads it first): the export leaves it out."""
+    base = ref.llama(kv_heads=2, rope=dict(LLAMA3)).config.to_dict()
+    base["original_max_position_embeddings"] = 1024
+    cfg = dataclasses.replace(hf_interop.model_config_from_hf(base), rope_scaling="yarn",
+                              rope_scaling_factor=4.0, rope_original_max_len=2048,
+                              rope_low_freq_factor=1.0, rope_high_freq_factor=4.0)
+    written = convert.hf_config_from_model(cfg, base)
+    assert "original_max_position_embeddings" not in written
+    assert hf_interop.model_config_from_hf(written).rope_original_max_len == 2048
+    np.testing.assert_allclose(_hf_inv_freq(written), layers.rope_inv_freq(cfg), rtol=1e-6)
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(mscale="a", mscale_all_dim=1), 'rope_parameters.mscale="a" is not a number'),
+    (dict(mscale=1, mscale_all_dim=-20), "give a cos / sin factor <= 0"),
+    (dict(beta_fast=-1), "rope_parameters.beta_fast=-1 is not a positive number"),
+    (dict(truncate="yes"), 'rope_parameters.truncate="yes" is not true or false'),
+])
+def test_bad_yarn_fields_are_one_line(changes, message):
+    c = ref.llama(kv_heads=2).config.to_dict()
+    c["rope_parameters"] = dict(YARN, **changes)
+    with pytest.raises(hf_interop.InteropError, match=f"^config.json: .*{message}"):
+        hf_interop.model_config_from_hf(c)
