@@ -230,9 +230,11 @@ def rope_inv_freq(cfg) -> np.ndarray:
     cfg.rope_scaling's. "linear" divides them all by the factor. "llama3" (Llama 3.1) divides
     those whose wavelength 2 pi / f exceeds original / low_freq_factor, keeps those below
     original / high_freq_factor, and between the two blends f / factor and f by s =
-    (original / wavelength - low) / (high - low): (1 - s) f / factor + s f."""
+    (original / wavelength - low) / (high - low): (1 - s) f / factor + s f. "yarn" ramps
+    linearly by pair index from f (below the beta_fast pair) to f / factor (above beta_slow's)."""
     k = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, k, 2, dtype=np.float32) / k))
+    pos_freqs = cfg.rope_theta ** (np.arange(0, k, 2, dtype=np.float32) / k)
+    inv_freq = 1.0 / pos_freqs
     factor = np.float32(cfg.rope_scaling_factor)
     if cfg.rope_scaling == "linear":
         return inv_freq / factor
@@ -257,11 +259,8 @@ def rope_inv_freq(cfg) -> np.ndarray:
             low, high = math.floor(low), math.ceil(high)
         low, high = max(low, 0), min(high, k - 1)
         high = high + 0.001 if low == high else high
-        ramp = np.clip((np.arange(k // 2, dtype=np.float32) - low) / (high - low), 0, 1)
-        keep = 1 - ramp.astype(np.float32)
-        pos_freqs = cfg.rope_theta ** (np.arange(0, k, 2, dtype=np.float32) / k)
-        return ((1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep).astype(
-            np.float32)
+        keep = 1 - np.clip((np.arange(k // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+        return ((1.0 / (factor * pos_freqs)) * (1 - keep) + inv_freq * keep).astype(np.float32)
     return inv_freq
 
 
