@@ -33,6 +33,7 @@ from flax import traverse_util
 
 from t5x_lite.checkpoints import CheckpointError
 from t5x_lite.config import ConfigError, ModelConfig, gpt2, gpt_modern, t5_1_0
+from t5x_lite.layers import yarn_mscale
 from t5x_lite.models import abstract_variables, build_model
 from t5x_lite.transformer import stack_layers, unstack_layers
 
@@ -388,8 +389,6 @@ def _model_config(hf, tensors, scan_layers: bool, source: str) -> ModelConfig:
 
 # HF rope_type -> our rope_scaling (config.ROPE_SCALINGS)
 ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3", "yarn": "yarn"}
-LLAMA_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                       "qwen2": "Qwen2ForCausalLM"}
 # The Llama-layout model types: (name, the config defaults that differ between them, as HF's
 # LlamaConfig / MistralConfig / Qwen2Config have them; None: num_attention_heads). Mistral is
 # Llama with sliding-window attention, Qwen2 Llama with query / key / value biases (and
@@ -403,6 +402,7 @@ LLAMA_DEFAULTS = {
     "qwen2": ("Qwen2", dict(num_key_value_heads=32, intermediate_size=22016,
                             max_position_embeddings=32768, vocab_size=151936)),
 }
+LLAMA_ARCHITECTURES = {kind: f"{name}ForCausalLM" for kind, (name, _) in LLAMA_DEFAULTS.items()}
 
 
 def _llama_config(hf, tensors, get: Callable, scan_layers: bool, source: str) -> ModelConfig:
@@ -437,8 +437,7 @@ def _llama_config(hf, tensors, get: Callable, scan_layers: bool, source: str) ->
     max_len = get("max_position_embeddings", defaults["max_position_embeddings"], "size")
     window = None  # HF's Llama has none (and ignores the key)
     if "sliding_window" in defaults:
-        window = hf.get("sliding_window", defaults["sliding_window"])
-        window = None if window is None else get("sliding_window", window, "size")  # null: none
+        window = _window_field(hf, get, defaults["sliding_window"])
     elif hf["model_type"] == "qwen2":
         window = _qwen2_window(hf, get, source)
     scale = lambda key, default=None, kind="eps": _field(rope, source, key, default, kind,
@@ -495,7 +494,7 @@ def _yarn(rope, scale: Callable, original: int, max_len: int, source: str, withi
     if truncate is not None and not isinstance(truncate, bool):
         raise InteropError(f"{source}: {within}.truncate={json.dumps(truncate)} is not true or "
                            "false")
-    mscale = lambda m=1.0: 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+    mscale = functools.partial(yarn_mscale, factor)
     attention = rope.get("attention_factor")
     if attention is None:
         m, m_all = (rope.get(k) for k in ("mscale", "mscale_all_dim"))
@@ -514,14 +513,19 @@ def _yarn(rope, scale: Callable, original: int, max_len: int, source: str, withi
                 rope_truncate=bool(truncate))
 
 
+def _window_field(hf, get: Callable, default: int) -> int | None:
+    """config.json's `sliding_window` (absent: `default`): a size, or None when null (none)."""
+    window = hf.get("sliding_window", default)
+    return None if window is None else get("sliding_window", window, "size")
+
+
 def _qwen2_window(hf, get: Callable, source: str) -> int | None:
     """Qwen2's sliding window as HF builds it: `sliding_window` when `use_sliding_window`, in the
     layers `layer_types` marks "sliding_attention" (absent: from max_window_layers on). One
     window for every layer, or none in any; a mix is an InteropError."""
     window = None
     if get("use_sliding_window", False, "flag"):
-        window = hf.get("sliding_window", 4096)
-        window = None if window is None else get("sliding_window", window, "size")
+        window = _window_field(hf, get, 4096)
     types = hf.get("layer_types")
     if types is None:
         first = hf.get("max_window_layers", 28)

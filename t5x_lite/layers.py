@@ -264,15 +264,18 @@ def rope_inv_freq(cfg) -> np.ndarray:
     return inv_freq
 
 
+def yarn_mscale(factor: float, m: float = 1.0) -> float:
+    """YaRN's cos / sin factor for a context stretched `factor` times: 0.1 m ln(factor) + 1
+    (1 for factor <= 1); HF's `mscale` / `mscale_all_dim` are ratios of two of these."""
+    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+
 def rope_attention_scale(cfg) -> float:
     """YaRN's factor on cos and sin (so on q.k twice): rope_attention_factor, or when that is 0
-    0.1 ln(factor) + 1 (1 for factor <= 1); 1 for the other scalings."""
+    `yarn_mscale(factor)`; 1 for the other scalings."""
     if cfg.rope_scaling != "yarn":
         return 1.0
-    if cfg.rope_attention_factor:
-        return cfg.rope_attention_factor
-    f = cfg.rope_scaling_factor
-    return 1.0 if f <= 1 else 0.1 * math.log(f) + 1.0
+    return cfg.rope_attention_factor or yarn_mscale(cfg.rope_scaling_factor)
 
 
 def rope(x_BxTxHxK, positions_BxT, inv_freq, scale: float = 1.0):

@@ -154,9 +154,7 @@ class DecodeCursor(nn.Module):
         if not initialized:
             q_slots_T = jnp.arange(t)
             mask_BxTxT = causal_mask(t)[None] & token_valid_BxT[:, None, :]
-            if self.window is not None:
-                mask_BxTxT = mask_BxTxT & window_mask(q_slots_T, q_slots_T, self.window)[None]
-            return mask_BxTxT, q_slots_T, jnp.int32(0)
+            return self._windowed(mask_BxTxT, q_slots_T, q_slots_T), q_slots_T, jnp.int32(0)
         start = index.value
         valid.value = jax.lax.dynamic_update_slice(valid.value, token_valid_BxT.astype(jnp.bool_),
                                                    (0, start))
@@ -168,10 +166,13 @@ class DecodeCursor(nn.Module):
             prefix_BxL = jax.lax.dynamic_update_slice(jnp.zeros(valid.value.shape, jnp.bool_),
                                                       prefix_BxT, (0, start))
             mask_BxTxL = mask_BxTxL | (prefix_BxT[:, :, None] & prefix_BxL[:, None, :])
-        if self.window is not None:
-            mask_BxTxL = mask_BxTxL & window_mask(q_slots_T, k_slots_L, self.window)[None]
         index.value = start + t
-        return mask_BxTxL, q_slots_T, start
+        return self._windowed(mask_BxTxL, q_slots_T, k_slots_L), q_slots_T, start
+
+    def _windowed(self, mask_BxTxL, q_slots_T, k_slots_L):
+        if self.window is None:
+            return mask_BxTxL
+        return mask_BxTxL & window_mask(q_slots_T, k_slots_L, self.window)[None]
 
 
 def causal_mask(t: int):
