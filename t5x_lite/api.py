@@ -15,7 +15,8 @@ sentencepiece vocabulary, strings; anything else, ids outside the vocabulary and
 token are one ValueError line. Text conventions follow T5/seqio: T5 encoder inputs and
 targets end with EOS, and BERT inputs (as its training documents); decoder-only prompts and
 continuations get none, and a GPT trained by t5x_lite gets its decoder start id 0 before a
-text prompt (`uses_start_token`). Given ids are used as they are.
+text prompt, a converted Llama / Mistral its tokenizer's BOS (`start_id`). Given ids are used
+as they are.
 
 A GPT trained with `data.objective="prefix_lm"` (`is_prefix_lm`) is run as trained: its prompt
 (start id included) is the prefix, attended bidirectionally, in `score`, `generate` and
@@ -50,7 +51,8 @@ class LoadedModel:
 
     Attributes:
       config: the ModelConfig. run_config: the full run ConfigDict. model: the BaseModel
-      wrapper. params: the params tree (jax arrays on `mesh`). vocab: a Vocabulary or None.
+      wrapper. params: the params tree (jax arrays on `mesh`). vocab: a Vocabulary, a
+      LlamaVocabulary (a converted Llama / Mistral's tokenizer.model) or None.
       mesh, rules: where the params live and the logical axis rules used for them.
       eos_id: the id that ends a generated sequence (`hf_eos_id`, `checkpoint_eos_id`): the HF
       config's `eos_token_id` for weights straight from HF, else 1.
@@ -71,13 +73,23 @@ class LoadedModel:
 
     # ------------------------------------------------------------------ text
     @property
-    def uses_start_token(self) -> bool:
-        """Whether text prompts of this decoder-only model begin with the decoder start id 0.
+    def start_id(self) -> int | None:
+        """The id text prompts of this decoder-only model begin with, or None.
 
         t5x_lite's LM objectives feed `[0] + targets[:-1]`, so a GPT trained here (one with a
-        sentencepiece vocabulary) saw id 0 first; converted GPT-2 weights never did.
+        T5-convention vocabulary) saw id 0 first; a Llama-style tokenizer (`LlamaVocabulary`)
+        gives its BOS when it adds one; converted GPT-2 weights saw neither.
         """
-        return self.config.family == "gpt" and self.vocab is not None
+        if self.config.family != "gpt" or self.vocab is None:
+            return None
+        if hasattr(self.vocab, "add_bos"):  # a LlamaVocabulary
+            return self.vocab.bos_id if self.vocab.add_bos else None
+        return 0
+
+    @property
+    def uses_start_token(self) -> bool:
+        """Whether text prompts of this decoder-only model begin with `start_id`."""
+        return self.start_id is not None
 
     @property
     def prefix_lm(self) -> bool:
@@ -105,9 +117,10 @@ class LoadedModel:
         self._check_range(rows)
         return [self.vocab.decode(r[:r.index(eos)] if eos in r else r) for r in rows]
 
-    def _ids(self, x, name: str, *, add_eos: bool = False, start: bool = False,
+    def _ids(self, x, name: str, *, add_eos: bool = False, start: int | None = None,
              nonempty: bool = True, zero_is_padding: bool = False):
-        """(right-padded int32 ids [B, T], lengths [B]) from ids or text (argument `name`).
+        """(right-padded int32 ids [B, T], lengths [B]) from ids or text (argument `name`);
+        text rows begin with `start` when it is an id.
 
         `nonempty`: every row needs a token (a nonzero one when `zero_is_padding`: T5 encoder,
         BERT); an empty row's outputs would be padding's meaningless values.
@@ -115,7 +128,7 @@ class LoadedModel:
         if isinstance(x, str) or (isinstance(x, (list, tuple)) and x and
                                   all(isinstance(t, str) for t in x)):
             rows = self.tokenize(x, add_eos=add_eos)
-            rows = [[0] + r for r in rows] if start else rows  # decoder start id
+            rows = rows if start is None else [[start] + r for r in rows]
         else:
             rows = _rows(x, name)
         if not rows or (nonempty and max(len(r) for r in rows) == 0):
@@ -165,14 +178,14 @@ class LoadedModel:
                 raise ValueError("This is an encoder-decoder (T5) model: pass decoder_input_ids "
                                  "(targets shifted right, starting with 0)")
             enc, _ = self._ids(input_ids, "input_ids", add_eos=True, zero_is_padding=True)
-            dec, _ = self._ids(decoder_input_ids, "decoder_input_ids", start=True)
+            dec, _ = self._ids(decoder_input_ids, "decoder_input_ids", start=0)  # T5's start
             _same_batch(enc, dec)
             batch = {"encoder_input_tokens": enc, "decoder_input_tokens": dec}
         else:
             if decoder_input_ids is not None:
                 raise ValueError(f"A {self.config.family} model takes only input_ids")
             bert = self.config.family == "bert"  # text: + EOS, as each training document
-            ids, lengths = self._ids(input_ids, "input_ids", start=self.uses_start_token,
+            ids, lengths = self._ids(input_ids, "input_ids", start=self.start_id,
                                      add_eos=bert, zero_is_padding=bert)
             self._check_length(ids)
             key = "encoder_input_tokens" if bert else "decoder_input_tokens"
@@ -215,7 +228,7 @@ class LoadedModel:
                 valid &= tgt > 0  # padding, as in HF
             batch = {"encoder_input_tokens": enc, "decoder_input_tokens": inputs}
         elif cfg.family == "gpt":
-            prompt, plen = self._ids(input_ids, "input_ids", start=self.uses_start_token,
+            prompt, plen = self._ids(input_ids, "input_ids", start=self.start_id,
                                      nonempty=False)
             cont, clen = self._ids(target_ids, "target_ids", nonempty=False)
             _same_batch(prompt, cont)
@@ -404,18 +417,20 @@ def load(path, *, dtype=None, mesh=None, step: int | None = None,
         cfg, numpy_params, hf_cfg, vocab_path = hf_interop.from_hf(path)
         run = hf_interop.run_config_for(cfg)
         eos_id = hf_eos_id(hf_cfg, cfg.vocab_size)
+        tokenizer_config = path / hf_interop.HF_TOKENIZER_CONFIG
     else:
         workdir, found = checkpoints.resolve(path)
         step = checkpoints.check_step(workdir, found if step is None else step)
         run = checkpoints.read_config(workdir)
         cfg = ModelConfig.from_dict(run.model)
         vocab_path = workdir / checkpoints.VOCAB_FILE
+        tokenizer_config = workdir / hf_interop.TOKENIZER_SOURCE_CONFIG
         numpy_params = None
         eos_id = checkpoint_eos_id(workdir, step, cfg, run)
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=dtype)
         run.model.dtype = cfg.dtype
-    vocab = load_vocabulary(vocab_path, cfg, run)
+    vocab = load_vocabulary(vocab_path, cfg, run, tokenizer_config)
     rules = partitioning.rules_from_config(run.get("mesh", {}).get("rules"))
     model = build_model(cfg, LossConfig(run.train.z_loss, run.train.label_smoothing))
     boxed = abstract_variables(model)["params"]
@@ -492,18 +507,24 @@ def checkpoint_eos_id(workdir, step: int, cfg: ModelConfig, run=None) -> int:
     return EOS_ID if hf_config is None else hf_eos_id(hf_config, cfg.vocab_size)
 
 
-def load_vocabulary(path, cfg: ModelConfig, run):
-    """The Vocabulary at `path` (None when there is none) for model `cfg` of run config `run`;
-    CheckpointError when it has more ids than the embedding has rows (`convert --from_hf`
-    checks an HF vocabulary with this too)."""
+def load_vocabulary(path, cfg: ModelConfig, run, tokenizer_config=None):
+    """The vocabulary at `path` (None when there is none) for model `cfg` of run config `run`:
+    a T5-convention one (`Vocabulary`, with the run's extra ids), or for a decoder-only model
+    any other sentencepiece model (`LlamaVocabulary`, BOS as `tokenizer_config` says:
+    `hf_interop.tokenizer_add_bos`). CheckpointError when it has more ids than the embedding
+    has rows (`convert --from_hf` checks an HF vocabulary with this too)."""
     if path is None or not epath.Path(path).exists():
         return None
     try:
-        from t5x_lite.vocab import Vocabulary
+        from t5x_lite import vocab as vocab_lib
     except ImportError:  # the vocabulary module is optional for id-only use
         return None
     extra_ids = run.get("data", {}).get("extra_ids", 100)
-    vocab = Vocabulary(path, extra_ids=extra_ids)
+    if cfg.family == "gpt" and not vocab_lib.is_t5_convention(epath.Path(path).read_bytes()):
+        vocab = vocab_lib.LlamaVocabulary(path, hf_interop.tokenizer_add_bos(tokenizer_config))
+        extra_ids = 0
+    else:
+        vocab = vocab_lib.Vocabulary(path, extra_ids=extra_ids)
     if vocab.vocab_size > cfg.vocab_size:
         raise checkpoints.CheckpointError(
             f"Vocabulary {path} has {vocab.vocab_size} ids ({vocab.sp_size} pieces + {extra_ids} "

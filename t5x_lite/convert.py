@@ -9,16 +9,18 @@ back.
     python -m t5x_lite.convert --to_hf --workdir=/tmp/t5_base --out=/tmp/t5_base_hf [--step=N]
 
 The workdir gets `config.json` (a full run config, ready for `t5x_lite.train` fine-tuning),
-a params-only checkpoint at step 0, `vocab.model` (from `spiece.model`, when present) and
-`hf_config.json` (the source config, so `--to_hf` writes back its token ids and extras).
-The HF directory gets `config.json`, `model.safetensors` and (T5 with a vocabulary)
-`spiece.model`; re-exporting into an earlier export (or any HF directory whose weights are one
+a params-only checkpoint at step 0, `vocab.model` (from T5's `spiece.model` or Llama /
+Mistral's `tokenizer.model`, when present; the latter's `tokenizer_config.json` as
+`hf_tokenizer_config.json`) and `hf_config.json` (the source config, so `--to_hf` writes back
+its token ids and extras). The HF directory gets `config.json`, `model.safetensors` and the
+vocabulary in HF form (T5's `spiece.model`; `tokenizer.model` and `tokenizer_config.json`);
+re-exporting into an earlier export (or any HF directory whose weights are one
 `model.safetensors`) replaces those files and leaves the others. Refused, before anything is
 written: `--out` being the workdir, inside its `checkpoints/` or any t5x_lite workdir; an `--out`
 holding another model's weights in other files (shards, pickles) or a `config.json` that is no
 HF config; `--from_hf` into an HF directory (its own included) or a workdir with checkpoints
-or another model's `vocab.model`, and an HF model whose `spiece.model` has more ids than it
-has embedding rows.
+or another model's `vocab.model`, and an HF model whose vocabulary has more ids than it has
+embedding rows.
 Errors (missing or malformed files, pickle checkpoints, unsupported models) print one line
 and exit 1.
 """
@@ -34,6 +36,7 @@ from etils import epath
 
 from t5x_lite import checkpoints, cli, files, hf_interop, layers
 from t5x_lite.config import ConfigError, ModelConfig
+from t5x_lite import vocab as vocab_lib
 from t5x_lite.vocab import EOS_ID
 
 HF_SOURCE_CONFIG = hf_interop.HF_SOURCE_CONFIG
@@ -291,15 +294,21 @@ def hf_to_workdir(hf_dir, workdir, *, scan_layers: bool = False) -> ModelConfig:
                            "replace; convert into a new directory")
     cfg, params, hf_cfg, vocab = hf_interop.from_hf(hf_dir, scan_layers=scan_layers)
     run = hf_interop.run_config_for(cfg)
-    api.load_vocabulary(vocab, cfg, run)  # refuses one larger than the embedding, as load does
+    tokenizer_config = epath.Path(hf_dir) / hf_interop.HF_TOKENIZER_CONFIG
+    # refuses one larger than the embedding, or bad tokenizer settings, as load does
+    api.load_vocabulary(vocab, cfg, run, tokenizer_config)
     old_vocab = workdir / checkpoints.VOCAB_FILE
     if old_vocab.exists() and (vocab is None or old_vocab.read_bytes() != vocab.read_bytes()):
         raise ConvertError(f"--workdir {workdir} holds a {checkpoints.VOCAB_FILE} that is not "
-                           f"this model's {hf_interop.HF_VOCAB}; convert into a new directory")
+                           f"this model's {vocab.name if vocab else 'vocabulary (it has none)'}; "
+                           "convert into a new directory")
     checkpoints.write_config(workdir, run)
     (workdir / HF_SOURCE_CONFIG).write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
     if vocab is not None:
         (workdir / checkpoints.VOCAB_FILE).write_bytes(vocab.read_bytes())
+        if vocab.name == hf_interop.HF_LLAMA_VOCAB and tokenizer_config.exists():
+            (workdir / hf_interop.TOKENIZER_SOURCE_CONFIG).write_bytes(
+                tokenizer_config.read_bytes())
     checkpoints.save_params(workdir, params, step=0)
     return cfg
 
@@ -338,13 +347,40 @@ def workdir_to_hf(path, out_dir, *, step: int | None = None) -> ModelConfig:
     hf_cfg = hf_config_from_model(cfg, base, eos_id=api.checkpoint_eos_id(workdir, step, cfg))
     params = restore_numpy_params(workdir, step, cfg)
     write_hf_dir(out_dir, hf_cfg, hf_interop.params_to_hf(cfg, params))
-    vocab = epath.Path(workdir) / checkpoints.VOCAB_FILE
-    exported = epath.Path(out_dir) / hf_interop.HF_VOCAB
-    if vocab.exists() and cfg.family == "t5":
-        exported.write_bytes(vocab.read_bytes())
-    elif exported.exists():  # an earlier export's tokenizer: not this model's
-        exported.unlink()
+    _write_vocabulary(epath.Path(workdir), epath.Path(out_dir), cfg)
     return cfg
+
+
+def _write_vocabulary(workdir: epath.Path, out: epath.Path, cfg: ModelConfig) -> None:
+    """The workdir's vocabulary in HF form: T5's as `spiece.model`; a decoder-only model's
+    Llama-style one (`vocab.LlamaVocabulary`) as `tokenizer.model` with `tokenizer_config.json`
+    (the source's, else LlamaTokenizer's settings and special pieces). A GPT trained here has no
+    HF tokenizer form (its prompts begin with id 0). An earlier export's vocabulary file that is
+    not this model's is removed: `load` and `--from_hf` would take it for this model's."""
+    path = workdir / checkpoints.VOCAB_FILE
+    proto = path.read_bytes() if path.exists() else None
+    name = None
+    if proto is not None and cfg.family == "t5":
+        name = hf_interop.HF_VOCAB
+    elif proto is not None and cfg.family == "gpt" and not vocab_lib.is_t5_convention(proto):
+        name = hf_interop.HF_LLAMA_VOCAB
+        source = workdir / hf_interop.TOKENIZER_SOURCE_CONFIG
+        if source.exists():
+            settings = source.read_text()
+        else:
+            vocab = vocab_lib.LlamaVocabulary.from_proto(proto)
+            settings = json.dumps(dict(
+                tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False,
+                **{f"{k}_token": vocab.piece(i) for k, i in (("bos", vocab.bos_id),
+                                                            ("eos", vocab.eos_id),
+                                                            ("unk", vocab.unk_id)) if i >= 0}),
+                indent=2)
+        (out / hf_interop.HF_TOKENIZER_CONFIG).write_text(settings)
+    for other in (hf_interop.HF_VOCAB, hf_interop.HF_LLAMA_VOCAB):
+        if other != name and (out / other).exists():
+            (out / other).unlink()
+    if name is not None:
+        (out / name).write_bytes(proto)
 
 
 FLAGS = flags.FLAGS

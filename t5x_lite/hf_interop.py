@@ -41,6 +41,10 @@ SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 HF_CONFIG = "config.json"
 HF_VOCAB = "spiece.model"
+HF_LLAMA_VOCAB = "tokenizer.model"  # Llama / Mistral's sentencepiece model (LlamaTokenizer's)
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+# a converted workdir's copy of the source tokenizer_config.json (`tokenizer_add_bos` reads it)
+TOKENIZER_SOURCE_CONFIG = "hf_tokenizer_config.json"
 HF_SOURCE_CONFIG = "hf_config.json"  # a converted workdir's copy of the source config.json
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SUPPORTED = ("t5 (T5ForConditionalGeneration)", "gpt2 (GPT2LMHeadModel)",
@@ -119,6 +123,29 @@ def read_source_config(workdir, error: type[Exception], context: str,
     if not isinstance(value, dict):
         raise error(f"{path} is not a JSON object (the source HF config {context}); {advice}")
     return value
+
+
+def tokenizer_add_bos(path) -> bool:
+    """Whether the HF tokenizer whose tokenizer_config.json is at `path` (None or absent: the
+    defaults) begins a text with BOS: `add_bos_token` (LlamaTokenizer's default true). An
+    `add_eos_token` of true (every prompt would end with EOS) or a file that is not a JSON
+    object with boolean flags is one InteropError line."""
+    if path is None or not epath.Path(path).exists():
+        return True
+    try:
+        value = json.loads(epath.Path(path).read_text())
+    except (ValueError, UnicodeDecodeError):
+        value = None
+    if not isinstance(value, dict):
+        raise InteropError(f"{path} is not a JSON object (the tokenizer's settings)")
+    flags = {k: value.get(k) for k in ("add_bos_token", "add_eos_token")}
+    bad = next((k for k, v in flags.items() if v is not None and not isinstance(v, bool)), None)
+    if bad:
+        raise InteropError(f"{path}: {bad}={json.dumps(flags[bad])} is not true or false")
+    if flags["add_eos_token"]:
+        raise InteropError(f"{path}: add_eos_token=true is not supported (t5x_lite's decoder-only "
+                           "prompts do not end with EOS)")
+    return flags["add_bos_token"] is not False
 
 
 def is_hf_dir(path) -> bool:
@@ -761,10 +788,11 @@ def from_hf(path, *, scan_layers: bool = False):
     """Reads an HF directory.
 
     Returns:
-      (ModelConfig, numpy params tree, config.json dict, path of spiece.model or None).
+      (ModelConfig, numpy params tree, config.json dict, path of the sentencepiece vocabulary
+      or None: T5's spiece.model, a decoder-only model's tokenizer.model).
     """
     hf_cfg, tensors = read_hf_dir(path)
     cfg = model_config_from_hf(hf_cfg, tensors, scan_layers=scan_layers,
                                source=str(epath.Path(path) / HF_CONFIG))
-    vocab = epath.Path(path) / HF_VOCAB
+    vocab = epath.Path(path) / (HF_VOCAB if cfg.family == "t5" else HF_LLAMA_VOCAB)
     return cfg, params_from_hf(cfg, tensors), hf_cfg, (vocab if vocab.exists() else None)

@@ -87,8 +87,11 @@ class Vocabulary:
             raise VocabularyError(f"not a sentencepiece model: {source}") from None
         ids = (sp.pad_id(), sp.eos_id(), sp.unk_id())
         if ids != (PAD_ID, EOS_ID, UNK_ID):
+            own = (" (a tokenizer with its own special ids, as Llama's: `t5x_lite.load` decodes "
+                   "and scores with one; training and evaluation data take T5's)"
+                   if sp.eos_id() >= 0 else "")
             raise VocabularyError(
-                f"{source}: expected T5 ids pad/eos/unk = 0/1/2, got {ids}; "
+                f"{source}: expected T5 ids pad/eos/unk = 0/1/2, got {ids}{own}; "
                 "train one with `python -m t5x_lite.vocab`")
         self._proto = proto
         self._sp = sp
@@ -241,6 +244,120 @@ class Vocabulary:
         dst = workdir / "vocab.model"
         dst.write_bytes(self._proto)
         return dst
+
+
+class LlamaVocabulary:
+    """A sentencepiece model with its own special ids, as Llama 2 and Mistral ship it in HF's
+    `tokenizer.model` (unk 0, bos 1, eos 2, no pad): ids are its pieces, no sentinels on top.
+
+    Text prompts of a decoder-only model begin with its BOS id when `add_bos` (HF's
+    `add_bos_token`, LlamaTokenizer's default); `encode` itself adds nothing. `decode` ends at
+    the EOS id and drops the control pieces (BOS, EOS, pad) and ids past the pieces (rows an
+    embedding pads on). A text that spells a special piece (`<s>`) is encoded as plain text.
+    t5x_lite loads, decodes and scores with it; its training pipelines take `Vocabulary`.
+    """
+
+    extra_ids = 0
+
+    def __init__(self, model_path: PathLike, add_bos: bool = True):
+        path = epath.Path(model_path)
+        if not path.is_file():
+            raise VocabularyError(f"vocabulary file not found: {path}")
+        self._init_from_proto(path.read_bytes(), add_bos, source=str(path))
+        self.path = path
+
+    @classmethod
+    def from_proto(cls, model_proto: bytes, add_bos: bool = True) -> "LlamaVocabulary":
+        vocab = cls.__new__(cls)
+        vocab._init_from_proto(model_proto, add_bos, source="<bytes>")
+        vocab.path = None
+        return vocab
+
+    def _init_from_proto(self, proto: bytes, add_bos: bool, source: str):
+        if not proto:
+            raise VocabularyError(f"vocabulary file is empty: {source}")
+        try:
+            sp = spm.SentencePieceProcessor(model_proto=proto)
+        except RuntimeError:
+            raise VocabularyError(f"not a sentencepiece model: {source}") from None
+        if sp.eos_id() < 0 or (add_bos and sp.bos_id() < 0):
+            raise VocabularyError(f"{source}: the sentencepiece model has no "
+                                  f"{'EOS' if sp.eos_id() < 0 else 'BOS'} piece")
+        self._proto, self._sp, self.add_bos = proto, sp, bool(add_bos)
+        self._control = np.array([i for i in (sp.bos_id(), sp.eos_id(), sp.pad_id()) if i >= 0])
+
+    def __getstate__(self):
+        return {"proto": self._proto, "add_bos": self.add_bos,
+                "path": None if self.path is None else str(self.path)}
+
+    def __setstate__(self, state):
+        self._init_from_proto(state["proto"], state["add_bos"], "<pickle>")
+        self.path = None if state["path"] is None else epath.Path(state["path"])
+
+    def __repr__(self):
+        return (f"LlamaVocabulary(path={self.path}, sp_size={self.sp_size}, "
+                f"add_bos={self.add_bos})")
+
+    @property
+    def bos_id(self) -> int:
+        return self._sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def unk_id(self) -> int:
+        return self._sp.unk_id()
+
+    @property
+    def sp_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    vocab_size = sp_size
+
+    def piece(self, token_id: int) -> str:
+        return self._sp.id_to_piece(int(token_id))
+
+    @property
+    def model_proto(self) -> bytes:
+        return self._proto
+
+    def encode(self, text: str, *, strict: bool = True) -> list[int]:
+        """Token ids of `text`, without BOS or EOS (`strict` is Vocabulary's; unused here)."""
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
+        texts = list(texts)
+        try:
+            return self._sp.encode(texts, num_threads=num_threads)
+        except (RuntimeError, TypeError):
+            _refuse_non_unicode(texts)
+            raise
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`: ends at the first EOS; control pieces and ids past the pieces are
+        dropped."""
+        ids_L = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), np.int64).ravel()
+        eos = np.flatnonzero(ids_L == self.eos_id)
+        ids_L = ids_L[:eos[0]] if eos.size else ids_L
+        if np.any(ids_L < 0):
+            raise VocabularyError(f"decode: id {int(ids_L[ids_L < 0][0])} is negative")
+        ids_L = ids_L[(ids_L < self.sp_size) & ~np.isin(ids_L, self._control)]
+        return self._sp.decode(ids_L.tolist())
+
+    def decode_batch(self, ids_batch: Iterable[Iterable[int]]) -> list[str]:
+        return [self.decode(ids) for ids in ids_batch]
+
+
+def is_t5_convention(model_proto: bytes) -> bool:
+    """Whether serialized sentencepiece model bytes have T5's ids (pad/eos/unk 0/1/2); False
+    for bytes that are no sentencepiece model (the vocabulary classes say so in one line)."""
+    try:
+        sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    except RuntimeError:
+        return False
+    return (sp.pad_id(), sp.eos_id(), sp.unk_id()) == (PAD_ID, EOS_ID, UNK_ID)
 
 
 def expand_globs(patterns: PathLike | Sequence[PathLike]) -> list[epath.Path]:

@@ -92,7 +92,7 @@ def test_gpt_decode_length_leaves_room_for_the_prompt(gpt_workdir, recipe, full)
     c = _get_config(path, f"init_from={gpt_workdir}")
     model = ModelConfig.from_dict(c.model)
     assert c.data.seq_len == model.max_len == 64 and c.decode.max_new_tokens == 32
-    prompt = predictions.gpt_prompt(model, list(range(3, 100)), c.decode.max_new_tokens, True)
+    prompt = predictions.gpt_prompt(model, list(range(3, 100)), c.decode.max_new_tokens, [0])
     assert len(prompt) == 64 - (32 - 1)  # the start id and the prompt's last 32 tokens
     assert _get_config(path, "").decode.max_new_tokens == full  # 512-token rows
 

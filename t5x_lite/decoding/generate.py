@@ -155,7 +155,8 @@ def encode_prompts(loaded, *, inputs=None, input_ids=None,
                    labels: Sequence[str] | None = None) -> list[list[int]]:
     """Token ids per prompt. Text is encoded with `loaded.vocab`; T5 inputs get EOS appended
     (T5's convention for encoder inputs), GPT prompts do not; a GPT trained by t5x_lite gets its
-    decoder start id 0 first (`LoadedModel.uses_start_token`). Given ids are used as they are."""
+    decoder start id 0 first, a Llama-style tokenizer's its BOS (`start_ids`). Given ids are
+    used as they are."""
     if (inputs is None) == (input_ids is None):
         raise DecodeError("give exactly one of inputs (text) or input_ids")
     if input_ids is not None:
@@ -178,7 +179,7 @@ def encode_prompts(loaded, *, inputs=None, input_ids=None,
     if vocab is None:
         raise DecodeError("text inputs need a vocabulary; this model has none (give input_ids)")
     eos = [eos_id(loaded)] if model_config(loaded).family == "t5" else []
-    start = [0] if getattr(loaded, "uses_start_token", False) else []  # see LoadedModel
+    start = start_ids(loaded)
     encoded = []
     for i, text in enumerate(texts):
         try:
@@ -186,6 +187,13 @@ def encode_prompts(loaded, *, inputs=None, input_ids=None,
         except UserError as e:  # a lone surrogate, an <extra_id_N> past the vocabulary's
             raise DecodeError(f"{labels[i] if labels else f'inputs[{i}]'}: {e}") from None
     return encoded
+
+
+def start_ids(loaded) -> list[int]:
+    """[the id `loaded`'s text prompts begin with] (`LoadedModel.start_id`), or []."""
+    if not getattr(loaded, "uses_start_token", False):
+        return []
+    return [getattr(loaded, "start_id", 0)]
 
 
 def _token_ids(ids, n: int) -> list[int]:

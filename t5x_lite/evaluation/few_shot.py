@@ -35,6 +35,7 @@ import numpy as np
 from etils import epath
 
 from t5x_lite import files
+from t5x_lite.decoding import generate as gen
 from t5x_lite.errors import UserError
 from t5x_lite.evaluation import likelihood, predictions, text_metrics
 from t5x_lite.evaluation.predictions import Example
@@ -214,8 +215,8 @@ def _prompt_ids(loaded, text: str, max_new_tokens: int) -> list[int]:
     cfg = loaded.model.config
     ids = list(loaded.vocab.encode(text))
     if cfg.family == "gpt":  # over-long: keep the end (the query)
-        return predictions.gpt_prompt(cfg, ids, max_new_tokens,
-                                      predictions.uses_start_token(loaded), FewShotError)
+        return predictions.gpt_prompt(cfg, ids, max_new_tokens, gen.start_ids(loaded),
+                                      FewShotError)
     return ids
 
 
@@ -231,8 +232,6 @@ def evaluate_generation(loaded, queries: Sequence[Example], pool: Sequence[Examp
                         **decode_overrides) -> tuple[dict[str, float], list[dict]]:
     """Greedy answers cut at the stop strings, scored with the text metrics."""
     _check(loaded, queries)
-    from t5x_lite.decoding import generate as gen
-
     prompts, shots = build_prompts(queries, pool, k=options.k, template=options.template,
                                    seed=options.seed, same_split=same_split)
     n = options.max_new_tokens

@@ -10,8 +10,9 @@ Prompts are built the way the training objective saw the inputs:
 - GPT (prompt_completion / causal_lm pairs): `[0] + inputs`; prefix_lm pairs: `[0] + inputs +
   EOS`, the prefix `PrefixLMFromPairs` trains on (its first target follows the EOS). Our data
   pipeline feeds every decoder-only row the decoder start id 0 before its first token, so a
-  t5x_lite GPT expects it; a GPT without a t5x_lite vocabulary (an HF GPT-2, where 0 is a real
-  token) gets the prompt as is. Over-long prompts keep their end (next to the answer, EOS
+  t5x_lite GPT expects it; a converted Llama / Mistral with its tokenizer gets its BOS instead
+  (`generate.start_ids`), a GPT without a vocabulary (an HF GPT-2, where 0 is a real token) the
+  prompt as is. Over-long prompts keep their end (next to the answer, EOS
   included): at most max_len - (max_new_tokens - 1) tokens, as generation allows (the last new
   token is never fed back).
 A prediction's text ends before the model's EOS (`generate`'s `text`).
@@ -89,18 +90,21 @@ def prompt_ids(loaded, text: str, *, data_cfg, max_new_tokens: int,
         return ids[:max(data.inputs_length - 1, 1)] + [gen.eos_id(loaded)]
     if cfg.family != "gpt":
         raise PredictionError(f"decoding needs a t5 or gpt model, not {cfg.family!r}")
-    start = uses_start_token(loaded) if start_token is None else start_token
+    head = gen.start_ids(loaded)
+    if start_token is not None:
+        head = (head or [DECODER_START_ID]) if start_token else []
     if data.objective == "prefix_lm":  # trained on [0] + inputs + EOS as the prefix
         ids.append(gen.eos_id(loaded))
-    return gpt_prompt(cfg, ids, max_new_tokens, start, PredictionError)
+    return gpt_prompt(cfg, ids, max_new_tokens, head, PredictionError)
 
 
-def gpt_prompt(cfg, ids: Sequence[int], max_new_tokens: int, start: bool,
+def gpt_prompt(cfg, ids: Sequence[int], max_new_tokens: int, head: Sequence[int],
                error=PredictionError) -> list[int]:
-    """A decoder-only prompt: the start id 0 when `start`, then the end of `ids` that leaves
-    room for `max_new_tokens` (prompt + max_new_tokens - 1 <= max_len, `generate`'s limit:
-    the last new token is never fed back). `error`: the exception when nothing fits."""
-    head = [DECODER_START_ID] if start else []
+    """A decoder-only prompt: `head` (the start id, `generate.start_ids`, or nothing), then the
+    end of `ids` that leaves room for `max_new_tokens` (prompt + max_new_tokens - 1 <= max_len,
+    `generate`'s limit: the last new token is never fed back). `error`: the exception when
+    nothing fits."""
+    head = list(head)
     room = cfg.max_len - (max_new_tokens - 1) - len(head)
     if room < 1:
         raise error(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the "

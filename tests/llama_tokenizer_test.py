@@ -1,0 +1,163 @@
+"""Llama / Mistral's sentencepiece `tokenizer.model`: text in and out of converted models.
+
+References: HF's own tokenizer (`AutoTokenizer`, built from the same file) and `generate`, and
+the sentencepiece library itself, which Meta's and Mistral's reference tokenizers call.
+"""
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+import transformers
+
+import hf_reference as ref
+import t5x_lite
+from t5x_lite import convert, hf_interop
+from t5x_lite.vocab import LlamaVocabulary, Vocabulary, VocabularyError
+
+# No text begins with a space: HF's tokenizer drops the extra "▁" sentencepiece gives one
+# (a case of its own below).
+TEXTS = ["abc de fgh", "café 12345 日本", "two  spaces\nand a newline", "k"]
+N = 10
+
+
+def _llama_spm(pieces: int = 300) -> bytes:
+    """A tokenizer trained as Llama's was: BPE, unk / bos / eos 0 / 1 / 2 and no pad, byte
+    fallback, digits split, no normalization, whitespace kept."""
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghijklmnoprstuw"), rng.integers(2, 8)))
+             for _ in range(200)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(" ".join(rng.choice(words, 10)) for _ in range(300)),
+        model_writer=model, vocab_size=pieces, model_type="bpe", unk_id=0, bos_id=1, eos_id=2,
+        pad_id=-1, byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, character_coverage=1.0, minloglevel=2)
+    return model.getvalue()
+
+
+def _save(hf, path, proto, **settings):
+    hf.save_pretrained(path)
+    (path / "tokenizer.model").write_bytes(proto)
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+         **settings}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    """A random HF Llama (embedding rows 320 > the tokenizer's 300 pieces, as HF pads them)
+    with its tokenizer, the stop id 2."""
+    hf = ref.llama(kv_heads=2, seed=3, vocab_size=320)
+    hf.config.bos_token_id, hf.config.eos_token_id = 1, 2
+    hf.generation_config.eos_token_id = 2
+    return hf, _save(hf, tmp_path_factory.mktemp("llama"), _llama_spm())
+
+
+def _hf_ids(path, texts):
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    return tok, [tok(t)["input_ids"] for t in texts]
+
+
+def test_text_is_encoded_decoded_generated_and_scored_as_hf(src):
+    hf, path = src
+    m = t5x_lite.load(str(path))
+    assert isinstance(m.vocab, LlamaVocabulary) and (m.start_id, m.eos_id) == (1, 2)
+    tok, hf_ids = _hf_ids(path, TEXTS)
+    assert [[m.start_id] + r for r in m.tokenize(TEXTS, add_eos=False)] == hf_ids
+    # sentencepiece keeps a leading space as its own "▁" (Meta's reference tokenizer does too)
+    sp = spm.SentencePieceProcessor(model_proto=(path / "tokenizer.model").read_bytes())
+    assert m.tokenize(" abc", add_eos=False) == [sp.encode(" abc")] != [tok(" abc")["input_ids"][1:]]
+    # decoding: the text back, the stop id ends it, control ids and padded rows (>= 300) dropped
+    assert m.detokenize([r[1:] for r in hf_ids]) == TEXTS == tok.batch_decode(
+        hf_ids, skip_special_tokens=True)
+    assert m.vocab.decode([1] + hf_ids[0][1:] + [310, 2, 7]) == TEXTS[0]
+
+    out = m.generate(inputs=TEXTS, max_new_tokens=N)
+    assert [o["ids"] for o in out] == ref.greedy_left_padded(hf, hf_ids, N, eos_token_id=2)
+    assert [o["text"] for o in out] == [m.vocab.decode(o["ids"]) for o in out]
+    # score: log p(continuation | BOS + prompt), against HF's logits on the same ids
+    cont = m.tokenize("fgh de", add_eos=False)[0]
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(torch.tensor([hf_ids[0] + cont])).logits[0].double(), -1)
+    p = len(hf_ids[0])
+    expected = sum(logp[p - 1 + i, t].item() for i, t in enumerate(cont))
+    np.testing.assert_allclose(m.score(TEXTS[0], "fgh de"), [expected], rtol=1e-4)
+
+
+def test_convert_keeps_the_tokenizer_and_exports_it_back(src, tmp_path):
+    hf, path = src
+    convert.hf_to_workdir(path, tmp_path / "w")
+    assert (tmp_path / "w" / hf_interop.TOKENIZER_SOURCE_CONFIG).exists()
+    m = t5x_lite.load(str(tmp_path / "w"))
+    assert isinstance(m.vocab, LlamaVocabulary) and m.start_id == 1
+    _, hf_ids = _hf_ids(path, TEXTS)
+    assert [o["ids"] for o in m.generate(inputs=TEXTS[:2], max_new_tokens=N)] == \
+        ref.greedy_left_padded(hf, hf_ids[:2], N, eos_token_id=2)
+
+    convert.workdir_to_hf(tmp_path / "w", tmp_path / "hf")
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == \
+        (path / "tokenizer.model").read_bytes()
+    assert _hf_ids(tmp_path / "hf", TEXTS)[1] == hf_ids
+    # without the source's tokenizer_config.json: LlamaTokenizer's settings, the model's pieces
+    (tmp_path / "w" / hf_interop.TOKENIZER_SOURCE_CONFIG).unlink()
+    convert.workdir_to_hf(tmp_path / "w", tmp_path / "hf2")
+    written = json.loads((tmp_path / "hf2" / "tokenizer_config.json").read_text())
+    assert (written["bos_token"], written["eos_token"], written["add_bos_token"]) == (
+        "<s>", "</s>", True)
+    assert _hf_ids(tmp_path / "hf2", TEXTS)[1] == hf_ids
+    # a model without this tokenizer exported over the directory takes it away (load would
+    # read it as that model's)
+    ref.llama(kv_heads=2, seed=4, vocab_size=320).save_pretrained(tmp_path / "bare")
+    convert.hf_to_workdir(tmp_path / "bare", tmp_path / "w2")
+    convert.workdir_to_hf(tmp_path / "w2", tmp_path / "hf")
+    assert not (tmp_path / "hf" / "tokenizer.model").exists()
+    assert t5x_lite.load(str(tmp_path / "hf")).vocab is None
+
+
+def test_add_bos_token_false_is_followed(src, tmp_path):
+    hf, path = src
+    _save(hf, tmp_path, (path / "tokenizer.model").read_bytes(), add_bos_token=False)
+    m = t5x_lite.load(str(tmp_path))
+    _, hf_ids = _hf_ids(tmp_path, TEXTS[:2])
+    assert m.start_id is None and hf_ids[0][0] != 1
+    assert [o["ids"] for o in m.generate(inputs=TEXTS[:2], max_new_tokens=N)] == \
+        ref.greedy_left_padded(hf, hf_ids, N, eos_token_id=2)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    ({"settings": {"add_eos_token": True}}, hf_interop.InteropError,
+     "add_eos_token=true is not supported"),
+    ({"settings": {"add_bos_token": "yes"}}, hf_interop.InteropError,
+     'add_bos_token="yes" is not true or false'),
+    ({"config": "[1]"}, hf_interop.InteropError, "is not a JSON object (the tokenizer's settings)"),
+    ({"proto": b"not a model"}, VocabularyError, "not a sentencepiece model"),
+    ({"proto": b""}, VocabularyError, "vocabulary file is empty"),
+    ({"pieces": 400}, t5x_lite.checkpoints.CheckpointError,
+     "has 400 ids (400 pieces + 0 extra ids) but the model's embedding has only 320 rows"),
+])
+def test_bad_tokenizer_files_are_one_line_for_load_and_convert(src, tmp_path, change, error,
+                                                               message):
+    hf, path = src
+    proto = change.get("proto", _llama_spm(change["pieces"]) if "pieces" in change else
+                       (path / "tokenizer.model").read_bytes())
+    d = _save(hf, tmp_path / "src", proto, **change.get("settings", {}))
+    if "config" in change:
+        (d / "tokenizer_config.json").write_text(change["config"])
+    for attempt in (lambda: t5x_lite.load(str(d)),
+                    lambda: convert.hf_to_workdir(d, tmp_path / "w")):
+        with pytest.raises(error, match=re.escape(message)) as e:
+            attempt()
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_training_pipelines_refuse_a_llama_tokenizer_in_one_line(src):
+    _, path = src
+    with pytest.raises(VocabularyError, match=r"expected T5 ids pad/eos/unk = 0/1/2, got "
+                       r"\(-1, 2, 0\) \(a tokenizer with its own special ids, as Llama's"):
+        Vocabulary(path / "tokenizer.model")
