@@ -53,38 +53,80 @@ def _refuse_non_unicode(texts: list) -> None:
             raise VocabularyError(f"Cannot tokenize {where}: it holds {problem}") from None
 
 
-class Vocabulary:
-    """A sentencepiece model plus `extra_ids` T5 sentinel ids on top of it.
+class _SentencePieceModel:
+    """Serialized sentencepiece model bytes, from a file (`path`) or memory, parsed once.
 
-    Picklable (the model bytes travel with it), so it can be used inside grain worker processes.
+    Picklable (the model bytes travel with it), so it can be used inside grain worker
+    processes. A subclass checks the model and takes its one setting in `_init_from_proto`.
     """
 
-    def __init__(self, model_path: PathLike, extra_ids: int = DEFAULT_EXTRA_IDS):
+    def __init__(self, model_path: PathLike, setting):
         path = epath.Path(model_path)
         if not path.exists():
             raise VocabularyError(f"vocabulary file not found: {path}")
         if path.is_dir():
             raise VocabularyError(f"vocabulary path is a directory, not a .model file: {path}")
-        self._init_from_proto(path.read_bytes(), extra_ids, source=str(path))
+        self._init_from_proto(path.read_bytes(), setting, source=str(path))
         self.path = path
+
+    @classmethod
+    def _from_proto(cls, model_proto: bytes, setting):
+        vocab = cls.__new__(cls)
+        vocab._init_from_proto(model_proto, setting, source="<bytes>")
+        vocab.path = None
+        return vocab
+
+    def _init_from_proto(self, proto: bytes, setting, source: str):
+        raise NotImplementedError
+
+    def _parse(self, proto: bytes, setting, source: str) -> spm.SentencePieceProcessor:
+        """The parsed model (one VocabularyError line for empty or foreign bytes); keeps the
+        bytes and the setting for pickling."""
+        if not proto:
+            raise VocabularyError(f"vocabulary file is empty: {source}")
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=proto)
+        except RuntimeError:
+            raise VocabularyError(f"not a sentencepiece model: {source}") from None
+        self._proto, self._setting = proto, setting
+        return self._sp
+
+    def __getstate__(self):
+        return {"proto": self._proto, "setting": self._setting,
+                "path": None if self.path is None else str(self.path)}
+
+    def __setstate__(self, state):
+        self._init_from_proto(state["proto"], state["setting"], "<pickle>")
+        self.path = None if state["path"] is None else epath.Path(state["path"])
+
+    @property
+    def sp_size(self) -> int:
+        """Number of sentencepiece pieces; ids below this are ordinary tokens."""
+        return self._sp.get_piece_size()
+
+    @property
+    def model_proto(self) -> bytes:
+        return self._proto
+
+    def decode_batch(self, ids_batch: Iterable[Iterable[int]]) -> list[str]:
+        return [self.decode(ids) for ids in ids_batch]
+
+
+class Vocabulary(_SentencePieceModel):
+    """A sentencepiece model plus `extra_ids` T5 sentinel ids on top of it (picklable)."""
+
+    def __init__(self, model_path: PathLike, extra_ids: int = DEFAULT_EXTRA_IDS):
+        super().__init__(model_path, extra_ids)
 
     @classmethod
     def from_proto(cls, model_proto: bytes, extra_ids: int = DEFAULT_EXTRA_IDS) -> "Vocabulary":
         """Builds a vocabulary from serialized sentencepiece model bytes."""
-        vocab = cls.__new__(cls)
-        vocab._init_from_proto(model_proto, extra_ids, source="<bytes>")
-        vocab.path = None
-        return vocab
+        return cls._from_proto(model_proto, extra_ids)
 
     def _init_from_proto(self, proto: bytes, extra_ids: int, source: str):
         if extra_ids < 0:
             raise VocabularyError(f"extra_ids must be >= 0, got {extra_ids}")
-        if not proto:
-            raise VocabularyError(f"vocabulary file is empty: {source}")
-        try:
-            sp = spm.SentencePieceProcessor(model_proto=proto)
-        except RuntimeError:
-            raise VocabularyError(f"not a sentencepiece model: {source}") from None
+        sp = self._parse(proto, extra_ids, source)
         ids = (sp.pad_id(), sp.eos_id(), sp.unk_id())
         if ids != (PAD_ID, EOS_ID, UNK_ID):
             own = (" (a tokenizer with its own special ids, as Llama's: `t5x_lite.load` decodes "
@@ -93,17 +135,7 @@ class Vocabulary:
             raise VocabularyError(
                 f"{source}: expected T5 ids pad/eos/unk = 0/1/2, got {ids}{own}; "
                 "train one with `python -m t5x_lite.vocab`")
-        self._proto = proto
-        self._sp = sp
         self._extra_ids = int(extra_ids)
-
-    def __getstate__(self):
-        return {"proto": self._proto, "extra_ids": self._extra_ids,
-                "path": None if self.path is None else str(self.path)}
-
-    def __setstate__(self, state):
-        self._init_from_proto(state["proto"], state["extra_ids"], "<pickle>")
-        self.path = None if state["path"] is None else epath.Path(state["path"])
 
     def __repr__(self):
         return f"Vocabulary(path={self.path}, sp_size={self.sp_size}, extra_ids={self.extra_ids})"
@@ -121,11 +153,6 @@ class Vocabulary:
         return UNK_ID
 
     @property
-    def sp_size(self) -> int:
-        """Number of sentencepiece pieces; ids below this are ordinary tokens."""
-        return self._sp.get_piece_size()
-
-    @property
     def extra_ids(self) -> int:
         return self._extra_ids
 
@@ -136,10 +163,6 @@ class Vocabulary:
     @property
     def padded_vocab_size(self) -> int:
         return -(-self.vocab_size // PAD_MULTIPLE) * PAD_MULTIPLE
-
-    @property
-    def model_proto(self) -> bytes:
-        return self._proto
 
     def same_pieces(self, other: "Vocabulary") -> bool:
         """Whether the two sentencepiece models give every id the same piece."""
@@ -230,9 +253,6 @@ class Vocabulary:
         flush()
         return "".join(out)
 
-    def decode_batch(self, ids_batch: Iterable[Iterable[int]]) -> list[str]:
-        return [self.decode(ids) for ids in ids_batch]
-
     def copy_to(self, workdir: PathLike) -> epath.Path:
         """Writes `vocab.model` into `workdir` so a checkpoint directory is self-contained.
 
@@ -246,7 +266,7 @@ class Vocabulary:
         return dst
 
 
-class LlamaVocabulary:
+class LlamaVocabulary(_SentencePieceModel):
     """A sentencepiece model with its own special ids, as Llama 2 and Mistral ship it in HF's
     `tokenizer.model` (unk 0, bos 1, eos 2, no pad): ids are its pieces, no sentinels on top.
 
@@ -260,39 +280,19 @@ class LlamaVocabulary:
     extra_ids = 0
 
     def __init__(self, model_path: PathLike, add_bos: bool = True):
-        path = epath.Path(model_path)
-        if not path.is_file():
-            raise VocabularyError(f"vocabulary file not found: {path}")
-        self._init_from_proto(path.read_bytes(), add_bos, source=str(path))
-        self.path = path
+        super().__init__(model_path, add_bos)
 
     @classmethod
     def from_proto(cls, model_proto: bytes, add_bos: bool = True) -> "LlamaVocabulary":
-        vocab = cls.__new__(cls)
-        vocab._init_from_proto(model_proto, add_bos, source="<bytes>")
-        vocab.path = None
-        return vocab
+        return cls._from_proto(model_proto, add_bos)
 
     def _init_from_proto(self, proto: bytes, add_bos: bool, source: str):
-        if not proto:
-            raise VocabularyError(f"vocabulary file is empty: {source}")
-        try:
-            sp = spm.SentencePieceProcessor(model_proto=proto)
-        except RuntimeError:
-            raise VocabularyError(f"not a sentencepiece model: {source}") from None
+        sp = self._parse(proto, add_bos, source)
         if sp.eos_id() < 0 or (add_bos and sp.bos_id() < 0):
             raise VocabularyError(f"{source}: the sentencepiece model has no "
                                   f"{'EOS' if sp.eos_id() < 0 else 'BOS'} piece")
-        self._proto, self._sp, self.add_bos = proto, sp, bool(add_bos)
+        self.add_bos = bool(add_bos)
         self._control = np.array([i for i in (sp.bos_id(), sp.eos_id(), sp.pad_id()) if i >= 0])
-
-    def __getstate__(self):
-        return {"proto": self._proto, "add_bos": self.add_bos,
-                "path": None if self.path is None else str(self.path)}
-
-    def __setstate__(self, state):
-        self._init_from_proto(state["proto"], state["add_bos"], "<pickle>")
-        self.path = None if state["path"] is None else epath.Path(state["path"])
 
     def __repr__(self):
         return (f"LlamaVocabulary(path={self.path}, sp_size={self.sp_size}, "
@@ -311,17 +311,11 @@ class LlamaVocabulary:
         return self._sp.unk_id()
 
     @property
-    def sp_size(self) -> int:
-        return self._sp.get_piece_size()
-
-    vocab_size = sp_size
+    def vocab_size(self) -> int:
+        return self.sp_size
 
     def piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(int(token_id))
-
-    @property
-    def model_proto(self) -> bytes:
-        return self._proto
 
     def encode(self, text: str, *, strict: bool = True) -> list[int]:
         """Token ids of `text`, without BOS or EOS (`strict` is Vocabulary's; unused here)."""
@@ -345,9 +339,6 @@ class LlamaVocabulary:
             raise VocabularyError(f"decode: id {int(ids_L[ids_L < 0][0])} is negative")
         ids_L = ids_L[(ids_L < self.sp_size) & ~np.isin(ids_L, self._control)]
         return self._sp.decode(ids_L.tolist())
-
-    def decode_batch(self, ids_batch: Iterable[Iterable[int]]) -> list[str]:
-        return [self.decode(ids) for ids in ids_batch]
 
 
 def is_t5_convention(model_proto: bytes) -> bool:

@@ -161,3 +161,34 @@ def test_training_pipelines_refuse_a_llama_tokenizer_in_one_line(src):
     with pytest.raises(VocabularyError, match=r"expected T5 ids pad/eos/unk = 0/1/2, got "
                        r"\(-1, 2, 0\) \(a tokenizer with its own special ids, as Llama's"):
         Vocabulary(path / "tokenizer.model")
+
+
+def test_few_shot_from_files_scores_as_hf_and_split_evaluation_is_refused(src, tmp_path):
+    from t5x_lite.evaluation import EvalError, EvalSettings, outputs, run
+    from t5x_lite.evaluation.few_shot import FewShotOptions
+    hf, path = src
+    convert.hf_to_workdir(path, tmp_path / "w")
+    pairs = [{"inputs": "abc de", "targets": "fgh"}, {"inputs": "k", "targets": "de"}]
+    for name, rows in (("q.jsonl", pairs), ("pool.jsonl", pairs[::-1])):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    files = dict(few_shot_queries=str(tmp_path / "q.jsonl"),
+                 few_shot_pool=str(tmp_path / "pool.jsonl"))
+    [metrics] = run(None, tmp_path / "w", EvalSettings(
+        few_shot=FewShotOptions(k=1, scoring="choice"), **files))
+    assert metrics["num_predictions"] == 2
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    for rec in outputs.read_predictions(tmp_path / "w" / "eval" / "1shot_choice", 0):
+        # each choice: log p(its ids | BOS + prompt ids) from HF's logits
+        prompt = tok(rec["prompt"])["input_ids"]
+        for choice, got in zip(rec["choices"], rec["log_likelihoods"]):
+            cont = tok(choice)["input_ids"][1:]
+            with torch.no_grad():
+                logp = torch.log_softmax(hf(torch.tensor([prompt + cont])).logits[0].double(), -1)
+            want = sum(logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(cont))
+            np.testing.assert_allclose(got, want, rtol=1e-4)
+    for settings in (EvalSettings(), EvalSettings(few_shot=FewShotOptions(k=1)),
+                     EvalSettings(few_shot=FewShotOptions(k=1),
+                                  few_shot_queries=files["few_shot_queries"])):
+        with pytest.raises(EvalError, match="has a Llama-style tokenizer .* evaluate it few-shot "
+                           "from files"):
+            run(None, tmp_path / "w", settings)

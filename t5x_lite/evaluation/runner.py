@@ -32,9 +32,9 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from t5x_lite import (checkpoints, distributed, files, lease, lora, partitioning,
-                      quantization)
-from t5x_lite.api import LoadedModel, checkpoint_eos_id
+from t5x_lite import (checkpoints, distributed, files, hf_interop, lease, lora,
+                      partitioning, quantization)
+from t5x_lite.api import LoadedModel, checkpoint_eos_id, load_vocabulary
 from t5x_lite.config import ModelConfig
 from t5x_lite.data import DataConfig, load_vocab
 from t5x_lite.errors import UserError
@@ -162,9 +162,10 @@ class Evaluator:
         if self._vocab is None:
             in_workdir = epath.Path(ckpt_workdir) / checkpoints.VOCAB_FILE
             if not self.data.vocab_path and in_workdir.exists():
-                from t5x_lite.vocab import Vocabulary
-
-                self._vocab = Vocabulary(in_workdir, extra_ids=self.data.extra_ids)
+                # a converted Llama / Mistral's tokenizer too (LlamaVocabulary: few-shot only)
+                self._vocab = load_vocabulary(
+                    in_workdir, self.model_cfg, {"data": {"extra_ids": self.data.extra_ids}},
+                    epath.Path(ckpt_workdir) / hf_interop.TOKENIZER_SOURCE_CONFIG)
             else:
                 self._vocab = load_vocab(self.data)
             if self._vocab.vocab_size > self.model_cfg.vocab_size:
@@ -222,9 +223,23 @@ class Evaluator:
             self._examples = predictions.read_examples(self.data, self.data.eval_split, instead)
         return self._examples
 
+    def reads_data_splits(self) -> bool:
+        """Whether this evaluation reads the data pipeline's splits (teacher-forced metrics,
+        decoded eval examples, a few-shot pool from the train split), not only jsonl files."""
+        s = self.settings
+        if s.few_shot is None:
+            return True
+        return not s.few_shot_queries or (s.few_shot.k > 0 and not s.few_shot_pool)
+
     def evaluate(self, ckpt_workdir, step: int) -> tuple[dict[str, Any], list | None]:
         t0 = time.time()
         loaded = self.load(ckpt_workdir, step)
+        if hasattr(loaded.vocab, "add_bos") and self.reads_data_splits():  # a LlamaVocabulary
+            raise EvalError(
+                f"{ckpt_workdir} has a Llama-style tokenizer (vocab.model with its own special "
+                "ids), which the data pipeline's splits do not use (T5 conventions: start id 0, "
+                "eos 1); evaluate it few-shot from files: --few_shot_k=K "
+                "--few_shot_queries=FILE.jsonl --few_shot_pool=FILE.jsonl")
         metrics: dict[str, Any] = {"step": step, "checkpoint": f"{ckpt_workdir}/"
                                    f"{checkpoints.CHECKPOINT_DIR}/{step}",
                                    "split": self.data.eval_split}
