@@ -11,7 +11,7 @@ A BERT-style MLM workdir offers `logits` only (`score` and `generate` raise one 
 
 Token inputs are int arrays (every entry counts; for T5 and BERT id 0 is padding as always),
 a list of ints, lists of lists (ragged rows are right-padded with 0), or, when the model has a
-sentencepiece vocabulary, strings; anything else, ids outside the vocabulary and rows with no
+vocabulary (sentencepiece, or an HF tokenizer.json), strings; anything else, ids outside the vocabulary and rows with no
 token are one ValueError line. Text conventions follow T5/seqio: T5 encoder inputs and
 targets end with EOS, and BERT inputs (as its training documents); decoder-only prompts and
 continuations get none, and a GPT trained by t5x_lite gets its decoder start id 0 before a
@@ -98,8 +98,8 @@ class LoadedModel:
 
     def tokenize(self, texts: str | Sequence[str], *, add_eos: bool) -> list[list[int]]:
         if self.vocab is None:
-            raise ValueError("This model has no sentencepiece vocabulary (vocab.model / "
-                             "spiece.model); pass token ids instead of text")
+            raise ValueError("This model has no vocabulary (vocab.model / spiece.model / "
+                             "tokenizer.model / tokenizer.json); pass token ids instead of text")
         texts = [texts] if isinstance(texts, str) else _sequence(texts, "texts")
         if not all(isinstance(t, str) for t in texts):
             raise ValueError("tokenize() takes a string or a list of strings, got "
@@ -109,9 +109,9 @@ class LoadedModel:
 
     def detokenize(self, ids) -> list[str]:
         """Text of each row of ids: cut before the model's EOS (`eos_id`), padding dropped
-        (`Vocabulary.decode`, which also ends at the vocabulary's own end id 1)."""
+        (the vocabulary's `decode`, which also ends at its own end id)."""
         if self.vocab is None:
-            raise ValueError("This model has no sentencepiece vocabulary to detokenize with")
+            raise ValueError("This model has no vocabulary to detokenize with")
         eos = self.eos_id
         rows = _rows(ids, "ids")
         self._check_range(rows)
@@ -423,7 +423,7 @@ def load(path, *, dtype=None, mesh=None, step: int | None = None,
         step = checkpoints.check_step(workdir, found if step is None else step)
         run = checkpoints.read_config(workdir)
         cfg = ModelConfig.from_dict(run.model)
-        vocab_path = workdir / checkpoints.VOCAB_FILE
+        vocab_path = hf_interop.workdir_vocabulary(workdir)
         tokenizer_config = workdir / hf_interop.TOKENIZER_SOURCE_CONFIG
         numpy_params = None
         eos_id = checkpoint_eos_id(workdir, step, cfg, run)
@@ -511,8 +511,9 @@ def load_vocabulary(path, cfg: ModelConfig, run, tokenizer_config=None):
     """The vocabulary at `path` (None when there is none) for model `cfg` of run config `run`:
     a T5-convention one (`Vocabulary`, with the run's extra ids), or for a decoder-only model
     any other sentencepiece model (`LlamaVocabulary`, BOS as `tokenizer_config` says:
-    `hf_interop.tokenizer_add_bos`). CheckpointError when it has more ids than the embedding
-    has rows (`convert --from_hf` checks an HF vocabulary with this too)."""
+    `hf_interop.tokenizer_add_bos`) or an HF tokenizer.json (`TokenizerJsonVocabulary`).
+    CheckpointError when it has more ids than the embedding has rows (`convert --from_hf`
+    checks an HF vocabulary with this too)."""
     if path is None or not epath.Path(path).exists():
         return None
     try:
@@ -520,13 +521,18 @@ def load_vocabulary(path, cfg: ModelConfig, run, tokenizer_config=None):
     except ImportError:  # the vocabulary module is optional for id-only use
         return None
     extra_ids = run.get("data", {}).get("extra_ids", 100)
-    if cfg.family == "gpt" and not vocab_lib.is_t5_convention(epath.Path(path).read_bytes()):
+    if cfg.family == "gpt" and epath.Path(path).name == hf_interop.HF_TOKENIZER_JSON:
+        from t5x_lite.hf_tokenizer import TokenizerJsonVocabulary
+        vocab = TokenizerJsonVocabulary(path)
+        extra_ids = 0
+    elif cfg.family == "gpt" and not vocab_lib.is_t5_convention(epath.Path(path).read_bytes()):
         vocab = vocab_lib.LlamaVocabulary(path, hf_interop.tokenizer_add_bos(tokenizer_config))
         extra_ids = 0
     else:
         vocab = vocab_lib.Vocabulary(path, extra_ids=extra_ids)
     if vocab.vocab_size > cfg.vocab_size:
         raise checkpoints.CheckpointError(
-            f"Vocabulary {path} has {vocab.vocab_size} ids ({vocab.sp_size} pieces + {extra_ids} "
-            f"extra ids) but the model's embedding has only {cfg.vocab_size} rows")
+            f"Vocabulary {path} has {vocab.vocab_size} ids"
+            f"{f' ({vocab.sp_size} pieces + {extra_ids} extra ids)' if extra_ids else ''} but "
+            f"the model's embedding has only {cfg.vocab_size} rows")
     return vocab

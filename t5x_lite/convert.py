@@ -297,16 +297,19 @@ def hf_to_workdir(hf_dir, workdir, *, scan_layers: bool = False) -> ModelConfig:
     tokenizer_config = epath.Path(hf_dir) / hf_interop.HF_TOKENIZER_CONFIG
     # refuses one larger than the embedding, or bad tokenizer settings, as load does
     api.load_vocabulary(vocab, cfg, run, tokenizer_config)
-    old_vocab = workdir / checkpoints.VOCAB_FILE
-    if old_vocab.exists() and (vocab is None or old_vocab.read_bytes() != vocab.read_bytes()):
-        raise ConvertError(f"--workdir {workdir} holds a {checkpoints.VOCAB_FILE} that is not "
-                           f"this model's {vocab.name if vocab else 'vocabulary (it has none)'}; "
-                           "convert into a new directory")
+    json_vocab = vocab is not None and vocab.name == hf_interop.HF_TOKENIZER_JSON
+    dest = workdir / (hf_interop.HF_TOKENIZER_JSON if json_vocab else checkpoints.VOCAB_FILE)
+    for old in (workdir / checkpoints.VOCAB_FILE, workdir / hf_interop.HF_TOKENIZER_JSON):
+        if old.exists() and (old != dest or vocab is None or
+                             old.read_bytes() != vocab.read_bytes()):
+            raise ConvertError(f"--workdir {workdir} holds a {old.name} that is not this "
+                               f"model's {vocab.name if vocab else 'vocabulary (it has none)'}; "
+                               "convert into a new directory")
     checkpoints.write_config(workdir, run)
     (workdir / HF_SOURCE_CONFIG).write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
     if vocab is not None:
-        (workdir / checkpoints.VOCAB_FILE).write_bytes(vocab.read_bytes())
-        if vocab.name == hf_interop.HF_LLAMA_VOCAB and tokenizer_config.exists():
+        dest.write_bytes(vocab.read_bytes())
+        if cfg.family == "gpt" and tokenizer_config.exists():
             (workdir / hf_interop.TOKENIZER_SOURCE_CONFIG).write_bytes(
                 tokenizer_config.read_bytes())
     checkpoints.save_params(workdir, params, step=0)
@@ -354,20 +357,23 @@ def workdir_to_hf(path, out_dir, *, step: int | None = None) -> ModelConfig:
 def _write_vocabulary(workdir: epath.Path, out: epath.Path, cfg: ModelConfig) -> None:
     """The workdir's vocabulary in HF form: T5's as `spiece.model`; a decoder-only model's
     Llama-style one (`vocab.LlamaVocabulary`) as `tokenizer.model` with `tokenizer_config.json`
-    (the source's, else LlamaTokenizer's settings and special pieces). A GPT trained here has no
-    HF tokenizer form (its prompts begin with id 0). An earlier export's vocabulary file that is
-    not this model's is removed: `load` and `--from_hf` would take it for this model's."""
-    path = workdir / checkpoints.VOCAB_FILE
+    (the source's, else LlamaTokenizer's settings and special pieces), its `tokenizer.json` as
+    it came (with the source's `tokenizer_config.json`). A GPT trained here has no HF tokenizer
+    form (its prompts begin with id 0). An earlier export's vocabulary file that `load` and
+    `--from_hf` would read for this model before (or instead of) the one written is removed,
+    and for a decoder-only model a T5 export's `spiece.model` (no vocabulary of this model's)."""
+    path = hf_interop.workdir_vocabulary(workdir)
     proto = path.read_bytes() if path.exists() else None
+    source = workdir / hf_interop.TOKENIZER_SOURCE_CONFIG
+    settings = source.read_text() if source.exists() else None
     name = None
     if proto is not None and cfg.family == "t5":
         name = hf_interop.HF_VOCAB
+    elif proto is not None and path.name == hf_interop.HF_TOKENIZER_JSON:
+        name = hf_interop.HF_TOKENIZER_JSON
     elif proto is not None and cfg.family == "gpt" and not vocab_lib.is_t5_convention(proto):
         name = hf_interop.HF_LLAMA_VOCAB
-        source = workdir / hf_interop.TOKENIZER_SOURCE_CONFIG
-        if source.exists():
-            settings = source.read_text()
-        else:
+        if settings is None:
             vocab = vocab_lib.LlamaVocabulary.from_proto(proto)
             settings = json.dumps(dict(
                 tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False,
@@ -375,12 +381,15 @@ def _write_vocabulary(workdir: epath.Path, out: epath.Path, cfg: ModelConfig) ->
                                                             ("eos", vocab.eos_id),
                                                             ("unk", vocab.unk_id)) if i >= 0}),
                 indent=2)
-        (out / hf_interop.HF_TOKENIZER_CONFIG).write_text(settings)
-    for other in (hf_interop.HF_VOCAB, hf_interop.HF_LLAMA_VOCAB):
-        if other != name and (out / other).exists():
+    names = hf_interop.vocabulary_names(cfg)
+    stale = names[:names.index(name)] if name in names else names
+    for other in stale + [hf_interop.HF_VOCAB] * (cfg.family != "t5"):
+        if (out / other).exists():
             (out / other).unlink()
     if name is not None:
         (out / name).write_bytes(proto)
+        if name != hf_interop.HF_VOCAB and settings is not None:
+            (out / hf_interop.HF_TOKENIZER_CONFIG).write_text(settings)
 
 
 FLAGS = flags.FLAGS

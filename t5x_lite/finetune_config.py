@@ -112,8 +112,8 @@ def build(arg: str, *, family: str, objective: str, inputs_length: int, targets_
         if not c.data.vocab_path:  # the default vocabulary would be another model's ids
             raise FinetuneConfigError(
                 f"init_from={a['init_from']} has no {checkpoints.VOCAB_FILE}: the recipes "
-                "tokenize with the model's sentencepiece vocabulary (an HF GPT-2's BPE cannot "
-                "be used; a converted T5 needs its spiece.model)")
+                "tokenize with the model's T5-convention sentencepiece vocabulary (an HF "
+                "tokenizer.json cannot be used; a converted T5 needs its spiece.model)")
         if src.get("mesh", {}).get("rules") is not None:
             c.mesh.rules = src.mesh.rules
     c.train.init_from = a["init_from"]

@@ -31,7 +31,7 @@ from absl import logging
 from etils import epath
 from flax import traverse_util
 
-from t5x_lite.checkpoints import CheckpointError
+from t5x_lite.checkpoints import VOCAB_FILE, CheckpointError
 from t5x_lite.config import ConfigError, ModelConfig, gpt2, gpt_modern, t5_1_0
 from t5x_lite.layers import yarn_mscale
 from t5x_lite.models import abstract_variables, build_model
@@ -42,6 +42,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 HF_CONFIG = "config.json"
 HF_VOCAB = "spiece.model"
 HF_LLAMA_VOCAB = "tokenizer.model"  # Llama / Mistral's sentencepiece model (LlamaTokenizer's)
+HF_TOKENIZER_JSON = "tokenizer.json"  # HF's tokenizers format (GPT-2, Llama 3, Qwen2, ...)
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
 # a converted workdir's copy of the source tokenizer_config.json (`tokenizer_add_bos` reads it)
 TOKENIZER_SOURCE_CONFIG = "hf_tokenizer_config.json"
@@ -788,11 +789,25 @@ def from_hf(path, *, scan_layers: bool = False):
     """Reads an HF directory.
 
     Returns:
-      (ModelConfig, numpy params tree, config.json dict, path of the sentencepiece vocabulary
-      or None: T5's spiece.model, a decoder-only model's tokenizer.model).
+      (ModelConfig, numpy params tree, config.json dict, path of the vocabulary or None:
+      T5's spiece.model; a decoder-only model's tokenizer.model, else its tokenizer.json).
     """
     hf_cfg, tensors = read_hf_dir(path)
     cfg = model_config_from_hf(hf_cfg, tensors, scan_layers=scan_layers,
                                source=str(epath.Path(path) / HF_CONFIG))
-    vocab = epath.Path(path) / (HF_VOCAB if cfg.family == "t5" else HF_LLAMA_VOCAB)
-    return cfg, params_from_hf(cfg, tensors), hf_cfg, (vocab if vocab.exists() else None)
+    vocab = next((p for p in (epath.Path(path) / n for n in vocabulary_names(cfg))
+                  if p.exists()), None)
+    return cfg, params_from_hf(cfg, tensors), hf_cfg, vocab
+
+
+def vocabulary_names(cfg: ModelConfig) -> list[str]:
+    """The files an HF directory's vocabulary is read from for this model, first found wins."""
+    return [HF_VOCAB] if cfg.family == "t5" else [HF_LLAMA_VOCAB, HF_TOKENIZER_JSON]
+
+
+def workdir_vocabulary(workdir) -> epath.Path:
+    """The vocabulary file of a workdir: `vocab.model`, or a converted model's
+    `tokenizer.json` when it has that instead (the `vocab.model` path when it has neither)."""
+    spm = epath.Path(workdir) / VOCAB_FILE
+    json_file = epath.Path(workdir) / HF_TOKENIZER_JSON
+    return json_file if json_file.exists() and not spm.exists() else spm

@@ -150,7 +150,8 @@ def test_bad_inputs(hf_models, loaded, tmp_path):
         t5.logits([[5, 6, 1]])
     with pytest.raises(ValueError, match="takes only input_ids"):
         gpt.logits([[5]], decoder_input_ids=[[0]])
-    with pytest.raises(ValueError, match="no sentencepiece vocabulary"):
+    with pytest.raises(ValueError, match="has no vocabulary .vocab.model / spiece.model / "
+                       "tokenizer.model / tokenizer.json.; pass token ids"):
         gpt.score("a prompt", "a continuation")
     with pytest.raises(ValueError, match=r"Token ids must be in \[0, 203\)"):
         gpt.logits([[5, 203]])

@@ -196,7 +196,7 @@ def test_to_hf_replaces_an_earlier_export(hf_models, tmp_path):
 
 def test_to_hf_over_an_export_with_a_vocabulary_removes_that_vocabulary(hf_models, tmp_path):
     """A T5 export wrote spiece.model; a GPT-2 (no vocabulary) exported over it must not leave
-    it next to its weights: load() would tokenize text with it, --from_hf would copy it in."""
+    it next to its weights, where it would pass for this model's vocabulary."""
     t5, gpt, out = tmp_path / "t5", tmp_path / "gpt", tmp_path / "hf"
     convert.hf_to_workdir(hf_models["t5_v1_0"][1], t5)
     convert.hf_to_workdir(hf_models["gpt2"][1], gpt)

@@ -160,7 +160,7 @@ class Evaluator:
 
     def vocab(self, ckpt_workdir):
         if self._vocab is None:
-            in_workdir = epath.Path(ckpt_workdir) / checkpoints.VOCAB_FILE
+            in_workdir = hf_interop.workdir_vocabulary(ckpt_workdir)
             if not self.data.vocab_path and in_workdir.exists():
                 # a converted Llama / Mistral's tokenizer too (LlamaVocabulary: few-shot only)
                 self._vocab = load_vocabulary(
@@ -234,11 +234,12 @@ class Evaluator:
     def evaluate(self, ckpt_workdir, step: int) -> tuple[dict[str, Any], list | None]:
         t0 = time.time()
         loaded = self.load(ckpt_workdir, step)
-        if hasattr(loaded.vocab, "add_bos") and self.reads_data_splits():  # a LlamaVocabulary
+        # a converted model's HF tokenizer (LlamaVocabulary, TokenizerJsonVocabulary)
+        if hasattr(loaded.vocab, "add_bos") and self.reads_data_splits():
             raise EvalError(
-                f"{ckpt_workdir} has a Llama-style tokenizer (vocab.model with its own special "
-                "ids), which the data pipeline's splits do not use (T5 conventions: start id 0, "
-                "eos 1); evaluate it few-shot from files: --few_shot_k=K "
+                f"{ckpt_workdir} has an HF tokenizer (a Llama-style vocab.model or a "
+                "tokenizer.json), which the data pipeline's splits do not use (T5 conventions: "
+                "start id 0, eos 1); evaluate it few-shot from files: --few_shot_k=K "
                 "--few_shot_queries=FILE.jsonl --few_shot_pool=FILE.jsonl")
         metrics: dict[str, Any] = {"step": step, "checkpoint": f"{ckpt_workdir}/"
                                    f"{checkpoints.CHECKPOINT_DIR}/{step}",

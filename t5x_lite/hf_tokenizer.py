@@ -1,0 +1,138 @@
+"""An HF `tokenizer.json` (GPT-2, Llama 3, Qwen2, ...) as a decoding vocabulary.
+
+`TokenizerJsonVocabulary` reads the file with the `tokenizers` library (HF's own reader of the
+format; `pip install tokenizers`, or t5x_lite's `tokenizers` extra), so byte-level BPE,
+pre-tokenizer regexes and added tokens behave as in HF. It has the interface `LoadedModel`
+uses of a vocabulary (`encode` / `encode_batch` / `decode`, `vocab_size`, `add_bos` / `bos_id`):
+
+- `encode` gives the text's ids without the special tokens the file's post-processor adds.
+  Those it puts *before* a text (Llama 3's `<|begin_of_text|>`) are the prompt's start id
+  (`add_bos`, `bos_id`): at most one is supported. One it puts after a text (an EOS) would end
+  every prompt and is refused.
+- Special tokens spelled in a text (`<|endoftext|>`) are read as those tokens, as in HF.
+- `decode` ends at `eos_id` when given and drops special tokens (HF's
+  `skip_special_tokens=True`).
+
+Text in, ids out: for loading, decoding, scoring and few-shot evaluation from files; the
+training data pipeline takes sentencepiece vocabularies (`t5x_lite.vocab`).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import Union
+
+import numpy as np
+from etils import epath
+
+from t5x_lite import files
+from t5x_lite.vocab import VocabularyError
+
+PathLike = Union[str, os.PathLike]
+_PROBE = "a"  # a text every tokenizer encodes to some ids, to read what the post-processor adds
+
+
+class TokenizerJsonVocabulary:
+    """An HF tokenizer.json (`path`), with `eos_id` the model's stop id (None: none).
+
+    Picklable: the file's text travels with it.
+    """
+
+    extra_ids = 0
+
+    def __init__(self, path: PathLike, eos_id: int | None = None):
+        path = epath.Path(path)
+        if not path.is_file():
+            raise VocabularyError(f"tokenizer file not found: {path}")
+        self._init_from_text(_read_text(path), eos_id, str(path))
+        self.path = path
+
+    def _init_from_text(self, text: str, eos_id: int | None, source: str):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise VocabularyError(f"{source} needs the tokenizers package: pip install "
+                                  "tokenizers (or give token ids)") from None
+        try:
+            tok = Tokenizer.from_str(text)
+            plain = tok.encode(_PROBE, add_special_tokens=False).ids
+            full = tok.encode(_PROBE, add_special_tokens=True).ids
+        except Exception as e:  # the Rust reader raises its own Exception subclass
+            raise VocabularyError(f"not a tokenizer.json that HF's tokenizers reads: {source} "
+                                  f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                                  ) from None
+        at = next((i for i in range(len(full) - len(plain) + 1)
+                   if full[i:i + len(plain)] == plain), None)
+        if not plain or at is None:
+            raise VocabularyError(f"{source}: its post-processor changes a text's own tokens; "
+                                  "t5x_lite reads tokenizers that add special tokens around them")
+        head, tail = full[:at], full[at + len(plain):]
+        if len(head) > 1 or tail:
+            raise VocabularyError(
+                f"{source}: its post-processor adds {len(head)} token(s) before a text and "
+                f"{len(tail)} after it; t5x_lite supports one start token (a BOS) and none after")
+        self._text, self._tok, self._eos = text, tok, eos_id
+        self.add_bos, self.bos_id = bool(head), (head[0] if head else None)
+
+    def __getstate__(self):
+        return {"text": self._text, "eos_id": self._eos,
+                "path": None if self.path is None else str(self.path)}
+
+    def __setstate__(self, state):
+        self._init_from_text(state["text"], state["eos_id"], "<pickle>")
+        self.path = None if state["path"] is None else epath.Path(state["path"])
+
+    def __repr__(self):
+        return (f"TokenizerJsonVocabulary(path={self.path}, vocab_size={self.vocab_size}, "
+                f"add_bos={self.add_bos})")
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids the tokenizer can produce (its added tokens included)."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._eos
+
+    @property
+    def text(self) -> str:
+        """The tokenizer.json text (what `convert` copies)."""
+        return self._text
+
+    def encode(self, text: str, *, strict: bool = True) -> list[int]:
+        """Token ids of `text`, without the post-processor's special tokens."""
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
+        texts = list(texts)
+        bad = next((t for t in texts if not isinstance(t, str) or files.not_unicode(t)), None)
+        if bad is not None:
+            raise VocabularyError(f"Cannot tokenize {bad!r:.40}: "
+                                  f"{files.not_unicode(bad) if isinstance(bad, str) else 'not a str'}")
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`: ends at the first `eos_id`; special tokens and ids past the
+        tokenizer's are dropped."""
+        ids_L = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), np.int64).ravel()
+        if self._eos is not None:
+            eos = np.flatnonzero(ids_L == self._eos)
+            ids_L = ids_L[:eos[0]] if eos.size else ids_L
+        if np.any(ids_L < 0):
+            raise VocabularyError(f"decode: id {int(ids_L[ids_L < 0][0])} is negative")
+        ids_L = ids_L[ids_L < self.vocab_size]
+        return self._tok.decode(ids_L.tolist(), skip_special_tokens=True)
+
+    def decode_batch(self, ids_batch: Iterable[Iterable[int]]) -> list[str]:
+        return [self.decode(ids) for ids in ids_batch]
+
+
+def _read_text(path: epath.Path) -> str:
+    data = path.read_bytes()
+    if not data:
+        raise VocabularyError(f"vocabulary file is empty: {path}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise VocabularyError(f"not a tokenizer.json (not UTF-8 text): {path}") from None

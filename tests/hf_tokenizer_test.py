@@ -1,0 +1,167 @@
+"""HF `tokenizer.json` (GPT-2's byte-level BPE, a Llama 3-style BOS template): text in and out
+of converted decoder-only models, against HF's `AutoTokenizer` and `generate`."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+import hf_reference as ref
+import t5x_lite
+from t5x_lite import checkpoints, convert
+from t5x_lite.hf_tokenizer import TokenizerJsonVocabulary
+from t5x_lite.vocab import VocabularyError
+
+TEXTS = ["abc de fgh", " leading space", "café 12345 日本 🙂", "two  spaces\nand a tab\t!",
+         "ends<|endoftext|>k"]
+N = 10
+EOS = 300  # the added <|endoftext|>: the model's stop id
+
+
+def _bpe(template: str | None = None) -> Tokenizer:
+    """A byte-level BPE as GPT-2's (300 ids, then <|endoftext|> added as a special token);
+    `template`: a TemplateProcessing single-text template with <|begin_of_text|> (id 301)."""
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghijklmnoprstuw"), rng.integers(2, 8)))
+             for _ in range(200)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.train_from_iterator((" ".join(rng.choice(words, 10)) for _ in range(300)),
+                            trainers.BpeTrainer(vocab_size=EOS, show_progress=False,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens(["<|endoftext|>", "<|begin_of_text|>"])
+    if template:
+        tok.post_processor = processors.TemplateProcessing(
+            single=template, special_tokens=[("<|begin_of_text|>", 301), ("<|endoftext|>", EOS)])
+    return tok
+
+
+def _save(hf, path, tok: Tokenizer, tokenizer_class="GPT2Tokenizer"):
+    hf.save_pretrained(path)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": tokenizer_class, "eos_token": "<|endoftext|>",
+         "bos_token": "<|endoftext|>", "add_bos_token": False}))
+    return path
+
+
+def _gpt2(seed=0):
+    hf = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=320, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                bos_token_id=EOS, eos_token_id=EOS,
+                                attn_implementation="eager")).eval()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(0.3 * torch.randn_like(p))
+    hf.generation_config.eos_token_id = EOS
+    return hf
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    hf = _gpt2()
+    return hf, _save(hf, tmp_path_factory.mktemp("gpt2"), _bpe())
+
+
+def _hf_ids(path, texts):
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    return tok, [tok(t)["input_ids"] for t in texts]
+
+
+def test_gpt2_text_is_encoded_decoded_and_generated_as_hf(src, tmp_path):
+    hf, path = src
+    m = t5x_lite.load(str(path))
+    assert isinstance(m.vocab, TokenizerJsonVocabulary) and (m.start_id, m.eos_id) == (None, EOS)
+    tok, hf_ids = _hf_ids(path, TEXTS)
+    assert m.tokenize(TEXTS, add_eos=False) == hf_ids and EOS in hf_ids[-1]  # special in text
+    assert m.detokenize(hf_ids[:4]) == TEXTS[:4] == tok.batch_decode(hf_ids[:4],
+                                                                      skip_special_tokens=True)
+    out = m.generate(inputs=TEXTS, max_new_tokens=N)
+    want = ref.greedy_left_padded(hf, hf_ids, N, eos_token_id=EOS)
+    assert [o["ids"] for o in out] == want
+    assert [o["text"] for o in out] == [tok.decode([i for i in w if i != EOS],
+                                                   skip_special_tokens=True) for w in want]
+
+    # convert keeps tokenizer.json (and tokenizer_config.json) and writes them back
+    convert.hf_to_workdir(path, tmp_path / "w")
+    assert not (tmp_path / "w" / checkpoints.VOCAB_FILE).exists()
+    back = t5x_lite.load(str(tmp_path / "w"))
+    assert [o["ids"] for o in back.generate(inputs=TEXTS[:2], max_new_tokens=N)] == want[:2]
+    convert.workdir_to_hf(tmp_path / "w", tmp_path / "hf")
+    assert _hf_ids(tmp_path / "hf", TEXTS)[1] == hf_ids
+
+
+def test_a_bos_template_gives_the_start_id_as_hf(tmp_path):
+    """Llama 3's tokenizer.json puts <|begin_of_text|> before every text with its
+    post-processor: that is the prompt's start id."""
+    hf = ref.llama(kv_heads=2, seed=5, vocab_size=320)
+    hf.generation_config.eos_token_id = hf.config.eos_token_id = EOS
+    path = _save(hf, tmp_path / "src", _bpe("<|begin_of_text|> $A"), "PreTrainedTokenizerFast")
+    m = t5x_lite.load(str(path))
+    tok, hf_ids = _hf_ids(path, TEXTS[:3])
+    assert m.start_id == 301 and all(r[0] == 301 for r in hf_ids)
+    assert [[301] + r for r in m.tokenize(TEXTS[:3], add_eos=False)] == hf_ids
+    assert [o["ids"] for o in m.generate(inputs=TEXTS[:3], max_new_tokens=N)] == \
+        ref.greedy_left_padded(hf, hf_ids, N, eos_token_id=EOS)
+    # score: log p(continuation | BOS + prompt) from HF's logits
+    cont = m.tokenize(" fgh", add_eos=False)[0]
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(torch.tensor([hf_ids[0] + cont])).logits[0].double(), -1)
+    want = sum(logp[len(hf_ids[0]) - 1 + i, t].item() for i, t in enumerate(cont))
+    np.testing.assert_allclose(m.score(TEXTS[0], " fgh"), [want], rtol=1e-4)
+
+
+def test_a_tokenizer_model_wins_over_tokenizer_json(src, tmp_path):
+    """Llama 2 / Mistral directories ship both: the sentencepiece model is read (no extra
+    package), as before tokenizer.json was."""
+    hf, path = src
+    d = _save(hf, tmp_path / "both", _bpe())
+    (d / "tokenizer.model").write_bytes(b"not a model")
+    with pytest.raises(VocabularyError, match="not a sentencepiece model"):
+        t5x_lite.load(str(d))
+
+
+@pytest.mark.parametrize("change, error, message", [
+    ({"template": "$A <|endoftext|>"}, VocabularyError,
+     "its post-processor adds 0 token(s) before a text and 1 after it"),
+    ({"template": "<|begin_of_text|> <|endoftext|> $A"}, VocabularyError,
+     "adds 2 token(s) before a text and 0 after it"),
+    ({"text": b"{\"version\": 1"}, VocabularyError, "not a tokenizer.json that HF's tokenizers "
+                                                     "reads"),
+    ({"text": b"\xff\xfe"}, VocabularyError, "not a tokenizer.json (not UTF-8 text)"),
+    ({"text": b""}, VocabularyError, "vocabulary file is empty"),
+    ({"rows": 256}, checkpoints.CheckpointError,
+     "has 302 ids but the model's embedding has only 256 rows"),
+])
+def test_bad_tokenizer_json_is_one_line_for_load_and_convert(tmp_path, change, error, message):
+    hf = _gpt2() if "rows" not in change else transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=change["rows"], n_positions=64, n_embd=32, n_layer=1,
+                                n_head=4))
+    d = _save(hf, tmp_path / "src", _bpe(change.get("template")))
+    if "text" in change:
+        (d / "tokenizer.json").write_bytes(change["text"])
+    for attempt in (lambda: t5x_lite.load(str(d)),
+                    lambda: convert.hf_to_workdir(d, tmp_path / "w")):
+        with pytest.raises(error, match=re.escape(message)) as e:
+            attempt()
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_the_vocabulary_pickles_and_decodes_past_its_ids(src):
+    import pickle
+    _, path = src
+    v = TokenizerJsonVocabulary(path / "tokenizer.json", eos_id=EOS)
+    w = pickle.loads(pickle.dumps(v))
+    ids = v.encode(TEXTS[0])
+    assert w.encode(TEXTS[0]) == ids and w.vocab_size == v.vocab_size == 302
+    # decoding ends at the stop id; ids past the tokenizer's (padded embedding rows) dropped
+    assert w.decode(ids + [310] + [EOS] + ids) == TEXTS[0]
+    with pytest.raises(VocabularyError, match="id -100 is negative"):
+        w.decode([-100])
