@@ -11,12 +11,12 @@ A BERT-style MLM workdir offers `logits` only (`score` and `generate` raise one 
 
 Token inputs are int arrays (every entry counts; for T5 and BERT id 0 is padding as always),
 a list of ints, lists of lists (ragged rows are right-padded with 0), or, when the model has a
-vocabulary (sentencepiece, or an HF tokenizer.json), strings; anything else, ids outside the vocabulary and rows with no
-token are one ValueError line. Text conventions follow T5/seqio: T5 encoder inputs and
-targets end with EOS, and BERT inputs (as its training documents); decoder-only prompts and
-continuations get none, and a GPT trained by t5x_lite gets its decoder start id 0 before a
-text prompt, a converted Llama / Mistral its tokenizer's BOS (`start_id`). Given ids are used
-as they are.
+vocabulary (sentencepiece, or an HF tokenizer.json), strings; anything else, ids outside the
+vocabulary and rows with no token are one ValueError line. Text conventions follow T5/seqio:
+T5 encoder inputs and targets end with EOS, and BERT inputs (as its training documents);
+decoder-only prompts and continuations get none, and a GPT trained by t5x_lite gets its
+decoder start id 0 before a text prompt, a converted model with an HF tokenizer that adds a
+BOS that BOS (`start_id`). Given ids are used as they are.
 
 A GPT trained with `data.objective="prefix_lm"` (`is_prefix_lm`) is run as trained: its prompt
 (start id included) is the prefix, attended bidirectionally, in `score`, `generate` and
@@ -76,15 +76,14 @@ class LoadedModel:
     def start_id(self) -> int | None:
         """The id text prompts of this decoder-only model begin with, or None.
 
-        t5x_lite's LM objectives feed `[0] + targets[:-1]`, so a GPT trained here (one with a
-        T5-convention vocabulary) saw id 0 first; a Llama-style tokenizer (`LlamaVocabulary`)
-        gives its BOS when it adds one; converted GPT-2 weights saw neither.
+        The vocabulary's `prompt_start_id`: t5x_lite's LM objectives feed `[0] + targets[:-1]`,
+        so a GPT trained here (one with a T5-convention vocabulary) saw id 0 first; a converted
+        model's HF tokenizer gives its BOS when it adds one; a model without a vocabulary
+        (converted GPT-2 weights, given ids) gets none.
         """
         if self.config.family != "gpt" or self.vocab is None:
             return None
-        if hasattr(self.vocab, "add_bos"):  # a LlamaVocabulary
-            return self.vocab.bos_id if self.vocab.add_bos else None
-        return 0
+        return self.vocab.prompt_start_id
 
     @property
     def uses_start_token(self) -> bool:
@@ -162,7 +161,7 @@ class LoadedModel:
           decoder_input_ids: T5 only, required: targets shifted right, starting with id 0
             (text is tokenized and prefixed with 0).
           prefix_lengths: GPT only: an int, or one per row [B], from 0 to the row's length:
-            the first that many tokens of each row (as fed: the start id 0 of text counts)
+            the first that many tokens of each row (as fed: the start id of text counts)
             attend to each other bidirectionally, the rest causally (T5X PrefixLM,
             `decoder_causal_attention`). None: for a prefix-LM model (`is_prefix_lm`) the whole
             row is the prefix -- the model's view of a prompt, whose last position's logits
@@ -479,8 +478,10 @@ def _check_mesh(mesh):
 def hf_eos_id(hf_config, vocab_size: int) -> int:
     """The stop id of a model with HF config `hf_config`: its `eos_token_id` when that is an id
     within the vocabulary (of a list, the first such id), else 1 (as `convert --to_hf` writes
-    it then: GPT-2's 50256 in a smaller vocabulary, a null or missing field)."""
-    value = hf_config.get("eos_token_id")
+    it then: GPT-2's 50256 in a smaller vocabulary, a null field). A missing field is the
+    config class's default: 2 for Llama and Mistral."""
+    default = 2 if hf_config.get("model_type") in ("llama", "mistral") else None
+    value = hf_config.get("eos_token_id", default)
     return next((i for i in (value if isinstance(value, list) else [value])
                  if hf_interop.is_int(i) and 0 <= i < vocab_size), EOS_ID)
 
@@ -511,7 +512,7 @@ def load_vocabulary(path, cfg: ModelConfig, run, tokenizer_config=None):
     """The vocabulary at `path` (None when there is none) for model `cfg` of run config `run`:
     a T5-convention one (`Vocabulary`, with the run's extra ids), or for a decoder-only model
     any other sentencepiece model (`LlamaVocabulary`, BOS as `tokenizer_config` says:
-    `hf_interop.tokenizer_add_bos`) or an HF tokenizer.json (`TokenizerJsonVocabulary`).
+    `hf_interop.llama_vocabulary`) or an HF tokenizer.json (`TokenizerJsonVocabulary`).
     CheckpointError when it has more ids than the embedding has rows (`convert --from_hf`
     checks an HF vocabulary with this too)."""
     if path is None or not epath.Path(path).exists():
@@ -526,7 +527,7 @@ def load_vocabulary(path, cfg: ModelConfig, run, tokenizer_config=None):
         vocab = TokenizerJsonVocabulary(path)
         extra_ids = 0
     elif cfg.family == "gpt" and not vocab_lib.is_t5_convention(epath.Path(path).read_bytes()):
-        vocab = vocab_lib.LlamaVocabulary(path, hf_interop.tokenizer_add_bos(tokenizer_config))
+        vocab = hf_interop.llama_vocabulary(path, tokenizer_config)
         extra_ids = 0
     else:
         vocab = vocab_lib.Vocabulary(path, extra_ids=extra_ids)

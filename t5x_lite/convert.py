@@ -9,13 +9,14 @@ back.
     python -m t5x_lite.convert --to_hf --workdir=/tmp/t5_base --out=/tmp/t5_base_hf [--step=N]
 
 The workdir gets `config.json` (a full run config, ready for `t5x_lite.train` fine-tuning),
-a params-only checkpoint at step 0, `vocab.model` (from T5's `spiece.model` or Llama /
-Mistral's `tokenizer.model`, when present; the latter's `tokenizer_config.json` as
-`hf_tokenizer_config.json`) and `hf_config.json` (the source config, so `--to_hf` writes back
-its token ids and extras). The HF directory gets `config.json`, `model.safetensors` and the
-vocabulary in HF form (T5's `spiece.model`; `tokenizer.model` and `tokenizer_config.json`);
+a params-only checkpoint at step 0, the vocabulary when present (`vocab.model` from T5's
+`spiece.model` or Llama / Mistral's `tokenizer.model`, else a decoder-only model's
+`tokenizer.json`; its `tokenizer_config.json` as `hf_tokenizer_config.json`) and
+`hf_config.json` (the source config, so `--to_hf` writes back its token ids and extras). The HF
+directory gets `config.json`, `model.safetensors` and the vocabulary in HF form (T5's
+`spiece.model`; `tokenizer.model` or `tokenizer.json`, with `tokenizer_config.json`);
 re-exporting into an earlier export (or any HF directory whose weights are one
-`model.safetensors`) replaces those files and leaves the others. Refused, before anything is
+`model.safetensors`) replaces those files, removes other tokenizer files and leaves the rest. Refused, before anything is
 written: `--out` being the workdir, inside its `checkpoints/` or any t5x_lite workdir; an `--out`
 holding another model's weights in other files (shards, pickles) or a `config.json` that is no
 HF config; `--from_hf` into an HF directory (its own included) or a workdir with checkpoints
@@ -359,16 +360,16 @@ def _write_vocabulary(workdir: epath.Path, out: epath.Path, cfg: ModelConfig) ->
     Llama-style one (`vocab.LlamaVocabulary`) as `tokenizer.model` with `tokenizer_config.json`
     (the source's, else LlamaTokenizer's settings and special pieces), its `tokenizer.json` as
     it came (with the source's `tokenizer_config.json`). A GPT trained here has no HF tokenizer
-    form (its prompts begin with id 0). An earlier export's vocabulary file that `load` and
-    `--from_hf` would read for this model before (or instead of) the one written is removed,
-    and for a decoder-only model a T5 export's `spiece.model` (no vocabulary of this model's)."""
+    form (its prompts begin with id 0). Every other tokenizer file in `out`
+    (`hf_interop.HF_TOKENIZER_FILES`: an earlier export's, another model's) is removed: HF and
+    `load` would read it as this model's tokenizer."""
     path = hf_interop.workdir_vocabulary(workdir)
     proto = path.read_bytes() if path.exists() else None
     source = workdir / hf_interop.TOKENIZER_SOURCE_CONFIG
     settings = source.read_text() if source.exists() else None
     name = None
     if proto is not None and cfg.family == "t5":
-        name = hf_interop.HF_VOCAB
+        name = hf_interop.HF_T5_VOCAB
     elif proto is not None and path.name == hf_interop.HF_TOKENIZER_JSON:
         name = hf_interop.HF_TOKENIZER_JSON
     elif proto is not None and cfg.family == "gpt" and not vocab_lib.is_t5_convention(proto):
@@ -381,15 +382,16 @@ def _write_vocabulary(workdir: epath.Path, out: epath.Path, cfg: ModelConfig) ->
                                                             ("eos", vocab.eos_id),
                                                             ("unk", vocab.unk_id)) if i >= 0}),
                 indent=2)
-    names = hf_interop.vocabulary_names(cfg)
-    stale = names[:names.index(name)] if name in names else names
-    for other in stale + [hf_interop.HF_VOCAB] * (cfg.family != "t5"):
-        if (out / other).exists():
-            (out / other).unlink()
+    written = {}
     if name is not None:
-        (out / name).write_bytes(proto)
-        if name != hf_interop.HF_VOCAB and settings is not None:
-            (out / hf_interop.HF_TOKENIZER_CONFIG).write_text(settings)
+        written[name] = proto
+        if name != hf_interop.HF_T5_VOCAB and settings is not None:
+            written[hf_interop.HF_TOKENIZER_CONFIG] = settings.encode()
+    for other in hf_interop.HF_TOKENIZER_FILES:
+        if other not in written and (out / other).exists():
+            (out / other).unlink()
+    for other, data in written.items():
+        (out / other).write_bytes(data)
 
 
 FLAGS = flags.FLAGS

@@ -2,7 +2,8 @@
 Mistral / Qwen2 (as gpt_modern), without torch.
 
 An HF model directory holds `config.json` and `model.safetensors` (or a sharded
-`model.safetensors.index.json` with its shards), optionally `spiece.model`. Tensors are numpy
+`model.safetensors.index.json` with its shards), optionally its tokenizer (`vocabulary_names`;
+`HF_TOKENIZER_FILES`). Tensors are numpy
 arrays throughout: `t5x_lite.load` uses the results in memory, `t5x_lite.convert` writes them
 as a workdir (and holds the reverse config mapping and the HF directory writer).
 
@@ -40,11 +41,14 @@ from t5x_lite.transformer import stack_layers, unstack_layers
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 HF_CONFIG = "config.json"
-HF_VOCAB = "spiece.model"
+HF_T5_VOCAB = "spiece.model"
 HF_LLAMA_VOCAB = "tokenizer.model"  # Llama / Mistral's sentencepiece model (LlamaTokenizer's)
 HF_TOKENIZER_JSON = "tokenizer.json"  # HF's tokenizers format (GPT-2, Llama 3, Qwen2, ...)
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
-# a converted workdir's copy of the source tokenizer_config.json (`tokenizer_add_bos` reads it)
+# every file of an HF tokenizer (an export leaves none but its own model's)
+HF_TOKENIZER_FILES = (HF_T5_VOCAB, HF_LLAMA_VOCAB, HF_TOKENIZER_JSON, HF_TOKENIZER_CONFIG,
+                      "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")
+# a converted workdir's copy of the source tokenizer_config.json (`llama_vocabulary` reads it)
 TOKENIZER_SOURCE_CONFIG = "hf_tokenizer_config.json"
 HF_SOURCE_CONFIG = "hf_config.json"  # a converted workdir's copy of the source config.json
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -126,27 +130,48 @@ def read_source_config(workdir, error: type[Exception], context: str,
     return value
 
 
-def tokenizer_add_bos(path) -> bool:
-    """Whether the HF tokenizer whose tokenizer_config.json is at `path` (None or absent: the
-    defaults) begins a text with BOS: `add_bos_token` (LlamaTokenizer's default true). An
-    `add_eos_token` of true (every prompt would end with EOS) or a file that is not a JSON
-    object with boolean flags is one InteropError line."""
-    if path is None or not epath.Path(path).exists():
-        return True
-    try:
-        value = json.loads(epath.Path(path).read_text())
-    except (ValueError, UnicodeDecodeError):
-        value = None
-    if not isinstance(value, dict):
-        raise InteropError(f"{path} is not a JSON object (the tokenizer's settings)")
-    flags = {k: value.get(k) for k in ("add_bos_token", "add_eos_token")}
+def llama_vocabulary(path, settings_path=None):
+    """The sentencepiece `tokenizer.model` at `path` as a LlamaVocabulary, with the settings of
+    the tokenizer_config.json at `settings_path` (None or absent: the defaults): `add_bos_token`
+    (absent or null: true, as Meta's and Mistral's reference tokenizers add BOS). One
+    InteropError line for what would make our ids differ from HF's: `add_eos_token` true
+    (every prompt would end with EOS), `add_prefix_space` false, a `bos_token` other than the
+    model's BOS piece; also for a file that is not a JSON object or flags that are not
+    booleans. Added tokens past the pieces (`added_tokens_decoder`) are not read (a warning)."""
+    from t5x_lite.vocab import LlamaVocabulary
+    value = {}
+    if settings_path is not None and epath.Path(settings_path).exists():
+        try:
+            value = json.loads(epath.Path(settings_path).read_text())
+        except (ValueError, UnicodeDecodeError):
+            raise InteropError(f"{settings_path} is not valid JSON (the tokenizer's settings)"
+                               ) from None
+        if not isinstance(value, dict):
+            raise InteropError(f"{settings_path} is not a JSON object (the tokenizer's settings)")
+    flags = {k: value.get(k) for k in ("add_bos_token", "add_eos_token", "add_prefix_space")}
     bad = next((k for k, v in flags.items() if v is not None and not isinstance(v, bool)), None)
     if bad:
-        raise InteropError(f"{path}: {bad}={json.dumps(flags[bad])} is not true or false")
-    if flags["add_eos_token"]:
-        raise InteropError(f"{path}: add_eos_token=true is not supported (t5x_lite's decoder-only "
-                           "prompts do not end with EOS)")
-    return flags["add_bos_token"] is not False
+        raise InteropError(f"{settings_path}: {bad}={json.dumps(flags[bad])} is not true or false")
+    for key, unsupported, why in (("add_eos_token", True, "prompts would end with EOS"),
+                                  ("add_prefix_space", False, "texts without sentencepiece's "
+                                   "leading \u2581")):
+        if flags[key] is unsupported:
+            raise InteropError(f"{settings_path}: {key}={json.dumps(unsupported)} is not "
+                               f"supported ({why})")
+    vocab = LlamaVocabulary(path, add_bos=flags["add_bos_token"] is not False)
+    bos = value.get("bos_token")
+    bos = bos.get("content") if isinstance(bos, dict) else bos
+    if vocab.add_bos and bos is not None and bos != vocab.piece(vocab.bos_id):
+        raise InteropError(f"{settings_path}: bos_token={json.dumps(bos)} is not the "
+                           f"sentencepiece model's BOS piece {vocab.piece(vocab.bos_id)!r}")
+    added = value.get("added_tokens_decoder")
+    past = sorted(int(i) for i in added if str(i).isdigit() and int(i) >= vocab.sp_size) \
+        if isinstance(added, dict) else []
+    if past:
+        logging.warning("%s: %d added tokens (ids %d..%d) are not read: text that spells them "
+                        "is tokenized as text, and decoding drops them", settings_path,
+                        len(past), past[0], past[-1])
+    return vocab
 
 
 def is_hf_dir(path) -> bool:
@@ -802,7 +827,7 @@ def from_hf(path, *, scan_layers: bool = False):
 
 def vocabulary_names(cfg: ModelConfig) -> list[str]:
     """The files an HF directory's vocabulary is read from for this model, first found wins."""
-    return [HF_VOCAB] if cfg.family == "t5" else [HF_LLAMA_VOCAB, HF_TOKENIZER_JSON]
+    return [HF_T5_VOCAB] if cfg.family == "t5" else [HF_LLAMA_VOCAB, HF_TOKENIZER_JSON]
 
 
 def workdir_vocabulary(workdir) -> epath.Path:

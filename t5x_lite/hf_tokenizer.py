@@ -3,11 +3,12 @@
 `TokenizerJsonVocabulary` reads the file with the `tokenizers` library (HF's own reader of the
 format; `pip install tokenizers`, or t5x_lite's `tokenizers` extra), so byte-level BPE,
 pre-tokenizer regexes and added tokens behave as in HF. It has the interface `LoadedModel`
-uses of a vocabulary (`encode` / `encode_batch` / `decode`, `vocab_size`, `add_bos` / `bos_id`):
+uses of a vocabulary (`encode` / `encode_batch` / `decode`, `vocab_size`,
+`prompt_start_id`):
 
 - `encode` gives the text's ids without the special tokens the file's post-processor adds.
   Those it puts *before* a text (Llama 3's `<|begin_of_text|>`) are the prompt's start id
-  (`add_bos`, `bos_id`): at most one is supported. One it puts after a text (an EOS) would end
+  (`prompt_start_id`): at most one is supported. One it puts after a text (an EOS) would end
   every prompt and is refused.
 - Special tokens spelled in a text (`<|endoftext|>`) are read as those tokens, as in HF.
 - `decode` ends at `eos_id` when given and drops special tokens (HF's
@@ -39,6 +40,7 @@ class TokenizerJsonVocabulary:
     """
 
     extra_ids = 0
+    t5_convention = False
 
     def __init__(self, path: PathLike, eos_id: int | None = None):
         path = epath.Path(path)
@@ -73,6 +75,7 @@ class TokenizerJsonVocabulary:
                 f"{len(tail)} after it; t5x_lite supports one start token (a BOS) and none after")
         self._text, self._tok, self._eos = text, tok, eos_id
         self.add_bos, self.bos_id = bool(head), (head[0] if head else None)
+        self.prompt_start_id = self.bos_id
 
     def __getstate__(self):
         return {"text": self._text, "eos_id": self._eos,
@@ -108,8 +111,8 @@ class TokenizerJsonVocabulary:
         texts = list(texts)
         bad = next((t for t in texts if not isinstance(t, str) or files.not_unicode(t)), None)
         if bad is not None:
-            raise VocabularyError(f"Cannot tokenize {bad!r:.40}: "
-                                  f"{files.not_unicode(bad) if isinstance(bad, str) else 'not a str'}")
+            why = files.not_unicode(bad) if isinstance(bad, str) else "not a str"
+            raise VocabularyError(f"Cannot tokenize {bad!r:.40}: {why}")
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -1,4 +1,5 @@
-"""SentencePiece vocabulary with T5 sentinels, and a CLI to train one.
+"""SentencePiece vocabulary with T5 sentinels, and a CLI to train one; `LlamaVocabulary` reads
+a converted Llama / Mistral's `tokenizer.model` (its own special ids) for decoding and scoring.
 
 Id conventions (T5 / seqio): pad 0, eos 1, unk 2, no bos; decoder start id = pad = 0. The
 sentencepiece model holds `sp_size` pieces; `extra_ids` sentinel ids are appended on top of it,
@@ -115,6 +116,11 @@ class _SentencePieceModel:
 class Vocabulary(_SentencePieceModel):
     """A sentencepiece model plus `extra_ids` T5 sentinel ids on top of it (picklable)."""
 
+    t5_convention = True  # what the data pipeline tokenizes with
+    # A decoder-only model's text prompts begin with the decoder start id 0: t5x_lite's LM
+    # objectives feed `[0] + targets[:-1]`.
+    prompt_start_id = PAD_ID
+
     def __init__(self, model_path: PathLike, extra_ids: int = DEFAULT_EXTRA_IDS):
         super().__init__(model_path, extra_ids)
 
@@ -129,11 +135,13 @@ class Vocabulary(_SentencePieceModel):
         sp = self._parse(proto, extra_ids, source)
         ids = (sp.pad_id(), sp.eos_id(), sp.unk_id())
         if ids != (PAD_ID, EOS_ID, UNK_ID):
-            own = (" (a tokenizer with its own special ids, as Llama's: `t5x_lite.load` decodes "
-                   "and scores with one; training and evaluation data take T5's)"
-                   if sp.eos_id() >= 0 else "")
+            if sp.eos_id() >= 0:  # e.g. a converted Llama's tokenizer.model
+                raise VocabularyError(
+                    f"{source}: expected T5 ids pad/eos/unk = 0/1/2, got {ids}: a tokenizer with "
+                    "its own special ids (as Llama's), which `t5x_lite.load` decodes and scores "
+                    "with but the training and evaluation data pipelines do not take")
             raise VocabularyError(
-                f"{source}: expected T5 ids pad/eos/unk = 0/1/2, got {ids}{own}; "
+                f"{source}: expected T5 ids pad/eos/unk = 0/1/2, got {ids}; "
                 "train one with `python -m t5x_lite.vocab`")
         self._extra_ids = int(extra_ids)
 
@@ -278,6 +286,7 @@ class LlamaVocabulary(_SentencePieceModel):
     """
 
     extra_ids = 0
+    t5_convention = False
 
     def __init__(self, model_path: PathLike, add_bos: bool = True):
         super().__init__(model_path, add_bos)
@@ -293,6 +302,11 @@ class LlamaVocabulary(_SentencePieceModel):
                                   f"{'EOS' if sp.eos_id() < 0 else 'BOS'} piece")
         self.add_bos = bool(add_bos)
         self._control = np.array([i for i in (sp.bos_id(), sp.eos_id(), sp.pad_id()) if i >= 0])
+
+    @property
+    def prompt_start_id(self) -> int | None:
+        """The id a decoder-only model's text prompts begin with: BOS when `add_bos`."""
+        return self.bos_id if self.add_bos else None
 
     def __repr__(self):
         return (f"LlamaVocabulary(path={self.path}, sp_size={self.sp_size}, "

@@ -201,9 +201,9 @@ def test_to_hf_over_an_export_with_a_vocabulary_removes_that_vocabulary(hf_model
     convert.hf_to_workdir(hf_models["t5_v1_0"][1], t5)
     convert.hf_to_workdir(hf_models["gpt2"][1], gpt)
     convert.workdir_to_hf(t5, out)
-    assert (out / hf_interop.HF_VOCAB).exists()
+    assert (out / hf_interop.HF_T5_VOCAB).exists()
     convert.workdir_to_hf(gpt, out)
-    assert not (out / hf_interop.HF_VOCAB).exists()
+    assert not (out / hf_interop.HF_T5_VOCAB).exists()
     assert t5x_lite.load(out).vocab is None
 
 

@@ -31,9 +31,9 @@ def _bpe(template: str | None = None) -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.train_from_iterator((" ".join(rng.choice(words, 10)) for _ in range(300)),
-                            trainers.BpeTrainer(vocab_size=EOS, show_progress=False,
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    trainer = trainers.BpeTrainer(vocab_size=EOS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator((" ".join(rng.choice(words, 10)) for _ in range(300)), trainer)
     tok.add_special_tokens(["<|endoftext|>", "<|begin_of_text|>"])
     if template:
         tok.post_processor = processors.TemplateProcessing(

@@ -71,7 +71,8 @@ def test_text_is_encoded_decoded_generated_and_scored_as_hf(src):
     assert [[m.start_id] + r for r in m.tokenize(TEXTS, add_eos=False)] == hf_ids
     # sentencepiece keeps a leading space as its own "▁" (Meta's reference tokenizer does too)
     sp = spm.SentencePieceProcessor(model_proto=(path / "tokenizer.model").read_bytes())
-    assert m.tokenize(" abc", add_eos=False) == [sp.encode(" abc")] != [tok(" abc")["input_ids"][1:]]
+    hf_leading = tok(" abc")["input_ids"][1:]
+    assert m.tokenize(" abc", add_eos=False) == [sp.encode(" abc")] != [hf_leading]
     # decoding: the text back, the stop id ends it, control ids and padded rows (>= 300) dropped
     assert m.detokenize([r[1:] for r in hf_ids]) == TEXTS == tok.batch_decode(
         hf_ids, skip_special_tokens=True)
@@ -110,28 +111,68 @@ def test_convert_keeps_the_tokenizer_and_exports_it_back(src, tmp_path):
     assert (written["bos_token"], written["eos_token"], written["add_bos_token"]) == (
         "<s>", "</s>", True)
     assert _hf_ids(tmp_path / "hf2", TEXTS)[1] == hf_ids
-    # a model without this tokenizer exported over the directory takes it away (load would
-    # read it as that model's)
+
+
+def test_add_bos_token_false_is_followed_through_convert_and_export(src, tmp_path):
+    from t5x_lite.evaluation import predictions
+    hf, path = src
+    d = _save(hf, tmp_path / "src", (path / "tokenizer.model").read_bytes(), add_bos_token=False)
+    m = t5x_lite.load(str(d))
+    _, hf_ids = _hf_ids(d, TEXTS[:2])
+    assert m.start_id is None and hf_ids[0][0] != 1
+    want = ref.greedy_left_padded(hf, hf_ids, N, eos_token_id=2)
+    assert [o["ids"] for o in m.generate(inputs=TEXTS[:2], max_new_tokens=N)] == want
+    # the workdir keeps the setting (hf_tokenizer_config.json), and so does its export
+    convert.hf_to_workdir(d, tmp_path / "w")
+    w = t5x_lite.load(str(tmp_path / "w"))
+    assert w.start_id is None
+    assert [o["ids"] for o in w.generate(inputs=TEXTS[:2], max_new_tokens=N)] == want
+    assert predictions.prompt_ids(w, TEXTS[0], data_cfg=w.run_config.data,
+                                  max_new_tokens=4) == hf_ids[0]
+    convert.workdir_to_hf(tmp_path / "w", tmp_path / "hf")
+    assert _hf_ids(tmp_path / "hf", TEXTS[:2])[1] == hf_ids
+
+
+def test_defaults_without_settings_and_the_stop_id_of_a_config_without_one(src, tmp_path):
+    """No tokenizer_config.json: BOS first, as Meta's and Mistral's reference tokenizers do; a
+    Llama config.json without eos_token_id stops at LlamaConfig's default 2, not at 1 (BOS)."""
+    from t5x_lite.evaluation import predictions
+    hf, path = src
+    d = _save(hf, tmp_path / "src", (path / "tokenizer.model").read_bytes())
+    (d / "tokenizer_config.json").unlink()
+    config = json.loads((d / "config.json").read_text())
+    del config["eos_token_id"]
+    (d / "config.json").write_text(json.dumps(config))
+    m = t5x_lite.load(str(d))
+    assert (m.start_id, m.eos_id) == (1, 2)
+    ids = m.tokenize(TEXTS[0], add_eos=False)[0]
+    assert predictions.prompt_ids(m, TEXTS[0], data_cfg=m.run_config.data,
+                                  max_new_tokens=4) == [1] + ids
+
+
+def test_export_over_another_models_tokenizer_leaves_none_of_its_files(src, tmp_path):
+    """A Llama export wrote tokenizer.model and tokenizer_config.json; a model without that
+    tokenizer exported over it takes both away (HF would load a tokenizer from what is left)."""
+    hf, path = src
+    convert.hf_to_workdir(path, tmp_path / "w")
+    convert.workdir_to_hf(tmp_path / "w", tmp_path / "hf")
+    (tmp_path / "hf" / "special_tokens_map.json").write_text("{}")
     ref.llama(kv_heads=2, seed=4, vocab_size=320).save_pretrained(tmp_path / "bare")
     convert.hf_to_workdir(tmp_path / "bare", tmp_path / "w2")
     convert.workdir_to_hf(tmp_path / "w2", tmp_path / "hf")
-    assert not (tmp_path / "hf" / "tokenizer.model").exists()
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json",
+                                                                    "model.safetensors"]
     assert t5x_lite.load(str(tmp_path / "hf")).vocab is None
-
-
-def test_add_bos_token_false_is_followed(src, tmp_path):
-    hf, path = src
-    _save(hf, tmp_path, (path / "tokenizer.model").read_bytes(), add_bos_token=False)
-    m = t5x_lite.load(str(tmp_path))
-    _, hf_ids = _hf_ids(tmp_path, TEXTS[:2])
-    assert m.start_id is None and hf_ids[0][0] != 1
-    assert [o["ids"] for o in m.generate(inputs=TEXTS[:2], max_new_tokens=N)] == \
-        ref.greedy_left_padded(hf, hf_ids, N, eos_token_id=2)
 
 
 @pytest.mark.parametrize("change, error, message", [
     ({"settings": {"add_eos_token": True}}, hf_interop.InteropError,
-     "add_eos_token=true is not supported"),
+     "add_eos_token=true is not supported (prompts would end with EOS)"),
+    ({"settings": {"add_prefix_space": False}}, hf_interop.InteropError,
+     "add_prefix_space=false is not supported"),
+    ({"settings": {"bos_token": {"content": "<unk>"}}}, hf_interop.InteropError,
+     "bos_token=\"<unk>\" is not the sentencepiece model's BOS piece '<s>'"),
+    ({"config": "{"}, hf_interop.InteropError, "is not valid JSON (the tokenizer's settings)"),
     ({"settings": {"add_bos_token": "yes"}}, hf_interop.InteropError,
      'add_bos_token="yes" is not true or false'),
     ({"config": "[1]"}, hf_interop.InteropError, "is not a JSON object (the tokenizer's settings)"),
@@ -159,7 +200,9 @@ def test_bad_tokenizer_files_are_one_line_for_load_and_convert(src, tmp_path, ch
 def test_training_pipelines_refuse_a_llama_tokenizer_in_one_line(src):
     _, path = src
     with pytest.raises(VocabularyError, match=r"expected T5 ids pad/eos/unk = 0/1/2, got "
-                       r"\(-1, 2, 0\) \(a tokenizer with its own special ids, as Llama's"):
+                       r"\(-1, 2, 0\): a tokenizer with its own special ids \(as Llama's\), "
+                       "which `t5x_lite.load` decodes and scores with but the training and "
+                       "evaluation data pipelines do not take"):
         Vocabulary(path / "tokenizer.model")
 
 
@@ -192,3 +235,13 @@ def test_few_shot_from_files_scores_as_hf_and_split_evaluation_is_refused(src, t
         with pytest.raises(EvalError, match="has an HF tokenizer .* evaluate it few-shot "
                            "from files"):
             run(None, tmp_path / "w", settings)
+
+
+def test_added_tokens_past_the_pieces_are_named_in_a_warning(src, tmp_path, caplog):
+    hf, path = src
+    d = _save(hf, tmp_path / "src", (path / "tokenizer.model").read_bytes(),
+              added_tokens_decoder={"1": {"content": "<s>"}, "300": {"content": "<|im_end|>"},
+                                    "301": {"content": "<|im_start|>"}})
+    m = t5x_lite.load(str(d))
+    assert m.start_id == 1
+    assert "2 added tokens (ids 300..301) are not read" in caplog.text

@@ -24,7 +24,8 @@ Scoring:
   tokens; T5: candidate + EOS); the prediction is the highest sum ("accuracy") and the highest
   mean per token ("accuracy_norm"). Candidates: the example's own `choices`, else the distinct
   targets of the pool (classification labels).
-t5x_lite GPTs get the decoder start id 0 before the prompt (see predictions.py).
+t5x_lite GPTs get the decoder start id 0 before the prompt, a converted model with an HF
+tokenizer its BOS (`generate.start_ids`; see predictions.py).
 """
 from __future__ import annotations
 

@@ -76,7 +76,7 @@ def read_examples(data_cfg, split: str, instead: str = "use --predict=false") ->
 
 
 def uses_start_token(loaded) -> bool:
-    """Whether GPT prompts start with the decoder start id 0 (see module docstring)."""
+    """Whether GPT prompts start with a start id (`generate.start_ids`; module docstring)."""
     return bool(getattr(loaded, "uses_start_token", False))
 
 

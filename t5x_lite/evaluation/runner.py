@@ -235,7 +235,7 @@ class Evaluator:
         t0 = time.time()
         loaded = self.load(ckpt_workdir, step)
         # a converted model's HF tokenizer (LlamaVocabulary, TokenizerJsonVocabulary)
-        if hasattr(loaded.vocab, "add_bos") and self.reads_data_splits():
+        if not getattr(loaded.vocab, "t5_convention", True) and self.reads_data_splits():
             raise EvalError(
                 f"{ckpt_workdir} has an HF tokenizer (a Llama-style vocab.model or a "
                 "tokenizer.json), which the data pipeline's splits do not use (T5 conventions: "
