@@ -263,3 +263,20 @@ def train_spm(path, pieces: int) -> str:
     with open(path, "wb") as f:
         f.write(model.getvalue())
     return str(path)
+
+
+def assert_load_and_convert_refuse(hf_dir, workdir, error, message: str):
+    """`t5x_lite.load(hf_dir)` and `convert --from_hf` into `workdir` both raise `error` with
+    `message` in one line, and the conversion writes no checkpoint."""
+    import re
+
+    import pytest
+
+    import t5x_lite
+    from t5x_lite import convert
+    for attempt in (lambda: t5x_lite.load(str(hf_dir)),
+                    lambda: convert.hf_to_workdir(hf_dir, workdir)):
+        with pytest.raises(error, match=re.escape(message)) as e:
+            attempt()
+        assert "\n" not in str(e.value)
+    assert not (workdir / "checkpoints").exists()
