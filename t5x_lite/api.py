@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from etils import epath
 
 from t5x_lite import (checkpoints, distributed, hf_interop, lora, partitioning,
@@ -523,8 +524,12 @@ def load_vocabulary(path, cfg: ModelConfig, run, tokenizer_config=None):
         return None
     extra_ids = run.get("data", {}).get("extra_ids", 100)
     if cfg.family == "gpt" and epath.Path(path).name == hf_interop.HF_TOKENIZER_JSON:
-        from t5x_lite.hf_tokenizer import TokenizerJsonVocabulary
-        vocab = TokenizerJsonVocabulary(path)
+        from t5x_lite.hf_tokenizer import TokenizerJsonVocabulary, UnsupportedTokenizer
+        try:
+            vocab = TokenizerJsonVocabulary(path)
+        except UnsupportedTokenizer as e:
+            logging.warning("%s; going on without a vocabulary (token ids only)", e)
+            return None
         extra_ids = 0
     elif cfg.family == "gpt" and not vocab_lib.is_t5_convention(epath.Path(path).read_bytes()):
         vocab = hf_interop.llama_vocabulary(path, tokenizer_config)

@@ -360,9 +360,10 @@ def _write_vocabulary(workdir: epath.Path, out: epath.Path, cfg: ModelConfig) ->
     Llama-style one (`vocab.LlamaVocabulary`) as `tokenizer.model` with `tokenizer_config.json`
     (the source's, else LlamaTokenizer's settings and special pieces), its `tokenizer.json` as
     it came (with the source's `tokenizer_config.json`). A GPT trained here has no HF tokenizer
-    form (its prompts begin with id 0). Every other tokenizer file in `out`
-    (`hf_interop.HF_TOKENIZER_FILES`: an earlier export's, another model's) is removed: HF and
-    `load` would read it as this model's tokenizer."""
+    form (its prompts begin with id 0). Unless `out` already holds this very vocabulary file
+    (an export into the model's own directory: its other tokenizer files are this model's and
+    stay), every other tokenizer file there (`hf_interop.HF_TOKENIZER_FILES`: an earlier
+    export's, another model's) is removed: HF and `load` would read it as this model's."""
     path = hf_interop.workdir_vocabulary(workdir)
     proto = path.read_bytes() if path.exists() else None
     source = workdir / hf_interop.TOKENIZER_SOURCE_CONFIG
@@ -387,7 +388,8 @@ def _write_vocabulary(workdir: epath.Path, out: epath.Path, cfg: ModelConfig) ->
         written[name] = proto
         if name != hf_interop.HF_T5_VOCAB and settings is not None:
             written[hf_interop.HF_TOKENIZER_CONFIG] = settings.encode()
-    for other in hf_interop.HF_TOKENIZER_FILES:
+    own = name is not None and (out / name).exists() and (out / name).read_bytes() == proto
+    for other in () if own else hf_interop.HF_TOKENIZER_FILES:
         if other not in written and (out / other).exists():
             (out / other).unlink()
     for other, data in written.items():

@@ -47,7 +47,8 @@ HF_TOKENIZER_JSON = "tokenizer.json"  # HF's tokenizers format (GPT-2, Llama 3, 
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
 # every file of an HF tokenizer (an export leaves none but its own model's)
 HF_TOKENIZER_FILES = (HF_T5_VOCAB, HF_LLAMA_VOCAB, HF_TOKENIZER_JSON, HF_TOKENIZER_CONFIG,
-                      "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")
+                      "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+                      "chat_template.jinja")
 # a converted workdir's copy of the source tokenizer_config.json (`llama_vocabulary` reads it)
 TOKENIZER_SOURCE_CONFIG = "hf_tokenizer_config.json"
 HF_SOURCE_CONFIG = "hf_config.json"  # a converted workdir's copy of the source config.json
@@ -820,9 +821,19 @@ def from_hf(path, *, scan_layers: bool = False):
     hf_cfg, tensors = read_hf_dir(path)
     cfg = model_config_from_hf(hf_cfg, tensors, scan_layers=scan_layers,
                                source=str(epath.Path(path) / HF_CONFIG))
-    vocab = next((p for p in (epath.Path(path) / n for n in vocabulary_names(cfg))
-                  if p.exists()), None)
-    return cfg, params_from_hf(cfg, tensors), hf_cfg, vocab
+    found = [p for p in (epath.Path(path) / n for n in vocabulary_names(cfg)) if p.exists()]
+    if len(found) > 1 and not _is_sentencepiece(found[0]):
+        found = found[1:]  # e.g. Llama 3's tiktoken tokenizer.model beside its tokenizer.json
+    return cfg, params_from_hf(cfg, tensors), hf_cfg, (found[0] if found else None)
+
+
+def _is_sentencepiece(path) -> bool:
+    import sentencepiece as spm
+    proto = epath.Path(path).read_bytes()
+    try:
+        return bool(proto) and spm.SentencePieceProcessor(model_proto=proto) is not None
+    except RuntimeError:
+        return False
 
 
 def vocabulary_names(cfg: ModelConfig) -> list[str]:

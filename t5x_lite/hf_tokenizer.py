@@ -9,7 +9,11 @@ uses of a vocabulary (`encode` / `encode_batch` / `decode`, `vocab_size`,
 - `encode` gives the text's ids without the special tokens the file's post-processor adds.
   Those it puts *before* a text (Llama 3's `<|begin_of_text|>`) are the prompt's start id
   (`prompt_start_id`): at most one is supported. One it puts after a text (an EOS) would end
-  every prompt and is refused.
+  every prompt. A tokenizer t5x_lite cannot follow so (that, or no `tokenizers` package) is an
+  `UnsupportedTokenizer`: `t5x_lite.load` then warns and goes on with token ids only.
+- The file is read as written, as the `tokenizers` package and transformers'
+  `PreTrainedTokenizerFast` read it (transformers 5's `GPT2Tokenizer` / `Qwen2Tokenizer`
+  classes rebuild parts of it: their own pre-tokenizer, `add_prefix_space`).
 - Special tokens spelled in a text (`<|endoftext|>`) are read as those tokens, as in HF.
 - `decode` ends at `eos_id` when given and drops special tokens (HF's
   `skip_special_tokens=True`).
@@ -33,6 +37,11 @@ PathLike = Union[str, os.PathLike]
 _PROBE = "a"  # a text every tokenizer encodes to some ids, to read what the post-processor adds
 
 
+class UnsupportedTokenizer(VocabularyError):
+    """A readable tokenizer.json t5x_lite cannot use here (its post-processor's special tokens,
+    no `tokenizers` package): the model still takes and gives token ids."""
+
+
 class TokenizerJsonVocabulary:
     """An HF tokenizer.json (`path`), with `eos_id` the model's stop id (None: none).
 
@@ -53,8 +62,8 @@ class TokenizerJsonVocabulary:
         try:
             from tokenizers import Tokenizer
         except ImportError:
-            raise VocabularyError(f"{source} needs the tokenizers package: pip install "
-                                  "tokenizers (or give token ids)") from None
+            raise UnsupportedTokenizer(f"{source} needs the tokenizers package (pip install "
+                                       "tokenizers)") from None
         try:
             tok = Tokenizer.from_str(text)
             plain = tok.encode(_PROBE, add_special_tokens=False).ids
@@ -65,15 +74,20 @@ class TokenizerJsonVocabulary:
                                   ) from None
         at = next((i for i in range(len(full) - len(plain) + 1)
                    if full[i:i + len(plain)] == plain), None)
-        if not plain or at is None:
-            raise VocabularyError(f"{source}: its post-processor changes a text's own tokens; "
-                                  "t5x_lite reads tokenizers that add special tokens around them")
+        if not plain:
+            raise UnsupportedTokenizer(f"{source}: it encodes the text {_PROBE!r} to no tokens")
+        if at is None:
+            raise UnsupportedTokenizer(f"{source}: its post-processor changes a text's own "
+                                       "tokens; t5x_lite reads tokenizers that add special tokens "
+                                       "around them")
         head, tail = full[:at], full[at + len(plain):]
         if len(head) > 1 or tail:
-            raise VocabularyError(
+            raise UnsupportedTokenizer(
                 f"{source}: its post-processor adds {len(head)} token(s) before a text and "
                 f"{len(tail)} after it; t5x_lite supports one start token (a BOS) and none after")
         self._text, self._tok, self._eos = text, tok, eos_id
+        # the largest id + 1: ids need not be contiguous
+        self._size = max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self.add_bos, self.bos_id = bool(head), (head[0] if head else None)
         self.prompt_start_id = self.bos_id
 
@@ -91,8 +105,8 @@ class TokenizerJsonVocabulary:
 
     @property
     def vocab_size(self) -> int:
-        """Ids the tokenizer can produce (its added tokens included)."""
-        return self._tok.get_vocab_size(with_added_tokens=True)
+        """Its largest id + 1 (added tokens included)."""
+        return self._size
 
     @property
     def eos_id(self) -> int | None:

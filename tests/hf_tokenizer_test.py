@@ -87,13 +87,39 @@ def test_gpt2_text_is_encoded_decoded_and_generated_as_hf(src, tmp_path):
     assert [o["text"] for o in out] == [tok.decode([i for i in w if i != EOS],
                                                    skip_special_tokens=True) for w in want]
 
-    # convert keeps tokenizer.json (and tokenizer_config.json) and writes them back
+    # convert keeps tokenizer.json and tokenizer_config.json and writes them back
     convert.hf_to_workdir(path, tmp_path / "w")
     assert not (tmp_path / "w" / checkpoints.VOCAB_FILE).exists()
     back = t5x_lite.load(str(tmp_path / "w"))
     assert [o["ids"] for o in back.generate(inputs=TEXTS[:2], max_new_tokens=N)] == want[:2]
     convert.workdir_to_hf(tmp_path / "w", tmp_path / "hf")
     assert _hf_ids(tmp_path / "hf", TEXTS)[1] == hf_ids
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "hf" / name).read_bytes() == (path / name).read_bytes()
+    # training refuses it as a source of weights: its ids are not the data pipeline's
+    from t5x_lite.training.trainer import TrainingError, _check_source_vocab
+    with pytest.raises(TrainingError, match="has an HF tokenizer.json"):
+        _check_source_vocab(None, tmp_path / "w", "train.init_from")
+
+
+def test_an_export_keeps_its_own_tokenizer_files_and_removes_another_models(src, tmp_path):
+    hf, path = src
+    own = _save(hf, tmp_path / "own", _bpe())
+    extras = {"vocab.json": "{}", "merges.txt": "#version: 0.2", "special_tokens_map.json": "{}"}
+    for name, text in extras.items():
+        (own / name).write_text(text)
+    convert.hf_to_workdir(own, tmp_path / "w")
+    convert.workdir_to_hf(tmp_path / "w", own)  # back into its own directory: nothing lost
+    assert all((own / name).read_text() == text for name, text in extras.items())
+    # over a directory with another tokenizer: none of that one's files stay
+    other = _save(ref.llama(kv_heads=2, vocab_size=320), tmp_path / "other",
+                  _bpe("<|begin_of_text|> $A"), "PreTrainedTokenizerFast")
+    (other / "vocab.json").write_text("{}")
+    convert.workdir_to_hf(tmp_path / "w", other)
+    assert {p.name for p in other.iterdir()} == {"config.json", "model.safetensors",
+                                                 "generation_config.json", "tokenizer.json",
+                                                 "tokenizer_config.json"}
+    assert _hf_ids(other, TEXTS)[1] == _hf_ids(path, TEXTS)[1]
 
 
 def test_a_bos_template_gives_the_start_id_as_hf(tmp_path):
@@ -106,6 +132,9 @@ def test_a_bos_template_gives_the_start_id_as_hf(tmp_path):
     tok, hf_ids = _hf_ids(path, TEXTS[:3])
     assert m.start_id == 301 and all(r[0] == 301 for r in hf_ids)
     assert [[301] + r for r in m.tokenize(TEXTS[:3], add_eos=False)] == hf_ids
+    row = hf_ids[0] + hf_ids[1]  # a special token mid-row: dropped, as HF skips it
+    assert m.detokenize([row]) == [tok.decode(row, skip_special_tokens=True)] == [
+        TEXTS[0] + TEXTS[1]]
     assert [o["ids"] for o in m.generate(inputs=TEXTS[:3], max_new_tokens=N)] == \
         ref.greedy_left_padded(hf, hf_ids, N, eos_token_id=EOS)
     # score: log p(continuation | BOS + prompt) from HF's logits
@@ -116,21 +145,38 @@ def test_a_bos_template_gives_the_start_id_as_hf(tmp_path):
     np.testing.assert_allclose(m.score(TEXTS[0], " fgh"), [want], rtol=1e-4)
 
 
-def test_a_tokenizer_model_wins_over_tokenizer_json(src, tmp_path):
+def test_a_sentencepiece_tokenizer_model_wins_over_tokenizer_json(src, tmp_path):
     """Llama 2 / Mistral directories ship both: the sentencepiece model is read (no extra
-    package), as before tokenizer.json was."""
+    package). A tokenizer.model that is no sentencepiece model (Llama 3's tiktoken file copied
+    beside its tokenizer.json) leaves tokenizer.json to be read."""
+    from t5x_lite.vocab import Vocabulary
     hf, path = src
     d = _save(hf, tmp_path / "both", _bpe())
-    (d / "tokenizer.model").write_bytes(b"not a model")
-    with pytest.raises(VocabularyError, match="not a sentencepiece model"):
-        t5x_lite.load(str(d))
+    (d / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    assert isinstance(t5x_lite.load(str(d)).vocab, TokenizerJsonVocabulary)
+    ref.train_spm(d / "tokenizer.model", 60)
+    assert isinstance(t5x_lite.load(str(d)).vocab, Vocabulary)
+
+
+def test_tokenizers_it_cannot_follow_leave_the_model_ids_only_with_a_warning(
+        src, tmp_path, caplog, monkeypatch):
+    """A post-processor adding an EOS after a text or two tokens before it, or no tokenizers
+    package: load and convert go on (token ids only), a warning says why; the file is kept."""
+    hf, _ = src
+    for template, why in (("$A <|endoftext|>", "adds 0 token(s) before a text and 1 after it"),
+                          ("<|begin_of_text|> <|endoftext|> $A", "adds 2 token(s) before")):
+        d = _save(hf, tmp_path / template[:3], _bpe(template))
+        assert t5x_lite.load(str(d)).vocab is None and why in caplog.text
+        convert.hf_to_workdir(d, tmp_path / f"w{template[:3]}")
+        assert (tmp_path / f"w{template[:3]}" / "tokenizer.json").exists()
+    monkeypatch.setitem(__import__("sys").modules, "tokenizers", None)
+    m = t5x_lite.load(str(src[1]))
+    assert m.vocab is None and "needs the tokenizers package (pip install tokenizers); " \
+        "going on without a vocabulary (token ids only)" in caplog.text
+    assert m.generate(input_ids=[[5, 6]], max_new_tokens=2)[0]["ids"]
 
 
 @pytest.mark.parametrize("change, error, message", [
-    ({"template": "$A <|endoftext|>"}, VocabularyError,
-     "its post-processor adds 0 token(s) before a text and 1 after it"),
-    ({"template": "<|begin_of_text|> <|endoftext|> $A"}, VocabularyError,
-     "adds 2 token(s) before a text and 0 after it"),
     ({"text": b"{\"version\": 1"}, VocabularyError, "not a tokenizer.json that HF's tokenizers "
                                                      "reads"),
     ({"text": b"\xff\xfe"}, VocabularyError, "not a tokenizer.json (not UTF-8 text)"),
