@@ -112,11 +112,6 @@ class TokenizerJsonVocabulary:
     def eos_id(self) -> int | None:
         return self._eos
 
-    @property
-    def text(self) -> str:
-        """The tokenizer.json text (what `convert` copies)."""
-        return self._text
-
     def encode(self, text: str, *, strict: bool = True) -> list[int]:
         """Token ids of `text`, without the post-processor's special tokens."""
         return self.encode_batch([text])[0]
