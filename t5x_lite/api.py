@@ -523,7 +523,8 @@ def load_vocabulary(path, cfg: ModelConfig, run, tokenizer_config=None):
     except ImportError:  # the vocabulary module is optional for id-only use
         return None
     extra_ids = run.get("data", {}).get("extra_ids", 100)
-    if cfg.family == "gpt" and epath.Path(path).name == hf_interop.HF_TOKENIZER_JSON:
+    kind = hf_interop.hf_vocabulary_name(cfg, path)
+    if kind == hf_interop.HF_TOKENIZER_JSON:
         from t5x_lite.hf_tokenizer import TokenizerJsonVocabulary, UnsupportedTokenizer
         try:
             vocab = TokenizerJsonVocabulary(path)
@@ -531,7 +532,7 @@ def load_vocabulary(path, cfg: ModelConfig, run, tokenizer_config=None):
             logging.warning("%s; going on without a vocabulary (token ids only)", e)
             return None
         extra_ids = 0
-    elif cfg.family == "gpt" and not vocab_lib.is_t5_convention(epath.Path(path).read_bytes()):
+    elif kind == hf_interop.HF_LLAMA_VOCAB:
         vocab = hf_interop.llama_vocabulary(path, tokenizer_config)
         extra_ids = 0
     else:

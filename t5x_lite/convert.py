@@ -16,10 +16,10 @@ a params-only checkpoint at step 0, the vocabulary when present (`vocab.model` f
 directory gets `config.json`, `model.safetensors` and the vocabulary in HF form (T5's
 `spiece.model`; `tokenizer.model` or `tokenizer.json`, with `tokenizer_config.json`);
 re-exporting into an earlier export (or any HF directory whose weights are one
-`model.safetensors`) replaces those files, removes other tokenizer files and leaves the rest. Refused, before anything is
-written: `--out` being the workdir, inside its `checkpoints/` or any t5x_lite workdir; an `--out`
-holding another model's weights in other files (shards, pickles) or a `config.json` that is no
-HF config; `--from_hf` into an HF directory (its own included) or a workdir with checkpoints
+`model.safetensors`) replaces those files, removes another model's tokenizer files and leaves
+the rest. Refused, before anything is written: `--out` being the workdir, inside its
+`checkpoints/` or any t5x_lite workdir; an `--out` holding another model's weights in other
+files (shards, pickles) or a `config.json` that is no HF config; `--from_hf` into an HF directory (its own included) or a workdir with checkpoints
 or another model's `vocab.model`, and an HF model whose vocabulary has more ids than it has
 embedding rows.
 Errors (missing or malformed files, pickle checkpoints, unsupported models) print one line
@@ -365,24 +365,18 @@ def _write_vocabulary(workdir: epath.Path, out: epath.Path, cfg: ModelConfig) ->
     stay), every other tokenizer file there (`hf_interop.HF_TOKENIZER_FILES`: an earlier
     export's, another model's) is removed: HF and `load` would read it as this model's."""
     path = hf_interop.workdir_vocabulary(workdir)
-    proto = path.read_bytes() if path.exists() else None
+    name = hf_interop.hf_vocabulary_name(cfg, path)
+    proto = path.read_bytes() if name is not None else None
     source = workdir / hf_interop.TOKENIZER_SOURCE_CONFIG
     settings = source.read_text() if source.exists() else None
-    name = None
-    if proto is not None and cfg.family == "t5":
-        name = hf_interop.HF_T5_VOCAB
-    elif proto is not None and path.name == hf_interop.HF_TOKENIZER_JSON:
-        name = hf_interop.HF_TOKENIZER_JSON
-    elif proto is not None and cfg.family == "gpt" and not vocab_lib.is_t5_convention(proto):
-        name = hf_interop.HF_LLAMA_VOCAB
-        if settings is None:
-            vocab = vocab_lib.LlamaVocabulary.from_proto(proto)
-            settings = json.dumps(dict(
-                tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False,
-                **{f"{k}_token": vocab.piece(i) for k, i in (("bos", vocab.bos_id),
-                                                            ("eos", vocab.eos_id),
-                                                            ("unk", vocab.unk_id)) if i >= 0}),
-                indent=2)
+    if name == hf_interop.HF_LLAMA_VOCAB and settings is None:
+        vocab = vocab_lib.LlamaVocabulary.from_proto(proto)
+        settings = json.dumps(dict(
+            tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False,
+            **{f"{k}_token": vocab.piece(i) for k, i in (("bos", vocab.bos_id),
+                                                        ("eos", vocab.eos_id),
+                                                        ("unk", vocab.unk_id)) if i >= 0}),
+            indent=2)
     written = {}
     if name is not None:
         written[name] = proto

@@ -43,7 +43,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from t5x_lite import partitioning
+from t5x_lite import layers, partitioning
 from t5x_lite.config import MLP_ACTIVATIONS, ModelConfig
 from t5x_lite.estimate_xla import batch_features, sequence_lengths
 from t5x_lite.models import LossConfig, abstract_variables, build_model
@@ -193,9 +193,9 @@ def causal_score_fraction(cfg: ModelConfig, q_len: int) -> float:
     n = cfg.causal_blocks
     if n <= 1 or q_len % n or (cfg.attention_impl != "xla" and cfg.dropout_rate == 0):
         return 1.0
-    c, w = q_len // n, cfg.sliding_window
-    keys = sum((i + 1) * c - (0 if w is None else max(0, i * c - w + 1)) for i in range(n))
-    return c * keys / q_len ** 2
+    c = q_len // n
+    firsts = layers.causal_block_first_keys(q_len, n, cfg.sliding_window)
+    return c * sum((i + 1) * c - lo for i, lo in enumerate(firsts)) / q_len ** 2
 
 
 def _act_bytes(cfg: ModelConfig) -> int:

@@ -818,27 +818,36 @@ def from_hf(path, *, scan_layers: bool = False):
       (ModelConfig, numpy params tree, config.json dict, path of the vocabulary or None:
       T5's spiece.model; a decoder-only model's tokenizer.model, else its tokenizer.json).
     """
+    from t5x_lite.vocab import sentencepiece_ids
     hf_cfg, tensors = read_hf_dir(path)
     cfg = model_config_from_hf(hf_cfg, tensors, scan_layers=scan_layers,
                                source=str(epath.Path(path) / HF_CONFIG))
     found = [p for p in (epath.Path(path) / n for n in vocabulary_names(cfg)) if p.exists()]
-    if len(found) > 1 and not _is_sentencepiece(found[0]):
+    if len(found) > 1 and sentencepiece_ids(found[0].read_bytes()) is None:
         found = found[1:]  # e.g. Llama 3's tiktoken tokenizer.model beside its tokenizer.json
     return cfg, params_from_hf(cfg, tensors), hf_cfg, (found[0] if found else None)
-
-
-def _is_sentencepiece(path) -> bool:
-    import sentencepiece as spm
-    proto = epath.Path(path).read_bytes()
-    try:
-        return bool(proto) and spm.SentencePieceProcessor(model_proto=proto) is not None
-    except RuntimeError:
-        return False
 
 
 def vocabulary_names(cfg: ModelConfig) -> list[str]:
     """The files an HF directory's vocabulary is read from for this model, first found wins."""
     return [HF_T5_VOCAB] if cfg.family == "t5" else [HF_LLAMA_VOCAB, HF_TOKENIZER_JSON]
+
+
+def hf_vocabulary_name(cfg: ModelConfig, path) -> str | None:
+    """The HF file the vocabulary at `path` (an HF directory's or a workdir's) is for model
+    `cfg`: T5's `spiece.model`; a decoder-only model's `tokenizer.json`, or its sentencepiece
+    model with its own special ids (Llama's) as `tokenizer.model`. None when there is no file,
+    for other families, and for a decoder-only model's T5-convention vocabulary (a GPT trained
+    here: its prompts begin with id 0, which has no HF tokenizer form)."""
+    from t5x_lite.vocab import is_t5_convention
+    path = epath.Path(path)
+    if not path.exists() or cfg.family not in ("t5", "gpt"):
+        return None
+    if cfg.family == "t5":
+        return HF_T5_VOCAB
+    if path.name == HF_TOKENIZER_JSON:
+        return HF_TOKENIZER_JSON
+    return None if is_t5_convention(path.read_bytes()) else HF_LLAMA_VOCAB
 
 
 def workdir_vocabulary(workdir) -> epath.Path:

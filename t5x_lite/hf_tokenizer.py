@@ -27,11 +27,10 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Union
 
-import numpy as np
 from etils import epath
 
 from t5x_lite import files
-from t5x_lite.vocab import VocabularyError
+from t5x_lite.vocab import VocabularyError, ids_before_eos
 
 PathLike = Union[str, os.PathLike]
 _PROBE = "a"  # a text every tokenizer encodes to some ids, to read what the post-processor adds
@@ -127,12 +126,7 @@ class TokenizerJsonVocabulary:
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`: ends at the first `eos_id`; special tokens and ids past the
         tokenizer's are dropped."""
-        ids_L = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), np.int64).ravel()
-        if self._eos is not None:
-            eos = np.flatnonzero(ids_L == self._eos)
-            ids_L = ids_L[:eos[0]] if eos.size else ids_L
-        if np.any(ids_L < 0):
-            raise VocabularyError(f"decode: id {int(ids_L[ids_L < 0][0])} is negative")
+        ids_L = ids_before_eos(ids, self._eos)
         ids_L = ids_L[ids_L < self.vocab_size]
         return self._tok.decode(ids_L.tolist(), skip_special_tokens=True)
 

@@ -378,11 +378,18 @@ def dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, bias, scale: float, i
     rows = lambda x, i: x if x.shape[2] == 1 else x[:, :, i * c:(i + 1) * c]
     keys = lambda x, lo, hi, axis: x if x.shape[axis] == 1 else jax.lax.slice_in_dim(
         x, lo, hi, axis=axis)
-    first = [0 if window is None else max(0, i * c - window + 1) for i in range(causal_blocks)]
     outs = [attend(q_BxTxHxK[:, i * c:(i + 1) * c], k_BxSxHxK[:, lo:(i + 1) * c],
                    v_BxSxHxK[:, lo:(i + 1) * c], keys(rows(bias, i), lo, (i + 1) * c, 3), lo)
-            for i, lo in enumerate(first)]
+            for i, lo in enumerate(causal_block_first_keys(t, causal_blocks, window))]
     return jnp.concatenate(outs, axis=1)
+
+
+def causal_block_first_keys(t: int, blocks: int, window: int | None) -> list[int]:
+    """The first key each of `blocks` causal query blocks of t // blocks queries attends to
+    (`dot_product_attention`; block i's last is (i + 1) t / blocks - 1): 0, or with a sliding
+    `window` the first its first query sees, i t / blocks - window + 1."""
+    c = t // blocks
+    return [0 if window is None else max(0, i * c - window + 1) for i in range(blocks)]
 
 
 def _cache_layout(x_BxSxHxK):
@@ -478,6 +485,7 @@ class Attention(nn.Module):
         q_fan_in = d if cfg.attention_scale else d * k
         q = proj("query", inputs_q, q_fan_in) if fused is None else fused[0]
         use_rope = cfg.position == "rope" and not self.is_cross
+        rope_freqs = (rope_inv_freq(cfg), rope_attention_scale(cfg)) if use_rope else None
         use_cross_cache = self.is_cross and decode
         if use_cross_cache and inputs_kv is None:
             key = self.variable("cache", "cached_key", lambda: None).value
@@ -486,14 +494,14 @@ class Attention(nn.Module):
             key, value = ((kv_proj("key", inputs_kv), kv_proj("value", inputs_kv))
                           if fused is None else fused[1:])
             if use_rope:
-                key = rope(key, positions_kv, rope_inv_freq(cfg), rope_attention_scale(cfg))
+                key = rope(key, positions_kv, *rope_freqs)
             if decode:  # [B, S, H, K] -> the cache's [B*H, S, K]
                 key, value = _cache_layout(key), _cache_layout(value)
             if use_cross_cache:
                 self.variable("cache", "cached_key", lambda: key).value = key
                 self.variable("cache", "cached_value", lambda: value).value = value
         if use_rope:
-            q = rope(q, positions_q, rope_inv_freq(cfg), rope_attention_scale(cfg))
+            q = rope(q, positions_q, *rope_freqs)
         if decode and not self.is_cross:
             initialized = self.has_variable("cache", "cached_key")
             ck = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)

@@ -233,12 +233,7 @@ class Vocabulary(_SentencePieceModel):
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`: stops at the first EOS, drops pad, renders sentinels as `<extra_id_N>`."""
-        ids_L = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), np.int64).ravel()
-        eos = np.flatnonzero(ids_L == EOS_ID)
-        if eos.size:
-            ids_L = ids_L[:eos[0]]
-        if np.any(ids_L < 0):  # e.g. HF's -100 label padding: not an id
-            raise VocabularyError(f"decode: id {int(ids_L[ids_L < 0][0])} is negative")
+        ids_L = ids_before_eos(ids, EOS_ID)
         ids_L = ids_L[(ids_L != PAD_ID) & (ids_L < self.vocab_size)]
         out: list[str] = []
         run: list[int] = []
@@ -346,23 +341,40 @@ class LlamaVocabulary(_SentencePieceModel):
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`: ends at the first EOS; control pieces and ids past the pieces are
         dropped."""
-        ids_L = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), np.int64).ravel()
-        eos = np.flatnonzero(ids_L == self.eos_id)
-        ids_L = ids_L[:eos[0]] if eos.size else ids_L
-        if np.any(ids_L < 0):
-            raise VocabularyError(f"decode: id {int(ids_L[ids_L < 0][0])} is negative")
+        ids_L = ids_before_eos(ids, self.eos_id)
         ids_L = ids_L[(ids_L < self.sp_size) & ~np.isin(ids_L, self._control)]
         return self._sp.decode(ids_L.tolist())
 
 
-def is_t5_convention(model_proto: bytes) -> bool:
-    """Whether serialized sentencepiece model bytes have T5's ids (pad/eos/unk 0/1/2); False
-    for bytes that are no sentencepiece model (the vocabulary classes say so in one line)."""
+def ids_before_eos(ids: Iterable[int], eos_id: int | None) -> np.ndarray:
+    """`ids` as int64 [L], up to (not including) the first `eos_id` (None: all of them); a
+    negative id (e.g. HF's -100 label padding) is one VocabularyError line. What every
+    vocabulary's `decode` starts with."""
+    ids_L = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), np.int64).ravel()
+    eos = np.flatnonzero(ids_L == eos_id) if eos_id is not None else np.zeros(0, np.int64)
+    if eos.size:
+        ids_L = ids_L[:eos[0]]
+    if np.any(ids_L < 0):
+        raise VocabularyError(f"decode: id {int(ids_L[ids_L < 0][0])} is negative")
+    return ids_L
+
+
+def sentencepiece_ids(model_proto: bytes) -> tuple[int, int, int] | None:
+    """(pad, eos, unk) ids of serialized sentencepiece model bytes (-1: none), or None for bytes
+    that are no sentencepiece model (the vocabulary classes say so in one line)."""
+    if not model_proto:
+        return None
     try:
         sp = spm.SentencePieceProcessor(model_proto=model_proto)
     except RuntimeError:
-        return False
-    return (sp.pad_id(), sp.eos_id(), sp.unk_id()) == (PAD_ID, EOS_ID, UNK_ID)
+        return None
+    return sp.pad_id(), sp.eos_id(), sp.unk_id()
+
+
+def is_t5_convention(model_proto: bytes) -> bool:
+    """Whether serialized sentencepiece model bytes have T5's ids (pad/eos/unk 0/1/2); False
+    for bytes that are no sentencepiece model."""
+    return sentencepiece_ids(model_proto) == (PAD_ID, EOS_ID, UNK_ID)
 
 
 def expand_globs(patterns: PathLike | Sequence[PathLike]) -> list[epath.Path]:

@@ -23,7 +23,7 @@ from t5x_lite import checkpoints, compression, distributed, files, partitioning
 from t5x_lite.config import ModelConfig
 from t5x_lite.data import DataConfig, load_vocab, make_dataset, make_global_batch
 from t5x_lite.errors import UserError
-from t5x_lite.hf_interop import HF_TOKENIZER_JSON
+from t5x_lite.hf_interop import HF_TOKENIZER_JSON, workdir_vocabulary
 from t5x_lite.models import LossConfig, build_model
 from t5x_lite.training import flops as flops_lib
 from t5x_lite.training import eval_sums, metrics_writer, optimizers, train_state, train_step
@@ -82,8 +82,8 @@ def _check_source_vocab(vocab, src, what: str) -> None:
     """Refuses weights from the workdir `src` (`what`: "train.init_from", a teacher, a LoRA
     base) trained on another vocabulary than this run's: the same ids would mean other tokens
     to them and to this run's data."""
-    saved = epath.Path(src) / checkpoints.VOCAB_FILE
-    if not saved.exists() and (epath.Path(src) / HF_TOKENIZER_JSON).exists():
+    saved = workdir_vocabulary(src)  # vocab.model, or a converted model's tokenizer.json
+    if saved.name == HF_TOKENIZER_JSON:
         raise TrainingError(f"The {what} {src} has an HF tokenizer.json (a converted model's), "
                             "which the training data pipeline does not take: its ids would mean "
                             "other tokens to this run's data")
