@@ -55,21 +55,26 @@ class LoadedModel:
       wrapper. params: the params tree (jax arrays on `mesh`). vocab: a Vocabulary, a
       LlamaVocabulary (a converted Llama / Mistral's tokenizer.model) or None.
       mesh, rules: where the params live and the logical axis rules used for them.
-      eos_id: the id that ends a generated sequence (`hf_eos_id`, `checkpoint_eos_id`): the HF
-      config's `eos_token_id` for weights straight from HF, else 1.
+      eos_id: the model's EOS (`hf_eos_id`, `checkpoint_eos`): the HF config's
+        `eos_token_id` for weights from HF, else 1. T5 inputs end with it.
+      stop_ids: the ids that end a generated sequence (default: `eos_id` alone): for weights
+        from HF, the `eos_token_id` ids of their generation config (`hf_stop_ids`).
     """
 
     def __init__(self, config: ModelConfig, run_config: ml_collections.ConfigDict,
-                 model: BaseModel, params, vocab, mesh, rules, eos_id: int = EOS_ID):
+                 model: BaseModel, params, vocab, mesh, rules, eos_id: int = EOS_ID,
+                 stop_ids: Sequence[int] | None = None):
         self.config, self.run_config, self.model = config, run_config, model
         self.params, self.vocab, self.mesh, self.rules = params, vocab, mesh, rules
         self.eos_id = eos_id
+        self.stop_ids = tuple(dict.fromkeys(int(i) for i in stop_ids or (eos_id,)))
         self._jitted: dict[str, Any] = {}
 
     def __repr__(self):
         c = self.config
+        stops = f", stop_ids={list(self.stop_ids)}" if self.stop_ids != (self.eos_id,) else ""
         return (f"LoadedModel({c.family}, d_model={c.d_model}, layers={c.num_layers}, "
-                f"vocab={c.vocab_size}, eos_id={self.eos_id}, dtype={c.dtype}, "
+                f"vocab={c.vocab_size}, eos_id={self.eos_id}{stops}, dtype={c.dtype}, "
                 f"devices={self.mesh.size})")
 
     # ------------------------------------------------------------------ text
@@ -108,14 +113,16 @@ class LoadedModel:
                 for ids in self.vocab.encode_batch(texts)]
 
     def detokenize(self, ids) -> list[str]:
-        """Text of each row of ids: cut before the model's EOS (`eos_id`), padding dropped
-        (the vocabulary's `decode`, which also ends at its own end id)."""
+        """Text of each row of ids: cut before the first of the model's EOS (`eos_id`) and
+        `stop_ids`, padding dropped (the vocabulary's `decode`, which also ends at its own end
+        id)."""
         if self.vocab is None:
             raise ValueError("This model has no vocabulary to detokenize with")
-        eos = self.eos_id
         rows = _rows(ids, "ids")
         self._check_range(rows)
-        return [self.vocab.decode(r[:r.index(eos)] if eos in r else r) for r in rows]
+        stops = {self.eos_id, *self.stop_ids}
+        return [self.vocab.decode(r[:next((i for i, t in enumerate(r) if t in stops), len(r))])
+                for r in rows]
 
     def _ids(self, x, name: str, *, add_eos: bool = False, start: int | None = None,
              nonempty: bool = True, zero_is_padding: bool = False):
@@ -416,7 +423,7 @@ def load(path, *, dtype=None, mesh=None, step: int | None = None,
                                           f"checkpoint steps; step={step} is for workdirs")
         cfg, numpy_params, hf_cfg, vocab_path = hf_interop.from_hf(path)
         run = hf_interop.run_config_for(cfg)
-        eos_id = hf_eos_id(hf_cfg, cfg.vocab_size)
+        eos = hf_eos(hf_cfg, cfg.vocab_size, hf_interop.read_generation_config(path))
         tokenizer_config = path / hf_interop.HF_TOKENIZER_CONFIG
     else:
         workdir, found = checkpoints.resolve(path)
@@ -426,7 +433,7 @@ def load(path, *, dtype=None, mesh=None, step: int | None = None,
         vocab_path = hf_interop.workdir_vocabulary(workdir)
         tokenizer_config = workdir / hf_interop.TOKENIZER_SOURCE_CONFIG
         numpy_params = None
-        eos_id = checkpoint_eos_id(workdir, step, cfg, run)
+        eos = checkpoint_eos(workdir, step, cfg, run)
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=dtype)
         run.model.dtype = cfg.dtype
@@ -442,7 +449,7 @@ def load(path, *, dtype=None, mesh=None, step: int | None = None,
     else:
         params = jax.device_put(numpy_params, shardings)
     params = quantization.quantize_loaded(params, boxed, shardings, quantize)
-    return LoadedModel(cfg, run, model, params, vocab, mesh, rules, eos_id)
+    return LoadedModel(cfg, run, model, params, vocab, mesh, rules, *eos)
 
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -477,36 +484,64 @@ def _check_mesh(mesh):
 
 
 def hf_eos_id(hf_config, vocab_size: int) -> int:
-    """The stop id of a model with HF config `hf_config`: its `eos_token_id` when that is an id
+    """The EOS id of a model with HF config `hf_config`: its `eos_token_id` when that is an id
     within the vocabulary (of a list, the first such id), else 1 (as `convert --to_hf` writes
     it then: GPT-2's 50256 in a smaller vocabulary, a null field). A missing field is the
     config class's default: 2 for Llama and Mistral."""
     default = 2 if hf_config.get("model_type") in ("llama", "mistral") else None
-    value = hf_config.get("eos_token_id", default)
-    return next((i for i in (value if isinstance(value, list) else [value])
-                 if hf_interop.is_int(i) and 0 <= i < vocab_size), EOS_ID)
+    return next(iter(_vocab_ids(hf_config.get("eos_token_id", default), vocab_size)), EOS_ID)
 
 
-def checkpoint_eos_id(workdir, step: int, cfg: ModelConfig, run=None) -> int:
-    """The stop id of step `step` of `workdir` (run config `run`, default: its config.json if
-    it has one); `load`, evaluation and `convert --to_hf` all take it from here. It is
-    `hf_eos_id` of the workdir's `hf_config.json` for the HF weights as `convert --from_hf`
-    wrote them (step 0), else 1. Any later step was trained here, on data that ends in id 1, and
-    so is a LoRA merge (it copies its base's hf_config.json, and is saved at the LoRA run's
-    step). Step 0 of a LoRA run (adapters not trained yet) is its base's weights
-    (`lora.base_checkpoint`): the base's stop id, as for its merge (saved at step 0 beside a
-    converted base's hf_config.json)."""
+def hf_stop_ids(hf_config, vocab_size: int, generation_config=None) -> tuple[int, ...]:
+    """The ids HF `generate` stops at for a model with HF config `hf_config` and generation
+    config `generation_config` (generation_config.json; None: none): every id within the
+    vocabulary that the generation config's `eos_token_id` lists (Llama 3 Instruct lists
+    <|end_of_text|> and <|eot_id|>, which ends a turn), as HF reads its stop ids from there;
+    without one, every such id of the HF config's `eos_token_id`; without either,
+    (`hf_eos_id`,). Ids outside the vocabulary are left out, as `hf_eos_id` does."""
+    for config in (generation_config or {}, hf_config):
+        listed = _vocab_ids(config.get("eos_token_id"), vocab_size)
+        if listed:
+            return tuple(dict.fromkeys(listed))
+    return (hf_eos_id(hf_config, vocab_size),)
+
+
+def hf_eos(hf_config, vocab_size: int, generation_config=None) -> tuple[int, tuple[int, ...]]:
+    """(`hf_eos_id`, `hf_stop_ids`) of an HF model: what `LoadedModel` takes."""
+    return (hf_eos_id(hf_config, vocab_size),
+            hf_stop_ids(hf_config, vocab_size, generation_config))
+
+
+def _vocab_ids(value, vocab_size: int) -> list[int]:
+    """The ids within [0, vocab_size) of an HF token id field (an id, a list of them, null)."""
+    return [i for i in (value if isinstance(value, list) else [value])
+            if hf_interop.is_int(i) and 0 <= i < vocab_size]
+
+
+def checkpoint_eos(workdir, step: int, cfg: ModelConfig, run=None) -> tuple[int, tuple[int, ...]]:
+    """(EOS id, stop ids) of step `step` of `workdir` (run config `run`, default: its
+    config.json if it has one); `load`, evaluation and `convert --to_hf` all take them from
+    here. They are `hf_eos` of the workdir's `hf_config.json` and `hf_generation_config.json`
+    for the HF weights as `convert --from_hf` wrote them (step 0), else (1, (1,)). Any later
+    step was trained here, on data that ends in id 1, and so is a LoRA merge (it copies its
+    base's HF configs, and is saved at the LoRA run's step). Step 0 of a LoRA run (adapters
+    not trained yet) is its base's weights (`lora.base_checkpoint`): the base's ids, as for
+    its merge (saved at step 0 beside a converted base's configs)."""
+    ours = (EOS_ID, (EOS_ID,))
     if step != 0:
-        return EOS_ID
+        return ours
     if run is None:
         has_config = (epath.Path(workdir) / checkpoints.CONFIG_FILE).exists()
         run = checkpoints.read_config(workdir) if has_config else {}
     if lora.is_lora_run(run):
-        return checkpoint_eos_id(*lora.base_checkpoint(lora.LoraConfig.from_dict(run.lora)), cfg)
-    hf_config = hf_interop.read_source_config(
-        workdir, checkpoints.CheckpointError,
-        "that convert --from_hf wrote, which holds the model's eos_token_id", "restore it")
-    return EOS_ID if hf_config is None else hf_eos_id(hf_config, cfg.vocab_size)
+        return checkpoint_eos(*lora.base_checkpoint(lora.LoraConfig.from_dict(run.lora)), cfg)
+    hf_config, generation_config = (hf_interop.read_source_config(
+        workdir, checkpoints.CheckpointError, "that convert --from_hf wrote, which holds the "
+        "model's eos_token_id", "restore it", name) for name in (
+            hf_interop.HF_SOURCE_CONFIG, hf_interop.GENERATION_SOURCE_CONFIG))
+    if hf_config is None:
+        return ours
+    return hf_eos(hf_config, cfg.vocab_size, generation_config)
 
 
 def load_vocabulary(path, cfg: ModelConfig, run, tokenizer_config=None):

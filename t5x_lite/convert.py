@@ -136,9 +136,9 @@ def hf_config_from_model(cfg: ModelConfig, base: Mapping[str, Any] | None = None
                          eos_id: int = EOS_ID) -> dict:
     """config.json content for `cfg`; `base` (the source model's HF config) keeps token ids etc.
 
-    `eos_id` is the id the weights stop at (`api.checkpoint_eos_id`), so that HF `generate`
-    stops where `t5x_lite.load` does: `eos_token_id` is the base's only when it names that id
-    (an id, or a list of ids within the vocabulary that begins with it), else `eos_id`.
+    `eos_id` is the EOS of the weights (`api.checkpoint_eos`), so that HF `generate` stops
+    where `t5x_lite.load` does: `eos_token_id` is the base's only when it names that id (an
+    id, or a list of ids within the vocabulary that begins with it), else `eos_id`.
     """
     out = dict(base or {})
     if cfg.dropout_broadcast and cfg.dropout_rate > 0:
@@ -296,6 +296,8 @@ def hf_to_workdir(hf_dir, workdir, *, scan_layers: bool = False) -> ModelConfig:
     cfg, params, hf_cfg, vocab = hf_interop.from_hf(hf_dir, scan_layers=scan_layers)
     run = hf_interop.run_config_for(cfg)
     tokenizer_config = epath.Path(hf_dir) / hf_interop.HF_TOKENIZER_CONFIG
+    generation_config = epath.Path(hf_dir) / hf_interop.HF_GENERATION_CONFIG
+    hf_interop.read_generation_config(hf_dir)  # refuses one that is not a JSON object, as load
     # refuses one larger than the embedding, or bad tokenizer settings, as load does
     api.load_vocabulary(vocab, cfg, run, tokenizer_config)
     json_vocab = vocab is not None and vocab.name == hf_interop.HF_TOKENIZER_JSON
@@ -308,6 +310,9 @@ def hf_to_workdir(hf_dir, workdir, *, scan_layers: bool = False) -> ModelConfig:
                                "convert into a new directory")
     checkpoints.write_config(workdir, run)
     (workdir / HF_SOURCE_CONFIG).write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
+    if generation_config.exists():  # its eos_token_id: the stop ids (`api.hf_stop_ids`)
+        (workdir / hf_interop.GENERATION_SOURCE_CONFIG).write_bytes(
+            generation_config.read_bytes())
     if vocab is not None:
         dest.write_bytes(vocab.read_bytes())
         if cfg.family == "gpt" and tokenizer_config.exists():
@@ -348,22 +353,45 @@ def workdir_to_hf(path, out_dir, *, step: int | None = None) -> ModelConfig:
     if base and base.get("model_type") != hf_interop.hf_model_type(cfg):
         base = None  # another architecture's fields (and its token ids) do not carry over
     # fails fast on unexportable models; stops where load() does at this step
-    hf_cfg = hf_config_from_model(cfg, base, eos_id=api.checkpoint_eos_id(workdir, step, cfg))
+    eos_id, stop_ids = api.checkpoint_eos(workdir, step, cfg)
+    hf_cfg = hf_config_from_model(cfg, base, eos_id=eos_id)
+    generation = None if base is None else _generation_config(workdir, stop_ids)
     params = restore_numpy_params(workdir, step, cfg)
     write_hf_dir(out_dir, hf_cfg, hf_interop.params_to_hf(cfg, params))
-    _write_vocabulary(epath.Path(workdir), epath.Path(out_dir), cfg)
+    _write_hf_extras(epath.Path(workdir), epath.Path(out_dir), cfg, generation)
     return cfg
 
 
-def _write_vocabulary(workdir: epath.Path, out: epath.Path, cfg: ModelConfig) -> None:
-    """The workdir's vocabulary in HF form: T5's as `spiece.model`; a decoder-only model's
+def _generation_config(workdir, stop_ids: tuple[int, ...]) -> bytes | None:
+    """generation_config.json for an export that stops at `stop_ids`: the source's as
+    `convert --from_hf` kept it (None when there is none), its `eos_token_id` replaced when it
+    does not list exactly those ids (a step trained here stops at 1 alone), as HF `generate`
+    reads the stop ids from this file when there is one."""
+    path = epath.Path(workdir) / hf_interop.GENERATION_SOURCE_CONFIG
+    source = hf_interop.read_source_config(
+        workdir, ConvertError, "that --from_hf wrote", "restore it, or delete it to export "
+        "without generation settings", hf_interop.GENERATION_SOURCE_CONFIG)
+    if source is None:
+        return None
+    listed = source.get("eos_token_id")
+    if (listed if isinstance(listed, list) else [listed]) == list(stop_ids):
+        return path.read_bytes()
+    source["eos_token_id"] = list(stop_ids) if len(stop_ids) > 1 else stop_ids[0]
+    return json.dumps(source, indent=2, sort_keys=True).encode()
+
+
+def _write_hf_extras(workdir: epath.Path, out: epath.Path, cfg: ModelConfig,
+                     generation: bytes | None) -> None:
+    """The files beside the weights: `generation` (None: none) as generation_config.json, and
+    the workdir's vocabulary in HF form: T5's as `spiece.model`; a decoder-only model's
     Llama-style one (`vocab.LlamaVocabulary`) as `tokenizer.model` with `tokenizer_config.json`
     (the source's, else LlamaTokenizer's settings and special pieces), its `tokenizer.json` as
     it came (with the source's `tokenizer_config.json`). A GPT trained here has no HF tokenizer
     form (its prompts begin with id 0). Unless `out` already holds this very vocabulary file
     (an export into the model's own directory: its other tokenizer files are this model's and
     stay), every other tokenizer file there (`hf_interop.HF_TOKENIZER_FILES`: an earlier
-    export's, another model's) is removed: HF and `load` would read it as this model's."""
+    export's, another model's) and generation_config.json are removed: HF and `load` would
+    read them as this model's."""
     path = hf_interop.workdir_vocabulary(workdir)
     name = hf_interop.hf_vocabulary_name(cfg, path)
     proto = path.read_bytes() if name is not None else None
@@ -377,13 +405,14 @@ def _write_vocabulary(workdir: epath.Path, out: epath.Path, cfg: ModelConfig) ->
                                                         ("eos", vocab.eos_id),
                                                         ("unk", vocab.unk_id)) if i >= 0}),
             indent=2)
-    written = {}
+    written = {} if generation is None else {hf_interop.HF_GENERATION_CONFIG: generation}
     if name is not None:
         written[name] = proto
         if name != hf_interop.HF_T5_VOCAB and settings is not None:
             written[hf_interop.HF_TOKENIZER_CONFIG] = settings.encode()
     own = name is not None and (out / name).exists() and (out / name).read_bytes() == proto
-    for other in () if own else hf_interop.HF_TOKENIZER_FILES:
+    removable = (*hf_interop.HF_TOKENIZER_FILES, hf_interop.HF_GENERATION_CONFIG)
+    for other in () if own else removable:
         if other not in written and (out / other).exists():
             (out / other).unlink()
     for other, data in written.items():

@@ -52,6 +52,9 @@ HF_TOKENIZER_FILES = (HF_T5_VOCAB, HF_LLAMA_VOCAB, HF_TOKENIZER_JSON, HF_TOKENIZ
 # a converted workdir's copy of the source tokenizer_config.json (`llama_vocabulary` reads it)
 TOKENIZER_SOURCE_CONFIG = "hf_tokenizer_config.json"
 HF_SOURCE_CONFIG = "hf_config.json"  # a converted workdir's copy of the source config.json
+# generate()'s defaults, among them its stop ids (`eos_token_id`: Llama 3 Instruct's list)
+HF_GENERATION_CONFIG = "generation_config.json"
+GENERATION_SOURCE_CONFIG = "hf_generation_config.json"  # a converted workdir's copy of it
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SUPPORTED = ("t5 (T5ForConditionalGeneration)", "gpt2 (GPT2LMHeadModel)",
              "llama (LlamaForCausalLM)", "mistral (MistralForCausalLM)",
@@ -114,20 +117,36 @@ def is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def read_source_config(workdir, error: type[Exception], context: str,
-                       advice: str) -> dict | None:
-    """The source HF config `convert --from_hf` kept in `workdir` (HF_SOURCE_CONFIG), or None
-    when there is none. One that is not a JSON object raises `error`, naming the file, `context`
-    (what the file is to the caller) and `advice`."""
-    path = epath.Path(workdir) / HF_SOURCE_CONFIG
+def read_source_config(workdir, error: type[Exception], context: str, advice: str,
+                       name: str = HF_SOURCE_CONFIG) -> dict | None:
+    """The source HF config `convert --from_hf` kept in `workdir` (`name`: HF_SOURCE_CONFIG,
+    or GENERATION_SOURCE_CONFIG), or None when there is none. One that is not a JSON object
+    raises `error`, naming the file, `context` (what the file is to the caller) and `advice`."""
+    what = "generation config" if name == GENERATION_SOURCE_CONFIG else "config"
+    return read_json_object(epath.Path(workdir) / name, error,
+                            f"the source HF {what} {context}", advice)
+
+
+def read_generation_config(hf_dir) -> dict | None:
+    """The generation_config.json of the HF directory `hf_dir` (None: it has none); one that is
+    not a JSON object is an InteropError."""
+    return read_json_object(epath.Path(hf_dir) / HF_GENERATION_CONFIG, InteropError,
+                            "the model's generation config", "fix or remove it")
+
+
+def read_json_object(path, error: type[Exception], what: str, advice: str) -> dict | None:
+    """The JSON object in the file at `path`, or None when there is no such file; one that is
+    not a JSON object (or not UTF-8) raises `error`, naming the file, `what` it is and
+    `advice`."""
+    path = epath.Path(path)
     if not path.exists():
         return None
     try:
-        value = json.loads(path.read_text())
-    except ValueError:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError included
         value = None
     if not isinstance(value, dict):
-        raise error(f"{path} is not a JSON object (the source HF config {context}); {advice}")
+        raise error(f"{path} is not a JSON object ({what}); {advice}")
     return value
 
 
@@ -140,15 +159,9 @@ def llama_vocabulary(path, settings_path=None):
     model's BOS piece; also for a file that is not a JSON object or flags that are not
     booleans. Added tokens past the pieces (`added_tokens_decoder`) are not read (a warning)."""
     from t5x_lite.vocab import LlamaVocabulary
-    value = {}
-    if settings_path is not None and epath.Path(settings_path).exists():
-        try:
-            value = json.loads(epath.Path(settings_path).read_text())
-        except (ValueError, UnicodeDecodeError):
-            raise InteropError(f"{settings_path} is not valid JSON (the tokenizer's settings)"
-                               ) from None
-        if not isinstance(value, dict):
-            raise InteropError(f"{settings_path} is not a JSON object (the tokenizer's settings)")
+    value = {} if settings_path is None else read_json_object(
+        settings_path, InteropError, "the tokenizer's settings", "fix or remove it")
+    value = {} if value is None else value
     flags = {k: value.get(k) for k in ("add_bos_token", "add_eos_token", "add_prefix_space")}
     bad = next((k for k, v in flags.items() if v is not None and not isinstance(v, bool)), None)
     if bad:

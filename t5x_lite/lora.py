@@ -334,7 +334,8 @@ def check_merge_output(output, workdir, base) -> epath.Path:
 def merge_workdir(workdir, output, step: int | None = None) -> int:
     """Writes a plain (merged) checkpoint of a LoRA run to the new directory `output` (built
     beside it and renamed into place: a failure leaves no output); returns its step."""
-    from t5x_lite.convert import HF_SOURCE_CONFIG  # on use: the HF side is not needed otherwise
+    # on use: the HF side is not needed otherwise
+    from t5x_lite.hf_interop import GENERATION_SOURCE_CONFIG, HF_SOURCE_CONFIG
 
     src, found = checkpoints.resolve(workdir)
     step = found if step is None else step
@@ -356,9 +357,10 @@ def merge_workdir(workdir, output, step: int | None = None) -> int:
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         checkpoints.write_config(tmp, merged_run)
-        # The vocabulary the run trained with; the HF config of a converted base (`convert
-        # --to_hf` writes back its token ids and extra fields).
-        for name, dirs in ((checkpoints.VOCAB_FILE, (src,)), (HF_SOURCE_CONFIG, (src, base))):
+        # The vocabulary the run trained with; the HF configs of a converted base (`convert
+        # --to_hf` writes back its token ids, extra fields and generation settings).
+        for name, dirs in ((checkpoints.VOCAB_FILE, (src,)), (HF_SOURCE_CONFIG, (src, base)),
+                           (GENERATION_SOURCE_CONFIG, (src, base))):
             source = next((d / name for d in dirs if (d / name).exists()), None)
             if source is not None:
                 (tmp / name).write_bytes(source.read_bytes())

@@ -114,10 +114,10 @@ def test_eos_id_is_the_hf_configs_eos_token_id_within_the_vocabulary(loaded, tmp
     assert loaded["t5_v1_1"].eos_id == 1 == loaded["gpt2"].eos_id  # their configs say 1
     cfg = loaded["gpt2"].config
     (tmp_path / convert.HF_SOURCE_CONFIG).write_text('{"eos_token_id": 9}')
-    assert [t5x_lite.api.checkpoint_eos_id(tmp_path, s, cfg) for s in (0, 5)] == [9, 1]
+    assert [t5x_lite.api.checkpoint_eos(tmp_path, s, cfg) for s in (0, 5)] == [(9, (9,)), (1, (1,))]
     (tmp_path / convert.HF_SOURCE_CONFIG).write_text("[9]")
     with pytest.raises(checkpoints.CheckpointError, match="hf_config.json is not a JSON object"):
-        t5x_lite.api.checkpoint_eos_id(tmp_path, 0, cfg)
+        t5x_lite.api.checkpoint_eos(tmp_path, 0, cfg)
 
 
 def test_sharded_mesh_and_dtype(hf_models, loaded):

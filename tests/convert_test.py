@@ -172,7 +172,7 @@ def test_to_hf_refuses_an_out_that_would_break_a_workdir_or_mix_models(hf_models
     # Nothing was written anywhere.
     assert (workdir / "config.json").read_bytes() == run_config
     assert sorted(p.name for p in workdir.iterdir()) == [
-        "checkpoints", "config.json", "hf_config.json"]
+        "checkpoints", "config.json", "hf_config.json", "hf_generation_config.json"]
     assert not (other / "model.safetensors").exists() and afile.read_text() == "keep"
     assert sorted(p.name for p in pickles.iterdir()) == ["pytorch_model.bin"]
     assert (foreign / "config.json").read_text() == '{"learning_rate": 1}'
@@ -305,7 +305,8 @@ def test_from_hf_refuses_a_workdir_holding_another_vocabulary(hf_models, tmp_pat
 def test_to_hf_keeps_null_and_list_token_ids_and_the_eos_load_stops_at(hf_models, tmp_path,
                                                                         ids, want):
     """Token ids within the vocabulary (lists too) and null ones are kept; eos_token_id names
-    the id load() stops at (a null one reads as 1 there, so the export says 1)."""
+    load()'s EOS (a null one reads as 1 there, so the export says 1). HF generate stops where
+    load() does: at the generation config's ids (1 here), which the export keeps."""
     workdir = tmp_path / "w"
     convert.hf_to_workdir(hf_models["gpt2"][1], workdir)
     source = workdir / "hf_config.json"
@@ -317,7 +318,8 @@ def test_to_hf_keeps_null_and_list_token_ids_and_the_eos_load_stops_at(hf_models
     first_eos = (want["eos_token_id"] if isinstance(want["eos_token_id"], int)
                  else want["eos_token_id"][0])
     assert first_eos == t5x_lite.load(workdir).eos_id == t5x_lite.load(tmp_path / "hf").eos_id
-    assert back.generation_config.eos_token_id == want["eos_token_id"]
+    assert back.generation_config.eos_token_id == 1
+    assert t5x_lite.load(workdir).stop_ids == (1,) == t5x_lite.load(tmp_path / "hf").stop_ids
 
 
 def test_to_hf_eos_is_the_id_load_stops_at_for_that_step(hf_models, tmp_path):
@@ -326,6 +328,8 @@ def test_to_hf_eos_is_the_id_load_stops_at_for_that_step(hf_models, tmp_path):
     merge copies it) was trained here, on data that ends in id 1: its export says 1, so HF
     generate stops where load() does."""
     src = _hf_copy(hf_models["gpt2"][1], tmp_path / "src", eos_token_id=7)
+    generation = src / "generation_config.json"  # where HF generate reads its stop ids
+    generation.write_text(json.dumps({**json.loads(generation.read_text()), "eos_token_id": 7}))
     workdir = tmp_path / "w"
     cfg = convert.hf_to_workdir(src, workdir)
     checkpoints.save_params(workdir, convert.restore_numpy_params(workdir, 0, cfg), 3)
@@ -333,7 +337,8 @@ def test_to_hf_eos_is_the_id_load_stops_at_for_that_step(hf_models, tmp_path):
         out = tmp_path / f"hf{step}"
         convert.workdir_to_hf(workdir, out, step=step)
         assert json.loads((out / "config.json").read_text())["eos_token_id"] == want
-        assert t5x_lite.load(workdir, step=step).eos_id == t5x_lite.load(out).eos_id == want
+        for m in (t5x_lite.load(workdir, step=step), t5x_lite.load(out)):
+            assert m.eos_id == want and m.stop_ids == (want,)
         assert _from_pretrained("gpt2", out).generation_config.eos_token_id == want
 
 

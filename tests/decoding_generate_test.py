@@ -254,8 +254,8 @@ def test_hf_eos_token_id_ends_generation_as_in_hf(gpt2_eos_k):
     spec = hf_loaded.generate(input_ids=prompts, max_new_tokens=N, batch_size=8,
                               draft=hf_loaded, num_draft=3)
     assert [r["ids"] for r in spec] == theirs and all(r["finished"] for r in spec)
-    ones = types.SimpleNamespace(**{**vars(hf_loaded), "eos_id": 1})
-    with pytest.raises(DecodeError, match="draft model stops at EOS id 1, the target at 7"):
+    ones = types.SimpleNamespace(**{**vars(hf_loaded), "eos_id": 1, "stop_ids": (1,)})
+    with pytest.raises(DecodeError, match="draft model stops at EOS id 1, the target at EOS id 7"):
         hf_loaded.generate(input_ids=prompts, draft=ones)
 
 

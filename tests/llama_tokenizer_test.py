@@ -159,8 +159,10 @@ def test_export_over_another_models_tokenizer_leaves_none_of_its_files(src, tmp_
     ref.llama(kv_heads=2, seed=4, vocab_size=320).save_pretrained(tmp_path / "bare")
     convert.hf_to_workdir(tmp_path / "bare", tmp_path / "w2")
     convert.workdir_to_hf(tmp_path / "w2", tmp_path / "hf")
-    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json",
-                                                                    "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors"]  # the second model's
+    assert ((tmp_path / "hf" / "generation_config.json").read_bytes()
+            == (tmp_path / "bare" / "generation_config.json").read_bytes())
     assert t5x_lite.load(str(tmp_path / "hf")).vocab is None
 
 
@@ -171,7 +173,7 @@ def test_export_over_another_models_tokenizer_leaves_none_of_its_files(src, tmp_
      "add_prefix_space=false is not supported"),
     ({"settings": {"bos_token": {"content": "<unk>"}}}, hf_interop.InteropError,
      "bos_token=\"<unk>\" is not the sentencepiece model's BOS piece '<s>'"),
-    ({"config": "{"}, hf_interop.InteropError, "is not valid JSON (the tokenizer's settings)"),
+    ({"config": "{"}, hf_interop.InteropError, "is not a JSON object (the tokenizer's settings)"),
     ({"settings": {"add_bos_token": "yes"}}, hf_interop.InteropError,
      'add_bos_token="yes" is not true or false'),
     ({"config": "[1]"}, hf_interop.InteropError, "is not a JSON object (the tokenizer's settings)"),

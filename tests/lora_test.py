@@ -380,15 +380,20 @@ def test_lora_step_0_ends_where_its_base_and_its_merge_do(tmp_path):
     """Step 0 of a LoRA run is its base's weights (B = 0): it ends with the converted base's
     eos_token_id, as its merge (saved at step 0 beside the base's hf_config.json) and that
     merge's HF export do. A later step was trained here, on data that ends in 1: so are its
-    merge and export, though the merge keeps the base's hf_config.json."""
+    merge and export, though the merge keeps the base's hf_config.json. Likewise the stop ids
+    of the base's generation config (5 and 7)."""
     _, base_dir, workdir = _fake_lora_run(tmp_path, steps=(0, 2))
     (base_dir / convert.HF_SOURCE_CONFIG).write_text(json.dumps(HF_SOURCE))  # ends with 5
-    for step, want in ((0, 5), (2, 1)):
+    (base_dir / "hf_generation_config.json").write_text('{"eos_token_id": [5, 7]}')
+    for step, want, stops in ((0, 5, [5, 7]), (2, 1, 1)):
         merged, exported = tmp_path / f"merged_{step}", tmp_path / f"hf_{step}"
         lora.merge_workdir(workdir, merged, step=step)
-        assert t5x_lite.load(workdir, step=step).eos_id == t5x_lite.load(merged).eos_id == want
+        for m in (t5x_lite.load(workdir, step=step), t5x_lite.load(merged)):
+            assert m.eos_id == want and list(m.stop_ids) == (stops if step == 0 else [1])
         convert.workdir_to_hf(merged, exported)
         assert json.loads((exported / "config.json").read_text())["eos_token_id"] == want
+        written = json.loads((exported / "generation_config.json").read_text())
+        assert written["eos_token_id"] == stops
 
 
 def _listing(root):

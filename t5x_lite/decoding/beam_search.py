@@ -1,8 +1,9 @@
 """Beam search with T5's length penalty, as one `lax.while_loop` over a KV-cached step.
 
 The algorithm is T5X's: each step expands the W alive beams by every token, keeps the 2W best
-candidates by summed log-prob; the best W of them that do not end in EOS stay alive, and the ones
-that do end in EOS compete with the finished set, scored by
+candidates by summed log-prob ((1 + S) W with S > 1 stop ids, as HF keeps); the best W of them
+that do not end in EOS stay alive, and the ones that do end in EOS compete with the finished
+set, scored by
 
     score = sum log p / ((5 + length) / 6) ** alpha       (length counts EOS; alpha 0 = log-prob)
 
@@ -12,8 +13,8 @@ heuristic). A batch element with fewer than W finished beams at the end is fille
 alive beams (unfinished, scored at their length); finished beams always rank first.
 
 Difference from HF's beam search: HF lets only the top-W ranked of the 2W candidates finish;
-here every EOS candidate among the 2W may (T5X's rule). Both agree whenever no EOS candidate
-ranked W..2W-1 would enter the final top beams.
+here every EOS candidate among them may (T5X's rule). Both agree whenever no EOS candidate
+ranked below W would enter the final top beams.
 
 Shape legend: B batch, W beams, N max new tokens, V vocab.
 """
@@ -24,7 +25,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from t5x_lite.decoding.sampling import EOS_ID, PAD_ID, StepFn
+from t5x_lite.decoding.sampling import EOS_ID, PAD_ID, StepFn, StopIds, is_eos, stop_id_tuple
 
 NEG = -1.0e9  # "impossible" score; finite so arithmetic on it stays NaN-free
 
@@ -62,7 +63,7 @@ def _gather(x_BxCx, idx_BxW):
 
 def beam_search(tokens_to_logits: StepFn, cache, first_logits_BWxV, *, num_beams: int,
                 max_new_tokens: int, alpha: float,
-                reorder_cache: Callable[[Any, jax.Array], Any], eos_id: int = EOS_ID
+                reorder_cache: Callable[[Any, jax.Array], Any], eos_id: StopIds = EOS_ID
                 ) -> BeamOutput:
     """Beam search over B*W cache rows (row b*W + w is beam w of element b).
 
@@ -71,9 +72,12 @@ def beam_search(tokens_to_logits: StepFn, cache, first_logits_BWxV, *, num_beams
       cache: the prefilled cache, already repeated to B*W rows (all beams of an element equal).
       first_logits_BWxV: logits predicting the first token, repeated likewise.
       reorder_cache: `(cache, rows [B*W]) -> cache` taking those rows (see cache.take_rows).
+      eos_id: the stop id, or a tuple of them. With S > 1 stop ids a step keeps the
+        (1 + S) * W best candidates (as HF does), of which at most S * W end in a stop id.
     """
     w, n = num_beams, max_new_tokens
     bw, v = first_logits_BWxV.shape
+    candidates = min(max(2, 1 + len(stop_id_tuple(eos_id))) * w, w * v)
     b = bw // w
     row_base_Bx1 = (jnp.arange(b) * w)[:, None]
 
@@ -82,26 +86,26 @@ def beam_search(tokens_to_logits: StepFn, cache, first_logits_BWxV, *, num_beams
         i = s.step
         logp_BxWxV = jax.nn.log_softmax(logits_BWxV.astype(jnp.float32), -1).reshape(b, w, v)
         cand_BxWV = (s.alive_logp[:, :, None] + logp_BxWxV).reshape(b, w * v)
-        top_logp_Bx2W, top_idx = jax.lax.top_k(cand_BxWV, 2 * w)
+        top_logp_BxC, top_idx = jax.lax.top_k(cand_BxWV, candidates)
         top_beam, top_tok = top_idx // v, (top_idx % v).astype(jnp.int32)
         top_seq = _gather(s.alive_seq, top_beam)
         top_seq = jax.lax.dynamic_update_slice(top_seq, top_tok[:, :, None], (0, 0, i))
         # Candidates of placeholder beams (score ~NEG) appear only when V is tiny: never finish.
-        is_eos = (top_tok == eos_id) & (top_logp_Bx2W > NEG / 2)
+        ends = is_eos(top_tok, eos_id) & (top_logp_BxC > NEG / 2)
 
-        # Alive: the best W candidates that did not end (at most W of the 2W end in EOS).
-        alive_logp, keep = jax.lax.top_k(jnp.where(is_eos, NEG, top_logp_Bx2W), w)
+        # Alive: the best W candidates that did not end (at most S * W of the (1 + S) * W end).
+        alive_logp, keep = jax.lax.top_k(jnp.where(ends, NEG, top_logp_BxC), w)
         alive_seq = _gather(top_seq, keep)
         parent_rows = (row_base_Bx1 + jnp.take_along_axis(top_beam, keep, 1)).reshape(-1)
 
         # Finished: merge the new EOS candidates into the best W finished so far.
-        new_score = jnp.where(is_eos, top_logp_Bx2W / length_penalty(i + 1, alpha), NEG)
+        new_score = jnp.where(ends, top_logp_BxC / length_penalty(i + 1, alpha), NEG)
         pool_score = jnp.concatenate([s.fin_score, new_score], 1)
         fin_score, pick = jax.lax.top_k(pool_score, w)
         fin_seq = _gather(jnp.concatenate([s.fin_seq, top_seq], 1), pick)
-        fin_logp = _gather(jnp.concatenate([s.fin_logp, top_logp_Bx2W], 1), pick)
+        fin_logp = _gather(jnp.concatenate([s.fin_logp, top_logp_BxC], 1), pick)
         fin_len = _gather(jnp.concatenate([s.fin_len, jnp.full_like(top_tok, i + 1)], 1), pick)
-        fin_flag = _gather(jnp.concatenate([s.fin_flag, is_eos], 1), pick)
+        fin_flag = _gather(jnp.concatenate([s.fin_flag, ends], 1), pick)
         return _State(i + 1, alive_seq, alive_logp, fin_seq, fin_score, fin_logp, fin_len,
                       fin_flag, reorder_cache(s.cache, parent_rows))
 

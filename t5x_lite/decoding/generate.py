@@ -4,8 +4,8 @@
     results = generate(loaded, inputs=["translate: hello"], method="beam", num_beams=4)
 
 `loaded` is anything with `.model` (a `models.BaseModel`), `.params` and optionally `.vocab`,
-`.run_config` and `.eos_id` (what `t5x_lite.load(path)` returns; without `.eos_id` the stop id
-is 1). Options left as None come from `loaded.run_config.decode` (the checkpoint's
+`.run_config`, `.eos_id` and `.stop_ids` (what `t5x_lite.load(path)` returns; without them the
+stop id is 1). Options left as None come from `loaded.run_config.decode` (the checkpoint's
 config.json), then from `defaults.base_config`.
 
 A GPT trained with objective prefix_lm (`api.is_prefix_lm`: `run_config.data.objective`) decodes
@@ -147,8 +147,15 @@ def model_config(loaded) -> ModelConfig:
 
 
 def eos_id(loaded) -> int:
-    """The id that ends `loaded`'s sequences (`LoadedModel.eos_id`; 1 when it has none)."""
+    """`loaded`'s EOS id (`LoadedModel.eos_id`; 1 when it has none): T5 inputs end with it."""
     return int(getattr(loaded, "eos_id", EOS_ID))
+
+
+def stop_ids(loaded) -> tuple[int, ...]:
+    """The ids that end `loaded`'s generated sequences (`LoadedModel.stop_ids`; without them,
+    `(eos_id(loaded),)`)."""
+    ids = getattr(loaded, "stop_ids", None)
+    return tuple(int(i) for i in ids) if ids else (eos_id(loaded),)
 
 
 def encode_prompts(loaded, *, inputs=None, input_ids=None,
@@ -306,9 +313,14 @@ def check_draft(loaded, draft, options: DecodeOptions):
     if draft_cfg.vocab_size != cfg.vocab_size:
         raise DecodeError(f"draft vocab_size {draft_cfg.vocab_size} != target vocab_size "
                           f"{cfg.vocab_size}")
-    if eos_id(draft) != eos_id(loaded):
-        raise DecodeError(f"the draft model stops at EOS id {eos_id(draft)}, the target at "
-                          f"{eos_id(loaded)}; give a draft with the target's EOS id")
+    if set(stop_ids(draft)) != set(stop_ids(loaded)):
+        raise DecodeError(f"the draft model stops at {_ids_text(stop_ids(draft))}, the target "
+                          f"at {_ids_text(stop_ids(loaded))}; give a draft with the target's "
+                          "stop ids")
+
+
+def _ids_text(ids: Sequence[int]) -> str:
+    return f"EOS id {ids[0]}" if len(ids) == 1 else f"stop ids {list(ids)}"
 
 
 def bucket(n: int) -> int:
@@ -377,7 +389,7 @@ def cache_phases(cfg: ModelConfig, p: int, n: int, k: int = 0) -> list[int]:
 @functools.partial(jax.jit, static_argnames=("cfg", "n", "sampling", "samples", "eos",
                                              "prefix_lm"))
 def _sample_jit(params, tokens_BxP, lengths_B, seed, example_B, *, cfg, n, sampling, samples,
-                eos=EOS_ID, prefix_lm=False):
+                eos=(EOS_ID,), prefix_lm=False):
     b, p = tokens_BxP.shape
     lengths = cache_phases(cfg, p, n)
     logits, cache, step = steps.prefill(cfg, params, tokens_BxP, lengths_B, lengths[0],
@@ -388,7 +400,7 @@ def _sample_jit(params, tokens_BxP, lengths_B, seed, example_B, *, cfg, n, sampl
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n", "beams", "alpha", "eos", "prefix_lm"))
-def _beam_jit(params, tokens_BxP, lengths_B, *, cfg, n, beams, alpha, eos=EOS_ID,
+def _beam_jit(params, tokens_BxP, lengths_B, *, cfg, n, beams, alpha, eos=(EOS_ID,),
               prefix_lm=False):
     b, p = tokens_BxP.shape
     logits, cache, step = steps.prefill(cfg, params, tokens_BxP, lengths_B, cache_len(cfg, p, n),
@@ -400,7 +412,7 @@ def _beam_jit(params, tokens_BxP, lengths_B, *, cfg, n, beams, alpha, eos=EOS_ID
 @functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "n", "k", "sampling", "samples",
                                              "eos", "prefix_lm", "draft_prefix_lm"))
 def _speculative_jit(params, draft_params, tokens_BxP, lengths_B, seed, example_B, *, cfg,
-                     draft_cfg, n, k, sampling, samples, eos=EOS_ID, prefix_lm=False,
+                     draft_cfg, n, k, sampling, samples, eos=(EOS_ID,), prefix_lm=False,
                      draft_prefix_lm=False):
     b, p = tokens_BxP.shape
     rows = _expand_rows(b, samples)
@@ -467,7 +479,7 @@ def decode_batch(loaded, tokens_BxP, lengths_B, options: DecodeOptions, example_
     example_B = np.arange(len(tokens_BxP)) if example_B is None else example_B
     (tokens_BxP, lengths_B, example_B), context = shard_rows(
         loaded, tokens_BxP, lengths_B, np.asarray(example_B, np.int32))
-    n, eos = options.max_new_tokens, eos_id(loaded)
+    n, eos = options.max_new_tokens, stop_ids(loaded)
     seed = np.uint32(options.seed % 2**32)
     plm = is_prefix_lm(loaded)
     with context:
@@ -498,7 +510,7 @@ def _result(vocab, ids_N, length, logprob, finished, penalised=None) -> dict[str
     out = {"ids": ids, "score": float(logprob), "finished": bool(finished)}
     if penalised is not None:
         out["penalised_score"] = float(penalised)
-    if vocab is not None:  # without the EOS, which need not be the vocabulary's (1)
+    if vocab is not None:  # without the stop id, which need not be the vocabulary's EOS
         out["text"] = vocab.decode(ids[:-1] if finished else ids)
     return out
 
@@ -565,11 +577,11 @@ def generate(loaded, *, input_ids=None, inputs=None, method=None, max_new_tokens
     Returns:
       Per input a dict -- or, for num_samples > 1 or beam search with num_beams > 1, a list of
       dicts (beams best first; fewer than num_beams where fewer sequences exist) -- with `ids`
-      (generated ids without prompt and padding, ending with EOS (`eos_id(loaded)`: the HF
-      config's `eos_token_id` for HF weights, else 1) when `finished`), `score`
-      (sum of log-probs of `ids` under the unfiltered model), `finished`, `text` (when there is
-      a vocabulary) and, for beam search, `penalised_score` (score / length penalty, what beams
-      are ranked by).
+      (generated ids without prompt and padding, ending with a stop id when `finished`:
+      `stop_ids(loaded)`: the generation config's `eos_token_id` for HF weights, else 1),
+      `score` (sum of log-probs of `ids` under the unfiltered model), `finished`, `text` (when
+      there is a vocabulary) and, for beam search, `penalised_score` (score / length penalty,
+      what beams are ranked by).
     """
     options = decode_options(
         loaded, method=method, max_new_tokens=max_new_tokens, temperature=temperature,

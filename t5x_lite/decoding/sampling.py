@@ -6,11 +6,15 @@ passes the logits of its last position; from there the loop picks one token, fee
 repeats, so `max_new_tokens` tokens cost `max_new_tokens - 1` steps. Rows stop independently at
 EOS (later slots hold pad 0); the loop ends when every row is done or the budget is spent.
 
+`eos_id`, here and in beam search and speculative decoding, is one stop id or a tuple of them
+(a Llama 3 Instruct model ends a turn at any of three): a row ends at the first token that is
+any of them (`is_eos`), as HF `generate` does with a list `eos_token_id`.
+
 Shape legend: B rows, N max new tokens, V vocab.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +25,24 @@ from t5x_lite.decoding.filtering import SamplingConfig, row_keys, select_tokens,
 StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
 EOS_ID = 1
 PAD_ID = 0
+StopIds = Union[int, tuple[int, ...]]  # one stop id, or several
+
+
+def stop_id_tuple(eos_id: StopIds) -> tuple[int, ...]:
+    """`eos_id` as a non-empty tuple of ids."""
+    ids = (eos_id,) if isinstance(eos_id, int) else tuple(eos_id)
+    if not ids:
+        raise ValueError("decoding needs at least one stop id")
+    return ids
+
+
+def is_eos(tokens, eos_id: StopIds):
+    """Whether each token is a stop id (`eos_id`: one id or a tuple of them)."""
+    first, *rest = stop_id_tuple(eos_id)
+    out = tokens == first
+    for i in rest:
+        out = out | (tokens == i)
+    return out
 
 
 class DecodeOutput(NamedTuple):
@@ -38,7 +60,7 @@ class _State(NamedTuple):
 
 
 def sample_decode(tokens_to_logits: StepFn, cache, first_logits_BxV, keys_B, *,
-                  max_new_tokens: int, sampling: SamplingConfig, eos_id: int = EOS_ID,
+                  max_new_tokens: int, sampling: SamplingConfig, eos_id: StopIds = EOS_ID,
                   grow_to: tuple[int, ...] = ()) -> DecodeOutput:
     """Greedy (sampling.temperature == 0) or sampled decoding.
 
@@ -69,7 +91,7 @@ def sample_decode(tokens_to_logits: StepFn, cache, first_logits_BxV, keys_B, *,
             tokens_BxN=jax.lax.dynamic_update_slice(out.tokens_BxN, tok_B[:, None], (0, step)),
             lengths_B=out.lengths_B + (~done_B).astype(jnp.int32),
             logprob_B=out.logprob_B + logp_B,
-            finished_B=done_B | (tok_B == eos_id))
+            finished_B=done_B | is_eos(tok_B, eos_id))
 
     last_B, out = record(empty, 0, first_logits_BxV)
     state = _State(jnp.int32(1), last_B, cache, out)

@@ -35,7 +35,7 @@ from t5x_lite.argmax import argmax
 from t5x_lite.decoding import cache as cache_lib
 from t5x_lite.decoding.filtering import (SamplingConfig, categorical, filter_logits, row_keys,
                                          select_tokens)
-from t5x_lite.decoding.sampling import EOS_ID, PAD_ID, DecodeOutput, StepFn
+from t5x_lite.decoding.sampling import EOS_ID, PAD_ID, DecodeOutput, StepFn, StopIds, is_eos
 
 
 class _State(NamedTuple):
@@ -60,7 +60,7 @@ def _probs(logits_BxKxV, sampling: SamplingConfig):
 
 def speculative_decode(target_step: StepFn, draft_step: StepFn, target_cache, draft_cache,
                        first_logits_BxV, prompt_last_B, keys_B, *, max_new_tokens: int,
-                       num_draft: int, sampling: SamplingConfig, eos_id: int = EOS_ID,
+                       num_draft: int, sampling: SamplingConfig, eos_id: StopIds = EOS_ID,
                        grow_to: tuple[int, ...] = ()):
     """Returns (DecodeOutput, stats) -- stats: iterations and mean accepted draft tokens.
 
@@ -77,7 +77,7 @@ def speculative_decode(target_step: StepFn, draft_step: StepFn, target_cache, dr
     logp0_B = jnp.take_along_axis(logp0_B, tok0_B[:, None], -1)[:, 0]
     tokens = jnp.zeros((b, n + k + 1), jnp.int32).at[:, 0].set(tok0_B)
     state = _State(jnp.int32(1), prompt_last_B.astype(jnp.int32), tok0_B, target_cache,
-                   draft_cache, tokens, logp0_B, jnp.ones((b,), jnp.int32), tok0_B == eos_id,
+                   draft_cache, tokens, logp0_B, jnp.ones((b,), jnp.int32), is_eos(tok0_B, eos_id),
                    jnp.int32(0), jnp.int32(0))
 
     def body(s: _State):
@@ -134,15 +134,15 @@ def speculative_decode(target_step: StepFn, draft_step: StepFn, target_cache, dr
                              fix_B[:, None])
 
         # Keep tokens up to each row's first EOS and within the budget; score them.
-        is_eos = (new_BxK1 == eos_id) & (j_K1 <= m)
-        before_eos = jnp.cumsum(is_eos, 1) - is_eos == 0
+        stop_BxK1 = is_eos(new_BxK1, eos_id) & (j_K1 <= m)
+        before_eos = jnp.cumsum(stop_BxK1, 1) - stop_BxK1 == 0
         keep_BxK1 = (j_K1 <= m) & before_eos & (s.count + j_K1 < n) & ~s.done_B[:, None]
         logp_BxK1 = jnp.take_along_axis(
             jax.nn.log_softmax(plogits_BxK1xV.astype(jnp.float32), -1), new_BxK1[..., None], -1)
         logprob_B = s.logprob_B + jnp.sum(jnp.where(keep_BxK1, logp_BxK1[..., 0], 0.0), 1)
         tokens = jax.lax.dynamic_update_slice(
             s.tokens, jnp.where(keep_BxK1, new_BxK1, PAD_ID), (0, s.count))
-        done_B = s.done_B | jnp.any(is_eos & keep_BxK1, 1)
+        done_B = s.done_B | jnp.any(stop_BxK1 & keep_BxK1, 1)
 
         rollback = start + 1 + m
         prev_B = jax.lax.dynamic_index_in_dim(

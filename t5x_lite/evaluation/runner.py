@@ -34,7 +34,7 @@ from etils import epath
 
 from t5x_lite import (checkpoints, distributed, files, hf_interop, lease, lora,
                       partitioning, quantization)
-from t5x_lite.api import LoadedModel, checkpoint_eos_id, load_vocabulary
+from t5x_lite.api import LoadedModel, checkpoint_eos, load_vocabulary
 from t5x_lite.config import ModelConfig
 from t5x_lite.data import DataConfig, load_vocab
 from t5x_lite.errors import UserError
@@ -175,14 +175,14 @@ class Evaluator:
 
     def load(self, ckpt_workdir, step: int) -> LoadedModel:
         # Compression hooks: a LoRA run's adapters are merged into its base; --quantize=int8.
-        # The stop id reads the same run config as the params (a LoRA run's step 0 is its base).
+        # The stop ids read the same run config as the params (a LoRA run's step 0 is its base).
         run = self._run_config(ckpt_workdir)
         params = lora.restore_params(ckpt_workdir, step, run, self.abstract)
         params = quantization.quantize_loaded(params, self.boxed, self.param_shardings,
                                               self.settings.quantize)
         return LoadedModel(self.model_cfg, self.config, self.model, params,
                            self.vocab(ckpt_workdir), self.mesh, self.rules,
-                           checkpoint_eos_id(ckpt_workdir, step, self.model_cfg, run))
+                           *checkpoint_eos(ckpt_workdir, step, self.model_cfg, run))
 
     def _run_config(self, ckpt_workdir):
         """The run config the checkpoint's params are read with: where a LoRA run is involved,

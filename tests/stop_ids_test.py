@@ -1,0 +1,205 @@
+"""Several stop ids: an HF model whose generation_config.json lists `eos_token_id` (Llama 3
+Instruct: <|end_of_text|>, <|eom_id|>, <|eot_id|>) stops each row at the first of any of them,
+in greedy, sampled, speculative and beam decoding, as HF `generate` does; `convert` keeps the
+generation config both ways.
+
+The stop ids are picked from what this random model generates unstopped, so that different
+rows stop at different ids.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import hf_reference as ref
+import t5x_lite
+from t5x_lite import api, checkpoints, convert, hf_interop
+from t5x_lite.config import ModelConfig
+
+N = 20  # new tokens
+PROMPT_LENGTHS = (3, 9, 5, 12, 7, 4, 6)
+
+
+def _hf(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation="eager").eval()
+
+
+def _cut(row, stops):
+    """`row` up to and including its first stop id."""
+    end = next((i for i, t in enumerate(row) if t in stops), len(row) - 1)
+    return row[:end + 1]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """(HF dir, converted workdir, prompts, stop ids, HF greedy rows cut at the stops, config
+    eos). The generation config lists three stop ids; config.json names another one's EOS."""
+    hf = ref.llama(kv_heads=2, seed=3)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 96, n).tolist() for n in PROMPT_LENGTHS]
+    free = ref.greedy_left_padded(hf, prompts, N, eos_token_id=10**6)  # never stops
+    stops = []
+    for i, row in enumerate(free):  # a token from the middle of each row, until three
+        if len(stops) < 3 and row[3 + i] not in stops:
+            stops.append(row[3 + i])
+    hf.config.eos_token_id = stops[1]
+    hf.generation_config.eos_token_id = stops
+    root = tmp_path_factory.mktemp("stops")
+    hf.save_pretrained(root / "hf")
+    theirs = ref.greedy_left_padded(_hf(root / "hf"), prompts, N)  # the file's stop ids
+    theirs = [_cut(r, stops) for r in theirs]
+    ended = [r[-1] for r in theirs if r[-1] in stops and len(r) < N]
+    assert len(set(ended)) >= 2 and len(ended) >= 4  # rows stop early, at different ids
+    convert.hf_to_workdir(root / "hf", root / "w")
+    return root / "hf", root / "w", prompts, tuple(stops), theirs
+
+
+def test_greedy_and_speculative_stop_at_any_listed_id_as_hf(model):
+    hf_dir, workdir, prompts, stops, theirs = model
+    for m in (t5x_lite.load(hf_dir), t5x_lite.load(workdir)):
+        assert m.stop_ids == stops and m.eos_id == stops[1]  # config.json's EOS
+        assert f"stop_ids={list(stops)}" in repr(m)
+        ours = m.generate(input_ids=prompts, max_new_tokens=N, batch_size=4)
+        assert [r["ids"] for r in ours] == theirs
+        assert [r["finished"] for r in ours] == [r[-1] in stops for r in theirs]
+        spec = m.generate(input_ids=prompts, max_new_tokens=N, batch_size=4, draft=m,
+                          num_draft=3)
+        assert [r["ids"] for r in spec] == theirs
+
+
+def test_sampled_rows_end_at_their_first_stop_id(model):
+    hf_dir, _, prompts, stops, _ = model
+    m = t5x_lite.load(hf_dir)
+    for draft in (None, m):
+        rows = m.generate(input_ids=prompts, method="sample", temperature=1.5, num_samples=3,
+                          max_new_tokens=N, seed=4, draft=draft)
+        rows = [s for r in rows for s in r]
+        ends = [r["ids"][-1] for r in rows if r["finished"]]
+        assert len(set(ends)) >= 2  # more than one stop id ended a row
+        for r in rows:
+            assert not set(r["ids"][:-1]) & set(stops)  # nothing after a stop
+            assert r["finished"] == (r["ids"][-1] in stops)
+            assert r["finished"] or len(r["ids"]) == N
+
+
+def test_beam_search_finishes_beams_at_any_listed_id(model):
+    """A beam ends at its first stop id (the best ones at different ids), its score is the log-probs
+    HF's forward pass gives its tokens, and each rank is at least as good as HF beam search's:
+    HF lets only the top-W ranked candidates finish, every stop candidate may here (T5X's rule,
+    see `beam_search`), which with several stop ids often finds a better finished beam."""
+    hf_dir, _, prompts, stops, _ = model
+    w = 3
+    hf, p = _hf(hf_dir), max(map(len, prompts))
+    ids = np.zeros((len(prompts), p), np.int64)
+    for i, x in enumerate(prompts):
+        ids[i, p - len(x):] = x
+    with torch.no_grad():
+        out = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(ids > 0),
+                          max_new_tokens=N, num_beams=w, num_return_sequences=w,
+                          length_penalty=0.0, early_stopping="never", do_sample=False,
+                          pad_token_id=0, return_dict_in_generate=True, output_scores=True)
+    hf_scores = out.sequences_scores.numpy().reshape(-1, w)
+    ours = t5x_lite.load(hf_dir).generate(input_ids=prompts, method="beam", num_beams=w,
+                                          alpha=0.0, max_new_tokens=N)
+    assert len({beams[0]["ids"][-1] for beams in ours}) >= 2
+    for prompt, beams, theirs in zip(prompts, ours, hf_scores):
+        assert len(beams) == w and beams[0]["finished"]
+        for b in beams:
+            assert b["finished"] == (b["ids"][-1] in stops) and not set(b["ids"][:-1]) & set(stops)
+            assert b["finished"] or len(b["ids"]) == N
+        for b in beams:
+            with torch.no_grad():
+                logp = torch.log_softmax(hf(torch.tensor([prompt + b["ids"]])).logits[0], -1)
+            want = sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(b["ids"]))
+            np.testing.assert_allclose(b["score"], want, atol=2e-4)
+        assert np.all(np.array([b["score"] for b in beams]) >= theirs - 2e-4)
+
+
+def test_convert_keeps_the_generation_config_both_ways(model, tmp_path):
+    """The export's generation_config.json is the source's, byte for byte, at step 0; a step
+    trained here (our data ends rows in 1) says 1 there and in config.json, so HF generate stops
+    where load() does."""
+    hf_dir, workdir, prompts, stops, theirs = model
+    source = (hf_dir / "generation_config.json").read_bytes()
+    assert (workdir / "hf_generation_config.json").read_bytes() == source
+    convert.workdir_to_hf(workdir, tmp_path / "out")
+    assert (tmp_path / "out" / "generation_config.json").read_bytes() == source
+    back = _hf(tmp_path / "out")
+    assert back.generation_config.eos_token_id == list(stops)
+    rows = ref.greedy_left_padded(back, prompts, N)
+    assert [_cut(r, stops) for r in rows] == theirs
+    assert t5x_lite.load(tmp_path / "out").stop_ids == stops
+
+    cfg = ModelConfig.from_dict(checkpoints.read_config(workdir).model)
+    trained = tmp_path / "w"
+    convert.hf_to_workdir(hf_dir, trained)
+    checkpoints.save_params(trained, convert.restore_numpy_params(trained, 0, cfg), 2)
+    convert.workdir_to_hf(trained, tmp_path / "out2")
+    for m in (t5x_lite.load(trained), t5x_lite.load(tmp_path / "out2")):
+        assert (m.eos_id, m.stop_ids) == (1, (1,))
+    assert _hf(tmp_path / "out2").generation_config.eos_token_id == 1
+    written = json.loads((tmp_path / "out2" / "generation_config.json").read_text())
+    assert {k: v for k, v in written.items() if k != "eos_token_id"} == {
+        k: v for k, v in json.loads(source).items() if k != "eos_token_id"}
+
+
+def test_an_export_over_another_model_removes_its_generation_config(model, tmp_path):
+    """A model without a generation config (a GPT trained here) exported over this one's export
+    leaves no generation_config.json behind: HF generate would stop at its ids."""
+    hf_dir, workdir, *_ = model
+    convert.workdir_to_hf(workdir, tmp_path / "out")
+    (workdir_plain := tmp_path / "plain").mkdir()
+    hf = ref.llama(kv_heads=2, seed=5)
+    hf.save_pretrained(tmp_path / "bare")
+    (tmp_path / "bare" / "generation_config.json").unlink()
+    convert.hf_to_workdir(tmp_path / "bare", workdir_plain / "w")
+    convert.workdir_to_hf(workdir_plain / "w", tmp_path / "out")
+    assert not (tmp_path / "out" / "generation_config.json").exists()
+    assert t5x_lite.load(tmp_path / "out").stop_ids == (hf.config.eos_token_id,)
+
+
+def test_stop_id_rules():
+    """The generation config's ids within the vocabulary, in order, without repeats; without
+    any, config.json's (all of a list); without either, `hf_eos_id`'s fallback."""
+    stops = api.hf_stop_ids
+    assert stops({"eos_token_id": 7}, 10, {"eos_token_id": [3, 50256, 4, 3]}) == (3, 4)
+    assert stops({"eos_token_id": [7, 2]}, 10, {"eos_token_id": None}) == (7, 2)
+    assert stops({"eos_token_id": [7, 2]}, 10, {}) == (7, 2) == stops({"eos_token_id": [7, 2]}, 10)
+    assert stops({"eos_token_id": 50256}, 10, {"eos_token_id": [True, "3"]}) == (1,)
+    assert stops({"model_type": "llama"}, 10) == (2,)  # LlamaConfig's default
+    assert api.hf_eos({"eos_token_id": 7}, 10, {"eos_token_id": [3, 7]}) == (7, (3, 7))
+
+
+def test_a_broken_generation_config_is_one_line_and_writes_nothing(model, tmp_path):
+    hf_dir, *_ = model
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in hf_dir.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "generation_config.json").write_bytes(b"[1, 2]")
+    ref.assert_load_and_convert_refuse(bad, tmp_path / "w", hf_interop.InteropError,
+                                       "generation_config.json is not a JSON object")
+
+
+class _Digits:
+    """A stand-in vocabulary: each id as its decimal text."""
+
+    vocab_size = 96
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def test_detokenize_cuts_before_the_first_stop_id(model):
+    hf_dir, _, _, stops, _ = model
+    m = t5x_lite.load(hf_dir)
+    m = api.LoadedModel(m.config, m.run_config, m.model, m.params, _Digits(), m.mesh, m.rules,
+                        m.eos_id, m.stop_ids)
+    other = next(i for i in range(3, 96) if i not in stops)
+    rows = [[other, stops[2], other, stops[0]], [other, other], [stops[0]], [other, m.eos_id]]
+    assert m.detokenize(rows) == [str(other), f"{other} {other}", "", str(other)]
