@@ -90,4 +90,5 @@ def base_config(model: ModelConfig, *, objective: str, seq_len: int = 512,
     c.decode.seed = 0
     c.decode.batch_size = 16
     c.decode.num_draft = 4  # speculative decoding (infer --draft): draft tokens per target pass
+    c.decode.stop_ids = ""  # ids that end a row, e.g. "13,198" ("": the model's stop ids)
     return c

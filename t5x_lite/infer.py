@@ -13,8 +13,9 @@ r"""Decode a file of prompts with a checkpoint, writing one JSON line per input.
   with num_beams > 1, output / output_ids / score / ... are lists (beams best first).
 --decode.<field>=value: overrides the `decode` section of the checkpoint's config.json
   (method, max_new_tokens, temperature, top_k, top_p, num_beams, alpha, num_samples, seed,
-  batch_size, num_draft); fields not given keep the checkpoint's values, else the defaults of
-  `t5x_lite.defaults.base_config`.
+  batch_size, num_draft, stop_ids: comma-separated ids that end a row instead of the model's,
+  e.g. --decode.stop_ids=13,198); fields not given keep the checkpoint's values, else the
+  defaults of `t5x_lite.defaults.base_config`.
 --draft: a smaller GPT checkpoint for speculative decoding (greedy / sample).
 --quantize=int8: per-channel int8 weights, dequantized inside jit (README.md).
 --mesh=data,fsdp,tensor: the device mesh (default -1,1,1: every device, data-parallel). Each
@@ -243,7 +244,8 @@ def output_meta(checkpoint: dict, options: gen.DecodeOptions, quantize: str | No
                 draft: dict | None) -> dict:
     """The sidecar's content: everything that changes the records. `checkpoint` / `draft`:
     {"path", "step"} (`_checkpoint_id`). Decode options that the method ignores are left out,
-    and so is batch_size (samples are keyed by seed and input index, not by batch)."""
+    and so is batch_size (samples are keyed by seed and input index, not by batch), and
+    stop_ids when unset (the model's)."""
     names = ["method", "max_new_tokens"]
     if options.method == "sample":
         names += ["temperature", "top_k", "top_p", "num_samples", "seed"]
@@ -251,6 +253,8 @@ def output_meta(checkpoint: dict, options: gen.DecodeOptions, quantize: str | No
         names += ["num_beams", "alpha"]
     if draft is not None:
         names.append("num_draft")
+    if options.stop_ids:  # left out when unset: sidecars from before the option still match
+        names.append("stop_ids")
     meta = {"written_by": _WRITER, "checkpoint": checkpoint, "quantize": quantize or "none",
             "draft": draft, "decode": {n: getattr(options, n) for n in names}}
     return json.loads(json.dumps(meta))  # as it reads back

@@ -357,11 +357,11 @@ def test_a_text_the_vocabulary_refuses_names_its_row(tiny_gpt):
 
 def test_config_decode_section_holds_every_option_with_its_default():
     """A run config's `decode` section (what --decode.<field> and README list) is DecodeOptions,
-    field for field and default for default."""
+    field for field and default for default (as read: stop_ids "" is ())."""
     import dataclasses
-    from t5x_lite.decoding.generate import DecodeOptions, default_decode_config
-    assert default_decode_config().to_dict() == {
-        f.name: f.default for f in dataclasses.fields(DecodeOptions)}
+    from t5x_lite.decoding.generate import DecodeOptions, decode_options, default_decode_config
+    assert set(default_decode_config()) == {f.name for f in dataclasses.fields(DecodeOptions)}
+    assert decode_options() == DecodeOptions()
 
 
 @pytest.mark.parametrize("kw,message", [

@@ -9,6 +9,11 @@ rows stop at different ids.
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -17,8 +22,9 @@ import transformers
 
 import hf_reference as ref
 import t5x_lite
-from t5x_lite import api, checkpoints, convert, hf_interop
+from t5x_lite import api, checkpoints, convert, hf_interop, infer
 from t5x_lite.config import ModelConfig
+from t5x_lite.decoding.generate import DecodeError
 
 N = 20  # new tokens
 PROMPT_LENGTHS = (3, 9, 5, 12, 7, 4, 6)
@@ -203,3 +209,58 @@ def test_detokenize_cuts_before_the_first_stop_id(model):
     other = next(i for i in range(3, 96) if i not in stops)
     rows = [[other, stops[2], other, stops[0]], [other, other], [stops[0]], [other, m.eos_id]]
     assert m.detokenize(rows) == [str(other), f"{other} {other}", "", str(other)]
+
+
+# ------------------------------------------------------------ the decode.stop_ids option
+def _custom_stops(free, model_stops):
+    """Two ids other than the model's that end different rows of `free` early."""
+    picked = []
+    for i, row in enumerate(free):
+        t = row[2 + i % 5]
+        if t not in model_stops and t not in picked and len(picked) < 2:
+            picked.append(t)
+    return picked
+
+
+def test_stop_ids_option_replaces_the_models_as_hf_eos_token_id_does(model):
+    hf_dir, _, prompts, stops, _ = model
+    hf = _hf(hf_dir)
+    free = ref.greedy_left_padded(hf, prompts, N, eos_token_id=10**6)
+    custom = _custom_stops(free, stops)
+    theirs = [_cut(r, custom) for r in ref.greedy_left_padded(hf, prompts, N, eos_token_id=custom)]
+    assert len({r[-1] for r in theirs if len(r) < N}) == 2  # both end rows
+    m = t5x_lite.load(hf_dir)
+    for draft in (None, types.SimpleNamespace(**{**vars(m), "stop_ids": (1,)})):
+        ours = m.generate(input_ids=prompts, max_new_tokens=N, stop_ids=custom, draft=draft)
+        assert [r["ids"] for r in ours] == theirs  # a draft's own stop ids do not matter then
+    as_text = m.generate(input_ids=prompts, max_new_tokens=N, stop_ids=f"{custom[0]}, {custom[1]}")
+    assert [r["ids"] for r in as_text] == theirs
+    with pytest.raises(DecodeError, match=r"^stop id 96 is outside the model's vocabulary"):
+        m.generate(input_ids=prompts, stop_ids=[3, 96])
+    for bad in ("3;4", [2.5], [True], "x"):
+        with pytest.raises(DecodeError, match="decode.stop_ids must be token ids"):
+            m.generate(input_ids=prompts, stop_ids=bad)
+    with pytest.raises(DecodeError, match=r"stop_ids must be token ids >= 0, got \[-3\]"):
+        m.generate(input_ids=prompts, stop_ids=[-3])
+
+
+def test_infer_takes_stop_ids_and_records_them(model, tmp_path):
+    hf_dir, _, prompts, stops, _ = model
+    hf = _hf(hf_dir)
+    custom = _custom_stops(ref.greedy_left_padded(hf, prompts, N, eos_token_id=10**6), stops)
+    theirs = [_cut(r, custom) for r in ref.greedy_left_padded(hf, prompts, N, eos_token_id=custom)]
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in prompts))
+    out = tmp_path / "out.jsonl"
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-m", "t5x_lite.infer", f"--checkpoint={hf_dir}",
+                        f"--input={src}", f"--output={out}", f"--decode.max_new_tokens={N}",
+                        f"--decode.stop_ids={custom[0]},{custom[1]}"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(x)["output_ids"] for x in out.read_text().splitlines()] == theirs
+    meta = json.loads(infer.sidecar_path(out).read_text())
+    assert meta["decode"] == {"method": "greedy", "max_new_tokens": N, "stop_ids": custom}
+    with pytest.raises(infer.InferError,
+                       match=re.escape(f"decode.stop_ids: {custom} there, unset now")):
+        infer.run(hf_dir, src, out, {"max_new_tokens": N}, log=open(os.devnull, "w"))

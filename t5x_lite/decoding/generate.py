@@ -66,6 +66,7 @@ class DecodeOptions:
     seed: int = 0
     batch_size: int = 16
     num_draft: int = 4  # speculative decoding: draft tokens proposed per target pass
+    stop_ids: tuple = ()  # ids that end a row, instead of the model's (`stop_ids`); () = those
 
     def __post_init__(self):
         checks = [
@@ -88,6 +89,8 @@ class DecodeOptions:
                                                 "num_samples", "batch_size", "num_draft")],
             (self.num_samples == 1 or self.method == "sample",
              f"num_samples={self.num_samples} needs method='sample' (got {self.method!r})"),
+            (all(0 <= i <= INT32_MAX for i in self.stop_ids),
+             f"stop_ids must be token ids >= 0, got {list(self.stop_ids)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -108,6 +111,8 @@ _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(DecodeOptions)}
 
 
 def _coerce(name: str, value):
+    if name == "stop_ids":
+        return _stop_ids_option(value)
     kind = {"str": str, "int": int, "float": float}[_FIELD_TYPES[name]]
     try:
         out = kind(value)
@@ -116,6 +121,23 @@ def _coerce(name: str, value):
     if kind is int and out != value:
         raise DecodeError(f"decode.{name} must be an integer, got {value!r}")
     return out
+
+
+def _stop_ids_option(value) -> tuple[int, ...]:
+    """decode.stop_ids as a tuple of ids: from ids (an int, a list or tuple of them) or a
+    comma-separated string of them (the flag's and the config's form, "" = none)."""
+    items = value.split(",") if isinstance(value, str) else (
+        [value] if isinstance(value, int) else value)
+    try:
+        parts = [p.strip() if isinstance(p, str) else p for p in items]
+        ids = tuple(int(p) for p in parts if p != "")
+        exact = all(isinstance(p, str) or int(p) == p for p in parts)
+    except (TypeError, ValueError):
+        ids, exact = None, False
+    if ids is None or not exact or any(isinstance(p, bool) for p in parts):
+        raise DecodeError(f"decode.stop_ids must be token ids (a list, or a comma-separated "
+                          f"string such as '13,198'), got {value!r}")
+    return tuple(dict.fromkeys(ids))
 
 
 def default_decode_config():
@@ -239,6 +261,10 @@ def check_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], options: D
                 raise DecodeError(
                     f"{i}: prompt of {len(ids)} tokens + max_new_tokens "
                     f"{options.max_new_tokens} - 1 exceeds {which}'s max length {c.max_len}")
+    bad = [t for t in options.stop_ids if t >= cfg.vocab_size]
+    if bad:
+        raise DecodeError(f"stop id {bad[0]} is outside the model's vocabulary [0, "
+                          f"{cfg.vocab_size})")
     if prompts:
         check_decode_size(cfg, prompts, options, draft_cfg, mesh)
 
@@ -313,7 +339,7 @@ def check_draft(loaded, draft, options: DecodeOptions):
     if draft_cfg.vocab_size != cfg.vocab_size:
         raise DecodeError(f"draft vocab_size {draft_cfg.vocab_size} != target vocab_size "
                           f"{cfg.vocab_size}")
-    if set(stop_ids(draft)) != set(stop_ids(loaded)):
+    if not options.stop_ids and set(stop_ids(draft)) != set(stop_ids(loaded)):
         raise DecodeError(f"the draft model stops at {_ids_text(stop_ids(draft))}, the target "
                           f"at {_ids_text(stop_ids(loaded))}; give a draft with the target's "
                           "stop ids")
@@ -479,7 +505,7 @@ def decode_batch(loaded, tokens_BxP, lengths_B, options: DecodeOptions, example_
     example_B = np.arange(len(tokens_BxP)) if example_B is None else example_B
     (tokens_BxP, lengths_B, example_B), context = shard_rows(
         loaded, tokens_BxP, lengths_B, np.asarray(example_B, np.int32))
-    n, eos = options.max_new_tokens, stop_ids(loaded)
+    n, eos = options.max_new_tokens, options.stop_ids or stop_ids(loaded)
     seed = np.uint32(options.seed % 2**32)
     plm = is_prefix_lm(loaded)
     with context:
@@ -563,7 +589,8 @@ def iter_generate(loaded, prompts: Sequence[Sequence[int]], options: DecodeOptio
 
 def generate(loaded, *, input_ids=None, inputs=None, method=None, max_new_tokens=None,
              temperature=None, top_k=None, top_p=None, num_beams=None, alpha=None,
-             num_samples=None, seed=None, batch_size=None, draft=None, num_draft=None) -> list:
+             num_samples=None, seed=None, batch_size=None, draft=None, num_draft=None,
+             stop_ids=None) -> list:
     """Decodes every input; returns one entry per input, in order.
 
     Args:
@@ -572,13 +599,16 @@ def generate(loaded, *, input_ids=None, inputs=None, method=None, max_new_tokens
       input_ids / inputs: token id lists, or texts (needs loaded.vocab; T5 appends EOS).
       method: 'greedy' | 'sample' (temperature -> top_k -> top_p; temperature 0 = greedy) |
         'beam' (num_beams, length penalty ((5 + len) / 6) ** alpha).
+      stop_ids: ids that end a row instead of the model's (`stop_ids(loaded)`), as HF
+        `generate(eos_token_id=[...])` (e.g. a newline's id for one-line answers).
       Other options: see `DecodeOptions`; None = the checkpoint's / library default.
 
     Returns:
       Per input a dict -- or, for num_samples > 1 or beam search with num_beams > 1, a list of
       dicts (beams best first; fewer than num_beams where fewer sequences exist) -- with `ids`
       (generated ids without prompt and padding, ending with a stop id when `finished`:
-      `stop_ids(loaded)`: the generation config's `eos_token_id` for HF weights, else 1),
+      `stop_ids`, else `stop_ids(loaded)`: the generation config's `eos_token_id` for HF
+      weights, else 1),
       `score` (sum of log-probs of `ids` under the unfiltered model), `finished`, `text` (when
       there is a vocabulary) and, for beam search, `penalised_score` (score / length penalty,
       what beams are ranked by).
@@ -586,7 +616,7 @@ def generate(loaded, *, input_ids=None, inputs=None, method=None, max_new_tokens
     options = decode_options(
         loaded, method=method, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, num_beams=num_beams, alpha=alpha, num_samples=num_samples,
-        seed=seed, batch_size=batch_size, num_draft=num_draft)
+        seed=seed, batch_size=batch_size, num_draft=num_draft, stop_ids=stop_ids)
     prompts = encode_prompts(loaded, inputs=inputs, input_ids=input_ids)
     results: list = []
     for batch in iter_generate(loaded, prompts, options, draft=draft):

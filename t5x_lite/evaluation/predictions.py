@@ -15,7 +15,7 @@ Prompts are built the way the training objective saw the inputs:
   prompt as is. Over-long prompts keep their end (next to the answer, EOS
   included): at most max_len - (max_new_tokens - 1) tokens, as generation allows (the last new
   token is never fed back).
-A prediction's text ends before the model's EOS (`generate`'s `text`).
+A prediction's text ends before the stop id that ended it (`generate`'s `text`).
 Every process decodes the whole split (identical inputs give identical outputs); only process
 0 writes.
 """
