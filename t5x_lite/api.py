@@ -57,17 +57,21 @@ class LoadedModel:
       mesh, rules: where the params live and the logical axis rules used for them.
       eos_id: the model's EOS (`hf_eos_id`, `checkpoint_eos`): the HF config's
         `eos_token_id` for weights from HF, else 1. T5 inputs end with it.
-      stop_ids: the ids that end a generated sequence (default: `eos_id` alone): for weights
-        from HF, the `eos_token_id` ids of their generation config (`hf_stop_ids`).
+      stop_ids: the ids that end a generated sequence (None: `eos_id` alone): for weights from
+        HF, the ids HF `generate` stops at (`hf_stop_ids`; () when it stops at none).
+      chat_template: a decoder-only HF model's `chat.ChatTemplate` (`load_chat_template`), for
+        `generate(messages=...)`; None: none.
     """
 
     def __init__(self, config: ModelConfig, run_config: ml_collections.ConfigDict,
                  model: BaseModel, params, vocab, mesh, rules, eos_id: int = EOS_ID,
-                 stop_ids: Sequence[int] | None = None):
+                 stop_ids: Sequence[int] | None = None, chat_template=None):
         self.config, self.run_config, self.model = config, run_config, model
         self.params, self.vocab, self.mesh, self.rules = params, vocab, mesh, rules
+        self.chat_template = chat_template
         self.eos_id = eos_id
-        self.stop_ids = tuple(dict.fromkeys(int(i) for i in stop_ids or (eos_id,)))
+        self.stop_ids = tuple(dict.fromkeys(
+            int(i) for i in ((eos_id,) if stop_ids is None else stop_ids)))
         self._jitted: dict[str, Any] = {}
 
     def __repr__(self):
@@ -113,14 +117,14 @@ class LoadedModel:
                 for ids in self.vocab.encode_batch(texts)]
 
     def detokenize(self, ids) -> list[str]:
-        """Text of each row of ids: cut before the first of the model's EOS (`eos_id`) and
-        `stop_ids`, padding dropped (the vocabulary's `decode`, which also ends at its own end
-        id)."""
+        """Text of each row of ids: cut before the first of the model's `stop_ids` (as a
+        generated text is), padding dropped (the vocabulary's `decode`, which also ends at its
+        own end id)."""
         if self.vocab is None:
             raise ValueError("This model has no vocabulary to detokenize with")
         rows = _rows(ids, "ids")
         self._check_range(rows)
-        stops = {self.eos_id, *self.stop_ids}
+        stops = set(self.stop_ids)
         return [self.vocab.decode(r[:next((i for i, t in enumerate(r) if t in stops), len(r))])
                 for r in rows]
 
@@ -421,10 +425,12 @@ def load(path, *, dtype=None, mesh=None, step: int | None = None,
         if step is not None:
             raise hf_interop.InteropError(f"{path} is a Hugging Face directory, which has no "
                                           f"checkpoint steps; step={step} is for workdirs")
+        generation_config = hf_interop.read_generation_config(path)  # before the weights
         cfg, numpy_params, hf_cfg, vocab_path = hf_interop.from_hf(path)
         run = hf_interop.run_config_for(cfg)
-        eos = hf_eos(hf_cfg, cfg.vocab_size, hf_interop.read_generation_config(path))
+        eos = hf_eos(hf_cfg, cfg.vocab_size, generation_config)
         tokenizer_config = path / hf_interop.HF_TOKENIZER_CONFIG
+        chat_file = path / hf_interop.HF_CHAT_TEMPLATE
     else:
         workdir, found = checkpoints.resolve(path)
         step = checkpoints.check_step(workdir, found if step is None else step)
@@ -432,12 +438,19 @@ def load(path, *, dtype=None, mesh=None, step: int | None = None,
         cfg = ModelConfig.from_dict(run.model)
         vocab_path = hf_interop.workdir_vocabulary(workdir)
         tokenizer_config = workdir / hf_interop.TOKENIZER_SOURCE_CONFIG
+        chat_file = workdir / hf_interop.CHAT_TEMPLATE_SOURCE
         numpy_params = None
         eos = checkpoint_eos(workdir, step, cfg, run)
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=dtype)
         run.model.dtype = cfg.dtype
+    if not eos[1]:
+        logging.warning("%s names no stop id within the vocabulary (eos_token_id of its "
+                        "generation_config.json, else config.json): generation runs to "
+                        "max_new_tokens, as in HF; give generate(stop_ids=...) to stop", path)
     vocab = load_vocabulary(vocab_path, cfg, run, tokenizer_config)
+    chat = (load_chat_template(tokenizer_config, chat_file)
+            if cfg.family == "gpt" and vocab is not None else None)
     rules = partitioning.rules_from_config(run.get("mesh", {}).get("rules"))
     model = build_model(cfg, LossConfig(run.train.z_loss, run.train.label_smoothing))
     boxed = abstract_variables(model)["params"]
@@ -449,7 +462,7 @@ def load(path, *, dtype=None, mesh=None, step: int | None = None,
     else:
         params = jax.device_put(numpy_params, shardings)
     params = quantization.quantize_loaded(params, boxed, shardings, quantize)
-    return LoadedModel(cfg, run, model, params, vocab, mesh, rules, *eos)
+    return LoadedModel(cfg, run, model, params, vocab, mesh, rules, *eos, chat_template=chat)
 
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -494,16 +507,14 @@ def hf_eos_id(hf_config, vocab_size: int) -> int:
 
 def hf_stop_ids(hf_config, vocab_size: int, generation_config=None) -> tuple[int, ...]:
     """The ids HF `generate` stops at for a model with HF config `hf_config` and generation
-    config `generation_config` (generation_config.json; None: none): every id within the
-    vocabulary that the generation config's `eos_token_id` lists (Llama 3 Instruct lists
-    <|end_of_text|> and <|eot_id|>, which ends a turn), as HF reads its stop ids from there;
-    without one, every such id of the HF config's `eos_token_id`; without either,
-    (`hf_eos_id`,). Ids outside the vocabulary are left out, as `hf_eos_id` does."""
-    for config in (generation_config or {}, hf_config):
-        listed = _vocab_ids(config.get("eos_token_id"), vocab_size)
-        if listed:
-            return tuple(dict.fromkeys(listed))
-    return (hf_eos_id(hf_config, vocab_size),)
+    config `generation_config` (generation_config.json; None: there is none): the ids within
+    the vocabulary that the generation config's `eos_token_id` names (an id or a list: Llama 3
+    Instruct lists <|end_of_text|>, <|eom_id|> and <|eot_id|>, which ends a turn); without
+    that file, config.json's, as HF derives its generation config from it then. () when none
+    is named (a missing or null field, ids outside the vocabulary): HF then stops only at
+    max_new_tokens."""
+    source = hf_config if generation_config is None else generation_config
+    return tuple(dict.fromkeys(_vocab_ids(source.get("eos_token_id"), vocab_size)))
 
 
 def hf_eos(hf_config, vocab_size: int, generation_config=None) -> tuple[int, tuple[int, ...]]:
@@ -542,6 +553,27 @@ def checkpoint_eos(workdir, step: int, cfg: ModelConfig, run=None) -> tuple[int,
     if hf_config is None:
         return ours
     return hf_eos(hf_config, cfg.vocab_size, generation_config)
+
+
+def load_chat_template(settings_path, jinja_path):
+    """The chat template of an HF tokenizer (`chat.ChatTemplate.from_settings`): the file at
+    `jinja_path` (chat_template.jinja), else the `chat_template` of the tokenizer_config.json
+    at `settings_path`; None when there is none. One that cannot be read leaves the model
+    without a template, with a warning: the model works without it."""
+    from t5x_lite import chat
+    jinja = epath.Path(jinja_path)
+    try:
+        settings = hf_interop.read_json_object(settings_path, hf_interop.InteropError,
+                                               "the tokenizer's settings", "fix or remove it")
+        try:
+            text = jinja.read_bytes().decode("utf-8") if jinja.exists() else None
+        except UnicodeDecodeError:
+            raise chat.ChatError(f"{jinja} is not UTF-8 text") from None
+        return chat.ChatTemplate.from_settings(
+            settings, text, str(jinja if text is not None else settings_path))
+    except (chat.ChatError, hf_interop.InteropError) as e:
+        logging.warning("%s; going on without a chat template", e)
+        return None
 
 
 def load_vocabulary(path, cfg: ModelConfig, run, tokenizer_config=None):

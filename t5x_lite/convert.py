@@ -293,11 +293,11 @@ def hf_to_workdir(hf_dir, workdir, *, scan_layers: bool = False) -> ModelConfig:
         raise ConvertError(f"--workdir {workdir} holds a {checkpoints.CONFIG_FILE} that is not a "
                            "t5x_lite run config (an HF model?), which the conversion would "
                            "replace; convert into a new directory")
+    hf_interop.read_generation_config(hf_dir)  # refuses one that is not a JSON object, as load
     cfg, params, hf_cfg, vocab = hf_interop.from_hf(hf_dir, scan_layers=scan_layers)
     run = hf_interop.run_config_for(cfg)
     tokenizer_config = epath.Path(hf_dir) / hf_interop.HF_TOKENIZER_CONFIG
     generation_config = epath.Path(hf_dir) / hf_interop.HF_GENERATION_CONFIG
-    hf_interop.read_generation_config(hf_dir)  # refuses one that is not a JSON object, as load
     # refuses one larger than the embedding, or bad tokenizer settings, as load does
     api.load_vocabulary(vocab, cfg, run, tokenizer_config)
     json_vocab = vocab is not None and vocab.name == hf_interop.HF_TOKENIZER_JSON
@@ -310,14 +310,20 @@ def hf_to_workdir(hf_dir, workdir, *, scan_layers: bool = False) -> ModelConfig:
                                "convert into a new directory")
     checkpoints.write_config(workdir, run)
     (workdir / HF_SOURCE_CONFIG).write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
-    if generation_config.exists():  # its eos_token_id: the stop ids (`api.hf_stop_ids`)
-        (workdir / hf_interop.GENERATION_SOURCE_CONFIG).write_bytes(
-            generation_config.read_bytes())
     if vocab is not None:
         dest.write_bytes(vocab.read_bytes())
-        if cfg.family == "gpt" and tokenizer_config.exists():
-            (workdir / hf_interop.TOKENIZER_SOURCE_CONFIG).write_bytes(
-                tokenizer_config.read_bytes())
+    # The source files load() and --to_hf read beside the weights; an earlier conversion's
+    # copy (checkpoints deleted, an interrupted run) goes when this source has none.
+    chat_template = epath.Path(hf_dir) / hf_interop.HF_CHAT_TEMPLATE
+    tokenizer_side = cfg.family == "gpt" and vocab is not None
+    for source, kept, applies in (
+            (generation_config, hf_interop.GENERATION_SOURCE_CONFIG, True),  # the stop ids
+            (tokenizer_config, hf_interop.TOKENIZER_SOURCE_CONFIG, tokenizer_side),
+            (chat_template, hf_interop.CHAT_TEMPLATE_SOURCE, tokenizer_side)):
+        if applies and source.exists():
+            (workdir / kept).write_bytes(source.read_bytes())
+        elif (workdir / kept).exists():
+            (workdir / kept).unlink()
     checkpoints.save_params(workdir, params, step=0)
     return cfg
 
@@ -355,28 +361,29 @@ def workdir_to_hf(path, out_dir, *, step: int | None = None) -> ModelConfig:
     # fails fast on unexportable models; stops where load() does at this step
     eos_id, stop_ids = api.checkpoint_eos(workdir, step, cfg)
     hf_cfg = hf_config_from_model(cfg, base, eos_id=eos_id)
-    generation = None if base is None else _generation_config(workdir, stop_ids)
+    generation = None if base is None else _generation_config(workdir, stop_ids, cfg)
     params = restore_numpy_params(workdir, step, cfg)
     write_hf_dir(out_dir, hf_cfg, hf_interop.params_to_hf(cfg, params))
     _write_hf_extras(epath.Path(workdir), epath.Path(out_dir), cfg, generation)
     return cfg
 
 
-def _generation_config(workdir, stop_ids: tuple[int, ...]) -> bytes | None:
+def _generation_config(workdir, stop_ids: tuple[int, ...], cfg: ModelConfig) -> bytes | None:
     """generation_config.json for an export that stops at `stop_ids`: the source's as
-    `convert --from_hf` kept it (None when there is none), its `eos_token_id` replaced when it
-    does not list exactly those ids (a step trained here stops at 1 alone), as HF `generate`
-    reads the stop ids from this file when there is one."""
+    `convert --from_hf` kept it (None when there is none), byte for byte when it gives those
+    stop ids (step 0), else with `eos_token_id` replaced (a step trained here stops at 1), as
+    HF `generate` reads the stop ids from this file when there is one."""
+    from t5x_lite import api
     path = epath.Path(workdir) / hf_interop.GENERATION_SOURCE_CONFIG
     source = hf_interop.read_source_config(
         workdir, ConvertError, "that --from_hf wrote", "restore it, or delete it to export "
         "without generation settings", hf_interop.GENERATION_SOURCE_CONFIG)
     if source is None:
         return None
-    listed = source.get("eos_token_id")
-    if (listed if isinstance(listed, list) else [listed]) == list(stop_ids):
+    if api.hf_stop_ids({}, cfg.vocab_size, source) == stop_ids:
         return path.read_bytes()
-    source["eos_token_id"] = list(stop_ids) if len(stop_ids) > 1 else stop_ids[0]
+    source["eos_token_id"] = (list(stop_ids) if len(stop_ids) > 1 else
+                              stop_ids[0] if stop_ids else None)
     return json.dumps(source, indent=2, sort_keys=True).encode()
 
 
@@ -386,12 +393,13 @@ def _write_hf_extras(workdir: epath.Path, out: epath.Path, cfg: ModelConfig,
     the workdir's vocabulary in HF form: T5's as `spiece.model`; a decoder-only model's
     Llama-style one (`vocab.LlamaVocabulary`) as `tokenizer.model` with `tokenizer_config.json`
     (the source's, else LlamaTokenizer's settings and special pieces), its `tokenizer.json` as
-    it came (with the source's `tokenizer_config.json`). A GPT trained here has no HF tokenizer
+    it came (with the source's `tokenizer_config.json`), either with the source's
+    `chat_template.jinja` when it had one. A GPT trained here has no HF tokenizer
     form (its prompts begin with id 0). Unless `out` already holds this very vocabulary file
     (an export into the model's own directory: its other tokenizer files are this model's and
     stay), every other tokenizer file there (`hf_interop.HF_TOKENIZER_FILES`: an earlier
-    export's, another model's) and generation_config.json are removed: HF and `load` would
-    read them as this model's."""
+    export's, another model's) is removed, and so is a generation_config.json the export does
+    not write: HF and `load` would read them as this model's."""
     path = hf_interop.workdir_vocabulary(workdir)
     name = hf_interop.hf_vocabulary_name(cfg, path)
     proto = path.read_bytes() if name is not None else None
@@ -406,13 +414,18 @@ def _write_hf_extras(workdir: epath.Path, out: epath.Path, cfg: ModelConfig,
                                                         ("unk", vocab.unk_id)) if i >= 0}),
             indent=2)
     written = {} if generation is None else {hf_interop.HF_GENERATION_CONFIG: generation}
+    chat_template = workdir / hf_interop.CHAT_TEMPLATE_SOURCE
     if name is not None:
         written[name] = proto
         if name != hf_interop.HF_T5_VOCAB and settings is not None:
             written[hf_interop.HF_TOKENIZER_CONFIG] = settings.encode()
+        if name != hf_interop.HF_T5_VOCAB and chat_template.exists():
+            written[hf_interop.HF_CHAT_TEMPLATE] = chat_template.read_bytes()
     own = name is not None and (out / name).exists() and (out / name).read_bytes() == proto
-    removable = (*hf_interop.HF_TOKENIZER_FILES, hf_interop.HF_GENERATION_CONFIG)
-    for other in () if own else removable:
+    # A generation config belongs to the weights: one this export does not write goes, also
+    # from the model's own directory (its stop ids may not be this step's).
+    for other in (hf_interop.HF_GENERATION_CONFIG,
+                  *(() if own else hf_interop.HF_TOKENIZER_FILES)):
         if other not in written and (out / other).exists():
             (out / other).unlink()
     for other, data in written.items():

@@ -45,12 +45,14 @@ HF_T5_VOCAB = "spiece.model"
 HF_LLAMA_VOCAB = "tokenizer.model"  # Llama / Mistral's sentencepiece model (LlamaTokenizer's)
 HF_TOKENIZER_JSON = "tokenizer.json"  # HF's tokenizers format (GPT-2, Llama 3, Qwen2, ...)
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+HF_CHAT_TEMPLATE = "chat_template.jinja"  # an instruct model's chat template (`t5x_lite.chat`)
 # every file of an HF tokenizer (an export leaves none but its own model's)
 HF_TOKENIZER_FILES = (HF_T5_VOCAB, HF_LLAMA_VOCAB, HF_TOKENIZER_JSON, HF_TOKENIZER_CONFIG,
                       "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
-                      "chat_template.jinja")
+                      HF_CHAT_TEMPLATE)
 # a converted workdir's copy of the source tokenizer_config.json (`llama_vocabulary` reads it)
 TOKENIZER_SOURCE_CONFIG = "hf_tokenizer_config.json"
+CHAT_TEMPLATE_SOURCE = "hf_chat_template.jinja"  # a converted workdir's copy of chat_template.jinja
 HF_SOURCE_CONFIG = "hf_config.json"  # a converted workdir's copy of the source config.json
 # generate()'s defaults, among them its stop ids (`eos_token_id`: Llama 3 Instruct's list)
 HF_GENERATION_CONFIG = "generation_config.json"
@@ -145,6 +147,8 @@ def read_json_object(path, error: type[Exception], what: str, advice: str) -> di
         value = json.loads(path.read_bytes().decode("utf-8"))
     except ValueError:  # UnicodeDecodeError included
         value = None
+    except OSError as e:  # a directory, no permission
+        raise error(f"{path} cannot be read ({what}): {e.strerror or e}") from None
     if not isinstance(value, dict):
         raise error(f"{path} is not a JSON object ({what}); {advice}")
     return value

@@ -49,6 +49,7 @@ class TokenizerJsonVocabulary:
 
     extra_ids = 0
     t5_convention = False
+    reads_special_tokens = True  # `<|eot_id|>` in a text is that token (chat templates' output)
 
     def __init__(self, path: PathLike, eos_id: int | None = None):
         path = epath.Path(path)

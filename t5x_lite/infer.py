@@ -5,7 +5,8 @@ r"""Decode a file of prompts with a checkpoint, writing one JSON line per input.
 
 --checkpoint: a t5x_lite workdir / checkpoint step dir, or an HF model directory (t5x_lite.load).
 --input: `.txt` -- one prompt per line (no empty lines); `.jsonl` -- per line a JSON string, or an
-  object with "inputs" (text) or "input_ids" (a list of ints; needed when there is no vocab).
+  object with "inputs" (text), "input_ids" (a list of ints; needed when there is no vocab) or
+  "messages" (a chat: a list of {"role", "content"}, rendered with the model's chat template).
   UTF-8; lines end at '\n' only (a '\r' before it is dropped: CRLF files work; U+2028, form
   feeds etc. stay inside the prompt); a UTF-8 byte order mark at the start is dropped.
 --output: JSONL; per input {"inputs", "output" (text, or null without a vocab), "output_ids",
@@ -92,8 +93,9 @@ _RECORD_KEYS = frozenset({"inputs", "output", "output_ids", "score", "finished"}
 
 @dataclasses.dataclass
 class Prompt:
-    inputs: Any  # the text, or the id list as given
-    ids: list[int] | None  # given ids (None: encode the text)
+    inputs: Any  # the text, the id list or the chat messages as given
+    ids: list[int] | None  # given ids (None: encode the text or messages)
+    chat: bool = False  # `inputs` are chat messages (rendered with the chat template)
 
 
 def read_prompts(path) -> list[Prompt]:
@@ -136,9 +138,11 @@ def read_prompts(path) -> list[Prompt]:
         elif (isinstance(item, dict) and isinstance(item.get("input_ids"), list)
               and all(isinstance(t, int) and not isinstance(t, bool) for t in item["input_ids"])):
             prompts.append(Prompt(item["input_ids"], list(item["input_ids"])))
+        elif isinstance(item, dict) and isinstance(item.get("messages"), list):
+            prompts.append(Prompt(item["messages"], None, chat=True))
         else:
             raise InferError(f"{where}: expected a JSON string or an object with \"inputs\" "
-                             "(text) or \"input_ids\" (list of ints)")
+                             "(text), \"input_ids\" (list of ints) or \"messages\" (chat)")
     return prompts
 
 
@@ -241,11 +245,12 @@ def sidecar_path(output_path) -> epath.Path:
 
 
 def output_meta(checkpoint: dict, options: gen.DecodeOptions, quantize: str | None,
-                draft: dict | None) -> dict:
+                draft: dict | None, stop_ids: Sequence[int]) -> dict:
     """The sidecar's content: everything that changes the records. `checkpoint` / `draft`:
-    {"path", "step"} (`_checkpoint_id`). Decode options that the method ignores are left out,
-    and so is batch_size (samples are keyed by seed and input index, not by batch), and
-    stop_ids when unset (the model's)."""
+    {"path", "step"} (`_checkpoint_id`); `stop_ids`: the ids rows end at (the option's, else
+    the model's: its files may change between runs). Decode options that the method ignores
+    are left out, and so is batch_size (samples are keyed by seed and input index, not by
+    batch)."""
     names = ["method", "max_new_tokens"]
     if options.method == "sample":
         names += ["temperature", "top_k", "top_p", "num_samples", "seed"]
@@ -253,10 +258,9 @@ def output_meta(checkpoint: dict, options: gen.DecodeOptions, quantize: str | No
         names += ["num_beams", "alpha"]
     if draft is not None:
         names.append("num_draft")
-    if options.stop_ids:  # left out when unset: sidecars from before the option still match
-        names.append("stop_ids")
     meta = {"written_by": _WRITER, "checkpoint": checkpoint, "quantize": quantize or "none",
-            "draft": draft, "decode": {n: getattr(options, n) for n in names}}
+            "draft": draft, "decode": {**{n: getattr(options, n) for n in names},
+                                       "stop_ids": list(stop_ids)}}
     return json.loads(json.dumps(meta))  # as it reads back
 
 
@@ -288,6 +292,8 @@ def _flat(meta: dict, prefix: str = "") -> dict:
 
 def _check_same_meta(output_path, old: dict, new: dict) -> None:
     before, now = _flat(old), _flat(new)
+    if "decode.stop_ids" not in before:  # a sidecar from before stop ids were recorded
+        now.pop("decode.stop_ids", None)
 
     def shown(values, key):
         return repr(values[key]) if key in values else "unset"
@@ -378,8 +384,8 @@ def run(checkpoint, input_path, output_path, decode_overrides: dict | None = Non
                  else None)
         options = gen.decode_options(loaded, **(decode_overrides or {}))
         ids = [p.ids if p.ids is not None else gen.encode_prompts(
-            loaded, inputs=[p.inputs], labels=[f"{input_path}:{n}"])[0]
-            for n, p in enumerate(prompts, 1)]
+            loaded, **{"messages" if p.chat else "inputs": [p.inputs]},
+            labels=[f"{input_path}:{n}"])[0] for n, p in enumerate(prompts, 1)]
         draft_cfg = None
         if draft is not None:
             draft_cfg = gen.model_config(draft)
@@ -387,7 +393,8 @@ def run(checkpoint, input_path, output_path, decode_overrides: dict | None = Non
         gen.check_prompts(gen.model_config(loaded), ids, options, draft_cfg,
                           labels=[f"{input_path}:{n}" for n in range(1, len(ids) + 1)],
                           mesh=loaded.mesh)
-        meta = output_meta(target_id, options, quantize, draft_id)
+        meta = output_meta(target_id, options, quantize, draft_id,
+                           options.stop_ids or gen.stop_ids(loaded))
         return _decode_into(loaded, draft, prompts, ids, options, output_path, meta, log)
 
 

@@ -282,15 +282,18 @@ def test_score_with_target_lengths_counts_a_generated_0_as_generate_does(loaded,
 
 
 def test_detokenize_cuts_at_the_models_eos_id(hf_models, tmp_path):
-    """An HF T5 whose config ends sequences with an id other than 1: detokenize cuts there."""
+    """An HF T5 whose configs end sequences with an id other than 1: detokenize cuts there
+    (at the stop ids, the generation config's: those generated texts end before)."""
     src = shutil.copytree(hf_models["t5_v1_1"][1], tmp_path / "eos")
     vocab = t5x_lite.load(src).vocab
     first, rest = vocab.encode("cat naps"), vocab.encode("warm milk")
     eos = next(i for i in range(3, vocab.sp_size) if i not in first + rest)
     config = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**config, "eos_token_id": eos}))
+    generation = json.loads((src / "generation_config.json").read_text())
+    (src / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": eos}))
     lm = t5x_lite.load(src)
-    assert lm.eos_id == eos
+    assert lm.eos_id == eos and lm.stop_ids == (eos,)
     assert lm.detokenize([first + [eos] + rest, first + rest + [eos, 0]]) == [
         "cat naps", "cat naps warm milk"]
 

@@ -280,3 +280,22 @@ def assert_load_and_convert_refuse(hf_dir, workdir, error, message: str):
             attempt()
         assert "\n" not in str(e.value)
     assert not (workdir / "checkpoints").exists()
+
+
+def byte_level_bpe(size: int, specials, post_processor=None):
+    """A byte-level BPE as GPT-2's (a `tokenizers.Tokenizer`) trained on random words to `size`
+    ids, then `specials` added as special tokens (ids size, size + 1, ...); its post-processor
+    `post_processor` (None: ByteLevel's, which adds nothing)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghijklmnoprstuw"), rng.integers(2, 8)))
+             for _ in range(200)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = post_processor or processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=size, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator((" ".join(rng.choice(words, 10)) for _ in range(300)), trainer)
+    tok.add_special_tokens(list(specials))
+    return tok

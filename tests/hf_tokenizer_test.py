@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, processors
 
 import hf_reference as ref
 import t5x_lite
@@ -23,21 +23,9 @@ EOS = 300  # the added <|endoftext|>: the model's stop id
 def _bpe(template: str | None = None) -> Tokenizer:
     """A byte-level BPE as GPT-2's (300 ids, then <|endoftext|> added as a special token);
     `template`: a TemplateProcessing single-text template with <|begin_of_text|> (id 301)."""
-    rng = np.random.default_rng(0)
-    words = ["".join(rng.choice(list("abcdefghijklmnoprstuw"), rng.integers(2, 8)))
-             for _ in range(200)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=EOS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator((" ".join(rng.choice(words, 10)) for _ in range(300)), trainer)
-    tok.add_special_tokens(["<|endoftext|>", "<|begin_of_text|>"])
-    if template:
-        tok.post_processor = processors.TemplateProcessing(
-            single=template, special_tokens=[("<|begin_of_text|>", 301), ("<|endoftext|>", EOS)])
-    return tok
+    return ref.byte_level_bpe(EOS, ["<|endoftext|>", "<|begin_of_text|>"], template and (
+        processors.TemplateProcessing(single=template, special_tokens=[
+            ("<|begin_of_text|>", 301), ("<|endoftext|>", EOS)])))
 
 
 def _save(hf, path, tok: Tokenizer, tokenizer_class="GPT2Tokenizer"):

@@ -258,7 +258,7 @@ def test_sidecar_refuses_other_settings(workdir, prompts_txt, tmp_path):
     assert meta == {"written_by": "t5x_lite.infer",
                     "checkpoint": {"path": str(workdir.resolve()), "step": 1},
                     "quantize": "none", "draft": None,
-                    "decode": {"method": "greedy", "max_new_tokens": 2}}
+                    "decode": {"method": "greedy", "max_new_tokens": 2, "stop_ids": [1]}}
     full = out.read_text()
 
     # A complete output: another setting is no "nothing to do".

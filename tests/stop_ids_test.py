@@ -170,15 +170,17 @@ def test_an_export_over_another_model_removes_its_generation_config(model, tmp_p
 
 
 def test_stop_id_rules():
-    """The generation config's ids within the vocabulary, in order, without repeats; without
-    any, config.json's (all of a list); without either, `hf_eos_id`'s fallback."""
+    """HF's: the generation config's ids within the vocabulary, in order, without repeats;
+    without that file, config.json's (all of a list); none named: none (HF runs to the
+    budget)."""
     stops = api.hf_stop_ids
     assert stops({"eos_token_id": 7}, 10, {"eos_token_id": [3, 50256, 4, 3]}) == (3, 4)
-    assert stops({"eos_token_id": [7, 2]}, 10, {"eos_token_id": None}) == (7, 2)
-    assert stops({"eos_token_id": [7, 2]}, 10, {}) == (7, 2) == stops({"eos_token_id": [7, 2]}, 10)
-    assert stops({"eos_token_id": 50256}, 10, {"eos_token_id": [True, "3"]}) == (1,)
-    assert stops({"model_type": "llama"}, 10) == (2,)  # LlamaConfig's default
+    assert stops({"eos_token_id": [7, 2]}, 10) == (7, 2)
+    for generation in ({"eos_token_id": None}, {}, {"eos_token_id": [True, "3", -1, 10]}):
+        assert stops({"eos_token_id": [7, 2]}, 10, generation) == ()
+    assert stops({"model_type": "llama"}, 10) == ()  # HF reads config.json's own fields
     assert api.hf_eos({"eos_token_id": 7}, 10, {"eos_token_id": [3, 7]}) == (7, (3, 7))
+    assert api.hf_eos({"model_type": "llama"}, 10) == (2, ())  # eos_id: LlamaConfig's default
 
 
 def test_a_broken_generation_config_is_one_line_and_writes_nothing(model, tmp_path):
@@ -261,6 +263,83 @@ def test_infer_takes_stop_ids_and_records_them(model, tmp_path):
     assert [json.loads(x)["output_ids"] for x in out.read_text().splitlines()] == theirs
     meta = json.loads(infer.sidecar_path(out).read_text())
     assert meta["decode"] == {"method": "greedy", "max_new_tokens": N, "stop_ids": custom}
-    with pytest.raises(infer.InferError,
-                       match=re.escape(f"decode.stop_ids: {custom} there, unset now")):
-        infer.run(hf_dir, src, out, {"max_new_tokens": N}, log=open(os.devnull, "w"))
+    quiet = open(os.devnull, "w")
+    with pytest.raises(infer.InferError, match=re.escape(
+            f"decode.stop_ids: {custom} there, {list(stops)} now")):  # the model's
+        infer.run(hf_dir, src, out, {"max_new_tokens": N}, log=quiet)
+    # A sidecar from before stop ids were recorded resumes (unchecked for them, as before).
+    del meta["decode"]["stop_ids"]
+    infer.sidecar_path(out).write_text(json.dumps(meta))
+    out.write_text("".join(out.read_text().splitlines(keepends=True)[:3]))
+    assert infer.run(hf_dir, src, out, {"max_new_tokens": N, "stop_ids": custom},
+                     log=quiet) == len(prompts) - 3
+
+
+# ------------------------------------------------------------ HF's rule at its edges
+def _copy(src, dst, generation=None):
+    """A copy of the HF directory `src`, its generation config's eos_token_id set to
+    `generation` (the key removed when it is "absent")."""
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    config = json.loads((dst / "generation_config.json").read_text())
+    config.pop("eos_token_id")
+    if generation != "absent":
+        config["eos_token_id"] = generation
+    (dst / "generation_config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize("generation", ["absent", None, [], [500]])
+def test_a_generation_config_that_names_no_stop_id_runs_to_the_budget_as_hf(
+        model, tmp_path, generation):
+    """HF reads the stop ids from generation_config.json alone when there is one; naming none
+    there, it never stops (config.json's id is not read). So does load(), with a warning; the
+    step-0 export keeps the file byte for byte."""
+    hf_dir, _, prompts, stops, _ = model
+    src = _copy(hf_dir, tmp_path / "src", generation)
+    theirs = ref.greedy_left_padded(_hf(src), prompts, N)
+    assert all(len(r) == N for r in theirs)  # HF stopped nowhere (config.json says stops[1])
+    m = t5x_lite.load(src)
+    assert (m.eos_id, m.stop_ids) == (stops[1], ())
+    ours = m.generate(input_ids=prompts, max_new_tokens=N)
+    assert [r["ids"] for r in ours] == theirs and not any(r["finished"] for r in ours)
+    convert.hf_to_workdir(src, tmp_path / "w")
+    convert.workdir_to_hf(tmp_path / "w", tmp_path / "out")
+    assert ((tmp_path / "out" / "generation_config.json").read_bytes()
+            == (src / "generation_config.json").read_bytes())
+    assert t5x_lite.load(tmp_path / "out").stop_ids == ()
+
+
+def test_stale_generation_configs_are_removed(model, tmp_path):
+    """An export writing no generation config removes the one in --out, even in the model's
+    own directory (a workdir converted before generation configs were kept, at a later step);
+    a conversion into a workdir left by an earlier one drops that one's copy."""
+    hf_dir, workdir, prompts, stops, _ = model
+    src = _copy(hf_dir, tmp_path / "src", list(stops))
+    old = tmp_path / "old"
+    convert.hf_to_workdir(src, old)
+    (old / "hf_generation_config.json").unlink()  # as converted before they were kept
+    cfg = ModelConfig.from_dict(checkpoints.read_config(old).model)
+    checkpoints.save_params(old, convert.restore_numpy_params(old, 0, cfg), 2)
+    convert.workdir_to_hf(old, src, step=2)  # into its own source directory
+    assert not (src / "generation_config.json").exists()
+    assert t5x_lite.load(src).stop_ids == (1,) == tuple([_hf(src).generation_config.eos_token_id])
+
+    again = tmp_path / "again"
+    convert.hf_to_workdir(hf_dir, again)
+    (again / "checkpoints").rename(tmp_path / "moved")  # an interrupted conversion's leftovers
+    bare = _copy(hf_dir, tmp_path / "bare")
+    (bare / "generation_config.json").unlink()
+    convert.hf_to_workdir(bare, again)
+    assert not (again / "hf_generation_config.json").exists()
+    assert t5x_lite.load(again).stop_ids == (stops[1],)  # config.json's, as HF
+
+
+def test_a_generation_config_that_is_a_directory_is_one_line(model, tmp_path):
+    hf_dir, *_ = model
+    bad = _copy(hf_dir, tmp_path / "bad")
+    (bad / "generation_config.json").unlink()
+    (bad / "generation_config.json").mkdir()
+    ref.assert_load_and_convert_refuse(bad, tmp_path / "w", hf_interop.InteropError,
+                                       "generation_config.json cannot be read")

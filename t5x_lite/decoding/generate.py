@@ -174,20 +174,23 @@ def eos_id(loaded) -> int:
 
 
 def stop_ids(loaded) -> tuple[int, ...]:
-    """The ids that end `loaded`'s generated sequences (`LoadedModel.stop_ids`; without them,
-    `(eos_id(loaded),)`)."""
+    """The ids that end `loaded`'s generated sequences (`LoadedModel.stop_ids`, () for none;
+    without the attribute, `(eos_id(loaded),)`)."""
     ids = getattr(loaded, "stop_ids", None)
-    return tuple(int(i) for i in ids) if ids else (eos_id(loaded),)
+    return (eos_id(loaded),) if ids is None else tuple(int(i) for i in ids)
 
 
-def encode_prompts(loaded, *, inputs=None, input_ids=None,
+def encode_prompts(loaded, *, inputs=None, input_ids=None, messages=None,
                    labels: Sequence[str] | None = None) -> list[list[int]]:
     """Token ids per prompt. Text is encoded with `loaded.vocab`; T5 inputs get EOS appended
     (T5's convention for encoder inputs), GPT prompts do not; a GPT trained by t5x_lite gets its
     decoder start id 0 first, a Llama-style tokenizer's its BOS (`start_ids`). Given ids are
-    used as they are."""
-    if (inputs is None) == (input_ids is None):
-        raise DecodeError("give exactly one of inputs (text) or input_ids")
+    used as they are. `messages` (a conversation, or a list of them) are rendered with the
+    model's chat template (`chat_prompts`)."""
+    if sum(x is not None for x in (inputs, input_ids, messages)) != 1:
+        raise DecodeError("give exactly one of inputs (text), input_ids or messages (chat)")
+    if messages is not None:
+        return chat_prompts(loaded, messages, labels)
     if input_ids is not None:
         try:
             one = len(input_ids) > 0 and np.ndim(input_ids[0]) == 0
@@ -216,6 +219,40 @@ def encode_prompts(loaded, *, inputs=None, input_ids=None,
         except UserError as e:  # a lone surrogate, an <extra_id_N> past the vocabulary's
             raise DecodeError(f"{labels[i] if labels else f'inputs[{i}]'}: {e}") from None
     return encoded
+
+
+def chat_prompts(loaded, messages, labels: Sequence[str] | None = None) -> list[list[int]]:
+    """Token ids of each conversation in `messages` (one conversation: a list of message
+    dicts; or a list of conversations), rendered by `loaded.chat_template` with the assistant's
+    header at the end (`add_generation_prompt`) and encoded as HF's `apply_chat_template`
+    does: special tokens spelled in the text are those tokens, no start id is added (the
+    template writes its own). Needs a decoder-only model whose vocabulary reads special tokens
+    in text (an HF tokenizer.json)."""
+    from t5x_lite.chat import ChatError  # on use: jinja2 only matters for chat
+    if model_config(loaded).family != "gpt":
+        raise DecodeError("messages (chat) need a decoder-only model; give T5 inputs as text")
+    template, vocab = getattr(loaded, "chat_template", None), getattr(loaded, "vocab", None)
+    if template is None:
+        raise DecodeError("messages need a chat template, and this model has none (an HF "
+                          "model's chat_template.jinja or tokenizer_config.json chat_template)")
+    if not getattr(vocab, "reads_special_tokens", False):
+        raise DecodeError("messages need a vocabulary that reads the chat template's special "
+                          "tokens in text (an HF tokenizer.json); this model's is "
+                          f"{type(vocab).__name__} (sentencepiece would split them): load a "
+                          "copy of the directory without its tokenizer.model")
+    one = isinstance(messages, Sequence) and bool(messages) and isinstance(messages[0], dict)
+    conversations = [messages] if one else messages
+    if isinstance(conversations, (str, bytes)) or not isinstance(conversations, Sequence):
+        raise DecodeError(f"messages are a conversation (a list of message dicts) or a list of "
+                          f"them, got {type(messages).__name__}")
+    out = []
+    for i, conversation in enumerate(conversations):
+        where = labels[i] if labels else f"messages[{i}]"
+        try:
+            out.append(list(vocab.encode(template.render(conversation))))
+        except (ChatError, UserError) as e:
+            raise DecodeError(f"{where}: {e}") from None
+    return out
 
 
 def start_ids(loaded) -> list[int]:
@@ -346,7 +383,8 @@ def check_draft(loaded, draft, options: DecodeOptions):
 
 
 def _ids_text(ids: Sequence[int]) -> str:
-    return f"EOS id {ids[0]}" if len(ids) == 1 else f"stop ids {list(ids)}"
+    return f"EOS id {ids[0]}" if len(ids) == 1 else f"stop ids {list(ids)}" if ids else \
+        "no stop id"
 
 
 def bucket(n: int) -> int:
@@ -587,9 +625,9 @@ def iter_generate(loaded, prompts: Sequence[Sequence[int]], options: DecodeOptio
         yield results
 
 
-def generate(loaded, *, input_ids=None, inputs=None, method=None, max_new_tokens=None,
-             temperature=None, top_k=None, top_p=None, num_beams=None, alpha=None,
-             num_samples=None, seed=None, batch_size=None, draft=None, num_draft=None,
+def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
+             max_new_tokens=None, temperature=None, top_k=None, top_p=None, num_beams=None,
+             alpha=None, num_samples=None, seed=None, batch_size=None, draft=None, num_draft=None,
              stop_ids=None) -> list:
     """Decodes every input; returns one entry per input, in order.
 
@@ -597,6 +635,8 @@ def generate(loaded, *, input_ids=None, inputs=None, method=None, max_new_tokens
       loaded: a loaded model (see module docstring); `draft`: a smaller loaded GPT for
         speculative decoding (greedy or sample), proposing `num_draft` tokens per target pass.
       input_ids / inputs: token id lists, or texts (needs loaded.vocab; T5 appends EOS).
+      messages: chat conversations (`chat_prompts`: a list of {"role", "content"} dicts, or a
+        list of such lists), rendered with the model's chat template.
       method: 'greedy' | 'sample' (temperature -> top_k -> top_p; temperature 0 = greedy) |
         'beam' (num_beams, length penalty ((5 + len) / 6) ** alpha).
       stop_ids: ids that end a row instead of the model's (`stop_ids(loaded)`), as HF
@@ -617,7 +657,7 @@ def generate(loaded, *, input_ids=None, inputs=None, method=None, max_new_tokens
         loaded, method=method, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, num_beams=num_beams, alpha=alpha, num_samples=num_samples,
         seed=seed, batch_size=batch_size, num_draft=num_draft, stop_ids=stop_ids)
-    prompts = encode_prompts(loaded, inputs=inputs, input_ids=input_ids)
+    prompts = encode_prompts(loaded, inputs=inputs, input_ids=input_ids, messages=messages)
     results: list = []
     for batch in iter_generate(loaded, prompts, options, draft=draft):
         results.extend(batch)

@@ -8,7 +8,8 @@ EOS (later slots hold pad 0); the loop ends when every row is done or the budget
 
 `eos_id`, here and in beam search and speculative decoding, is one stop id or a tuple of them
 (a Llama 3 Instruct model ends a turn at any of three): a row ends at the first token that is
-any of them (`is_eos`), as HF `generate` does with a list `eos_token_id`.
+any of them (`is_eos`), as HF `generate` does with a list `eos_token_id`; with () no token
+ends a row (an HF model that names no stop id: HF runs to max_new_tokens).
 
 Shape legend: B rows, N max new tokens, V vocab.
 """
@@ -29,18 +30,14 @@ StopIds = Union[int, tuple[int, ...]]  # one stop id, or several
 
 
 def stop_id_tuple(eos_id: StopIds) -> tuple[int, ...]:
-    """`eos_id` as a non-empty tuple of ids."""
-    ids = (eos_id,) if isinstance(eos_id, int) else tuple(eos_id)
-    if not ids:
-        raise ValueError("decoding needs at least one stop id")
-    return ids
+    """`eos_id` as a tuple of ids (() = none)."""
+    return (eos_id,) if isinstance(eos_id, int) else tuple(eos_id)
 
 
 def is_eos(tokens, eos_id: StopIds):
     """Whether each token is a stop id (`eos_id`: one id or a tuple of them)."""
-    first, *rest = stop_id_tuple(eos_id)
-    out = tokens == first
-    for i in rest:
+    out = jnp.zeros(jnp.shape(tokens), jnp.bool_)
+    for i in stop_id_tuple(eos_id):
         out = out | (tokens == i)
     return out
 

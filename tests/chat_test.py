@@ -1,0 +1,209 @@
+"""Chat templates: `generate(messages=...)` renders a conversation as transformers'
+`apply_chat_template(add_generation_prompt=True)` does and decodes what HF `generate` does on
+those ids; `infer` takes "messages" lines; `convert` keeps chat_template.jinja both ways.
+
+The tokenizer is a byte-level BPE with Llama 3-style special tokens; the templates are written
+here in the forms instruct models ship (a Llama 3-style one as chat_template.jinja, a Qwen2-style
+one with a default system message in tokenizer_config.json).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import transformers
+from tokenizers import processors
+
+import hf_reference as ref
+import t5x_lite
+from t5x_lite import chat, convert, infer
+from t5x_lite.decoding.generate import DecodeError
+
+SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+            "<|eot_id|>", "<|im_start|>", "<|im_end|>"]
+BOS, EOT, IM_END = 300, 304, 306
+N = 12
+LLAMA3 = (
+    "{{- bos_token }}\n"
+    "{%- for message in messages %}\n"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + "
+    "message['content'] | trim + '<|eot_id|>' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n"
+    "{%- endif %}\n")
+QWEN2 = """\
+{% for message in messages %}
+    {% if loop.first and messages[0]['role'] != 'system' %}
+<|im_start|>system
+You are helpful.<|im_end|>
+    {% endif %}
+    {% if message['role'] not in ['system', 'user', 'assistant'] %}
+        {{ raise_exception('unknown role ' + message['role']) }}
+    {% endif %}
+<|im_start|>{{ message['role'] }}
+{{ message['content'] }}<|im_end|>
+{% endfor %}
+{% if add_generation_prompt %}
+<|im_start|>assistant
+{% endif %}
+"""  # block tags on lines of their own: HF's trim_blocks / lstrip_blocks decide the text
+CHATS = [
+    [{"role": "user", "content": "abc def ghi"}],
+    [{"role": "system", "content": "be brief "}, {"role": "user", "content": "tell me ab"},
+     {"role": "assistant", "content": "fgh ijk"}, {"role": "user", "content": "and prs?"}],
+    [{"role": "user", "content": "wx <|eot_id|> stu", "name": None}],  # a spelled special token
+]
+
+
+def _bpe():
+    return ref.byte_level_bpe(BOS, SPECIALS, processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", BOS)]))
+
+
+def _model_dir(path, *, jinja=None, config_template=None, seed=0):
+    hf = ref.llama(kv_heads=2, seed=seed, vocab_size=320)
+    hf.config.eos_token_id = hf.generation_config.eos_token_id = [EOT, IM_END]
+    hf.config.bos_token_id = hf.generation_config.bos_token_id = BOS
+    hf.save_pretrained(path)
+    _bpe().save(str(path / "tokenizer.json"))
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+                "eos_token": "<|eot_id|>"}
+    if config_template is not None:
+        settings["chat_template"] = config_template
+    (path / "tokenizer_config.json").write_text(json.dumps(settings))
+    if jinja is not None:
+        (path / "chat_template.jinja").write_text(jinja)
+    return hf, path
+
+
+@pytest.fixture(scope="module")
+def llama3(tmp_path_factory):
+    return _model_dir(tmp_path_factory.mktemp("chat") / "llama3", jinja=LLAMA3,
+                      config_template=QWEN2)  # the .jinja file wins, as in HF
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    return _model_dir(tmp_path_factory.mktemp("chat") / "qwen2", config_template=QWEN2, seed=1)
+
+
+def _hf_chat_ids(path, chats):
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    texts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    return texts, ids
+
+
+@pytest.mark.parametrize("which", ["llama3", "qwen2"])
+def test_chat_prompts_and_greedy_replies_equal_hf(which, request):
+    hf, path = request.getfixturevalue(which)
+    texts, hf_ids = _hf_chat_ids(path, CHATS)
+    assert texts[0].startswith("<|begin_of_text|><|start_header_id|>user" if which == "llama3"
+                               else "<|im_start|>system\nYou are helpful.<|im_end|>")
+    assert hf_ids[2].count(EOT) == (2 if which == "llama3" else 1)  # the spelled one too
+    m = t5x_lite.load(path)
+    assert [m.chat_template.render(c) for c in CHATS] == texts
+    theirs = [r[:next((i for i, t in enumerate(r) if t in (EOT, IM_END)), len(r) - 1) + 1]
+              for r in ref.greedy_left_padded(hf, hf_ids, N)]
+    ours = m.generate(messages=CHATS, max_new_tokens=N)
+    assert [o["ids"] for o in ours] == theirs
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    assert [o["text"] for o in ours] == [
+        tok.decode(o["ids"][:-1] if o["finished"] else o["ids"], skip_special_tokens=True)
+        for o in ours]
+    one = m.generate(messages=CHATS[1], max_new_tokens=N)  # one conversation
+    assert one[0]["ids"] == theirs[1]
+
+
+def test_convert_keeps_the_chat_template_both_ways(llama3, tmp_path):
+    hf, path = llama3
+    convert.hf_to_workdir(path, tmp_path / "w")
+    assert (tmp_path / "w" / "hf_chat_template.jinja").read_text() == LLAMA3
+    m = t5x_lite.load(tmp_path / "w")
+    _, hf_ids = _hf_chat_ids(path, CHATS[:1])
+    assert m.generate(messages=CHATS[:1], max_new_tokens=N)[0]["ids"] == \
+        t5x_lite.load(path).generate(input_ids=hf_ids, max_new_tokens=N)[0]["ids"]
+    convert.workdir_to_hf(tmp_path / "w", tmp_path / "out")
+    assert (tmp_path / "out" / "chat_template.jinja").read_text() == LLAMA3
+    assert _hf_chat_ids(tmp_path / "out", CHATS) == _hf_chat_ids(path, CHATS)
+
+
+def test_infer_takes_messages(llama3, tmp_path):
+    hf, path = llama3
+    src = tmp_path / "chats.jsonl"
+    src.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CHATS[:2]))
+    out = tmp_path / "out.jsonl"
+    assert infer.run(path, src, out, {"max_new_tokens": N}, log=open(os.devnull, "w")) == 2
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    want = t5x_lite.load(path).generate(messages=CHATS[:2], max_new_tokens=N)
+    assert [r["inputs"] for r in records] == CHATS[:2]
+    assert [r["output_ids"] for r in records] == [w["ids"] for w in want]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "tool", "content": "x"}]}) + "\n")
+    qwen = _qwen_copy(path, tmp_path)
+    with pytest.raises(DecodeError, match=rf"^{bad}:1: the chat template .* unknown role tool$"):
+        infer.run(qwen, bad, tmp_path / "o2", log=open(os.devnull, "w"))
+    assert not (tmp_path / "o2").exists()
+
+
+def _qwen_copy(path, tmp_path):
+    """`path` with the Qwen2-style template only (it refuses unknown roles)."""
+    copy = tmp_path / "qwen_copy"
+    copy.mkdir()
+    for f in path.iterdir():
+        if f.name != "chat_template.jinja":
+            (copy / f.name).write_bytes(f.read_bytes())
+    return copy
+
+
+def test_bad_conversations_and_templates_are_one_line(llama3, qwen2, tmp_path):
+    m = t5x_lite.load(llama3[1])
+    for bad, message in [
+        ("hi", r"messages are a conversation \(a list of message dicts\) or a list of them, "
+               "got str"),
+        ([[]], r"messages\[0\]: a conversation is a non-empty list of messages"),
+        ([{"content": "x"}], r"messages\[0\]: message 0 is not a dict with a string \"role\""),
+        ([{"role": "user", "content": object()}], "messages hold JSON values only"),
+    ]:
+        with pytest.raises(DecodeError, match=message) as e:
+            m.generate(messages=bad, max_new_tokens=2)
+        assert "\n" not in str(e.value)
+    with pytest.raises(DecodeError, match=r"unknown role tool"):
+        t5x_lite.load(qwen2[1]).generate(messages=[{"role": "tool", "content": "x"}])
+    with pytest.raises(DecodeError, match="give exactly one of inputs"):
+        m.generate(inputs=["a"], messages=CHATS[0])
+
+    # No template; a broken one (loads, fails on use); a sentencepiece vocabulary.
+    _, plain = _model_dir(tmp_path / "plain")
+    with pytest.raises(DecodeError, match="messages need a chat template, and this model has "
+                                          "none"):
+        t5x_lite.load(plain).generate(messages=CHATS[0])
+    _, broken = _model_dir(tmp_path / "broken", jinja="{% for m in messages %}")
+    lm = t5x_lite.load(broken)
+    with pytest.raises(DecodeError, match=r"chat_template.jinja: not a Jinja template \("):
+        lm.generate(messages=CHATS[0])
+    assert lm.generate(input_ids=[[BOS, 5]], max_new_tokens=2)[0]["ids"]  # the model works
+    ref.build("t5_v1_1", tmp_path / "t5")
+    with pytest.raises(DecodeError, match=r"messages \(chat\) need a decoder-only model"):
+        t5x_lite.load(tmp_path / "t5").generate(messages=CHATS[0])
+
+
+def test_template_selection_and_variables():
+    """The .jinja text wins over the config's; named templates pick "default"; special tokens
+    are variables (a dict's "content" too)."""
+    settings = {"chat_template": [{"name": "tool_use", "template": "T"},
+                                  {"name": "default", "template": "{{ eos_token }}|{{ bos_token }}"}],
+                "eos_token": {"content": "<e>"}, "bos_token": "<b>"}
+    one = [{"role": "user", "content": "x"}]
+    assert chat.ChatTemplate.from_settings(settings, None, "s").render(one) == "<e>|<b>"
+    assert chat.ChatTemplate.from_settings(settings, "J{{ messages[0].content }}", "s"
+                                           ).render(one) == "Jx"
+    assert chat.ChatTemplate.from_settings({}, None, "s") is None
+    with pytest.raises(chat.ChatError, match="have no 'default' one"):
+        chat.ChatTemplate.from_settings({"chat_template": [{"name": "a", "template": "x"}]},
+                                        None, "s")
+    html = chat.ChatTemplate.from_settings({}, "{{ messages | tojson }}", "s")
+    assert html.render([{"role": "user", "content": "<b>é"}]) == \
+        '[{"role": "user", "content": "<b>é"}]'  # HF's tojson: no HTML escapes, no \\u
