@@ -558,8 +558,8 @@ def checkpoint_eos(workdir, step: int, cfg: ModelConfig, run=None) -> tuple[int,
 def load_chat_template(settings_path, jinja_path):
     """The chat template of an HF tokenizer (`chat.ChatTemplate.from_settings`): the file at
     `jinja_path` (chat_template.jinja), else the `chat_template` of the tokenizer_config.json
-    at `settings_path`; None when there is none. One that cannot be read leaves the model
-    without a template, with a warning: the model works without it."""
+    at `settings_path`; None when there is none. One that cannot be read is a
+    `chat.UnusableTemplate` (using it raises why) and a warning: the model works without it."""
     from t5x_lite import chat
     jinja = epath.Path(jinja_path)
     try:
@@ -569,11 +569,13 @@ def load_chat_template(settings_path, jinja_path):
             text = jinja.read_bytes().decode("utf-8") if jinja.exists() else None
         except UnicodeDecodeError:
             raise chat.ChatError(f"{jinja} is not UTF-8 text") from None
+        except OSError as e:  # a directory, no permission
+            raise chat.ChatError(f"{jinja} cannot be read: {e.strerror or e}") from None
         return chat.ChatTemplate.from_settings(
             settings, text, str(jinja if text is not None else settings_path))
     except (chat.ChatError, hf_interop.InteropError) as e:
         logging.warning("%s; going on without a chat template", e)
-        return None
+        return chat.UnusableTemplate(f"the model's chat template cannot be used: {e}")
 
 
 def load_vocabulary(path, cfg: ModelConfig, run, tokenizer_config=None):

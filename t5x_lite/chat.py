@@ -9,15 +9,21 @@ model's format (Llama 3's `<|start_header_id|>user<|end_header_id|>...<|eot_id|>
   `chat_template` (a string, or named templates: the one named "default");
 - Jinja2's sandbox with HF's settings (`trim_blocks`, `lstrip_blocks`, loop controls) and HF's
   additions: `raise_exception(message)`, `strftime_now(format)`, a `tojson` that does not escape
-  HTML, and the special tokens of tokenizer_config.json (`bos_token`, `eos_token`, ...) as
-  variables;
-- messages as given, keys whose value is None dropped.
+  HTML, HF's restricted `dict` and `namespace` (no `_` names), and the special tokens of
+  tokenizer_config.json (`bos_token`, `eos_token`, any other `*_token` key, the entries of an
+  `extra_special_tokens` dict) as variables. Tokens the config does not name are not filled
+  from a tokenizer class's defaults (GPT2Tokenizer's `<|endoftext|>`) nor from a legacy
+  special_tokens_map.json;
+- messages as given (JSON values; tuples and numpy scalars as HF passes them), keys whose value
+  is None dropped, a message's reasoning (`reasoning_content`, `thinking` or `reasoning`) under
+  both `reasoning_content` and `thinking`, as HF fills them.
 
 The rendered text holds the template's special tokens spelled out (`<|begin_of_text|>`): a
 tokenizer.json vocabulary reads them as those tokens (`TokenizerJsonVocabulary.encode`, HF's
 `add_special_tokens=False`), and the text gets no start id of its own. Needs the `jinja2`
-package (`pip install jinja2`; transformers installs it too). Tools, documents and
-`continue_final_message` are not supported.
+package (`pip install jinja2`; transformers installs it too). Tools, documents,
+`continue_final_message` and named templates other than "default" (HF's
+`additional_chat_templates/`) are not supported.
 """
 from __future__ import annotations
 
@@ -28,13 +34,21 @@ from typing import Any
 
 from t5x_lite.errors import UserError
 
-# tokenizer_config.json's named special tokens, the variables HF passes to the template
-SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
-                  "mask_token")
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # HF's names, first read first
 
 
 class ChatError(UserError):
     """A chat template or conversation that cannot be rendered (one-line message)."""
+
+
+class UnusableTemplate:
+    """A model's chat template that could not be read: rendering raises `problem`."""
+
+    def __init__(self, problem: str):
+        self.problem = problem
+
+    def render(self, conversation, *, add_generation_prompt: bool = True) -> str:
+        raise ChatError(self.problem)
 
 
 class ChatTemplate:
@@ -81,9 +95,11 @@ class ChatTemplate:
             return None
         if not isinstance(template, str):
             raise ChatError(f"{source}: chat_template is not a string")
+        extra = settings.get("extra_special_tokens")
+        named = {**{k: v for k, v in settings.items() if k.endswith("_token")},
+                 **(extra if isinstance(extra, dict) else {})}
         variables = {}
-        for name in SPECIAL_TOKENS:
-            value = settings.get(name)
+        for name, value in named.items():
             value = value.get("content") if isinstance(value, dict) else value
             if isinstance(value, str):
                 variables[name] = value
@@ -105,8 +121,7 @@ class ChatTemplate:
 def normalize_conversation(conversation) -> list[dict]:
     """`conversation` as a list of message dicts (keys whose value is None dropped); a
     ChatError when it is not a non-empty list of dicts with a string "role"."""
-    if isinstance(conversation, (str, bytes)) or not isinstance(conversation, Sequence) \
-            or not conversation:
+    if not nonempty_list(conversation):
         raise ChatError(f"a conversation is a non-empty list of messages (dicts with \"role\" and "
                         f"\"content\"), got {_short(conversation)}")
     out = []
@@ -114,18 +129,35 @@ def normalize_conversation(conversation) -> list[dict]:
         if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
             raise ChatError(f"message {i} is not a dict with a string \"role\": "
                             f"{_short(message)}")
-        out.append(_plain({k: v for k, v in message.items() if v is not None}))
+        message = _plain({k: v for k, v in message.items() if v is not None})
+        reasoning = next((message[k] for k in REASONING_FIELDS if k in message), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
     return out
 
 
+def nonempty_list(value) -> bool:
+    """A non-empty sequence that is not a string (a conversation, a list of them)."""
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes)) and bool(value)
+
+
 def _plain(value):
-    """`value` rebuilt from JSON types (what a sandboxed template may see)."""
+    """`value` rebuilt from plain types (what a sandboxed template may see), as HF does:
+    JSON values, tuples, numpy scalars (as Python ones)."""
     if value is None or type(value) in (str, int, float, bool):
         return value
+    for kind in (bool, str, int, float):  # subclasses (numpy strings, enums) as the base type
+        if isinstance(value, kind):
+            return kind(value)
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
         return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if callable(getattr(value, "item", None)) and getattr(value, "shape", None) == ():
+        return _plain(value.item())  # a numpy scalar
     raise ChatError(f"messages hold JSON values only, got {type(value).__name__}")
 
 
@@ -143,11 +175,37 @@ def _environment():
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                           sort_keys=sort_keys)
 
+    class RestrictedDict:  # `dict(...)` and `dict.fromkeys(...)` only: no `dict.update(d)`
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    class Namespace(jinja2.utils.Namespace):  # no `_` attributes (CPython internals)
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                Namespace.check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            Namespace.check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(
+                    f"chat templates cannot set underscore names on a namespace: {name!r}")
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    env.globals.update(raise_exception=raise_exception, dict=RestrictedDict(),
+                       namespace=Namespace,
+                       strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
     return env
 
 

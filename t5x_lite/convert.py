@@ -399,7 +399,9 @@ def _write_hf_extras(workdir: epath.Path, out: epath.Path, cfg: ModelConfig,
     (an export into the model's own directory: its other tokenizer files are this model's and
     stay), every other tokenizer file there (`hf_interop.HF_TOKENIZER_FILES`: an earlier
     export's, another model's) is removed, and so is a generation_config.json the export does
-    not write: HF and `load` would read them as this model's."""
+    not write, and a chat template (`chat_template.jinja`, `additional_chat_templates/`) it
+    does not write unless `out`'s tokenizer_config.json is the source's too: HF and `load`
+    would read them as this model's."""
     path = hf_interop.workdir_vocabulary(workdir)
     name = hf_interop.hf_vocabulary_name(cfg, path)
     proto = path.read_bytes() if name is not None else None
@@ -423,11 +425,20 @@ def _write_hf_extras(workdir: epath.Path, out: epath.Path, cfg: ModelConfig,
             written[hf_interop.HF_CHAT_TEMPLATE] = chat_template.read_bytes()
     own = name is not None and (out / name).exists() and (out / name).read_bytes() == proto
     # A generation config belongs to the weights: one this export does not write goes, also
-    # from the model's own directory (its stop ids may not be this step's).
+    # from the model's own directory (its stop ids may not be this step's). So does a chat
+    # template, unless the tokenizer settings there are the source's too (a base and an
+    # instruct model share a tokenizer file, not a template).
+    out_settings = out / hf_interop.HF_TOKENIZER_CONFIG
+    own_template = own and source.exists() and out_settings.exists() and \
+        out_settings.read_bytes() == source.read_bytes()
     for other in (hf_interop.HF_GENERATION_CONFIG,
+                  *(() if own_template else (hf_interop.HF_CHAT_TEMPLATE,)),
                   *(() if own else hf_interop.HF_TOKENIZER_FILES)):
         if other not in written and (out / other).exists():
             (out / other).unlink()
+    named = out / hf_interop.HF_CHAT_TEMPLATES_DIR  # HF reads it as this model's templates
+    if not own_template and named.is_dir():
+        named.rmtree()
     for other, data in written.items():
         (out / other).write_bytes(data)
 

@@ -46,6 +46,7 @@ HF_LLAMA_VOCAB = "tokenizer.model"  # Llama / Mistral's sentencepiece model (Lla
 HF_TOKENIZER_JSON = "tokenizer.json"  # HF's tokenizers format (GPT-2, Llama 3, Qwen2, ...)
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
 HF_CHAT_TEMPLATE = "chat_template.jinja"  # an instruct model's chat template (`t5x_lite.chat`)
+HF_CHAT_TEMPLATES_DIR = "additional_chat_templates"  # HF's named extra templates (not read)
 # every file of an HF tokenizer (an export leaves none but its own model's)
 HF_TOKENIZER_FILES = (HF_T5_VOCAB, HF_LLAMA_VOCAB, HF_TOKENIZER_JSON, HF_TOKENIZER_CONFIG,
                       "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",

@@ -89,6 +89,7 @@ class InferError(errors.UserError):
 SIDECAR_SUFFIX = ".meta.json"  # <output>.meta.json: what produced the output
 _WRITER = "t5x_lite.infer"  # the sidecar's "written_by"
 _RECORD_KEYS = frozenset({"inputs", "output", "output_ids", "score", "finished"})
+_PROMPT_KEYS = ("inputs", "input_ids", "messages")  # what a .jsonl line's object gives
 
 
 @dataclasses.dataclass
@@ -126,6 +127,10 @@ def read_prompts(path) -> list[Prompt]:
             item = files.json_line(line)
         except ValueError as e:
             raise InferError(f"{where}: bad JSON ({e})") from None
+        given = [json.dumps(k) for k in _PROMPT_KEYS if isinstance(item, dict) and k in item]
+        if len(given) > 1:
+            raise InferError(f"{where}: give one of \"inputs\", \"input_ids\" or \"messages\", "
+                             f"not {' and '.join(given)}")
         text = item if isinstance(item, str) else (
             item.get("inputs") if isinstance(item, dict) else None)
         problem = files.not_unicode(text) if isinstance(text, str) else ""

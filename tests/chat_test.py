@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import types
 
+import numpy as np
 import pytest
 import transformers
 from tokenizers import processors
@@ -18,6 +20,7 @@ from tokenizers import processors
 import hf_reference as ref
 import t5x_lite
 from t5x_lite import chat, convert, infer
+from t5x_lite.decoding import generate
 from t5x_lite.decoding.generate import DecodeError
 
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
@@ -81,7 +84,7 @@ def _model_dir(path, *, jinja=None, config_template=None, seed=0):
 @pytest.fixture(scope="module")
 def llama3(tmp_path_factory):
     return _model_dir(tmp_path_factory.mktemp("chat") / "llama3", jinja=LLAMA3,
-                      config_template=QWEN2)  # the .jinja file wins, as in HF
+                      config_template="NOT READ")  # the .jinja file wins, as in HF
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +158,8 @@ def _qwen_copy(path, tmp_path):
     for f in path.iterdir():
         if f.name != "chat_template.jinja":
             (copy / f.name).write_bytes(f.read_bytes())
+    settings = json.loads((copy / "tokenizer_config.json").read_text())
+    (copy / "tokenizer_config.json").write_text(json.dumps({**settings, "chat_template": QWEN2}))
     return copy
 
 
@@ -193,8 +198,8 @@ def test_bad_conversations_and_templates_are_one_line(llama3, qwen2, tmp_path):
 def test_template_selection_and_variables():
     """The .jinja text wins over the config's; named templates pick "default"; special tokens
     are variables (a dict's "content" too)."""
-    settings = {"chat_template": [{"name": "tool_use", "template": "T"},
-                                  {"name": "default", "template": "{{ eos_token }}|{{ bos_token }}"}],
+    default = {"name": "default", "template": "{{ eos_token }}|{{ bos_token }}"}
+    settings = {"chat_template": [{"name": "tool_use", "template": "T"}, default],
                 "eos_token": {"content": "<e>"}, "bos_token": "<b>"}
     one = [{"role": "user", "content": "x"}]
     assert chat.ChatTemplate.from_settings(settings, None, "s").render(one) == "<e>|<b>"
@@ -207,3 +212,83 @@ def test_template_selection_and_variables():
     html = chat.ChatTemplate.from_settings({}, "{{ messages | tojson }}", "s")
     assert html.render([{"role": "user", "content": "<b>é"}]) == \
         '[{"role": "user", "content": "<b>é"}]'  # HF's tojson: no HTML escapes, no \\u
+
+
+FEATURES = (  # what instruct templates use beyond the basics
+    "{%- set ns = namespace(n=0) %}"
+    "{%- for m in messages %}{% if m.role == 'skip' %}{% continue %}{% endif %}"
+    "{%- set ns.n = ns.n + 1 %}"
+    "{{ image_token }}{{ boi_token }}{{ m.role }}|{{ m.reasoning_content }}|{{ m.thinking }}|"
+    "{{ m.content }}|{{ m.get('extra') }}|{{ m | tojson(indent=1, sort_keys=True) }};"
+    "{%- endfor %}{{ ns.n }}{{ dict(a=1) }}{{ eos_token }}")
+
+
+def test_template_features_render_as_hf(tmp_path):
+    """Custom `*_token` keys and an `extra_special_tokens` dict are variables; reasoning fields
+    are filled in under both names; tuples, numpy scalars, loop controls, namespaces, dict()
+    and tojson's options: each as HF's apply_chat_template renders them."""
+    _, path = _model_dir(tmp_path / "m", jinja=FEATURES)
+    settings = json.loads((path / "tokenizer_config.json").read_text())
+    settings.update(image_token="<|im_start|>", extra_special_tokens={"boi_token": "<|im_end|>"})
+    (path / "tokenizer_config.json").write_text(json.dumps(settings))
+    conversation = [
+        {"role": "user", "content": ("a", "b"), "extra": np.int64(3)},
+        {"role": "skip", "content": "x"},
+        {"role": "assistant", "content": "y", "reasoning": "think", "extra": None}]
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    want = tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    got = t5x_lite.load(path).chat_template.render(conversation)
+    assert got == want and "think|think" in got and "('a', 'b')" in got
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{% set d = {'a': 1} %}{{ dict.update(d, b=2) }}", "failed on this conversation"),
+    ("{% set ns = namespace(_x=1) %}", "underscore names"),
+])
+def test_the_sandbox_refuses_what_hf_refuses(template, message):
+    one = [{"role": "user", "content": "x"}]
+    with pytest.raises(chat.ChatError, match=message):
+        chat.ChatTemplate.from_settings({}, template, "s").render(one)
+
+
+def test_what_cannot_chat_says_why(llama3, tmp_path):
+    hf, path = llama3
+    m = t5x_lite.load(path)
+    with pytest.raises(DecodeError, match=r"messages are a conversation .* got list \[\]"):
+        m.generate(messages=[])
+    unreadable = _qwen_copy(path, tmp_path)
+    (unreadable / "chat_template.jinja").mkdir()
+    lm = t5x_lite.load(unreadable)  # loads (a warning); the template's use says why not
+    with pytest.raises(DecodeError, match="chat template cannot be used: .*chat_template.jinja "
+                                          "cannot be read"):
+        lm.generate(messages=CHATS[0])
+    lm.generate(input_ids=[[BOS, 5]], max_new_tokens=2)
+    ids_only = types.SimpleNamespace(**{**vars(m), "vocab": None})
+    with pytest.raises(DecodeError, match="messages need the model's tokenizer"):
+        generate.generate(ids_only, messages=CHATS[0])
+    both = tmp_path / "both.jsonl"
+    both.write_text(json.dumps({"inputs": "a", "messages": CHATS[0]}) + "\n")
+    with pytest.raises(infer.InferError, match=r':1: give one of "inputs", "input_ids" or '
+                                               r'"messages", not "inputs" and "messages"'):
+        infer.read_prompts(both)
+
+
+def test_an_export_removes_a_template_that_is_not_its_models(llama3, qwen2, tmp_path):
+    """Two models with the same tokenizer.json but other settings and templates (a base and an
+    instruct model): exporting one over the other leaves none of the other's templates."""
+    _, llama_dir = llama3
+    _, qwen_dir = qwen2
+    out = tmp_path / "out"
+    convert.hf_to_workdir(llama_dir, tmp_path / "w1")
+    convert.workdir_to_hf(tmp_path / "w1", out)
+    (out / "additional_chat_templates").mkdir()
+    (out / "additional_chat_templates" / "tool_use.jinja").write_text("OTHER")
+    convert.hf_to_workdir(qwen_dir, tmp_path / "w2")
+    convert.workdir_to_hf(tmp_path / "w2", out)
+    assert not (out / "chat_template.jinja").exists()
+    assert not (out / "additional_chat_templates").exists()
+    assert _hf_chat_ids(out, CHATS) == _hf_chat_ids(qwen_dir, CHATS)
+    assert [t5x_lite.load(out).chat_template.render(c) for c in CHATS] == \
+        _hf_chat_ids(qwen_dir, CHATS)[0]
+    convert.workdir_to_hf(tmp_path / "w1", llama_dir)  # into its own directory: all stay
+    assert (llama_dir / "chat_template.jinja").read_text() == LLAMA3

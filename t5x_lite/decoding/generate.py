@@ -228,23 +228,27 @@ def chat_prompts(loaded, messages, labels: Sequence[str] | None = None) -> list[
     does: special tokens spelled in the text are those tokens, no start id is added (the
     template writes its own). Needs a decoder-only model whose vocabulary reads special tokens
     in text (an HF tokenizer.json)."""
-    from t5x_lite.chat import ChatError  # on use: jinja2 only matters for chat
+    from t5x_lite.chat import ChatError, nonempty_list  # on use: jinja2 only matters for chat
     if model_config(loaded).family != "gpt":
         raise DecodeError("messages (chat) need a decoder-only model; give T5 inputs as text")
     template, vocab = getattr(loaded, "chat_template", None), getattr(loaded, "vocab", None)
+    if vocab is None:
+        raise DecodeError("messages need the model's tokenizer, and this model has none that "
+                          "t5x_lite reads (it takes token ids only)")
     if template is None:
         raise DecodeError("messages need a chat template, and this model has none (an HF "
-                          "model's chat_template.jinja or tokenizer_config.json chat_template)")
+                          "model's chat_template.jinja or tokenizer_config.json chat_template; "
+                          "a workdir converted before templates were kept: convert it again)")
     if not getattr(vocab, "reads_special_tokens", False):
         raise DecodeError("messages need a vocabulary that reads the chat template's special "
                           "tokens in text (an HF tokenizer.json); this model's is "
                           f"{type(vocab).__name__} (sentencepiece would split them): load a "
                           "copy of the directory without its tokenizer.model")
-    one = isinstance(messages, Sequence) and bool(messages) and isinstance(messages[0], dict)
+    one = nonempty_list(messages) and isinstance(messages[0], dict)
     conversations = [messages] if one else messages
-    if isinstance(conversations, (str, bytes)) or not isinstance(conversations, Sequence):
+    if not nonempty_list(conversations):
         raise DecodeError(f"messages are a conversation (a list of message dicts) or a list of "
-                          f"them, got {type(messages).__name__}")
+                          f"them, got {type(messages).__name__} {messages!r:.40}")
     out = []
     for i, conversation in enumerate(conversations):
         where = labels[i] if labels else f"messages[{i}]"
