@@ -290,5 +290,14 @@ def test_an_export_removes_a_template_that_is_not_its_models(llama3, qwen2, tmp_
     assert _hf_chat_ids(out, CHATS) == _hf_chat_ids(qwen_dir, CHATS)
     assert [t5x_lite.load(out).chat_template.render(c) for c in CHATS] == \
         _hf_chat_ids(qwen_dir, CHATS)[0]
-    convert.workdir_to_hf(tmp_path / "w1", llama_dir)  # into its own directory: all stay
-    assert (llama_dir / "chat_template.jinja").read_text() == LLAMA3
+    own = tmp_path / "own"  # a copy of the model's directory, exported into
+    own.mkdir()
+    for f in llama_dir.iterdir():
+        (own / f.name).write_bytes(f.read_bytes())
+    convert.workdir_to_hf(tmp_path / "w1", own)  # its own tokenizer files and template stay
+    assert (own / "chat_template.jinja").read_text() == LLAMA3
+    assert (own / "generation_config.json").exists()
+    (tmp_path / "w1" / "hf_generation_config.json").unlink()  # converted before it was kept
+    convert.workdir_to_hf(tmp_path / "w1", own)
+    assert not (own / "generation_config.json").exists()  # its stop ids need not be this step's
+    assert (own / "chat_template.jinja").read_text() == LLAMA3
