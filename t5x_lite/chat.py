@@ -28,6 +28,7 @@ package (`pip install jinja2`; transformers installs it too). Tools, documents,
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -63,6 +64,11 @@ class ChatTemplate:
     def __init__(self, template: str, variables: Mapping[str, str], source: str):
         self.template, self.source, self.variables = template, source, dict(variables)
         self._compiled = None  # on first use: a model loads whatever its template holds
+
+    def fingerprint(self) -> str:
+        """A short hash of what decides the rendered text: the template and its variables."""
+        blob = json.dumps([self.template, sorted(self.variables.items())]).encode("utf-8")
+        return hashlib.sha256(blob).hexdigest()[:16]
 
     def _compile(self):
         if self._compiled is None:

@@ -250,12 +250,13 @@ def sidecar_path(output_path) -> epath.Path:
 
 
 def output_meta(checkpoint: dict, options: gen.DecodeOptions, quantize: str | None,
-                draft: dict | None, stop_ids: Sequence[int]) -> dict:
+                draft: dict | None, stop_ids: Sequence[int], chat: str | None = None) -> dict:
     """The sidecar's content: everything that changes the records. `checkpoint` / `draft`:
     {"path", "step"} (`_checkpoint_id`); `stop_ids`: the ids rows end at (the option's, else
-    the model's: its files may change between runs). Decode options that the method ignores
-    are left out, and so is batch_size (samples are keyed by seed and input index, not by
-    batch)."""
+    the model's: its files may change between runs); `chat`: the chat template's fingerprint
+    when prompts are chats (`ChatTemplate.fingerprint`; recorded only then). Decode options
+    that the method ignores are left out, and so is batch_size (samples are keyed by seed and
+    input index, not by batch)."""
     names = ["method", "max_new_tokens"]
     if options.method == "sample":
         names += ["temperature", "top_k", "top_p", "num_samples", "seed"]
@@ -266,6 +267,8 @@ def output_meta(checkpoint: dict, options: gen.DecodeOptions, quantize: str | No
     meta = {"written_by": _WRITER, "checkpoint": checkpoint, "quantize": quantize or "none",
             "draft": draft, "decode": {**{n: getattr(options, n) for n in names},
                                        "stop_ids": list(stop_ids)}}
+    if chat is not None:
+        meta["chat_template"] = chat
     return json.loads(json.dumps(meta))  # as it reads back
 
 
@@ -398,8 +401,11 @@ def run(checkpoint, input_path, output_path, decode_overrides: dict | None = Non
         gen.check_prompts(gen.model_config(loaded), ids, options, draft_cfg,
                           labels=[f"{input_path}:{n}" for n in range(1, len(ids) + 1)],
                           mesh=loaded.mesh)
+        template = getattr(loaded, "chat_template", None)
+        chat = (template.fingerprint() if any(p.chat for p in prompts)
+                and hasattr(template, "fingerprint") else None)
         meta = output_meta(target_id, options, quantize, draft_id,
-                           options.stop_ids or gen.stop_ids(loaded))
+                           options.stop_ids or gen.stop_ids(loaded), chat)
         return _decode_into(loaded, draft, prompts, ids, options, output_path, meta, log)
 
 

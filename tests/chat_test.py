@@ -143,6 +143,21 @@ def test_infer_takes_messages(llama3, tmp_path):
     want = t5x_lite.load(path).generate(messages=CHATS[:2], max_new_tokens=N)
     assert [r["inputs"] for r in records] == CHATS[:2]
     assert [r["output_ids"] for r in records] == [w["ids"] for w in want]
+    # The sidecar records the template: an edited one is not resumed into this output.
+    (tmp_path / "edited").mkdir()
+    copy = _qwen_copy(path, tmp_path / "edited")
+    (copy / "chat_template.jinja").write_text(LLAMA3)
+    convert.hf_to_workdir(copy, tmp_path / "w")
+    src2, out2 = tmp_path / "chats2.jsonl", tmp_path / "out2.jsonl"
+    src2.write_text(src.read_text())
+    run = lambda: infer.run(tmp_path / "w", src2, out2, {"max_new_tokens": 2},
+                            log=open(os.devnull, "w"))
+    assert run() == 2
+    out2.write_text(out2.read_text().splitlines(keepends=True)[0])  # interrupted
+    (tmp_path / "w" / "hf_chat_template.jinja").write_text(LLAMA3 + "{{ '!' }}")
+    with pytest.raises(infer.InferError, match=r"chat_template: '[0-9a-f]{16}' there, "
+                                               r"'[0-9a-f]{16}' now"):
+        run()
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "tool", "content": "x"}]}) + "\n")
     qwen = _qwen_copy(path, tmp_path)
