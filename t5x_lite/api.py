@@ -449,8 +449,9 @@ def load(path, *, dtype=None, mesh=None, step: int | None = None,
                         "generation_config.json, else config.json): generation runs to "
                         "max_new_tokens, as in HF; give generate(stop_ids=...) to stop", path)
     vocab = load_vocabulary(vocab_path, cfg, run, tokenizer_config)
+    # only a vocabulary that reads special tokens in text can encode a rendered chat
     chat = (load_chat_template(tokenizer_config, chat_file)
-            if cfg.family == "gpt" and vocab is not None else None)
+            if cfg.family == "gpt" and getattr(vocab, "reads_special_tokens", False) else None)
     rules = partitioning.rules_from_config(run.get("mesh", {}).get("rules"))
     model = build_model(cfg, LossConfig(run.train.z_loss, run.train.label_smoothing))
     boxed = abstract_variables(model)["params"]

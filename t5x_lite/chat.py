@@ -102,10 +102,10 @@ class ChatTemplate:
         if not isinstance(template, str):
             raise ChatError(f"{source}: chat_template is not a string")
         extra = settings.get("extra_special_tokens")
-        named = {**{k: v for k, v in settings.items() if k.endswith("_token")},
-                 **(extra if isinstance(extra, dict) else {})}
+        tokens = {**{k: v for k, v in settings.items() if k.endswith("_token")},
+                  **(extra if isinstance(extra, dict) else {})}
         variables = {}
-        for name, value in named.items():
+        for name, value in tokens.items():
             value = value.get("content") if isinstance(value, dict) else value
             if isinstance(value, str):
                 variables[name] = value
@@ -117,8 +117,8 @@ class ChatTemplate:
         compiled = self._compile()
         try:
             return compiled.render(messages=messages, tools=None, documents=None,
-                                         add_generation_prompt=add_generation_prompt,
-                                         **self.variables)
+                                   add_generation_prompt=add_generation_prompt,
+                                   **self.variables)
         except Exception as e:  # raise_exception's TemplateError, a template's own bugs
             raise ChatError(f"the chat template ({self.source}) failed on this conversation: "
                             f"{_first_line(e)}") from None

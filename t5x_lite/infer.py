@@ -401,9 +401,8 @@ def run(checkpoint, input_path, output_path, decode_overrides: dict | None = Non
         gen.check_prompts(gen.model_config(loaded), ids, options, draft_cfg,
                           labels=[f"{input_path}:{n}" for n in range(1, len(ids) + 1)],
                           mesh=loaded.mesh)
-        template = getattr(loaded, "chat_template", None)
-        chat = (template.fingerprint() if any(p.chat for p in prompts)
-                and hasattr(template, "fingerprint") else None)
+        # chat prompts were rendered above, so the model has a usable template
+        chat = loaded.chat_template.fingerprint() if any(p.chat for p in prompts) else None
         meta = output_meta(target_id, options, quantize, draft_id,
                            options.stop_ids or gen.stop_ids(loaded), chat)
         return _decode_into(loaded, draft, prompts, ids, options, output_path, meta, log)

@@ -15,6 +15,7 @@ import transformers
 import hf_reference as ref
 import t5x_lite
 from t5x_lite import convert, hf_interop
+from t5x_lite.decoding.generate import DecodeError
 from t5x_lite.vocab import LlamaVocabulary, Vocabulary, VocabularyError
 
 # No text begins with a space: HF's tokenizer drops the extra "▁" sentencepiece gives one
@@ -241,3 +242,17 @@ def test_added_tokens_past_the_pieces_are_named_in_a_warning(src, tmp_path, capl
     m = t5x_lite.load(str(d))
     assert m.start_id == 1
     assert "2 added tokens (ids 300..301) are not read" in caplog.text
+
+
+def test_chat_messages_are_refused_with_a_sentencepiece_vocabulary(src, tmp_path):
+    """Sentencepiece would split a chat template's special tokens into pieces: messages are
+    one error line (with or without a template), and no template is loaded for it."""
+    hf, path = src
+    d = _save(hf, tmp_path / "chat", (path / "tokenizer.model").read_bytes(),
+              chat_template="{{ bos_token }}[INST] {{ messages[0]['content'] }} [/INST]")
+    m = t5x_lite.load(str(d))
+    assert m.chat_template is None
+    for lm in (m, t5x_lite.load(str(path))):
+        with pytest.raises(DecodeError, match=r"^messages need a vocabulary that reads the chat "
+                                              r"template's special tokens .*LlamaVocabulary"):
+            lm.generate(messages=[{"role": "user", "content": "abc"}])

@@ -235,15 +235,15 @@ def chat_prompts(loaded, messages, labels: Sequence[str] | None = None) -> list[
     if vocab is None:
         raise DecodeError("messages need the model's tokenizer, and this model has none that "
                           "t5x_lite reads (it takes token ids only)")
-    if template is None:
-        raise DecodeError("messages need a chat template, and this model has none (an HF "
-                          "model's chat_template.jinja or tokenizer_config.json chat_template; "
-                          "a workdir converted before templates were kept: convert it again)")
     if not getattr(vocab, "reads_special_tokens", False):
         raise DecodeError("messages need a vocabulary that reads the chat template's special "
                           "tokens in text (an HF tokenizer.json); this model's is "
                           f"{type(vocab).__name__} (sentencepiece would split them): load a "
                           "copy of the directory without its tokenizer.model")
+    if template is None:
+        raise DecodeError("messages need a chat template, and this model has none (an HF "
+                          "model's chat_template.jinja or tokenizer_config.json chat_template; "
+                          "a workdir converted before templates were kept: convert it again)")
     one = nonempty_list(messages) and isinstance(messages[0], dict)
     conversations = [messages] if one else messages
     if not nonempty_list(conversations):
@@ -652,10 +652,9 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
       dicts (beams best first; fewer than num_beams where fewer sequences exist) -- with `ids`
       (generated ids without prompt and padding, ending with a stop id when `finished`:
       `stop_ids`, else `stop_ids(loaded)`: the generation config's `eos_token_id` for HF
-      weights, else 1),
-      `score` (sum of log-probs of `ids` under the unfiltered model), `finished`, `text` (when
-      there is a vocabulary) and, for beam search, `penalised_score` (score / length penalty,
-      what beams are ranked by).
+      weights, else 1), `score` (sum of log-probs of `ids` under the unfiltered model),
+      `finished`, `text` (when there is a vocabulary) and, for beam search, `penalised_score`
+      (score / length penalty, what beams are ranked by).
     """
     options = decode_options(
         loaded, method=method, max_new_tokens=max_new_tokens, temperature=temperature,
