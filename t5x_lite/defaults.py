@@ -91,4 +91,6 @@ def base_config(model: ModelConfig, *, objective: str, seq_len: int = 512,
     c.decode.batch_size = 16
     c.decode.num_draft = 4  # speculative decoding (infer --draft): draft tokens per target pass
     c.decode.stop_ids = ""  # ids that end a row, e.g. "13,198" ("": the model's stop ids)
+    c.decode.repetition_penalty = 1.0  # HF's penalty on ids already in a row (1.0 = off)
+    c.decode.min_new_tokens = 0  # no stop id before this many new tokens (0 = off)
     return c

@@ -15,8 +15,8 @@ r"""Decode a file of prompts with a checkpoint, writing one JSON line per input.
 --decode.<field>=value: overrides the `decode` section of the checkpoint's config.json
   (method, max_new_tokens, temperature, top_k, top_p, num_beams, alpha, num_samples, seed,
   batch_size, num_draft, stop_ids: comma-separated ids that end a row instead of the model's,
-  e.g. --decode.stop_ids=13,198); fields not given keep the checkpoint's values, else the
-  defaults of `t5x_lite.defaults.base_config`.
+  e.g. --decode.stop_ids=13,198, repetition_penalty, min_new_tokens); fields not given keep
+  the checkpoint's values, else the defaults of `t5x_lite.defaults.base_config`.
 --draft: a smaller GPT checkpoint for speculative decoding (greedy / sample).
 --quantize=int8: per-channel int8 weights, dequantized inside jit (README.md).
 --mesh=data,fsdp,tensor: the device mesh (default -1,1,1: every device, data-parallel). Each
@@ -264,6 +264,9 @@ def output_meta(checkpoint: dict, options: gen.DecodeOptions, quantize: str | No
         names += ["num_beams", "alpha"]
     if draft is not None:
         names.append("num_draft")
+    # Recorded when on, so that outputs written before these options resume as they were.
+    names += [n for n in ("repetition_penalty", "min_new_tokens")
+              if getattr(options, n) != getattr(gen.DecodeOptions, n)]
     meta = {"written_by": _WRITER, "checkpoint": checkpoint, "quantize": quantize or "none",
             "draft": draft, "decode": {**{n: getattr(options, n) for n in names},
                                        "stop_ids": list(stop_ids)}}

@@ -17,11 +17,11 @@ import jax
 import numpy as np
 import pytest
 import torch
-import transformers
 
 import decoding_testlib
+import hf_reference
 import t5x_lite
-from t5x_lite import checkpoints, convert, hf_interop
+from t5x_lite import checkpoints, convert
 from t5x_lite import config as config_lib
 from t5x_lite.config import ModelConfig
 from t5x_lite.data import testing as data_testing
@@ -32,74 +32,16 @@ V, N = 96, 20
 PROMPT_LENGTHS = [3, 7, 5, 1, 6, 2]
 
 
-def _randomize(model, seed, embed_std):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if name.endswith("bias") and "relative" not in name:
-                p.copy_(0.1 * noise)
-            elif "norm" in name or ".ln_" in name:
-                p.copy_(1.0 + 0.2 * noise)
-            elif name.endswith(("wte.weight", "wpe.weight")):
-                p.copy_(embed_std * noise)
-
-
-def _eos_readout(u, gain, strength):
-    """A row that gives EOS a logit of about `strength` where the normed hidden state is ~u."""
-    ug = u * gain
-    return strength * ug / (ug @ ug) / np.sqrt(len(u))
-
-
-def _to_loaded(model):
-    tensors = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-    cfg = hf_interop.model_config_from_hf(model.config.to_dict(), tensors)
-    return decoding_testlib.loaded(cfg, hf_interop.params_from_hf(cfg, tensors))
-
-
-def _gpt2_ending_with(eos: int):
-    """A random HF GPT-2 whose config says eos_token_id=eos, biased to end rows with it late."""
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(
-        vocab_size=V, n_embd=32, n_head=2, n_layer=2, n_positions=64, n_inner=64, resid_pdrop=0,
-        embd_pdrop=0, attn_pdrop=0, bos_token_id=eos, eos_token_id=eos, pad_token_id=0,
-        attn_implementation="eager")
-    model = transformers.GPT2LMHeadModel(cfg)
-    _randomize(model, 1, 0.15)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        u = torch.randn(32, generator=g)
-        u = (u - u.mean()) / (u - u.mean()).norm()  # LayerNorm keeps a zero-mean direction
-        model.transformer.wpe.weight[8:] += 6.0 * u
-        model.transformer.wte.weight[eos] = _eos_readout(u, model.transformer.ln_f.weight, 12.0)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def gpt2():
-    model = _gpt2_ending_with(1)
-    return model, _to_loaded(model)
+    model = hf_reference.gpt2_ending_with(1, V)
+    return model, hf_reference.as_loaded(model)
 
 
 @pytest.fixture(scope="module")
 def t5():
-    torch.manual_seed(0)
-    cfg = transformers.T5Config(
-        vocab_size=V, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
-        num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
-        dropout_rate=0.0, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, attn_implementation="eager")
-    model = transformers.T5ForConditionalGeneration(cfg)
-    g = torch.Generator().manual_seed(7)
-    model.lm_head.weight = torch.nn.Parameter(torch.randn(V, 32, generator=g))  # truly untied
-    _randomize(model, 1, 0.3)
-    with torch.no_grad():
-        u = torch.randn(32, generator=g)
-        u /= u.norm()
-        model.shared.weight[V - 30:] += 30.0 * u
-        model.lm_head.weight[1] = _eos_readout(u, model.decoder.final_layer_norm.weight, 40.0)
-    model.eval()
-    loaded = _to_loaded(model)
+    model = hf_reference.t5_ending_with_eos(V)
+    loaded = hf_reference.as_loaded(model)
     assert not loaded.model.config.tie_embeddings
     return model, loaded
 
@@ -231,7 +173,7 @@ K = 7  # the end-of-text id of the GPT-2 below (as GPT-2's 50256): not our 1
 def gpt2_eos_k(tmp_path_factory):
     """A GPT-2 whose config says eos_token_id=K, biased (as `gpt2`) to end with K: (HF model,
     its saved directory, the workdir `convert --from_hf` makes of it)."""
-    model = _gpt2_ending_with(K)
+    model = hf_reference.gpt2_ending_with(K, V)
     root = tmp_path_factory.mktemp("eos_k")
     model.save_pretrained(root / "hf", safe_serialization=True)
     convert.hf_to_workdir(root / "hf", root / "workdir")

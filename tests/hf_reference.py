@@ -299,3 +299,73 @@ def byte_level_bpe(size: int, specials, post_processor=None):
     tok.train_from_iterator((" ".join(rng.choice(words, 10)) for _ in range(300)), trainer)
     tok.add_special_tokens(list(specials))
     return tok
+
+
+def _randomize_scaled(model, seed: int, embed_std: float):
+    """Biases ~0.1 N(0, 1), norm scales ~1 + 0.2 N(0, 1), GPT-2 embeddings ~embed_std N(0, 1);
+    other weights keep their HF init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if name.endswith("bias") and "relative" not in name:
+                p.copy_(0.1 * noise)
+            elif "norm" in name or ".ln_" in name:
+                p.copy_(1.0 + 0.2 * noise)
+            elif name.endswith(("wte.weight", "wpe.weight")):
+                p.copy_(embed_std * noise)
+
+
+def _eos_readout(u, gain, strength):
+    """A row that gives EOS a logit of about `strength` where the normed hidden state is ~u."""
+    ug = u * gain
+    return strength * ug / (ug @ ug) / np.sqrt(len(u))
+
+
+def gpt2_ending_with(eos: int, vocab: int):
+    """A random HF GPT-2 whose config says eos_token_id=eos, biased to end rows with it late
+    (positions from 8 on lean towards it): rows of varied lengths that end."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        vocab_size=vocab, n_embd=32, n_head=2, n_layer=2, n_positions=64, n_inner=64,
+        resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, bos_token_id=eos, eos_token_id=eos,
+        pad_token_id=0, attn_implementation="eager")
+    model = transformers.GPT2LMHeadModel(cfg)
+    _randomize_scaled(model, 1, 0.15)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        u = torch.randn(32, generator=g)
+        u = (u - u.mean()) / (u - u.mean()).norm()  # LayerNorm keeps a zero-mean direction
+        model.transformer.wpe.weight[8:] += 6.0 * u
+        model.transformer.wte.weight[eos] = _eos_readout(u, model.transformer.ln_f.weight, 12.0)
+    return model.eval()
+
+
+def t5_ending_with_eos(vocab: int):
+    """A random untied HF T5 v1.1 whose rows end with EOS (1) at varied lengths: the last 30
+    ids of the vocabulary lean the decoder towards EOS."""
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(
+        vocab_size=vocab, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
+        num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+        dropout_rate=0.0, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, attn_implementation="eager")
+    model = transformers.T5ForConditionalGeneration(cfg)
+    g = torch.Generator().manual_seed(7)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(vocab, 32, generator=g))  # untied
+    _randomize_scaled(model, 1, 0.3)
+    with torch.no_grad():
+        u = torch.randn(32, generator=g)
+        u /= u.norm()
+        model.shared.weight[vocab - 30:] += 30.0 * u
+        model.lm_head.weight[1] = _eos_readout(u, model.decoder.final_layer_norm.weight, 40.0)
+    return model.eval()
+
+
+def as_loaded(model):
+    """The HF model's weights as a `loaded`-like object for decoding (decoding_testlib.loaded)."""
+    import decoding_testlib
+    from t5x_lite import hf_interop
+    tensors = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    cfg = hf_interop.model_config_from_hf(model.config.to_dict(), tensors)
+    return decoding_testlib.loaded(cfg, hf_interop.params_from_hf(cfg, tensors))

@@ -250,6 +250,31 @@ def test_an_interrupted_first_record_is_still_cut(workdir, prompts_txt, tmp_path
 
 
 # ---------------------------------------------------------------- the sidecar
+def test_repetition_penalty_and_min_new_tokens(workdir, prompts_txt, tmp_path):
+    """The records equal `generate`'s, the sidecar records the options that are on (so an older
+    sidecar without them resumes: they were off), and a resume with other values is refused."""
+    out, quiet = tmp_path / "out.jsonl", open(os.devnull, "w")
+    opts = {"method": "greedy", "max_new_tokens": 2, "repetition_penalty": 1.3,
+            "min_new_tokens": 2}
+    assert infer.run(workdir, prompts_txt, out, opts, log=quiet) == 5
+    meta = json.loads(infer.sidecar_path(out).read_text())
+    assert meta["decode"] == {"method": "greedy", "max_new_tokens": 2, "stop_ids": [1],
+                              "repetition_penalty": 1.3, "min_new_tokens": 2}
+    import t5x_lite
+    texts = prompts_txt.read_text().splitlines()
+    want = gen.generate(t5x_lite.load(workdir), inputs=texts, max_new_tokens=2,
+                        repetition_penalty=1.3, min_new_tokens=2)
+    assert [x["output_ids"] for x in _lines(out)] == [r["ids"] for r in want]
+    assert all(len(r["ids"]) == 2 for r in want)
+    with pytest.raises(infer.InferError, match="decode.repetition_penalty: 1.3 there, 1.2 now"):
+        infer.run(workdir, prompts_txt, out, {**opts, "repetition_penalty": 1.2}, log=quiet)
+    with pytest.raises(infer.InferError, match="decode.min_new_tokens: 2 there, unset now"):
+        infer.run(workdir, prompts_txt, out, {**opts, "min_new_tokens": 0}, log=quiet)
+    with pytest.raises(errors.UserError, match="repetition_penalty must be finite and > 0"):
+        infer.run(workdir, prompts_txt, tmp_path / "bad.jsonl", {"repetition_penalty": -1},
+                  log=quiet)
+
+
 def test_sidecar_refuses_other_settings(workdir, prompts_txt, tmp_path):
     out, quiet = tmp_path / "out.jsonl", open(os.devnull, "w")
     greedy = {"method": "greedy", "max_new_tokens": 2}  # as the tests above: compiled there

@@ -25,7 +25,9 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from t5x_lite.decoding.sampling import EOS_ID, PAD_ID, StepFn, StopIds, is_eos, stop_id_tuple
+from t5x_lite.decoding.processors import Processing, add_seen, process
+from t5x_lite.decoding.sampling import EOS_ID, PAD_ID, StepFn
+from t5x_lite.decoding.stops import StopIds, is_eos, stop_id_tuple
 
 NEG = -1.0e9  # "impossible" score; finite so arithmetic on it stays NaN-free
 
@@ -38,21 +40,25 @@ def length_penalty(length, alpha: float):
 class BeamOutput(NamedTuple):
     tokens_BxWxN: jax.Array  # int32, best beam first; pad (0) after EOS / after the length
     scores_BxW: jax.Array  # float32, length-penalised
-    logprob_BxW: jax.Array  # float32, plain sum of log-probs
+    logprob_BxW: jax.Array  # float32, sum of the (processed) log-probs beams are ranked by
     lengths_BxW: jax.Array  # int32, generated tokens including EOS
     finished_BxW: jax.Array  # bool, ended with EOS
+    model_logprob_BxW: jax.Array  # float32, sum of the model's log-probs (= logprob unprocessed)
 
 
 class _State(NamedTuple):
     step: jax.Array  # tokens generated so far by every alive beam
     alive_seq: jax.Array  # [B, W, N]
-    alive_logp: jax.Array  # [B, W]
+    alive_logp: jax.Array  # [B, W], processed (what ranks)
+    alive_model: jax.Array  # [B, W], the model's
     fin_seq: jax.Array  # [B, W, N]
     fin_score: jax.Array
     fin_logp: jax.Array
+    fin_model: jax.Array
     fin_len: jax.Array
     fin_flag: jax.Array
     cache: Any
+    seen: Any  # [B * W, V] bool: the repetition penalty's ids (None: no penalty)
 
 
 def _gather(x_BxCx, idx_BxW):
@@ -63,8 +69,8 @@ def _gather(x_BxCx, idx_BxW):
 
 def beam_search(tokens_to_logits: StepFn, cache, first_logits_BWxV, *, num_beams: int,
                 max_new_tokens: int, alpha: float,
-                reorder_cache: Callable[[Any, jax.Array], Any], eos_id: StopIds = EOS_ID
-                ) -> BeamOutput:
+                reorder_cache: Callable[[Any, jax.Array], Any], eos_id: StopIds = EOS_ID,
+                processing: Processing | None = None, seen_BWxV=None) -> BeamOutput:
     """Beam search over B*W cache rows (row b*W + w is beam w of element b).
 
     Args:
@@ -74,6 +80,9 @@ def beam_search(tokens_to_logits: StepFn, cache, first_logits_BWxV, *, num_beams
       reorder_cache: `(cache, rows [B*W]) -> cache` taking those rows (see cache.take_rows).
       eos_id: the stop id, or a tuple of them. With S > 1 stop ids a step keeps the
         (1 + S) * W best candidates (as HF does), of which at most S * W end in a stop id.
+      processing, seen_BWxV: the repetition penalty and min_new_tokens, applied to the
+        log-probs as HF does in beam search (`processors`); beams are ranked by the processed
+        sums, `model_logprob_BxW` keeps the model's.
     """
     w, n = num_beams, max_new_tokens
     bw, v = first_logits_BWxV.shape
@@ -84,10 +93,16 @@ def beam_search(tokens_to_logits: StepFn, cache, first_logits_BWxV, *, num_beams
     def expand(s: _State, logits_BWxV):
         """One beam step from the alive beams' next-token logits; returns the new state."""
         i = s.step
-        logp_BxWxV = jax.nn.log_softmax(logits_BWxV.astype(jnp.float32), -1).reshape(b, w, v)
+        model_BWxV = jax.nn.log_softmax(logits_BWxV.astype(jnp.float32), -1)
+        logp_BxWxV = process(processing, model_BWxV, s.seen, i).reshape(b, w, v)
         cand_BxWV = (s.alive_logp[:, :, None] + logp_BxWxV).reshape(b, w * v)
         top_logp_BxC, top_idx = jax.lax.top_k(cand_BxWV, candidates)
         top_beam, top_tok = top_idx // v, (top_idx % v).astype(jnp.int32)
+        if processing is None:
+            top_model_BxC = top_logp_BxC
+        else:
+            top_model_BxC = _gather(s.alive_model, top_beam) + _gather(
+                model_BWxV.reshape(b, w * v), top_idx)
         top_seq = _gather(s.alive_seq, top_beam)
         top_seq = jax.lax.dynamic_update_slice(top_seq, top_tok[:, :, None], (0, 0, i))
         # Candidates of placeholder beams (score ~NEG) appear only when V is tiny: never finish.
@@ -96,7 +111,10 @@ def beam_search(tokens_to_logits: StepFn, cache, first_logits_BWxV, *, num_beams
         # Alive: the best W candidates that did not end (at most S * W of the (1 + S) * W end).
         alive_logp, keep = jax.lax.top_k(jnp.where(ends, NEG, top_logp_BxC), w)
         alive_seq = _gather(top_seq, keep)
+        alive_model = _gather(top_model_BxC, keep)
         parent_rows = (row_base_Bx1 + jnp.take_along_axis(top_beam, keep, 1)).reshape(-1)
+        seen = None if s.seen is None else add_seen(
+            s.seen[parent_rows], _gather(top_tok, keep).reshape(-1))
 
         # Finished: merge the new EOS candidates into the best W finished so far.
         new_score = jnp.where(ends, top_logp_BxC / length_penalty(i + 1, alpha), NEG)
@@ -104,16 +122,18 @@ def beam_search(tokens_to_logits: StepFn, cache, first_logits_BWxV, *, num_beams
         fin_score, pick = jax.lax.top_k(pool_score, w)
         fin_seq = _gather(jnp.concatenate([s.fin_seq, top_seq], 1), pick)
         fin_logp = _gather(jnp.concatenate([s.fin_logp, top_logp_BxC], 1), pick)
+        fin_model = _gather(jnp.concatenate([s.fin_model, top_model_BxC], 1), pick)
         fin_len = _gather(jnp.concatenate([s.fin_len, jnp.full_like(top_tok, i + 1)], 1), pick)
         fin_flag = _gather(jnp.concatenate([s.fin_flag, ends], 1), pick)
-        return _State(i + 1, alive_seq, alive_logp, fin_seq, fin_score, fin_logp, fin_len,
-                      fin_flag, reorder_cache(s.cache, parent_rows))
+        return _State(i + 1, alive_seq, alive_logp, alive_model, fin_seq, fin_score, fin_logp,
+                      fin_model, fin_len, fin_flag, reorder_cache(s.cache, parent_rows), seen)
 
     zeros_seq = jnp.zeros((b, w, n), jnp.int32)
     init_logp = jnp.tile(jnp.array([0.0] + [NEG] * (w - 1), jnp.float32), (b, 1))
-    state = _State(jnp.int32(0), zeros_seq, init_logp, zeros_seq, jnp.full((b, w), NEG),
-                   jnp.zeros((b, w), jnp.float32), jnp.zeros((b, w), jnp.int32),
-                   jnp.zeros((b, w), jnp.bool_), cache)
+    zeros_f = jnp.zeros((b, w), jnp.float32)
+    state = _State(jnp.int32(0), zeros_seq, init_logp, init_logp, zeros_seq,
+                   jnp.full((b, w), NEG), zeros_f, zeros_f, jnp.zeros((b, w), jnp.int32),
+                   jnp.zeros((b, w), jnp.bool_), cache, seen_BWxV)
     state = expand(state, first_logits_BWxV)
     best_possible_bound = length_penalty(n, alpha) if alpha >= 0 else length_penalty(1, alpha)
 
@@ -146,4 +166,4 @@ def _finalize(s: _State, w: int, alpha: float) -> BeamOutput:
     seq = _gather(cat(s.fin_seq, s.alive_seq), pick)
     seq = jnp.where(positions_N < length[..., None], seq, PAD_ID)
     return BeamOutput(seq, _gather(score, pick), _gather(cat(s.fin_logp, s.alive_logp), pick),
-                      length, _gather(flag, pick))
+                      length, _gather(flag, pick), _gather(cat(s.fin_model, s.alive_model), pick))

@@ -37,6 +37,7 @@ from t5x_lite.decoding import cache as cache_lib
 from t5x_lite.decoding import steps
 from t5x_lite.decoding.beam_search import NEG, beam_search
 from t5x_lite.decoding.filtering import SamplingConfig
+from t5x_lite.decoding.processors import Processing, initial_seen
 from t5x_lite.decoding.sampling import EOS_ID, sample_decode
 from t5x_lite.decoding.speculative import speculative_decode
 from t5x_lite.errors import UserError
@@ -67,6 +68,8 @@ class DecodeOptions:
     batch_size: int = 16
     num_draft: int = 4  # speculative decoding: draft tokens proposed per target pass
     stop_ids: tuple = ()  # ids that end a row, instead of the model's (`stop_ids`); () = those
+    repetition_penalty: float = 1.0  # HF's (CTRL's) penalty on ids already in the row; 1 = off
+    min_new_tokens: int = 0  # stop ids held back until a row has this many new tokens
 
     def __post_init__(self):
         checks = [
@@ -76,6 +79,10 @@ class DecodeOptions:
             (0 <= self.temperature < math.inf,
              f"temperature must be finite and >= 0, got {self.temperature}"),
             (math.isfinite(self.alpha), f"alpha must be finite, got {self.alpha}"),
+            (0 < self.repetition_penalty < math.inf, f"repetition_penalty must be finite and "
+             f"> 0 (1 = off), got {self.repetition_penalty}"),
+            (self.min_new_tokens >= 0, f"min_new_tokens must be >= 0 (0 = off), got "
+             f"{self.min_new_tokens}"),
             (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
             (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}"),
@@ -86,7 +93,8 @@ class DecodeOptions:
             (0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}"),
             *[(getattr(self, f) <= INT32_MAX, f"{f} must be <= {INT32_MAX}, got "
                f"{getattr(self, f)}") for f in ("max_new_tokens", "top_k", "num_beams",
-                                                "num_samples", "batch_size", "num_draft")],
+                                                "num_samples", "batch_size", "num_draft",
+                                                "min_new_tokens")],
             (self.num_samples == 1 or self.method == "sample",
              f"num_samples={self.num_samples} needs method='sample' (got {self.method!r})"),
             (all(0 <= i <= INT32_MAX for i in self.stop_ids),
@@ -101,6 +109,10 @@ class DecodeOptions:
         if self.method == "sample" and self.temperature > 0:
             return SamplingConfig(self.temperature, self.top_k, self.top_p)
         return SamplingConfig(temperature=0.0)
+
+    def processing(self, eos) -> Processing | None:
+        """The repetition penalty and min_new_tokens for stop ids `eos` (None: both off)."""
+        return Processing.of(self.repetition_penalty, self.min_new_tokens, eos)
 
     @property
     def rows_per_prompt(self) -> int:
@@ -454,34 +466,45 @@ def cache_phases(cfg: ModelConfig, p: int, n: int, k: int = 0) -> list[int]:
     return [*range(start + size, total, size), total]
 
 
+def _seen(processing, cfg: ModelConfig, tokens_BxP, lengths_B, rows_R):
+    """The repetition penalty's starting ids per (expanded) row, or None."""
+    seen = initial_seen(processing, cfg.family, tokens_BxP, lengths_B, cfg.vocab_size)
+    return seen if seen is None or rows_R is None else seen[rows_R]
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "n", "sampling", "samples", "eos",
-                                             "prefix_lm"))
+                                             "prefix_lm", "processing"))
 def _sample_jit(params, tokens_BxP, lengths_B, seed, example_B, *, cfg, n, sampling, samples,
-                eos=(EOS_ID,), prefix_lm=False):
+                eos=(EOS_ID,), prefix_lm=False, processing=None):
     b, p = tokens_BxP.shape
-    lengths = cache_phases(cfg, p, n)
-    logits, cache, step = steps.prefill(cfg, params, tokens_BxP, lengths_B, lengths[0],
-                                        _expand_rows(b, samples), prefix_lm=prefix_lm)
+    lengths, rows = cache_phases(cfg, p, n), _expand_rows(b, samples)
+    logits, cache, step = steps.prefill(cfg, params, tokens_BxP, lengths_B, lengths[0], rows,
+                                        prefix_lm=prefix_lm)
     return sample_decode(step, cache, logits, _row_keys(seed, example_B, samples),
                          max_new_tokens=n, sampling=sampling, eos_id=eos,
-                         grow_to=tuple(lengths[1:]))
+                         grow_to=tuple(lengths[1:]), processing=processing,
+                         seen_BxV=_seen(processing, cfg, tokens_BxP, lengths_B, rows))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "n", "beams", "alpha", "eos", "prefix_lm"))
+@functools.partial(jax.jit, static_argnames=("cfg", "n", "beams", "alpha", "eos", "prefix_lm",
+                                             "processing"))
 def _beam_jit(params, tokens_BxP, lengths_B, *, cfg, n, beams, alpha, eos=(EOS_ID,),
-              prefix_lm=False):
+              prefix_lm=False, processing=None):
     b, p = tokens_BxP.shape
+    rows = jnp.repeat(jnp.arange(b), beams)
     logits, cache, step = steps.prefill(cfg, params, tokens_BxP, lengths_B, cache_len(cfg, p, n),
-                                        jnp.repeat(jnp.arange(b), beams), prefix_lm=prefix_lm)
+                                        rows, prefix_lm=prefix_lm)
     return beam_search(step, cache, logits, num_beams=beams, max_new_tokens=n, alpha=alpha,
-                       reorder_cache=cache_lib.take_rows, eos_id=eos)
+                       reorder_cache=cache_lib.take_rows, eos_id=eos, processing=processing,
+                       seen_BWxV=_seen(processing, cfg, tokens_BxP, lengths_B, rows))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "n", "k", "sampling", "samples",
-                                             "eos", "prefix_lm", "draft_prefix_lm"))
+                                             "eos", "prefix_lm", "draft_prefix_lm",
+                                             "processing"))
 def _speculative_jit(params, draft_params, tokens_BxP, lengths_B, seed, example_B, *, cfg,
                      draft_cfg, n, k, sampling, samples, eos=(EOS_ID,), prefix_lm=False,
-                     draft_prefix_lm=False):
+                     draft_prefix_lm=False, processing=None):
     b, p = tokens_BxP.shape
     rows = _expand_rows(b, samples)
     lengths = cache_phases(cfg, p, n, k)
@@ -493,7 +516,8 @@ def _speculative_jit(params, draft_params, tokens_BxP, lengths_B, seed, example_
     return speculative_decode(tstep, dstep, tcache, dcache, logits, last_R,
                               _row_keys(seed, example_B, samples), max_new_tokens=n,
                               num_draft=k, sampling=sampling, eos_id=eos,
-                              grow_to=tuple(lengths[1:]))
+                              grow_to=tuple(lengths[1:]), processing=processing,
+                              seen_BxV=_seen(processing, cfg, tokens_BxP, lengths_B, rows))
 
 
 def shard_rows(loaded, *arrays_B):
@@ -548,24 +572,26 @@ def decode_batch(loaded, tokens_BxP, lengths_B, options: DecodeOptions, example_
     (tokens_BxP, lengths_B, example_B), context = shard_rows(
         loaded, tokens_BxP, lengths_B, np.asarray(example_B, np.int32))
     n, eos = options.max_new_tokens, options.stop_ids or stop_ids(loaded)
+    processing = options.processing(eos)
     seed = np.uint32(options.seed % 2**32)
     plm = is_prefix_lm(loaded)
     with context:
         if options.method == "beam":
             out = _beam_jit(params, tokens_BxP, lengths_B, cfg=cfg, n=n,
                             beams=options.num_beams, alpha=float(options.alpha), eos=eos,
-                            prefix_lm=plm)
+                            prefix_lm=plm, processing=processing)
         elif draft is not None:
             _check_same_devices(loaded, draft)
             out = _speculative_jit(params, quantization.unbox_float(draft.params), tokens_BxP,
                                    lengths_B, seed, example_B, cfg=cfg,
                                    draft_cfg=model_config(draft), n=n, k=options.num_draft,
                                    sampling=options.sampling, samples=options.num_samples,
-                                   eos=eos, prefix_lm=plm, draft_prefix_lm=is_prefix_lm(draft))
+                                   eos=eos, prefix_lm=plm, draft_prefix_lm=is_prefix_lm(draft),
+                                   processing=processing)
         else:
             out = _sample_jit(params, tokens_BxP, lengths_B, seed, example_B, cfg=cfg, n=n,
                               sampling=options.sampling, samples=options.num_samples, eos=eos,
-                              prefix_lm=plm)
+                              prefix_lm=plm, processing=processing)
     if jax.process_count() > 1:  # rows decoded on other hosts' devices: every process gets all
         from jax.experimental import multihost_utils
         out = multihost_utils.process_allgather(out, tiled=True)
@@ -586,18 +612,20 @@ def _result(vocab, ids_N, length, logprob, finished, penalised=None) -> dict[str
 def _unpack(out, options: DecodeOptions, count: int, vocab) -> list:
     per = options.rows_per_prompt
     if options.method == "beam":
-        arrays = [np.asarray(x) for x in (out.tokens_BxWxN, out.lengths_BxW, out.logprob_BxW,
-                                          out.finished_BxW, out.scores_BxW)]
+        arrays = [np.asarray(x) for x in (out.tokens_BxWxN, out.lengths_BxW,
+                                          out.model_logprob_BxW, out.finished_BxW,
+                                          out.scores_BxW)]
+        ranked = np.asarray(out.logprob_BxW)
     else:
         arrays = [np.asarray(x).reshape((-1, per) + np.shape(x)[1:]) for x in
                   (out.tokens_BxN, out.lengths_B, out.logprob_B, out.finished_B)]
     results = []
     for b in range(count):
         # Beam slots that hold no sequence (fewer than W exist, as with num_beams > vocabulary:
-        # an empty finished slot, or a placeholder beam of log-prob ~NEG) are left out, not
-        # returned as beams (the empty ones had score 0.0, better than every real beam).
+        # an empty finished slot, or a placeholder beam of log-prob ~NEG or -inf) are left out,
+        # not returned as beams (the empty ones had score 0.0, better than every real beam).
         items = [_result(vocab, *(a[b, j] for a in arrays)) for j in range(per)
-                 if options.method != "beam" or (arrays[1][b, j] > 0 and arrays[2][b, j] > NEG / 2)]
+                 if options.method != "beam" or (arrays[1][b, j] > 0 and ranked[b, j] > NEG / 2)]
         results.append(items if per > 1 else items[0])
     return results
 
@@ -632,7 +660,7 @@ def iter_generate(loaded, prompts: Sequence[Sequence[int]], options: DecodeOptio
 def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
              max_new_tokens=None, temperature=None, top_k=None, top_p=None, num_beams=None,
              alpha=None, num_samples=None, seed=None, batch_size=None, draft=None, num_draft=None,
-             stop_ids=None) -> list:
+             stop_ids=None, repetition_penalty=None, min_new_tokens=None) -> list:
     """Decodes every input; returns one entry per input, in order.
 
     Args:
@@ -645,6 +673,9 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
         'beam' (num_beams, length penalty ((5 + len) / 6) ** alpha).
       stop_ids: ids that end a row instead of the model's (`stop_ids(loaded)`), as HF
         `generate(eos_token_id=[...])` (e.g. a newline's id for one-line answers).
+      repetition_penalty: HF's penalty on every id already in the row (prompt and generated;
+        > 1 discourages repeats, 1 = off); min_new_tokens: no stop id before a row has this
+        many new tokens. Both as HF `generate` applies them, for every method (`processors`).
       Other options: see `DecodeOptions`; None = the checkpoint's / library default.
 
     Returns:
@@ -659,7 +690,8 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
     options = decode_options(
         loaded, method=method, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, num_beams=num_beams, alpha=alpha, num_samples=num_samples,
-        seed=seed, batch_size=batch_size, num_draft=num_draft, stop_ids=stop_ids)
+        seed=seed, batch_size=batch_size, num_draft=num_draft, stop_ids=stop_ids,
+        repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens)
     prompts = encode_prompts(loaded, inputs=inputs, input_ids=input_ids, messages=messages)
     results: list = []
     for batch in iter_generate(loaded, prompts, options, draft=draft):

@@ -1,0 +1,250 @@
+"""Repetition penalty and min_new_tokens against HF: the logit arithmetic against HF's
+processors, greedy and beam decodes against HF `generate`, the sampled laws against
+distributions built with HF's processors, speculative decoding against the plain decode."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from transformers.generation import logits_process as hf_lp
+
+import decoding_testlib
+import hf_reference
+from t5x_lite import config as config_lib
+from t5x_lite.decoding import generate as gen
+from t5x_lite.decoding import processors
+from t5x_lite.models import build_model
+
+HF_V, N = 96, 20
+
+
+@pytest.fixture(scope="module", params=["gpt2", "t5"])
+def pair(request):
+    """HF models whose rows end with EOS (1) at varied lengths: 2-9 new tokens greedily."""
+    hf = (hf_reference.gpt2_ending_with(1, HF_V) if request.param == "gpt2" else
+          hf_reference.t5_ending_with_eos(HF_V))
+    return request.param, hf, hf_reference.as_loaded(hf)
+
+
+def _prompts():
+    rng = np.random.default_rng(0)
+    return [rng.integers(2, HF_V, n).tolist() for n in (3, 7, 5, 1, 6, 2)]
+
+
+def _hf_generate(kind, hf, prompts, stop_ids=(1,), **kw):
+    """HF generate's rows (cut after their first stop id) and sequences_scores."""
+    gpt = kind == "gpt2"
+    p = max(map(len, prompts))
+    ids, mask = np.zeros((len(prompts), p), np.int64), np.zeros((len(prompts), p), np.int64)
+    for i, x in enumerate(prompts):
+        sl = slice(p - len(x), p) if gpt else slice(0, len(x))
+        ids[i, sl], mask[i, sl] = x, 1
+    with torch.no_grad():
+        out = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                          max_new_tokens=N, pad_token_id=0, eos_token_id=list(stop_ids),
+                          return_dict_in_generate=True, output_scores=True, **kw)
+    rows = out.sequences[:, p if gpt else 1:].numpy().tolist()
+    cut = [next((r[:i + 1] for i, t in enumerate(r) if t in stop_ids), r) for r in rows]
+    return cut, getattr(out, "sequences_scores", None)
+
+
+# ----------------------------------------------------------------------------- the arithmetic
+@pytest.mark.parametrize("penalty", [0.7, 1.3])
+@pytest.mark.parametrize("family", ["gpt", "t5"])
+def test_process_equals_hf_processors(penalty, family):
+    """Scores of both signs; GPT prompts left-padded (HF: prompt_ignore_length), T5's decoder
+    input starting at its start id 0; rows before and past min_new_tokens."""
+    rng = np.random.default_rng(1)
+    b, p, v, min_new, stops = 4, 6, 50, 3, (1, 7)
+    lengths = np.array([6, 2, 4, 1])
+    prompt = rng.integers(0, v, (b, p)).astype(np.int32)
+    prompt[np.arange(p)[None] < p - lengths[:, None]] = 0  # left padding
+    for generated in (0, 2, 3, 5):
+        new = rng.integers(0, v, (b, generated)).astype(np.int32)
+        scores = rng.normal(0, 3, (b, v)).astype(np.float32)
+        proc = processors.Processing.of(penalty, min_new, stops)
+        seen = processors.initial_seen(proc, family, jnp.asarray(prompt), jnp.asarray(lengths), v)
+        for j in range(generated):
+            seen = processors.add_seen(seen, jnp.asarray(new[:, j]))
+        ours = np.asarray(processors.process(proc, jnp.asarray(scores), seen, generated))
+
+        if family == "gpt":
+            history = np.concatenate([prompt, new], 1)
+            pen = hf_lp.RepetitionPenaltyLogitsProcessor(
+                penalty, prompt_ignore_length=torch.tensor(p - lengths))
+            start = p
+        else:
+            history = np.concatenate([np.zeros((b, 1), np.int32), new], 1)
+            pen, start = hf_lp.RepetitionPenaltyLogitsProcessor(penalty), 1
+        ids = torch.tensor(history, dtype=torch.long)
+        theirs = pen(ids, torch.tensor(scores))
+        theirs = hf_lp.MinNewTokensLengthLogitsProcessor(start, min_new, list(stops))(ids, theirs)
+        theirs = theirs.numpy()
+        np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(theirs))
+        finite = np.isfinite(theirs)  # XLA:CPU's division may be 1 ulp off the rounded one
+        np.testing.assert_array_max_ulp(ours[finite], theirs[finite], maxulp=1)
+        assert np.isneginf(ours[:, 1]).all() == (generated < min_new)
+
+
+def test_off_is_none_and_bad_values_are_refused():
+    assert processors.Processing.of(1.0, 0, (1,)) is None
+    assert processors.Processing.of(1.0, 5, ()) is None  # no stop id to hold back
+    assert processors.Processing.of(1.2, 0, (1, 2)).stop_ids == ()
+    x = jnp.ones((2, 3))
+    assert processors.process(None, x, None, 0) is x
+    for kw, message in [({"repetition_penalty": 0.0}, "repetition_penalty must be finite and > 0"),
+                        ({"repetition_penalty": float("inf")}, "repetition_penalty must be"),
+                        ({"min_new_tokens": -1}, "min_new_tokens must be >= 0"),
+                        ({"min_new_tokens": 1.5}, "decode.min_new_tokens must be an integer"),
+                        ({"repetition_penalty": "x"}, "repetition_penalty must be a float")]:
+        with pytest.raises(gen.DecodeError, match=message):
+            gen.decode_options(**kw)
+
+
+# ----------------------------------------------------------------------------- against generate
+@pytest.mark.parametrize("penalty,min_new", [(1.5, 0), (1.0, 10), (0.8, 6)])
+def test_greedy_equals_hf(pair, penalty, min_new):
+    kind, hf, loaded = pair
+    prompts = _prompts()
+    theirs, _ = _hf_generate(kind, hf, prompts, do_sample=False, repetition_penalty=penalty,
+                             min_new_tokens=min_new)
+    ours = gen.generate(loaded, input_ids=prompts, max_new_tokens=N, batch_size=8,
+                        repetition_penalty=penalty, min_new_tokens=min_new)
+    assert [r["ids"] for r in ours] == theirs
+    plain = gen.generate(loaded, input_ids=prompts, max_new_tokens=N, batch_size=8)
+    assert [r["ids"] for r in plain] != theirs  # the processors changed the decode
+    if min_new:
+        assert min(len(r["ids"]) for r in plain) < min_new
+        assert all(len(r["ids"]) > min_new for r in ours) and any(r["finished"] for r in ours)
+    # The score stays the model's log-prob of the ids (the uncached forward's).
+    for prompt, r in zip(prompts, ours):
+        np.testing.assert_allclose(r["score"], _logprob(kind, hf, prompt, r["ids"]),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def _logprob(kind, hf, prompt, ids, penalty=1.0, min_new=0):
+    """Sum of log p(id) under the HF model (uncached forward); with `penalty` / `min_new`, of
+    the log-probs after HF's processors, as HF's beam search sums them."""
+    gpt = kind == "gpt2"
+    history = torch.tensor([(prompt if gpt else [0]) + ids[:-1]])
+    with torch.no_grad():
+        if gpt:
+            logits = hf(input_ids=history).logits[0, len(prompt) - 1:]
+        else:
+            logits = hf(input_ids=torch.tensor([prompt]), decoder_input_ids=history).logits[0]
+    total, start = 0.0, len(prompt) if gpt else 1
+    for t, token in enumerate(ids):
+        before = history[:, :start + t]
+        scores = torch.log_softmax(logits[t:t + 1].float(), -1)
+        scores = hf_lp.RepetitionPenaltyLogitsProcessor(penalty)(before, scores)
+        scores = hf_lp.MinNewTokensLengthLogitsProcessor(start, min_new, [1])(before, scores)
+        total += float(scores[0, token])
+    return total
+
+
+def test_beam_equals_hf(pair):
+    """alpha 0 / length_penalty 0: the best beam and its processed sum equal HF's (HF ranks by
+    the processed log-probs; every HF beam ends here, so T5X's and HF's finishing rules agree on
+    the best); each rank is at least as good as HF's finished beam of that rank (every stop
+    candidate may finish here; finished beams rank first).
+    `penalised_score` is the processed sum and `score` the model's, both recomputed with HF."""
+    kind, hf, loaded = pair
+    prompts, w, penalty, min_new = _prompts(), 3, 1.4, 10
+    theirs, hf_scores = _hf_generate(kind, hf, prompts, num_beams=w, do_sample=False,
+                                     num_return_sequences=w, length_penalty=0.0,
+                                     early_stopping="never", repetition_penalty=penalty,
+                                     min_new_tokens=min_new)
+    hf_scores = hf_scores.numpy().reshape(-1, w)
+    kw = dict(method="beam", num_beams=w, alpha=0.0, max_new_tokens=N, batch_size=8)
+    ours = gen.generate(loaded, input_ids=prompts, repetition_penalty=penalty,
+                        min_new_tokens=min_new, **kw)
+    plain = gen.generate(loaded, input_ids=prompts, **kw)
+    assert [b[0]["ids"] for b in plain] != [b[0]["ids"] for b in ours]
+    for i, (prompt, beams) in enumerate(zip(prompts, ours)):
+        assert theirs[i * w][-1] == 1 and beams[0]["ids"] == theirs[i * w]
+        np.testing.assert_allclose(beams[0]["penalised_score"], hf_scores[i, 0], atol=2e-4)
+        hf_finished = [hf_scores[i, j] for j in range(w) if theirs[i * w + j][-1] == 1]
+        ranks = np.array([b["penalised_score"] for b in beams])[:len(hf_finished)]
+        assert np.all(ranks >= np.array(hf_finished) - 2e-4)
+        for b in beams:
+            assert len(b["ids"]) > min_new and b["finished"]
+            np.testing.assert_allclose(
+                b["penalised_score"], _logprob(kind, hf, prompt, b["ids"], penalty, min_new),
+                rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(b["score"], _logprob(kind, hf, prompt, b["ids"]),
+                                       rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- sampled laws
+V, PROMPT = 8, [3, 5, 3, 2]
+
+
+def _tiny_gpt(seed, layers):
+    cfg = config_lib.gpt2(vocab_size=V, d_model=32, num_heads=2, head_dim=16, d_ff=48,
+                          num_layers=layers, max_len=32)
+    return decoding_testlib.loaded(cfg, seed=seed)
+
+
+def _hf_law(target, prefixes, penalty, min_new, temperature, generated):
+    """Next-token distributions after PROMPT + each prefix, built with HF's processors on the
+    target's full-forward logits: penalty, min_new_tokens (stop id 1), temperature."""
+    seqs = np.array([PROMPT + list(p) for p in prefixes], np.int32)
+    logits = jax.jit(build_model(target.model.config).logits)(
+        target.params, {"decoder_input_tokens": seqs})[:, -1]
+    ids, scores = torch.tensor(seqs, dtype=torch.long), torch.tensor(np.asarray(logits))
+    scores = hf_lp.RepetitionPenaltyLogitsProcessor(penalty)(ids, scores)
+    scores = hf_lp.MinNewTokensLengthLogitsProcessor(len(PROMPT), min_new, [1])(ids, scores)
+    scores = hf_lp.TemperatureLogitsWarper(temperature)(ids, scores)
+    assert ids.shape[1] == len(PROMPT) + generated
+    return torch.softmax(scores.double(), -1).numpy()
+
+
+@pytest.mark.parametrize("draft", ["none", "other"])
+def test_sampled_pairs_follow_the_processed_law(draft):
+    """The first two tokens of 4096 samples, plain and speculative (a different draft: accept,
+    reject and correction paths), follow the law HF's processors give: the second token's
+    penalty counts the first, and min_new_tokens 1 holds EOS back only at the first."""
+    target = _tiny_gpt(0, 2)
+    target.params["token_embedder"]["embedding"][1] *= 3.0  # EOS likely once allowed
+    rows, penalty, temperature = 4096, 1.8, 1.3
+    opts = gen.DecodeOptions(method="sample", max_new_tokens=2, num_draft=2, seed=5,
+                             temperature=temperature, repetition_penalty=penalty,
+                             min_new_tokens=1, stop_ids=(1,))
+    tokens, lengths = gen.pack_prompts(target.model.config, [PROMPT] * rows, rows)
+    out = gen.decode_batch(target, tokens, lengths, opts,
+                           draft=None if draft == "none" else _tiny_gpt(5, 1))
+    out = out if draft == "none" else out[0]
+    toks, n = np.asarray(out.tokens_BxN), np.asarray(out.lengths_B)
+    assert (n == 2).all()  # no EOS first (min_new_tokens), so every row has two tokens
+    p0 = _hf_law(target, [()], penalty, 1, temperature, 0)[0]
+    p1 = _hf_law(target, [(t,) for t in range(V)], penalty, 1, temperature, 1)
+    assert p0[1] == 0 and p1[:, 1].min() > 0.02
+    joint = p0[:, None] * p1
+    counts = np.zeros((V, V))
+    np.add.at(counts, (toks[:, 0], toks[:, 1]), 1)
+    keep = joint.ravel() > 0
+    assert counts.ravel()[~keep].sum() == 0
+    expected = rows * joint.ravel()[keep] / joint.ravel()[keep].sum()
+    assert scipy.stats.chisquare(counts.ravel()[keep], expected)[1] > 1e-3
+    # Not the unpenalised law: the prompt's ids are rarer than without the penalty.
+    plain = _hf_law(target, [()], 1.0, 1, temperature, 0)[0]
+    assert p0[3] < plain[3] * 0.8 and abs(np.mean(toks[:, 0] == 3) - p0[3]) < 0.03
+
+
+def test_speculative_greedy_equals_plain_greedy():
+    """Draft other than the target (rejections) and the target itself (bonus path)."""
+    target = _tiny_gpt(0, 2)
+    target.params["token_embedder"]["embedding"][1] *= 4.0
+    prompts = [[5, 6, 7], [4], [2, 3, 4, 5, 6], [3, 3], [7, 2]]
+    # min_new_tokens 6: with k = 3, an iteration from count 5 checks positions 5-8 and EOS is
+    # allowed from the second of them on (rows end right there).
+    kw = dict(max_new_tokens=14, batch_size=8, repetition_penalty=1.6, min_new_tokens=6)
+    plain = gen.generate(target, input_ids=prompts, **kw)
+    assert plain != gen.generate(target, input_ids=prompts, max_new_tokens=14, batch_size=8)
+    assert all(len(r["ids"]) > 6 for r in plain) and any(r["finished"] for r in plain)
+    for d in (_tiny_gpt(1, 1), target):
+        spec = gen.generate(target, input_ids=prompts, draft=d, num_draft=3, **kw)
+        assert [r["ids"] for r in spec] == [r["ids"] for r in plain]
+        np.testing.assert_allclose([r["score"] for r in spec], [r["score"] for r in plain],
+                                   rtol=1e-4)
