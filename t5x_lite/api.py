@@ -428,6 +428,7 @@ def load(path, *, dtype=None, mesh=None, step: int | None = None,
         generation_config = hf_interop.read_generation_config(path)  # before the weights
         cfg, numpy_params, hf_cfg, vocab_path = hf_interop.from_hf(path)
         run = hf_interop.run_config_for(cfg)
+        run.decode.update(hf_decode_defaults(hf_cfg, generation_config, str(path)))
         eos = hf_eos(hf_cfg, cfg.vocab_size, generation_config)
         tokenizer_config = path / hf_interop.HF_TOKENIZER_CONFIG
         chat_file = path / hf_interop.HF_CHAT_TEMPLATE
@@ -516,6 +517,45 @@ def hf_stop_ids(hf_config, vocab_size: int, generation_config=None) -> tuple[int
     max_new_tokens."""
     source = hf_config if generation_config is None else generation_config
     return tuple(dict.fromkeys(_vocab_ids(source.get("eos_token_id"), vocab_size)))
+
+
+# HF `generate`'s values for the sampling settings a generation config leaves unset (5.x:
+# GenerationConfig._get_default_generation_params): note top_k 50.
+HF_DECODE_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
+                      "min_new_tokens": 0}
+
+
+def hf_decode_defaults(hf_config, generation_config=None, where: str = "") -> dict:
+    """The `decode` options HF `generate()` would use for a model with HF config `hf_config`
+    and generation config `generation_config` (None: no generation_config.json; config.json's
+    generation fields then, as HF derives its generation config from them): method "sample"
+    when `do_sample` is true, else "greedy"; temperature, top_k, top_p, repetition_penalty and
+    min_new_tokens as set there, else HF's defaults (`HF_DECODE_DEFAULTS`: top_k 50);
+    max_new_tokens when set (HF's own default is a total max_length of 20: not taken). A value
+    that is not a valid decode option is left at the default, with a warning naming `where`.
+    Not taken: num_beams / length_penalty (HF's length penalty is not T5's), min_length and
+    the other processors."""
+    from t5x_lite.decoding.generate import DecodeError, DecodeOptions  # decoding imports api
+    source = hf_config if generation_config is None else generation_config
+    out = {"method": "sample" if source.get("do_sample") is True else "greedy",
+           **HF_DECODE_DEFAULTS}
+    for name in [*HF_DECODE_DEFAULTS, "max_new_tokens"]:
+        value = source.get(name)
+        if value is None:
+            continue
+        kind = type(getattr(DecodeOptions, name))
+        try:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                    kind is int and int(value) != value):
+                raise DecodeError(f"{name} must be a number{'' if kind is float else ' (int)'}")
+            DecodeOptions(**{name: kind(value)})
+        except (DecodeError, OverflowError, ValueError) as e:
+            logging.warning("%s: generation setting %s=%r is not a usable decode option (%s); "
+                            "using %s", where or "HF model", name, value, e,
+                            out.get(name, "t5x_lite's default"))
+            continue
+        out[name] = kind(value)
+    return out
 
 
 def hf_eos(hf_config, vocab_size: int, generation_config=None) -> tuple[int, tuple[int, ...]]:

@@ -293,9 +293,11 @@ def hf_to_workdir(hf_dir, workdir, *, scan_layers: bool = False) -> ModelConfig:
         raise ConvertError(f"--workdir {workdir} holds a {checkpoints.CONFIG_FILE} that is not a "
                            "t5x_lite run config (an HF model?), which the conversion would "
                            "replace; convert into a new directory")
-    hf_interop.read_generation_config(hf_dir)  # refuses one that is not a JSON object, as load
+    # refuses one that is not a JSON object, as load does
+    source_generation = hf_interop.read_generation_config(hf_dir)
     cfg, params, hf_cfg, vocab = hf_interop.from_hf(hf_dir, scan_layers=scan_layers)
     run = hf_interop.run_config_for(cfg)
+    run.decode.update(api.hf_decode_defaults(hf_cfg, source_generation, str(hf_dir)))
     tokenizer_config = epath.Path(hf_dir) / hf_interop.HF_TOKENIZER_CONFIG
     generation_config = epath.Path(hf_dir) / hf_interop.HF_GENERATION_CONFIG
     # refuses one larger than the embedding, or bad tokenizer settings, as load does

@@ -1,0 +1,106 @@
+"""Decode defaults of HF weights: `load` and `convert --from_hf` take the settings HF
+`generate()` takes from the model's generation config (do_sample, temperature, top_k, top_p,
+repetition_penalty, min_new_tokens, max_new_tokens; unset ones at HF's defaults), so that
+`m.generate()` without options decodes as HF `model.generate()` does."""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import hf_reference
+import t5x_lite
+from t5x_lite import api, convert
+from t5x_lite.decoding import generate as gen
+
+V = 96
+FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty", "min_new_tokens")
+
+
+def _save(path, generation: dict | None, in_config: dict | None = None):
+    """A tiny GPT-2 saved to `path`, with `generation` as its generation_config.json (None: no
+    such file) and `in_config` added to its config.json."""
+    model = hf_reference.gpt2_ending_with(1, V)
+    model.save_pretrained(path)
+    (path / "generation_config.json").unlink(missing_ok=True)
+    if generation is not None:
+        (path / "generation_config.json").write_text(json.dumps(generation))
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **(in_config or {})}))
+    return path
+
+
+def _hf_settings(path) -> dict:
+    """HF's own resolution: the loaded model's generation config, unset fields at the values
+    HF generate() fills in (GenerationConfig._get_default_generation_params)."""
+    g = transformers.GPT2LMHeadModel.from_pretrained(path).generation_config
+    defaults = {"min_new_tokens": 0, **transformers.GenerationConfig._get_default_generation_params()}
+    out = {k: defaults[k] if getattr(g, k) is None else getattr(g, k) for k in FIELDS}
+    out["method"] = "sample" if g.do_sample else "greedy"
+    if g.max_new_tokens is not None:
+        out["max_new_tokens"] = g.max_new_tokens
+    return out
+
+
+@pytest.mark.parametrize("generation,in_config", [
+    ({"do_sample": True, "temperature": 0.6, "top_p": 0.9}, None),  # Llama 3 Instruct's
+    ({"repetition_penalty": 1.3, "top_k": 20, "max_new_tokens": 7, "min_new_tokens": 2}, None),
+    (None, {"do_sample": True, "top_k": 7, "repetition_penalty": 1.1}),  # config.json's then
+    ({}, {"do_sample": True, "top_k": 7}),  # the file alone counts when there is one
+])
+def test_settings_are_hfs(tmp_path, generation, in_config):
+    path = _save(tmp_path / "hf", generation, in_config)
+    want = _hf_settings(path)
+    config = json.loads((path / "config.json").read_text())
+    assert api.hf_decode_defaults(config, generation) == want
+    convert.hf_to_workdir(path, tmp_path / "w")
+    for m in (t5x_lite.load(path), t5x_lite.load(tmp_path / "w")):
+        options = gen.decode_options(m)
+        assert {k: getattr(options, k) for k in want} == want
+        assert options.max_new_tokens == want.get("max_new_tokens", 64)  # else t5x_lite's
+
+
+def test_generate_without_options_equals_hf_generate(tmp_path):
+    """A generation config with a repetition penalty, min_new_tokens and max_new_tokens: greedy
+    rows token for token equal to HF `model.generate()` given only the prompts, from the HF
+    directory and from its converted workdir; not the plain greedy rows."""
+    path = _save(tmp_path / "hf", {"repetition_penalty": 1.5, "min_new_tokens": 4,
+                                   "max_new_tokens": 9, "eos_token_id": 1, "pad_token_id": 0})
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(2, V, n).tolist() for n in (3, 7, 5, 1, 6, 2)]
+    p = max(map(len, prompts))
+    ids, mask = np.zeros((len(prompts), p), np.int64), np.zeros((len(prompts), p), np.int64)
+    for i, x in enumerate(prompts):
+        ids[i, p - len(x):], mask[i, p - len(x):] = x, 1
+    hf = transformers.GPT2LMHeadModel.from_pretrained(path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        rows = hf.generate(input_ids=torch.tensor(ids),
+                           attention_mask=torch.tensor(mask))[:, p:].tolist()
+    theirs = [r[:r.index(1) + 1] if 1 in r else r for r in rows]
+    assert max(map(len, theirs)) == 9 and min(map(len, theirs)) == 5  # the budget, min_new
+    convert.hf_to_workdir(path, tmp_path / "w")
+    for m in (t5x_lite.load(path), t5x_lite.load(tmp_path / "w")):
+        assert [r["ids"] for r in m.generate(input_ids=prompts)] == theirs
+        plain = m.generate(input_ids=prompts, repetition_penalty=1.0, min_new_tokens=0)
+        assert [r["ids"] for r in plain] != theirs
+
+
+def test_unusable_settings_fall_back_with_a_warning(tmp_path, caplog):
+    path = _save(tmp_path / "hf", {"do_sample": True, "top_p": 0.0, "temperature": "hot",
+                                   "top_k": 2.5, "repetition_penalty": True,
+                                   "max_new_tokens": -3, "min_new_tokens": 4})
+    with caplog.at_level(logging.WARNING):
+        m = t5x_lite.load(path)
+    options = gen.decode_options(m)
+    assert (options.method, options.top_p, options.temperature, options.top_k,
+            options.repetition_penalty, options.max_new_tokens, options.min_new_tokens) == (
+        "sample", 1.0, 1.0, 50, 1.0, 64, 4)
+    text = caplog.text
+    for name in ("top_p=0.0", "temperature='hot'", "top_k=2.5", "repetition_penalty=True",
+                 "max_new_tokens=-3"):
+        assert f"generation setting {name} is not a usable decode option" in text
+    assert "min_new_tokens=4" not in text
