@@ -519,22 +519,22 @@ def hf_stop_ids(hf_config, vocab_size: int, generation_config=None) -> tuple[int
     return tuple(dict.fromkeys(_vocab_ids(source.get("eos_token_id"), vocab_size)))
 
 
-# HF `generate`'s values for the sampling settings a generation config leaves unset (5.x:
-# GenerationConfig._get_default_generation_params): note top_k 50.
-HF_DECODE_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
-                      "min_new_tokens": 0}
+# HF `generate`'s values for the settings a generation config leaves unset (5.x:
+# GenerationConfig._get_default_generation_params; None there = off): note top_k 50.
+HF_DECODE_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": 0.0,
+                      "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_tokens": 0}
 
 
 def hf_decode_defaults(hf_config, generation_config=None, where: str = "") -> dict:
     """The `decode` options HF `generate()` would use for a model with HF config `hf_config`
     and generation config `generation_config` (None: no generation_config.json; config.json's
     generation fields then, as HF derives its generation config from them): method "sample"
-    when `do_sample` is true, else "greedy"; temperature, top_k, top_p, repetition_penalty and
-    min_new_tokens as set there, else HF's defaults (`HF_DECODE_DEFAULTS`: top_k 50);
-    max_new_tokens when set (HF's own default is a total max_length of 20: not taken). A value
-    that is not a valid decode option is left at the default, with a warning naming `where`.
-    Not taken: num_beams / length_penalty (HF's length penalty is not T5's), min_length and
-    the other processors."""
+    when `do_sample` is true, else "greedy"; temperature, top_k, top_p, min_p,
+    repetition_penalty, no_repeat_ngram_size and min_new_tokens as set there, else HF's
+    defaults (`HF_DECODE_DEFAULTS`: top_k 50); max_new_tokens when set (HF's own default is a
+    total max_length of 20: not taken). A value that is not a valid decode option is left at
+    the default, with a warning naming `where`. Not taken: num_beams / length_penalty (HF's
+    length penalty is not T5's), min_length and the other processors."""
     from t5x_lite.decoding.generate import DecodeError, DecodeOptions  # decoding imports api
     source = hf_config if generation_config is None else generation_config
     out = {"method": "sample" if source.get("do_sample") is True else "greedy",

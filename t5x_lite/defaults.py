@@ -84,6 +84,7 @@ def base_config(model: ModelConfig, *, objective: str, seq_len: int = 512,
     c.decode.temperature = 1.0
     c.decode.top_k = 0
     c.decode.top_p = 1.0
+    c.decode.min_p = 0.0  # HF's min-p filter, after top-p (0.0 = off)
     c.decode.num_beams = 4
     c.decode.alpha = 0.6
     c.decode.num_samples = 1
@@ -92,5 +93,6 @@ def base_config(model: ModelConfig, *, objective: str, seq_len: int = 512,
     c.decode.num_draft = 4  # speculative decoding (infer --draft): draft tokens per target pass
     c.decode.stop_ids = ""  # ids that end a row, e.g. "13,198" ("": the model's stop ids)
     c.decode.repetition_penalty = 1.0  # HF's penalty on ids already in a row (1.0 = off)
+    c.decode.no_repeat_ngram_size = 0  # no n-gram of this size twice in a row (0 = off)
     c.decode.min_new_tokens = 0  # no stop id before this many new tokens (0 = off)
     return c

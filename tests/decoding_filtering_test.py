@@ -1,4 +1,5 @@
-"""Temperature / top-k / top-p equal HF's logits warpers; sampling follows the filtered law."""
+"""Temperature / top-k / top-p / min-p equal HF's logits warpers; sampling follows the
+filtered law."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,8 +21,10 @@ def _hf_filter(logits, cfg: SamplingConfig):
         warpers.append(hf.TopKLogitsWarper(cfg.top_k))
     if cfg.top_p < 1.0:
         warpers.append(hf.TopPLogitsWarper(cfg.top_p))
+    if cfg.min_p > 0.0:
+        warpers.append(hf.MinPLogitsWarper(cfg.min_p))
     ids = torch.zeros((scores.shape[0], 1), dtype=torch.long)
-    for w in warpers:  # HF's order: temperature, top-k, top-p
+    for w in warpers:  # HF's order: temperature, top-k, top-p, min-p
         scores = w(ids, scores)
     return scores.numpy()
 
@@ -31,6 +34,8 @@ def _hf_filter(logits, cfg: SamplingConfig):
     SamplingConfig(temperature=0.7, top_k=20, top_p=0.8),
     SamplingConfig(temperature=1.8, top_p=0.95),
     SamplingConfig(temperature=0.5, top_k=1), SamplingConfig(top_p=1e-6),
+    SamplingConfig(min_p=0.05), SamplingConfig(min_p=1.0),
+    SamplingConfig(temperature=0.7, top_k=40, top_p=0.95, min_p=0.1),
 ])
 @pytest.mark.parametrize("shape", [(6, 97), (4, 4096)])  # 4096: counted in windows of 32
 def test_masks_equal_hf_warpers(cfg, shape):
@@ -71,7 +76,8 @@ def test_ties_at_the_cut_are_kept_together(cfg):
 
 
 def test_bad_sampling_config():
-    for kw in (dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1), dict(temperature=-1.0)):
+    for kw in (dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1), dict(temperature=-1.0),
+               dict(min_p=-0.1), dict(min_p=1.1)):
         with pytest.raises(ValueError):
             SamplingConfig(**kw)
 

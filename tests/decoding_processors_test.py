@@ -50,70 +50,94 @@ def _hf_generate(kind, hf, prompts, stop_ids=(1,), **kw):
 
 
 # ----------------------------------------------------------------------------- the arithmetic
-@pytest.mark.parametrize("penalty", [0.7, 1.3])
+@pytest.mark.parametrize("penalty,ngram", [(0.7, 2), (1.3, 3), (1.0, 1)])
 @pytest.mark.parametrize("family", ["gpt", "t5"])
-def test_process_equals_hf_processors(penalty, family):
-    """Scores of both signs; GPT prompts left-padded (HF: prompt_ignore_length), T5's decoder
-    input starting at its start id 0; rows before and past min_new_tokens."""
+def test_process_equals_hf_processors(penalty, ngram, family):
+    """Scores of both signs; GPT prompts left-padded (HF: prompt_ignore_length; its n-gram rule
+    sees the padding, so it is given each row unpadded), T5's decoder input starting at its
+    start id 0; a small vocabulary, so that n-grams repeat; rows before and past
+    min_new_tokens."""
     rng = np.random.default_rng(1)
-    b, p, v, min_new, stops = 4, 6, 50, 3, (1, 7)
+    b, p, v, min_new, stops = 4, 6, 8, 3, (1, 5)
     lengths = np.array([6, 2, 4, 1])
     prompt = rng.integers(0, v, (b, p)).astype(np.int32)
     prompt[np.arange(p)[None] < p - lengths[:, None]] = 0  # left padding
-    for generated in (0, 2, 3, 5):
+    proc = processors.Processing.of(penalty, ngram, min_new, stops)
+    for generated in (0, 2, 3, 5, 9, 16):
         new = rng.integers(0, v, (b, generated)).astype(np.int32)
+        new[0] = np.resize([2, 6, 3], generated)  # row 0 repeats a 3-gram: bans for n <= 4
         scores = rng.normal(0, 3, (b, v)).astype(np.float32)
-        proc = processors.Processing.of(penalty, min_new, stops)
-        seen = processors.initial_seen(proc, family, jnp.asarray(prompt), jnp.asarray(lengths), v)
+        history = processors.initial_history(proc, family, jnp.asarray(prompt),
+                                             jnp.asarray(lengths), v, room=16)
         for j in range(generated):
-            seen = processors.add_seen(seen, jnp.asarray(new[:, j]))
-        ours = np.asarray(processors.process(proc, jnp.asarray(scores), seen, generated))
+            history = processors.extend(history, jnp.asarray(new[:, j]))
+        ours = np.asarray(processors.process(proc, jnp.asarray(scores), history, generated))
 
         if family == "gpt":
-            history = np.concatenate([prompt, new], 1)
+            full = np.concatenate([prompt, new], 1)
             pen = hf_lp.RepetitionPenaltyLogitsProcessor(
                 penalty, prompt_ignore_length=torch.tensor(p - lengths))
-            start = p
+            rows, start = [full[r, p - lengths[r]:] for r in range(b)], p
         else:
-            history = np.concatenate([np.zeros((b, 1), np.int32), new], 1)
+            full = np.concatenate([np.zeros((b, 1), np.int32), new], 1)
             pen, start = hf_lp.RepetitionPenaltyLogitsProcessor(penalty), 1
-        ids = torch.tensor(history, dtype=torch.long)
+            rows = list(full)
+        ids = torch.tensor(full, dtype=torch.long)
         theirs = pen(ids, torch.tensor(scores))
+        ngrams = hf_lp.NoRepeatNGramLogitsProcessor(ngram)
+        theirs = torch.cat([ngrams(torch.tensor(row[None], dtype=torch.long), theirs[r:r + 1])
+                            for r, row in enumerate(rows)])
         theirs = hf_lp.MinNewTokensLengthLogitsProcessor(start, min_new, list(stops))(ids, theirs)
         theirs = theirs.numpy()
         np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(theirs))
         finite = np.isfinite(theirs)  # XLA:CPU's division may be 1 ulp off the rounded one
         np.testing.assert_array_max_ulp(ours[finite], theirs[finite], maxulp=1)
-        assert np.isneginf(ours[:, 1]).all() == (generated < min_new)
+        if generated < min_new:
+            assert np.isneginf(ours[:, list(stops)]).all()
+        if generated >= 5:  # row 0's last n - 1 ids came before, followed by one id
+            assert np.isneginf(ours[0]).any()
 
 
 def test_off_is_none_and_bad_values_are_refused():
-    assert processors.Processing.of(1.0, 0, (1,)) is None
-    assert processors.Processing.of(1.0, 5, ()) is None  # no stop id to hold back
-    assert processors.Processing.of(1.2, 0, (1, 2)).stop_ids == ()
+    assert processors.Processing.of(1.0, 0, 0, (1,)) is None
+    assert processors.Processing.of(1.0, 0, 5, ()) is None  # no stop id to hold back
+    assert processors.Processing.of(1.2, 0, 0, (1, 2)).stop_ids == ()
+    assert processors.Processing.of(1.0, 2, 0, (1,)) is not None
     x = jnp.ones((2, 3))
     assert processors.process(None, x, None, 0) is x
     for kw, message in [({"repetition_penalty": 0.0}, "repetition_penalty must be finite and > 0"),
                         ({"repetition_penalty": float("inf")}, "repetition_penalty must be"),
                         ({"min_new_tokens": -1}, "min_new_tokens must be >= 0"),
                         ({"min_new_tokens": 1.5}, "decode.min_new_tokens must be an integer"),
+                        ({"no_repeat_ngram_size": -2}, "no_repeat_ngram_size must be >= 0"),
+                        ({"min_p": 1.5}, r"min_p must be in \[0, 1\]"),
                         ({"repetition_penalty": "x"}, "repetition_penalty must be a float")]:
         with pytest.raises(gen.DecodeError, match=message):
             gen.decode_options(**kw)
 
 
 # ----------------------------------------------------------------------------- against generate
-@pytest.mark.parametrize("penalty,min_new", [(1.5, 0), (1.0, 10), (0.8, 6)])
-def test_greedy_equals_hf(pair, penalty, min_new):
+@pytest.mark.parametrize("penalty,ngram,min_new", [(1.5, 0, 0), (1.0, 0, 10), (0.8, 3, 6),
+                                                   (1.0, 2, 10)])
+def test_greedy_equals_hf(pair, penalty, ngram, min_new):
+    """HF generate is run on each prompt alone where the n-gram rule is on: HF's rule counts a
+    row's left padding as history (here it does not)."""
     kind, hf, loaded = pair
     prompts = _prompts()
-    theirs, _ = _hf_generate(kind, hf, prompts, do_sample=False, repetition_penalty=penalty,
-                             min_new_tokens=min_new)
+    hf_kw = dict(do_sample=False, repetition_penalty=penalty, no_repeat_ngram_size=ngram,
+                 min_new_tokens=min_new)
+    theirs = ([_hf_generate(kind, hf, [x], **hf_kw)[0][0] for x in prompts] if ngram else
+              _hf_generate(kind, hf, prompts, **hf_kw)[0])
     ours = gen.generate(loaded, input_ids=prompts, max_new_tokens=N, batch_size=8,
-                        repetition_penalty=penalty, min_new_tokens=min_new)
+                        repetition_penalty=penalty, no_repeat_ngram_size=ngram,
+                        min_new_tokens=min_new)
     assert [r["ids"] for r in ours] == theirs
     plain = gen.generate(loaded, input_ids=prompts, max_new_tokens=N, batch_size=8)
     assert [r["ids"] for r in plain] != theirs  # the processors changed the decode
+    if ngram:  # and the n-gram rule did
+        assert [r["ids"] for r in gen.generate(
+            loaded, input_ids=prompts, max_new_tokens=N, batch_size=8,
+            repetition_penalty=penalty, min_new_tokens=min_new)] != theirs
     if min_new:
         assert min(len(r["ids"]) for r in plain) < min_new
         assert all(len(r["ids"]) > min_new for r in ours) and any(r["finished"] for r in ours)
@@ -123,9 +147,14 @@ def test_greedy_equals_hf(pair, penalty, min_new):
                                    rtol=1e-4, atol=1e-4)
 
 
-def _logprob(kind, hf, prompt, ids, penalty=1.0, min_new=0):
-    """Sum of log p(id) under the HF model (uncached forward); with `penalty` / `min_new`, of
-    the log-probs after HF's processors, as HF's beam search sums them."""
+def _no_repeated_ngram(ids, n):
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    return len(grams) == len(set(grams))
+
+
+def _logprob(kind, hf, prompt, ids, penalty=1.0, ngram=0, min_new=0):
+    """Sum of log p(id) under the HF model (uncached forward); with `penalty` / `ngram` /
+    `min_new`, of the log-probs after HF's processors, as HF's beam search sums them."""
     gpt = kind == "gpt2"
     history = torch.tensor([(prompt if gpt else [0]) + ids[:-1]])
     with torch.no_grad():
@@ -138,6 +167,8 @@ def _logprob(kind, hf, prompt, ids, penalty=1.0, min_new=0):
         before = history[:, :start + t]
         scores = torch.log_softmax(logits[t:t + 1].float(), -1)
         scores = hf_lp.RepetitionPenaltyLogitsProcessor(penalty)(before, scores)
+        if ngram:
+            scores = hf_lp.NoRepeatNGramLogitsProcessor(ngram)(before, scores)
         scores = hf_lp.MinNewTokensLengthLogitsProcessor(start, min_new, [1])(before, scores)
         total += float(scores[0, token])
     return total
@@ -150,15 +181,15 @@ def test_beam_equals_hf(pair):
     candidate may finish here; finished beams rank first).
     `penalised_score` is the processed sum and `score` the model's, both recomputed with HF."""
     kind, hf, loaded = pair
-    prompts, w, penalty, min_new = _prompts(), 3, 1.4, 10
-    theirs, hf_scores = _hf_generate(kind, hf, prompts, num_beams=w, do_sample=False,
-                                     num_return_sequences=w, length_penalty=0.0,
-                                     early_stopping="never", repetition_penalty=penalty,
-                                     min_new_tokens=min_new)
-    hf_scores = hf_scores.numpy().reshape(-1, w)
+    prompts, w, penalty, ngram, min_new = _prompts(), 3, 1.4, 2, 10
+    runs = [_hf_generate(kind, hf, [x], num_beams=w, do_sample=False, num_return_sequences=w,
+                         length_penalty=0.0, early_stopping="never", repetition_penalty=penalty,
+                         no_repeat_ngram_size=ngram, min_new_tokens=min_new) for x in prompts]
+    theirs = [row for rows, _ in runs for row in rows]  # each prompt alone: see above
+    hf_scores = np.stack([scores.numpy() for _, scores in runs])
     kw = dict(method="beam", num_beams=w, alpha=0.0, max_new_tokens=N, batch_size=8)
     ours = gen.generate(loaded, input_ids=prompts, repetition_penalty=penalty,
-                        min_new_tokens=min_new, **kw)
+                        no_repeat_ngram_size=ngram, min_new_tokens=min_new, **kw)
     plain = gen.generate(loaded, input_ids=prompts, **kw)
     assert [b[0]["ids"] for b in plain] != [b[0]["ids"] for b in ours]
     for i, (prompt, beams) in enumerate(zip(prompts, ours)):
@@ -170,14 +201,16 @@ def test_beam_equals_hf(pair):
         for b in beams:
             assert len(b["ids"]) > min_new and b["finished"]
             np.testing.assert_allclose(
-                b["penalised_score"], _logprob(kind, hf, prompt, b["ids"], penalty, min_new),
+                b["penalised_score"],
+                _logprob(kind, hf, prompt, b["ids"], penalty, ngram, min_new),
                 rtol=1e-4, atol=1e-4)
+            assert _no_repeated_ngram((prompt if kind == "gpt2" else [0]) + b["ids"], ngram)
             np.testing.assert_allclose(b["score"], _logprob(kind, hf, prompt, b["ids"]),
                                        rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- sampled laws
-V, PROMPT = 8, [3, 5, 3, 2]
+V, PROMPT = 8, [3, 5, 7, 2]
 
 
 def _tiny_gpt(seed, layers):
@@ -186,16 +219,20 @@ def _tiny_gpt(seed, layers):
     return decoding_testlib.loaded(cfg, seed=seed)
 
 
-def _hf_law(target, prefixes, penalty, min_new, temperature, generated):
+def _hf_law(target, prefixes, penalty, ngram, min_new, temperature, min_p, generated):
     """Next-token distributions after PROMPT + each prefix, built with HF's processors on the
-    target's full-forward logits: penalty, min_new_tokens (stop id 1), temperature."""
+    target's full-forward logits: penalty, no-repeat n-grams, min_new_tokens (stop id 1),
+    temperature, min-p."""
     seqs = np.array([PROMPT + list(p) for p in prefixes], np.int32)
     logits = jax.jit(build_model(target.model.config).logits)(
         target.params, {"decoder_input_tokens": seqs})[:, -1]
     ids, scores = torch.tensor(seqs, dtype=torch.long), torch.tensor(np.asarray(logits))
     scores = hf_lp.RepetitionPenaltyLogitsProcessor(penalty)(ids, scores)
+    if ngram:
+        scores = hf_lp.NoRepeatNGramLogitsProcessor(ngram)(ids, scores)
     scores = hf_lp.MinNewTokensLengthLogitsProcessor(len(PROMPT), min_new, [1])(ids, scores)
     scores = hf_lp.TemperatureLogitsWarper(temperature)(ids, scores)
+    scores = hf_lp.MinPLogitsWarper(min_p)(ids, scores)
     assert ids.shape[1] == len(PROMPT) + generated
     return torch.softmax(scores.double(), -1).numpy()
 
@@ -204,22 +241,30 @@ def _hf_law(target, prefixes, penalty, min_new, temperature, generated):
 def test_sampled_pairs_follow_the_processed_law(draft):
     """The first two tokens of 4096 samples, plain and speculative (a different draft: accept,
     reject and correction paths), follow the law HF's processors give: the second token's
-    penalty counts the first, and min_new_tokens 1 holds EOS back only at the first."""
+    penalty counts the first, a bigram of the prompt is not repeated (after a first token 5,
+    the prompt's 5 7 bans 7, the likeliest token), min_new_tokens 1 holds EOS back only at the first,
+    and min-p drops the unlikely tokens. Each of them matters to the law."""
     target = _tiny_gpt(0, 2)
     target.params["token_embedder"]["embedding"][1] *= 3.0  # EOS likely once allowed
-    rows, penalty, temperature = 4096, 1.8, 1.3
+    rows, penalty, temperature, min_p = 4096, 1.8, 2.0, 0.01
+    law = dict(ngram=2, min_new=1, temperature=temperature, min_p=min_p)
     opts = gen.DecodeOptions(method="sample", max_new_tokens=2, num_draft=2, seed=5,
-                             temperature=temperature, repetition_penalty=penalty,
-                             min_new_tokens=1, stop_ids=(1,))
+                             temperature=temperature, min_p=min_p, repetition_penalty=penalty,
+                             no_repeat_ngram_size=2, min_new_tokens=1, stop_ids=(1,))
     tokens, lengths = gen.pack_prompts(target.model.config, [PROMPT] * rows, rows)
     out = gen.decode_batch(target, tokens, lengths, opts,
                            draft=None if draft == "none" else _tiny_gpt(5, 1))
     out = out if draft == "none" else out[0]
     toks, n = np.asarray(out.tokens_BxN), np.asarray(out.lengths_B)
     assert (n == 2).all()  # no EOS first (min_new_tokens), so every row has two tokens
-    p0 = _hf_law(target, [()], penalty, 1, temperature, 0)[0]
-    p1 = _hf_law(target, [(t,) for t in range(V)], penalty, 1, temperature, 1)
-    assert p0[1] == 0 and p1[:, 1].min() > 0.02
+    p0 = _hf_law(target, [()], penalty, generated=0, **law)[0]
+    p1 = _hf_law(target, [(t,) for t in range(V)], penalty, generated=1, **law)
+    assert p0[1] == 0 and p1[:, 1].max() > 0.02  # min_new_tokens
+    no_ngram = _hf_law(target, [(5,)], penalty, generated=1, **{**law, "ngram": 0})[0]
+    assert p0[5] > 0.02 and p1[5, 7] == 0 and no_ngram[7] > 0.1
+    no_min_p = _hf_law(target, [(t,) for t in range(V)], penalty, generated=1,
+                       **{**law, "min_p": 0.0})
+    assert ((p1 == 0) & (no_min_p > 0)).sum() >= 3  # min-p dropped tokens
     joint = p0[:, None] * p1
     counts = np.zeros((V, V))
     np.add.at(counts, (toks[:, 0], toks[:, 1]), 1)
@@ -228,8 +273,8 @@ def test_sampled_pairs_follow_the_processed_law(draft):
     expected = rows * joint.ravel()[keep] / joint.ravel()[keep].sum()
     assert scipy.stats.chisquare(counts.ravel()[keep], expected)[1] > 1e-3
     # Not the unpenalised law: the prompt's ids are rarer than without the penalty.
-    plain = _hf_law(target, [()], 1.0, 1, temperature, 0)[0]
-    assert p0[3] < plain[3] * 0.8 and abs(np.mean(toks[:, 0] == 3) - p0[3]) < 0.03
+    plain = _hf_law(target, [()], 1.0, generated=0, **law)[0]
+    assert p0[7] < plain[7] * 0.8 and abs(np.mean(toks[:, 0] == 7) - p0[7]) < 0.03
 
 
 def test_speculative_greedy_equals_plain_greedy():
@@ -239,7 +284,8 @@ def test_speculative_greedy_equals_plain_greedy():
     prompts = [[5, 6, 7], [4], [2, 3, 4, 5, 6], [3, 3], [7, 2]]
     # min_new_tokens 6: with k = 3, an iteration from count 5 checks positions 5-8 and EOS is
     # allowed from the second of them on (rows end right there).
-    kw = dict(max_new_tokens=14, batch_size=8, repetition_penalty=1.6, min_new_tokens=6)
+    kw = dict(max_new_tokens=14, batch_size=8, repetition_penalty=1.6, no_repeat_ngram_size=3,
+              min_new_tokens=6)
     plain = gen.generate(target, input_ids=prompts, **kw)
     assert plain != gen.generate(target, input_ids=prompts, max_new_tokens=14, batch_size=8)
     assert all(len(r["ids"]) > 6 for r in plain) and any(r["finished"] for r in plain)

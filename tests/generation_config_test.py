@@ -18,7 +18,8 @@ from t5x_lite import api, convert
 from t5x_lite.decoding import generate as gen
 
 V = 96
-FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty", "min_new_tokens")
+FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+          "no_repeat_ngram_size", "min_new_tokens")
 
 
 def _save(path, generation: dict | None, in_config: dict | None = None):
@@ -38,7 +39,8 @@ def _hf_settings(path) -> dict:
     """HF's own resolution: the loaded model's generation config, unset fields at the values
     HF generate() fills in (GenerationConfig._get_default_generation_params)."""
     g = transformers.GPT2LMHeadModel.from_pretrained(path).generation_config
-    defaults = {"min_new_tokens": 0, **transformers.GenerationConfig._get_default_generation_params()}
+    defaults = {"min_new_tokens": 0, "min_p": 0.0,  # None there: off
+                **transformers.GenerationConfig._get_default_generation_params()}
     out = {k: defaults[k] if getattr(g, k) is None else getattr(g, k) for k in FIELDS}
     out["method"] = "sample" if g.do_sample else "greedy"
     if g.max_new_tokens is not None:
@@ -48,7 +50,8 @@ def _hf_settings(path) -> dict:
 
 @pytest.mark.parametrize("generation,in_config", [
     ({"do_sample": True, "temperature": 0.6, "top_p": 0.9}, None),  # Llama 3 Instruct's
-    ({"repetition_penalty": 1.3, "top_k": 20, "max_new_tokens": 7, "min_new_tokens": 2}, None),
+    ({"repetition_penalty": 1.3, "top_k": 20, "max_new_tokens": 7, "min_new_tokens": 2,
+      "min_p": 0.05, "no_repeat_ngram_size": 3}, None),
     (None, {"do_sample": True, "top_k": 7, "repetition_penalty": 1.1}),  # config.json's then
     ({}, {"do_sample": True, "top_k": 7}),  # the file alone counts when there is one
 ])

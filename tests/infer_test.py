@@ -250,20 +250,21 @@ def test_an_interrupted_first_record_is_still_cut(workdir, prompts_txt, tmp_path
 
 
 # ---------------------------------------------------------------- the sidecar
-def test_repetition_penalty_and_min_new_tokens(workdir, prompts_txt, tmp_path):
+def test_sequence_processors(workdir, prompts_txt, tmp_path):
     """The records equal `generate`'s, the sidecar records the options that are on (so an older
     sidecar without them resumes: they were off), and a resume with other values is refused."""
     out, quiet = tmp_path / "out.jsonl", open(os.devnull, "w")
     opts = {"method": "greedy", "max_new_tokens": 2, "repetition_penalty": 1.3,
-            "min_new_tokens": 2}
+            "min_new_tokens": 2, "no_repeat_ngram_size": 2, "min_p": 0.1}
     assert infer.run(workdir, prompts_txt, out, opts, log=quiet) == 5
     meta = json.loads(infer.sidecar_path(out).read_text())
     assert meta["decode"] == {"method": "greedy", "max_new_tokens": 2, "stop_ids": [1],
-                              "repetition_penalty": 1.3, "min_new_tokens": 2}
+                              "repetition_penalty": 1.3, "min_new_tokens": 2,
+                              "no_repeat_ngram_size": 2}  # min_p: sampling only
     import t5x_lite
     texts = prompts_txt.read_text().splitlines()
     want = gen.generate(t5x_lite.load(workdir), inputs=texts, max_new_tokens=2,
-                        repetition_penalty=1.3, min_new_tokens=2)
+                        repetition_penalty=1.3, min_new_tokens=2, no_repeat_ngram_size=2)
     assert [x["output_ids"] for x in _lines(out)] == [r["ids"] for r in want]
     assert all(len(r["ids"]) == 2 for r in want)
     with pytest.raises(infer.InferError, match="decode.repetition_penalty: 1.3 there, 1.2 now"):

@@ -25,7 +25,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from t5x_lite.decoding.processors import Processing, add_seen, process
+from t5x_lite.decoding import processors
+from t5x_lite.decoding.processors import History, Processing, process
 from t5x_lite.decoding.sampling import EOS_ID, PAD_ID, StepFn
 from t5x_lite.decoding.stops import StopIds, is_eos, stop_id_tuple
 
@@ -58,7 +59,7 @@ class _State(NamedTuple):
     fin_len: jax.Array
     fin_flag: jax.Array
     cache: Any
-    seen: Any  # [B * W, V] bool: the repetition penalty's ids (None: no penalty)
+    history: History | None  # [B * W] rows: what the processors read (None: none on)
 
 
 def _gather(x_BxCx, idx_BxW):
@@ -70,7 +71,8 @@ def _gather(x_BxCx, idx_BxW):
 def beam_search(tokens_to_logits: StepFn, cache, first_logits_BWxV, *, num_beams: int,
                 max_new_tokens: int, alpha: float,
                 reorder_cache: Callable[[Any, jax.Array], Any], eos_id: StopIds = EOS_ID,
-                processing: Processing | None = None, seen_BWxV=None) -> BeamOutput:
+                processing: Processing | None = None, history: History | None = None
+                ) -> BeamOutput:
     """Beam search over B*W cache rows (row b*W + w is beam w of element b).
 
     Args:
@@ -80,9 +82,9 @@ def beam_search(tokens_to_logits: StepFn, cache, first_logits_BWxV, *, num_beams
       reorder_cache: `(cache, rows [B*W]) -> cache` taking those rows (see cache.take_rows).
       eos_id: the stop id, or a tuple of them. With S > 1 stop ids a step keeps the
         (1 + S) * W best candidates (as HF does), of which at most S * W end in a stop id.
-      processing, seen_BWxV: the repetition penalty and min_new_tokens, applied to the
-        log-probs as HF does in beam search (`processors`); beams are ranked by the processed
-        sums, `model_logprob_BxW` keeps the model's.
+      processing, history: the repetition penalty, no-repeat n-grams and min_new_tokens and
+        the rows' histories (`processors`), applied to the log-probs as HF does in beam search;
+        beams are ranked by the processed sums, `model_logprob_BxW` keeps the model's.
     """
     w, n = num_beams, max_new_tokens
     bw, v = first_logits_BWxV.shape
@@ -94,7 +96,7 @@ def beam_search(tokens_to_logits: StepFn, cache, first_logits_BWxV, *, num_beams
         """One beam step from the alive beams' next-token logits; returns the new state."""
         i = s.step
         model_BWxV = jax.nn.log_softmax(logits_BWxV.astype(jnp.float32), -1)
-        logp_BxWxV = process(processing, model_BWxV, s.seen, i).reshape(b, w, v)
+        logp_BxWxV = process(processing, model_BWxV, s.history, i).reshape(b, w, v)
         cand_BxWV = (s.alive_logp[:, :, None] + logp_BxWxV).reshape(b, w * v)
         top_logp_BxC, top_idx = jax.lax.top_k(cand_BxWV, candidates)
         top_beam, top_tok = top_idx // v, (top_idx % v).astype(jnp.int32)
@@ -113,8 +115,8 @@ def beam_search(tokens_to_logits: StepFn, cache, first_logits_BWxV, *, num_beams
         alive_seq = _gather(top_seq, keep)
         alive_model = _gather(top_model_BxC, keep)
         parent_rows = (row_base_Bx1 + jnp.take_along_axis(top_beam, keep, 1)).reshape(-1)
-        seen = None if s.seen is None else add_seen(
-            s.seen[parent_rows], _gather(top_tok, keep).reshape(-1))
+        history = processors.extend(processors.take_rows(s.history, parent_rows),
+                                    _gather(top_tok, keep).reshape(-1))
 
         # Finished: merge the new EOS candidates into the best W finished so far.
         new_score = jnp.where(ends, top_logp_BxC / length_penalty(i + 1, alpha), NEG)
@@ -126,14 +128,14 @@ def beam_search(tokens_to_logits: StepFn, cache, first_logits_BWxV, *, num_beams
         fin_len = _gather(jnp.concatenate([s.fin_len, jnp.full_like(top_tok, i + 1)], 1), pick)
         fin_flag = _gather(jnp.concatenate([s.fin_flag, ends], 1), pick)
         return _State(i + 1, alive_seq, alive_logp, alive_model, fin_seq, fin_score, fin_logp,
-                      fin_model, fin_len, fin_flag, reorder_cache(s.cache, parent_rows), seen)
+                      fin_model, fin_len, fin_flag, reorder_cache(s.cache, parent_rows), history)
 
     zeros_seq = jnp.zeros((b, w, n), jnp.int32)
     init_logp = jnp.tile(jnp.array([0.0] + [NEG] * (w - 1), jnp.float32), (b, 1))
     zeros_f = jnp.zeros((b, w), jnp.float32)
     state = _State(jnp.int32(0), zeros_seq, init_logp, init_logp, zeros_seq,
                    jnp.full((b, w), NEG), zeros_f, zeros_f, jnp.zeros((b, w), jnp.int32),
-                   jnp.zeros((b, w), jnp.bool_), cache, seen_BWxV)
+                   jnp.zeros((b, w), jnp.bool_), cache, history)
     state = expand(state, first_logits_BWxV)
     best_possible_bound = length_penalty(n, alpha) if alpha >= 0 else length_penalty(1, alpha)
 

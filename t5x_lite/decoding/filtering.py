@@ -1,10 +1,11 @@
-"""Logit filters and token selection for sampling: temperature, then top-k, then top-p.
+"""Logit filters and token selection for sampling: temperature, then top-k, top-p and min-p.
 
 The order and the edge rules are HF's (`TemperatureLogitsWarper`, `TopKLogitsWarper`,
-`TopPLogitsWarper` with min_tokens_to_keep=1): top-k keeps every logit >= the k-th largest;
-top-p removes the tokens whose cumulative probability, in ascending order, is <= 1 - top_p and
-always keeps the most likely one. Removed logits become -inf. Ties at the top-p cut are kept
-together (HF removes some of them, in the order of its unstable sort).
+`TopPLogitsWarper`, `MinPLogitsWarper` with min_tokens_to_keep=1): top-k keeps every logit >=
+the k-th largest; top-p removes the tokens whose cumulative probability, in ascending order, is
+<= 1 - top_p and always keeps the most likely one; min-p removes the tokens whose probability is
+below min_p times the most likely one's. Removed logits become -inf. Ties at the top-p cut are
+kept together (HF removes some of them, in the order of its unstable sort).
 
 Neither sorts (`t5x_lite.selection`): top-k's threshold is the smallest logit with at most k - 1
 above it, top-p's the smallest logit y whose probability mass at or below y exceeds 1 - top_p,
@@ -33,6 +34,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1.0 = off
+    min_p: float = 0.0  # 0.0 = off
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -41,6 +43,8 @@ class SamplingConfig:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
 
     @property
     def greedy(self) -> bool:
@@ -79,8 +83,17 @@ def _top_p_threshold(logits_BxV, keys_BxV, top_p: float):
     return jnp.minimum(t_B, jnp.max(keys_BxV, axis=-1))
 
 
+def _min_p_mask(logits_BxV, min_p: float):
+    """HF's MinPLogitsWarper: tokens with probability < min_p * the row's top probability go
+    (the top token always stays)."""
+    probs_BxV = jax.nn.softmax(logits_BxV, axis=-1)
+    top_B = jnp.max(probs_BxV, axis=-1, keepdims=True)
+    return jnp.where(probs_BxV < jnp.float32(min_p) * top_B, -jnp.inf, logits_BxV)
+
+
 def filter_logits(logits_BxV, cfg: SamplingConfig):
-    """Float32 logits after temperature, top-k and top-p (HF order); removed entries are -inf.
+    """Float32 logits after temperature, top-k, top-p and min-p (HF order); removed entries
+    are -inf.
 
     With temperature 0 the logits are returned unscaled (selection is argmax anyway).
     """
@@ -104,6 +117,8 @@ def filter_logits(logits_BxV, cfg: SamplingConfig):
         keys_BxV = selection.order_keys(logits_BxV)
         logits_BxV = _mask_below(logits_BxV, keys_BxV,
                                  _top_p_threshold(logits_BxV, keys_BxV, cfg.top_p))
+    if cfg.min_p > 0.0:
+        logits_BxV = _min_p_mask(logits_BxV, cfg.min_p)
     return logits_BxV
 
 

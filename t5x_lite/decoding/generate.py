@@ -37,7 +37,7 @@ from t5x_lite.decoding import cache as cache_lib
 from t5x_lite.decoding import steps
 from t5x_lite.decoding.beam_search import NEG, beam_search
 from t5x_lite.decoding.filtering import SamplingConfig
-from t5x_lite.decoding.processors import Processing, initial_seen
+from t5x_lite.decoding.processors import Processing, initial_history, take_rows
 from t5x_lite.decoding.sampling import EOS_ID, sample_decode
 from t5x_lite.decoding.speculative import speculative_decode
 from t5x_lite.errors import UserError
@@ -61,6 +61,7 @@ class DecodeOptions:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0  # HF's min-p filter (after top-p): 0 = off
     num_beams: int = 4
     alpha: float = 0.6
     num_samples: int = 1
@@ -69,6 +70,7 @@ class DecodeOptions:
     num_draft: int = 4  # speculative decoding: draft tokens proposed per target pass
     stop_ids: tuple = ()  # ids that end a row, instead of the model's (`stop_ids`); () = those
     repetition_penalty: float = 1.0  # HF's (CTRL's) penalty on ids already in the row; 1 = off
+    no_repeat_ngram_size: int = 0  # no n-gram twice in a row (HF's); 0 = off
     min_new_tokens: int = 0  # stop ids held back until a row has this many new tokens
 
     def __post_init__(self):
@@ -83,8 +85,11 @@ class DecodeOptions:
              f"> 0 (1 = off), got {self.repetition_penalty}"),
             (self.min_new_tokens >= 0, f"min_new_tokens must be >= 0 (0 = off), got "
              f"{self.min_new_tokens}"),
+            (self.no_repeat_ngram_size >= 0, f"no_repeat_ngram_size must be >= 0 (0 = off), "
+             f"got {self.no_repeat_ngram_size}"),
             (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
             (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
+            (0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1] (0 = off), got {self.min_p}"),
             (self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}"),
             (self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
@@ -94,7 +99,7 @@ class DecodeOptions:
             *[(getattr(self, f) <= INT32_MAX, f"{f} must be <= {INT32_MAX}, got "
                f"{getattr(self, f)}") for f in ("max_new_tokens", "top_k", "num_beams",
                                                 "num_samples", "batch_size", "num_draft",
-                                                "min_new_tokens")],
+                                                "min_new_tokens", "no_repeat_ngram_size")],
             (self.num_samples == 1 or self.method == "sample",
              f"num_samples={self.num_samples} needs method='sample' (got {self.method!r})"),
             (all(0 <= i <= INT32_MAX for i in self.stop_ids),
@@ -107,12 +112,14 @@ class DecodeOptions:
     @property
     def sampling(self) -> SamplingConfig:
         if self.method == "sample" and self.temperature > 0:
-            return SamplingConfig(self.temperature, self.top_k, self.top_p)
+            return SamplingConfig(self.temperature, self.top_k, self.top_p, self.min_p)
         return SamplingConfig(temperature=0.0)
 
     def processing(self, eos) -> Processing | None:
-        """The repetition penalty and min_new_tokens for stop ids `eos` (None: both off)."""
-        return Processing.of(self.repetition_penalty, self.min_new_tokens, eos)
+        """The repetition penalty, no-repeat n-grams and min_new_tokens for stop ids `eos`
+        (None: all off)."""
+        return Processing.of(self.repetition_penalty, self.no_repeat_ngram_size,
+                             self.min_new_tokens, eos)
 
     @property
     def rows_per_prompt(self) -> int:
@@ -466,10 +473,11 @@ def cache_phases(cfg: ModelConfig, p: int, n: int, k: int = 0) -> list[int]:
     return [*range(start + size, total, size), total]
 
 
-def _seen(processing, cfg: ModelConfig, tokens_BxP, lengths_B, rows_R):
-    """The repetition penalty's starting ids per (expanded) row, or None."""
-    seen = initial_seen(processing, cfg.family, tokens_BxP, lengths_B, cfg.vocab_size)
-    return seen if seen is None or rows_R is None else seen[rows_R]
+def _history(processing, cfg: ModelConfig, tokens_BxP, lengths_B, rows_R, room: int):
+    """Each (expanded) row's history for the processors, with `room` free slots; or None."""
+    history = initial_history(processing, cfg.family, tokens_BxP, lengths_B, cfg.vocab_size,
+                              room)
+    return history if rows_R is None else take_rows(history, rows_R)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n", "sampling", "samples", "eos",
@@ -483,7 +491,7 @@ def _sample_jit(params, tokens_BxP, lengths_B, seed, example_B, *, cfg, n, sampl
     return sample_decode(step, cache, logits, _row_keys(seed, example_B, samples),
                          max_new_tokens=n, sampling=sampling, eos_id=eos,
                          grow_to=tuple(lengths[1:]), processing=processing,
-                         seen_BxV=_seen(processing, cfg, tokens_BxP, lengths_B, rows))
+                         history=_history(processing, cfg, tokens_BxP, lengths_B, rows, n))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n", "beams", "alpha", "eos", "prefix_lm",
@@ -496,7 +504,7 @@ def _beam_jit(params, tokens_BxP, lengths_B, *, cfg, n, beams, alpha, eos=(EOS_I
                                         rows, prefix_lm=prefix_lm)
     return beam_search(step, cache, logits, num_beams=beams, max_new_tokens=n, alpha=alpha,
                        reorder_cache=cache_lib.take_rows, eos_id=eos, processing=processing,
-                       seen_BWxV=_seen(processing, cfg, tokens_BxP, lengths_B, rows))
+                       history=_history(processing, cfg, tokens_BxP, lengths_B, rows, n))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "n", "k", "sampling", "samples",
@@ -517,7 +525,8 @@ def _speculative_jit(params, draft_params, tokens_BxP, lengths_B, seed, example_
                               _row_keys(seed, example_B, samples), max_new_tokens=n,
                               num_draft=k, sampling=sampling, eos_id=eos,
                               grow_to=tuple(lengths[1:]), processing=processing,
-                              seen_BxV=_seen(processing, cfg, tokens_BxP, lengths_B, rows))
+                              history=_history(processing, cfg, tokens_BxP, lengths_B, rows,
+                                               n + k + 1))
 
 
 def shard_rows(loaded, *arrays_B):
@@ -658,9 +667,11 @@ def iter_generate(loaded, prompts: Sequence[Sequence[int]], options: DecodeOptio
 
 
 def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
-             max_new_tokens=None, temperature=None, top_k=None, top_p=None, num_beams=None,
-             alpha=None, num_samples=None, seed=None, batch_size=None, draft=None, num_draft=None,
-             stop_ids=None, repetition_penalty=None, min_new_tokens=None) -> list:
+             max_new_tokens=None, temperature=None, top_k=None, top_p=None, min_p=None,
+             num_beams=None, alpha=None, num_samples=None, seed=None, batch_size=None,
+             draft=None, num_draft=None,
+             stop_ids=None, repetition_penalty=None, no_repeat_ngram_size=None,
+             min_new_tokens=None) -> list:
     """Decodes every input; returns one entry per input, in order.
 
     Args:
@@ -674,8 +685,10 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
       stop_ids: ids that end a row instead of the model's (`stop_ids(loaded)`), as HF
         `generate(eos_token_id=[...])` (e.g. a newline's id for one-line answers).
       repetition_penalty: HF's penalty on every id already in the row (prompt and generated;
-        > 1 discourages repeats, 1 = off); min_new_tokens: no stop id before a row has this
-        many new tokens. Both as HF `generate` applies them, for every method (`processors`).
+        > 1 discourages repeats, 1 = off); no_repeat_ngram_size: no n-gram of this size twice
+        in a row (0 = off); min_new_tokens: no stop id before a row has this many new tokens.
+        All as HF `generate` applies them, for every method (`processors`). min_p: HF's
+        min-p filter after top_p (sampling; 0 = off).
       Other options: see `DecodeOptions`; None = the checkpoint's / library default.
 
     Returns:
@@ -689,9 +702,10 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
     """
     options = decode_options(
         loaded, method=method, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_k=top_k, top_p=top_p, num_beams=num_beams, alpha=alpha, num_samples=num_samples,
-        seed=seed, batch_size=batch_size, num_draft=num_draft, stop_ids=stop_ids,
-        repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens)
+        top_k=top_k, top_p=top_p, min_p=min_p, num_beams=num_beams, alpha=alpha,
+        num_samples=num_samples, seed=seed, batch_size=batch_size, num_draft=num_draft, stop_ids=stop_ids,
+        repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+        min_new_tokens=min_new_tokens)
     prompts = encode_prompts(loaded, inputs=inputs, input_ids=input_ids, messages=messages)
     results: list = []
     for batch in iter_generate(loaded, prompts, options, draft=draft):

@@ -1,30 +1,37 @@
-"""Logit processors that depend on the sequence so far: repetition penalty and min_new_tokens.
+"""Logit processors that depend on the sequence so far: repetition penalty, no-repeat n-grams
+and min_new_tokens.
 
-Both are HF's, with HF's arithmetic and placement, so decodes with them equal HF `generate`:
+All three are HF's, with HF's arithmetic and placement, so decodes with them equal HF
+`generate`. A row's history is its prompt without left padding (GPT) or its decoder input
+(encoder-decoder: the start id 0, not the encoder's input), then what it generated:
 
-  repetition_penalty  (`RepetitionPenaltyLogitsProcessor`, CTRL's rule) every token id already
-                      in the row -- its prompt (left padding excluded) and what it generated; for
-                      an encoder-decoder, its decoder input: the start id 0 and what it
-                      generated -- has its score s replaced by s * penalty where s < 0, else
-                      s / penalty. 1.0 = off; > 1 discourages repeats.
-  min_new_tokens      (`MinNewTokensLengthLogitsProcessor`) while a row has generated fewer than
-                      this many tokens, its stop ids score -inf. 0 = off.
+  repetition_penalty    (`RepetitionPenaltyLogitsProcessor`, CTRL's rule) every id in the
+                        history has its score s replaced by s * penalty where s < 0, else
+                        s / penalty. 1.0 = off; > 1 discourages repeats.
+  no_repeat_ngram_size  (`NoRepeatNGramLogitsProcessor`) n: a token that would complete an
+                        n-gram already in the history scores -inf. 0 = off. (HF counts a GPT
+                        row's left padding as history too, so a padded row's n-grams can
+                        depend on its batch there; here they never do.)
+  min_new_tokens        (`MinNewTokensLengthLogitsProcessor`) while a row has generated fewer
+                        than this many tokens, its stop ids score -inf. 0 = off.
 
-They act before temperature / top-k / top-p (HF's order), on the raw logits for greedy and
-sampled decoding and speculative decoding's target and draft, and on the log-softmax of the
+They act before temperature / top-k / top-p / min-p (HF's order), on the raw logits for greedy
+and sampled decoding and speculative decoding's target and draft, and on the log-softmax of the
 logits for beam search (HF applies its processors to the log-probs there, so beams are ranked
 by the processed sums). The reported `score` stays the sum of log p(token) under the model.
 
-A row's seen tokens are a [B, V] bool mask carried through the decode loop; it is only built
-when the penalty is on.
+The history is carried through the decode loop as `History`: a [B, V] mask of seen ids (only
+with the penalty) and the ids themselves (only with the n-gram rule).
 
-Shape legend: B rows, P prompt length, V vocab.
+Shape legend: B rows, P prompt length, L history slots, V vocab.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from t5x_lite.decoding.stops import StopIds, is_eos, stop_id_tuple
@@ -37,6 +44,7 @@ class Processing:
     """The sequence-dependent processors of a decode (static: part of what compiles)."""
 
     repetition_penalty: float = 1.0  # 1.0 = off
+    no_repeat_ngram_size: int = 0  # 0 = off
     min_new_tokens: int = 0  # 0 = off
     stop_ids: tuple[int, ...] = ()  # what min_new_tokens holds back
 
@@ -44,15 +52,17 @@ class Processing:
         if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
             raise ValueError(f"repetition_penalty must be finite and > 0, got "
                              f"{self.repetition_penalty}")
-        if self.min_new_tokens < 0:
-            raise ValueError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+        if self.min_new_tokens < 0 or self.no_repeat_ngram_size < 0:
+            raise ValueError(f"min_new_tokens and no_repeat_ngram_size must be >= 0, got "
+                             f"{self.min_new_tokens}, {self.no_repeat_ngram_size}")
 
     @classmethod
-    def of(cls, repetition_penalty: float = 1.0, min_new_tokens: int = 0,
-           eos_id: StopIds = ()) -> "Processing | None":
+    def of(cls, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+           min_new_tokens: int = 0, eos_id: StopIds = ()) -> "Processing | None":
         """The processing, or None when nothing is on (the decode then compiles as without)."""
         stops = stop_id_tuple(eos_id) if min_new_tokens > 0 else ()
-        out = cls(float(repetition_penalty), int(min_new_tokens), stops)
+        out = cls(float(repetition_penalty), int(no_repeat_ngram_size), int(min_new_tokens),
+                  stops)
         return out if out.active else None
 
     @property
@@ -60,49 +70,126 @@ class Processing:
         return self.repetition_penalty != 1.0
 
     @property
+    def holds_stops(self) -> bool:
+        return self.min_new_tokens > 0 and bool(self.stop_ids)
+
+    @property
     def active(self) -> bool:
-        return self.penalizes or (self.min_new_tokens > 0 and bool(self.stop_ids))
+        return self.penalizes or self.no_repeat_ngram_size > 0 or self.holds_stops
 
 
-def initial_seen(processing: Processing | None, family: str, prompt_BxP, lengths_B,
-                 vocab_size: int):
-    """[B, V] bool: the ids the penalty starts from (see module docstring), or None when the
-    penalty is off. GPT prompts are left-padded to P with `lengths_B` real tokens; an
-    encoder-decoder's decoder starts from its start id alone."""
-    if processing is None or not processing.penalizes:
+class History(NamedTuple):
+    """What the processors read of each row's history (None fields: not needed)."""
+
+    seen: Any  # [B, V] bool: the ids in the history (the penalty)
+    ids: Any  # [B, L] int32: the history, from slot `start` to slot `length` - 1 (n-grams)
+    start: Any  # [B] int32
+    length: Any  # int32 scalar: slots filled (the same for every row)
+
+
+def initial_history(processing: Processing | None, family: str, prompt_BxP, lengths_B,
+                    vocab_size: int, room: int) -> History | None:
+    """The history before the first new token (see module docstring), with `room` free slots
+    for the ids to come; None when no processor needs one. GPT prompts are left-padded to P
+    with `lengths_B` real tokens."""
+    if processing is None or not (processing.penalizes or processing.no_repeat_ngram_size):
         return None
     b, p = prompt_BxP.shape
-    if family != "gpt":
-        return jnp.zeros((b, vocab_size), jnp.bool_).at[:, T5_START_ID].set(True)
-    real_BxP = jnp.arange(p)[None, :] >= p - lengths_B[:, None]
-    ids_BxP = jnp.where(real_BxP, prompt_BxP, vocab_size)  # padding: past the end, dropped
-    return jnp.zeros((b, vocab_size), jnp.bool_).at[jnp.arange(b)[:, None], ids_BxP].set(
+    if family == "gpt":
+        ids_BxP, start_B = prompt_BxP.astype(jnp.int32), p - lengths_B.astype(jnp.int32)
+    else:
+        ids_BxP, start_B = jnp.full((b, 1), T5_START_ID, jnp.int32), jnp.zeros((b,), jnp.int32)
+    seen = None
+    if processing.penalizes:
+        real_BxP = jnp.arange(ids_BxP.shape[1])[None, :] >= start_B[:, None]
+        seen = jnp.zeros((b, vocab_size), jnp.bool_).at[
+            jnp.arange(b)[:, None], jnp.where(real_BxP, ids_BxP, vocab_size)].set(
+                True, mode="drop")  # padding: past the end, dropped
+    ids = None
+    if processing.no_repeat_ngram_size:
+        ids = jnp.concatenate([ids_BxP, jnp.zeros((b, room), jnp.int32)], 1)
+    return History(seen, ids, start_B, jnp.int32(ids_BxP.shape[1]))
+
+
+def extend(history: History | None, tokens_B, keep_B=None) -> History | None:
+    """`history` with each row's token appended (counted as seen where `keep_B`)."""
+    if history is None:
+        return None
+    seen, ids = history.seen, history.ids
+    if seen is not None:
+        b, v = seen.shape
+        seen = seen.at[jnp.arange(b), tokens_B if keep_B is None else
+                       jnp.where(keep_B, tokens_B, v)].set(True, mode="drop")
+    if ids is not None:
+        ids = jax.lax.dynamic_update_slice(ids, tokens_B.astype(jnp.int32)[:, None],
+                                           (0, history.length))
+    return History(seen, ids, history.start, history.length + 1)
+
+
+def take_rows(history: History | None, rows_R) -> History | None:
+    """The histories of rows `rows_R` (beam search's parents)."""
+    if history is None:
+        return None
+    pick = lambda x: None if x is None else x[rows_R]
+    return History(pick(history.seen), pick(history.ids), history.start[rows_R],
+                   history.length)
+
+
+def extensions(history: History | None, tokens_BxK) -> list:
+    """[history, history + tokens[:, :1], ..., history + tokens]: the K + 1 histories of the
+    positions a speculative target pass scores (None entries when `history` is None)."""
+    out = [history]
+    for j in range(tokens_BxK.shape[1] if history is not None else 0):
+        out.append(extend(out[-1], tokens_BxK[:, j]))
+    return out if history is not None else [None] * (tokens_BxK.shape[1] + 1)
+
+
+def nth_extension(extended: list, m) -> History | None:
+    """`extended[m]` of `extensions(...)` for a traced m: the history plus the first m tokens."""
+    first, last = extended[0], extended[-1]
+    if first is None:
+        return None
+    seen = None if first.seen is None else jax.lax.dynamic_index_in_dim(
+        jnp.stack([h.seen for h in extended], 1), m, 1, False)
+    # The ids past slot `length` are never read: the last extension's serve every m.
+    return History(seen, last.ids, first.start, first.length + m)
+
+
+def ngram_bans(history: History, n: int, vocab_size: int):
+    """[B, V] bool: the tokens that would complete an n-gram already in the history (HF's
+    NoRepeatNGramLogitsProcessor: each window whose first n - 1 ids are the history's last
+    n - 1 bans its last id)."""
+    ids, cur = history.ids, history.length
+    b, slots = ids.shape
+    w = slots - n + 1  # window starts
+    if w <= 0:  # no room for an n-gram
+        return jnp.zeros((b, vocab_size), jnp.bool_)
+    suffix = jax.lax.dynamic_slice_in_dim(ids, jnp.maximum(cur - (n - 1), 0), n - 1, axis=1)
+    match = jnp.ones((b, w), jnp.bool_)
+    for o in range(n - 1):
+        match = match & (ids[:, o:o + w] == suffix[:, o:o + 1])
+    s_W = jnp.arange(w)
+    match = match & (s_W[None, :] >= history.start[:, None]) & (s_W[None, :] <= cur - n)
+    banned = jnp.where(match, ids[:, n - 1:n - 1 + w], vocab_size)
+    return jnp.zeros((b, vocab_size), jnp.bool_).at[jnp.arange(b)[:, None], banned].set(
         True, mode="drop")
 
 
-def add_seen(seen_BxV, tokens_B, keep_B=None):
-    """`seen_BxV` with each row's token added (where `keep_B`); None stays None."""
-    if seen_BxV is None:
-        return None
-    b, v = seen_BxV.shape
-    ids_B = tokens_B if keep_B is None else jnp.where(keep_B, tokens_B, v)
-    return seen_BxV.at[jnp.arange(b), ids_B].set(True, mode="drop")
-
-
-def process(processing: Processing | None, scores_BxV, seen_BxV, generated):
-    """Scores (as float32; unchanged without `processing`) after the penalty (on `seen_BxV`) and min_new_tokens (`generated`: tokens
-    each row has generated before this one, a scalar or [B]). Leading axes beyond B are fine
-    when `seen` and `generated` broadcast to them."""
+def process(processing: Processing | None, scores_BxV, history: History | None, generated):
+    """Scores (as float32; unchanged without `processing`) after the penalty, the n-gram rule
+    and min_new_tokens (`generated`: the tokens each row has generated before this one)."""
     if processing is None:
         return scores_BxV
     scores_BxV = scores_BxV.astype(jnp.float32)
     if processing.penalizes:
         r = jnp.float32(processing.repetition_penalty)
         penalised = jnp.where(scores_BxV < 0, scores_BxV * r, scores_BxV / r)
-        scores_BxV = jnp.where(seen_BxV, penalised, scores_BxV)
-    if processing.min_new_tokens > 0 and processing.stop_ids:
-        early = jnp.asarray(generated) < processing.min_new_tokens
+        scores_BxV = jnp.where(history.seen, penalised, scores_BxV)
+    if processing.no_repeat_ngram_size:
+        banned = ngram_bans(history, processing.no_repeat_ngram_size, scores_BxV.shape[-1])
+        scores_BxV = jnp.where(banned, -jnp.inf, scores_BxV)
+    if processing.holds_stops:
         stop_V = is_eos(jnp.arange(scores_BxV.shape[-1]), processing.stop_ids)
-        held = jnp.expand_dims(early, -1) & stop_V
-        scores_BxV = jnp.where(held, -jnp.inf, scores_BxV)
+        scores_BxV = jnp.where((generated < processing.min_new_tokens) & stop_V, -jnp.inf,
+                               scores_BxV)
     return scores_BxV

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from t5x_lite.decoding.cache import grow, while_in_phases
 from t5x_lite.decoding.filtering import SamplingConfig, row_keys, select_tokens, token_log_probs
-from t5x_lite.decoding.processors import Processing, add_seen, process
+from t5x_lite.decoding.processors import History, Processing, extend, process
 from t5x_lite.decoding.stops import StopIds, is_eos
 
 StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
@@ -41,13 +41,13 @@ class _State(NamedTuple):
     last_B: jax.Array
     cache: Any
     out: DecodeOutput
-    seen: Any  # [B, V] bool: the ids the repetition penalty applies to (None: no penalty)
+    history: History | None  # what the processors read (None: none on)
 
 
 def sample_decode(tokens_to_logits: StepFn, cache, first_logits_BxV, keys_B, *,
                   max_new_tokens: int, sampling: SamplingConfig, eos_id: StopIds = EOS_ID,
                   grow_to: tuple[int, ...] = (), processing: Processing | None = None,
-                  seen_BxV=None) -> DecodeOutput:
+                  history: History | None = None) -> DecodeOutput:
     """Greedy (sampling.temperature == 0) or sampled decoding.
 
     Args:
@@ -62,33 +62,34 @@ def sample_decode(tokens_to_logits: StepFn, cache, first_logits_BxV, keys_B, *,
         while the cache has room, then `cache.grow` gives it the next of the `grow_to` lengths,
         and so on: one loop per phase, the last with room for the whole budget. The output is
         the same as with one cache.
-      processing, seen_BxV: the repetition penalty and min_new_tokens (`processors`), with
-        the ids each row's penalty starts from (`processors.initial_seen`; None without it).
+      processing, history: the repetition penalty, no-repeat n-grams and min_new_tokens
+        (`processors`), with each row's history before the first new token
+        (`processors.initial_history`; None when no processor reads it).
     """
     b = first_logits_BxV.shape[0]
     n = max_new_tokens
     empty = DecodeOutput(jnp.zeros((b, n), jnp.int32), jnp.zeros((b,), jnp.int32),
                          jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.bool_))
 
-    def record(out: DecodeOutput, seen_BxV, step, logits_BxV):
-        scores_BxV = process(processing, logits_BxV, seen_BxV, step)
+    def record(out: DecodeOutput, history, step, logits_BxV):
+        scores_BxV = process(processing, logits_BxV, history, step)
         tok_B = select_tokens(row_keys(keys_B, step), scores_BxV, sampling)
         done_B = out.finished_B
         tok_B = jnp.where(done_B, PAD_ID, tok_B)
         logp_B = jnp.where(done_B, 0.0, token_log_probs(logits_BxV, tok_B))
-        return tok_B, add_seen(seen_BxV, tok_B, ~done_B), DecodeOutput(
+        return tok_B, extend(history, tok_B, ~done_B), DecodeOutput(
             tokens_BxN=jax.lax.dynamic_update_slice(out.tokens_BxN, tok_B[:, None], (0, step)),
             lengths_B=out.lengths_B + (~done_B).astype(jnp.int32),
             logprob_B=out.logprob_B + logp_B,
             finished_B=done_B | is_eos(tok_B, eos_id))
 
-    last_B, seen_BxV, out = record(empty, seen_BxV, 0, first_logits_BxV)
-    state = _State(jnp.int32(1), last_B, cache, out, seen_BxV)
+    last_B, history, out = record(empty, history, 0, first_logits_BxV)
+    state = _State(jnp.int32(1), last_B, cache, out, history)
 
     def body(s: _State):
         logits_Bx1xV, cache = tokens_to_logits(s.last_B[:, None], s.cache)
-        last_B, seen_BxV, out = record(s.out, s.seen, s.step, logits_Bx1xV[:, 0])
-        return _State(s.step + 1, last_B, cache, out, seen_BxV)
+        last_B, history, out = record(s.out, s.history, s.step, logits_Bx1xV[:, 0])
+        return _State(s.step + 1, last_B, cache, out, history)
 
     state = while_in_phases(
         lambda s: (s.step < n) & ~jnp.all(s.out.finished_B), body, state, grow_to,

@@ -35,7 +35,8 @@ from t5x_lite.argmax import argmax
 from t5x_lite.decoding import cache as cache_lib
 from t5x_lite.decoding.filtering import (SamplingConfig, categorical, filter_logits, row_keys,
                                          select_tokens)
-from t5x_lite.decoding.processors import Processing, add_seen, process
+from t5x_lite.decoding import processors
+from t5x_lite.decoding.processors import History, Processing, extend, process
 from t5x_lite.decoding.sampling import EOS_ID, PAD_ID, DecodeOutput, StepFn
 from t5x_lite.decoding.stops import StopIds, is_eos
 
@@ -52,7 +53,7 @@ class _State(NamedTuple):
     done_B: jax.Array
     iterations: jax.Array
     accepted: jax.Array  # sum over iterations of m (draft tokens kept)
-    seen: Any  # [B, V] bool: the repetition penalty's ids, last_B included (None: no penalty)
+    history: History | None  # what the processors read, last_B included (None: none on)
 
 
 def _probs(logits_BxKxV, sampling: SamplingConfig):
@@ -65,7 +66,7 @@ def speculative_decode(target_step: StepFn, draft_step: StepFn, target_cache, dr
                        first_logits_BxV, prompt_last_B, keys_B, *, max_new_tokens: int,
                        num_draft: int, sampling: SamplingConfig, eos_id: StopIds = EOS_ID,
                        grow_to: tuple[int, ...] = (), processing: Processing | None = None,
-                       seen_BxV=None):
+                       history: History | None = None):
     """Returns (DecodeOutput, stats) -- stats: iterations and mean accepted draft tokens.
 
     Both caches must hold the prompt (cursor at the same slot) with room for
@@ -74,21 +75,22 @@ def speculative_decode(target_step: StepFn, draft_step: StepFn, target_cache, dr
     phase while the target's k + 1 writes fit. `first_logits_BxV` are the target's prefill
     logits and `prompt_last_B` the last prompt token of each row.
 
-    `processing` (repetition penalty, min_new_tokens; `seen_BxV` the penalty's starting ids) is
+    `processing` (repetition penalty, no-repeat n-grams, min_new_tokens; `history` the rows'
+    histories before the first new token, with room for num_draft + 1 more ids than they get) is
     applied as in `sample_decode`, at each position with the proposals before it counted: to
     the draft's logits (so q is what it sampled from) and to the target's (so p, and greedy's
     argmax, are the plain decode's).
     """
     b, n, k = first_logits_BxV.shape[0], max_new_tokens, num_draft
     greedy = sampling.greedy
-    tok0_B = select_tokens(row_keys(keys_B, 0), process(processing, first_logits_BxV, seen_BxV, 0),
+    tok0_B = select_tokens(row_keys(keys_B, 0), process(processing, first_logits_BxV, history, 0),
                            sampling)
     logp0_B = jax.nn.log_softmax(first_logits_BxV.astype(jnp.float32), -1)
     logp0_B = jnp.take_along_axis(logp0_B, tok0_B[:, None], -1)[:, 0]
     tokens = jnp.zeros((b, n + k + 1), jnp.int32).at[:, 0].set(tok0_B)
     state = _State(jnp.int32(1), prompt_last_B.astype(jnp.int32), tok0_B, target_cache,
                    draft_cache, tokens, logp0_B, jnp.ones((b,), jnp.int32), is_eos(tok0_B, eos_id),
-                   jnp.int32(0), jnp.int32(0), add_seen(seen_BxV, tok0_B))
+                   jnp.int32(0), jnp.int32(0), extend(history, tok0_B))
 
     def body(s: _State):
         it_keys = row_keys(keys_B, s.iterations + 1)  # distinct from the first-token key (0)
@@ -96,30 +98,28 @@ def speculative_decode(target_step: StepFn, draft_step: StepFn, target_cache, dr
 
         dcache = cache_lib.set_index(s.draft_cache, start - 1)
         q_Bx2xV, dcache = draft_step(jnp.stack([s.prev_B, s.last_B], 1), dcache)
-        q_BxV = process(processing, q_Bx2xV[:, 1], s.seen, s.count)
+        q_BxV = process(processing, q_Bx2xV[:, 1], s.history, s.count)
         d_B = select_tokens(row_keys(it_keys, 0), q_BxV, sampling)
         drafts_BxK, qlogits_BxKxV = d_B[:, None], q_BxV[:, None]
         if k > 1:
             def draft_one(carry, j):
-                x_B, seen_BxV, dcache = carry
+                x_B, history, dcache = carry
                 logits_Bx1xV, dcache = draft_step(x_B[:, None], dcache)
-                q_BxV = process(processing, logits_Bx1xV[:, 0], seen_BxV, s.count + j)
+                q_BxV = process(processing, logits_Bx1xV[:, 0], history, s.count + j)
                 d_B = select_tokens(row_keys(it_keys, j), q_BxV, sampling)
-                return (d_B, add_seen(seen_BxV, d_B), dcache), (d_B, q_BxV)
+                return (d_B, extend(history, d_B), dcache), (d_B, q_BxV)
 
             (_, _, dcache), (rest_JxB, rest_JxBxV) = jax.lax.scan(
-                draft_one, (d_B, add_seen(s.seen, d_B), dcache), jnp.arange(1, k))
+                draft_one, (d_B, extend(s.history, d_B), dcache), jnp.arange(1, k))
             drafts_BxK = jnp.concatenate([drafts_BxK, rest_JxB.T], 1)
             qlogits_BxKxV = jnp.concatenate([qlogits_BxKxV, jnp.swapaxes(rest_JxBxV, 0, 1)], 1)
         fed_Bx1K = jnp.concatenate([s.last_B[:, None], drafts_BxK], 1)
         plogits_BxK1xV, tcache = target_step(fed_Bx1K, s.target_cache)
-        # Position j predicts token count + j, after d_1..d_j: its ids seen include them.
-        seen_K1 = [s.seen]
-        for j in range(k if s.seen is not None else 0):
-            seen_K1.append(add_seen(seen_K1[-1], drafts_BxK[:, j]))
-        seen_BxK1xV = None if s.seen is None else jnp.stack(seen_K1, 1)
-        scores_BxK1xV = process(processing, plogits_BxK1xV, seen_BxK1xV,
-                                s.count + jnp.arange(k + 1))
+        # Position j predicts token count + j, after d_1..d_j: its history includes them.
+        histories = processors.extensions(s.history, drafts_BxK)
+        scores_BxK1xV = plogits_BxK1xV if processing is None else jnp.stack(
+            [process(processing, plogits_BxK1xV[:, j], histories[j], s.count + j)
+             for j in range(k + 1)], 1)
 
         if greedy:
             target_tok_BxK1 = argmax(scores_BxK1xV)
@@ -166,12 +166,11 @@ def speculative_decode(target_step: StepFn, draft_step: StepFn, target_cache, dr
         rollback = start + 1 + m
         prev_B = jax.lax.dynamic_index_in_dim(
             jnp.concatenate([s.last_B[:, None], drafts_BxK], 1), m, 1, False)
-        seen_BxV = None if s.seen is None else add_seen(
-            jax.lax.dynamic_index_in_dim(seen_BxK1xV, m, 1, False), fix_B)
+        history = extend(processors.nth_extension(histories, m), fix_B)
         return _State(s.count + m + 1, prev_B, fix_B, cache_lib.set_index(tcache, rollback),
                       dcache, tokens, logprob_B,
                       s.length_B + jnp.sum(keep_BxK1, 1).astype(jnp.int32), done_B,
-                      s.iterations + 1, s.accepted + m, seen_BxV)
+                      s.iterations + 1, s.accepted + m, history)
 
     s = cache_lib.while_in_phases(  # the draft writes below the target's k + 1 slots
         lambda s: (s.count < n) & ~jnp.all(s.done_B), body, state, grow_to,
