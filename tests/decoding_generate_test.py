@@ -16,7 +16,6 @@ import types
 import jax
 import numpy as np
 import pytest
-import torch
 
 import decoding_testlib
 import hf_reference
@@ -65,18 +64,9 @@ def _hf_generate(model, prompts, left_pad, eos=1, **kw):
 
 
 def _hf_generate_uncached(model, prompts, left_pad, eos=1, **kw):
-    p = max(map(len, prompts))
-    ids, mask = np.zeros((len(prompts), p), np.int64), np.zeros((len(prompts), p), np.int64)
-    for i, x in enumerate(prompts):
-        sl = slice(p - len(x), p) if left_pad else slice(0, len(x))
-        ids[i, sl], mask[i, sl] = x, 1
-    with torch.no_grad():
-        out = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                             max_new_tokens=N, pad_token_id=0, eos_token_id=eos, do_sample=False,
-                             return_dict_in_generate=True, output_scores=True, **kw)
-    seqs = out.sequences[:, p if left_pad else 1:].numpy()  # T5 output starts with the start id
-    cut = lambda s: s[:list(s).index(eos) + 1].tolist() if eos in s else s.tolist()
-    return [cut(s) for s in seqs], getattr(out, "sequences_scores", None)
+    rows, scores = hf_reference.padded_generate(model, prompts, N, left_pad, eos_token_id=eos,
+                                                do_sample=False, **kw)
+    return [hf_reference.cut_at(r, [eos]) for r in rows], scores
 
 
 @pytest.mark.parametrize("family", ["gpt2", "t5"])

@@ -32,21 +32,11 @@ def _prompts():
     return [rng.integers(2, HF_V, n).tolist() for n in (3, 7, 5, 1, 6, 2)]
 
 
-def _hf_generate(kind, hf, prompts, stop_ids=(1,), **kw):
-    """HF generate's rows (cut after their first stop id) and sequences_scores."""
-    gpt = kind == "gpt2"
-    p = max(map(len, prompts))
-    ids, mask = np.zeros((len(prompts), p), np.int64), np.zeros((len(prompts), p), np.int64)
-    for i, x in enumerate(prompts):
-        sl = slice(p - len(x), p) if gpt else slice(0, len(x))
-        ids[i, sl], mask[i, sl] = x, 1
-    with torch.no_grad():
-        out = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                          max_new_tokens=N, pad_token_id=0, eos_token_id=list(stop_ids),
-                          return_dict_in_generate=True, output_scores=True, **kw)
-    rows = out.sequences[:, p if gpt else 1:].numpy().tolist()
-    cut = [next((r[:i + 1] for i, t in enumerate(r) if t in stop_ids), r) for r in rows]
-    return cut, getattr(out, "sequences_scores", None)
+def _hf_generate(kind, hf, prompts, **kw):
+    """HF generate's rows (cut after EOS) and sequences_scores."""
+    rows, scores = hf_reference.padded_generate(hf, prompts, N, kind == "gpt2", eos_token_id=1,
+                                                **kw)
+    return [hf_reference.cut_at(r, [1]) for r in rows], scores
 
 
 # ----------------------------------------------------------------------------- the arithmetic
@@ -242,8 +232,8 @@ def test_sampled_pairs_follow_the_processed_law(draft):
     """The first two tokens of 4096 samples, plain and speculative (a different draft: accept,
     reject and correction paths), follow the law HF's processors give: the second token's
     penalty counts the first, a bigram of the prompt is not repeated (after a first token 5,
-    the prompt's 5 7 bans 7, the likeliest token), min_new_tokens 1 holds EOS back only at the first,
-    and min-p drops the unlikely tokens. Each of them matters to the law."""
+    the prompt's 5 7 bans 7, the likeliest token), min_new_tokens 1 holds EOS back only at the
+    first, and min-p drops the unlikely tokens. Each of them matters to the law."""
     target = _tiny_gpt(0, 2)
     target.params["token_embedder"]["embedding"][1] *= 3.0  # EOS likely once allowed
     rows, penalty, temperature, min_p = 4096, 1.8, 2.0, 0.01

@@ -53,16 +53,8 @@ def build(kind: str, out_dir=None, seed: int = 0):
 
 
 def _randomize(model, seed: int):
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if name.endswith("bias") and "relative_attention_bias" not in name:
-                p.copy_(0.1 * noise)
-            elif "norm" in name or ".ln_" in name:
-                p.copy_(1.0 + 0.2 * noise)
-            elif "relative_attention_bias" in name or name.endswith(("wte.weight", "wpe.weight")):
-                p.copy_(0.5 * noise)  # HF's 0.02 for GPT-2 would give logits too small to test
+    _randomize_scaled(model, seed + 1, 0.5, relative_bias=True)  # HF's 0.02 for GPT-2 embeddings
+    # would give logits too small to test
 
 
 def padded_batch(rng: np.random.Generator, lengths, vocab: int = VOCAB):
@@ -133,20 +125,34 @@ def _llama_layout(model_cls, config_cls, tie, kv_heads, seed, rope, extra):
     return hf
 
 
-def greedy_left_padded(hf, prompts, n, eos_token_id=None):
-    """HF `generate(do_sample=False)` of a causal LM on `prompts` left-padded into one batch:
-    each row's new tokens, cut after its first `eos_token_id` (None: all n)."""
+def padded_generate(hf, prompts, n: int, left_pad: bool = True, **kw):
+    """HF `generate` on `prompts` padded into one batch with pad id 0 (left for a causal LM,
+    right for T5's encoder), `max_new_tokens=n` and `kw`: (each row's new tokens as a list,
+    `sequences_scores` or None)."""
     p = max(map(len, prompts))
     ids = np.zeros((len(prompts), p), np.int64)
     mask = np.zeros_like(ids)
     for i, x in enumerate(prompts):
-        ids[i, p - len(x):], mask[i, p - len(x):] = x, 1
+        sl = slice(p - len(x), p) if left_pad else slice(0, len(x))
+        ids[i, sl], mask[i, sl] = x, 1
     with torch.no_grad():
         out = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                          max_new_tokens=n, do_sample=False, pad_token_id=0,
-                          eos_token_id=eos_token_id)
-    rows = out[:, p:].numpy().tolist()
-    return [r[:r.index(eos_token_id) + 1] if eos_token_id in r else r for r in rows]
+                          max_new_tokens=n, pad_token_id=0, return_dict_in_generate=True,
+                          output_scores=True, **kw)
+    new = out.sequences[:, p if left_pad else 1:]  # T5's output starts with its start id
+    return new.numpy().tolist(), getattr(out, "sequences_scores", None)
+
+
+def cut_at(row, stop_ids):
+    """`row` up to and including its first id in `stop_ids` (all of it without one)."""
+    return next((row[:i + 1] for i, t in enumerate(row) if t in stop_ids), list(row))
+
+
+def greedy_left_padded(hf, prompts, n, eos_token_id=None):
+    """HF `generate(do_sample=False)` of a causal LM on `prompts` left-padded into one batch:
+    each row's new tokens, cut after its first `eos_token_id` (None: the model's, uncut)."""
+    rows, _ = padded_generate(hf, prompts, n, do_sample=False, eos_token_id=eos_token_id)
+    return [cut_at(r, [eos_token_id]) for r in rows]
 
 
 def export_matches(workdir, out, hf, ids, architecture: str) -> dict:
@@ -301,10 +307,13 @@ def byte_level_bpe(size: int, specials, post_processor=None):
     return tok
 
 
-def _randomize_scaled(model, seed: int, embed_std: float):
-    """Biases ~0.1 N(0, 1), norm scales ~1 + 0.2 N(0, 1), GPT-2 embeddings ~embed_std N(0, 1);
-    other weights keep their HF init."""
+def _randomize_scaled(model, seed: int, embed_std: float, relative_bias: bool = False):
+    """Biases ~0.1 N(0, 1), norm scales ~1 + 0.2 N(0, 1), GPT-2 embeddings (and with
+    `relative_bias`, T5's relative-position biases) ~embed_std N(0, 1); other weights keep
+    their HF init."""
     g = torch.Generator().manual_seed(seed)
+    scaled = ("wte.weight", "wpe.weight") + (("relative_attention_bias.weight",)
+                                             if relative_bias else ())
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g)
@@ -312,7 +321,7 @@ def _randomize_scaled(model, seed: int, embed_std: float):
                 p.copy_(0.1 * noise)
             elif "norm" in name or ".ln_" in name:
                 p.copy_(1.0 + 0.2 * noise)
-            elif name.endswith(("wte.weight", "wpe.weight")):
+            elif name.endswith(scaled):
                 p.copy_(embed_std * noise)
 
 

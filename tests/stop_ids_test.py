@@ -35,12 +35,6 @@ def _hf(path):
         path, attn_implementation="eager").eval()
 
 
-def _cut(row, stops):
-    """`row` up to and including its first stop id."""
-    end = next((i for i, t in enumerate(row) if t in stops), len(row) - 1)
-    return row[:end + 1]
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """(HF dir, converted workdir, prompts, stop ids, HF greedy rows cut at the stops, config
@@ -58,7 +52,7 @@ def model(tmp_path_factory):
     root = tmp_path_factory.mktemp("stops")
     hf.save_pretrained(root / "hf")
     theirs = ref.greedy_left_padded(_hf(root / "hf"), prompts, N)  # the file's stop ids
-    theirs = [_cut(r, stops) for r in theirs]
+    theirs = [ref.cut_at(r, stops) for r in theirs]
     ended = [r[-1] for r in theirs if r[-1] in stops and len(r) < N]
     assert len(set(ended)) >= 2 and len(ended) >= 4  # rows stop early, at different ids
     convert.hf_to_workdir(root / "hf", root / "w")
@@ -138,7 +132,7 @@ def test_convert_keeps_the_generation_config_both_ways(model, tmp_path):
     back = _hf(tmp_path / "out")
     assert back.generation_config.eos_token_id == list(stops)
     rows = ref.greedy_left_padded(back, prompts, N)
-    assert [_cut(r, stops) for r in rows] == theirs
+    assert [ref.cut_at(r, stops) for r in rows] == theirs
     assert t5x_lite.load(tmp_path / "out").stop_ids == stops
 
     cfg = ModelConfig.from_dict(checkpoints.read_config(workdir).model)
@@ -229,7 +223,8 @@ def test_stop_ids_option_replaces_the_models_as_hf_eos_token_id_does(model):
     hf = _hf(hf_dir)
     free = ref.greedy_left_padded(hf, prompts, N, eos_token_id=10**6)
     custom = _custom_stops(free, stops)
-    theirs = [_cut(r, custom) for r in ref.greedy_left_padded(hf, prompts, N, eos_token_id=custom)]
+    theirs = [ref.cut_at(r, custom)
+              for r in ref.greedy_left_padded(hf, prompts, N, eos_token_id=custom)]
     assert len({r[-1] for r in theirs if len(r) < N}) == 2  # both end rows
     m = t5x_lite.load(hf_dir)
     for draft in (None, types.SimpleNamespace(**{**vars(m), "stop_ids": (1,)})):
@@ -250,7 +245,8 @@ def test_infer_takes_stop_ids_and_records_them(model, tmp_path):
     hf_dir, _, prompts, stops, _ = model
     hf = _hf(hf_dir)
     custom = _custom_stops(ref.greedy_left_padded(hf, prompts, N, eos_token_id=10**6), stops)
-    theirs = [_cut(r, custom) for r in ref.greedy_left_padded(hf, prompts, N, eos_token_id=custom)]
+    theirs = [ref.cut_at(r, custom)
+              for r in ref.greedy_left_padded(hf, prompts, N, eos_token_id=custom)]
     src = tmp_path / "prompts.jsonl"
     src.write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in prompts))
     out = tmp_path / "out.jsonl"
