@@ -5,6 +5,7 @@ and speculative decoding's speed-up. Run by hand; prints a markdown table.
     python benchmarks/decode_speed.py --models=gpt --batch_sizes=1 --new_tokens=64 --skip_hf
     python benchmarks/decode_speed.py --compile_compare --skip_hf --nospeculative --new_tokens=64
     python benchmarks/decode_speed.py --models= --nospeculative --kv_heads=8,2,1  # GQA / MQA
+    python benchmarks/decode_speed.py --models=gpt --skip_hf --nospeculative --processors
 
 Models: GPT-2-style, d_model 512, 6 layers, 8 heads, d_ff 2048, vocab 32128, 1024 positions
 (35.9M params, tied head; 35.6M with train_throughput.py's 512 positions); T5 v1.1-style,
@@ -50,6 +51,10 @@ with the same vocabulary costs half a target step), and a deeper GPT of the same
 (--deep_layers, random GPT-2 init) where a 1-layer draft is cheap. Random GPT-2-init weights
 leave the residual stream dominated by the embeddings, so shallow drafts agree often; a trained
 model's acceptance is what decides the real gain.
+--processors (default off): also times cached greedy decoding of each model with HF's sequence
+processors on (repetition_penalty 1.2, no_repeat_ngram_size 3, min_new_tokens = new_tokens / 2:
+README "Exact semantics"), against the same decode with them off, per --batch_sizes, in
+alternating runs.
 --kv_heads (default none): also times cached decoding (ours only: GPT-2 has no grouped-query
 form) of a gpt_modern of the same width (8 heads, d_ff 1408, 6 layers, untied head; random
 N(0, 1/fan_in) weights) with each of these key / value head counts, at --batch_sizes.
@@ -84,6 +89,8 @@ _REPEATS = flags.DEFINE_integer(
     "and for HF alike (HF: per torch thread count, then the faster count).")
 _DEEP = flags.DEFINE_integer("deep_layers", 24, "Layers of the deeper speculative target.")
 _KV_HEADS = flags.DEFINE_list("kv_heads", [], "gpt_modern key / value head counts to time.")
+_PROCESSORS = flags.DEFINE_bool("processors", False, "Time greedy decoding with HF's sequence "
+                                "processors on against off (see the module docstring).")
 _COMPILE_COMPARE = flags.DEFINE_bool(
     "compile_compare", False, "Compile time and ms/token of the greedy and beam programs, "
     "unrolled vs scanned layers (see the module docstring).")
@@ -134,10 +141,10 @@ def _prompts(batch, length, seed=0):
     return np.random.default_rng(seed).integers(2, V, (batch, length)).astype(np.int32)
 
 
-def time_cached(loaded, prompts, n):
+def time_cached(loaded, prompts, n, **decode):
     cfg = loaded.model.config
     tokens, lengths = gen.pack_prompts(cfg, prompts.tolist(), len(prompts))
-    opts = gen.DecodeOptions(max_new_tokens=n, batch_size=len(prompts))
+    opts = gen.DecodeOptions(max_new_tokens=n, batch_size=len(prompts), **decode)
     out = {}
 
     def run():
@@ -388,6 +395,23 @@ def grouped_query(n):
                   f"{cache:.1f} |", flush=True)
 
 
+def processors_cost(built, n):
+    """ms per step of cached greedy decoding with HF's sequence processors off and on."""
+    on = dict(repetition_penalty=1.2, no_repeat_ngram_size=3, min_new_tokens=n // 2)
+    print("\n| model | batch | processors off: ms/step | on: ms/step | on / off |")
+    print("|---|---|---|---|---|")
+    for kind, (_, loaded) in built.items():
+        for b in map(int, _BATCHES.value):
+            prompts = _prompts(b, _PROMPT.value)
+            best = {}
+            for _ in range(2):  # alternating, so that a busy spell hits both
+                for name, kw in (("off", {}), ("on", on)):
+                    t, steps = time_cached(loaded, prompts, n, **kw)
+                    best[name] = min(best.get(name, np.inf), t / steps)
+            print(f"| {kind} | {b} | {1e3 * best['off']:.2f} | {1e3 * best['on']:.2f} | "
+                  f"{best['on'] / best['off']:.3f} |", flush=True)
+
+
 def main(argv):
     del argv
     n = _NEW.value
@@ -427,6 +451,8 @@ def main(argv):
         grouped_query(n)
     if _COMPILE_COMPARE.value:
         compile_compare(built, n)
+    if _PROCESSORS.value:
+        processors_cost(built, n)
     if _SPEC.value and "gpt" in built:
         d = _DRAFT_LAYERS.value
         print(f"\nspeculative (greedy, draft = the target's first {d} layer(s) with its "

@@ -529,32 +529,47 @@ def hf_decode_defaults(hf_config, generation_config=None, where: str = "") -> di
     """The `decode` options HF `generate()` would use for a model with HF config `hf_config`
     and generation config `generation_config` (None: no generation_config.json; config.json's
     generation fields then, as HF derives its generation config from them): method "sample"
-    when `do_sample` is true, else "greedy"; temperature, top_k, top_p, min_p,
+    when `do_sample` is truthy (HF's test), else "greedy"; temperature, top_k, top_p, min_p,
     repetition_penalty, no_repeat_ngram_size and min_new_tokens as set there, else HF's
     defaults (`HF_DECODE_DEFAULTS`: top_k 50); max_new_tokens when set (HF's own default is a
-    total max_length of 20: not taken). A value that is not a valid decode option is left at
-    the default, with a warning naming `where`. Not taken: num_beams / length_penalty (HF's
-    length penalty is not T5's), min_length and the other processors."""
+    total max_length of 20: not taken). top_p 0, which keeps only the most likely token in HF,
+    is taken as top_k 1. A value that is not a valid decode option is left at the default,
+    with a warning naming `where`; so are settings that are not taken (num_beams > 1, whose
+    length penalty is not T5's; max_length, min_length)."""
     from t5x_lite.decoding.generate import DecodeError, DecodeOptions  # decoding imports api
-    source = hf_config if generation_config is None else generation_config
-    out = {"method": "sample" if source.get("do_sample") is True else "greedy",
-           **HF_DECODE_DEFAULTS}
+    source = dict(hf_config if generation_config is None else generation_config)
+    place = where or "HF model"
+    sample = source.get("do_sample")
+    if sample is not None and not isinstance(sample, bool):
+        logging.warning("%s: generation setting do_sample=%r is not a bool; taken as HF reads "
+                        "it, %s", place, sample, bool(sample))
+    top_p = source.get("top_p")
+    if hf_interop.is_number(top_p) and top_p == 0:
+        logging.warning("%s: generation setting top_p=0 keeps only the most likely token in HF; "
+                        "taken as top_k=1", place)
+        source.update(top_p=None, top_k=1)
+    out = {"method": "sample" if sample else "greedy", **HF_DECODE_DEFAULTS}
     for name in [*HF_DECODE_DEFAULTS, "max_new_tokens"]:
         value = source.get(name)
         if value is None:
             continue
         kind = type(getattr(DecodeOptions, name))
         try:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                    kind is int and int(value) != value):
+            if not hf_interop.is_number(value) or (kind is int and int(value) != value):
                 raise DecodeError(f"{name} must be a number{'' if kind is float else ' (int)'}")
             DecodeOptions(**{name: kind(value)})
         except (DecodeError, OverflowError, ValueError) as e:
             logging.warning("%s: generation setting %s=%r is not a usable decode option (%s); "
-                            "using %s", where or "HF model", name, value, e,
-                            out.get(name, "t5x_lite's default"))
+                            "using %s", place, name, value, e, out.get(name, "t5x_lite's default"))
             continue
         out[name] = kind(value)
+    ignored = [f"{k}={source[k]!r}" for k, off in (("num_beams", 1), ("max_length", 20),
+                                                    ("min_length", 0))
+               if source.get(k) is not None and source[k] != off]
+    if ignored:
+        logging.warning("%s: generation settings %s are not taken (t5x_lite's beam search "
+                        "ranks by T5's length penalty; lengths count new tokens: "
+                        "max_new_tokens / min_new_tokens)", place, ", ".join(ignored))
     return out
 
 

@@ -120,6 +120,11 @@ def is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def is_number(x) -> bool:
+    """An int or float that is not a bool (JSON true / false)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def read_source_config(workdir, error: type[Exception], context: str, advice: str,
                        name: str = HF_SOURCE_CONFIG) -> dict | None:
     """The source HF config `convert --from_hf` kept in `workdir` (`name`: HF_SOURCE_CONFIG,
@@ -305,18 +310,14 @@ def t5_activation(feed_forward_proj: str) -> tuple[bool, str] | None:
     return len(parts) == 2, parts[-1]
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def is_rate(x) -> bool:
     """A dropout rate: a number in [0, 1)."""
-    return _is_number(x) and 0 <= x < 1
+    return is_number(x) and 0 <= x < 1
 
 
 # The kinds of config.json values read: (test, what a value of that kind is).
 _KINDS = {"size": (lambda v: is_int(v) and v > 0, "a positive integer"),
-          "eps": (lambda v: _is_number(v) and v > 0, "a positive number"),
+          "eps": (lambda v: is_number(v) and v > 0, "a positive number"),
           "rate": (is_rate, "a number in [0, 1)"),
           "flag": (lambda v: isinstance(v, bool), "true or false"),
           "name": (lambda v: isinstance(v, str), "a string")}
@@ -556,7 +557,7 @@ def _yarn(rope, scale: Callable, original: int, max_len: int, source: str, withi
     length), beta_fast / beta_slow (null or 0: 32 / 1), truncate (null: false), and the cos /
     sin factor given or derived from mscale / mscale_all_dim (stored explicitly)."""
     def number(key, value, what="a positive number", ok=lambda v: v > 0):
-        if not (_is_number(value) and ok(value)):
+        if not (is_number(value) and ok(value)):
             raise InteropError(f"{source}: {within}.{key}={json.dumps(value)} is not {what}")
         return value
 

@@ -284,3 +284,21 @@ def test_speculative_greedy_equals_plain_greedy():
         assert [r["ids"] for r in spec] == [r["ids"] for r in plain]
         np.testing.assert_allclose([r["score"] for r in spec], [r["score"] for r in plain],
                                    rtol=1e-4)
+
+
+@pytest.mark.parametrize("draft", [False, True])
+def test_each_sample_row_keeps_its_prompts_history(draft):
+    """num_samples 3 with top_k 1 (so each sample is the greedy pick): every sample of every
+    prompt equals that prompt's greedy decode with the same processors, plain and speculative
+    (rows of other prompts' histories would differ)."""
+    target = _tiny_gpt(0, 2)
+    target.params["token_embedder"]["embedding"][1] *= 4.0
+    prompts = [[5, 6, 7], [4], [2, 3, 4, 5, 6], [3, 3], [7, 2]]
+    kw = dict(max_new_tokens=12, batch_size=8, repetition_penalty=1.6, no_repeat_ngram_size=2,
+              min_new_tokens=4)
+    greedy = gen.generate(target, input_ids=prompts, **kw)
+    assert len({tuple(r["ids"]) for r in greedy}) == len(prompts)
+    sampled = gen.generate(target, input_ids=prompts, method="sample", top_k=1, num_samples=3,
+                           draft=_tiny_gpt(1, 1) if draft else None, num_draft=3, **kw)
+    for g, samples in zip(greedy, sampled):
+        assert [s["ids"] for s in samples] == [g["ids"]] * 3

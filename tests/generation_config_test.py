@@ -1,7 +1,7 @@
 """Decode defaults of HF weights: `load` and `convert --from_hf` take the settings HF
 `generate()` takes from the model's generation config (do_sample, temperature, top_k, top_p,
-repetition_penalty, min_new_tokens, max_new_tokens; unset ones at HF's defaults), so that
-`m.generate()` without options decodes as HF `model.generate()` does."""
+min_p, repetition_penalty, no_repeat_ngram_size, min_new_tokens, max_new_tokens; unset ones at
+HF's defaults), so that `m.generate()` without options decodes as HF `model.generate()` does."""
 from __future__ import annotations
 
 import json
@@ -54,6 +54,7 @@ def _hf_settings(path) -> dict:
       "min_p": 0.05, "no_repeat_ngram_size": 3}, None),
     (None, {"do_sample": True, "top_k": 7, "repetition_penalty": 1.1}),  # config.json's then
     ({}, {"do_sample": True, "top_k": 7}),  # the file alone counts when there is one
+    ({"do_sample": 1, "top_k": 3}, None),  # HF tests do_sample's truth
 ])
 def test_settings_are_hfs(tmp_path, generation, in_config):
     path = _save(tmp_path / "hf", generation, in_config)
@@ -93,9 +94,10 @@ def test_generate_without_options_equals_hf_generate(tmp_path):
 
 
 def test_unusable_settings_fall_back_with_a_warning(tmp_path, caplog):
-    path = _save(tmp_path / "hf", {"do_sample": True, "top_p": 0.0, "temperature": "hot",
+    path = _save(tmp_path / "hf", {"do_sample": "yes", "top_p": 1.5, "temperature": "hot",
                                    "top_k": 2.5, "repetition_penalty": True,
-                                   "max_new_tokens": -3, "min_new_tokens": 4})
+                                   "max_new_tokens": -3, "min_new_tokens": 4, "num_beams": 4,
+                                   "max_length": 30})
     with caplog.at_level(logging.WARNING):
         m = t5x_lite.load(path)
     options = gen.decode_options(m)
@@ -103,7 +105,27 @@ def test_unusable_settings_fall_back_with_a_warning(tmp_path, caplog):
             options.repetition_penalty, options.max_new_tokens, options.min_new_tokens) == (
         "sample", 1.0, 1.0, 50, 1.0, 64, 4)
     text = caplog.text
-    for name in ("top_p=0.0", "temperature='hot'", "top_k=2.5", "repetition_penalty=True",
+    for name in ("top_p=1.5", "temperature='hot'", "top_k=2.5", "repetition_penalty=True",
                  "max_new_tokens=-3"):
         assert f"generation setting {name} is not a usable decode option" in text
+    assert "do_sample='yes' is not a bool; taken as HF reads it, True" in text
+    assert "generation settings num_beams=4, max_length=30 are not taken" in text
     assert "min_new_tokens=4" not in text
+
+
+def test_top_p_zero_keeps_the_top_token_as_in_hf(tmp_path, caplog):
+    """HF's top-p filter keeps the most likely token even at top_p 0: its sampling is then the
+    greedy output, and so is ours (taken as top_k 1; the option itself refuses 0)."""
+    path = _save(tmp_path / "hf", {"do_sample": True, "top_p": 0.0, "max_new_tokens": 9,
+                                   "eos_token_id": 1, "pad_token_id": 0})
+    prompts = [[5, 9, 14], [3], [40, 41, 42, 43]]
+    hf = transformers.GPT2LMHeadModel.from_pretrained(path, attn_implementation="eager").eval()
+    theirs, _ = hf_reference.padded_generate(hf, prompts, 9)
+    with caplog.at_level(logging.WARNING):
+        m = t5x_lite.load(path)
+    assert "top_p=0 keeps only the most likely token in HF; taken as top_k=1" in caplog.text
+    options = gen.decode_options(m)
+    assert (options.method, options.top_k, options.top_p) == ("sample", 1, 1.0)
+    ours = [r["ids"] for r in m.generate(input_ids=prompts)]
+    assert ours == [hf_reference.cut_at(r, [1]) for r in theirs]
+    assert ours == [r["ids"] for r in m.generate(input_ids=prompts, method="greedy")]

@@ -703,9 +703,9 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
     options = decode_options(
         loaded, method=method, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, min_p=min_p, num_beams=num_beams, alpha=alpha,
-        num_samples=num_samples, seed=seed, batch_size=batch_size, num_draft=num_draft, stop_ids=stop_ids,
-        repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-        min_new_tokens=min_new_tokens)
+        num_samples=num_samples, seed=seed, batch_size=batch_size, num_draft=num_draft,
+        stop_ids=stop_ids, repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens)
     prompts = encode_prompts(loaded, inputs=inputs, input_ids=input_ids, messages=messages)
     results: list = []
     for batch in iter_generate(loaded, prompts, options, draft=draft):

@@ -7,8 +7,8 @@ repeats, so `max_new_tokens` tokens cost `max_new_tokens - 1` steps. Rows stop i
 EOS (later slots hold pad 0); the loop ends when every row is done or the budget is spent.
 
 `eos_id`, here and in beam search and speculative decoding, is one stop id or a tuple of them
-(`stops`), as HF `generate`'s list `eos_token_id`. The repetition penalty and min_new_tokens
-(`processors`) act on the logits before a token is chosen.
+(`stops`), as HF `generate`'s list `eos_token_id`. The repetition penalty, no-repeat n-grams
+and min_new_tokens (`processors`) act on the logits before a token is chosen.
 
 Shape legend: B rows, N max new tokens, V vocab.
 """
