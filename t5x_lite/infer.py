@@ -10,7 +10,8 @@ r"""Decode a file of prompts with a checkpoint, writing one JSON line per input.
   UTF-8; lines end at '\n' only (a '\r' before it is dropped: CRLF files work; U+2028, form
   feeds etc. stay inside the prompt); a UTF-8 byte order mark at the start is dropped.
 --output: JSONL; per input {"inputs", "output" (text, or null without a vocab), "output_ids",
-  "score", "finished"} (+ "penalised_score" for beam search); for num_samples > 1 or beam search
+  "score", "finished"} (+ "penalised_score" for beam search, + "token_scores" with
+  --token_scores: each output id's log-prob); for num_samples > 1 or beam search
   with num_beams > 1, output / output_ids / score / ... are lists (beams best first).
 --decode.<field>=value: overrides the `decode` section of the checkpoint's config.json
   (method, max_new_tokens, temperature, top_k, top_p, min_p, num_beams, alpha, num_samples,
@@ -63,6 +64,8 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint or HF model di
 _INPUT = flags.DEFINE_string("input", None, "Prompts: .txt (one per line) or .jsonl.")
 _OUTPUT = flags.DEFINE_string("output", None, "Output JSONL (resumed when it exists).")
 _DRAFT = flags.DEFINE_string("draft", None, "Draft GPT checkpoint for speculative decoding.")
+_TOKEN_SCORES = flags.DEFINE_bool("token_scores", False, "Also write each output token's "
+                                  "log-prob under the model (\"token_scores\").")
 _QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8"],
                               "int8: per-channel int8 weights (README.md).")
 flags.adopt_module_key_flags(mesh_flag)  # --mesh, listed in --help
@@ -251,11 +254,13 @@ def sidecar_path(output_path) -> epath.Path:
 
 
 def output_meta(checkpoint: dict, options: gen.DecodeOptions, quantize: str | None,
-                draft: dict | None, stop_ids: Sequence[int], chat: str | None = None) -> dict:
+                draft: dict | None, stop_ids: Sequence[int], chat: str | None = None,
+                token_scores: bool = False) -> dict:
     """The sidecar's content: everything that changes the records. `checkpoint` / `draft`:
     {"path", "step"} (`_checkpoint_id`); `stop_ids`: the ids rows end at (the option's, else
     the model's: its files may change between runs); `chat`: the chat template's fingerprint
-    when prompts are chats (`ChatTemplate.fingerprint`; recorded only then). Decode options
+    when prompts are chats (`ChatTemplate.fingerprint`; recorded only then); `token_scores`:
+    whether records hold them (recorded only when they do). Decode options
     that the method ignores are left out, and so is batch_size (samples are keyed by seed and
     input index, not by batch)."""
     names = ["method", "max_new_tokens"]
@@ -274,6 +279,8 @@ def output_meta(checkpoint: dict, options: gen.DecodeOptions, quantize: str | No
                                        "stop_ids": list(stop_ids)}}
     if chat is not None:
         meta["chat_template"] = chat
+    if token_scores:
+        meta["token_scores"] = True
     return json.loads(json.dumps(meta))  # as it reads back
 
 
@@ -354,8 +361,9 @@ def _record(prompt: Prompt, result) -> dict:
     items = result if isinstance(result, list) else [result]
     fields = {"output": [r.get("text") for r in items], "output_ids": [r["ids"] for r in items],
               "score": [r["score"] for r in items], "finished": [r["finished"] for r in items]}
-    if "penalised_score" in items[0]:
-        fields["penalised_score"] = [r["penalised_score"] for r in items]
+    for name in ("penalised_score", "token_scores"):
+        if name in items[0]:
+            fields[name] = [r[name] for r in items]
     if not isinstance(result, list):
         fields = {k: v[0] for k, v in fields.items()}
     return {"inputs": prompt.inputs, **fields}
@@ -373,10 +381,11 @@ def _checkpoint_id(path) -> dict:
 
 def run(checkpoint, input_path, output_path, decode_overrides: dict | None = None,
         draft_path=None, log=sys.stderr, quantize: str | None = None,
-        mesh: str | None = None) -> int:
+        mesh: str | None = None, token_scores: bool = False) -> int:
     """Decodes every input not yet in `output_path`; returns how many lines it wrote.
 
     `mesh`: 'data,fsdp,tensor' (the --mesh flag); None: -1,1,1 (every device, data-parallel).
+    `token_scores`: records also hold each output token's log-prob (--token_scores).
     Every check (inputs, options, prompts, --output and its sidecar) comes before anything is
     written; --output and its sidecar are created once the first batch's records are ready.
     """
@@ -409,11 +418,13 @@ def run(checkpoint, input_path, output_path, decode_overrides: dict | None = Non
         # chat prompts were rendered above, so the model has a usable template
         chat = loaded.chat_template.fingerprint() if any(p.chat for p in prompts) else None
         meta = output_meta(target_id, options, quantize, draft_id,
-                           options.stop_ids or gen.stop_ids(loaded), chat)
-        return _decode_into(loaded, draft, prompts, ids, options, output_path, meta, log)
+                           options.stop_ids or gen.stop_ids(loaded), chat, token_scores)
+        return _decode_into(loaded, draft, prompts, ids, options, output_path, meta, log,
+                            token_scores)
 
 
-def _decode_into(loaded, draft, prompts, ids, options, output_path, meta, log) -> int:
+def _decode_into(loaded, draft, prompts, ids, options, output_path, meta, log,
+                 token_scores: bool = False) -> int:
     main_process = distributed.is_coordinator()  # the one that writes --output and progress
     say = (lambda message: print(message, file=log)) if main_process else (lambda message: None)
     plan = _agreed_resume_plan(output_path, prompts, meta)
@@ -426,7 +437,8 @@ def _decode_into(loaded, draft, prompts, ids, options, output_path, meta, log) -
     start, written = time.time(), 0
     with contextlib.ExitStack() as stack:
         f = None
-        for batch in gen.iter_generate(loaded, ids[done:], options, draft=draft, first_index=done):
+        for batch in gen.iter_generate(loaded, ids[done:], options, draft=draft, first_index=done,
+                                       token_scores=token_scores):
             if main_process:
                 if f is None:  # only now: a decode that fails leaves no --output behind
                     f = stack.enter_context(_start_output(output_path, plan, meta))
@@ -475,7 +487,7 @@ def main(argv):
     overrides = config_flags.get_override_values(flags.FLAGS["decode"])
     try:
         run(_CHECKPOINT.value, _INPUT.value, _OUTPUT.value, overrides, _DRAFT.value,
-            quantize=_QUANTIZE.value, mesh=MESH.value)
+            quantize=_QUANTIZE.value, mesh=MESH.value, token_scores=_TOKEN_SCORES.value)
     except cli.ERRORS as e:
         cli.exit_with("infer", e)
 

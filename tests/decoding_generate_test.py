@@ -16,6 +16,7 @@ import types
 import jax
 import numpy as np
 import pytest
+import torch
 
 import decoding_testlib
 import hf_reference
@@ -115,6 +116,66 @@ def test_beam_alpha0_equals_hf(family, request):
         # HF lets only the top-W ranked candidates finish; every EOS candidate may finish
         # here, so each rank can only be as good or better.
         assert np.all(np.array([b["score"] for b in beams]) >= hf_scores[i] - 2e-4)
+
+
+def _hf_token_log_probs(model, family, prompt, ids):
+    """log p(id) of each id under the HF model, by one uncached forward pass."""
+    with torch.no_grad():
+        if family == "gpt2":
+            logits = model(input_ids=torch.tensor([prompt + ids[:-1]])).logits[0, len(prompt) - 1:]
+        else:
+            logits = model(input_ids=torch.tensor([prompt]),
+                           decoder_input_ids=torch.tensor([[0] + ids[:-1]])).logits[0]
+    logp = torch.log_softmax(logits.double(), -1)
+    return logp[torch.arange(len(ids)), torch.tensor(ids)].numpy()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+def test_token_scores_equal_hf_transition_scores(family, request):
+    """`token_scores`: greedy and the best beam equal HF's `compute_transition_scores` (beam:
+    with its beam indices); sampled rows (num_samples 2) and speculative greedy rows equal the
+    uncached forward's log-probs of their ids; every list sums to `score`."""
+    model, loaded = request.getfixturevalue(family)
+    prompts, gpt = _prompts(), family == "gpt2"
+    ours = generate(loaded, input_ids=prompts, max_new_tokens=N, batch_size=8,
+                    token_scores=True)
+    rows, theirs = hf_reference.padded_generate(model, prompts, N, gpt, transition=True,
+                                                eos_token_id=1, do_sample=False)
+    for r, row, t in zip(ours, rows, theirs):
+        assert r["ids"] == hf_reference.cut_at(row, [1])
+        np.testing.assert_allclose(r["token_scores"], t[:len(r["ids"])], atol=1e-4)
+        np.testing.assert_allclose(sum(r["token_scores"]), r["score"], rtol=1e-5)
+    assert max(len(r["ids"]) for r in ours) >= 5
+
+    w = 3
+    beams = generate(loaded, input_ids=prompts, method="beam", num_beams=w, alpha=0.0,
+                     max_new_tokens=N, batch_size=8, token_scores=True)
+    rows, theirs = hf_reference.padded_generate(
+        model, prompts, N, gpt, transition=True, eos_token_id=1, num_beams=w,
+        num_return_sequences=w, length_penalty=0.0, early_stopping="never", do_sample=False)
+    for i, b in enumerate(beams):
+        best = b[0]
+        assert best["ids"] == hf_reference.cut_at(rows[i * w], [1])
+        np.testing.assert_allclose(best["token_scores"], theirs[i * w][:len(best["ids"])],
+                                   atol=1e-4)
+        for beam in b:
+            assert len(beam["token_scores"]) == len(beam["ids"])
+            np.testing.assert_allclose(sum(beam["token_scores"]), beam["score"], rtol=1e-5)
+
+    sampled = generate(loaded, input_ids=prompts[:3], method="sample", num_samples=2, seed=3,
+                       max_new_tokens=N, temperature=1.5, top_k=20, token_scores=True)
+    checked = [(p, s) for p, two in zip(prompts, sampled) for s in two]
+    if gpt:  # speculative decoding (decoder-only): the target drafting for itself
+        spec = generate(loaded, input_ids=prompts, max_new_tokens=N, batch_size=8, draft=loaded,
+                        num_draft=3, token_scores=True)
+        assert [r["ids"] for r in spec] == [r["ids"] for r in ours]
+        checked += list(zip(prompts, spec))
+    for prompt, r in checked:
+        np.testing.assert_allclose(r["token_scores"],
+                                   _hf_token_log_probs(model, family, prompt, r["ids"]),
+                                   atol=1e-4)
+        np.testing.assert_allclose(sum(r["token_scores"]), r["score"], rtol=1e-5)
+    assert "token_scores" not in generate(loaded, input_ids=prompts[:1], max_new_tokens=2)[0]
 
 
 @pytest.mark.parametrize("family", ["gpt2", "t5"])

@@ -125,10 +125,12 @@ def _llama_layout(model_cls, config_cls, tie, kv_heads, seed, rope, extra):
     return hf
 
 
-def padded_generate(hf, prompts, n: int, left_pad: bool = True, **kw):
+def padded_generate(hf, prompts, n: int, left_pad: bool = True, transition: bool = False,
+                    **kw):
     """HF `generate` on `prompts` padded into one batch with pad id 0 (left for a causal LM,
     right for T5's encoder), `max_new_tokens=n` and `kw`: (each row's new tokens as a list,
-    `sequences_scores` or None)."""
+    `sequences_scores` or None; with `transition`, each row's per-token log-probs instead,
+    from HF's `compute_transition_scores`, beams included)."""
     p = max(map(len, prompts))
     ids = np.zeros((len(prompts), p), np.int64)
     mask = np.zeros_like(ids)
@@ -140,6 +142,11 @@ def padded_generate(hf, prompts, n: int, left_pad: bool = True, **kw):
                           max_new_tokens=n, pad_token_id=0, return_dict_in_generate=True,
                           output_scores=True, **kw)
     new = out.sequences[:, p if left_pad else 1:]  # T5's output starts with its start id
+    if transition:
+        per_token = hf.compute_transition_scores(out.sequences, out.scores,
+                                                 getattr(out, "beam_indices", None),
+                                                 normalize_logits=True)
+        return new.numpy().tolist(), per_token.numpy().tolist()
     return new.numpy().tolist(), getattr(out, "sequences_scores", None)
 
 

@@ -250,6 +250,20 @@ def test_an_interrupted_first_record_is_still_cut(workdir, prompts_txt, tmp_path
 
 
 # ---------------------------------------------------------------- the sidecar
+def test_token_scores(workdir, prompts_txt, tmp_path):
+    """--token_scores: each record's per-token log-probs (beam: per beam) sum to its score;
+    the sidecar records the choice, so a resume without it is refused."""
+    out, quiet = tmp_path / "out.jsonl", open(os.devnull, "w")
+    beam = {"method": "beam", "num_beams": 2, "max_new_tokens": 3}
+    assert infer.run(workdir, prompts_txt, out, beam, log=quiet, token_scores=True) == 5
+    assert json.loads(infer.sidecar_path(out).read_text())["token_scores"] is True
+    for x in _lines(out):
+        for ids, scores, total in zip(x["output_ids"], x["token_scores"], x["score"]):
+            assert len(scores) == len(ids) and abs(sum(scores) - total) < 1e-4
+    with pytest.raises(infer.InferError, match="token_scores: True there, unset now"):
+        infer.run(workdir, prompts_txt, out, beam, log=quiet)
+
+
 def test_sequence_processors(workdir, prompts_txt, tmp_path):
     """The records equal `generate`'s, the sidecar records the options that are on (so an older
     sidecar without them resumes: they were off), and a resume with other values is refused."""

@@ -608,43 +608,53 @@ def decode_batch(loaded, tokens_BxP, lengths_B, options: DecodeOptions, example_
 
 
 # ----------------------------------------------------------------------------------- results
-def _result(vocab, ids_N, length, logprob, finished, penalised=None) -> dict[str, Any]:
+def _result(vocab, ids_N, length, logprob, finished, penalised=None,
+            token_logprob_N=None) -> dict[str, Any]:
     ids = [int(t) for t in ids_N[:int(length)]]
     out = {"ids": ids, "score": float(logprob), "finished": bool(finished)}
     if penalised is not None:
         out["penalised_score"] = float(penalised)
+    if token_logprob_N is not None:
+        out["token_scores"] = [float(x) for x in token_logprob_N[:int(length)]]
     if vocab is not None:  # without the stop id, which need not be the vocabulary's EOS
         out["text"] = vocab.decode(ids[:-1] if finished else ids)
     return out
 
 
-def _unpack(out, options: DecodeOptions, count: int, vocab) -> list:
+def _unpack(out, options: DecodeOptions, count: int, vocab, token_scores: bool = False) -> list:
     per = options.rows_per_prompt
     if options.method == "beam":
         arrays = [np.asarray(x) for x in (out.tokens_BxWxN, out.lengths_BxW,
                                           out.model_logprob_BxW, out.finished_BxW,
                                           out.scores_BxW)]
         ranked = np.asarray(out.logprob_BxW)
+        tokens = np.asarray(out.token_logprob_BxWxN) if token_scores else None
     else:
-        arrays = [np.asarray(x).reshape((-1, per) + np.shape(x)[1:]) for x in
+        by_prompt = lambda x: np.asarray(x).reshape((-1, per) + np.shape(x)[1:])
+        arrays = [by_prompt(x) for x in
                   (out.tokens_BxN, out.lengths_B, out.logprob_B, out.finished_B)]
+        tokens = by_prompt(out.token_logprob_BxN) if token_scores else None
     results = []
     for b in range(count):
         # Beam slots that hold no sequence (fewer than W exist, as with num_beams > vocabulary:
         # an empty finished slot, or a placeholder beam of log-prob ~NEG or -inf) are left out,
         # not returned as beams (the empty ones had score 0.0, better than every real beam).
-        items = [_result(vocab, *(a[b, j] for a in arrays)) for j in range(per)
+        items = [_result(vocab, *(a[b, j] for a in arrays),
+                         token_logprob_N=None if tokens is None else tokens[b, j])
+                 for j in range(per)
                  if options.method != "beam" or (arrays[1][b, j] > 0 and ranked[b, j] > NEG / 2)]
         results.append(items if per > 1 else items[0])
     return results
 
 
 def iter_generate(loaded, prompts: Sequence[Sequence[int]], options: DecodeOptions, *,
-                  draft=None, first_index: int = 0) -> Iterator[list]:
+                  draft=None, first_index: int = 0, token_scores: bool = False
+                  ) -> Iterator[list]:
     """Yields the results of each batch of `options.batch_size` prompts, in order.
 
     `first_index` is the global index of prompts[0]: samples are keyed by (seed, global index,
     sample number), so resuming a run halfway reproduces the uninterrupted run's samples.
+    `token_scores`: each result also holds its tokens' log-probs (see `generate`).
     """
     cfg = model_config(loaded)
     if draft is not None:
@@ -662,7 +672,7 @@ def iter_generate(loaded, prompts: Sequence[Sequence[int]], options: DecodeOptio
             out = decode_batch(loaded, tokens, lengths, options, example, draft)
             if draft is not None:
                 out = out[0]
-            results = _unpack(out, options, len(chunk), vocab)
+            results = _unpack(out, options, len(chunk), vocab, token_scores)
         yield results
 
 
@@ -671,7 +681,7 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
              num_beams=None, alpha=None, num_samples=None, seed=None, batch_size=None,
              draft=None, num_draft=None,
              stop_ids=None, repetition_penalty=None, no_repeat_ngram_size=None,
-             min_new_tokens=None) -> list:
+             min_new_tokens=None, token_scores: bool = False) -> list:
     """Decodes every input; returns one entry per input, in order.
 
     Args:
@@ -689,6 +699,7 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
         in a row (0 = off); min_new_tokens: no stop id before a row has this many new tokens.
         All as HF `generate` applies them, for every method (`processors`). min_p: HF's
         min-p filter after top_p (sampling; 0 = off).
+      token_scores: also return each generated token's log-prob under the model.
       Other options: see `DecodeOptions`; None = the checkpoint's / library default.
 
     Returns:
@@ -698,7 +709,9 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
       `stop_ids`, else `stop_ids(loaded)`: the generation config's `eos_token_id` for HF
       weights, else 1), `score` (sum of log-probs of `ids` under the unfiltered model),
       `finished`, `text` (when there is a vocabulary) and, for beam search, `penalised_score`
-      (score / length penalty, what beams are ranked by).
+      (score / length penalty, what beams are ranked by); with `token_scores`, also
+      `token_scores`: log p of each id of `ids` under the unfiltered model (their sum is
+      `score`; HF's `compute_transition_scores` without processors or filters).
     """
     options = decode_options(
         loaded, method=method, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -708,6 +721,7 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
         no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens)
     prompts = encode_prompts(loaded, inputs=inputs, input_ids=input_ids, messages=messages)
     results: list = []
-    for batch in iter_generate(loaded, prompts, options, draft=draft):
+    for batch in iter_generate(loaded, prompts, options, draft=draft,
+                               token_scores=token_scores):
         results.extend(batch)
     return results

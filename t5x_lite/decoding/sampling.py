@@ -34,6 +34,7 @@ class DecodeOutput(NamedTuple):
     lengths_B: jax.Array  # int32; generated tokens including EOS
     logprob_B: jax.Array  # float32; sum of log p(token) under the unfiltered model
     finished_B: jax.Array  # bool; the row produced EOS
+    token_logprob_BxN: jax.Array  # float32; log p(token) of each token as logprob_B; 0 after
 
 
 class _State(NamedTuple):
@@ -69,7 +70,8 @@ def sample_decode(tokens_to_logits: StepFn, cache, first_logits_BxV, keys_B, *,
     b = first_logits_BxV.shape[0]
     n = max_new_tokens
     empty = DecodeOutput(jnp.zeros((b, n), jnp.int32), jnp.zeros((b,), jnp.int32),
-                         jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.bool_))
+                         jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.bool_),
+                         jnp.zeros((b, n), jnp.float32))
 
     def record(out: DecodeOutput, history, step, logits_BxV):
         scores_BxV = process(processing, logits_BxV, history, step)
@@ -81,7 +83,9 @@ def sample_decode(tokens_to_logits: StepFn, cache, first_logits_BxV, keys_B, *,
             tokens_BxN=jax.lax.dynamic_update_slice(out.tokens_BxN, tok_B[:, None], (0, step)),
             lengths_B=out.lengths_B + (~done_B).astype(jnp.int32),
             logprob_B=out.logprob_B + logp_B,
-            finished_B=done_B | is_eos(tok_B, eos_id))
+            finished_B=done_B | is_eos(tok_B, eos_id),
+            token_logprob_BxN=jax.lax.dynamic_update_slice(out.token_logprob_BxN,
+                                                           logp_B[:, None], (0, step)))
 
     last_B, history, out = record(empty, history, 0, first_logits_BxV)
     state = _State(jnp.int32(1), last_B, cache, out, history)

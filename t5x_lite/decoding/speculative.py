@@ -48,6 +48,7 @@ class _State(NamedTuple):
     target_cache: Any
     draft_cache: Any
     tokens: jax.Array  # [B, N + k + 1]
+    token_logprob: jax.Array  # [B, N + k + 1]: log p of each kept token, 0 elsewhere
     logprob_B: jax.Array
     length_B: jax.Array
     done_B: jax.Array
@@ -88,8 +89,10 @@ def speculative_decode(target_step: StepFn, draft_step: StepFn, target_cache, dr
     logp0_B = jax.nn.log_softmax(first_logits_BxV.astype(jnp.float32), -1)
     logp0_B = jnp.take_along_axis(logp0_B, tok0_B[:, None], -1)[:, 0]
     tokens = jnp.zeros((b, n + k + 1), jnp.int32).at[:, 0].set(tok0_B)
+    token_logprob = jnp.zeros((b, n + k + 1), jnp.float32).at[:, 0].set(logp0_B)
     state = _State(jnp.int32(1), prompt_last_B.astype(jnp.int32), tok0_B, target_cache,
-                   draft_cache, tokens, logp0_B, jnp.ones((b,), jnp.int32), is_eos(tok0_B, eos_id),
+                   draft_cache, tokens, token_logprob, logp0_B, jnp.ones((b,), jnp.int32),
+                   is_eos(tok0_B, eos_id),
                    jnp.int32(0), jnp.int32(0), extend(history, tok0_B))
 
     def body(s: _State):
@@ -158,9 +161,12 @@ def speculative_decode(target_step: StepFn, draft_step: StepFn, target_cache, dr
         keep_BxK1 = (j_K1 <= m) & before_eos & (s.count + j_K1 < n) & ~s.done_B[:, None]
         logp_BxK1 = jnp.take_along_axis(
             jax.nn.log_softmax(plogits_BxK1xV.astype(jnp.float32), -1), new_BxK1[..., None], -1)
-        logprob_B = s.logprob_B + jnp.sum(jnp.where(keep_BxK1, logp_BxK1[..., 0], 0.0), 1)
+        kept_logp_BxK1 = jnp.where(keep_BxK1, logp_BxK1[..., 0], 0.0)
+        logprob_B = s.logprob_B + jnp.sum(kept_logp_BxK1, 1)
         tokens = jax.lax.dynamic_update_slice(
             s.tokens, jnp.where(keep_BxK1, new_BxK1, PAD_ID), (0, s.count))
+        token_logprob = jax.lax.dynamic_update_slice(s.token_logprob, kept_logp_BxK1,
+                                                     (0, s.count))
         done_B = s.done_B | jnp.any(stop_BxK1 & keep_BxK1, 1)
 
         rollback = start + 1 + m
@@ -168,7 +174,7 @@ def speculative_decode(target_step: StepFn, draft_step: StepFn, target_cache, dr
             jnp.concatenate([s.last_B[:, None], drafts_BxK], 1), m, 1, False)
         history = extend(processors.nth_extension(histories, m), fix_B)
         return _State(s.count + m + 1, prev_B, fix_B, cache_lib.set_index(tcache, rollback),
-                      dcache, tokens, logprob_B,
+                      dcache, tokens, token_logprob, logprob_B,
                       s.length_B + jnp.sum(keep_BxK1, 1).astype(jnp.int32), done_B,
                       s.iterations + 1, s.accepted + m, history)
 
@@ -178,7 +184,8 @@ def speculative_decode(target_step: StepFn, draft_step: StepFn, target_cache, dr
         grow_caches=lambda s, length: s._replace(
             target_cache=cache_lib.grow(s.target_cache, length),
             draft_cache=cache_lib.grow(s.draft_cache, length)))
-    out = DecodeOutput(s.tokens[:, :n], s.length_B, s.logprob_B, s.done_B)
+    out = DecodeOutput(s.tokens[:, :n], s.length_B, s.logprob_B, s.done_B,
+                       s.token_logprob[:, :n])
     stats = {"iterations": s.iterations, "accepted_per_iteration":
              s.accepted / jnp.maximum(s.iterations, 1)}
     return out, stats
