@@ -6,7 +6,8 @@ model's format (Llama 3's `<|start_header_id|>user<|end_header_id|>...<|eot_id|>
 (`add_generation_prompt=True`: the text ends where the assistant's reply begins):
 
 - the template is `chat_template.jinja` when the directory has one, else tokenizer_config.json's
-  `chat_template` (a string, or named templates: the one named "default");
+  `chat_template` (a string, or named templates: the one named "default", or "tool_use" when
+  tools are given and there is one);
 - Jinja2's sandbox with HF's settings (`trim_blocks`, `lstrip_blocks`, loop controls) and HF's
   additions: `raise_exception(message)`, `strftime_now(format)`, a `tojson` that does not escape
   HTML, HF's restricted `dict` and `namespace` (no `_` names), and the special tokens of
@@ -16,14 +17,21 @@ model's format (Llama 3's `<|start_header_id|>user<|end_header_id|>...<|eot_id|>
   special_tokens_map.json;
 - messages as given (JSON values; tuples and numpy scalars as HF passes them), keys whose value
   is None dropped, a message's reasoning (`reasoning_content`, `thinking` or `reasoning`) under
-  both `reasoning_content` and `thinking`, as HF fills them.
+  both `reasoning_content` and `thinking`, as HF fills them;
+- `tools` (JSON schemas: dicts) and `documents` (dicts) as the template's variables of those
+  names, and `variables` (HF's `**kwargs`, e.g. `enable_thinking`) as more variables, over the
+  special tokens of the same name;
+- `continue_final_message`: no generation prompt; the text ends where the last message's
+  content ends (its last text block's, for a list of blocks), so the model continues it. HF's
+  method: a tag is appended to that content, and the text is cut at the tag.
 
 The rendered text holds the template's special tokens spelled out (`<|begin_of_text|>`): a
 tokenizer.json vocabulary reads them as those tokens (`TokenizerJsonVocabulary.encode`, HF's
 `add_special_tokens=False`), and the text gets no start id of its own. Needs the `jinja2`
-package (`pip install jinja2`; transformers installs it too). Tools, documents,
-`continue_final_message` and named templates other than "default" (HF's
-`additional_chat_templates/`) are not supported.
+package (`pip install jinja2`; transformers installs it too). Not supported: tools given as
+Python functions (give their JSON schemas), `continue_final_message` naming another field than
+"content", named templates other than "default" and "tool_use" (HF's
+`additional_chat_templates/`).
 """
 from __future__ import annotations
 
@@ -36,6 +44,7 @@ from typing import Any
 from t5x_lite.errors import UserError
 
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # HF's names, first read first
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # HF's marker for continue_final_message
 
 
 class ChatError(UserError):
@@ -48,7 +57,7 @@ class UnusableTemplate:
     def __init__(self, problem: str):
         self.problem = problem
 
-    def render(self, conversation, *, add_generation_prompt: bool = True) -> str:
+    def render(self, conversation, **options) -> str:
         raise ChatError(self.problem)
 
 
@@ -61,28 +70,30 @@ class ChatTemplate:
       source: where the template came from, for error messages.
     """
 
-    def __init__(self, template: str, variables: Mapping[str, str], source: str):
+    def __init__(self, template: str, variables: Mapping[str, str], source: str,
+                 tool_use: str | None = None):
         self.template, self.source, self.variables = template, source, dict(variables)
-        self._compiled = None  # on first use: a model loads whatever its template holds
+        self.tool_use = tool_use  # the "tool_use" one of named templates, for calls with tools
+        self._compiled = {}  # on first use: a model loads whatever its template holds
 
     def fingerprint(self) -> str:
-        """A short hash of what decides the rendered text: the template and its variables."""
-        blob = json.dumps([self.template, sorted(self.variables.items())]).encode("utf-8")
-        return hashlib.sha256(blob).hexdigest()[:16]
+        """A short hash of what decides the rendered text: the templates and their variables."""
+        blob = json.dumps([self.template, sorted(self.variables.items()), self.tool_use])
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
-    def _compile(self):
-        if self._compiled is None:
+    def _compile(self, template: str):
+        if template not in self._compiled:
             try:
                 env = _environment()
             except ImportError as e:
                 raise ChatError(f"chat templates need the jinja2 package, version 3.1.6 or "
                                 f"later (pip install 'jinja2>=3.1.6'): {e}") from None
             try:
-                self._compiled = env.from_string(self.template)
+                self._compiled[template] = env.from_string(template)
             except Exception as e:  # jinja2.TemplateSyntaxError and kin
                 raise ChatError(f"{self.source}: not a Jinja template ({_first_line(e)})"
                                 ) from None
-        return self._compiled
+        return self._compiled[template]
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any] | None, jinja: str | None,
@@ -91,12 +102,15 @@ class ChatTemplate:
         `settings`' (tokenizer_config.json) `chat_template`; None when neither has one."""
         settings = settings or {}
         template = jinja if jinja is not None else settings.get("chat_template")
+        tool_use = None
         if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             if "default" not in named:
                 raise ChatError(f"{source}: its chat templates {sorted(map(str, named))} have no "
                                 "'default' one")
-            template = named["default"]
+            template, tool_use = named["default"], named.get("tool_use")
+            if tool_use is not None and not isinstance(tool_use, str):
+                raise ChatError(f"{source}: its 'tool_use' chat template is not a string")
         if template is None:
             return None
         if not isinstance(template, str):
@@ -109,19 +123,78 @@ class ChatTemplate:
             value = value.get("content") if isinstance(value, dict) else value
             if isinstance(value, str):
                 variables[name] = value
-        return cls(template, variables, source)
+        return cls(template, variables, source, tool_use)
 
-    def render(self, conversation, *, add_generation_prompt: bool = True) -> str:
-        """The prompt text of `conversation`, a list of message dicts."""
+    def render(self, conversation, *, tools=None, documents=None,
+               continue_final_message: bool = False, variables=None) -> str:
+        """The prompt text of `conversation`, a list of message dicts (see module docstring):
+        the assistant's header at the end, or with `continue_final_message` the last message
+        left open."""
         messages = normalize_conversation(conversation)
-        compiled = self._compile()
+        tools, documents = (_dicts(x, name) for x, name in ((tools, "tools"),
+                                                             (documents, "documents")))
+        if not isinstance(variables or {}, Mapping) or not all(
+                isinstance(k, str) for k in (variables or {})):
+            raise ChatError(f"chat template variables are a dict with string keys, got "
+                            f"{_short(variables)}")
+        extra = _plain(dict(variables or {}))
+        template = self.tool_use if tools is not None and self.tool_use is not None else \
+            self.template
+        compiled = self._compile(template)
+        final = None
+        if continue_final_message:
+            if "content" not in template:
+                raise ChatError(f"continue_final_message: the chat template ({self.source}) "
+                                "does not read a message's \"content\"")
+            messages, final = _tag_final_message(messages)
         try:
-            return compiled.render(messages=messages, tools=None, documents=None,
-                                   add_generation_prompt=add_generation_prompt,
-                                   **self.variables)
+            text = compiled.render(messages=messages, tools=tools, documents=documents,
+                                   add_generation_prompt=not continue_final_message,
+                                   **{**self.variables, **extra})
         except Exception as e:  # raise_exception's TemplateError, a template's own bugs
             raise ChatError(f"the chat template ({self.source}) failed on this conversation: "
                             f"{_first_line(e)}") from None
+        if final is None:
+            return text
+        if final.strip() not in text or CONTINUE_TAG.strip() not in text:
+            raise ChatError(f"continue_final_message: the chat template ({self.source}) does "
+                            "not write the final message as given, so it cannot be continued")
+        at = text.rindex(CONTINUE_TAG.strip())
+        # HF's cut: at the tag, or before the whitespace the template trimmed after it
+        return text[:at] if text[at:at + len(CONTINUE_TAG)] == CONTINUE_TAG else \
+            text[:at].rstrip()
+
+
+def _dicts(value, name: str):
+    """`tools` / `documents` as plain dicts (None stays None)."""
+    if value is None:
+        return None
+    if not nonempty_list(value) or not all(isinstance(x, Mapping) for x in value):
+        raise ChatError(f"{name} are a non-empty list of dicts (JSON schemas for tools), got "
+                        f"{_short(value)}")
+    return [_plain(dict(x)) for x in value]
+
+
+def _tag_final_message(messages: list[dict]) -> tuple[list[dict], str]:
+    """The messages with HF's continue tag after the last message's content (its last text
+    block's, for a list of blocks), and that content."""
+    last = dict(messages[-1])
+    content = last.get("content")
+    if isinstance(content, str):
+        final, last["content"] = content, content + CONTINUE_TAG
+    elif isinstance(content, (list, tuple)):
+        blocks = [dict(b) if isinstance(b, Mapping) else b for b in content]
+        at = next((i for i in range(len(blocks) - 1, -1, -1)
+                   if isinstance(blocks[i], dict) and "text" in blocks[i]), None)
+        if at is None or not isinstance(blocks[at]["text"], str):
+            raise ChatError("continue_final_message: the final message has no text to continue")
+        final = blocks[at]["text"]
+        blocks[at]["text"] = final + CONTINUE_TAG
+        last["content"] = blocks
+    else:
+        raise ChatError("continue_final_message: the final message has no \"content\" to "
+                        "continue")
+    return messages[:-1] + [last], final
 
 
 def normalize_conversation(conversation) -> list[dict]:

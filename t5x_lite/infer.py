@@ -6,7 +6,9 @@ r"""Decode a file of prompts with a checkpoint, writing one JSON line per input.
 --checkpoint: a t5x_lite workdir / checkpoint step dir, or an HF model directory (t5x_lite.load).
 --input: `.txt` -- one prompt per line (no empty lines); `.jsonl` -- per line a JSON string, or an
   object with "inputs" (text), "input_ids" (a list of ints; needed when there is no vocab) or
-  "messages" (a chat: a list of {"role", "content"}, rendered with the model's chat template).
+  "messages" (a chat: a list of {"role", "content"}, rendered with the model's chat template;
+  optionally with "tools", "documents", "continue_final_message", "chat_template_kwargs", as
+  generate's; the record's "inputs" then holds them with "messages").
   UTF-8; lines end at '\n' only (a '\r' before it is dropped: CRLF files work; U+2028, form
   feeds etc. stay inside the prompt); a UTF-8 byte order mark at the start is dropped.
 --output: JSONL; per input {"inputs", "output" (text, or null without a vocab), "output_ids",
@@ -94,13 +96,21 @@ SIDECAR_SUFFIX = ".meta.json"  # <output>.meta.json: what produced the output
 _WRITER = "t5x_lite.infer"  # the sidecar's "written_by"
 _RECORD_KEYS = frozenset({"inputs", "output", "output_ids", "score", "finished"})
 _PROMPT_KEYS = ("inputs", "input_ids", "messages")  # what a .jsonl line's object gives
+# beside "messages": generate()'s chat options, for that conversation
+CHAT_OPTIONS = ("tools", "documents", "continue_final_message", "chat_template_kwargs")
 
 
 @dataclasses.dataclass
 class Prompt:
-    inputs: Any  # the text, the id list or the chat messages as given
+    inputs: Any  # the text, the id list or the chat messages as given (with chat options: the
+    # object of "messages" and those options)
     ids: list[int] | None  # given ids (None: encode the text or messages)
     chat: bool = False  # `inputs` are chat messages (rendered with the chat template)
+    chat_options: dict | None = None  # tools, documents, ... (`CHAT_OPTIONS`)
+
+    @property
+    def messages(self):
+        return self.inputs["messages"] if self.chat_options else self.inputs
 
 
 def read_prompts(path) -> list[Prompt]:
@@ -135,6 +145,10 @@ def read_prompts(path) -> list[Prompt]:
         if len(given) > 1:
             raise InferError(f"{where}: give one of \"inputs\", \"input_ids\" or \"messages\", "
                              f"not {' and '.join(given)}")
+        stray = [json.dumps(k) for k in CHAT_OPTIONS if isinstance(item, dict) and k in item
+                 and "messages" not in item]
+        if stray:
+            raise InferError(f"{where}: {', '.join(stray)} apply to \"messages\" (chat) lines only")
         text = item if isinstance(item, str) else (
             item.get("inputs") if isinstance(item, dict) else None)
         problem = files.not_unicode(text) if isinstance(text, str) else ""
@@ -148,7 +162,11 @@ def read_prompts(path) -> list[Prompt]:
               and all(isinstance(t, int) and not isinstance(t, bool) for t in item["input_ids"])):
             prompts.append(Prompt(item["input_ids"], list(item["input_ids"])))
         elif isinstance(item, dict) and isinstance(item.get("messages"), list):
-            prompts.append(Prompt(item["messages"], None, chat=True))
+            options = {k: item[k] for k in CHAT_OPTIONS if k in item}
+            if not isinstance(options.get("continue_final_message", False), bool):
+                raise InferError(f"{where}: \"continue_final_message\" must be true or false")
+            inputs = {"messages": item["messages"], **options} if options else item["messages"]
+            prompts.append(Prompt(inputs, None, chat=True, chat_options=options or None))
         else:
             raise InferError(f"{where}: expected a JSON string or an object with \"inputs\" "
                              "(text), \"input_ids\" (list of ints) or \"messages\" (chat)")
@@ -406,8 +424,9 @@ def run(checkpoint, input_path, output_path, decode_overrides: dict | None = Non
                  else None)
         options = gen.decode_options(loaded, **(decode_overrides or {}))
         ids = [p.ids if p.ids is not None else gen.encode_prompts(
-            loaded, **{"messages" if p.chat else "inputs": [p.inputs]},
-            labels=[f"{input_path}:{n}"])[0] for n, p in enumerate(prompts, 1)]
+            loaded, **({"messages": [p.messages]} if p.chat else {"inputs": [p.inputs]}),
+            labels=[f"{input_path}:{n}"], **(p.chat_options or {}))[0]
+            for n, p in enumerate(prompts, 1)]
         draft_cfg = None
         if draft is not None:
             draft_cfg = gen.model_config(draft)

@@ -316,3 +316,92 @@ def test_an_export_removes_a_template_that_is_not_its_models(llama3, qwen2, tmp_
     convert.workdir_to_hf(tmp_path / "w1", own)
     assert not (own / "generation_config.json").exists()  # its stop ids need not be this step's
     assert (own / "chat_template.jinja").read_text() == LLAMA3
+
+
+TOOL_USE = (
+    "{{- bos_token }}\n"
+    "{%- if tools %}{{- '<|start_header_id|>system<|end_header_id|>\\n\\nTools: ' + "
+    "tools | tojson + '<|eot_id|>' }}{%- endif %}\n"
+    "{%- for d in documents or [] %}{{- '[doc ' + d.title + ': ' + d.text + ']' }}{%- endfor %}\n"
+    "{%- for message in messages %}\n"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}\n"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for b in message['content'] %}{{- b['text'] }}{%- endfor %}{%- endif %}\n"
+    "{{- '<|eot_id|>' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{%- if enable_thinking is defined and not enable_thinking %}{{- '<think></think>' }}"
+    "{%- endif %}{%- endif %}\n")
+TOOLS = [{"type": "function", "function": {"name": "add", "description": "a + b",
+                                           "parameters": {"type": "object", "properties": {
+                                               "a": {"type": "number"}}}}}]
+DOCS = [{"title": "ab", "text": "cd ef"}]
+ASK = [{"role": "user", "content": "add ab and cd"}]
+OPEN = ASK + [{"role": "assistant", "content": "the sum is "}]  # continued, trailing space
+BLOCKS = ASK + [{"role": "assistant", "content": [{"type": "text", "text": "fgh"},
+                                                   {"type": "image"}]}]
+
+
+@pytest.fixture(scope="module")
+def tool_model(tmp_path_factory):
+    """Named templates, as tokenizer_config.json ships them: "default" (Llama 3-style) and a
+    "tool_use" one that reads tools, documents, enable_thinking and content blocks."""
+    return _model_dir(tmp_path_factory.mktemp("chat") / "tools", config_template=[
+        {"name": "default", "template": LLAMA3}, {"name": "tool_use", "template": TOOL_USE}])
+
+
+@pytest.mark.parametrize("conversation,kw", [
+    (ASK, {"tools": TOOLS}),
+    (ASK, {"tools": TOOLS, "documents": DOCS, "enable_thinking": False}),
+    (ASK, {"documents": DOCS}),  # no tools: the default template, which ignores documents
+    (OPEN, {"continue_final_message": True}),  # the default template trims: HF's second cut
+    (OPEN, {"tools": TOOLS, "continue_final_message": True}),  # kept as written: the first
+    (BLOCKS, {"tools": TOOLS, "continue_final_message": True}),  # the last text block
+])
+def test_tools_documents_kwargs_and_continuing_render_as_hf(tool_model, conversation, kw):
+    hf, path = tool_model
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    cont = kw.get("continue_final_message", False)
+    text = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=not cont,
+                                   **kw)
+    m = t5x_lite.load(path)
+    options = {k: kw[k] for k in ("tools", "documents", "continue_final_message") if k in kw}
+    variables = {k: v for k, v in kw.items() if k not in options}
+    assert m.chat_template.render(conversation, variables=variables, **options) == text
+    hf_ids = tok(text, add_special_tokens=False)["input_ids"]
+    ours = m.generate(messages=conversation, max_new_tokens=4,
+                      chat_template_kwargs=variables or None, **options)[0]
+    assert ours["ids"] == ref.greedy_left_padded(hf, [hf_ids], 4)[0][:len(ours["ids"])]
+    if cont:
+        assert text.endswith(("the sum is", "the sum is ", "fgh"))
+
+
+def test_chat_options_in_infer_and_their_errors(tool_model, tmp_path):
+    hf, path = tool_model
+    lines = [{"messages": ASK, "tools": TOOLS, "chat_template_kwargs": {"enable_thinking": False}},
+             {"messages": OPEN, "continue_final_message": True}, {"messages": ASK}]
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert infer.run(path, src, out, {"max_new_tokens": 3}, log=open(os.devnull, "w")) == 3
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["inputs"] for r in records] == [lines[0], lines[1], ASK]
+    m = t5x_lite.load(path)
+    want = [m.generate(messages=x["messages"], max_new_tokens=3,
+                       **{k: v for k, v in x.items() if k != "messages"})[0] for x in lines]
+    assert [r["output_ids"] for r in records] == [w["ids"] for w in want]
+    for line, message in [({"inputs": "ab", "tools": TOOLS}, '"tools" apply to "messages"'),
+                          ({"messages": OPEN, "continue_final_message": "yes"},
+                           '"continue_final_message" must be true or false')]:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps(line) + "\n")
+        with pytest.raises(infer.InferError, match=f"^{bad}:1: {message}"):
+            infer.run(path, bad, tmp_path / "o", log=open(os.devnull, "w"))
+    for kw, message in [({"tools": "add"}, "tools are a non-empty list of dicts"),
+                        ({"documents": [1]}, "documents are a non-empty list of dicts"),
+                        ({"chat_template_kwargs": [1]}, "variables are a dict"),
+                        ({"continue_final_message": True}, "final message has no \"content\"")]:
+        convo = [{"role": "user"}] if "continue_final_message" in kw else ASK
+        with pytest.raises(DecodeError, match=message):
+            m.generate(messages=convo, max_new_tokens=1, **kw)
+    with pytest.raises(DecodeError, match="tools apply to chat messages only"):
+        m.generate(inputs=["ab"], tools=TOOLS, max_new_tokens=1)

@@ -200,16 +200,20 @@ def stop_ids(loaded) -> tuple[int, ...]:
 
 
 def encode_prompts(loaded, *, inputs=None, input_ids=None, messages=None,
-                   labels: Sequence[str] | None = None) -> list[list[int]]:
+                   labels: Sequence[str] | None = None, **chat) -> list[list[int]]:
     """Token ids per prompt. Text is encoded with `loaded.vocab`; T5 inputs get EOS appended
     (T5's convention for encoder inputs), GPT prompts do not; a GPT trained by t5x_lite gets its
     decoder start id 0 first, a Llama-style tokenizer's its BOS (`start_ids`). Given ids are
     used as they are. `messages` (a conversation, or a list of them) are rendered with the
-    model's chat template (`chat_prompts`)."""
+    model's chat template (`chat_prompts`, with the `chat` options: tools, documents,
+    continue_final_message, chat_template_kwargs)."""
     if sum(x is not None for x in (inputs, input_ids, messages)) != 1:
         raise DecodeError("give exactly one of inputs (text), input_ids or messages (chat)")
     if messages is not None:
-        return chat_prompts(loaded, messages, labels)
+        return chat_prompts(loaded, messages, labels, **chat)
+    given = sorted(k for k, v in chat.items() if v not in (None, False))
+    if given:
+        raise DecodeError(f"{', '.join(given)} apply to chat messages only (give messages=)")
     if input_ids is not None:
         try:
             one = len(input_ids) > 0 and np.ndim(input_ids[0]) == 0
@@ -240,10 +244,14 @@ def encode_prompts(loaded, *, inputs=None, input_ids=None, messages=None,
     return encoded
 
 
-def chat_prompts(loaded, messages, labels: Sequence[str] | None = None) -> list[list[int]]:
+def chat_prompts(loaded, messages, labels: Sequence[str] | None = None, *, tools=None,
+                 documents=None, continue_final_message: bool = False,
+                 chat_template_kwargs=None) -> list[list[int]]:
     """Token ids of each conversation in `messages` (one conversation: a list of message
     dicts; or a list of conversations), rendered by `loaded.chat_template` with the assistant's
-    header at the end (`add_generation_prompt`) and encoded as HF's `apply_chat_template`
+    header at the end (`add_generation_prompt`; or, with `continue_final_message`, the last
+    message left open), `tools`, `documents` and `chat_template_kwargs` for every
+    conversation (`chat.ChatTemplate.render`), and encoded as HF's `apply_chat_template`
     does: special tokens spelled in the text are those tokens, no start id is added (the
     template writes its own). Needs a decoder-only model whose vocabulary reads special tokens
     in text (an HF tokenizer.json)."""
@@ -272,7 +280,10 @@ def chat_prompts(loaded, messages, labels: Sequence[str] | None = None) -> list[
     for i, conversation in enumerate(conversations):
         where = labels[i] if labels else f"messages[{i}]"
         try:
-            out.append(list(vocab.encode(template.render(conversation))))
+            out.append(list(vocab.encode(template.render(
+                conversation, tools=tools, documents=documents,
+                continue_final_message=bool(continue_final_message),
+                variables=chat_template_kwargs))))
         except (ChatError, UserError) as e:
             raise DecodeError(f"{where}: {e}") from None
     return out
@@ -681,7 +692,8 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
              num_beams=None, alpha=None, num_samples=None, seed=None, batch_size=None,
              draft=None, num_draft=None,
              stop_ids=None, repetition_penalty=None, no_repeat_ngram_size=None,
-             min_new_tokens=None, token_scores: bool = False) -> list:
+             min_new_tokens=None, token_scores: bool = False, tools=None, documents=None,
+             continue_final_message: bool = False, chat_template_kwargs=None) -> list:
     """Decodes every input; returns one entry per input, in order.
 
     Args:
@@ -689,7 +701,10 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
         speculative decoding (greedy or sample), proposing `num_draft` tokens per target pass.
       input_ids / inputs: token id lists, or texts (needs loaded.vocab; T5 appends EOS).
       messages: chat conversations (`chat_prompts`: a list of {"role", "content"} dicts, or a
-        list of such lists), rendered with the model's chat template.
+        list of such lists), rendered with the model's chat template, as HF's
+        `apply_chat_template` with `tools` (JSON schemas), `documents`,
+        `continue_final_message` (continue the last message instead of starting a reply) and
+        `chat_template_kwargs` (more template variables, e.g. {"enable_thinking": False}).
       method: 'greedy' | 'sample' (temperature -> top_k -> top_p; temperature 0 = greedy) |
         'beam' (num_beams, length penalty ((5 + len) / 6) ** alpha).
       stop_ids: ids that end a row instead of the model's (`stop_ids(loaded)`), as HF
@@ -719,7 +734,10 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
         num_samples=num_samples, seed=seed, batch_size=batch_size, num_draft=num_draft,
         stop_ids=stop_ids, repetition_penalty=repetition_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens)
-    prompts = encode_prompts(loaded, inputs=inputs, input_ids=input_ids, messages=messages)
+    prompts = encode_prompts(loaded, inputs=inputs, input_ids=input_ids, messages=messages,
+                             tools=tools, documents=documents,
+                             continue_final_message=continue_final_message,
+                             chat_template_kwargs=chat_template_kwargs)
     results: list = []
     for batch in iter_generate(loaded, prompts, options, draft=draft,
                                token_scores=token_scores):
