@@ -267,11 +267,19 @@ def test_sampled_pairs_follow_the_processed_law(draft):
     assert p0[7] < plain[7] * 0.8 and abs(np.mean(toks[:, 0] == 7) - p0[7]) < 0.03
 
 
-def test_speculative_greedy_equals_plain_greedy():
-    """Draft other than the target (rejections) and the target itself (bonus path)."""
+GREEDY_PROMPTS = [[5, 6, 7], [4], [2, 3, 4, 5, 6], [3, 3], [7, 2]]
+
+
+def _ending_gpt():
+    """The tiny GPT with EOS likelier (rows end at different steps)."""
     target = _tiny_gpt(0, 2)
     target.params["token_embedder"]["embedding"][1] *= 4.0
-    prompts = [[5, 6, 7], [4], [2, 3, 4, 5, 6], [3, 3], [7, 2]]
+    return target
+
+
+def test_speculative_greedy_equals_plain_greedy():
+    """Draft other than the target (rejections) and the target itself (bonus path)."""
+    target, prompts = _ending_gpt(), GREEDY_PROMPTS
     # min_new_tokens 6: with k = 3, an iteration from count 5 checks positions 5-8 and EOS is
     # allowed from the second of them on (rows end right there).
     kw = dict(max_new_tokens=14, batch_size=8, repetition_penalty=1.6, no_repeat_ngram_size=3,
@@ -291,9 +299,7 @@ def test_each_sample_row_keeps_its_prompts_history(draft):
     """num_samples 3 with top_k 1 (so each sample is the greedy pick): every sample of every
     prompt equals that prompt's greedy decode with the same processors, plain and speculative
     (rows of other prompts' histories would differ)."""
-    target = _tiny_gpt(0, 2)
-    target.params["token_embedder"]["embedding"][1] *= 4.0
-    prompts = [[5, 6, 7], [4], [2, 3, 4, 5, 6], [3, 3], [7, 2]]
+    target, prompts = _ending_gpt(), GREEDY_PROMPTS
     kw = dict(max_new_tokens=12, batch_size=8, repetition_penalty=1.6, no_repeat_ngram_size=2,
               min_new_tokens=4)
     greedy = gen.generate(target, input_ids=prompts, **kw)
