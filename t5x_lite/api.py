@@ -618,6 +618,10 @@ def load_chat_template(settings_path, jinja_path):
     `chat.UnusableTemplate` (using it raises why) and a warning: the model works without it."""
     from t5x_lite import chat
     jinja = epath.Path(jinja_path)
+    named = jinja.parent / hf_interop.HF_CHAT_TEMPLATES_DIR
+    if named.is_dir():  # where transformers 5 saves named templates ("tool_use" among them)
+        logging.warning("%s is not read: its named chat templates are not used (a call with "
+                        "tools renders with the default template)", named)
     try:
         settings = hf_interop.read_json_object(settings_path, hf_interop.InteropError,
                                                "the tokenizer's settings", "fix or remove it")

@@ -78,8 +78,10 @@ class ChatTemplate:
 
     def fingerprint(self) -> str:
         """A short hash of what decides the rendered text: the templates and their variables."""
-        blob = json.dumps([self.template, sorted(self.variables.items()), self.tool_use])
-        return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+        parts = [self.template, sorted(self.variables.items())]
+        if self.tool_use is not None:  # without one: the fingerprint of earlier versions
+            parts.append(self.tool_use)
+        return hashlib.sha256(json.dumps(parts).encode("utf-8")).hexdigest()[:16]
 
     def _compile(self, template: str):
         if template not in self._compiled:
@@ -125,19 +127,32 @@ class ChatTemplate:
                 variables[name] = value
         return cls(template, variables, source, tool_use)
 
-    def render(self, conversation, *, tools=None, documents=None,
-               continue_final_message: bool = False, variables=None) -> str:
+    def render(self, conversation, *, add_generation_prompt: bool | None = None, tools=None,
+               documents=None, continue_final_message: bool = False, variables=None) -> str:
         """The prompt text of `conversation`, a list of message dicts (see module docstring):
-        the assistant's header at the end, or with `continue_final_message` the last message
-        left open."""
+        the assistant's header at the end (`add_generation_prompt`, default: unless
+        `continue_final_message`), or with `continue_final_message` the last message left
+        open."""
         messages = normalize_conversation(conversation)
-        tools, documents = (_dicts(x, name) for x, name in ((tools, "tools"),
-                                                             (documents, "documents")))
-        if not isinstance(variables or {}, Mapping) or not all(
-                isinstance(k, str) for k in (variables or {})):
-            raise ChatError(f"chat template variables are a dict with string keys, got "
+        if not isinstance(continue_final_message, bool):
+            raise ChatError(f"continue_final_message is True or False (continuing a field other "
+                            f"than \"content\" is not supported), got "
+                            f"{_short(continue_final_message)}")
+        if add_generation_prompt is None:
+            add_generation_prompt = not continue_final_message
+        if add_generation_prompt and continue_final_message:
+            raise ChatError("continue_final_message and add_generation_prompt exclude each other")
+        tools, documents = _dicts(tools, "tools"), _dicts(documents, "documents")
+        variables = {} if variables is None else variables
+        if not isinstance(variables, Mapping) or not all(isinstance(k, str) for k in variables):
+            raise ChatError(f"chat_template_kwargs are a dict with string keys, got "
                             f"{_short(variables)}")
-        extra = _plain(dict(variables or {}))
+        reserved = sorted(set(variables) & {"messages", "tools", "documents",
+                                            "add_generation_prompt"})
+        if reserved:
+            raise ChatError(f"chat_template_kwargs cannot set {', '.join(reserved)} (give them "
+                            "as their own arguments)")
+        extra = _plain(dict(variables))
         template = self.tool_use if tools is not None and self.tool_use is not None else \
             self.template
         compiled = self._compile(template)
@@ -149,7 +164,7 @@ class ChatTemplate:
             messages, final = _tag_final_message(messages)
         try:
             text = compiled.render(messages=messages, tools=tools, documents=documents,
-                                   add_generation_prompt=not continue_final_message,
+                                   add_generation_prompt=add_generation_prompt,
                                    **{**self.variables, **extra})
         except Exception as e:  # raise_exception's TemplateError, a template's own bugs
             raise ChatError(f"the chat template ({self.source}) failed on this conversation: "
@@ -166,12 +181,13 @@ class ChatTemplate:
 
 
 def _dicts(value, name: str):
-    """`tools` / `documents` as plain dicts (None stays None)."""
+    """`tools` / `documents` as a list of plain dicts (None stays None; [] is HF's too)."""
     if value is None:
         return None
-    if not nonempty_list(value) or not all(isinstance(x, Mapping) for x in value):
-        raise ChatError(f"{name} are a non-empty list of dicts (JSON schemas for tools), got "
-                        f"{_short(value)}")
+    what = "JSON schemas (dicts)" if name == "tools" else "dicts"
+    if not (isinstance(value, Sequence) and not isinstance(value, (str, bytes))) or not all(
+            isinstance(x, Mapping) for x in value):
+        raise ChatError(f"{name} are a list of {what}, got {_short(value)}")
     return [_plain(dict(x)) for x in value]
 
 

@@ -163,6 +163,8 @@ def read_prompts(path) -> list[Prompt]:
             prompts.append(Prompt(item["input_ids"], list(item["input_ids"])))
         elif isinstance(item, dict) and isinstance(item.get("messages"), list):
             options = {k: item[k] for k in CHAT_OPTIONS if k in item}
+            if options.get("continue_final_message", False) is None:
+                options.pop("continue_final_message")  # null: off, as the other options
             if not isinstance(options.get("continue_final_message", False), bool):
                 raise InferError(f"{where}: \"continue_final_message\" must be true or false")
             inputs = {"messages": item["messages"], **options} if options else item["messages"]

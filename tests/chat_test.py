@@ -8,8 +8,11 @@ one with a default system message in tokenizer_config.json).
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import shutil
 import types
 
 import numpy as np
@@ -352,6 +355,7 @@ def tool_model(tmp_path_factory):
 
 @pytest.mark.parametrize("conversation,kw", [
     (ASK, {"tools": TOOLS}),
+    (ASK, {"tools": []}),  # HF: the tool_use template, with an empty list
     (ASK, {"tools": TOOLS, "documents": DOCS, "enable_thinking": False}),
     (ASK, {"documents": DOCS}),  # no tools: the default template, which ignores documents
     (OPEN, {"continue_final_message": True}),  # the default template trims: HF's second cut
@@ -376,6 +380,14 @@ def test_tools_documents_kwargs_and_continuing_render_as_hf(tool_model, conversa
         assert text.endswith(("the sum is", "the sum is ", "fgh"))
 
 
+def test_fingerprint_without_named_templates_is_as_before(llama3):
+    """Outputs written before named templates counted resume: the fingerprint of a template
+    without a "tool_use" one hashes what it hashed then."""
+    t = t5x_lite.load(llama3[1]).chat_template
+    old = json.dumps([t.template, sorted(t.variables.items())]).encode("utf-8")
+    assert t.tool_use is None and t.fingerprint() == hashlib.sha256(old).hexdigest()[:16]
+
+
 def test_chat_options_in_infer_and_their_errors(tool_model, tmp_path):
     hf, path = tool_model
     lines = [{"messages": ASK, "tools": TOOLS, "chat_template_kwargs": {"enable_thinking": False}},
@@ -396,12 +408,26 @@ def test_chat_options_in_infer_and_their_errors(tool_model, tmp_path):
         bad.write_text(json.dumps(line) + "\n")
         with pytest.raises(infer.InferError, match=f"^{bad}:1: {message}"):
             infer.run(path, bad, tmp_path / "o", log=open(os.devnull, "w"))
-    for kw, message in [({"tools": "add"}, "tools are a non-empty list of dicts"),
-                        ({"documents": [1]}, "documents are a non-empty list of dicts"),
-                        ({"chat_template_kwargs": [1]}, "variables are a dict"),
+    for kw, message in [({"tools": "add"}, r"tools are a list of JSON schemas \(dicts\)"),
+                        ({"documents": [1]}, "documents are a list of dicts"),
+                        ({"chat_template_kwargs": [1]}, "chat_template_kwargs are a dict"),
+                        ({"chat_template_kwargs": {"tools": []}},
+                         "chat_template_kwargs cannot set tools"),
+                        ({"continue_final_message": "reasoning_content"},
+                         "continue_final_message is True or False"),
                         ({"continue_final_message": True}, "final message has no \"content\"")]:
         convo = [{"role": "user"}] if "continue_final_message" in kw else ASK
         with pytest.raises(DecodeError, match=message):
             m.generate(messages=convo, max_new_tokens=1, **kw)
     with pytest.raises(DecodeError, match="tools apply to chat messages only"):
         m.generate(inputs=["ab"], tools=TOOLS, max_new_tokens=1)
+
+
+def test_named_templates_of_transformers_5_are_named_in_a_warning(tool_model, tmp_path, caplog):
+    copy = tmp_path / "m"
+    shutil.copytree(tool_model[1], copy)
+    (copy / "additional_chat_templates").mkdir()
+    (copy / "additional_chat_templates" / "tool_use.jinja").write_text(TOOL_USE)
+    with caplog.at_level(logging.WARNING):
+        t5x_lite.load(copy)
+    assert f"{copy / 'additional_chat_templates'} is not read" in caplog.text

@@ -200,7 +200,9 @@ def stop_ids(loaded) -> tuple[int, ...]:
 
 
 def encode_prompts(loaded, *, inputs=None, input_ids=None, messages=None,
-                   labels: Sequence[str] | None = None, **chat) -> list[list[int]]:
+                   labels: Sequence[str] | None = None, tools=None, documents=None,
+                   continue_final_message: bool = False,
+                   chat_template_kwargs=None) -> list[list[int]]:
     """Token ids per prompt. Text is encoded with `loaded.vocab`; T5 inputs get EOS appended
     (T5's convention for encoder inputs), GPT prompts do not; a GPT trained by t5x_lite gets its
     decoder start id 0 first, a Llama-style tokenizer's its BOS (`start_ids`). Given ids are
@@ -209,9 +211,11 @@ def encode_prompts(loaded, *, inputs=None, input_ids=None, messages=None,
     continue_final_message, chat_template_kwargs)."""
     if sum(x is not None for x in (inputs, input_ids, messages)) != 1:
         raise DecodeError("give exactly one of inputs (text), input_ids or messages (chat)")
+    chat = dict(tools=tools, documents=documents, continue_final_message=continue_final_message,
+                chat_template_kwargs=chat_template_kwargs)
     if messages is not None:
         return chat_prompts(loaded, messages, labels, **chat)
-    given = sorted(k for k, v in chat.items() if v not in (None, False))
+    given = sorted(k for k, v in chat.items() if v is not None and v is not False)
     if given:
         raise DecodeError(f"{', '.join(given)} apply to chat messages only (give messages=)")
     if input_ids is not None:
@@ -282,7 +286,7 @@ def chat_prompts(loaded, messages, labels: Sequence[str] | None = None, *, tools
         try:
             out.append(list(vocab.encode(template.render(
                 conversation, tools=tools, documents=documents,
-                continue_final_message=bool(continue_final_message),
+                continue_final_message=continue_final_message,
                 variables=chat_template_kwargs))))
         except (ChatError, UserError) as e:
             raise DecodeError(f"{where}: {e}") from None
