@@ -165,11 +165,12 @@ def test_token_scores_equal_hf_transition_scores(family, request):
     sampled = generate(loaded, input_ids=prompts[:3], method="sample", num_samples=2, seed=3,
                        max_new_tokens=N, temperature=1.5, top_k=20, token_scores=True)
     checked = [(p, s) for p, two in zip(prompts, sampled) for s in two]
-    if gpt:  # speculative decoding (decoder-only): the target drafting for itself
-        spec = generate(loaded, input_ids=prompts, max_new_tokens=N, batch_size=8, draft=loaded,
-                        num_draft=3, token_scores=True)
-        assert [r["ids"] for r in spec] == [r["ids"] for r in ours]
-        checked += list(zip(prompts, spec))
+    if gpt:  # speculative decoding (decoder-only): bonus path, and a random draft's rejections
+        for draft in (loaded, decoding_testlib.loaded(loaded.model.config, seed=5)):
+            spec = generate(loaded, input_ids=prompts, max_new_tokens=N, batch_size=8,
+                            draft=draft, num_draft=3, token_scores=True)
+            assert [r["ids"] for r in spec] == [r["ids"] for r in ours]
+            checked += list(zip(prompts, spec))
     for prompt, r in checked:
         np.testing.assert_allclose(r["token_scores"],
                                    _hf_token_log_probs(model, family, prompt, r["ids"]),
