@@ -52,12 +52,10 @@ class _State(NamedTuple):
     step: jax.Array  # tokens generated so far by every alive beam
     alive_seq: jax.Array  # [B, W, N]
     alive_logp: jax.Array  # [B, W], processed (what ranks)
-    alive_model: jax.Array  # [B, W], the model's
     alive_tok_logp: jax.Array  # [B, W, N], the model's per token
     fin_seq: jax.Array  # [B, W, N]
     fin_score: jax.Array
     fin_logp: jax.Array
-    fin_model: jax.Array
     fin_tok_logp: jax.Array
     fin_len: jax.Array
     fin_flag: jax.Array
@@ -104,8 +102,6 @@ def beam_search(tokens_to_logits: StepFn, cache, first_logits_BWxV, *, num_beams
         top_logp_BxC, top_idx = jax.lax.top_k(cand_BxWV, candidates)
         top_beam, top_tok = top_idx // v, (top_idx % v).astype(jnp.int32)
         tok_logp_BxC = _gather(model_BWxV.reshape(b, w * v), top_idx)
-        top_model_BxC = top_logp_BxC if processing is None else (
-            _gather(s.alive_model, top_beam) + tok_logp_BxC)
         top_tok_logp = jax.lax.dynamic_update_slice(
             _gather(s.alive_tok_logp, top_beam), tok_logp_BxC[:, :, None], (0, 0, i))
         top_seq = _gather(s.alive_seq, top_beam)
@@ -116,7 +112,6 @@ def beam_search(tokens_to_logits: StepFn, cache, first_logits_BWxV, *, num_beams
         # Alive: the best W candidates that did not end (at most S * W of the (1 + S) * W end).
         alive_logp, keep = jax.lax.top_k(jnp.where(ends, NEG, top_logp_BxC), w)
         alive_seq = _gather(top_seq, keep)
-        alive_model = _gather(top_model_BxC, keep)
         alive_tok_logp = _gather(top_tok_logp, keep)
         parent_rows = (row_base_Bx1 + jnp.take_along_axis(top_beam, keep, 1)).reshape(-1)
         history = processors.extend(processors.take_rows(s.history, parent_rows),
@@ -128,19 +123,18 @@ def beam_search(tokens_to_logits: StepFn, cache, first_logits_BWxV, *, num_beams
         fin_score, pick = jax.lax.top_k(pool_score, w)
         fin_seq = _gather(jnp.concatenate([s.fin_seq, top_seq], 1), pick)
         fin_logp = _gather(jnp.concatenate([s.fin_logp, top_logp_BxC], 1), pick)
-        fin_model = _gather(jnp.concatenate([s.fin_model, top_model_BxC], 1), pick)
         fin_tok_logp = _gather(jnp.concatenate([s.fin_tok_logp, top_tok_logp], 1), pick)
         fin_len = _gather(jnp.concatenate([s.fin_len, jnp.full_like(top_tok, i + 1)], 1), pick)
         fin_flag = _gather(jnp.concatenate([s.fin_flag, ends], 1), pick)
-        return _State(i + 1, alive_seq, alive_logp, alive_model, alive_tok_logp, fin_seq,
-                      fin_score, fin_logp, fin_model, fin_tok_logp, fin_len, fin_flag,
+        return _State(i + 1, alive_seq, alive_logp, alive_tok_logp, fin_seq,
+                      fin_score, fin_logp, fin_tok_logp, fin_len, fin_flag,
                       reorder_cache(s.cache, parent_rows), history)
 
     zeros_seq = jnp.zeros((b, w, n), jnp.int32)
     init_logp = jnp.tile(jnp.array([0.0] + [NEG] * (w - 1), jnp.float32), (b, 1))
     zeros_f, zeros_tok = jnp.zeros((b, w), jnp.float32), jnp.zeros((b, w, n), jnp.float32)
-    state = _State(jnp.int32(0), zeros_seq, init_logp, init_logp, zeros_tok, zeros_seq,
-                   jnp.full((b, w), NEG), zeros_f, zeros_f, zeros_tok,
+    state = _State(jnp.int32(0), zeros_seq, init_logp, zeros_tok, zeros_seq,
+                   jnp.full((b, w), NEG), zeros_f, zeros_tok,
                    jnp.zeros((b, w), jnp.int32), jnp.zeros((b, w), jnp.bool_), cache, history)
     state = expand(state, first_logits_BWxV)
     best_possible_bound = length_penalty(n, alpha) if alpha >= 0 else length_penalty(1, alpha)
@@ -156,11 +150,12 @@ def beam_search(tokens_to_logits: StepFn, cache, first_logits_BWxV, *, num_beams
         return expand(s._replace(cache=cache), logits_BWx1xV[:, 0])
 
     s = jax.lax.while_loop(cond, body, state)
-    return _finalize(s, w, alpha)
+    return _finalize(s, w, alpha, processed=processing is not None)
 
 
-def _finalize(s: _State, w: int, alpha: float) -> BeamOutput:
-    """Best W of finished (first) and alive (filling in) beams, best first."""
+def _finalize(s: _State, w: int, alpha: float, processed: bool) -> BeamOutput:
+    """Best W of finished (first) and alive (filling in) beams, best first. The model's
+    log-prob sums are the ranked sums, or with `processed` log-probs their tokens' sums."""
     alive_len = jnp.broadcast_to(s.step, s.alive_logp.shape).astype(jnp.int32)
     alive_score = s.alive_logp / length_penalty(alive_len, alpha)
     cat = lambda a, c: jnp.concatenate([a, c], 1)
@@ -174,6 +169,6 @@ def _finalize(s: _State, w: int, alpha: float) -> BeamOutput:
     within = positions_N < length[..., None]
     seq = jnp.where(within, _gather(cat(s.fin_seq, s.alive_seq), pick), PAD_ID)
     tok_logp = jnp.where(within, _gather(cat(s.fin_tok_logp, s.alive_tok_logp), pick), 0.0)
-    return BeamOutput(seq, _gather(score, pick), _gather(cat(s.fin_logp, s.alive_logp), pick),
-                      length, _gather(flag, pick), _gather(cat(s.fin_model, s.alive_model), pick),
-                      tok_logp)
+    logp = _gather(cat(s.fin_logp, s.alive_logp), pick)
+    return BeamOutput(seq, _gather(score, pick), logp, length, _gather(flag, pick),
+                      jnp.sum(tok_logp, -1) if processed else logp, tok_logp)
