@@ -522,7 +522,18 @@ def hf_stop_ids(hf_config, vocab_size: int, generation_config=None) -> tuple[int
 # HF `generate`'s values for the settings a generation config leaves unset (5.x:
 # GenerationConfig._get_default_generation_params; None there = off): note top_k 50.
 HF_DECODE_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": 0.0,
+                      "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
                       "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_tokens": 0}
+# Generation settings that change HF's output and are not taken, with the values that leave
+# them off (None: unset). Beam search's length penalty is not T5's; max_length and min_length
+# count the prompt; the rest are processors t5x_lite does not have.
+HF_SETTINGS_NOT_TAKEN = {
+    "num_beams": 1, "max_length": 20, "min_length": 0, "bad_words_ids": None,
+    "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None,
+    "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0,
+    "exponential_decay_length_penalty": None, "guidance_scale": 1.0, "top_h": None,
+    "watermarking_config": None}
 
 
 def hf_decode_defaults(hf_config, generation_config=None, where: str = "") -> dict:
@@ -530,12 +541,13 @@ def hf_decode_defaults(hf_config, generation_config=None, where: str = "") -> di
     and generation config `generation_config` (None: no generation_config.json; config.json's
     generation fields then, as HF derives its generation config from them): method "sample"
     when `do_sample` is truthy (HF's test), else "greedy"; temperature, top_k, top_p, min_p,
-    repetition_penalty, no_repeat_ngram_size and min_new_tokens as set there, else HF's
-    defaults (`HF_DECODE_DEFAULTS`: top_k 50); max_new_tokens when set (HF's own default is a
-    total max_length of 20: not taken). top_p 0, which keeps only the most likely token in HF,
-    is taken as top_k 1. A value that is not a valid decode option is left at the default,
-    with a warning naming `where`; so are settings that are not taken (num_beams > 1, whose
-    length penalty is not T5's; max_length, min_length)."""
+    typical_p, epsilon_cutoff, eta_cutoff, repetition_penalty, no_repeat_ngram_size and
+    min_new_tokens as set there, else HF's defaults (`HF_DECODE_DEFAULTS`: top_k 50);
+    max_new_tokens when set (HF's own default is a total max_length of 20: not taken). top_p 0,
+    which keeps only the most likely token in HF, is taken as top_k 1. A value that is not a
+    valid decode option is left at the default, with a warning naming `where`; settings that
+    are not taken (`HF_SETTINGS_NOT_TAKEN`: num_beams > 1, max_length, min_length, bad words,
+    suppressed or forced tokens, ...) get a warning when they are on."""
     from t5x_lite.decoding.generate import DecodeError, DecodeOptions  # decoding imports api
     source = dict(hf_config if generation_config is None else generation_config)
     place = where or "HF model"
@@ -563,13 +575,13 @@ def hf_decode_defaults(hf_config, generation_config=None, where: str = "") -> di
                             "using %s", place, name, value, e, out.get(name, "t5x_lite's default"))
             continue
         out[name] = kind(value)
-    ignored = [f"{k}={source[k]!r}" for k, off in (("num_beams", 1), ("max_length", 20),
-                                                    ("min_length", 0))
+    ignored = [f"{k}={source[k]!r}" for k, off in HF_SETTINGS_NOT_TAKEN.items()
                if source.get(k) is not None and source[k] != off]
     if ignored:
         logging.warning("%s: generation settings %s are not taken (t5x_lite's beam search "
                         "ranks by T5's length penalty; lengths count new tokens: "
-                        "max_new_tokens / min_new_tokens)", place, ", ".join(ignored))
+                        "max_new_tokens / min_new_tokens; the others are HF processors "
+                        "t5x_lite does not have)", place, ", ".join(ignored))
     return out
 
 

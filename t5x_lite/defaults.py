@@ -85,6 +85,9 @@ def base_config(model: ModelConfig, *, objective: str, seq_len: int = 512,
     c.decode.top_k = 0
     c.decode.top_p = 1.0
     c.decode.min_p = 0.0  # HF's min-p filter, after top-p (0.0 = off)
+    c.decode.typical_p = 1.0  # HF's typical-p filter, after min-p (1.0 = off)
+    c.decode.epsilon_cutoff = 0.0  # HF's epsilon cutoff, after typical-p (0.0 = off)
+    c.decode.eta_cutoff = 0.0  # HF's eta cutoff, after epsilon (0.0 = off)
     c.decode.num_beams = 4
     c.decode.alpha = 0.6
     c.decode.num_samples = 1

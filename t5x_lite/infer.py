@@ -16,8 +16,9 @@ r"""Decode a file of prompts with a checkpoint, writing one JSON line per input.
   --token_scores: each output id's log-prob); for num_samples > 1 or beam search
   with num_beams > 1, output / output_ids / score / ... are lists (beams best first).
 --decode.<field>=value: overrides the `decode` section of the checkpoint's config.json
-  (method, max_new_tokens, temperature, top_k, top_p, min_p, num_beams, alpha, num_samples,
-  seed, batch_size, num_draft, repetition_penalty, no_repeat_ngram_size, min_new_tokens,
+  (method, max_new_tokens, temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff,
+  eta_cutoff, num_beams, alpha, num_samples, seed, batch_size, num_draft,
+  repetition_penalty, no_repeat_ngram_size, min_new_tokens,
   stop_ids: comma-separated ids that end a row instead of the model's, e.g.
   --decode.stop_ids=13,198); fields not given keep the checkpoint's values, else the defaults
   of `t5x_lite.defaults.base_config`.
@@ -292,7 +293,8 @@ def output_meta(checkpoint: dict, options: gen.DecodeOptions, quantize: str | No
         names.append("num_draft")
     # Recorded when on, so that outputs written before these options resume as they were.
     names += [n for n in ("repetition_penalty", "min_new_tokens", "no_repeat_ngram_size",
-                          *(["min_p"] if options.method == "sample" else []))
+                          *(["min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"]
+                            if options.method == "sample" else []))
               if getattr(options, n) != getattr(gen.DecodeOptions, n)]
     meta = {"written_by": _WRITER, "checkpoint": checkpoint, "quantize": quantize or "none",
             "draft": draft, "decode": {**{n: getattr(options, n) for n in names},

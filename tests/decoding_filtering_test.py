@@ -1,5 +1,5 @@
-"""Temperature / top-k / top-p / min-p equal HF's logits warpers; sampling follows the
-filtered law."""
+"""Temperature / top-k / top-p / min-p / typical-p / epsilon / eta equal HF's logits warpers;
+sampling follows the filtered law."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,8 +23,14 @@ def _hf_filter(logits, cfg: SamplingConfig):
         warpers.append(hf.TopPLogitsWarper(cfg.top_p))
     if cfg.min_p > 0.0:
         warpers.append(hf.MinPLogitsWarper(cfg.min_p))
+    if cfg.typical_p < 1.0:
+        warpers.append(hf.TypicalLogitsWarper(cfg.typical_p))
+    if cfg.epsilon_cutoff > 0.0:
+        warpers.append(hf.EpsilonLogitsWarper(cfg.epsilon_cutoff))
+    if cfg.eta_cutoff > 0.0:
+        warpers.append(hf.EtaLogitsWarper(cfg.eta_cutoff))
     ids = torch.zeros((scores.shape[0], 1), dtype=torch.long)
-    for w in warpers:  # HF's order: temperature, top-k, top-p, min-p
+    for w in warpers:  # HF's order: temperature, top-k, top-p, min-p, typical, epsilon, eta
         scores = w(ids, scores)
     return scores.numpy()
 
@@ -36,6 +42,11 @@ def _hf_filter(logits, cfg: SamplingConfig):
     SamplingConfig(temperature=0.5, top_k=1), SamplingConfig(top_p=1e-6),
     SamplingConfig(min_p=0.05), SamplingConfig(min_p=1.0),
     SamplingConfig(temperature=0.7, top_k=40, top_p=0.95, min_p=0.1),
+    SamplingConfig(typical_p=0.9), SamplingConfig(typical_p=0.2), SamplingConfig(typical_p=1e-6),
+    SamplingConfig(epsilon_cutoff=3e-3), SamplingConfig(epsilon_cutoff=0.9),
+    SamplingConfig(eta_cutoff=3e-3), SamplingConfig(eta_cutoff=0.5),
+    SamplingConfig(temperature=1.3, top_k=50, typical_p=0.7, epsilon_cutoff=1e-3,
+                   eta_cutoff=2e-3),
 ])
 @pytest.mark.parametrize("shape", [(6, 97), (4, 4096)])  # 4096: counted in windows of 32
 def test_masks_equal_hf_warpers(cfg, shape):
@@ -48,7 +59,8 @@ def test_masks_equal_hf_warpers(cfg, shape):
 
 
 def _reference_filter(logits, cfg: SamplingConfig):
-    """The documented rule in numpy, by sorting: HF's, with the ties at the top-p cut kept."""
+    """The documented rule in numpy, by sorting: HF's, with the ties at the top-p and
+    typical-p cuts kept."""
     x = logits.astype(np.float64) / (cfg.temperature or 1.0)
     if 0 < cfg.top_k < x.shape[-1]:
         x = np.where(x < np.sort(x, axis=-1)[:, -cfg.top_k][:, None], -np.inf, x)
@@ -58,12 +70,25 @@ def _reference_filter(logits, cfg: SamplingConfig):
         cum = np.cumsum(p / p.sum(-1, keepdims=True), axis=-1)
         removed = np.minimum(np.sum(cum <= 1.0 - cfg.top_p, axis=-1), x.shape[-1] - 1)
         x = np.where(x < np.take_along_axis(asc, removed[:, None], axis=-1), -np.inf, x)
+    if cfg.typical_p < 1.0:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logp = x - x.max(-1, keepdims=True)
+            logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+            entropy = -np.nansum(np.exp(logp) * logp, axis=-1, keepdims=True)
+            distance = np.abs(-logp - entropy)
+        order = np.argsort(distance, axis=-1, kind="stable")
+        cum = np.cumsum(np.take_along_axis(np.exp(logp), order, axis=-1), axis=-1)
+        last = np.minimum(np.sum(cum < cfg.typical_p, axis=-1), x.shape[-1] - 1)
+        cut = np.take_along_axis(np.sort(distance, axis=-1), last[:, None], axis=-1)
+        x = np.where(distance > cut, -np.inf, x)
     return x
 
 
 @pytest.mark.parametrize("cfg", [SamplingConfig(top_k=7), SamplingConfig(top_p=0.6),
                                  SamplingConfig(top_k=40, top_p=0.9),
-                                 SamplingConfig(temperature=0.7, top_k=100, top_p=0.5)])
+                                 SamplingConfig(temperature=0.7, top_k=100, top_p=0.5),
+                                 SamplingConfig(typical_p=0.5), SamplingConfig(typical_p=0.95),
+                                 SamplingConfig(top_k=200, typical_p=0.8)])
 def test_ties_at_the_cut_are_kept_together(cfg):
     # Logits on a coarse grid: many ties at every threshold, -inf entries, V of a real vocab's
     # shape class (a multiple of 32) and not.
@@ -77,7 +102,8 @@ def test_ties_at_the_cut_are_kept_together(cfg):
 
 def test_bad_sampling_config():
     for kw in (dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1), dict(temperature=-1.0),
-               dict(min_p=-0.1), dict(min_p=1.1)):
+               dict(min_p=-0.1), dict(min_p=1.1), dict(typical_p=0.0), dict(typical_p=1.01),
+               dict(epsilon_cutoff=-0.1), dict(epsilon_cutoff=1.0), dict(eta_cutoff=1.0)):
         with pytest.raises(ValueError):
             SamplingConfig(**kw)
 

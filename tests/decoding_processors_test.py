@@ -267,6 +267,35 @@ def test_sampled_pairs_follow_the_processed_law(draft):
     assert p0[7] < plain[7] * 0.8 and abs(np.mean(toks[:, 0] == 7) - p0[7]) < 0.03
 
 
+@pytest.mark.parametrize("draft", ["none", "other"])
+@pytest.mark.parametrize("name,value,warper", [
+    ("typical_p", 0.9, hf_lp.TypicalLogitsWarper), ("epsilon_cutoff", 0.03,
+                                                    hf_lp.EpsilonLogitsWarper),
+    ("eta_cutoff", 0.1, hf_lp.EtaLogitsWarper)])
+def test_sampled_tokens_follow_hfs_typical_epsilon_eta_law(name, value, warper, draft):
+    """4096 first tokens, plain and speculative, sampled with temperature 2 and typical-p, an
+    epsilon or an eta cutoff follow the law of HF's warpers on the full-forward logits; the
+    filter removes tokens the temperature alone keeps."""
+    target = _tiny_gpt(0, 2)
+    rows, temperature = 4096, 2.0
+    opts = gen.DecodeOptions(method="sample", max_new_tokens=1, num_draft=2, seed=3,
+                             temperature=temperature, **{name: value})
+    tokens, lengths = gen.pack_prompts(target.model.config, [PROMPT] * rows, rows)
+    out = gen.decode_batch(target, tokens, lengths, opts,
+                           draft=None if draft == "none" else _tiny_gpt(5, 1))
+    first = np.asarray((out if draft == "none" else out[0]).tokens_BxN)[:, 0]
+    logits = jax.jit(build_model(target.model.config).logits)(
+        target.params, {"decoder_input_tokens": np.array([PROMPT], np.int32)})[:, -1]
+    ids = torch.tensor([PROMPT], dtype=torch.long)
+    scores = hf_lp.TemperatureLogitsWarper(temperature)(ids, torch.tensor(np.asarray(logits)))
+    unfiltered = torch.softmax(scores.double(), -1).numpy()[0]
+    p = torch.softmax(warper(value)(ids, scores).double(), -1).numpy()[0]
+    assert unfiltered[p == 0].sum() > 0.03 and (p > 0).sum() >= 3  # the filter matters
+    counts = np.bincount(first, minlength=V)
+    assert counts[p == 0].sum() == 0
+    assert scipy.stats.chisquare(counts[p > 0], rows * p[p > 0] / p[p > 0].sum())[1] > 1e-3
+
+
 GREEDY_PROMPTS = [[5, 6, 7], [4], [2, 3, 4, 5, 6], [3, 3], [7, 2]]
 
 

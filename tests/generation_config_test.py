@@ -1,6 +1,7 @@
 """Decode defaults of HF weights: `load` and `convert --from_hf` take the settings HF
 `generate()` takes from the model's generation config (do_sample, temperature, top_k, top_p,
-min_p, repetition_penalty, no_repeat_ngram_size, min_new_tokens, max_new_tokens; unset ones at
+min_p, typical_p, epsilon_cutoff, eta_cutoff, repetition_penalty, no_repeat_ngram_size,
+min_new_tokens, max_new_tokens; unset ones at
 HF's defaults), so that `m.generate()` without options decodes as HF `model.generate()` does."""
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from t5x_lite import api, convert
 from t5x_lite.decoding import generate as gen
 
 V = 96
-FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-          "no_repeat_ngram_size", "min_new_tokens")
+FIELDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff",
+          "eta_cutoff", "repetition_penalty", "no_repeat_ngram_size", "min_new_tokens")
 
 
 def _save(path, generation: dict | None, in_config: dict | None = None):
@@ -55,6 +56,7 @@ def _hf_settings(path) -> dict:
     (None, {"do_sample": True, "top_k": 7, "repetition_penalty": 1.1}),  # config.json's then
     ({}, {"do_sample": True, "top_k": 7}),  # the file alone counts when there is one
     ({"do_sample": 1, "top_k": 3}, None),  # HF tests do_sample's truth
+    ({"do_sample": True, "typical_p": 0.95, "epsilon_cutoff": 3e-4, "eta_cutoff": 1e-3}, None),
 ])
 def test_settings_are_hfs(tmp_path, generation, in_config):
     path = _save(tmp_path / "hf", generation, in_config)
@@ -97,20 +99,25 @@ def test_unusable_settings_fall_back_with_a_warning(tmp_path, caplog):
     path = _save(tmp_path / "hf", {"do_sample": "yes", "top_p": 1.5, "temperature": "hot",
                                    "top_k": 2.5, "repetition_penalty": True,
                                    "max_new_tokens": -3, "min_new_tokens": 4, "num_beams": 4,
-                                   "max_length": 30})
+                                   "max_length": 30, "typical_p": 0.0, "eta_cutoff": 1.0,
+                                   "suppress_tokens": [5], "bad_words_ids": [[7, 8]],
+                                   "guidance_scale": 1.0, "epsilon_cutoff": 0.25})
     with caplog.at_level(logging.WARNING):
         m = t5x_lite.load(path)
     options = gen.decode_options(m)
     assert (options.method, options.top_p, options.temperature, options.top_k,
-            options.repetition_penalty, options.max_new_tokens, options.min_new_tokens) == (
-        "sample", 1.0, 1.0, 50, 1.0, 64, 4)
+            options.repetition_penalty, options.max_new_tokens, options.min_new_tokens,
+            options.typical_p, options.eta_cutoff, options.epsilon_cutoff) == (
+        "sample", 1.0, 1.0, 50, 1.0, 64, 4, 1.0, 0.0, 0.25)
     text = caplog.text
     for name in ("top_p=1.5", "temperature='hot'", "top_k=2.5", "repetition_penalty=True",
-                 "max_new_tokens=-3"):
+                 "max_new_tokens=-3", "typical_p=0.0", "eta_cutoff=1.0"):
         assert f"generation setting {name} is not a usable decode option" in text
     assert "do_sample='yes' is not a bool; taken as HF reads it, True" in text
-    assert "generation settings num_beams=4, max_length=30 are not taken" in text
-    assert "min_new_tokens=4" not in text
+    assert ("generation settings num_beams=4, max_length=30, bad_words_ids=[[7, 8]], "
+            "suppress_tokens=[5] are not taken") in text
+    assert "min_new_tokens=4" not in text and "guidance_scale" not in text
+    assert "epsilon_cutoff" not in text
 
 
 def test_top_p_zero_keeps_the_top_token_as_in_hf(tmp_path, caplog):

@@ -290,6 +290,20 @@ def test_sequence_processors(workdir, prompts_txt, tmp_path):
                   log=quiet)
 
 
+def test_sampling_filters_are_recorded_when_on():
+    """min_p, typical_p and the cutoffs change sampled records: recorded when on and sampling
+    (so older sidecars, written without them, resume), never for greedy decoding."""
+    ckpt = {"path": "/c", "step": 1}
+    on = dict(min_p=0.1, typical_p=0.9, epsilon_cutoff=1e-3, eta_cutoff=2e-3)
+    sampled = infer.output_meta(ckpt, gen.DecodeOptions(method="sample", **on), None, None, [1])
+    assert {k: sampled["decode"].get(k) for k in on} == on
+    plain = infer.output_meta(ckpt, gen.DecodeOptions(method="sample", typical_p=0.9), None,
+                              None, [1])["decode"]
+    assert plain["typical_p"] == 0.9 and not {"min_p", "epsilon_cutoff", "eta_cutoff"} & set(plain)
+    greedy = infer.output_meta(ckpt, gen.DecodeOptions(**on), None, None, [1])["decode"]
+    assert not set(on) & set(greedy)
+
+
 def test_sidecar_refuses_other_settings(workdir, prompts_txt, tmp_path):
     out, quiet = tmp_path / "out.jsonl", open(os.devnull, "w")
     greedy = {"method": "greedy", "max_new_tokens": 2}  # as the tests above: compiled there

@@ -1,15 +1,22 @@
-"""Logit filters and token selection for sampling: temperature, then top-k, top-p and min-p.
+"""Logit filters and token selection for sampling: temperature, then top-k, top-p, min-p,
+typical-p, epsilon and eta cutoffs.
 
 The order and the edge rules are HF's (`TemperatureLogitsWarper`, `TopKLogitsWarper`,
-`TopPLogitsWarper`, `MinPLogitsWarper` with min_tokens_to_keep=1): top-k keeps every logit >=
-the k-th largest; top-p removes the tokens whose cumulative probability, in ascending order, is
-<= 1 - top_p and always keeps the most likely one; min-p removes the tokens whose probability is
-below min_p times the most likely one's. Removed logits become -inf. Ties at the top-p cut are
-kept together (HF removes some of them, in the order of its unstable sort).
+`TopPLogitsWarper`, `MinPLogitsWarper`, `TypicalLogitsWarper`, `EpsilonLogitsWarper`,
+`EtaLogitsWarper`, with min_tokens_to_keep=1): top-k keeps every logit >= the k-th largest;
+top-p removes the tokens whose cumulative probability, in ascending order, is <= 1 - top_p and
+always keeps the most likely one; min-p removes the tokens whose probability is below min_p
+times the most likely one's; typical-p (Meister et al. 2022) keeps the tokens whose surprisal
+-log p is closest to the entropy H, in order of |-log p - H|, until their mass reaches
+typical_p; epsilon removes the tokens with probability < epsilon_cutoff, eta (Hewitt et al.
+2022) those below min(eta_cutoff, sqrt(eta_cutoff) * exp(-H)); both keep the most likely one.
+Removed logits become -inf. Ties at the top-p and typical-p cuts are kept together (HF removes
+some of them, in the order of its unstable sort).
 
-Neither sorts (`t5x_lite.selection`): top-k's threshold is the smallest logit with at most k - 1
+None sorts (`t5x_lite.selection`): top-k's threshold is the smallest logit with at most k - 1
 above it, top-p's the smallest logit y whose probability mass at or below y exceeds 1 - top_p,
-each found by bisection over the logits' uint32 keys (32 passes over [B, V]). On the 2-core
+typical-p's the smallest distance d from H whose tokens at or below d hold typical_p of the
+mass, each found by bisection over uint32 keys (32 passes over [B, V]). On the 2-core
 CPU the sorting filters took 95-112 ms for a [16, 32128] block (`jnp.sort`; and `lax.top_k`,
 which XLA:CPU compiled to a full sort there), the bisection 2-3 ms (top-p or top-k) and ~5 ms
 (both), against a ~19 ms decode step.
@@ -35,6 +42,9 @@ class SamplingConfig:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1.0 = off
     min_p: float = 0.0  # 0.0 = off
+    typical_p: float = 1.0  # 1.0 = off
+    epsilon_cutoff: float = 0.0  # 0.0 = off
+    eta_cutoff: float = 0.0  # 0.0 = off
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -45,6 +55,11 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not 0.0 < self.typical_p <= 1.0:
+            raise ValueError(f"typical_p must be in (0, 1], got {self.typical_p}")
+        for name in ("epsilon_cutoff", "eta_cutoff"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
     @property
     def greedy(self) -> bool:
@@ -70,12 +85,18 @@ def _top_k_threshold(keys_BxV, k: int):
 def _top_p_threshold(logits_BxV, keys_BxV, top_p: float):
     """Key of the smallest logit top-p keeps: the smallest y with mass(<= y) > 1 - top_p, at
     most the row's largest (always kept)."""
-    probs_BxV = jax.nn.softmax(logits_BxV, axis=-1)
+    return _mass_threshold(keys_BxV, jax.nn.softmax(logits_BxV, axis=-1),
+                           lambda mass: mass > 1.0 - top_p)
 
+
+def _mass_threshold(keys_BxV, probs_BxV, enough):
+    """Per row, the smallest key x whose tokens at or below it hold a mass `enough(mass)`
+    accepts (monotone), at most the row's largest key (the whole row: where rounding keeps
+    the full mass from passing)."""
     def test(x_B, carry):
         keys, probs = carry
         mass = jnp.sum(jnp.where(keys <= x_B[:, None], probs, 0.0), axis=-1)
-        return mass > 1.0 - top_p, mass
+        return enough(mass), mass
 
     b = keys_BxV.shape[0]
     t_B = selection.bisect(test, (b,), aux0=jnp.zeros((b,), jnp.float32),
@@ -91,9 +112,38 @@ def _min_p_mask(logits_BxV, min_p: float):
     return jnp.where(probs_BxV < jnp.float32(min_p) * top_B, -jnp.inf, logits_BxV)
 
 
+def _entropy(logp_BxV):
+    """-sum p log p per row, float32 [B, 1]; removed (-inf) entries count 0."""
+    plogp_BxV = jnp.where(jnp.isinf(logp_BxV), 0.0, jnp.exp(logp_BxV) * logp_BxV)
+    return -jnp.sum(plogp_BxV, axis=-1, keepdims=True)
+
+
+def _typical_mask(logits_BxV, typical_p: float):
+    """HF's TypicalLogitsWarper: the tokens in order of |-log p - H|, up to and including the
+    one where their mass reaches typical_p, stay (the closest always)."""
+    logp_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
+    distance_BxV = jnp.abs(-logp_BxV - _entropy(logp_BxV))  # +inf for removed tokens
+    keys_BxV = selection.order_keys(distance_BxV)
+    t_B = _mass_threshold(keys_BxV, jax.nn.softmax(logits_BxV, axis=-1),
+                          lambda mass: mass >= typical_p)
+    return jnp.where(keys_BxV > t_B[:, None], -jnp.inf, logits_BxV)
+
+
+def _cutoff_mask(logits_BxV, epsilon: float, eta: bool):
+    """HF's EpsilonLogitsWarper (probability < epsilon goes) or, with `eta`, EtaLogitsWarper
+    (< min(epsilon, sqrt(epsilon) exp(-H)) goes); the most likely token always stays."""
+    probs_BxV = jax.nn.softmax(logits_BxV, axis=-1)
+    cut = jnp.float32(epsilon)
+    if eta:
+        entropy_B1 = _entropy(jax.nn.log_softmax(logits_BxV, axis=-1))
+        cut = jnp.minimum(cut, jnp.sqrt(cut) * jnp.exp(-entropy_B1))
+    top_B1 = jnp.max(logits_BxV, axis=-1, keepdims=True)
+    return jnp.where((probs_BxV < cut) & (logits_BxV < top_B1), -jnp.inf, logits_BxV)
+
+
 def filter_logits(logits_BxV, cfg: SamplingConfig):
-    """Float32 logits after temperature, top-k, top-p and min-p (HF order); removed entries
-    are -inf.
+    """Float32 logits after temperature, top-k, top-p, min-p, typical-p, epsilon and eta
+    (HF order); removed entries are -inf.
 
     With temperature 0 the logits are returned unscaled (selection is argmax anyway).
     """
@@ -119,6 +169,12 @@ def filter_logits(logits_BxV, cfg: SamplingConfig):
                                  _top_p_threshold(logits_BxV, keys_BxV, cfg.top_p))
     if cfg.min_p > 0.0:
         logits_BxV = _min_p_mask(logits_BxV, cfg.min_p)
+    if cfg.typical_p < 1.0:
+        logits_BxV = _typical_mask(logits_BxV, cfg.typical_p)
+    if cfg.epsilon_cutoff > 0.0:
+        logits_BxV = _cutoff_mask(logits_BxV, cfg.epsilon_cutoff, eta=False)
+    if cfg.eta_cutoff > 0.0:
+        logits_BxV = _cutoff_mask(logits_BxV, cfg.eta_cutoff, eta=True)
     return logits_BxV
 
 

@@ -62,6 +62,9 @@ class DecodeOptions:
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0  # HF's min-p filter (after top-p): 0 = off
+    typical_p: float = 1.0  # HF's typical-p filter (after min-p): 1 = off
+    epsilon_cutoff: float = 0.0  # HF's epsilon cutoff (after typical-p): 0 = off
+    eta_cutoff: float = 0.0  # HF's eta cutoff (after epsilon): 0 = off
     num_beams: int = 4
     alpha: float = 0.6
     num_samples: int = 1
@@ -90,6 +93,10 @@ class DecodeOptions:
             (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
             (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
             (0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1] (0 = off), got {self.min_p}"),
+            (0.0 < self.typical_p <= 1.0,
+             f"typical_p must be in (0, 1] (1 = off), got {self.typical_p}"),
+            *[(0.0 <= getattr(self, f) < 1.0, f"{f} must be in [0, 1) (0 = off), got "
+               f"{getattr(self, f)}") for f in ("epsilon_cutoff", "eta_cutoff")],
             (self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}"),
             (self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
@@ -112,7 +119,8 @@ class DecodeOptions:
     @property
     def sampling(self) -> SamplingConfig:
         if self.method == "sample" and self.temperature > 0:
-            return SamplingConfig(self.temperature, self.top_k, self.top_p, self.min_p)
+            return SamplingConfig(**{f.name: getattr(self, f.name)
+                                     for f in dataclasses.fields(SamplingConfig)})
         return SamplingConfig(temperature=0.0)
 
     def processing(self, eos) -> Processing | None:
@@ -693,7 +701,7 @@ def iter_generate(loaded, prompts: Sequence[Sequence[int]], options: DecodeOptio
 
 def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
              max_new_tokens=None, temperature=None, top_k=None, top_p=None, min_p=None,
-             num_beams=None, alpha=None, num_samples=None, seed=None, batch_size=None,
+             typical_p=None, epsilon_cutoff=None, eta_cutoff=None, num_beams=None, alpha=None, num_samples=None, seed=None, batch_size=None,
              draft=None, num_draft=None,
              stop_ids=None, repetition_penalty=None, no_repeat_ngram_size=None,
              min_new_tokens=None, token_scores: bool = False, tools=None, documents=None,
@@ -716,8 +724,9 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
       repetition_penalty: HF's penalty on every id already in the row (prompt and generated;
         > 1 discourages repeats, 1 = off); no_repeat_ngram_size: no n-gram of this size twice
         in a row (0 = off); min_new_tokens: no stop id before a row has this many new tokens.
-        All as HF `generate` applies them, for every method (`processors`). min_p: HF's
-        min-p filter after top_p (sampling; 0 = off).
+        All as HF `generate` applies them, for every method (`processors`). min_p,
+        typical_p, epsilon_cutoff, eta_cutoff: HF's filters of those names, in that order after
+        top_p (sampling; `filtering`).
       token_scores: also return each generated token's log-prob under the model.
       Other options: see `DecodeOptions`; None = the checkpoint's / library default.
 
@@ -734,7 +743,8 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
     """
     options = decode_options(
         loaded, method=method, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_k=top_k, top_p=top_p, min_p=min_p, num_beams=num_beams, alpha=alpha,
+        top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+        epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, num_beams=num_beams, alpha=alpha,
         num_samples=num_samples, seed=seed, batch_size=batch_size, num_draft=num_draft,
         stop_ids=stop_ids, repetition_penalty=repetition_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens)
