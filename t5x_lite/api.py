@@ -528,10 +528,9 @@ HF_DECODE_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": 0.
 # them off (None: unset). Beam search's length penalty is not T5's; max_length and min_length
 # count the prompt; the rest are processors t5x_lite does not have.
 HF_SETTINGS_NOT_TAKEN = {
-    "num_beams": 1, "max_length": 20, "min_length": 0, "bad_words_ids": None,
-    "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None,
-    "forced_bos_token_id": None, "forced_eos_token_id": None,
-    "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0,
+    "num_beams": 1, "max_length": 20, "min_length": 0, "forced_bos_token_id": None,
+    "forced_eos_token_id": None, "encoder_repetition_penalty": 1.0,
+    "encoder_no_repeat_ngram_size": 0,
     "exponential_decay_length_penalty": None, "guidance_scale": 1.0, "top_h": None,
     "watermarking_config": None}
 
@@ -543,12 +542,15 @@ def hf_decode_defaults(hf_config, generation_config=None, where: str = "") -> di
     when `do_sample` is truthy (HF's test), else "greedy"; temperature, top_k, top_p, min_p,
     typical_p, epsilon_cutoff, eta_cutoff, repetition_penalty, no_repeat_ngram_size and
     min_new_tokens as set there, else HF's defaults (`HF_DECODE_DEFAULTS`: top_k 50);
+    sequence_bias, bad_words_ids, suppress_tokens and begin_suppress_tokens when set (as the
+    text the `decode` config holds: `generate.sequence_option_text`);
     max_new_tokens when set (HF's own default is a total max_length of 20: not taken). top_p 0,
     which keeps only the most likely token in HF, is taken as top_k 1. A value that is not a
     valid decode option is left at the default, with a warning naming `where`; settings that
-    are not taken (`HF_SETTINGS_NOT_TAKEN`: num_beams > 1, max_length, min_length, bad words,
-    suppressed or forced tokens, ...) get a warning when they are on."""
-    from t5x_lite.decoding.generate import DecodeError, DecodeOptions  # decoding imports api
+    are not taken (`HF_SETTINGS_NOT_TAKEN`: num_beams > 1, max_length, min_length, forced
+    tokens, ...) get a warning when they are on."""
+    from t5x_lite.decoding import generate as gen  # decoding imports api
+    DecodeError, DecodeOptions = gen.DecodeError, gen.DecodeOptions
     source = dict(hf_config if generation_config is None else generation_config)
     place = where or "HF model"
     sample = source.get("do_sample")
@@ -575,6 +577,16 @@ def hf_decode_defaults(hf_config, generation_config=None, where: str = "") -> di
                             "using %s", place, name, value, e, out.get(name, "t5x_lite's default"))
             continue
         out[name] = kind(value)
+    for name in gen.SEQUENCE_OPTIONS:
+        if source.get(name) is None:
+            continue
+        try:
+            value = getattr(DecodeOptions(**{name: source[name]}), name)
+        except DecodeError as e:
+            logging.warning("%s: generation setting %s=%r is not a usable decode option (%s); "
+                            "not taken", place, name, source[name], e)
+            continue
+        out[name] = gen.sequence_option_text(name, value)
     ignored = [f"{k}={source[k]!r}" for k, off in HF_SETTINGS_NOT_TAKEN.items()
                if source.get(k) is not None and source[k] != off]
     if ignored:

@@ -98,4 +98,10 @@ def base_config(model: ModelConfig, *, objective: str, seq_len: int = 512,
     c.decode.repetition_penalty = 1.0  # HF's penalty on ids already in a row (1.0 = off)
     c.decode.no_repeat_ngram_size = 0  # no n-gram of this size twice in a row (0 = off)
     c.decode.min_new_tokens = 0  # no stop id before this many new tokens (0 = off)
+    # HF's sequence processors of these names ("" = off): JSON [[ids, bias], ...] and
+    # [[ids], ...]; comma-separated ids.
+    c.decode.sequence_bias = ""  # e.g. '[[[5, 6], -2.0], [[7], 1.5]]'
+    c.decode.bad_words_ids = ""  # e.g. '[[5, 6], [7]]'
+    c.decode.suppress_tokens = ""  # e.g. "5,6": never generated
+    c.decode.begin_suppress_tokens = ""  # not generated first
     return c

@@ -18,7 +18,8 @@ r"""Decode a file of prompts with a checkpoint, writing one JSON line per input.
 --decode.<field>=value: overrides the `decode` section of the checkpoint's config.json
   (method, max_new_tokens, temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff,
   eta_cutoff, num_beams, alpha, num_samples, seed, batch_size, num_draft,
-  repetition_penalty, no_repeat_ngram_size, min_new_tokens,
+  repetition_penalty, no_repeat_ngram_size, min_new_tokens, sequence_bias ('[[[5, 6], -2.0]]'),
+  bad_words_ids ('[[5, 6], [7]]'), suppress_tokens, begin_suppress_tokens ('5,6'),
   stop_ids: comma-separated ids that end a row instead of the model's, e.g.
   --decode.stop_ids=13,198); fields not given keep the checkpoint's values, else the defaults
   of `t5x_lite.defaults.base_config`.
@@ -293,6 +294,7 @@ def output_meta(checkpoint: dict, options: gen.DecodeOptions, quantize: str | No
         names.append("num_draft")
     # Recorded when on, so that outputs written before these options resume as they were.
     names += [n for n in ("repetition_penalty", "min_new_tokens", "no_repeat_ngram_size",
+                          *gen.SEQUENCE_OPTIONS,
                           *(["min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"]
                             if options.method == "sample" else []))
               if getattr(options, n) != getattr(gen.DecodeOptions, n)]

@@ -1,6 +1,9 @@
-"""Repetition penalty and min_new_tokens against HF: the logit arithmetic against HF's
+"""Sequence bias, repetition penalty, no-repeat n-grams, bad words, min_new_tokens and
+suppressed tokens against HF: the logit arithmetic against HF's
 processors, greedy and beam decodes against HF `generate`, the sampled laws against
 distributions built with HF's processors, speculative decoding against the plain decode."""
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,19 +43,33 @@ def _hf_generate(kind, hf, prompts, **kw):
 
 
 # ----------------------------------------------------------------------------- the arithmetic
+# Sequence biases of one to three ids (two ending in 6: they add up; one after the id GPT rows
+# are padded with, which only T5's start id may match), bad words (the stop id [1] is left out,
+# as in HF), always- and first-suppressed ids.
+SEQUENCES = dict(sequence_bias=(((3,), 1.5), ((2, 6), -2.0), ((5, 6), -1.0), ((6, 3), 0.7),
+                                ((4, 2, 6), 2.5), ((0, 3), 0.9)),  # 0: GPT's padding id here
+                 bad_words_ids=((1,), (5, 2), (2, 6, 3), (7,)), suppress_tokens=(4,),
+                 begin_suppress_tokens=(6, 0))
+
+
+@pytest.mark.parametrize("sequences", [False, True])
 @pytest.mark.parametrize("penalty,ngram", [(0.7, 2), (1.3, 3), (1.0, 1)])
 @pytest.mark.parametrize("family", ["gpt", "t5"])
-def test_process_equals_hf_processors(penalty, ngram, family):
-    """Scores of both signs; GPT prompts left-padded (HF: prompt_ignore_length; its n-gram rule
-    sees the padding, so it is given each row unpadded), T5's decoder input starting at its
-    start id 0; a small vocabulary, so that n-grams repeat; rows before and past
-    min_new_tokens."""
+def test_process_equals_hf_processors(penalty, ngram, family, sequences):
+    """Scores of both signs; GPT prompts left-padded (HF: prompt_ignore_length; its n-gram,
+    bias and bad-word rules see the padding, so they are given each row unpadded), T5's
+    decoder input starting at its start id 0; a small vocabulary, so that n-grams repeat; rows
+    before and past min_new_tokens; with `sequences`, HF's sequence bias, bad words and
+    suppressed tokens too, in HF's order."""
     rng = np.random.default_rng(1)
     b, p, v, min_new, stops = 4, 6, 8, 3, (1, 5)
     lengths = np.array([6, 2, 4, 1])
     prompt = rng.integers(0, v, (b, p)).astype(np.int32)
     prompt[np.arange(p)[None] < p - lengths[:, None]] = 0  # left padding
-    proc = processors.Processing.of(penalty, ngram, min_new, stops)
+    extra = dict(SEQUENCES) if sequences else {}
+    if sequences:  # GPT row 3 is its padding (0s), then one id t: padding + t must not match
+        extra["sequence_bias"] += (((0, int(prompt[3, -1]), 3), 1.25),)
+    proc = processors.Processing.of(penalty, ngram, min_new, stops, **extra)
     for generated in (0, 2, 3, 5, 9, 16):
         new = rng.integers(0, v, (b, generated)).astype(np.int32)
         new[0] = np.resize([2, 6, 3], generated)  # row 0 repeats a 3-gram: bans for n <= 4
@@ -73,11 +90,24 @@ def test_process_equals_hf_processors(penalty, ngram, family):
             pen, start = hf_lp.RepetitionPenaltyLogitsProcessor(penalty), 1
             rows = list(full)
         ids = torch.tensor(full, dtype=torch.long)
-        theirs = pen(ids, torch.tensor(scores))
-        ngrams = hf_lp.NoRepeatNGramLogitsProcessor(ngram)
-        theirs = torch.cat([ngrams(torch.tensor(row[None], dtype=torch.long), theirs[r:r + 1])
-                            for r, row in enumerate(rows)])
+
+        def per_row(processor, scores):  # each row unpadded
+            return torch.cat([processor(torch.tensor(row[None], dtype=torch.long),
+                                        scores[r:r + 1]) for r, row in enumerate(rows)])
+
+        theirs = torch.tensor(scores)
+        if sequences:
+            theirs = per_row(hf_lp.SequenceBiasLogitsProcessor(
+                [[list(i), bias] for i, bias in extra["sequence_bias"]]), theirs)
+        theirs = per_row(hf_lp.NoRepeatNGramLogitsProcessor(ngram), pen(ids, theirs))
+        if sequences:
+            theirs = per_row(hf_lp.NoBadWordsLogitsProcessor(
+                [list(w) for w in extra["bad_words_ids"]], list(stops)), theirs)
         theirs = hf_lp.MinNewTokensLengthLogitsProcessor(start, min_new, list(stops))(ids, theirs)
+        if sequences:
+            theirs = hf_lp.SuppressTokensLogitsProcessor(extra["suppress_tokens"])(ids, theirs)
+            theirs = hf_lp.SuppressTokensAtBeginLogitsProcessor(
+                extra["begin_suppress_tokens"], full.shape[1] - generated)(ids, theirs)
         theirs = theirs.numpy()
         np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(theirs))
         finite = np.isfinite(theirs)  # XLA:CPU's division may be 1 ulp off the rounded one
@@ -86,6 +116,10 @@ def test_process_equals_hf_processors(penalty, ngram, family):
             assert np.isneginf(ours[:, list(stops)]).all()
         if generated >= 5:  # row 0's last n - 1 ids came before, followed by one id
             assert np.isneginf(ours[0]).any()
+        if sequences and generated == 2:  # row 0 ends with 2 6: the bad word 2 6 3
+            without = processors.process(processors.Processing.of(penalty, ngram, min_new, stops),
+                                         jnp.asarray(scores), history, generated)
+            assert np.isneginf(ours[0, 3]) and (ngram == 1 or np.isfinite(without[0, 3]))
 
 
 def test_off_is_none_and_bad_values_are_refused():
@@ -132,6 +166,36 @@ def test_greedy_equals_hf(pair, penalty, ngram, min_new):
         assert min(len(r["ids"]) for r in plain) < min_new
         assert all(len(r["ids"]) > min_new for r in ours) and any(r["finished"] for r in ours)
     # The score stays the model's log-prob of the ids (the uncached forward's).
+    for prompt, r in zip(prompts, ours):
+        np.testing.assert_allclose(r["score"], _logprob(kind, hf, prompt, r["ids"]),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_sequence_bias_bad_words_and_suppression_equal_hf(pair):
+    """Greedy with HF's sequence bias, bad words and suppressed tokens equals HF generate token
+    for token (each prompt alone: HF matches a GPT row's left padding too). Each option is
+    chosen from HF's decode with the ones before it, so that it changes that decode; without
+    any one of them, HF's decode differs."""
+    kind, hf, loaded = pair
+    prompts = _prompts()
+
+    def hf_rows(**kw):
+        return [_hf_generate(kind, hf, [x], do_sample=False, **kw)[0][0] for x in prompts]
+
+    rows = hf_rows()
+    options = {"bad_words_ids": [rows[0][:2]]}
+    rows = hf_rows(**options)
+    options["suppress_tokens"] = [
+        collections.Counter(t for r in rows for t in r if t != 1).most_common(1)[0][0]]
+    rows = hf_rows(**options)
+    options["begin_suppress_tokens"] = [rows[1][0]]
+    rows = hf_rows(**options)
+    options["sequence_bias"] = {(rows[2][0],): -4.0, (rows[3][0], 7): 6.0}
+    theirs = hf_rows(**options)
+    for name in options:
+        assert hf_rows(**{k: v for k, v in options.items() if k != name}) != theirs, name
+    ours = gen.generate(loaded, input_ids=prompts, max_new_tokens=N, batch_size=8, **options)
+    assert [r["ids"] for r in ours] == theirs
     for prompt, r in zip(prompts, ours):
         np.testing.assert_allclose(r["score"], _logprob(kind, hf, prompt, r["ids"]),
                                    rtol=1e-4, atol=1e-4)
@@ -306,15 +370,24 @@ def _ending_gpt():
     return target
 
 
-def test_speculative_greedy_equals_plain_greedy():
-    """Draft other than the target (rejections) and the target itself (bonus path)."""
+@pytest.mark.parametrize("sequences", [False, True])
+def test_speculative_greedy_equals_plain_greedy(sequences):
+    """Draft other than the target (rejections) and the target itself (bonus path); with
+    `sequences`, sequence biases, bad words and suppressed tokens too."""
     target, prompts = _ending_gpt(), GREEDY_PROMPTS
     # min_new_tokens 6: with k = 3, an iteration from count 5 checks positions 5-8 and EOS is
     # allowed from the second of them on (rows end right there).
     kw = dict(max_new_tokens=14, batch_size=8, repetition_penalty=1.6, no_repeat_ngram_size=3,
               min_new_tokens=6)
+    if sequences:
+        before = gen.generate(target, input_ids=prompts, **kw)
+        kw.update(sequence_bias={(3,): 1.0, (2, 4): 2.5, (4, 2, 6): -1.5},
+                  bad_words_ids=[[6, 3], [7, 7, 2]], suppress_tokens=[0],
+                  begin_suppress_tokens=[2])
     plain = gen.generate(target, input_ids=prompts, **kw)
     assert plain != gen.generate(target, input_ids=prompts, max_new_tokens=14, batch_size=8)
+    if sequences:
+        assert [r["ids"] for r in plain] != [r["ids"] for r in before]
     assert all(len(r["ids"]) > 6 for r in plain) and any(r["finished"] for r in plain)
     for d in (_tiny_gpt(1, 1), target):
         spec = gen.generate(target, input_ids=prompts, draft=d, num_draft=3, **kw)

@@ -95,12 +95,39 @@ def test_generate_without_options_equals_hf_generate(tmp_path):
         assert [r["ids"] for r in plain] != theirs
 
 
+def test_sequence_settings_are_taken_as_hf_applies_them(tmp_path):
+    """bad_words_ids, suppress_tokens, begin_suppress_tokens and sequence_bias of a generation
+    config: `m.generate()` without options equals HF `model.generate()`, from the HF directory
+    and its converted workdir; each is held in the decode config as text (tested to read back
+    to the same value)."""
+    generation = {"bad_words_ids": [[9, 9], [12]], "suppress_tokens": [30],
+                  "begin_suppress_tokens": [7], "sequence_bias": [[[5, 9], -3.5], [[44], 2.0]],
+                  "max_new_tokens": 8, "eos_token_id": 1, "pad_token_id": 0}
+    path = _save(tmp_path / "hf", generation)
+    prompts = [[5, 9, 14], [3], [40, 41, 42, 43], [7, 7, 5]]
+    hf = transformers.GPT2LMHeadModel.from_pretrained(path, attn_implementation="eager").eval()
+    theirs = [hf_reference.cut_at(hf_reference.padded_generate(hf, [x], 8)[0][0], [1])
+              for x in prompts]  # each alone: HF matches left padding against sequences
+    config = json.loads((path / "config.json").read_text())
+    defaults = api.hf_decode_defaults(config, generation)
+    assert defaults["bad_words_ids"] == "[[9, 9], [12]]" and defaults["suppress_tokens"] == "30"
+    convert.hf_to_workdir(path, tmp_path / "w")
+    for m in (t5x_lite.load(path), t5x_lite.load(tmp_path / "w")):
+        options = gen.decode_options(m)
+        assert options.sequence_bias == (((5, 9), -3.5), ((44,), 2.0))
+        assert options.begin_suppress_tokens == (7,)
+        assert [r["ids"] for r in m.generate(input_ids=prompts)] == theirs
+        plain = m.generate(input_ids=prompts, bad_words_ids="", suppress_tokens="",
+                           begin_suppress_tokens="", sequence_bias="")
+        assert [r["ids"] for r in plain] != theirs
+
+
 def test_unusable_settings_fall_back_with_a_warning(tmp_path, caplog):
     path = _save(tmp_path / "hf", {"do_sample": "yes", "top_p": 1.5, "temperature": "hot",
                                    "top_k": 2.5, "repetition_penalty": True,
                                    "max_new_tokens": -3, "min_new_tokens": 4, "num_beams": 4,
                                    "max_length": 30, "typical_p": 0.0, "eta_cutoff": 1.0,
-                                   "suppress_tokens": [5], "bad_words_ids": [[7, 8]],
+                                   "forced_eos_token_id": 5, "bad_words_ids": [[7, -8]],
                                    "guidance_scale": 1.0, "epsilon_cutoff": 0.25})
     with caplog.at_level(logging.WARNING):
         m = t5x_lite.load(path)
@@ -114,8 +141,10 @@ def test_unusable_settings_fall_back_with_a_warning(tmp_path, caplog):
                  "max_new_tokens=-3", "typical_p=0.0", "eta_cutoff=1.0"):
         assert f"generation setting {name} is not a usable decode option" in text
     assert "do_sample='yes' is not a bool; taken as HF reads it, True" in text
-    assert ("generation settings num_beams=4, max_length=30, bad_words_ids=[[7, 8]], "
-            "suppress_tokens=[5] are not taken") in text
+    assert ("generation settings num_beams=4, max_length=30, forced_eos_token_id=5 are not "
+            "taken") in text
+    assert "generation setting bad_words_ids=[[7, -8]] is not a usable decode option" in text
+    assert options.bad_words_ids == ()
     assert "min_new_tokens=4" not in text and "guidance_scale" not in text
     assert "epsilon_cutoff" not in text
 

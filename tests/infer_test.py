@@ -290,6 +290,41 @@ def test_sequence_processors(workdir, prompts_txt, tmp_path):
                   log=quiet)
 
 
+def test_sequence_options_from_flag_text(workdir, prompts_txt, tmp_path):
+    """sequence_bias, bad_words_ids and suppressed tokens given as the flags' text (ids taken
+    from the plain decode, so that each changes it): the records equal `generate`'s with the
+    same options as Python values, the sidecar records them, and a resume with another value
+    is refused."""
+    import t5x_lite
+    out, quiet = tmp_path / "out.jsonl", open(os.devnull, "w")
+    m, texts = t5x_lite.load(workdir), prompts_txt.read_text().splitlines()
+    plain = [r["ids"] for r in gen.generate(m, inputs=texts, max_new_tokens=3)]
+    values = {"sequence_bias": {(plain[4][0],): -5.0, (plain[0][0], 7): 1.5},
+              "bad_words_ids": [plain[3][:2]], "suppress_tokens": [plain[1][0]],
+              "begin_suppress_tokens": [plain[2][0]]}
+    opts = {"max_new_tokens": 3,
+            **{k: gen.sequence_option_text(k, getattr(gen.DecodeOptions(**{k: v}), k))
+               for k, v in values.items()}}
+    assert opts["suppress_tokens"] == str(plain[1][0])
+    assert json.loads(opts["bad_words_ids"]) == [plain[3][:2]]
+    assert infer.run(workdir, prompts_txt, out, opts, log=quiet) == 5
+    decode = json.loads(infer.sidecar_path(out).read_text())["decode"]
+    assert decode["sequence_bias"] == [[[plain[4][0]], -5.0], [[plain[0][0], 7], 1.5]]
+    assert decode["suppress_tokens"] == [plain[1][0]]
+    want = [r["ids"] for r in gen.generate(m, inputs=texts, max_new_tokens=3, **values)]
+    assert [x["output_ids"] for x in _lines(out)] == want
+    assert all(w != p for w, p in zip(want[1:], plain[1:]))  # each option changed its row
+    with pytest.raises(infer.InferError, match="decode.suppress_tokens"):
+        infer.run(workdir, prompts_txt, out, {**opts, "suppress_tokens": ""}, log=quiet)
+    with pytest.raises(errors.UserError, match="decode.bad_words_ids must be JSON"):
+        infer.run(workdir, prompts_txt, tmp_path / "bad.jsonl", {"bad_words_ids": "[[8,"},
+                  log=quiet)
+    with pytest.raises(errors.UserError, match="token id 99999 of sequence_bias"):
+        infer.run(workdir, prompts_txt, tmp_path / "bad.jsonl", {"suppress_tokens": "99999"},
+                  log=quiet)
+    assert not (tmp_path / "bad.jsonl").exists()
+
+
 def test_sampling_filters_are_recorded_when_on():
     """min_p, typical_p and the cutoffs change sampled records: recorded when on and sampling
     (so older sidecars, written without them, resume), never for greedy decoding."""

@@ -231,14 +231,16 @@ def test_tpu_vm_train_refuses_a_second_run_and_stop_ends_it(tmp_path):
 
 def test_cpu_local_dry_run_sets_one_job_of_n_processes():
     r = run("cpu_local.sh", "--num_processes=3", "--devices_per_process=2", "--port=4321",
-            "--dry_run", "--", "--config=configs/tiny_t5.py", "--workdir=/tmp/a b")
+            "--dry_run", "--", "--config=configs/tiny_t5.py", "--workdir=/tmp/a b",
+            env={"XLA_FLAGS": "--xla_dump_to=/tmp/d --xla_force_host_platform_device_count=8"})
     lines = [shlex.split(line) for line in r.stdout.strip().splitlines()]
     assert len(lines) == 3
     for i, argv in enumerate(lines):
         env = dict(a.split("=", 1) for a in argv if "=" in a and not a.startswith("--"))
         assert env["T5X_LITE_PROCESS_ID"] == str(i) and env["T5X_LITE_NUM_PROCESSES"] == "3"
         assert env["T5X_LITE_COORDINATOR"] == "127.0.0.1:4321"
-        assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+        # The caller's other flags are kept; its device count is replaced.
+        assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/d --xla_force_host_platform_device_count=2"
         assert argv[-4:] == ["-m", "t5x_lite.train", "--config=configs/tiny_t5.py",
                              "--workdir=/tmp/a b"]
     r = run("cpu_local.sh", "--num_processes=0", check=False)

@@ -237,7 +237,8 @@ def test_stop_ids_option_replaces_the_models_as_hf_eos_token_id_does(model):
     for bad in ("3;4", [2.5], [True], "x"):
         with pytest.raises(DecodeError, match="decode.stop_ids must be token ids"):
             m.generate(input_ids=prompts, stop_ids=bad)
-    with pytest.raises(DecodeError, match=r"stop_ids must be token ids >= 0, got \[-3\]"):
+    with pytest.raises(DecodeError,
+                       match=r"stop_ids must be token ids in \[0, 2147483647\], got \[-3\]"):
         m.generate(input_ids=prompts, stop_ids=[-3])
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 from typing import Any, Iterator, Sequence
 
@@ -43,6 +44,8 @@ from t5x_lite.decoding.speculative import speculative_decode
 from t5x_lite.errors import UserError
 
 METHODS = ("greedy", "sample", "beam")
+# Decode options that are tuples of ids, or of (ids, bias) pairs; () = off.
+SEQUENCE_OPTIONS = ("sequence_bias", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens")
 INT32_MAX = 2**31 - 1  # sizes and positions are int32 inside the jitted loops
 MIN_BUCKET = 8
 _SMALLER = "lower batch_size, num_beams / num_samples or max_new_tokens"  # a decode too large
@@ -75,8 +78,16 @@ class DecodeOptions:
     repetition_penalty: float = 1.0  # HF's (CTRL's) penalty on ids already in the row; 1 = off
     no_repeat_ngram_size: int = 0  # no n-gram twice in a row (HF's); 0 = off
     min_new_tokens: int = 0  # stop ids held back until a row has this many new tokens
+    # HF's: ((ids, bias), ...) added to the last id after the others; sequences never
+    # generated; ids always / at the first new token scored -inf (`processors`). () = off.
+    sequence_bias: tuple = ()
+    bad_words_ids: tuple = ()
+    suppress_tokens: tuple = ()
+    begin_suppress_tokens: tuple = ()
 
     def __post_init__(self):
+        for name in SEQUENCE_OPTIONS:  # lists and JSON text, as hashable tuples
+            object.__setattr__(self, name, _coerce(name, getattr(self, name)))
         checks = [
             (self.method in METHODS,
              f"unknown decode method {self.method!r}; choose one of {', '.join(METHODS)}"),
@@ -110,7 +121,7 @@ class DecodeOptions:
             (self.num_samples == 1 or self.method == "sample",
              f"num_samples={self.num_samples} needs method='sample' (got {self.method!r})"),
             (all(0 <= i <= INT32_MAX for i in self.stop_ids),
-             f"stop_ids must be token ids >= 0, got {list(self.stop_ids)}"),
+             f"stop_ids must be token ids in [0, {INT32_MAX}], got {list(self.stop_ids)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -127,7 +138,15 @@ class DecodeOptions:
         """The repetition penalty, no-repeat n-grams and min_new_tokens for stop ids `eos`
         (None: all off)."""
         return Processing.of(self.repetition_penalty, self.no_repeat_ngram_size,
-                             self.min_new_tokens, eos)
+                             self.min_new_tokens, eos, self.sequence_bias, self.bad_words_ids,
+                             self.suppress_tokens, self.begin_suppress_tokens)
+
+    @property
+    def processed_ids(self) -> list[int]:
+        """Every token id the sequence processors name."""
+        return [*(i for ids, _ in self.sequence_bias for i in ids),
+                *(i for ids in self.bad_words_ids for i in ids), *self.suppress_tokens,
+                *self.begin_suppress_tokens]
 
     @property
     def rows_per_prompt(self) -> int:
@@ -138,8 +157,12 @@ _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(DecodeOptions)}
 
 
 def _coerce(name: str, value):
-    if name == "stop_ids":
-        return _stop_ids_option(value)
+    if name in ("stop_ids", "suppress_tokens", "begin_suppress_tokens"):
+        return _ids_option(name, value)
+    if name == "bad_words_ids":
+        return _sequences_option(value)
+    if name == "sequence_bias":
+        return _sequence_bias_option(value)
     kind = {"str": str, "int": int, "float": float}[_FIELD_TYPES[name]]
     try:
         out = kind(value)
@@ -150,9 +173,10 @@ def _coerce(name: str, value):
     return out
 
 
-def _stop_ids_option(value) -> tuple[int, ...]:
-    """decode.stop_ids as a tuple of ids: from ids (an int, a list or tuple of them) or a
-    comma-separated string of them (the flag's and the config's form, "" = none)."""
+def _ids_option(name: str, value) -> tuple[int, ...]:
+    """decode.<name> (stop_ids, suppress_tokens, ...) as a tuple of ids: from ids (an int, a
+    list or tuple of them) or a comma-separated string of them (the flag's and the config's
+    form, "" = none)."""
     items = value.split(",") if isinstance(value, str) else (
         [value] if isinstance(value, int) else value)
     try:
@@ -162,9 +186,75 @@ def _stop_ids_option(value) -> tuple[int, ...]:
     except (TypeError, ValueError):
         ids, exact = None, False
     if ids is None or not exact or any(isinstance(p, bool) for p in parts):
-        raise DecodeError(f"decode.stop_ids must be token ids (a list, or a comma-separated "
+        raise DecodeError(f"decode.{name} must be token ids (a list, or a comma-separated "
                           f"string such as '13,198'), got {value!r}")
+    if any(i < 0 or i > INT32_MAX for i in ids):
+        raise DecodeError(f"decode.{name} must be token ids in [0, {INT32_MAX}], got "
+                          f"{list(ids)}")
     return tuple(dict.fromkeys(ids))
+
+
+def sequence_option_text(name: str, value) -> str:
+    """The config / flag text of a `SEQUENCE_OPTIONS` value (what `_coerce` reads back)."""
+    if name in ("suppress_tokens", "begin_suppress_tokens"):
+        return ",".join(map(str, value))
+    if name == "bad_words_ids":
+        return json.dumps([list(ids) for ids in value]) if value else ""
+    return json.dumps([[list(ids), bias] for ids, bias in value]) if value else ""
+
+
+def _json_option(name: str, value, form: str):
+    """A decode option given as JSON text (the flag's and the config's form; "" = none)."""
+    if not isinstance(value, str):
+        return value
+    if not value.strip():
+        return []
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise DecodeError(f"decode.{name} must be JSON such as {form}, got {value!r} "
+                          f"({e.msg})") from None
+
+
+def _token_sequence(name: str, ids, form: str) -> tuple[int, ...]:
+    if (not isinstance(ids, (list, tuple)) or not ids or any(
+            isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not
+            0 <= i <= INT32_MAX for i in ids)):
+        raise DecodeError(f"decode.{name} must hold non-empty lists of token ids, as in "
+                          f"{form}; got {ids!r}")
+    return tuple(int(i) for i in ids)
+
+
+def _sequences_option(value) -> tuple[tuple[int, ...], ...]:
+    """decode.bad_words_ids: id sequences, from a list of lists or its JSON text."""
+    form = "[[5, 6], [7]]"
+    items = _json_option("bad_words_ids", value, form)
+    if not isinstance(items, (list, tuple)):
+        raise DecodeError(f"decode.bad_words_ids must be a list of id lists such as {form}, "
+                          f"got {value!r}")
+    return tuple(dict.fromkeys(_token_sequence("bad_words_ids", w, form) for w in items))
+
+
+def _sequence_bias_option(value) -> tuple[tuple[tuple[int, ...], float], ...]:
+    """decode.sequence_bias: ((ids, bias), ...), from HF's forms (a dict of id tuples to
+    biases, or a list of [ids, bias] pairs) or the list form's JSON text. A bias is a float,
+    finite or -inf (a ban); a sequence given twice keeps its last bias (as a dict would)."""
+    form = "[[[5, 6], -2.0], [[7], 1.5]]"
+    items = _json_option("sequence_bias", value, form)
+    items = list(items.items()) if isinstance(items, dict) else items
+    out: dict = {}
+    for pair in items if isinstance(items, (list, tuple)) else [None]:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise DecodeError(f"decode.sequence_bias must be [ids, bias] pairs such as {form}, "
+                              f"got {value!r}")
+        ids, bias = pair
+        ok = (not isinstance(bias, bool) and isinstance(bias, (int, float, np.number))
+              and (math.isfinite(bias) or bias == -math.inf))
+        if not ok:
+            raise DecodeError(f"decode.sequence_bias: a bias must be a finite number or -inf, "
+                              f"got {bias!r}")
+        out[_token_sequence("sequence_bias", ids, form)] = float(bias)
+    return tuple(out.items())
 
 
 def default_decode_config():
@@ -347,6 +437,11 @@ def check_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], options: D
     bad = [t for t in options.stop_ids if t >= cfg.vocab_size]
     if bad:
         raise DecodeError(f"stop id {bad[0]} is outside the model's vocabulary [0, "
+                          f"{cfg.vocab_size})")
+    bad = [t for t in options.processed_ids if t >= cfg.vocab_size]
+    if bad:
+        raise DecodeError(f"token id {bad[0]} of sequence_bias / bad_words_ids / "
+                          f"suppress_tokens is outside the model's vocabulary [0, "
                           f"{cfg.vocab_size})")
     if prompts:
         check_decode_size(cfg, prompts, options, draft_cfg, mesh)
@@ -701,10 +796,11 @@ def iter_generate(loaded, prompts: Sequence[Sequence[int]], options: DecodeOptio
 
 def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
              max_new_tokens=None, temperature=None, top_k=None, top_p=None, min_p=None,
-             typical_p=None, epsilon_cutoff=None, eta_cutoff=None, num_beams=None, alpha=None, num_samples=None, seed=None, batch_size=None,
-             draft=None, num_draft=None,
+             typical_p=None, epsilon_cutoff=None, eta_cutoff=None, num_beams=None, alpha=None,
+             num_samples=None, seed=None, batch_size=None, draft=None, num_draft=None,
              stop_ids=None, repetition_penalty=None, no_repeat_ngram_size=None,
-             min_new_tokens=None, token_scores: bool = False, tools=None, documents=None,
+             min_new_tokens=None, sequence_bias=None, bad_words_ids=None, suppress_tokens=None,
+             begin_suppress_tokens=None, token_scores: bool = False, tools=None, documents=None,
              continue_final_message: bool = False, chat_template_kwargs=None) -> list:
     """Decodes every input; returns one entry per input, in order.
 
@@ -724,9 +820,12 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
       repetition_penalty: HF's penalty on every id already in the row (prompt and generated;
         > 1 discourages repeats, 1 = off); no_repeat_ngram_size: no n-gram of this size twice
         in a row (0 = off); min_new_tokens: no stop id before a row has this many new tokens.
-        All as HF `generate` applies them, for every method (`processors`). min_p,
-        typical_p, epsilon_cutoff, eta_cutoff: HF's filters of those names, in that order after
-        top_p (sampling; `filtering`).
+        sequence_bias ({(ids...): bias} or [[ids, bias], ...]: the bias is added to the last
+        id's logit where a row ends with the others), bad_words_ids ([[ids...], ...]: never
+        generated), suppress_tokens (ids never generated), begin_suppress_tokens (not as the
+        first new token). All as HF `generate` applies them, for every method
+        (`processors`). min_p, typical_p, epsilon_cutoff, eta_cutoff: HF's filters of those
+        names, in that order after top_p (sampling; `filtering`).
       token_scores: also return each generated token's log-prob under the model.
       Other options: see `DecodeOptions`; None = the checkpoint's / library default.
 
@@ -747,7 +846,9 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
         epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, num_beams=num_beams, alpha=alpha,
         num_samples=num_samples, seed=seed, batch_size=batch_size, num_draft=num_draft,
         stop_ids=stop_ids, repetition_penalty=repetition_penalty,
-        no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens)
+        no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens,
+        sequence_bias=sequence_bias, bad_words_ids=bad_words_ids,
+        suppress_tokens=suppress_tokens, begin_suppress_tokens=begin_suppress_tokens)
     prompts = encode_prompts(loaded, inputs=inputs, input_ids=input_ids, messages=messages,
                              tools=tools, documents=documents,
                              continue_final_message=continue_final_message,

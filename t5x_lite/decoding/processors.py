@@ -1,10 +1,13 @@
-"""Logit processors that depend on the sequence so far: repetition penalty, no-repeat n-grams
-and min_new_tokens.
+"""Logit processors that depend on the sequence so far: sequence bias, repetition penalty,
+no-repeat n-grams, bad words, min_new_tokens and suppressed tokens.
 
-All three are HF's, with HF's arithmetic and placement, so decodes with them equal HF
+All are HF's, with HF's arithmetic and placement (in this order), so decodes with them equal HF
 `generate`. A row's history is its prompt without left padding (GPT) or its decoder input
 (encoder-decoder: the start id 0, not the encoder's input), then what it generated:
 
+  sequence_bias         (`SequenceBiasLogitsProcessor`) ((ids...), bias) pairs: the last id's
+                        score gets `bias` added where the history ends with the ids before it
+                        (always, for one id). Biases of sequences with the same last id add up.
   repetition_penalty    (`RepetitionPenaltyLogitsProcessor`, CTRL's rule) every id in the
                         history has its score s replaced by s * penalty where s < 0, else
                         s / penalty. 1.0 = off; > 1 discourages repeats.
@@ -12,8 +15,16 @@ All three are HF's, with HF's arithmetic and placement, so decodes with them equ
                         n-gram already in the history scores -inf. 0 = off. (HF counts a GPT
                         row's left padding as history too, so a padded row's n-grams can
                         depend on its batch there; here they never do.)
+  bad_words_ids         (`NoBadWordsLogitsProcessor`) id sequences never generated: the last
+                        id scores -inf where the history ends with the ids before it. A
+                        single-id bad word that is a stop id is left out, as in HF.
   min_new_tokens        (`MinNewTokensLengthLogitsProcessor`) while a row has generated fewer
                         than this many tokens, its stop ids score -inf. 0 = off.
+  suppress_tokens       (`SuppressTokensLogitsProcessor`) these ids always score -inf;
+  begin_suppress_tokens (`SuppressTokensAtBeginLogitsProcessor`) these at the first new token.
+
+A sequence's ids before its last (a bias's or bad word's prefix) must all lie in the history:
+as for n-grams, HF also matches them against a GPT row's left padding.
 
 They act before temperature / top-k / top-p / min-p (HF's order), on the raw logits for greedy
 and sampled decoding and speculative decoding's target and draft, and on the log-softmax of the
@@ -21,7 +32,8 @@ logits for beam search (HF applies its processors to the log-probs there, so bea
 by the processed sums). The reported `score` stays the sum of log p(token) under the model.
 
 The history is carried through the decode loop as `History`: a [B, V] mask of seen ids (only
-with the penalty) and the ids themselves (only with the n-gram rule).
+with the penalty) and the ids themselves (only with the n-gram rule or a sequence of several
+ids).
 
 Shape legend: B rows, P prompt length, L history slots, V vocab.
 """
@@ -33,6 +45,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from t5x_lite.decoding.stops import StopIds, is_eos, stop_id_tuple
 
@@ -47,6 +60,10 @@ class Processing:
     no_repeat_ngram_size: int = 0  # 0 = off
     min_new_tokens: int = 0  # 0 = off
     stop_ids: tuple[int, ...] = ()  # what min_new_tokens holds back
+    sequence_bias: tuple[tuple[tuple[int, ...], float], ...] = ()  # ((ids, bias), ...)
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
+    suppress_tokens: tuple[int, ...] = ()
+    begin_suppress_tokens: tuple[int, ...] = ()
 
     def __post_init__(self):
         if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
@@ -58,11 +75,15 @@ class Processing:
 
     @classmethod
     def of(cls, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
-           min_new_tokens: int = 0, eos_id: StopIds = ()) -> "Processing | None":
-        """The processing, or None when nothing is on (the decode then compiles as without)."""
-        stops = stop_id_tuple(eos_id) if min_new_tokens > 0 else ()
+           min_new_tokens: int = 0, eos_id: StopIds = (), sequence_bias=(), bad_words_ids=(),
+           suppress_tokens=(), begin_suppress_tokens=()) -> "Processing | None":
+        """The processing, or None when nothing is on (the decode then compiles as without).
+        Single-id bad words that are stop ids are left out (HF's rule)."""
+        stops = stop_id_tuple(eos_id)
+        bad = tuple(w for w in bad_words_ids if not (len(w) == 1 and w[0] in stops))
         out = cls(float(repetition_penalty), int(no_repeat_ngram_size), int(min_new_tokens),
-                  stops)
+                  stops if min_new_tokens > 0 else (), tuple(sequence_bias), bad,
+                  tuple(suppress_tokens), tuple(begin_suppress_tokens))
         return out if out.active else None
 
     @property
@@ -75,7 +96,15 @@ class Processing:
 
     @property
     def active(self) -> bool:
-        return self.penalizes or self.no_repeat_ngram_size > 0 or self.holds_stops
+        return (self.penalizes or self.no_repeat_ngram_size > 0 or self.holds_stops
+                or bool(self.sequence_bias or self.bad_words_ids or self.suppress_tokens
+                        or self.begin_suppress_tokens))
+
+    @property
+    def reads_ids(self) -> bool:
+        """Whether a processor reads the history's ids: n-grams, sequences of several ids."""
+        return self.no_repeat_ngram_size > 0 or any(
+            len(ids) > 1 for ids in (*self.bad_words_ids, *(i for i, _ in self.sequence_bias)))
 
 
 class History(NamedTuple):
@@ -92,7 +121,7 @@ def initial_history(processing: Processing | None, family: str, prompt_BxP, leng
     """The history before the first new token (see module docstring), with `room` free slots
     for the ids to come; None when no processor needs one. GPT prompts are left-padded to P
     with `lengths_B` real tokens."""
-    if processing is None or not (processing.penalizes or processing.no_repeat_ngram_size):
+    if processing is None or not (processing.penalizes or processing.reads_ids):
         return None
     b, p = prompt_BxP.shape
     if family == "gpt":
@@ -106,7 +135,7 @@ def initial_history(processing: Processing | None, family: str, prompt_BxP, leng
             jnp.arange(b)[:, None], jnp.where(real_BxP, ids_BxP, vocab_size)].set(
                 True, mode="drop")  # padding: past the end, dropped
     ids = None
-    if processing.no_repeat_ngram_size:
+    if processing.reads_ids:
         ids = jnp.concatenate([ids_BxP, jnp.zeros((b, room), jnp.int32)], 1)
     return History(seen, ids, start_B, jnp.int32(ids_BxP.shape[1]))
 
@@ -175,12 +204,43 @@ def ngram_bans(history: History, n: int, vocab_size: int):
         True, mode="drop")
 
 
+def ends_with(history: History, prefix: tuple[int, ...]):
+    """[B] bool: whether each row's history ends with `prefix` (all of it in the history:
+    not in a GPT row's left padding); always true for an empty prefix."""
+    m = len(prefix)
+    if not m:
+        return jnp.ones(history.start.shape, jnp.bool_)
+    tail = jax.lax.dynamic_slice_in_dim(history.ids, jnp.maximum(history.length - m, 0), m,
+                                        axis=1)
+    return (jnp.all(tail == jnp.asarray(prefix, jnp.int32)[None, :], axis=1)
+            & (history.length - m >= history.start))
+
+
+def sequence_bias(pairs, history: History | None, b: int, vocab_size: int):
+    """[B, V] float32: what HF's SequenceBiasLogitsProcessor adds for `pairs` ((ids, bias),
+    ...): each bias on its last id where the history ends with the ids before it."""
+    static_V = np.zeros((vocab_size,), np.float32)
+    for ids, bias in pairs:
+        if len(ids) == 1:
+            static_V[ids[0]] = bias  # set: HF's dict holds one bias per sequence
+    bias_BxV = jnp.broadcast_to(jnp.asarray(static_V), (b, vocab_size))
+    for ids, bias in pairs:
+        if len(ids) > 1:
+            on_B = ends_with(history, tuple(ids[:-1]))
+            bias_BxV = bias_BxV.at[:, ids[-1]].add(jnp.where(on_B, jnp.float32(bias), 0.0))
+    return bias_BxV
+
+
 def process(processing: Processing | None, scores_BxV, history: History | None, generated):
-    """Scores (as float32; unchanged without `processing`) after the penalty, the n-gram rule
-    and min_new_tokens (`generated`: the tokens each row has generated before this one)."""
+    """Scores (as float32; unchanged without `processing`) after the sequence bias, the
+    penalty, the n-gram rule, bad words, min_new_tokens and suppressed tokens (`generated`:
+    the tokens each row has generated before this one)."""
     if processing is None:
         return scores_BxV
     scores_BxV = scores_BxV.astype(jnp.float32)
+    b, v = scores_BxV.shape
+    if processing.sequence_bias:
+        scores_BxV = scores_BxV + sequence_bias(processing.sequence_bias, history, b, v)
     if processing.penalizes:
         r = jnp.float32(processing.repetition_penalty)
         penalised = jnp.where(scores_BxV < 0, scores_BxV * r, scores_BxV / r)
@@ -188,8 +248,23 @@ def process(processing: Processing | None, scores_BxV, history: History | None, 
     if processing.no_repeat_ngram_size:
         banned = ngram_bans(history, processing.no_repeat_ngram_size, scores_BxV.shape[-1])
         scores_BxV = jnp.where(banned, -jnp.inf, scores_BxV)
+    if processing.bad_words_ids:
+        bad = tuple((ids, -math.inf) for ids in dict.fromkeys(processing.bad_words_ids))
+        scores_BxV = scores_BxV + sequence_bias(bad, history, b, v)
     if processing.holds_stops:
-        stop_V = is_eos(jnp.arange(scores_BxV.shape[-1]), processing.stop_ids)
+        stop_V = is_eos(jnp.arange(v), processing.stop_ids)
         scores_BxV = jnp.where((generated < processing.min_new_tokens) & stop_V, -jnp.inf,
                                scores_BxV)
+    if processing.suppress_tokens:
+        scores_BxV = jnp.where(_id_mask(processing.suppress_tokens, v), -jnp.inf, scores_BxV)
+    if processing.begin_suppress_tokens:
+        at_begin_V = (generated == 0) & _id_mask(processing.begin_suppress_tokens, v)
+        scores_BxV = jnp.where(at_begin_V, -jnp.inf, scores_BxV)
     return scores_BxV
+
+
+def _id_mask(ids, vocab_size: int):
+    """[V] bool constant: True at `ids`."""
+    mask_V = np.zeros((vocab_size,), np.bool_)
+    mask_V[list(ids)] = True
+    return jnp.asarray(mask_V)
