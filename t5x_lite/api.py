@@ -526,13 +526,14 @@ HF_DECODE_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": 0.
                       "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_tokens": 0}
 # Generation settings that change HF's output and are not taken, with the values that leave
 # them off (None: unset). Beam search's length penalty is not T5's; max_length and min_length
-# count the prompt; the rest are processors t5x_lite does not have.
+# count the prompt; the rest are HF processors and options t5x_lite does not have.
 HF_SETTINGS_NOT_TAKEN = {
     "num_beams": 1, "max_length": 20, "min_length": 0, "forced_bos_token_id": None,
     "forced_eos_token_id": None, "encoder_repetition_penalty": 1.0,
     "encoder_no_repeat_ngram_size": 0,
     "exponential_decay_length_penalty": None, "guidance_scale": 1.0, "top_h": None,
-    "watermarking_config": None}
+    "watermarking_config": None, "stop_strings": None, "token_healing": False,
+    "num_return_sequences": 1}
 
 
 def hf_decode_defaults(hf_config, generation_config=None, where: str = "") -> dict:
@@ -577,22 +578,29 @@ def hf_decode_defaults(hf_config, generation_config=None, where: str = "") -> di
                             "using %s", place, name, value, e, out.get(name, "t5x_lite's default"))
             continue
         out[name] = kind(value)
+    vocab_size = hf_config.get("vocab_size")
     for name in gen.SEQUENCE_OPTIONS:
         if source.get(name) is None:
             continue
         try:
             value = getattr(DecodeOptions(**{name: source[name]}), name)
-        except DecodeError as e:
+        except (DecodeError, OverflowError, ValueError) as e:
             logging.warning("%s: generation setting %s=%r is not a usable decode option (%s); "
                             "not taken", place, name, source[name], e)
             continue
+        if name.endswith("suppress_tokens") and hf_interop.is_int(vocab_size):
+            outside = [i for i in value if i >= vocab_size]
+            if outside:  # HF's suppression ignores them; t5x_lite refuses such ids
+                logging.warning("%s: generation setting %s: ids %s are outside the vocabulary "
+                                "(HF ignores them); left out", place, name, outside)
+                value = tuple(i for i in value if i < vocab_size)
         out[name] = gen.sequence_option_text(name, value)
     ignored = [f"{k}={source[k]!r}" for k, off in HF_SETTINGS_NOT_TAKEN.items()
                if source.get(k) is not None and source[k] != off]
     if ignored:
         logging.warning("%s: generation settings %s are not taken (t5x_lite's beam search "
                         "ranks by T5's length penalty; lengths count new tokens: "
-                        "max_new_tokens / min_new_tokens; the others are HF processors "
+                        "max_new_tokens / min_new_tokens; the others are HF options "
                         "t5x_lite does not have)", place, ", ".join(ignored))
     return out
 

@@ -44,11 +44,12 @@ def _hf_generate(kind, hf, prompts, **kw):
 
 # ----------------------------------------------------------------------------- the arithmetic
 # Sequence biases of one to three ids (two ending in 6: they add up; one after the id GPT rows
-# are padded with, which only T5's start id may match), bad words (the stop id [1] is left out,
-# as in HF), always- and first-suppressed ids.
+# are padded with, which only T5's start id may match), bad words (the stop ids [1] and [5] are
+# left out, as in HF; one longer than any history here), always- and first-suppressed ids.
 SEQUENCES = dict(sequence_bias=(((3,), 1.5), ((2, 6), -2.0), ((5, 6), -1.0), ((6, 3), 0.7),
                                 ((4, 2, 6), 2.5), ((0, 3), 0.9)),  # 0: GPT's padding id here
-                 bad_words_ids=((1,), (5, 2), (2, 6, 3), (7,)), suppress_tokens=(4,),
+                 bad_words_ids=((1,), (5,), (5, 2), (2, 6, 3), (7,), (2, 3, 4, 5, 6, 7) * 4),
+                 suppress_tokens=(4,),
                  begin_suppress_tokens=(6, 0))
 
 
@@ -135,9 +136,30 @@ def test_off_is_none_and_bad_values_are_refused():
                         ({"min_new_tokens": 1.5}, "decode.min_new_tokens must be an integer"),
                         ({"no_repeat_ngram_size": -2}, "no_repeat_ngram_size must be >= 0"),
                         ({"min_p": 1.5}, r"min_p must be in \[0, 1\]"),
-                        ({"repetition_penalty": "x"}, "repetition_penalty must be a float")]:
+                        ({"repetition_penalty": "x"}, "repetition_penalty must be a float"),
+                        ({"bad_words_ids": "[[5,"}, "bad_words_ids must be JSON"),
+                        ({"bad_words_ids": [[]]}, "must hold non-empty lists of token ids"),
+                        ({"bad_words_ids": [[True]]}, "must hold non-empty lists of token ids"),
+                        ({"sequence_bias": [[[5], float("inf")]]}, "finite number or -inf"),
+                        ({"sequence_bias": [[[5], float("nan")]]}, "finite number or -inf"),
+                        ({"sequence_bias": 5}, r"must be \[ids, bias\] pairs"),
+                        ({"suppress_tokens": [-1]}, r"token ids in \[0, 2147483647\]"),
+                        ({"begin_suppress_tokens": [float("inf")]}, "must be token ids")]:
         with pytest.raises(gen.DecodeError, match=message):
             gen.decode_options(**kw)
+    # The flags' text forms read back to the Python values (-inf: JSON's -Infinity).
+    text = dict(sequence_bias='[[[5, 6], -Infinity], [[7], 1.5]]', bad_words_ids="[[5, 6], [7]]",
+                suppress_tokens="3, 4", begin_suppress_tokens="[9, 8]")
+    options = gen.decode_options(**text)
+    assert (options.sequence_bias, options.bad_words_ids, options.suppress_tokens,
+            options.begin_suppress_tokens) == ((((5, 6), -np.inf), ((7,), 1.5)),
+                                               ((5, 6), (7,)), (3, 4), (9, 8))
+    assert gen.decode_options(sequence_bias={(5, 6): -np.inf, (7,): 1.5}) == options.__class__(
+        sequence_bias=options.sequence_bias)
+    for name in gen.SEQUENCE_OPTIONS:
+        value = getattr(options, name)
+        assert getattr(gen.decode_options(**{name: gen.sequence_option_text(name, value)}),
+                       name) == value
 
 
 # ----------------------------------------------------------------------------- against generate
@@ -199,6 +221,33 @@ def test_sequence_bias_bad_words_and_suppression_equal_hf(pair):
     for prompt, r in zip(prompts, ours):
         np.testing.assert_allclose(r["score"], _logprob(kind, hf, prompt, r["ids"]),
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_beam_search_keeps_bad_words_and_suppressed_ids_out(pair):
+    """Beam search with a bad bigram and a suppressed id taken from its plain beams: no beam
+    holds them, and the beams change; a bad word longer than any history is never matched (HF
+    skips it too), where it once failed to compile."""
+    kind, hf, loaded = pair
+    prompts = _prompts()
+    kw = dict(method="beam", num_beams=3, alpha=0.0, max_new_tokens=8, batch_size=8)
+    plain = [[b["ids"] for b in beams] for beams in gen.generate(loaded, input_ids=prompts, **kw)]
+    bigram = plain[0][0][:2]
+    common = collections.Counter(t for beams in plain for ids in beams for t in ids
+                                 if t != 1).most_common(1)[0][0]
+    ours = [[b["ids"] for b in beams] for beams in gen.generate(
+        loaded, input_ids=prompts, bad_words_ids=[bigram], suppress_tokens=[common], **kw)]
+    assert ours != plain
+    for beams, prompt in zip(ours, prompts):
+        for ids in beams:
+            history = (prompt if kind == "gpt2" else [0]) + ids
+            assert common not in ids
+            first = len(prompt) - 1 if kind == "gpt2" else 0  # windows ending in new ids
+            assert all(history[i:i + 2] != bigram for i in range(first, len(history) - 1))
+    too_long = [list(range(2, 40))]  # 38 ids: more than a prompt + 2 new tokens
+    for method in ("greedy", "beam"):
+        short = {**kw, "method": method, "max_new_tokens": 2}
+        assert gen.generate(loaded, input_ids=prompts, bad_words_ids=too_long, **short) == \
+            gen.generate(loaded, input_ids=prompts, **short)
 
 
 def _no_repeated_ngram(ids, n):

@@ -10,8 +10,8 @@ times the most likely one's; typical-p (Meister et al. 2022) keeps the tokens wh
 -log p is closest to the entropy H, in order of |-log p - H|, until their mass reaches
 typical_p; epsilon removes the tokens with probability < epsilon_cutoff, eta (Hewitt et al.
 2022) those below min(eta_cutoff, sqrt(eta_cutoff) * exp(-H)); both keep the most likely one.
-Removed logits become -inf. Ties at the top-p and typical-p cuts are kept together (HF removes
-some of them, in the order of its unstable sort).
+Removed logits become -inf. Ties at the top-p cut are kept together (HF removes some of them,
+in the order of its unstable sort); so are ties at the typical-p cut, as HF keeps them too.
 
 None sorts (`t5x_lite.selection`): top-k's threshold is the smallest logit with at most k - 1
 above it, top-p's the smallest logit y whose probability mass at or below y exceeds 1 - top_p,

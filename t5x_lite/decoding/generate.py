@@ -135,8 +135,9 @@ class DecodeOptions:
         return SamplingConfig(temperature=0.0)
 
     def processing(self, eos) -> Processing | None:
-        """The repetition penalty, no-repeat n-grams and min_new_tokens for stop ids `eos`
-        (None: all off)."""
+        """The sequence processors (`processors.Processing`: sequence bias, repetition
+        penalty, no-repeat n-grams, bad words, min_new_tokens, suppressed tokens) for stop ids
+        `eos` (None: all off)."""
         return Processing.of(self.repetition_penalty, self.no_repeat_ngram_size,
                              self.min_new_tokens, eos, self.sequence_bias, self.bad_words_ids,
                              self.suppress_tokens, self.begin_suppress_tokens)
@@ -176,14 +177,16 @@ def _coerce(name: str, value):
 def _ids_option(name: str, value) -> tuple[int, ...]:
     """decode.<name> (stop_ids, suppress_tokens, ...) as a tuple of ids: from ids (an int, a
     list or tuple of them) or a comma-separated string of them (the flag's and the config's
-    form, "" = none)."""
+    form, "" = none) or a JSON list ("[13, 198]")."""
+    if isinstance(value, str) and value.strip().startswith("["):
+        value = _json_option(name, value, "[13, 198]")
     items = value.split(",") if isinstance(value, str) else (
         [value] if isinstance(value, int) else value)
     try:
         parts = [p.strip() if isinstance(p, str) else p for p in items]
         ids = tuple(int(p) for p in parts if p != "")
         exact = all(isinstance(p, str) or int(p) == p for p in parts)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         ids, exact = None, False
     if ids is None or not exact or any(isinstance(p, bool) for p in parts):
         raise DecodeError(f"decode.{name} must be token ids (a list, or a comma-separated "
@@ -441,8 +444,8 @@ def check_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], options: D
     bad = [t for t in options.processed_ids if t >= cfg.vocab_size]
     if bad:
         raise DecodeError(f"token id {bad[0]} of sequence_bias / bad_words_ids / "
-                          f"suppress_tokens is outside the model's vocabulary [0, "
-                          f"{cfg.vocab_size})")
+                          f"suppress_tokens / begin_suppress_tokens is outside the model's "
+                          f"vocabulary [0, {cfg.vocab_size})")
     if prompts:
         check_decode_size(cfg, prompts, options, draft_cfg, mesh)
 

@@ -204,30 +204,38 @@ def ngram_bans(history: History, n: int, vocab_size: int):
         True, mode="drop")
 
 
-def ends_with(history: History, prefix: tuple[int, ...]):
-    """[B] bool: whether each row's history ends with `prefix` (all of it in the history:
-    not in a GPT row's left padding); always true for an empty prefix."""
-    m = len(prefix)
-    if not m:
-        return jnp.ones(history.start.shape, jnp.bool_)
-    tail = jax.lax.dynamic_slice_in_dim(history.ids, jnp.maximum(history.length - m, 0), m,
-                                        axis=1)
-    return (jnp.all(tail == jnp.asarray(prefix, jnp.int32)[None, :], axis=1)
-            & (history.length - m >= history.start))
+def ends_with(history: History, prefixes_SxM):
+    """[B, S] bool: whether each row's history ends with each of the S prefixes of M ids (all
+    of it in the history, not in a GPT row's left padding; never when M ids do not fit)."""
+    s, m = prefixes_SxM.shape
+    b, slots = history.ids.shape
+    if m > slots:
+        return jnp.zeros((b, s), jnp.bool_)
+    tail_BxM = jax.lax.dynamic_slice_in_dim(history.ids, jnp.maximum(history.length - m, 0), m,
+                                            axis=1)
+    same_BxS = jnp.all(tail_BxM[:, None, :] == jnp.asarray(prefixes_SxM)[None], axis=-1)
+    return same_BxS & (history.length - m >= history.start)[:, None]
 
 
 def sequence_bias(pairs, history: History | None, b: int, vocab_size: int):
     """[B, V] float32: what HF's SequenceBiasLogitsProcessor adds for `pairs` ((ids, bias),
-    ...): each bias on its last id where the history ends with the ids before it."""
+    ...): each bias on its last id where the history ends with the ids before it. Sequences
+    with prefixes of the same length are matched together (one compare and one scatter-add
+    per length, as HF groups them)."""
     static_V = np.zeros((vocab_size,), np.float32)
+    by_length: dict[int, list] = {}
     for ids, bias in pairs:
         if len(ids) == 1:
             static_V[ids[0]] = bias  # set: HF's dict holds one bias per sequence
+        else:
+            by_length.setdefault(len(ids) - 1, []).append((ids, bias))
     bias_BxV = jnp.broadcast_to(jnp.asarray(static_V), (b, vocab_size))
-    for ids, bias in pairs:
-        if len(ids) > 1:
-            on_B = ends_with(history, tuple(ids[:-1]))
-            bias_BxV = bias_BxV.at[:, ids[-1]].add(jnp.where(on_B, jnp.float32(bias), 0.0))
+    for group in by_length.values():
+        prefixes_SxM = np.array([ids[:-1] for ids, _ in group], np.int32)
+        last_S = np.array([ids[-1] for ids, _ in group], np.int32)
+        biases_S = np.array([bias for _, bias in group], np.float32)
+        on_BxS = ends_with(history, prefixes_SxM)
+        bias_BxV = bias_BxV.at[:, last_S].add(jnp.where(on_BxS, biases_S[None], 0.0))
     return bias_BxV
 
 
