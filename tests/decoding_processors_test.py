@@ -140,8 +140,9 @@ def test_off_is_none_and_bad_values_are_refused():
                         ({"bad_words_ids": "[[5,"}, "bad_words_ids must be JSON"),
                         ({"bad_words_ids": [[]]}, "must hold non-empty lists of token ids"),
                         ({"bad_words_ids": [[True]]}, "must hold non-empty lists of token ids"),
-                        ({"sequence_bias": [[[5], float("inf")]]}, "finite number or -inf"),
-                        ({"sequence_bias": [[[5], float("nan")]]}, "finite number or -inf"),
+                        ({"sequence_bias": [[[5], float("inf")]]}, "finite float32 or -inf"),
+                        ({"sequence_bias": [[[5], float("nan")]]}, "finite float32 or -inf"),
+                        ({"sequence_bias": [[[5], 1e39]]}, "finite float32 or -inf"),
                         ({"sequence_bias": 5}, r"must be \[ids, bias\] pairs"),
                         ({"suppress_tokens": [-1]}, r"token ids in \[0, 2147483647\]"),
                         ({"begin_suppress_tokens": [float("inf")]}, "must be token ids")]:

@@ -47,6 +47,7 @@ METHODS = ("greedy", "sample", "beam")
 # Decode options that are tuples of ids, or of (ids, bias) pairs; () = off.
 SEQUENCE_OPTIONS = ("sequence_bias", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens")
 INT32_MAX = 2**31 - 1  # sizes and positions are int32 inside the jitted loops
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # a Python float: compares with any int
 MIN_BUCKET = 8
 _SMALLER = "lower batch_size, num_beams / num_samples or max_new_tokens"  # a decode too large
 
@@ -252,9 +253,9 @@ def _sequence_bias_option(value) -> tuple[tuple[tuple[int, ...], float], ...]:
                               f"got {value!r}")
         ids, bias = pair
         ok = (not isinstance(bias, bool) and isinstance(bias, (int, float, np.number))
-              and (math.isfinite(bias) or bias == -math.inf))
+              and (bias == -math.inf or abs(bias) <= _FLOAT32_MAX))  # as float32
         if not ok:
-            raise DecodeError(f"decode.sequence_bias: a bias must be a finite number or -inf, "
+            raise DecodeError(f"decode.sequence_bias: a bias must be a finite float32 or -inf, "
                               f"got {bias!r}")
         out[_token_sequence("sequence_bias", ids, form)] = float(bias)
     return tuple(out.items())

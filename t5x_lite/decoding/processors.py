@@ -26,7 +26,8 @@ All are HF's, with HF's arithmetic and placement (in this order), so decodes wit
 A sequence's ids before its last (a bias's or bad word's prefix) must all lie in the history:
 as for n-grams, HF also matches them against a GPT row's left padding.
 
-They act before temperature / top-k / top-p / min-p (HF's order), on the raw logits for greedy
+They act before the sampling filters (temperature, top-k, top-p, min-p, typical-p, epsilon,
+eta: HF's order), on the raw logits for greedy
 and sampled decoding and speculative decoding's target and draft, and on the log-softmax of the
 logits for beam search (HF applies its processors to the log-probs there, so beams are ranked
 by the processed sums). The reported `score` stays the sum of log p(token) under the model.
