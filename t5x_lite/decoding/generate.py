@@ -87,7 +87,7 @@ class DecodeOptions:
     begin_suppress_tokens: tuple = ()
 
     def __post_init__(self):
-        for name in SEQUENCE_OPTIONS:  # lists and JSON text, as hashable tuples
+        for name in ("stop_ids", *SEQUENCE_OPTIONS):  # lists and text, as hashable tuples
             object.__setattr__(self, name, _coerce(name, getattr(self, name)))
         checks = [
             (self.method in METHODS,
@@ -121,8 +121,6 @@ class DecodeOptions:
                                                 "min_new_tokens", "no_repeat_ngram_size")],
             (self.num_samples == 1 or self.method == "sample",
              f"num_samples={self.num_samples} needs method='sample' (got {self.method!r})"),
-            (all(0 <= i <= INT32_MAX for i in self.stop_ids),
-             f"stop_ids must be token ids in [0, {INT32_MAX}], got {list(self.stop_ids)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -438,15 +436,13 @@ def check_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], options: D
                 raise DecodeError(
                     f"{i}: prompt of {len(ids)} tokens + max_new_tokens "
                     f"{options.max_new_tokens} - 1 exceeds {which}'s max length {c.max_len}")
-    bad = [t for t in options.stop_ids if t >= cfg.vocab_size]
-    if bad:
-        raise DecodeError(f"stop id {bad[0]} is outside the model's vocabulary [0, "
-                          f"{cfg.vocab_size})")
-    bad = [t for t in options.processed_ids if t >= cfg.vocab_size]
-    if bad:
-        raise DecodeError(f"token id {bad[0]} of sequence_bias / bad_words_ids / "
-                          f"suppress_tokens / begin_suppress_tokens is outside the model's "
-                          f"vocabulary [0, {cfg.vocab_size})")
+    for ids, what in ((options.stop_ids, "stop id {}"),
+                      (options.processed_ids, "token id {} of sequence_bias / bad_words_ids / "
+                                              "suppress_tokens / begin_suppress_tokens")):
+        bad = [t for t in ids if t >= cfg.vocab_size]
+        if bad:
+            raise DecodeError(f"{what.format(bad[0])} is outside the model's vocabulary [0, "
+                              f"{cfg.vocab_size})")
     if prompts:
         check_decode_size(cfg, prompts, options, draft_cfg, mesh)
 

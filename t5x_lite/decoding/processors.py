@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5x_lite.decoding.stops import StopIds, is_eos, stop_id_tuple
+from t5x_lite.decoding.stops import StopIds, stop_id_tuple
 
 T5_START_ID = 0  # an encoder-decoder's decoder input begins with it (HF: decoder_start_token_id)
 
@@ -258,10 +258,10 @@ def process(processing: Processing | None, scores_BxV, history: History | None, 
         banned = ngram_bans(history, processing.no_repeat_ngram_size, scores_BxV.shape[-1])
         scores_BxV = jnp.where(banned, -jnp.inf, scores_BxV)
     if processing.bad_words_ids:
-        bad = tuple((ids, -math.inf) for ids in dict.fromkeys(processing.bad_words_ids))
+        bad = tuple((ids, -math.inf) for ids in processing.bad_words_ids)  # -inf twice: -inf
         scores_BxV = scores_BxV + sequence_bias(bad, history, b, v)
     if processing.holds_stops:
-        stop_V = is_eos(jnp.arange(v), processing.stop_ids)
+        stop_V = _id_mask(processing.stop_ids, v)
         scores_BxV = jnp.where((generated < processing.min_new_tokens) & stop_V, -jnp.inf,
                                scores_BxV)
     if processing.suppress_tokens:
