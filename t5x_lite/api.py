@@ -532,7 +532,7 @@ HF_SETTINGS_NOT_TAKEN = {
     "forced_eos_token_id": None, "encoder_repetition_penalty": 1.0,
     "encoder_no_repeat_ngram_size": 0,
     "exponential_decay_length_penalty": None, "guidance_scale": 1.0, "top_h": None,
-    "watermarking_config": None, "stop_strings": None, "token_healing": False,
+    "watermarking_config": None, "token_healing": False,
     "num_return_sequences": 1}
 
 
@@ -543,8 +543,8 @@ def hf_decode_defaults(hf_config, generation_config=None, where: str = "") -> di
     when `do_sample` is truthy (HF's test), else "greedy"; temperature, top_k, top_p, min_p,
     typical_p, epsilon_cutoff, eta_cutoff, repetition_penalty, no_repeat_ngram_size and
     min_new_tokens as set there, else HF's defaults (`HF_DECODE_DEFAULTS`: top_k 50);
-    sequence_bias, bad_words_ids, suppress_tokens and begin_suppress_tokens when set (as the
-    text the `decode` config holds: `generate.sequence_option_text`);
+    sequence_bias, bad_words_ids, suppress_tokens, begin_suppress_tokens and stop_strings when
+    set (as the text the `decode` config holds: `generate.sequence_option_text`);
     max_new_tokens when set (HF's own default is a total max_length of 20: not taken). top_p 0,
     which keeps only the most likely token in HF, is taken as top_k 1. A value that is not a
     valid decode option is left at the default, with a warning naming `where`; settings that
@@ -579,7 +579,7 @@ def hf_decode_defaults(hf_config, generation_config=None, where: str = "") -> di
             continue
         out[name] = kind(value)
     vocab_size = hf_config.get("vocab_size")
-    for name in gen.SEQUENCE_OPTIONS:
+    for name in (*gen.SEQUENCE_OPTIONS, "stop_strings"):
         if source.get(name) is None:
             continue
         try:

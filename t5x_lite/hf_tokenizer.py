@@ -23,7 +23,9 @@ training data pipeline takes sentencepiece vocabularies (`t5x_lite.vocab`).
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from typing import Union
 
@@ -86,6 +88,7 @@ class TokenizerJsonVocabulary:
                 f"{source}: its post-processor adds {len(head)} token(s) before a text and "
                 f"{len(tail)} after it; t5x_lite supports one start token (a BOS) and none after")
         self._text, self._tok, self._eos = text, tok, eos_id
+        self._token_bytes = None
         # the largest id + 1: ids need not be contiguous
         self._size = max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self.add_bos, self.bos_id = bool(head), (head[0] if head else None)
@@ -133,6 +136,56 @@ class TokenizerJsonVocabulary:
 
     def decode_batch(self, ids_batch: Iterable[Iterable[int]]) -> list[str]:
         return [self.decode(ids) for ids in ids_batch]
+
+    def token_bytes(self) -> tuple[bytes, ...]:
+        """Each id's text as bytes (what stop strings match), as HF's `StopStringCriteria`
+        reads a tokenizer: with a byte-level decoder (GPT-2's), a token's own bytes; with byte
+        fallback, <0xNN> as its byte; else the token's text after a fixed text (so a leading
+        space a decoder strips at the start stays). Special tokens and ids without a token
+        have none (`decode` drops them)."""
+        if self._token_bytes is None:
+            tok = self._tok
+            special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+            decoders = _types(json.loads(self._text).get("decoder"))
+            base = tok.encode(_PREFIX, add_special_tokens=False).ids
+            out = []
+            for i in range(self._size):
+                token = tok.id_to_token(i)
+                if token is None or i in special:
+                    out.append(b"")
+                elif "ByteFallback" in decoders and _BYTE_PIECE.fullmatch(token):
+                    out.append(bytes([int(token[3:5], 16)]))
+                elif "ByteLevel" in decoders and all(c in _BYTE_OF_CHAR for c in token):
+                    out.append(bytes(_BYTE_OF_CHAR[c] for c in token))
+                else:
+                    text = tok.decode(base + [i], skip_special_tokens=False)
+                    at = text.find(_PREFIX)
+                    out.append((text[at + len(_PREFIX):] if at >= 0 else tok.decode([i])
+                                ).encode("utf-8"))
+            self._token_bytes = tuple(out)
+        return self._token_bytes
+
+
+def _types(decoder) -> set[str]:
+    """The `type`s of a tokenizer.json decoder and of the decoders it holds."""
+    if isinstance(decoder, dict):
+        return {decoder.get("type"), *(t for v in decoder.values() for t in _types(v))}
+    if isinstance(decoder, list):
+        return {t for v in decoder for t in _types(v)}
+    return set()
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, char -> byte: printable Latin-1 bytes are their own
+    char; the other 68 are chr(256), chr(257), ... in byte order."""
+    own = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    moved = [b for b in range(256) if b not in own]
+    return {**{chr(b): b for b in own}, **{chr(256 + k): b for k, b in enumerate(moved)}}
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+_PREFIX = "abcdef"  # decoded before a token, so that the token's text keeps its leading space
 
 
 def _read_text(path: epath.Path) -> str:

@@ -21,7 +21,8 @@ r"""Decode a file of prompts with a checkpoint, writing one JSON line per input.
   repetition_penalty, no_repeat_ngram_size, min_new_tokens, sequence_bias ('[[[5, 6], -2.0]]'),
   bad_words_ids ('[[5, 6], [7]]'), suppress_tokens, begin_suppress_tokens ('5,6'),
   stop_ids: comma-separated ids that end a row instead of the model's, e.g.
-  --decode.stop_ids=13,198); fields not given keep the checkpoint's values, else the defaults
+  --decode.stop_ids=13,198; stop_strings: a JSON list of texts a row ends at, e.g.
+  --decode.stop_strings='["\\n\\n", "Q:"]'); fields not given keep the checkpoint's values, else the defaults
   of `t5x_lite.defaults.base_config`.
 --draft: a smaller GPT checkpoint for speculative decoding (greedy / sample).
 --quantize=int8: per-channel int8 weights, dequantized inside jit (README.md).
@@ -294,7 +295,7 @@ def output_meta(checkpoint: dict, options: gen.DecodeOptions, quantize: str | No
         names.append("num_draft")
     # Recorded when on, so that outputs written before these options resume as they were.
     names += [n for n in ("repetition_penalty", "min_new_tokens", "no_repeat_ngram_size",
-                          *gen.SEQUENCE_OPTIONS,
+                          *gen.SEQUENCE_OPTIONS, "stop_strings",
                           *(["min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"]
                             if options.method == "sample" else []))
               if getattr(options, n) != getattr(gen.DecodeOptions, n)]

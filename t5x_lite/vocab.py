@@ -112,6 +112,23 @@ class _SentencePieceModel:
     def decode_batch(self, ids_batch: Iterable[Iterable[int]]) -> list[str]:
         return [self.decode(ids) for ids in ids_batch]
 
+    def token_bytes(self) -> tuple[bytes, ...]:
+        """Each id's text as bytes, as `decode` writes it (what stop strings match): a piece's
+        "▁" as a space, a byte piece (<0x0A>) as its byte, unk as " ⁇ ", control pieces
+        (pad, BOS, EOS) as none."""
+        sp = self._sp
+
+        def text(i: int) -> bytes:
+            if sp.is_control(i):
+                return b""
+            if sp.is_byte(i):
+                return bytes([int(sp.id_to_piece(i)[3:5], 16)])
+            if sp.is_unknown(i):
+                return " ⁇ ".encode()
+            return sp.id_to_piece(i).replace("▁", " ").encode("utf-8")
+
+        return tuple(text(i) for i in range(self.sp_size))
+
 
 class Vocabulary(_SentencePieceModel):
     """A sentencepiece model plus `extra_ids` T5 sentinel ids on top of it (picklable)."""
@@ -184,6 +201,11 @@ class Vocabulary(_SentencePieceModel):
                 f"<extra_id_{i}> needs at least {i + 1} extra_ids; this vocabulary has "
                 f"{self._extra_ids}")
         return self.vocab_size - 1 - i
+
+    def token_bytes(self) -> tuple[bytes, ...]:
+        """The pieces' bytes (`_SentencePieceModel.token_bytes`), then `<extra_id_N>`'s."""
+        return super().token_bytes() + tuple(
+            self.piece(i).encode() for i in range(self.sp_size, self.vocab_size))
 
     def is_sentinel(self, token_id: int) -> bool:
         return self.sp_size <= token_id < self.vocab_size

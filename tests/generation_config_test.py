@@ -129,7 +129,7 @@ def test_unusable_settings_fall_back_with_a_warning(tmp_path, caplog):
                                    "max_length": 30, "typical_p": 0.0, "eta_cutoff": 1.0,
                                    "forced_eos_token_id": 5, "bad_words_ids": [[7, -8]],
                                    "guidance_scale": 1.0, "epsilon_cutoff": 0.25,
-                                   "suppress_tokens": [5, 1000], "stop_strings": ["\n"],
+                                   "suppress_tokens": [5, 1000], "stop_strings": "\n",
                                    "begin_suppress_tokens": [float("inf")]})
     with caplog.at_level(logging.WARNING):
         m = t5x_lite.load(path)
@@ -143,13 +143,13 @@ def test_unusable_settings_fall_back_with_a_warning(tmp_path, caplog):
                  "max_new_tokens=-3", "typical_p=0.0", "eta_cutoff=1.0"):
         assert f"generation setting {name} is not a usable decode option" in text
     assert "do_sample='yes' is not a bool; taken as HF reads it, True" in text
-    assert ("generation settings num_beams=4, max_length=30, forced_eos_token_id=5, "
-            "stop_strings=['\\n'] are not taken") in text
+    assert ("generation settings num_beams=4, max_length=30, forced_eos_token_id=5 are not "
+            "taken") in text
     assert "generation setting bad_words_ids=[[7, -8]] is not a usable decode option" in text
     assert "generation setting begin_suppress_tokens=[inf] is not a usable decode option" in text
     assert "suppress_tokens: ids [1000] are outside the vocabulary (HF ignores them)" in text
     assert (options.bad_words_ids, options.begin_suppress_tokens,
-            options.suppress_tokens) == ((), (), (5,))
+            options.suppress_tokens, options.stop_strings) == ((), (), (5,), ("\n",))
     assert "min_new_tokens=4" not in text and "guidance_scale" not in text
     assert "epsilon_cutoff" not in text
 

@@ -12,6 +12,9 @@ one (for alpha >= 0 the alive bound uses the largest penalty, at the budget: exa
 heuristic). A batch element with fewer than W finished beams at the end is filled with its best
 alive beams (unfinished, scored at their length); finished beams always rank first.
 
+A beam that completes a stop string (`stop_strings`) ends as one ending in EOS does (HF's
+rule: its stopping criteria end beams), keeping the token.
+
 Difference from HF's beam search: HF lets only the top-W ranked of the 2W candidates finish;
 here every EOS candidate among them may (T5X's rule). Both agree whenever no EOS candidate
 ranked below W would enter the final top beams.
@@ -28,6 +31,7 @@ import jax.numpy as jnp
 from t5x_lite.decoding import processors
 from t5x_lite.decoding.processors import History, Processing, process
 from t5x_lite.decoding.sampling import EOS_ID, PAD_ID, StepFn
+from t5x_lite.decoding.stop_strings import StopStrings, advance, initial_state
 from t5x_lite.decoding.stops import StopIds, is_eos, stop_id_tuple
 
 NEG = -1.0e9  # "impossible" score; finite so arithmetic on it stays NaN-free
@@ -61,6 +65,7 @@ class _State(NamedTuple):
     fin_flag: jax.Array
     cache: Any
     history: History | None  # [B * W] rows: what the processors read (None: none on)
+    alive_matched: jax.Array | None  # [B, W, S] stop-string states (None: no stop strings)
 
 
 def _gather(x_BxCx, idx_BxW):
@@ -72,8 +77,8 @@ def _gather(x_BxCx, idx_BxW):
 def beam_search(tokens_to_logits: StepFn, cache, first_logits_BWxV, *, num_beams: int,
                 max_new_tokens: int, alpha: float,
                 reorder_cache: Callable[[Any, jax.Array], Any], eos_id: StopIds = EOS_ID,
-                processing: Processing | None = None, history: History | None = None
-                ) -> BeamOutput:
+                processing: Processing | None = None, history: History | None = None,
+                stops: StopStrings | None = None) -> BeamOutput:
     """Beam search over B*W cache rows (row b*W + w is beam w of element b).
 
     Args:
@@ -86,6 +91,7 @@ def beam_search(tokens_to_logits: StepFn, cache, first_logits_BWxV, *, num_beams
       processing, history: the repetition penalty, no-repeat n-grams and min_new_tokens and
         the rows' histories (`processors`), applied to the log-probs as HF does in beam search;
         beams are ranked by the processed sums, `model_logprob_BxW` keeps the model's.
+      stops: stop strings (`stop_strings.tables`): a candidate completing one ends there.
     """
     w, n = num_beams, max_new_tokens
     bw, v = first_logits_BWxV.shape
@@ -107,9 +113,12 @@ def beam_search(tokens_to_logits: StepFn, cache, first_logits_BWxV, *, num_beams
         top_seq = _gather(s.alive_seq, top_beam)
         top_seq = jax.lax.dynamic_update_slice(top_seq, top_tok[:, :, None], (0, 0, i))
         # Candidates of placeholder beams (score ~NEG) appear only when V is tiny: never finish.
-        ends = is_eos(top_tok, eos_id) & (top_logp_BxC > NEG / 2)
+        matched = None if stops is None else _gather(s.alive_matched, top_beam)
+        matched, hit_BxC = advance(stops, matched, top_tok)
+        ends = (is_eos(top_tok, eos_id) | hit_BxC) & (top_logp_BxC > NEG / 2)
 
-        # Alive: the best W candidates that did not end (at most S * W of the (1 + S) * W end).
+        # Alive: the best W candidates that did not end (at most S * W of the (1 + S) * W end
+        # at stop ids; with stop strings, more may: the alive slots left are placeholders).
         alive_logp, keep = jax.lax.top_k(jnp.where(ends, NEG, top_logp_BxC), w)
         alive_seq = _gather(top_seq, keep)
         alive_tok_logp = _gather(top_tok_logp, keep)
@@ -128,14 +137,16 @@ def beam_search(tokens_to_logits: StepFn, cache, first_logits_BWxV, *, num_beams
         fin_flag = _gather(jnp.concatenate([s.fin_flag, ends], 1), pick)
         return _State(i + 1, alive_seq, alive_logp, alive_tok_logp, fin_seq,
                       fin_score, fin_logp, fin_tok_logp, fin_len, fin_flag,
-                      reorder_cache(s.cache, parent_rows), history)
+                      reorder_cache(s.cache, parent_rows), history,
+                      None if matched is None else _gather(matched, keep))
 
     zeros_seq = jnp.zeros((b, w, n), jnp.int32)
     init_logp = jnp.tile(jnp.array([0.0] + [NEG] * (w - 1), jnp.float32), (b, 1))
     zeros_f, zeros_tok = jnp.zeros((b, w), jnp.float32), jnp.zeros((b, w, n), jnp.float32)
     state = _State(jnp.int32(0), zeros_seq, init_logp, zeros_tok, zeros_seq,
                    jnp.full((b, w), NEG), zeros_f, zeros_tok,
-                   jnp.zeros((b, w), jnp.int32), jnp.zeros((b, w), jnp.bool_), cache, history)
+                   jnp.zeros((b, w), jnp.int32), jnp.zeros((b, w), jnp.bool_), cache, history,
+                   initial_state(stops, (b, w)))
     state = expand(state, first_logits_BWxV)
     best_possible_bound = length_penalty(n, alpha) if alpha >= 0 else length_penalty(1, alpha)
 

@@ -31,11 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5x_lite import partitioning, quantization
+from t5x_lite import files, partitioning, quantization
 from t5x_lite.api import is_prefix_lm
 from t5x_lite.config import ModelConfig
 from t5x_lite.decoding import cache as cache_lib
-from t5x_lite.decoding import steps
+from t5x_lite.decoding import steps, stop_strings
 from t5x_lite.decoding.beam_search import NEG, beam_search
 from t5x_lite.decoding.filtering import SamplingConfig
 from t5x_lite.decoding.processors import Processing, initial_history, take_rows
@@ -85,9 +85,11 @@ class DecodeOptions:
     bad_words_ids: tuple = ()
     suppress_tokens: tuple = ()
     begin_suppress_tokens: tuple = ()
+    # HF's stop_strings: a row ends at the token that completes one ("\n\n", "Q:"). () = off.
+    stop_strings: tuple = ()
 
     def __post_init__(self):
-        for name in ("stop_ids", *SEQUENCE_OPTIONS):  # lists and text, as hashable tuples
+        for name in ("stop_ids", "stop_strings", *SEQUENCE_OPTIONS):  # lists and text, as hashable tuples
             object.__setattr__(self, name, _coerce(name, getattr(self, name)))
         checks = [
             (self.method in METHODS,
@@ -163,6 +165,8 @@ def _coerce(name: str, value):
         return _sequences_option(value)
     if name == "sequence_bias":
         return _sequence_bias_option(value)
+    if name == "stop_strings":
+        return _stop_strings_option(value)
     kind = {"str": str, "int": int, "float": float}[_FIELD_TYPES[name]]
     try:
         out = kind(value)
@@ -197,9 +201,12 @@ def _ids_option(name: str, value) -> tuple[int, ...]:
 
 
 def sequence_option_text(name: str, value) -> str:
-    """The config / flag text of a `SEQUENCE_OPTIONS` value (what `_coerce` reads back)."""
+    """The config / flag text of a `SEQUENCE_OPTIONS` or stop_strings value (what `_coerce`
+    reads back)."""
     if name in ("suppress_tokens", "begin_suppress_tokens"):
         return ",".join(map(str, value))
+    if name == "stop_strings":
+        return json.dumps(list(value)) if value else ""
     if name == "bad_words_ids":
         return json.dumps([list(ids) for ids in value]) if value else ""
     return json.dumps([[list(ids), bias] for ids, bias in value]) if value else ""
@@ -257,6 +264,28 @@ def _sequence_bias_option(value) -> tuple[tuple[tuple[int, ...], float], ...]:
                               f"got {bias!r}")
         out[_token_sequence("sequence_bias", ids, form)] = float(bias)
     return tuple(out.items())
+
+
+def _stop_strings_option(value) -> tuple[str, ...]:
+    """decode.stop_strings: from a list of strings, one string, or a JSON list's text (the
+    flag's and the config's form: '["\\n\\n", "Q:"]'; "" = none). A string is read as a JSON
+    list when it is one; give a list to stop at such a text itself."""
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value) if value.lstrip().startswith("[") else None
+        except json.JSONDecodeError:
+            parsed = None
+        value = parsed if isinstance(parsed, list) else [value] if value else []
+    if not isinstance(value, (list, tuple)):
+        raise DecodeError(f"decode.stop_strings must be strings (a list, or a JSON list such as "
+                          f'["\\n\\n", "Q:"]), got {value!r}')
+    for item in value:
+        why = ("not a str" if not isinstance(item, str) else files.not_unicode(item) or (
+            f"must be 1 to {stop_strings.MAX_BYTES} bytes of UTF-8"
+            if not 0 < len(item.encode("utf-8")) <= stop_strings.MAX_BYTES else None))
+        if why:
+            raise DecodeError(f"decode.stop_strings: {item!r:.60} {why}")
+    return tuple(dict.fromkeys(value))
 
 
 def default_decode_config():
@@ -601,7 +630,7 @@ def _history(processing, cfg: ModelConfig, tokens_BxP, lengths_B, rows_R, room: 
 @functools.partial(jax.jit, static_argnames=("cfg", "n", "sampling", "samples", "eos",
                                              "prefix_lm", "processing"))
 def _sample_jit(params, tokens_BxP, lengths_B, seed, example_B, *, cfg, n, sampling, samples,
-                eos=(EOS_ID,), prefix_lm=False, processing=None):
+                eos=(EOS_ID,), prefix_lm=False, processing=None, stops=None):
     b, p = tokens_BxP.shape
     lengths, rows = cache_phases(cfg, p, n), _expand_rows(b, samples)
     logits, cache, step = steps.prefill(cfg, params, tokens_BxP, lengths_B, lengths[0], rows,
@@ -609,20 +638,22 @@ def _sample_jit(params, tokens_BxP, lengths_B, seed, example_B, *, cfg, n, sampl
     return sample_decode(step, cache, logits, _row_keys(seed, example_B, samples),
                          max_new_tokens=n, sampling=sampling, eos_id=eos,
                          grow_to=tuple(lengths[1:]), processing=processing,
-                         history=_history(processing, cfg, tokens_BxP, lengths_B, rows, n))
+                         history=_history(processing, cfg, tokens_BxP, lengths_B, rows, n),
+                         stops=stops)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n", "beams", "alpha", "eos", "prefix_lm",
                                              "processing"))
 def _beam_jit(params, tokens_BxP, lengths_B, *, cfg, n, beams, alpha, eos=(EOS_ID,),
-              prefix_lm=False, processing=None):
+              prefix_lm=False, processing=None, stops=None):
     b, p = tokens_BxP.shape
     rows = jnp.repeat(jnp.arange(b), beams)
     logits, cache, step = steps.prefill(cfg, params, tokens_BxP, lengths_B, cache_len(cfg, p, n),
                                         rows, prefix_lm=prefix_lm)
     return beam_search(step, cache, logits, num_beams=beams, max_new_tokens=n, alpha=alpha,
                        reorder_cache=cache_lib.take_rows, eos_id=eos, processing=processing,
-                       history=_history(processing, cfg, tokens_BxP, lengths_B, rows, n))
+                       history=_history(processing, cfg, tokens_BxP, lengths_B, rows, n),
+                       stops=stops)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "n", "k", "sampling", "samples",
@@ -630,7 +661,7 @@ def _beam_jit(params, tokens_BxP, lengths_B, *, cfg, n, beams, alpha, eos=(EOS_I
                                              "processing"))
 def _speculative_jit(params, draft_params, tokens_BxP, lengths_B, seed, example_B, *, cfg,
                      draft_cfg, n, k, sampling, samples, eos=(EOS_ID,), prefix_lm=False,
-                     draft_prefix_lm=False, processing=None):
+                     draft_prefix_lm=False, processing=None, stops=None):
     b, p = tokens_BxP.shape
     rows = _expand_rows(b, samples)
     lengths = cache_phases(cfg, p, n, k)
@@ -644,7 +675,7 @@ def _speculative_jit(params, draft_params, tokens_BxP, lengths_B, seed, example_
                               num_draft=k, sampling=sampling, eos_id=eos,
                               grow_to=tuple(lengths[1:]), processing=processing,
                               history=_history(processing, cfg, tokens_BxP, lengths_B, rows,
-                                               n + k + 1))
+                                               n + k + 1), stops=stops)
 
 
 def shard_rows(loaded, *arrays_B):
@@ -688,11 +719,24 @@ def _check_same_devices(loaded, draft):
                           "target's mesh: t5x_lite.load(path, mesh=target.mesh)")
 
 
+def stop_tables(loaded, options: DecodeOptions) -> stop_strings.StopStrings | None:
+    """The device tables of `options.stop_strings` over `loaded`'s vocabulary (None: none)."""
+    if not options.stop_strings:
+        return None
+    vocab = getattr(loaded, "vocab", None)
+    if vocab is None or not hasattr(vocab, "token_bytes"):
+        raise DecodeError("stop_strings need the model's vocabulary (its tokens' text) and "
+                          "this model has none; give stop_ids instead")
+    return stop_strings.tables(vocab.token_bytes(), options.stop_strings,
+                               model_config(loaded).vocab_size)
+
+
 def decode_batch(loaded, tokens_BxP, lengths_B, options: DecodeOptions, example_B=None,
-                 draft=None):
+                 draft=None, stops: stop_strings.StopStrings | None = None):
     """Runs one packed batch; returns device arrays (DecodeOutput | BeamOutput, or for
     speculative decoding (DecodeOutput, stats)) with rows for (at least) the B prompts, prompt-
-    major: b * per + j. On a multi-device mesh, rows may be padded (`shard_rows`)."""
+    major: b * per + j. On a multi-device mesh, rows may be padded (`shard_rows`). `stops`:
+    `stop_tables(loaded, options)` (made here when None and the options have stop strings)."""
     cfg = model_config(loaded)
     params = quantization.unbox_float(loaded.params)  # keeps int8 weights int8 (compression)
     example_B = np.arange(len(tokens_BxP)) if example_B is None else example_B
@@ -700,13 +744,15 @@ def decode_batch(loaded, tokens_BxP, lengths_B, options: DecodeOptions, example_
         loaded, tokens_BxP, lengths_B, np.asarray(example_B, np.int32))
     n, eos = options.max_new_tokens, options.stop_ids or stop_ids(loaded)
     processing = options.processing(eos)
+    if stops is None:
+        stops = stop_tables(loaded, options)
     seed = np.uint32(options.seed % 2**32)
     plm = is_prefix_lm(loaded)
     with context:
         if options.method == "beam":
             out = _beam_jit(params, tokens_BxP, lengths_B, cfg=cfg, n=n,
                             beams=options.num_beams, alpha=float(options.alpha), eos=eos,
-                            prefix_lm=plm, processing=processing)
+                            prefix_lm=plm, processing=processing, stops=stops)
         elif draft is not None:
             _check_same_devices(loaded, draft)
             out = _speculative_jit(params, quantization.unbox_float(draft.params), tokens_BxP,
@@ -714,11 +760,11 @@ def decode_batch(loaded, tokens_BxP, lengths_B, options: DecodeOptions, example_
                                    draft_cfg=model_config(draft), n=n, k=options.num_draft,
                                    sampling=options.sampling, samples=options.num_samples,
                                    eos=eos, prefix_lm=plm, draft_prefix_lm=is_prefix_lm(draft),
-                                   processing=processing)
+                                   processing=processing, stops=stops)
         else:
             out = _sample_jit(params, tokens_BxP, lengths_B, seed, example_B, cfg=cfg, n=n,
                               sampling=options.sampling, samples=options.num_samples, eos=eos,
-                              prefix_lm=plm, processing=processing)
+                              prefix_lm=plm, processing=processing, stops=stops)
     if jax.process_count() > 1:  # rows decoded on other hosts' devices: every process gets all
         from jax.experimental import multihost_utils
         out = multihost_utils.process_allgather(out, tiled=True)
@@ -726,7 +772,7 @@ def decode_batch(loaded, tokens_BxP, lengths_B, options: DecodeOptions, example_
 
 
 # ----------------------------------------------------------------------------------- results
-def _result(vocab, ids_N, length, logprob, finished, penalised=None,
+def _result(vocab, stops: tuple[int, ...], ids_N, length, logprob, finished, penalised=None,
             token_logprob_N=None) -> dict[str, Any]:
     ids = [int(t) for t in ids_N[:int(length)]]
     out = {"ids": ids, "score": float(logprob), "finished": bool(finished)}
@@ -735,11 +781,12 @@ def _result(vocab, ids_N, length, logprob, finished, penalised=None,
     if token_logprob_N is not None:
         out["token_scores"] = [float(x) for x in token_logprob_N[:int(length)]]
     if vocab is not None:  # without the stop id, which need not be the vocabulary's EOS
-        out["text"] = vocab.decode(ids[:-1] if finished else ids)
+        out["text"] = vocab.decode(ids[:-1] if finished and ids[-1] in stops else ids)
     return out
 
 
-def _unpack(out, options: DecodeOptions, count: int, vocab, token_scores: bool = False) -> list:
+def _unpack(out, options: DecodeOptions, count: int, vocab, stops: tuple[int, ...],
+            token_scores: bool = False) -> list:
     per = options.rows_per_prompt
     if options.method == "beam":
         arrays = [np.asarray(x) for x in (out.tokens_BxWxN, out.lengths_BxW,
@@ -757,7 +804,7 @@ def _unpack(out, options: DecodeOptions, count: int, vocab, token_scores: bool =
         # Beam slots that hold no sequence (fewer than W exist, as with num_beams > vocabulary:
         # an empty finished slot, or a placeholder beam of log-prob ~NEG or -inf) are left out,
         # not returned as beams (the empty ones had score 0.0, better than every real beam).
-        items = [_result(vocab, *(a[b, j] for a in arrays),
+        items = [_result(vocab, stops, *(a[b, j] for a in arrays),
                          token_logprob_N=None if tokens is None else tokens[b, j])
                  for j in range(per)
                  if options.method != "beam" or (arrays[1][b, j] > 0 and ranked[b, j] > NEG / 2)]
@@ -780,6 +827,7 @@ def iter_generate(loaded, prompts: Sequence[Sequence[int]], options: DecodeOptio
     check_prompts(cfg, prompts, options, None if draft is None else model_config(draft),
                   first_index, mesh=getattr(loaded, "mesh", None))
     vocab = getattr(loaded, "vocab", None)
+    stops, tables = options.stop_ids or stop_ids(loaded), stop_tables(loaded, options)
     bs = options.batch_size
     for start in range(0, len(prompts), bs):
         chunk = prompts[start:start + bs]
@@ -787,10 +835,10 @@ def iter_generate(loaded, prompts: Sequence[Sequence[int]], options: DecodeOptio
         tokens, lengths = pack_prompts(cfg, chunk, rows)
         example = np.arange(rows, dtype=np.int32) + first_index + start
         with _out_of_memory_is_a_decode_error(rows, options):  # raised when run, or read
-            out = decode_batch(loaded, tokens, lengths, options, example, draft)
+            out = decode_batch(loaded, tokens, lengths, options, example, draft, tables)
             if draft is not None:
                 out = out[0]
-            results = _unpack(out, options, len(chunk), vocab, token_scores)
+            results = _unpack(out, options, len(chunk), vocab, stops, token_scores)
         yield results
 
 
@@ -800,7 +848,8 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
              num_samples=None, seed=None, batch_size=None, draft=None, num_draft=None,
              stop_ids=None, repetition_penalty=None, no_repeat_ngram_size=None,
              min_new_tokens=None, sequence_bias=None, bad_words_ids=None, suppress_tokens=None,
-             begin_suppress_tokens=None, token_scores: bool = False, tools=None, documents=None,
+             begin_suppress_tokens=None, stop_strings=None, token_scores: bool = False,
+             tools=None, documents=None,
              continue_final_message: bool = False, chat_template_kwargs=None) -> list:
     """Decodes every input; returns one entry per input, in order.
 
@@ -826,6 +875,9 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
         first new token). All as HF `generate` applies them, for every method
         (`processors`). min_p, typical_p, epsilon_cutoff, eta_cutoff: HF's filters of those
         names, in that order after top_p (sampling; `filtering`).
+      stop_strings: a string or a list of them; a row ends at the token that completes one
+        (HF's `stop_strings`, `stop_strings` module): the output keeps that token, so `text`
+        holds the string. Needs the model's vocabulary.
       token_scores: also return each generated token's log-prob under the model.
       Other options: see `DecodeOptions`; None = the checkpoint's / library default.
 
@@ -834,7 +886,7 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
       dicts (beams best first; fewer than num_beams where fewer sequences exist) -- with `ids`
       (generated ids without prompt and padding, ending with a stop id when `finished`:
       `stop_ids`, else `stop_ids(loaded)`: the generation config's `eos_token_id` for HF
-      weights, else 1), `score` (sum of log-probs of `ids` under the unfiltered model),
+      weights, else 1; or with the token that completed a stop string), `score` (sum of log-probs of `ids` under the unfiltered model),
       `finished`, `text` (when there is a vocabulary) and, for beam search, `penalised_score`
       (score / length penalty, what beams are ranked by); with `token_scores`, also
       `token_scores`: log p of each id of `ids` under the unfiltered model (their sum is
@@ -848,7 +900,8 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
         stop_ids=stop_ids, repetition_penalty=repetition_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens,
         sequence_bias=sequence_bias, bad_words_ids=bad_words_ids,
-        suppress_tokens=suppress_tokens, begin_suppress_tokens=begin_suppress_tokens)
+        suppress_tokens=suppress_tokens, begin_suppress_tokens=begin_suppress_tokens,
+        stop_strings=stop_strings)
     prompts = encode_prompts(loaded, inputs=inputs, input_ids=input_ids, messages=messages,
                              tools=tools, documents=documents,
                              continue_final_message=continue_final_message,

@@ -38,6 +38,7 @@ from t5x_lite.decoding.filtering import (SamplingConfig, categorical, filter_log
 from t5x_lite.decoding import processors
 from t5x_lite.decoding.processors import History, Processing, extend, process
 from t5x_lite.decoding.sampling import EOS_ID, PAD_ID, DecodeOutput, StepFn
+from t5x_lite.decoding.stop_strings import StopStrings, advance, advance_all, initial_state
 from t5x_lite.decoding.stops import StopIds, is_eos
 
 
@@ -55,6 +56,7 @@ class _State(NamedTuple):
     iterations: jax.Array
     accepted: jax.Array  # sum over iterations of m (draft tokens kept)
     history: History | None  # what the processors read, last_B included (None: none on)
+    matched: jax.Array | None  # [B, S] stop-string states, last_B included (None: none)
 
 
 def _probs(logits_BxKxV, sampling: SamplingConfig):
@@ -67,7 +69,7 @@ def speculative_decode(target_step: StepFn, draft_step: StepFn, target_cache, dr
                        first_logits_BxV, prompt_last_B, keys_B, *, max_new_tokens: int,
                        num_draft: int, sampling: SamplingConfig, eos_id: StopIds = EOS_ID,
                        grow_to: tuple[int, ...] = (), processing: Processing | None = None,
-                       history: History | None = None):
+                       history: History | None = None, stops: StopStrings | None = None):
     """Returns (DecodeOutput, stats) -- stats: iterations and mean accepted draft tokens.
 
     Both caches must hold the prompt (cursor at the same slot) with room for
@@ -80,7 +82,7 @@ def speculative_decode(target_step: StepFn, draft_step: StepFn, target_cache, dr
     histories before the first new token, with room for num_draft + 1 more ids than they get) is
     applied as in `sample_decode`, at each position with the proposals before it counted: to
     the draft's logits (so q is what it sampled from) and to the target's (so p, and greedy's
-    argmax, are the plain decode's).
+    argmax, are the plain decode's). `stops`: stop strings, as in `sample_decode`.
     """
     b, n, k = first_logits_BxV.shape[0], max_new_tokens, num_draft
     greedy = sampling.greedy
@@ -90,10 +92,11 @@ def speculative_decode(target_step: StepFn, draft_step: StepFn, target_cache, dr
     logp0_B = jnp.take_along_axis(logp0_B, tok0_B[:, None], -1)[:, 0]
     tokens = jnp.zeros((b, n + k + 1), jnp.int32).at[:, 0].set(tok0_B)
     token_logprob = jnp.zeros((b, n + k + 1), jnp.float32).at[:, 0].set(logp0_B)
+    matched, hit0_B = advance(stops, initial_state(stops, (b,)), tok0_B)
     state = _State(jnp.int32(1), prompt_last_B.astype(jnp.int32), tok0_B, target_cache,
                    draft_cache, tokens, token_logprob, logp0_B, jnp.ones((b,), jnp.int32),
-                   is_eos(tok0_B, eos_id),
-                   jnp.int32(0), jnp.int32(0), extend(history, tok0_B))
+                   is_eos(tok0_B, eos_id) | hit0_B,
+                   jnp.int32(0), jnp.int32(0), extend(history, tok0_B), matched)
 
     def body(s: _State):
         it_keys = row_keys(keys_B, s.iterations + 1)  # distinct from the first-token key (0)
@@ -155,8 +158,9 @@ def speculative_decode(target_step: StepFn, draft_step: StepFn, target_cache, dr
         new_BxK1 = jnp.where(j_K1 < m, jnp.concatenate([drafts_BxK, drafts_BxK[:, :1]], 1),
                              fix_B[:, None])
 
-        # Keep tokens up to each row's first EOS and within the budget; score them.
-        stop_BxK1 = is_eos(new_BxK1, eos_id) & (j_K1 <= m)
+        # Keep tokens up to each row's first EOS or stop string and within the budget.
+        matched_BxK1, hit_BxK1 = advance_all(stops, s.matched, new_BxK1)
+        stop_BxK1 = (is_eos(new_BxK1, eos_id) | hit_BxK1) & (j_K1 <= m)
         before_eos = jnp.cumsum(stop_BxK1, 1) - stop_BxK1 == 0
         keep_BxK1 = (j_K1 <= m) & before_eos & (s.count + j_K1 < n) & ~s.done_B[:, None]
         logp_BxK1 = jnp.take_along_axis(
@@ -173,10 +177,12 @@ def speculative_decode(target_step: StepFn, draft_step: StepFn, target_cache, dr
         prev_B = jax.lax.dynamic_index_in_dim(
             jnp.concatenate([s.last_B[:, None], drafts_BxK], 1), m, 1, False)
         history = extend(processors.nth_extension(histories, m), fix_B)
+        matched = None if stops is None else jax.lax.dynamic_index_in_dim(matched_BxK1, m, 1,
+                                                                          False)
         return _State(s.count + m + 1, prev_B, fix_B, cache_lib.set_index(tcache, rollback),
                       dcache, tokens, token_logprob, logprob_B,
                       s.length_B + jnp.sum(keep_BxK1, 1).astype(jnp.int32), done_B,
-                      s.iterations + 1, s.accepted + m, history)
+                      s.iterations + 1, s.accepted + m, history, matched)
 
     s = cache_lib.while_in_phases(  # the draft writes below the target's k + 1 slots
         lambda s: (s.count < n) & ~jnp.all(s.done_B), body, state, grow_to,

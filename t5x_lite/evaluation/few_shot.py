@@ -19,7 +19,8 @@ duplicate, or an example in both splits), whose target would give its answer awa
 Scoring:
 - "generate": greedy decoding of the answer, cut at the first stop string (the separator when it
   is not blank, and the template's text before {inputs}, e.g. "Q:" -- where the model would
-  start a next example), then the text metrics (exact match, ...).
+  start a next example), then the text metrics (exact match, ...). The decoder stops a row at
+  those stop strings (`decoding.stop_strings`), so a batch ends when every answer has.
 - "choice": every candidate answer is scored by log p(candidate | prompt) (GPT: the candidate's
   tokens; T5: candidate + EOS); the prediction is the highest sum ("accuracy") and the highest
   mean per token ("accuracy_norm"). Candidates: the example's own `choices`, else the distinct
@@ -37,6 +38,7 @@ from etils import epath
 
 from t5x_lite import files
 from t5x_lite.decoding import generate as gen
+from t5x_lite.decoding import stop_strings
 from t5x_lite.errors import UserError
 from t5x_lite.evaluation import likelihood, predictions, text_metrics
 from t5x_lite.evaluation.predictions import Example
@@ -240,11 +242,14 @@ def evaluate_generation(loaded, queries: Sequence[Example], pool: Sequence[Examp
     eos = [] if loaded.model.config.family == "gpt" else [gen.eos_id(loaded)]
     ids = [_prompt_ids(loaded, p, n) + eos for p in prompts]
     decode_overrides.setdefault("method", "greedy")
+    stops = options.template.stop_strings()
+    # Rows end at a stop string (those the decoder matches), so the batch ends when all have.
+    decode_overrides.setdefault("stop_strings", [
+        s for s in stops if len(s.encode("utf-8")) <= stop_strings.MAX_BYTES])
     try:
         results = gen.generate(loaded, input_ids=ids, max_new_tokens=n, **decode_overrides)
     except gen.DecodeError as e:
         raise FewShotError(str(e)) from None
-    stops = options.template.stop_strings()
     records = []
     for q, p, s, res in zip(queries, prompts, shots, results):
         best = predictions.first(res)
