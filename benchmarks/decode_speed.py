@@ -53,8 +53,10 @@ leave the residual stream dominated by the embeddings, so shallow drafts agree o
 model's acceptance is what decides the real gain.
 --processors (default off): also times cached greedy decoding of each model with HF's sequence
 processors on (repetition_penalty 1.2, no_repeat_ngram_size 3, min_new_tokens = new_tokens / 2:
-README "Exact semantics"), against the same decode with them off, per --batch_sizes, in
-alternating runs.
+README "Exact semantics"), and with four stop strings (`STOP_STRINGS`, over a stand-in
+vocabulary of random lowercase words that never completes them, so rows run to the end),
+against the same decode with both off, per --batch_sizes, in alternating runs; and the host
+time to build the stop strings' tables for the vocabulary.
 --kv_heads (default none): also times cached decoding (ours only: GPT-2 has no grouped-query
 form) of a gpt_modern of the same width (8 heads, d_ff 1408, 6 layers, untied head; random
 N(0, 1/fan_in) weights) with each of these key / value head counts, at --batch_sizes.
@@ -74,6 +76,7 @@ from absl import app, flags
 from t5x_lite import hf_interop, host_memory, transformer
 from t5x_lite.decoding import generate as gen
 from t5x_lite.decoding import steps as dec_steps
+from t5x_lite.decoding import stop_strings
 from t5x_lite.models import build_model
 
 _MODELS = flags.DEFINE_list("models", ["gpt", "t5"], "gpt and/or t5")
@@ -395,21 +398,43 @@ def grouped_query(n):
                   f"{cache:.1f} |", flush=True)
 
 
+STOP_STRINGS = ["\n\n", "Question:", "###", "</answer>"]
+
+
+def _word_vocab(size: int):
+    """A stand-in vocabulary for timing stop strings: id i's text is a random lowercase word
+    of 1-8 letters (so `STOP_STRINGS` are never completed)."""
+    rng = np.random.default_rng(0)
+    words = tuple(bytes(rng.integers(97, 123, rng.integers(1, 9)).tolist()) for _ in range(size))
+    return types.SimpleNamespace(token_bytes=lambda: words)
+
+
 def processors_cost(built, n):
-    """ms per step of cached greedy decoding with HF's sequence processors off and on."""
+    """ms per step of cached greedy decoding with HF's sequence processors off and on, and
+    with stop strings."""
     on = dict(repetition_penalty=1.2, no_repeat_ngram_size=3, min_new_tokens=n // 2)
-    print("\n| model | batch | processors off: ms/step | on: ms/step | on / off |")
-    print("|---|---|---|---|---|")
+    print("\n| model | batch | processors off: ms/step | on: ms/step | on / off | "
+          "stop strings: ms/step | stop strings / off |")
+    print("|---|---|---|---|---|---|---|")
     for kind, (_, loaded) in built.items():
+        vocab = _word_vocab(loaded.model.config.vocab_size)
+        start = time.perf_counter()
+        stop_strings.host_tables(vocab.token_bytes(), tuple(STOP_STRINGS))
+        build_s = time.perf_counter() - start
+        words = types.SimpleNamespace(**{**vars(loaded), "vocab": vocab})
         for b in map(int, _BATCHES.value):
             prompts = _prompts(b, _PROMPT.value)
             best = {}
             for _ in range(2):  # alternating, so that a busy spell hits both
-                for name, kw in (("off", {}), ("on", on)):
-                    t, steps = time_cached(loaded, prompts, n, **kw)
+                for name, model, kw in (("off", loaded, {}), ("on", loaded, on),
+                                        ("stops", words, {"stop_strings": STOP_STRINGS})):
+                    t, steps = time_cached(model, prompts, n, **kw)
                     best[name] = min(best.get(name, np.inf), t / steps)
             print(f"| {kind} | {b} | {1e3 * best['off']:.2f} | {1e3 * best['on']:.2f} | "
-                  f"{best['on'] / best['off']:.3f} |", flush=True)
+                  f"{best['on'] / best['off']:.3f} | {1e3 * best['stops']:.2f} | "
+                  f"{best['stops'] / best['off']:.3f} |", flush=True)
+        print(f"{kind}: stop strings' tables for {len(vocab.token_bytes())} ids built in "
+              f"{build_s:.2f} s (host)", flush=True)
 
 
 def main(argv):

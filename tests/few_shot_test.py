@@ -224,10 +224,21 @@ def test_generation_prompts_and_cuts_at_stop_strings(gpt, monkeypatch):
     opts = few_shot.FewShotOptions(k=1, max_new_tokens=8, metrics="exact_match")
     metrics, records = few_shot.evaluate_generation(gpt, QUERIES, POOL, opts)
     assert seen["method"] == "greedy" and seen["max_new_tokens"] == 8
+    assert seen["stop_strings"] == ["Q:"]  # rows end there in the decoder
     for ids, r in zip(seen["input_ids"], records):
         assert ids == [0] + gpt.vocab.encode(r["prompt"])
         assert r["prediction"] == few_shot.cut_at_stop(r["raw_prediction"], ["Q:"])
     assert set(metrics) == {"exact_match"}
+    # Decoding on past the stop strings and cutting after gives the same predictions.
+    template = few_shot.FewShotTemplate("e {inputs} = {targets}")  # stops at "e"
+    opts = few_shot.FewShotOptions(k=1, max_new_tokens=24, metrics="exact_match",
+                                   template=template)
+    _, early = few_shot.evaluate_generation(gpt, QUERIES, POOL, opts)
+    _, late = few_shot.evaluate_generation(gpt, QUERIES, POOL, opts, stop_strings=[])
+    assert [r["prediction"] for r in early] == [r["prediction"] for r in late]
+    assert all(b["raw_prediction"].startswith(a["raw_prediction"]) for a, b in zip(early, late))
+    assert any(len(a["raw_prediction"]) < len(b["raw_prediction"]) and "e" in a["raw_prediction"]
+               for a, b in zip(early, late))
 
 
 def test_long_gpt_prompts_keep_their_end_up_to_what_generate_allows(gpt):

@@ -325,6 +325,31 @@ def test_sequence_options_from_flag_text(workdir, prompts_txt, tmp_path):
     assert not (tmp_path / "bad.jsonl").exists()
 
 
+def test_stop_strings_from_flag_text(workdir, prompts_txt, tmp_path):
+    """--decode.stop_strings as the flag's JSON text: records equal `generate`'s with the
+    Python list, keep the completing token in `output`, and the sidecar records them."""
+    import t5x_lite
+    out, quiet = tmp_path / "out.jsonl", open(os.devnull, "w")
+    m, texts = t5x_lite.load(workdir), prompts_txt.read_text().splitlines()
+    plain = gen.generate(m, inputs=texts, max_new_tokens=5)
+    stops = [plain[0]["text"][2:4], plain[3]["text"][1:3]]
+    text = gen.sequence_option_text("stop_strings", stops)
+    assert json.loads(text) == stops
+    assert infer.run(workdir, prompts_txt, out, {"stop_strings": text}, log=quiet) == 5
+    assert json.loads(infer.sidecar_path(out).read_text())["decode"]["stop_strings"] == stops
+    want = gen.generate(m, inputs=texts, max_new_tokens=5, stop_strings=stops)
+    records = _lines(out)
+    assert [x["output_ids"] for x in records] == [r["ids"] for r in want]
+    assert sum(len(w["ids"]) < len(p["ids"]) for w, p in zip(want, plain)) >= 2
+    assert all(r["finished"] for r in want[:1]) and stops[0] in records[0]["output"]
+    with pytest.raises(infer.InferError, match="decode.stop_strings"):
+        infer.run(workdir, prompts_txt, out, {"stop_strings": ""}, log=quiet)
+    with pytest.raises(errors.UserError, match="decode.stop_strings: '' must be 1 to 32"):
+        infer.run(workdir, prompts_txt, tmp_path / "bad.jsonl", {"stop_strings": '["a", ""]'},
+                  log=quiet)
+    assert not (tmp_path / "bad.jsonl").exists()
+
+
 def test_sampling_filters_are_recorded_when_on():
     """min_p, typical_p and the cutoffs change sampled records: recorded when on and sampling
     (so older sidecars, written without them, resume), never for greedy decoding."""

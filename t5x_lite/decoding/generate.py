@@ -89,7 +89,8 @@ class DecodeOptions:
     stop_strings: tuple = ()
 
     def __post_init__(self):
-        for name in ("stop_ids", "stop_strings", *SEQUENCE_OPTIONS):  # lists and text, as hashable tuples
+        # lists and text, as hashable tuples
+        for name in ("stop_ids", "stop_strings", *SEQUENCE_OPTIONS):
             object.__setattr__(self, name, _coerce(name, getattr(self, name)))
         checks = [
             (self.method in METHODS,
@@ -886,7 +887,8 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
       dicts (beams best first; fewer than num_beams where fewer sequences exist) -- with `ids`
       (generated ids without prompt and padding, ending with a stop id when `finished`:
       `stop_ids`, else `stop_ids(loaded)`: the generation config's `eos_token_id` for HF
-      weights, else 1; or with the token that completed a stop string), `score` (sum of log-probs of `ids` under the unfiltered model),
+      weights, else 1; or with the token that completed a stop string), `score` (sum of
+      log-probs of `ids` under the unfiltered model),
       `finished`, `text` (when there is a vocabulary) and, for beam search, `penalised_score`
       (score / length penalty, what beams are ranked by); with `token_scores`, also
       `token_scores`: log p of each id of `ids` under the unfiltered model (their sum is
