@@ -6,6 +6,7 @@ and speculative decoding's speed-up. Run by hand; prints a markdown table.
     python benchmarks/decode_speed.py --compile_compare --skip_hf --nospeculative --new_tokens=64
     python benchmarks/decode_speed.py --models= --nospeculative --kv_heads=8,2,1  # GQA / MQA
     python benchmarks/decode_speed.py --models=gpt --skip_hf --nospeculative --processors
+    python benchmarks/decode_speed.py --models=gpt --batch_sizes= --skip_hf --prompt_lookup=4,10
 
 Models: GPT-2-style, d_model 512, 6 layers, 8 heads, d_ff 2048, vocab 32128, 1024 positions
 (35.9M params, tied head; 35.6M with train_throughput.py's 512 positions); T5 v1.1-style,
@@ -57,6 +58,11 @@ README "Exact semantics"), and with four stop strings (`STOP_STRINGS`, over a st
 vocabulary of random lowercase words that never completes them, so rows run to the end),
 against the same decode with both off, per --batch_sizes, in alternating runs; and the host
 time to build the stop strings' tables for the vocabulary.
+--prompt_lookup (default none): also times greedy prompt lookup decoding (HF's
+prompt_lookup_num_tokens: proposals copied from the row itself, no draft model) of the 36M GPT
+at batch 1 with each of these proposal counts, against plain greedy decoding, and checks the
+outputs equal. Random weights: what it accepts comes from the random model repeating itself,
+not from copying its prompt as a trained model does on extraction or summaries.
 --kv_heads (default none): also times cached decoding (ours only: GPT-2 has no grouped-query
 form) of a gpt_modern of the same width (8 heads, d_ff 1408, 6 layers, untied head; random
 N(0, 1/fan_in) weights) with each of these key / value head counts, at --batch_sizes.
@@ -92,6 +98,8 @@ _REPEATS = flags.DEFINE_integer(
     "and for HF alike (HF: per torch thread count, then the faster count).")
 _DEEP = flags.DEFINE_integer("deep_layers", 24, "Layers of the deeper speculative target.")
 _KV_HEADS = flags.DEFINE_list("kv_heads", [], "gpt_modern key / value head counts to time.")
+_LOOKUP = flags.DEFINE_list("prompt_lookup", [], "Also time prompt lookup decoding of the 36M "
+                            "GPT with these prompt_lookup_num_tokens values (see docstring).")
 _PROCESSORS = flags.DEFINE_bool("processors", False, "Time greedy decoding with HF's sequence "
                                 "processors on against off (see the module docstring).")
 _COMPILE_COMPARE = flags.DEFINE_bool(
@@ -359,15 +367,19 @@ def deep_gpt(layers: int):
     return loaded
 
 
-def speculative(target, draft, n):
+def speculative(target, draft, n, **lookup):
+    """(plain s, speculative s, accepted proposals per pass, same output) of greedy batch-1
+    decoding with `draft`, or with draft None and `lookup` options, prompt lookup."""
     cfg = target.model.config
     prompts = _prompts(1, _PROMPT.value)
     tokens, lengths = gen.pack_prompts(cfg, prompts.tolist(), 1)
-    opts = gen.DecodeOptions(max_new_tokens=n, batch_size=1, num_draft=_NUM_DRAFT.value)
+    opts = gen.DecodeOptions(max_new_tokens=n, batch_size=1, num_draft=_NUM_DRAFT.value,
+                             **lookup)
     res = {}
 
     def plain():
-        res["plain"] = gen.decode_batch(target, tokens, lengths, opts)
+        res["plain"] = gen.decode_batch(target, tokens, lengths,
+                                        dataclasses.replace(opts, prompt_lookup_num_tokens=0))
         jax.block_until_ready(res["plain"])
 
     def spec():
@@ -491,6 +503,17 @@ def main(argv):
             t_plain, t_spec, acc, same = speculative(target, first_layers_draft(target, d), n)
             print(f"| {name} | {n / t_plain:.1f} | {n / t_spec:.1f} | {t_plain / t_spec:.2f}x | "
                   f"{acc:.2f} | {same} |", flush=True)
+    if _LOOKUP.value and "gpt" in built:
+        print(f"\nprompt lookup (greedy, no draft model, max_matching_ngram_size 2, batch 1, "
+              f"{n} tokens):")
+        print("| target | prompt_lookup_num_tokens | plain tok/s | lookup tok/s | speed-up | "
+              "accepted proposals/pass | same output |")
+        print("|---|---|---|---|---|---|---|")
+        for k in map(int, _LOOKUP.value):
+            t_plain, t_spec, acc, same = speculative(built["gpt"][1], None, n,
+                                                     prompt_lookup_num_tokens=k)
+            print(f"| GPT 36M, 6 layers | {k} | {n / t_plain:.1f} | {n / t_spec:.1f} | "
+                  f"{t_plain / t_spec:.2f}x | {acc:.2f} | {same} |", flush=True)
 
 
 if __name__ == "__main__":

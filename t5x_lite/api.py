@@ -450,6 +450,10 @@ def load(path, *, dtype=None, mesh=None, step: int | None = None,
                         "generation_config.json, else config.json): generation runs to "
                         "max_new_tokens, as in HF; give generate(stop_ids=...) to stop", path)
     vocab = load_vocabulary(vocab_path, cfg, run, tokenizer_config)
+    if vocab is None and run.get("decode", {}).get("stop_strings"):
+        logging.warning("%s: its decode options' stop_strings %s need a vocabulary, and the model "
+                        "has none; decoding without them", path, run.decode.stop_strings)
+        run.decode.stop_strings = ""
     # only a vocabulary that reads special tokens in text can encode a rendered chat
     chat = (load_chat_template(tokenizer_config, chat_file)
             if cfg.family == "gpt" and getattr(vocab, "reads_special_tokens", False) else None)
@@ -545,12 +549,14 @@ def hf_decode_defaults(hf_config, generation_config=None, where: str = "") -> di
     min_new_tokens as set there, else HF's defaults (`HF_DECODE_DEFAULTS`: top_k 50);
     sequence_bias, bad_words_ids, suppress_tokens, begin_suppress_tokens and stop_strings when
     set (as the text the `decode` config holds: `generate.sequence_option_text`);
-    max_new_tokens when set (HF's own default is a total max_length of 20: not taken). top_p 0,
+    max_new_tokens, prompt_lookup_num_tokens and max_matching_ngram_size when set (HF's own
+    default is a total max_length of 20: not taken). top_p 0,
     which keeps only the most likely token in HF, is taken as top_k 1. A value that is not a
     valid decode option is left at the default, with a warning naming `where`; settings that
     are not taken (`HF_SETTINGS_NOT_TAKEN`: num_beams > 1, max_length, min_length, forced
     tokens, ...) get a warning when they are on."""
     from t5x_lite.decoding import generate as gen  # decoding imports api
+    from t5x_lite.decoding import stop_strings
     DecodeError, DecodeOptions = gen.DecodeError, gen.DecodeOptions
     source = dict(hf_config if generation_config is None else generation_config)
     place = where or "HF model"
@@ -564,7 +570,8 @@ def hf_decode_defaults(hf_config, generation_config=None, where: str = "") -> di
                         "taken as top_k=1", place)
         source.update(top_p=None, top_k=1)
     out = {"method": "sample" if sample else "greedy", **HF_DECODE_DEFAULTS}
-    for name in [*HF_DECODE_DEFAULTS, "max_new_tokens"]:
+    for name in [*HF_DECODE_DEFAULTS, "max_new_tokens", "prompt_lookup_num_tokens",
+                 "max_matching_ngram_size"]:
         value = source.get(name)
         if value is None:
             continue
@@ -582,8 +589,17 @@ def hf_decode_defaults(hf_config, generation_config=None, where: str = "") -> di
     for name in (*gen.SEQUENCE_OPTIONS, "stop_strings"):
         if source.get(name) is None:
             continue
+        given = source[name]
+        if name == "stop_strings":  # HF reads a str as one stop string; t5x_lite's limit
+            given = [given] if isinstance(given, str) else given
+            long = [t for t in given if isinstance(t, str) and len(t.encode("utf-8", "replace"))
+                    > stop_strings.MAX_BYTES] if isinstance(given, list) else []
+            if long:
+                logging.warning("%s: generation setting stop_strings: %s longer than %d bytes "
+                                "left out", place, long, stop_strings.MAX_BYTES)
+                given = [t for t in given if t not in long]
         try:
-            value = getattr(DecodeOptions(**{name: source[name]}), name)
+            value = getattr(DecodeOptions(**{name: given}), name)
         except (DecodeError, OverflowError, ValueError) as e:
             logging.warning("%s: generation setting %s=%r is not a usable decode option (%s); "
                             "not taken", place, name, source[name], e)

@@ -94,9 +94,12 @@ def base_config(model: ModelConfig, *, objective: str, seq_len: int = 512,
     c.decode.seed = 0
     c.decode.batch_size = 16
     c.decode.num_draft = 4  # speculative decoding (infer --draft): draft tokens per target pass
+    # HF's prompt lookup decoding (GPT): proposals copied from the row itself (0 = off)
+    c.decode.prompt_lookup_num_tokens = 0
+    c.decode.max_matching_ngram_size = 2  # the longest n-gram it looks up
     c.decode.stop_ids = ""  # ids that end a row, e.g. "13,198" ("": the model's stop ids)
     # HF's stop strings: a row ends at the token completing one; a JSON list ("" = none)
-    c.decode.stop_strings = ""  # e.g. '["\\n\\n", "Q:"]'
+    c.decode.stop_strings = ""  # e.g. the JSON text ["\n\n", "Q:"]
     c.decode.repetition_penalty = 1.0  # HF's penalty on ids already in a row (1.0 = off)
     c.decode.no_repeat_ngram_size = 0  # no n-gram of this size twice in a row (0 = off)
     c.decode.min_new_tokens = 0  # no stop id before this many new tokens (0 = off)

@@ -139,10 +139,10 @@ class TokenizerJsonVocabulary:
 
     def token_bytes(self) -> tuple[bytes, ...]:
         """Each id's text as bytes (what stop strings match), as HF's `StopStringCriteria`
-        reads a tokenizer: with a byte-level decoder (GPT-2's), a token's own bytes; with byte
-        fallback, <0xNN> as its byte; else the token's text after a fixed text (so a leading
-        space a decoder strips at the start stays). Special tokens and ids without a token
-        have none (`decode` drops them)."""
+        reads a tokenizer: special tokens spelled as written ("<|im_end|>"); with a
+        byte-level decoder (GPT-2's), a token's own bytes; with byte fallback, <0xNN> as its
+        byte; else the token's text after a fixed text (so a leading space a decoder strips at
+        the start stays). Ids without a token have none. Cached."""
         if self._token_bytes is None:
             tok = self._tok
             special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
@@ -151,8 +151,10 @@ class TokenizerJsonVocabulary:
             out = []
             for i in range(self._size):
                 token = tok.id_to_token(i)
-                if token is None or i in special:
+                if token is None:
                     out.append(b"")
+                elif i in special:
+                    out.append(token.encode("utf-8"))
                 elif "ByteFallback" in decoders and _BYTE_PIECE.fullmatch(token):
                     out.append(bytes([int(token[3:5], 16)]))
                 elif "ByteLevel" in decoders and all(c in _BYTE_OF_CHAR for c in token):

@@ -18,12 +18,13 @@ r"""Decode a file of prompts with a checkpoint, writing one JSON line per input.
 --decode.<field>=value: overrides the `decode` section of the checkpoint's config.json
   (method, max_new_tokens, temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff,
   eta_cutoff, num_beams, alpha, num_samples, seed, batch_size, num_draft,
+  prompt_lookup_num_tokens, max_matching_ngram_size,
   repetition_penalty, no_repeat_ngram_size, min_new_tokens, sequence_bias ('[[[5, 6], -2.0]]'),
   bad_words_ids ('[[5, 6], [7]]'), suppress_tokens, begin_suppress_tokens ('5,6'),
   stop_ids: comma-separated ids that end a row instead of the model's, e.g.
   --decode.stop_ids=13,198; stop_strings: a JSON list of texts a row ends at, e.g.
-  --decode.stop_strings='["\\n\\n", "Q:"]'); fields not given keep the checkpoint's values, else the defaults
-  of `t5x_lite.defaults.base_config`.
+  --decode.stop_strings='["\n\n", "Q:"]'); fields not given keep the checkpoint's values,
+  else the defaults of `t5x_lite.defaults.base_config`.
 --draft: a smaller GPT checkpoint for speculative decoding (greedy / sample).
 --quantize=int8: per-channel int8 weights, dequantized inside jit (README.md).
 --mesh=data,fsdp,tensor: the device mesh (default -1,1,1: every device, data-parallel). Each
@@ -35,7 +36,8 @@ every process; rows are decoded on all processes' devices; process 0 writes --ou
 The output is flushed after every batch. Re-running the same command resumes: the complete lines
 already in --output are kept (a trailing partial line is dropped) and decoding continues with the
 next input; sampled outputs are keyed by (seed, input index), so a resumed run writes what an
-uninterrupted one would (not with --draft: speculative samples depend on the batch).
+uninterrupted one would (not with --draft or prompt lookup: speculative samples depend on the
+batch).
 `<output>.meta.json` (the sidecar, written atomically before the first record) records what
 produced the output -- checkpoint (resolved workdir and step), --quantize, --draft and the decode
 options that change the results (not batch_size); a resume or re-run with other settings is
@@ -293,6 +295,8 @@ def output_meta(checkpoint: dict, options: gen.DecodeOptions, quantize: str | No
         names += ["num_beams", "alpha"]
     if draft is not None:
         names.append("num_draft")
+    if options.prompt_lookup_num_tokens:
+        names += ["prompt_lookup_num_tokens", "max_matching_ngram_size"]
     # Recorded when on, so that outputs written before these options resume as they were.
     names += [n for n in ("repetition_penalty", "min_new_tokens", "no_repeat_ngram_size",
                           *gen.SEQUENCE_OPTIONS, "stop_strings",

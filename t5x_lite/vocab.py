@@ -90,6 +90,7 @@ class _SentencePieceModel:
         except RuntimeError:
             raise VocabularyError(f"not a sentencepiece model: {source}") from None
         self._proto, self._setting = proto, setting
+        self._token_bytes = None  # `token_bytes`, made when first asked for
         return self._sp
 
     def __getstate__(self):
@@ -113,21 +114,16 @@ class _SentencePieceModel:
         return [self.decode(ids) for ids in ids_batch]
 
     def token_bytes(self) -> tuple[bytes, ...]:
-        """Each id's text as bytes, as `decode` writes it (what stop strings match): a piece's
-        "▁" as a space, a byte piece (<0x0A>) as its byte, unk as " ⁇ ", control pieces
-        (pad, BOS, EOS) as none."""
-        sp = self._sp
-
-        def text(i: int) -> bytes:
-            if sp.is_control(i):
-                return b""
-            if sp.is_byte(i):
-                return bytes([int(sp.id_to_piece(i)[3:5], 16)])
-            if sp.is_unknown(i):
-                return " ⁇ ".encode()
-            return sp.id_to_piece(i).replace("▁", " ").encode("utf-8")
-
-        return tuple(text(i) for i in range(self.sp_size))
+        """Each id's text as bytes, as HF's stop-string matching reads it (what stop strings
+        match): a piece's "▁" as a space, a byte piece (<0x0A>) as its byte, control
+        pieces and unk spelled as written ("</s>", "<unk>"). Cached."""
+        if self._token_bytes is None:
+            sp = self._sp
+            self._token_bytes = tuple(
+                bytes([int(sp.id_to_piece(i)[3:5], 16)]) if sp.is_byte(i)
+                else sp.id_to_piece(i).replace("▁", " ").encode("utf-8")
+                for i in range(self.sp_size))
+        return self._token_bytes
 
 
 class Vocabulary(_SentencePieceModel):

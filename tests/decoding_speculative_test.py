@@ -108,3 +108,129 @@ def test_speculative_sampling_bonus_token_law():
     marginal = (weights[:, None] * p2).sum(0)  # law of the 3rd token given no early EOS
     counts = np.bincount(toks[keep, 2], minlength=v).astype(float)
     assert _chi2_pvalue(counts, marginal) > 1e-3
+
+
+# ------------------------------------------------------------------ prompt lookup decoding
+
+
+def _stats(target, prompts, n, **options):
+    tokens, lengths = gen.pack_prompts(target.model.config, prompts, len(prompts))
+    out, stats = gen.decode_batch(target, tokens, lengths,
+                                  gen.DecodeOptions(max_new_tokens=n, **options))
+    return float(stats["accepted_per_iteration"]), np.asarray(out.tokens_BxN)
+
+
+def test_prompt_lookup_greedy_equals_greedy():
+    """No draft model: proposals copied from the row. With a repetitive prompt many are
+    accepted, with processors (no repeated bigram) many are rejected; the output is the plain
+    greedy one either way, for every proposal length and n-gram size."""
+    target = _gpt(0, 2)
+    target.params["token_embedder"]["embedding"][1] *= 4.0  # rows end apart
+    prompts = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9], [3, 4] * 6, [40, 41, 42, 40, 41]]
+    for extra in ({}, {"no_repeat_ngram_size": 2}):
+        plain = gen.generate(target, input_ids=prompts, max_new_tokens=20, **extra)
+        for k, g in ((1, 1), (4, 2), (6, 3)):
+            out = gen.generate(target, input_ids=prompts, max_new_tokens=20,
+                               prompt_lookup_num_tokens=k, max_matching_ngram_size=g, **extra)
+            assert [r["ids"] for r in out] == [r["ids"] for r in plain], (extra, k, g)
+            np.testing.assert_allclose([r["score"] for r in out],
+                                       [r["score"] for r in plain], rtol=1e-4)
+    # The random model repeats itself: a row alone accepts over two proposals a pass.
+    accepted, _ = _stats(target, prompts[1:2], 20, prompt_lookup_num_tokens=4)
+    assert accepted > 2
+
+
+def test_lookup_proposals_equal_hf_prompt_lookup_candidates():
+    """HF's `PromptLookupCandidateGenerator` (one row at a time): its candidates are our
+    first proposals; left padding in a batch is never matched."""
+    import torch
+    from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+    from t5x_lite.decoding.speculative import lookup_proposals
+    rng = np.random.default_rng(0)
+    rows = [list(rng.integers(0, 4, rng.integers(1, 30))) for _ in range(300)]
+    width = max(map(len, rows)) + 3
+    padded = np.zeros((len(rows), width), np.int32)  # left padding 0, as id 0 in the rows
+    for i, r in enumerate(rows):
+        padded[i, width - len(r):] = r
+    lengths = np.array([len(r) for r in rows])
+    for k, g in ((1, 1), (5, 2), (3, 4)):
+        ours = np.asarray(lookup_proposals(jax.numpy.asarray(padded), width - lengths, width, k,
+                                           g))
+        found = 0
+        for row, mine in zip(rows, ours):
+            hf = PromptLookupCandidateGenerator(num_output_tokens=k, max_matching_ngram_size=g,
+                                                max_length=1000)
+            cand = hf.get_candidates(torch.tensor([row]))[0][0, len(row):].tolist()
+            assert mine[:len(cand)].tolist() == cand, (row, k, g)
+            assert (mine[len(cand):] == row[-1]).all()  # what it lacks: the last id again
+            found += bool(cand)
+        assert found > 200
+
+
+def _lookup_sampled(k, n_new, prompt, rows=4096, batch=4096):
+    """`rows` samples of `n_new` tokens after a repetitive prompt, vocabulary 8, with prompt
+    lookup proposing k ids, decoded `batch` rows at a time (one seed per batch), and the mean
+    proposals accepted per pass."""
+    target = _gpt(0, 2, vocab=8)
+    tokens, lengths = gen.pack_prompts(target.model.config, [prompt] * batch, batch)
+    toks, lens, accepted = [], [], []
+    for seed in range(rows // batch):
+        opts = gen.DecodeOptions(method="sample", max_new_tokens=n_new, temperature=1.3,
+                                 top_k=6, seed=seed, prompt_lookup_num_tokens=k)
+        out, stats = gen.decode_batch(target, tokens, lengths, opts)
+        toks.append(np.asarray(out.tokens_BxN))
+        lens.append(np.asarray(out.lengths_B))
+        accepted.append(float(stats["accepted_per_iteration"]))
+    return (target, prompt, opts.sampling, np.concatenate(toks), np.concatenate(lens),
+            np.mean(accepted))
+
+
+def test_prompt_lookup_sampling_follows_the_target_law():
+    """Proposals are a point mass: d is kept with probability p(d), else p without d is
+    sampled. The first two tokens' joint law (rejections), and the third token's marginal
+    (one proposal: kept, then the bonus token, or resampled), are the target's."""
+    v = 8
+    target, prompt, cfg, toks, lengths, _ = _lookup_sampled(2, 2, [3, 5, 2, 3, 5, 2, 3, 5])
+    keep = lengths == 2
+    p0 = _target_probs(target, prompt, [()], cfg)[0]
+    p1 = _target_probs(target, prompt, [(t,) for t in range(v)], cfg)
+    joint = p0[:, None] * p1
+    joint[1] = 0
+    counts = np.zeros((v, v))
+    np.add.at(counts, (toks[keep, 0], toks[keep, 1]), 1)
+    assert _chi2_pvalue(counts.ravel(), joint.ravel()) > 1e-3
+
+    # One row per decode: rows share a cursor, so in a batch a pass keeps the fewest
+    # proposals any row accepted, and the bonus path (all accepted) would never run. The
+    # model repeats 5 (p ~0.7, 0.44, 0.25): proposing 5 after 5, 5 is often right, and a
+    # bonus token that wrongly left out the proposal would lose ~8% of the mass of 5.
+    target, prompt, cfg, toks, lengths, accepted = _lookup_sampled(1, 3, [5] * 8, rows=1500,
+                                                                   batch=1)
+    p0 = _target_probs(target, prompt, [()], cfg)[0]
+    p1 = _target_probs(target, prompt, [(t,) for t in range(v)], cfg)
+    assert accepted > 0.2  # the bonus path is taken
+    keep = lengths == 3
+    pairs = [(a, b) for a in range(v) for b in range(v) if a != 1 and b != 1]
+    p2 = _target_probs(target, prompt, pairs, cfg)
+    weights = np.array([p0[a] * p1[a, b] for a, b in pairs])
+    counts = np.bincount(toks[keep, 2], minlength=v).astype(float)
+    assert _chi2_pvalue(counts, (weights[:, None] * p2).sum(0)) > 1e-3
+
+
+def test_prompt_lookup_refuses_what_it_cannot_do():
+    target = _gpt(0, 1)
+    with pytest.raises(gen.DecodeError, match="not beam"):
+        gen.DecodeOptions(method="beam", prompt_lookup_num_tokens=3)
+    with pytest.raises(gen.DecodeError, match="a draft model or prompt_lookup_num_tokens"):
+        gen.generate(target, input_ids=[[5]], draft=target, prompt_lookup_num_tokens=3)
+    t5 = decoding_testlib.loaded(config_lib.t5_1_1(
+        vocab_size=64, d_model=32, num_heads=2, head_dim=16, d_ff=48, num_layers=1,
+        num_decoder_layers=1))
+    with pytest.raises(gen.DecodeError, match="needs a decoder-only"):
+        gen.generate(t5, input_ids=[[5, 1]], prompt_lookup_num_tokens=3)
+    for bad, message in ((-1, "prompt_lookup_num_tokens must be >= 0"),):
+        with pytest.raises(gen.DecodeError, match=message):
+            gen.DecodeOptions(prompt_lookup_num_tokens=bad)
+    with pytest.raises(gen.DecodeError, match=r"max_matching_ngram_size must be in \[1, 64\]"):
+        gen.DecodeOptions(max_matching_ngram_size=0)

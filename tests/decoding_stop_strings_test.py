@@ -103,7 +103,7 @@ def test_matches_equal_hf_criterion_and_the_decoded_text(kind, tmp_path):
 
 
 def test_token_bytes_equal_hf_clean_vocabulary(tmp_path):
-    """Each token's text as HF's stop-string matching cleans it (specials aside)."""
+    """Each token's text as HF's stop-string matching cleans it, special tokens included."""
     for kind in KINDS:
         (tmp_path / kind).mkdir()
         vocab, hf_tok = _tokenizers(kind, tmp_path / kind)
@@ -111,13 +111,34 @@ def test_token_bytes_equal_hf_clean_vocabulary(tmp_path):
         texts, ids = StopStringCriteria.clean_tokenizer_vocab(hf_tok,
                                                               stop_string_matching_mode=mode)
         ours = vocab.token_bytes()
+        want = [x if isinstance(x, bytes) else x.encode() for x in texts]
+        assert len(ids) > 190 and [ours[i] for i in ids] == want, kind
         special = {i for i, t in hf_tok.added_tokens_decoder.items() if t.special}
-        pairs = [(i, x if isinstance(x, bytes) else x.encode()) for i, x in zip(ids, texts)
-                 if i not in special]
-        assert len(pairs) > 150
-        assert [ours[i] for i, _ in pairs] == [x for _, x in pairs], kind
-        # none (unk: sentencepiece's " \u2047 ", as `decode` writes it)
-        assert all(ours[i] == b"" for i in special - {hf_tok.unk_token_id} if i < len(ours))
+        assert special and all(ours[i] for i in special)  # spelled: "</s>", "<|endoftext|>"
+
+
+@pytest.mark.parametrize("kind, special", [("byte_level", "<|endoftext|>"),
+                                           ("sentencepiece", "</s>")])
+def test_a_stop_string_may_spell_a_special_token(kind, special, tmp_path):
+    """As in HF, special tokens are spelled as written: "<|endoftext|>" completes at that
+    token, and "b<|endoftext|>" after a "b"."""
+    vocab, hf_tok = _tokenizers(kind, tmp_path)
+    sid = hf_tok.convert_tokens_to_ids(special)
+    rng = np.random.default_rng(2)
+    rows = []
+    for _ in range(16):
+        row = hf_tok("".join(rng.choice(list("ab cs"), 30)), add_special_tokens=False).input_ids
+        for at in rng.integers(0, len(row), 3):
+            row.insert(int(at), sid)
+        rows.append(row[:20])
+    ids = np.array(rows)
+    strings = [special, "b" + special]
+    hits = _hits(stop_strings.tables(vocab.token_bytes(), strings, vocab.vocab_size), ids)
+    criterion = StopStringCriteria(hf_tok, strings)
+    want = np.stack([criterion(torch.tensor(ids[:, :j + 1]), None).numpy()
+                     for j in range(ids.shape[1])], 1)
+    np.testing.assert_array_equal(hits, want)
+    np.testing.assert_array_equal(hits, ids == sid)
 
 
 def test_state_machine_equals_occurrences_in_the_bytes():
@@ -181,9 +202,24 @@ def test_greedy_and_speculative_stop_as_hf_generate(gpt2):
             assert o["finished"] and any(s in o["text"] for s in stops)
             assert o["text"] == tok.decode(want)  # keeps the completing token
     assert stopped >= 2
-    spec = gen.generate(m, input_ids=ids, max_new_tokens=N, no_repeat_ngram_size=NGRAM,
-                        stop_strings=stops, draft=m, num_draft=3)
-    assert [o["ids"] for o in spec] == [o["ids"] for o in out]
+    # Speculative decoding with proposals all accepted (the target as its own draft), partly
+    # accepted (a slightly perturbed draft; prompt lookup): the stop state follows.
+    noisy = hf_tokenizer_test._gpt2()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(5)
+        for p in noisy.parameters():
+            p.add_(0.03 * torch.randn(p.shape, generator=g))
+    noisy = types.SimpleNamespace(**{**vars(m), **vars(ref.as_loaded(noisy))})
+    tokens, lengths = gen.pack_prompts(gen.model_config(m), ids, len(ids))
+    for kw in ({"draft": m}, {"draft": noisy}, {"prompt_lookup_num_tokens": 3}):
+        spec = gen.generate(m, input_ids=ids, max_new_tokens=N, no_repeat_ngram_size=NGRAM,
+                            stop_strings=stops, num_draft=3, **kw)
+        assert [o["ids"] for o in spec] == [o["ids"] for o in out], kw
+        options = gen.DecodeOptions(max_new_tokens=N, no_repeat_ngram_size=NGRAM, num_draft=3,
+                                    **{k: v for k, v in kw.items() if k != "draft"})
+        _, stats = gen.decode_batch(m, tokens, lengths, options, draft=kw.get("draft"))
+        accepted = float(stats["accepted_per_iteration"])
+        assert accepted == 3 if kw.get("draft") is m else 0 < accepted < 3, kw
 
 
 def test_samples_stop_at_the_first_completion_of_the_same_samples(gpt2):

@@ -149,9 +149,23 @@ def test_unusable_settings_fall_back_with_a_warning(tmp_path, caplog):
     assert "generation setting begin_suppress_tokens=[inf] is not a usable decode option" in text
     assert "suppress_tokens: ids [1000] are outside the vocabulary (HF ignores them)" in text
     assert (options.bad_words_ids, options.begin_suppress_tokens,
-            options.suppress_tokens, options.stop_strings) == ((), (), (5,), ("\n",))
+            options.suppress_tokens, options.stop_strings) == ((), (), (5,), ())
+    # taken, then dropped: this model has no vocabulary to match text with
+    assert "stop_strings [\"\\n\"] need a vocabulary, and the model has none" in text
     assert "min_new_tokens=4" not in text and "guidance_scale" not in text
     assert "epsilon_cutoff" not in text
+
+
+def test_stop_strings_from_a_generation_config(caplog):
+    """HF reads a str as one stop string (even one that looks like a JSON list); strings over
+    t5x_lite's 32 bytes are left out with a warning, the others kept."""
+    from t5x_lite import api
+    take = lambda value: gen.DecodeOptions(stop_strings=api.hf_decode_defaults(
+        {}, {"stop_strings": value})["stop_strings"]).stop_strings
+    assert take('["Q:"]') == ('["Q:"]',) and take("\n\n") == ("\n\n",)
+    with caplog.at_level(logging.WARNING):
+        assert take(["\n", "x" * 33, "Q:"]) == ("\n", "Q:")
+    assert "stop_strings: ['" + "x" * 33 + "'] longer than 32 bytes left out" in caplog.text
 
 
 def test_top_p_zero_keeps_the_top_token_as_in_hf(tmp_path, caplog):

@@ -40,7 +40,7 @@ from t5x_lite.decoding.beam_search import NEG, beam_search
 from t5x_lite.decoding.filtering import SamplingConfig
 from t5x_lite.decoding.processors import Processing, initial_history, take_rows
 from t5x_lite.decoding.sampling import EOS_ID, sample_decode
-from t5x_lite.decoding.speculative import speculative_decode
+from t5x_lite.decoding.speculative import Lookup, speculative_decode
 from t5x_lite.errors import UserError
 
 METHODS = ("greedy", "sample", "beam")
@@ -75,6 +75,10 @@ class DecodeOptions:
     seed: int = 0
     batch_size: int = 16
     num_draft: int = 4  # speculative decoding: draft tokens proposed per target pass
+    # HF's prompt lookup decoding: speculative decoding whose proposals are the ids that
+    # followed the row's last max_matching_ngram_size (or fewer) ids earlier in it. 0 = off.
+    prompt_lookup_num_tokens: int = 0
+    max_matching_ngram_size: int = 2
     stop_ids: tuple = ()  # ids that end a row, instead of the model's (`stop_ids`); () = those
     repetition_penalty: float = 1.0  # HF's (CTRL's) penalty on ids already in the row; 1 = off
     no_repeat_ngram_size: int = 0  # no n-gram twice in a row (HF's); 0 = off
@@ -116,11 +120,18 @@ class DecodeOptions:
             (self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.num_draft >= 1, f"num_draft must be >= 1, got {self.num_draft}"),
+            (self.prompt_lookup_num_tokens >= 0, f"prompt_lookup_num_tokens must be >= 0 (0 = "
+             f"off), got {self.prompt_lookup_num_tokens}"),
+            (1 <= self.max_matching_ngram_size <= 64, f"max_matching_ngram_size must be in "
+             f"[1, 64], got {self.max_matching_ngram_size}"),
+            (not self.prompt_lookup_num_tokens or self.method != "beam",
+             "prompt lookup decoding works with method 'greedy' or 'sample', not beam"),
             # keys are made from 32 bits: a wider seed wrapped onto another's samples
             (0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}"),
             *[(getattr(self, f) <= INT32_MAX, f"{f} must be <= {INT32_MAX}, got "
                f"{getattr(self, f)}") for f in ("max_new_tokens", "top_k", "num_beams",
                                                 "num_samples", "batch_size", "num_draft",
+                                                "prompt_lookup_num_tokens",
                                                 "min_new_tokens", "no_repeat_ngram_size")],
             (self.num_samples == 1 or self.method == "sample",
              f"num_samples={self.num_samples} needs method='sample' (got {self.method!r})"),
@@ -488,7 +499,7 @@ def check_decode_size(cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     rows = batch_rows(min(options.batch_size, len(prompts)), options.batch_size)
     shards = partitioning.batch_shards(mesh) if mesh is not None else 1
     rows = -(-rows // shards) * shards * per  # `shard_rows` pads them to fill the batch axes
-    k = options.num_draft if draft_cfg is not None else 0
+    k = options.num_draft if draft_cfg is not None else options.prompt_lookup_num_tokens
     prompt_len = bucket(max(len(p) for p in prompts))  # the encoder's length for T5
     slots = cache_len(cfg, prompt_len, options.max_new_tokens, k)
     largest = rows * max([cfg.vocab_size] + [slots * c.kv_heads * c.head_dim for c in
@@ -536,6 +547,17 @@ def free_memory() -> int | None:
     if "bytes_limit" not in stats:
         return None
     return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+
+
+def check_lookup(loaded, draft, options: DecodeOptions):
+    """DecodeError when prompt lookup decoding is asked for what it cannot do."""
+    if not options.prompt_lookup_num_tokens:
+        return
+    if draft is not None:
+        raise DecodeError("give a draft model or prompt_lookup_num_tokens, not both")
+    if model_config(loaded).family != "gpt":
+        raise DecodeError("prompt lookup decoding (prompt_lookup_num_tokens) needs a "
+                          "decoder-only (gpt) model")
 
 
 def check_draft(loaded, draft, options: DecodeOptions):
@@ -659,24 +681,32 @@ def _beam_jit(params, tokens_BxP, lengths_B, *, cfg, n, beams, alpha, eos=(EOS_I
 
 @functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "n", "k", "sampling", "samples",
                                              "eos", "prefix_lm", "draft_prefix_lm",
-                                             "processing"))
+                                             "processing", "lookup_ngram"))
 def _speculative_jit(params, draft_params, tokens_BxP, lengths_B, seed, example_B, *, cfg,
                      draft_cfg, n, k, sampling, samples, eos=(EOS_ID,), prefix_lm=False,
-                     draft_prefix_lm=False, processing=None, stops=None):
+                     draft_prefix_lm=False, processing=None, stops=None, lookup_ngram=0):
+    """Speculative decoding with a draft model, or with `lookup_ngram` > 0 prompt lookup
+    (`draft_params` and `draft_cfg` None)."""
     b, p = tokens_BxP.shape
     rows = _expand_rows(b, samples)
     lengths = cache_phases(cfg, p, n, k)
     logits, tcache, tstep = steps.prefill(cfg, params, tokens_BxP, lengths_B, lengths[0], rows,
                                           step_tokens=k + 1, prefix_lm=prefix_lm)
-    _, dcache, dstep = steps.prefill(draft_cfg, draft_params, tokens_BxP, lengths_B, lengths[0],
-                                     rows, prefix_lm=draft_prefix_lm)
-    last_R = tokens_BxP[:, -1] if rows is None else tokens_BxP[rows, -1]  # left-padded
-    return speculative_decode(tstep, dstep, tcache, dcache, logits, last_R,
+    tokens_RxP = tokens_BxP if rows is None else tokens_BxP[rows]  # left-padded
+    if lookup_ngram:
+        dcache = dstep = None
+        lookup = Lookup(tokens_RxP, lengths_B if rows is None else lengths_B[rows],
+                        lookup_ngram)
+    else:
+        _, dcache, dstep = steps.prefill(draft_cfg, draft_params, tokens_BxP, lengths_B,
+                                         lengths[0], rows, prefix_lm=draft_prefix_lm)
+        lookup = None
+    return speculative_decode(tstep, dstep, tcache, dcache, logits, tokens_RxP[:, -1],
                               _row_keys(seed, example_B, samples), max_new_tokens=n,
                               num_draft=k, sampling=sampling, eos_id=eos,
                               grow_to=tuple(lengths[1:]), processing=processing,
                               history=_history(processing, cfg, tokens_BxP, lengths_B, rows,
-                                               n + k + 1), stops=stops)
+                                               n + k + 1), stops=stops, lookup=lookup)
 
 
 def shard_rows(loaded, *arrays_B):
@@ -762,6 +792,13 @@ def decode_batch(loaded, tokens_BxP, lengths_B, options: DecodeOptions, example_
                                    sampling=options.sampling, samples=options.num_samples,
                                    eos=eos, prefix_lm=plm, draft_prefix_lm=is_prefix_lm(draft),
                                    processing=processing, stops=stops)
+        elif options.prompt_lookup_num_tokens:
+            out = _speculative_jit(params, None, tokens_BxP, lengths_B, seed, example_B,
+                                   cfg=cfg, draft_cfg=None, n=n,
+                                   k=options.prompt_lookup_num_tokens,
+                                   sampling=options.sampling, samples=options.num_samples,
+                                   eos=eos, prefix_lm=plm, processing=processing, stops=stops,
+                                   lookup_ngram=options.max_matching_ngram_size)
         else:
             out = _sample_jit(params, tokens_BxP, lengths_B, seed, example_B, cfg=cfg, n=n,
                               sampling=options.sampling, samples=options.num_samples, eos=eos,
@@ -823,6 +860,7 @@ def iter_generate(loaded, prompts: Sequence[Sequence[int]], options: DecodeOptio
     `token_scores`: each result also holds its tokens' log-probs (see `generate`).
     """
     cfg = model_config(loaded)
+    check_lookup(loaded, draft, options)
     if draft is not None:
         check_draft(loaded, draft, options)
     check_prompts(cfg, prompts, options, None if draft is None else model_config(draft),
@@ -837,7 +875,7 @@ def iter_generate(loaded, prompts: Sequence[Sequence[int]], options: DecodeOptio
         example = np.arange(rows, dtype=np.int32) + first_index + start
         with _out_of_memory_is_a_decode_error(rows, options):  # raised when run, or read
             out = decode_batch(loaded, tokens, lengths, options, example, draft, tables)
-            if draft is not None:
+            if draft is not None or options.prompt_lookup_num_tokens:
                 out = out[0]
             results = _unpack(out, options, len(chunk), vocab, stops, token_scores)
         yield results
@@ -847,16 +885,22 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
              max_new_tokens=None, temperature=None, top_k=None, top_p=None, min_p=None,
              typical_p=None, epsilon_cutoff=None, eta_cutoff=None, num_beams=None, alpha=None,
              num_samples=None, seed=None, batch_size=None, draft=None, num_draft=None,
-             stop_ids=None, repetition_penalty=None, no_repeat_ngram_size=None,
-             min_new_tokens=None, sequence_bias=None, bad_words_ids=None, suppress_tokens=None,
+             prompt_lookup_num_tokens=None, max_matching_ngram_size=None, stop_ids=None,
+             repetition_penalty=None, no_repeat_ngram_size=None, min_new_tokens=None,
+             sequence_bias=None, bad_words_ids=None, suppress_tokens=None,
              begin_suppress_tokens=None, stop_strings=None, token_scores: bool = False,
-             tools=None, documents=None,
-             continue_final_message: bool = False, chat_template_kwargs=None) -> list:
+             tools=None, documents=None, continue_final_message: bool = False,
+             chat_template_kwargs=None) -> list:
     """Decodes every input; returns one entry per input, in order.
 
     Args:
       loaded: a loaded model (see module docstring); `draft`: a smaller loaded GPT for
         speculative decoding (greedy or sample), proposing `num_draft` tokens per target pass.
+      prompt_lookup_num_tokens: > 0 for HF's prompt lookup decoding instead (GPT; greedy or
+        sample): speculative decoding with no draft model, proposing this many ids that
+        followed the row's last `max_matching_ngram_size` (or fewer) ids earlier in the row
+        (`speculative`). The output is the same as without it; it is faster where the text
+        repeats its input (extraction, summaries, code edits).
       input_ids / inputs: token id lists, or texts (needs loaded.vocab; T5 appends EOS).
       messages: chat conversations (`chat_prompts`: a list of {"role", "content"} dicts, or a
         list of such lists), rendered with the model's chat template, as HF's
@@ -899,6 +943,8 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
         top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
         epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, num_beams=num_beams, alpha=alpha,
         num_samples=num_samples, seed=seed, batch_size=batch_size, num_draft=num_draft,
+        prompt_lookup_num_tokens=prompt_lookup_num_tokens,
+        max_matching_ngram_size=max_matching_ngram_size,
         stop_ids=stop_ids, repetition_penalty=repetition_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens,
         sequence_bias=sequence_bias, bad_words_ids=bad_words_ids,

@@ -22,6 +22,13 @@ Per iteration (one `lax.while_loop` step):
 With greedy selection the output is token for token the target's greedy output (for any batch
 size). Larger batches accept less per iteration (the minimum over rows): batch 1 gains most.
 
+Prompt lookup (HF's `prompt_lookup_num_tokens`; `lookup`): no draft model. Step 1 instead
+takes the row's last g ids (g = `max_matching_ngram_size`, then smaller) and proposes the k ids
+that followed their first earlier occurrence in the row (prompt and generated ids); a row
+without one proposes what it has (or its last id), and the target rejects what is wrong. q is
+then a point mass on each proposal, so sampling accepts d_j with probability p(d_j) and
+otherwise samples from p without d_j: exact, as with a draft model.
+
 Shape legend: B rows, N max new tokens, k draft length, V vocab.
 """
 from __future__ import annotations
@@ -40,6 +47,39 @@ from t5x_lite.decoding.processors import History, Processing, extend, process
 from t5x_lite.decoding.sampling import EOS_ID, PAD_ID, DecodeOutput, StepFn
 from t5x_lite.decoding.stop_strings import StopStrings, advance, advance_all, initial_state
 from t5x_lite.decoding.stops import StopIds, is_eos
+
+
+class Lookup(NamedTuple):
+    """Prompt lookup's inputs: the rows' prompts (left-padded) and the largest n-gram."""
+
+    prompt_BxP: jax.Array
+    lengths_B: jax.Array
+    max_ngram: int
+
+
+def lookup_proposals(history_BxL, start_B, end, k: int, max_ngram: int):
+    """[B, k] proposals: per row, the ids after the first occurrence in history[start:end]
+    of its last g ids (g from `max_ngram` down to 1; the first g with an occurrence that has a
+    next id wins), up to `end`; a row's missing ones repeat its last id. `end` is a scalar."""
+    b, length = history_BxL.shape
+    pos_L = jnp.arange(length)
+    found_B = jnp.zeros((b,), jnp.bool_)
+    begin_B = jnp.full((b,), end, jnp.int32)
+    for g in range(max_ngram, 0, -1):
+        key_Bxg = jax.lax.dynamic_slice_in_dim(history_BxL, end - g, g, 1)
+        hit_BxL = jnp.ones((b, length), jnp.bool_)
+        for j in range(g):  # window at i holds history[i:i + g]
+            hit_BxL &= jnp.roll(history_BxL, -j, 1) == key_Bxg[:, j:j + 1]
+        # a window inside the row, whose next id exists (i + g < end), that is not the key
+        hit_BxL &= (pos_L >= start_B[:, None]) & (pos_L + g < end) & (end - g >= start_B[:, None])
+        first_B = jnp.argmax(hit_BxL, 1)
+        take = ~found_B & jnp.any(hit_BxL, 1)
+        begin_B = jnp.where(take, first_B + g, begin_B)
+        found_B |= take
+    idx_BxK = begin_B[:, None] + jnp.arange(k)
+    last_B = jax.lax.dynamic_index_in_dim(history_BxL, end - 1, 1, False)
+    ids_BxK = jnp.take_along_axis(history_BxL, jnp.minimum(idx_BxK, length - 1), 1)
+    return jnp.where(idx_BxK < end, ids_BxK, last_B[:, None]).astype(jnp.int32)
 
 
 class _State(NamedTuple):
@@ -65,11 +105,12 @@ def _probs(logits_BxKxV, sampling: SamplingConfig):
     return jax.nn.softmax(filtered, -1).reshape(b, k, v)
 
 
-def speculative_decode(target_step: StepFn, draft_step: StepFn, target_cache, draft_cache,
-                       first_logits_BxV, prompt_last_B, keys_B, *, max_new_tokens: int,
-                       num_draft: int, sampling: SamplingConfig, eos_id: StopIds = EOS_ID,
-                       grow_to: tuple[int, ...] = (), processing: Processing | None = None,
-                       history: History | None = None, stops: StopStrings | None = None):
+def speculative_decode(target_step: StepFn, draft_step: StepFn | None, target_cache,
+                       draft_cache, first_logits_BxV, prompt_last_B, keys_B, *,
+                       max_new_tokens: int, num_draft: int, sampling: SamplingConfig,
+                       eos_id: StopIds = EOS_ID, grow_to: tuple[int, ...] = (),
+                       processing: Processing | None = None, history: History | None = None,
+                       stops: StopStrings | None = None, lookup: Lookup | None = None):
     """Returns (DecodeOutput, stats) -- stats: iterations and mean accepted draft tokens.
 
     Both caches must hold the prompt (cursor at the same slot) with room for
@@ -83,6 +124,8 @@ def speculative_decode(target_step: StepFn, draft_step: StepFn, target_cache, dr
     applied as in `sample_decode`, at each position with the proposals before it counted: to
     the draft's logits (so q is what it sampled from) and to the target's (so p, and greedy's
     argmax, are the plain decode's). `stops`: stop strings, as in `sample_decode`.
+
+    `lookup`: prompt lookup instead of a draft model (`draft_step` and `draft_cache` None).
     """
     b, n, k = first_logits_BxV.shape[0], max_new_tokens, num_draft
     greedy = sampling.greedy
@@ -98,10 +141,8 @@ def speculative_decode(target_step: StepFn, draft_step: StepFn, target_cache, dr
                    is_eos(tok0_B, eos_id) | hit0_B,
                    jnp.int32(0), jnp.int32(0), extend(history, tok0_B), matched)
 
-    def body(s: _State):
-        it_keys = row_keys(keys_B, s.iterations + 1)  # distinct from the first-token key (0)
-        start = cache_lib.get_index(s.target_cache)
-
+    def draft_proposals(s: _State, it_keys, start):
+        """The draft model's k proposals, their (processed) logits and its cache."""
         dcache = cache_lib.set_index(s.draft_cache, start - 1)
         q_Bx2xV, dcache = draft_step(jnp.stack([s.prev_B, s.last_B], 1), dcache)
         q_BxV = process(processing, q_Bx2xV[:, 1], s.history, s.count)
@@ -119,6 +160,22 @@ def speculative_decode(target_step: StepFn, draft_step: StepFn, target_cache, dr
                 draft_one, (d_B, extend(s.history, d_B), dcache), jnp.arange(1, k))
             drafts_BxK = jnp.concatenate([drafts_BxK, rest_JxB.T], 1)
             qlogits_BxKxV = jnp.concatenate([qlogits_BxKxV, jnp.swapaxes(rest_JxBxV, 0, 1)], 1)
+        return drafts_BxK, qlogits_BxKxV, dcache
+
+    if lookup is not None:
+        prompt_len = lookup.prompt_BxP.shape[1]
+        start_B = prompt_len - lookup.lengths_B.astype(jnp.int32)
+
+    def body(s: _State):
+        it_keys = row_keys(keys_B, s.iterations + 1)  # distinct from the first-token key (0)
+        start = cache_lib.get_index(s.target_cache)
+        if lookup is None:
+            drafts_BxK, qlogits_BxKxV, dcache = draft_proposals(s, it_keys, start)
+        else:  # q: a point mass on each proposal
+            ids_BxL = jnp.concatenate([lookup.prompt_BxP.astype(jnp.int32), s.tokens], 1)
+            drafts_BxK = lookup_proposals(ids_BxL, start_B, prompt_len + s.count, k,
+                                          lookup.max_ngram)
+            qlogits_BxKxV, dcache = None, None
         fed_Bx1K = jnp.concatenate([s.last_B[:, None], drafts_BxK], 1)
         plogits_BxK1xV, tcache = target_step(fed_Bx1K, s.target_cache)
         # Position j predicts token count + j, after d_1..d_j: its history includes them.
@@ -132,9 +189,12 @@ def speculative_decode(target_step: StepFn, draft_step: StepFn, target_cache, dr
             ok_BxK = target_tok_BxK1[:, :k] == drafts_BxK
         else:
             p_BxK1xV = _probs(scores_BxK1xV, sampling)
-            q_BxKxV = _probs(qlogits_BxKxV, sampling)
             p_d = jnp.take_along_axis(p_BxK1xV[:, :k], drafts_BxK[..., None], -1)[..., 0]
-            q_d = jnp.take_along_axis(q_BxKxV, drafts_BxK[..., None], -1)[..., 0]
+            if lookup is None:
+                q_BxKxV = _probs(qlogits_BxKxV, sampling)
+                q_d = jnp.take_along_axis(q_BxKxV, drafts_BxK[..., None], -1)[..., 0]
+            else:
+                q_d = jnp.ones_like(p_d)
             uniform = lambda key: jax.random.uniform(key, (k,))
             u_BxK = jax.vmap(uniform)(row_keys(it_keys, k + 1))
             ok_BxK = u_BxK * q_d < p_d
@@ -146,8 +206,12 @@ def speculative_decode(target_step: StepFn, draft_step: StepFn, target_cache, dr
             fix_B = jax.lax.dynamic_index_in_dim(target_tok_BxK1, m, 1, False)
         else:
             p_m = jax.lax.dynamic_index_in_dim(p_BxK1xV, m, 1, False)
-            q_m = jax.lax.dynamic_index_in_dim(
-                jnp.concatenate([q_BxKxV, jnp.zeros_like(q_BxKxV[:, :1])], 1), m, 1, False)
+            if lookup is None:
+                q_m = jax.lax.dynamic_index_in_dim(
+                    jnp.concatenate([q_BxKxV, jnp.zeros_like(q_BxKxV[:, :1])], 1), m, 1, False)
+            else:  # the point mass on d_m; none at the bonus position
+                d_m = jax.lax.dynamic_index_in_dim(drafts_BxK, jnp.minimum(m, k - 1), 1, False)
+                q_m = jax.nn.one_hot(d_m, p_m.shape[-1], dtype=p_m.dtype) * (m < k)
             resid = jnp.maximum(p_m - q_m, 0.0)  # q is 0 at the bonus position (m == k)
             resid = jnp.where(jnp.sum(resid, -1, keepdims=True) > 0, resid, p_m)
             fix_B = categorical(row_keys(it_keys, k + 2), jnp.log(resid))
@@ -189,7 +253,7 @@ def speculative_decode(target_step: StepFn, draft_step: StepFn, target_cache, dr
         cache_of=lambda s: s.target_cache, writes=k + 1,
         grow_caches=lambda s, length: s._replace(
             target_cache=cache_lib.grow(s.target_cache, length),
-            draft_cache=cache_lib.grow(s.draft_cache, length)))
+            draft_cache=None if lookup else cache_lib.grow(s.draft_cache, length)))
     out = DecodeOutput(s.tokens[:, :n], s.length_B, s.logprob_B, s.done_B,
                        s.token_logprob[:, :n])
     stats = {"iterations": s.iterations, "accepted_per_iteration":

@@ -6,13 +6,13 @@ past either end of it: "st" + "op", "sto" + "pper" and "las" + "topper" complete
 "stop" + "at" has stopped at "stop". The row keeps the token that completed it (its `ids` and
 `text` hold the stop string, as HF's output does) and is `finished`.
 
-Text is bytes here: a token's bytes are what the vocabulary decodes it to (`token_bytes` of
-`vocab`, `hf_tokenizer`: a byte-level BPE's raw bytes, a sentencepiece piece with its
-leading space, a byte-fallback piece's byte); stop strings are matched as UTF-8. Control and
-special tokens (EOS, pad, `<|endoftext|>`) have no text, as `decode` drops them.
+Text is bytes here, each token's as HF's matching reads it (`token_bytes` of `vocab`,
+`hf_tokenizer`: a byte-level BPE's raw bytes, a sentencepiece piece with its leading space, a
+byte-fallback piece's byte, special tokens spelled as written, so "<|im_end|>" stops at that
+token); stop strings are matched as UTF-8.
 
-Differences from HF: matching starts at the first generated token (HF also completes a string
-that began in the prompt); special tokens have no text (HF spells some of them).
+Difference from HF: matching starts at the first generated token (HF also completes a string
+that began in the prompt).
 
 How: for a stop string s of L bytes (1 <= L <= `MAX_BYTES`), a row's state is a bitmask whose
 bit p (0 < p < L) says the text so far ends with s[:p]. A token of bytes b then
