@@ -295,7 +295,7 @@ def output_meta(checkpoint: dict, options: gen.DecodeOptions, quantize: str | No
         names += ["num_beams", "alpha"]
     if draft is not None:
         names.append("num_draft")
-    if options.prompt_lookup_num_tokens:
+    if options.prompt_lookup_num_tokens and options.method == "sample":  # greedy: the same
         names += ["prompt_lookup_num_tokens", "max_matching_ngram_size"]
     # Recorded when on, so that outputs written before these options resume as they were.
     names += [n for n in ("repetition_penalty", "min_new_tokens", "no_repeat_ngram_size",
@@ -433,7 +433,8 @@ def run(checkpoint, input_path, output_path, decode_overrides: dict | None = Non
                           step=target_id["step"])
         draft = (api.load(draft_path, mesh=device_mesh, step=draft_id["step"]) if draft_path
                  else None)
-        options = gen.decode_options(loaded, **(decode_overrides or {}))
+        options = gen.lookup_options(loaded, draft,
+                                     gen.decode_options(loaded, **(decode_overrides or {})))
         ids = [p.ids if p.ids is not None else gen.encode_prompts(
             loaded, **({"messages": [p.messages]} if p.chat else {"inputs": [p.inputs]}),
             labels=[f"{input_path}:{n}"], **(p.chat_options or {}))[0]

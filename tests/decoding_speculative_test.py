@@ -149,14 +149,15 @@ def test_lookup_proposals_equal_hf_prompt_lookup_candidates():
     from t5x_lite.decoding.speculative import lookup_proposals
     rng = np.random.default_rng(0)
     rows = [list(rng.integers(0, 4, rng.integers(1, 30))) for _ in range(300)]
-    width = max(map(len, rows)) + 3
-    padded = np.zeros((len(rows), width), np.int32)  # left padding 0, as id 0 in the rows
+    end = max(map(len, rows)) + 3
+    # left padding 0, as id 0 in the rows; after `end`, what a decode has not written yet
+    padded = np.zeros((len(rows), end + 9), np.int32)
+    padded[:, end:] = rng.integers(0, 4, (len(rows), 9))
     for i, r in enumerate(rows):
-        padded[i, width - len(r):] = r
+        padded[i, end - len(r):end] = r
     lengths = np.array([len(r) for r in rows])
-    for k, g in ((1, 1), (5, 2), (3, 4)):
-        ours = np.asarray(lookup_proposals(jax.numpy.asarray(padded), width - lengths, width, k,
-                                           g))
+    for k, g in ((1, 1), (5, 2), (3, 4), (4, 9)):
+        ours = np.asarray(lookup_proposals(jax.numpy.asarray(padded), end - lengths, end, k, g))
         found = 0
         for row, mine in zip(rows, ours):
             hf = PromptLookupCandidateGenerator(num_output_tokens=k, max_matching_ngram_size=g,
@@ -218,19 +219,25 @@ def test_prompt_lookup_sampling_follows_the_target_law():
     assert _chi2_pvalue(counts, (weights[:, None] * p2).sum(0)) > 1e-3
 
 
-def test_prompt_lookup_refuses_what_it_cannot_do():
-    target = _gpt(0, 1)
-    with pytest.raises(gen.DecodeError, match="not beam"):
-        gen.DecodeOptions(method="beam", prompt_lookup_num_tokens=3)
-    with pytest.raises(gen.DecodeError, match="a draft model or prompt_lookup_num_tokens"):
-        gen.generate(target, input_ids=[[5]], draft=target, prompt_lookup_num_tokens=3)
+def test_prompt_lookup_is_off_where_it_does_not_apply(caplog):
+    """Beam search, a draft model, a T5: decoded without it, with a warning (a model's own
+    decode options may turn it on for every decode); bad values are one error line."""
+    import logging
+    target, prompts = _gpt(0, 1), [[5, 6, 5, 6, 5], [7]]
     t5 = decoding_testlib.loaded(config_lib.t5_1_1(
         vocab_size=64, d_model=32, num_heads=2, head_dim=16, d_ff=48, num_layers=1,
         num_decoder_layers=1))
-    with pytest.raises(gen.DecodeError, match="needs a decoder-only"):
-        gen.generate(t5, input_ids=[[5, 1]], prompt_lookup_num_tokens=3)
-    for bad, message in ((-1, "prompt_lookup_num_tokens must be >= 0"),):
-        with pytest.raises(gen.DecodeError, match=message):
-            gen.DecodeOptions(prompt_lookup_num_tokens=bad)
+    cases = [(target, {"method": "beam", "num_beams": 2}, "beam search"),
+             (target, {"draft": _gpt(1, 1)}, "a draft model proposes"),
+             (t5, {}, "not a decoder-only (gpt) model")]
+    for model, kw, why in cases:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            out = gen.generate(model, input_ids=prompts, max_new_tokens=6,
+                               prompt_lookup_num_tokens=3, **kw)
+        assert f"prompt_lookup_num_tokens=3 is not used: {why}" in caplog.text
+        assert out == gen.generate(model, input_ids=prompts, max_new_tokens=6, **kw)
+    with pytest.raises(gen.DecodeError, match="prompt_lookup_num_tokens must be >= 0"):
+        gen.DecodeOptions(prompt_lookup_num_tokens=-1)
     with pytest.raises(gen.DecodeError, match=r"max_matching_ngram_size must be in \[1, 64\]"):
         gen.DecodeOptions(max_matching_ngram_size=0)

@@ -350,6 +350,17 @@ def test_stop_strings_from_flag_text(workdir, prompts_txt, tmp_path):
     assert not (tmp_path / "bad.jsonl").exists()
 
 
+def test_prompt_lookup_is_recorded_only_where_it_changes_records():
+    """Greedy prompt lookup writes the plain greedy records (a resume may turn it on or off);
+    sampled, it changes the samples, so it is recorded."""
+    ckpt, on = {"path": "/c", "step": 1}, dict(prompt_lookup_num_tokens=4)
+    greedy = infer.output_meta(ckpt, gen.DecodeOptions(**on), None, None, [1])["decode"]
+    assert "prompt_lookup_num_tokens" not in greedy
+    sampled = infer.output_meta(ckpt, gen.DecodeOptions(method="sample", **on), None, None,
+                                [1])["decode"]
+    assert (sampled["prompt_lookup_num_tokens"], sampled["max_matching_ngram_size"]) == (4, 2)
+
+
 def test_sampling_filters_are_recorded_when_on():
     """min_p, typical_p and the cutoffs change sampled records: recorded when on and sampling
     (so older sidecars, written without them, resume), never for greedy decoding."""

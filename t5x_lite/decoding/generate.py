@@ -30,6 +30,7 @@ from typing import Any, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from t5x_lite import files, partitioning, quantization
 from t5x_lite.api import is_prefix_lm
@@ -124,8 +125,6 @@ class DecodeOptions:
              f"off), got {self.prompt_lookup_num_tokens}"),
             (1 <= self.max_matching_ngram_size <= 64, f"max_matching_ngram_size must be in "
              f"[1, 64], got {self.max_matching_ngram_size}"),
-            (not self.prompt_lookup_num_tokens or self.method != "beam",
-             "prompt lookup decoding works with method 'greedy' or 'sample', not beam"),
             # keys are made from 32 bits: a wider seed wrapped onto another's samples
             (0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}"),
             *[(getattr(self, f) <= INT32_MAX, f"{f} must be <= {INT32_MAX}, got "
@@ -549,15 +548,20 @@ def free_memory() -> int | None:
     return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
 
 
-def check_lookup(loaded, draft, options: DecodeOptions):
-    """DecodeError when prompt lookup decoding is asked for what it cannot do."""
+def lookup_options(loaded, draft, options: DecodeOptions) -> DecodeOptions:
+    """`options` with prompt lookup off, and a warning, where it does not apply: beam search
+    (as HF ignores it there), a draft model given (the draft proposes), a model that is not
+    decoder-only. A model's own decode options may turn it on for decodes it does not fit."""
     if not options.prompt_lookup_num_tokens:
-        return
-    if draft is not None:
-        raise DecodeError("give a draft model or prompt_lookup_num_tokens, not both")
-    if model_config(loaded).family != "gpt":
-        raise DecodeError("prompt lookup decoding (prompt_lookup_num_tokens) needs a "
-                          "decoder-only (gpt) model")
+        return options
+    why = ("beam search" if options.method == "beam" else
+           "a draft model proposes" if draft is not None else
+           "not a decoder-only (gpt) model" if model_config(loaded).family != "gpt" else None)
+    if why is None:
+        return options
+    logging.warning("prompt_lookup_num_tokens=%d is not used: %s", options.prompt_lookup_num_tokens,
+                    why)
+    return dataclasses.replace(options, prompt_lookup_num_tokens=0)
 
 
 def check_draft(loaded, draft, options: DecodeOptions):
@@ -860,7 +864,7 @@ def iter_generate(loaded, prompts: Sequence[Sequence[int]], options: DecodeOptio
     `token_scores`: each result also holds its tokens' log-probs (see `generate`).
     """
     cfg = model_config(loaded)
-    check_lookup(loaded, draft, options)
+    options = lookup_options(loaded, draft, options)
     if draft is not None:
         check_draft(loaded, draft, options)
     check_prompts(cfg, prompts, options, None if draft is None else model_config(draft),
@@ -899,8 +903,9 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
       prompt_lookup_num_tokens: > 0 for HF's prompt lookup decoding instead (GPT; greedy or
         sample): speculative decoding with no draft model, proposing this many ids that
         followed the row's last `max_matching_ngram_size` (or fewer) ids earlier in the row
-        (`speculative`). The output is the same as without it; it is faster where the text
-        repeats its input (extraction, summaries, code edits).
+        (`speculative`). Greedy output is the same as without it, sampled output follows the
+        same law; it is faster where the text repeats its input (extraction, summaries, code
+        edits). Not used, with a warning, for beam search, with a draft, or for a T5.
       input_ids / inputs: token id lists, or texts (needs loaded.vocab; T5 appends EOS).
       messages: chat conversations (`chat_prompts`: a list of {"role", "content"} dicts, or a
         list of such lists), rendered with the model's chat template, as HF's

@@ -60,22 +60,24 @@ class Lookup(NamedTuple):
 def lookup_proposals(history_BxL, start_B, end, k: int, max_ngram: int):
     """[B, k] proposals: per row, the ids after the first occurrence in history[start:end]
     of its last g ids (g from `max_ngram` down to 1; the first g with an occurrence that has a
-    next id wins), up to `end`; a row's missing ones repeat its last id. `end` is a scalar."""
+    next id wins), up to `end`; a row's missing ones repeat its last id. `end` is a scalar.
+
+    One pass per offset t < max_ngram: `run[e]` counts how many ids ending at e match the
+    row's last ids, so the largest g is max(run) and its first window ends at the leftmost e
+    with that count."""
     b, length = history_BxL.shape
     pos_L = jnp.arange(length)
-    found_B = jnp.zeros((b,), jnp.bool_)
-    begin_B = jnp.full((b,), end, jnp.int32)
-    for g in range(max_ngram, 0, -1):
-        key_Bxg = jax.lax.dynamic_slice_in_dim(history_BxL, end - g, g, 1)
-        hit_BxL = jnp.ones((b, length), jnp.bool_)
-        for j in range(g):  # window at i holds history[i:i + g]
-            hit_BxL &= jnp.roll(history_BxL, -j, 1) == key_Bxg[:, j:j + 1]
-        # a window inside the row, whose next id exists (i + g < end), that is not the key
-        hit_BxL &= (pos_L >= start_B[:, None]) & (pos_L + g < end) & (end - g >= start_B[:, None])
-        first_B = jnp.argmax(hit_BxL, 1)
-        take = ~found_B & jnp.any(hit_BxL, 1)
-        begin_B = jnp.where(take, first_B + g, begin_B)
-        found_B |= take
+    run_BxL = jnp.zeros((b, length), jnp.int32)
+    alive_BxL = jnp.ones((b, length), jnp.bool_)
+    for t in range(max_ngram):  # does history[e - t] equal history[end - 1 - t]?
+        key_B = jax.lax.dynamic_index_in_dim(history_BxL, end - 1 - t, 1, False)
+        # the window inside the row (then so is the key: the window ends before it)
+        alive_BxL &= (jnp.roll(history_BxL, t, 1) == key_B[:, None]) & (
+            pos_L - t >= start_B[:, None])
+        run_BxL += alive_BxL
+    run_BxL = jnp.where(pos_L + 1 < end, run_BxL, 0)  # a next id exists: not the key itself
+    g_B = jnp.max(run_BxL, 1)
+    begin_B = jnp.where(g_B > 0, jnp.argmax(run_BxL == g_B[:, None], 1) + 1, end)
     idx_BxK = begin_B[:, None] + jnp.arange(k)
     last_B = jax.lax.dynamic_index_in_dim(history_BxL, end - 1, 1, False)
     ids_BxK = jnp.take_along_axis(history_BxL, jnp.minimum(idx_BxK, length - 1), 1)
