@@ -549,7 +549,8 @@ def hf_decode_defaults(hf_config, generation_config=None, where: str = "") -> di
     min_new_tokens as set there, else HF's defaults (`HF_DECODE_DEFAULTS`: top_k 50);
     sequence_bias, bad_words_ids, suppress_tokens, begin_suppress_tokens and stop_strings when
     set (as the text the `decode` config holds: `generate.sequence_option_text`);
-    max_new_tokens, prompt_lookup_num_tokens and max_matching_ngram_size when set (HF's own
+    max_new_tokens, prompt_lookup_num_tokens and max_matching_ngram_size when set; with
+    sampling, num_return_sequences as num_samples (HF's own
     default is a total max_length of 20: not taken). top_p 0,
     which keeps only the most likely token in HF, is taken as top_k 1. A value that is not a
     valid decode option is left at the default, with a warning naming `where`; settings that
@@ -611,6 +612,10 @@ def hf_decode_defaults(hf_config, generation_config=None, where: str = "") -> di
                                 "(HF ignores them); left out", place, name, outside)
                 value = tuple(i for i in value if i < vocab_size)
         out[name] = gen.sequence_option_text(name, value)
+    returned = source.get("num_return_sequences")
+    if out["method"] == "sample" and hf_interop.is_int(returned) and 1 < returned <= gen.INT32_MAX:
+        out["num_samples"] = int(returned)  # HF's samples per prompt
+        source.pop("num_return_sequences")
     ignored = [f"{k}={source[k]!r}" for k, off in HF_SETTINGS_NOT_TAKEN.items()
                if source.get(k) is not None and source[k] != off]
     if ignored:

@@ -156,6 +156,23 @@ def test_unusable_settings_fall_back_with_a_warning(tmp_path, caplog):
     assert "epsilon_cutoff" not in text
 
 
+def test_num_return_sequences_of_a_sampling_config_are_samples(tmp_path, caplog):
+    """HF `generate()` returns num_return_sequences samples per prompt when it samples; so
+    does `m.generate()` (num_samples). Without sampling HF refuses it; here it is not taken."""
+    path = _save(tmp_path / "hf", {"do_sample": True, "num_return_sequences": 3,
+                                   "max_new_tokens": 4})
+    hf = transformers.GPT2LMHeadModel.from_pretrained(path)
+    prompts = [[5, 6, 7], [8, 9]]
+    want = [len(hf.generate(torch.tensor([p]), pad_token_id=1)) for p in prompts]
+    m = t5x_lite.load(path)
+    assert gen.decode_options(m).num_samples == 3
+    assert [len(rows) for rows in m.generate(input_ids=prompts)] == want == [3, 3]
+    with caplog.at_level(logging.WARNING):
+        greedy = api.hf_decode_defaults({}, {"num_return_sequences": 2})
+    assert "num_samples" not in greedy
+    assert "generation settings num_return_sequences=2 are not taken" in caplog.text
+
+
 def test_stop_strings_from_a_generation_config(caplog):
     """HF reads a str as one stop string (even one that looks like a JSON list); strings over
     t5x_lite's 32 bytes are left out with a warning, the others kept."""
