@@ -593,8 +593,8 @@ def hf_decode_defaults(hf_config, generation_config=None, where: str = "") -> di
         given = source[name]
         if name == "stop_strings":  # HF reads a str as one stop string; t5x_lite's limit
             given = [given] if isinstance(given, str) else given
-            long = [t for t in given if isinstance(t, str) and len(t.encode("utf-8", "replace"))
-                    > stop_strings.MAX_BYTES] if isinstance(given, list) else []
+            long = [t for t in given if isinstance(t, str) and t and not stop_strings.fits(t)
+                    ] if isinstance(given, list) else []
             if long:
                 logging.warning("%s: generation setting stop_strings: %s longer than %d bytes "
                                 "left out", place, long, stop_strings.MAX_BYTES)

@@ -293,7 +293,7 @@ def _stop_strings_option(value) -> tuple[str, ...]:
     for item in value:
         why = ("not a str" if not isinstance(item, str) else files.not_unicode(item) or (
             f"must be 1 to {stop_strings.MAX_BYTES} bytes of UTF-8"
-            if not 0 < len(item.encode("utf-8")) <= stop_strings.MAX_BYTES else None))
+            if not stop_strings.fits(item) else None))
         if why:
             raise DecodeError(f"decode.stop_strings: {item!r:.60} {why}")
     return tuple(dict.fromkeys(value))

@@ -39,6 +39,12 @@ import numpy as np
 MAX_BYTES = 32  # a state is one uint32 (bits 1..L-1)
 
 
+def fits(text: str) -> bool:
+    """Whether `text` is 1 to `MAX_BYTES` bytes of UTF-8 (a lone surrogate counts as one
+    replacement character): a stop string the tables can hold."""
+    return 0 < len(text.encode("utf-8", "replace")) <= MAX_BYTES
+
+
 class StopStrings(NamedTuple):
     """The device tables of a decode's stop strings (a pytree: a traced jit argument)."""
 
@@ -82,11 +88,10 @@ def _masks(tokens: Sequence[bytes], s: bytes) -> np.ndarray:
 def host_tables(tokens: tuple[bytes, ...], strings: tuple[str, ...]
                 ) -> tuple[np.ndarray, np.ndarray]:
     """([V, S, 3] uint32 masks, [V] uint32 shifts) for `strings` over tokens of these bytes."""
-    encoded = [s.encode("utf-8") for s in strings]
-    bad = next((s for s, e in zip(strings, encoded) if not 0 < len(e) <= MAX_BYTES), None)
+    bad = next((s for s in strings if not fits(s)), None)
     if bad is not None:
         raise ValueError(f"a stop string must be 1 to {MAX_BYTES} bytes of UTF-8, got {bad!r}")
-    table = np.stack([_masks(tokens, e) for e in encoded], 1)
+    table = np.stack([_masks(tokens, s.encode("utf-8")) for s in strings], 1)
     shift = np.minimum([len(b) for b in tokens], 31).astype(np.uint32)
     return table, shift
 

@@ -244,8 +244,7 @@ def evaluate_generation(loaded, queries: Sequence[Example], pool: Sequence[Examp
     decode_overrides.setdefault("method", "greedy")
     stops = options.template.stop_strings()
     # Rows end at a stop string (those the decoder matches), so the batch ends when all have.
-    decode_overrides.setdefault("stop_strings", [
-        s for s in stops if len(s.encode("utf-8")) <= stop_strings.MAX_BYTES])
+    decode_overrides.setdefault("stop_strings", [s for s in stops if stop_strings.fits(s)])
     try:
         results = gen.generate(loaded, input_ids=ids, max_new_tokens=n, **decode_overrides)
     except gen.DecodeError as e:
