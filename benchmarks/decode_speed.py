@@ -284,7 +284,7 @@ def compile_and_run(loaded, prompts, n, method):
     opts = gen.DecodeOptions(method=method, max_new_tokens=n, batch_size=len(prompts))
     if method == "beam":
         fn, args = gen._beam_jit, (loaded.params, tokens, lengths)
-        static = dict(cfg=cfg, n=n, beams=opts.num_beams, alpha=opts.alpha)
+        static = dict(cfg=cfg, n=n, beams=opts.num_beams, rule=opts.beam)
     else:
         fn = gen._sample_jit
         example_b = np.arange(len(prompts), dtype=np.int32)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import math
 import os
 from typing import Any, Sequence
 
@@ -550,12 +551,16 @@ def hf_decode_defaults(hf_config, generation_config=None, where: str = "") -> di
     sequence_bias, bad_words_ids, suppress_tokens, begin_suppress_tokens and stop_strings when
     set (as the text the `decode` config holds: `generate.sequence_option_text`);
     max_new_tokens, prompt_lookup_num_tokens and max_matching_ngram_size when set; with
-    sampling, num_return_sequences as num_samples (HF's own
-    default is a total max_length of 20: not taken). top_p 0,
-    which keeps only the most likely token in HF, is taken as top_k 1. A value that is not a
-    valid decode option is left at the default, with a warning naming `where`; settings that
-    are not taken (`HF_SETTINGS_NOT_TAKEN`: num_beams > 1, max_length, min_length, forced
-    tokens, ...) get a warning when they are on."""
+    sampling, num_return_sequences as num_samples (HF's own default of 20 new tokens is not
+    taken). num_beams > 1 without sampling is HF's beam search: method "beam" with beam_rule
+    "hf", length_penalty and early_stopping (HF's defaults 1.0, False). An encoder-decoder's
+    max_length / min_length count its decoder start token, as HF's do: max_new_tokens =
+    max_length - 1 and min_new_tokens = min_length - 1 where max_new_tokens / min_new_tokens
+    are unset (those take precedence, as in HF). top_p 0, which keeps only the most likely
+    token in HF, is taken as top_k 1. A value that is not a valid decode option is left at the
+    default, with a warning naming `where`; settings that are not taken
+    (`HF_SETTINGS_NOT_TAKEN`: beam sampling, a decoder-only model's max_length / min_length,
+    which count the prompt, forced tokens, ...) get a warning when they are on."""
     from t5x_lite.decoding import generate as gen  # decoding imports api
     from t5x_lite.decoding import stop_strings
     DecodeError, DecodeOptions = gen.DecodeError, gen.DecodeOptions
@@ -582,8 +587,7 @@ def hf_decode_defaults(hf_config, generation_config=None, where: str = "") -> di
                 raise DecodeError(f"{name} must be a number{'' if kind is float else ' (int)'}")
             DecodeOptions(**{name: kind(value)})
         except (DecodeError, OverflowError, ValueError) as e:
-            logging.warning("%s: generation setting %s=%r is not a usable decode option (%s); "
-                            "using %s", place, name, value, e, out.get(name, "t5x_lite's default"))
+            _unusable(place, name, value, e, out.get(name, "t5x_lite's default"))
             continue
         out[name] = kind(value)
     vocab_size = hf_config.get("vocab_size")
@@ -612,18 +616,67 @@ def hf_decode_defaults(hf_config, generation_config=None, where: str = "") -> di
                                 "(HF ignores them); left out", place, name, outside)
                 value = tuple(i for i in value if i < vocab_size)
         out[name] = gen.sequence_option_text(name, value)
+    beams = source.get("num_beams")
+    if not sample and hf_interop.is_int(beams) and 1 < beams <= gen.INT32_MAX:
+        _take_hf_beam_search(out, source, place)
     returned = source.get("num_return_sequences")
-    if out["method"] == "sample" and hf_interop.is_int(returned) and 1 < returned <= gen.INT32_MAX:
-        out["num_samples"] = int(returned)  # HF's samples per prompt
-        source.pop("num_return_sequences")
+    if out["method"] in ("sample", "beam") and hf_interop.is_int(returned) \
+            and 1 < returned <= gen.INT32_MAX:
+        if out["method"] == "sample":
+            out["num_samples"] = int(returned)  # HF's samples per prompt
+        if out["method"] == "sample" or returned <= out["num_beams"]:
+            source.pop("num_return_sequences")  # beam: HF's are the first of the beams
+    if hf_config.get("is_encoder_decoder") is True:  # lengths count the decoder start token
+        _take_encoder_decoder_lengths(out, source, place)
     ignored = [f"{k}={source[k]!r}" for k, off in HF_SETTINGS_NOT_TAKEN.items()
                if source.get(k) is not None and source[k] != off]
     if ignored:
-        logging.warning("%s: generation settings %s are not taken (t5x_lite's beam search "
-                        "ranks by T5's length penalty; lengths count new tokens: "
-                        "max_new_tokens / min_new_tokens; the others are HF options "
-                        "t5x_lite does not have)", place, ", ".join(ignored))
+        logging.warning("%s: generation settings %s are not taken (beam sampling is not "
+                        "supported; a decoder-only model's max_length / min_length count the "
+                        "prompt: give max_new_tokens / min_new_tokens; the others are HF "
+                        "options t5x_lite does not have)", place, ", ".join(ignored))
     return out
+
+
+def _unusable(place: str, name: str, value, why, using) -> None:
+    logging.warning("%s: generation setting %s=%r is not a usable decode option (%s); using %s",
+                    place, name, value, why, using)
+
+
+def _take_hf_beam_search(out: dict, source: dict, place: str) -> None:
+    """num_beams > 1 without sampling: HF's beam search, with its length_penalty and
+    early_stopping (HF's defaults where unset or unusable, with a warning)."""
+    out.update(method="beam", num_beams=int(source.pop("num_beams")), beam_rule="hf",
+               length_penalty=1.0, early_stopping="false")
+    penalty, early = source.get("length_penalty"), source.get("early_stopping")
+    if penalty is not None:
+        if hf_interop.is_number(penalty) and math.isfinite(penalty):
+            out["length_penalty"] = float(penalty)
+        else:
+            _unusable(place, "length_penalty", penalty, "not a finite number", 1.0)
+    if early is not None:
+        if isinstance(early, bool) or early == "never":
+            out["early_stopping"] = str(early).lower()
+        else:
+            _unusable(place, "early_stopping", early, "not True, False or 'never'", False)
+
+
+def _take_encoder_decoder_lengths(out: dict, source: dict, place: str) -> None:
+    """An encoder-decoder's max_length / min_length, which count the decoder start token:
+    max_new_tokens = max_length - 1, min_new_tokens = min_length - 1, where max_new_tokens /
+    min_new_tokens are unset (as HF gives those precedence)."""
+    from t5x_lite.decoding.generate import INT32_MAX  # decoding imports api
+    for total, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+        value = source.pop(total, None)
+        if value is None or source.get(new) is not None:
+            continue
+        least = 2 if total == "max_length" else 0
+        if hf_interop.is_int(value) and least <= value <= INT32_MAX + 1:
+            if total == "max_length" or value > 1:
+                out[new] = int(value) - 1
+        else:
+            _unusable(place, total, value, f"not an int >= {least}",
+                      out.get(new, "t5x_lite's default"))
 
 
 def hf_eos(hf_config, vocab_size: int, generation_config=None) -> tuple[int, tuple[int, ...]]:

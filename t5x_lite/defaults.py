@@ -89,7 +89,12 @@ def base_config(model: ModelConfig, *, objective: str, seq_len: int = 512,
     c.decode.epsilon_cutoff = 0.0  # HF's epsilon cutoff, after typical-p (0.0 = off)
     c.decode.eta_cutoff = 0.0  # HF's eta cutoff, after epsilon (0.0 = off)
     c.decode.num_beams = 4
-    c.decode.alpha = 0.6
+    c.decode.alpha = 0.6  # T5's length penalty ((5 + len) / 6) ** alpha (beam_rule "t5")
+    # Beam search rule: "t5" (T5X's) or "hf" (HF generate's: sum log p / len ** length_penalty,
+    # early_stopping "false" | "true" | "never", as HF's False / True / "never")
+    c.decode.beam_rule = "t5"
+    c.decode.length_penalty = 1.0
+    c.decode.early_stopping = "false"
     c.decode.num_samples = 1
     c.decode.seed = 0
     c.decode.batch_size = 16

@@ -17,7 +17,9 @@ r"""Decode a file of prompts with a checkpoint, writing one JSON line per input.
   with num_beams > 1, output / output_ids / score / ... are lists (beams best first).
 --decode.<field>=value: overrides the `decode` section of the checkpoint's config.json
   (method, max_new_tokens, temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff,
-  eta_cutoff, num_beams, alpha, num_samples, seed, batch_size, num_draft,
+  eta_cutoff, num_beams, alpha, beam_rule ('t5' | 'hf': HF generate's beam search, with
+  length_penalty and early_stopping 'false' | 'true' | 'never'), num_samples, seed, batch_size,
+  num_draft,
   prompt_lookup_num_tokens, max_matching_ngram_size,
   repetition_penalty, no_repeat_ngram_size, min_new_tokens, sequence_bias ('[[[5, 6], -2.0]]'),
   bad_words_ids ('[[5, 6], [7]]'), suppress_tokens, begin_suppress_tokens ('5,6'),
@@ -291,8 +293,9 @@ def output_meta(checkpoint: dict, options: gen.DecodeOptions, quantize: str | No
     names = ["method", "max_new_tokens"]
     if options.method == "sample":
         names += ["temperature", "top_k", "top_p", "num_samples", "seed"]
-    elif options.method == "beam":
-        names += ["num_beams", "alpha"]
+    elif options.method == "beam":  # T5X's rule records as before these options existed
+        names += ["num_beams", *(["alpha"] if options.beam_rule == "t5" else
+                                 ["beam_rule", "length_penalty", "early_stopping"])]
     if draft is not None:
         names.append("num_draft")
     if options.prompt_lookup_num_tokens and options.method == "sample":  # greedy: the same

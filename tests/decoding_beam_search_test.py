@@ -9,17 +9,17 @@ import pytest
 
 from decoding_testlib import HashChain
 from t5x_lite.decoding import cache as cache_lib
-from t5x_lite.decoding.beam_search import beam_search, length_penalty
+from t5x_lite.decoding.beam_search import BeamRule, beam_search, length_penalty
 
 V, N = 5, 3
 
 
-@functools.partial(jax.jit, static_argnames=("lm", "beams", "alpha", "stops", "n"))
-def _run(h0_B, *, lm, beams, alpha, stops=(1,), n=N):
+@functools.partial(jax.jit, static_argnames=("lm", "beams", "alpha", "stops", "n", "rule"))
+def _run(h0_B, *, lm, beams, alpha=0.0, stops=(1,), n=N, rule=None):
     h = jnp.repeat(h0_B, beams)
     return beam_search(lm.step, {"h": h}, jnp.asarray(lm.table)[h], num_beams=beams,
-                       max_new_tokens=n, alpha=alpha, reorder_cache=cache_lib.take_rows,
-                       eos_id=stops)
+                       max_new_tokens=n, rule=rule or BeamRule(False, alpha),
+                       reorder_cache=cache_lib.take_rows, eos_id=stops)
 
 
 def _exhaustive(lm, h0, alpha, stops=(1,)):

@@ -118,6 +118,40 @@ def test_beam_alpha0_equals_hf(family, request):
         assert np.all(np.array([b["score"] for b in beams]) >= hf_scores[i] - 2e-4)
 
 
+# Each early_stopping value changes HF's beams here, against the others at the same penalty
+# and budget (T5: all three; GPT-2: "never" against the other two).
+HF_BEAM_SETTINGS = [(1.0, False, N), (2.0, True, 6), (2.0, "never", N), (-0.5, False, 6)]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+@pytest.mark.parametrize("length_penalty, early_stopping, n", HF_BEAM_SETTINGS)
+def test_hf_beam_rule_equals_hf(family, length_penalty, early_stopping, n, request):
+    """beam_rule "hf": every returned beam (ids, length-normalised score, whether it ended)
+    equals HF's beam search with the same length_penalty / early_stopping, in budgets where
+    every beam ends (N) and where most are cut at the budget (6)."""
+    model, loaded = request.getfixturevalue(family)
+    prompts, w = _prompts(), 3
+    rows, hf_scores = hf_reference.padded_generate(
+        model, prompts, n, family == "gpt2", eos_token_id=1, do_sample=False, num_beams=w,
+        num_return_sequences=w, length_penalty=length_penalty, early_stopping=early_stopping)
+    hf_scores = hf_scores.numpy().reshape(-1, w)
+    ours = generate(loaded, input_ids=prompts, method="beam", num_beams=w, beam_rule="hf",
+                    length_penalty=length_penalty, early_stopping=early_stopping,
+                    max_new_tokens=n, batch_size=8)
+    cut = 0
+    for i, beams in enumerate(ours):
+        theirs = [hf_reference.cut_at(r, [1]) for r in rows[i * w:(i + 1) * w]]
+        assert [b["ids"] for b in beams] == theirs
+        np.testing.assert_allclose([b["penalised_score"] for b in beams], hf_scores[i],
+                                   atol=2e-4)
+        np.testing.assert_allclose([b["penalised_score"] for b in beams],
+                                   [b["score"] / len(b["ids"]) ** length_penalty
+                                    for b in beams], rtol=1e-5)
+        assert [b["finished"] for b in beams] == [t[-1] == 1 for t in theirs]
+        cut += sum(not b["finished"] for b in beams)
+    assert (cut > 0) == (n < N)  # the budget-cut path runs where meant
+
+
 def _hf_token_log_probs(model, family, prompt, ids):
     """log p(id) of each id under the HF model, by one uncached forward pass."""
     with torch.no_grad():
@@ -376,6 +410,10 @@ def test_config_decode_section_holds_every_option_with_its_default():
     (dict(temperature="hot"), "must be a float"),
     (dict(method="sample", temperature=float("inf")), "temperature must be finite"),
     (dict(method="beam", alpha=float("nan")), "alpha must be finite"),
+    (dict(method="beam", beam_rule="HF"), "unknown beam_rule 'HF'; choose one of t5, hf"),
+    (dict(method="beam", length_penalty=float("inf")), "length_penalty must be finite"),
+    (dict(method="beam", early_stopping="sometimes"),
+     "early_stopping must be one of false, true, never (or a bool), got 'sometimes'"),
     (dict(max_new_tokens=2**31), "max_new_tokens must be <= 2147483647"),
     (dict(method="beam", num_beams=10**8), "too large to decode"),
     # keys take 32 bits: 2**32 sampled what seed 0 samples, -1 what 2**32 - 1 does

@@ -201,3 +201,74 @@ def test_top_p_zero_keeps_the_top_token_as_in_hf(tmp_path, caplog):
     ours = [r["ids"] for r in m.generate(input_ids=prompts)]
     assert ours == [hf_reference.cut_at(r, [1]) for r in theirs]
     assert ours == [r["ids"] for r in m.generate(input_ids=prompts, method="greedy")]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+def test_beam_search_config_equals_hf_generate(tmp_path, family, caplog):
+    """A generation config asking for beam search (num_beams, length_penalty, early_stopping,
+    no_repeat_ngram_size; for T5 also max_length / min_length, which count its decoder start
+    token): `m.generate()` without options returns HF `model.generate()`'s sequence as its best
+    beam, and HF's num_return_sequences beams as its first, from the HF directory and from its
+    converted workdir; HF's default length_penalty and early_stopping decode otherwise."""
+    generation = {"num_beams": 3, "length_penalty": 3.0, "early_stopping": "never",
+                  "no_repeat_ngram_size": 2, "num_return_sequences": 2, "eos_token_id": 1,
+                  "pad_token_id": 0}
+    if family == "t5":
+        generation.update(max_length=10, min_length=4, decoder_start_token_id=0,
+                          early_stopping=True, length_penalty=2.0)
+        hf = hf_reference.t5_ending_with_eos(V)
+    else:
+        generation["max_new_tokens"] = 12
+        hf = hf_reference.gpt2_ending_with(1, V)
+    path = tmp_path / "hf"
+    hf.save_pretrained(path)
+    (path / "generation_config.json").write_text(json.dumps(generation))
+    hf = type(hf).from_pretrained(path, attn_implementation="eager").eval()
+    # Of one length: HF's n-gram rule would read a GPT row's left padding (id 0) as history.
+    prompts = [[5, 9, 14, 2], [3, 3, 3, 3], [40, 41, 42, 43], [7, 7, 5, 8]]
+    rows, scores = hf_reference.padded_generate(hf, prompts, None, family == "gpt2")
+    theirs = [hf_reference.cut_at(r, [1]) for r in rows]
+    assert scores is not None and len(theirs) == 2 * len(prompts)
+    if family == "t5":  # the budget and the minimum of max_length / min_length bind
+        assert max(map(len, theirs)) == 9 and min(map(len, theirs)) == 4
+    convert.hf_to_workdir(path, tmp_path / "w")
+    with caplog.at_level(logging.WARNING):
+        loaded = [t5x_lite.load(path), t5x_lite.load(tmp_path / "w")]
+    assert "not taken" not in caplog.text
+    for m in loaded:
+        options = gen.decode_options(m)
+        assert (options.method, options.num_beams, options.beam_rule, options.length_penalty,
+                options.early_stopping) == ("beam", 3, "hf", generation["length_penalty"],
+                                            str(generation["early_stopping"]).lower())
+        if family == "t5":
+            assert (options.max_new_tokens, options.min_new_tokens) == (9, 3)
+        ours = m.generate(input_ids=prompts)
+        assert [b["ids"] for beams in ours for b in beams[:2]] == theirs
+        np.testing.assert_allclose([b["penalised_score"] for beams in ours for b in beams[:2]],
+                                   scores.numpy(), atol=2e-4)
+        hf_defaults = m.generate(input_ids=prompts, length_penalty=1.0, early_stopping=False)
+        assert [b["ids"] for beams in hf_defaults for b in beams[:2]] != theirs
+
+
+def test_beam_settings_hf_would_not_use_fall_back_with_a_warning(caplog):
+    """Beam sampling (do_sample with num_beams) is not taken; an unusable length_penalty or
+    early_stopping falls back to HF's default; a decoder-only model's max_length / min_length
+    (they count the prompt) are not taken, an encoder-decoder's are (less its start token)."""
+    with caplog.at_level(logging.WARNING):
+        sampled = api.hf_decode_defaults({}, {"do_sample": True, "num_beams": 4})
+        odd = api.hf_decode_defaults({}, {"num_beams": 2, "length_penalty": "long",
+                                          "early_stopping": "sometimes"})
+        gpt = api.hf_decode_defaults({}, {"max_length": 30, "min_length": 5})
+        t5 = api.hf_decode_defaults({"is_encoder_decoder": True},
+                                    {"max_length": 30, "min_length": 1, "max_new_tokens": 7})
+    assert sampled["method"] == "sample" and "num_beams" not in sampled
+    assert (odd["method"], odd["num_beams"], odd["length_penalty"], odd["early_stopping"]) == (
+        "beam", 2, 1.0, "false")
+    assert "max_new_tokens" not in gpt and gpt["min_new_tokens"] == 0  # HF's default
+    assert (t5["max_new_tokens"], t5["min_new_tokens"]) == (7, 0)  # max_new_tokens wins
+    text = caplog.text
+    assert "generation settings num_beams=4 are not taken (beam sampling" in text
+    assert "length_penalty='long' is not a usable decode option" in text
+    assert "early_stopping='sometimes' is not a usable decode option" in text
+    assert "generation settings max_length=30, min_length=5 are not taken" in text
+    assert text.count("not taken") == 2  # the encoder-decoder's lengths are taken

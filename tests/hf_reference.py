@@ -128,7 +128,8 @@ def _llama_layout(model_cls, config_cls, tie, kv_heads, seed, rope, extra):
 def padded_generate(hf, prompts, n: int, left_pad: bool = True, transition: bool = False,
                     **kw):
     """HF `generate` on `prompts` padded into one batch with pad id 0 (left for a causal LM,
-    right for T5's encoder), `max_new_tokens=n` and `kw`: (each row's new tokens as a list,
+    right for T5's encoder), `max_new_tokens=n` (None: the model's generation config's) and
+    `kw`: (each row's new tokens as a list,
     `sequences_scores` or None; with `transition`, each row's per-token log-probs instead,
     from HF's `compute_transition_scores`, beams included)."""
     p = max(map(len, prompts))
@@ -139,8 +140,8 @@ def padded_generate(hf, prompts, n: int, left_pad: bool = True, transition: bool
         ids[i, sl], mask[i, sl] = x, 1
     with torch.no_grad():
         out = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                          max_new_tokens=n, pad_token_id=0, return_dict_in_generate=True,
-                          output_scores=True, **kw)
+                          pad_token_id=0, return_dict_in_generate=True, output_scores=True,
+                          **({} if n is None else {"max_new_tokens": n}), **kw)
     new = out.sequences[:, p if left_pad else 1:]  # T5's output starts with its start id
     if transition:
         per_token = hf.compute_transition_scores(out.sequences, out.scores,

@@ -361,6 +361,23 @@ def test_prompt_lookup_is_recorded_only_where_it_changes_records():
     assert (sampled["prompt_lookup_num_tokens"], sampled["max_matching_ngram_size"]) == (4, 2)
 
 
+def test_beam_rule_is_recorded_with_its_settings():
+    """T5X's beam search records num_beams and alpha, as before HF's rule existed (so older
+    sidecars resume); HF's records its length_penalty and early_stopping instead of alpha."""
+    ckpt = {"path": "/c", "step": 1}
+    t5x = infer.output_meta(ckpt, gen.DecodeOptions(method="beam"), None, None, [1])["decode"]
+    assert {k: t5x.get(k) for k in ("alpha", "beam_rule", "length_penalty")} == {
+        "alpha": 0.6, "beam_rule": None, "length_penalty": None}
+    hf = infer.output_meta(ckpt, gen.DecodeOptions(method="beam", beam_rule="hf",
+                                                   early_stopping=True), None, None, [1])
+    assert {k: hf["decode"].get(k) for k in ("alpha", "beam_rule", "length_penalty",
+                                             "early_stopping")} == {
+        "alpha": None, "beam_rule": "hf", "length_penalty": 1.0, "early_stopping": "true"}
+    # the flag's text forms, as HF's values
+    assert [gen.decode_options(early_stopping=v).early_stopping
+            for v in ("True", "never", False)] == ["true", "never", "false"]
+
+
 def test_sampling_filters_are_recorded_when_on():
     """min_p, typical_p and the cutoffs change sampled records: recorded when on and sampling
     (so older sidecars, written without them, resume), never for greedy decoding."""

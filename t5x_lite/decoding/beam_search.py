@@ -1,6 +1,6 @@
-"""Beam search with T5's length penalty, as one `lax.while_loop` over a KV-cached step.
+"""Beam search, as one `lax.while_loop` over a KV-cached step, by T5X's rule or by HF's.
 
-The algorithm is T5X's: each step expands the W alive beams by every token, keeps the 2W best
+T5X's rule (`BeamRule()`, the default): each step expands the W alive beams by every token, keeps the 2W best
 candidates by summed log-prob ((1 + S) W with S > 1 stop ids, as HF keeps); the best W of them
 that do not end in EOS stay alive, and the ones that do end in EOS compete with the finished
 set, scored by
@@ -15,9 +15,22 @@ alive beams (unfinished, scored at their length); finished beams always rank fir
 A beam that completes a stop string (`stop_strings`) ends as one ending in EOS does (HF's
 rule: its stopping criteria end beams), keeping the token.
 
-Difference from HF's beam search: HF lets only the top-W ranked of the 2W candidates finish;
-here every EOS candidate among them may (T5X's rule). Both agree whenever no EOS candidate
-ranked below W would enter the final top beams.
+HF's rule (`BeamRule(hf=True, penalty=length_penalty, early_stopping=...)`, HF `generate`'s
+beam search in transformers 5): the same (1 + S) W candidates and alive beams, but
+
+    score = sum log p / length ** length_penalty           (length counts EOS)
+
+only the top W ranked candidates that end (EOS, a stop string, or the length budget: at the
+last step every one of them ends) may join the finished set; with early_stopping "true" an
+element stops taking finished beams once it holds W of them, with "false" once its best alive
+beam, scored at its current length, cannot beat its worst finished one (HF's heuristic), with
+"never" the same test at the budget's length when length_penalty > 0 (exact). The search stops
+when every element is done that way, and returns each element's finished set, best first
+(full by then: at the budget the top W candidates finish).
+
+With T5X's rule every EOS candidate among the (1 + S) W may finish; both rules agree (at
+alpha = length_penalty = 0) whenever no EOS candidate ranked below W would enter the final top
+beams and every beam ends in EOS within the budget.
 
 Shape legend: B batch, W beams, N max new tokens, V vocab.
 """
@@ -27,6 +40,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from t5x_lite.decoding import processors
 from t5x_lite.decoding.processors import History, Processing, process
@@ -40,6 +54,29 @@ NEG = -1.0e9  # "impossible" score; finite so arithmetic on it stays NaN-free
 def length_penalty(length, alpha: float):
     """T5's brevity penalty ((5 + length) / 6) ** alpha."""
     return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+
+
+EARLY_STOPPING = ("false", "true", "never")  # HF's early_stopping False / True / "never"
+
+
+class BeamRule(NamedTuple):
+    """How beams are scored and when the search ends (part of the compiled program).
+
+    hf False: T5X's rule, `penalty` is alpha of ((5 + length) / 6) ** alpha. hf True: HF's,
+    `penalty` is length_penalty of length ** length_penalty, `early_stopping` one of
+    `EARLY_STOPPING` (module docstring)."""
+
+    hf: bool = False
+    penalty: float = 0.6
+    early_stopping: str = "false"
+
+    def divisor(self, length, n: int):
+        """What a sum of log-probs of `length` tokens (1..n) is divided by. HF's is computed
+        as HF does, in float64 and then rounded to float32 (torch divides by that scalar)."""
+        if not self.hf:
+            return length_penalty(length, self.penalty)
+        table = np.maximum(np.arange(n + 1, dtype=np.float64), 1.0) ** self.penalty
+        return jnp.asarray(table.astype(np.float32))[length]
 
 
 class BeamOutput(NamedTuple):
@@ -66,6 +103,7 @@ class _State(NamedTuple):
     cache: Any
     history: History | None  # [B * W] rows: what the processors read (None: none on)
     alive_matched: jax.Array | None  # [B, W, S] stop-string states (None: no stop strings)
+    open: jax.Array  # [B] HF's rule: the element may still take finished beams
 
 
 def _gather(x_BxCx, idx_BxW):
@@ -75,7 +113,7 @@ def _gather(x_BxCx, idx_BxW):
 
 
 def beam_search(tokens_to_logits: StepFn, cache, first_logits_BWxV, *, num_beams: int,
-                max_new_tokens: int, alpha: float,
+                max_new_tokens: int, rule: BeamRule,
                 reorder_cache: Callable[[Any, jax.Array], Any], eos_id: StopIds = EOS_ID,
                 processing: Processing | None = None, history: History | None = None,
                 stops: StopStrings | None = None) -> BeamOutput:
@@ -92,6 +130,7 @@ def beam_search(tokens_to_logits: StepFn, cache, first_logits_BWxV, *, num_beams
         the rows' histories (`processors`), applied to the log-probs as HF does in beam search;
         beams are ranked by the processed sums, `model_logprob_BxW` keeps the model's.
       stops: stop strings (`stop_strings.tables`): a candidate completing one ends there.
+      rule: T5X's or HF's scoring and stopping (`BeamRule`).
     """
     w, n = num_beams, max_new_tokens
     bw, v = first_logits_BWxV.shape
@@ -115,7 +154,8 @@ def beam_search(tokens_to_logits: StepFn, cache, first_logits_BWxV, *, num_beams
         # Candidates of placeholder beams (score ~NEG) appear only when V is tiny: never finish.
         matched = None if stops is None else _gather(s.alive_matched, top_beam)
         matched, hit_BxC = advance(stops, matched, top_tok)
-        ends = (is_eos(top_tok, eos_id) | hit_BxC) & (top_logp_BxC > NEG / 2)
+        stopped = is_eos(top_tok, eos_id) | hit_BxC
+        ends = stopped & (top_logp_BxC > NEG / 2)
 
         # Alive: the best W candidates that did not end (at most S * W of the (1 + S) * W end
         # at stop ids; with stop strings, more may: the alive slots left are placeholders).
@@ -127,7 +167,13 @@ def beam_search(tokens_to_logits: StepFn, cache, first_logits_BWxV, *, num_beams
                                     _gather(top_tok, keep).reshape(-1))
 
         # Finished: merge the new EOS candidates into the best W finished so far.
-        new_score = jnp.where(ends, top_logp_BxC / length_penalty(i + 1, alpha), NEG)
+        finishing = ends
+        if rule.hf:  # the top W that end, the budget ending all; not once the element is done
+            full_Bx1 = jnp.all(s.fin_score > NEG / 2, 1, keepdims=True)
+            finishing = ((stopped | (i + 1 >= n)) & (jnp.arange(candidates) < w)
+                         & (top_logp_BxC > NEG / 2) & s.open[:, None]
+                         & ~(full_Bx1 & (rule.early_stopping == "true")))
+        new_score = jnp.where(finishing, top_logp_BxC / rule.divisor(i + 1, n), NEG)
         pool_score = jnp.concatenate([s.fin_score, new_score], 1)
         fin_score, pick = jax.lax.top_k(pool_score, w)
         fin_seq = _gather(jnp.concatenate([s.fin_seq, top_seq], 1), pick)
@@ -135,10 +181,16 @@ def beam_search(tokens_to_logits: StepFn, cache, first_logits_BWxV, *, num_beams
         fin_tok_logp = _gather(jnp.concatenate([s.fin_tok_logp, top_tok_logp], 1), pick)
         fin_len = _gather(jnp.concatenate([s.fin_len, jnp.full_like(top_tok, i + 1)], 1), pick)
         fin_flag = _gather(jnp.concatenate([s.fin_flag, ends], 1), pick)
+        still_open = s.open
+        if rule.hf:  # HF's test of whether the best alive beam may still beat a finished one
+            best_len = n if rule.early_stopping == "never" and rule.penalty > 0 else i + 1
+            best_Bx1 = alive_logp[:, :1] / rule.divisor(best_len, n)
+            worst_BxW = jnp.where(fin_score > NEG / 2, jnp.min(fin_score, 1, keepdims=True), NEG)
+            still_open = s.open & jnp.any(best_Bx1 > worst_BxW, 1)
         return _State(i + 1, alive_seq, alive_logp, alive_tok_logp, fin_seq,
                       fin_score, fin_logp, fin_tok_logp, fin_len, fin_flag,
                       reorder_cache(s.cache, parent_rows), history,
-                      None if matched is None else _gather(matched, keep))
+                      None if matched is None else _gather(matched, keep), still_open)
 
     zeros_seq = jnp.zeros((b, w, n), jnp.int32)
     init_logp = jnp.tile(jnp.array([0.0] + [NEG] * (w - 1), jnp.float32), (b, 1))
@@ -146,11 +198,16 @@ def beam_search(tokens_to_logits: StepFn, cache, first_logits_BWxV, *, num_beams
     state = _State(jnp.int32(0), zeros_seq, init_logp, zeros_tok, zeros_seq,
                    jnp.full((b, w), NEG), zeros_f, zeros_tok,
                    jnp.zeros((b, w), jnp.int32), jnp.zeros((b, w), jnp.bool_), cache, history,
-                   initial_state(stops, (b, w)))
+                   initial_state(stops, (b, w)), jnp.ones((b,), jnp.bool_))
     state = expand(state, first_logits_BWxV)
-    best_possible_bound = length_penalty(n, alpha) if alpha >= 0 else length_penalty(1, alpha)
+    best_possible_bound = rule.divisor(n if rule.penalty >= 0 else 1, n)
 
     def cond(s: _State):
+        if rule.hf:  # HF's end of the search (where every candidate ends, the loop goes on
+            # to the budget, finishing nothing more: a step's placeholder beams never finish)
+            full = jnp.all(s.fin_score > NEG / 2)
+            return ((s.step < n) & jnp.any(s.open)
+                    & ~(full & (rule.early_stopping == "true")))
         best_alive_B = s.alive_logp[:, 0] / best_possible_bound
         worst_fin_B = jnp.where(jnp.all(s.fin_flag, 1), jnp.min(s.fin_score, 1), NEG)
         return (s.step < n) & ~jnp.all(worst_fin_B > best_alive_B)
@@ -161,25 +218,32 @@ def beam_search(tokens_to_logits: StepFn, cache, first_logits_BWxV, *, num_beams
         return expand(s._replace(cache=cache), logits_BWx1xV[:, 0])
 
     s = jax.lax.while_loop(cond, body, state)
-    return _finalize(s, w, alpha, processed=processing is not None)
+    return _finalize(s, w, rule, processed=processing is not None)
 
 
-def _finalize(s: _State, w: int, alpha: float, processed: bool) -> BeamOutput:
-    """Best W of finished (first) and alive (filling in) beams, best first. The model's
-    log-prob sums are the ranked sums, or with `processed` log-probs their tokens' sums."""
-    alive_len = jnp.broadcast_to(s.step, s.alive_logp.shape).astype(jnp.int32)
-    alive_score = s.alive_logp / length_penalty(alive_len, alpha)
-    cat = lambda a, c: jnp.concatenate([a, c], 1)
-    score, flag = cat(s.fin_score, alive_score), cat(s.fin_flag, jnp.zeros_like(s.fin_flag))
-    # Lexicographic (finished first, then score): two stable sorts, no score offsets that
-    # would cost float32 precision. Empty finished slots (score NEG) sort after alive beams.
-    by_score = jnp.argsort(-score, axis=1, stable=True)
-    pick = _gather(by_score, jnp.argsort(~_gather(flag, by_score), axis=1, stable=True))[:, :w]
-    length = _gather(cat(s.fin_len, alive_len), pick)
-    positions_N = jnp.arange(s.alive_seq.shape[-1])
-    within = positions_N < length[..., None]
-    seq = jnp.where(within, _gather(cat(s.fin_seq, s.alive_seq), pick), PAD_ID)
-    tok_logp = jnp.where(within, _gather(cat(s.fin_tok_logp, s.alive_tok_logp), pick), 0.0)
-    logp = _gather(cat(s.fin_logp, s.alive_logp), pick)
-    return BeamOutput(seq, _gather(score, pick), logp, length, _gather(flag, pick),
+def _finalize(s: _State, w: int, rule: BeamRule, processed: bool) -> BeamOutput:
+    """The best W beams, best first. T5X's rule: finished (first) and alive (filling in) beams;
+    HF's: the finished set (already best first). The model's log-prob sums are the ranked
+    sums, or with `processed` log-probs their tokens' sums."""
+    if rule.hf:
+        score, flag, length, seq, tok_logp, logp = (
+            s.fin_score, s.fin_flag, s.fin_len, s.fin_seq, s.fin_tok_logp, s.fin_logp)
+    else:
+        alive_len = jnp.broadcast_to(s.step, s.alive_logp.shape).astype(jnp.int32)
+        alive_score = s.alive_logp / rule.divisor(alive_len, s.alive_seq.shape[-1])
+        cat = lambda a, c: jnp.concatenate([a, c], 1)
+        score, flag = cat(s.fin_score, alive_score), cat(s.fin_flag, jnp.zeros_like(s.fin_flag))
+        # Lexicographic (finished first, then score): two stable sorts, no score offsets that
+        # would cost float32 precision. Empty finished slots (score NEG) sort after alive beams.
+        by_score = jnp.argsort(-score, axis=1, stable=True)
+        pick = _gather(by_score, jnp.argsort(~_gather(flag, by_score), axis=1, stable=True))[:, :w]
+        score, flag, length, seq, tok_logp, logp = (
+            _gather(x, pick) for x in (score, flag, cat(s.fin_len, alive_len),
+                                       cat(s.fin_seq, s.alive_seq),
+                                       cat(s.fin_tok_logp, s.alive_tok_logp),
+                                       cat(s.fin_logp, s.alive_logp)))
+    within = jnp.arange(seq.shape[-1]) < length[..., None]
+    seq = jnp.where(within, seq, PAD_ID)
+    tok_logp = jnp.where(within, tok_logp, 0.0)
+    return BeamOutput(seq, score, logp, length, flag,
                       jnp.sum(tok_logp, -1) if processed else logp, tok_logp)

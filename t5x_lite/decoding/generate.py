@@ -37,7 +37,7 @@ from t5x_lite.api import is_prefix_lm
 from t5x_lite.config import ModelConfig
 from t5x_lite.decoding import cache as cache_lib
 from t5x_lite.decoding import steps, stop_strings
-from t5x_lite.decoding.beam_search import NEG, beam_search
+from t5x_lite.decoding.beam_search import EARLY_STOPPING, NEG, BeamRule, beam_search
 from t5x_lite.decoding.filtering import SamplingConfig
 from t5x_lite.decoding.processors import Processing, initial_history, take_rows
 from t5x_lite.decoding.sampling import EOS_ID, sample_decode
@@ -45,6 +45,7 @@ from t5x_lite.decoding.speculative import Lookup, speculative_decode
 from t5x_lite.errors import UserError
 
 METHODS = ("greedy", "sample", "beam")
+BEAM_RULES = ("t5", "hf")
 # Decode options that are tuples of ids, or of (ids, bias) pairs; () = off.
 SEQUENCE_OPTIONS = ("sequence_bias", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens")
 INT32_MAX = 2**31 - 1  # sizes and positions are int32 inside the jitted loops
@@ -71,7 +72,12 @@ class DecodeOptions:
     epsilon_cutoff: float = 0.0  # HF's epsilon cutoff (after typical-p): 0 = off
     eta_cutoff: float = 0.0  # HF's eta cutoff (after epsilon): 0 = off
     num_beams: int = 4
-    alpha: float = 0.6
+    alpha: float = 0.6  # T5's length penalty ((5 + length) / 6) ** alpha (beam_rule "t5")
+    # "t5" (T5X's beam search) or "hf" (HF generate's: length ** length_penalty, its
+    # early_stopping "false" | "true" | "never"); see `beam_search`.
+    beam_rule: str = "t5"
+    length_penalty: float = 1.0
+    early_stopping: str = "false"
     num_samples: int = 1
     seed: int = 0
     batch_size: int = 16
@@ -95,7 +101,7 @@ class DecodeOptions:
 
     def __post_init__(self):
         # lists and text, as hashable tuples
-        for name in ("stop_ids", "stop_strings", *SEQUENCE_OPTIONS):
+        for name in ("stop_ids", "stop_strings", "early_stopping", *SEQUENCE_OPTIONS):
             object.__setattr__(self, name, _coerce(name, getattr(self, name)))
         checks = [
             (self.method in METHODS,
@@ -104,6 +110,12 @@ class DecodeOptions:
             (0 <= self.temperature < math.inf,
              f"temperature must be finite and >= 0, got {self.temperature}"),
             (math.isfinite(self.alpha), f"alpha must be finite, got {self.alpha}"),
+            (self.beam_rule in BEAM_RULES, f"unknown beam_rule {self.beam_rule!r}; choose one "
+             f"of {', '.join(BEAM_RULES)}"),
+            (math.isfinite(self.length_penalty),
+             f"length_penalty must be finite, got {self.length_penalty}"),
+            (self.early_stopping in EARLY_STOPPING, f"early_stopping must be one of "
+             f"{', '.join(EARLY_STOPPING)} (or a bool), got {self.early_stopping!r}"),
             (0 < self.repetition_penalty < math.inf, f"repetition_penalty must be finite and "
              f"> 0 (1 = off), got {self.repetition_penalty}"),
             (self.min_new_tokens >= 0, f"min_new_tokens must be >= 0 (0 = off), got "
@@ -155,6 +167,13 @@ class DecodeOptions:
                              self.suppress_tokens, self.begin_suppress_tokens)
 
     @property
+    def beam(self) -> BeamRule:
+        """The beam search's scoring and stopping rule."""
+        if self.beam_rule == "hf":
+            return BeamRule(True, self.length_penalty, self.early_stopping)
+        return BeamRule(False, self.alpha)
+
+    @property
     def processed_ids(self) -> list[int]:
         """Every token id the sequence processors name."""
         return [*(i for ids, _ in self.sequence_bias for i in ids),
@@ -178,6 +197,8 @@ def _coerce(name: str, value):
         return _sequence_bias_option(value)
     if name == "stop_strings":
         return _stop_strings_option(value)
+    if name == "early_stopping":  # HF's True / False / "never", or their flag text
+        return str(value).lower() if isinstance(value, (bool, str)) else value
     kind = {"str": str, "int": int, "float": float}[_FIELD_TYPES[name]]
     try:
         out = kind(value)
@@ -669,15 +690,15 @@ def _sample_jit(params, tokens_BxP, lengths_B, seed, example_B, *, cfg, n, sampl
                          stops=stops)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "n", "beams", "alpha", "eos", "prefix_lm",
+@functools.partial(jax.jit, static_argnames=("cfg", "n", "beams", "rule", "eos", "prefix_lm",
                                              "processing"))
-def _beam_jit(params, tokens_BxP, lengths_B, *, cfg, n, beams, alpha, eos=(EOS_ID,),
+def _beam_jit(params, tokens_BxP, lengths_B, *, cfg, n, beams, rule, eos=(EOS_ID,),
               prefix_lm=False, processing=None, stops=None):
     b, p = tokens_BxP.shape
     rows = jnp.repeat(jnp.arange(b), beams)
     logits, cache, step = steps.prefill(cfg, params, tokens_BxP, lengths_B, cache_len(cfg, p, n),
                                         rows, prefix_lm=prefix_lm)
-    return beam_search(step, cache, logits, num_beams=beams, max_new_tokens=n, alpha=alpha,
+    return beam_search(step, cache, logits, num_beams=beams, max_new_tokens=n, rule=rule,
                        reorder_cache=cache_lib.take_rows, eos_id=eos, processing=processing,
                        history=_history(processing, cfg, tokens_BxP, lengths_B, rows, n),
                        stops=stops)
@@ -786,7 +807,7 @@ def decode_batch(loaded, tokens_BxP, lengths_B, options: DecodeOptions, example_
     with context:
         if options.method == "beam":
             out = _beam_jit(params, tokens_BxP, lengths_B, cfg=cfg, n=n,
-                            beams=options.num_beams, alpha=float(options.alpha), eos=eos,
+                            beams=options.num_beams, rule=options.beam, eos=eos,
                             prefix_lm=plm, processing=processing, stops=stops)
         elif draft is not None:
             _check_same_devices(loaded, draft)
@@ -888,7 +909,7 @@ def iter_generate(loaded, prompts: Sequence[Sequence[int]], options: DecodeOptio
 def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
              max_new_tokens=None, temperature=None, top_k=None, top_p=None, min_p=None,
              typical_p=None, epsilon_cutoff=None, eta_cutoff=None, num_beams=None, alpha=None,
-             num_samples=None, seed=None, batch_size=None, draft=None, num_draft=None,
+             beam_rule=None, length_penalty=None, early_stopping=None, num_samples=None, seed=None, batch_size=None, draft=None, num_draft=None,
              prompt_lookup_num_tokens=None, max_matching_ngram_size=None, stop_ids=None,
              repetition_penalty=None, no_repeat_ngram_size=None, min_new_tokens=None,
              sequence_bias=None, bad_words_ids=None, suppress_tokens=None,
@@ -913,7 +934,10 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
         `continue_final_message` (continue the last message instead of starting a reply) and
         `chat_template_kwargs` (more template variables, e.g. {"enable_thinking": False}).
       method: 'greedy' | 'sample' (temperature -> top_k -> top_p; temperature 0 = greedy) |
-        'beam' (num_beams, length penalty ((5 + len) / 6) ** alpha).
+        'beam' (num_beams; `beam_search`): beam_rule 't5' (T5X's: finished beams ranked by
+        sum log p / ((5 + len) / 6) ** alpha) or 'hf' (HF `generate`'s beam search, the same
+        beams and scores: sum log p / len ** length_penalty, and HF's early_stopping True /
+        False / "never").
       stop_ids: ids that end a row instead of the model's (`stop_ids(loaded)`), as HF
         `generate(eos_token_id=[...])` (e.g. a newline's id for one-line answers).
       repetition_penalty: HF's penalty on every id already in the row (prompt and generated;
@@ -947,6 +971,7 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
         loaded, method=method, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
         epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, num_beams=num_beams, alpha=alpha,
+        beam_rule=beam_rule, length_penalty=length_penalty, early_stopping=early_stopping,
         num_samples=num_samples, seed=seed, batch_size=batch_size, num_draft=num_draft,
         prompt_lookup_num_tokens=prompt_lookup_num_tokens,
         max_matching_ngram_size=max_matching_ngram_size,
