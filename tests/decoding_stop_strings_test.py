@@ -222,6 +222,42 @@ def test_greedy_and_speculative_stop_as_hf_generate(gpt2):
         assert accepted == 3 if kw.get("draft") is m else 0 < accepted < 3, kw
 
 
+def test_strings_begun_in_the_prompt_end_as_in_hf_generate(gpt2):
+    """HF reads the prompt too: a string that begins in a prompt's text and ends in its first
+    generated token stops the row there (greedy, speculative, and HF's beam search); one that
+    lies within a prompt does not. Each row against HF `generate` on that prompt alone."""
+    m, hf, tok = gpt2
+    ids = [tok(p).input_ids for p in PROMPTS]
+    kw = dict(input_ids=ids, max_new_tokens=N, no_repeat_ngram_size=NGRAM)
+    plain = gen.generate(m, **kw)
+    pad = m.vocab.token_bytes()[0].decode()  # the left padding's id, 0, read as text
+    stops = [PROMPTS[0][-2:] + plain[0]["text"][:1], PROMPTS[3][-3:] + plain[3]["text"][:1],
+             PROMPTS[1][:3], pad + PROMPTS[2] + plain[2]["text"][:1]]
+    assert not any(stops[2] in o["text"] for o in plain)  # within prompt 1 only
+    assert len(ids[2]) < max(map(len, ids))  # padded in the batch
+    hf_kw = dict(max_new_tokens=N, no_repeat_ngram_size=NGRAM, stop_strings=stops,
+                 tokenizer=tok, eos_token_id=EOS, pad_token_id=EOS)
+    out = gen.generate(m, stop_strings=stops, **kw)
+    with torch.no_grad():
+        for p, o in zip(ids, out):
+            assert o["ids"] == hf.generate(torch.tensor([p]), do_sample=False,
+                                           **hf_kw)[0, len(p):].tolist()
+    assert [len(o["ids"]) for o in out][::3] == [1, 1] and min(len(out[1]["ids"]),
+                                                               len(out[2]["ids"])) > 1
+    for spec in ({"draft": m, "num_draft": 3}, {"prompt_lookup_num_tokens": 3}):
+        spec_out = gen.generate(m, stop_strings=stops, **kw, **spec)
+        assert [o["ids"] for o in spec_out] == [o["ids"] for o in out], spec
+    beams = gen.generate(m, stop_strings=stops, method="beam", num_beams=3, beam_rule="hf",
+                         **kw)
+    with torch.no_grad():
+        for p, o in zip(ids, beams):
+            want = hf.generate(torch.tensor([p]), num_beams=3, num_return_sequences=3,
+                               do_sample=False, **hf_kw)[:, len(p):].tolist()
+            for beam, w in zip(o, want, strict=True):  # HF pads with EOS after an end
+                assert w[:len(beam["ids"])] == beam["ids"] and set(w[len(beam["ids"]):]) <= {EOS}
+    assert len(beams[0][0]["ids"]) == 1
+
+
 def test_samples_stop_at_the_first_completion_of_the_same_samples(gpt2):
     """Samples are keyed by (seed, row, step): with stop strings each is the same sample cut
     after its first token whose decoded text completes one."""

@@ -668,6 +668,17 @@ def cache_phases(cfg: ModelConfig, p: int, n: int, k: int = 0) -> list[int]:
     return [*range(start + size, total, size), total]
 
 
+def _prompt_stops(stops, cfg: ModelConfig, tokens_BxP, lengths_B, rows_R):
+    """`stops` from each (expanded) row's state after its prompt, as HF reads it (a GPT's;
+    a T5's generated text has none before it: its encoder input is not in the sequence)."""
+    if stops is None or cfg.family == "t5":
+        return stops
+    if rows_R is not None:
+        tokens_BxP, lengths_B = tokens_BxP[rows_R], lengths_B[rows_R]
+    valid = steps.left_pad_valid(lengths_B, tokens_BxP.shape[1])
+    return stop_strings.after_prompt(stops, tokens_BxP, valid)
+
+
 def _history(processing, cfg: ModelConfig, tokens_BxP, lengths_B, rows_R, room: int):
     """Each (expanded) row's history for the processors, with `room` free slots; or None."""
     history = initial_history(processing, cfg.family, tokens_BxP, lengths_B, cfg.vocab_size,
@@ -687,7 +698,7 @@ def _sample_jit(params, tokens_BxP, lengths_B, seed, example_B, *, cfg, n, sampl
                          max_new_tokens=n, sampling=sampling, eos_id=eos,
                          grow_to=tuple(lengths[1:]), processing=processing,
                          history=_history(processing, cfg, tokens_BxP, lengths_B, rows, n),
-                         stops=stops)
+                         stops=_prompt_stops(stops, cfg, tokens_BxP, lengths_B, rows))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n", "beams", "rule", "eos", "prefix_lm",
@@ -701,7 +712,7 @@ def _beam_jit(params, tokens_BxP, lengths_B, *, cfg, n, beams, rule, eos=(EOS_ID
     return beam_search(step, cache, logits, num_beams=beams, max_new_tokens=n, rule=rule,
                        reorder_cache=cache_lib.take_rows, eos_id=eos, processing=processing,
                        history=_history(processing, cfg, tokens_BxP, lengths_B, rows, n),
-                       stops=stops)
+                       stops=_prompt_stops(stops, cfg, tokens_BxP, lengths_B, rows))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "n", "k", "sampling", "samples",
@@ -731,7 +742,9 @@ def _speculative_jit(params, draft_params, tokens_BxP, lengths_B, seed, example_
                               num_draft=k, sampling=sampling, eos_id=eos,
                               grow_to=tuple(lengths[1:]), processing=processing,
                               history=_history(processing, cfg, tokens_BxP, lengths_B, rows,
-                                               n + k + 1), stops=stops, lookup=lookup)
+                                               n + k + 1),
+                              stops=_prompt_stops(stops, cfg, tokens_BxP, lengths_B, rows),
+                              lookup=lookup)
 
 
 def shard_rows(loaded, *arrays_B):

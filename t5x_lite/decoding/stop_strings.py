@@ -11,8 +11,11 @@ Text is bytes here, each token's as HF's matching reads it (`token_bytes` of `vo
 byte-fallback piece's byte, special tokens spelled as written, so "<|im_end|>" stops at that
 token); stop strings are matched as UTF-8.
 
-Difference from HF: matching starts at the first generated token (HF also completes a string
-that began in the prompt).
+As in HF, the text read is the whole sequence: a string that begins in a GPT's prompt and
+ends in a generated token stops the row there (`after_prompt`); one that lies within the
+prompt does not. Differences from HF: a GPT row's left padding is never read as text (HF's is,
+so there a short prompt's output could depend on its batch), nor is a T5's decoder start id
+(HF reads its text, "<pad>", before the first generated token).
 
 How: for a stop string s of L bytes (1 <= L <= `MAX_BYTES`), a row's state is a bitmask whose
 bit p (0 < p < L) says the text so far ends with s[:p]. A token of bytes b then
@@ -50,6 +53,7 @@ class StopStrings(NamedTuple):
 
     table_VxSx3: jax.Array  # uint32: START, INSIDE, FINISH (bit 0: the token holds s) bitmasks
     shift_V: jax.Array  # uint32: each token's length in bytes, at most 31
+    start_RxS: jax.Array | None = None  # each row's state after its prompt (`after_prompt`)
 
 
 def _masks(tokens: Sequence[bytes], s: bytes) -> np.ndarray:
@@ -105,10 +109,32 @@ def tables(tokens: Sequence[bytes], strings: Sequence[str], size: int) -> StopSt
 
 
 def initial_state(stops: StopStrings | None, shape: tuple[int, ...]) -> jax.Array | None:
-    """No text matched yet: zeros of `shape` + [S] (None without stop strings)."""
+    """The rows' states before their first generated token, [*shape, S]: after their prompts
+    (`after_prompt`; rows in order, prod(shape) of them), else no text matched yet (zeros).
+    None without stop strings."""
     if stops is None:
         return None
-    return jnp.zeros(shape + stops.table_VxSx3.shape[1:2], jnp.uint32)
+    s = stops.table_VxSx3.shape[1]
+    if stops.start_RxS is not None:
+        return stops.start_RxS.reshape(*shape, s)
+    return jnp.zeros((*shape, s), jnp.uint32)
+
+
+def after_prompt(stops: StopStrings | None, tokens_RxP, valid_RxP=None) -> StopStrings | None:
+    """`stops` whose rows start from their state after `tokens_RxP` (where `valid_RxP`, default
+    all): the text before each row's first generated token. A completion within these tokens
+    does not count (HF's criterion only asks whether a sequence ends a stop string)."""
+    if stops is None:
+        return None
+    valid_RxP = jnp.ones(tokens_RxP.shape, jnp.bool_) if valid_RxP is None else valid_RxP
+
+    def read(state_RxS, column):
+        tok_R, ok_R = column
+        return jnp.where(ok_R[:, None], advance(stops, state_RxS, tok_R)[0], state_RxS), None
+
+    zeros = jnp.zeros((tokens_RxP.shape[0], stops.table_VxSx3.shape[1]), jnp.uint32)
+    state, _ = jax.lax.scan(read, zeros, (tokens_RxP.T, valid_RxP.T))
+    return stops._replace(start_RxS=state)
 
 
 def advance(stops: StopStrings | None, state, tok):
