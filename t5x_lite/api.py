@@ -433,6 +433,7 @@ def load(path, *, dtype=None, mesh=None, step: int | None = None,
         eos = hf_eos(hf_cfg, cfg.vocab_size, generation_config)
         tokenizer_config = path / hf_interop.HF_TOKENIZER_CONFIG
         chat_file = path / hf_interop.HF_CHAT_TEMPLATE
+        named_chat = path / hf_interop.HF_CHAT_TEMPLATES_DIR
     else:
         workdir, found = checkpoints.resolve(path)
         step = checkpoints.check_step(workdir, found if step is None else step)
@@ -441,6 +442,7 @@ def load(path, *, dtype=None, mesh=None, step: int | None = None,
         vocab_path = hf_interop.workdir_vocabulary(workdir)
         tokenizer_config = workdir / hf_interop.TOKENIZER_SOURCE_CONFIG
         chat_file = workdir / hf_interop.CHAT_TEMPLATE_SOURCE
+        named_chat = workdir / hf_interop.CHAT_TEMPLATES_SOURCE
         numpy_params = None
         eos = checkpoint_eos(workdir, step, cfg, run)
     if dtype is not None:
@@ -456,7 +458,7 @@ def load(path, *, dtype=None, mesh=None, step: int | None = None,
                         "has none; decoding without them", path, run.decode.stop_strings)
         run.decode.stop_strings = ""
     # only a vocabulary that reads special tokens in text can encode a rendered chat
-    chat = (load_chat_template(tokenizer_config, chat_file)
+    chat = (load_chat_template(tokenizer_config, chat_file, named_chat)
             if cfg.family == "gpt" and getattr(vocab, "reads_special_tokens", False) else None)
     rules = partitioning.rules_from_config(run.get("mesh", {}).get("rules"))
     model = build_model(cfg, LossConfig(run.train.z_loss, run.train.label_smoothing))
@@ -717,31 +719,51 @@ def checkpoint_eos(workdir, step: int, cfg: ModelConfig, run=None) -> tuple[int,
     return hf_eos(hf_config, cfg.vocab_size, generation_config)
 
 
-def load_chat_template(settings_path, jinja_path):
+def load_chat_template(settings_path, jinja_path, named_path):
     """The chat template of an HF tokenizer (`chat.ChatTemplate.from_settings`): the file at
-    `jinja_path` (chat_template.jinja), else the `chat_template` of the tokenizer_config.json
-    at `settings_path`; None when there is none. One that cannot be read is a
+    `jinja_path` (chat_template.jinja) with the named templates at `named_path` (an HF
+    directory's additional_chat_templates/, or a converted workdir's copy of it:
+    `read_named_chat_templates`), else the `chat_template` of the tokenizer_config.json at
+    `settings_path`; None when there is none. One that cannot be read is a
     `chat.UnusableTemplate` (using it raises why) and a warning: the model works without it."""
     from t5x_lite import chat
     jinja = epath.Path(jinja_path)
-    named = jinja.parent / hf_interop.HF_CHAT_TEMPLATES_DIR
-    if named.is_dir():  # where transformers 5 saves named templates ("tool_use" among them)
-        logging.warning("%s is not read: its named chat templates are not used (a call with "
-                        "tools renders with the default template)", named)
     try:
         settings = hf_interop.read_json_object(settings_path, hf_interop.InteropError,
                                                "the tokenizer's settings", "fix or remove it")
-        try:
-            text = jinja.read_bytes().decode("utf-8") if jinja.exists() else None
-        except UnicodeDecodeError:
-            raise chat.ChatError(f"{jinja} is not UTF-8 text") from None
-        except OSError as e:  # a directory, no permission
-            raise chat.ChatError(f"{jinja} cannot be read: {e.strerror or e}") from None
-        return chat.ChatTemplate.from_settings(
-            settings, text, str(jinja if text is not None else settings_path))
+        text = _template_text(jinja) if jinja.exists() else None
+        named = read_named_chat_templates(named_path)
+        source = jinja if text is not None else named_path if named else settings_path
+        return chat.ChatTemplate.from_settings(settings, text, str(source), named)
     except (chat.ChatError, hf_interop.InteropError) as e:
         logging.warning("%s; going on without a chat template", e)
         return chat.UnusableTemplate(f"the model's chat template cannot be used: {e}")
+
+
+def _template_text(path) -> str:
+    """A template file's text (ChatError when it is not UTF-8 or cannot be read)."""
+    from t5x_lite import chat
+    try:
+        return epath.Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise chat.ChatError(f"{path} is not UTF-8 text") from None
+    except OSError as e:  # a directory, no permission
+        raise chat.ChatError(f"{path} cannot be read: {e.strerror or e}") from None
+
+
+def named_chat_template_files(path) -> list:
+    """The `<name>.jinja` files of a directory of named chat templates (an HF directory's
+    additional_chat_templates/, as transformers 5 saves and reads them, or a converted
+    workdir's copy of it), by name; [] when there is no such directory."""
+    path = epath.Path(path)
+    return sorted(path.glob("*.jinja"), key=lambda f: f.name) if path.is_dir() else []
+
+
+def read_named_chat_templates(path) -> dict[str, str] | None:
+    """The named chat templates {name: text} in directory `path`
+    (`named_chat_template_files`); None when there are none."""
+    return {f.name[:-len(".jinja")]: _template_text(f)
+            for f in named_chat_template_files(path)} or None
 
 
 def load_vocabulary(path, cfg: ModelConfig, run, tokenizer_config=None):

@@ -7,7 +7,9 @@ model's format (Llama 3's `<|start_header_id|>user<|end_header_id|>...<|eot_id|>
 
 - the template is `chat_template.jinja` when the directory has one, else tokenizer_config.json's
   `chat_template` (a string, or named templates: the one named "default", or "tool_use" when
-  tools are given and there is one);
+  tools are given and there is one). Named templates may also come as transformers 5 saves
+  them, as `additional_chat_templates/<name>.jinja` beside a `chat_template.jinja` ("default");
+  as in HF, tokenizer_config.json's template is then not read;
 - Jinja2's sandbox with HF's settings (`trim_blocks`, `lstrip_blocks`, loop controls) and HF's
   additions: `raise_exception(message)`, `strftime_now(format)`, a `tojson` that does not escape
   HTML, HF's restricted `dict` and `namespace` (no `_` names), and the special tokens of
@@ -30,8 +32,9 @@ tokenizer.json vocabulary reads them as those tokens (`TokenizerJsonVocabulary.e
 `add_special_tokens=False`), and the text gets no start id of its own. Needs the `jinja2`
 package (`pip install jinja2`; transformers installs it too). Not supported: tools given as
 Python functions (give their JSON schemas), `continue_final_message` naming another field than
-"content", named templates other than "default" and "tool_use" (HF's
-`additional_chat_templates/`).
+"content", choosing a named template by its name (HF's `chat_template="name"`): only "default"
+and "tool_use" are used, and named templates without a "default" one are refused (HF uses
+such a "tool_use" one with tools).
 """
 from __future__ import annotations
 
@@ -99,11 +102,18 @@ class ChatTemplate:
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any] | None, jinja: str | None,
-                      source: str) -> ChatTemplate | None:
+                      source: str, named: Mapping[str, str] | None = None
+                      ) -> ChatTemplate | None:
         """The template of a tokenizer: `jinja` (chat_template.jinja's text) when given, else
-        `settings`' (tokenizer_config.json) `chat_template`; None when neither has one."""
+        `settings`' (tokenizer_config.json) `chat_template`; None when neither has one. With
+        `named` templates (additional_chat_templates/: {name: text}) HF's choice: they and
+        `jinja` as "default" (a named "default" wins), `settings`' not read."""
         settings = settings or {}
         template = jinja if jinja is not None else settings.get("chat_template")
+        if named:
+            both = {**({"default": jinja} if jinja is not None else {}), **named}
+            template = both["default"] if list(both) == ["default"] else [
+                {"name": k, "template": v} for k, v in both.items()]
         tool_use = None
         if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}

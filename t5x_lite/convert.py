@@ -326,6 +326,9 @@ def hf_to_workdir(hf_dir, workdir, *, scan_layers: bool = False) -> ModelConfig:
             (workdir / kept).write_bytes(source.read_bytes())
         elif (workdir / kept).exists():
             (workdir / kept).unlink()
+    kept = workdir / hf_interop.CHAT_TEMPLATES_SOURCE  # transformers 5's named templates
+    _copy_named_templates(epath.Path(hf_dir) / hf_interop.HF_CHAT_TEMPLATES_DIR if tokenizer_side
+                          else None, kept)
     checkpoints.save_params(workdir, params, step=0)
     return cfg
 
@@ -396,7 +399,7 @@ def _write_hf_extras(workdir: epath.Path, out: epath.Path, cfg: ModelConfig,
     Llama-style one (`vocab.LlamaVocabulary`) as `tokenizer.model` with `tokenizer_config.json`
     (the source's, else LlamaTokenizer's settings and special pieces), its `tokenizer.json` as
     it came (with the source's `tokenizer_config.json`), either with the source's
-    `chat_template.jinja` when it had one. A GPT trained here has no HF tokenizer
+    `chat_template.jinja` and `additional_chat_templates/` when it had them. A GPT trained here has no HF tokenizer
     form (its prompts begin with id 0). Unless `out` already holds this very vocabulary file
     (an export into the model's own directory: its other tokenizer files are this model's and
     stay), every other tokenizer file there (`hf_interop.HF_TOKENIZER_FILES`: an earlier
@@ -443,6 +446,21 @@ def _write_hf_extras(workdir: epath.Path, out: epath.Path, cfg: ModelConfig,
         named.rmtree()
     for other, data in written.items():
         (out / other).write_bytes(data)
+    if name != hf_interop.HF_T5_VOCAB:  # the source's named templates, as transformers 5 saves
+        _copy_named_templates(workdir / hf_interop.CHAT_TEMPLATES_SOURCE, named, keep=True)
+
+
+def _copy_named_templates(source, dest: epath.Path, keep: bool = False) -> None:
+    """The `<name>.jinja` files of directory `source` (None: none) copied into `dest`, which
+    holds only them afterwards (`keep`: also the files it held), or is gone when there are
+    none (and not `keep`)."""
+    from t5x_lite import api  # imported on use, as in hf_to_workdir
+    templates = api.named_chat_template_files(source) if source is not None else []
+    if dest.is_dir() and not keep:
+        dest.rmtree()
+    for f in templates:
+        dest.mkdir(exist_ok=True)
+        (dest / f.name).write_bytes(f.read_bytes())
 
 
 FLAGS = flags.FLAGS

@@ -46,7 +46,7 @@ HF_LLAMA_VOCAB = "tokenizer.model"  # Llama / Mistral's sentencepiece model (Lla
 HF_TOKENIZER_JSON = "tokenizer.json"  # HF's tokenizers format (GPT-2, Llama 3, Qwen2, ...)
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
 HF_CHAT_TEMPLATE = "chat_template.jinja"  # an instruct model's chat template (`t5x_lite.chat`)
-HF_CHAT_TEMPLATES_DIR = "additional_chat_templates"  # HF's named extra templates (not read)
+HF_CHAT_TEMPLATES_DIR = "additional_chat_templates"  # transformers 5's named templates (*.jinja)
 # every file of an HF tokenizer (an export leaves none but its own model's)
 HF_TOKENIZER_FILES = (HF_T5_VOCAB, HF_LLAMA_VOCAB, HF_TOKENIZER_JSON, HF_TOKENIZER_CONFIG,
                       "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
@@ -54,6 +54,7 @@ HF_TOKENIZER_FILES = (HF_T5_VOCAB, HF_LLAMA_VOCAB, HF_TOKENIZER_JSON, HF_TOKENIZ
 # a converted workdir's copy of the source tokenizer_config.json (`llama_vocabulary` reads it)
 TOKENIZER_SOURCE_CONFIG = "hf_tokenizer_config.json"
 CHAT_TEMPLATE_SOURCE = "hf_chat_template.jinja"  # a converted workdir's copy of chat_template.jinja
+CHAT_TEMPLATES_SOURCE = "hf_additional_chat_templates"  # and of additional_chat_templates/
 HF_SOURCE_CONFIG = "hf_config.json"  # a converted workdir's copy of the source config.json
 # generate()'s defaults, among them its stop ids (`eos_token_id`: Llama 3 Instruct's list)
 HF_GENERATION_CONFIG = "generation_config.json"

@@ -423,11 +423,35 @@ def test_chat_options_in_infer_and_their_errors(tool_model, tmp_path):
         m.generate(inputs=["ab"], tools=TOOLS, max_new_tokens=1)
 
 
-def test_named_templates_of_transformers_5_are_named_in_a_warning(tool_model, tmp_path, caplog):
+def test_named_templates_as_transformers_5_saves_them(tool_model, tmp_path, caplog):
+    """transformers 5 saves named templates as chat_template.jinja ("default") and
+    additional_chat_templates/<name>.jinja: they render as HF's from such a directory, from its
+    converted workdir and from that workdir's export; named templates without a default one
+    are refused with a warning (one line on use)."""
+    hf, path = tool_model
     copy = tmp_path / "m"
-    shutil.copytree(tool_model[1], copy)
-    (copy / "additional_chat_templates").mkdir()
-    (copy / "additional_chat_templates" / "tool_use.jinja").write_text(TOOL_USE)
+    shutil.copytree(path, copy)
+    transformers.AutoTokenizer.from_pretrained(path).save_pretrained(copy)
+    assert (copy / "chat_template.jinja").read_text() == LLAMA3
+    assert (copy / "additional_chat_templates" / "tool_use.jinja").read_text() == TOOL_USE
+    assert "chat_template" not in json.loads((copy / "tokenizer_config.json").read_text())
+
+    def renders(directory):
+        tok = transformers.AutoTokenizer.from_pretrained(directory)
+        return [tok.apply_chat_template(ASK, tokenize=False, add_generation_prompt=True, **kw)
+                for kw in ({}, {"tools": TOOLS})]
+
+    want = renders(copy)
+    assert want[0] != want[1] and "Tools: " in want[1]
+    convert.hf_to_workdir(copy, tmp_path / "w")
+    convert.workdir_to_hf(tmp_path / "w", tmp_path / "out")
+    assert renders(tmp_path / "out") == want
+    for where in (copy, tmp_path / "w", tmp_path / "out"):
+        m = t5x_lite.load(where)
+        assert [m.chat_template.render(ASK), m.chat_template.render(ASK, tools=TOOLS)] == want
+    (copy / "chat_template.jinja").unlink()
     with caplog.at_level(logging.WARNING):
-        t5x_lite.load(copy)
-    assert f"{copy / 'additional_chat_templates'} is not read" in caplog.text
+        m = t5x_lite.load(copy)
+    assert "its chat templates ['tool_use'] have no 'default' one" in caplog.text
+    with pytest.raises(DecodeError, match="have no 'default' one"):
+        m.generate(messages=ASK, max_new_tokens=1)
