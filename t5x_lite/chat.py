@@ -20,7 +20,8 @@ model's format (Llama 3's `<|start_header_id|>user<|end_header_id|>...<|eot_id|>
 - messages as given (JSON values; tuples and numpy scalars as HF passes them), keys whose value
   is None dropped, a message's reasoning (`reasoning_content`, `thinking` or `reasoning`) under
   both `reasoning_content` and `thinking`, as HF fills them;
-- `tools` (JSON schemas: dicts) and `documents` (dicts) as the template's variables of those
+- `tools` (JSON schemas: dicts, or Python functions, described as HF's `get_json_schema` does:
+  `tool_schema`) and `documents` (dicts) as the template's variables of those
   names, and `variables` (HF's `**kwargs`, e.g. `enable_thinking`) as more variables, over the
   special tokens of the same name;
 - `continue_final_message`: no generation prompt; the text ends where the last message's
@@ -30,11 +31,10 @@ model's format (Llama 3's `<|start_header_id|>user<|end_header_id|>...<|eot_id|>
 The rendered text holds the template's special tokens spelled out (`<|begin_of_text|>`): a
 tokenizer.json vocabulary reads them as those tokens (`TokenizerJsonVocabulary.encode`, HF's
 `add_special_tokens=False`), and the text gets no start id of its own. Needs the `jinja2`
-package (`pip install jinja2`; transformers installs it too). Not supported: tools given as
-Python functions (give their JSON schemas), `continue_final_message` naming another field than
-"content", choosing a named template by its name (HF's `chat_template="name"`): only "default"
-and "tool_use" are used, and named templates without a "default" one are refused (HF uses
-such a "tool_use" one with tools).
+package (`pip install jinja2`; transformers installs it too). Not supported:
+`continue_final_message` naming another field than "content", choosing a named template by
+its name (HF's `chat_template="name"`): only "default" and "tool_use" are used, and named
+templates without a "default" one are refused (HF uses such a "tool_use" one with tools).
 """
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from t5x_lite.errors import UserError
+from t5x_lite.tool_schema import function_schema
 
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # HF's names, first read first
 CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # HF's marker for continue_final_message
@@ -191,14 +192,16 @@ class ChatTemplate:
 
 
 def _dicts(value, name: str):
-    """`tools` / `documents` as a list of plain dicts (None stays None; [] is HF's too)."""
+    """`tools` / `documents` as a list of plain dicts (None stays None; [] is HF's too); a
+    tool given as a Python function becomes its JSON schema (`tool_schema`), as in HF."""
     if value is None:
         return None
-    what = "JSON schemas (dicts)" if name == "tools" else "dicts"
+    tools = name == "tools"
+    what = "JSON schemas (dicts) or functions" if tools else "dicts"
     if not (isinstance(value, Sequence) and not isinstance(value, (str, bytes))) or not all(
-            isinstance(x, Mapping) for x in value):
+            isinstance(x, Mapping) or (tools and callable(x)) for x in value):
         raise ChatError(f"{name} are a list of {what}, got {_short(value)}")
-    return [_plain(dict(x)) for x in value]
+    return [_plain(dict(x)) if isinstance(x, Mapping) else function_schema(x) for x in value]
 
 
 def _tag_final_message(messages: list[dict]) -> tuple[list[dict], str]:

@@ -394,19 +394,19 @@ def _generation_config(workdir, stop_ids: tuple[int, ...], cfg: ModelConfig) -> 
 
 def _write_hf_extras(workdir: epath.Path, out: epath.Path, cfg: ModelConfig,
                      generation: bytes | None) -> None:
-    """The files beside the weights: `generation` (None: none) as generation_config.json, and
-    the workdir's vocabulary in HF form: T5's as `spiece.model`; a decoder-only model's
-    Llama-style one (`vocab.LlamaVocabulary`) as `tokenizer.model` with `tokenizer_config.json`
-    (the source's, else LlamaTokenizer's settings and special pieces), its `tokenizer.json` as
-    it came (with the source's `tokenizer_config.json`), either with the source's
-    `chat_template.jinja` and `additional_chat_templates/` when it had them. A GPT trained here has no HF tokenizer
-    form (its prompts begin with id 0). Unless `out` already holds this very vocabulary file
-    (an export into the model's own directory: its other tokenizer files are this model's and
-    stay), every other tokenizer file there (`hf_interop.HF_TOKENIZER_FILES`: an earlier
-    export's, another model's) is removed, and so is a generation_config.json the export does
-    not write, and a chat template (`chat_template.jinja`, `additional_chat_templates/`) it
-    does not write unless `out`'s tokenizer_config.json is the source's too: HF and `load`
-    would read them as this model's."""
+    """The files beside the weights: `generation` (None: none) as generation_config.json, and the
+    workdir's vocabulary in HF form: T5's as `spiece.model`; a decoder-only model's Llama-style
+    one (`vocab.LlamaVocabulary`) as `tokenizer.model` with `tokenizer_config.json` (the
+    source's, else LlamaTokenizer's settings and special pieces), its `tokenizer.json` as it
+    came (with the source's `tokenizer_config.json`), either with the source's
+    `chat_template.jinja` and `additional_chat_templates/` when it had them. A GPT trained here
+    has no HF tokenizer form (its prompts begin with id 0). Unless `out` already holds this very
+    vocabulary file (an export into the model's own directory: its other tokenizer files are
+    this model's and stay), every other tokenizer file there (`hf_interop.HF_TOKENIZER_FILES`:
+    an earlier export's, another model's) is removed, and so is a generation_config.json the
+    export does not write, and a chat template (`chat_template.jinja`,
+    `additional_chat_templates/`) it does not write unless `out`'s tokenizer_config.json is the
+    source's too: HF and `load` would read them as this model's."""
     path = hf_interop.workdir_vocabulary(workdir)
     name = hf_interop.hf_vocabulary_name(cfg, path)
     proto = path.read_bytes() if name is not None else None

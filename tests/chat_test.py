@@ -380,6 +380,36 @@ def test_tools_documents_kwargs_and_continuing_render_as_hf(tool_model, conversa
         assert text.endswith(("the sum is", "the sum is ", "fgh"))
 
 
+def add(a: float, b: float = 0.0) -> float:
+    """Add two numbers.
+
+    Args:
+        a: the first
+        b (float, optional): the second (choices: [0.0, 1.5])
+
+    Returns:
+        their sum
+    """
+    return a + b
+
+
+def test_tools_given_as_functions_render_as_hf(tool_model):
+    """A Python function among the tools is described as HF's get_json_schema describes it
+    (`tool_schema`), so the prompt is HF's; a function HF cannot describe is one line."""
+    hf, path = tool_model
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    tools = [add, TOOLS[0]]
+    text = tok.apply_chat_template(ASK, tokenize=False, add_generation_prompt=True, tools=tools)
+    assert '"name": "add"' in text and '"enum": [0.0, 1.5]' in text
+    m = t5x_lite.load(path)
+    assert m.chat_template.render(ASK, tools=tools) == text
+    ours = m.generate(messages=ASK, tools=tools, max_new_tokens=3)[0]
+    hf_ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ours["ids"] == ref.greedy_left_padded(hf, [hf_ids], 3)[0][:len(ours["ids"])]
+    with pytest.raises(DecodeError, match=r"^messages\[0\]: tool <lambda>: it has no docstring"):
+        m.generate(messages=ASK, tools=[lambda x: x], max_new_tokens=1)
+
+
 def test_fingerprint_without_named_templates_is_as_before(llama3):
     """Outputs written before named templates counted resume: the fingerprint of a template
     without a "tool_use" one hashes what it hashed then."""

@@ -1,9 +1,9 @@
 """Beam search, as one `lax.while_loop` over a KV-cached step, by T5X's rule or by HF's.
 
-T5X's rule (`BeamRule()`, the default): each step expands the W alive beams by every token, keeps the 2W best
-candidates by summed log-prob ((1 + S) W with S > 1 stop ids, as HF keeps); the best W of them
-that do not end in EOS stay alive, and the ones that do end in EOS compete with the finished
-set, scored by
+T5X's rule (`BeamRule()`, the default): each step expands the W alive beams by every token,
+keeps the 2W best candidates by summed log-prob ((1 + S) W with S > 1 stop ids, as HF keeps);
+the best W of them that do not end in EOS stay alive, and the ones that do end in EOS compete
+with the finished set, scored by
 
     score = sum log p / ((5 + length) / 6) ** alpha       (length counts EOS; alpha 0 = log-prob)
 
