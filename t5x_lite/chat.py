@@ -25,21 +25,23 @@ model's format (Llama 3's `<|start_header_id|>user<|end_header_id|>...<|eot_id|>
   names, and `variables` (HF's `**kwargs`, e.g. `enable_thinking`) as more variables, over the
   special tokens of the same name;
 - `continue_final_message`: no generation prompt; the text ends where the last message's
-  content ends (its last text block's, for a list of blocks), so the model continues it. HF's
-  method: a tag is appended to that content, and the text is cut at the tag.
+  content ends (its last text block's, for a list of blocks), or the field it names (e.g.
+  "reasoning_content", every copy of the reasoning), so the model continues it. HF's method: a
+  tag is appended to that text, and the rendered text is cut at the tag.
 
 The rendered text holds the template's special tokens spelled out (`<|begin_of_text|>`): a
 tokenizer.json vocabulary reads them as those tokens (`TokenizerJsonVocabulary.encode`, HF's
 `add_special_tokens=False`), and the text gets no start id of its own. Needs the `jinja2`
-package (`pip install jinja2`; transformers installs it too). Not supported:
-`continue_final_message` naming another field than "content", choosing a named template by
-its name (HF's `chat_template="name"`): only "default" and "tool_use" are used, and named
-templates without a "default" one are refused (HF uses such a "tool_use" one with tools).
+package (`pip install jinja2`; transformers installs it too). Not supported: choosing a named
+template by its name (HF's `chat_template="name"`): only "default" and "tool_use" are used,
+and named templates without a "default" one are refused (HF uses such a "tool_use" one with
+tools).
 """
 from __future__ import annotations
 
 import datetime
 import hashlib
+import inspect
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -138,17 +140,46 @@ class ChatTemplate:
                 variables[name] = value
         return cls(template, variables, source, tool_use)
 
+    def _tag_final_message(self, messages: list[dict], field: str, template: str
+                           ) -> tuple[list[dict], str]:
+        """The messages with HF's continue tag after the last message's `field` (its last text
+        block's, for a list of blocks; every copy of a reasoning field), and that text."""
+        last = dict(messages[-1])
+        value = last.get(field)
+        if value is None:
+            raise ChatError(f"continue_final_message: the final message has no \"{field}\" to "
+                            "continue")
+        fields = [field] if field not in REASONING_FIELDS else [
+            f for f in REASONING_FIELDS if last.get(f) == value]
+        if not any(f in template for f in fields):
+            raise ChatError(f"continue_final_message: the chat template ({self.source}) does "
+                            f"not read a message's \"{field}\"")
+        if isinstance(value, str):
+            for f in fields:
+                last[f] = value + CONTINUE_TAG
+            return messages[:-1] + [last], value
+        blocks = [dict(b) if isinstance(b, Mapping) else b for b in value] \
+            if isinstance(value, (list, tuple)) else []
+        at = next((i for i in range(len(blocks) - 1, -1, -1)
+                   if isinstance(blocks[i], dict) and "text" in blocks[i]), None)
+        if at is None or not isinstance(blocks[at]["text"], str):
+            raise ChatError("continue_final_message: the final message has no text to continue")
+        final = blocks[at]["text"]
+        blocks[at]["text"] = final + CONTINUE_TAG
+        last[field] = blocks
+        return messages[:-1] + [last], final
+
     def render(self, conversation, *, add_generation_prompt: bool | None = None, tools=None,
-               documents=None, continue_final_message: bool = False, variables=None) -> str:
+               documents=None, continue_final_message: bool | str = False,
+               variables=None) -> str:
         """The prompt text of `conversation`, a list of message dicts (see module docstring):
         the assistant's header at the end (`add_generation_prompt`, default: unless
         `continue_final_message`), or with `continue_final_message` the last message left
-        open."""
+        open: its "content" (True) or the field it names ("reasoning_content")."""
         messages = normalize_conversation(conversation)
-        if not isinstance(continue_final_message, bool):
-            raise ChatError(f"continue_final_message is True or False (continuing a field other "
-                            f"than \"content\" is not supported), got "
-                            f"{_short(continue_final_message)}")
+        if not isinstance(continue_final_message, (bool, str)):
+            raise ChatError(f"continue_final_message is True, False or the name of the field "
+                            f"to continue, got {_short(continue_final_message)}")
         if add_generation_prompt is None:
             add_generation_prompt = not continue_final_message
         if add_generation_prompt and continue_final_message:
@@ -169,10 +200,9 @@ class ChatTemplate:
         compiled = self._compile(template)
         final = None
         if continue_final_message:
-            if "content" not in template:
-                raise ChatError(f"continue_final_message: the chat template ({self.source}) "
-                                "does not read a message's \"content\"")
-            messages, final = _tag_final_message(messages)
+            field = continue_final_message if isinstance(continue_final_message, str) else \
+                "content"
+            messages, final = self._tag_final_message(messages, field, template)
         try:
             text = compiled.render(messages=messages, tools=tools, documents=documents,
                                    add_generation_prompt=add_generation_prompt,
@@ -199,31 +229,10 @@ def _dicts(value, name: str):
     tools = name == "tools"
     what = "JSON schemas (dicts) or functions" if tools else "dicts"
     if not (isinstance(value, Sequence) and not isinstance(value, (str, bytes))) or not all(
-            isinstance(x, Mapping) or (tools and callable(x)) for x in value):
+            isinstance(x, Mapping) or (tools and (inspect.isfunction(x) or inspect.ismethod(x)))
+            for x in value):
         raise ChatError(f"{name} are a list of {what}, got {_short(value)}")
     return [_plain(dict(x)) if isinstance(x, Mapping) else function_schema(x) for x in value]
-
-
-def _tag_final_message(messages: list[dict]) -> tuple[list[dict], str]:
-    """The messages with HF's continue tag after the last message's content (its last text
-    block's, for a list of blocks), and that content."""
-    last = dict(messages[-1])
-    content = last.get("content")
-    if isinstance(content, str):
-        final, last["content"] = content, content + CONTINUE_TAG
-    elif isinstance(content, (list, tuple)):
-        blocks = [dict(b) if isinstance(b, Mapping) else b for b in content]
-        at = next((i for i in range(len(blocks) - 1, -1, -1)
-                   if isinstance(blocks[i], dict) and "text" in blocks[i]), None)
-        if at is None or not isinstance(blocks[at]["text"], str):
-            raise ChatError("continue_final_message: the final message has no text to continue")
-        final = blocks[at]["text"]
-        blocks[at]["text"] = final + CONTINUE_TAG
-        last["content"] = blocks
-    else:
-        raise ChatError("continue_final_message: the final message has no \"content\" to "
-                        "continue")
-    return messages[:-1] + [last], final
 
 
 def normalize_conversation(conversation) -> list[dict]:

@@ -172,8 +172,9 @@ def read_prompts(path) -> list[Prompt]:
             options = {k: item[k] for k in CHAT_OPTIONS if k in item}
             if options.get("continue_final_message", False) is None:
                 options.pop("continue_final_message")  # null: off, as the other options
-            if not isinstance(options.get("continue_final_message", False), bool):
-                raise InferError(f"{where}: \"continue_final_message\" must be true or false")
+            if not isinstance(options.get("continue_final_message", False), (bool, str)):
+                raise InferError(f"{where}: \"continue_final_message\" must be true, false or "
+                                 "the name of the field to continue")
             inputs = {"messages": item["messages"], **options} if options else item["messages"]
             prompts.append(Prompt(inputs, None, chat=True, chat_options=options or None))
         else:

@@ -259,6 +259,35 @@ def test_template_features_render_as_hf(tmp_path):
     assert got == want and "think|think" in got and "('a', 'b')" in got
 
 
+THINKING = (  # Qwen3-style: the assistant's reasoning in <think> before its content
+    "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' }}"
+    "{%- if m.reasoning_content %}{{- '<think>\\n' + m.reasoning_content + '\\n</think>\\n\\n' }}"
+    "{%- endif %}{{- m.content + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+@pytest.mark.parametrize("field, message", [
+    ("reasoning_content", {"reasoning_content": "let me see "}),
+    ("thinking", {"thinking": "hmm"}),  # copied to reasoning_content, which the template reads
+    ("content", {"reasoning": "done", "content": "The answer"}),
+    ("reasoning", {"content": "x"}),  # no such field: one line, as HF refuses
+])
+def test_continue_final_message_names_a_field_as_hf(llama3, field, message):
+    tok = transformers.AutoTokenizer.from_pretrained(llama3[1])
+    conversation = [{"role": "user", "content": "why?"},
+                    {"role": "assistant", "content": "", **message}]
+    ours = chat.ChatTemplate.from_settings({}, THINKING, "t")
+    try:
+        want = tok.apply_chat_template(conversation, chat_template=THINKING, tokenize=False,
+                                       continue_final_message=field)
+    except ValueError:
+        with pytest.raises(chat.ChatError, match=f'final message has no "{field}"'):
+            ours.render(conversation, continue_final_message=field)
+        return
+    assert ours.render(conversation, continue_final_message=field) == want
+    assert want.rstrip().endswith(("let me see", "hmm", "The answer"))
+
+
 @pytest.mark.parametrize("template, message", [
     ("{% set d = {'a': 1} %}{{ dict.update(d, b=2) }}", "failed on this conversation"),
     ("{% set ns = namespace(_x=1) %}", "underscore names"),
@@ -432,8 +461,8 @@ def test_chat_options_in_infer_and_their_errors(tool_model, tmp_path):
                        **{k: v for k, v in x.items() if k != "messages"})[0] for x in lines]
     assert [r["output_ids"] for r in records] == [w["ids"] for w in want]
     for line, message in [({"inputs": "ab", "tools": TOOLS}, '"tools" apply to "messages"'),
-                          ({"messages": OPEN, "continue_final_message": "yes"},
-                           '"continue_final_message" must be true or false')]:
+                          ({"messages": OPEN, "continue_final_message": 1},
+                           '"continue_final_message" must be true, false or the name of')]:
         bad = tmp_path / "bad.jsonl"
         bad.write_text(json.dumps(line) + "\n")
         with pytest.raises(infer.InferError, match=f"^{bad}:1: {message}"):
@@ -443,8 +472,10 @@ def test_chat_options_in_infer_and_their_errors(tool_model, tmp_path):
                         ({"chat_template_kwargs": [1]}, "chat_template_kwargs are a dict"),
                         ({"chat_template_kwargs": {"tools": []}},
                          "chat_template_kwargs cannot set tools"),
+                        ({"continue_final_message": 2},
+                         "continue_final_message is True, False or the name of the field"),
                         ({"continue_final_message": "reasoning_content"},
-                         "continue_final_message is True or False"),
+                         "final message has no \"reasoning_content\""),
                         ({"continue_final_message": True}, "final message has no \"content\"")]:
         convo = [{"role": "user"}] if "continue_final_message" in kw else ASK
         with pytest.raises(DecodeError, match=message):

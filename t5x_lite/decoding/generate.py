@@ -362,7 +362,7 @@ def stop_ids(loaded) -> tuple[int, ...]:
 
 def encode_prompts(loaded, *, inputs=None, input_ids=None, messages=None,
                    labels: Sequence[str] | None = None, tools=None, documents=None,
-                   continue_final_message: bool = False,
+                   continue_final_message: bool | str = False,
                    chat_template_kwargs=None) -> list[list[int]]:
     """Token ids per prompt. Text is encoded with `loaded.vocab`; T5 inputs get EOS appended
     (T5's convention for encoder inputs), GPT prompts do not; a GPT trained by t5x_lite gets its
@@ -410,7 +410,7 @@ def encode_prompts(loaded, *, inputs=None, input_ids=None, messages=None,
 
 
 def chat_prompts(loaded, messages, labels: Sequence[str] | None = None, *, tools=None,
-                 documents=None, continue_final_message: bool = False,
+                 documents=None, continue_final_message: bool | str = False,
                  chat_template_kwargs=None) -> list[list[int]]:
     """Token ids of each conversation in `messages` (one conversation: a list of message
     dicts; or a list of conversations), rendered by `loaded.chat_template` with the assistant's
@@ -928,7 +928,7 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
              repetition_penalty=None, no_repeat_ngram_size=None, min_new_tokens=None,
              sequence_bias=None, bad_words_ids=None, suppress_tokens=None,
              begin_suppress_tokens=None, stop_strings=None, token_scores: bool = False,
-             tools=None, documents=None, continue_final_message: bool = False,
+             tools=None, documents=None, continue_final_message: bool | str = False,
              chat_template_kwargs=None) -> list:
     """Decodes every input; returns one entry per input, in order.
 
@@ -944,8 +944,9 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
       input_ids / inputs: token id lists, or texts (needs loaded.vocab; T5 appends EOS).
       messages: chat conversations (`chat_prompts`: a list of {"role", "content"} dicts, or a
         list of such lists), rendered with the model's chat template, as HF's
-        `apply_chat_template` with `tools` (JSON schemas), `documents`,
-        `continue_final_message` (continue the last message instead of starting a reply) and
+        `apply_chat_template` with `tools` (JSON schemas or Python functions), `documents`,
+        `continue_final_message` (continue the last message's content, or the field it names,
+        instead of starting a reply) and
         `chat_template_kwargs` (more template variables, e.g. {"enable_thinking": False}).
       method: 'greedy' | 'sample' (temperature -> top_k -> top_p; temperature 0 = greedy) |
         'beam' (num_beams; `beam_search`): beam_rule 't5' (T5X's: finished beams ranked by
