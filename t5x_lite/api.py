@@ -540,7 +540,10 @@ HF_SETTINGS_NOT_TAKEN = {
     "encoder_no_repeat_ngram_size": 0,
     "exponential_decay_length_penalty": None, "guidance_scale": 1.0, "top_h": None,
     "watermarking_config": None, "token_healing": False,
-    "num_return_sequences": 1}
+    "num_return_sequences": 1, "num_beam_groups": 1, "diversity_penalty": 0.0,
+    "constraints": None, "force_words_ids": None}
+# beam search variants HF 5 no longer runs itself (group and constrained beam search)
+_BEAM_VARIANTS = ("num_beam_groups", "diversity_penalty", "constraints", "force_words_ids")
 
 
 def hf_decode_defaults(hf_config, generation_config=None, where: str = "") -> dict:
@@ -619,7 +622,9 @@ def hf_decode_defaults(hf_config, generation_config=None, where: str = "") -> di
                 value = tuple(i for i in value if i < vocab_size)
         out[name] = gen.sequence_option_text(name, value)
     beams = source.get("num_beams")
-    if not sample and hf_interop.is_int(beams) and 1 < beams <= gen.INT32_MAX:
+    variant = any(source.get(k) is not None and source[k] != HF_SETTINGS_NOT_TAKEN[k]
+                  for k in _BEAM_VARIANTS)
+    if not sample and not variant and hf_interop.is_int(beams) and 1 < beams <= gen.INT32_MAX:
         _take_hf_beam_search(out, source, place)
     returned = source.get("num_return_sequences")
     if out["method"] in ("sample", "beam") and hf_interop.is_int(returned) \
@@ -633,10 +638,11 @@ def hf_decode_defaults(hf_config, generation_config=None, where: str = "") -> di
     ignored = [f"{k}={source[k]!r}" for k, off in HF_SETTINGS_NOT_TAKEN.items()
                if source.get(k) is not None and source[k] != off]
     if ignored:
-        logging.warning("%s: generation settings %s are not taken (beam sampling is not "
-                        "supported; a decoder-only model's max_length / min_length count the "
-                        "prompt: give max_new_tokens / min_new_tokens; the others are HF "
-                        "options t5x_lite does not have)", place, ", ".join(ignored))
+        logging.warning("%s: generation settings %s are not taken (beam sampling, group and "
+                        "constrained beam search are not supported; a decoder-only model's "
+                        "max_length / min_length count the prompt: give max_new_tokens / "
+                        "min_new_tokens; the others are HF options t5x_lite does not have)",
+                        place, ", ".join(ignored))
     return out
 
 

@@ -152,6 +152,36 @@ def test_hf_beam_rule_equals_hf(family, length_penalty, early_stopping, n, reque
     assert (cut > 0) == (n < N)  # the budget-cut path runs where meant
 
 
+def test_one_hf_beam_is_greedy_as_in_hf(gpt2):
+    """HF decodes greedily with num_beams=1 (length_penalty and early_stopping unused); so does
+    beam_rule "hf". Here a one-beam search under "never" and a strong penalty would differ."""
+    model, loaded = gpt2
+    prompts = _prompts()
+    kw = dict(length_penalty=3.0, early_stopping="never")
+    theirs, _ = _hf_generate(model, prompts, left_pad=True, num_beams=1, **kw)
+    assert gen.DecodeOptions(method="beam", beam_rule="hf", num_beams=1).method == "greedy"
+    ours = generate(loaded, input_ids=prompts, method="beam", num_beams=1, beam_rule="hf",
+                    max_new_tokens=N, batch_size=8, **kw)
+    assert [r["ids"] for r in ours] == theirs
+    one_beam = generate(loaded, input_ids=prompts, method="beam", num_beams=1, alpha=3.0,
+                        max_new_tokens=N, batch_size=8)  # T5X's rule: a search of one beam
+    assert [r["ids"] for r in one_beam] != theirs
+
+
+def test_no_sequence_at_all_is_an_empty_beam():
+    """Processors that ban every candidate before a beam can end (a 6-id vocabulary, no
+    repeated id, no EOS before 8 tokens): one beam is an empty result, more are an empty list
+    (both rules)."""
+    loaded = hf_reference.as_loaded(hf_reference.gpt2_ending_with(1, 6))
+    kw = dict(input_ids=[[2, 3], [4, 5]], method="beam", no_repeat_ngram_size=1,
+              min_new_tokens=8, max_new_tokens=10, batch_size=2)
+    for rule in ("t5", "hf"):
+        assert generate(loaded, num_beams=2, beam_rule=rule, **kw) == [[], []]
+    one = generate(loaded, num_beams=1, token_scores=True, **kw)
+    assert one == [{"ids": [], "score": -math.inf, "finished": False,
+                    "penalised_score": -math.inf, "token_scores": []}] * 2
+
+
 def _hf_token_log_probs(model, family, prompt, ids):
     """log p(id) of each id under the HF model, by one uncached forward pass."""
     with torch.no_grad():

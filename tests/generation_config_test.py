@@ -251,7 +251,8 @@ def test_beam_search_config_equals_hf_generate(tmp_path, family, caplog):
 
 
 def test_beam_settings_hf_would_not_use_fall_back_with_a_warning(caplog):
-    """Beam sampling (do_sample with num_beams) is not taken; an unusable length_penalty or
+    """Beam sampling (do_sample with num_beams), group and constrained beam search are not
+    taken; an unusable length_penalty or
     early_stopping falls back to HF's default; a decoder-only model's max_length / min_length
     (they count the prompt) are not taken, an encoder-decoder's are (less its start token)."""
     with caplog.at_level(logging.WARNING):
@@ -259,6 +260,9 @@ def test_beam_settings_hf_would_not_use_fall_back_with_a_warning(caplog):
         odd = api.hf_decode_defaults({}, {"num_beams": 2, "length_penalty": "long",
                                           "early_stopping": "sometimes"})
         gpt = api.hf_decode_defaults({}, {"max_length": 30, "min_length": 5})
+        groups = api.hf_decode_defaults({}, {"num_beams": 4, "num_beam_groups": 2,
+                                             "diversity_penalty": 1.0})
+        forced = api.hf_decode_defaults({}, {"num_beams": 4, "force_words_ids": [[5]]})
         t5 = api.hf_decode_defaults({"is_encoder_decoder": True},
                                     {"max_length": 30, "min_length": 1, "max_new_tokens": 7})
     assert sampled["method"] == "sample" and "num_beams" not in sampled
@@ -271,4 +275,9 @@ def test_beam_settings_hf_would_not_use_fall_back_with_a_warning(caplog):
     assert "length_penalty='long' is not a usable decode option" in text
     assert "early_stopping='sometimes' is not a usable decode option" in text
     assert "generation settings max_length=30, min_length=5 are not taken" in text
-    assert text.count("not taken") == 2  # the encoder-decoder's lengths are taken
+    # HF 5 runs neither group nor constrained beam search itself: not a plain beam search
+    assert groups["method"] == forced["method"] == "greedy"
+    assert ("num_beams=4, num_beam_groups=2, diversity_penalty=1.0 are not taken (beam "
+            "sampling, group and constrained beam search") in text
+    assert "num_beams=4, force_words_ids=[[5]] are not taken" in text
+    assert text.count("not taken") == 4  # the encoder-decoder's lengths are taken

@@ -72,7 +72,8 @@ class BeamRule(NamedTuple):
 
     def divisor(self, length, n: int):
         """What a sum of log-probs of `length` tokens (1..n) is divided by. HF's is computed
-        as HF does, in float64 and then rounded to float32 (torch divides by that scalar)."""
+        as HF's is, in float64 and then rounded to float32; the division itself may differ from
+        torch's by an ulp (XLA multiplies by the reciprocal)."""
         if not self.hf:
             return length_penalty(length, self.penalty)
         table = np.maximum(np.arange(n + 1, dtype=np.float64), 1.0) ** self.penalty

@@ -103,6 +103,8 @@ class DecodeOptions:
         # lists and text, as hashable tuples
         for name in ("stop_ids", "stop_strings", "early_stopping", *SEQUENCE_OPTIONS):
             object.__setattr__(self, name, _coerce(name, getattr(self, name)))
+        if self.method == "beam" and self.beam_rule == "hf" and self.num_beams == 1:
+            object.__setattr__(self, "method", "greedy")  # HF's choice for one beam
         checks = [
             (self.method in METHODS,
              f"unknown decode method {self.method!r}; choose one of {', '.join(METHODS)}"),
@@ -884,6 +886,9 @@ def _unpack(out, options: DecodeOptions, count: int, vocab, stops: tuple[int, ..
                          token_logprob_N=None if tokens is None else tokens[b, j])
                  for j in range(per)
                  if options.method != "beam" or (arrays[1][b, j] > 0 and ranked[b, j] > NEG / 2)]
+        if not items and per == 1:  # one beam, and no sequence (processors banned them all)
+            items = [_result(vocab, stops, [], 0, -math.inf, False, -math.inf,
+                             None if tokens is None else [])]
         results.append(items if per > 1 else items[0])
     return results
 
