@@ -77,9 +77,13 @@ class Embed(nn.Module):
         return jnp.take(self.embedding, ids_BxT, axis=0).astype(self.dtype)
 
     def attend(self, x_BxTxD):
-        if self.has_variable("params", "embedding_blocks"):  # decoding on CPU (see Blocks)
+        # decoding on CPU (decoding.steps.split_weights): row blocks, or a [D, V] copy
+        if self.has_variable("params", "embedding_blocks"):
             return vocab_logits(x_BxTxD, self.get_variable("params", "embedding_blocks")
                                 .astype(self.dtype), "vd")
+        if self.has_variable("params", "embedding_transposed"):
+            return vocab_logits(x_BxTxD, self.get_variable("params", "embedding_transposed")
+                                .astype(self.dtype), "dv")
         return vocab_logits(x_BxTxD, self.embedding.astype(self.dtype), "vd")
 
 
@@ -90,9 +94,8 @@ class Blocks:
     `blocks` are row blocks of the transposed 2-D kernel, each [out_i, prod(in)] (a tied
     embedding [V, D] is already in that layout), and `shape` is the kernel's *out dims. Each
     block is its own product x @ block.T: XLA:CPU runs a decode step's small matmuls on one core
-    each, but independent library products of a few rows concurrently, and multiplies a few rows
-    by an [out, in] weight about twice as fast as by [in, out] (GPT-36M's MLP kernels at 16
-    rows).
+    each, so blocks let independent products share the cores (the head at one row per step:
+    `decoding.steps.cpu_weights`).
     """
 
     blocks: tuple

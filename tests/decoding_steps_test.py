@@ -173,8 +173,8 @@ def test_split_weights_blocks_every_kernel_and_keeps_the_logits(preset, scan):
 
 @pytest.mark.parametrize("preset,scan", [("gpt2", False), ("gpt_modern", True), ("t5_1_1", True)])
 def test_cpu_weights_fuse_inputs_keep_kernels_for_single_rows_and_keep_the_logits(preset, scan):
-    """One row per step: layer kernels stay [in, out] (XLA's own GEMV); more rows: [out, in]
-    blocks. Self-attention q/k/v become one `qkv` kernel and a gated MLP's wi_0/wi_1 one
+    """Layer kernels stay [in, out] for any number of rows per step; the head is two row
+    blocks for one row and one [D, V] kernel for more. Self-attention q/k/v become one `qkv` kernel and a gated MLP's wi_0/wi_1 one
     `wi_fused` either way; the logits do not change."""
     from t5x_lite.layers import Blocks
     cfg = config_lib.from_preset(preset, **TINY, **({"max_len": 32} if preset.startswith("gpt")
@@ -185,12 +185,20 @@ def test_cpu_weights_fuse_inputs_keep_kernels_for_single_rows_and_keep_the_logit
                                tree, is_leaf=lambda x: isinstance(x, Blocks))[0]}
     one, many = steps.cpu_weights(cfg, params, 1), steps.cpu_weights(cfg, params, 2)
     names = lambda tree: {k.split("'")[-2] for k in leaves(tree) if "cross_attention" not in k}
-    assert "qkv" in names(one) and "qkv_blocks" in names(many)
+    assert "qkv" in names(one) and "qkv" in names(many)
     if len(config_lib.MLP_ACTIVATIONS[cfg.mlp]) > 1:  # gated
-        assert "wi_fused" in names(one) and "wi_fused_blocks" in names(many)
+        assert "wi_fused" in names(one) and "wi_fused" in names(many)
         assert not (names(one) | names(many)) & {"wi_0", "wi_1", "wi_0_blocks", "wi_1_blocks"}
-    assert not names(one) & {"query", "query_blocks", "wi_blocks", "wo_blocks"}
-    assert not names(many) & {"query", "qkv", "wo"}
+    layer_blocks = {"query", "qkv_blocks", "query_blocks", "wi_blocks", "wo_blocks",
+                    "wi_fused_blocks", "out_blocks"}
+    assert not (names(one) | names(many)) & layer_blocks
+    # the head: two [V / 2, D] blocks for one row; one [D, V] kernel for more
+    tied = cfg.tie_embeddings
+    assert ("embedding_blocks" if tied else "lm_head_blocks") in names(one)
+    head = leaves(many)[next(k for k in leaves(many) if k.endswith(
+        "['embedding_transposed']" if tied else "['lm_head']"))]
+    assert head.shape == (cfg.d_model, cfg.vocab_size)
+    assert not names(many) & {"embedding_blocks", "lm_head_blocks"}
     if cfg.family == "t5":  # cross-attention keeps its separate kernels (q from the decoder)
         assert any("cross_attention']['query" in k for k in leaves(one))
     rng = np.random.default_rng(2)

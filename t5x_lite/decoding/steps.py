@@ -125,8 +125,8 @@ def t5_prefill(cfg: ModelConfig, params, encoder_BxS, cache_len: int):
 # Kernel name -> (input dims, dims when unscanned); a scanned stack adds a leading layer dim.
 _KERNELS = {"query": (1, 3), "key": (1, 3), "value": (1, 3), "qkv": (1, 4), "qkv_grouped": (1, 3),
             "out": (2, 3), "wi": (1, 2), "wi_fused": (1, 3), "wo": (1, 2), "lm_head": (1, 2)}
-CPU_KERNEL_BLOCKS = 1  # measured best on the 2-core dev CPUs; see split_weights and cpu_weights
-CPU_HEAD_BLOCKS = 2
+CPU_KERNEL_BLOCKS = 0  # layer kernels as stored: measured best (see cpu_weights)
+CPU_HEAD_BLOCKS = 2  # the head at one row per step
 
 
 def split_weights(cfg: ModelConfig, params, kernel_parts: int = CPU_KERNEL_BLOCKS,
@@ -134,15 +134,14 @@ def split_weights(cfg: ModelConfig, params, kernel_parts: int = CPU_KERNEL_BLOCK
     """Every float projection kernel, and a tied head, as `layers.Blocks`: transposed to
     [out, in] and split into row blocks (`kernel_parts` for the layer kernels, 0 to leave them
     as they are; `head_parts` for the head: an untied `lm_head` or the tied embedding's row
-    blocks).
+    blocks; 0 for the head as one [D, V] kernel: `lm_head` as it is, the tied embedding as a
+    transposed copy, `embedding_transposed`, which `Embed.attend` reads).
 
-    Decoding on CPU only (`prefill` calls it when the backend is the CPU): a decode step is a
-    chain of small matmuls, which XLA:CPU runs on one core each, and head blocks can read the
-    head from both cores: a loop of [1, 512] x [512, 32128] head products alone, 2.6 -> 1.2 ms;
-    inside a batch-16 step the two library (YNNPACK) products run concurrently, inside a batch-1
-    step (XLA's own matrix-vector loops) one after the other. A few rows times an [out, in]
-    weight run about twice as fast as times [in, out] (16 rows through GPT-36M's six MLPs:
-    ~20 -> ~10 ms). The blocks are copied once per decode call, before its loop; int8 kernels
+    Decoding on CPU only (`prefill` calls it when the backend is the CPU, through
+    `cpu_weights`): a decode step is a chain of small matmuls, which XLA:CPU runs on one core
+    each, and head blocks can read the head from both cores at one row per step: a loop of
+    [1, 512] x [512, 32128] head products alone, 2.6 -> 1.2 ms. Which layout pays is measured
+    (`cpu_weights`); the blocks are copied once per decode call, before its loop; int8 kernels
     are left as they are.
     """
     def kernel(name, w):
@@ -174,9 +173,12 @@ def split_weights(cfg: ModelConfig, params, kernel_parts: int = CPU_KERNEL_BLOCK
 
     out = walk(params)
     table = params["token_embedder"]["embedding"]
-    if cfg.tie_embeddings and isinstance(table, (jax.Array, np.ndarray)) \
-            and table.shape[0] % head_parts == 0:
-        # The lookup keeps the table; `Embed.attend` reads these row blocks instead.
+    if not cfg.tie_embeddings or not isinstance(table, (jax.Array, np.ndarray)):
+        return out
+    # The lookup keeps the table; `Embed.attend` reads these row blocks or this copy instead.
+    if head_parts == 0:
+        out["token_embedder"] = {**out["token_embedder"], "embedding_transposed": table.T}
+    elif table.shape[0] % head_parts == 0:
         out["token_embedder"] = {**out["token_embedder"], "embedding_blocks": Blocks(
             tuple(jnp.split(table, head_parts, axis=0)), (table.shape[0],))}
     return out
@@ -223,19 +225,24 @@ def fuse_gated_mlp(params):
 def cpu_weights(cfg: ModelConfig, params, rows: int):
     """The decode weight layout for `rows` rows per step on CPU (see `split_weights`).
 
-    One row per step makes every projection a matrix-vector product, which XLA:CPU emits as its
-    own tiled loop rather than a library call; that loop streams an [in, out] kernel faster than
-    an [out, in] one (GPT-36M batch 1, A/B in one process on a 2-core Xeon: 8.2 -> 6.3 ms per
-    token; equal on the 2-core EPYC), so single-row decoding keeps the layer kernels as they are.
-    From two rows on, the matmuls go to the library (YNNPACK), where [out, in] is as fast or
-    faster (batch 16: 17.6 -> 16.4 ms here, 59.6 -> 49.5 ms on the EPYC). Self-attention's
-    three input projections are fused into one (`fuse_qkv`), and so are a gated MLP's two
-    (`fuse_gated_mlp`): a small matmul costs a fixed ~30-60 us on top of its bytes here, so one
-    [512, 3*512] beats three [512, 512] (GPT-36M batch 1: 6.5 -> 6.1 ms per token, A/B min of
-    3) and one [512, 2*1024] two [512, 1024] (T5 ~70M batch 1: 7.47 -> 6.18 ms); batch 16 equal.
+    Layer kernels stay as they are stored, [in, out]. One row per step makes every projection a
+    matrix-vector product, which XLA:CPU emits as its own tiled loop; that loop streams an
+    [in, out] kernel faster than an [out, in] one (GPT-36M batch 1 on a 2-core Xeon: 8.2 -> 6.3
+    ms per token). From two rows on the matmuls go to the library (YNNPACK), where with jax
+    0.10 [in, out] is faster too (2-core EPYC, 128 new tokens, alternating runs, best of 2
+    each, three rounds; ms per token, [out, in] in one block -> [in, out]: GPT-36M batch 16
+    17.6-17.9 -> 14.8-15.7, batch 4 11.7-12.4 -> 8.8-9.7, batch 2 10.1-11.1 -> 7.9-8.7; T5 ~70M
+    batch 16 17.3-17.5 -> 14.8-15.4; two blocks were no better than one), and so is one [D, V]
+    head against two [V / 2, D] blocks (GPT-36M batch 16 18.5-19.8 -> 17.8-18.2, T5 18.8-19.4
+    -> 17.3-17.6). At one row the head stays two row blocks, which XLA's matrix-vector loop
+    reads from both cores (`split_weights`). Self-attention's three input projections are fused
+    into one (`fuse_qkv`), and so are a gated MLP's two (`fuse_gated_mlp`): a small matmul
+    costs a fixed ~30-60 us on top of its bytes here, so one [512, 3*512] beats three
+    [512, 512] (GPT-36M batch 1: 6.5 -> 6.1 ms per token, A/B min of 3) and one [512, 2*1024]
+    two [512, 1024] (T5 ~70M batch 1: 7.47 -> 6.18 ms); batch 16 equal.
     """
-    return split_weights(cfg, fuse_gated_mlp(fuse_qkv(params)),
-                         kernel_parts=CPU_KERNEL_BLOCKS if rows > 1 else 0)
+    return split_weights(cfg, fuse_gated_mlp(fuse_qkv(params)), kernel_parts=CPU_KERNEL_BLOCKS,
+                         head_parts=CPU_HEAD_BLOCKS if rows == 1 else 0)
 
 
 def unrolled(cfg: ModelConfig, params):
