@@ -35,10 +35,12 @@ Columns:
             reads (not T5's encoder, nor its decoder's cross-attention key / value kernels,
             whose K/V the prefill caches; one row of an untied or position embedding) + the KV
             cache at the average length (T5: + the cross-attention K/V of the prompt).
-            Bandwidth: a jitted in-place copy of a 512 MiB array, (read + write bytes) / time.
-            (A jitted sum over it, the read-only rate, is printed too: lower, ~27-29 GB/s
-            against ~39-52 on the 2-core Xeon VM. Both use two cores; a batch-1 decode step
-            runs on one, ~14 GB/s there.)
+            Bandwidth: the read rate, a jitted sum over a 512 MiB array (a decode step only
+            reads its weights); "% of roofline" also gives the share of the copy roofline, a
+            jitted in-place copy of the array counted as (read + write bytes) / time, which is
+            higher (~55 against ~33 GB/s on the 2-core EPYC VM: the write stream adds to the
+            reads). A jitted max, a 2-row sum and numpy sums on two threads read at 29-33 GB/s
+            there too; one thread reads ~25.
 --compile_compare (default off): per model, the compile time (`lower(...).compile()`) of the
 two jitted decode programs, greedy (`_sample_jit`: prefill + the cached while loop) and beam
 search (`_beam_jit`, 4 beams, alpha 0.6), with unrolled and with scanned layers (the same
@@ -461,7 +463,8 @@ def main(argv):
     print(f"measured memory bandwidth: read {bw / 1e9:.1f} GB/s (jitted sum of 512 MiB), "
           f"copy {bw_copy / 1e9:.1f} GB/s (in place, read + write)\n")
     print("| model | batch | prefill ms | ms/token | cached tok/s | uncached tok/s | "
-          "cached/uncached | HF tok/s | ours/HF | roofline tok/s (b=1) | % of roofline |")
+          "cached/uncached | HF tok/s | ours/HF | roofline tok/s (b=1) | "
+          "% of roofline (read / copy) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     built = {}
     for kind in _MODELS.value:
@@ -481,8 +484,9 @@ def main(argv):
             if b == 1:
                 # the self-attention cache: GPT's holds the prompt, T5's decoder's does not
                 held = _PROMPT.value if loaded.model.config.family == "gpt" else 1
-                r = bw_copy / bytes_per_token(loaded, held + n // 2, _PROMPT.value)
-                roof, frac = f"{r:.1f}", f"{100 * tps / r:.0f}%"
+                step_bytes = bytes_per_token(loaded, held + n // 2, _PROMPT.value)
+                r, r_copy = bw / step_bytes, bw_copy / step_bytes
+                roof, frac = f"{r:.1f}", f"{100 * tps / r:.0f}% / {100 * tps / r_copy:.0f}%"
             gain = tps / unc  # one decimal below 10x (a tiny run's 0.4x printed as "0x")
             print(f"| {kind} | {b} | {1e3 * t_prefill:.1f} | {1e3 * per_token:.2f} | {tps:.1f} | "
                   f"{unc:.2f} | {gain:.{0 if gain >= 10 else 1}f}x | {hf} | {ratio} | {roof} | "
