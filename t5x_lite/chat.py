@@ -166,7 +166,8 @@ class ChatTemplate:
             raise ChatError("continue_final_message: the final message has no text to continue")
         final = blocks[at]["text"]
         blocks[at]["text"] = final + CONTINUE_TAG
-        last[field] = blocks
+        for f in fields:  # every copy of a reasoning field, as HF's shared list has it
+            last[f] = blocks
         return messages[:-1] + [last], final
 
     def render(self, conversation, *, add_generation_prompt: bool | None = None, tools=None,

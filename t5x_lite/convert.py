@@ -446,7 +446,7 @@ def _write_hf_extras(workdir: epath.Path, out: epath.Path, cfg: ModelConfig,
         named.rmtree()
     for other, data in written.items():
         (out / other).write_bytes(data)
-    if name != hf_interop.HF_T5_VOCAB:  # the source's named templates, as transformers 5 saves
+    if name not in (None, hf_interop.HF_T5_VOCAB):  # the source's named templates, as saved
         _copy_named_templates(workdir / hf_interop.CHAT_TEMPLATES_SOURCE, named, keep=True)
 
 

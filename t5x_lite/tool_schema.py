@@ -72,9 +72,9 @@ def function_schema(fn: Callable) -> dict:
             except json.JSONDecodeError as e:
                 raise ToolSchemaError(f"tool {name}: argument {arg!r}: (choices: ...) is not a "
                                       f"JSON list ({e.msg})") from None
-            if not isinstance(values, list):
+            if not isinstance(values, (list, str, dict)):  # HF takes a text's characters
                 raise ToolSchemaError(f"tool {name}: argument {arg!r}: (choices: ...) is not a "
-                                      "JSON list")
+                                      "JSON list")  # and an object's keys, as it iterates
             schema["enum"] = [v.strip() if isinstance(v, str) else v for v in values]
             text = text[:choices.start()].strip()
         schema["description"] = text

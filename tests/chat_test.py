@@ -288,6 +288,24 @@ def test_continue_final_message_names_a_field_as_hf(llama3, field, message):
     assert want.rstrip().endswith(("let me see", "hmm", "The answer"))
 
 
+def test_continuing_reasoning_blocks_tags_every_copy_as_hf():
+    """Reasoning given as content blocks is continued in its last text block, under both
+    names the template may read (HF's copies share one list)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+    template = ("{%- for m in messages %}{{- m.role + ':' }}"
+                "{%- if m.reasoning_content %}<think>{{ m.reasoning_content[-1].text }}</think>"
+                "{%- endif %}{%- if m.thinking %}[{{ m.thinking[-1].text }}]{%- endif %}"
+                "{{- m.content + '|' }}{%- endfor %}")
+    conversation = [{"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "c",
+                     "thinking": [{"type": "text", "text": "a"}, {"type": "text", "text": "blk"}]}]
+    want = render_jinja_template([conversation], chat_template=template,
+                                 continue_final_message="thinking")[0][0]
+    got = chat.ChatTemplate.from_settings({}, template, "t").render(
+        conversation, continue_final_message="thinking")
+    assert got == want and want.endswith("[blk")  # cut at the last copy's tag, as HF
+
+
 @pytest.mark.parametrize("template, message", [
     ("{% set d = {'a': 1} %}{{ dict.update(d, b=2) }}", "failed on this conversation"),
     ("{% set ns = namespace(_x=1) %}", "underscore names"),

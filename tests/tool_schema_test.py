@@ -87,6 +87,15 @@ class Tools:
         """
 
 
+def text_choices(x: str, y: str):
+    """Choices given as a JSON text or object: HF takes its characters or keys.
+
+    Args:
+        x: a letter (choices: "ab")
+        y: a key (choices: {"k": 1, "m": 2})
+    """
+
+
 def described_oddly(x: int, y: int):
     """Odd layouts: Args: mid-line is a section start for the description.
 Args:
@@ -106,7 +115,7 @@ def no_return_hint(x: int) -> "Tools":
 
 
 @pytest.mark.parametrize("fn", [plain, containers, unions, Tools().method, Tools.klass,
-                                described_oddly, no_return_hint])
+                                described_oddly, no_return_hint, text_choices])
 def test_schemas_equal_hf_get_json_schema(fn):
     ours = function_schema(fn)
     assert json.dumps(ours) == json.dumps(hf.get_json_schema(fn))  # in the same key order
