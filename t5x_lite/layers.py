@@ -36,9 +36,9 @@ def param(module: nn.Module, name: str, init, shape, axes):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
 
 
-def kernel_param(module: nn.Module, name: str, init, shape, axes):
-    """A projection kernel: `param`, or the `<name>_blocks` that decoding on CPU passes instead
-    (`Blocks`, see decoding.steps.split_weights)."""
+def head_param(module: nn.Module, name: str, init, shape, axes):
+    """An untied output head: `param`, or the `<name>_blocks` that decoding on CPU passes
+    instead (`Blocks`, see decoding.steps.head_weights)."""
     if module.has_variable("params", f"{name}_blocks"):
         return module.get_variable("params", f"{name}_blocks")
     return param(module, name, init, shape, axes)
@@ -46,10 +46,9 @@ def kernel_param(module: nn.Module, name: str, init, shape, axes):
 
 def fused_kernel(module: nn.Module, name: str):
     """A kernel that exists only when decoding on CPU fused several (decoding.steps.fuse_qkv,
-    fuse_gated_mlp): `<name>_blocks`, `<name>`, or None when the module has separate kernels."""
-    for n in (f"{name}_blocks", name):
-        if module.has_variable("params", n):
-            return module.get_variable("params", n)
+    fuse_gated_mlp), or None when the module has separate kernels."""
+    if module.has_variable("params", name):
+        return module.get_variable("params", name)
     return None
 
 
@@ -77,7 +76,7 @@ class Embed(nn.Module):
         return jnp.take(self.embedding, ids_BxT, axis=0).astype(self.dtype)
 
     def attend(self, x_BxTxD):
-        # decoding on CPU (decoding.steps.split_weights): row blocks, or a [D, V] copy
+        # decoding on CPU (decoding.steps.head_weights): row blocks, or a [D, V] copy
         if self.has_variable("params", "embedding_blocks"):
             return vocab_logits(x_BxTxD, self.get_variable("params", "embedding_blocks")
                                 .astype(self.dtype), "vd")
@@ -89,13 +88,13 @@ class Embed(nn.Module):
 
 @flax.struct.dataclass
 class Blocks:
-    """A kernel held transposed, as row blocks, for decoding on CPU (decoding.steps.split_weights).
+    """The output head held as row blocks for decoding on CPU (decoding.steps.head_weights).
 
-    `blocks` are row blocks of the transposed 2-D kernel, each [out_i, prod(in)] (a tied
-    embedding [V, D] is already in that layout), and `shape` is the kernel's *out dims. Each
-    block is its own product x @ block.T: XLA:CPU runs a decode step's small matmuls on one core
-    each, so blocks let independent products share the cores (the head at one row per step:
-    `decoding.steps.cpu_weights`).
+    `blocks` are row blocks of the [V, D] head (an untied [D, V] `lm_head` transposed; a tied
+    embedding is already in that layout), each [V_i, D], and `shape` is (V,). Each block is its
+    own product x @ block.T: XLA:CPU runs a decode step's small matrix-vector products on one
+    core each, so blocks let the head's products share the cores at one row per step
+    (`decoding.steps.cpu_weights`).
     """
 
     blocks: tuple
@@ -103,10 +102,6 @@ class Blocks:
 
     def astype(self, dtype):
         return self.replace(blocks=tuple(b.astype(dtype) for b in self.blocks))
-
-    @property
-    def in_features(self) -> int:
-        return self.blocks[0].shape[-1]
 
     def matmul(self, x_NxI, out_dtype=None):
         """x [N, prod(in)] @ kernel -> [N, prod(out)]."""
@@ -121,12 +116,8 @@ def dense(x, w, n_in: int = 1):
 
     XLA:CPU feeds the weight gradient of a 3-D einsum ("btd,df->btf") a transposed copy of the
     whole activation gradient; the 2-D form needs none (T5-26M step on 2 cores: ~3.7 -> ~3.0 s).
-    `w` may be `Blocks` (decoding on CPU).
     """
     lead = x.shape[:x.ndim - n_in]
-    if isinstance(w, Blocks):
-        y = w.matmul(x.reshape(-1, w.in_features))
-        return y.reshape(*lead, *w.shape)
     in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
     y = x.reshape(-1, math.prod(in_shape)) @ w.reshape(math.prod(in_shape), -1)
     return y.reshape(*lead, *out_shape)
@@ -440,7 +431,7 @@ class Attention(nn.Module):
 
     def _proj(self, name, x, d_in, features, axes, bias_axes, dtype, fan_in):
         cfg = self.config
-        kernel = kernel_param(self, name, dense_init(fan_in), (d_in, *features), axes)
+        kernel = param(self, name, dense_init(fan_in), (d_in, *features), axes)
         y = dense(x, kernel.astype(dtype))
         if cfg.has_qkv_bias:
             y = y + param(self, f"{name}_bias", nn.initializers.zeros, features, bias_axes).astype(dtype)
@@ -531,7 +522,7 @@ class Attention(nn.Module):
             q, key, value, bias, scale, cfg.attention_impl, dropout, kv_cache=decode,
             causal_blocks=cfg.causal_blocks if blocked else 1,
             window=cfg.sliding_window if blocked else None)
-        wo = kernel_param(self, "out", dense_init(h * k), (h, k, d), ("heads", "kv", "embed"))
+        wo = param(self, "out", dense_init(h * k), (h, k, d), ("heads", "kv", "embed"))
         out = dense(out_BxTxHxK, wo.astype(dtype), n_in=2)
         if cfg.use_bias:
             out = out + param(self, "out_bias", nn.initializers.zeros, (d,), ("embed",)).astype(dtype)
@@ -557,7 +548,7 @@ class Mlp(nn.Module):
             if fused is not None:
                 y = fused[..., i, :]
             else:
-                w = kernel_param(self, name, dense_init(d), (d, f), ("embed", "mlp"))
+                w = param(self, name, dense_init(d), (d, f), ("embed", "mlp"))
                 y = dense(x_BxTxD, w.astype(dtype))
             if cfg.use_bias:
                 y = y + param(self, f"{name}_bias", nn.initializers.zeros, (f,), ("mlp",)).astype(dtype)
@@ -566,7 +557,7 @@ class Mlp(nn.Module):
         hidden = constrain(hidden, ("batch", "length", "mlp"))
         if cfg.family == "t5":  # T5's DenseReluDense drops the hidden; GPT-2 and BERT do not
             hidden = make_dropout(cfg)(hidden, deterministic=deterministic)
-        wo = kernel_param(self, "wo", dense_init(f), (f, d), ("mlp", "embed"))
+        wo = param(self, "wo", dense_init(f), (f, d), ("mlp", "embed"))
         out = dense(hidden, wo.astype(dtype))
         if cfg.use_bias:
             out = out + param(self, "wo_bias", nn.initializers.zeros, (d,), ("embed",)).astype(dtype)

@@ -133,26 +133,36 @@ def test_take_rows_and_rollback_helpers():
 
 @pytest.mark.parametrize("preset,scan", [("gpt2", False), ("gpt_modern", True), ("t5_1_1", False),
                                          ("t5_1_0", True)])
-def test_split_weights_blocks_every_kernel_and_keeps_the_logits(preset, scan):
-    """Decoding on CPU reads every projection kernel (and a tied head) as transposed row blocks."""
+@pytest.mark.parametrize("parts", [2, 0])
+def test_head_weights_hold_the_head_as_row_blocks_or_one_kernel_and_keep_the_logits(
+        preset, scan, parts):
+    """Decoding on CPU may read the head as row blocks of [V, D] or as one [D, V] kernel; every
+    other weight is passed as it is, and the logits do not change."""
     from t5x_lite.layers import Blocks
     cfg = config_lib.from_preset(preset, **TINY, **({"max_len": 32} if preset.startswith("gpt")
                                                      else {}), scan_layers=scan)
     params = _params(cfg)
-    split = steps.split_weights(cfg, params, kernel_parts=2, head_parts=2)
-    flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(
-        split, is_leaf=lambda x: isinstance(x, Blocks))[0]}
-    kernels = [k for k in flat if k.split("'")[-2].endswith("_blocks")]
-    names = {k.split("'")[-2] for k in kernels}
-    gated = cfg.mlp in ("gated-gelu", "swiglu")
-    expected = {"query_blocks", "key_blocks", "value_blocks", "out_blocks", "wo_blocks",
-                "embedding_blocks" if cfg.tie_embeddings else "lm_head_blocks",
-                *(("wi_0_blocks", "wi_1_blocks") if gated else ("wi_blocks",))}
-    assert names == expected, names
-    assert all(isinstance(flat[k], Blocks) and len(flat[k].blocks) == 2 for k in kernels)
-    q = flat[next(k for k in kernels if k.split("'")[-2] == "query_blocks")]
-    assert q.blocks[0].shape[-2:] == (cfg.num_heads * cfg.head_dim // 2, cfg.d_model)  # [out, in]
-    assert not any(k.split("'")[-2] in ("query", "wo", "lm_head") for k in flat)
+    split = steps.head_weights(cfg, params, parts)
+    flat = lambda tree: {jax.tree_util.keystr(k): v for k, v in
+                         jax.tree_util.tree_flatten_with_path(
+                             tree, is_leaf=lambda x: isinstance(x, Blocks))[0]}
+    before, after = flat(params), flat(split)
+    added = set(after) - set(before)
+    tied = cfg.tie_embeddings
+    name = ("embedding_blocks" if parts else "embedding_transposed") if tied else (
+        "lm_head_blocks" if parts else None)
+    assert {k.split("'")[-2] for k in added} == ({name} if name else set()), added
+    kept = set(before) - ({"['lm_head']"} if name == "lm_head_blocks" else set())
+    assert kept <= set(after) and all(after[k] is before[k] for k in kept)
+    if name:
+        head = after[next(iter(added))]
+        table = before["['token_embedder']['embedding']"] if tied else before["['lm_head']"].T
+        if parts:
+            assert isinstance(head, Blocks) and len(head.blocks) == parts
+            assert head.blocks[0].shape == (cfg.vocab_size // parts, cfg.d_model)  # [V_i, D]
+            np.testing.assert_array_equal(np.concatenate(head.blocks), table)
+        else:
+            np.testing.assert_array_equal(head, table.T)
     rng = np.random.default_rng(1)
     prompt = jnp.asarray(rng.integers(2, 128, (2, 6)), jnp.int32)
     if cfg.family == "gpt":
@@ -174,8 +184,8 @@ def test_split_weights_blocks_every_kernel_and_keeps_the_logits(preset, scan):
 @pytest.mark.parametrize("preset,scan", [("gpt2", False), ("gpt_modern", True), ("t5_1_1", True)])
 def test_cpu_weights_fuse_inputs_keep_kernels_for_single_rows_and_keep_the_logits(preset, scan):
     """Layer kernels stay [in, out] for any number of rows per step; the head is two row
-    blocks for one row and one [D, V] kernel for more. Self-attention q/k/v become one `qkv` kernel and a gated MLP's wi_0/wi_1 one
-    `wi_fused` either way; the logits do not change."""
+    blocks for one row and one [D, V] kernel for more. Self-attention q/k/v become one `qkv`
+    kernel and a gated MLP's wi_0/wi_1 one `wi_fused` either way; the logits do not change."""
     from t5x_lite.layers import Blocks
     cfg = config_lib.from_preset(preset, **TINY, **({"max_len": 32} if preset.startswith("gpt")
                                                      else {}), scan_layers=scan)

@@ -20,7 +20,6 @@ Shape legend: B rows, P prompt length, S encoder length, L cache length, T chunk
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -122,66 +121,41 @@ def t5_prefill(cfg: ModelConfig, params, encoder_BxS, cache_len: int):
 
 
 # ------------------------------------------------------------------------------------- both
-# Kernel name -> (input dims, dims when unscanned); a scanned stack adds a leading layer dim.
-_KERNELS = {"query": (1, 3), "key": (1, 3), "value": (1, 3), "qkv": (1, 4), "qkv_grouped": (1, 3),
-            "out": (2, 3), "wi": (1, 2), "wi_fused": (1, 3), "wo": (1, 2), "lm_head": (1, 2)}
-CPU_KERNEL_BLOCKS = 0  # layer kernels as stored: measured best (see cpu_weights)
 CPU_HEAD_BLOCKS = 2  # the head at one row per step
 
 
-def split_weights(cfg: ModelConfig, params, kernel_parts: int = CPU_KERNEL_BLOCKS,
-                  head_parts: int = CPU_HEAD_BLOCKS):
-    """Every float projection kernel, and a tied head, as `layers.Blocks`: transposed to
-    [out, in] and split into row blocks (`kernel_parts` for the layer kernels, 0 to leave them
-    as they are; `head_parts` for the head: an untied `lm_head` or the tied embedding's row
-    blocks; 0 for the head as one [D, V] kernel: `lm_head` as it is, the tied embedding as a
-    transposed copy, `embedding_transposed`, which `Embed.attend` reads).
+def head_weights(cfg: ModelConfig, params, parts: int = CPU_HEAD_BLOCKS):
+    """The output head for decoding on CPU: `parts` row blocks (`layers.Blocks`, [V / parts, D]
+    each) of an untied `lm_head` (as `lm_head_blocks`) or of the tied embedding (as
+    `embedding_blocks`), or with `parts` 0 one [D, V] kernel: `lm_head` as it is, the tied
+    embedding as a transposed copy, `embedding_transposed`. `Embed.attend` and the heads read
+    these instead; the lookup keeps the table. Int8 heads, and a vocabulary `parts` does not
+    divide, are left as they are.
 
-    Decoding on CPU only (`prefill` calls it when the backend is the CPU, through
-    `cpu_weights`): a decode step is a chain of small matmuls, which XLA:CPU runs on one core
-    each, and head blocks can read the head from both cores at one row per step: a loop of
-    [1, 512] x [512, 32128] head products alone, 2.6 -> 1.2 ms. Which layout pays is measured
-    (`cpu_weights`); the blocks are copied once per decode call, before its loop; int8 kernels
-    are left as they are.
+    At one row per step each block is its own matrix-vector loop, and XLA:CPU runs the two on
+    both cores: a loop of [1, 512] x [512, 32128] head products alone, 2.6 -> 1.2 ms. Which
+    layout pays is measured (`cpu_weights`); the copy is made once per decode call, before its
+    loop.
     """
-    def kernel(name, w):
-        kind = "wi" if name.startswith("wi_") and name[3:].isdigit() else name  # wi_0, wi_1
-        if kind not in _KERNELS or not isinstance(w, (jax.Array, np.ndarray)):
-            return w
-        n_in, ndim = _KERNELS[kind]
-        lead = w.ndim - ndim
-        in_shape, out_shape = w.shape[lead:lead + n_in], w.shape[lead + n_in:]
-        parts = head_parts if kind == "lm_head" else kernel_parts
-        rows = math.prod(out_shape)
-        if parts == 0 or rows % parts:
-            return w
-        w2 = w.reshape(*w.shape[:lead], math.prod(in_shape), rows)
-        return Blocks(tuple(jnp.split(jnp.swapaxes(w2, -1, -2), parts, axis=-2)),
-                      tuple(out_shape))
-
-    def walk(tree):
-        out = {}
-        for k, v in tree.items():
-            blocks = v if isinstance(v, dict) else kernel(k, v)
-            if isinstance(v, dict):
-                out[k] = walk(v)
-            elif isinstance(blocks, Blocks):
-                out[f"{k}_blocks"] = blocks  # read by layers.kernel_param instead of k
-            else:
-                out[k] = v
+    is_float = lambda w: isinstance(w, (jax.Array, np.ndarray))
+    if not cfg.tie_embeddings:
+        w = params.get("lm_head")
+        if parts == 0 or not is_float(w) or w.shape[-1] % parts:
+            return params
+        out = {k: v for k, v in params.items() if k != "lm_head"}
+        out["lm_head_blocks"] = Blocks(tuple(jnp.split(w.T, parts, axis=0)), (w.shape[-1],))
         return out
-
-    out = walk(params)
     table = params["token_embedder"]["embedding"]
-    if not cfg.tie_embeddings or not isinstance(table, (jax.Array, np.ndarray)):
-        return out
-    # The lookup keeps the table; `Embed.attend` reads these row blocks or this copy instead.
-    if head_parts == 0:
-        out["token_embedder"] = {**out["token_embedder"], "embedding_transposed": table.T}
-    elif table.shape[0] % head_parts == 0:
-        out["token_embedder"] = {**out["token_embedder"], "embedding_blocks": Blocks(
-            tuple(jnp.split(table, head_parts, axis=0)), (table.shape[0],))}
-    return out
+    if not is_float(table):
+        return params
+    if parts == 0:
+        extra = {"embedding_transposed": table.T}
+    elif table.shape[0] % parts == 0:
+        extra = {"embedding_blocks": Blocks(tuple(jnp.split(table, parts, axis=0)),
+                                            (table.shape[0],))}
+    else:
+        return params
+    return {**params, "token_embedder": {**params["token_embedder"], **extra}}
 
 
 def _fuse_kernels(params, parent: str, names: tuple, ndim: int, fused: str,
@@ -223,7 +197,7 @@ def fuse_gated_mlp(params):
 
 
 def cpu_weights(cfg: ModelConfig, params, rows: int):
-    """The decode weight layout for `rows` rows per step on CPU (see `split_weights`).
+    """The decode weight layout for `rows` rows per step on CPU.
 
     Layer kernels stay as they are stored, [in, out]. One row per step makes every projection a
     matrix-vector product, which XLA:CPU emits as its own tiled loop; that loop streams an
@@ -235,14 +209,13 @@ def cpu_weights(cfg: ModelConfig, params, rows: int):
     batch 16 17.3-17.5 -> 14.8-15.4; two blocks were no better than one), and so is one [D, V]
     head against two [V / 2, D] blocks (GPT-36M batch 16 18.5-19.8 -> 17.8-18.2, T5 18.8-19.4
     -> 17.3-17.6). At one row the head stays two row blocks, which XLA's matrix-vector loop
-    reads from both cores (`split_weights`). Self-attention's three input projections are fused
+    reads from both cores (`head_weights`). Self-attention's three input projections are fused
     into one (`fuse_qkv`), and so are a gated MLP's two (`fuse_gated_mlp`): a small matmul
     costs a fixed ~30-60 us on top of its bytes here, so one [512, 3*512] beats three
     [512, 512] (GPT-36M batch 1: 6.5 -> 6.1 ms per token, A/B min of 3) and one [512, 2*1024]
     two [512, 1024] (T5 ~70M batch 1: 7.47 -> 6.18 ms); batch 16 equal.
     """
-    return split_weights(cfg, fuse_gated_mlp(fuse_qkv(params)), kernel_parts=CPU_KERNEL_BLOCKS,
-                         head_parts=CPU_HEAD_BLOCKS if rows == 1 else 0)
+    return head_weights(cfg, fuse_gated_mlp(fuse_qkv(params)), CPU_HEAD_BLOCKS if rows == 1 else 0)
 
 
 def unrolled(cfg: ModelConfig, params):
