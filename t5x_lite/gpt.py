@@ -8,8 +8,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from t5x_lite.config import ModelConfig
-from t5x_lite.layers import (Embed, attention_bias, constrain, dense_init, head_param,
-                             make_dropout, param, vocab_logits)
+from t5x_lite.layers import (Embed, attention_bias, constrain, dense_init, make_dropout, param,
+                             vocab_logits)
 from t5x_lite.transformer import (DecodeCursor, Stack, causal_mask, make_norm, prefix_lm_mask,
                                   segment_mask, window_mask)
 
@@ -29,8 +29,8 @@ def lm_logits(module: nn.Module, cfg: ModelConfig, embedder: Embed, y_BxTxD):
     """Tied (embedding.attend) or untied ('lm_head' [D, V]) float32 logits."""
     if cfg.tie_embeddings:
         return embedder.attend(y_BxTxD)
-    w = head_param(module, "lm_head", dense_init(cfg.d_model), (cfg.d_model, cfg.vocab_size),
-                   ("embed", "vocab"))
+    w = param(module, "lm_head", dense_init(cfg.d_model), (cfg.d_model, cfg.vocab_size),
+              ("embed", "vocab"))
     return vocab_logits(y_BxTxD, w.astype(cfg.compute_dtype), "dv")
 
 

@@ -13,7 +13,6 @@ import math
 from typing import Callable
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,14 +33,6 @@ def param(module: nn.Module, name: str, init, shape, axes):
     """A float32 parameter annotated with one logical axis name per dimension."""
     assert len(shape) == len(axes), (name, shape, axes)
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
-
-
-def head_param(module: nn.Module, name: str, init, shape, axes):
-    """An untied output head: `param`, or the `<name>_blocks` that decoding on CPU passes
-    instead (`Blocks`, see decoding.steps.head_weights)."""
-    if module.has_variable("params", f"{name}_blocks"):
-        return module.get_variable("params", f"{name}_blocks")
-    return param(module, name, init, shape, axes)
 
 
 def fused_kernel(module: nn.Module, name: str):
@@ -76,39 +67,11 @@ class Embed(nn.Module):
         return jnp.take(self.embedding, ids_BxT, axis=0).astype(self.dtype)
 
     def attend(self, x_BxTxD):
-        # decoding on CPU (decoding.steps.head_weights): row blocks, or a [D, V] copy
-        if self.has_variable("params", "embedding_blocks"):
-            return vocab_logits(x_BxTxD, self.get_variable("params", "embedding_blocks")
-                                .astype(self.dtype), "vd")
+        # decoding on CPU reads a [D, V] copy (decoding.steps.transposed_embedding)
         if self.has_variable("params", "embedding_transposed"):
             return vocab_logits(x_BxTxD, self.get_variable("params", "embedding_transposed")
                                 .astype(self.dtype), "dv")
         return vocab_logits(x_BxTxD, self.embedding.astype(self.dtype), "vd")
-
-
-@flax.struct.dataclass
-class Blocks:
-    """The output head held as row blocks for decoding on CPU (decoding.steps.head_weights).
-
-    `blocks` are row blocks of the [V, D] head (an untied [D, V] `lm_head` transposed; a tied
-    embedding is already in that layout), each [V_i, D], and `shape` is (V,). Each block is its
-    own product x @ block.T: XLA:CPU runs a decode step's small matrix-vector products on one
-    core each, so blocks let the head's products share the cores at one row per step
-    (`decoding.steps.cpu_weights`).
-    """
-
-    blocks: tuple
-    shape: tuple = flax.struct.field(pytree_node=False)
-
-    def astype(self, dtype):
-        return self.replace(blocks=tuple(b.astype(dtype) for b in self.blocks))
-
-    def matmul(self, x_NxI, out_dtype=None):
-        """x [N, prod(in)] @ kernel -> [N, prod(out)]."""
-        dims = (((1,), (1,)), ((), ()))
-        parts = [jax.lax.dot_general(x_NxI, b, dims, preferred_element_type=out_dtype)
-                 for b in self.blocks]
-        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
 
 
 def dense(x, w, n_in: int = 1):
@@ -131,8 +94,6 @@ def vocab_logits(x_BxTxD, w, w_axes: str):
     """
     b, t, d = x_BxTxD.shape
     x_NxD = x_BxTxD.reshape(b * t, d)
-    if isinstance(w, Blocks):  # decoding on CPU; either layout arrives as [V_i, D] blocks
-        return w.matmul(x_NxD, jnp.float32).reshape(b, t, -1)
     logits_NxV = jnp.einsum(f"nd,{w_axes}->nv", x_NxD, w, preferred_element_type=jnp.float32)
     return logits_NxV.reshape(b, t, -1)
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from t5x_lite.config import ModelConfig
 from t5x_lite.layers import (Embed, RelativePositionBias, attention_bias, constrain, dense_init,
-                             head_param, make_dropout, vocab_logits)
+                             make_dropout, param, vocab_logits)
 from t5x_lite.transformer import DecodeCursor, Stack, causal_mask, make_norm, segment_mask
 
 
@@ -45,8 +45,8 @@ class T5(nn.Module):
         if self.decode:
             self.cursor = DecodeCursor()
         if not cfg.tie_embeddings:
-            self.lm_head = head_param(self, "lm_head", dense_init(cfg.d_model),
-                                      (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+            self.lm_head = param(self, "lm_head", dense_init(cfg.d_model),
+                                 (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
 
     def _lm_head(self, y_BxTxD):
         cfg = self.config

@@ -131,98 +131,49 @@ def test_take_rows_and_rollback_helpers():
     np.testing.assert_array_equal(cache_lib.valid_before_cursor(rolled), [1, 3])
 
 
-@pytest.mark.parametrize("preset,scan", [("gpt2", False), ("gpt_modern", True), ("t5_1_1", False),
-                                         ("t5_1_0", True)])
-@pytest.mark.parametrize("parts", [2, 0])
-def test_head_weights_hold_the_head_as_row_blocks_or_one_kernel_and_keep_the_logits(
-        preset, scan, parts):
-    """Decoding on CPU may read the head as row blocks of [V, D] or as one [D, V] kernel; every
-    other weight is passed as it is, and the logits do not change."""
-    from t5x_lite.layers import Blocks
-    cfg = config_lib.from_preset(preset, **TINY, **({"max_len": 32} if preset.startswith("gpt")
-                                                     else {}), scan_layers=scan)
-    params = _params(cfg)
-    split = steps.head_weights(cfg, params, parts)
-    flat = lambda tree: {jax.tree_util.keystr(k): v for k, v in
-                         jax.tree_util.tree_flatten_with_path(
-                             tree, is_leaf=lambda x: isinstance(x, Blocks))[0]}
-    before, after = flat(params), flat(split)
-    added = set(after) - set(before)
-    tied = cfg.tie_embeddings
-    name = ("embedding_blocks" if parts else "embedding_transposed") if tied else (
-        "lm_head_blocks" if parts else None)
-    assert {k.split("'")[-2] for k in added} == ({name} if name else set()), added
-    kept = set(before) - ({"['lm_head']"} if name == "lm_head_blocks" else set())
-    assert kept <= set(after) and all(after[k] is before[k] for k in kept)
-    if name:
-        head = after[next(iter(added))]
-        table = before["['token_embedder']['embedding']"] if tied else before["['lm_head']"].T
-        if parts:
-            assert isinstance(head, Blocks) and len(head.blocks) == parts
-            assert head.blocks[0].shape == (cfg.vocab_size // parts, cfg.d_model)  # [V_i, D]
-            np.testing.assert_array_equal(np.concatenate(head.blocks), table)
-        else:
-            np.testing.assert_array_equal(head, table.T)
-    rng = np.random.default_rng(1)
-    prompt = jnp.asarray(rng.integers(2, 128, (2, 6)), jnp.int32)
-    if cfg.family == "gpt":
-        lengths = jnp.asarray([6, 3])
-        run = lambda p: steps.gpt_prefill(cfg, p, prompt, lengths, 10)[:2]
-    else:
-        run = lambda p: steps.t5_prefill(cfg, p, prompt, 10)
-    (a, cache_a, *rest_a), (b, cache_b, *_) = jax.jit(run)(params), jax.jit(run)(split)
-    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
-    if cfg.family == "gpt":
-        step_a, step_b = steps.gpt_step_fn(cfg, params), steps.gpt_step_fn(cfg, split)
-    else:
-        step_a, step_b = (steps.t5_step_fn(cfg, p, rest_a[0]) for p in (params, split))
-    tok = jnp.argmax(a, -1)[:, None].astype(jnp.int32)
-    np.testing.assert_allclose(jax.jit(step_a)(tok, cache_a)[0], jax.jit(step_b)(tok, cache_b)[0],
-                               atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("preset,scan", [("gpt2", False), ("gpt_modern", True), ("t5_1_1", True)])
-def test_cpu_weights_fuse_inputs_keep_kernels_for_single_rows_and_keep_the_logits(preset, scan):
-    """Layer kernels stay [in, out] for any number of rows per step; the head is two row
-    blocks for one row and one [D, V] kernel for more. Self-attention q/k/v become one `qkv`
-    kernel and a gated MLP's wi_0/wi_1 one `wi_fused` either way; the logits do not change."""
-    from t5x_lite.layers import Blocks
+@pytest.mark.parametrize("preset,scan", [("gpt2", False), ("gpt_modern", True), ("t5_1_1", True),
+                                         ("t5_1_0", False)])
+def test_cpu_weights_fuse_inputs_keep_kernels_give_a_dv_head_and_keep_the_logits(preset, scan):
+    """The CPU decode layout: kernels stay [in, out]; self-attention q/k/v become one `qkv`
+    kernel and a gated MLP's wi_0/wi_1 one `wi_fused`; the head is one [D, V] kernel (a tied
+    embedding gets a transposed copy beside the table); every other weight is passed as it is,
+    and the logits do not change."""
     cfg = config_lib.from_preset(preset, **TINY, **({"max_len": 32} if preset.startswith("gpt")
                                                      else {}), scan_layers=scan)
     params = _params(cfg)
     leaves = lambda tree: {jax.tree_util.keystr(k): v for k, v in
-                           jax.tree_util.tree_flatten_with_path(
-                               tree, is_leaf=lambda x: isinstance(x, Blocks))[0]}
-    one, many = steps.cpu_weights(cfg, params, 1), steps.cpu_weights(cfg, params, 2)
-    names = lambda tree: {k.split("'")[-2] for k in leaves(tree) if "cross_attention" not in k}
-    assert "qkv" in names(one) and "qkv" in names(many)
-    if len(config_lib.MLP_ACTIVATIONS[cfg.mlp]) > 1:  # gated
-        assert "wi_fused" in names(one) and "wi_fused" in names(many)
-        assert not (names(one) | names(many)) & {"wi_0", "wi_1", "wi_0_blocks", "wi_1_blocks"}
-    layer_blocks = {"query", "qkv_blocks", "query_blocks", "wi_blocks", "wo_blocks",
-                    "wi_fused_blocks", "out_blocks"}
-    assert not (names(one) | names(many)) & layer_blocks
-    # the head: two [V / 2, D] blocks for one row; one [D, V] kernel for more
-    tied = cfg.tie_embeddings
-    assert ("embedding_blocks" if tied else "lm_head_blocks") in names(one)
-    head = leaves(many)[next(k for k in leaves(many) if k.endswith(
-        "['embedding_transposed']" if tied else "['lm_head']"))]
-    assert head.shape == (cfg.d_model, cfg.vocab_size)
-    assert not names(many) & {"embedding_blocks", "lm_head_blocks"}
+                           jax.tree_util.tree_flatten_with_path(tree)[0]}
+    split = steps.cpu_weights(cfg, params)
+    before, after = leaves(params), leaves(split)
+    name = lambda k: k.split("'")[-2]
+    names = {name(k) for k in after if "cross_attention" not in k}
+    gated = len(config_lib.MLP_ACTIVATIONS[cfg.mlp]) > 1
+    fused = {"query", "key", "value", *(("wi_0", "wi_1") if gated else ())}
+    assert "qkv" in names and not names & fused
+    assert ("wi_fused" in names) == gated
+    kept = {k for k in before if "cross_attention" in k or name(k) not in fused}
+    assert kept <= set(after) and all(after[k] is before[k] for k in kept)
+    if cfg.tie_embeddings:
+        added = set(after) - set(before) - {k for k in after if name(k) in ("qkv", "wi_fused")}
+        assert added == {"['token_embedder']['embedding_transposed']"}, added
+        np.testing.assert_array_equal(after["['token_embedder']['embedding_transposed']"],
+                                      before["['token_embedder']['embedding']"].T)
+    else:
+        assert "embedding_transposed" not in names
+        assert after["['lm_head']"].shape == (cfg.d_model, cfg.vocab_size)
     if cfg.family == "t5":  # cross-attention keeps its separate kernels (q from the decoder)
-        assert any("cross_attention']['query" in k for k in leaves(one))
+        assert any("cross_attention']['query" in k for k in after)
     rng = np.random.default_rng(2)
     prompt = jnp.asarray(rng.integers(2, 128, (2, 5)), jnp.int32)
-    for split in (one, many):
-        if cfg.family == "gpt":
-            lengths = jnp.asarray([5, 2])
-            run = lambda p: steps.gpt_prefill(cfg, p, prompt, lengths, 8)[:2]
-            step = lambda p: steps.gpt_step_fn(cfg, p)
-        else:
-            run = lambda p: steps.t5_prefill(cfg, p, prompt, 8)
-            step = lambda p: steps.t5_step_fn(cfg, p, prompt > 0)
-        (a, cache_a, *_), (b, cache_b, *_) = jax.jit(run)(params), jax.jit(run)(split)
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
-        tok = jnp.argmax(a, -1)[:, None].astype(jnp.int32)
-        np.testing.assert_allclose(jax.jit(step(params))(tok, cache_a)[0],
-                                   jax.jit(step(split))(tok, cache_b)[0], atol=1e-5, rtol=1e-5)
+    if cfg.family == "gpt":
+        lengths = jnp.asarray([5, 2])
+        run = lambda p: steps.gpt_prefill(cfg, p, prompt, lengths, 8)[:2]
+        step = lambda p: steps.gpt_step_fn(cfg, p)
+    else:
+        run = lambda p: steps.t5_prefill(cfg, p, prompt, 8)
+        step = lambda p: steps.t5_step_fn(cfg, p, prompt > 0)
+    (a, cache_a, *_), (b, cache_b, *_) = jax.jit(run)(params), jax.jit(run)(split)
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    tok = jnp.argmax(a, -1)[:, None].astype(jnp.int32)
+    np.testing.assert_allclose(jax.jit(step(params))(tok, cache_a)[0],
+                               jax.jit(step(split))(tok, cache_b)[0], atol=1e-5, rtol=1e-5)

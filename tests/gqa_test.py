@@ -45,7 +45,7 @@ def test_cached_greedy_equals_hf_llama_generate(llama):
     assert one[0]["ids"] == ours[1]["ids"]  # one row per step: XLA's own GEMV path
     # CPU decoding fuses q [D, H, K] and the smaller k / v into one [D, H + 2 Hkv, K] kernel
     cfg = loaded.config
-    fused = steps.cpu_weights(cfg, loaded.params, 1)["decoder"]["layers_0"]["self_attention"]
+    fused = steps.cpu_weights(cfg, loaded.params)["decoder"]["layers_0"]["self_attention"]
     assert set(fused) == {"qkv_grouped", "out"}
     assert fused["qkv_grouped"].shape == (cfg.d_model, cfg.num_heads + 2 * cfg.kv_heads,
                                           cfg.head_dim)

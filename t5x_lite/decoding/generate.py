@@ -729,7 +729,7 @@ def _speculative_jit(params, draft_params, tokens_BxP, lengths_B, seed, example_
     rows = _expand_rows(b, samples)
     lengths = cache_phases(cfg, p, n, k)
     logits, tcache, tstep = steps.prefill(cfg, params, tokens_BxP, lengths_B, lengths[0], rows,
-                                          step_tokens=k + 1, prefix_lm=prefix_lm)
+                                          prefix_lm=prefix_lm)
     tokens_RxP = tokens_BxP if rows is None else tokens_BxP[rows]  # left-padded
     if lookup_ngram:
         dcache = dstep = None

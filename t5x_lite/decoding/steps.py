@@ -28,7 +28,6 @@ import numpy as np
 from t5x_lite.config import ModelConfig
 from t5x_lite.decoding import cache as cache_lib
 from t5x_lite.gpt import GPT
-from t5x_lite.layers import Blocks
 from t5x_lite.t5 import T5
 from t5x_lite.transformer import unstack_layers
 
@@ -121,41 +120,18 @@ def t5_prefill(cfg: ModelConfig, params, encoder_BxS, cache_len: int):
 
 
 # ------------------------------------------------------------------------------------- both
-CPU_HEAD_BLOCKS = 2  # the head at one row per step
-
-
-def head_weights(cfg: ModelConfig, params, parts: int = CPU_HEAD_BLOCKS):
-    """The output head for decoding on CPU: `parts` row blocks (`layers.Blocks`, [V / parts, D]
-    each) of an untied `lm_head` (as `lm_head_blocks`) or of the tied embedding (as
-    `embedding_blocks`), or with `parts` 0 one [D, V] kernel: `lm_head` as it is, the tied
-    embedding as a transposed copy, `embedding_transposed`. `Embed.attend` and the heads read
-    these instead; the lookup keeps the table. Int8 heads, and a vocabulary `parts` does not
-    divide, are left as they are.
-
-    At one row per step each block is its own matrix-vector loop, and XLA:CPU runs the two on
-    both cores: a loop of [1, 512] x [512, 32128] head products alone, 2.6 -> 1.2 ms. Which
-    layout pays is measured (`cpu_weights`); the copy is made once per decode call, before its
-    loop.
-    """
-    is_float = lambda w: isinstance(w, (jax.Array, np.ndarray))
-    if not cfg.tie_embeddings:
-        w = params.get("lm_head")
-        if parts == 0 or not is_float(w) or w.shape[-1] % parts:
-            return params
-        out = {k: v for k, v in params.items() if k != "lm_head"}
-        out["lm_head_blocks"] = Blocks(tuple(jnp.split(w.T, parts, axis=0)), (w.shape[-1],))
-        return out
+def transposed_embedding(cfg: ModelConfig, params):
+    """A tied float embedding's transposed copy [D, V] as `embedding_transposed` beside the
+    table, which `Embed.attend` reads for the logits instead (the lookup keeps the table):
+    XLA:CPU reads a [D, V] head faster than a [V, D] one (a loop of [1, 512] x [512, 32128]
+    head products alone, best of 3 rounds: 1.31 against 1.68 ms). Made once per decode call,
+    before its loop. Other params (an untied head is [D, V] already), and an int8 table, are
+    passed as they are."""
     table = params["token_embedder"]["embedding"]
-    if not is_float(table):
+    if not cfg.tie_embeddings or not isinstance(table, (jax.Array, np.ndarray)):
         return params
-    if parts == 0:
-        extra = {"embedding_transposed": table.T}
-    elif table.shape[0] % parts == 0:
-        extra = {"embedding_blocks": Blocks(tuple(jnp.split(table, parts, axis=0)),
-                                            (table.shape[0],))}
-    else:
-        return params
-    return {**params, "token_embedder": {**params["token_embedder"], **extra}}
+    return {**params, "token_embedder": {**params["token_embedder"],
+                                         "embedding_transposed": table.T}}
 
 
 def _fuse_kernels(params, parent: str, names: tuple, ndim: int, fused: str,
@@ -196,26 +172,29 @@ def fuse_gated_mlp(params):
     return _fuse_kernels(params, "mlp", ("wi_0", "wi_1"), 2, "wi_fused")
 
 
-def cpu_weights(cfg: ModelConfig, params, rows: int):
-    """The decode weight layout for `rows` rows per step on CPU.
+def cpu_weights(cfg: ModelConfig, params):
+    """The decode weight layout on CPU, for any number of rows per step.
 
-    Layer kernels stay as they are stored, [in, out]. One row per step makes every projection a
-    matrix-vector product, which XLA:CPU emits as its own tiled loop; that loop streams an
-    [in, out] kernel faster than an [out, in] one (GPT-36M batch 1 on a 2-core Xeon: 8.2 -> 6.3
-    ms per token). From two rows on the matmuls go to the library (YNNPACK), where with jax
-    0.10 [in, out] is faster too (2-core EPYC, 128 new tokens, alternating runs, best of 2
-    each, three rounds; ms per token, [out, in] in one block -> [in, out]: GPT-36M batch 16
-    17.6-17.9 -> 14.8-15.7, batch 4 11.7-12.4 -> 8.8-9.7, batch 2 10.1-11.1 -> 7.9-8.7; T5 ~70M
-    batch 16 17.3-17.5 -> 14.8-15.4; two blocks were no better than one), and so is one [D, V]
-    head against two [V / 2, D] blocks (GPT-36M batch 16 18.5-19.8 -> 17.8-18.2, T5 18.8-19.4
-    -> 17.3-17.6). At one row the head stays two row blocks, which XLA's matrix-vector loop
-    reads from both cores (`head_weights`). Self-attention's three input projections are fused
+    Kernels stay as they are stored, [in, out], and the head is one [D, V] kernel (a tied
+    embedding gets a transposed copy: `transposed_embedding`). One row per step makes every
+    projection a matrix-vector product, which XLA:CPU emits as its own tiled loop; that loop
+    streams an [in, out] kernel faster than an [out, in] one (GPT-36M batch 1 on a 2-core Xeon:
+    8.2 -> 6.3 ms per token), and with jax 0.10 one [D, V] head faster than the two [V / 2, D]
+    row blocks that earlier versions read from both cores (2-core EPYC, 128 new tokens,
+    alternating rounds of 3 runs, ms per token best of 3, blocks -> one: GPT-36M 5.04-5.38 ->
+    4.76-5.05, T5 ~70M 5.61-5.69 -> 5.25-5.41). From two rows on the matmuls go to the library
+    (YNNPACK), where with jax 0.10 [in, out] is faster too (128 new tokens, alternating runs,
+    best of 2 each, three rounds; ms per token, [out, in] in one block -> [in, out]: GPT-36M
+    batch 16 17.6-17.9 -> 14.8-15.7, batch 4 11.7-12.4 -> 8.8-9.7, batch 2 10.1-11.1 ->
+    7.9-8.7; T5 ~70M batch 16 17.3-17.5 -> 14.8-15.4; two blocks were no better than one), and
+    so is one [D, V] head against two [V / 2, D] blocks (GPT-36M batch 16 18.5-19.8 ->
+    17.8-18.2, T5 18.8-19.4 -> 17.3-17.6). Self-attention's three input projections are fused
     into one (`fuse_qkv`), and so are a gated MLP's two (`fuse_gated_mlp`): a small matmul
     costs a fixed ~30-60 us on top of its bytes here, so one [512, 3*512] beats three
     [512, 512] (GPT-36M batch 1: 6.5 -> 6.1 ms per token, A/B min of 3) and one [512, 2*1024]
     two [512, 1024] (T5 ~70M batch 1: 7.47 -> 6.18 ms); batch 16 equal.
     """
-    return head_weights(cfg, fuse_gated_mlp(fuse_qkv(params)), CPU_HEAD_BLOCKS if rows == 1 else 0)
+    return transposed_embedding(cfg, fuse_gated_mlp(fuse_qkv(params)))
 
 
 def unrolled(cfg: ModelConfig, params):
@@ -234,21 +213,20 @@ def unrolled(cfg: ModelConfig, params):
 
 
 def prefill(cfg: ModelConfig, params, prompt_BxP, lengths_B, cache_len: int, rows_R=None,
-            step_tokens: int = 1, prefix_lm: bool = False):
+            prefix_lm: bool = False):
     """Family-independent prefill; `rows_R` repeats/reorders rows after it (beams, samples);
-    `step_tokens`: the tokens per row that each later step feeds (k + 1 for the target of
-    speculative decoding), which sets the CPU weight layout (`cpu_weights`); `prefix_lm`: a
-    GPT trained with objective prefix_lm, whose prompt is its prefix (`gpt_prefill`).
+    `prefix_lm`: a GPT trained with objective prefix_lm, whose prompt is its prefix
+    (`gpt_prefill`).
 
-    A model with scan_layers decodes unrolled (`unrolled`).
+    A model with scan_layers decodes unrolled (`unrolled`); on CPU the weights take the decode
+    layout (`cpu_weights`).
 
     Returns:
       (first logits [R, V], cache with R rows, `tokens_to_logits(ids, cache)` for R rows).
     """
     cfg, params = unrolled(cfg, params)
     if jax.default_backend() == "cpu":
-        rows = prompt_BxP.shape[0] if rows_R is None else rows_R.shape[0]
-        params = cpu_weights(cfg, params, rows * step_tokens)
+        params = cpu_weights(cfg, params)
     if cfg.family == "gpt":
         logits_BxV, cache, step = gpt_prefill(cfg, params, prompt_BxP, lengths_B, cache_len,
                                                prefix_lm)
