@@ -6,10 +6,13 @@ model's format (Llama 3's `<|start_header_id|>user<|end_header_id|>...<|eot_id|>
 (`add_generation_prompt=True`: the text ends where the assistant's reply begins):
 
 - the template is `chat_template.jinja` when the directory has one, else tokenizer_config.json's
-  `chat_template` (a string, or named templates: the one named "default", or "tool_use" when
-  tools are given and there is one). Named templates may also come as transformers 5 saves
-  them, as `additional_chat_templates/<name>.jinja` beside a `chat_template.jinja` ("default");
-  as in HF, tokenizer_config.json's template is then not read;
+  `chat_template` (a string, or named templates). Named templates may also come as
+  transformers 5 saves them, as `additional_chat_templates/<name>.jinja` beside a
+  `chat_template.jinja` ("default"); as in HF, tokenizer_config.json's template is then not
+  read. HF's choice (`get_chat_template`): `chat_template` given to `render` is one of the
+  named templates' names, or else the Jinja text to use; without it, named templates use
+  "tool_use" when tools are given (even []) and there is one, else "default" (none: an
+  error that lists the names);
 - Jinja2's sandbox with HF's settings (`trim_blocks`, `lstrip_blocks`, loop controls) and HF's
   additions: `raise_exception(message)`, `strftime_now(format)`, a `tojson` that does not escape
   HTML, HF's restricted `dict` and `namespace` (no `_` names), and the special tokens of
@@ -32,10 +35,9 @@ model's format (Llama 3's `<|start_header_id|>user<|end_header_id|>...<|eot_id|>
 The rendered text holds the template's special tokens spelled out (`<|begin_of_text|>`): a
 tokenizer.json vocabulary reads them as those tokens (`TokenizerJsonVocabulary.encode`, HF's
 `add_special_tokens=False`), and the text gets no start id of its own. Needs the `jinja2`
-package (`pip install jinja2`; transformers installs it too). Not supported: choosing a named
-template by its name (HF's `chat_template="name"`): only "default" and "tool_use" are used,
-and named templates without a "default" one are refused (HF uses such a "tool_use" one with
-tools).
+package (`pip install jinja2`; transformers installs it too). One departure from HF: a
+`chat_template` that is neither a name nor holds a Jinja tag (`{{`, `{%`), e.g. a misspelled
+name, is an error where HF would render it as text.
 """
 from __future__ import annotations
 
@@ -76,10 +78,12 @@ class ChatTemplate:
       source: where the template came from, for error messages.
     """
 
-    def __init__(self, template: str, variables: Mapping[str, str], source: str,
-                 tool_use: str | None = None):
+    def __init__(self, template: str | None, variables: Mapping[str, str], source: str,
+                 tool_use: str | None = None, named: Mapping[str, str] | None = None):
         self.template, self.source, self.variables = template, source, dict(variables)
         self.tool_use = tool_use  # the "tool_use" one of named templates, for calls with tools
+        # every named template, "default" and "tool_use" included ({}: a single template)
+        self.named = dict(named or {})
         self._compiled = {}  # on first use: a model loads whatever its template holds
 
     def fingerprint(self) -> str:
@@ -87,9 +91,35 @@ class ChatTemplate:
         parts = [self.template, sorted(self.variables.items())]
         if self.tool_use is not None:  # without one: the fingerprint of earlier versions
             parts.append(self.tool_use)
+        others = sorted((k, v) for k, v in self.named.items() if k not in ("default", "tool_use"))
+        if others:  # likewise
+            parts.append(others)
         return hashlib.sha256(json.dumps(parts).encode("utf-8")).hexdigest()[:16]
 
-    def _compile(self, template: str):
+    def choose(self, chat_template: str | None = None, tools=None) -> tuple[str, str]:
+        """(the template text `render` uses, where it is from, for errors): HF's
+        `get_chat_template` (module docstring)."""
+        if chat_template is not None:
+            if not isinstance(chat_template, str):
+                raise ChatError(f"chat_template is a template's name or Jinja text, got "
+                                f"{_short(chat_template)}")
+            if chat_template in self.named:
+                return self.named[chat_template], f"{self.source}, {chat_template!r}"
+            if "{{" not in chat_template and "{%" not in chat_template:
+                names = f"its named templates are {sorted(self.named)}" if self.named else \
+                    "it has no named templates"
+                raise ChatError(f"chat_template {chat_template!r:.60} is not a template of this "
+                                f"model ({names}) and holds no Jinja tag, so it is not a "
+                                "template's text either")
+            return chat_template, "the given chat_template"
+        if tools is not None and self.tool_use is not None:
+            return self.tool_use, f"{self.source}, 'tool_use'"
+        if self.template is None:
+            raise ChatError(f"{self.source}: its chat templates {sorted(self.named)} have no "
+                            "'default' one: choose one with chat_template=<name>")
+        return self.template, self.source
+
+    def _compile(self, template: str, source: str):
         if template not in self._compiled:
             try:
                 env = _environment()
@@ -99,7 +129,7 @@ class ChatTemplate:
             try:
                 self._compiled[template] = env.from_string(template)
             except Exception as e:  # jinja2.TemplateSyntaxError and kin
-                raise ChatError(f"{self.source}: not a Jinja template ({_first_line(e)})"
+                raise ChatError(f"{source}: not a Jinja template ({_first_line(e)})"
                                 ) from None
         return self._compiled[template]
 
@@ -117,18 +147,18 @@ class ChatTemplate:
             both = {**({"default": jinja} if jinja is not None else {}), **named}
             template = both["default"] if list(both) == ["default"] else [
                 {"name": k, "template": v} for k, v in both.items()]
-        tool_use = None
+        tool_use, named = None, None
         if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            if "default" not in named:
-                raise ChatError(f"{source}: its chat templates {sorted(map(str, named))} have no "
-                                "'default' one")
-            template, tool_use = named["default"], named.get("tool_use")
-            if tool_use is not None and not isinstance(tool_use, str):
-                raise ChatError(f"{source}: its 'tool_use' chat template is not a string")
-        if template is None:
+            bad = sorted(repr(k) for k, v in named.items()
+                         if not isinstance(k, str) or not isinstance(v, str))
+            if bad or not named:
+                raise ChatError(f"{source}: its named chat templates are not name and text "
+                                f"strings ({', '.join(bad) or 'none given'})")
+            template, tool_use = named.get("default"), named.get("tool_use")
+        elif template is None:
             return None
-        if not isinstance(template, str):
+        elif not isinstance(template, str):
             raise ChatError(f"{source}: chat_template is not a string")
         extra = settings.get("extra_special_tokens")
         tokens = {**{k: v for k, v in settings.items() if k.endswith("_token")},
@@ -138,9 +168,10 @@ class ChatTemplate:
             value = value.get("content") if isinstance(value, dict) else value
             if isinstance(value, str):
                 variables[name] = value
-        return cls(template, variables, source, tool_use)
+        return cls(template, variables, source, tool_use, named)
 
-    def _tag_final_message(self, messages: list[dict], field: str, template: str
+    @staticmethod
+    def _tag_final_message(messages: list[dict], field: str, template: str, source: str
                            ) -> tuple[list[dict], str]:
         """The messages with HF's continue tag after the last message's `field` (its last text
         block's, for a list of blocks; every copy of a reasoning field), and that text."""
@@ -152,7 +183,7 @@ class ChatTemplate:
         fields = [field] if field not in REASONING_FIELDS else [
             f for f in REASONING_FIELDS if last.get(f) == value]
         if not any(f in template for f in fields):
-            raise ChatError(f"continue_final_message: the chat template ({self.source}) does "
+            raise ChatError(f"continue_final_message: the chat template ({source}) does "
                             f"not read a message's \"{field}\"")
         if isinstance(value, str):
             for f in fields:
@@ -172,11 +203,12 @@ class ChatTemplate:
 
     def render(self, conversation, *, add_generation_prompt: bool | None = None, tools=None,
                documents=None, continue_final_message: bool | str = False,
-               variables=None) -> str:
+               variables=None, chat_template: str | None = None) -> str:
         """The prompt text of `conversation`, a list of message dicts (see module docstring):
         the assistant's header at the end (`add_generation_prompt`, default: unless
         `continue_final_message`), or with `continue_final_message` the last message left
-        open: its "content" (True) or the field it names ("reasoning_content")."""
+        open: its "content" (True) or the field it names ("reasoning_content").
+        `chat_template`: a named template's name, or Jinja text (`choose`)."""
         messages = normalize_conversation(conversation)
         if not isinstance(continue_final_message, (bool, str)):
             raise ChatError(f"continue_final_message is True, False or the name of the field "
@@ -196,25 +228,24 @@ class ChatTemplate:
             raise ChatError(f"chat_template_kwargs cannot set {', '.join(reserved)} (give them "
                             "as their own arguments)")
         extra = _plain(dict(variables))
-        template = self.tool_use if tools is not None and self.tool_use is not None else \
-            self.template
-        compiled = self._compile(template)
+        template, source = self.choose(chat_template, tools)
+        compiled = self._compile(template, source)
         final = None
         if continue_final_message:
             field = continue_final_message if isinstance(continue_final_message, str) else \
                 "content"
-            messages, final = self._tag_final_message(messages, field, template)
+            messages, final = self._tag_final_message(messages, field, template, source)
         try:
             text = compiled.render(messages=messages, tools=tools, documents=documents,
                                    add_generation_prompt=add_generation_prompt,
                                    **{**self.variables, **extra})
         except Exception as e:  # raise_exception's TemplateError, a template's own bugs
-            raise ChatError(f"the chat template ({self.source}) failed on this conversation: "
+            raise ChatError(f"the chat template ({source}) failed on this conversation: "
                             f"{_first_line(e)}") from None
         if final is None:
             return text
         if final.strip() not in text or CONTINUE_TAG.strip() not in text:
-            raise ChatError(f"continue_final_message: the chat template ({self.source}) does "
+            raise ChatError(f"continue_final_message: the chat template ({source}) does "
                             "not write the final message as given, so it cannot be continued")
         at = text.rindex(CONTINUE_TAG.strip())
         # HF's cut: at the tag, or before the whitespace the template trimmed after it

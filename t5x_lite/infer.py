@@ -7,8 +7,9 @@ r"""Decode a file of prompts with a checkpoint, writing one JSON line per input.
 --input: `.txt` -- one prompt per line (no empty lines); `.jsonl` -- per line a JSON string, or an
   object with "inputs" (text), "input_ids" (a list of ints; needed when there is no vocab) or
   "messages" (a chat: a list of {"role", "content"}, rendered with the model's chat template;
-  optionally with "tools", "documents", "continue_final_message", "chat_template_kwargs", as
-  generate's; the record's "inputs" then holds them with "messages").
+  optionally with "tools", "documents", "continue_final_message", "chat_template_kwargs",
+  "chat_template" (a named template's name, or Jinja text), as generate's; the record's
+  "inputs" then holds them with "messages").
   UTF-8; lines end at '\n' only (a '\r' before it is dropped: CRLF files work; U+2028, form
   feeds etc. stay inside the prompt); a UTF-8 byte order mark at the start is dropped.
 --output: JSONL; per input {"inputs", "output" (text, or null without a vocab), "output_ids",
@@ -104,7 +105,8 @@ _WRITER = "t5x_lite.infer"  # the sidecar's "written_by"
 _RECORD_KEYS = frozenset({"inputs", "output", "output_ids", "score", "finished"})
 _PROMPT_KEYS = ("inputs", "input_ids", "messages")  # what a .jsonl line's object gives
 # beside "messages": generate()'s chat options, for that conversation
-CHAT_OPTIONS = ("tools", "documents", "continue_final_message", "chat_template_kwargs")
+CHAT_OPTIONS = ("tools", "documents", "continue_final_message", "chat_template_kwargs",
+                "chat_template")
 
 
 @dataclasses.dataclass
@@ -170,8 +172,12 @@ def read_prompts(path) -> list[Prompt]:
             prompts.append(Prompt(item["input_ids"], list(item["input_ids"])))
         elif isinstance(item, dict) and isinstance(item.get("messages"), list):
             options = {k: item[k] for k in CHAT_OPTIONS if k in item}
-            if options.get("continue_final_message", False) is None:
-                options.pop("continue_final_message")  # null: off, as the other options
+            for key in ("continue_final_message", "chat_template"):
+                if key in options and options[key] is None:
+                    options.pop(key)  # null: off, as the other options
+            if not isinstance(options.get("chat_template", ""), str):
+                raise InferError(f"{where}: \"chat_template\" must be the name of one of the "
+                                 "model's chat templates or a template's text")
             if not isinstance(options.get("continue_final_message", False), (bool, str)):
                 raise InferError(f"{where}: \"continue_final_message\" must be true, false or "
                                  "the name of the field to continue")

@@ -224,9 +224,16 @@ def test_template_selection_and_variables():
     assert chat.ChatTemplate.from_settings(settings, "J{{ messages[0].content }}", "s"
                                            ).render(one) == "Jx"
     assert chat.ChatTemplate.from_settings({}, None, "s") is None
-    with pytest.raises(chat.ChatError, match="have no 'default' one"):
-        chat.ChatTemplate.from_settings({"chat_template": [{"name": "a", "template": "x"}]},
-                                        None, "s")
+    nameless = chat.ChatTemplate.from_settings(
+        {"chat_template": [{"name": "a", "template": "x"}]}, None, "s")
+    assert nameless.render(one, chat_template="a") == "x"
+    with pytest.raises(chat.ChatError, match=r"^s: its chat templates \['a'\] have no 'default' "
+                       "one: choose one with chat_template=<name>$"):
+        nameless.render(one)
+    for bad in ([{"name": "a"}], [{"name": 1, "template": "x"}], []):
+        with pytest.raises(chat.ChatError, match="^s: its named chat templates are not name and "
+                           "text strings"):
+            chat.ChatTemplate.from_settings({"chat_template": bad}, None, "s")
     html = chat.ChatTemplate.from_settings({}, "{{ messages | tojson }}", "s")
     assert html.render([{"role": "user", "content": "<b>é"}]) == \
         '[{"role": "user", "content": "<b>é"}]'  # HF's tojson: no HTML escapes, no \\u
@@ -457,6 +464,58 @@ def test_tools_given_as_functions_render_as_hf(tool_model):
         m.generate(messages=ASK, tools=[lambda x: x], max_new_tokens=1)
 
 
+RAG = ("{{- bos_token }}{%- for d in documents or [] %}[doc {{ d.title }}: {{ d.text }}]"
+       "{%- endfor %}{%- for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>"
+       "{{ m.content }}<|eot_id|>{%- endfor %}"
+       "{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>{% endif %}")
+
+
+def test_a_template_chosen_by_name_or_given_as_text_renders_as_hf(tool_model, llama3, tmp_path):
+    """HF's `chat_template=`: a named template by its name (over the tools' choice), or Jinja
+    text instead of the model's, for named templates and a single one alike; a name the
+    model lacks that holds no Jinja tag is one line (HF would render it as text)."""
+    hf, path = _model_dir(tmp_path / "rag", config_template=[
+        {"name": "default", "template": LLAMA3}, {"name": "tool_use", "template": TOOL_USE},
+        {"name": "rag", "template": RAG}])
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    m = t5x_lite.load(path)
+    cases = [{"chat_template": "rag", "documents": DOCS}, {"chat_template": "rag"},
+             {"chat_template": "default", "tools": TOOLS},  # a name wins over the tools
+             {"chat_template": "rag", "tools": TOOLS, "documents": DOCS},
+             {"chat_template": "{{ bos_token }}{{ messages[0].content }}|{{ tools | length }}",
+              "tools": TOOLS},
+             {"tools": TOOLS}, {}]
+    texts = []
+    for kw in cases:
+        want = tok.apply_chat_template(ASK, tokenize=False, add_generation_prompt=True, **kw)
+        assert m.chat_template.render(ASK, **kw) == want, kw
+        texts.append(want)
+    assert texts[0].startswith("<|begin_of_text|>[doc ab: cd ef]") and texts[4].endswith("|1")
+    assert texts[2] == texts[6] != texts[5]  # "default" named: not tool_use, for all the tools
+    assert texts[0] != texts[1] and texts[0] != texts[6]
+    hf_ids = tok(texts[0], add_special_tokens=False)["input_ids"]
+    ours = m.generate(messages=ASK, max_new_tokens=3, **cases[0])[0]
+    assert ours["ids"] == ref.greedy_left_padded(hf, [hf_ids], 3)[0][:len(ours["ids"])]
+    one = t5x_lite.load(llama3[1])  # a single template: text replaces it, as in HF
+    single = transformers.AutoTokenizer.from_pretrained(llama3[1])
+    assert one.chat_template.render(ASK, chat_template=RAG) == single.apply_chat_template(
+        ASK, tokenize=False, add_generation_prompt=True, chat_template=RAG)
+    for model, message in [(m, r"its named templates are \['default', 'rag', 'tool_use'\]"),
+                           (one, "it has no named templates")]:
+        with pytest.raises(DecodeError, match=r"^messages\[0\]: chat_template 'rg' is not a "
+                           f"template of this model \\({message}\\) and holds no Jinja tag"):
+            model.generate(messages=ASK, max_new_tokens=1, chat_template="rg")
+    with pytest.raises(DecodeError, match="chat_template is a template's name or Jinja text"):
+        m.generate(messages=ASK, max_new_tokens=1, chat_template=["rag"])
+    with pytest.raises(DecodeError, match=r"^messages\[0\]: the given chat_template: not a Jinja"):
+        m.generate(messages=ASK, max_new_tokens=1, chat_template="{% if %}")
+    with pytest.raises(DecodeError, match="chat_template apply to chat messages only"):
+        m.generate(inputs=["ab"], chat_template="rag", max_new_tokens=1)
+    # the other named templates count in the fingerprint (a resumed infer run checks it)
+    prints = {t5x_lite.load(p).chat_template.fingerprint() for p in (path, tool_model[1])}
+    assert len(prints) == 2
+
+
 def test_fingerprint_without_named_templates_is_as_before(llama3):
     """Outputs written before named templates counted resume: the fingerprint of a template
     without a "tool_use" one hashes what it hashed then."""
@@ -468,19 +527,22 @@ def test_fingerprint_without_named_templates_is_as_before(llama3):
 def test_chat_options_in_infer_and_their_errors(tool_model, tmp_path):
     hf, path = tool_model
     lines = [{"messages": ASK, "tools": TOOLS, "chat_template_kwargs": {"enable_thinking": False}},
-             {"messages": OPEN, "continue_final_message": True}, {"messages": ASK}]
+             {"messages": OPEN, "continue_final_message": True}, {"messages": ASK},
+             {"messages": ASK, "chat_template": "tool_use"}]
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    assert infer.run(path, src, out, {"max_new_tokens": 3}, log=open(os.devnull, "w")) == 3
+    assert infer.run(path, src, out, {"max_new_tokens": 3}, log=open(os.devnull, "w")) == 4
     records = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [r["inputs"] for r in records] == [lines[0], lines[1], ASK]
+    assert [r["inputs"] for r in records] == [lines[0], lines[1], ASK, lines[3]]
     m = t5x_lite.load(path)
     want = [m.generate(messages=x["messages"], max_new_tokens=3,
                        **{k: v for k, v in x.items() if k != "messages"})[0] for x in lines]
     assert [r["output_ids"] for r in records] == [w["ids"] for w in want]
     for line, message in [({"inputs": "ab", "tools": TOOLS}, '"tools" apply to "messages"'),
                           ({"messages": OPEN, "continue_final_message": 1},
-                           '"continue_final_message" must be true, false or the name of')]:
+                           '"continue_final_message" must be true, false or the name of'),
+                          ({"messages": ASK, "chat_template": 1},
+                           '"chat_template" must be the name of one of the model')]:
         bad = tmp_path / "bad.jsonl"
         bad.write_text(json.dumps(line) + "\n")
         with pytest.raises(infer.InferError, match=f"^{bad}:1: {message}"):
@@ -505,8 +567,8 @@ def test_chat_options_in_infer_and_their_errors(tool_model, tmp_path):
 def test_named_templates_as_transformers_5_saves_them(tool_model, tmp_path, caplog):
     """transformers 5 saves named templates as chat_template.jinja ("default") and
     additional_chat_templates/<name>.jinja: they render as HF's from such a directory, from its
-    converted workdir and from that workdir's export; named templates without a default one
-    are refused with a warning (one line on use)."""
+    converted workdir and from that workdir's export. Without a default one, a template is
+    chosen by name or by tools, as in HF; with neither, one line names them."""
     hf, path = tool_model
     copy = tmp_path / "m"
     shutil.copytree(path, copy)
@@ -531,6 +593,14 @@ def test_named_templates_as_transformers_5_saves_them(tool_model, tmp_path, capl
     (copy / "chat_template.jinja").unlink()
     with caplog.at_level(logging.WARNING):
         m = t5x_lite.load(copy)
-    assert "its chat templates ['tool_use'] have no 'default' one" in caplog.text
-    with pytest.raises(DecodeError, match="have no 'default' one"):
+    assert "chat template" not in caplog.text
+    tok = transformers.AutoTokenizer.from_pretrained(copy)
+    for kw in ({"tools": TOOLS}, {"chat_template": "tool_use"}):
+        want = tok.apply_chat_template(ASK, tokenize=False, add_generation_prompt=True, **kw)
+        assert m.chat_template.render(ASK, **kw) == want
+    with pytest.raises(ValueError, match="no default specified"):
+        tok.apply_chat_template(ASK, tokenize=False)
+    with pytest.raises(DecodeError, match=r"^messages\[0\]: .*additional_chat_templates: its chat "
+                       r"templates \['tool_use'\] have no 'default' one: choose one with "
+                       "chat_template=<name>$"):
         m.generate(messages=ASK, max_new_tokens=1)

@@ -365,17 +365,18 @@ def stop_ids(loaded) -> tuple[int, ...]:
 def encode_prompts(loaded, *, inputs=None, input_ids=None, messages=None,
                    labels: Sequence[str] | None = None, tools=None, documents=None,
                    continue_final_message: bool | str = False,
-                   chat_template_kwargs=None) -> list[list[int]]:
+                   chat_template_kwargs=None, chat_template: str | None = None
+                   ) -> list[list[int]]:
     """Token ids per prompt. Text is encoded with `loaded.vocab`; T5 inputs get EOS appended
     (T5's convention for encoder inputs), GPT prompts do not; a GPT trained by t5x_lite gets its
     decoder start id 0 first, a Llama-style tokenizer's its BOS (`start_ids`). Given ids are
     used as they are. `messages` (a conversation, or a list of them) are rendered with the
     model's chat template (`chat_prompts`, with the `chat` options: tools, documents,
-    continue_final_message, chat_template_kwargs)."""
+    continue_final_message, chat_template_kwargs, chat_template)."""
     if sum(x is not None for x in (inputs, input_ids, messages)) != 1:
         raise DecodeError("give exactly one of inputs (text), input_ids or messages (chat)")
     chat = dict(tools=tools, documents=documents, continue_final_message=continue_final_message,
-                chat_template_kwargs=chat_template_kwargs)
+                chat_template_kwargs=chat_template_kwargs, chat_template=chat_template)
     if messages is not None:
         return chat_prompts(loaded, messages, labels, **chat)
     given = sorted(k for k, v in chat.items() if v is not None and v is not False)
@@ -413,12 +414,14 @@ def encode_prompts(loaded, *, inputs=None, input_ids=None, messages=None,
 
 def chat_prompts(loaded, messages, labels: Sequence[str] | None = None, *, tools=None,
                  documents=None, continue_final_message: bool | str = False,
-                 chat_template_kwargs=None) -> list[list[int]]:
+                 chat_template_kwargs=None, chat_template: str | None = None
+                 ) -> list[list[int]]:
     """Token ids of each conversation in `messages` (one conversation: a list of message
     dicts; or a list of conversations), rendered by `loaded.chat_template` with the assistant's
     header at the end (`add_generation_prompt`; or, with `continue_final_message`, the last
-    message left open), `tools`, `documents` and `chat_template_kwargs` for every
-    conversation (`chat.ChatTemplate.render`), and encoded as HF's `apply_chat_template`
+    message left open), `tools`, `documents`, `chat_template_kwargs` and `chat_template` (a
+    named template's name, or Jinja text) for every conversation
+    (`chat.ChatTemplate.render`), and encoded as HF's `apply_chat_template`
     does: special tokens spelled in the text are those tokens, no start id is added (the
     template writes its own). Needs a decoder-only model whose vocabulary reads special tokens
     in text (an HF tokenizer.json)."""
@@ -450,7 +453,7 @@ def chat_prompts(loaded, messages, labels: Sequence[str] | None = None, *, tools
             out.append(list(vocab.encode(template.render(
                 conversation, tools=tools, documents=documents,
                 continue_final_message=continue_final_message,
-                variables=chat_template_kwargs))))
+                variables=chat_template_kwargs, chat_template=chat_template))))
         except (ChatError, UserError) as e:
             raise DecodeError(f"{where}: {e}") from None
     return out
@@ -934,7 +937,7 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
              sequence_bias=None, bad_words_ids=None, suppress_tokens=None,
              begin_suppress_tokens=None, stop_strings=None, token_scores: bool = False,
              tools=None, documents=None, continue_final_message: bool | str = False,
-             chat_template_kwargs=None) -> list:
+             chat_template_kwargs=None, chat_template: str | None = None) -> list:
     """Decodes every input; returns one entry per input, in order.
 
     Args:
@@ -951,8 +954,10 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
         list of such lists), rendered with the model's chat template, as HF's
         `apply_chat_template` with `tools` (JSON schemas or Python functions), `documents`,
         `continue_final_message` (continue the last message's content, or the field it names,
-        instead of starting a reply) and
-        `chat_template_kwargs` (more template variables, e.g. {"enable_thinking": False}).
+        instead of starting a reply),
+        `chat_template_kwargs` (more template variables, e.g. {"enable_thinking": False}) and
+        `chat_template` (the name of one of the model's named templates, e.g. "tool_use", or
+        Jinja text to use instead of the model's; `chat.ChatTemplate.choose`).
       method: 'greedy' | 'sample' (temperature -> top_k -> top_p; temperature 0 = greedy) |
         'beam' (num_beams; `beam_search`): beam_rule 't5' (T5X's: finished beams ranked by
         sum log p / ((5 + len) / 6) ** alpha) or 'hf' (HF `generate`'s beam search, the same
@@ -1003,7 +1008,8 @@ def generate(loaded, *, input_ids=None, inputs=None, messages=None, method=None,
     prompts = encode_prompts(loaded, inputs=inputs, input_ids=input_ids, messages=messages,
                              tools=tools, documents=documents,
                              continue_final_message=continue_final_message,
-                             chat_template_kwargs=chat_template_kwargs)
+                             chat_template_kwargs=chat_template_kwargs,
+                             chat_template=chat_template)
     results: list = []
     for batch in iter_generate(loaded, prompts, options, draft=draft,
                                token_scores=token_scores):
