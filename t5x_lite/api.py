@@ -61,7 +61,8 @@ class LoadedModel:
       stop_ids: the ids that end a generated sequence (None: `eos_id` alone): for weights from
         HF, the ids HF `generate` stops at (`hf_stop_ids`; () when it stops at none).
       chat_template: a decoder-only HF model's `chat.ChatTemplate` (`load_chat_template`), for
-        `generate(messages=...)`; None: none.
+        `generate(messages=...)`; for a model without a template of its own, one that renders
+        only a `chat_template` text given to it; None for other models.
     """
 
     def __init__(self, config: ModelConfig, run_config: ml_collections.ConfigDict,
@@ -730,7 +731,8 @@ def load_chat_template(settings_path, jinja_path, named_path):
     `jinja_path` (chat_template.jinja) with the named templates at `named_path` (an HF
     directory's additional_chat_templates/, or a converted workdir's copy of it:
     `read_named_chat_templates`), else the `chat_template` of the tokenizer_config.json at
-    `settings_path`; None when there is none. One that cannot be read is a
+    `settings_path`; without any, a ChatTemplate that renders only a given `chat_template`
+    text. One that cannot be read is a
     `chat.UnusableTemplate` (using it raises why) and a warning: the model works without it."""
     from t5x_lite import chat
     jinja = epath.Path(jinja_path)

@@ -53,6 +53,9 @@ from t5x_lite.tool_schema import function_schema
 
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # HF's names, first read first
 CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # HF's marker for continue_final_message
+NO_TEMPLATE = ("messages need a chat template, and this model has none (an HF model's "
+               "chat_template.jinja or tokenizer_config.json chat_template; a workdir converted "
+               "before templates were kept: convert it again)")
 
 
 class ChatError(UserError):
@@ -114,9 +117,11 @@ class ChatTemplate:
             return chat_template, "the given chat_template"
         if tools is not None and self.tool_use is not None:
             return self.tool_use, f"{self.source}, 'tool_use'"
-        if self.template is None:
+        if self.template is None and self.named:
             raise ChatError(f"{self.source}: its chat templates {sorted(self.named)} have no "
                             "'default' one: choose one with chat_template=<name>")
+        if self.template is None:
+            raise ChatError(f"{NO_TEMPLATE}: give one as chat_template=<Jinja text>")
         return self.template, self.source
 
     def _compile(self, template: str, source: str):
@@ -136,9 +141,11 @@ class ChatTemplate:
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any] | None, jinja: str | None,
                       source: str, named: Mapping[str, str] | None = None
-                      ) -> ChatTemplate | None:
+                      ) -> ChatTemplate:
         """The template of a tokenizer: `jinja` (chat_template.jinja's text) when given, else
-        `settings`' (tokenizer_config.json) `chat_template`; None when neither has one. With
+        `settings`' (tokenizer_config.json) `chat_template`; when neither has one, a
+        ChatTemplate without one (`template` None), which renders only a `chat_template` text
+        given to `render` (with `settings`' special tokens, as HF's). With
         `named` templates (additional_chat_templates/: {name: text}) HF's choice: they and
         `jinja` as "default" (a named "default" wins), `settings`' not read."""
         settings = settings or {}
@@ -156,9 +163,7 @@ class ChatTemplate:
                 raise ChatError(f"{source}: its named chat templates are not name and text "
                                 f"strings ({', '.join(bad) or 'none given'})")
             template, tool_use = named.get("default"), named.get("tool_use")
-        elif template is None:
-            return None
-        elif not isinstance(template, str):
+        elif template is not None and not isinstance(template, str):
             raise ChatError(f"{source}: chat_template is not a string")
         extra = settings.get("extra_special_tokens")
         tokens = {**{k: v for k, v in settings.items() if k.endswith("_token")},

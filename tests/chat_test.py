@@ -199,10 +199,19 @@ def test_bad_conversations_and_templates_are_one_line(llama3, qwen2, tmp_path):
         m.generate(inputs=["a"], messages=CHATS[0])
 
     # No template; a broken one (loads, fails on use); a sentencepiece vocabulary.
-    _, plain = _model_dir(tmp_path / "plain")
-    with pytest.raises(DecodeError, match="messages need a chat template, and this model has "
-                                          "none"):
+    hf, plain = _model_dir(tmp_path / "plain")
+    with pytest.raises(DecodeError, match=r"^messages\[0\]: messages need a chat template, and "
+                       "this model has none .* give one as chat_template=<Jinja text>$"):
         t5x_lite.load(plain).generate(messages=CHATS[0])
+    # given as text, a template renders as HF's for a model without one of its own
+    tok = transformers.AutoTokenizer.from_pretrained(plain)
+    text = tok.apply_chat_template(CHATS[0], tokenize=False, add_generation_prompt=True,
+                                   chat_template=LLAMA3)
+    assert text.startswith("<|begin_of_text|><|start_header_id|>")
+    ours = t5x_lite.load(plain).generate(messages=CHATS[0], chat_template=LLAMA3,
+                                         max_new_tokens=3)[0]
+    hf_ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ours["ids"] == ref.greedy_left_padded(hf, [hf_ids], 3)[0][:len(ours["ids"])]
     _, broken = _model_dir(tmp_path / "broken", jinja="{% for m in messages %}")
     lm = t5x_lite.load(broken)
     with pytest.raises(DecodeError, match=r"chat_template.jinja: not a Jinja template \("):
@@ -223,7 +232,11 @@ def test_template_selection_and_variables():
     assert chat.ChatTemplate.from_settings(settings, None, "s").render(one) == "<e>|<b>"
     assert chat.ChatTemplate.from_settings(settings, "J{{ messages[0].content }}", "s"
                                            ).render(one) == "Jx"
-    assert chat.ChatTemplate.from_settings({}, None, "s") is None
+    bare = chat.ChatTemplate.from_settings({"bos_token": "<b>"}, None, "s")  # no template
+    with pytest.raises(chat.ChatError, match=r"^messages need a chat template, and this model "
+                       r"has none \(.*\): give one as chat_template=<Jinja text>$"):
+        bare.render(one)
+    assert bare.render(one, chat_template="{{ bos_token }}{{ messages[0].content }}") == "<b>x"
     nameless = chat.ChatTemplate.from_settings(
         {"chat_template": [{"name": "a", "template": "x"}]}, None, "s")
     assert nameless.render(one, chat_template="a") == "x"

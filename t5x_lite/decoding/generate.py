@@ -425,7 +425,7 @@ def chat_prompts(loaded, messages, labels: Sequence[str] | None = None, *, tools
     does: special tokens spelled in the text are those tokens, no start id is added (the
     template writes its own). Needs a decoder-only model whose vocabulary reads special tokens
     in text (an HF tokenizer.json)."""
-    from t5x_lite.chat import ChatError, nonempty_list  # on use: jinja2 only matters for chat
+    from t5x_lite.chat import NO_TEMPLATE, ChatError, nonempty_list  # jinja2: for chat only
     if model_config(loaded).family != "gpt":
         raise DecodeError("messages (chat) need a decoder-only model; give T5 inputs as text")
     template, vocab = getattr(loaded, "chat_template", None), getattr(loaded, "vocab", None)
@@ -438,9 +438,7 @@ def chat_prompts(loaded, messages, labels: Sequence[str] | None = None, *, tools
                           f"{type(vocab).__name__} (sentencepiece would split them): load a "
                           "copy of the directory without its tokenizer.model")
     if template is None:
-        raise DecodeError("messages need a chat template, and this model has none (an HF "
-                          "model's chat_template.jinja or tokenizer_config.json chat_template; "
-                          "a workdir converted before templates were kept: convert it again)")
+        raise DecodeError(NO_TEMPLATE)
     one = nonempty_list(messages) and isinstance(messages[0], dict)
     conversations = [messages] if one else messages
     if not nonempty_list(conversations):
