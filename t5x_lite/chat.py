@@ -76,17 +76,19 @@ class ChatTemplate:
     """A compiled chat template with its special-token variables.
 
     Args:
-      template: the Jinja source.
+      template: the Jinja source (of named templates, the "default" one); None: none, so a
+        template is chosen by name or tools, or given as text (`choose`).
       variables: template variables (the special tokens' text).
       source: where the template came from, for error messages.
+      tool_use: the "tool_use" one of named templates, for calls with tools.
+      named: every named template by name, "default" and "tool_use" included ({} for one
+        template).
     """
 
     def __init__(self, template: str | None, variables: Mapping[str, str], source: str,
                  tool_use: str | None = None, named: Mapping[str, str] | None = None):
         self.template, self.source, self.variables = template, source, dict(variables)
-        self.tool_use = tool_use  # the "tool_use" one of named templates, for calls with tools
-        # every named template, "default" and "tool_use" included ({}: a single template)
-        self.named = dict(named or {})
+        self.tool_use, self.named = tool_use, dict(named or {})
         self._compiled = {}  # on first use: a model loads whatever its template holds
 
     def fingerprint(self) -> str:
