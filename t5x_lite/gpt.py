@@ -43,8 +43,8 @@ class GPT(nn.Module):
 
     @nn.compact
     def __call__(self, decoder_input_tokens, decoder_positions=None, decoder_segment_ids=None,
-                 decoder_causal_attention=None, token_valid=None):
-        """Float32 logits [B, T, V].
+                 decoder_causal_attention=None, token_valid=None, last_only: bool = False):
+        """Float32 logits [B, T, V] ([B, 1, V]: `last_only`).
 
         Args:
           decoder_input_tokens: [B, T] int.
@@ -53,6 +53,8 @@ class GPT(nn.Module):
           decoder_causal_attention: [B, T] prefix-LM flags (bidirectional within the prefix;
             in decode mode, within the chunk: a prefix-LM model's prompt).
           token_valid: [B, T] False on padding keys (e.g. left padding when decoding).
+          last_only: the logits of the last position only, e.g. of a decode's prefill: the
+            head, most of a small model's FLOPs per token, runs for one position, not T.
         """
         cfg = self.config
         tokens_BxT = decoder_input_tokens
@@ -85,7 +87,9 @@ class GPT(nn.Module):
                 mask = mask & window_mask(jnp.arange(t), jnp.arange(t), cfg.sliding_window)[None]
         # Prefix-LM rows see later prefix keys, so only a plain causal mask may skip them.
         x = Stack(cfg, cfg.num_layers, decode=self.decode, deterministic=self.deterministic,
-                  causal=decoder_causal_attention is None, name="decoder")(x, attention_bias(mask), positions=decoder_positions,
-                                  decode_index=decode_index)
+                  causal=decoder_causal_attention is None, name="decoder")(
+            x, attention_bias(mask), positions=decoder_positions, decode_index=decode_index)
+        if last_only:
+            x = x[:, -1:]
         x = make_norm(cfg, "decoder_norm")(x)  # no dropout after it (GPT-2's ln_f has none)
         return constrain(lm_logits(self, cfg, embedder, x), ("batch", "length", "vocab"))

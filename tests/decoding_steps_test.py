@@ -59,6 +59,23 @@ def test_gpt_cached_matches_full_forward_with_left_padding(preset, scan):
         np.testing.assert_allclose(got[r], full[r, n - 1:n - 1 + extra], atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("prefix_lm", [False, True])
+def test_gpt_prefill_runs_the_head_for_the_last_position_only(prefix_lm):
+    """The prefill's logits are the last prompt position's (the full forward's, above); the
+    head, a small model's largest product, runs for that position alone."""
+    cfg = config_lib.from_preset("gpt2", **TINY, max_len=32)
+    params = _params(cfg)
+    b, p, v = 3, 8, cfg.vocab_size
+    prompt = jnp.asarray(np.random.default_rng(4).integers(2, 128, (b, p)), jnp.int32)
+    run = jax.jit(lambda params: steps.gpt_prefill(cfg, params, prompt, jnp.full((b,), p), 12,
+                                                   prefix_lm)[0])
+    hlo = run.lower(params).as_text()
+    assert f"tensor<{b}x1x{v}xf32>" in hlo and f"tensor<{b}x{p}x{v}xf32>" not in hlo
+    full = build_model(cfg).logits(params, {"decoder_input_tokens": prompt, **(
+        {"decoder_causal_attention": jnp.ones((b, p), jnp.bool_)} if prefix_lm else {})})
+    np.testing.assert_allclose(run(params), full[:, -1], atol=2e-4, rtol=1e-4)
+
+
 def test_t5_cached_matches_full_forward():
     # Scanned here; the unscanned decoder is checked against HF in decoding_generate_test.
     cfg = config_lib.t5_1_1(**TINY, scan_layers=True)

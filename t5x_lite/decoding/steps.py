@@ -45,12 +45,13 @@ def left_pad_valid(lengths_B, p: int):
 # ------------------------------------------------------------------------------------- GPT
 def gpt_step_fn(cfg: ModelConfig, params):
     """`tokens_to_logits(ids_BxT, cache, positions_BxT=None, token_valid_BxT=None,
-    prefix_BxT=None)` (`prefix_BxT`: prefix-LM flags of the chunk, see `DecodeCursor`)."""
+    prefix_BxT=None, last_only=False)` (`prefix_BxT`: prefix-LM flags of the chunk, see
+    `DecodeCursor`; `last_only`: the last position's logits only, [B, 1, V])."""
     module = GPT(cfg, decode=True)
     max_pos = cfg.max_len - 1 if cfg.position == "learned" else None
 
     def tokens_to_logits(ids_BxT, cache, positions_BxT=None, token_valid_BxT=None,
-                         prefix_BxT=None):
+                         prefix_BxT=None, last_only=False):
         if positions_BxT is None:
             positions_BxT = (cache_lib.valid_before_cursor(cache)[:, None]
                              + jnp.arange(ids_BxT.shape[1]))
@@ -59,7 +60,8 @@ def gpt_step_fn(cfg: ModelConfig, params):
         positions_BxT = jnp.clip(positions_BxT, 0, max_pos)
         logits, mutated = module.apply(
             {"params": params, "cache": cache}, ids_BxT, decoder_positions=positions_BxT,
-            token_valid=token_valid_BxT, decoder_causal_attention=prefix_BxT, mutable=["cache"])
+            token_valid=token_valid_BxT, decoder_causal_attention=prefix_BxT,
+            last_only=last_only, mutable=["cache"])
         return logits, mutated["cache"]
 
     return tokens_to_logits
@@ -81,9 +83,10 @@ def gpt_prefill(cfg: ModelConfig, params, prompt_BxP, lengths_B, cache_len: int,
     step = gpt_step_fn(cfg, params)
     valid_BxP = left_pad_valid(lengths_B, p)
     positions_BxP = jnp.cumsum(valid_BxP, axis=1) - 1
-    logits_BxPxV, cache = step(prompt_BxP, cache, positions_BxP, valid_BxP,
-                               valid_BxP if prefix_lm else None)
-    return logits_BxPxV[:, -1], cache, step
+    # left-padded: every row's last prompt token is at P - 1
+    logits_Bx1xV, cache = step(prompt_BxP, cache, positions_BxP, valid_BxP,
+                               valid_BxP if prefix_lm else None, last_only=True)
+    return logits_Bx1xV[:, -1], cache, step
 
 
 # ------------------------------------------------------------------------------------- T5
