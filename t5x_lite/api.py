@@ -62,7 +62,8 @@ class LoadedModel:
         HF, the ids HF `generate` stops at (`hf_stop_ids`; () when it stops at none).
       chat_template: a decoder-only HF model's `chat.ChatTemplate` (`load_chat_template`), for
         `generate(messages=...)`; for a model without a template of its own, one that renders
-        only a `chat_template` text given to it; None for other models.
+        only a `chat_template` text given to it; a `chat.UnusableTemplate` (rendering raises
+        why) for one that cannot be read; None for other models.
     """
 
     def __init__(self, config: ModelConfig, run_config: ml_collections.ConfigDict,

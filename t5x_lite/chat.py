@@ -36,8 +36,8 @@ The rendered text holds the template's special tokens spelled out (`<|begin_of_t
 tokenizer.json vocabulary reads them as those tokens (`TokenizerJsonVocabulary.encode`, HF's
 `add_special_tokens=False`), and the text gets no start id of its own. Needs the `jinja2`
 package (`pip install jinja2`; transformers installs it too). One departure from HF: a
-`chat_template` that is neither a name nor holds a Jinja tag (`{{`, `{%`), e.g. a misspelled
-name, is an error where HF would render it as text.
+`chat_template` that is neither a name nor holds a Jinja tag (`{{`, `{%`, `{#`), e.g. a
+misspelled name, is an error where HF would render it as text.
 """
 from __future__ import annotations
 
@@ -91,12 +91,15 @@ class ChatTemplate:
         self.tool_use, self.named = tool_use, dict(named or {})
         self._compiled = {}  # on first use: a model loads whatever its template holds
 
-    def fingerprint(self) -> str:
-        """A short hash of what decides the rendered text: the templates and their variables."""
+    def fingerprint(self, chosen: Sequence[str] = ()) -> str:
+        """A short hash of what decides the rendered text: the templates and their variables;
+        of the other named templates, those `chosen` by name (infer: its prompts' choices),
+        so that a model's fingerprint is the same as before they could be chosen."""
         parts = [self.template, sorted(self.variables.items())]
         if self.tool_use is not None:  # without one: the fingerprint of earlier versions
             parts.append(self.tool_use)
-        others = sorted((k, v) for k, v in self.named.items() if k not in ("default", "tool_use"))
+        others = sorted((k, self.named[k]) for k in set(chosen) & set(self.named)
+                        if k not in ("default", "tool_use"))
         if others:  # likewise
             parts.append(others)
         return hashlib.sha256(json.dumps(parts).encode("utf-8")).hexdigest()[:16]
@@ -109,22 +112,31 @@ class ChatTemplate:
                 raise ChatError(f"chat_template is a template's name or Jinja text, got "
                                 f"{_short(chat_template)}")
             if chat_template in self.named:
-                return self.named[chat_template], f"{self.source}, {chat_template!r}"
-            if "{{" not in chat_template and "{%" not in chat_template:
-                names = f"its named templates are {sorted(self.named)}" if self.named else \
-                    "it has no named templates"
-                raise ChatError(f"chat_template {chat_template!r:.60} is not a template of this "
+                return self._named_text(chat_template)
+            if not any(tag in chat_template for tag in ("{{", "{%", "{#")):
+                names = (f"its named templates are {sorted(map(str, self.named))}"
+                         if self.named else "it has no named templates")
+                shown = chat_template if len(chat_template) <= 60 else chat_template[:57] + "..."
+                raise ChatError(f"chat_template {shown!r} is not a template of this "
                                 f"model ({names}) and holds no Jinja tag, so it is not a "
                                 "template's text either")
             return chat_template, "the given chat_template"
         if tools is not None and self.tool_use is not None:
-            return self.tool_use, f"{self.source}, 'tool_use'"
-        if self.template is None and self.named:
-            raise ChatError(f"{self.source}: its chat templates {sorted(self.named)} have no "
-                            "'default' one: choose one with chat_template=<name>")
+            return self._named_text("tool_use")
+        if self.named:
+            if "default" not in self.named:
+                raise ChatError(f"{self.source}: its chat templates {sorted(map(str, self.named))}"
+                                " have no 'default' one: choose one with chat_template=<name>")
+            return self._named_text("default")
         if self.template is None:
             raise ChatError(f"{NO_TEMPLATE}: give one as chat_template=<Jinja text>")
         return self.template, self.source
+
+    def _named_text(self, name: str) -> tuple[str, str]:
+        text = self.named[name]
+        if not isinstance(text, str):
+            raise ChatError(f"{self.source}: its chat template {name!r} is not text")
+        return text, f"{self.source}, {name!r}"
 
     def _compile(self, template: str, source: str):
         if template not in self._compiled:
@@ -157,13 +169,14 @@ class ChatTemplate:
             template = both["default"] if list(both) == ["default"] else [
                 {"name": k, "template": v} for k, v in both.items()]
         tool_use, named = None, None
+        if isinstance(template, dict):  # named templates as HF holds them: {name: template}
+            template = [{"name": k, "template": v} for k, v in template.items()]
         if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            bad = sorted(repr(k) for k, v in named.items()
-                         if not isinstance(k, str) or not isinstance(v, str))
-            if bad or not named:
-                raise ChatError(f"{source}: its named chat templates are not name and text "
-                                f"strings ({', '.join(bad) or 'none given'})")
+            if not all(isinstance(t, dict) and "name" in t and "template" in t
+                       for t in template):  # HF's tokenizer does not load either
+                raise ChatError(f"{source}: its named chat templates are not a list of "
+                                "{\"name\": ..., \"template\": ...} objects")
+            named = {t["name"]: t["template"] for t in template}  # checked when chosen
             template, tool_use = named.get("default"), named.get("tool_use")
         elif template is not None and not isinstance(template, str):
             raise ChatError(f"{source}: chat_template is not a string")

@@ -292,8 +292,9 @@ def output_meta(checkpoint: dict, options: gen.DecodeOptions, quantize: str | No
                 token_scores: bool = False) -> dict:
     """The sidecar's content: everything that changes the records. `checkpoint` / `draft`:
     {"path", "step"} (`_checkpoint_id`); `stop_ids`: the ids rows end at (the option's, else
-    the model's: its files may change between runs); `chat`: the chat template's fingerprint
-    when prompts are chats (`ChatTemplate.fingerprint`; recorded only then); `token_scores`:
+    the model's: its files may change between runs); `chat`: the chat templates' fingerprint
+    when prompts are chats (`ChatTemplate.fingerprint` of the templates they may use;
+    recorded only then); `token_scores`:
     whether records hold them (recorded only when they do). Decode options
     that the method ignores are left out, and so is batch_size (samples are keyed by seed and
     input index, not by batch)."""
@@ -457,7 +458,9 @@ def run(checkpoint, input_path, output_path, decode_overrides: dict | None = Non
                           labels=[f"{input_path}:{n}" for n in range(1, len(ids) + 1)],
                           mesh=loaded.mesh)
         # chat prompts were rendered above, so the model has a usable template
-        chat = loaded.chat_template.fingerprint() if any(p.chat for p in prompts) else None
+        chosen = [p.chat_options.get("chat_template") for p in prompts if p.chat_options]
+        chat = loaded.chat_template.fingerprint([c for c in chosen if c]) if any(
+            p.chat for p in prompts) else None
         meta = output_meta(target_id, options, quantize, draft_id,
                            options.stop_ids or gen.stop_ids(loaded), chat, token_scores)
         return _decode_into(loaded, draft, prompts, ids, options, output_path, meta, log,

@@ -243,10 +243,20 @@ def test_template_selection_and_variables():
     with pytest.raises(chat.ChatError, match=r"^s: its chat templates \['a'\] have no 'default' "
                        "one: choose one with chat_template=<name>$"):
         nameless.render(one)
-    for bad in ([{"name": "a"}], [{"name": 1, "template": "x"}], []):
-        with pytest.raises(chat.ChatError, match="^s: its named chat templates are not name and "
-                           "text strings"):
-            chat.ChatTemplate.from_settings({"chat_template": bad}, None, "s")
+    with pytest.raises(chat.ChatError, match="^s: its named chat templates are not a list of"):
+        chat.ChatTemplate.from_settings({"chat_template": [{"name": "a"}]}, None, "s")
+    # as HF: a dict of named templates; a template that is not text fails only when chosen
+    as_dict = chat.ChatTemplate.from_settings(
+        {"chat_template": {"default": "D{{ messages[0].content }}", "x": "X{{ bos_token }}",
+                           "n": None}, "bos_token": "<b>"}, None, "s")
+    assert [as_dict.render(one), as_dict.render(one, chat_template="x")] == ["Dx", "X<b>"]
+    with pytest.raises(chat.ChatError, match="^s: its chat template 'n' is not text$"):
+        as_dict.render(one, chat_template="n")
+    for empty in ([], [{"name": "default", "template": None}]):
+        t = chat.ChatTemplate.from_settings({"chat_template": empty}, None, "s")
+        assert t.render(one, chat_template="{{ messages[0].content }}!") == "x!"
+        with pytest.raises(chat.ChatError):
+            t.render(one)
     html = chat.ChatTemplate.from_settings({}, "{{ messages | tojson }}", "s")
     assert html.render([{"role": "user", "content": "<b>é"}]) == \
         '[{"role": "user", "content": "<b>é"}]'  # HF's tojson: no HTML escapes, no \\u
@@ -524,9 +534,16 @@ def test_a_template_chosen_by_name_or_given_as_text_renders_as_hf(tool_model, ll
         m.generate(messages=ASK, max_new_tokens=1, chat_template="{% if %}")
     with pytest.raises(DecodeError, match="chat_template apply to chat messages only"):
         m.generate(inputs=["ab"], chat_template="rag", max_new_tokens=1)
-    # the other named templates count in the fingerprint (a resumed infer run checks it)
-    prints = {t5x_lite.load(p).chat_template.fingerprint() for p in (path, tool_model[1])}
-    assert len(prints) == 2
+    # the other named templates count in the fingerprint (a resumed infer run checks it) when
+    # chosen by name: a model's fingerprint stays what it was before they could be chosen
+    rag, tools = (t5x_lite.load(p).chat_template for p in (path, tool_model[1]))
+    assert rag.fingerprint() == tools.fingerprint() == rag.fingerprint(["tool_use", "nope"])
+    assert rag.fingerprint(["rag"]) != rag.fingerprint()
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"messages": ASK, "chat_template": "rag"}) + "\n")
+    infer.run(path, src, out, {"max_new_tokens": 2}, log=open(os.devnull, "w"))
+    assert json.loads(infer.sidecar_path(out).read_text())["chat_template"] == \
+        rag.fingerprint(["rag"])
 
 
 def test_fingerprint_without_named_templates_is_as_before(llama3):
