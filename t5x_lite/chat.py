@@ -166,17 +166,16 @@ class ChatTemplate:
         template = jinja if jinja is not None else settings.get("chat_template")
         if named:
             both = {**({"default": jinja} if jinja is not None else {}), **named}
-            template = both["default"] if list(both) == ["default"] else [
-                {"name": k, "template": v} for k, v in both.items()]
+            template = both["default"] if list(both) == ["default"] else both
         tool_use, named = None, None
-        if isinstance(template, dict):  # named templates as HF holds them: {name: template}
-            template = [{"name": k, "template": v} for k, v in template.items()]
         if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
             if not all(isinstance(t, dict) and "name" in t and "template" in t
                        for t in template):  # HF's tokenizer does not load either
                 raise ChatError(f"{source}: its named chat templates are not a list of "
                                 "{\"name\": ..., \"template\": ...} objects")
-            named = {t["name"]: t["template"] for t in template}  # checked when chosen
+            template = {t["name"]: t["template"] for t in template}
+        if isinstance(template, dict):  # named templates by name, as HF holds them
+            named = dict(template)  # each one's text is checked when it is chosen
             template, tool_use = named.get("default"), named.get("tool_use")
         elif template is not None and not isinstance(template, str):
             raise ChatError(f"{source}: chat_template is not a string")
