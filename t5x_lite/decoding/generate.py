@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 from typing import Any, Iterator, Sequence
@@ -38,6 +37,7 @@ from t5x_lite.config import ModelConfig
 from t5x_lite.decoding import cache as cache_lib
 from t5x_lite.decoding import steps, stop_strings
 from t5x_lite.decoding.beam_search import EARLY_STOPPING, NEG, BeamRule, beam_search
+from t5x_lite.decoding.compiler import decode_jit
 from t5x_lite.decoding.filtering import SamplingConfig
 from t5x_lite.decoding.processors import Processing, initial_history, take_rows
 from t5x_lite.decoding.sampling import EOS_ID, sample_decode
@@ -689,8 +689,8 @@ def _history(processing, cfg: ModelConfig, tokens_BxP, lengths_B, rows_R, room: 
     return history if rows_R is None else take_rows(history, rows_R)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "n", "sampling", "samples", "eos",
-                                             "prefix_lm", "processing"))
+@decode_jit(static_argnames=("cfg", "n", "sampling", "samples", "eos", "prefix_lm",
+                             "processing"))
 def _sample_jit(params, tokens_BxP, lengths_B, seed, example_B, *, cfg, n, sampling, samples,
                 eos=(EOS_ID,), prefix_lm=False, processing=None, stops=None):
     b, p = tokens_BxP.shape
@@ -704,8 +704,7 @@ def _sample_jit(params, tokens_BxP, lengths_B, seed, example_B, *, cfg, n, sampl
                          stops=_prompt_stops(stops, cfg, tokens_BxP, lengths_B, rows))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "n", "beams", "rule", "eos", "prefix_lm",
-                                             "processing"))
+@decode_jit(static_argnames=("cfg", "n", "beams", "rule", "eos", "prefix_lm", "processing"))
 def _beam_jit(params, tokens_BxP, lengths_B, *, cfg, n, beams, rule, eos=(EOS_ID,),
               prefix_lm=False, processing=None, stops=None):
     b, p = tokens_BxP.shape
@@ -718,9 +717,8 @@ def _beam_jit(params, tokens_BxP, lengths_B, *, cfg, n, beams, rule, eos=(EOS_ID
                        stops=_prompt_stops(stops, cfg, tokens_BxP, lengths_B, rows))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "n", "k", "sampling", "samples",
-                                             "eos", "prefix_lm", "draft_prefix_lm",
-                                             "processing", "lookup_ngram"))
+@decode_jit(static_argnames=("cfg", "draft_cfg", "n", "k", "sampling", "samples", "eos",
+                             "prefix_lm", "draft_prefix_lm", "processing", "lookup_ngram"))
 def _speculative_jit(params, draft_params, tokens_BxP, lengths_B, seed, example_B, *, cfg,
                      draft_cfg, n, k, sampling, samples, eos=(EOS_ID,), prefix_lm=False,
                      draft_prefix_lm=False, processing=None, stops=None, lookup_ngram=0):
