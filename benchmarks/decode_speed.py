@@ -82,6 +82,7 @@ import numpy as np
 from absl import app, flags
 
 from t5x_lite import hf_interop, host_memory, transformer
+from t5x_lite.decoding import compiler
 from t5x_lite.decoding import generate as gen
 from t5x_lite.decoding import steps as dec_steps
 from t5x_lite.decoding import stop_strings
@@ -458,7 +459,8 @@ def main(argv):
     del argv
     n = _NEW.value
     print(f"devices: {jax.devices()}; cpu cores: {os.cpu_count()}; "
-          f"load average: {os.getloadavg()[0]:.1f}; {host_memory.status()}")
+          f"load average: {os.getloadavg()[0]:.1f}; {host_memory.status()}; decode compiler "
+          f"options: {compiler.decode_compiler_options() or 'none'}")
     bw, bw_copy = memory_bandwidth()
     print(f"measured memory bandwidth: read {bw / 1e9:.1f} GB/s (jitted sum of 512 MiB), "
           f"copy {bw_copy / 1e9:.1f} GB/s (in place, read + write)\n")

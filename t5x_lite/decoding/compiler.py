@@ -5,8 +5,9 @@ few-row matmuls of a decode step slower than XLA's own dot (Eigen). On a 2-core 
 AVX2): a [16, 512] x [512, 32128] head 6.3 -> 4.7 ms; whole decode steps, in-process A/B, three
 alternating rounds of 128 new tokens, ms per token min / median: GPT-36M batch 16 21.9 / 24.4
 -> 18.2 / 19.9, T5 ~70M batch 16 23.2 / 25.4 -> 18.0 / 18.8; batch 1 (already Eigen dots)
-GPT 5.37 / 5.40 -> 5.30 / 5.56, T5 6.50 / 6.74 -> 6.13 / 6.53. Keeping the library for
-reductions only was in between (GPT 18.7, T5 20.1). So there the decode programs compile with
+GPT 5.37 / 5.40 -> 5.30 / 5.56, T5 6.50 / 6.74 -> 6.13 / 6.53; beam search, 4 x 4 beams, 64
+new tokens: GPT 29.1 / 30.3 -> 24.0 / 24.3, T5 29.6 / 30.8 -> 24.6 / 24.7. Keeping the library
+for reductions only was in between (batch 16: GPT 18.7, T5 20.1). So there the decode programs compile with
 the library fusions off (`xla_cpu_experimental_ynn_fusion_type` empty); training keeps them (a
 jitted 2048^3 matmul: 146 GFLOP/s with, 128 without). Elsewhere (AVX-512 hosts, where the
 decode tables of README.md were measured with the library, other CPUs, GPU, TPU) and when
