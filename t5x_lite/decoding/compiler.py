@@ -7,11 +7,12 @@ alternating rounds of 128 new tokens, ms per token min / median: GPT-36M batch 1
 -> 18.2 / 19.9, T5 ~70M batch 16 23.2 / 25.4 -> 18.0 / 18.8; batch 1 (already Eigen dots)
 GPT 5.37 / 5.40 -> 5.30 / 5.56, T5 6.50 / 6.74 -> 6.13 / 6.53; beam search, 4 x 4 beams, 64
 new tokens: GPT 29.1 / 30.3 -> 24.0 / 24.3, T5 29.6 / 30.8 -> 24.6 / 24.7. Keeping the library
-for reductions only was in between (batch 16: GPT 18.7, T5 20.1). So there the decode programs compile with
-the library fusions off (`xla_cpu_experimental_ynn_fusion_type` empty); training keeps them (a
-jitted 2048^3 matmul: 146 GFLOP/s with, 128 without). Elsewhere (AVX-512 hosts, where the
-decode tables of README.md were measured with the library, other CPUs, GPU, TPU) and when
-XLA_FLAGS sets that option itself, decode programs compile as every other program does.
+for reductions only was in between (batch 16: GPT 18.7, T5 20.1). So there the decode
+programs compile with the library fusions off (`xla_cpu_experimental_ynn_fusion_type` empty);
+training keeps them (a jitted 2048^3 matmul: 146 GFLOP/s with, 128 without). Elsewhere
+(AVX-512 hosts, where every backend gave the same 16-row product time and README.md's earlier
+decode tables were measured with the library; other CPUs; GPU, TPU) and when XLA_FLAGS sets
+that option itself, decode programs compile as every other program does.
 
 The options are chosen at a program's first call, not at import: nothing here may touch the
 backend before `distributed.maybe_initialize` has run.
