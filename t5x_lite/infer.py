@@ -294,10 +294,9 @@ def output_meta(checkpoint: dict, options: gen.DecodeOptions, quantize: str | No
     {"path", "step"} (`_checkpoint_id`); `stop_ids`: the ids rows end at (the option's, else
     the model's: its files may change between runs); `chat`: the chat templates' fingerprint
     when prompts are chats (`ChatTemplate.fingerprint` of the templates they may use;
-    recorded only then); `token_scores`:
-    whether records hold them (recorded only when they do). Decode options
-    that the method ignores are left out, and so is batch_size (samples are keyed by seed and
-    input index, not by batch)."""
+    recorded only then); `token_scores`: whether records hold them (recorded only when they
+    do). Decode options that the method ignores are left out, and so is batch_size (samples
+    are keyed by seed and input index, not by batch)."""
     names = ["method", "max_new_tokens"]
     if options.method == "sample":
         names += ["temperature", "top_k", "top_p", "num_samples", "seed"]
