@@ -31,7 +31,10 @@ Columns:
             as cached is: per torch thread count (1 and all), one full-length warm-up run, then
             the best of --repeats runs; the faster thread count.
   roofline  batch 1: float32 bytes a decode step reads per token divided by the memory
-            bandwidth measured in the same run. Bytes (`bytes_per_token`): the weights the step
+            bandwidth measured beside it, in --roofline_rounds paired rounds (the probes, then
+            one cached decode run: `paired_roofline_shares`); the table gives the median round
+            and the range, and a line after it the spread of the probe and the decode rate.
+            Bytes (`bytes_per_token`): the weights the step
             reads (not T5's encoder, nor its decoder's cross-attention key / value kernels,
             whose K/V the prefill caches; one row of an untied or position embedding) + the KV
             cache at the average length (T5: + the cross-attention K/V of the prompt).
@@ -99,6 +102,9 @@ _NUM_DRAFT = flags.DEFINE_integer("num_draft", 4, "Draft tokens per target pass.
 _REPEATS = flags.DEFINE_integer(
     "repeats", 2, "Timed runs after one full-length warm-up run, the best reported: for ours "
     "and for HF alike (HF: per torch thread count, then the faster count).")
+_ROUNDS = flags.DEFINE_integer(
+    "roofline_rounds", 7, "Batch 1: paired rounds of (bandwidth probes, one cached decode run) "
+    "for the roofline shares (`paired_roofline_shares`).")
 _DEEP = flags.DEFINE_integer("deep_layers", 24, "Layers of the deeper speculative target.")
 _KV_HEADS = flags.DEFINE_list("kv_heads", [], "gpt_modern key / value head counts to time.")
 _LOOKUP = flags.DEFINE_list("prompt_lookup", [], "Also time prompt lookup decoding of the 36M "
@@ -155,7 +161,9 @@ def _prompts(batch, length, seed=0):
     return np.random.default_rng(seed).integers(2, V, (batch, length)).astype(np.int32)
 
 
-def time_cached(loaded, prompts, n, **decode):
+def cached_run(loaded, prompts, n, **decode):
+    """(run, steps): `run()` decodes the batch once (greedy, `n` new tokens) and waits for it;
+    `steps()` is the number of steps the last run took."""
     cfg = loaded.model.config
     tokens, lengths = gen.pack_prompts(cfg, prompts.tolist(), len(prompts))
     opts = gen.DecodeOptions(max_new_tokens=n, batch_size=len(prompts), **decode)
@@ -165,9 +173,13 @@ def time_cached(loaded, prompts, n, **decode):
         out["r"] = gen.decode_batch(loaded, tokens, lengths, opts)
         jax.block_until_ready(out["r"])
 
+    return run, lambda: int(np.max(np.asarray(out["r"].lengths_B)))
+
+
+def time_cached(loaded, prompts, n, **decode):
+    run, steps = cached_run(loaded, prompts, n, **decode)
     t = _best_time(run, _REPEATS.value)
-    steps = int(np.max(np.asarray(out["r"].lengths_B)))
-    return t, steps
+    return t, steps()
 
 
 def time_prefill(loaded, prompts, n):
@@ -219,12 +231,13 @@ def time_hf(hf_model, prompts, n):
     return best
 
 
-def memory_bandwidth():
+def memory_bandwidth(repeats=5):
     """Bytes/s of (a) reading a 512 MiB array (a jitted sum: what decoding does with weights)
-    and (b) copying it in place (donated: no fresh pages to fault in), read + write bytes."""
+    and (b) copying it in place (donated: no fresh pages to fault in), read + write bytes;
+    best of `repeats` each."""
     x = jnp.ones((128 * 2**20,), jnp.float32)
     read = jax.jit(jnp.sum)
-    t_read = _best_time(lambda: read(x).block_until_ready(), 5)
+    t_read = _best_time(lambda: read(x).block_until_ready(), repeats)
     copy = jax.jit(lambda x: x * 1.0001, donate_argnums=0)
     state = {"x": x}
 
@@ -232,8 +245,39 @@ def memory_bandwidth():
         state["x"] = copy(state["x"])
         state["x"].block_until_ready()
 
-    t_copy = _best_time(run, 5)
+    t_copy = _best_time(run, repeats)
     return x.nbytes / t_read, 2 * x.nbytes / t_copy
+
+
+def paired_roofline_shares(loaded, prompts, n, step_bytes, rounds):
+    """Shares of the batch-1 read and copy rooflines, one pair per round: the probes
+    (`memory_bandwidth`, best of 3), then one cached decode run right after them. The shared
+    VM's bandwidth moves within minutes (read 24-38 GB/s between consecutive probes) while
+    the decode rate moves far less, so a share taken against one probe at the start of the run
+    is a draw; the table gives the median round and the range. Returns one (tok/s, read
+    bytes/s, copy bytes/s) per round."""
+    run, steps = cached_run(loaded, prompts, n)
+    run()  # compiled already by the main table; warm
+    out = []
+    for _ in range(rounds):
+        bw, bw_copy = memory_bandwidth(3)
+        t = time.perf_counter()
+        run()
+        out.append((steps() / (time.perf_counter() - t), bw, bw_copy))
+    return out
+
+
+def roofline_cells(rounds, step_bytes) -> tuple[str, str]:
+    """The table's batch-1 cells from `paired_roofline_shares`' rounds: the median roofline
+    (read bandwidth / step bytes) and the shares of the read and copy rooflines, median
+    [min-max] over the rounds."""
+    tps, bw, bw_copy = (np.array(x) for x in zip(*rounds))
+
+    def share(b):
+        r = 100 * tps * step_bytes / b
+        return f"{np.median(r):.0f}% [{r.min():.0f}-{r.max():.0f}]"
+
+    return f"{np.median(bw) / step_bytes:.1f}", f"{share(bw)} / {share(bw_copy)}"
 
 
 def _gathered(cfg) -> tuple:
@@ -465,10 +509,10 @@ def main(argv):
     print(f"measured memory bandwidth: read {bw / 1e9:.1f} GB/s (jitted sum of 512 MiB), "
           f"copy {bw_copy / 1e9:.1f} GB/s (in place, read + write)\n")
     print("| model | batch | prefill ms | ms/token | cached tok/s | uncached tok/s | "
-          "cached/uncached | HF tok/s | ours/HF | roofline tok/s (b=1) | "
-          "% of roofline (read / copy) |")
+          "cached/uncached | HF tok/s | ours/HF | roofline tok/s (b=1, median round) | "
+          f"% of roofline, read / copy (median [min-max] of {_ROUNDS.value} paired rounds) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
-    built = {}
+    built, spreads = {}, []
     for kind in _MODELS.value:
         hf_model, loaded = built[kind] = build(kind)
         for b in map(int, _BATCHES.value):
@@ -487,12 +531,19 @@ def main(argv):
                 # the self-attention cache: GPT's holds the prompt, T5's decoder's does not
                 held = _PROMPT.value if loaded.model.config.family == "gpt" else 1
                 step_bytes = bytes_per_token(loaded, held + n // 2, _PROMPT.value)
-                r, r_copy = bw / step_bytes, bw_copy / step_bytes
-                roof, frac = f"{r:.1f}", f"{100 * tps / r:.0f}% / {100 * tps / r_copy:.0f}%"
+                rounds = paired_roofline_shares(loaded, prompts, n, step_bytes, _ROUNDS.value)
+                roof, frac = roofline_cells(rounds, step_bytes)
+                tps_r, bw_r, _ = zip(*rounds)
+                spreads.append(f"{kind} batch 1, {len(rounds)} paired rounds: read probe "
+                               f"{min(bw_r) / 1e9:.1f}-{max(bw_r) / 1e9:.1f} GB/s, decode "
+                               f"{min(tps_r):.1f}-{max(tps_r):.1f} tok/s, "
+                               f"{step_bytes / 1e6:.1f} MB per token")
             gain = tps / unc  # one decimal below 10x (a tiny run's 0.4x printed as "0x")
             print(f"| {kind} | {b} | {1e3 * t_prefill:.1f} | {1e3 * per_token:.2f} | {tps:.1f} | "
                   f"{unc:.2f} | {gain:.{0 if gain >= 10 else 1}f}x | {hf} | {ratio} | {roof} | "
                   f"{frac} |", flush=True)
+    if spreads:
+        print("\n" + "\n".join(spreads), flush=True)
     if _KV_HEADS.value:
         grouped_query(n)
     if _COMPILE_COMPARE.value:

@@ -1,6 +1,8 @@
 """benchmarks/decode_speed.py's roofline: the bytes it counts per token are the params a cached
 decode step actually reads (found by a liveness walk over the traced step's jaxpr) plus the
-float32 KV cache the step attends over."""
+float32 KV cache the step attends over; each round's share pairs a decode with the probe just
+before it. benchmarks/decode_profile.py: op times and pool joins from a trace, and the trace
+format of the installed jax."""
 import os
 import subprocess
 import sys
@@ -129,3 +131,86 @@ assert t.model_setup("tiny_gpt", False)[0].dtype == "bfloat16"
     res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_roofline_shares_pair_each_decode_with_the_probe_just_before_it(monkeypatch):
+    """Round i's share is its own decode rate x step bytes / its own probe: the best decode
+    and the best probe of different rounds are never divided by each other."""
+    order, probes = [], iter([(100.0, 200.0), (50.0, 80.0), (200.0, 400.0)])
+    times = iter([0.0, 2.0, 10.0, 11.0, 20.0, 24.0])  # run lengths 2, 1, 4 s
+
+    def probe(repeats):
+        order.append("probe")
+        return next(probes)
+
+    def cached_run(loaded, prompts, n):
+        return (lambda: order.append("run")), (lambda: 100)
+
+    monkeypatch.setattr(decode_speed, "memory_bandwidth", probe)
+    monkeypatch.setattr(decode_speed, "cached_run", cached_run)
+    monkeypatch.setattr(decode_speed.time, "perf_counter", lambda: next(times))
+    rounds = decode_speed.paired_roofline_shares(None, None, 8, 1.0, 3)
+    assert order == ["run"] + ["probe", "run"] * 3  # a warm run, then probe -> decode
+    assert rounds == [(50.0, 100.0, 200.0), (100.0, 50.0, 80.0), (25.0, 200.0, 400.0)]
+    roof, shares = decode_speed.roofline_cells(rounds, 1.0)
+    # read shares 50%, 200%, 12.5%; copy 25%, 125%, 6.25%; read probes 100, 50, 200 B/s
+    assert roof == "100.0"
+    assert shares == "50% [12-200] / 25% [6-125]"
+
+
+def _profile_events(ops, blocks, pool=("XLAEigen/1", "XLAEigen/2")):
+    """A perfetto trace: `ops` (name, thread, start, dur) as thread-pool op events, `blocks`
+    (thread, start) as other pool threads starting an op's parallel blocks."""
+    meta = [{"ph": "M", "name": "thread_name", "pid": 1, "tid": i, "args": {"name": n}}
+            for i, n in enumerate(pool)]
+    meta.append({"ph": "M", "name": "thread_name", "pid": 1, "tid": 9, "args": {"name": "py"}})
+    events = [{"ph": "X", "pid": 1, "tid": t, "ts": ts, "dur": d, "name": n,
+               "args": {"hlo_op": n}} for n, t, ts, d in ops]
+    events += [{"ph": "X", "pid": 1, "tid": t, "ts": ts, "dur": 0,
+                "name": "ThreadpoolListener::StartRegion", "args": {}} for t, ts in blocks]
+    events.append({"ph": "X", "pid": 1, "tid": 9, "ts": 0, "dur": 1e6, "name": "dot.1",
+                   "args": {"hlo_op": "dot.1"}})  # not a pool thread: not an op of the step
+    return meta + events
+
+
+def test_decode_profile_times_a_chain_of_ops_and_the_pool_joins(capsys):
+    import decode_profile
+    hlo = """
+  %p.1 = f32[1,1000]{1,0} parameter(0)
+  %w.2 = f32[1000,250]{1,0} parameter(1)
+  %dot.1 = f32[1,250]{1,0} dot(%p.1, %w.2), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %add_fusion.3 = f32[1,250]{1,0} fusion(%dot.1), kind=kLoop, calls=%c
+  %while.4 = (f32[1,250]{1,0}) while(%t), condition=%cond, body=%body
+"""
+    # two steps: the product returns at once (dur 5) and runs as blocks until the add starts
+    ops = [("while.4", 0, 0, 500), ("dot.1", 0, 10, 5), ("add_fusion.3", 1, 110, 2),
+           ("dot.1", 1, 200, 5), ("add_fusion.3", 0, 300, 2)]
+    blocks = [(1, 40), (0, 210), (0, 250)]
+    decode_profile.summarise(_profile_events(ops, blocks), hlo, 2, 10)
+    out = capsys.readouterr().out
+    # dot: 100 us per call (start to the next op's start); operands 4004 B + 1e6 B per call
+    assert "| dot f32[1,1000] x f32[1000,250] -> f32[1,250] | 1.0 | 100.0 | 0.100 | 10.0 |" in out
+    assert "| add_fusion | 1.0 | 46.0 | 0.046 | - |" in out  # 90 us to the next dot; 2 at the end
+    assert "while" not in out
+    # joins: the first call's blocks start 30 us in on the other thread, the second's 10 us in
+    assert "| dot f32[1,1000] x f32[1000,250] -> f32[1,250] | 1.00 | 20.0 | 20.0 |" in out
+    with pytest.raises(SystemExit, match="no XLA:CPU op events"):
+        decode_profile.summarise(_profile_events([], []), hlo, 2, 10)
+
+
+def test_decode_profile_reads_this_jax_versions_trace(tmp_path):
+    """The trace format the profile depends on: pool-thread op events named by the compiled
+    module's HLO instructions."""
+    import decode_profile
+    w = jnp.ones((512, 2048), jnp.float32)
+    f = jax.jit(lambda x, w: jax.lax.fori_loop(0, 4, lambda i, x: jnp.tanh(x @ w)[:, :512], x))
+    x = jnp.ones((1, 512), jnp.float32)
+    compiled = f.lower(x, w).compile()
+    compiled(x, w).block_until_ready()
+    events = decode_profile.trace_events(lambda: compiled(x, w).block_until_ready(), 1)
+    names = {e["name"] for e in events if "hlo_op" in e.get("args", {})
+             and e["args"]["hlo_op"] == e.get("name")}
+    dots = decode_profile._dot_operands(compiled.as_text())
+    assert dots and set(dots) <= names
+    shapes = decode_profile._shapes(compiled.as_text())
+    assert any(shapes[o] == ("f32[512,2048]", 512 * 2048 * 4) for d in dots for o in dots[d])
