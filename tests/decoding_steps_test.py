@@ -194,3 +194,59 @@ def test_cpu_weights_fuse_inputs_keep_kernels_give_a_dv_head_and_keep_the_logits
     tok = jnp.argmax(a, -1)[:, None].astype(jnp.int32)
     np.testing.assert_allclose(jax.jit(step(params))(tok, cache_a)[0],
                                jax.jit(step(split))(tok, cache_b)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "t5_1_1"])
+def test_decode_layout_is_idempotent(preset):
+    """Laid out once, the weights go through `prefill`'s own `decode_layout` untouched: the same
+    config, the same tree, the very same arrays (no second copy of anything)."""
+    extra = {"max_len": 32} if preset.startswith("gpt") else {}
+    cfg = config_lib.from_preset(preset, **TINY, **extra, scan_layers=True)
+    cfg1, once = steps.decode_layout(cfg, _params(cfg))
+    assert not cfg1.scan_layers
+    cfg2, twice = steps.decode_layout(cfg1, once)
+    assert cfg2 == cfg1
+    assert jax.tree_util.tree_structure(twice) == jax.tree_util.tree_structure(once)
+    assert all(a is b for a, b in zip(jax.tree_util.tree_leaves(twice),
+                                      jax.tree_util.tree_leaves(once)))
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "t5_1_1"])
+def test_decode_weights_are_laid_out_once_per_params_and_decode_as_before(preset, monkeypatch):
+    """On CPU `decode_weights` lays the weights out once and keeps them on the model while its
+    params are the same arrays; new params are laid out anew. Decoding from the kept layout
+    gives the ids and scores of the layout made inside the decode program."""
+    from t5x_lite.decoding import generate as gen
+    extra = {"max_len": 32} if preset.startswith("gpt") else {}
+    cfg = config_lib.from_preset(preset, **TINY, **extra, scan_layers=True)
+    model = decoding_testlib.loaded(cfg, seed=3)
+    calls = []
+    layout = gen._layout_jit
+    monkeypatch.setattr(gen, "_layout_jit", lambda p, *, cfg: calls.append(1) or layout(p, cfg=cfg))
+    prompts = [[5, 6, 7], [9, 10]]
+    tokens, lengths = gen.pack_prompts(cfg, prompts, 2)
+    opts = gen.DecodeOptions(max_new_tokens=6, batch_size=2)
+
+    def decode(m):
+        out = gen.decode_batch(m, tokens, lengths, opts)
+        return np.asarray(out.tokens_BxN), np.asarray(out.logprob_B)
+
+    def in_program(m):  # the weights as stored: the program lays them out itself
+        with monkeypatch.context() as patch:
+            patch.setattr(gen, "decode_weights", lambda loaded, c: (c, loaded.params))
+            return decode(m)
+
+    first, again = decode(model), decode(model)
+    assert len(calls) == 1
+    kept_cfg, kept = gen.decode_weights(model, cfg)
+    assert len(calls) == 1 and not kept_cfg.scan_layers and "qkv" in str(
+        jax.tree_util.tree_structure(kept))
+    reference = in_program(model)
+    for got in (first, again):
+        np.testing.assert_array_equal(got[0], reference[0])
+        np.testing.assert_allclose(got[1], reference[1], rtol=1e-5, atol=1e-5)
+    model.params = decoding_testlib.random_params(cfg, 4)
+    fresh = decode(model)
+    assert len(calls) == 2
+    np.testing.assert_array_equal(fresh[0], in_program(model)[0])
+    assert not np.array_equal(fresh[0], first[0])

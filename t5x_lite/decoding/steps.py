@@ -127,11 +127,12 @@ def transposed_embedding(cfg: ModelConfig, params):
     """A tied float embedding's transposed copy [D, V] as `embedding_transposed` beside the
     table, which `Embed.attend` reads for the logits instead (the lookup keeps the table):
     XLA:CPU reads a [D, V] head faster than a [V, D] one (a loop of [1, 512] x [512, 32128]
-    head products alone, best of 3 rounds: 1.31 against 1.68 ms). Made once per decode call,
-    before its loop. Other params (an untied head is [D, V] already), and an int8 table, are
-    passed as they are."""
+    head products alone, best of 3 rounds: 1.31 against 1.68 ms). Other params (an untied head
+    is [D, V] already), an int8 table, and params that have the copy already are passed as
+    they are."""
     table = params["token_embedder"]["embedding"]
-    if not cfg.tie_embeddings or not isinstance(table, (jax.Array, np.ndarray)):
+    if (not cfg.tie_embeddings or not isinstance(table, (jax.Array, np.ndarray))
+            or "embedding_transposed" in params["token_embedder"]):
         return params
     return {**params, "token_embedder": {**params["token_embedder"],
                                          "embedding_transposed": table.T}}
@@ -202,7 +203,7 @@ def cpu_weights(cfg: ModelConfig, params):
 
 def unrolled(cfg: ModelConfig, params):
     """(cfg, params) of a scan_layers model as an unrolled one, its layers sliced off the
-    stacked params once per decode call, before the loop.
+    stacked params before the loop (on CPU once per loaded model: `generate.decode_weights`).
 
     A scanned stack keeps its KV caches stacked too, and the layer scan reads them as inputs
     and writes them as new outputs, so every decode step copies the whole cache: GPT-36M at
@@ -212,7 +213,23 @@ def unrolled(cfg: ModelConfig, params):
     """
     if not cfg.scan_layers:
         return cfg, params
-    return dataclasses.replace(cfg, scan_layers=False), unstack_layers(params)
+    return unrolled_config(cfg), unstack_layers(params)
+
+
+def unrolled_config(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` with unrolled layers (the config `unrolled` returns)."""
+    return dataclasses.replace(cfg, scan_layers=False) if cfg.scan_layers else cfg
+
+
+def decode_layout(cfg: ModelConfig, params):
+    """(cfg, params) as the decode programs read them: a scanned stack unrolled (`unrolled`)
+    and, on CPU, the decode weight layout (`cpu_weights`). Idempotent: given its own output it
+    returns it unchanged, so weights laid out once (`generate.decode_weights`) go through
+    `prefill` without another copy."""
+    cfg, params = unrolled(cfg, params)
+    if jax.default_backend() == "cpu":
+        params = cpu_weights(cfg, params)
+    return cfg, params
 
 
 def prefill(cfg: ModelConfig, params, prompt_BxP, lengths_B, cache_len: int, rows_R=None,
@@ -221,15 +238,12 @@ def prefill(cfg: ModelConfig, params, prompt_BxP, lengths_B, cache_len: int, row
     `prefix_lm`: a GPT trained with objective prefix_lm, whose prompt is its prefix
     (`gpt_prefill`).
 
-    A model with scan_layers decodes unrolled (`unrolled`); on CPU the weights take the decode
-    layout (`cpu_weights`).
+    The params take the decode layout (`decode_layout`) unless they have it already.
 
     Returns:
       (first logits [R, V], cache with R rows, `tokens_to_logits(ids, cache)` for R rows).
     """
-    cfg, params = unrolled(cfg, params)
-    if jax.default_backend() == "cpu":
-        params = cpu_weights(cfg, params)
+    cfg, params = decode_layout(cfg, params)
     if cfg.family == "gpt":
         logits_BxV, cache, step = gpt_prefill(cfg, params, prompt_BxP, lengths_B, cache_len,
                                                prefix_lm)
