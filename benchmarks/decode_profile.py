@@ -70,14 +70,11 @@ def _dot_operands(hlo: str) -> dict[str, tuple[str, ...]]:
 
 
 def compiled_greedy(loaded, prompts, n):
-    """(compiled program, its arguments): the greedy decode `decode_batch` runs."""
-    cfg = loaded.model.config
-    tokens, lengths = gen.pack_prompts(cfg, prompts.tolist(), len(prompts))
-    opts = gen.DecodeOptions(max_new_tokens=n, batch_size=len(prompts))
-    args = (loaded.params, tokens, lengths, np.uint32(0),
-            np.arange(len(prompts), dtype=np.int32))
-    static = dict(cfg=cfg, n=n, sampling=opts.sampling, samples=1)
-    return gen._sample_jit.lower(*args, **static).compile(), args
+    """(compiled program, its arguments): the greedy decode `decode_batch` runs, on the
+    weights it passes (`decode_weights`: on CPU laid out once, outside the program)."""
+    cfg, params = gen.decode_weights(loaded, loaded.model.config)
+    fn, args, static = decode_speed.decode_program(cfg, params, prompts, n, "greedy")
+    return fn.lower(*args, **static).compile(), args
 
 
 def trace_events(run, runs: int) -> list[dict]:

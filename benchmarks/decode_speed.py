@@ -324,19 +324,23 @@ def scanned(loaded):
                                  run_config=None)
 
 
-def compile_and_run(loaded, prompts, n, method):
-    """(compile seconds, best run seconds, tokens) of one jitted decode program."""
-    cfg = loaded.model.config
+def decode_program(cfg, params, prompts, n, method):
+    """(jitted decode program, its arguments, its static arguments) for `method` "greedy"
+    (`_sample_jit`) or "beam" (`_beam_jit`, the default 4 beams) over `prompts`."""
     tokens, lengths = gen.pack_prompts(cfg, prompts.tolist(), len(prompts))
     opts = gen.DecodeOptions(method=method, max_new_tokens=n, batch_size=len(prompts))
     if method == "beam":
-        fn, args = gen._beam_jit, (loaded.params, tokens, lengths)
-        static = dict(cfg=cfg, n=n, beams=opts.num_beams, rule=opts.beam)
-    else:
-        fn = gen._sample_jit
-        example_b = np.arange(len(prompts), dtype=np.int32)
-        args = (loaded.params, tokens, lengths, np.uint32(0), example_b)
-        static = dict(cfg=cfg, n=n, sampling=opts.sampling, samples=1)
+        return (gen._beam_jit, (params, tokens, lengths),
+                dict(cfg=cfg, n=n, beams=opts.num_beams, rule=opts.beam))
+    example_b = np.arange(len(prompts), dtype=np.int32)
+    return (gen._sample_jit, (params, tokens, lengths, np.uint32(0), example_b),
+            dict(cfg=cfg, n=n, sampling=opts.sampling, samples=1))
+
+
+def compile_and_run(loaded, prompts, n, method):
+    """(compile seconds, best run seconds, tokens) of one jitted decode program, the params as
+    stored (a scanned stack is unrolled inside the program)."""
+    fn, args, static = decode_program(loaded.model.config, loaded.params, prompts, n, method)
     jax.clear_caches()  # the main table compiled the same programs already
     t = time.perf_counter()
     compiled = fn.lower(*args, **static).compile()
