@@ -23,6 +23,10 @@ threads start an op's parallel blocks. From those events this prints:
 
 The trace is XLA:CPU's (jax 0.10's perfetto JSON); another backend or version may name events
 differently: the script then stops with one line.
+
+The joins depend on the host: on a VM guest whose idle vCPUs halt at once (cpuidle-haltpoll
+with guest_halt_poll_ns 0, which the header line reports), a product that follows ~70 us or more
+of single-threaded work waits ~40-50 us for its second thread; with 200 us of polling, ~10 us.
 """
 from __future__ import annotations
 
@@ -164,7 +168,8 @@ def main(argv):
     run()
     events = trace_events(run, _RUNS.value)
     print(f"{_MODEL.value}, batch {_BATCH.value}, {decode_speed._PROMPT.value}-token prompts, "
-          f"{n} new tokens, {_RUNS.value} traced runs; devices {jax.devices()}")
+          f"{n} new tokens, {_RUNS.value} traced runs; devices {jax.devices()}; "
+          f"{decode_speed.idle_polling()}")
     summarise(events, compiled.as_text(), _RUNS.value * n, _TOP.value)
 
 

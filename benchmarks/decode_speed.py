@@ -231,6 +231,23 @@ def time_hf(hf_model, prompts, n):
     return best
 
 
+HALT_POLL = "/sys/module/haltpoll/parameters/guest_halt_poll_ns"
+
+
+def idle_polling(path: str = HALT_POLL) -> str:
+    """Header words on how long an idle vCPU of this guest polls before it halts (Linux
+    cpuidle-haltpoll, on KVM guests; README "Idle polling on VMs"). At 0 every pool thread
+    that parks between two products halts its vCPU, and waking it takes ~40-50 us."""
+    try:
+        with open(path, encoding="ascii") as f:
+            ns = int(f.read().strip())
+    except (OSError, ValueError):
+        return "guest halt polling: n/a"
+    if ns == 0:
+        return "guest halt polling: off (0 ns; idle vCPUs halt at once, see README)"
+    return f"guest halt polling: {ns} ns"
+
+
 def memory_bandwidth(repeats=5):
     """Bytes/s of (a) reading a 512 MiB array (a jitted sum: what decoding does with weights)
     and (b) copying it in place (donated: no fresh pages to fault in), read + write bytes;
@@ -508,7 +525,7 @@ def main(argv):
     n = _NEW.value
     print(f"devices: {jax.devices()}; cpu cores: {os.cpu_count()}; "
           f"load average: {os.getloadavg()[0]:.1f}; {host_memory.status()}; decode compiler "
-          f"options: {compiler.decode_compiler_options() or 'none'}")
+          f"options: {compiler.decode_compiler_options() or 'none'}; {idle_polling()}")
     bw, bw_copy = memory_bandwidth()
     print(f"measured memory bandwidth: read {bw / 1e9:.1f} GB/s (jitted sum of 512 MiB), "
           f"copy {bw_copy / 1e9:.1f} GB/s (in place, read + write)\n")

@@ -111,6 +111,17 @@ def test_hf_is_timed_like_ours(monkeypatch):
     assert torch.get_num_threads() == threads
 
 
+def test_header_reports_the_guest_halt_polling(tmp_path):
+    f = tmp_path / "guest_halt_poll_ns"
+    f.write_text("200000\n")
+    assert decode_speed.idle_polling(str(f)) == "guest halt polling: 200000 ns"
+    f.write_text("0\n")
+    assert decode_speed.idle_polling(str(f)).startswith("guest halt polling: off (0 ns")
+    f.write_text("fast\n")
+    assert decode_speed.idle_polling(str(f)) == "guest halt polling: n/a"
+    assert decode_speed.idle_polling(str(tmp_path / "none")) == "guest halt polling: n/a"
+
+
 def test_train_throughput_peak_dtype_matches_or_is_warned_about():
     # Its own process: train_throughput defines absl flags of the same names as decode_speed.
     code = """
