@@ -236,8 +236,9 @@ HALT_POLL = "/sys/module/haltpoll/parameters/guest_halt_poll_ns"
 
 def idle_polling(path: str = HALT_POLL) -> str:
     """Header words on how long an idle vCPU of this guest polls before it halts (Linux
-    cpuidle-haltpoll, on KVM guests; README "Idle polling on VMs"). At 0 every pool thread
-    that parks between two products halts its vCPU, and waking it takes ~40-50 us."""
+    cpuidle-haltpoll, on KVM guests; README "The join delay is a halted vCPU"). At 0 every
+    pool thread that parks between two products halts its vCPU, and waking it takes ~40-50 us
+    on the development VM."""
     try:
         with open(path, encoding="ascii") as f:
             ns = int(f.read().strip())
