@@ -106,9 +106,36 @@ def test_hf_is_timed_like_ours(monkeypatch):
             calls.append((torch.get_num_threads(), kw.get("max_new_tokens")))
 
     threads = torch.get_num_threads()
-    decode_speed.time_hf(FakeHF(), np.zeros((1, 4), np.int32), 8)
+    _, best_threads = decode_speed.time_hf(FakeHF(), np.zeros((1, 4), np.int32), 8)
     assert calls == [(t, 8) for t in sorted({1, threads}) for _ in range(1 + 3)]
+    assert best_threads in {1, threads}
     assert torch.get_num_threads() == threads
+
+
+def test_hf_ratios_pair_each_decode_with_the_hf_run_just_after_it(monkeypatch):
+    """Round i's ratio is its own decode rate / its own HF rate, at the thread count given;
+    the thread count is restored afterwards."""
+    torch = pytest.importorskip("torch")
+    order = []
+    # ours: 100 steps in 2, 1, 4 s; HF: 8 tokens in 0.5, 0.2, 1 s (a warm run of ours first)
+    times = iter([0.0, 2.0, 2.0, 2.5, 3.0, 4.0, 4.0, 4.2, 5.0, 9.0, 9.0, 10.0])
+
+    class FakeHF:
+        def generate(self, ids, **kw):
+            order.append(("hf", torch.get_num_threads(), kw["max_new_tokens"]))
+
+    def cached_run(loaded, prompts, n):
+        return (lambda: order.append("ours")), (lambda: 100)
+
+    monkeypatch.setattr(decode_speed, "cached_run", cached_run)
+    monkeypatch.setattr(decode_speed.time, "perf_counter", lambda: next(times))
+    threads = torch.get_num_threads()
+    ratios = decode_speed.paired_hf_ratios(None, FakeHF(), np.zeros((1, 4), np.int32), 8, 1, 3)
+    assert order == ["ours"] + ["ours", ("hf", 1, 8)] * 3
+    assert ratios == pytest.approx([50 / 16, 100 / 40, 25 / 8])
+    assert torch.get_num_threads() == threads
+    assert decode_speed.ratio_cell(ratios) == "3.12x [2.50-3.12]"
+    assert decode_speed.ratio_cell([]) == "-"
 
 
 def test_header_reports_the_guest_halt_polling(tmp_path):
