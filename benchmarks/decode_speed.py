@@ -107,7 +107,7 @@ _REPEATS = flags.DEFINE_integer(
     "and for HF alike (HF: per torch thread count, then the faster count).")
 _HF_ROUNDS = flags.DEFINE_integer(
     "hf_rounds", 5, "Paired rounds per row of one decode of ours, then one HF generate "
-    "(the ours / HF median and range); 0 = none.")
+    "(the ours / HF median and range); 0 = none.", lower_bound=0)
 _ROUNDS = flags.DEFINE_integer(
     "roofline_rounds", 7, "Batch 1: paired rounds of (bandwidth probes, one cached decode run) "
     "for the roofline shares (`paired_roofline_shares`).")
@@ -256,6 +256,8 @@ def paired_hf_ratios(loaded, hf_model, prompts, n, threads, rounds):
     consecutive runs), so a ratio of two best-of times taken minutes apart is partly a draw of
     the minute; the table also gives the median and range of the paired rounds."""
     import torch
+    if rounds <= 0:
+        return []
     run, steps = cached_run(loaded, prompts, n)
     run()
     hf_run = _hf_generate(hf_model, prompts, n)
