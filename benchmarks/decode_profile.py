@@ -26,7 +26,7 @@ differently: the script then stops with one line.
 
 The joins depend on the host: on a VM guest whose idle vCPUs halt at once (cpuidle-haltpoll
 with guest_halt_poll_ns 0, which the header line reports), a product that follows ~70 us or more
-of single-threaded work waits ~40-50 us for its second thread; with 200 us of polling, ~10 us.
+of single-threaded work waits ~40-55 us for its second thread; with 200 us of polling, ~10 us.
 """
 from __future__ import annotations
 

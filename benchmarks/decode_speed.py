@@ -30,9 +30,10 @@ Columns:
   HF        transformers `generate(do_sample=False, use_cache=True)` on the same weights, timed
             as cached is: per torch thread count (1 and all), one full-length warm-up run, then
             the best of --repeats runs; the faster thread count.
-  paired    ours / HF in --hf_rounds rounds of one decode of ours, then one HF generate at
-            that thread count (`paired_hf_ratios`): median [min-max]. HF's rate moves within
-            minutes on a shared VM; a round compares the two sides in the same minute.
+  paired    ours / HF in --hf_rounds rounds of one decode of ours and one HF generate at
+            that thread count, in alternating order (`paired_hf_ratios`): median [min-max].
+            HF's rate moves within minutes on a shared VM; a round compares the two sides in
+            the same minute.
   roofline  batch 1: float32 bytes a decode step reads per token divided by the memory
             bandwidth measured beside it, in --roofline_rounds paired rounds (the probes, then
             one cached decode run: `paired_roofline_shares`); the table gives the median round
@@ -106,7 +107,7 @@ _REPEATS = flags.DEFINE_integer(
     "repeats", 2, "Timed runs after one full-length warm-up run, the best reported: for ours "
     "and for HF alike (HF: per torch thread count, then the faster count).")
 _HF_ROUNDS = flags.DEFINE_integer(
-    "hf_rounds", 5, "Paired rounds per row of one decode of ours, then one HF generate "
+    "hf_rounds", 5, "Paired rounds per row of one decode of ours and one HF generate "
     "(the ours / HF median and range); 0 = none.", lower_bound=0)
 _ROUNDS = flags.DEFINE_integer(
     "roofline_rounds", 7, "Batch 1: paired rounds of (bandwidth probes, one cached decode run) "
@@ -250,11 +251,12 @@ def time_hf(hf_model, prompts, n):
 
 
 def paired_hf_ratios(loaded, hf_model, prompts, n, threads, rounds):
-    """ours / HF tokens per second, one pair per round: one cached decode of ours, then one HF
-    `generate` at `threads` torch threads (the faster count in `time_hf`); both sides are warm
-    already. HF's rate on the shared VM moves within minutes (batch 16: 429, 394, 407 tok/s in
-    consecutive runs), so a ratio of two best-of times taken minutes apart is partly a draw of
-    the minute; the table also gives the median and range of the paired rounds."""
+    """ours / HF tokens per second, one pair per round: one cached decode of ours and one HF
+    `generate` at `threads` torch threads (the faster count in `time_hf`), ours first in even
+    rounds and HF first in odd ones (neither side always runs right after the other); both
+    sides are warm already. HF's rate on the shared VM moves within minutes (batch 16: 429,
+    394, 407 tok/s in consecutive runs), so a ratio of two best-of times taken minutes apart is
+    partly a draw of the minute; the table also gives the median and range of the rounds."""
     import torch
     if rounds <= 0:
         return []
@@ -264,13 +266,13 @@ def paired_hf_ratios(loaded, hf_model, prompts, n, threads, rounds):
     default_threads, out = torch.get_num_threads(), []
     try:
         torch.set_num_threads(threads)
-        for _ in range(rounds):
-            t = time.perf_counter()
-            run()
-            ours = steps() / (time.perf_counter() - t)
-            t = time.perf_counter()
-            hf_run()
-            out.append(ours / (n / (time.perf_counter() - t)))
+        for i in range(rounds):
+            seconds = {}
+            for side, fn in (("ours", run), ("hf", hf_run))[::1 if i % 2 == 0 else -1]:
+                t = time.perf_counter()
+                fn()
+                seconds[side] = time.perf_counter() - t
+            out.append((steps() / seconds["ours"]) / (n / seconds["hf"]))
     finally:
         torch.set_num_threads(default_threads)
     return out

@@ -112,13 +112,27 @@ def test_hf_is_timed_like_ours(monkeypatch):
     assert torch.get_num_threads() == threads
 
 
-def test_hf_ratios_pair_each_decode_with_the_hf_run_just_after_it(monkeypatch):
+def test_hf_keeps_the_faster_thread_count(monkeypatch):
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    if threads == 1:
+        pytest.skip("one torch thread: no choice to make")
+    monkeypatch.setattr(decode_speed, "_REPEATS", types.SimpleNamespace(value=3))
+    for slow, fast in ((1, threads), (threads, 1)):
+        seconds = {slow: 5.0, fast: 3.0}
+        monkeypatch.setattr(decode_speed, "_best_time",
+                            lambda fn, repeats: seconds[torch.get_num_threads()])
+        assert decode_speed.time_hf(None, np.zeros((1, 4), np.int32), 8) == (3.0, fast)
+        assert torch.get_num_threads() == threads
+
+
+def test_hf_ratios_pair_each_decode_with_an_hf_run_in_alternating_order(monkeypatch):
     """Round i's ratio is its own decode rate / its own HF rate, at the thread count given;
-    the thread count is restored afterwards."""
+    ours runs first in even rounds, HF in odd ones; the thread count is restored afterwards."""
     torch = pytest.importorskip("torch")
     order = []
-    # ours: 100 steps in 2, 1, 4 s; HF: 8 tokens in 0.5, 0.2, 1 s (a warm run of ours first)
-    times = iter([0.0, 2.0, 2.0, 2.5, 3.0, 4.0, 4.0, 4.2, 5.0, 9.0, 9.0, 10.0])
+    # ours: 100 steps in 2, 1, 4 s; HF: 8 tokens in 0.5, 0.2, 1 s (round 2 runs HF first)
+    times = iter([0.0, 2.0, 2.0, 2.5, 3.0, 3.2, 4.0, 5.0, 5.0, 9.0, 9.0, 10.0])
 
     class FakeHF:
         def generate(self, ids, **kw):
@@ -130,8 +144,9 @@ def test_hf_ratios_pair_each_decode_with_the_hf_run_just_after_it(monkeypatch):
     monkeypatch.setattr(decode_speed, "cached_run", cached_run)
     monkeypatch.setattr(decode_speed.time, "perf_counter", lambda: next(times))
     threads = torch.get_num_threads()
-    ratios = decode_speed.paired_hf_ratios(None, FakeHF(), np.zeros((1, 4), np.int32), 8, 1, 3)
-    assert order == ["ours"] + ["ours", ("hf", 1, 8)] * 3
+    ratios = decode_speed.paired_hf_ratios(None, FakeHF(), np.zeros((2, 4), np.int32), 8, 1, 3)
+    hf = ("hf", 1, 8)
+    assert order == ["ours"] + ["ours", hf] + [hf, "ours"] + ["ours", hf]
     assert ratios == pytest.approx([50 / 16, 100 / 40, 25 / 8])
     assert torch.get_num_threads() == threads
     assert decode_speed.ratio_cell(ratios) == "3.12x [2.50-3.12]"
