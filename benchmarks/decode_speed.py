@@ -78,6 +78,7 @@ N(0, 1/fan_in) weights) with each of these key / value head counts, at --batch_s
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -239,15 +240,23 @@ def time_hf(hf_model, prompts, n):
     count that gave them)."""
     import torch
     run = _hf_generate(hf_model, prompts, n)
-    default_threads = torch.get_num_threads()
-    best = (float("inf"), default_threads)
-    try:
-        for threads in sorted({1, default_threads}):
-            torch.set_num_threads(threads)
+    best = (float("inf"), torch.get_num_threads())
+    for threads in sorted({1, best[1]}):
+        with _torch_threads(threads):
             best = min(best, (_best_time(run, _REPEATS.value), threads))
-    finally:
-        torch.set_num_threads(default_threads)
     return best
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int):
+    """torch's intra-op thread count set to `threads` inside, the previous count restored."""
+    import torch
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def paired_hf_ratios(loaded, hf_model, prompts, n, threads, rounds):
@@ -257,15 +266,13 @@ def paired_hf_ratios(loaded, hf_model, prompts, n, threads, rounds):
     sides are warm already. HF's rate on the shared VM moves within minutes (batch 16: 429,
     394, 407 tok/s in consecutive runs), so a ratio of two best-of times taken minutes apart is
     partly a draw of the minute; the table also gives the median and range of the rounds."""
-    import torch
     if rounds <= 0:
         return []
     run, steps = cached_run(loaded, prompts, n)
     run()
     hf_run = _hf_generate(hf_model, prompts, n)
-    default_threads, out = torch.get_num_threads(), []
-    try:
-        torch.set_num_threads(threads)
+    out = []
+    with _torch_threads(threads):
         for i in range(rounds):
             seconds = {}
             for side, fn in (("ours", run), ("hf", hf_run))[::1 if i % 2 == 0 else -1]:
@@ -273,15 +280,18 @@ def paired_hf_ratios(loaded, hf_model, prompts, n, threads, rounds):
                 fn()
                 seconds[side] = time.perf_counter() - t
             out.append((steps() / seconds["ours"]) / (n / seconds["hf"]))
-    finally:
-        torch.set_num_threads(default_threads)
     return out
 
 
 def ratio_cell(ratios) -> str:
     """`paired_hf_ratios`' rounds as the table's cell: median [min-max]."""
-    r = np.array(ratios)
-    return f"{np.median(r):.2f}x [{r.min():.2f}-{r.max():.2f}]" if len(r) else "-"
+    return _median_range(ratios, "{:.2f}", "x") if len(ratios) else "-"
+
+
+def _median_range(values, fmt: str, unit: str) -> str:
+    """`values` as "median<unit> [min-max]", each number written with `fmt`."""
+    v = np.asarray(values)
+    return f"{fmt.format(np.median(v))}{unit} [{fmt.format(v.min())}-{fmt.format(v.max())}]"
 
 
 HALT_POLL = "/sys/module/haltpoll/parameters/guest_halt_poll_ns"
@@ -290,7 +300,7 @@ HALT_POLL = "/sys/module/haltpoll/parameters/guest_halt_poll_ns"
 def idle_polling(path: str = HALT_POLL) -> str:
     """Header words on how long an idle vCPU of this guest polls before it halts (Linux
     cpuidle-haltpoll, on KVM guests; README "The join delay is a halted vCPU"). At 0 every
-    pool thread that parks between two products halts its vCPU, and waking it takes ~40-50 us
+    pool thread that parks between two products halts its vCPU, and waking it takes ~40-55 us
     on the development VM."""
     try:
         with open(path, encoding="ascii") as f:
@@ -345,8 +355,7 @@ def roofline_cells(rounds, step_bytes) -> tuple[str, str]:
     tps, bw, bw_copy = (np.array(x) for x in zip(*rounds))
 
     def share(b):
-        r = 100 * tps * step_bytes / b
-        return f"{np.median(r):.0f}% [{r.min():.0f}-{r.max():.0f}]"
+        return _median_range(100 * tps * step_bytes / b, "{:.0f}", "%")
 
     return f"{np.median(bw) / step_bytes:.1f}", f"{share(bw)} / {share(bw_copy)}"
 
