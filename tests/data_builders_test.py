@@ -7,6 +7,7 @@ import lzma
 import os
 import random
 import re
+import tempfile
 import threading
 import time
 import tracemalloc
@@ -41,6 +42,19 @@ def test_text_one_document_per_file_with_holdout(tmp_path):
     assert {r["text"] for r in val} == {d for d in docs
                                         if builders.record_hash({"text": d}) < 0.2}
     assert b.info.metadata["split_sizes"] == {"train": len(train), "validation": len(val)}
+
+
+def test_preparing_leaves_nothing_in_the_temp_dir(tmp_path, monkeypatch):
+    """tfds' builder asks for GCS metadata of a dataset it finds unprepared, which leaves an
+    empty tmp*tfds directory behind each time; local corpora skip that call."""
+    temp = tmp_path / "system_temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    (tmp_path / "a.txt").write_text("one document\n")
+    b = _prepare(tmp_path, "text", paths=[str(tmp_path / "a.txt")], validation_fraction=0.0)
+    assert _read_all(b, "train") == [{"text": "one document"}]
+    # the one thing kept there: the per-user directory of preparation locks
+    assert [p.name for p in temp.iterdir()] == [f"t5x_lite_locks-{os.getuid()}"]
 
 
 def test_text_paragraphs_and_lines(tmp_path):

@@ -1,4 +1,6 @@
 """Tests for sources: any prepared tfds dataset by name, local builders, record decoding."""
+import tempfile
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -28,7 +30,11 @@ class T5xLiteTestArticles(tfds.core.GeneratorBasedBuilder):
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("tfds")
-    T5xLiteTestArticles(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    with pytest.MonkeyPatch.context() as mp:
+        # tfds leaves an empty temp directory behind for a catalog dataset it finds unprepared
+        mp.setattr(tempfile, "tempdir", str(tmp_path_factory.mktemp("tfds_temp")))
+        T5xLiteTestArticles(data_dir=str(data_dir),
+                            file_format="array_record").download_and_prepare()
     return str(data_dir)
 
 

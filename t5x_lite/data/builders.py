@@ -122,6 +122,16 @@ def in_validation(h: float, fraction: float, overrides: tuple[float | None, floa
     return h < fraction
 
 
+class _LocalInfo(tfds.core.DatasetInfo):
+    """DatasetInfo of a corpus built from local files. tfds' builder, when it finds no prepared
+    dataset yet, asks for GCS metadata by name, and even with GCS disabled that call leaves an
+    empty `tmp*tfds` directory in the system temp dir on every first preparation; a local
+    corpus has no GCS metadata to ask for."""
+
+    def initialize_from_bucket(self) -> None:
+        pass
+
+
 class DocumentsBuilder(tfds.core.GeneratorBasedBuilder):
     """Base: records {"text"} or {"inputs", "targets"} in train (+ validation) splits.
 
@@ -140,7 +150,7 @@ class DocumentsBuilder(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         names = ("text",) if self._kind() == "text" else ("inputs", "targets")
-        return tfds.core.DatasetInfo(
+        return _LocalInfo(
             builder=self, description=self.builder_config.description,
             features=tfds.features.FeaturesDict({n: tfds.features.Text() for n in names}),
             metadata=tfds.core.MetadataDict(),
