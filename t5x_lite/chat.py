@@ -331,6 +331,7 @@ def _plain(value):
 
 def _environment():
     import jinja2
+    import jinja2.ext  # `import jinja2` alone does not load it (transformers' import does)
     from jinja2.sandbox import ImmutableSandboxedEnvironment
     if tuple(int(p) for p in jinja2.__version__.split(".")[:3] if p.isdigit()) < (3, 1, 6):
         raise ImportError(f"jinja2 {jinja2.__version__} is installed (older versions have "

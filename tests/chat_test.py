@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -220,6 +222,19 @@ def test_bad_conversations_and_templates_are_one_line(llama3, qwen2, tmp_path):
     ref.build("t5_v1_1", tmp_path / "t5")
     with pytest.raises(DecodeError, match=r"messages \(chat\) need a decoder-only model"):
         t5x_lite.load(tmp_path / "t5").generate(messages=CHATS[0])
+
+
+def test_templates_render_in_a_process_that_has_not_imported_transformers():
+    """transformers' import loads jinja2.ext, which the loop controls need; `infer` runs
+    without it."""
+    code = ("import sys; from t5x_lite import chat; "
+            "t = chat.ChatTemplate('{% for m in messages %}{% if loop.index > 1 %}{% break %}"
+            "{% endif %}{{ m.content }}{% endfor %}', {}, 's'); "
+            "print(t.render([{'role': 'user', 'content': 'a'}, {'role': 'user', 'content': 'b'}]),"
+            " 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.stdout.split() == ["a", "False"]
 
 
 def test_template_selection_and_variables():
