@@ -182,11 +182,27 @@ def read_prompts(path) -> list[Prompt]:
                 raise InferError(f"{where}: \"continue_final_message\" must be true, false or "
                                  "the name of the field to continue")
             inputs = {"messages": item["messages"], **options} if options else item["messages"]
+            problem = next(filter(None, map(files.not_unicode, _strings(inputs))), "")
+            if problem:  # also where the template renders none of it: the record holds it
+                raise InferError(f"{where}: the conversation holds {problem}")
             prompts.append(Prompt(inputs, None, chat=True, chat_options=options or None))
         else:
             raise InferError(f"{where}: expected a JSON string or an object with \"inputs\" "
                              "(text), \"input_ids\" (list of ints) or \"messages\" (chat)")
     return prompts
+
+
+def _strings(value):
+    """Every string in a JSON value, keys included (a stack, not recursion: JSON nests deep)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            yield v
+        elif isinstance(v, dict):
+            stack.extend(x for kv in v.items() for x in kv)
+        elif isinstance(v, list):
+            stack.extend(v)
 
 
 # ------------------------------------------------------------------------- the output file

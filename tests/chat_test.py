@@ -587,11 +587,17 @@ def test_chat_options_in_infer_and_their_errors(tool_model, tmp_path):
                           ({"messages": OPEN, "continue_final_message": 1},
                            '"continue_final_message" must be true, false or the name of'),
                           ({"messages": ASK, "chat_template": 1},
-                           '"chat_template" must be the name of one of the model')]:
+                           '"chat_template" must be the name of one of the model'),
+                          # strings the template may not render, which the record holds
+                          ({"messages": [{**ASK[0], "name": "caf\udce9"}]},
+                           r"the conversation holds a lone surrogate \(U\+DCE9 at character 3\)"),
+                          ({"messages": ASK, "documents": [{"\udce9": "x"}]},
+                           r"the conversation holds a lone surrogate \(U\+DCE9 at character 0\)")]:
         bad = tmp_path / "bad.jsonl"
         bad.write_text(json.dumps(line) + "\n")
         with pytest.raises(infer.InferError, match=f"^{bad}:1: {message}"):
             infer.run(path, bad, tmp_path / "o", log=open(os.devnull, "w"))
+        assert not (tmp_path / "o").exists()
     for kw, message in [({"tools": "add"}, r"tools are a list of JSON schemas \(dicts\)"),
                         ({"documents": [1]}, "documents are a list of dicts"),
                         ({"chat_template_kwargs": [1]}, "chat_template_kwargs are a dict"),
