@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 import time
 from typing import Any
 
@@ -100,9 +101,11 @@ class EvalSettings:
         if self.name == "events":
             raise EvalError("name must not be 'events' (the unnamed evaluation's TensorBoard "
                             "directory)")
-        if not (self.poll_interval > 0 and self.follow_timeout >= 0):
-            raise EvalError(f"poll_interval must be > 0 and follow_timeout >= 0, got "
-                            f"{self.poll_interval} and {self.follow_timeout}")
+        # poll_interval goes to time.sleep, which refuses what a timeout cannot hold
+        if not (0 < self.poll_interval <= threading.TIMEOUT_MAX and self.follow_timeout >= 0):
+            raise EvalError(f"poll_interval must be > 0 and finite, and follow_timeout >= 0 "
+                            f"(inf: no limit), got {self.poll_interval} and "
+                            f"{self.follow_timeout}")
 
 
 def default_name(options: few_shot.FewShotOptions | None, quantize: str) -> str:
