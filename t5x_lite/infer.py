@@ -215,6 +215,8 @@ def _same_file(a, b) -> bool:
 
 def check_output_path(input_path, output_path) -> None:
     """Refuses an --output infer could not write without losing something (reads only)."""
+    if str(output_path).endswith(("/", os.sep)):  # a Path would drop the slash, then write there
+        raise InferError(f"--output {output_path} names a directory; give a file path")
     out = epath.Path(output_path)
     if _same_file(input_path, out) or _same_file(input_path, sidecar_path(out)):
         raise InferError(f"--output {out} is the --input file; choose another --output")

@@ -232,6 +232,12 @@ def test_output_that_is_the_input_or_a_foreign_file_is_refused(workdir, tmp_path
     assert str(e.value) == f"--output {notes} {_NOT_OURS}"
     assert notes.read_text() == "precious"
     assert not infer.sidecar_path(notes).exists()
+    (tmp_path / "adir").mkdir()
+    for output, message in [(tmp_path / "adir", "is a directory; give a file path"),
+                            (f"{tmp_path}/newdir/", "names a directory; give a file path")]:
+        with pytest.raises(infer.InferError, match=message):
+            infer.run(workdir, src, output, {}, log=open(os.devnull, "w"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "notes.txt", "x.jsonl"]
 
 
 def test_an_interrupted_first_record_is_still_cut(workdir, prompts_txt, tmp_path):
