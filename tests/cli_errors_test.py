@@ -144,6 +144,10 @@ def test_user_errors_share_one_base_class():
     ({"train.eval_batches": -1}, r"train.eval_batches must be a number >= 0, got -1"),
     ({"train.z_loss": float("nan")}, r"train.z_loss must be a number >= 0, got nan"),
     ({"optimizer.end_lr_fraction": 1.5}, r"optimizer.end_lr_fraction must be in \[0, 1\]"),
+    ({"optimizer.b2": 1.0}, r"optimizer.b2 must be in \[0, 1\), got 1.0"),  # "diverged" at 2
+    ({"optimizer.b1": 1.5}, r"optimizer.b1 must be in \[0, 1\), got 1.5"),  # trained on
+    ({"train.log_every": 0}, r"train.log_every must be >= 1, got 0"),
+    ({"train.peak_flops": -1.0}, r"train.peak_flops must be a number >= 0, got -1.0"),
 ])
 def test_a_config_that_fails_leaves_no_workdir(tmp_path, override, message):
     """No saved config is left behind to disagree with the corrected run."""

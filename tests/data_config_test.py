@@ -48,6 +48,8 @@ def test_from_config_dict_and_path_lists():
     ({"mean_noise_span_length": float("inf")}, "mean_noise_span_length must be >= 1 and finite"),
     ({"validation_fraction": 1.0}, "validation_fraction"),
     ({"seq_len": 1}, ">= 2"),
+    ({"prefetch_buffer_size": -5}, "prefetch_buffer_size must be >= 0"),
+    ({"worker_buffer_size": 0}, "worker_buffer_size >= 1"),
     ({"document_per": "sentence"}, "document_per"),
 ])
 def test_invalid_configs_fail_with_one_line(overrides, message):

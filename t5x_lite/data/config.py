@@ -120,6 +120,8 @@ class DataConfig:
             (min(self.inputs_length, self.targets_length, self.seq_len) >= 2,
              "inputs_length, targets_length and seq_len must be >= 2"),
             (self.num_workers >= 0 and self.read_threads >= 0, "worker/thread counts must be >= 0"),
+            (self.prefetch_buffer_size >= 0 and self.worker_buffer_size >= 1,
+             "prefetch_buffer_size must be >= 0 and worker_buffer_size >= 1"),
             (self.packing_bins >= 1, "packing_bins must be >= 1"),
             (self.extra_ids >= 0, "extra_ids must be >= 0"),
         ]

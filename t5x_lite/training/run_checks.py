@@ -56,6 +56,7 @@ def check_loop_numbers(config, error: type[UserError]) -> None:
                               ("train.batch_size", int(tc.batch_size), 1),
                               ("train.microbatches", int(tc.microbatches), 1),
                               ("train.eval_every", int(tc.eval_every), 0),
+                              ("train.log_every", int(tc.get("log_every", 1)), 1),
                               ("checkpoint.save_every", int(config.checkpoint.save_every), 1),
                               ("checkpoint.keep", int(config.checkpoint.keep), 0)):
         if value < least:
@@ -83,12 +84,13 @@ def check_batch_shards(batch: int, microbatches: int, shards: int, processes: in
 
 def _check_loss_and_optimizer_numbers(config, error: type[UserError]) -> None:
     """Values that would train silently wrong (a negative normaliser or learning rate ascends
-    the loss, a negative label smoothing was ignored) or stop with a misleading "diverged"
-    (label_smoothing 1, normaliser 0)."""
+    the loss, a negative label smoothing was ignored, Adam's b1 / b2 outside [0, 1)) or stop
+    with a misleading "diverged" (label_smoothing 1, normaliser 0, b2 = 1)."""
     at_least_0 = (lambda x: x >= 0, "a number >= 0")
     tc, opt = config.train, config.get("optimizer")
     checks = [("train.eval_batches", tc.get("eval_batches", 0), at_least_0),
               ("train.z_loss", tc.get("z_loss", 0.0), at_least_0),
+              ("train.peak_flops", tc.get("peak_flops", 0.0), at_least_0),
               ("train.label_smoothing", tc.get("label_smoothing", 0.0),
                (lambda x: 0 <= x < 1, "in [0, 1)"))]
     if tc.get("loss_normalizer", "tokens") != "tokens":  # a number, often as a string
@@ -105,6 +107,9 @@ def _check_loss_and_optimizer_numbers(config, error: type[UserError]) -> None:
                    if not (key == "grad_clip" and opt.get(key) is None)]  # None: the default
         checks.append(("optimizer.end_lr_fraction", opt.get("end_lr_fraction", 0.0),
                        (lambda x: 0 <= x <= 1, "in [0, 1]")))
+        if opt.get("name", "adamw") == "adamw":  # b2 = 1: Adam's bias correction divides by 0
+            checks += [(f"optimizer.{key}", opt.get(key, 0.9), (lambda x: 0 <= x < 1, "in [0, 1)"))
+                       for key in ("b1", "b2")]
     for key, value, (ok, what) in checks:
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not (number and math.isfinite(value) and ok(value)):
