@@ -108,10 +108,16 @@ def test_resume_edge_cases_log_like_one_run_and_say_what_they_refuse(tmp_path, m
     assert [r["step"] for r in ref if "loss" in r] == [3, 4, 6]
 
     events = set((tmp_path / "run" / "events").iterdir())
+    saved = (tmp_path / "run" / checkpoints.CONFIG_FILE).read_text()
     with caplog.at_level("WARNING"):
         assert train(cfg, tmp_path / "run").step == 6  # finished: says so, writes nothing
+        cfg.train.num_steps = 4  # nor does a re-run asking for fewer steps than are done
+        assert train(cfg, tmp_path / "run").step == 6
     assert "already at step 6 (train.num_steps=6): nothing to train" in caplog.text
+    assert "already at step 6 (train.num_steps=4): nothing to train" in caplog.text
     assert set((tmp_path / "run" / "events").iterdir()) == events
+    assert (tmp_path / "run" / checkpoints.CONFIG_FILE).read_text() == saved
+    cfg.train.num_steps = 6
 
     cfg.train.num_steps, cfg.optimizer.grad_clip = 8, 0.0  # clipping's state leaves the tree
     with pytest.raises(TrainingError, match=r"checkpoints/6 holds optimizer state that does not "
@@ -340,6 +346,14 @@ def test_resuming_with_another_vocabulary_is_refused_unless_overridden(tmp_path)
     train(cfg, wd, override_config=True)  # replaces it
     assert Vocabulary(wd / checkpoints.VOCAB_FILE).sp_size == 8000
     train(cfg, wd)  # the same vocabulary resumes (here: nothing left to do)
+    cfg.data.extra_ids = 50  # every sentinel id would move
+    with pytest.raises(TrainingError, match=r"config.json was written with data.extra_ids=100, "
+                       r"this run has 50: .* set --config.data.extra_ids=100, or pass "
+                       r"--override_config"):
+        train(cfg, wd)
+    cfg.train.num_steps = 2
+    train(cfg, wd, override_config=True)
+    assert checkpoints.read_config(wd).data.extra_ids == 50
 
 
 def test_ctrl_c_saves_and_stops_and_a_second_one_stops_at_once(tmp_path):

@@ -60,10 +60,22 @@ def _tokens_per_batch(model_cfg: ModelConfig, batch_size: int, data: DataConfig)
 
 def _check_vocab(vocab, workdir: epath.Path, override: bool) -> bool:
     """Refuses to continue a workdir whose vocab.model has other pieces than this run's
-    vocabulary (data.vocab_path / data.vocab_size changed) unless `override`: its checkpoints'
-    ids would mean other tokens, and infer / evaluate decode with the workdir's file. Returns
+    vocabulary (data.vocab_path / data.vocab_size changed), or whose config.json has other
+    data.extra_ids, unless `override`: its checkpoints' ids would mean other tokens, and infer / evaluate decode with the workdir's file. Returns
     whether to replace it (done with the config, once the run has been built: a run that fails
     before then leaves the old file)."""
+    config = workdir / checkpoints.CONFIG_FILE
+    extra_ids = (checkpoints.read_config(workdir).get("data", {}).get("extra_ids")
+                 if config.exists() else None)
+    if extra_ids is not None and int(extra_ids) != getattr(vocab, "extra_ids", extra_ids):
+        # the sentinels count down from the vocabulary's end: every one of them would move
+        if not override:
+            raise TrainingError(
+                f"{config} was written with data.extra_ids={extra_ids}, this run has "
+                f"{vocab.extra_ids}: its checkpoints' sentinel ids would mean other tokens; set "
+                f"--config.data.extra_ids={extra_ids}, or pass --override_config")
+        logging.warning("Overriding the saved data.extra_ids=%s with %d", extra_ids,
+                        vocab.extra_ids)
     saved = workdir / checkpoints.VOCAB_FILE
     if not saved.exists() or getattr(vocab, "path", None) is None:
         return False
@@ -330,9 +342,6 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
     if taken:
         raise TrainingError(f"--workdir {workdir} is in use by another training run ({taken}); "
                             "wait for it to finish or stop it")
-    if is_main:
-        checkpoints.write_config(workdir, config)
-        _copy_vocab(vocab, workdir, replace_vocab)
     def eval_due(s: int) -> bool:
         return bool(tc.eval_every) and (s % int(tc.eval_every) == 0 or s == num_steps)
 
@@ -342,7 +351,13 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
         start > 0 and eval_due(start) and is_main
         and not metrics_writer.has_metric(workdir / metrics_writer.METRICS_FILE, start,
                                           "eval/loss"))))
-    if start >= num_steps and not redo_eval:
+    idle = start >= num_steps and not redo_eval
+    # A resumed run with nothing to do leaves the saved config as it was: evaluate --follow
+    # reads the run's final step (train.num_steps) from it.
+    if is_main and not (idle and start > 0):
+        checkpoints.write_config(workdir, config)
+        _copy_vocab(vocab, workdir, replace_vocab)
+    if idle:
         logging.warning("%s is already at step %d (train.num_steps=%d): nothing to train; "
                         "set --config.train.num_steps higher to continue", workdir, start,
                         num_steps)
