@@ -10,6 +10,7 @@ import pytest
 from decoding_testlib import HashChain
 from t5x_lite.decoding import cache as cache_lib
 from t5x_lite.decoding.beam_search import BeamRule, beam_search, length_penalty
+from t5x_lite.decoding.processors import Processing
 
 V, N = 5, 3
 
@@ -89,6 +90,32 @@ def test_several_stop_ids_keep_w_beams_alive():
     assert two / length_penalty(2, 5.0) > log_p(0, 5)  # 2 5 beats 5, 6 and 7 (equally likely)
     np.testing.assert_array_equal(out.tokens_BxWxN[0, 0, :out.lengths_BxW[0, 0]], [2, 5])
     np.testing.assert_allclose(out.logprob_BxW[0, 0], two, rtol=1e-5)
+
+
+def test_a_positive_sequence_bias_lets_a_live_beam_overtake_finished_ones():
+    """Ranked by processed log-probs, a positively biased token scores above 0, so a live
+    beam's sum still rises: the early stop (no live beam can beat the worst finished one)
+    would return the two stop ids 1 and 4 after the first step; 2 3 1, biased on 3, beats
+    both once finished."""
+    table = np.full((5, 5), -8.0)
+    table[0, [1, 4]], table[0, 2] = 0.0, -3.0  # the start: the stop ids likely, 2 less so
+    table[2, 3] = table[3, 1] = 5.0  # then 3 and a stop
+    lm = _LastToken(table)
+    h = jnp.zeros((2,), jnp.int32)
+    alpha, bias = 0.6, 4.0
+    out = beam_search(lm.step, {"h": h}, jnp.asarray(table)[h], num_beams=2, max_new_tokens=3,
+                      rule=BeamRule(False, alpha), reorder_cache=cache_lib.take_rows,
+                      eos_id=(1, 4), processing=Processing.of(sequence_bias=(((3,), bias),)))
+
+    def processed(seq):  # the ranked score: biased log-probs over T5's length penalty
+        logp = jax.nn.log_softmax(table, -1)
+        total = sum(float(logp[h, t]) + bias * (t == 3) for h, t in zip((0,) + seq, seq))
+        return total / ((5 + len(seq)) / 6) ** alpha
+
+    assert processed((2, 3, 1)) > 0 > max(processed((1,)), processed((4,)))
+    np.testing.assert_array_equal(out.tokens_BxWxN[0, 0, :out.lengths_BxW[0, 0]], [2, 3, 1])
+    np.testing.assert_allclose(out.scores_BxW[0, 0], processed((2, 3, 1)), rtol=1e-5)
+    assert bool(out.finished_BxW[0, 0])
 
 
 def test_narrow_beam_is_sorted_and_consistent():

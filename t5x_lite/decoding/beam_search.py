@@ -9,7 +9,8 @@ with the finished set, scored by
 
 The search stops at the length budget or when no alive beam can still beat the worst finished
 one (for alpha >= 0 the alive bound uses the largest penalty, at the budget: exact, not a
-heuristic). A batch element with fewer than W finished beams at the end is filled with its best
+heuristic; with a positive `sequence_bias` a processed log-prob can be above 0 and a sum can
+still rise, so such a search runs to the budget). A batch element with fewer than W finished beams at the end is filled with its best
 alive beams (unfinished, scored at their length); finished beams always rank first.
 
 A beam that completes a stop string (`stop_strings`) ends as one ending in EOS does (HF's
@@ -202,6 +203,7 @@ def beam_search(tokens_to_logits: StepFn, cache, first_logits_BWxV, *, num_beams
                    initial_state(stops, (b, w)), jnp.ones((b,), jnp.bool_))
     state = expand(state, first_logits_BWxV)
     best_possible_bound = rule.divisor(n if rule.penalty >= 0 else 1, n)
+    rising = processing is not None and processing.raises_scores
 
     def cond(s: _State):
         if rule.hf:  # HF's end of the search (where every candidate ends, the loop goes on
@@ -209,6 +211,8 @@ def beam_search(tokens_to_logits: StepFn, cache, first_logits_BWxV, *, num_beams
             full = jnp.all(s.fin_score > NEG / 2)
             return ((s.step < n) & jnp.any(s.open)
                     & ~(full & (rule.early_stopping == "true")))
+        if rising:  # the bound assumes summed scores only fall: run to the budget
+            return s.step < n
         best_alive_B = s.alive_logp[:, 0] / best_possible_bound
         worst_fin_B = jnp.where(jnp.all(s.fin_flag, 1), jnp.min(s.fin_score, 1), NEG)
         return (s.step < n) & ~jnp.all(worst_fin_B > best_alive_B)

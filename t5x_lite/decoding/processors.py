@@ -102,6 +102,12 @@ class Processing:
                         or self.begin_suppress_tokens))
 
     @property
+    def raises_scores(self) -> bool:
+        """Whether a processed log-prob can be above 0 (a positive sequence bias), so that a
+        beam's summed score can still rise."""
+        return any(bias > 0 for _, bias in self.sequence_bias)
+
+    @property
     def reads_ids(self) -> bool:
         """Whether a processor reads the history's ids: n-grams, sequences of several ids."""
         return self.no_repeat_ngram_size > 0 or any(
