@@ -42,7 +42,7 @@ from absl import logging
 from etils import epath
 
 from t5x_lite import (checkpoints, distributed, hf_interop, lora, partitioning,
-                      quantization)
+                      quantization, token_rows)
 from t5x_lite.config import ConfigError, ModelConfig
 from t5x_lite.models import BaseModel, LossConfig, abstract_variables, build_model
 from t5x_lite.vocab import EOS_ID  # the stop id of every model trained here
@@ -112,10 +112,10 @@ class LoadedModel:
         if self.vocab is None:
             raise ValueError("This model has no vocabulary (vocab.model / spiece.model / "
                              "tokenizer.model / tokenizer.json); pass token ids instead of text")
-        texts = [texts] if isinstance(texts, str) else _sequence(texts, "texts")
+        texts = [texts] if isinstance(texts, str) else token_rows.as_list(texts, "texts")
         if not all(isinstance(t, str) for t in texts):
             raise ValueError("tokenize() takes a string or a list of strings, got "
-                             f"{_kind(next(t for t in texts if not isinstance(t, str)))}")
+                             f"{token_rows.kind(next(t for t in texts if not isinstance(t, str)))}")
         return [ids + [self.eos_id] if add_eos else ids
                 for ids in self.vocab.encode_batch(texts)]
 
@@ -125,7 +125,7 @@ class LoadedModel:
         own end id)."""
         if self.vocab is None:
             raise ValueError("This model has no vocabulary to detokenize with")
-        rows = _rows(ids, "ids")
+        rows = token_rows.rows(ids, "ids")
         self._check_range(rows)
         stops = set(self.stop_ids)
         return [self.vocab.decode(r[:next((i for i, t in enumerate(r) if t in stops), len(r))])
@@ -144,7 +144,7 @@ class LoadedModel:
             rows = self.tokenize(x, add_eos=add_eos)
             rows = rows if start is None else [[start] + r for r in rows]
         else:
-            rows = _rows(x, name)
+            rows = token_rows.rows(x, name)
         if not rows or (nonempty and max(len(r) for r in rows) == 0):
             raise ValueError(f"Empty input: {name} needs at least one token")
         self._check_range(rows, name)
@@ -333,48 +333,6 @@ def _compiled(config: ModelConfig, loss: LossConfig, name: str):
     return jax.jit(model.logits if name == "logits" else model.score_batch)
 
 
-def _kind(x) -> str:
-    return type(x).__name__ if not isinstance(x, np.ndarray) else f"{x.dtype} array{x.shape}"
-
-
-def _sequence(x, name: str) -> list:
-    if isinstance(x, (str, bytes, dict, set)) or not hasattr(x, "__iter__"):
-        raise ValueError(f"{name} must be a list, got {_kind(x)}")
-    return list(x)
-
-
-def _is_id(t) -> bool:
-    return isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_))
-
-
-def _rows(x, name: str = "ids") -> list[list[int]]:
-    """Python int rows from a 1-D / 2-D int array, a list of ids (one row) or a list of rows."""
-    what = (f"{name}: token ids must be a 1-D or 2-D int array, a list of ints or a list of "
-            "lists of ints (or text, with a vocabulary)")
-    if isinstance(x, (np.ndarray, jax.Array)):
-        a = np.asarray(x)
-        if a.ndim not in (1, 2) or not np.issubdtype(a.dtype, np.integer):
-            raise ValueError(f"{what}; got a {_kind(a)}")
-        return np.atleast_2d(a).tolist()
-    x = _sequence(x, name)
-    if all(_is_id(t) for t in x):
-        return [[int(t) for t in x]] if x else []
-    rows = []
-    for i, r in enumerate(x):
-        r = np.asarray(r) if isinstance(r, jax.Array) else r
-        if isinstance(r, np.ndarray) and r.ndim == 1 and np.issubdtype(r.dtype, np.integer):
-            rows.append(r.tolist())
-            continue
-        if isinstance(r, (str, bytes, dict, set, np.ndarray)) or not hasattr(r, "__iter__"):
-            raise ValueError(f"{what}; got {_kind(r)} {r!r:.40} as row {i}")
-        r = list(r)
-        bad = next((t for t in r if not _is_id(t)), None)
-        if bad is not None:
-            raise ValueError(f"{what}; row {i} holds {_kind(bad)} {bad!r:.40}")
-        rows.append([int(t) for t in r])
-    return rows
-
-
 def _target_lengths(given, widths: np.ndarray) -> np.ndarray:
     """`given` target lengths checked against the rows' `widths`; `widths` when None."""
     if given is None:
@@ -412,13 +370,13 @@ def load(path, *, dtype=None, mesh=None, step: int | None = None,
     """
     if not isinstance(path, (str, os.PathLike)):
         raise checkpoints.CheckpointError(f"load() takes a path (str or os.PathLike), got "
-                                          f"{_kind(path)}")
+                                          f"{token_rows.kind(path)}")
     path = epath.Path(path)
     if path.exists() and not path.is_dir():
         raise checkpoints.CheckpointError(
             f"{path} is a file; pass a workdir, its checkpoints/ or checkpoints/<step> "
             "directory, or a Hugging Face model directory")
-    if step is not None and (not _is_id(step) or step < 0):
+    if step is not None and (not token_rows.is_id(step) or step < 0):
         raise checkpoints.CheckpointError(f"step must be a checkpoint step (an int >= 0), got "
                                           f"{step!r}")
     step = None if step is None else int(step)
@@ -495,7 +453,7 @@ def _compute_dtype(dtype) -> str | None:
 def _check_mesh(mesh):
     if not isinstance(mesh, jax.sharding.Mesh):
         raise partitioning.MeshError(f"mesh must be a jax Mesh, e.g. partitioning.make_mesh("
-                                     f"data=..., fsdp=..., tensor=...); got {_kind(mesh)}")
+                                     f"data=..., fsdp=..., tensor=...); got {token_rows.kind(mesh)}")
     if set(mesh.axis_names) != set(partitioning.MESH_AXES):
         raise partitioning.MeshError(
             f"mesh axes must be {partitioning.MESH_AXES} (partitioning.make_mesh makes such a "

@@ -435,8 +435,17 @@ def test_config_decode_section_holds_every_option_with_its_default():
     (dict(input_ids=None, inputs=["x"]), "need a vocabulary"),
     (dict(input_ids=None, inputs=[[3, 4]]), "inputs are texts (str), got list [3, 4]; give "
                                             "token ids as input_ids"),
-    (dict(input_ids=[[3, 4], [3.7]]), "input_ids[1] must be a list of ints, got float64 [3.7]"),
-    (dict(input_ids=["hello"]), "input_ids[0] must be a list of ints, got <U5 ['hello']"),
+    (dict(input_ids=[[3, 4], [3.7]]), "input_ids: token ids must be a 1-D or 2-D int array, "
+                                      "a list of ints or a list of lists of ints (texts go in "
+                                      "inputs); row 1 holds float 3.7"),
+    (dict(input_ids=["hello"]), "got str 'hello' as row 0"),
+    (dict(input_ids=5), "input_ids must be a list, got int"),
+    (dict(input_ids=[[True, 2]]), "row 0 holds bool True"),  # was the prompt [1, 2]
+    (dict(input_ids=[[2, 3], [[4, 5], [6, 7]]]), "row 1 holds list [4, 5]"),  # was flattened
+    (dict(input_ids=[[2, 3], 4]), "got int 4 as row 1"),  # was the prompt [4]
+    (dict(input_ids=np.zeros((1, 2, 2), np.int32)), "got a int32 array(1, 2, 2)"),
+    (dict(max_new_tokens=True), "max_new_tokens must be an int, got True"),
+    (dict(method="sample", temperature=True), "temperature must be a float, got True"),
     (dict(temperature="hot"), "must be a float"),
     (dict(method="sample", temperature=float("inf")), "temperature must be finite"),
     (dict(method="beam", alpha=float("nan")), "alpha must be finite"),

@@ -220,6 +220,7 @@ def test_decode_weights_are_laid_out_once_per_params_and_decode_as_before(preset
     extra = {"max_len": 32} if preset.startswith("gpt") else {}
     cfg = config_lib.from_preset(preset, **TINY, **extra, scan_layers=True)
     model = decoding_testlib.loaded(cfg, seed=3)
+    model.params = jax.tree_util.tree_map(jnp.asarray, model.params)  # as `load` gives them
     calls = []
     layout = gen._layout_jit
     monkeypatch.setattr(gen, "_layout_jit", lambda p, *, cfg: calls.append(1) or layout(p, cfg=cfg))
@@ -245,8 +246,16 @@ def test_decode_weights_are_laid_out_once_per_params_and_decode_as_before(preset
     for got in (first, again):
         np.testing.assert_array_equal(got[0], reference[0])
         np.testing.assert_allclose(got[1], reference[1], rtol=1e-5, atol=1e-5)
-    model.params = decoding_testlib.random_params(cfg, 4)
+    model.params = jax.tree_util.tree_map(jnp.asarray, decoding_testlib.random_params(cfg, 4))
     fresh = decode(model)
     assert len(calls) == 2
     np.testing.assert_array_equal(fresh[0], in_program(model)[0])
     assert not np.array_equal(fresh[0], first[0])
+    # numpy params can change in place, so they are laid out at every call, never kept
+    model.params = decoding_testlib.random_params(cfg, 4)
+    before = decode(model)
+    for leaf in jax.tree_util.tree_leaves(model.params):
+        leaf *= -1.5
+    after = decode(model)
+    np.testing.assert_array_equal(after[0], in_program(model)[0])
+    assert not np.array_equal(after[0], before[0])

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from t5x_lite import files, partitioning, quantization
+from t5x_lite import files, partitioning, quantization, token_rows
 from t5x_lite.api import is_prefix_lm
 from t5x_lite.config import ModelConfig
 from t5x_lite.decoding import cache as cache_lib
@@ -205,9 +205,12 @@ def _coerce(name: str, value):
         return str(value).lower() if isinstance(value, (bool, str)) else value
     kind = {"str": str, "int": int, "float": float}[_FIELD_TYPES[name]]
     try:
+        if isinstance(value, (bool, np.bool_)) and kind is not str:
+            raise TypeError  # True is no count (int(True) == 1)
         out = kind(value)
     except (TypeError, ValueError):
-        raise DecodeError(f"decode.{name} must be a {kind.__name__}, got {value!r}") from None
+        raise DecodeError(f"decode.{name} must be {'an' if kind is int else 'a'} "
+                          f"{kind.__name__}, got {value!r}") from None
     if kind is int and out != value:
         raise DecodeError(f"decode.{name} must be an integer, got {value!r}")
     return out
@@ -385,13 +388,7 @@ def encode_prompts(loaded, *, inputs=None, input_ids=None, messages=None,
     if given:
         raise DecodeError(f"{', '.join(given)} apply to chat messages only (give messages=)")
     if input_ids is not None:
-        try:
-            one = len(input_ids) > 0 and np.ndim(input_ids[0]) == 0
-        except ValueError:  # a ragged first prompt: _token_ids says so
-            one = False
-        if one:
-            input_ids = [input_ids]  # one prompt
-        return [_token_ids(ids, n) for n, ids in enumerate(input_ids)]
+        return token_rows.rows(input_ids, "input_ids", DecodeError, "texts go in inputs")
     try:
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
     except TypeError:  # not iterable: one non-text input
@@ -464,17 +461,6 @@ def start_ids(loaded) -> list[int]:
     if not getattr(loaded, "uses_start_token", False):
         return []
     return [getattr(loaded, "start_id", 0)]
-
-
-def _token_ids(ids, n: int) -> list[int]:
-    try:
-        a = np.asarray(ids)
-    except ValueError:  # ragged
-        raise DecodeError(f"input_ids[{n}] must be a list of ints, got {ids!r:.40}") from None
-    if a.size and a.dtype.kind not in "iu":  # floats were truncated, strings a bare ValueError
-        raise DecodeError(f"input_ids[{n}] must be a list of ints, got {a.dtype} "
-                          f"{np.ravel(a)[:4].tolist()!r:.40}; give texts as inputs")
-    return [int(i) for i in a.ravel()]
 
 
 def check_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], options: DecodeOptions,
@@ -812,7 +798,7 @@ def decode_weights(loaded, cfg: ModelConfig):
     """(cfg, params) of `loaded` for the decode programs: on CPU in the decode layout
     (`steps.decode_layout`: a tied head's transposed copy, fused q/k/v and gated MLP kernels, a
     scanned stack unrolled), made once and kept on `loaded` while its params stay the same
-    arrays. Made inside each decode program instead, those copies cost every call ~30-40 ms on
+    arrays (jax arrays, which nothing changes in place; numpy params are laid out anew). Made inside each decode program instead, those copies cost every call ~30-40 ms on
     2 cores (in-process A/B, 4 alternating rounds, ms per token min / median, in-program ->
     kept: GPT-36M batch 1, 32 new tokens 6.70 / 6.82 -> 5.36 / 5.87, 256 tokens 5.64 / 5.89 ->
     5.49 / 5.91; T5 ~70M batch 1, 32 tokens 7.74 / 7.98 -> 6.76 / 7.00, 256 tokens 6.27 / 6.58
@@ -824,6 +810,8 @@ def decode_weights(loaded, cfg: ModelConfig):
     if jax.default_backend() != "cpu":
         return cfg, params
     leaves = jax.tree_util.tree_leaves(params)
+    if not all(isinstance(x, jax.Array) for x in leaves):  # numpy arrays change in place
+        return steps.unrolled_config(cfg), _layout_jit(params, cfg=cfg)
     kept = getattr(loaded, "_decode_weights", None)
     if (kept is not None and kept[0] == cfg and len(kept[1]) == len(leaves)
             and all(ref() is x for ref, x in zip(kept[1], leaves))):
