@@ -472,7 +472,8 @@ def _random_loaded(cfg, draw):
     from t5x_lite.models import abstract_variables
     import flax.linen as nn
     abstract = nn.meta.unbox(abstract_variables(build_model(cfg)))["params"]
-    params = jax.tree_util.tree_map_with_path(lambda p, x: draw(p[-1].key, x.shape), abstract)
+    params = jax.device_put(  # jax arrays, as `load` gives: the decode layout is kept
+        jax.tree_util.tree_map_with_path(lambda p, x: draw(p[-1].key, x.shape), abstract))
     return types.SimpleNamespace(model=build_model(cfg), params=params, vocab=None,
                                  run_config=None)
 
