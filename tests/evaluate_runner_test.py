@@ -108,6 +108,38 @@ def test_latest_step_and_path(task):
     assert not list(wd.rglob("*.tmp"))
 
 
+def test_a_step_killed_between_its_two_writes_is_evaluated_again(task, monkeypatch):
+    """metrics.json marks a step done. A kill between it and the step's TensorBoard points
+    lost the points for good (a resumed `all` skipped the step); the points come first now,
+    so the step is left to do and its restart replaces them."""
+    wd = _workdir(task, "killed", steps=(1, 2))
+
+    class Killed(BaseException):
+        pass
+
+    writes = []
+
+    def dies_at_the_second_write_of_step_2(fn):
+        def write(*args):
+            writes.append(next(a for a in args if isinstance(a, int)))
+            if writes.count(2) == 2:
+                raise Killed
+            return fn(*args)
+        return write
+
+    with monkeypatch.context() as patch:
+        for owner, name in ((outputs, "write_step"), (outputs.EventsWriter, "write")):
+            patch.setattr(owner, name, dies_at_the_second_write_of_step_2(getattr(owner, name)))
+        with pytest.raises(Killed):
+            run(None, wd, EvalSettings(checkpoint="all", **FAST))
+    assert outputs.done_steps(wd / "eval") == [1]
+    assert [r["step"] for r in run(None, wd, EvalSettings(checkpoint="all", **FAST))] == [2]
+    for first_start_counts in (False, True):
+        view = tensorboard_view(wd / "eval" / "events", first_start_counts)
+        assert [(s, v) for s, tag, v in view if tag == "eval/loss"] == [
+            (s, pytest.approx(outputs.read_metrics(wd / "eval", s)["loss"])) for s in (1, 2)]
+
+
 def test_follow_evaluates_each_new_checkpoint_once(task):
     _, config, pool = task
     wd = _workdir(task, "follow", steps=(1,))

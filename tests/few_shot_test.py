@@ -126,6 +126,10 @@ def test_cut_at_stop():
     assert few_shot.cut_at_stop(" four Q: the value", ["Q:", "|"]) == "four"
     assert few_shot.cut_at_stop("a | b Q:", ["Q:", "|"]) == "a"
     assert few_shot.cut_at_stop("plain", ["Q:"]) == "plain"
+    # a stop string may begin in the text the generation continues, and must end in the text
+    assert few_shot.cut_at_stop("= b", ["=="], before="a =") == ""
+    assert few_shot.cut_at_stop("b == c", ["=="], before="a ==") == "b"
+    assert few_shot.cut_at_stop("xQ: y", ["Q:", "|"], before="Q") == "x"
 
 
 @pytest.mark.parametrize("family", ["gpt", "t5"])
@@ -174,6 +178,15 @@ def test_multiple_choice_picks_highest_loglik_of_loaded_score(gpt, vocab):
     assert [r["choices"] for r in records] == [labels, ["six", "ten"]]
     with pytest.raises(few_shot.FewShotError, match="one candidate .* makes multiple choice"):
         few_shot.evaluate_choice(gpt, queries[:1], [], few_shot.FewShotOptions(k=0))
+    # Own choices that normalise alike are one answer: as two they tie, and either is right.
+    t = queries[0].targets
+    with pytest.raises(few_shot.FewShotError, match=rf"^query 0: choices '{t}' and '{t} ' are "
+                       "one answer once normalised"):
+        few_shot.evaluate_choice(gpt, queries[:1], POOL, few_shot.FewShotOptions(k=0),
+                                 choices=[[t, f"{t} ", "nine"]])
+    with pytest.raises(few_shot.FewShotError, match="one candidate .* makes multiple choice"):
+        few_shot.evaluate_choice(gpt, queries[:1], POOL, few_shot.FewShotOptions(k=0),
+                                 choices=[[t, t]])
     # Over a mixture, a query's default candidates are its entry's targets only.
     mixed = [dataclasses.replace(e, entry="num") for e in POOL] + [
         Example(6, "colour red", "red", "col"), Example(7, "colour blue", "blue", "col")]
@@ -227,7 +240,7 @@ def test_generation_prompts_and_cuts_at_stop_strings(gpt, monkeypatch):
     assert seen["stop_strings"] == ["Q:"]  # rows end there in the decoder
     for ids, r in zip(seen["input_ids"], records):
         assert ids == [0] + gpt.vocab.encode(r["prompt"])
-        assert r["prediction"] == few_shot.cut_at_stop(r["raw_prediction"], ["Q:"])
+        assert r["prediction"] == few_shot.cut_at_stop(r["raw_prediction"], ["Q:"], r["prompt"])
     assert set(metrics) == {"exact_match"}
     # Decoding on past the stop strings and cutting after gives the same predictions.
     template = few_shot.FewShotTemplate("e {inputs} = {targets}")  # stops at "e"
@@ -239,6 +252,18 @@ def test_generation_prompts_and_cuts_at_stop_strings(gpt, monkeypatch):
     assert all(b["raw_prediction"].startswith(a["raw_prediction"]) for a, b in zip(early, late))
     assert any(len(a["raw_prediction"]) < len(b["raw_prediction"]) and "e" in a["raw_prediction"]
                for a, b in zip(early, late))
+    # A stop string the prompt begins: "... =" and a generated "=" complete "==", where the
+    # decoder stops (HF's rule); cut after decoding on, the prediction is the same, empty.
+    template = few_shot.FewShotTemplate("{inputs} = {targets}", separator=" ==")
+    opts = few_shot.FewShotOptions(k=1, max_new_tokens=6, metrics="exact_match",
+                                   template=template)
+    writes_eq = {(gpt.vocab.encode("=")[-1],): 100.0}
+    _, early = few_shot.evaluate_generation(gpt, QUERIES[:1], POOL, opts, sequence_bias=writes_eq)
+    _, late = few_shot.evaluate_generation(gpt, QUERIES[:1], POOL, opts, sequence_bias=writes_eq,
+                                           stop_strings=[])
+    assert early[0]["prompt"].endswith("=") and early[0]["raw_prediction"].strip() == "="
+    assert late[0]["raw_prediction"].strip().startswith("==")
+    assert early[0]["prediction"] == late[0]["prediction"] == ""
 
 
 def test_long_gpt_prompts_keep_their_end_up_to_what_generate_allows(gpt):

@@ -86,10 +86,17 @@ class FewShotTemplate:
         return [s for s in dict.fromkeys(stops) if s]
 
 
-def cut_at_stop(text: str, stops: Sequence[str]) -> str:
-    """`text` up to the earliest stop string, stripped."""
-    end = min([i for i in (text.find(s) for s in stops) if i >= 0], default=len(text))
-    return text[:end].strip()
+def cut_at_stop(text: str, stops: Sequence[str], before: str = "") -> str:
+    """`text` up to the earliest stop string that ends in it, stripped. `before`: the text the
+    generation continues (a decoder-only model's prompt), where a stop string may begin: the
+    decoder ends a row at the token completing one (HF's rule), so a prompt ending in "=" and a
+    generated "=" end at "==", and the prediction is empty."""
+    tail = before[len(before) - max(map(len, stops), default=1) + 1:] if before else ""
+    joined = tail + text
+    # a match at i ends inside `text` when i + len(s) > len(tail)
+    found = [joined.find(s, max(0, len(tail) - len(s) + 1)) for s in stops]
+    end = min([i for i in found if i >= 0], default=len(joined))
+    return text[:max(0, end - len(tail))].strip()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,13 +256,13 @@ def evaluate_generation(loaded, queries: Sequence[Example], pool: Sequence[Examp
         results = gen.generate(loaded, input_ids=ids, max_new_tokens=n, **decode_overrides)
     except gen.DecodeError as e:
         raise FewShotError(str(e)) from None
-    records = []
+    records, gpt = [], loaded.model.config.family == "gpt"  # T5 decodes apart from the prompt
     for q, p, s, res in zip(queries, prompts, shots, results):
         best = predictions.first(res)
         records.append({"index": q.index, **q.entry_field(), "inputs": q.inputs,
                         "targets": q.targets, "prompt": p, "shots": s,
                         "raw_prediction": best["text"],
-                        "prediction": cut_at_stop(best["text"], stops)})
+                        "prediction": cut_at_stop(best["text"], stops, p if gpt else "")})
     return text_metrics.of_records(records, options.metrics), records
 
 
@@ -281,7 +288,13 @@ def evaluate_choice(loaded, queries: Sequence[Example], pool: Sequence[Example],
     for q, c in zip(queries, choices):
         if norm(q.targets) not in {norm(x) for x in c}:
             raise FewShotError(f"query {q.index}: target {q.targets!r} is not among its choices")
-        if len(set(c)) < 2:
+        first = {}
+        for x in c:  # as two, they tie exactly, and either counts as right
+            if first.setdefault(norm(x), x) != x:
+                raise FewShotError(f"query {q.index}: choices {first[norm(x)]!r} and {x!r} are "
+                                   "one answer once normalised (as exact_match compares them); "
+                                   "keep one")
+        if len(first) < 2:
             raise FewShotError(f"query {q.index}: one candidate ({q.targets!r}) makes multiple "
                                "choice trivial; give \"choices\" or a pool with other targets")
     prompts, shots = build_prompts(queries, pool, k=options.k, template=options.template,

@@ -379,8 +379,10 @@ def run(config: ml_collections.ConfigDict | None, workdir, settings: EvalSetting
     def evaluate(step: int) -> None:
         metrics, records = evaluator.evaluate(ckpt_workdir, step)
         if is_main:
-            outputs.write_step(out_root, step, metrics, records)
+            # TensorBoard first: metrics.json marks the step done, so a kill between the two
+            # re-runs the step (its restart at the step replaces the points written).
             events.write(step, metrics)
+            outputs.write_step(out_root, step, metrics, records)
         logging.info("eval step %d: %s", step, "  ".join(
             f"{k}={v:.4g}" for k, v in outputs.scalar_metrics(metrics).items()))
         results.append(metrics)
