@@ -68,6 +68,10 @@ class TokenizerJsonVocabulary:
                                        "tokenizers)") from None
         try:
             tok = Tokenizer.from_str(text)
+            # a saved file may carry truncation / padding, which HF's AutoTokenizer turns off:
+            # kept, they cut prompts and pad rows with ids counted as text
+            tok.no_truncation()
+            tok.no_padding()
             plain = tok.encode(_PROBE, add_special_tokens=False).ids
             full = tok.encode(_PROBE, add_special_tokens=True).ids
         except Exception as e:  # the Rust reader raises its own Exception subclass

@@ -133,6 +133,19 @@ def test_a_bos_template_gives_the_start_id_as_hf(tmp_path):
     np.testing.assert_allclose(m.score(TEXTS[0], " fgh"), [want], rtol=1e-4)
 
 
+def test_truncation_and_padding_saved_in_the_file_are_off_as_in_hf(tmp_path):
+    """Files saved after enable_truncation / enable_padding carry them; HF's AutoTokenizer
+    turns both off (the tokenizers object kept them: prompts cut at 4, rows padded)."""
+    tok = _bpe()
+    tok.enable_truncation(max_length=4)
+    tok.enable_padding(length=12, pad_id=EOS, pad_token="<|endoftext|>")
+    path = _save(_gpt2(), tmp_path / "src", tok)
+    assert json.loads((path / "tokenizer.json").read_text())["truncation"]["max_length"] == 4
+    _, hf_ids = _hf_ids(path, TEXTS[:3])
+    assert max(map(len, hf_ids)) > 4 and len({len(r) for r in hf_ids}) > 1
+    assert t5x_lite.load(str(path)).tokenize(TEXTS[:3], add_eos=False) == hf_ids
+
+
 def test_a_sentencepiece_tokenizer_model_wins_over_tokenizer_json(src, tmp_path):
     """Llama 2 / Mistral directories ship both: the sentencepiece model is read (no extra
     package). A tokenizer.model that is no sentencepiece model (Llama 3's tiktoken file copied
