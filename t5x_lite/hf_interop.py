@@ -405,6 +405,9 @@ _OUR_FIELDS = {"relative_max_distance": "relative_attention_max_distance",
 
 
 def _model_config(hf, tensors, scan_layers: bool, source: str) -> ModelConfig:
+    if not isinstance(hf.get("model_type"), str):
+        raise InteropError(f"{source}: model_type={json.dumps(hf.get('model_type'))} is not a "
+                           f"name; t5x_lite converts {', '.join(SUPPORTED)}")
     hf, from_alias = _resolve_aliases(hf, source)
     get = functools.partial(_field, hf, source, names=from_alias)
     model_type = hf.get("model_type")
@@ -496,7 +499,7 @@ def _llama_config(hf, tensors, get: Callable, scan_layers: bool, source: str) ->
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     problems = [(act != "silu", f"hidden_act={act!r} (supported: 'silu')"),
-                (rope_type not in ROPE_TYPES,
+                (not isinstance(rope_type, str) or rope_type not in ROPE_TYPES,
                  f"rope_type={json.dumps(rope_type)} (supported: "
                  f"{', '.join(map(repr, ROPE_TYPES))})"),
                 (partial not in (None, 1, 1.0),

@@ -69,6 +69,12 @@ def test_a_transformers_4_config_reads_rope_theta_and_inv_freq_buffers_are_dropp
     (dict(attention_bias=True), "Llama config with attention_bias=true is not supported"),
     (dict(num_key_value_heads=3), "num_key_value_heads must divide num_heads=4"),
     (dict(num_key_value_heads="2"), 'num_key_value_heads="2" is not a positive integer'),
+    # unhashable values: a TypeError traceback before
+    (dict(model_type=["llama"]), r'model_type=\["llama"\] is not a name; t5x_lite converts'),
+    (dict(rope_parameters={"rope_type": ["linear"], "rope_theta": 1e4, "factor": 2.0}),
+     r'Llama config with rope_type=\["linear"\] \(supported'),
+    (dict(rope_scaling={"type": {"a": 1}, "factor": 2.0}),
+     r'Llama config with rope_type={"a": 1} \(supported'),
 ])
 def test_llama_configs_it_cannot_build_are_one_line(changes, message):
     with pytest.raises(hf_interop.InteropError, match=f"^config.json: .*{message}"):
