@@ -63,6 +63,9 @@ class LoraConfig:
     def __post_init__(self):
         if self.rank <= 0:
             raise compression.CompressionError(f"lora.rank must be positive, got {self.rank}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):  # 0: the update is always 0
+            raise compression.CompressionError(f"lora.alpha must be a finite number > 0, got "
+                                               f"{self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise compression.CompressionError(f"lora.dropout must be in [0, 1), got "
                                                f"{self.dropout}")

@@ -249,6 +249,11 @@ def test_bad_config_errors():
                                lora.LoraConfig(base="x", targets=targets))
     with pytest.raises(compression.CompressionError, match="rank"):
         lora.LoraConfig(rank=0)
+    # nan / inf: a NaN merged kernel at step 0 ("diverged"); 0: adapters that never move
+    for alpha in (float("nan"), float("inf"), 0.0, -2.0):
+        with pytest.raises(compression.CompressionError,
+                           match=f"lora.alpha must be a finite number > 0, got {alpha}"):
+            lora.LoraConfig(alpha=alpha)
     with pytest.raises(compression.CompressionError, match="Unknown lora option"):
         lora.LoraConfig.from_dict({"base": "x", "rnak": 4})
     with pytest.raises(compression.CompressionError,
