@@ -86,6 +86,46 @@ def check_pattern(pattern: str, key: str) -> None:
                                ) from None
 
 
+def _is_bias(path: str) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    return name == "bias" or name.endswith("_bias")
+
+
+def projection_kernels(by_path: dict[str, tuple]) -> dict[str, tuple]:
+    """{path: axes} of the projection kernels among `axes_by_path`' params (>= 2 dims, an input
+    and an output dimension, `kernel_dims`). Biases (also the 2-D per-head query_bias [heads,
+    kv] of use_bias models), norm scales and relative-position tables are not."""
+    def is_kernel(path, axes):
+        if len(axes) < 2 or _is_bias(path):
+            return False
+        try:
+            kernel_dims(path, axes)
+        except CompressionError:
+            return False
+        return True
+    return {p: a for p, a in by_path.items() if is_kernel(p, a)}
+
+
+def target_kernels(by_path: dict[str, tuple], pattern: str, key: str) -> dict[str, tuple]:
+    """{path: axes} of the projection kernels whose path matches `pattern` (re.search), the
+    setting `key` (LoRA's and unstructured pruning's targets). The pattern is matched against
+    kernel paths only; one that matches no kernel, or that names a param that is not one
+    (matches its whole path or name, e.g. 'query_bias' or 'query|query_bias'), is an error."""
+    kernels = projection_kernels(by_path)
+    named = sorted(p for p in by_path if p not in kernels and (
+        re.fullmatch(pattern, p) or re.fullmatch(pattern, p.rsplit("/", 1)[-1])))
+    if named:
+        raise CompressionError(
+            f"{key}={pattern!r} names {named[:3]}, which are not projection kernels (biases, "
+            "norm scales and relative-position tables never are); kernel paths look like "
+            f"{sorted(kernels)[:3]}")
+    found = {p: a for p, a in kernels.items() if re.search(pattern, p)}
+    if not found:
+        raise CompressionError(f"{key}={pattern!r} matches no kernel; kernel paths look like "
+                               f"{sorted(kernels)[:3]}")
+    return found
+
+
 # --------------------------------------------------------------------------- params trees
 
 

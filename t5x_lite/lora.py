@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import uuid
 
 import flax.linen as nn
@@ -80,47 +79,11 @@ class LoraConfig:
         return compression.section_config(cls, d, "lora")
 
 
-def _is_bias(path: str) -> bool:
-    name = path.rsplit("/", 1)[-1]
-    return name == "bias" or name.endswith("_bias")
-
-
-def _projection_kernels(by_path: dict[str, tuple]) -> dict[str, tuple]:
-    """{path: axes} of the params LoRA can target: projection kernels (>= 2 dims, an input and
-    an output dimension, `compression.kernel_dims`). Biases (also the 2-D per-head query_bias
-    [heads, kv] of use_bias models), norm scales and relative-position tables are not."""
-    def is_kernel(path, axes):
-        if len(axes) < 2 or _is_bias(path):
-            return False
-        try:
-            compression.kernel_dims(path, axes)
-        except compression.CompressionError:
-            return False
-        return True
-    return {p: a for p, a in by_path.items() if is_kernel(p, a)}
-
-
 def _target_kernels(axes, targets: str) -> dict[str, compression.KernelDims]:
-    """{path: KernelDims} of the projection kernels whose path matches `targets` (re.search).
-
-    The pattern is matched against kernel paths only, so `query|value` adapts the query and
-    value kernels and not the query_bias / value_bias beside them (GPT-2, BERT). A pattern that
-    matches no kernel, or that names a param that is not one (matches its whole path or name,
-    e.g. 'query_bias' or 'query|query_bias'), is an error.
-    """
-    by_path = compression.axes_by_path(axes)
-    kernels = _projection_kernels(by_path)
-    named = sorted(p for p in by_path if p not in kernels and (
-        re.fullmatch(targets, p) or re.fullmatch(targets, p.rsplit("/", 1)[-1])))
-    if named:
-        raise compression.CompressionError(
-            f"lora.targets={targets!r} names {named[:3]}, which are not projection kernels "
-            "(biases, norm scales and relative-position tables are never LoRA targets); kernel "
-            f"paths look like {sorted(kernels)[:3]}")
-    found = {p: a for p, a in kernels.items() if re.search(targets, p)}
-    if not found:
-        raise compression.CompressionError(f"lora.targets={targets!r} matches no kernel; kernel "
-                                           f"paths look like {sorted(kernels)[:3]}")
+    """{path: KernelDims} of the projection kernels whose path matches `targets`
+    (`compression.target_kernels`: `query|value` adapts the query and value kernels and not
+    the query_bias / value_bias beside them, GPT-2's and BERT's)."""
+    found = compression.target_kernels(compression.axes_by_path(axes), targets, "lora.targets")
     dims = {p: compression.kernel_dims(p, a) for p, a in found.items()}
     for p, d in dims.items():
         if d.batch + d.inputs + d.outputs != tuple(range(len(found[p]))):

@@ -138,12 +138,9 @@ def rankings(axes, cfg: PruneConfig) -> list[Ranking]:
     by_path = compression.axes_by_path(axes)
     out = []
     if cfg.structure == "unstructured":
-        for path, names in sorted(by_path.items()):
-            if len(names) >= 2 and re.search(cfg.targets, path):
-                out.append(Ranking((Member(path, None, True),), names[0] == "layers"))
-        if not out:
-            raise compression.CompressionError(f"prune.targets={cfg.targets!r} matches no kernel")
-        return out
+        found = compression.target_kernels(by_path, cfg.targets, "prune.targets")
+        return [Ranking((Member(path, None, True),), names[0] == "layers")
+                for path, names in sorted(found.items())]
     unit_axis, module_re, kernel_re = (
         ("heads", r"(self|cross)_attention$", r"^(query|key|value|out)$")
         if cfg.structure == "heads"

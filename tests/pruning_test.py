@@ -302,6 +302,26 @@ def test_a_schedule_stretched_by_a_resume_never_unprunes(caplog, tmp_path):
             in caplog.text)
 
 
+def _gpt2_biased():
+    """use_bias=True: a 2-D query_bias / value_bias [heads, kv] beside each kernel."""
+    return model_config.gpt2(vocab_size=V, d_model=D, num_heads=H, head_dim=K, d_ff=F,
+                             num_layers=2, max_len=16, dtype="float32")
+
+
+def test_unstructured_targets_are_kernels_only():
+    """Targets match kernel paths (embedding tables are [rows, embed] kernels too): not the
+    per-head biases or the relative-position table their patterns also match (they were
+    pruned as 2-D params)."""
+    names = lambda cfg, targets: {p.rsplit("/", 1)[-1] for r in pruning.rankings(
+        _init(cfg)[1], pruning.PruneConfig(targets=targets)) for p, _, _ in r.members}
+    assert names(_gpt2_biased(), "query") == {"query"}
+    assert names(_gpt2_biased(), "attention|embedder") == {"query", "key", "value", "out",
+                                                           "embedding"}
+    paths = {p for r in pruning.rankings(_init(_t5())[1], pruning.PruneConfig(
+        targets="encoder")) for p, _, _ in r.members}
+    assert paths and not any("relpos" in p for p in paths)
+
+
 def test_bad_config_errors():
     with pytest.raises(compression.CompressionError, match="sparsity"):
         pruning.PruneConfig(sparsity=1.0)
@@ -310,6 +330,9 @@ def test_bad_config_errors():
     _, axes = _init(_t5())
     with pytest.raises(compression.CompressionError, match="matches no kernel"):
         pruning.rankings(axes, pruning.PruneConfig(targets="nope$"))
+    with pytest.raises(compression.CompressionError, match=r"prune.targets='query_bias' names "
+                       r"\[.*query_bias'.*\], which are not projection kernels"):
+        pruning.rankings(_init(_gpt2_biased())[1], pruning.PruneConfig(targets="query_bias"))
     with pytest.raises(compression.CompressionError,
                        match=r"prune.targets='\(' is not a valid regular expression"):
         pruning.PruneConfig(targets="(")
