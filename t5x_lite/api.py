@@ -388,10 +388,10 @@ def load(path, *, dtype=None, mesh=None, step: int | None = None,
                                           f"checkpoint steps; step={step} is for workdirs")
         generation_config = hf_interop.read_generation_config(path)  # before the weights
         cfg, numpy_params, hf_cfg, vocab_path = hf_interop.from_hf(path)
-        run = hf_interop.run_config_for(cfg)
+        tokenizer_config = path / hf_interop.HF_TOKENIZER_CONFIG
+        run = hf_interop.run_config_for(cfg, tokenizer_config)
         run.decode.update(hf_decode_defaults(hf_cfg, generation_config, str(path)))
         eos = hf_eos(hf_cfg, cfg.vocab_size, generation_config)
-        tokenizer_config = path / hf_interop.HF_TOKENIZER_CONFIG
         chat_file = path / hf_interop.HF_CHAT_TEMPLATE
         named_chat = path / hf_interop.HF_CHAT_TEMPLATES_DIR
     else:

@@ -296,9 +296,9 @@ def hf_to_workdir(hf_dir, workdir, *, scan_layers: bool = False) -> ModelConfig:
     # refuses one that is not a JSON object, as load does
     source_generation = hf_interop.read_generation_config(hf_dir)
     cfg, params, hf_cfg, vocab = hf_interop.from_hf(hf_dir, scan_layers=scan_layers)
-    run = hf_interop.run_config_for(cfg)
-    run.decode.update(api.hf_decode_defaults(hf_cfg, source_generation, str(hf_dir)))
     tokenizer_config = epath.Path(hf_dir) / hf_interop.HF_TOKENIZER_CONFIG
+    run = hf_interop.run_config_for(cfg, tokenizer_config)
+    run.decode.update(api.hf_decode_defaults(hf_cfg, source_generation, str(hf_dir)))
     generation_config = epath.Path(hf_dir) / hf_interop.HF_GENERATION_CONFIG
     # refuses one larger than the embedding, or bad tokenizer settings, as load does
     api.load_vocabulary(vocab, cfg, run, tokenizer_config)
@@ -357,7 +357,8 @@ def workdir_to_hf(path, out_dir, *, step: int | None = None) -> ModelConfig:
     workdir, latest = checkpoints.resolve(path)
     check_hf_out(out_dir, workdir)
     step = checkpoints.check_step(workdir, latest if step is None else step)
-    cfg = ModelConfig.from_dict(checkpoints.read_config(workdir).model)
+    run = checkpoints.read_config(workdir)
+    cfg = ModelConfig.from_dict(run.model)
     base = hf_interop.read_source_config(
         workdir, ConvertError, "that --from_hf wrote",
         "restore it, or delete it to export without its extra fields")
@@ -369,7 +370,8 @@ def workdir_to_hf(path, out_dir, *, step: int | None = None) -> ModelConfig:
     generation = None if base is None else _generation_config(workdir, stop_ids, cfg)
     params = restore_numpy_params(workdir, step, cfg)
     write_hf_dir(out_dir, hf_cfg, hf_interop.params_to_hf(cfg, params))
-    _write_hf_extras(epath.Path(workdir), epath.Path(out_dir), cfg, generation)
+    _write_hf_extras(epath.Path(workdir), epath.Path(out_dir), cfg, generation,
+                     int(run.get("data", {}).get("extra_ids", hf_interop.T5_EXTRA_IDS)))
     return cfg
 
 
@@ -393,10 +395,11 @@ def _generation_config(workdir, stop_ids: tuple[int, ...], cfg: ModelConfig) -> 
 
 
 def _write_hf_extras(workdir: epath.Path, out: epath.Path, cfg: ModelConfig,
-                     generation: bytes | None) -> None:
+                     generation: bytes | None, extra_ids: int) -> None:
     """The files beside the weights: `generation` (None: none) as generation_config.json, and the
-    workdir's vocabulary in HF form: T5's as `spiece.model`; a decoder-only model's Llama-style
-    one (`vocab.LlamaVocabulary`) as `tokenizer.model` with `tokenizer_config.json` (the
+    workdir's vocabulary in HF form: T5's as `spiece.model` (with a tokenizer_config.json
+    naming its `extra_ids` when they are not T5Tokenizer's default 100); a decoder-only
+    model's Llama-style one (`vocab.LlamaVocabulary`) as `tokenizer.model` with `tokenizer_config.json` (the
     source's, else LlamaTokenizer's settings and special pieces), its `tokenizer.json` as it
     came (with the source's `tokenizer_config.json`), either with the source's
     `chat_template.jinja` and `additional_chat_templates/` when it had them. A GPT trained here
@@ -420,8 +423,13 @@ def _write_hf_extras(workdir: epath.Path, out: epath.Path, cfg: ModelConfig,
                                                         ("eos", vocab.eos_id),
                                                         ("unk", vocab.unk_id)) if i >= 0}),
             indent=2)
+    elif name == hf_interop.HF_LLAMA_VOCAB:
+        settings = _explicit_bos_flags(settings)
     written = {} if generation is None else {hf_interop.HF_GENERATION_CONFIG: generation}
     chat_template = workdir / hf_interop.CHAT_TEMPLATE_SOURCE
+    if name == hf_interop.HF_T5_VOCAB and extra_ids != hf_interop.T5_EXTRA_IDS:
+        written[hf_interop.HF_TOKENIZER_CONFIG] = json.dumps(  # else T5Tokenizer's 100
+            {"tokenizer_class": "T5Tokenizer", "extra_ids": extra_ids}, indent=2).encode()
     if name is not None:
         written[name] = proto
         if name != hf_interop.HF_T5_VOCAB and settings is not None:
@@ -435,7 +443,7 @@ def _write_hf_extras(workdir: epath.Path, out: epath.Path, cfg: ModelConfig,
     # instruct model share a tokenizer file, not a template).
     out_settings = out / hf_interop.HF_TOKENIZER_CONFIG
     own_template = own and source.exists() and out_settings.exists() and \
-        out_settings.read_bytes() == source.read_bytes()
+        out_settings.read_bytes() in (source.read_bytes(), (settings or "").encode())
     for other in (hf_interop.HF_GENERATION_CONFIG,
                   *(() if own_template else (hf_interop.HF_CHAT_TEMPLATE,)),
                   *(() if own else hf_interop.HF_TOKENIZER_FILES)):
@@ -448,6 +456,17 @@ def _write_hf_extras(workdir: epath.Path, out: epath.Path, cfg: ModelConfig,
         (out / other).write_bytes(data)
     if name not in (None, hf_interop.HF_T5_VOCAB):  # the source's named templates, as saved
         _copy_named_templates(workdir / hf_interop.CHAT_TEMPLATES_SOURCE, named, keep=True)
+
+
+def _explicit_bos_flags(settings: str) -> str:
+    """A Llama source's tokenizer_config.json text with `add_bos_token` / `add_eos_token` set
+    to what `load` uses (true / false) where it has none. transformers 5 saves a Llama tokenizer
+    as tokenizer.json (its post-processor adds the BOS) beside a config without the flags; the
+    export writes tokenizer.model, for which HF reads a missing flag as no BOS."""
+    value = json.loads(settings)  # read (and checked) by --from_hf / load already
+    flags = {"add_bos_token": True, "add_eos_token": False}
+    missing = {k: v for k, v in flags.items() if value.get(k) is None}
+    return json.dumps({**value, **missing}, indent=2) if missing else settings
 
 
 def _copy_named_templates(source, dest: epath.Path, keep: bool = False) -> None:

@@ -826,12 +826,31 @@ def expected_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
 
 
 # ----------------------------------------------------------------------------------- one call
-def run_config_for(cfg: ModelConfig):
-    """The full run config of a converted model (span corruption for T5, causal LM for GPT)."""
+T5_EXTRA_IDS = 100  # T5Tokenizer's default number of sentinels
+
+
+def run_config_for(cfg: ModelConfig, tokenizer_config=None):
+    """The full run config of a converted model (span corruption for T5, causal LM for GPT);
+    a T5's `data.extra_ids` are those of the HF tokenizer_config.json at `tokenizer_config`
+    (`t5_extra_ids`)."""
     from t5x_lite.defaults import base_config
     if cfg.is_encoder_decoder:
-        return base_config(cfg, objective="span_corruption")
+        run = base_config(cfg, objective="span_corruption")
+        run.data.extra_ids = t5_extra_ids(tokenizer_config)
+        return run
     return base_config(cfg, objective="causal_lm", seq_len=min(cfg.max_len, 1024))
+
+
+def t5_extra_ids(tokenizer_config=None) -> int:
+    """T5Tokenizer's `extra_ids` (sentinels after the pieces) in the tokenizer_config.json at
+    `tokenizer_config`; 100 without one, as T5Tokenizer's default."""
+    path = None if tokenizer_config is None else epath.Path(tokenizer_config)
+    value = None if path is None or not path.exists() else read_json_object(
+        path, InteropError, "the tokenizer's settings", "fix or remove it")
+    n = (value or {}).get("extra_ids", T5_EXTRA_IDS)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise InteropError(f"{path}: extra_ids={json.dumps(n)} is not an integer >= 0")
+    return n
 
 
 def from_hf(path, *, scan_layers: bool = False):

@@ -277,6 +277,32 @@ def test_from_hf_refuses_a_vocabulary_larger_than_the_embedding(hf_models, tmp_p
     assert not (tmp_path / "w").exists()
 
 
+def test_t5_extra_ids_of_the_tokenizer_config_are_followed_both_ways(hf_models, tmp_path):
+    """T5Tokenizer's `extra_ids` (here 8, for 150 pieces in 203 rows, which 100 would not fit):
+    the sentinels HF's tokenizer gives, through load, a workdir and its export."""
+    src = shutil.copytree(hf_models["t5_v1_0"][1], tmp_path / "src")
+    ref.train_spm(src / "spiece.model", 150)
+    (src / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "T5Tokenizer", "extra_ids": 8}))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(src)
+    want = [hf_tok.convert_tokens_to_ids(f"<extra_id_{i}>") for i in range(8)]
+    assert want == list(range(157, 149, -1))
+    m = t5x_lite.load(str(src))
+    assert [m.vocab.sentinel_id(i) for i in range(8)] == want
+    convert.hf_to_workdir(src, tmp_path / "w")
+    assert checkpoints.read_config(tmp_path / "w").data.extra_ids == 8
+    w = t5x_lite.load(str(tmp_path / "w"))
+    assert [w.vocab.sentinel_id(i) for i in range(8)] == want
+    convert.workdir_to_hf(tmp_path / "w", tmp_path / "hf")
+    out_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert [out_tok.convert_tokens_to_ids(f"<extra_id_{i}>") for i in range(8)] == want
+    assert len(out_tok) == len(hf_tok) == 158
+    (src / "tokenizer_config.json").write_text(json.dumps({"extra_ids": "8"}))
+    with pytest.raises(hf_interop.InteropError, match=r'tokenizer_config.json: extra_ids="8" is '
+                       "not an integer >= 0"):
+        t5x_lite.load(str(src))
+
+
 def test_from_hf_refuses_a_workdir_holding_another_vocabulary(hf_models, tmp_path):
     workdir = tmp_path / "w"
     workdir.mkdir()

@@ -133,6 +133,26 @@ def test_add_bos_token_false_is_followed_through_convert_and_export(src, tmp_pat
     assert _hf_ids(tmp_path / "hf", TEXTS[:2])[1] == hf_ids
 
 
+def test_a_transformers_5_save_without_the_bos_flag_exports_one(src, tmp_path):
+    """transformers 5 saves a Llama tokenizer as tokenizer.json (its post-processor adds BOS)
+    beside a tokenizer_config.json without add_bos_token; the export writes tokenizer.model,
+    for which HF reads a missing flag as no BOS, so it writes the flag as load reads it."""
+    hf, path = src
+    d = _save(hf, tmp_path / "src", (path / "tokenizer.model").read_bytes())
+    transformers.AutoTokenizer.from_pretrained(d).save_pretrained(d)
+    assert "add_bos_token" not in json.loads((d / "tokenizer_config.json").read_text())
+    _, hf_ids = _hf_ids(d, TEXTS)
+    assert all(r[0] == 1 for r in hf_ids)
+    convert.hf_to_workdir(d, tmp_path / "w")
+    convert.workdir_to_hf(tmp_path / "w", tmp_path / "hf")
+    assert not (tmp_path / "hf" / "tokenizer.json").exists()
+    written = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert (written["add_bos_token"], written["add_eos_token"]) == (True, False)
+    assert _hf_ids(tmp_path / "hf", TEXTS)[1] == hf_ids
+    m = t5x_lite.load(str(tmp_path / "hf"))
+    assert [[m.start_id] + r for r in m.tokenize(TEXTS, add_eos=False)] == hf_ids
+
+
 def test_defaults_without_settings_and_the_stop_id_of_a_config_without_one(src, tmp_path):
     """No tokenizer_config.json: BOS first, as Meta's and Mistral's reference tokenizers do; a
     Llama config.json without eos_token_id stops at LlamaConfig's default 2, not at 1 (BOS)."""
