@@ -316,8 +316,8 @@ def _plain(value):
     if value is None or type(value) in (str, int, float, bool):
         return value
     for kind in (bool, str, int, float):  # subclasses (numpy strings, enums) as the base type
-        if isinstance(value, kind):
-            return kind(value)
+        if isinstance(value, kind):  # str.__str__: a (str, Enum)'s value, not "Role.USER"
+            return str.__str__(value) if kind is str else kind(value)
     if isinstance(value, Mapping):
         return {_plain(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -369,8 +369,17 @@ def _environment():
                 raise jinja2.exceptions.SecurityError(
                     f"chat templates cannot set underscore names on a namespace: {name!r}")
 
+    class Generation(jinja2.ext.Extension):
+        """HF's `{% generation %}...{% endgeneration %}` (it marks the assistant's tokens
+        for training masks): the body, rendered as it is."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
+                                        extensions=[jinja2.ext.loopcontrols, Generation])
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, dict=RestrictedDict(),
                        namespace=Namespace,

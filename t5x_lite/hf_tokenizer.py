@@ -141,12 +141,12 @@ class TokenizerJsonVocabulary:
     def decode_batch(self, ids_batch: Iterable[Iterable[int]]) -> list[str]:
         return [self.decode(ids) for ids in ids_batch]
 
-    def token_bytes(self) -> tuple[bytes, ...]:
+    def token_bytes(self) -> tuple[bytes | None, ...]:
         """Each id's text as bytes (what stop strings match), as HF's `StopStringCriteria`
         reads a tokenizer: special tokens spelled as written ("<|im_end|>"); with a
         byte-level decoder (GPT-2's), a token's own bytes; with byte fallback, <0xNN> as its
         byte; else the token's text after a fixed text (so a leading space a decoder strips at
-        the start stays). Ids without a token have none. Cached."""
+        the start stays). Ids without a token are None. Cached."""
         if self._token_bytes is None:
             tok = self._tok
             special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
@@ -156,7 +156,7 @@ class TokenizerJsonVocabulary:
             for i in range(self._size):
                 token = tok.id_to_token(i)
                 if token is None:
-                    out.append(b"")
+                    out.append(None)
                 elif i in special:
                     out.append(token.encode("utf-8"))
                 elif "ByteFallback" in decoders and _BYTE_PIECE.fullmatch(token):

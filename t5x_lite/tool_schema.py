@@ -135,7 +135,7 @@ def _parameters(fn: Callable, name: str) -> dict:
     try:
         hints = typing.get_type_hints(fn)
         signature = inspect.signature(fn)
-    except (NameError, TypeError, ValueError) as e:
+    except (NameError, TypeError, ValueError, SyntaxError) as e:  # SyntaxError: 'list['
         raise ToolSchemaError(f"tool {name}: its signature cannot be read ({e})") from None
     params = signature.parameters
     first = next(iter(params), None)

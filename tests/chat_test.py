@@ -8,6 +8,7 @@ one with a default system message in tokenizer_config.json).
 """
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import logging
@@ -283,25 +284,32 @@ FEATURES = (  # what instruct templates use beyond the basics
     "{%- set ns.n = ns.n + 1 %}"
     "{{ image_token }}{{ boi_token }}{{ m.role }}|{{ m.reasoning_content }}|{{ m.thinking }}|"
     "{{ m.content }}|{{ m.get('extra') }}|{{ m | tojson(indent=1, sort_keys=True) }};"
-    "{%- endfor %}{{ ns.n }}{{ dict(a=1) }}{{ eos_token }}")
+    "{%- if m.role == 'assistant' %}{% generation %}<{{ m.content }}>{% endgeneration %}"
+    "{%- endif %}{%- endfor %}{{ ns.n }}{{ dict(a=1) }}{{ eos_token }}")
+
+
+class _Role(str, enum.Enum):  # str(_Role.USER) is "_Role.USER"; its text is "user"
+    USER = "user"
 
 
 def test_template_features_render_as_hf(tmp_path):
     """Custom `*_token` keys and an `extra_special_tokens` dict are variables; reasoning fields
-    are filled in under both names; tuples, numpy scalars, loop controls, namespaces, dict()
-    and tojson's options: each as HF's apply_chat_template renders them."""
+    are filled in under both names; tuples, numpy scalars, str enums, loop controls,
+    namespaces, dict(), tojson's options and `{% generation %}` blocks (assistant masks): each
+    as HF's apply_chat_template renders them."""
     _, path = _model_dir(tmp_path / "m", jinja=FEATURES)
     settings = json.loads((path / "tokenizer_config.json").read_text())
     settings.update(image_token="<|im_start|>", extra_special_tokens={"boi_token": "<|im_end|>"})
     (path / "tokenizer_config.json").write_text(json.dumps(settings))
     conversation = [
-        {"role": "user", "content": ("a", "b"), "extra": np.int64(3)},
+        {"role": _Role.USER, "content": ("a", "b"), "extra": np.int64(3)},
         {"role": "skip", "content": "x"},
         {"role": "assistant", "content": "y", "reasoning": "think", "extra": None}]
     tok = transformers.AutoTokenizer.from_pretrained(path)
     want = tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     got = t5x_lite.load(path).chat_template.render(conversation)
     assert got == want and "think|think" in got and "('a', 'b')" in got
+    assert "user|" in got and "<y>" in got
 
 
 THINKING = (  # Qwen3-style: the assistant's reasoning in <think> before its content

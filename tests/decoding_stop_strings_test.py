@@ -102,6 +102,22 @@ def test_matches_equal_hf_criterion_and_the_decoded_text(kind, tmp_path):
         assert first == _first_in_text(vocab, row, kept)
 
 
+def test_an_id_without_a_token_ends_a_partial_match_as_in_hf(tmp_path):
+    """Embedding rows past the tokenizer (a model padded past it) have no text: HF's criterion
+    reads them as a token that matches nothing, so "a", such an id, "b" is no "ab" (it was,
+    as empty text) while "a", "b" is."""
+    vocab, hf_tok = _tokenizers("byte_level", tmp_path)
+    size = vocab.vocab_size + 20
+    a, b = (hf_tok(x, add_special_tokens=False).input_ids for x in ("a", "b"))
+    ids = np.array([a + [size - 5] + b, a + b + b], np.int32)
+    hits = _hits(stop_strings.tables(vocab.token_bytes(), ["ab"], size), ids)
+    criterion = StopStringCriteria(hf_tok, ["ab"])
+    want = np.stack([criterion(torch.tensor(ids[:, :j + 1]), None).numpy()
+                     for j in range(ids.shape[1])], 1)
+    np.testing.assert_array_equal(hits, want)
+    assert not hits[0].any() and hits[1].any()
+
+
 def test_token_bytes_equal_hf_clean_vocabulary(tmp_path):
     """Each token's text as HF's stop-string matching cleans it, special tokens included."""
     for kind in KINDS:

@@ -248,3 +248,20 @@ def test_what_hf_refuses_is_one_line(fn, message):
     with pytest.raises(ToolSchemaError, match=message) as e:
         function_schema(fn)
     assert "\n" not in str(e.value)
+
+
+def unparsable_hint(x: "list["):  # noqa: F722 - a forward reference that is no expression
+    """A.
+
+    Args:
+        x: broken
+    """
+
+
+def test_a_hint_that_does_not_parse_is_one_line():
+    """typing.get_type_hints raises SyntaxError for it (HF's get_json_schema too)."""
+    with pytest.raises(SyntaxError):
+        hf.get_json_schema(unparsable_hint)
+    with pytest.raises(ToolSchemaError, match=r"^tool unparsable_hint: its signature cannot be "
+                       r"read \(Forward reference must be an expression"):
+        function_schema(unparsable_hint)

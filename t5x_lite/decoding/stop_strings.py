@@ -56,8 +56,9 @@ class StopStrings(NamedTuple):
     start_RxS: jax.Array | None = None  # each row's state after its prompt (`after_prompt`)
 
 
-def _masks(tokens: Sequence[bytes], s: bytes) -> np.ndarray:
-    """[V, 3] uint32: START, INSIDE and FINISH bitmasks of every token for stop string s."""
+def _masks(tokens: Sequence[bytes | None], s: bytes) -> np.ndarray:
+    """[V, 3] uint32: START, INSIDE and FINISH bitmasks of every token for stop string s (an
+    empty token keeps a row's state; an id without one, None, ends every partial match)."""
     n_s = len(s)
     out = np.zeros((len(tokens), 3), np.uint32)
     at: dict[int, list[int]] = {}  # byte -> its positions in s
@@ -65,6 +66,8 @@ def _masks(tokens: Sequence[bytes], s: bytes) -> np.ndarray:
         at.setdefault(c, []).append(i)
     empty_inside = sum(1 << p for p in range(1, n_s))  # no text: the state stays
     for t, b in enumerate(tokens):
+        if b is None:  # an id without a token: HF's criterion reads one that matches nothing
+            continue
         n = len(b)
         if not n:
             out[t, 1] = empty_inside
@@ -89,21 +92,21 @@ def _masks(tokens: Sequence[bytes], s: bytes) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def host_tables(tokens: tuple[bytes, ...], strings: tuple[str, ...]
+def host_tables(tokens: tuple[bytes | None, ...], strings: tuple[str, ...]
                 ) -> tuple[np.ndarray, np.ndarray]:
     """([V, S, 3] uint32 masks, [V] uint32 shifts) for `strings` over tokens of these bytes."""
     bad = next((s for s in strings if not fits(s)), None)
     if bad is not None:
         raise ValueError(f"a stop string must be 1 to {MAX_BYTES} bytes of UTF-8, got {bad!r}")
     table = np.stack([_masks(tokens, s.encode("utf-8")) for s in strings], 1)
-    shift = np.minimum([len(b) for b in tokens], 31).astype(np.uint32)
+    shift = np.minimum([len(b or b"") for b in tokens], 31).astype(np.uint32)
     return table, shift
 
 
-def tables(tokens: Sequence[bytes], strings: Sequence[str], size: int) -> StopStrings:
+def tables(tokens: Sequence[bytes | None], strings: Sequence[str], size: int) -> StopStrings:
     """The tables for `strings` over a model of `size` ids whose ids have `tokens` as bytes
-    (ids past them have none)."""
-    padded = tuple(tokens[:size]) + (b"",) * max(0, size - len(tokens))
+    (None, and ids past them: no token, which no text matches across, as in HF)."""
+    padded = tuple(tokens[:size]) + (None,) * max(0, size - len(tokens))
     table, shift = host_tables(padded, tuple(strings))
     return StopStrings(jnp.asarray(table), jnp.asarray(shift))
 
