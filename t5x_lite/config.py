@@ -157,6 +157,9 @@ class ModelConfig:
             (not (self.position == "rope" and self.head_dim % 2), "rope needs an even head_dim"),
             (self.position != "rope" or self.rope_theta > 0,
              f"rope_theta must be > 0, got {self.rope_theta}"),
+            # YaRN's correction range divides by log(rope_theta)
+            (self.position != "rope" or self.rope_scaling != "yarn" or self.rope_theta > 1,
+             f"rope_scaling='yarn' needs rope_theta > 1, got {self.rope_theta}"),
             (self.rope_scaling in ROPE_SCALINGS,
              f"rope_scaling must be one of {ROPE_SCALINGS}, got {self.rope_scaling!r}"),
             (self.rope_scaling_factor > 0,

@@ -165,6 +165,8 @@ def test_bad_values_are_one_line_errors(overrides, message):
 def test_rope_theta_is_checked_when_used():
     with pytest.raises(mc.ConfigError, match="rope_theta must be > 0, got 0.0"):
         mc.gpt_modern(rope_theta=0.0, **SMALL)
+    with pytest.raises(mc.ConfigError, match="rope_scaling='yarn' needs rope_theta > 1, got 1.0"):
+        mc.gpt_modern(rope_theta=1.0, rope_scaling="yarn", rope_scaling_factor=4.0, **SMALL)
 
 
 @pytest.mark.parametrize("build, key, value", [
