@@ -452,8 +452,9 @@ def _compute_dtype(dtype) -> str | None:
 
 def _check_mesh(mesh):
     if not isinstance(mesh, jax.sharding.Mesh):
-        raise partitioning.MeshError(f"mesh must be a jax Mesh, e.g. partitioning.make_mesh("
-                                     f"data=..., fsdp=..., tensor=...); got {token_rows.kind(mesh)}")
+        raise partitioning.MeshError(
+            f"mesh must be a jax Mesh, e.g. partitioning.make_mesh(data=..., fsdp=..., "
+            f"tensor=...); got {token_rows.kind(mesh)}")
     if set(mesh.axis_names) != set(partitioning.MESH_AXES):
         raise partitioning.MeshError(
             f"mesh axes must be {partitioning.MESH_AXES} (partitioning.make_mesh makes such a "

@@ -399,8 +399,9 @@ def _write_hf_extras(workdir: epath.Path, out: epath.Path, cfg: ModelConfig,
     """The files beside the weights: `generation` (None: none) as generation_config.json, and the
     workdir's vocabulary in HF form: T5's as `spiece.model` (with a tokenizer_config.json
     naming its `extra_ids` when they are not T5Tokenizer's default 100); a decoder-only
-    model's Llama-style one (`vocab.LlamaVocabulary`) as `tokenizer.model` with `tokenizer_config.json` (the
-    source's, else LlamaTokenizer's settings and special pieces), its `tokenizer.json` as it
+    model's Llama-style one (`vocab.LlamaVocabulary`) as `tokenizer.model` with
+    `tokenizer_config.json` (the source's, else LlamaTokenizer's settings and special
+    pieces), its `tokenizer.json` as it
     came (with the source's `tokenizer_config.json`), either with the source's
     `chat_template.jinja` and `additional_chat_templates/` when it had them. A GPT trained here
     has no HF tokenizer form (its prompts begin with id 0). Unless `out` already holds this very

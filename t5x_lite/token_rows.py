@@ -19,7 +19,9 @@ def as_list(x, name: str, error: type[Exception] = ValueError) -> list:
 
 
 def is_id(t) -> bool:
-    """An integer that is not a bool."""
+    """An integer that is not a bool (a 0-d integer array too: `list(jnp.array([1, 2]))`)."""
+    if isinstance(t, (np.ndarray, jax.Array)):
+        return t.ndim == 0 and np.issubdtype(t.dtype, np.integer)
     return isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_))
 
 

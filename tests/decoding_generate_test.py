@@ -14,6 +14,7 @@ import shutil
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -463,6 +464,16 @@ def test_bad_options(tiny_gpt, kw, message):
     kw = {"input_ids": [[3, 4]], "max_new_tokens": 4, **kw}
     with pytest.raises(DecodeError, match=re.escape(message)):
         generate(tiny_gpt, **kw)
+
+
+def test_input_ids_forms_give_the_same_prompts(tiny_gpt):
+    """One row as a list of ints, of 0-d arrays (iterating an array) or a 1-D array; rows as
+    lists, 1-D arrays or a 2-D array."""
+    ids = lambda x: [r["ids"] for r in generate(tiny_gpt, input_ids=x, max_new_tokens=3)]
+    one, two = ids([3, 4, 5]), ids([[3, 4, 5], [6, 7, 8]])
+    assert ids(list(jnp.array([3, 4, 5]))) == ids(np.array([3, 4, 5])) == one
+    assert ids([np.array([3, 4, 5]), [6, 7, 8]]) == ids(np.array([[3, 4, 5], [6, 7, 8]])) == two
+    assert two[0] == one[0]
 
 
 @pytest.mark.parametrize("family", ["gpt", "t5"])

@@ -337,9 +337,10 @@ def test_eos_id_comes_from_the_run_config_the_params_come_from(task):
 
 
 def test_bad_settings_and_incomplete_run_configs_are_one_line(task):
-    for kw, message in [(dict(poll_interval=-1), "poll_interval must be > 0"),
-                        (dict(poll_interval=float("inf")), "poll_interval must be > 0 and finite"),
-                        (dict(poll_interval=1e300), "poll_interval must be > 0 and finite"),
+    for kw, message in [(dict(poll_interval=-1), r"poll_interval must be in \(0, 86400\]"),
+                        (dict(poll_interval=float("inf")),
+                         r"poll_interval must be in \(0, 86400\] seconds"),
+                        (dict(poll_interval=9223372035.0), r"in \(0, 86400\] seconds"),
                         (dict(follow_timeout=-5), "follow_timeout >= 0"),
                         (dict(name="events"), "must not be 'events'"),
                         (dict(batch_size=-8), "batch_size and max_new_tokens must be >= 0"),

@@ -126,10 +126,19 @@ def test_cut_at_stop():
     assert few_shot.cut_at_stop(" four Q: the value", ["Q:", "|"]) == "four"
     assert few_shot.cut_at_stop("a | b Q:", ["Q:", "|"]) == "a"
     assert few_shot.cut_at_stop("plain", ["Q:"]) == "plain"
-    # a stop string may begin in the text the generation continues, and must end in the text
-    assert few_shot.cut_at_stop("= b", ["=="], before="a =") == ""
-    assert few_shot.cut_at_stop("b == c", ["=="], before="a ==") == "b"
-    assert few_shot.cut_at_stop("xQ: y", ["Q:", "|"], before="Q") == "x"
+
+
+def test_a_stop_string_begun_by_the_prompt_is_read_as_the_decoder_reads_it(vocab):
+    """On token bytes (a piece's leading space kept, which decode drops at the start), and
+    only where the match ends in the generated ids."""
+    enc = lambda text: vocab.encode(text)
+    begins = lambda prompt, out, stops: few_shot.begins_in_prompt(vocab, enc(prompt), out, stops)
+    eq = [i for i in enc("a==") if vocab.token_bytes()[i] == b"="]
+    assert eq, "a vocabulary with '=' as a piece of its own"
+    assert begins("x =", eq, ["=="]) and begins("=", eq, ["==", "||||||"])  # a short prompt
+    assert not begins("x =", enc(" ="), ["=="])  # "= =": the decoder did not stop
+    assert not begins("x ==", enc(" b"), ["=="])  # within the prompt: not a stop
+    assert not begins("x =", eq, ["Q:"])
 
 
 @pytest.mark.parametrize("family", ["gpt", "t5"])
@@ -240,7 +249,7 @@ def test_generation_prompts_and_cuts_at_stop_strings(gpt, monkeypatch):
     assert seen["stop_strings"] == ["Q:"]  # rows end there in the decoder
     for ids, r in zip(seen["input_ids"], records):
         assert ids == [0] + gpt.vocab.encode(r["prompt"])
-        assert r["prediction"] == few_shot.cut_at_stop(r["raw_prediction"], ["Q:"], r["prompt"])
+        assert r["prediction"] == few_shot.cut_at_stop(r["raw_prediction"], ["Q:"])
     assert set(metrics) == {"exact_match"}
     # Decoding on past the stop strings and cutting after gives the same predictions.
     template = few_shot.FewShotTemplate("e {inputs} = {targets}")  # stops at "e"

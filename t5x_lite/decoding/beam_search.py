@@ -10,8 +10,9 @@ with the finished set, scored by
 The search stops at the length budget or when no alive beam can still beat the worst finished
 one (for alpha >= 0 the alive bound uses the largest penalty, at the budget: exact, not a
 heuristic; with a positive `sequence_bias` a processed log-prob can be above 0 and a sum can
-still rise, so such a search runs to the budget). A batch element with fewer than W finished beams at the end is filled with its best
-alive beams (unfinished, scored at their length); finished beams always rank first.
+still rise, so such a search runs to the budget). A batch element with fewer than W finished
+beams at the end is filled with its best alive beams (unfinished, scored at their length);
+finished beams always rank first.
 
 A beam that completes a stop string (`stop_strings`) ends as one ending in EOS does (HF's
 rule: its stopping criteria end beams), keeping the token.

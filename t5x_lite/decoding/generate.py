@@ -798,8 +798,9 @@ def decode_weights(loaded, cfg: ModelConfig):
     """(cfg, params) of `loaded` for the decode programs: on CPU in the decode layout
     (`steps.decode_layout`: a tied head's transposed copy, fused q/k/v and gated MLP kernels, a
     scanned stack unrolled), made once and kept on `loaded` while its params stay the same
-    arrays (jax arrays, which nothing changes in place; numpy params are laid out anew). Made inside each decode program instead, those copies cost every call ~30-40 ms on
-    2 cores (in-process A/B, 4 alternating rounds, ms per token min / median, in-program ->
+    arrays (jax arrays, which nothing changes in place; numpy params are laid out anew).
+    Made inside each decode program instead, those copies cost every call ~30-40 ms on 2
+    cores (in-process A/B, 4 alternating rounds, ms per token min / median, in-program ->
     kept: GPT-36M batch 1, 32 new tokens 6.70 / 6.82 -> 5.36 / 5.87, 256 tokens 5.64 / 5.89 ->
     5.49 / 5.91; T5 ~70M batch 1, 32 tokens 7.74 / 7.98 -> 6.76 / 7.00, 256 tokens 6.27 / 6.58
     -> 6.04 / 6.37; GPT-36M batch 16, 32 tokens 23.47 / 24.68 -> 22.25 / 23.18), and the

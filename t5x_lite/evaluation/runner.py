@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import threading
 import time
 from typing import Any
 
@@ -67,6 +66,9 @@ def wait_for_config(workdir, settings: "EvalSettings") -> ml_collections.ConfigD
     return checkpoints.read_config(workdir)
 
 
+MAX_POLL_INTERVAL = 86400  # a day
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
     checkpoint: str = "latest"
@@ -101,11 +103,11 @@ class EvalSettings:
         if self.name == "events":
             raise EvalError("name must not be 'events' (the unnamed evaluation's TensorBoard "
                             "directory)")
-        # poll_interval goes to time.sleep, which refuses what a timeout cannot hold
-        if not (0 < self.poll_interval <= threading.TIMEOUT_MAX and self.follow_timeout >= 0):
-            raise EvalError(f"poll_interval must be > 0 and finite, and follow_timeout >= 0 "
-                            f"(inf: no limit), got {self.poll_interval} and "
-                            f"{self.follow_timeout}")
+        # poll_interval goes to time.sleep, which refuses inf and huge values with a traceback
+        if not (0 < self.poll_interval <= MAX_POLL_INTERVAL and self.follow_timeout >= 0):
+            raise EvalError(f"poll_interval must be in (0, {MAX_POLL_INTERVAL}] seconds and "
+                            f"follow_timeout >= 0 (inf: no limit), got {self.poll_interval} "
+                            f"and {self.follow_timeout}")
 
 
 def default_name(options: few_shot.FewShotOptions | None, quantize: str) -> str:

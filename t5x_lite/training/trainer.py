@@ -61,9 +61,10 @@ def _tokens_per_batch(model_cfg: ModelConfig, batch_size: int, data: DataConfig)
 def _check_vocab(vocab, workdir: epath.Path, override: bool) -> bool:
     """Refuses to continue a workdir whose vocab.model has other pieces than this run's
     vocabulary (data.vocab_path / data.vocab_size changed), or whose config.json has other
-    data.extra_ids, unless `override`: its checkpoints' ids would mean other tokens, and infer / evaluate decode with the workdir's file. Returns
-    whether to replace it (done with the config, once the run has been built: a run that fails
-    before then leaves the old file)."""
+    data.extra_ids, unless `override`: its checkpoints' ids would mean other tokens, and
+    infer / evaluate decode with the workdir's file. Returns whether to replace it (done
+    with the config, once the run has been built: a run that fails before then leaves the
+    old file)."""
     config = workdir / checkpoints.CONFIG_FILE
     extra_ids = (checkpoints.read_config(workdir).get("data", {}).get("extra_ids")
                  if config.exists() else None)
@@ -232,7 +233,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
            lease_lost=lambda: None) -> TrainResult:
     is_main = jax.process_index() == 0
     tc = config.train
-    log_every = 1 if tc.debug else max(int(tc.log_every), 1)
+    log_every = 1 if tc.debug else int(tc.log_every)  # >= 1: check_loop_numbers
     num_steps = int(tc.num_steps)
     check_loop_numbers(config, TrainingError)
     if workdir.exists() and not workdir.is_dir():
@@ -352,9 +353,9 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
         and not metrics_writer.has_metric(workdir / metrics_writer.METRICS_FILE, start,
                                           "eval/loss"))))
     idle = start >= num_steps and not redo_eval
-    # A resumed run with nothing to do leaves the saved config as it was: evaluate --follow
-    # reads the run's final step (train.num_steps) from it.
-    if is_main and not (idle and start > 0):
+    # A resumed run with no step to train (at most an eval to redo) leaves the saved config as
+    # it was: evaluate --follow reads the run's final step (train.num_steps) from it.
+    if is_main and not (start >= num_steps and start > 0):
         checkpoints.write_config(workdir, config)
         _copy_vocab(vocab, workdir, replace_vocab)
     if idle:
