@@ -139,6 +139,11 @@ def test_a_stop_string_begun_by_the_prompt_is_read_as_the_decoder_reads_it(vocab
     assert not begins("x =", enc(" ="), ["=="])  # "= =": the decoder did not stop
     assert not begins("x ==", enc(" b"), ["=="])  # within the prompt: not a stop
     assert not begins("x =", eq, ["Q:"])
+    # an id without a token ends a match, in the prompt or the output (stop_strings' rule)
+    past = len(vocab.token_bytes()) + 3
+    assert begins("x =", eq + [past], ["=="])
+    assert not begins("x =", [past] + eq, ["=="])
+    assert not few_shot.begins_in_prompt(vocab, enc("x =") + [past], eq, ["=="])
 
 
 @pytest.mark.parametrize("family", ["gpt", "t5"])
