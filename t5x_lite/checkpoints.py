@@ -85,6 +85,11 @@ def read_config(workdir) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(d)
 
 
+def saved_config(workdir) -> ml_collections.ConfigDict | None:
+    """`read_config`, or None when `workdir` has no config.json yet (a new run)."""
+    return read_config(workdir) if (local_or_remote(workdir) / CONFIG_FILE).exists() else None
+
+
 TRAIN_ITEMS = ("params", "opt_state", "data", "config")
 
 

@@ -227,7 +227,8 @@ def test_model_shape_mismatch_is_a_clear_error(tmp_path):
     bigger = testing.tiny_config("gpt", d_model=64)
     with pytest.raises(TrainingError, match=r"d_model: 32 -> 64.*--override_config"):
         train(bigger, tmp_path)
-    check_workdir_config(tmp_path, bigger, override=True)  # allowed when asked for
+    saved = checkpoints.saved_config(tmp_path)
+    check_workdir_config(tmp_path, saved, bigger, override=True)  # allowed when asked for
     # With a checkpoint there, the override is no way out for a change of param shapes.
     checkpoints.save_params(tmp_path, {"w": np.zeros(2, np.float32)}, 7)
     with pytest.raises(TrainingError, match=r"d_model: 32 -> 64\); use a new --workdir; "
@@ -235,7 +236,7 @@ def test_model_shape_mismatch_is_a_clear_error(tmp_path):
         train(bigger, tmp_path)
     other_lr = testing.tiny_config("gpt")
     other_lr.optimizer.learning_rate = 0.5
-    check_workdir_config(tmp_path, other_lr, override=False)  # not a shape change
+    check_workdir_config(tmp_path, saved, other_lr, override=False)  # not a shape change
 
 
 @pytest.mark.parametrize("name", ["tiny_t5", "tiny_gpt"])
@@ -284,17 +285,17 @@ def test_an_unset_grad_clip_is_pinned_and_a_resume_keeps_the_saved_one(tmp_path)
     resumes with 1.0."""
     cfg = testing.tiny_config("t5")
     cfg.optimizer.name, cfg.optimizer.schedule, cfg.optimizer.grad_clip = "adafactor", "rsqrt", None
-    trainer_lib._pin_grad_clip(cfg, tmp_path / "new")
+    trainer_lib._pin_grad_clip(cfg, checkpoints.saved_config(tmp_path / "new"))
     assert cfg.optimizer.grad_clip == 0.0
     old = tmp_path / "old"
     saved = cfg.copy_and_resolve_references()
     saved.optimizer.grad_clip = 1.0
     checkpoints.write_config(old, saved)
     cfg.optimizer.grad_clip = None
-    trainer_lib._pin_grad_clip(cfg, old)
+    trainer_lib._pin_grad_clip(cfg, checkpoints.saved_config(old))
     assert cfg.optimizer.grad_clip == 1.0
     cfg.optimizer.grad_clip = 0.5  # given: kept
-    trainer_lib._pin_grad_clip(cfg, old)
+    trainer_lib._pin_grad_clip(cfg, checkpoints.saved_config(old))
     assert cfg.optimizer.grad_clip == 0.5
 
 

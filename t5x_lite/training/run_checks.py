@@ -25,12 +25,12 @@ class DivergenceError(UserError):
     """A non-finite loss."""
 
 
-def check_workdir_config(workdir, config, override: bool) -> None:
-    """Refuses to continue a workdir trained with another model shape unless `override`."""
-    path = epath.Path(workdir) / checkpoints.CONFIG_FILE
-    if not path.exists():
+def check_workdir_config(workdir, saved, config, override: bool) -> None:
+    """Refuses to continue a workdir trained with another model shape unless `override`;
+    `saved` is its config.json (`checkpoints.saved_config`; None: a new run)."""
+    if saved is None:
         return
-    saved = checkpoints.read_config(workdir)
+    path = epath.Path(workdir) / checkpoints.CONFIG_FILE
     old = ModelConfig.from_dict(saved.model).shape_signature()
     new = ModelConfig.from_dict(config.model).shape_signature()
     diffs = [f"{k}: {old[k]} -> {new[k]}" for k in sorted(new) if old.get(k) != new[k]]

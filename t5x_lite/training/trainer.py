@@ -58,16 +58,15 @@ def _tokens_per_batch(model_cfg: ModelConfig, batch_size: int, data: DataConfig)
     return batch_size * (length + (targets or 0))
 
 
-def _check_vocab(vocab, workdir: epath.Path, override: bool) -> bool:
+def _check_vocab(vocab, workdir: epath.Path, saved_run, override: bool) -> bool:
     """Refuses to continue a workdir whose vocab.model has other pieces than this run's
     vocabulary (data.vocab_path / data.vocab_size changed), or whose config.json has other
     data.extra_ids, unless `override`: its checkpoints' ids would mean other tokens, and
     infer / evaluate decode with the workdir's file. Returns whether to replace it (done
     with the config, once the run has been built: a run that fails before then leaves the
-    old file)."""
+    old file). `saved_run`: the workdir's config.json (None: a new run)."""
     config = workdir / checkpoints.CONFIG_FILE
-    extra_ids = (checkpoints.read_config(workdir).get("data", {}).get("extra_ids")
-                 if config.exists() else None)
+    extra_ids = None if saved_run is None else saved_run.get("data", {}).get("extra_ids")
     if extra_ids is not None and int(extra_ids) != getattr(vocab, "extra_ids", extra_ids):
         # the sentinels count down from the vocabulary's end: every one of them would move
         if not override:
@@ -123,15 +122,14 @@ def _copy_vocab(vocab, workdir: epath.Path, replace: bool) -> None:
         files.write_atomic(dst, epath.Path(src).read_bytes())
 
 
-def _pin_grad_clip(config, workdir) -> None:
-    """An unset `optimizer.grad_clip` becomes a number in the run's config: a resumed run's
-    saved one (runs saved before the per-optimizer default clipped Adafactor at 1.0, and their
-    optimizer state holds that clipping), else the optimizer's default."""
+def _pin_grad_clip(config, saved_run) -> None:
+    """An unset `optimizer.grad_clip` becomes a number in the run's config: the one in a
+    resumed run's config.json `saved_run` (runs saved before the per-optimizer default clipped
+    Adafactor at 1.0, and their optimizer state holds that clipping), else the optimizer's
+    default."""
     if config.optimizer.get("grad_clip") is not None:
         return
-    saved = None
-    if (workdir / checkpoints.CONFIG_FILE).exists():
-        saved = checkpoints.read_config(workdir).get("optimizer", {}).get("grad_clip")
+    saved = None if saved_run is None else saved_run.get("optimizer", {}).get("grad_clip")
     with config.unlocked():
         config.optimizer.grad_clip = (float(saved) if saved is not None
                                       else optimizers.grad_clip(config.optimizer))
@@ -240,11 +238,12 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
         raise TrainingError(f"--workdir {workdir} is a file, not a directory")
     model_cfg = ModelConfig.from_dict(config.model)
     data_cfg = DataConfig.from_dict(config.data)
+    saved_run = checkpoints.saved_config(workdir)  # read once: the checks below see one file
     try:
-        check_workdir_config(workdir, config, override_config)
+        check_workdir_config(workdir, saved_run, config, override_config)
     except ConfigMismatchError as e:
         raise TrainingError(str(e)) from None
-    _pin_grad_clip(config, workdir)
+    _pin_grad_clip(config, saved_run)
 
     mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = partitioning.rules_from_config(config.mesh.get("rules"))
@@ -262,7 +261,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
     plugin = compression.from_config(config, mesh, rules, workdir)
     model, tx = plugin.wrap(model, tx)
     vocab = load_vocab(config.data)
-    replace_vocab = _check_vocab(vocab, workdir, override_config)
+    replace_vocab = _check_vocab(vocab, workdir, saved_run, override_config)
     frozen = getattr(plugin, "frozen_from", None)  # a teacher / LoRA base
     if frozen is not None:
         _check_source_vocab(vocab, frozen[0], plugin.frozen_key)
