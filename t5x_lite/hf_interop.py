@@ -506,7 +506,8 @@ def _llama_config(hf, tensors, get: Callable, scan_layers: bool, source: str) ->
                  f"partial_rotary_factor={json.dumps(partial)} (RoPE on all of head_dim only)")]
     problems += [(get(k, False, "flag", null_is_default=True), f"{k}=true")
                  for k in ("attention_bias", "mlp_bias")
-                 if hf["model_type"] != "qwen2"]  # Qwen2's biases are fixed: HF ignores both
+                 if hf["model_type"] == "llama"]  # Mistral has none, Qwen2 fixed ones: HF
+    # reads neither key for them
     for bad, what in problems:
         if bad:
             raise InteropError(f"{source}: {name} config with {what} is not supported")

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+import transformers
 
 import decoding_testlib
 import hf_reference as ref
@@ -139,6 +140,11 @@ def test_mistral_configs_read_as_hf_reads_them():
     with pytest.raises(hf_interop.InteropError,
                        match="^config.json: sliding_window=0 is not a positive integer$"):
         hf_interop.model_config_from_hf({**c, "sliding_window": 0})
+    # HF's Mistral has no biases and reads neither key: a model built from them has none
+    biased = {**ref.mistral(None).config.to_dict(), "attention_bias": True, "mlp_bias": True}
+    hf = transformers.MistralForCausalLM(transformers.MistralConfig(**biased))
+    assert not [n for n, _ in hf.named_parameters() if n.endswith(".bias")]
+    assert not hf_interop.model_config_from_hf(biased).qkv_bias
 
 
 def test_settings_it_cannot_build_are_one_line(tmp_path):
