@@ -844,13 +844,25 @@ def run_config_for(cfg: ModelConfig, tokenizer_config=None):
 
 def t5_extra_ids(tokenizer_config=None) -> int:
     """T5Tokenizer's `extra_ids` (sentinels after the pieces) in the tokenizer_config.json at
-    `tokenizer_config`; 100 without one, as T5Tokenizer's default."""
+    `tokenizer_config`; 100 without one, as T5Tokenizer's default. HF gives the other
+    `additional_special_tokens` it lists (an `<extra_id_N>` with N >= extra_ids included) ids
+    after the sentinels, which are not read (a warning, as for a Llama's added tokens)."""
     path = None if tokenizer_config is None else epath.Path(tokenizer_config)
     value = None if path is None or not path.exists() else read_json_object(
         path, InteropError, "the tokenizer's settings", "fix or remove it")
     n = (value or {}).get("extra_ids", T5_EXTRA_IDS)
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise InteropError(f"{path}: extra_ids={json.dumps(n)} is not an integer >= 0")
+    listed = (value or {}).get("additional_special_tokens") or []
+    sentinels = {f"<extra_id_{i}>" for i in range(n)}
+    other = [t.get("content") if isinstance(t, dict) else t
+             for t in (listed if isinstance(listed, list) else [])]
+    other = [t for t in dict.fromkeys(other) if t not in sentinels]
+    if other:
+        logging.warning("%s: %d additional special tokens past the %d sentinels (%s) are not "
+                        "read: text that spells them is tokenized as text, and decoding drops "
+                        "them", path, len(other), n, ", ".join(map(repr, other[:3])) +
+                        (", ..." if len(other) > 3 else ""))
     return n
 
 

@@ -277,7 +277,8 @@ def test_from_hf_refuses_a_vocabulary_larger_than_the_embedding(hf_models, tmp_p
     assert not (tmp_path / "w").exists()
 
 
-def test_t5_extra_ids_of_the_tokenizer_config_are_followed_both_ways(hf_models, tmp_path):
+def test_t5_extra_ids_of_the_tokenizer_config_are_followed_both_ways(hf_models, tmp_path,
+                                                                     caplog):
     """T5Tokenizer's `extra_ids` (here 8, for 150 pieces in 203 rows, which 100 would not fit):
     the sentinels HF's tokenizer gives, through load, a workdir and its export."""
     src = shutil.copytree(hf_models["t5_v1_0"][1], tmp_path / "src")
@@ -297,6 +298,16 @@ def test_t5_extra_ids_of_the_tokenizer_config_are_followed_both_ways(hf_models, 
     out_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert [out_tok.convert_tokens_to_ids(f"<extra_id_{i}>") for i in range(8)] == want
     assert len(out_tok) == len(hf_tok) == 158
+    # HF gives listed tokens that are not among the sentinels ids after them: not read
+    (src / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "T5Tokenizer", "extra_ids": 8,
+         "additional_special_tokens": ["<extra_id_0>", "<x>", "<extra_id_8>"]}))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(src)
+    assert [hf_tok.convert_tokens_to_ids(f"<extra_id_{i}>") for i in range(8)] == want
+    assert hf_tok.convert_tokens_to_ids(["<x>", "<extra_id_8>"]) == [158, 159]
+    assert [t5x_lite.load(str(src)).vocab.sentinel_id(i) for i in range(8)] == want
+    assert ("2 additional special tokens past the 8 sentinels ('<x>', '<extra_id_8>') are not "
+            "read") in caplog.text
     (src / "tokenizer_config.json").write_text(json.dumps({"extra_ids": "8"}))
     with pytest.raises(hf_interop.InteropError, match=r'tokenizer_config.json: extra_ids="8" is '
                        "not an integer >= 0"):
