@@ -150,7 +150,13 @@ def test_a_checkpoint_steps_eval_lost_to_a_stop_runs_on_resume(tmp_path, monkeyp
             train(cfg, tmp_path / name)
         assert checkpoints.all_steps(tmp_path / name) == [2] and evals(tmp_path / name) == []
         monkeypatch.setattr(trainer_lib, "evaluate", real)
+        saved = (tmp_path / name / checkpoints.CONFIG_FILE).read_text()
+        log_every, cfg.train.log_every = cfg.train.log_every, 3  # a resume may change it
         assert train(cfg, tmp_path / name).step == steps
+        # a re-run that only redoes the eval leaves the saved config as it was
+        rewritten = (tmp_path / name / checkpoints.CONFIG_FILE).read_text() != saved
+        assert rewritten == (name == "mid")
+        cfg.train.log_every = log_every
         want = [e for e in evals(tmp_path / "ref") if e[0] <= steps]
         assert [s for s, _ in evals(tmp_path / name)] == [s for s, _ in want]
         np.testing.assert_allclose([v for _, v in evals(tmp_path / name)],
