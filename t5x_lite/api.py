@@ -762,6 +762,9 @@ def load_vocabulary(path, cfg: ModelConfig, run, tokenizer_config=None):
         extra_ids = 0
     else:
         vocab = vocab_lib.Vocabulary(path, extra_ids=extra_ids)
+    if kind != hf_interop.HF_TOKENIZER_JSON:  # a sentencepiece model: HF may add tokens to it
+        hf_interop.warn_unread_added_tokens(
+            vocab, tokenizer_config, epath.Path(path).parent / hf_interop.HF_TOKENIZER_JSON)
     if vocab.vocab_size > cfg.vocab_size:
         raise checkpoints.CheckpointError(
             f"Vocabulary {path} has {vocab.vocab_size} ids"

@@ -168,7 +168,7 @@ def llama_vocabulary(path, settings_path=None):
     InteropError line for what would make our ids differ from HF's: `add_eos_token` true
     (every prompt would end with EOS), `add_prefix_space` false, a `bos_token` other than the
     model's BOS piece; also for a file that is not a JSON object or flags that are not
-    booleans. Added tokens past the pieces (`added_tokens_decoder`) are not read (a warning)."""
+    booleans. Added tokens past the pieces are not read (`warn_unread_added_tokens`)."""
     from t5x_lite.vocab import LlamaVocabulary
     value = {} if settings_path is None else read_json_object(
         settings_path, InteropError, "the tokenizer's settings", "fix or remove it")
@@ -189,14 +189,53 @@ def llama_vocabulary(path, settings_path=None):
     if vocab.add_bos and bos is not None and bos != vocab.piece(vocab.bos_id):
         raise InteropError(f"{settings_path}: bos_token={json.dumps(bos)} is not the "
                            f"sentencepiece model's BOS piece {vocab.piece(vocab.bos_id)!r}")
-    added = value.get("added_tokens_decoder")
-    past = sorted(int(i) for i in added if str(i).isdigit() and int(i) >= vocab.sp_size) \
-        if isinstance(added, dict) else []
-    if past:
-        logging.warning("%s: %d added tokens (ids %d..%d) are not read: text that spells them "
-                        "is tokenized as text, and decoding drops them", settings_path,
-                        len(past), past[0], past[-1])
     return vocab
+
+
+def _token_names(value) -> list[str]:
+    """The token texts in a tokenizer_config.json token list (strings or {"content": ...})."""
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    names = [t.get("content") if isinstance(t, dict) else t for t in items]
+    return [t for t in names if isinstance(t, str)]
+
+
+def warn_unread_added_tokens(vocab, settings_path, tokenizer_json=None) -> list[str]:
+    """Warns (one line) about the tokens an HF tokenizer adds to the sentencepiece model that
+    `vocab` reads (a Llama's or T5's): HF gives them ids past `vocab`'s, as tokenizer_config.json
+    at `settings_path` names them (transformers 4's `added_tokens_decoder` and
+    `additional_special_tokens`, 5's `extra_special_tokens`) and the `tokenizer.json` beside it
+    lists them (`added_tokens`). Text that spells one is tokenized as text here, and decoding
+    drops its id. Returns their texts."""
+    value = read_json_object(settings_path, InteropError, "the tokenizer's settings",
+                             "fix or remove it") if settings_path is not None else None
+    value = value or {}
+    ids: dict[str, int | None] = {}  # text -> its HF id (None: listed without one)
+    decoder = value.get("added_tokens_decoder")
+    for key, token in (decoder.items() if isinstance(decoder, dict) else ()):
+        if str(key).isdigit() and _token_names([token]):
+            ids[_token_names([token])[0]] = int(key)
+    try:
+        listed = json.loads(epath.Path(tokenizer_json).read_text()).get("added_tokens") \
+            if tokenizer_json is not None and epath.Path(tokenizer_json).exists() else None
+    except (OSError, ValueError, AttributeError):  # unreadable: HF's problem, not ours here
+        listed = None
+    for token in listed if isinstance(listed, list) else ():
+        if isinstance(token, dict) and isinstance(token.get("id"), int) and _token_names([token]):
+            ids[_token_names([token])[0]] = token["id"]
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        for name in _token_names(value.get(key)):
+            ids.setdefault(name, None)
+    pieces = {vocab.piece(i) for i in range(vocab.vocab_size)} if None in ids.values() else ()
+    unread = [t for t, i in ids.items() if (i is None and t not in pieces)
+              or (i is not None and i >= vocab.vocab_size)]
+    if unread:
+        past = sorted(ids[t] for t in unread if ids[t] is not None)
+        logging.warning("%s: %d added tokens past the vocabulary's %d ids (%s%s) are not read: "
+                        "text that spells them is tokenized as text, and decoding drops them",
+                        settings_path, len(unread), vocab.vocab_size,
+                        ", ".join(map(repr, unread[:3])) + (", ..." if len(unread) > 3 else ""),
+                        f"; ids {past[0]}..{past[-1]}" if past else "")
+    return unread
 
 
 def is_hf_dir(path) -> bool:
@@ -844,25 +883,15 @@ def run_config_for(cfg: ModelConfig, tokenizer_config=None):
 
 def t5_extra_ids(tokenizer_config=None) -> int:
     """T5Tokenizer's `extra_ids` (sentinels after the pieces) in the tokenizer_config.json at
-    `tokenizer_config`; 100 without one, as T5Tokenizer's default. HF gives the other
-    `additional_special_tokens` it lists (an `<extra_id_N>` with N >= extra_ids included) ids
-    after the sentinels, which are not read (a warning, as for a Llama's added tokens)."""
+    `tokenizer_config`; 100 without one, as T5Tokenizer's default (HF gives the other tokens it
+    lists, an `<extra_id_N>` with N >= extra_ids included, ids after the sentinels:
+    `warn_unread_added_tokens`)."""
     path = None if tokenizer_config is None else epath.Path(tokenizer_config)
     value = None if path is None or not path.exists() else read_json_object(
         path, InteropError, "the tokenizer's settings", "fix or remove it")
     n = (value or {}).get("extra_ids", T5_EXTRA_IDS)
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise InteropError(f"{path}: extra_ids={json.dumps(n)} is not an integer >= 0")
-    listed = (value or {}).get("additional_special_tokens") or []
-    sentinels = {f"<extra_id_{i}>" for i in range(n)}
-    other = [t.get("content") if isinstance(t, dict) else t
-             for t in (listed if isinstance(listed, list) else [])]
-    other = [t for t in dict.fromkeys(other) if t not in sentinels]
-    if other:
-        logging.warning("%s: %d additional special tokens past the %d sentinels (%s) are not "
-                        "read: text that spells them is tokenized as text, and decoding drops "
-                        "them", path, len(other), n, ", ".join(map(repr, other[:3])) +
-                        (", ..." if len(other) > 3 else ""))
     return n
 
 

@@ -306,7 +306,7 @@ def test_t5_extra_ids_of_the_tokenizer_config_are_followed_both_ways(hf_models, 
     assert [hf_tok.convert_tokens_to_ids(f"<extra_id_{i}>") for i in range(8)] == want
     assert hf_tok.convert_tokens_to_ids(["<x>", "<extra_id_8>"]) == [158, 159]
     assert [t5x_lite.load(str(src)).vocab.sentinel_id(i) for i in range(8)] == want
-    assert ("2 additional special tokens past the 8 sentinels ('<x>', '<extra_id_8>') are not "
+    assert ("2 added tokens past the vocabulary's 158 ids ('<x>', '<extra_id_8>') are not "
             "read") in caplog.text
     (src / "tokenizer_config.json").write_text(json.dumps({"extra_ids": "8"}))
     with pytest.raises(hf_interop.InteropError, match=r'tokenizer_config.json: extra_ids="8" is '

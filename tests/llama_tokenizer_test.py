@@ -261,7 +261,22 @@ def test_added_tokens_past_the_pieces_are_named_in_a_warning(src, tmp_path, capl
                                     "301": {"content": "<|im_start|>"}})
     m = t5x_lite.load(str(d))
     assert m.start_id == 1
-    assert "2 added tokens (ids 300..301) are not read" in caplog.text
+    assert ("2 added tokens past the vocabulary's 300 ids ('<|im_end|>', '<|im_start|>'; ids "
+            "300..301) are not read") in caplog.text
+    # transformers 5 saves them in tokenizer.json only, which HF reads them from
+    caplog.clear()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    tok.save_pretrained(tmp_path / "v5")
+    assert "added_tokens_decoder" not in json.loads(
+        (tmp_path / "v5" / "tokenizer_config.json").read_text())
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "v5")("<|im_end|>")[
+        "input_ids"] == [1, 300]
+    hf.save_pretrained(tmp_path / "v5")  # with the sentencepiece model, as Llama 2 ships it
+    (tmp_path / "v5" / "tokenizer.model").write_bytes((path / "tokenizer.model").read_bytes())
+    t5x_lite.load(str(tmp_path / "v5"))
+    assert ("1 added tokens past the vocabulary's 300 ids ('<|im_end|>'; ids 300..300) are not "
+            "read") in caplog.text
 
 
 def test_chat_messages_are_refused_with_a_sentencepiece_vocabulary(src, tmp_path):
