@@ -1,60 +1,29 @@
-"""Reads TensorBoard event files back with protobuf's own descriptors (independent of our
-encoder) and replays them as TensorBoard's EventAccumulator keeps scalars."""
-import struct
-
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-from t5x_lite.training import metrics_writer as mw
+"""Reads TensorBoard event files back with TensorBoard itself (independent of our encoder):
+its event-file loader and protos, and the scalars its EventAccumulator shows."""
+from tensorboard.backend.event_processing import event_accumulator, event_file_loader
 
 
-def event_class():
-    """tensorflow.Event's fields we write, declared with protobuf's own descriptors."""
-    f = descriptor_pb2.FileDescriptorProto(name="t5x_lite_test_event.proto", package="tft")
-    T = descriptor_pb2.FieldDescriptorProto
-
-    def msg(name, fields):
-        m = f.message_type.add(name=name)
-        for fname, num, typ, label, type_name in fields:
-            fld = m.field.add(name=fname, number=num, type=typ, label=label)
-            if type_name:
-                fld.type_name = type_name
-    opt, rep = T.LABEL_OPTIONAL, T.LABEL_REPEATED
-    msg("Value", [("tag", 1, T.TYPE_STRING, opt, None), ("simple_value", 2, T.TYPE_FLOAT, opt, None)])
-    msg("Summary", [("value", 1, T.TYPE_MESSAGE, rep, ".tft.Value")])
-    msg("SessionLog", [("status", 1, T.TYPE_INT32, opt, None)])
-    msg("Event", [("wall_time", 1, T.TYPE_DOUBLE, opt, None), ("step", 2, T.TYPE_INT64, opt, None),
-                  ("file_version", 3, T.TYPE_STRING, opt, None),
-                  ("summary", 5, T.TYPE_MESSAGE, opt, ".tft.Summary"),
-                  ("session_log", 6, T.TYPE_MESSAGE, opt, ".tft.SessionLog")])
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(f)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("tft.Event"))
-
-
-def records(path):
-    data = path.read_bytes()
-    out, pos = [], 0
-    while pos < len(data):
-        (n,) = struct.unpack("<Q", data[pos:pos + 8])
-        assert struct.unpack("<I", data[pos + 8:pos + 12])[0] == mw._masked_crc(data[pos:pos + 8])
-        payload = data[pos + 12:pos + 12 + n]
-        assert struct.unpack("<I", data[pos + 12 + n:pos + 16 + n])[0] == mw._masked_crc(payload)
-        out.append(payload)
-        pos += 16 + n
-    return out
+def events(path) -> list:
+    """The tensorflow.Event protos of one events file, as TensorBoard reads them."""
+    return list(event_file_loader.LegacyEventFileLoader(str(path)).Load())
 
 
 def tensorboard_view(events_dir, first_start_counts: bool = False) -> list:
-    """[(step, tag, value)] sorted, as TensorBoard keeps them (a step twice when it is there twice): files in name order; at a SessionLog.START
-    of step S only the points of step < S stay (its `_Purge`). The current EventAccumulator
-    ignores a run's first START (`first_start_counts=False`); older ones purge at every one."""
-    Event = event_class()
-    kept, seen_start = [], False
+    """[(step, tag, value)] sorted, as TensorBoard shows them (a step twice when it is there
+    twice). False: what the installed TensorBoard's EventAccumulator keeps (it ignores a run's
+    first SessionLog.START and, at a later START of step S, purges the points of steps >= S).
+    True: as older ones keep them, which purged at every START: a replay of the events."""
+    if not first_start_counts:
+        acc = event_accumulator.EventAccumulator(
+            str(events_dir), size_guidance={event_accumulator.SCALARS: 0},
+            purge_orphaned_data=True)
+        acc.Reload()
+        return sorted((s.step, tag, s.value) for tag in acc.Tags()["scalars"]
+                      for s in acc.Scalars(tag))
+    kept = []
     for path in sorted(events_dir.iterdir()):
-        for e in map(Event.FromString, records(path)):
-            if e.session_log.status == 1:
-                if seen_start or first_start_counts:
-                    kept = [(step, tag, v) for step, tag, v in kept if step < e.step]
-                seen_start = True
+        for e in events(path):
+            if e.HasField("session_log") and e.session_log.status == e.session_log.START:
+                kept = [(step, tag, v) for step, tag, v in kept if step < e.step]
             kept += [(e.step, v.tag, v.simple_value) for v in e.summary.value]
     return sorted(kept)

@@ -1,8 +1,8 @@
-"""metrics_writer: TFRecord/Event encoding (decoded with protobuf, independent of our encoder),
+"""metrics_writer: TFRecord/Event encoding (decoded by TensorBoard, independent of our encoder),
 metrics.jsonl and its truncation on resume."""
 import json
 
-from events_reader import event_class, records, tensorboard_view
+from events_reader import events, tensorboard_view
 
 from t5x_lite.training import metrics_writer as mw
 
@@ -16,12 +16,11 @@ def test_event_file_decodes(tmp_path):
     writer.write(5, {"loss": 2.5, "learning_rate": 0.01})
     writer.write(10, {"loss": 1.25, "accuracy": 0.5}, prefix="eval/")
     writer.close()
-    Event = event_class()
     files = list((tmp_path / mw.EVENTS_DIR).iterdir())
     assert len(files) == 1 and files[0].name.startswith("events.out.tfevents.")
-    events = [Event.FromString(r) for r in records(files[0])]
-    assert events[0].file_version == "brain.Event:2"
-    got = {(e.step, v.tag): v.simple_value for e in events[1:] for v in e.summary.value}
+    read = events(files[0])
+    assert read[0].file_version == "brain.Event:2"
+    got = {(e.step, v.tag): v.simple_value for e in read[1:] for v in e.summary.value}
     assert got == {(5, "loss"): 2.5, (5, "learning_rate"): 0.009999999776482582,
                    (10, "eval/loss"): 1.25, (10, "eval/accuracy"): 0.5}
     lines = [json.loads(x) for x in (tmp_path / mw.METRICS_FILE).read_text().splitlines()]

@@ -82,7 +82,7 @@ def _bytes_field(num: int, payload: bytes) -> bytes:
 def encode_event(wall_time: float, step: int, *, file_version: str | None = None,
                  scalars: Mapping[str, float] | None = None, session_start: bool = False) -> bytes:
     """Serialized tensorflow.Event (wall_time=1 double, step=2 int64, file_version=3,
-    summary=5 {value=1 {tag=1, simple_value=2 float}}, session_log=6 {status=1})."""
+    summary=5 {value=1 {tag=1, simple_value=2 float}}, session_log=7 {status=1})."""
     out = _field(1, 1) + struct.pack("<d", wall_time) + _field(2, 0) + _varint(int(step))
     if file_version is not None:
         out += _bytes_field(3, file_version.encode())
@@ -93,7 +93,7 @@ def encode_event(wall_time: float, step: int, *, file_version: str | None = None
             for tag, v in scalars.items())
         out += _bytes_field(5, values)
     if session_start:
-        out += _bytes_field(6, _field(1, 0) + _varint(1))  # SessionLog.START
+        out += _bytes_field(7, _field(1, 0) + _varint(1))  # SessionLog.START
     return out
 
 
