@@ -152,6 +152,8 @@ def test_a_checkpoint_steps_eval_lost_to_a_stop_runs_on_resume(tmp_path, monkeyp
         monkeypatch.setattr(trainer_lib, "evaluate", real)
         saved = (tmp_path / name / checkpoints.CONFIG_FILE).read_text()
         log_every, cfg.train.log_every = cfg.train.log_every, 3  # a resume may change it
+        with open(tmp_path / name / METRICS_FILE, "ab") as f:
+            f.write(b'{"step": 2, "eval/lo\n\0\0\0')  # lines a kill cut short
         assert train(cfg, tmp_path / name).step == steps
         # a re-run that only redoes the eval leaves the saved config as it was
         rewritten = (tmp_path / name / checkpoints.CONFIG_FILE).read_text() != saved

@@ -193,26 +193,36 @@ class MetricsWriter:
             self._events.close()
 
 
+def _records(path) -> list[tuple[str, dict | None]]:
+    """(line, its record; None for one a kill cut short or left as NUL bytes) of each line of
+    metrics.jsonl `path`."""
+    out = []
+    for line in files.split_lines(epath.Path(path).read_bytes().decode("utf-8", "replace")):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        out.append((line, record if isinstance(record, dict) else None))
+    return out
+
+
 def truncate_jsonl(path, after_step: int) -> None:
     """Drops lines logged after `after_step` (left by a run that died after its last
-    checkpoint), so a resumed run's metrics.jsonl reads like an uninterrupted one."""
+    checkpoint) and lines a kill cut short, so a resumed run's metrics.jsonl reads like an
+    uninterrupted one."""
     path = epath.Path(path)
     if not path.exists():
         return
-    kept = []
-    for line in files.split_lines(path.read_text()):
-        try:
-            if json.loads(line).get("step", 0) <= after_step:
-                kept.append(line)
-        except json.JSONDecodeError:
-            pass  # a line cut short by a kill
+    kept = [line for line, r in _records(path) if r is not None and r.get("step", 0) <= after_step]
     files.write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def has_metric(path, step: int, key: str) -> bool:
-    """Whether metrics.jsonl `path` holds `key` at `step` (False when there is no file)."""
+    """Whether metrics.jsonl `path` holds `key` at `step` (False when there is no file; lines
+    a kill cut short are not read)."""
     path = epath.Path(path)
-    return path.exists() and any(r.get("step") == step and key in r for r in read_jsonl(path))
+    return path.exists() and any(r is not None and r.get("step") == step and key in r
+                                 for _, r in _records(path))
 
 
 def read_jsonl(path) -> list[dict]:
