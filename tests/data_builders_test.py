@@ -441,8 +441,14 @@ def test_jsonl_kind_comes_from_the_first_file_with_a_record(tmp_path):
     (tmp_path / "b.jsonl").write_text('{"inputs": "q", "targets": "a"}\n')
     b = _prepare(tmp_path, "jsonl", train_paths=[str(tmp_path / "*.jsonl")])
     assert _read_all(b, "train") == [{"inputs": "q", "targets": "a"}]
-    with pytest.raises(local_files.DataFormatError, match=r"a.jsonl: no JSON records"):
+    with pytest.raises(local_files.DataFormatError, match=r"a.jsonl: no JSON records$"):
         builders.local_files_config("jsonl", train_paths=[str(tmp_path / "a.jsonl")])
+    # a file none of whose lines is JSON names the first of them
+    (tmp_path / "c.jsonl").write_bytes(b'\n{\n  "text": "caf\xe9"\n}\n')
+    with pytest.raises(local_files.DataFormatError, match=r"c.jsonl: no JSON records \(the first "
+                       r"line that is not one: .*c.jsonl:2: Expecting property name enclosed in "
+                       r"double quotes at column 2\)$"):
+        builders.local_files_config("jsonl", train_paths=[str(tmp_path / "c.jsonl")])
 
 
 def test_holdout_tally_counts_what_a_list_of_the_hashes_would():

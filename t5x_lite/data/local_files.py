@@ -293,13 +293,17 @@ def _utf8_lines(path) -> Iterator[bytes]:
 def detect_jsonl_kind(paths: epath.Path | Sequence[epath.Path], text_key: str, inputs_key: str,
                       targets_key: str) -> str:
     """"text" or "pairs", from the first parsable JSON object of the first JSONL file that has
-    one (an empty first shard is no reason to fail)."""
+    one (an empty first shard is no reason to fail; when none has one, the error names the
+    first line that is no JSON)."""
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    first_bad = ""
     for path in paths:
         for i, raw in enumerate(_utf8_lines(path), 1):
             try:
                 record = files.json_line(raw)
-            except ValueError:  # not UTF-8, not JSON: read_file names it
+            except ValueError as e:  # not UTF-8, not JSON: read_file names it
+                if raw.strip() and not first_bad:
+                    first_bad = f" (the first line that is not one: {path}:{i}: {e})"
                 continue
             if not isinstance(record, dict):
                 raise DataFormatError(f"{path}:{i}: expected a JSON object, got {type(record)}")
@@ -311,7 +315,7 @@ def detect_jsonl_kind(paths: epath.Path | Sequence[epath.Path], text_key: str, i
                 f"{path}:{i}: record has neither {text_key!r} nor {inputs_key!r}+{targets_key!r} "
                 f"(keys: {sorted(record)[:8]}); set data.text_key / inputs_key / targets_key")
     where = paths[0] if len(paths) == 1 else f"{len(paths)} files (first: {paths[0]})"
-    raise DataFormatError(f"{where}: no JSON records")
+    raise DataFormatError(f"{where}: no JSON records{first_bad}")
 
 
 def read_file(path: epath.Path, fmt: str, *, kind: str = "text", document_per: str = "file",
