@@ -152,6 +152,14 @@ def test_seq2seq_appends_eos_truncates_and_shifts(vocab):
     np.testing.assert_array_equal(rows[1]["decoder_target_tokens"], [8, 9, 10, 1])
     t.map({"inputs": np.arange(3, 20), "targets": np.arange(3, 5)})
     assert t.counter.count == 1
+    t.map({"inputs": np.arange(3, 20), "targets": np.arange(3, 20)})  # both sides cut: one pair
+    t.map({"inputs": np.arange(3, 8), "targets": np.arange(3, 6)})  # each side just fits
+    assert t.counter.count == 2
+    p = objectives.PrefixLMFromPairs(8)  # room: inputs 4 + targets 4, or what the other leaves
+    rows = [p.map({"inputs": np.arange(3, 3 + n), "targets": np.arange(40, 40 + m)})
+            for n, m in ((9, 9), (2, 5), (3, 3), (3, 4))]
+    assert [r["decoder_target_tokens"].size for r in rows] == [8, 8, 8, 8]
+    assert p.counter.count == 3  # the first pair cut on both sides, the 2nd and 4th on one
 
 
 def test_span_corruption_rows_reconstruct_the_token_stream(vocab):

@@ -57,12 +57,17 @@ class LoggedCounter:
             logging.warning("%s (%d so far in this process)", self.message, self.count)
 
 
-def _eos_terminated(tokens: np.ndarray, max_length: int, counter: LoggedCounter) -> np.ndarray:
-    """tokens + EOS, truncated to `max_length` (keeping the EOS) and counted if too long."""
-    if tokens.size + 1 > max_length:
+def _eos_terminated(tokens: np.ndarray, max_length: int) -> np.ndarray:
+    """tokens + EOS, truncated to `max_length` (keeping the EOS)."""
+    return np.concatenate([tokens[:max_length - 1], [EOS_ID]]).astype(np.int32)
+
+
+def _eos_terminated_pair(inputs, targets, inputs_length: int, targets_length: int,
+                         counter: LoggedCounter) -> tuple[np.ndarray, np.ndarray]:
+    """(`_eos_terminated` inputs, targets), the pair counted once if either was cut."""
+    if inputs.size >= inputs_length or targets.size >= targets_length:
         counter.add()
-        tokens = tokens[:max_length - 1]
-    return np.concatenate([tokens, [EOS_ID]]).astype(np.int32)
+    return _eos_terminated(inputs, inputs_length), _eos_terminated(targets, targets_length)
 
 
 class Tokenize(grain.transforms.Map):
@@ -159,8 +164,9 @@ class PrefixLMFromPairs(grain.transforms.Map):
     def map(self, example):
         inputs, targets = example["inputs"], example["targets"]
         room_for_targets = self._length - min(inputs.size + 1, self._length // 2)
-        targets_L = _eos_terminated(targets, room_for_targets, self.counter)
-        inputs_L = _eos_terminated(inputs, self._length - targets_L.size, self.counter)
+        room_for_inputs = self._length - min(targets.size + 1, room_for_targets)
+        inputs_L, targets_L = _eos_terminated_pair(inputs, targets, room_for_inputs,
+                                                   room_for_targets, self.counter)
         return _prefix_lm_example(inputs_L.size, np.concatenate([inputs_L, targets_L]))
 
 
@@ -173,9 +179,9 @@ class Seq2Seq(grain.transforms.Map):
             f"seq2seq pairs longer than inputs/targets lengths {self._lengths} were truncated")
 
     def map(self, example):
-        targets_L = _eos_terminated(example["targets"], self._lengths[1], self.counter)
-        return {"encoder_input_tokens": _eos_terminated(example["inputs"], self._lengths[0],
-                                                        self.counter),
+        inputs_L, targets_L = _eos_terminated_pair(example["inputs"], example["targets"],
+                                                   *self._lengths, self.counter)
+        return {"encoder_input_tokens": inputs_L,
                 "decoder_target_tokens": targets_L,
                 "decoder_loss_weights": np.ones_like(targets_L)}
 
