@@ -81,14 +81,21 @@ class _SentencePieceModel:
         raise NotImplementedError
 
     def _parse(self, proto: bytes, setting, source: str) -> spm.SentencePieceProcessor:
-        """The parsed model (one VocabularyError line for empty or foreign bytes); keeps the
-        bytes and the setting for pickling."""
+        """The parsed model (one VocabularyError line for empty or foreign bytes, and for a
+        damaged model whose pieces are not all UTF-8, which decoding would trip on later);
+        keeps the bytes and the setting for pickling."""
         if not proto:
             raise VocabularyError(f"vocabulary file is empty: {source}")
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=proto)
-        except RuntimeError:
+        except (RuntimeError, UnicodeDecodeError):  # sentencepiece's message may hold the bytes
             raise VocabularyError(f"not a sentencepiece model: {source}") from None
+        try:
+            self._sp.id_to_piece(list(range(self._sp.get_piece_size())))
+        except UnicodeDecodeError:
+            bad = next(i for i in range(self._sp.get_piece_size()) if not _utf8_piece(self._sp, i))
+            raise VocabularyError(f"a damaged sentencepiece model: {source} (piece {bad} is not "
+                                  "UTF-8)") from None
         self._proto, self._setting = proto, setting
         self._token_bytes = None  # `token_bytes`, made when first asked for
         return self._sp
@@ -364,11 +371,23 @@ class LlamaVocabulary(_SentencePieceModel):
         return self._sp.decode(ids_L.tolist())
 
 
+def _utf8_piece(sp: spm.SentencePieceProcessor, i: int) -> bool:
+    try:
+        sp.id_to_piece(i)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def ids_before_eos(ids: Iterable[int], eos_id: int | None) -> np.ndarray:
     """`ids` as int64 [L], up to (not including) the first `eos_id` (None: all of them); a
-    negative id (e.g. HF's -100 label padding) is one VocabularyError line. What every
-    vocabulary's `decode` starts with."""
-    ids_L = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), np.int64).ravel()
+    negative id (e.g. HF's -100 label padding) or more than one row of them (`decode_batch`
+    decodes rows) is one VocabularyError line. What every vocabulary's `decode` starts with."""
+    ids = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids))
+    if ids.ndim > 1 and ids.size and ids.size != ids.shape[-1]:
+        raise VocabularyError(f"decode: ids of shape {ids.shape} are more than one row; "
+                              "decode_batch decodes rows")
+    ids_L = ids.astype(np.int64).ravel()
     eos = np.flatnonzero(ids_L == eos_id) if eos_id is not None else np.zeros(0, np.int64)
     if eos.size:
         ids_L = ids_L[:eos[0]]
@@ -384,7 +403,7 @@ def sentencepiece_ids(model_proto: bytes) -> tuple[int, int, int] | None:
         return None
     try:
         sp = spm.SentencePieceProcessor(model_proto=model_proto)
-    except RuntimeError:
+    except (RuntimeError, UnicodeDecodeError):
         return None
     return sp.pad_id(), sp.eos_id(), sp.unk_id()
 

@@ -65,6 +65,10 @@ def test_decode_stops_at_eos_and_drops_pad(vocab):
     assert vocab.decode([]) == ""
     with pytest.raises(VocabularyError, match="^decode: id -100 is negative$"):
         vocab.decode(ids + [-100])  # HF's label padding; sentencepiece said OUT_OF_RANGE
+    assert vocab.decode(np.array([ids])) == "the first time"  # one row, as [1, L]
+    with pytest.raises(VocabularyError, match=r"^decode: ids of shape \(2, 2\) are more than one "
+                       "row; decode_batch decodes rows$"):
+        vocab.decode(np.array([ids[:2], ids[2:4]]))  # it read them as one row
 
 
 def test_sentinel_strings_encode_and_render(vocab):
@@ -131,6 +135,28 @@ def test_load_errors(tmp_path):
     (tmp_path / "junk.model").write_bytes(b"this is not a protobuf \xff\xfe")
     with pytest.raises(VocabularyError, match="not a sentencepiece model"):
         Vocabulary(tmp_path / "junk.model")
+
+
+def test_a_damaged_model_is_one_error_line_when_loaded(vocab, tmp_path):
+    """One byte changed: a byte piece's "<" (sentencepiece refuses the model in a message
+    holding that byte), or a piece's letter to a byte that is not UTF-8 (sentencepiece loads
+    it, and decoding tripped on it later)."""
+    data = vocab.path.read_bytes()
+    sp = spm.SentencePieceProcessor(model_proto=data)
+    at = data.index(b"<0x80>")
+    piece = next(p for p in map(sp.id_to_piece, range(sp.get_piece_size()))
+                 if p[1:].isascii() and p[1:].isalpha() and data.count(p.encode()) == 1)
+    at_piece = data.index(piece.encode()) + len(piece.encode()) - 1  # its last letter
+    for name, damaged, message in (
+            ("byte_piece", data[:at] + b"\x94" + data[at + 1:], "not a sentencepiece model"),
+            ("piece", data[:at_piece] + b"\xff" + data[at_piece + 1:],
+             rf"a damaged sentencepiece model: .* \(piece {sp.piece_to_id(piece)} is not UTF-8\)")):
+        (tmp_path / name).write_bytes(damaged)
+        with pytest.raises(VocabularyError, match=message):
+            Vocabulary(tmp_path / name)
+        with pytest.raises(VocabularyError, match=message):
+            vocab_lib.LlamaVocabulary(tmp_path / name)
+        assert vocab_lib.sentencepiece_ids(damaged) in (None, (0, 1, 2))
 
 
 def test_rejects_model_with_other_special_ids(tmp_path):
