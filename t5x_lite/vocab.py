@@ -396,6 +396,13 @@ def ids_before_eos(ids: Iterable[int], eos_id: int | None) -> np.ndarray:
     return ids_L
 
 
+def byte_pieces(model_proto: bytes) -> int:
+    """How many byte pieces (<0x00>..<0xFF>: byte fallback, which `train_vocab` trains with)
+    serialized sentencepiece model bytes hold."""
+    sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    return sum(map(sp.is_byte, range(sp.get_piece_size())))
+
+
 def sentencepiece_ids(model_proto: bytes) -> tuple[int, int, int] | None:
     """(pad, eos, unk) ids of serialized sentencepiece model bytes (-1: none), or None for bytes
     that are no sentencepiece model (the vocabulary classes say so in one line)."""

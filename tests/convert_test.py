@@ -17,6 +17,7 @@ import hf_reference as ref
 import t5x_lite
 from t5x_lite import checkpoints, convert, hf_interop
 from t5x_lite.config import ModelConfig, gpt_modern
+from t5x_lite.data import testing
 
 
 @pytest.fixture(scope="module")
@@ -312,6 +313,25 @@ def test_t5_extra_ids_of_the_tokenizer_config_are_followed_both_ways(hf_models, 
     with pytest.raises(hf_interop.InteropError, match=r'tokenizer_config.json: extra_ids="8" is '
                        "not an integer >= 0"):
         t5x_lite.load(str(src))
+
+
+def test_a_t5_vocabulary_with_byte_pieces_exports_with_a_warning(hf_models, tmp_path, caplog):
+    """HF's T5Tokenizer does not use sentencepiece byte fallback (which vocabularies trained
+    here have): the export says so, as HF's tokenizer of the export shows."""
+    vocab = testing.tiny_vocab(400)
+    ref.t5_ending_with_eos(512).save_pretrained(tmp_path / "src")
+    (tmp_path / "src" / "spiece.model").write_bytes(vocab.path.read_bytes())
+    convert.hf_to_workdir(tmp_path / "src", tmp_path / "w")
+    convert.workdir_to_hf(tmp_path / "w", tmp_path / "hf")
+    assert "has byte pieces (sentencepiece byte fallback), which HF's T5Tokenizer" in caplog.text
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours = vocab.encode("\u2211")
+    assert vocab.decode(ours) == "\u2211" and len(ours) > 1  # its bytes, after a space piece
+    assert hf_tok("\u2211", add_special_tokens=False)["input_ids"][-1] == 2  # <unk>
+    caplog.clear()  # a vocabulary without them (as T5's own): no warning
+    convert.hf_to_workdir(hf_models["t5_v1_0"][1], tmp_path / "w2")
+    convert.workdir_to_hf(tmp_path / "w2", tmp_path / "hf2")
+    assert "byte pieces" not in caplog.text
 
 
 def test_from_hf_refuses_a_workdir_holding_another_vocabulary(hf_models, tmp_path):
