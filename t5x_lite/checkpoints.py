@@ -165,7 +165,8 @@ def save_params(workdir, params, step: int = 0) -> None:
 @contextlib.contextmanager
 def _readable(directory):
     """Storage errors while reading a checkpoint (a file missing or cut short: a damaged disk,
-    a partial copy) as one CheckpointError naming the step directory."""
+    a partial copy) as one CheckpointError naming the step directory; running out of memory
+    is one too, which does not call the checkpoint damaged."""
     previous = _quiet_closed_loop_callbacks()
     try:
         yield
@@ -177,6 +178,10 @@ def _readable(directory):
         while e.__cause__ is not None:  # orbax wraps tensorstore's reason ("NOT_FOUND: ...")
             e = e.__cause__
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in first:
+            raise CheckpointError(
+                f"Checkpoint {directory} could not be read: out of memory ({first[:300]}); the "
+                "checkpoint is not damaged, keep it") from None
         raise CheckpointError(
             f"Checkpoint {directory} cannot be read (incomplete or damaged): "
             f"{first[:300]}{'...' if len(first) > 300 else ''}; if it is damaged, remove that "

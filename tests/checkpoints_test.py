@@ -209,6 +209,22 @@ def test_damaged_checkpoint_is_one_clear_error(tmp_path, damage):
             checkpoints.restore_train_state(mngr, 5, abstract, {})
 
 
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError(
+    "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4294967296 bytes.")])
+def test_running_out_of_memory_while_reading_is_not_called_damage(tmp_path, monkeypatch, error):
+    """Not 'incomplete or damaged ... remove that directory': the checkpoint is fine."""
+    params = _params()
+    mesh = partitioning.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    checkpoints.save_params(tmp_path, params, step=5)
+
+    def restore(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(checkpoints.ocp.CheckpointManager, "restore", restore)
+    with pytest.raises(checkpoints.CheckpointError, match=r"checkpoints/5 could not be read: out "
+                       r"of memory \(.*\); the checkpoint is not damaged, keep it$"):
+        checkpoints.restore_params(tmp_path, 5, _abstract(params, mesh, _specs()))
+
+
 def test_relative_paths_work(tmp_path, monkeypatch):
     """orbax wants absolute paths (and says so only at the first save, after the training):
     every checkpoint function takes relative ones."""
