@@ -21,8 +21,9 @@ from t5x_lite.errors import UserError
 
 def write_atomic(path, data: str | bytes) -> None:
     """Writes `data` to `<path>.tmp` and renames it over `path`: a reader (or a killed run)
-    sees the old file or the new one, never part of one. The temp file does not outlive a
-    failure."""
+    sees the old file or the new one, never part of one. A local temp file is synced to disk
+    before the rename, so that a host crash cannot leave an empty file under the new name. The
+    temp file does not outlive a failure."""
     path = epath.Path(path)
     tmp = path.parent / (path.name + ".tmp")
     try:
@@ -30,6 +31,12 @@ def write_atomic(path, data: str | bytes) -> None:
             tmp.write_bytes(data)
         else:
             tmp.write_text(data)
+        if not is_remote(tmp):
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         tmp.replace(path)  # epath's rename refuses to overwrite an existing file
     finally:
         if tmp.exists():
