@@ -212,16 +212,18 @@ def warn_unread_added_tokens(vocab, settings_path, tokenizer_json=None) -> list[
     ids: dict[str, int | None] = {}  # text -> its HF id (None: listed without one)
     decoder = value.get("added_tokens_decoder")
     for key, token in (decoder.items() if isinstance(decoder, dict) else ()):
-        if str(key).isdigit() and _token_names([token]):
-            ids[_token_names([token])[0]] = int(key)
+        for name in _token_names([token]) if str(key).isdigit() else ():
+            ids[name] = int(key)
+    has_json = tokenizer_json is not None and epath.Path(tokenizer_json).exists()
     try:
         listed = json.loads(epath.Path(tokenizer_json).read_text()).get("added_tokens") \
-            if tokenizer_json is not None and epath.Path(tokenizer_json).exists() else None
+            if has_json else None
     except (OSError, ValueError, AttributeError):  # unreadable: HF's problem, not ours here
         listed = None
     for token in listed if isinstance(listed, list) else ():
-        if isinstance(token, dict) and isinstance(token.get("id"), int) and _token_names([token]):
-            ids[_token_names([token])[0]] = token["id"]
+        for name in _token_names([token]) if isinstance(token, dict) and isinstance(
+                token.get("id"), int) else ():
+            ids[name] = token["id"]
     for key in ("additional_special_tokens", "extra_special_tokens"):
         for name in _token_names(value.get(key)):
             ids.setdefault(name, None)
@@ -232,7 +234,9 @@ def warn_unread_added_tokens(vocab, settings_path, tokenizer_json=None) -> list[
         past = sorted(ids[t] for t in unread if ids[t] is not None)
         logging.warning("%s: %d added tokens past the vocabulary's %d ids (%s%s) are not read: "
                         "text that spells them is tokenized as text, and decoding drops them",
-                        settings_path, len(unread), vocab.vocab_size,
+                        epath.Path(settings_path if settings_path is not None
+                                   else tokenizer_json).parent,
+                        len(unread), vocab.vocab_size,
                         ", ".join(map(repr, unread[:3])) + (", ..." if len(unread) > 3 else ""),
                         f"; ids {past[0]}..{past[-1]}" if past else "")
     return unread
