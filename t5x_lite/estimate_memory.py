@@ -3,7 +3,9 @@
 Params and optimizer state are exact: the trainer's own optimizer (`training.optimizers`) is
 initialised abstractly, and every leaf is sharded the way the trainer shards it (the params'
 logical axes through the mesh rules; optimizer leaves via `training.train_state.derive_spec`).
-A dimension split over n devices that n does not divide counts ceil(dim / n), as XLA pads.
+A param or optimizer-state dimension its mesh axes do not divide is refused (`partitioning`
+raises MeshError, as for the trainer); an activation dimension split over n devices that n does
+not divide counts ceil(dim / n), as XLA pads.
 
 Activations are a model of what the backward pass keeps, counted in four tensor kinds per
 layer (per device, per microbatch; b = rows per device, s / k = query / key length):
