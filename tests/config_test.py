@@ -136,10 +136,11 @@ def test_resuming_an_old_gpt_relative_workdir_with_position_none_matches(tmp_pat
     run.model.position = "relative"  # as an old version saved a bare ModelConfig(family="gpt")
     checkpoints.write_config(tmp_path, run)
     run.model.position = "none"  # the fix the refusal names
-    run_checks.check_workdir_config(tmp_path, run, override=False)  # no shape change
+    saved = checkpoints.saved_config(tmp_path)
+    run_checks.check_workdir_config(tmp_path, saved, run, override=False)  # no shape change
     run.model.position = "learned"
     with pytest.raises(run_checks.ConfigMismatchError, match="position: none -> learned"):
-        run_checks.check_workdir_config(tmp_path, run, override=False)
+        run_checks.check_workdir_config(tmp_path, saved, run, override=False)
 
 
 @pytest.mark.parametrize("overrides, message", [

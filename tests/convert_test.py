@@ -16,6 +16,7 @@ import transformers
 import hf_reference as ref
 import t5x_lite
 from t5x_lite import checkpoints, convert, hf_interop
+from t5x_lite import vocab as vocab_lib
 from t5x_lite.config import ModelConfig, gpt_modern
 from t5x_lite.data import testing
 
@@ -332,6 +333,15 @@ def test_a_t5_vocabulary_with_byte_pieces_exports_with_a_warning(hf_models, tmp_
     convert.hf_to_workdir(hf_models["t5_v1_0"][1], tmp_path / "w2")
     convert.workdir_to_hf(tmp_path / "w2", tmp_path / "hf2")
     assert "byte pieces" not in caplog.text
+
+
+def test_to_hf_refuses_a_damaged_vocabulary_before_writing(hf_models, tmp_path):
+    convert.hf_to_workdir(hf_models["t5_v1_0"][1], tmp_path / "w")
+    good = (tmp_path / "w" / "vocab.model").read_bytes()
+    (tmp_path / "w" / "vocab.model").write_bytes(good[:len(good) // 2])  # a partial copy
+    with pytest.raises(vocab_lib.VocabularyError, match="not a sentencepiece model: .*vocab.model"):
+        convert.workdir_to_hf(tmp_path / "w", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists() or not list((tmp_path / "hf").iterdir())
 
 
 def test_from_hf_refuses_a_workdir_holding_another_vocabulary(hf_models, tmp_path):
