@@ -673,8 +673,7 @@ def checkpoint_eos(workdir, step: int, cfg: ModelConfig, run=None) -> tuple[int,
     if step != 0:
         return ours
     if run is None:
-        has_config = (epath.Path(workdir) / checkpoints.CONFIG_FILE).exists()
-        run = checkpoints.read_config(workdir) if has_config else {}
+        run = checkpoints.saved_config(workdir) or {}
     if lora.is_lora_run(run):
         return checkpoint_eos(*lora.base_checkpoint(lora.LoraConfig.from_dict(run.lora)), cfg)
     hf_config, generation_config = (hf_interop.read_source_config(

@@ -178,13 +178,14 @@ def _readable(directory):
         while e.__cause__ is not None:  # orbax wraps tensorstore's reason ("NOT_FOUND: ...")
             e = e.__cause__
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        cut = f"{first[:300]}{'...' if len(first) > 300 else ''}"
         if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in first:
             raise CheckpointError(
-                f"Checkpoint {directory} could not be read: out of memory ({first[:300]}); the "
-                "checkpoint is not damaged, keep it") from None
+                f"Checkpoint {directory} cannot be read now: out of memory or of another "
+                f"resource ({cut}); the checkpoint is not damaged, keep it") from None
         raise CheckpointError(
             f"Checkpoint {directory} cannot be read (incomplete or damaged): "
-            f"{first[:300]}{'...' if len(first) > 300 else ''}; if it is damaged, remove that "
+            f"{cut}; if it is damaged, remove that "
             "directory to use the checkpoint before it") from None
     sys.unraisablehook = previous
 

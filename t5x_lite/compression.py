@@ -311,10 +311,8 @@ def pin_frozen_step(config, section: str, path_key: str, step_key: str, workdir,
     with `pinned`, `path` (the saved path) and `workdir`) says what the workdir holds. The path
     is written back absolute (the saved one on a resume)."""
     step = int(config[section].get(step_key, -1))
-    saved = None
-    if workdir is not None and (checkpoints.local_or_remote(workdir) /
-                                checkpoints.CONFIG_FILE).exists():
-        saved = checkpoints.read_config(workdir).get(section)
+    run = None if workdir is None else checkpoints.saved_config(workdir)
+    saved = None if run is None else run.get(section)
     pinned = int(saved.get(step_key, -1)) if hasattr(saved, "get") else -1
     path = config[section][path_key]
     if pinned >= 0:

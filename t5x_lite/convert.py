@@ -372,7 +372,7 @@ def workdir_to_hf(path, out_dir, *, step: int | None = None) -> ModelConfig:
     vocab = hf_interop.workdir_vocabulary(workdir)
     if hf_interop.hf_vocabulary_name(cfg, vocab) in (hf_interop.HF_T5_VOCAB,
                                                      hf_interop.HF_LLAMA_VOCAB):
-        vocab_lib.LlamaVocabulary(vocab)  # a damaged one is one error line before any write
+        vocab_lib.LlamaVocabulary(vocab, add_bos=False)  # damaged: one error line, no write
     write_hf_dir(out_dir, hf_cfg, hf_interop.params_to_hf(cfg, params))
     _write_hf_extras(epath.Path(workdir), epath.Path(out_dir), cfg, generation,
                      int(run.get("data", {}).get("extra_ids", hf_interop.T5_EXTRA_IDS)))

@@ -4,6 +4,7 @@ line and Unicode checks of text read from files."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import importlib.util
@@ -35,6 +36,9 @@ def write_atomic(path, data: str | bytes) -> None:
             fd = os.open(tmp, os.O_RDONLY)
             try:
                 os.fsync(fd)
+            except OSError as e:  # a file system without fsync (some FUSE mounts) goes on
+                if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
             finally:
                 os.close(fd)
         tmp.replace(path)  # epath's rename refuses to overwrite an existing file

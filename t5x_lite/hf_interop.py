@@ -232,13 +232,14 @@ def warn_unread_added_tokens(vocab, settings_path, tokenizer_json=None) -> list[
               or (i is not None and i >= vocab.vocab_size)]
     if unread:
         past = sorted(ids[t] for t in unread if ids[t] is not None)
-        logging.warning("%s: %d added tokens past the vocabulary's %d ids (%s%s) are not read: "
+        many = len(unread) > 1
+        logging.warning("%s: %d added token%s past the vocabulary's %d ids (%s%s) %s not read: "
                         "text that spells them is tokenized as text, and decoding drops them",
                         epath.Path(settings_path if settings_path is not None
                                    else tokenizer_json).parent,
-                        len(unread), vocab.vocab_size,
+                        len(unread), "s" if many else "", vocab.vocab_size,
                         ", ".join(map(repr, unread[:3])) + (", ..." if len(unread) > 3 else ""),
-                        f"; ids {past[0]}..{past[-1]}" if past else "")
+                        f"; ids {past[0]}..{past[-1]}" if past else "", "are" if many else "is")
     return unread
 
 

@@ -220,8 +220,9 @@ def test_running_out_of_memory_while_reading_is_not_called_damage(tmp_path, monk
     def restore(*args, **kwargs):
         raise error
     monkeypatch.setattr(checkpoints.ocp.CheckpointManager, "restore", restore)
-    with pytest.raises(checkpoints.CheckpointError, match=r"checkpoints/5 could not be read: out "
-                       r"of memory \(.*\); the checkpoint is not damaged, keep it$"):
+    with pytest.raises(checkpoints.CheckpointError, match=r"checkpoints/5 cannot be read now: out "
+                       r"of memory or of another resource \(.*\); the checkpoint is not damaged, "
+                       r"keep it$"):
         checkpoints.restore_params(tmp_path, 5, _abstract(params, mesh, _specs()))
 
 

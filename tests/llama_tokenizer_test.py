@@ -275,7 +275,7 @@ def test_added_tokens_past_the_pieces_are_named_in_a_warning(src, tmp_path, capl
     hf.save_pretrained(tmp_path / "v5")  # with the sentencepiece model, as Llama 2 ships it
     (tmp_path / "v5" / "tokenizer.model").write_bytes((path / "tokenizer.model").read_bytes())
     t5x_lite.load(str(tmp_path / "v5"))
-    assert ("1 added tokens past the vocabulary's 300 ids ('<|im_end|>'; ids 300..300) are not "
+    assert ("1 added token past the vocabulary's 300 ids ('<|im_end|>'; ids 300..300) is not "
             "read") in caplog.text
 
 
