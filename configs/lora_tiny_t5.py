@@ -11,12 +11,9 @@ adapters are trained and checkpointed; `t5x_lite.load` / evaluate / infer merge 
 base on load, at the base step the run started from (`lora.base_step`, recorded in the run's
 config.json at the first start). Measured numbers: README.md.
 """
-import ml_collections
-
-from t5x_lite import checkpoints
 from t5x_lite import config as model_config
 from t5x_lite.defaults import base_config
-from t5x_lite.finetune_config import parse_arg
+from t5x_lite.finetune_config import parse_arg, take_model_and_vocabulary
 
 
 def get_config(arg: str = ""):
@@ -36,10 +33,7 @@ def get_config(arg: str = ""):
     c.optimizer.warmup_steps = 0
     c.checkpoint.save_every = a["save_every"]
     if a["base"]:  # the model and vocabulary of the checkpoint, so the shapes match
-        src, _ = checkpoints.resolve(a["base"])
-        c.model = ml_collections.ConfigDict(checkpoints.read_config(src).model.to_dict())
-        if (src / checkpoints.VOCAB_FILE).exists():
-            c.data.vocab_path = str(src / checkpoints.VOCAB_FILE)
+        take_model_and_vocabulary(c, a["base"])
     c.lora = dict(base=a["base"], base_step=-1, rank=a["rank"], alpha=a["alpha"],
                   targets=a["targets"], dropout=a["dropout"])
     return c

@@ -13,12 +13,10 @@ eval loss: README.md.
 """
 import dataclasses
 
-import ml_collections
-
-from t5x_lite import checkpoints, pruning
+from t5x_lite import pruning
 from t5x_lite import config as model_config
 from t5x_lite.defaults import base_config
-from t5x_lite.finetune_config import parse_arg
+from t5x_lite.finetune_config import parse_arg, take_model_and_vocabulary
 
 
 def get_config(arg: str = ""):
@@ -40,10 +38,7 @@ def get_config(arg: str = ""):
     c.optimizer.warmup_steps = 0
     c.checkpoint.save_every = a["save_every"]
     if a["init_from"]:  # the model and vocabulary of the checkpoint, so the shapes match
-        src, _ = checkpoints.resolve(a["init_from"])
-        c.model = ml_collections.ConfigDict(checkpoints.read_config(src).model.to_dict())
-        if (src / checkpoints.VOCAB_FILE).exists():
-            c.data.vocab_path = str(src / checkpoints.VOCAB_FILE)
+        take_model_and_vocabulary(c, a["init_from"])
     # Every prune key (power, targets too), so any can be set with --config.prune.<key>=...
     c.prune = dataclasses.asdict(pruning.PruneConfig(
         sparsity=a["sparsity"], structure=a["structure"], scope=a["scope"],

@@ -7,6 +7,7 @@ a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 from typing import Callable, NoReturn
@@ -90,9 +91,27 @@ def flags_parser(prog: str) -> Callable:
             where = _raised_in_config(e, argv)
             if where is not None:
                 exit_with(prog, where)
+            overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--") and "." in
+                         a.split("=")[0] and a.split("=")[0][2:].split(".")[0] in flags.FLAGS]
+            bad = next((o for o in overrides if not re.fullmatch(r"--\w+(\.\w+)+", o)), None)
+            if bad:  # "batch-size", "train..x", "paths[0]": ml_collections' own tracebacks
+                exit_with(prog, f"{bad}: not a config key path (names of letters, digits and _ "
+                                "joined by dots)")
             if not isinstance(e, (AttributeError, KeyError)):
-                raise
+                if not overrides or not isinstance(e, (ValueError, IndexError, TypeError)):
+                    raise
+                line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                named = next((o for o in overrides if o.split(".", 1)[1] in line),
+                             overrides[0] if len(overrides) == 1 else "a --config.* override")
+                exit_with(prog, f"cannot apply {named}: {line}")
             text = str(e.args[0] if e.args else e)
+            below = re.search(r"Attribute <class '(\w+)'>\.(\w+) does not exist.*lookup: ([\w.]+)",
+                              text)  # a key below a value ("train.num_steps.x")
+            if below:
+                kind, key, path = below.groups()
+                flag = next((o for o in overrides if o.endswith(f".{path}")), f"--config.{path}")
+                exit_with(prog, f"{flag}: {path.rsplit('.', 1)[0]} is a {kind}, which has no key "
+                                f"{key!r}")
             key = (re.findall(r"\w+", text) or ["?"])[0]
             flag = next((a.split("=")[0] for a in argv[1:] if a.startswith("--")
                          and key in a.split("=")[0].split(".")[1:]), "a --config.* flag")
@@ -172,9 +191,13 @@ class _Console:
     """INFO lines from t5x_lite only (orbax, tfds and jax log a page per checkpoint, dataset and
     file they touch); warnings and errors from everywhere but the expected ones."""
 
+    # the package's own files (not any path holding "t5x_lite": a venv inside a checkout named
+    # t5x_lite holds every library's)
+    package = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
+
     def filter(self, record) -> bool:
         if record.levelno < 30:  # 30: std WARNING
-            return "t5x_lite" in record.pathname
+            return os.path.abspath(record.pathname).startswith(self.package)
         return not str(record.msg).startswith(_EXPECTED_WARNINGS)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import ml_collections
+from etils import epath
 
 from t5x_lite import checkpoints
 from t5x_lite import config as model_config
@@ -56,6 +57,18 @@ def parse_arg(arg: str, *, generic: bool = True, **recipe_defaults) -> dict[str,
             raise FinetuneConfigError(f"config argument {key} must be {kind.__name__}, got "
                                       f"{value!r}") from None
     return out
+
+
+def take_model_and_vocabulary(c: ml_collections.ConfigDict, source: str) -> None:
+    """`c`'s model section, vocabulary and `data.extra_ids` become those of the run at `source`
+    (a workdir, or one of its checkpoints), so that its params' shapes and ids fit: what the
+    LoRA and pruning recipes start from."""
+    workdir, run = _source_run(source)
+    c.model = ml_collections.ConfigDict(run.model.to_dict())
+    c.data.extra_ids = int(run.get("data", {}).get("extra_ids", 100))
+    vocab = epath.Path(workdir) / checkpoints.VOCAB_FILE
+    if vocab.exists():
+        c.data.vocab_path = str(vocab)
 
 
 def _source_run(init_from: str) -> tuple[str, ml_collections.ConfigDict]:

@@ -81,6 +81,16 @@ def test_init_from_takes_model_vocab_and_extra_ids(gpt_workdir):
         _get_config(CONFIGS[2], f"init_from={gpt_workdir}/missing")
 
 
+@pytest.mark.parametrize("recipe, key", [("lora_tiny_t5", "base"), ("prune_tiny_t5", "init_from")])
+def test_compression_recipes_take_the_model_vocab_and_extra_ids(gpt_workdir, recipe, key):
+    """As the fine-tuning recipes do: with the default 100 extra ids, a base trained with 7
+    was refused ("trained on another vocabulary")."""
+    path = pathlib.Path(__file__).parent.parent / "configs" / f"{recipe}.py"
+    c = _get_config(path, f"{key}={gpt_workdir}")
+    assert c.model.to_dict() == checkpoints.read_config(gpt_workdir).model.to_dict()
+    assert (c.data.vocab_path, c.data.extra_ids) == (str(gpt_workdir / "vocab.model"), 7)
+
+
 @pytest.mark.parametrize("recipe, full", [("finetune_gpt_prompt_completion", 64),
                                           ("finetune_gpt_instruction", 128)])
 def test_gpt_decode_length_leaves_room_for_the_prompt(gpt_workdir, recipe, full):
