@@ -26,7 +26,8 @@ Options:
   --log_dir=DIR            write process_<i>.log there instead of prefixing lines on stdout
   --heartbeat_timeout=S    seconds before a silent process is declared dead (default 10)
   --init_timeout=S         seconds to wait for all processes to join (default 60)
-  --timeout=S              kill everything after S seconds, exit 124 (default 0 = no limit)
+  --timeout=S              stop everything after S seconds, exit 124 (default 0 = no limit):
+                           SIGTERM (a trainer saves a checkpoint), SIGKILL 30 s later
   --dry_run                print the commands instead of running them
   -h, --help               this help
 EOF
@@ -122,13 +123,23 @@ fi
 [[ -z "$log_dir" ]] || mkdir -p "$log_dir"
 pids=()
 
+# SIGTERM, then SIGKILL to those still running after $1 seconds (a trainer saves a checkpoint
+# on SIGTERM: a stop asked for, or a timeout, gives it 30 s; after a process failed, the others
+# wait on collectives that cannot finish, and get 2 s).
 stop_all() {
-  local pid
+  local pid grace=$1 waited=0 alive
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  sleep 2
+  while (( waited < grace * 5 )); do
+    alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    (( alive )) || return 0
+    sleep 0.2
+    waited=$((waited + 1))
+  done
   for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
 }
-trap 'stop_all; exit 130' INT TERM
+trap 'stop_all 30; exit 130' INT
+trap 'stop_all 30; exit 143' TERM
 
 for ((i = 0; i < num_processes; i++)); do
   env_for "$i"
@@ -159,7 +170,7 @@ while (( remaining > 0 )); do
       if (( code != 0 )); then
         echo "cpu_local.sh: process $i exited with status $code; stopping the other processes" >&2
         status=$code
-        stop_all
+        stop_all 2
         wait || true
         exit "$status"
       fi
@@ -167,7 +178,7 @@ while (( remaining > 0 )); do
   done
   if (( timeout_s > 0 && SECONDS - start >= timeout_s )); then
     echo "cpu_local.sh: timed out after ${timeout_s}s; stopping all processes" >&2
-    stop_all
+    stop_all 30
     wait || true
     exit 124
   fi

@@ -280,6 +280,22 @@ def test_cpu_local_reads_numbers_with_leading_zeros_as_decimal(tmp_path):
         "cpu_local.sh: timed out after 8s; stopping all processes"], r.stderr[-3000:]
 
 
+def test_cpu_local_gives_a_stopped_process_time_to_save(tmp_path):
+    """A timeout (or Ctrl-C / SIGTERM) sends SIGTERM, on which a trainer saves a checkpoint,
+    and SIGKILL only after a grace period: it came 2 s later, cutting a longer save off."""
+    (tmp_path / "saver.py").write_text(
+        "import os, signal, sys, time\n"
+        "def save(*_):\n"
+        "    time.sleep(3)  # a checkpoint save\n"
+        "    open(os.path.join(os.environ['OUT'], 'saved'), 'w').close()\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, save)\n"
+        "time.sleep(60)\n")
+    r = run("cpu_local.sh", "--num_processes=1", "--module=saver", "--timeout=2",
+            env={"PYTHONPATH": str(tmp_path), "OUT": str(tmp_path)}, check=False)
+    assert r.returncode == 124 and (tmp_path / "saved").exists(), r.stderr[-3000:]
+
+
 def test_gpu_local_dry_run_shrinks_the_pod_config():
     r = run("gpu_local.sh", "--config=configs/gpt_1b.py", "--workdir=/tmp/g", "--batch_size=2",
             "--steps=5", "--seq_len=64", "--disable_jit", "--dry_run", "--",
