@@ -83,16 +83,15 @@ def flags_parser(prog: str) -> Callable:
                          "before them")
             exit_with(prog, text)
         except Exception as e:
+            names = [a.split("=")[0] for a in argv[1:] if a.startswith("--")]  # "--config.x.y"
             if isinstance(e, AttributeError) and "has no attribute 'get_config'" in str(e):
-                flag = next((a.split("=")[0] for a in argv[1:] if a.startswith("--")
-                             and "." not in a.split("=")[0]
-                             and f"'{a.split('=')[0][2:]}_config'" in str(e)), "--config")
+                flag = next((n for n in names if "." not in n and f"'{n[2:]}_config'" in str(e)),
+                            "--config")
                 exit_with(prog, f"{flag}: the file defines no get_config()")
             where = _raised_in_config(e, argv)
             if where is not None:
                 exit_with(prog, where)
-            overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--") and "." in
-                         a.split("=")[0] and a.split("=")[0][2:].split(".")[0] in flags.FLAGS]
+            overrides = [n for n in names if "." in n and n[2:].split(".")[0] in flags.FLAGS]
             bad = next((o for o in overrides if not re.fullmatch(r"--\w+(\.\w+)+", o)), None)
             if bad:  # "batch-size", "train..x", "paths[0]": ml_collections' own tracebacks
                 exit_with(prog, f"{bad}: not a config key path (names of letters, digits and _ "
@@ -113,8 +112,7 @@ def flags_parser(prog: str) -> Callable:
                 exit_with(prog, f"{flag}: {path.rsplit('.', 1)[0]} is a {kind}, which has no key "
                                 f"{key!r}")
             key = (re.findall(r"\w+", text) or ["?"])[0]
-            flag = next((a.split("=")[0] for a in argv[1:] if a.startswith("--")
-                         and key in a.split("=")[0].split(".")[1:]), "a --config.* flag")
+            flag = next((n for n in names if key in n.split(".")[1:]), "a --config.* flag")
             hint = re.search(r'Did you mean "(\w+)"', text)
             exit_with(prog, f"unknown config key {key!r} in {flag}"
                       + (f"; did you mean {hint.group(1)!r}?" if hint else ""))
