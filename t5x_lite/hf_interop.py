@@ -161,6 +161,14 @@ def read_json_object(path, error: type[Exception], what: str, advice: str) -> di
     return value
 
 
+def tokenizer_settings(path) -> dict:
+    """The tokenizer_config.json at `path` ({} for None or no file; one InteropError line for
+    one that is not a JSON object)."""
+    value = None if path is None else read_json_object(
+        path, InteropError, "the tokenizer's settings", "fix or remove it")
+    return {} if value is None else value
+
+
 def llama_vocabulary(path, settings_path=None):
     """The sentencepiece `tokenizer.model` at `path` as a LlamaVocabulary, with the settings of
     the tokenizer_config.json at `settings_path` (None or absent: the defaults): `add_bos_token`
@@ -170,9 +178,7 @@ def llama_vocabulary(path, settings_path=None):
     model's BOS piece; also for a file that is not a JSON object or flags that are not
     booleans. Added tokens past the pieces are not read (`warn_unread_added_tokens`)."""
     from t5x_lite.vocab import LlamaVocabulary
-    value = {} if settings_path is None else read_json_object(
-        settings_path, InteropError, "the tokenizer's settings", "fix or remove it")
-    value = {} if value is None else value
+    value = tokenizer_settings(settings_path)
     flags = {k: value.get(k) for k in ("add_bos_token", "add_eos_token", "add_prefix_space")}
     bad = next((k for k, v in flags.items() if v is not None and not isinstance(v, bool)), None)
     if bad:
@@ -206,9 +212,7 @@ def warn_unread_added_tokens(vocab, settings_path, tokenizer_json=None) -> list[
     `additional_special_tokens`, 5's `extra_special_tokens`) and the `tokenizer.json` beside it
     lists them (`added_tokens`). Text that spells one is tokenized as text here, and decoding
     drops its id. Returns their texts."""
-    value = read_json_object(settings_path, InteropError, "the tokenizer's settings",
-                             "fix or remove it") if settings_path is not None else None
-    value = value or {}
+    value = tokenizer_settings(settings_path)
     ids: dict[str, int | None] = {}  # text -> its HF id (None: listed without one)
     decoder = value.get("added_tokens_decoder")
     for key, token in (decoder.items() if isinstance(decoder, dict) else ()):
@@ -891,12 +895,10 @@ def t5_extra_ids(tokenizer_config=None) -> int:
     `tokenizer_config`; 100 without one, as T5Tokenizer's default (HF gives the other tokens it
     lists, an `<extra_id_N>` with N >= extra_ids included, ids after the sentinels:
     `warn_unread_added_tokens`)."""
-    path = None if tokenizer_config is None else epath.Path(tokenizer_config)
-    value = None if path is None or not path.exists() else read_json_object(
-        path, InteropError, "the tokenizer's settings", "fix or remove it")
-    n = (value or {}).get("extra_ids", T5_EXTRA_IDS)
+    n = tokenizer_settings(tokenizer_config).get("extra_ids", T5_EXTRA_IDS)
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        raise InteropError(f"{path}: extra_ids={json.dumps(n)} is not an integer >= 0")
+        raise InteropError(f"{tokenizer_config}: extra_ids={json.dumps(n)} is not an integer "
+                           ">= 0")
     return n
 
 
