@@ -1,5 +1,5 @@
-"""Shared pytest setup, done before jax is imported anywhere: 8 fake CPU devices, and one
-persistent compilation cache for the whole session.
+"""Shared pytest setup, done before jax is imported anywhere: 8 fake CPU devices, one
+persistent compilation cache for the whole session, and crash reports of xdist workers.
 
 The cache: the suite compiles the same programs many times over -- the same tiny configs'
 train steps in several files, and the trainer / inference CLIs in subprocesses (reference,
@@ -7,10 +7,20 @@ killed and resumed runs; 2-process launches). A cache directory made once per se
 xdist controller, inherited by its workers and by every subprocess through the environment)
 pays for each program once. It caches every compile (no minimum time or size) and is removed at
 the end. A JAX_COMPILATION_CACHE_DIR already set is used as it is and kept.
+
+Crash reports: a worker that dies in native code (a fatal signal) leaves Python's faulthandler
+dump of all its threads in a file of a session directory; the controller prints each dump at
+the end of the run and, last, where the tail of a CI log shows it, the fatal line and the
+crashing thread's innermost frames. (On the worker's stderr the dump came out amid the other
+worker's output and ended in the main thread's idle frames, which named nothing.)
 """
+import faulthandler
 import os
+import pathlib
 import shutil
 import tempfile
+
+import pytest
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -18,9 +28,19 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
-if _OWN_CACHE:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="t5x_lite_test_jax_cache_")
+
+
+def _session_dir(variable: str, prefix: str) -> bool:
+    """Makes a temp directory named by `variable` unless the environment already names one
+    (a worker or subprocess of the process that made it, or the user); True if made here."""
+    if variable in os.environ:
+        return False
+    os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
+    return True
+
+
+_OWN_CACHE = _session_dir("JAX_COMPILATION_CACHE_DIR", "t5x_lite_test_jax_cache_")
+_OWN_CRASHES = _session_dir("T5X_LITE_TEST_CRASH_DIR", "t5x_lite_test_crashes_")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
@@ -29,6 +49,55 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+_FRAMES_SHOWN = 12  # innermost frames of the crashing thread repeated at the very end
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own faulthandler plugin enabled it on stderr
+def pytest_configure(config):
+    if hasattr(config, "workerinput"):
+        name = f"{config.workerinput['workerid']}-{os.getpid()}.txt"
+        config._crash_report = open(pathlib.Path(os.environ["T5X_LITE_TEST_CRASH_DIR"]) / name,
+                                    "w")
+        faulthandler.enable(config._crash_report, all_threads=True)
+
+
+def crash_summary(dump: str) -> list[str]:
+    """The fatal line and the crashing thread's innermost frames of a faulthandler dump."""
+    lines = dump.splitlines()
+    fatal = [line for line in lines if line.startswith("Fatal Python error")][:1]
+    heads = [i for i, line in enumerate(lines) if line.startswith("Current thread")]
+    start = (heads or [i for i, line in enumerate(lines) if line.startswith("Thread 0x")]
+             or [len(lines)])[0]
+    frames = []
+    for line in lines[start + 1:]:
+        if not line.startswith("  File"):
+            break
+        frames.append(line)
+    return fatal + lines[start:start + 1] + frames[:_FRAMES_SHOWN]
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if hasattr(config, "workerinput"):
+        return
+    summaries = []
+    for path in sorted(pathlib.Path(os.environ["T5X_LITE_TEST_CRASH_DIR"]).glob("*.txt")):
+        dump = path.read_text(errors="replace").strip()
+        if dump:
+            terminalreporter.write_sep("=", f"native crash of xdist worker {path.stem}")
+            terminalreporter.write_line(dump)
+            summaries.append((path.stem, crash_summary(dump)))
+    for worker, lines in summaries:
+        terminalreporter.write_sep("-", f"worker {worker}: the crashing thread, innermost first")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
 def pytest_unconfigure(config):
-    if _OWN_CACHE and not hasattr(config, "workerinput"):  # the process that made it
-        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+    if hasattr(config, "_crash_report"):
+        faulthandler.disable()
+        config._crash_report.close()
+    if not hasattr(config, "workerinput"):  # the process that made them
+        for variable, own in (("JAX_COMPILATION_CACHE_DIR", _OWN_CACHE),
+                              ("T5X_LITE_TEST_CRASH_DIR", _OWN_CRASHES)):
+            if own:
+                shutil.rmtree(os.environ[variable], ignore_errors=True)
