@@ -150,6 +150,8 @@ def test_user_errors_share_one_base_class():
     ({"optimizer.b1": 1.5}, r"optimizer.b1 must be in \[0, 1\), got 1.5"),  # trained on
     ({"train.log_every": 0}, r"train.log_every must be >= 1, got 0"),
     ({"train.peak_flops": -1.0}, r"train.peak_flops must be a number >= 0, got -1.0"),
+    ({"train.num_steps": 0}, r"train.num_steps=0 and --workdir .*/run holds no checkpoint: "
+     r"nothing to train; set --config.train.num_steps >= 1$"),  # it wrote config.json, vocab
 ])
 def test_a_config_that_fails_leaves_no_workdir(tmp_path, override, message):
     """No saved config is left behind to disagree with the corrected run."""

@@ -236,6 +236,9 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
     check_loop_numbers(config, TrainingError)
     if workdir.exists() and not workdir.is_dir():
         raise TrainingError(f"--workdir {workdir} is a file, not a directory")
+    if num_steps == 0 and not checkpoints.all_steps(workdir):  # before anything is written
+        raise TrainingError(f"train.num_steps=0 and --workdir {workdir} holds no checkpoint: "
+                            "nothing to train; set --config.train.num_steps >= 1")
     model_cfg = ModelConfig.from_dict(config.model)
     data_cfg = DataConfig.from_dict(config.data)
     saved_run = checkpoints.saved_config(workdir)  # read once: the checks below see one file
