@@ -153,8 +153,15 @@ class PromptCompletion(grain.transforms.Map):
     """
 
     def __init__(self, length: int):
+        from t5x_lite.data.objectives import LoggedCounter  # here: the CLI needs no data stack
+
         self._length = length
-        self.truncated = 0
+        self.counter = LoggedCounter(
+            f"prompt_completion pairs longer than {length} tokens were truncated")
+
+    @property
+    def truncated(self) -> int:
+        return self.counter.count
 
     def map(self, example):
         prompt, completion = example["inputs"], example["targets"]
@@ -168,19 +175,11 @@ class PromptCompletion(grain.transforms.Map):
             cut = True
             prompt = prompt[prompt.size - keep:]
         if cut:  # one pair, counted once however many of its sides were cut
-            self._count()
+            self.counter.add()
         tokens_L = np.concatenate([prompt, completion_L]).astype(np.int32)
         weights_L = np.concatenate([np.zeros(prompt.size, np.int32),
                                     np.ones(completion_L.size, np.int32)])
         return {"decoder_target_tokens": tokens_L, "decoder_loss_weights": weights_L}
-
-    def _count(self):
-        from absl import logging
-
-        self.truncated += 1
-        if len(str(self.truncated)) > len(str(self.truncated - 1)) or self.truncated == 1:
-            logging.warning("prompt_completion pairs longer than %d tokens were truncated (%d so "
-                            "far in this process)", self._length, self.truncated)
 
 
 def main(argv):
