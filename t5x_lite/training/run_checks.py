@@ -85,7 +85,7 @@ def check_batch_shards(batch: int, microbatches: int, shards: int, processes: in
 def _check_loss_and_optimizer_numbers(config, error: type[UserError]) -> None:
     """Values that would train silently wrong (a negative normaliser or learning rate ascends
     the loss, a negative label smoothing was ignored, Adam's b1 / b2 outside [0, 1)) or stop
-    with a misleading "diverged" (label_smoothing 1, normaliser 0, b2 = 1)."""
+    with a misleading "diverged" (label_smoothing 1, normaliser 0, b2 = 1, Adam's eps = 0)."""
     at_least_0 = (lambda x: x >= 0, "a number >= 0")
     tc, opt = config.train, config.get("optimizer")
     checks = [("train.eval_batches", tc.get("eval_batches", 0), at_least_0),
@@ -103,13 +103,16 @@ def _check_loss_and_optimizer_numbers(config, error: type[UserError]) -> None:
     if opt is not None:
         checks += [(f"optimizer.{key}", opt.get(key, 0), at_least_0)
                    for key in ("learning_rate", "warmup_steps", "decay_steps", "weight_decay",
-                               "grad_clip", "eps")
+                               "grad_clip")
                    if not (key == "grad_clip" and opt.get(key) is None)]  # None: the default
         checks.append(("optimizer.end_lr_fraction", opt.get("end_lr_fraction", 0.0),
                        (lambda x: 0 <= x <= 1, "in [0, 1]")))
         if opt.get("name", "adamw") == "adamw":  # b2 = 1: Adam's bias correction divides by 0
             checks += [(f"optimizer.{key}", opt.get(key, 0.9), (lambda x: 0 <= x < 1, "in [0, 1)"))
                        for key in ("b1", "b2")]
+            # eps = 0: a param whose gradient is exactly 0 (GPT-2's key bias) updates by 0 / 0
+            checks.append(("optimizer.eps", opt.get("eps", 1e-8),
+                           (lambda x: x > 0, "a number > 0")))
     for key, value, (ok, what) in checks:
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not (number and math.isfinite(value) and ok(value)):
