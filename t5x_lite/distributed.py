@@ -30,6 +30,8 @@ from typing import Callable, Iterator
 import jax
 from absl import flags, logging
 
+from t5x_lite.errors import UserError
+
 MODES = ("auto", "on", "off")
 
 # Environment variables that mean "this process is one of several" (so `auto` initializes).
@@ -41,6 +43,10 @@ _barrier_counter = itertools.count()
 
 class DistributedError(RuntimeError):
     """Multi-process settings that cannot work, or a peer that did not show up in time."""
+
+
+class Process0Failed(UserError):
+    """What process 0 did for every process failed (process 0 itself raises the cause)."""
 
 
 def _flag(name: str):
@@ -184,6 +190,27 @@ def agree(value: int) -> int:
     from jax.experimental import multihost_utils
 
     return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+
+
+def on_process_0(fn: Callable[[], object], what: str) -> None:
+    """Runs `fn` on process 0 alone (e.g. writing what all processes then read) while the
+    others wait, and tells them whether it worked: on failure process 0 re-raises its error
+    and the others raise Process0Failed naming `what`, so every process stops with one line.
+    (Waiting in a plain barrier instead, they hung until a heartbeat timeout, and process 0,
+    exiting, waited for them at JAX's shutdown barrier.) With one process: just `fn()`."""
+    if _one_process():
+        fn()
+        return
+    error = None
+    if jax.process_index() == 0:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 -- every failure must reach the other processes
+            error = e
+    if agree(int(error is not None)):
+        if error is not None:
+            raise error
+        raise Process0Failed(f"process 0 could not {what}; its log says why")
 
 
 def host_array(x):

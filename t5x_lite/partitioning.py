@@ -160,6 +160,29 @@ def batch_shards(mesh: Mesh) -> int:
     return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
 
 
+def _process_of(device) -> int:
+    return device.process_index
+
+
+def check_process_rows(mesh: Mesh) -> None:
+    """Raises MeshError when a batch shard (rows split over data x fsdp) lies on devices of
+    several processes, i.e. the tensor axis crosses processes: each process loads rows of its
+    own (`data.make_global_batch`), so the processes would feed different rows to one shard
+    and XLA would train and evaluate on half-matched batches without a word."""
+    owners: dict[int, set] = {}
+    shards = batch_shards(mesh)
+    for device, index in data_sharding(mesh).devices_indices_map((shards,)).items():
+        owners.setdefault(index[0].start or 0, set()).add(_process_of(device))
+    if all(len(p) == 1 for p in owners.values()):
+        return
+    processes = len(set().union(*owners.values()))
+    shape = ", ".join(str(mesh.shape[a]) for a in mesh.axis_names)
+    raise MeshError(f"mesh ({', '.join(mesh.axis_names)})=({shape}) puts each batch shard on "
+                    f"devices of several processes, but every process loads rows of its own: "
+                    f"make data*fsdp={shards} a multiple of the {processes} processes (so that "
+                    f"tensor stays within a process's devices)")
+
+
 def place_rows(mesh: Mesh, tree):
     """Host arrays with a leading row dim, padded to a multiple of `batch_shards(mesh)` by
     repeating the last row (a valid input, unlike zeros) and split over the batch axes, so each

@@ -1,6 +1,7 @@
 """Teacher-forced metrics are exact over the whole split: they equal a per-example computation
 with LoadedModel.score / logits, with a short last batch, packed or not, T5 or GPT."""
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -79,6 +80,29 @@ def test_family_and_batch_errors(task, t5):
     with pytest.raises(EvalDataError, match="divisible by data\\*fsdp=8"):
         _scorer(t5).evaluate(t5.params, _data(task, "seq2seq"), t5.vocab, batch_size=12)
     assert dataclasses.is_dataclass(t5.config)
+
+
+def test_a_batch_shard_on_several_processes_is_refused(task, t5, monkeypatch):
+    """Each process evaluates rows of its own: a mesh whose tensor axis crosses processes gave
+    them to one shard from both (half-matched batches, a loss over half the tokens)."""
+    from t5x_lite import partitioning
+
+    def refused(shape, processes):
+        return pytest.raises(partitioning.MeshError, match=re.escape(
+            f"mesh (data, fsdp, tensor)=({', '.join(map(str, shape))}) puts each batch shard on "
+            f"devices of several processes, but every process loads rows of its own: make "
+            f"data*fsdp={shape[0] * shape[1]} a multiple of the {processes} processes"))
+
+    monkeypatch.setattr(partitioning, "_process_of", lambda device: device.id // 4)  # 2 x 4
+    for shape in ((1, 2, 4), (2, 1, 4), (1, 8, 1), (2, 2, 2)):  # whole shards per process
+        partitioning.check_process_rows(partitioning.make_mesh(*shape))
+    with refused((1, 1, 8), 2):
+        partitioning.check_process_rows(partitioning.make_mesh(1, 1, 8))
+    monkeypatch.setattr(partitioning, "_process_of", lambda device: device.id // 2)  # 4 x 2
+    partitioning.check_process_rows(partitioning.make_mesh(1, 4, 2))
+    with refused((1, 2, 4), 4):
+        TeacherForcedScorer(t5.config, partitioning.make_mesh(1, 2, 4), t5.rules).evaluate(
+            t5.params, _data(task, "seq2seq"), t5.vocab, batch_size=8)
 
 
 def test_sharded_mesh_equals_one_device(task, t5):

@@ -487,3 +487,80 @@ def test_killed_process_makes_the_other_exit_with_a_clear_error(tmp_path):
     assert code != 0
     assert "another task died" in out and "stopped sending heartbeats" in out, out[-3000:]
     assert took < 30
+
+
+# --- Errors in a 2-process train: one line on every process, exit status 1, no hang. ----------
+
+BAD_RUN_CONFIG = """\
+from t5x_lite.training import testing
+
+
+def get_config():
+    c = testing.tiny_config("gpt", vocab_size=512)
+    c.data.source = "jsonl"
+    c.data.paths = ({data!r},)
+    c.data.data_dir = {data_dir!r}
+    c.data.vocab_path = {vocab!r}
+    c.data.extra_ids = 100
+    c.train.num_steps = 2
+    return c
+"""
+
+
+def _train_two_processes(tmp_path, *args) -> list[tuple[int, str]]:
+    """`t5x_lite.train` in 2 processes x 4 devices started directly (no launcher that stops the
+    others when one fails, as on a pod); their (exit status, last stderr line)."""
+    lines = [json.dumps({"text": f"record {i} of a few words"}) for i in range(200)]
+    lines[150] = '{"text": "cut'  # found by the one process that prepares the data
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "cfg.py").write_text(BAD_RUN_CONFIG.format(
+        data=str(tmp_path / "data.jsonl"), data_dir=str(tmp_path / "tfds"),
+        vocab=str(data_testing.tiny_vocab().path)))
+    port = subprocess.run([sys.executable, "-c", "import socket; s = socket.socket(); "
+                           "s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"],
+                          capture_output=True, text=True).stdout.strip()
+    procs = []
+    for i in (0, 1):
+        env = _env(tmp_path, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                   T5X_LITE_COORDINATOR=f"127.0.0.1:{port}", T5X_LITE_NUM_PROCESSES="2",
+                   T5X_LITE_PROCESS_ID=str(i), T5X_LITE_HEARTBEAT_TIMEOUT="10")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "t5x_lite.train", f"--config={tmp_path / 'cfg.py'}",
+             f"--workdir={tmp_path / 'run'}", *args], cwd=tmp_path, env=env, text=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    ends = []
+    try:
+        for p in procs:  # each waited for alone: a process left hanging fails the test
+            _, err = p.communicate(timeout=120)
+            ends.append((p.returncode, err.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return ends
+
+
+def test_data_that_process_0_cannot_prepare_stops_both_with_one_line(tmp_path):
+    """Process 0 prepares local files for all; the other waited for it in a barrier that never
+    learnt of its failure (both aborted after the heartbeat timeout, or hung with jax's
+    defaults)."""
+    (p0, last0), (p1, last1) = _train_two_processes(tmp_path)
+    assert (p0, p1) == (1, 1), (last0, last1)
+    assert last0 == (f"train: error: {tmp_path / 'data.jsonl'}:151: invalid JSON (Unterminated "
+                     "string starting at at column 10)")
+    assert last1.startswith("train: error: process 0 could not prepare ")
+    assert last1.endswith("; its log says why")
+
+
+def test_a_tensor_axis_across_processes_is_refused_on_both(tmp_path):
+    """Mesh (1, 1, 8) over 2 processes: one batch shard on both processes' devices, each
+    feeding rows of its own; it trained on half-matched batches without a word."""
+    (p0, last0), (p1, last1) = _train_two_processes(tmp_path, "--config.mesh.fsdp=1",
+                                                    "--config.mesh.tensor=8")
+    assert (p0, p1) == (1, 1) and last0 == last1, (last0, last1)
+    assert last0 == ("train: error: mesh (data, fsdp, tensor)=(1, 1, 8) puts each batch shard "
+                     "on devices of several processes, but every process loads rows of its "
+                     "own: make data*fsdp=1 a multiple of the 2 processes (so that tensor stays "
+                     "within a process's devices)")
+    assert not (tmp_path / "run").exists()

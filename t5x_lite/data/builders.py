@@ -354,16 +354,13 @@ def local_files_config(fmt: str, *, paths: Sequence[str] = (), train_paths: Sequ
 
 
 def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
-    """download_and_prepare once; with several JAX processes, process 0 first, others reuse."""
-    import jax  # local: keep `builders` importable without initialising JAX
+    """download_and_prepare once; with several JAX processes, process 0 first, others reuse
+    (or, when process 0 failed, all stop: `distributed.on_process_0`)."""
+    from t5x_lite import distributed  # local: keep `builders` importable without initialising JAX
 
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        if jax.process_index() == 0:
-            _prepare_quietly(builder)
-        multihost_utils.sync_global_devices(f"t5x_lite prepared {builder.data_dir}")
-    _prepare_quietly(builder)
+    distributed.on_process_0(lambda: _prepare_quietly(builder), f"prepare {builder.data_dir}")
+    if not distributed.is_coordinator():
+        _prepare_quietly(builder)
     return builder
 
 

@@ -70,6 +70,7 @@ class TeacherForcedScorer:
         if not _family_matches(self.model_cfg, data):
             raise EvalDataError(f"data.objective={data.objective!r} makes {data.family} batches "
                                 f"but the model is a {self.model_cfg.family!r} model")
+        partitioning.check_process_rows(self.mesh)
         shards = partitioning.batch_shards(self.mesh)
         if batch_size % shards or batch_size % jax.process_count():
             raise EvalDataError(f"eval batch size {batch_size} must be divisible by data*fsdp="

@@ -250,6 +250,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
 
     mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = partitioning.rules_from_config(config.mesh.get("rules"))
+    partitioning.check_process_rows(mesh)
     batch_shards = partitioning.batch_shards(mesh)
     global_batch = int(tc.batch_size)
     check_batch_shards(global_batch, int(tc.microbatches), batch_shards, jax.process_count(),
@@ -284,6 +285,11 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
         src, src_step = checkpoints.resolve(tc.init_from)
         checkpoints.check_params_match(src, src_step, plugin.checkpointed(abstract.params))
         _check_source_vocab(vocab, src, "train.init_from")
+    # Made here by process 0 so that a failure (a --workdir below a file) stops every process
+    # with one line; orbax's manager would make it with the others waiting in a barrier.
+    ckpt_dir = workdir / checkpoints.CHECKPOINT_DIR
+    distributed.on_process_0(lambda: ckpt_dir.mkdir(parents=True, exist_ok=True),
+                             f"make {ckpt_dir}")
     mngr = checkpoints.make_train_manager(workdir, keep=int(config.checkpoint.keep),
                                           async_save=bool(config.checkpoint.async_save))
     start = mngr.latest_step()
