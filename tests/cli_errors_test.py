@@ -149,9 +149,6 @@ def test_user_errors_share_one_base_class():
     ({"optimizer.b2": 1.0}, r"optimizer.b2 must be in \[0, 1\), got 1.0"),  # "diverged" at 2
     ({"optimizer.b1": 1.5}, r"optimizer.b1 must be in \[0, 1\), got 1.5"),  # trained on
     ({"optimizer.eps": 0.0}, r"optimizer.eps must be a number > 0, got 0.0"),  # NaN at step 2
-    ({"optimizer.name": "adafactor", "model.scan_layers": True, "model.num_layers": 128},
-     r"optimizer.name='adafactor' with model.scan_layers=True and 128 layers would factor "
-     r"second moments across the layer axis"),  # per-layer updates up to 2x off
     ({"train.log_every": 0}, r"train.log_every must be >= 1, got 0"),
     ({"train.peak_flops": -1.0}, r"train.peak_flops must be a number >= 0, got -1.0"),
     ({"train.num_steps": 0}, r"train.num_steps=0 and --workdir .*/run holds no checkpoint: "

@@ -108,6 +108,29 @@ def test_adafactor_is_optax_adafactor_per_layer_of_a_scanned_stack(weight_decay)
                          per_layer["layers"]["block"], got[f"layers_{i}"])
 
 
+def test_adafactor_says_when_it_factors_across_the_layer_axis(caplog):
+    """optax factors a leaf's two largest dims when the smaller is >= 128: a scanned
+    [layers, d] norm scale with 128 layers or more gets (layers,) and (d,) moments, which the
+    same model unscanned never has (its per-layer updates up to 2x off)."""
+    tx, _ = optimizers.make_optimizer(_opt(), 100)
+    deep = {"layers": {"block": {
+        "norm": {"scale": jnp.ones((128, 256))},  # factored across layers
+        "narrow": {"scale": jnp.ones((128, 64))},  # 64 < 128: not factored at all
+        "mlp": {"wi": jnp.ones((128, 256, 512))}}},  # 256 x 512 per layer, as unscanned
+        "embed": jnp.ones((300, 200))}  # not scanned
+    assert optimizers.factored_across_layers(deep) == ["['layers']['block']['norm']['scale']"]
+    state = tx.init(deep)
+    factored = [x.shape for x in jax.tree.leaves(state) if x.shape in ((128,), (256,))]
+    assert factored  # what the warning is about: the layer axis has moments of its own
+    assert ("Adafactor factors the second moments of 1 scanned params across the layer axis "
+            "(['layers']['block']['norm']['scale'], ...)") in caplog.text
+    caplog.clear()
+    shallow = jax.tree.map(lambda x: x[:127] if x.shape[0] == 128 else x, deep)
+    assert optimizers.factored_across_layers(shallow) == []
+    tx.init(shallow)
+    assert "layer axis" not in caplog.text
+
+
 def test_adafactor_factors_attention_kernels_as_embed_by_heads_kv_matrices():
     """T5X's factor rules (embed a row; heads, kv columns): a query / key / value kernel
     [embed, heads, kv] and an out kernel [heads, kv, embed] get the updates optax.adafactor

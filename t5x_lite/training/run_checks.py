@@ -140,14 +140,6 @@ def check_model_for_data(config, error: type[UserError]) -> None:
         raise error("model.dtype='float16' cannot train: without loss scaling (not "
                     "implemented) its gradients underflow; use 'bfloat16' (float16 serves "
                     "inference: t5x_lite.load(path, dtype='float16'))")
-    opt = config.get("optimizer")
-    layers = max(cfg.num_layers, cfg.decoder_layers)
-    if cfg.scan_layers and layers >= 128 and opt is not None and opt.get("name") == "adafactor":
-        # optax factors a leaf's two largest dims when both are >= 128: the layer axis of a
-        # scanned [layers, d] norm scale would be one (the unscanned model's is never factored)
-        raise error(f"optimizer.name='adafactor' with model.scan_layers=True and {layers} "
-                    "layers would factor second moments across the layer axis (>= 128 layers); "
-                    "set model.scan_layers=False or optimizer.name='adamw'")
     data = config.get("data")
     if data is None:
         return
