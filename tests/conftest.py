@@ -9,10 +9,11 @@ pays for each program once. It caches every compile (no minimum time or size) an
 the end. A JAX_COMPILATION_CACHE_DIR already set is used as it is and kept.
 
 Crash reports: a worker that dies in native code (a fatal signal) leaves Python's faulthandler
-dump of all its threads in a file of a session directory; the controller prints each dump at
-the end of the run and, last, where the tail of a CI log shows it, the fatal line and the
-crashing thread's innermost frames. (On the worker's stderr the dump came out amid the other
-worker's output and ended in the main thread's idle frames, which named nothing.)
+dump of all its threads in a file of a directory made for the session; the controller prints
+each dump at the end of the run and, last, where the tail of a CI log shows it, the fatal line
+and the innermost frames of the crashing thread, or of the test's thread when the signal came
+on a thread that ran no Python (an XLA or BLAS pool thread). (On the worker's stderr the dump
+came out amid the other worker's output and ended in the main thread's outermost frames.)
 """
 import faulthandler
 import os
@@ -40,6 +41,8 @@ def _session_dir(variable: str, prefix: str) -> bool:
 
 
 _OWN_CACHE = _session_dir("JAX_COMPILATION_CACHE_DIR", "t5x_lite_test_jax_cache_")
+if "PYTEST_XDIST_WORKER" not in os.environ:  # always a new one: no dumps of earlier sessions
+    os.environ.pop("T5X_LITE_TEST_CRASH_DIR", None)
 _OWN_CRASHES = _session_dir("T5X_LITE_TEST_CRASH_DIR", "t5x_lite_test_crashes_")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
@@ -55,25 +58,33 @@ _FRAMES_SHOWN = 12  # innermost frames of the crashing thread repeated at the ve
 @pytest.hookimpl(trylast=True)  # after pytest's own faulthandler plugin enabled it on stderr
 def pytest_configure(config):
     if hasattr(config, "workerinput"):
+        folder = pathlib.Path(os.environ["T5X_LITE_TEST_CRASH_DIR"])
+        folder.mkdir(parents=True, exist_ok=True)
         name = f"{config.workerinput['workerid']}-{os.getpid()}.txt"
-        config._crash_report = open(pathlib.Path(os.environ["T5X_LITE_TEST_CRASH_DIR"]) / name,
-                                    "w")
+        config._crash_report = open(folder / name, "w")
         faulthandler.enable(config._crash_report, all_threads=True)
 
 
-def crash_summary(dump: str) -> list[str]:
-    """The fatal line and the crashing thread's innermost frames of a faulthandler dump."""
+def crash_summary(dump: str) -> tuple[str, list[str]]:
+    """(what is shown, lines): the fatal line of a faulthandler dump and the innermost frames
+    of the crashing thread, or, when the signal came on a thread that ran no Python (XLA's or
+    another native thread pool's: the dump has no "Current thread"), of the test's thread."""
     lines = dump.splitlines()
     fatal = [line for line in lines if line.startswith("Fatal Python error")][:1]
-    heads = [i for i, line in enumerate(lines) if line.startswith("Current thread")]
-    start = (heads or [i for i, line in enumerate(lines) if line.startswith("Thread 0x")]
-             or [len(lines)])[0]
-    frames = []
-    for line in lines[start + 1:]:
-        if not line.startswith("  File"):
-            break
-        frames.append(line)
-    return fatal + lines[start:start + 1] + frames[:_FRAMES_SHOWN]
+    threads = []  # (header, frames), in the dump's order
+    for line in lines:
+        if line.startswith(("Current thread", "Thread 0x")):
+            threads.append((line, []))
+        elif line.startswith("  File") and threads:
+            threads[-1][1].append(line)
+    current = [t for t in threads if t[0].startswith("Current thread")]
+    if current:
+        what, (header, frames) = "the crashing thread", current[0]
+    else:
+        what = "no Python ran on the crashing thread (native code); the test's thread"
+        header, frames = next((t for t in threads if any("_pytest/runner.py" in f for f in t[1])),
+                              threads[0] if threads else ("(no Python threads)", []))
+    return f"{what}, innermost first", fatal + [header] + frames[:_FRAMES_SHOWN]
 
 
 def pytest_terminal_summary(terminalreporter, config):
@@ -85,9 +96,9 @@ def pytest_terminal_summary(terminalreporter, config):
         if dump:
             terminalreporter.write_sep("=", f"native crash of xdist worker {path.stem}")
             terminalreporter.write_line(dump)
-            summaries.append((path.stem, crash_summary(dump)))
-    for worker, lines in summaries:
-        terminalreporter.write_sep("-", f"worker {worker}: the crashing thread, innermost first")
+            summaries.append((path.stem, *crash_summary(dump)))
+    for worker, what, lines in summaries:
+        terminalreporter.write_sep("-", f"worker {worker}: {what}")
         for line in lines:
             terminalreporter.write_line(line)
 
