@@ -137,8 +137,8 @@ def test_training_on_a_fresh_workdir_another_host_leased_first_writes_nothing(
     workdir = tmp_path / "wd"
     make_manager = checkpoints.make_train_manager
 
-    def other_host_starts_meanwhile(*args, **kwargs):
-        workdir.mkdir()
+    def other_host_starts_meanwhile(*args, **kwargs):  # this run has just made the workdir
+        workdir.mkdir(exist_ok=True)
         _write(workdir)
         return make_manager(*args, **kwargs)
 
