@@ -1,12 +1,12 @@
-"""Shared pytest setup, done before jax is imported anywhere: 8 fake CPU devices, one
-persistent compilation cache for the whole session, and crash reports of xdist workers.
+"""Shared pytest setup, done before jax is imported anywhere: 8 fake CPU devices, and crash
+reports of xdist workers.
 
-The cache: the suite compiles the same programs many times over -- the same tiny configs'
-train steps in several files, and the trainer / inference CLIs in subprocesses (reference,
-killed and resumed runs; 2-process launches). A cache directory made once per session (by the
-xdist controller, inherited by its workers and by every subprocess through the environment)
-pays for each program once. It caches every compile (no minimum time or size) and is removed at
-the end. A JAX_COMPILATION_CACHE_DIR already set is used as it is and kept.
+No persistent compilation cache: the suite had one per session (shared by the xdist workers and
+the CLI subprocesses), and jax 0.10.2's CPU `executable.serialize()`, which writes an entry,
+segfaulted a worker in 2 of 4 full runs, both times compiling the train step of
+`tests/evaluate_finetune_test.py::test_init_from_recipe_fine_tunes_from_the_trained_params`
+(`compilation_cache.put_executable_and_time`, found by the crash reports below). A
+JAX_COMPILATION_CACHE_DIR set by the user is still honoured.
 
 Crash reports: a worker that dies in native code (a fatal signal) leaves Python's faulthandler
 dump of all its threads in a file of a directory made for the session; the controller prints
@@ -31,21 +31,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def _session_dir(variable: str, prefix: str) -> bool:
-    """Makes a temp directory named by `variable` unless the environment already names one
-    (a worker or subprocess of the process that made it, or the user); True if made here."""
-    if variable in os.environ:
-        return False
-    os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
-    return True
-
-
-_OWN_CACHE = _session_dir("JAX_COMPILATION_CACHE_DIR", "t5x_lite_test_jax_cache_")
-if "PYTEST_XDIST_WORKER" not in os.environ:  # always a new one: no dumps of earlier sessions
-    os.environ.pop("T5X_LITE_TEST_CRASH_DIR", None)
-_OWN_CRASHES = _session_dir("T5X_LITE_TEST_CRASH_DIR", "t5x_lite_test_crashes_")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# A new crash directory per session, never one an earlier session left in the environment;
+# xdist workers inherit their controller's.
+_OWN_CRASHES = "PYTEST_XDIST_WORKER" not in os.environ
+if _OWN_CRASHES:
+    os.environ["T5X_LITE_TEST_CRASH_DIR"] = tempfile.mkdtemp(prefix="t5x_lite_test_crashes_")
 
 import jax  # noqa: E402
 
@@ -107,8 +97,5 @@ def pytest_unconfigure(config):
     if hasattr(config, "_crash_report"):
         faulthandler.disable()
         config._crash_report.close()
-    if not hasattr(config, "workerinput"):  # the process that made them
-        for variable, own in (("JAX_COMPILATION_CACHE_DIR", _OWN_CACHE),
-                              ("T5X_LITE_TEST_CRASH_DIR", _OWN_CRASHES)):
-            if own:
-                shutil.rmtree(os.environ[variable], ignore_errors=True)
+    if _OWN_CRASHES and not hasattr(config, "workerinput"):  # the process that made it
+        shutil.rmtree(os.environ["T5X_LITE_TEST_CRASH_DIR"], ignore_errors=True)
