@@ -2,11 +2,12 @@
 reports of xdist workers.
 
 No persistent compilation cache: the suite had one per session (shared by the xdist workers and
-the CLI subprocesses), and jax 0.10.2's CPU `executable.serialize()`, which writes an entry,
-segfaulted a worker in 2 of 4 full runs, both times compiling the train step of
-`tests/evaluate_finetune_test.py::test_init_from_recipe_fine_tunes_from_the_trained_params`
-(`compilation_cache.put_executable_and_time`, found by the crash reports below). A
-JAX_COMPILATION_CACHE_DIR set by the user is still honoured.
+the CLI subprocesses), and 2 of 4 full runs lost a worker in
+`tests/evaluate_finetune_test.py::test_init_from_recipe_fine_tunes_from_the_trained_params`;
+the crash report of the second (below) shows a segfault in jax 0.10.2's CPU
+`executable.serialize()`, called to write the train step's cache entry
+(`compilation_cache.put_executable_and_time`). A JAX_COMPILATION_CACHE_DIR set by the user is
+still honoured.
 
 Crash reports: a worker that dies in native code (a fatal signal) leaves Python's faulthandler
 dump of all its threads in a file of a directory made for the session; the controller prints
