@@ -190,6 +190,18 @@ def _cpu_local(tmp_path, args, *, timeout, log_dir=None, wait=True, **env):
                           text=True, timeout=timeout + 30)
 
 
+def _direct_envs(tmp_path, heartbeat_s: int) -> list[dict]:
+    """Environments of 2 processes x 4 devices started directly (no launcher): one job on a
+    free local port."""
+    port = subprocess.run([sys.executable, "-c", "import socket; s = socket.socket(); "
+                           "s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"],
+                          capture_output=True, text=True).stdout.strip()
+    return [_env(tmp_path, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                 T5X_LITE_COORDINATOR=f"127.0.0.1:{port}", T5X_LITE_NUM_PROCESSES="2",
+                 T5X_LITE_PROCESS_ID=str(i), T5X_LITE_HEARTBEAT_TIMEOUT=str(heartbeat_s))
+            for i in (0, 1)]
+
+
 def _losses(workdir):
     return [(r["step"], r["loss"]) for r in read_jsonl(pathlib.Path(workdir) / METRICS_FILE)
             if "loss" in r]
@@ -452,15 +464,9 @@ def test_killed_process_makes_the_other_exit_with_a_clear_error(tmp_path):
     started directly (no launcher that could stop the survivor): JAX's coordination service
     must notice the missing heartbeats and end process 0 with a clear message."""
     (tmp_path / "mh_worker.py").write_text(WORKER)
-    port = subprocess.run([sys.executable, "-c", "import socket; s = socket.socket(); "
-                           "s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"],
-                          capture_output=True, text=True).stdout.strip()
     procs, logs = [], []
-    for i in (0, 1):
-        env = _env(tmp_path, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                   T5X_LITE_COORDINATOR=f"127.0.0.1:{port}", T5X_LITE_NUM_PROCESSES="2",
-                   T5X_LITE_PROCESS_ID=str(i), T5X_LITE_HEARTBEAT_TIMEOUT="5",
-                   PYTHONUNBUFFERED="1")
+    for i, env in enumerate(_direct_envs(tmp_path, heartbeat_s=5)):
+        env["PYTHONUNBUFFERED"] = "1"
         log = open(tmp_path / f"p{i}.log", "w+")
         logs.append(log)
         procs.append(subprocess.Popen([sys.executable, "-m", "mh_worker", "loop"], cwd=REPO,
@@ -516,14 +522,8 @@ def _train_two_processes(tmp_path, *args) -> list[tuple[int, str]]:
     (tmp_path / "cfg.py").write_text(BAD_RUN_CONFIG.format(
         data=str(tmp_path / "data.jsonl"), data_dir=str(tmp_path / "tfds"),
         vocab=str(data_testing.tiny_vocab().path)))
-    port = subprocess.run([sys.executable, "-c", "import socket; s = socket.socket(); "
-                           "s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"],
-                          capture_output=True, text=True).stdout.strip()
     procs = []
-    for i in (0, 1):
-        env = _env(tmp_path, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                   T5X_LITE_COORDINATOR=f"127.0.0.1:{port}", T5X_LITE_NUM_PROCESSES="2",
-                   T5X_LITE_PROCESS_ID=str(i), T5X_LITE_HEARTBEAT_TIMEOUT="10")
+    for env in _direct_envs(tmp_path, heartbeat_s=10):
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "t5x_lite.train", f"--config={tmp_path / 'cfg.py'}",
              f"--workdir={tmp_path / 'run'}", *args], cwd=tmp_path, env=env, text=True,
