@@ -236,7 +236,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
     check_loop_numbers(config, TrainingError)
     if workdir.exists() and not workdir.is_dir():
         raise TrainingError(f"--workdir {workdir} is a file, not a directory")
-    if num_steps == 0 and not checkpoints.all_steps(workdir):  # before anything is written
+    stored = checkpoints.all_steps(workdir)
+    if num_steps == 0 and not stored:  # before anything is written
         raise TrainingError(f"train.num_steps=0 and --workdir {workdir} holds no checkpoint: "
                             "nothing to train; set --config.train.num_steps >= 1")
     model_cfg = ModelConfig.from_dict(config.model)
@@ -280,7 +281,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
                                batch_size=per_process_batch, seed=int(config.seed))
     abstract, shardings = train_state.state_shardings(model, tx, mesh, rules)
     init_rng, dropout_rng = jax.random.split(jax.random.key(int(config.seed)))
-    if tc.init_from and not checkpoints.all_steps(workdir):
+    if tc.init_from and not stored:
         # a bad init_from (missing, another model, a LoRA run) fails before the workdir is made
         src, src_step = checkpoints.resolve(tc.init_from)
         checkpoints.check_params_match(src, src_step, plugin.checkpointed(abstract.params))
