@@ -49,10 +49,9 @@ _FRAMES_SHOWN = 12  # innermost frames of the crashing thread repeated at the ve
 @pytest.hookimpl(trylast=True)  # after pytest's own faulthandler plugin enabled it on stderr
 def pytest_configure(config):
     if hasattr(config, "workerinput"):
-        folder = pathlib.Path(os.environ["T5X_LITE_TEST_CRASH_DIR"])
-        folder.mkdir(parents=True, exist_ok=True)
         name = f"{config.workerinput['workerid']}-{os.getpid()}.txt"
-        config._crash_report = open(folder / name, "w")
+        config._crash_report = open(pathlib.Path(os.environ["T5X_LITE_TEST_CRASH_DIR"]) / name,
+                                    "w")
         faulthandler.enable(config._crash_report, all_threads=True)
 
 
@@ -98,5 +97,5 @@ def pytest_unconfigure(config):
     if hasattr(config, "_crash_report"):
         faulthandler.disable()
         config._crash_report.close()
-    if _OWN_CRASHES and not hasattr(config, "workerinput"):  # the process that made it
+    if _OWN_CRASHES:  # the process that made it (not a worker)
         shutil.rmtree(os.environ["T5X_LITE_TEST_CRASH_DIR"], ignore_errors=True)
