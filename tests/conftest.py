@@ -7,7 +7,9 @@ the CLI subprocesses), and 2 of 4 full runs lost a worker in
 the crash report of the second (below) shows a segfault in jax 0.10.2's CPU
 `executable.serialize()`, called to write the train step's cache entry
 (`compilation_cache.put_executable_and_time`). A JAX_COMPILATION_CACHE_DIR set by the user is
-still honoured.
+still honoured. Without the cache a later run still lost a worker, segfaulting in XLA's compile
+itself (`backend_compile_and_load`, tests/bert_test.py): jaxlib's CPU compiler crashes now and
+then in a long-lived worker, wherever it is; the cache only held one of the places.
 
 Crash reports: a worker that dies in native code (a fatal signal) leaves Python's faulthandler
 dump of all its threads in a file of a directory made for the session; the controller prints
