@@ -17,12 +17,29 @@ each dump at the end of the run and, last, where the tail of a CI log shows it, 
 and the innermost frames of the crashing thread, or of the test's thread when the signal came
 on a thread that ran no Python (an XLA or BLAS pool thread). (On the worker's stderr the dump
 came out amid the other worker's output and ended in the main thread's outermost frames.)
+
+Time limit: a test (setup, call and teardown) that runs longer than T5X_LITE_TEST_TIME_LIMIT_S
+seconds (default 600; the slowest tests take ~100 s on 2 cores) ends its worker with
+faulthandler's dump of all its threads, reported as above, and xdist replaces the worker. (A CI
+run once sat past its 90 minutes with no word of where.)
+
+A run in which no test ends for T5X_LITE_TEST_SILENCE_LIMIT_S (default the time limit + 300 s)
+ends at once, exit status 1, naming the tests still running: xdist's loadfile scheduler can wait
+forever for work no worker will run (a CI run hung 60+ minutes after a worker crash).
+
+Reruns: a test whose worker died in jax's compiler (the innermost frame of the crashing thread,
+or of the test's thread at a time-out, in jax/_src/compiler.py or compilation_cache.py) runs once
+more on the replacement worker, and its first run counts as "rerun", not failed. Any other crash,
+or a second one, fails the test.
 """
 import faulthandler
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
+import threading
+import time
 
 import pytest
 
@@ -46,6 +63,11 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 _FRAMES_SHOWN = 12  # innermost frames of the crashing thread repeated at the very end
+_TIME_LIMIT_S = float(os.environ.get("T5X_LITE_TEST_TIME_LIMIT_S", "600"))
+_SILENCE_LIMIT_S = float(os.environ.get("T5X_LITE_TEST_SILENCE_LIMIT_S", _TIME_LIMIT_S + 300))
+_COMPILER_FILES = ("jax/_src/compiler.py", "jax/_src/compilation_cache.py")
+_rerun = {}  # test -> worker, of crashes in jax's compiler (each test once)
+_ran_again = set()  # those tests whose next run reported
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's own faulthandler plugin enabled it on stderr
@@ -57,12 +79,101 @@ def pytest_configure(config):
         faulthandler.enable(config._crash_report, all_threads=True)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    report = getattr(item.config, "_crash_report", None)
+    if report is not None:  # an xdist worker
+        faulthandler.dump_traceback_later(_TIME_LIMIT_S, exit=True, file=report)
+    try:
+        yield
+    finally:
+        if report is not None:
+            faulthandler.cancel_dump_traceback_later()
+
+
+def _dumps(worker: str = "*") -> list[tuple[str, str]]:
+    """(name, dump) of the workers' crash files that hold a dump (a worker writes one when it
+    dies)."""
+    paths = sorted(pathlib.Path(os.environ["T5X_LITE_TEST_CRASH_DIR"]).glob(f"{worker}-*.txt"))
+    dumps = [(p.stem, p.read_text(errors="replace").strip()) for p in paths]
+    return [(name, dump) for name, dump in dumps if dump]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_handlecrashitem(crashitem, report, sched):
+    """xdist (controller): a worker died running `crashitem`. --dist=loadfile queues its file's
+    unfinished tests again for a replacement worker, this one included: keep it there and count
+    this run as "rerun" if jax's compiler crashed (or hung), the first time for this test; else
+    take it out (it failed)."""
+    worker = report.node.gateway.id
+    dumps = _dumps(worker)
+    if dumps and crashitem not in _rerun:
+        _, lines = crash_summary(dumps[-1][1])
+        innermost = next((line for line in lines if line.startswith("  File")), "")
+        if any(f'{name}"' in innermost for name in _COMPILER_FILES):
+            _rerun[crashitem] = worker
+            report.outcome = "rerun"
+            return
+    queue = getattr(sched, "workqueue", {})  # LoadScopeScheduling's: {file: {test: done}}
+    for unit, tests in list(queue.items()):
+        if crashitem in tests:
+            tests[crashitem] = True
+            if all(tests.values()):
+                del queue[unit]
+
+
+_running = {}  # controller: test -> when a worker started it
+_last_end = [time.monotonic()]
+
+
+def _watch_silence():
+    """Controller: ends the run (exit status 1) when no test has ended for _SILENCE_LIMIT_S,
+    longer than a worker's time limit: xdist waiting for work that no worker will run."""
+    while True:
+        time.sleep(min(30.0, _SILENCE_LIMIT_S / 5))
+        if time.monotonic() - _last_end[0] > _SILENCE_LIMIT_S:
+            print(f"\nno test ended for {_SILENCE_LIMIT_S:.0f} s; still running: "
+                  f"{', '.join(_running) or 'none'}", file=sys.__stderr__, flush=True)
+            faulthandler.dump_traceback(sys.__stderr__)
+            os._exit(1)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    if not any(t.name == "t5x_lite_silence_watch" for t in threading.enumerate()):
+        threading.Thread(target=_watch_silence, name="t5x_lite_silence_watch",
+                         daemon=True).start()
+
+
+def pytest_runtest_logstart(nodeid, location):
+    _running[nodeid] = time.monotonic()
+
+
+def pytest_runtest_logreport(report):
+    if report.nodeid in _rerun and report.outcome != "rerun":
+        _ran_again.add(report.nodeid)
+    if report.when in ("teardown", "???"):  # "???": xdist's report of a crashed worker's test
+        _running.pop(report.nodeid, None)
+        _last_end[0] = time.monotonic()
+
+
+def pytest_sessionfinish(session):
+    if set(_rerun) - _ran_again:  # xdist did not run it again (--dist=load does not)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_report_teststatus(report, config):
+    if report.outcome == "rerun":
+        return "rerun", "R", "RERUN"
+
+
 def crash_summary(dump: str) -> tuple[str, list[str]]:
-    """(what is shown, lines): the fatal line of a faulthandler dump and the innermost frames
-    of the crashing thread, or, when the signal came on a thread that ran no Python (XLA's or
-    another native thread pool's: the dump has no "Current thread"), of the test's thread."""
+    """(what is shown, lines): the fatal line of a faulthandler dump (or its time-out line) and
+    the innermost frames of the crashing thread, or of the test's thread when the signal came on
+    a thread that ran no Python (XLA's or another native thread pool's: the dump has no "Current
+    thread") or the test ran out of time."""
     lines = dump.splitlines()
-    fatal = [line for line in lines if line.startswith("Fatal Python error")][:1]
+    fatal = [line for line in lines if line.startswith(("Fatal Python error", "Timeout ("))][:1]
     threads = []  # (header, frames), in the dump's order
     for line in lines:
         if line.startswith(("Current thread", "Thread 0x")):
@@ -73,7 +184,8 @@ def crash_summary(dump: str) -> tuple[str, list[str]]:
     if current:
         what, (header, frames) = "the crashing thread", current[0]
     else:
-        what = "no Python ran on the crashing thread (native code); the test's thread"
+        what = ("the test ran out of time; its thread" if fatal[0:1] and "Timeout" in fatal[0]
+                else "no Python ran on the crashing thread (native code); the test's thread")
         header, frames = next((t for t in threads if any("_pytest/runner.py" in f for f in t[1])),
                               threads[0] if threads else ("(no Python threads)", []))
     return f"{what}, innermost first", fatal + [header] + frames[:_FRAMES_SHOWN]
@@ -83,16 +195,17 @@ def pytest_terminal_summary(terminalreporter, config):
     if hasattr(config, "workerinput"):
         return
     summaries = []
-    for path in sorted(pathlib.Path(os.environ["T5X_LITE_TEST_CRASH_DIR"]).glob("*.txt")):
-        dump = path.read_text(errors="replace").strip()
-        if dump:
-            terminalreporter.write_sep("=", f"native crash of xdist worker {path.stem}")
-            terminalreporter.write_line(dump)
-            summaries.append((path.stem, *crash_summary(dump)))
+    for name, dump in _dumps():
+        terminalreporter.write_sep("=", f"native crash of xdist worker {name}")
+        terminalreporter.write_line(dump)
+        summaries.append((name, *crash_summary(dump)))
     for worker, what, lines in summaries:
         terminalreporter.write_sep("-", f"worker {worker}: {what}")
         for line in lines:
             terminalreporter.write_line(line)
+    for test, worker in _rerun.items():
+        again = "" if test in _ran_again else "; it did not run again: FAILED"
+        terminalreporter.write_line(f"RERUN {test}: worker {worker} died in jax's compiler{again}")
 
 
 def pytest_unconfigure(config):
