@@ -99,43 +99,128 @@ def _dumps(worker: str = "*") -> list[tuple[str, str]]:
     return [(name, dump) for name, dump in dumps if dump]
 
 
+def _compiler_crash(worker: str) -> bool:
+    """Whether the dump of the dead `worker` shows it died (or hung) in jax's compiler."""
+    dumps = _dumps(worker)
+    if not dumps:  # killed without a dump (SIGKILL: out of memory)
+        return False
+    _, lines = crash_summary(dumps[-1][1])
+    innermost = next((line for line in lines if line.startswith("  File")), "")
+    return any(f'{name}"' in innermost for name in _COMPILER_FILES)
+
+
+try:
+    from xdist.scheduler import LoadFileScheduling
+except ImportError:  # no xdist: no workers to replace
+    LoadFileScheduling = None
+else:
+    class _LoadFileScheduling(LoadFileScheduling):
+        """xdist's --dist=loadfile, with a dead worker's work given to the others, or to its
+        replacement, so that it runs (pytest-xdist 3.8 could wait forever)."""
+
+        def remove_node(self, node):
+            """A worker is gone. xdist (3.8) queued again every file it had ever been given,
+            finished ones too: a worker then handed a finished file got no test and never asked
+            for more, and the run waited forever (it did, after a crash, 60+ min). Queue the
+            files with tests still to run, and the test it died in only if it is run again
+            (_compiler_crash, once per test); returns that test (None: none was running)."""
+            work = self.assigned_work.pop(node)
+            todo = [(f, t) for f, tests in work.items() for t, done in tests.items() if not done]
+            if not todo:
+                return None
+            unit, crashed = todo[0]
+            if crashed not in _rerun and _compiler_crash(node.gateway.id):
+                _rerun[crashed] = node.gateway.id
+            else:
+                work[unit][crashed] = True  # failed: not run again
+            self.workqueue.update((f, tests) for f, tests in work.items()
+                                  if not all(tests.values()))
+            for other in self.assigned_work:
+                self._reschedule(other)
+            return crashed
+
+        def _reschedule(self, node):
+            """xdist gives a worker one more file when it has <= 2 tests left to run. A worker
+            holds its last test until it is given another or told to stop (it needs the next
+            one to tear fixtures down right), so a replacement worker given one file with one
+            test left waited forever: give files until 2 tests are pending, and stop the
+            worker once the queue is empty."""
+            if node.shutting_down:
+                return
+            if self.workqueue and self._pending_of(self.assigned_work[node]) <= 2:
+                self._assign_work_unit(node)
+            while self.workqueue and self._pending_of(self.assigned_work[node]) < 2:
+                self._assign_work_unit(node)
+            if not self.workqueue:
+                node.shutdown()
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)  # before xdist's own
+def pytest_xdist_make_scheduler(config, log):
+    if LoadFileScheduling is not None and config.getvalue("dist") == "loadfile":
+        return _LoadFileScheduling(config, log)
+    return None
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_handlecrashitem(crashitem, report, sched):
-    """xdist (controller): a worker died running `crashitem`. --dist=loadfile queues its file's
-    unfinished tests again for a replacement worker, this one included: keep it there and count
-    this run as "rerun" if jax's compiler crashed (or hung), the first time for this test; else
-    take it out (it failed)."""
-    worker = report.node.gateway.id
-    dumps = _dumps(worker)
-    if dumps and crashitem not in _rerun:
-        _, lines = crash_summary(dumps[-1][1])
-        innermost = next((line for line in lines if line.startswith("  File")), "")
-        if any(f'{name}"' in innermost for name in _COMPILER_FILES):
-            _rerun[crashitem] = worker
-            report.outcome = "rerun"
-            return
-    queue = getattr(sched, "workqueue", {})  # LoadScopeScheduling's: {file: {test: done}}
-    for unit, tests in list(queue.items()):
-        if crashitem in tests:
-            tests[crashitem] = True
-            if all(tests.values()):
-                del queue[unit]
+    """xdist (controller): a worker died running `crashitem`; its first run counts as "rerun"
+    if the scheduler queued it again."""
+    if _rerun.get(crashitem) == report.node.gateway.id:
+        report.outcome = "rerun"
 
 
 _running = {}  # controller: test -> when a worker started it
 _last_end = [time.monotonic()]
 
 
+_failed = []  # controller: (test, the end of its failure's text), as they come
+
+
 def _watch_silence():
-    """Controller: ends the run (exit status 1) when no test has ended for _SILENCE_LIMIT_S,
-    longer than a worker's time limit: xdist waiting for work that no worker will run."""
+    """Controller: ends the run, exit status 1, when no test has ended for _SILENCE_LIMIT_S
+    (longer than a worker's time limit: xdist waiting for work that no worker will run), after
+    printing what pytest's summary would have: the failures so far, the crash reports, the
+    tests still running and the controller's threads. (Interrupting pytest instead ended in an
+    error of xdist's teardown before its summary.)"""
     while True:
         time.sleep(min(30.0, _SILENCE_LIMIT_S / 5))
         if time.monotonic() - _last_end[0] > _SILENCE_LIMIT_S:
-            print(f"\nno test ended for {_SILENCE_LIMIT_S:.0f} s; still running: "
-                  f"{', '.join(_running) or 'none'}", file=sys.__stderr__, flush=True)
-            faulthandler.dump_traceback(sys.__stderr__)
+            def write(line):
+                print(line, file=sys.__stdout__, flush=True)
+
+            for test, text in _failed:
+                write(_sep("_", test))
+                write(text)
+            _report_crashes(write)
+            for test, _ in _failed:
+                write(f"FAILED {test}")
+            write(f"no test ended for {_SILENCE_LIMIT_S:.0f} s; still running: "
+                  f"{', '.join(_running) or 'none'}; the run is stopped")
+            faulthandler.dump_traceback(sys.__stdout__)
             os._exit(1)
+
+
+def _sep(char: str, title: str) -> str:
+    side = char * max(3, (78 - len(title)) // 2)
+    return f"{side} {title} {side}"
+
+
+def _report_crashes(write):
+    """Each dead worker's dump and, last, the fatal line and innermost frames of each; `write`
+    writes a line."""
+    summaries = []
+    for name, dump in _dumps():
+        write(_sep("=", f"native crash of xdist worker {name}"))
+        write(dump)
+        summaries.append((name, *crash_summary(dump)))
+    for worker, what, lines in summaries:
+        write(_sep("-", f"worker {worker}: {what}"))
+        for line in lines:
+            write(line)
+    for test, worker in _rerun.items():
+        again = "" if test in _ran_again else "; it did not run again: FAILED"
+        write(f"RERUN {test}: worker {worker} died in jax's compiler{again}")
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -150,6 +235,8 @@ def pytest_runtest_logstart(nodeid, location):
 
 
 def pytest_runtest_logreport(report):
+    if report.failed:
+        _failed.append((report.nodeid, "\n".join(report.longreprtext.splitlines()[-30:])))
     if report.nodeid in _rerun and report.outcome != "rerun":
         _ran_again.add(report.nodeid)
     if report.when in ("teardown", "???"):  # "???": xdist's report of a crashed worker's test
@@ -192,20 +279,8 @@ def crash_summary(dump: str) -> tuple[str, list[str]]:
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    if hasattr(config, "workerinput"):
-        return
-    summaries = []
-    for name, dump in _dumps():
-        terminalreporter.write_sep("=", f"native crash of xdist worker {name}")
-        terminalreporter.write_line(dump)
-        summaries.append((name, *crash_summary(dump)))
-    for worker, what, lines in summaries:
-        terminalreporter.write_sep("-", f"worker {worker}: {what}")
-        for line in lines:
-            terminalreporter.write_line(line)
-    for test, worker in _rerun.items():
-        again = "" if test in _ran_again else "; it did not run again: FAILED"
-        terminalreporter.write_line(f"RERUN {test}: worker {worker} died in jax's compiler{again}")
+    if not hasattr(config, "workerinput"):
+        _report_crashes(terminalreporter.write_line)
 
 
 def pytest_unconfigure(config):

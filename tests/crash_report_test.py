@@ -12,6 +12,7 @@ import pytest
 
 CRASHING_TEST = '''
 import ctypes
+import os
 import threading
 import time
 
@@ -22,6 +23,7 @@ def test_passes():
 
 def test_dies_in_native_code():
     threading.Thread(target=time.sleep, args=(60,), daemon=True).start()  # an idle other thread
+    time.sleep(float(os.environ.get("CRASH_AFTER_S", "0")))
     ctypes.string_at(0)  # SIGSEGV
 
 
@@ -34,13 +36,13 @@ def test_dies_in_a_native_thread():
 
 
 def test_hangs():
-    import os
     time.sleep(float(os.environ.get("HANG_S", "60")))
 
 
 def test_dies_in_jax_compiler_once():
     import importlib.util
     import pathlib
+    time.sleep(float(os.environ.get("CRASH_AFTER_S", "0")))
     path = pathlib.Path(__file__).parent / "site" / "jax" / "_src" / "compiler.py"
     spec = importlib.util.spec_from_file_location("fake_jax_compiler", path)
     module = importlib.util.module_from_spec(spec)
@@ -65,28 +67,29 @@ def backend_compile_and_load():
 '''
 
 
-def _run_pytest(tmp_path, test, dist="loadfile", **env):
-    """pytest -n 2 as README runs it, on one test of CRASHING_TEST in tmp_path, with this
-    conftest."""
+def _run_pytest(tmp_path, *tests, restarts=3, **env):
+    """pytest -n 2 as README runs it, on tests of CRASHING_TEST (or other files) in tmp_path,
+    with this conftest."""
     shutil.copy(pathlib.Path(__file__).with_name("conftest.py"), tmp_path / "conftest.py")
     (tmp_path / "crash_test.py").write_text(CRASHING_TEST)
     env = {**{k: v for k, v in os.environ.items() if k != "PYTEST_XDIST_WORKER"}, **env}
     env["TMPDIR"] = str(tmp_path)  # where the session directories are made (and removed)
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-n", "2", f"--dist={dist}", "--max-worker-restart=3",
-         "-o", "addopts=", "-p", "no:cacheprovider", f"crash_test.py::{test}"], cwd=tmp_path,
+        [sys.executable, "-m", "pytest", "-n", "2", "--dist=loadfile", f"--max-worker-restart={restarts}",
+         "-o", "addopts=", "-p", "no:cacheprovider",
+         *(t if ".py" in t else f"crash_test.py::{t}" for t in tests)], cwd=tmp_path,
         env=env,
         capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("test, fatal, what, frames", [
     ("test_dies_in_native_code", "Segmentation fault", "the crashing thread",
-     ["in string_at", 'crash_test.py", line 13 in test_dies_in_native_code']),
+     ["in string_at", 'crash_test.py", line 15 in test_dies_in_native_code']),
     ("test_dies_in_a_native_thread", "Aborted",
      "no Python ran on the crashing thread (native code); the test's thread",
-     ['crash_test.py", line 21 in test_dies_in_a_native_thread']),
+     ['crash_test.py", line 23 in test_dies_in_a_native_thread']),
     ("test_hangs", "Timeout (0:00:05)!", "the test ran out of time; its thread",
-     ['crash_test.py", line 26 in test_hangs'])])
+     ['crash_test.py", line 27 in test_hangs'])])
 def test_a_worker_crash_ends_with_the_crashing_threads_frames(tmp_path, test, fatal, what,
                                                               frames):
     (tmp_path / "stale").mkdir()
@@ -106,13 +109,17 @@ def test_a_worker_crash_ends_with_the_crashing_threads_frames(tmp_path, test, fa
     assert made == []  # removed at the end
 
 
+def _fake_compiler(tmp_path, text):
+    compiler = tmp_path / "site" / "jax" / "_src" / "compiler.py"
+    compiler.parent.mkdir(parents=True)
+    compiler.write_text(text)
+
+
 @pytest.mark.parametrize("hang", [False, True])
 def test_a_crash_or_hang_in_jax_compiler_runs_the_test_once_more(tmp_path, hang):
     """jaxlib's CPU compiler segfaulted now and then in a long-lived worker (3 of 6 full runs);
     such a test runs again on the replacement worker and its first run counts as a rerun."""
-    compiler = tmp_path / "site" / "jax" / "_src" / "compiler.py"
-    compiler.parent.mkdir(parents=True)
-    compiler.write_text(FAKE_COMPILER.format(hang=hang))
+    _fake_compiler(tmp_path, FAKE_COMPILER.format(hang=hang))
     out = _run_pytest(tmp_path, "test_dies_in_jax_compiler_once", T5X_LITE_TEST_TIME_LIMIT_S="5")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "1 passed, 1 rerun" in out.stdout.splitlines()[-1]
@@ -122,20 +129,18 @@ def test_a_crash_or_hang_in_jax_compiler_runs_the_test_once_more(tmp_path, hang)
 
 
 def test_a_second_crash_in_jax_compiler_fails(tmp_path):
-    compiler = tmp_path / "site" / "jax" / "_src" / "compiler.py"
-    compiler.parent.mkdir(parents=True)
-    compiler.write_text(FAKE_COMPILER.format(hang=False).replace("if not FIRST.exists()", "if 1"))
+    _fake_compiler(tmp_path, FAKE_COMPILER.format(hang=False).replace("if not FIRST.exists()",
+                                                                      "if 1"))
     out = _run_pytest(tmp_path, "test_dies_in_jax_compiler_once")
     assert out.returncode == 1, out.stdout + out.stderr
     assert "1 failed, 1 rerun" in out.stdout.splitlines()[-1], out.stdout[-3000:]
 
 
 def test_a_crashed_test_that_xdist_does_not_run_again_fails(tmp_path):
-    """--dist=load does not queue the crashed test again: its rerun must not pass unseen."""
-    compiler = tmp_path / "site" / "jax" / "_src" / "compiler.py"
-    compiler.parent.mkdir(parents=True)
-    compiler.write_text(FAKE_COMPILER.format(hang=False))
-    out = _run_pytest(tmp_path, "test_dies_in_jax_compiler_once", dist="load")
+    """No worker left to rerun it (--max-worker-restart=0, or the last restart used up): its
+    first run must not pass unseen as a rerun."""
+    _fake_compiler(tmp_path, FAKE_COMPILER.format(hang=False))
+    out = _run_pytest(tmp_path, "test_dies_in_jax_compiler_once", restarts=0)
     assert out.returncode == 1, out.stdout + out.stderr
     assert re.search(r"RERUN crash_test.py::test_dies_in_jax_compiler_once: worker gw\d died in "
                      r"jax's compiler; it did not run again: FAILED", out.stdout), out.stdout
@@ -143,8 +148,32 @@ def test_a_crashed_test_that_xdist_does_not_run_again_fails(tmp_path):
 
 def test_a_run_where_no_test_ends_for_long_stops_with_what_still_runs(tmp_path):
     """Past a worker's time limit, a controller that no test reaches (xdist waiting on a work
-    unit that no worker runs; a CI run once sat 60 minutes so) ends the run."""
-    out = _run_pytest(tmp_path, "test_hangs", T5X_LITE_TEST_TIME_LIMIT_S="100",
+    unit that no worker runs; a CI run once sat 60 minutes so) ends the run, with the
+    failures so far (pytest's summary never comes)."""
+    (tmp_path / "a_test.py").write_text("def test_fails():\n    assert 1 == 2, 'one is not two'\n")
+    out = _run_pytest(tmp_path, "a_test.py", "test_hangs", T5X_LITE_TEST_TIME_LIMIT_S="100",
                       T5X_LITE_TEST_SILENCE_LIMIT_S="4", HANG_S="15")
     assert out.returncode == 1, out.stdout + out.stderr
-    assert "no test ended for 4 s; still running: crash_test.py::test_hangs" in out.stderr
+    tail = out.stdout[out.stdout.index(" a_test.py::test_fails "):]
+    assert "AssertionError: one is not two" in tail
+    assert ("FAILED a_test.py::test_fails\nno test ended for 4 s; still running: "
+            "crash_test.py::test_hangs; the run is stopped") in tail
+
+
+@pytest.mark.parametrize("in_compiler", [True, False])
+def test_a_late_crash_runs_the_files_tests_left_and_ends(tmp_path, in_compiler):
+    """The worker dies last, after the other has run out of work and stopped, and after it had
+    finished a file: xdist 3.8 gave the replacement that finished file (no test to run), or a
+    file with one test left (a worker holds its last test until told to stop), and the run
+    waited forever (a CI run sat 60+ minutes so)."""
+    _fake_compiler(tmp_path, FAKE_COMPILER.format(hang=False))
+    (tmp_path / "b_test.py").write_text("def test_1():\n    pass\n\n\ndef test_2():\n    pass\n"
+                                        "\n\ndef test_3():\n    pass\n")
+    for i in range(3):
+        (tmp_path / f"a{i}_test.py").write_text("def test_a():\n    pass\n")
+    crash = "test_dies_in_jax_compiler_once" if in_compiler else "test_dies_in_native_code"
+    out = _run_pytest(tmp_path, "b_test.py", "test_passes", crash, "a0_test.py", "a1_test.py",
+                      "a2_test.py", CRASH_AFTER_S="6", T5X_LITE_TEST_SILENCE_LIMIT_S="30")
+    assert "no test ended" not in out.stderr, out.stdout + out.stderr
+    last = out.stdout.splitlines()[-1]
+    assert ("8 passed, 1 rerun" if in_compiler else "1 failed, 7 passed") in last, out.stdout
