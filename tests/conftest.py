@@ -19,7 +19,7 @@ on a thread that ran no Python (an XLA or BLAS pool thread). (On the worker's st
 came out amid the other worker's output and ended in the main thread's outermost frames.)
 
 Time limit: a test (setup, call and teardown) that runs longer than T5X_LITE_TEST_TIME_LIMIT_S
-seconds (default 600; the slowest tests take ~100 s on 2 cores) ends its worker with
+seconds (default 600; the slowest test takes ~70 s on 2 cores) ends its worker with
 faulthandler's dump of all its threads, reported as above, and xdist replaces the worker. (A CI
 run once sat past its 90 minutes with no word of where.)
 

@@ -72,8 +72,13 @@ def _run_pytest(tmp_path, *tests, restarts=3, **env):
     with this conftest."""
     shutil.copy(pathlib.Path(__file__).with_name("conftest.py"), tmp_path / "conftest.py")
     (tmp_path / "crash_test.py").write_text(CRASHING_TEST)
-    env = {**{k: v for k, v in os.environ.items() if k != "PYTEST_XDIST_WORKER"}, **env}
-    env["TMPDIR"] = str(tmp_path)  # where the session directories are made (and removed)
+    # not this run's own options (PYTEST_ADDOPTS="--durations=25" pushed the crash summary out
+    # of the tail these tests read) nor colours
+    env = {**{k: v for k, v in os.environ.items()
+              if k not in ("PYTEST_XDIST_WORKER", "PYTEST_ADDOPTS", "PYTEST_PLUGINS",
+                           "FORCE_COLOR")}, **env}
+    env.update(TMPDIR=str(tmp_path), PY_COLORS="0")  # TMPDIR: where the session's directories
+    # are made (and removed)
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-n", "2", "--dist=loadfile", f"--max-worker-restart={restarts}",
          "-o", "addopts=", "-p", "no:cacheprovider",
