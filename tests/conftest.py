@@ -23,9 +23,11 @@ seconds (default 600; the slowest test takes ~70 s on 2 cores) ends its worker w
 faulthandler's dump of all its threads, reported as above, and xdist replaces the worker. (A CI
 run once sat past its 90 minutes with no word of where.)
 
-A run in which no test ends for T5X_LITE_TEST_SILENCE_LIMIT_S (default the time limit + 300 s)
-ends at once, exit status 1, naming the tests still running: xdist's loadfile scheduler can wait
-forever for work no worker will run (a CI run hung 60+ minutes after a worker crash).
+Scheduler: xdist 3.8's loadfile scheduler waited forever after a worker crash (a CI run hung
+60+ minutes); _LoadFileScheduling gives the dead worker's unfinished files to the others. As a
+backstop, a run in which no test ends for T5X_LITE_TEST_SILENCE_LIMIT_S (default the time limit
++ 300 s) ends, exit status 1, after printing the failures so far, the crash reports and the tests
+still running.
 
 Reruns: a test whose worker died in jax's compiler (the innermost frame of the crashing thread,
 or of the test's thread at a time-out, in jax/_src/compiler.py or compilation_cache.py) runs once
@@ -170,7 +172,7 @@ def pytest_handlecrashitem(crashitem, report, sched):
         report.outcome = "rerun"
 
 
-_running = {}  # controller: test -> when a worker started it
+_running = {}  # controller: the tests that workers run now (a dict as an ordered set)
 _last_end = [time.monotonic()]
 
 
@@ -231,7 +233,7 @@ def pytest_xdist_node_collection_finished(node, ids):
 
 
 def pytest_runtest_logstart(nodeid, location):
-    _running[nodeid] = time.monotonic()
+    _running[nodeid] = None
 
 
 def pytest_runtest_logreport(report):
@@ -245,7 +247,7 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_sessionfinish(session):
-    if set(_rerun) - _ran_again:  # xdist did not run it again (--dist=load does not)
+    if set(_rerun) - _ran_again:  # queued again, but no worker was left to run it
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
@@ -271,7 +273,7 @@ def crash_summary(dump: str) -> tuple[str, list[str]]:
     if current:
         what, (header, frames) = "the crashing thread", current[0]
     else:
-        what = ("the test ran out of time; its thread" if fatal[0:1] and "Timeout" in fatal[0]
+        what = ("the test ran out of time; its thread" if fatal and fatal[0].startswith("Timeout")
                 else "no Python ran on the crashing thread (native code); the test's thread")
         header, frames = next((t for t in threads if any("_pytest/runner.py" in f for f in t[1])),
                               threads[0] if threads else ("(no Python threads)", []))

@@ -80,11 +80,10 @@ def _run_pytest(tmp_path, *tests, restarts=3, **env):
     env.update(TMPDIR=str(tmp_path), PY_COLORS="0")  # TMPDIR: where the session's directories
     # are made (and removed)
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-n", "2", "--dist=loadfile", f"--max-worker-restart={restarts}",
-         "-o", "addopts=", "-p", "no:cacheprovider",
-         *(t if ".py" in t else f"crash_test.py::{t}" for t in tests)], cwd=tmp_path,
-        env=env,
-        capture_output=True, text=True, timeout=300)
+        [sys.executable, "-m", "pytest", "-n", "2", "--dist=loadfile",
+         f"--max-worker-restart={restarts}", "-o", "addopts=", "-p", "no:cacheprovider",
+         *(t if ".py" in t else f"crash_test.py::{t}" for t in tests)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("test, fatal, what, frames", [
@@ -114,7 +113,12 @@ def test_a_worker_crash_ends_with_the_crashing_threads_frames(tmp_path, test, fa
     assert made == []  # removed at the end
 
 
-def _fake_compiler(tmp_path, text):
+def _fake_compiler(tmp_path, hang=False, always=False):
+    """A jax/_src/compiler.py whose backend_compile_and_load crashes (or hangs) the first time,
+    or `always`."""
+    text = FAKE_COMPILER.format(hang=hang)
+    if always:
+        text = text.replace("if not FIRST.exists()", "if True")
     compiler = tmp_path / "site" / "jax" / "_src" / "compiler.py"
     compiler.parent.mkdir(parents=True)
     compiler.write_text(text)
@@ -122,9 +126,9 @@ def _fake_compiler(tmp_path, text):
 
 @pytest.mark.parametrize("hang", [False, True])
 def test_a_crash_or_hang_in_jax_compiler_runs_the_test_once_more(tmp_path, hang):
-    """jaxlib's CPU compiler segfaulted now and then in a long-lived worker (3 of 6 full runs);
+    """jaxlib's CPU compiler segfaulted now and then in a long-lived worker (5 of 8 full runs);
     such a test runs again on the replacement worker and its first run counts as a rerun."""
-    _fake_compiler(tmp_path, FAKE_COMPILER.format(hang=hang))
+    _fake_compiler(tmp_path, hang=hang)
     out = _run_pytest(tmp_path, "test_dies_in_jax_compiler_once", T5X_LITE_TEST_TIME_LIMIT_S="5")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "1 passed, 1 rerun" in out.stdout.splitlines()[-1]
@@ -134,8 +138,7 @@ def test_a_crash_or_hang_in_jax_compiler_runs_the_test_once_more(tmp_path, hang)
 
 
 def test_a_second_crash_in_jax_compiler_fails(tmp_path):
-    _fake_compiler(tmp_path, FAKE_COMPILER.format(hang=False).replace("if not FIRST.exists()",
-                                                                      "if 1"))
+    _fake_compiler(tmp_path, always=True)
     out = _run_pytest(tmp_path, "test_dies_in_jax_compiler_once")
     assert out.returncode == 1, out.stdout + out.stderr
     assert "1 failed, 1 rerun" in out.stdout.splitlines()[-1], out.stdout[-3000:]
@@ -144,7 +147,7 @@ def test_a_second_crash_in_jax_compiler_fails(tmp_path):
 def test_a_crashed_test_that_xdist_does_not_run_again_fails(tmp_path):
     """No worker left to rerun it (--max-worker-restart=0, or the last restart used up): its
     first run must not pass unseen as a rerun."""
-    _fake_compiler(tmp_path, FAKE_COMPILER.format(hang=False))
+    _fake_compiler(tmp_path)
     out = _run_pytest(tmp_path, "test_dies_in_jax_compiler_once", restarts=0)
     assert out.returncode == 1, out.stdout + out.stderr
     assert re.search(r"RERUN crash_test.py::test_dies_in_jax_compiler_once: worker gw\d died in "
@@ -171,7 +174,7 @@ def test_a_late_crash_runs_the_files_tests_left_and_ends(tmp_path, in_compiler):
     finished a file: xdist 3.8 gave the replacement that finished file (no test to run), or a
     file with one test left (a worker holds its last test until told to stop), and the run
     waited forever (a CI run sat 60+ minutes so)."""
-    _fake_compiler(tmp_path, FAKE_COMPILER.format(hang=False))
+    _fake_compiler(tmp_path)
     (tmp_path / "b_test.py").write_text("def test_1():\n    pass\n\n\ndef test_2():\n    pass\n"
                                         "\n\ndef test_3():\n    pass\n")
     for i in range(3):
@@ -179,6 +182,6 @@ def test_a_late_crash_runs_the_files_tests_left_and_ends(tmp_path, in_compiler):
     crash = "test_dies_in_jax_compiler_once" if in_compiler else "test_dies_in_native_code"
     out = _run_pytest(tmp_path, "b_test.py", "test_passes", crash, "a0_test.py", "a1_test.py",
                       "a2_test.py", CRASH_AFTER_S="6", T5X_LITE_TEST_SILENCE_LIMIT_S="30")
-    assert "no test ended" not in out.stderr, out.stdout + out.stderr
+    assert "no test ended" not in out.stdout, out.stdout + out.stderr
     last = out.stdout.splitlines()[-1]
     assert ("8 passed, 1 rerun" if in_compiler else "1 failed, 7 passed") in last, out.stdout
