@@ -192,6 +192,17 @@ def agree(value: int) -> int:
     return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
 
 
+def every_process(value: int) -> list[int]:
+    """Each process's `value`, in process order, on every process (to compare what each
+    process found where they must all find the same)."""
+    if _one_process():
+        return [value]
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return [int(v) for v in np.ravel(multihost_utils.process_allgather(np.int64(value)))]
+
+
 def on_process_0(fn: Callable[[], object], what: str) -> None:
     """Runs `fn` on process 0 alone (e.g. writing what all processes then read) while the
     others wait, and tells them whether it worked: on failure process 0 re-raises its error

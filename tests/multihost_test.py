@@ -514,19 +514,26 @@ def get_config():
 
 
 def _train_two_processes(tmp_path, *args) -> list[tuple[int, str]]:
-    """`t5x_lite.train` in 2 processes x 4 devices started directly (no launcher that stops the
-    others when one fails, as on a pod); their (exit status, last stderr line)."""
+    """`t5x_lite.train` of BAD_RUN_CONFIG (its data has a bad line) in 2 processes x 4 devices
+    started directly; see `_direct_train`."""
     lines = [json.dumps({"text": f"record {i} of a few words"}) for i in range(200)]
     lines[150] = '{"text": "cut'  # found by the one process that prepares the data
     (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
     (tmp_path / "cfg.py").write_text(BAD_RUN_CONFIG.format(
         data=str(tmp_path / "data.jsonl"), data_dir=str(tmp_path / "tfds"),
         vocab=str(data_testing.tiny_vocab().path)))
+    run = [f"--config={tmp_path / 'cfg.py'}", f"--workdir={tmp_path / 'run'}", *args]
+    return _direct_train(tmp_path, [run, run])
+
+
+def _direct_train(tmp_path, args: list[list[str]]) -> list[tuple[int, str]]:
+    """`t5x_lite.train` in 2 processes x 4 devices started directly (no launcher that stops the
+    others when one fails, as on a pod), process i with flags `args[i]`; their (exit status,
+    last stderr line)."""
     procs = []
-    for env in _direct_envs(tmp_path, heartbeat_s=10):
+    for env, flags in zip(_direct_envs(tmp_path, heartbeat_s=10), args):
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "t5x_lite.train", f"--config={tmp_path / 'cfg.py'}",
-             f"--workdir={tmp_path / 'run'}", *args], cwd=tmp_path, env=env, text=True,
+            [sys.executable, "-m", "t5x_lite.train", *flags], cwd=tmp_path, env=env, text=True,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     ends = []
     try:
@@ -564,3 +571,21 @@ def test_a_tensor_axis_across_processes_is_refused_on_both(tmp_path):
                      "own: make data*fsdp=1 a multiple of the 2 processes (so that tensor stays "
                      "within a process's devices)")
     assert not (tmp_path / "run").exists()
+
+
+def test_workdirs_that_list_different_checkpoints_stop_both_with_one_line(runs, tmp_path):
+    """A --workdir on each host's own disk: process 0 lists a checkpoint there, the other none.
+    Process 0 resumed while the other started afresh, and their collectives never matched."""
+    import shutil
+    tmp, _, _ = runs
+    shutil.copytree(tmp / "two", tmp_path / "host0")  # a checkpoint at STEPS
+    (p0, last0), (p1, last1) = _direct_train(tmp_path, [
+        [f"--config={tmp / 'cfg.py'}", f"--workdir={tmp_path / f'host{i}'}",
+         f"--config.train.num_steps={STEPS + 2}"] for i in (0, 1)])
+    assert (p0, p1) == (1, 1), (last0, last1)
+    for i, last in enumerate((last0, last1)):  # each names its own (on a pod: the same path)
+        assert last == (f"train: error: the processes see different checkpoints in "
+                        f"{tmp_path / f'host{i}' / 'checkpoints'} (process 0: step {STEPS}, "
+                        "process 1: none): --workdir must be one directory that every host "
+                        "shares (a bucket or a shared file system)")
+    assert sorted(checkpoints.all_steps(tmp_path / "host0")) == [STEPS]

@@ -199,6 +199,19 @@ def _eval_metrics(sums: eval_sums.Sums) -> dict[str, float]:
             "accuracy": t["correct_sum"] / t["weight_sum"]}
 
 
+def _check_same_checkpoints(latest: int | None, ckpt_dir) -> None:
+    """Every process must resume from one step. A --workdir on each host's own disk (not a
+    bucket or a shared file system) lists process 0's checkpoints there alone: the others
+    would start afresh, then wait for it in collectives that never match."""
+    seen = distributed.every_process(-1 if latest is None else latest)
+    if len(set(seen)) > 1:
+        found = ", ".join(f"process {i}: {f'step {s}' if s >= 0 else 'none'}"
+                          for i, s in enumerate(seen))
+        raise TrainingError(f"the processes see different checkpoints in {ckpt_dir} ({found}): "
+                            "--workdir must be one directory that every host shares (a bucket "
+                            "or a shared file system)")
+
+
 def train(config: ml_collections.ConfigDict, workdir, *, override_config: bool = False
           ) -> TrainResult:
     """Trains (or resumes) per `config` in `workdir`. Raises TrainingError / CheckpointError."""
@@ -294,6 +307,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, override_conf
     mngr = checkpoints.make_train_manager(workdir, keep=int(config.checkpoint.keep),
                                           async_save=bool(config.checkpoint.async_save))
     start = mngr.latest_step()
+    _check_same_checkpoints(start, ckpt_dir)
     if start is not None:
         logging.info("Resuming from %s/checkpoints/%d", workdir, start)
         saved = checkpoints.read_checkpoint_config(workdir, start)
