@@ -13,6 +13,7 @@ subprocess has a hard timeout, so nothing here can hang CI.
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -446,7 +447,6 @@ def test_disjoint_data_shards_and_cross_process_restores(runs):
 def test_two_process_run_resumes_in_one_process(runs, caplog):
     """Params and optimizer state carry over; the per-process data positions cannot, which is
     logged, and training goes on from the checkpointed step."""
-    import shutil
     tmp, config, _ = runs
     workdir = tmp / "two_resumed_in_one"
     shutil.copytree(tmp / "two", workdir)
@@ -576,7 +576,6 @@ def test_a_tensor_axis_across_processes_is_refused_on_both(tmp_path):
 def test_workdirs_that_list_different_checkpoints_stop_both_with_one_line(runs, tmp_path):
     """A --workdir on each host's own disk: process 0 lists a checkpoint there, the other none.
     Process 0 resumed while the other started afresh, and their collectives never matched."""
-    import shutil
     tmp, _, _ = runs
     shutil.copytree(tmp / "two", tmp_path / "host0")  # a checkpoint at STEPS
     (p0, last0), (p1, last1) = _direct_train(tmp_path, [
